@@ -1,0 +1,1 @@
+//! safetensors (single file and sharded) as memory-mapped views.

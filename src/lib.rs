@@ -1,0 +1,10 @@
+//! qtune: LoRA fine-tuning on a frozen, memory-mapped, 4/8-bit base model.
+//!
+//! The data path, one folder each: `format` (file layouts) -> `store` (memory-mapped tensors) ->
+//! `quant` (block formats and the kernels that dequantise them on the fly).
+pub mod error;
+pub mod format;
+pub mod quant;
+pub mod store;
+
+pub use error::{Error, Result};

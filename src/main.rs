@@ -1,0 +1,4 @@
+//! The `qtune` command line.
+fn main() {
+    println!("qtune");
+}
