@@ -80,39 +80,74 @@ pub fn kernel_name() -> &'static str {
 /// A dequantiser: `src` holds exactly `dst.len() / block_size` blocks.
 pub type DequantFn = fn(&[u8], &mut [f32]);
 
-/// The dequantiser for `qtype` at `level` (falls back to scalar where no SIMD version exists).
+/// The dequantiser for `qtype` at `level` (falls back to the best lower level where a type has no
+/// kernel at `level`, and to scalar for a level this CPU lacks). NF4 is not a ggml block type: its
+/// kernels live in `nf4` and take their statistics beside the codes.
 pub fn dequant_fn(qtype: QType, level: SimdLevel) -> DequantFn {
-    let _ = level;
+    // A level above what the CPU runs is never handed out: the SIMD kernels assume their features.
+    let best = SimdLevel::detect();
+    let ok = match level {
+        SimdLevel::Scalar => true,
+        SimdLevel::Neon => best == SimdLevel::Neon,
+        SimdLevel::Avx2 | SimdLevel::Avx512 => best != SimdLevel::Neon && level <= best,
+    };
+    if ok {
+        if let Some(f) = super::simd::dequant_fn(qtype, level) {
+            return f;
+        }
+    }
+    scalar_fn(qtype)
+}
+
+/// The scalar reference dequantiser for `qtype`.
+fn scalar_fn(qtype: QType) -> DequantFn {
     match qtype {
         QType::F32 => scalar::dequant_f32,
         QType::F16 => scalar::dequant_f16,
         QType::BF16 => scalar::dequant_bf16,
         QType::Q4_0 => scalar::dequant_q4_0,
+        QType::Q4_1 => scalar::dequant_q4_1,
+        QType::Q5_0 => scalar::dequant_q5_0,
+        QType::Q5_1 => scalar::dequant_q5_1,
         QType::Q8_0 => scalar::dequant_q8_0,
-        t => panic!("no dequantiser for {t:?} yet"),
+        QType::Q2_K => scalar::dequant_q2_k,
+        QType::Q3_K => scalar::dequant_q3_k,
+        QType::Q4_K => scalar::dequant_q4_k,
+        QType::Q5_K => scalar::dequant_q5_k,
+        QType::Q6_K => scalar::dequant_q6_k,
+        // Reaching this is a caller bug: NF4 tensors go through `nf4::Nf4Ref`, never raw blocks.
+        QType::NF4 => panic!("NF4 has no ggml block dequantiser; use quant::nf4::Nf4Ref"),
     }
 }
 
 /// Dequantises whole blocks of `qtype` from `src` into `dst` with the active kernel.
+/// `src` must hold exactly the blocks of `dst.len()` elements (callers check sizes against the
+/// file first; a mismatch here is a bug, not bad input).
 pub fn dequantize_f32(qtype: QType, src: &[u8], dst: &mut [f32]) {
+    assert_eq!(Some(src.len()), qtype.bytes_for(dst.len()), "dequantize_f32({}): src/dst sizes disagree", qtype.name());
     dequant_fn(qtype, active_level())(src, dst)
 }
 
-/// Dequantises whole blocks into bf16 (round to nearest even), through an f32 stack buffer.
+/// Dequantises whole blocks into bf16 (round to nearest even, NaN stays NaN), through an f32
+/// stack buffer that stays in L1.
 pub fn dequantize_bf16(qtype: QType, src: &[u8], dst: &mut [bf16]) {
+    dequantize_bf16_at(qtype, active_level(), src, dst)
+}
+
+/// [`dequantize_bf16`] with an explicit SIMD level (tests and benches compare levels).
+pub fn dequantize_bf16_at(qtype: QType, level: SimdLevel, src: &[u8], dst: &mut [bf16]) {
     let bs = qtype.block_size();
     let ts = qtype.type_size();
+    assert_eq!(Some(src.len()), qtype.bytes_for(dst.len()), "dequantize_bf16({}): src/dst sizes disagree", qtype.name());
     // 1024 elements per pass: a multiple of every block size, and small enough to stay in L1.
     const CHUNK: usize = 1024;
     let mut buf = [0f32; CHUNK];
-    let per = CHUNK / bs.min(CHUNK) * bs.min(CHUNK);
-    for (i, out) in dst.chunks_mut(per).enumerate() {
-        let nb = out.len().div_ceil(bs);
-        let s = &src[i * (per / bs) * ts..][..nb * ts];
-        dequantize_f32(qtype, s, &mut buf[..out.len()]);
-        for (o, v) in out.iter_mut().zip(&buf) {
-            *o = bf16::from_f32(*v);
-        }
+    let deq = dequant_fn(qtype, level);
+    let cvt = super::simd::f32_to_bf16_fn(level);
+    for (i, out) in dst.chunks_mut(CHUNK).enumerate() {
+        let s = &src[i * (CHUNK / bs) * ts..][..out.len() / bs * ts];
+        deq(s, &mut buf[..out.len()]);
+        cvt(&buf[..out.len()], out);
     }
 }
 
@@ -120,8 +155,44 @@ pub fn dequantize_bf16(qtype: QType, src: &[u8], dst: &mut [bf16]) {
 pub const QUANTIZABLE: [QType; 3] = [QType::Q4_0, QType::Q8_0, QType::Q4_K];
 
 /// Quantises `src` (a whole number of blocks of `qtype`) into `dst` (exactly the bytes of those
-/// blocks). Errors for a type we do not write.
+/// blocks). Errors for a type we do not write or sizes that do not match. Large inputs are split
+/// into chunks of blocks quantised in parallel (blocks are independent, so the bytes are the same).
 pub fn quantize(qtype: QType, src: &[f32], dst: &mut [u8]) -> crate::Result<()> {
-    let _ = (src, dst);
-    Err(crate::Error::Invalid(format!("quantising to {} is not implemented yet", qtype.name())))
+    use rayon::prelude::*;
+    let f: fn(&[f32], &mut [u8]) = match qtype {
+        QType::Q8_0 => scalar::quant_q8_0,
+        QType::Q4_0 => scalar::quant_q4_0,
+        QType::Q4_K => scalar::quant_q4_k,
+        t => {
+            return Err(crate::Error::Invalid(format!(
+                "quantising to {} is not supported; qtune writes {}",
+                t.name(),
+                QUANTIZABLE.map(|t| t.name()).join(", ")
+            )))
+        }
+    };
+    let bs = qtype.block_size();
+    let Some(nbytes) = qtype.bytes_for(src.len()) else {
+        return Err(crate::Error::Invalid(format!(
+            "cannot quantise {} values to {}: not a whole number of {bs}-element blocks",
+            src.len(),
+            qtype.name()
+        )));
+    };
+    if dst.len() != nbytes {
+        return Err(crate::Error::Invalid(format!(
+            "quantising {} values to {} needs {nbytes} bytes of output, got {}",
+            src.len(),
+            qtype.name(),
+            dst.len()
+        )));
+    }
+    // 16 K-quant super-blocks (or 128 small blocks) per task: enough work to amortise a task.
+    let chunk = 4096;
+    if src.len() <= chunk {
+        f(src, dst);
+    } else {
+        src.par_chunks(chunk).zip(dst.par_chunks_mut(chunk / bs * qtype.type_size())).for_each(|(s, d)| f(s, d));
+    }
+    Ok(())
 }

@@ -1,0 +1,50 @@
+//! SIMD dequantisers (AVX2+FMA+F16C, AVX-512 F+BW, NEON). Each has the same signature and the same
+//! results, bit for bit, as its `scalar` reference: the same products and sums in the same order,
+//! never a fused multiply-add. They are only reached through [`dequant_fn`], which hands one out
+//! after checking at run time that this CPU has the features it was compiled for.
+use super::dispatch::{DequantFn, SimdLevel};
+use super::QType;
+use half::bf16;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+/// The SIMD kernel for `qtype` at `level`, or `None` where there is none (or the CPU lacks the
+/// level's features: this check is what makes the `unsafe` kernels sound to call).
+pub fn dequant_fn(qtype: QType, level: SimdLevel) -> Option<DequantFn> {
+    match level {
+        SimdLevel::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if x86::has_avx2() => x86::avx2::dequant_fn(qtype),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if x86::has_avx512() => x86::avx512::dequant_fn(qtype),
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => neon::dequant_fn(qtype),
+        _ => None,
+    }
+}
+
+/// f32 -> bf16 slice conversion: round to nearest even, NaN stays NaN (quietened), exactly as
+/// `half::bf16::from_f32`.
+pub type ToBf16Fn = fn(&[f32], &mut [bf16]);
+
+/// The f32 -> bf16 converter for `level` (scalar where there is no SIMD one).
+pub fn f32_to_bf16_fn(level: SimdLevel) -> ToBf16Fn {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if x86::has_avx2() => x86::avx2::to_bf16,
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if x86::has_avx512() => x86::avx512::to_bf16,
+        _ => to_bf16_scalar,
+    }
+}
+
+/// Scalar f32 -> bf16 (the reference the SIMD converters are tested against).
+pub fn to_bf16_scalar(src: &[f32], dst: &mut [bf16]) {
+    for (o, v) in dst.iter_mut().zip(src) {
+        *o = bf16::from_f32(*v);
+    }
+}

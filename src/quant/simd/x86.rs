@@ -1,0 +1,464 @@
+//! x86-64 kernels. One body, written once in a macro, is compiled twice: for AVX2+FMA+F16C (8-lane
+//! f32 stores) and for AVX-512 F+BW (16-lane stores; the integer unpacking stays 128/256-bit, which
+//! every AVX-512 CPU runs at full speed). Codes are unpacked with integer SIMD into bytes, widened
+//! to i32, converted to f32 and scaled with separate multiply and add/subtract instructions in the
+//! scalar code's order, so results equal `scalar` bit for bit (FMA is enabled for other code but
+//! never emitted here: Rust does not contract `a * b + c`).
+//!
+//! Every kernel is an `unsafe` `#[target_feature]` function; the safe `fn(&[u8], &mut [f32])`
+//! wrappers handed out by each module's `dequant_fn` are only reachable through
+//! `simd::dequant_fn`, which checks `has_avx2` / `has_avx512` first.
+
+/// AVX2, FMA and F16C, the AVX2 level's features.
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+/// AVX-512 F+BW plus the AVX2 level (the 512-bit kernels reuse its 256-bit unpacking).
+pub fn has_avx512() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+}
+
+macro_rules! x86_kernels {
+    ($features:literal, $emit16:item, $f16:item, $bf16:item, $to_bf16:item) => {
+        use crate::quant::blocks::{scale_min_k4, scales_q3_k};
+        use crate::quant::dispatch::DequantFn;
+        use crate::quant::QType;
+        use half::{bf16, f16};
+        use std::arch::x86_64::*;
+
+        /// Multiply, then add the offset (Q4_1/Q5_1: `d * q + m`).
+        const ADD: u8 = 1;
+        /// Multiply, then subtract the offset (K-quants: `(d * sc) * q - dmin * m`).
+        const SUB: u8 = 2;
+        /// Multiply only.
+        const MUL: u8 = 0;
+
+        // `emit16::<SIGNED, OP>(codes, d, m, out)`: out[0..16] = f32(codes[i]) * d (op m).
+        $emit16
+
+        /// 32 codes from a 256-bit register, one scale.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn emit32<const SIGNED: bool, const OP: u8>(codes: __m256i, d: f32, m: f32, out: *mut f32) {
+            emit16::<SIGNED, OP>(_mm256_castsi256_si128(codes), d, m, out);
+            emit16::<SIGNED, OP>(_mm256_extracti128_si256::<1>(codes), d, m, out.add(16));
+        }
+
+        #[inline(always)]
+        fn f16_at(b: &[u8], i: usize) -> f32 {
+            f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+        }
+
+        /// Bits 0..16 of `qh` (bits 16..32 when `HIGH`) as 16 bytes holding 0 or 0x10: the fifth
+        /// bit of Q5_0/Q5_1 codes.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn q5_high_bits<const HIGH: bool>(qh: u32) -> __m128i {
+            let v = _mm_cvtsi32_si128(qh as i32);
+            // Byte j of the result reads byte j/8 of qh (2 + j/8 for the high half)...
+            let idx = if HIGH {
+                _mm_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202)
+            } else {
+                _mm_set_epi64x(0x0101_0101_0101_0101, 0)
+            };
+            let bytes = _mm_shuffle_epi8(v, idx);
+            // ...and tests bit j%8 of it.
+            let bit = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let set = _mm_cmpeq_epi8(_mm_and_si128(bytes, bit), bit);
+            _mm_and_si128(set, _mm_set1_epi8(0x10))
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_0(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            let eight = _mm_set1_epi8(8);
+            for (b, o) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let qs = _mm_loadu_si128(b.as_ptr().add(2) as *const __m128i);
+                let lo = _mm_sub_epi8(_mm_and_si128(qs, m4), eight);
+                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), eight);
+                emit16::<true, MUL>(lo, d, 0.0, o.as_mut_ptr());
+                emit16::<true, MUL>(hi, d, 0.0, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_1(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            for (b, o) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+                let lo = _mm_and_si128(qs, m4);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m4);
+                emit16::<false, ADD>(lo, d, m, o.as_mut_ptr());
+                emit16::<false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q5_0(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            let sixteen = _mm_set1_epi8(16);
+            for (b, o) in src.chunks_exact(22).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
+                let lo = _mm_or_si128(_mm_and_si128(qs, m4), q5_high_bits::<false>(qh));
+                let hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), q5_high_bits::<true>(qh));
+                emit16::<true, MUL>(_mm_sub_epi8(lo, sixteen), d, 0.0, o.as_mut_ptr());
+                emit16::<true, MUL>(_mm_sub_epi8(hi, sixteen), d, 0.0, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q5_1(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            for (b, o) in src.chunks_exact(24).zip(dst.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let qs = _mm_loadu_si128(b.as_ptr().add(8) as *const __m128i);
+                let lo = _mm_or_si128(_mm_and_si128(qs, m4), q5_high_bits::<false>(qh));
+                let hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), q5_high_bits::<true>(qh));
+                emit16::<false, ADD>(lo, d, m, o.as_mut_ptr());
+                emit16::<false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q8_0(src: &[u8], dst: &mut [f32]) {
+            for (b, o) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let qs = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+                emit32::<true, MUL>(qs, d, 0.0, o.as_mut_ptr());
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q2_k(src: &[u8], dst: &mut [f32]) {
+            let m2 = _mm256_set1_epi8(3);
+            for (b, o) in src.chunks_exact(84).zip(dst.chunks_exact_mut(256)) {
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                let o = o.as_mut_ptr();
+                for h in 0..2 {
+                    let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * h) as *const __m256i);
+                    for s in 0..4 {
+                        let q = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                        let base = h * 128 + s * 32;
+                        for (half, codes) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)].into_iter().enumerate() {
+                            let sc = b[base / 16 + half];
+                            let dl = d * (sc & 0x0f) as f32;
+                            let ml = dmin * (sc >> 4) as f32;
+                            emit16::<false, SUB>(codes, dl, ml, o.add(base + 16 * half));
+                        }
+                    }
+                }
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q3_k(src: &[u8], dst: &mut [f32]) {
+            let m2 = _mm256_set1_epi8(3);
+            let one = _mm256_set1_epi8(1);
+            let four = _mm256_set1_epi8(4);
+            for (b, o) in src.chunks_exact(110).zip(dst.chunks_exact_mut(256)) {
+                let sc = scales_q3_k(b[96..108].try_into().expect("block"));
+                let d = f16_at(b, 108);
+                let hmask = _mm256_loadu_si256(b.as_ptr() as *const __m256i);
+                let o = o.as_mut_ptr();
+                for h in 0..2 {
+                    let qs = _mm256_loadu_si256(b.as_ptr().add(32 + 32 * h) as *const __m256i);
+                    for s in 0..4 {
+                        let q2 = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                        let hb = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128((4 * h + s) as i32)), one);
+                        // q = q2 - 4 + 4 * hbit: subtract 4 where the high bit is clear.
+                        let hb4 = _mm256_slli_epi16::<2>(hb);
+                        let q = _mm256_sub_epi8(_mm256_add_epi8(q2, hb4), four);
+                        let base = h * 128 + s * 32;
+                        for (half, codes) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)].into_iter().enumerate() {
+                            let dl = d * (sc[base / 16 + half] as i32 - 32) as f32;
+                            emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
+                        }
+                    }
+                }
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_k(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm256_set1_epi8(0x0f);
+            for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(256)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales: &[u8; 12] = b[4..16].try_into().expect("block");
+                let o = o.as_mut_ptr();
+                for c in 0..4 {
+                    let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
+                    let lo = _mm256_and_si256(qs, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
+                    for (h, codes) in [lo, hi].into_iter().enumerate() {
+                        let (sc, m) = scale_min_k4(2 * c + h, scales);
+                        emit32::<false, SUB>(codes, d * sc as f32, dmin * m as f32, o.add(64 * c + 32 * h));
+                    }
+                }
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q5_k(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let one = _mm256_set1_epi8(1);
+            for (b, o) in src.chunks_exact(176).zip(dst.chunks_exact_mut(256)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales: &[u8; 12] = b[4..16].try_into().expect("block");
+                let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                let o = o.as_mut_ptr();
+                for c in 0..4 {
+                    let qs = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i);
+                    let lo = _mm256_and_si256(qs, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
+                    for (h, nib) in [lo, hi].into_iter().enumerate() {
+                        let j = 2 * c + h;
+                        let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)), one);
+                        let codes = _mm256_or_si256(nib, _mm256_slli_epi16::<4>(bit));
+                        let (sc, m) = scale_min_k4(j, scales);
+                        emit32::<false, SUB>(codes, d * sc as f32, dmin * m as f32, o.add(64 * c + 32 * h));
+                    }
+                }
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q6_k(src: &[u8], dst: &mut [f32]) {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m2 = _mm256_set1_epi8(3);
+            let bias = _mm256_set1_epi8(32);
+            for (b, o) in src.chunks_exact(210).zip(dst.chunks_exact_mut(256)) {
+                let d = f16_at(b, 208);
+                let o = o.as_mut_ptr();
+                for a in 0..2 {
+                    let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * a) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * a + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * a) as *const __m256i);
+                    // Plane s: nibble s/2 of ql[(s%2)*32 + l], bits 2s..2s+2 of qh[l].
+                    let nibs = [
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                    ];
+                    for (s, nib) in nibs.into_iter().enumerate() {
+                        let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                        let q = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16::<4>(hi)), bias);
+                        let base = a * 128 + s * 32;
+                        for (half, codes) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)].into_iter().enumerate() {
+                            let dl = d * (b[192 + base / 16 + half] as i8) as f32;
+                            emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
+                        }
+                    }
+                }
+            }
+        }
+
+        // F16 -> f32 (`f16(src, dst)`), BF16 -> f32 (`bf16(src, dst)`), f32 -> bf16 (`to_bf16_impl`).
+        $f16
+        $bf16
+        $to_bf16
+
+        macro_rules! safe {
+            ($name:ident) => {{
+                fn w(src: &[u8], dst: &mut [f32]) {
+                    // SAFETY: only handed out by `dequant_fn` below, which `simd::dequant_fn`
+                    // reaches after checking this CPU has `$features`.
+                    unsafe { $name(src, dst) }
+                }
+                w as DequantFn
+            }};
+        }
+
+        /// This level's kernel for `qtype` (callers must have checked the CPU features).
+        pub(in crate::quant::simd) fn dequant_fn(qtype: QType) -> Option<DequantFn> {
+            Some(match qtype {
+                QType::F16 => safe!(f16),
+                QType::BF16 => safe!(bf16),
+                QType::Q4_0 => safe!(q4_0),
+                QType::Q4_1 => safe!(q4_1),
+                QType::Q5_0 => safe!(q5_0),
+                QType::Q5_1 => safe!(q5_1),
+                QType::Q8_0 => safe!(q8_0),
+                QType::Q2_K => safe!(q2_k),
+                QType::Q3_K => safe!(q3_k),
+                QType::Q4_K => safe!(q4_k),
+                QType::Q5_K => safe!(q5_k),
+                QType::Q6_K => safe!(q6_k),
+                // F32 is a copy; NF4 is not a ggml block type.
+                QType::F32 | QType::NF4 => return None,
+            })
+        }
+
+        /// f32 -> bf16 (round to nearest even, NaN quietened), as `half::bf16::from_f32`.
+        /// Only handed out by `simd::f32_to_bf16_fn` after the feature check.
+        pub(in crate::quant::simd) fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+            // SAFETY: see `dequant_fn`.
+            unsafe { to_bf16_impl(src, dst) }
+        }
+
+        /// The scalar f32 -> bf16 step for tails.
+        #[inline(always)]
+        fn bf16_of(v: f32) -> bf16 {
+            bf16::from_f32(v)
+        }
+    };
+}
+
+/// 8-lane bf16 rounding of a register of f32 bits: `(x + 0x7fff + lsb) >> 16`, NaN -> `x >> 16 |
+/// 0x40`. Returns 32-bit lanes holding the 16-bit results.
+macro_rules! bf16_round_body {
+    ($x:expr, $and:ident, $add:ident, $srli:ident, $or:ident, $set1:ident, $cmpgt:ident, $blend:ident) => {{
+        let x = $x;
+        let lsb = $and($srli::<16>(x), $set1(1));
+        let rne = $srli::<16>($add($add(x, $set1(0x7fff)), lsb));
+        let nan = $cmpgt($and(x, $set1(0x7fff_ffff)), $set1(0x7f80_0000));
+        let q = $or($srli::<16>(x), $set1(0x40));
+        $blend(rne, q, nan)
+    }};
+}
+
+pub mod avx2 {
+    x86_kernels!(
+        "avx2,fma,f16c",
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn emit16<const SIGNED: bool, const OP: u8>(codes: __m128i, d: f32, m: f32, out: *mut f32) {
+            let (lo, hi) = if SIGNED {
+                (_mm256_cvtepi8_epi32(codes), _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)))
+            } else {
+                (_mm256_cvtepu8_epi32(codes), _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)))
+            };
+            let dv = _mm256_set1_ps(d);
+            let mv = _mm256_set1_ps(m);
+            for (i, v) in [lo, hi].into_iter().enumerate() {
+                let mut r = _mm256_mul_ps(_mm256_cvtepi32_ps(v), dv);
+                if OP == ADD {
+                    r = _mm256_add_ps(r, mv);
+                } else if OP == SUB {
+                    r = _mm256_sub_ps(r, mv);
+                }
+                _mm256_storeu_ps(out.add(8 * i), r);
+            }
+        },
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
+            let n = dst.len() / 8 * 8;
+            for i in (0..n).step_by(8) {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            crate::quant::scalar::dequant_f16(&src[2 * n..], &mut dst[n..]);
+        },
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
+            let n = dst.len() / 8 * 8;
+            for i in (0..n).step_by(8) {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
+            }
+            crate::quant::scalar::dequant_bf16(&src[2 * n..], &mut dst[n..]);
+        },
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
+            let n = src.len().min(dst.len()) / 8 * 8;
+            for i in (0..n).step_by(8) {
+                let x = _mm256_castps_si256(_mm256_loadu_ps(src.as_ptr().add(i)));
+                let r = bf16_round_body!(
+                    x,
+                    _mm256_and_si256,
+                    _mm256_add_epi32,
+                    _mm256_srli_epi32,
+                    _mm256_or_si256,
+                    _mm256_set1_epi32,
+                    _mm256_cmpgt_epi32,
+                    _mm256_blendv_epi8
+                );
+                let packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, packed);
+            }
+            for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
+                *o = bf16_of(*v);
+            }
+        }
+    );
+}
+
+pub mod avx512 {
+    use std::arch::x86_64::{__m512i, _mm512_cmpgt_epi32_mask, _mm512_mask_blend_epi32};
+
+    /// Signed 32-bit `a > b` as a k-mask.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn cmpgt512(a: __m512i, b: __m512i) -> u16 {
+        _mm512_cmpgt_epi32_mask(a, b)
+    }
+
+    /// `b` where the mask bit is set, else `a`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn blend512(a: __m512i, b: __m512i, k: u16) -> __m512i {
+        _mm512_mask_blend_epi32(k, a, b)
+    }
+    x86_kernels!(
+        "avx512f,avx512bw,avx2,fma,f16c",
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn emit16<const SIGNED: bool, const OP: u8>(codes: __m128i, d: f32, m: f32, out: *mut f32) {
+            let v = if SIGNED { _mm512_cvtepi8_epi32(codes) } else { _mm512_cvtepu8_epi32(codes) };
+            let mut r = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(d));
+            if OP == ADD {
+                r = _mm512_add_ps(r, _mm512_set1_ps(m));
+            } else if OP == SUB {
+                r = _mm512_sub_ps(r, _mm512_set1_ps(m));
+            }
+            _mm512_storeu_ps(out, r);
+        },
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
+            let n = dst.len() / 16 * 16;
+            for i in (0..n).step_by(16) {
+                let h = _mm256_loadu_si256(src.as_ptr().add(2 * i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+            crate::quant::scalar::dequant_f16(&src[2 * n..], &mut dst[n..]);
+        },
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
+            let n = dst.len() / 16 * 16;
+            for i in (0..n).step_by(16) {
+                let h = _mm256_loadu_si256(src.as_ptr().add(2 * i) as *const __m256i);
+                let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(w));
+            }
+            crate::quant::scalar::dequant_bf16(&src[2 * n..], &mut dst[n..]);
+        },
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
+            let n = src.len().min(dst.len()) / 16 * 16;
+            for i in (0..n).step_by(16) {
+                let x = _mm512_castps_si512(_mm512_loadu_ps(src.as_ptr().add(i)));
+                let r = bf16_round_body!(
+                    x,
+                    _mm512_and_si512,
+                    _mm512_add_epi32,
+                    _mm512_srli_epi32,
+                    _mm512_or_si512,
+                    _mm512_set1_epi32,
+                    cmpgt512,
+                    blend512
+                );
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, _mm512_cvtepi32_epi16(r));
+            }
+            for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
+                *o = bf16_of(*v);
+            }
+        }
+    );
+}

@@ -1,0 +1,267 @@
+//! ggml block kernels against gguf-py ground truth (fixtures from
+//! tests/reference/gen_ggml_fixtures.py), and every SIMD level against the scalar reference.
+use half::{bf16, f16};
+use qtune::quant::dispatch::{self, dequant_fn, dequantize_bf16_at, SimdLevel};
+use qtune::quant::QType;
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml").join(name)
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}; run tests/reference/gen_ggml_fixtures.py"))
+}
+
+fn read_f32(name: &str) -> Vec<f32> {
+    read(name).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Every type with a ggml block dequantiser.
+const TYPES: [QType; 13] = [
+    QType::F32,
+    QType::F16,
+    QType::BF16,
+    QType::Q4_0,
+    QType::Q4_1,
+    QType::Q5_0,
+    QType::Q5_1,
+    QType::Q8_0,
+    QType::Q2_K,
+    QType::Q3_K,
+    QType::Q4_K,
+    QType::Q5_K,
+    QType::Q6_K,
+];
+
+/// Index of the first element whose bits differ, with both values.
+fn first_diff(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).enumerate().find(|(_, (x, y))| x.to_bits() != y.to_bits()).map(|(i, (x, y))| (i, *x, *y))
+}
+
+#[test]
+fn dequant_matches_gguf_py_bit_exactly() {
+    for t in TYPES.into_iter().filter(|t| *t != QType::F32) {
+        let raw = read(&format!("deq_{}.bin", t.name()));
+        let want = read_f32(&format!("deq_{}.f32", t.name()));
+        assert_eq!(raw.len(), t.bytes_for(want.len()).unwrap(), "{t:?} fixture sizes");
+        for level in SimdLevel::available() {
+            let mut got = vec![f32::NAN; want.len()];
+            dequant_fn(t, level)(&raw, &mut got);
+            if let Some((i, g, w)) = first_diff(&got, &want) {
+                panic!("{} at {}: element {i}: got {g:e}, gguf-py {w:e}", t.name(), level.name());
+            }
+        }
+    }
+}
+
+/// xorshift64*: deterministic random bytes without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// A finite f16 of magnitude 1e-4 .. 3, either sign.
+    fn scale(&mut self) -> f16 {
+        let mag = 10f32.powf(-4.0 + 4.5 * self.f32());
+        f16::from_f32(if self.next() & 1 == 0 { mag } else { -mag })
+    }
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.f32().max(1e-9), self.f32());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+    }
+}
+
+/// Byte offsets of the f16 fields of a block (kept finite so outputs are comparable).
+fn f16_fields(t: QType) -> &'static [usize] {
+    match t {
+        QType::F16 | QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => &[0],
+        QType::Q4_1 | QType::Q5_1 | QType::Q4_K | QType::Q5_K => &[0, 2],
+        QType::Q2_K => &[80, 82],
+        QType::Q3_K => &[108],
+        QType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+fn random_blocks(t: QType, nblocks: usize, rng: &mut Rng) -> Vec<u8> {
+    let ts = t.type_size();
+    let mut raw: Vec<u8> = (0..nblocks * ts).map(|_| rng.next() as u8).collect();
+    for b in raw.chunks_exact_mut(ts) {
+        for &off in f16_fields(t) {
+            b[off..off + 2].copy_from_slice(&rng.scale().to_le_bytes());
+        }
+        if t == QType::F32 {
+            // Any bit pattern but NaN payloads are fine; keep them finite for readable failures.
+            b.copy_from_slice(&(rng.normal() * 100.0).to_le_bytes());
+        }
+    }
+    raw
+}
+
+#[test]
+fn every_simd_level_equals_scalar() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let levels = SimdLevel::available();
+    eprintln!("levels: {:?}", levels);
+    for t in TYPES {
+        for nblocks in [1usize, 3, 17, 255] {
+            // Flat types: several hundred elements per "block count" so tails are exercised too.
+            let n = if t.block_size() == 1 { nblocks * 7 } else { nblocks };
+            let raw = random_blocks(t, n, &mut rng);
+            let len = n * t.block_size();
+            let mut want = vec![0f32; len];
+            dequant_fn(t, SimdLevel::Scalar)(&raw, &mut want);
+            for &level in &levels[1..] {
+                let mut got = vec![f32::NAN; len];
+                dequant_fn(t, level)(&raw, &mut got);
+                if let Some((i, g, w)) = first_diff(&got, &want) {
+                    panic!("{} {} blocks at {}: element {i}: got {g:e}, scalar {w:e}", t.name(), n, level.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_matches_gguf_py_bit_exactly() {
+    for t in [QType::Q8_0, QType::Q4_0] {
+        let x = read_f32(&format!("q_{}_in.f32", t.name()));
+        let want = read(&format!("q_{}.bin", t.name()));
+        let mut got = vec![0u8; t.bytes_for(x.len()).unwrap()];
+        dispatch::quantize(t, &x, &mut got).unwrap();
+        let ts = t.type_size();
+        for (i, (g, w)) in got.chunks(ts).zip(want.chunks(ts)).enumerate() {
+            assert_eq!(g, w, "{} block {i} (row {}) differs from gguf-py", t.name(), i / 8);
+        }
+    }
+}
+
+fn rms(a: &[f32], b: &[f32]) -> f64 {
+    (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64).sqrt()
+}
+
+fn round_trip(t: QType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let mut q = vec![0u8; t.bytes_for(x.len()).unwrap()];
+    dispatch::quantize(t, x, &mut q).unwrap();
+    let mut y = vec![0f32; x.len()];
+    dequant_fn(t, SimdLevel::Scalar)(&q, &mut y);
+    (q, y)
+}
+
+#[test]
+fn q4_k_quantiser_decodes_in_gguf_py_and_beats_q4_0() {
+    let x = read_f32("gauss.f32");
+    let (q, y) = round_trip(QType::Q4_K, &x);
+    if std::env::var_os("QTUNE_WRITE_FIXTURES").is_some() {
+        std::fs::write(fixture("q4_k_ours.bin"), &q).unwrap();
+        eprintln!("wrote q4_k_ours.bin: now rerun gen_ggml_fixtures.py");
+        return;
+    }
+    // Our bytes are still the bytes gguf-py decoded (a change to the quantiser must regenerate).
+    assert!(q == read("q4_k_ours.bin"), "Q4_K quantiser output changed: regenerate the fixture");
+    let gguf = read_f32("q4_k_ours_gguf.f32");
+    if let Some((i, g, w)) = first_diff(&y, &gguf) {
+        panic!("Q4_K element {i}: ours {g:e}, gguf-py {w:e}");
+    }
+    let (_, y0) = round_trip(QType::Q4_0, &x);
+    let (e4k, e40) = (rms(&x, &y), rms(&x, &y0));
+    eprintln!("RMS error on N(0,1): Q4_K {e4k:.5}, Q4_0 {e40:.5}");
+    assert!(e4k < e40, "Q4_K RMS {e4k} not below Q4_0 RMS {e40}");
+    // A broken search (e.g. codes all zero) would sit near 1.0; Q4_0 is ~0.1 on N(0,1).
+    assert!(e4k < 0.1, "Q4_K RMS {e4k} too large");
+}
+
+#[test]
+fn quantize_rejects_what_it_cannot_write() {
+    let x = vec![0.5f32; 256];
+    let mut out = vec![0u8; 210];
+    let e = dispatch::quantize(QType::Q6_K, &x, &mut out).unwrap_err().to_string();
+    assert!(e.contains("Q6_K"), "{e}");
+    let mut out = vec![0u8; 34];
+    let e = dispatch::quantize(QType::Q8_0, &x[..33], &mut out).unwrap_err().to_string();
+    assert!(e.contains("whole number"), "{e}");
+    let e = dispatch::quantize(QType::Q8_0, &x[..32], &mut out[..30]).unwrap_err().to_string();
+    assert!(e.contains("34 bytes"), "{e}");
+    // Large inputs go through the parallel path and must give the serial bytes.
+    let mut rng = Rng(42);
+    let big: Vec<f32> = (0..256 * 100).map(|_| rng.normal()).collect();
+    for t in dispatch::QUANTIZABLE {
+        let mut par = vec![0u8; t.bytes_for(big.len()).unwrap()];
+        dispatch::quantize(t, &big, &mut par).unwrap();
+        let mut ser = vec![0u8; par.len()];
+        for (s, d) in big.chunks(256).zip(ser.chunks_mut(256 / t.block_size() * t.type_size())) {
+            dispatch::quantize(t, s, d).unwrap();
+        }
+        assert!(par == ser, "{t:?}: parallel bytes differ");
+    }
+}
+
+#[test]
+fn bf16_output_matches_half() {
+    let mut rng = Rng(7);
+    let mut vals: Vec<f32> = (0..3000).map(|_| rng.normal() * 10f32.powf(rng.f32() * 60.0 - 30.0)).collect();
+    // Ties, NaNs (both signs, signalling payloads), infinities, subnormals, overflow to inf.
+    for bits in [
+        0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x7fc0_0000, 0xffc0_0001, 0x7f80_0001, 0xff80_0001, 0x7f80_0000,
+        0xff80_0000, 0x0000_0001, 0x8000_8000, 0x0001_8000, 0x7f7f_ffff, 0xff7f_ffff, 0, 0x8000_0000,
+    ] {
+        vals.push(f32::from_bits(bits));
+    }
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let want: Vec<u16> = vals.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+    for level in SimdLevel::available() {
+        let mut got = vec![bf16::ZERO; vals.len()];
+        dequantize_bf16_at(QType::F32, level, &bytes, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), *w, "{}: {:e} ({:#010x})", level.name(), vals[i], vals[i].to_bits());
+        }
+    }
+    // A quantised type through the same path: bf16 of the scalar f32 output.
+    let raw = random_blocks(QType::Q4_K, 9, &mut rng);
+    let mut f = vec![0f32; 9 * 256];
+    dequant_fn(QType::Q4_K, SimdLevel::Scalar)(&raw, &mut f);
+    for level in SimdLevel::available() {
+        let mut got = vec![bf16::ZERO; f.len()];
+        dequantize_bf16_at(QType::Q4_K, level, &raw, &mut got);
+        assert!(got.iter().zip(&f).all(|(g, v)| g.to_bits() == bf16::from_f32(*v).to_bits()), "{level:?}");
+    }
+}
+
+/// Throughput per type and level: `cargo test --release --test quant_ggml throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput() {
+    let mut rng = Rng(1);
+    let elems = 1 << 20; // 4 MiB of f32 output: L3-resident, like a dequantised tile stream.
+    for t in TYPES {
+        let n = elems / t.block_size();
+        let raw = random_blocks(t, n, &mut rng);
+        let mut out = vec![0f32; elems];
+        let mut line = format!("{:5}", t.name());
+        for level in SimdLevel::available() {
+            let f = dequant_fn(t, level);
+            f(&raw, &mut out);
+            let reps = 20;
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                f(std::hint::black_box(&raw), std::hint::black_box(&mut out));
+            }
+            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            line += &format!(
+                "  {:>6}: in {:6.2} GB/s out {:6.2} GB/s",
+                level.name(),
+                raw.len() as f64 / s / 1e9,
+                (elems * 4) as f64 / s / 1e9
+            );
+        }
+        println!("{line}");
+    }
+}
