@@ -240,7 +240,9 @@ fn bf16_output_matches_half() {
 #[ignore]
 fn throughput() {
     let mut rng = Rng(1);
-    let elems = 1 << 20; // 4 MiB of f32 output: L3-resident, like a dequantised tile stream.
+    // 256 KiB of f32 output: an L2-resident tile, as the fused matmul streams them. The machine is
+    // shared, so the best of 30 timed batches is reported.
+    let elems = 1 << 16;
     for t in TYPES {
         let n = elems / t.block_size();
         let raw = random_blocks(t, n, &mut rng);
@@ -250,11 +252,15 @@ fn throughput() {
             let f = dequant_fn(t, level);
             f(&raw, &mut out);
             let reps = 20;
-            let t0 = std::time::Instant::now();
-            for _ in 0..reps {
-                f(std::hint::black_box(&raw), std::hint::black_box(&mut out));
+            let mut best = f64::INFINITY;
+            for _ in 0..30 {
+                let t0 = std::time::Instant::now();
+                for _ in 0..reps {
+                    f(std::hint::black_box(&raw), std::hint::black_box(&mut out));
+                }
+                best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
             }
-            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            let s = best;
             line += &format!(
                 "  {:>6}: in {:6.2} GB/s out {:6.2} GB/s",
                 level.name(),
