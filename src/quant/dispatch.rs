@@ -152,7 +152,7 @@ pub fn dequantize_bf16_at(qtype: QType, level: SimdLevel, src: &[u8], dst: &mut 
 }
 
 /// Types `quantize` can write (ggml types; NF4 has its own writer in `nf4`).
-pub const QUANTIZABLE: [QType; 3] = [QType::Q4_0, QType::Q8_0, QType::Q4_K];
+pub const QUANTIZABLE: [QType; 4] = [QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::Q6_K];
 
 /// Quantises `src` (a whole number of blocks of `qtype`) into `dst` (exactly the bytes of those
 /// blocks). Errors for a type we do not write or sizes that do not match. Large inputs are split
@@ -163,6 +163,7 @@ pub fn quantize(qtype: QType, src: &[f32], dst: &mut [u8]) -> crate::Result<()> 
         QType::Q8_0 => scalar::quant_q8_0,
         QType::Q4_0 => scalar::quant_q4_0,
         QType::Q4_K => scalar::quant_q4_k,
+        QType::Q6_K => scalar::quant_q6_k,
         t => {
             return Err(crate::Error::Invalid(format!(
                 "quantising to {} is not supported; qtune writes {}",

@@ -417,3 +417,104 @@ pub fn quant_q4_k(src: &[f32], dst: &mut [u8]) {
         }
     }
 }
+
+/// Fits `x ≈ scale * l` with integer `l` in `-nmax..nmax`, minimising the x²-weighted squared
+/// error: start from the grid through the largest-magnitude value, then try 18 nearby grids and
+/// keep the best least-squares scale (ggml's `make_qx_quants` with its `rmse_type = 1`).
+/// Returns the scale and leaves the biased codes `l + nmax` in `l_out`.
+fn fit_scale_signed(x: &[f32], l_out: &mut [u8], nmax: i32) -> f32 {
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l_out.iter_mut().for_each(|v| *v = 0);
+        return 0.0;
+    }
+    let code = |iscale: f32, v: f32| nearest(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let l = code(iscale, v) as f32;
+            let w = v * v;
+            sumlx += w * v * l;
+            suml2 += w * l * l;
+        }
+        (sumlx, suml2)
+    };
+    let mut iscale = -(nmax as f32) / max;
+    for (o, &v) in l_out.iter_mut().zip(x) {
+        *o = (code(iscale, v) + nmax) as u8;
+    }
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 > 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9i32..=9 {
+        if is == 0 {
+            continue;
+        }
+        let trial = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(trial);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            iscale = trial;
+            for (o, &v) in l_out.iter_mut().zip(x) {
+                *o = (code(iscale, v) + nmax) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// Q6_K quantiser (ggml's reference approach): a signed least-squares scale per sub-block of 16,
+/// those 16 scales quantised to int8 against the super-block's f16 `d`, then the 6-bit codes
+/// recomputed against the rounded scales.
+pub fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
+    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(210)) {
+        let mut l = [0u8; QK_K];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut max_abs) = (0f32, 0f32);
+        for j in 0..16 {
+            scales[j] = fit_scale_signed(&x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16], 32);
+            if scales[j].abs() > max_abs {
+                max_abs = scales[j].abs();
+                max_scale = scales[j];
+            }
+        }
+        b.fill(0);
+        if max_abs < 1e-15 {
+            continue; // all-zero block: d = 0, codes 0
+        }
+        let iscale = -128.0 / max_scale;
+        let d = f16::from_f32(1.0 / iscale);
+        b[208..210].copy_from_slice(&d.to_le_bytes());
+        let mut sc = [0i8; 16];
+        for j in 0..16 {
+            sc[j] = nearest(iscale * scales[j]).min(127) as i8;
+            b[192 + j] = sc[j] as u8;
+        }
+        for j in 0..16 {
+            let dj = d.to_f32() * sc[j] as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            for i in 16 * j..16 * j + 16 {
+                l[i] = (nearest(x[i] / dj).clamp(-32, 31) + 32) as u8;
+            }
+        }
+        // Layout: see `dequant_q6_k` (element a*128 + s*32 + i).
+        for a in 0..2 {
+            let l = &l[128 * a..128 * a + 128];
+            for i in 0..32 {
+                b[64 * a + i] = (l[i] & 15) | ((l[i + 64] & 15) << 4);
+                b[64 * a + 32 + i] = (l[i + 32] & 15) | ((l[i + 96] & 15) << 4);
+                b[128 + 32 * a + i] = (l[i] >> 4) | ((l[i + 32] >> 4) << 2) | ((l[i + 64] >> 4) << 4) | ((l[i + 96] >> 4) << 6);
+            }
+        }
+    }
+}

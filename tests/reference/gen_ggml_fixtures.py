@@ -4,8 +4,8 @@ Writes under tests/fixtures/ggml/ (all little-endian):
   deq_<TYPE>.bin / deq_<TYPE>.f32  random blocks and gguf.quants.dequantize of them
   q_<TYPE>_in.f32 / q_<TYPE>.bin    f32 rows and gguf.quants.quantize of them (Q8_0, Q4_0)
   gauss.f32                         N(0,1) data for the Q4_K-vs-Q4_0 error comparison
-  q4_k_ours_gguf.f32                gguf-py's dequantisation of OUR Q4_K bytes of gauss.f32, made
-                                    only when q4_k_ours.bin exists (written by
+  q4_k_ours_gguf.f32, q6_k_...      gguf-py's dequantisation of OUR Q4_K / Q6_K bytes of gauss.f32,
+                                    made only when q4_k_ours.bin / q6_k_ours.bin exist (written by
                                     `QTUNE_WRITE_FIXTURES=1 cargo test --test quant_ggml`)
   index.json                        block counts and sizes
 
@@ -99,11 +99,14 @@ def main():
     write("gauss.f32", gauss)
     index["gauss"] = gauss.size
 
-    ours = os.path.join(OUT, "q4_k_ours.bin")
-    if os.path.exists(ours):
-        b = np.fromfile(ours, dtype=np.uint8).reshape(-1, 144)
-        write("q4_k_ours_gguf.f32", quants.dequantize(b, T.Q4_K).astype(np.float32).reshape(-1))
-        index["q4_k_ours"] = b.shape[0]
+    for name, ts in [("Q4_K", 144), ("Q6_K", 210)]:
+        stem = name.lower()
+        ours = os.path.join(OUT, f"{stem}_ours.bin")
+        if os.path.exists(ours):
+            b = np.fromfile(ours, dtype=np.uint8).reshape(-1, ts)
+            deq = quants.dequantize(b, getattr(T, name)).astype(np.float32).reshape(-1)
+            write(f"{stem}_ours_gguf.f32", deq)
+            index[f"{stem}_ours"] = b.shape[0]
 
     with open(os.path.join(OUT, "index.json"), "w") as f:
         json.dump(index, f, indent=1, sort_keys=True)
