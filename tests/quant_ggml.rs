@@ -6,15 +6,21 @@ use qtune::quant::QType;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ggml")
+        .join(name)
 }
 
 fn read(name: &str) -> Vec<u8> {
-    std::fs::read(fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}; run tests/reference/gen_ggml_fixtures.py"))
+    std::fs::read(fixture(name))
+        .unwrap_or_else(|e| panic!("{name}: {e}; run tests/reference/gen_ggml_fixtures.py"))
 }
 
 fn read_f32(name: &str) -> Vec<f32> {
-    read(name).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    read(name)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Every type with a ggml block dequantiser.
@@ -37,7 +43,11 @@ const TYPES: [QType; 13] = [
 /// Index of the first element whose bits differ, with both values.
 fn first_diff(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).enumerate().find(|(_, (x, y))| x.to_bits() != y.to_bits()).map(|(i, (x, y))| (i, *x, *y))
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .find(|(_, (x, y))| x.to_bits() != y.to_bits())
+        .map(|(i, (x, y))| (i, *x, *y))
 }
 
 #[test]
@@ -45,12 +55,20 @@ fn dequant_matches_gguf_py_bit_exactly() {
     for t in TYPES.into_iter().filter(|t| *t != QType::F32) {
         let raw = read(&format!("deq_{}.bin", t.name()));
         let want = read_f32(&format!("deq_{}.f32", t.name()));
-        assert_eq!(raw.len(), t.bytes_for(want.len()).unwrap(), "{t:?} fixture sizes");
+        assert_eq!(
+            raw.len(),
+            t.bytes_for(want.len()).unwrap(),
+            "{t:?} fixture sizes"
+        );
         for level in SimdLevel::available() {
             let mut got = vec![f32::NAN; want.len()];
             dequant_fn(t, level)(&raw, &mut got);
             if let Some((i, g, w)) = first_diff(&got, &want) {
-                panic!("{} at {}: element {i}: got {g:e}, gguf-py {w:e}", t.name(), level.name());
+                panic!(
+                    "{} at {}: element {i}: got {g:e}, gguf-py {w:e}",
+                    t.name(),
+                    level.name()
+                );
             }
         }
     }
@@ -114,7 +132,11 @@ fn every_simd_level_equals_scalar() {
     for t in TYPES {
         for nblocks in [1usize, 3, 17, 255] {
             // Flat types: several hundred elements per "block count" so tails are exercised too.
-            let n = if t.block_size() == 1 { nblocks * 7 } else { nblocks };
+            let n = if t.block_size() == 1 {
+                nblocks * 7
+            } else {
+                nblocks
+            };
             let raw = random_blocks(t, n, &mut rng);
             let len = n * t.block_size();
             let mut want = vec![0f32; len];
@@ -123,7 +145,12 @@ fn every_simd_level_equals_scalar() {
                 let mut got = vec![f32::NAN; len];
                 dequant_fn(t, level)(&raw, &mut got);
                 if let Some((i, g, w)) = first_diff(&got, &want) {
-                    panic!("{} {} blocks at {}: element {i}: got {g:e}, scalar {w:e}", t.name(), n, level.name());
+                    panic!(
+                        "{} {} blocks at {}: element {i}: got {g:e}, scalar {w:e}",
+                        t.name(),
+                        n,
+                        level.name()
+                    );
                 }
             }
         }
@@ -139,13 +166,24 @@ fn quantize_matches_gguf_py_bit_exactly() {
         dispatch::quantize(t, &x, &mut got).unwrap();
         let ts = t.type_size();
         for (i, (g, w)) in got.chunks(ts).zip(want.chunks(ts)).enumerate() {
-            assert_eq!(g, w, "{} block {i} (row {}) differs from gguf-py", t.name(), i / 8);
+            assert_eq!(
+                g,
+                w,
+                "{} block {i} (row {}) differs from gguf-py",
+                t.name(),
+                i / 8
+            );
         }
     }
 }
 
 fn rms(a: &[f32], b: &[f32]) -> f64 {
-    (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64).sqrt()
+    (a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64)
+        .sqrt()
 }
 
 fn round_trip(t: QType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
@@ -173,7 +211,10 @@ fn k_quantisers_decode_in_gguf_py_and_beat_q4_0() {
             continue;
         }
         // Our bytes are still the bytes gguf-py decoded (a change to the quantiser must regenerate).
-        assert!(q == read(&format!("{stem}_ours.bin")), "{t:?} quantiser output changed: regenerate the fixture");
+        assert!(
+            q == read(&format!("{stem}_ours.bin")),
+            "{t:?} quantiser output changed: regenerate the fixture"
+        );
         let gguf = read_f32(&format!("{stem}_ours_gguf.f32"));
         if let Some((i, g, w)) = first_diff(&y, &gguf) {
             panic!("{t:?} element {i}: ours {g:e}, gguf-py {w:e}");
@@ -189,7 +230,10 @@ fn k_quantisers_decode_in_gguf_py_and_beat_q4_0() {
     // A broken search (e.g. codes all zero) would sit near 1.0; Q4_0 is ~0.09 on N(0,1).
     assert!(e4k < 0.08, "Q4_K RMS {e4k} too large");
     // Two more bits: each bit halves the error, so anything above half of Q4_K's is broken.
-    assert!(e6k < e4k / 2.0, "Q6_K RMS {e6k} not well below Q4_K RMS {e4k}");
+    assert!(
+        e6k < e4k / 2.0,
+        "Q6_K RMS {e6k} not well below Q4_K RMS {e4k}"
+    );
     // An all-zero super-block stays exactly zero.
     let (_, z) = round_trip(QType::Q6_K, &[0.0; 256]);
     assert!(z.iter().all(|v| *v == 0.0));
@@ -199,12 +243,18 @@ fn k_quantisers_decode_in_gguf_py_and_beat_q4_0() {
 fn quantize_rejects_what_it_cannot_write() {
     let x = vec![0.5f32; 256];
     let mut out = vec![0u8; 176];
-    let e = dispatch::quantize(QType::Q5_K, &x, &mut out).unwrap_err().to_string();
+    let e = dispatch::quantize(QType::Q5_K, &x, &mut out)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Q5_K"), "{e}");
     let mut out = vec![0u8; 34];
-    let e = dispatch::quantize(QType::Q8_0, &x[..33], &mut out).unwrap_err().to_string();
+    let e = dispatch::quantize(QType::Q8_0, &x[..33], &mut out)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("whole number"), "{e}");
-    let e = dispatch::quantize(QType::Q8_0, &x[..32], &mut out[..30]).unwrap_err().to_string();
+    let e = dispatch::quantize(QType::Q8_0, &x[..32], &mut out[..30])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("34 bytes"), "{e}");
     // Large inputs go through the parallel path and must give the serial bytes.
     let mut rng = Rng(42);
@@ -213,7 +263,10 @@ fn quantize_rejects_what_it_cannot_write() {
         let mut par = vec![0u8; t.bytes_for(big.len()).unwrap()];
         dispatch::quantize(t, &big, &mut par).unwrap();
         let mut ser = vec![0u8; par.len()];
-        for (s, d) in big.chunks(256).zip(ser.chunks_mut(256 / t.block_size() * t.type_size())) {
+        for (s, d) in big
+            .chunks(256)
+            .zip(ser.chunks_mut(256 / t.block_size() * t.type_size()))
+        {
             dispatch::quantize(t, s, d).unwrap();
         }
         assert!(par == ser, "{t:?}: parallel bytes differ");
@@ -223,11 +276,27 @@ fn quantize_rejects_what_it_cannot_write() {
 #[test]
 fn bf16_output_matches_half() {
     let mut rng = Rng(7);
-    let mut vals: Vec<f32> = (0..3000).map(|_| rng.normal() * 10f32.powf(rng.f32() * 60.0 - 30.0)).collect();
+    let mut vals: Vec<f32> = (0..3000)
+        .map(|_| rng.normal() * 10f32.powf(rng.f32() * 60.0 - 30.0))
+        .collect();
     // Ties, NaNs (both signs, signalling payloads), infinities, subnormals, overflow to inf.
     for bits in [
-        0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x7fc0_0000, 0xffc0_0001, 0x7f80_0001, 0xff80_0001, 0x7f80_0000,
-        0xff80_0000, 0x0000_0001, 0x8000_8000, 0x0001_8000, 0x7f7f_ffff, 0xff7f_ffff, 0, 0x8000_0000,
+        0x3f80_8000u32,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x7fc0_0000,
+        0xffc0_0001,
+        0x7f80_0001,
+        0xff80_0001,
+        0x7f80_0000,
+        0xff80_0000,
+        0x0000_0001,
+        0x8000_8000,
+        0x0001_8000,
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0,
+        0x8000_0000,
     ] {
         vals.push(f32::from_bits(bits));
     }
@@ -237,7 +306,14 @@ fn bf16_output_matches_half() {
         let mut got = vec![bf16::ZERO; vals.len()];
         dequantize_bf16_at(QType::F32, level, &bytes, &mut got);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), *w, "{}: {:e} ({:#010x})", level.name(), vals[i], vals[i].to_bits());
+            assert_eq!(
+                g.to_bits(),
+                *w,
+                "{}: {:e} ({:#010x})",
+                level.name(),
+                vals[i],
+                vals[i].to_bits()
+            );
         }
     }
     // A quantised type through the same path: bf16 of the scalar f32 output.
@@ -247,7 +323,12 @@ fn bf16_output_matches_half() {
     for level in SimdLevel::available() {
         let mut got = vec![bf16::ZERO; f.len()];
         dequantize_bf16_at(QType::Q4_K, level, &raw, &mut got);
-        assert!(got.iter().zip(&f).all(|(g, v)| g.to_bits() == bf16::from_f32(*v).to_bits()), "{level:?}");
+        assert!(
+            got.iter()
+                .zip(&f)
+                .all(|(g, v)| g.to_bits() == bf16::from_f32(*v).to_bits()),
+            "{level:?}"
+        );
     }
 }
 

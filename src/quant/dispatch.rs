@@ -22,7 +22,10 @@ impl SimdLevel {
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                 return SimdLevel::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 return SimdLevel::Avx2;
             }
         }
@@ -38,14 +41,19 @@ impl SimdLevel {
     /// Levels this CPU can run, lowest first (for tests comparing every path to the scalar one).
     pub fn available() -> Vec<SimdLevel> {
         let best = SimdLevel::detect();
-        [SimdLevel::Scalar, SimdLevel::Neon, SimdLevel::Avx2, SimdLevel::Avx512]
-            .into_iter()
-            .filter(|l| match l {
-                SimdLevel::Scalar => true,
-                SimdLevel::Neon => best == SimdLevel::Neon,
-                SimdLevel::Avx2 | SimdLevel::Avx512 => *l <= best && best != SimdLevel::Neon,
-            })
-            .collect()
+        [
+            SimdLevel::Scalar,
+            SimdLevel::Neon,
+            SimdLevel::Avx2,
+            SimdLevel::Avx512,
+        ]
+        .into_iter()
+        .filter(|l| match l {
+            SimdLevel::Scalar => true,
+            SimdLevel::Neon => best == SimdLevel::Neon,
+            SimdLevel::Avx2 | SimdLevel::Avx512 => *l <= best && best != SimdLevel::Neon,
+        })
+        .collect()
     }
 
     /// Lower-case name.
@@ -124,7 +132,12 @@ fn scalar_fn(qtype: QType) -> DequantFn {
 /// `src` must hold exactly the blocks of `dst.len()` elements (callers check sizes against the
 /// file first; a mismatch here is a bug, not bad input).
 pub fn dequantize_f32(qtype: QType, src: &[u8], dst: &mut [f32]) {
-    assert_eq!(Some(src.len()), qtype.bytes_for(dst.len()), "dequantize_f32({}): src/dst sizes disagree", qtype.name());
+    assert_eq!(
+        Some(src.len()),
+        qtype.bytes_for(dst.len()),
+        "dequantize_f32({}): src/dst sizes disagree",
+        qtype.name()
+    );
     dequant_fn(qtype, active_level())(src, dst)
 }
 
@@ -138,7 +151,12 @@ pub fn dequantize_bf16(qtype: QType, src: &[u8], dst: &mut [bf16]) {
 pub fn dequantize_bf16_at(qtype: QType, level: SimdLevel, src: &[u8], dst: &mut [bf16]) {
     let bs = qtype.block_size();
     let ts = qtype.type_size();
-    assert_eq!(Some(src.len()), qtype.bytes_for(dst.len()), "dequantize_bf16({}): src/dst sizes disagree", qtype.name());
+    assert_eq!(
+        Some(src.len()),
+        qtype.bytes_for(dst.len()),
+        "dequantize_bf16({}): src/dst sizes disagree",
+        qtype.name()
+    );
     // 1024 elements per pass: a multiple of every block size, and small enough to stay in L1.
     const CHUNK: usize = 1024;
     let mut buf = [0f32; CHUNK];
@@ -193,7 +211,9 @@ pub fn quantize(qtype: QType, src: &[f32], dst: &mut [u8]) -> crate::Result<()> 
     if src.len() <= chunk {
         f(src, dst);
     } else {
-        src.par_chunks(chunk).zip(dst.par_chunks_mut(chunk / bs * qtype.type_size())).for_each(|(s, d)| f(s, d));
+        src.par_chunks(chunk)
+            .zip(dst.par_chunks_mut(chunk / bs * qtype.type_size()))
+            .for_each(|(s, d)| f(s, d));
     }
     Ok(())
 }

@@ -294,7 +294,15 @@ fn nearest(v: f32) -> i32 {
 /// weighted squared error: start from the min/max grid, then try `nstep + 1` slightly different
 /// grids and solve the 2-parameter least-squares problem for each (ggml's `make_qkx2_quants`).
 /// Returns `(scale, -min)` and leaves the codes in `l`.
-fn fit_scale_min(x: &[f32], w: &[f32], l: &mut [u8], nmax: i32, rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
+fn fit_scale_min(
+    x: &[f32],
+    w: &[f32],
+    l: &mut [u8],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
     let n = x.len();
     let mut min = x.iter().copied().fold(f32::INFINITY, f32::min);
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -368,11 +376,16 @@ pub fn quant_q4_k(src: &[f32], dst: &mut [u8]) {
             for (wi, v) in w.iter_mut().zip(xs) {
                 *wi = av + v.abs();
             }
-            (scales[j], mins[j]) = fit_scale_min(xs, &w, &mut l[32 * j..32 * j + 32], 15, -1.0, 0.1, 20);
+            (scales[j], mins[j]) =
+                fit_scale_min(xs, &w, &mut l[32 * j..32 * j + 32], 15, -1.0, 0.1, 20);
         }
         let max_scale = scales.iter().copied().fold(0f32, f32::max);
         let max_min = mins.iter().copied().fold(0f32, f32::max);
-        let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
         let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
         let mut ls = [0u8; 8];
         let mut lm = [0u8; 8];
@@ -498,8 +511,8 @@ pub fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
             sc[j] = nearest(iscale * scales[j]).min(127) as i8;
             b[192 + j] = sc[j] as u8;
         }
-        for j in 0..16 {
-            let dj = d.to_f32() * sc[j] as f32;
+        for (j, &s) in sc.iter().enumerate() {
+            let dj = d.to_f32() * s as f32;
             if dj == 0.0 {
                 continue;
             }
@@ -513,7 +526,10 @@ pub fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
             for i in 0..32 {
                 b[64 * a + i] = (l[i] & 15) | ((l[i + 64] & 15) << 4);
                 b[64 * a + 32 + i] = (l[i + 32] & 15) | ((l[i + 96] & 15) << 4);
-                b[128 + 32 * a + i] = (l[i] >> 4) | ((l[i + 32] >> 4) << 2) | ((l[i + 64] >> 4) << 4) | ((l[i + 96] >> 4) << 6);
+                b[128 + 32 * a + i] = (l[i] >> 4)
+                    | ((l[i + 32] >> 4) << 2)
+                    | ((l[i + 64] >> 4) << 4)
+                    | ((l[i + 96] >> 4) << 6);
             }
         }
     }

@@ -22,7 +22,9 @@ pub fn dequant_fn(qtype: QType, level: SimdLevel) -> Option<DequantFn> {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if x86::has_avx512() => x86::avx512::dequant_fn(qtype),
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => neon::dequant_fn(qtype),
+        SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => {
+            neon::dequant_fn(qtype)
+        }
         _ => None,
     }
 }

@@ -19,7 +19,12 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 unsafe fn emit16_s(codes: int8x16_t, d: f32, out: *mut f32) {
     let lo = vmovl_s8(vget_low_s8(codes));
     let hi = vmovl_s8(vget_high_s8(codes));
-    let parts = [vmovl_s16(vget_low_s16(lo)), vmovl_high_s16(lo), vmovl_s16(vget_low_s16(hi)), vmovl_high_s16(hi)];
+    let parts = [
+        vmovl_s16(vget_low_s16(lo)),
+        vmovl_high_s16(lo),
+        vmovl_s16(vget_low_s16(hi)),
+        vmovl_high_s16(hi),
+    ];
     for (k, v) in parts.into_iter().enumerate() {
         vst1q_f32(out.add(4 * k), vmulq_f32(vcvtq_f32_s32(v), vdupq_n_f32(d)));
     }
@@ -31,7 +36,12 @@ unsafe fn emit16_s(codes: int8x16_t, d: f32, out: *mut f32) {
 unsafe fn emit16_u_sub(codes: uint8x16_t, d: f32, m: f32, out: *mut f32) {
     let lo = vmovl_u8(vget_low_u8(codes));
     let hi = vmovl_u8(vget_high_u8(codes));
-    let parts = [vmovl_u16(vget_low_u16(lo)), vmovl_high_u16(lo), vmovl_u16(vget_low_u16(hi)), vmovl_high_u16(hi)];
+    let parts = [
+        vmovl_u16(vget_low_u16(lo)),
+        vmovl_high_u16(lo),
+        vmovl_u16(vget_low_u16(hi)),
+        vmovl_high_u16(hi),
+    ];
     for (k, v) in parts.into_iter().enumerate() {
         let r = vmulq_f32(vcvtq_f32_u32(v), vdupq_n_f32(d));
         vst1q_f32(out.add(4 * k), vsubq_f32(r, vdupq_n_f32(m)));
@@ -99,7 +109,11 @@ unsafe fn q6_k(src: &[u8], dst: &mut [f32]) {
                     // bits 2s..2s+2 of qh[a*32 + 16*half + i].
                     let ql = vld1q_u8(b.as_ptr().add(64 * a + 32 * (s % 2) + 16 * half));
                     let qh = vld1q_u8(b.as_ptr().add(128 + 32 * a + 16 * half));
-                    let nib = if s < 2 { vandq_u8(ql, m4) } else { vshrq_n_u8::<4>(ql) };
+                    let nib = if s < 2 {
+                        vandq_u8(ql, m4)
+                    } else {
+                        vshrq_n_u8::<4>(ql)
+                    };
                     // A negative count shifts right.
                     let hi = vandq_u8(vshlq_u8(qh, vdupq_n_s8(-2 * s as i8)), m2);
                     let q = vorrq_u8(nib, vshlq_n_u8::<4>(hi));
@@ -140,8 +154,14 @@ unsafe fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
     let n = dst.len() / 8 * 8;
     for i in (0..n).step_by(8) {
         let h = vld1q_u16(src.as_ptr().add(2 * i) as *const u16);
-        vst1q_f32(dst.as_mut_ptr().add(i), vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))));
-        vst1q_f32(dst.as_mut_ptr().add(i + 4), vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h)));
+        vst1q_f32(
+            dst.as_mut_ptr().add(i),
+            vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
+        );
+        vst1q_f32(
+            dst.as_mut_ptr().add(i + 4),
+            vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h)),
+        );
     }
     crate::quant::scalar::dequant_bf16(&src[2 * n..], &mut dst[n..]);
 }

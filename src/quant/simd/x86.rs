@@ -11,7 +11,9 @@
 
 /// AVX2, FMA and F16C, the AVX2 level's features.
 pub fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 /// AVX-512 F+BW plus the AVX2 level (the 512-bit kernels reuse its 256-bit unpacking).
@@ -328,11 +330,22 @@ pub mod avx2 {
         "avx2,fma,f16c",
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
-        unsafe fn emit16<const SIGNED: bool, const OP: u8>(codes: __m128i, d: f32, m: f32, out: *mut f32) {
+        unsafe fn emit16<const SIGNED: bool, const OP: u8>(
+            codes: __m128i,
+            d: f32,
+            m: f32,
+            out: *mut f32,
+        ) {
             let (lo, hi) = if SIGNED {
-                (_mm256_cvtepi8_epi32(codes), _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)))
+                (
+                    _mm256_cvtepi8_epi32(codes),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)),
+                )
             } else {
-                (_mm256_cvtepu8_epi32(codes), _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)))
+                (
+                    _mm256_cvtepu8_epi32(codes),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)),
+                )
             };
             let dv = _mm256_set1_ps(d);
             let mv = _mm256_set1_ps(m);
@@ -380,7 +393,8 @@ pub mod avx2 {
                     _mm256_cmpgt_epi32,
                     _mm256_blendv_epi8
                 );
-                let packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+                let packed =
+                    _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
                 _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, packed);
             }
             for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
@@ -410,8 +424,17 @@ pub mod avx512 {
         "avx512f,avx512bw,avx2,fma,f16c",
         #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
         #[inline]
-        unsafe fn emit16<const SIGNED: bool, const OP: u8>(codes: __m128i, d: f32, m: f32, out: *mut f32) {
-            let v = if SIGNED { _mm512_cvtepi8_epi32(codes) } else { _mm512_cvtepu8_epi32(codes) };
+        unsafe fn emit16<const SIGNED: bool, const OP: u8>(
+            codes: __m128i,
+            d: f32,
+            m: f32,
+            out: *mut f32,
+        ) {
+            let v = if SIGNED {
+                _mm512_cvtepi8_epi32(codes)
+            } else {
+                _mm512_cvtepu8_epi32(codes)
+            };
             let mut r = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(d));
             if OP == ADD {
                 r = _mm512_add_ps(r, _mm512_set1_ps(m));
@@ -454,7 +477,10 @@ pub mod avx512 {
                     cmpgt512,
                     blend512
                 );
-                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, _mm512_cvtepi32_epi16(r));
+                _mm256_storeu_si256(
+                    dst.as_mut_ptr().add(i) as *mut __m256i,
+                    _mm512_cvtepi32_epi16(r),
+                );
             }
             for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
                 *o = bf16_of(*v);
