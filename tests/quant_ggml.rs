@@ -367,4 +367,20 @@ fn throughput() {
         }
         println!("{line}");
     }
+    // f32 -> bf16 through `dequantize_bf16` (Q4_K: dequantise + convert), GB/s of bf16 output.
+    let raw = random_blocks(QType::Q4_K, elems / 256, &mut rng);
+    let mut out = vec![bf16::ZERO; elems];
+    let mut line = "Q4_K->bf16".to_string();
+    for level in SimdLevel::available() {
+        let mut best = f64::INFINITY;
+        for _ in 0..30 {
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 {
+                dequantize_bf16_at(QType::Q4_K, level, std::hint::black_box(&raw), std::hint::black_box(&mut out));
+            }
+            best = best.min(t0.elapsed().as_secs_f64() / 20.0);
+        }
+        line += &format!("  {:>6}: out {:6.2} GB/s", level.name(), (elems * 2) as f64 / best / 1e9);
+    }
+    println!("{line}");
 }
