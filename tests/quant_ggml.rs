@@ -158,6 +158,19 @@ fn every_simd_level_equals_scalar() {
 }
 
 #[test]
+fn dequantize_f32_uses_a_kernel_equal_to_scalar() {
+    let mut rng = Rng(3);
+    for t in TYPES {
+        let raw = random_blocks(t, 5, &mut rng);
+        let len = 5 * t.block_size();
+        let (mut want, mut got) = (vec![0f32; len], vec![f32::NAN; len]);
+        dequant_fn(t, SimdLevel::Scalar)(&raw, &mut want);
+        qtune::quant::dequantize_f32(t, &raw, &mut got);
+        assert!(first_diff(&got, &want).is_none(), "{t:?}");
+    }
+}
+
+#[test]
 fn quantize_matches_gguf_py_bit_exactly() {
     for t in [QType::Q8_0, QType::Q4_0] {
         let x = read_f32(&format!("q_{}_in.f32", t.name()));
@@ -376,11 +389,20 @@ fn throughput() {
         for _ in 0..30 {
             let t0 = std::time::Instant::now();
             for _ in 0..20 {
-                dequantize_bf16_at(QType::Q4_K, level, std::hint::black_box(&raw), std::hint::black_box(&mut out));
+                dequantize_bf16_at(
+                    QType::Q4_K,
+                    level,
+                    std::hint::black_box(&raw),
+                    std::hint::black_box(&mut out),
+                );
             }
             best = best.min(t0.elapsed().as_secs_f64() / 20.0);
         }
-        line += &format!("  {:>6}: out {:6.2} GB/s", level.name(), (elems * 2) as f64 / best / 1e9);
+        line += &format!(
+            "  {:>6}: out {:6.2} GB/s",
+            level.name(),
+            (elems * 2) as f64 / best / 1e9
+        );
     }
     println!("{line}");
 }

@@ -138,7 +138,21 @@ pub fn dequantize_f32(qtype: QType, src: &[u8], dst: &mut [f32]) {
         "dequantize_f32({}): src/dst sizes disagree",
         qtype.name()
     );
-    dequant_fn(qtype, active_level())(src, dst)
+    // Called once per row of every weight tile: look the kernel up in a table built once, rather
+    // than re-running feature detection per call.
+    static TABLE: OnceLock<Vec<DequantFn>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t: Vec<DequantFn> = vec![scalar::dequant_f32; QType::ALL.len()];
+        for q in QType::ALL.into_iter().filter(|q| *q != QType::NF4) {
+            t[q as usize] = dequant_fn(q, active_level());
+        }
+        t
+    });
+    assert!(
+        qtype != QType::NF4,
+        "NF4 has no ggml block dequantiser; use quant::nf4::Nf4Ref"
+    );
+    table[qtype as usize](src, dst)
 }
 
 /// Dequantises whole blocks into bf16 (round to nearest even, NaN stays NaN), through an f32
