@@ -4,6 +4,7 @@
 //! `quant` (block formats and the kernels that dequantise them on the fly).
 pub mod error;
 pub mod format;
+pub mod inspect;
 pub mod quant;
 pub mod store;
 
