@@ -178,7 +178,9 @@ fn gguf_jobs<'a>(src: &'a WeightStore, qtype: QType, fallbacks: &mut Vec<String>
 /// Dequantises, permutes and requantises one tensor into the writer; returns the bytes written.
 fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
     let m = j.src.matrix();
-    let (rows, cols) = (m.rows, m.cols);
+    // A 1-D bias is permuted as a column: one element per row.
+    let as_column = j.src.shape.len() == 1 && j.permute_heads.is_some();
+    let (rows, cols) = if as_column { (m.cols, 1) } else { (m.rows, m.cols) };
     // Same type and no row permutation: the stored bytes are already what we would write.
     if j.src.qtype == j.to && j.permute_heads.is_none() && j.src.nf4.is_none() {
         w.write_tensor(j.src.data.as_slice())?;
@@ -204,6 +206,15 @@ fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
     let row_bytes = j.to.bytes_for(cols).expect("row length checked by choose_type");
     let mut q = vec![0u8; step.min(rows.max(1)) * row_bytes];
     let mut written = 0u64;
+    if as_column {
+        let mut v = vec![0f32; rows];
+        m.dequant_tile(0, 1, 0, rows, &mut v);
+        let p: Vec<f32> = (0..rows).map(|r| v[src_row(r)]).collect();
+        let mut b = vec![0u8; j.to.bytes_for(rows).expect("1-D tensors are written F32")];
+        encode(j.to, &p, &mut b)?;
+        w.write_tensor(&b)?;
+        return Ok(b.len() as u64);
+    }
     let mut r0 = 0;
     while r0 < rows {
         let n = step.min(rows - r0);
@@ -359,15 +370,16 @@ fn hf_llama<'a>(
             )));
         };
         let Some(gname) = mapped else { continue };
-        let heads = if gname.ends_with("attn_q.weight") {
+        // The converter permutes weights and biases of q_proj / k_proj alike.
+        let heads = if gname.ends_with("attn_q.weight") || gname.ends_with("attn_q.bias") {
             Some(n_head as usize)
-        } else if gname.ends_with("attn_k.weight") {
+        } else if gname.ends_with("attn_k.weight") || gname.ends_with("attn_k.bias") {
             Some(n_kv as usize)
         } else {
             None
         };
         if let Some(h) = heads {
-            if t.shape.len() != 2 || t.shape[0] % (2 * h) != 0 {
+            if t.shape.is_empty() || t.shape.len() > 2 || t.shape[0] % (2 * h) != 0 {
                 return Err(Error::Shape {
                     path: src.path.clone(),
                     tensor: t.name.clone(),

@@ -114,6 +114,11 @@ fn hf_store(dir: &Path, tokenizer_type: &str) -> WeightStore {
         shapes.push((format!("{p}.input_layernorm.weight"), vec![h.hidden]));
         shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![h.hidden, h.hidden]));
         shapes.push((format!("{p}.self_attn.k_proj.weight"), vec![h.kv * hd, h.hidden]));
+        if l == 0 {
+            // Biases (as with `attention_bias: true`): the converter permutes these too.
+            shapes.push((format!("{p}.self_attn.q_proj.bias"), vec![h.hidden]));
+            shapes.push((format!("{p}.self_attn.k_proj.bias"), vec![h.kv * hd]));
+        }
         shapes.push((format!("{p}.self_attn.v_proj.weight"), vec![h.kv * hd, h.hidden]));
         shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h.hidden, h.hidden]));
         shapes.push((format!("{p}.self_attn.rotary_emb.inv_freq"), vec![hd / 2]));
@@ -191,6 +196,8 @@ fn hf_name(g: &str) -> String {
     let p = match part {
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
@@ -207,10 +214,11 @@ fn hf_name(g: &str) -> String {
 fn expected(src: &WeightStore, gname: &str) -> Vec<f32> {
     let t = src.get(&hf_name(gname)).unwrap();
     let v = values(t);
-    if gname.ends_with("attn_q.weight") {
-        permuted(&v, t.shape[0], t.shape[1], HF.heads)
-    } else if gname.ends_with("attn_k.weight") {
-        permuted(&v, t.shape[0], t.shape[1], HF.kv)
+    let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
+    if gname.contains("attn_q.") {
+        permuted(&v, t.shape[0], cols, HF.heads)
+    } else if gname.contains("attn_k.") {
+        permuted(&v, t.shape[0], cols, HF.kv)
     } else {
         v
     }
@@ -264,8 +272,8 @@ fn hf_to_f32_maps_names_and_permutes_q_k() {
     assert!(r.fallbacks.is_empty(), "{r}");
     let out = gguf::load(&out_path).unwrap();
     check_hf_metadata(&out, 0);
-    // 2 layers x 9 + embeddings, final norm, output; the rotary caches are dropped.
-    assert_eq!(out.tensors.len(), 21);
+    // 2 layers x 9 + 2 biases + embeddings, final norm, output; the rotary caches are dropped.
+    assert_eq!(out.tensors.len(), 23);
     assert!(out.tensors.iter().all(|t| t.qtype == QType::F32));
     assert_eq!(out.get("blk.0.attn_k.weight").unwrap().shape, vec![128, 256]);
     for t in &out.tensors {
@@ -274,6 +282,8 @@ fn hf_to_f32_maps_names_and_permutes_q_k() {
     // The permutation moved rows (the test would pass vacuously otherwise).
     let q = out.get("blk.0.attn_q.weight").unwrap();
     assert_ne!(values(q), values(src.get("model.layers.0.self_attn.q_proj.weight").unwrap()));
+    let kb = out.get("blk.0.attn_k.bias").unwrap();
+    assert_ne!(values(kb), values(src.get("model.layers.0.self_attn.k_proj.bias").unwrap()));
 }
 
 #[test]

@@ -177,9 +177,17 @@ fn agrees_with_gguf_rs() {
 #[test]
 fn rewrite_is_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
+    // QTUNE_KEEP_GGUF_DIR keeps the rewrites for tests/reference/check_gguf.py.
+    let keep = std::env::var_os("QTUNE_KEEP_GGUF_DIR").map(PathBuf::from);
     for name in ["all-types.gguf", "align64.gguf", "tiny-llama-q8_0.gguf"] {
         let store = gguf::load(&fixture(name)).unwrap();
-        let out = dir.path().join(name);
+        let out = match &keep {
+            Some(k) => {
+                std::fs::create_dir_all(k).unwrap();
+                k.join(format!("rewrite-{name}"))
+            }
+            None => dir.path().join(name),
+        };
         gguf::rewrite(&store, &out).unwrap();
         let a = std::fs::read(fixture(name)).unwrap();
         let b = std::fs::read(&out).unwrap();
