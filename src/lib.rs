@@ -4,7 +4,9 @@
 //! `quant` (block formats and the kernels that dequantise them on the fly).
 pub mod error;
 pub mod format;
+pub mod inspect;
 pub mod quant;
+pub mod quantize;
 pub mod store;
 
 pub use error::{Error, Result};

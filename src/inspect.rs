@@ -1,0 +1,124 @@
+//! `qtune inspect`: a human summary of a weight store (architecture, metadata, tensors, totals).
+use crate::format::gguf::{self, Value};
+use crate::store::{SourceFormat, WeightStore};
+use std::fmt::Write;
+
+/// The model architecture: GGUF `general.architecture`, else config.json `model_type`, else its
+/// first `architectures` entry.
+pub fn architecture(store: &WeightStore) -> Option<String> {
+    if let Some(a) = gguf::find(&store.gguf_metadata, "general.architecture").and_then(Value::as_str) {
+        return Some(a.to_string());
+    }
+    let c = store.config.as_ref()?;
+    c.get("model_type")
+        .and_then(|v| v.as_str())
+        .or_else(|| c.get("architectures").and_then(|a| a.get(0)).and_then(|v| v.as_str()))
+        .map(str::to_string)
+}
+
+/// `1234567` -> `"1.23 M"`.
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.2} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// `123456789` -> `"117.7 MiB"`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A multi-line report: source, architecture, metadata (`key = value`, long arrays shortened to
+/// `[type; len] first few…`), one line per tensor (name, type, shape, bytes), then totals
+/// (parameters, bytes, bits per weight of the whole model).
+pub fn inspect(store: &WeightStore) -> String {
+    let mut s = String::new();
+    let fmt = match store.format {
+        SourceFormat::Gguf => "GGUF",
+        SourceFormat::Safetensors => "safetensors",
+        SourceFormat::BnbNf4 => "bitsandbytes NF4 safetensors",
+    };
+    let _ = writeln!(s, "file: {} ({fmt})", store.path.display());
+    let _ = writeln!(s, "architecture: {}", architecture(store).as_deref().unwrap_or("unknown"));
+    if store.format == SourceFormat::Gguf {
+        let _ = writeln!(s, "alignment: {}", store.alignment);
+    }
+    if !store.gguf_metadata.is_empty() {
+        let _ = writeln!(s, "metadata ({} keys):", store.gguf_metadata.len());
+        for (k, v) in &store.gguf_metadata {
+            let _ = writeln!(s, "  {k} = {v}");
+        }
+    }
+    if let Some(serde_json::Value::Object(c)) = &store.config {
+        let _ = writeln!(s, "config.json ({} keys):", c.len());
+        for (k, v) in c {
+            let mut v = v.to_string();
+            if v.len() > 80 {
+                v = format!("{}…", v.chars().take(77).collect::<String>());
+            }
+            let _ = writeln!(s, "  {k} = {v}");
+        }
+    }
+    let w = store.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(s, "tensors ({}):", store.tensors.len());
+    let _ = writeln!(s, "  {:<w$}  {:<5}  {:<20}  {:>12}", "name", "type", "shape", "bytes");
+    for t in &store.tensors {
+        let shape = format!("{:?}", t.shape);
+        let _ = writeln!(s, "  {:<w$}  {:<5}  {:<20}  {:>12}", t.name, t.qtype.name(), shape, t.nbytes());
+    }
+    let (n, b) = (store.numel() as u64, store.nbytes() as u64);
+    let _ = writeln!(
+        s,
+        "total: {n} parameters ({}), {b} bytes ({}), {:.3} bits per weight",
+        human_count(n),
+        human_bytes(b),
+        store.bits_per_weight()
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_llama_report() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny-llama-q8_0.gguf");
+        let store = gguf::load(&p).unwrap();
+        let r = inspect(&store);
+        assert!(r.contains("architecture: llama"), "{r}");
+        assert!(r.contains("  llama.block_count = 2\n"), "{r}");
+        assert!(r.contains("  tokenizer.ggml.model = \"gpt2\"\n"), "{r}");
+        // 262 tokens: shortened to the type, the length and the first few.
+        assert!(r.contains("tokenizer.ggml.tokens = [string; 262] [\"Ā\", \"ā\""), "{r}");
+        let line = r.lines().find(|l| l.trim_start().starts_with("blk.1.ffn_down.weight")).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], "Q8_0");
+        assert_eq!(line.contains("[64, 128]"), true, "{line}");
+        assert_eq!(*cols.last().unwrap(), (64 * 128 / 32 * 34).to_string());
+        // Totals: all Q8_0 matrices plus five F32 norms of 64.
+        let q8 = 2 * (262 * 64) + 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64);
+        let f32s = 5 * 64;
+        let bytes = q8 / 32 * 34 + f32s * 4;
+        let want = format!("total: {} parameters", q8 + f32s);
+        assert!(r.contains(&want), "{r}");
+        assert!(r.contains(&format!("{bytes} bytes")), "{r}");
+        let bpw = 8.0 * bytes as f64 / (q8 + f32s) as f64;
+        assert!(r.contains(&format!("{bpw:.3} bits per weight")), "{r}");
+        assert_eq!(r.lines().filter(|l| l.contains(".weight")).count(), 21);
+    }
+}
