@@ -1,0 +1,135 @@
+"""Reference NF4 fixtures from bitsandbytes 0.47.0 on CPU (ground truth for tests/nf4.rs).
+
+Run: /work/venv-ref/bin/python tests/reference/gen_nf4_fixtures.py
+Writes tests/fixtures/nf4/<case>.* as raw little-endian arrays plus manifest.json.
+
+Each case quantises an input with
+    bitsandbytes.functional.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+and stores bnb's packed bytes, absmax codes, nested absmax, offset, code tables, and
+dequantize_4bit output (with the state's dtype set to float32, so it is the f32 value bnb computes).
+torch runs with one thread: its mean (the double-quant offset) sums in a thread-count-dependent
+order, and qtune reproduces the single-thread order.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import bitsandbytes.functional as F
+
+torch.set_num_threads(1)
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "nf4")
+os.makedirs(OUT, exist_ok=True)
+manifest = {"bitsandbytes": __import__("bitsandbytes").__version__, "torch": torch.__version__, "cases": {}}
+
+
+def fnv1a64(b: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for c in b:
+        h ^= c
+        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def formula_input(n: int) -> np.ndarray:
+    """Deterministic input both Python and Rust compute exactly (integers / 4096, some outliers)."""
+    i = np.arange(n, dtype=np.int64)
+    v = ((i * 7919 + 13) % 65521 - 32760).astype(np.float32) / np.float32(4096.0)
+    v[i % 997 == 0] *= np.float32(37.0)
+    v[(i // 64) % 101 == 5] = 0.0  # some all-zero blocks
+    return v.astype(np.float32)
+
+
+def run_case(name: str, x: torch.Tensor, store_arrays: bool = True):
+    packed, st = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert st.nested and st.blocksize == 64 and st.state2.blocksize == 256
+    st32 = F.QuantState(
+        absmax=st.absmax, shape=st.shape, code=st.code, blocksize=st.blocksize,
+        quant_type=st.quant_type, dtype=torch.float32, offset=st.offset, state2=st.state2,
+    )
+    deq = F.dequantize_4bit(packed, st32, quant_type="nf4").float()
+    arrays = {
+        "packed": packed.reshape(-1).numpy().astype(np.uint8),
+        "absmax_q": st.absmax.reshape(-1).numpy().astype(np.uint8),
+        "nested_absmax": st.state2.absmax.reshape(-1).numpy().astype(np.float32),
+        "nested_code": st.state2.code.numpy().astype(np.float32),
+        "code": st.code.numpy().astype(np.float32),
+        "deq": deq.reshape(-1).numpy().astype(np.float32),
+        "input": x.float().reshape(-1).numpy().astype(np.float32),
+    }
+    meta = {
+        "numel": x.numel(),
+        "shape": list(x.shape),
+        "input_dtype": str(x.dtype).replace("torch.", ""),
+        "offset_bits": int(np.float32(st.offset.item()).view(np.uint32)),
+        "nested_offset": st.offset.item(),
+    }
+    if store_arrays:
+        for k, a in arrays.items():
+            a.tofile(os.path.join(OUT, f"{name}.{k}.bin"))
+    else:
+        # Big case: the input is recomputed from formula_input; outputs are checked by hash.
+        meta["hashes"] = {k: fnv1a64(arrays[k].tobytes()) for k in ("packed", "absmax_q", "deq")}
+        arrays["nested_absmax"].tofile(os.path.join(OUT, f"{name}.nested_absmax.bin"))
+    manifest["cases"][name] = meta
+
+
+rng = np.random.default_rng(20251125)
+
+# 7 blocks: fewer than one nested block.
+run_case("small_f32", torch.tensor(rng.standard_normal(64 * 7).astype(np.float32)).reshape(7, 64))
+
+# 300 blocks (one full nested block + 44), small weights with outliers.
+x = (rng.standard_normal(64 * 300) * 0.02).astype(np.float32)
+x[rng.integers(0, x.size, 20)] *= 50.0
+run_case("outliers_f32", torch.tensor(x).reshape(150, 128))
+
+# fp16 input, 513 blocks.
+run_case("f16", torch.tensor(rng.standard_normal(64 * 513).astype(np.float16)).reshape(27, 1216))
+
+# bf16 input, 260 blocks.
+run_case("bf16", torch.tensor(rng.standard_normal(64 * 260).astype(np.float32)).to(torch.bfloat16).reshape(260, 64))
+
+# Ties and edge values: an all-zero block, blocks whose absmax is 1.0 holding every NF4 code value,
+# every midpoint between neighbouring codes and their f32 neighbours, and a negative-max block.
+code = F.get_4bit_type("nf4", device="cpu").numpy().astype(np.float32)
+blocks = [np.zeros(64, np.float32)]
+mids = ((code[:-1].astype(np.float64) + code[1:]) / 2).astype(np.float32)
+vals = np.concatenate([code, mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2))])
+vals = np.concatenate([vals, np.zeros(64 * 2 - vals.size % 64 if vals.size % 64 else 0, np.float32)])
+vals = vals[: (vals.size // 64) * 64]
+for b in vals.reshape(-1, 64):
+    b = b.copy()
+    b[0] = 1.0
+    blocks.append(b)
+    nb = -b
+    blocks.append(nb)
+b = rng.standard_normal(64).astype(np.float32)
+b[5] = -8.0
+blocks.append(b)
+blocks.append(np.full(64, -0.0, np.float32))
+blocks.append(rng.standard_normal(64).astype(np.float32) * np.float32(1e-30))
+run_case("ties_f32", torch.tensor(np.concatenate(blocks)))
+
+# Big deterministic case: 40,000 blocks (the offset's sum uses torch's multi-level cascade).
+run_case("big_formula", torch.tensor(formula_input(64 * 40000)), store_arrays=False)
+
+# bnb's 8-bit dynamic blockwise quantiser alone (the double-quant step), on values that hit its
+# code points, their midpoints and neighbours, scaled by a per-block absmax.
+dyn = F.create_dynamic_map().numpy().astype(np.float32)
+dyn[0] = -1.0  # bnb's CPU quantiser sets code[0] = -1 in place before searching
+dm = ((dyn[:-1].astype(np.float64) + dyn[1:]) / 2).astype(np.float32)
+parts = [dyn, dm, np.nextafter(dm, np.float32(2)), np.nextafter(dm, np.float32(-2))]
+y = np.concatenate(parts + [rng.standard_normal(256 * 3 + 100).astype(np.float32)])
+y[::256] = 1.0
+y[256 * 5 + 7] = -3.5
+q, st2 = F.quantize_blockwise(torch.tensor(y), blocksize=256)
+y.tofile(os.path.join(OUT, "blockwise.input.bin"))
+q.numpy().astype(np.uint8).tofile(os.path.join(OUT, "blockwise.q.bin"))
+st2.absmax.numpy().astype(np.float32).tofile(os.path.join(OUT, "blockwise.absmax.bin"))
+st2.code.numpy().astype(np.float32).tofile(os.path.join(OUT, "blockwise.code.bin"))
+manifest["blockwise_numel"] = int(y.size)
+
+with open(os.path.join(OUT, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+print("wrote", OUT)
