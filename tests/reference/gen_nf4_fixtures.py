@@ -84,8 +84,8 @@ x = (rng.standard_normal(64 * 300) * 0.02).astype(np.float32)
 x[rng.integers(0, x.size, 20)] *= 50.0
 run_case("outliers_f32", torch.tensor(x).reshape(150, 128))
 
-# fp16 input, 513 blocks.
-run_case("f16", torch.tensor(rng.standard_normal(64 * 513).astype(np.float16)).reshape(27, 1216))
+# fp16 input, 290 blocks.
+run_case("f16", torch.tensor(rng.standard_normal(64 * 290).astype(np.float16)).reshape(29, 640))
 
 # bf16 input, 260 blocks.
 run_case("bf16", torch.tensor(rng.standard_normal(64 * 260).astype(np.float32)).to(torch.bfloat16).reshape(260, 64))
@@ -133,3 +133,51 @@ manifest["blockwise_numel"] = int(y.size)
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
 print("wrote", OUT)
+
+
+def bnb_checkpoint():
+    """A tiny bitsandbytes-4bit Llama checkpoint, written the way transformers saves one.
+
+    transformers 4.46.3 refuses 4-bit loading on CPU with bitsandbytes 0.47 (its backend check
+    calls `.discard` on a frozenset), so we build the same keys ourselves: for each Linear inside the
+    decoder layers, `X.weight` = bnb's packed codes and `X.weight.<k>` for every item of
+    `QuantState.as_dict(packed=True)` (exactly what bnb's `Linear4bit._save_to_state_dict` writes);
+    other tensors stay fp16; config.json gains transformers' `quantization_config`.
+    expected.safetensors holds bnb's `dequantize_4bit` of each weight in f32.
+    """
+    from safetensors.torch import save_file
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).to(torch.float16)
+    out_dir = os.path.join(OUT, "bnb_tiny")
+    os.makedirs(out_dir, exist_ok=True)
+    sd, expected = {}, {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.layers.") and name.endswith(".weight") and t.dim() == 2:
+            packed, st = F.quantize_4bit(t, blocksize=64, compress_statistics=True, quant_type="nf4")
+            sd[name] = packed
+            for k, v in st.as_dict(packed=True).items():
+                sd[f"{name}.{k}"] = v
+            st32 = F.QuantState(absmax=st.absmax, shape=st.shape, code=st.code, blocksize=st.blocksize,
+                                quant_type=st.quant_type, dtype=torch.float32, offset=st.offset, state2=st.state2)
+            expected[name] = F.dequantize_4bit(packed, st32, quant_type="nf4").float().contiguous()
+        else:
+            sd[name] = t.contiguous()
+    if "lm_head.weight" in sd and sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr():
+        sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(expected, os.path.join(out_dir, "expected.safetensors"))
+    c = cfg.to_dict()
+    c["torch_dtype"] = "float16"
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float16)
+    c["quantization_config"] = qc.to_dict()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+
+
+bnb_checkpoint()
+print("wrote bnb_tiny")
