@@ -176,3 +176,228 @@ fn assemble(base: &str, by_name: &HashMap<&str, &RawTensor>) -> Result<StoredTen
         }),
     })
 }
+
+/// What [`write_nf4_dir`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Nf4WriteReport {
+    /// Weights quantised to NF4.
+    pub nf4_tensors: usize,
+    /// Tensors copied in their own dtype (or as F32 when the source was block-quantised).
+    pub copied_tensors: usize,
+    /// Bytes of model.safetensors.
+    pub file_bytes: u64,
+    /// Other files copied beside it (tokenizer, generation config).
+    pub extra_files: Vec<String>,
+}
+
+/// Files copied from a source directory unchanged.
+const COPIED_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Bytes reserved for the `nested_offset` number in a quant-state JSON (an f64's shortest text is at
+/// most 24 characters); the header is written before the offset is known, so the JSON is padded
+/// with trailing spaces to a fixed length (JSON parsers, bnb's included, accept them).
+const OFFSET_PLACEHOLDER: &str = "-1.2345678901234567e-308";
+
+/// True for the weights transformers quantises: 2-D `*.weight` inside the decoder layers.
+pub fn is_nf4_target(t: &StoredTensor) -> bool {
+    t.name.starts_with("model.layers.") && t.name.ends_with(".weight") && t.shape.len() == 2 && t.numel() % NF4_BLOCK == 0
+}
+
+/// One tensor of the output file: name, dtype, shape, byte length.
+struct Entry {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+fn state_json(t: &StoredTensor, dtype: &str, offset: &str) -> String {
+    let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+    // Key order and spelling as bnb's `pack_dict_to_tensor(json.dumps(...))` writes them.
+    format!(
+        "{{\"quant_type\": \"nf4\", \"blocksize\": {NF4_BLOCK}, \"dtype\": \"{dtype}\", \"shape\": [{}], \
+         \"nested_blocksize\": {NF4_NESTED_BLOCK}, \"nested_dtype\": \"float32\", \"nested_offset\": {offset}}}",
+        shape.join(", ")
+    )
+}
+
+/// Writes `src` as a Hugging Face bitsandbytes-4bit directory (`qtune quantize --type nf4`):
+/// decoder-layer linear weights become NF4 with double quant (bnb's key names and packed quant state,
+/// bit-exact with bnb's quantiser), every other tensor is copied; config.json gains
+/// transformers' `quantization_config`; tokenizer files are copied. The safetensors header is
+/// computed first (all sizes are known), then tensors are streamed one at a time (one tensor in
+/// f32 at most), into `<out>.tmp`, renamed to `out` at the end.
+pub fn write_nf4_dir(src: &crate::store::WeightStore, out: &std::path::Path) -> Result<Nf4WriteReport> {
+    use std::io::Write;
+    if out.exists() {
+        return Err(Error::Invalid(format!("{}: output already exists; remove it or pick another path", out.display())));
+    }
+    let tmp = out.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let orig_dtype = src
+        .config
+        .as_ref()
+        .and_then(|c| c.get("torch_dtype"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("float16")
+        .to_string();
+    // Plan: every output tensor with its size, in write order.
+    let mut plan = Vec::new();
+    let mut report = Nf4WriteReport::default();
+    for t in &src.tensors {
+        let n = t.numel();
+        if is_nf4_target(t) {
+            let nb = n / NF4_BLOCK;
+            let dtype = bnb_dtype_name(t.qtype, &orig_dtype);
+            let state_len = state_json(t, &dtype, OFFSET_PLACEHOLDER).len();
+            let w = &t.name;
+            plan.push(Entry { name: w.clone(), dtype: "U8", shape: vec![n / 2, 1], len: n / 2 });
+            plan.push(Entry { name: format!("{w}.absmax"), dtype: "U8", shape: vec![nb], len: nb });
+            let nnb = nb.div_ceil(NF4_NESTED_BLOCK);
+            plan.push(Entry { name: format!("{w}.nested_absmax"), dtype: "F32", shape: vec![nnb], len: 4 * nnb });
+            plan.push(Entry { name: format!("{w}.nested_quant_map"), dtype: "F32", shape: vec![256], len: 1024 });
+            plan.push(Entry { name: format!("{w}.quant_map"), dtype: "F32", shape: vec![16], len: 64 });
+            plan.push(Entry { name: format!("{w}{NF4_STATE_SUFFIX}"), dtype: "U8", shape: vec![state_len], len: state_len });
+            report.nf4_tensors += 1;
+        } else {
+            let (dtype, len) = match t.qtype {
+                QType::F32 => ("F32", 4 * n),
+                QType::F16 => ("F16", 2 * n),
+                QType::BF16 => ("BF16", 2 * n),
+                _ => ("F32", 4 * n),
+            };
+            plan.push(Entry { name: t.name.clone(), dtype, shape: t.shape.clone(), len });
+            report.copied_tensors += 1;
+        }
+    }
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut off = 0usize;
+    for e in &plan {
+        header.insert(
+            e.name.clone(),
+            serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [off, off + e.len]}),
+        );
+        off += e.len;
+    }
+    let mut htext = serde_json::Value::Object(header).to_string().into_bytes();
+    while htext.len() % 8 != 0 {
+        htext.push(b' ');
+    }
+    let file_path = tmp.join("model.safetensors");
+    let io = |e| Error::io(&file_path, e);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&file_path).map_err(io)?);
+    w.write_all(&(htext.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&htext).map_err(io)?;
+    let f32_le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    for t in &src.tensors {
+        let direct = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
+        if !is_nf4_target(t) && direct {
+            w.write_all(t.data.as_slice()).map_err(io)?;
+            continue;
+        }
+        let x = tensor_f32(t);
+        if !is_nf4_target(t) {
+            w.write_all(&f32_le(&x)).map_err(io)?;
+            continue;
+        }
+        let q = crate::quant::nf4::quantize_nf4(&x).map_err(|e| Error::Shape {
+            path: src.path.clone(),
+            tensor: t.name.clone(),
+            msg: e.to_string(),
+        })?;
+        drop(x);
+        w.write_all(&q.packed).map_err(io)?;
+        w.write_all(&q.absmax_q).map_err(io)?;
+        w.write_all(&f32_le(&q.nested_absmax)).map_err(io)?;
+        w.write_all(&f32_le(&q.nested_code[..])).map_err(io)?;
+        w.write_all(&f32_le(&q.code[..])).map_err(io)?;
+        let dtype = bnb_dtype_name(t.qtype, &orig_dtype);
+        let offset = serde_json::Number::from_f64(q.offset as f64)
+            .map(|n| n.to_string())
+            .ok_or_else(|| Error::Invalid(format!("tensor '{}': non-finite NF4 offset", t.name)))?;
+        let mut s = state_json(t, &dtype, &offset).into_bytes();
+        let want = state_json(t, &dtype, OFFSET_PLACEHOLDER).len();
+        debug_assert!(s.len() <= want);
+        s.resize(want, b' ');
+        w.write_all(&s).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    report.file_bytes = (8 + htext.len() + off) as u64;
+    // config.json with transformers' quantization_config.
+    if let Some(cfg) = &src.config {
+        let mut cfg = cfg.clone();
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.insert("quantization_config".into(), quantization_config(&orig_dtype));
+        }
+        let p = tmp.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json { path: p.clone(), msg: e.to_string() })?;
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    }
+    if src.path.is_dir() {
+        for f in COPIED_FILES {
+            let s = src.path.join(f);
+            if s.is_file() {
+                std::fs::copy(&s, tmp.join(f)).map_err(|e| Error::io(&s, e))?;
+                report.extra_files.push(f.to_string());
+            }
+        }
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(report)
+}
+
+/// bnb's dtype name for a tensor stored as `q` (the model's torch_dtype for block-quantised sources).
+fn bnb_dtype_name(q: QType, model_dtype: &str) -> String {
+    match q {
+        QType::F32 => "float32".into(),
+        QType::F16 => "float16".into(),
+        QType::BF16 => "bfloat16".into(),
+        _ => model_dtype.to_string(),
+    }
+}
+
+/// The whole tensor in f32, read a tile of rows at a time through the kernels.
+fn tensor_f32(t: &StoredTensor) -> Vec<f32> {
+    let m = t.matrix();
+    let mut x = vec![0f32; m.rows * m.cols];
+    const ROWS: usize = 64;
+    for r0 in (0..m.rows).step_by(ROWS) {
+        let nr = ROWS.min(m.rows - r0);
+        m.dequant_tile(r0, nr, 0, m.cols, &mut x[r0 * m.cols..(r0 + nr) * m.cols]);
+    }
+    x
+}
+
+/// transformers' `BitsAndBytesConfig(load_in_4bit, nf4, double quant).to_dict()`.
+pub fn quantization_config(compute_dtype: &str) -> serde_json::Value {
+    serde_json::json!({
+        "_load_in_4bit": true,
+        "_load_in_8bit": false,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": true,
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": null,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "quant_method": "bitsandbytes"
+    })
+}

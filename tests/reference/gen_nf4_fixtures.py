@@ -152,6 +152,11 @@ def bnb_checkpoint():
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).to(torch.float16)
+    # The fp16 source, as transformers saves it (input of qtune's NF4 writer in tests/nf4_write.rs).
+    src_dir = os.path.join(OUT, "src_tiny")
+    model.save_pretrained(src_dir, safe_serialization=True)
+    with open(os.path.join(src_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 64, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
     out_dir = os.path.join(OUT, "bnb_tiny")
     os.makedirs(out_dir, exist_ok=True)
     sd, expected = {}, {}
@@ -170,7 +175,7 @@ def bnb_checkpoint():
         sd["lm_head.weight"] = sd["lm_head.weight"].clone()
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     save_file(expected, os.path.join(out_dir, "expected.safetensors"))
-    c = cfg.to_dict()
+    c = model.config.to_diff_dict()
     c["torch_dtype"] = "float16"
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.float16)
