@@ -13,7 +13,7 @@ use qtune::quant::matmul::{
 use qtune::quant::{QData, QMatrix, QType};
 
 // (N, K): N not a multiple of any tile height, K a multiple of 256 (every block size) but not of
-// the tile widths; 4864 > MAX_TILE_K exercises K chunking in the forward pass, and N = 300 exceeds
+// the tile widths; 4864 > MAX_TILE_K (and > GEMV_CHUNK_K) exercises K chunking in the forward pass, and N = 300 exceeds
 // the input-gradient tile height for K tiles of 512.
 const SHAPES: [(usize, usize); 3] = [(75, 768), (300, 4864), (13, 256)];
 const MS: [usize; 4] = [1, 3, 64, 130];
