@@ -154,6 +154,16 @@ fn matmul(c: &mut Criterion) {
                 }
                 if let Some(qm) = &qm {
                     let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+                    if ours && m == 64 {
+                        // Same work? candle quantises x to 8 bits; report how far its y is from ours
+                        // (ours is tested against an f64 reference to ~1e-6).
+                        let yc: Vec<f32> = qm.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        let mut yo = vec![0f32; m * n];
+                        qmatmul_fwd(&x, m, &w, &mut yo);
+                        let big = yo.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let diff = yc.iter().zip(&yo).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                        eprintln!("candle vs qtune {label}: max |dy| / max |y| = {:.2e}", diff / big);
+                    }
                     let name = if cfg!(target_feature = "avx2") { "candle_fwd_native" } else { "candle_fwd_default" };
                     g.bench_function(BenchmarkId::new(name, &label), |b| b.iter(|| qm.forward(black_box(&xt)).unwrap()));
                 }
