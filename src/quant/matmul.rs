@@ -1,1 +1,551 @@
 //! Fused quantised matmul: forward `y = x·Wᵀ` and the frozen linear's input gradient `dx = dy·W`.
+//!
+//! W (N×K, quantised along K) is only ever read through [`QMatrix::dequant_tile`]: each rayon task
+//! dequantises one tile of W into a per-thread scratch buffer that fits in L2 ([`TILE_BYTES`]) and
+//! multiplies it with the `gemm` crate (run-time AVX-512/AVX2/NEON dispatch). No more than one tile
+//! of W per thread ever exists in f32, so memory stays at the quantised size of the model.
+//!
+//! - Forward: tasks own tiles of output rows of W (columns of y), so they write disjoint parts of y.
+//! - Input gradient: tasks own tiles of K columns (columns of dx), and loop over all rows of W.
+//! - Small M (decode, GEMV): a row chunk of W is dequantised into L1 and dotted with each x row.
+use super::dispatch::{active_level, SimdLevel};
+use super::QMatrix;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Scratch budget for one dequantised W tile per thread, in bytes: half of this CPU's 1 MiB L2
+/// per core, leaving the other half to the activation panels `gemm` packs beside it.
+pub const TILE_BYTES: usize = 512 * 1024;
+
+/// K span of one forward tile (elements; a multiple of every block size). Short and wide tiles
+/// (256 rows × 512) amortise gemm's repacking of the activation panel over many rows of W; on this
+/// machine 32×4096, 256×512, 512×256 and 128×1024 measured within noise of each other and of dense
+/// f32 gemm at M = 512.
+pub const MAX_TILE_K: usize = 512;
+
+/// Up to this many activation rows, the forward and input-gradient use the dot/axpy (GEMV) path
+/// instead of `gemm` (gemm's packing does not pay off for a handful of rows).
+pub const GEMV_MAX_M: usize = 4;
+
+/// K elements per GEMV row chunk: one f32 row chunk (4 KiB) plus that chunk of up to
+/// [`GEMV_MAX_M`] x rows stay in the 32 KiB L1.
+pub const GEMV_CHUNK_K: usize = 1024;
+
+/// Shape of the W tile one task dequantises at a time (`rows` of W × `cols` along K).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    /// Rows of W (output features) per tile.
+    pub rows: usize,
+    /// Columns of W (input features, the quantised axis) per tile; a multiple of the block size
+    /// unless it reaches the end of the row.
+    pub cols: usize,
+}
+
+impl Tiling {
+    /// f32 scratch bytes one thread holds for this tiling (an upper bound on the GEMV paths, which
+    /// hold one row chunk at a time).
+    pub fn scratch_bytes(&self) -> usize {
+        self.rows * self.cols * std::mem::size_of::<f32>()
+    }
+}
+
+/// Largest multiple of `bs` that is <= `n`, but at least `bs`.
+fn floor_to(n: usize, bs: usize) -> usize {
+    (n / bs).max(1) * bs
+}
+
+fn check_shape(w: &QMatrix) {
+    let bs = w.block_size();
+    assert!(
+        w.cols % bs == 0,
+        "qmatmul: W has {} columns, not a multiple of its {} block size {bs}",
+        w.cols,
+        w.qtype().name()
+    );
+}
+
+/// The tiling [`qmatmul_fwd`] uses for `w` and `m` activation rows.
+pub fn fwd_tiling(w: &QMatrix, m: usize) -> Tiling {
+    let (n, k, bs) = (w.rows.max(1), w.cols.max(1), w.block_size());
+    if m <= GEMV_MAX_M {
+        // Scratch is one row chunk in L1; `rows` (<= 64) is the rows of W per task.
+        let cols = k.min(floor_to(GEMV_CHUNK_K, bs));
+        let rows = n.div_ceil(rayon::current_num_threads() * 8).clamp(1, 64);
+        return Tiling { rows, cols };
+    }
+    let cols = k.min(floor_to(MAX_TILE_K, bs));
+    let mut rows = (TILE_BYTES / 4 / cols).max(1);
+    // Keep at least ~4 tasks per thread so rayon can balance them.
+    rows = rows.min(n.div_ceil(rayon::current_num_threads() * 4)).max(1);
+    Tiling { rows: rows.min(n), cols }
+}
+
+/// The tiling [`qmatmul_bwd_input`] uses for `w` and `m` activation rows (`cols` is the dx column
+/// span each task owns).
+pub fn bwd_tiling(w: &QMatrix, m: usize) -> Tiling {
+    let (n, k, bs) = (w.rows.max(1), w.cols.max(1), w.block_size());
+    let threads = rayon::current_num_threads();
+    // Enough column tiles for every thread, but wide enough that each row slice is a few blocks.
+    let want = k.div_ceil(threads * 4);
+    if m <= GEMV_MAX_M {
+        let cols = k.min(floor_to(want.clamp(256, GEMV_CHUNK_K), bs));
+        // Scratch: one row chunk of W plus up to GEMV_MAX_M dx accumulator rows.
+        return Tiling { rows: 1 + GEMV_MAX_M, cols };
+    }
+    let cols = k.min(floor_to(want.clamp(256, 1024), bs));
+    let rows = (TILE_BYTES / 4 / cols).clamp(1, n);
+    Tiling { rows, cols }
+}
+
+thread_local! {
+    // Reused across calls: allocating a fresh tile per task would fault in fresh pages each time.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+// Largest scratch any thread has held, in bytes (for tests and benches).
+static PEAK_SCRATCH: AtomicUsize = AtomicUsize::new(0);
+
+/// The largest f32 scratch buffer (bytes) any thread has held for these kernels so far.
+pub fn peak_scratch_bytes() -> usize {
+    PEAK_SCRATCH.load(Ordering::Relaxed)
+}
+
+/// Runs `f` with this thread's scratch buffer of at least `len` f32.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    PEAK_SCRATCH.fetch_max(len * std::mem::size_of::<f32>(), Ordering::Relaxed);
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Re-entered on this thread (a task calling a kernel): use a private buffer.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// A raw pointer tasks share to write disjoint parts of one output.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (documented at each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `y (M×N) = x (M×K) · Wᵀ` with W (N×K) quantised along K, dequantised tile by tile.
+///
+/// Panics if the slice lengths do not match `m`, `w.rows` and `w.cols` (caller bug), or if
+/// `w.cols` is not a multiple of the block size.
+pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "qmatmul_fwd: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "qmatmul_fwd: y is not {m}×{n}");
+    check_shape(w);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let t = fwd_tiling(w, m);
+    let yp = SendPtr(y.as_mut_ptr());
+    let tasks = n.div_ceil(t.rows);
+    if m <= GEMV_MAX_M {
+        let dot = dot_fn();
+        (0..tasks).into_par_iter().for_each(|task| {
+            let yp = yp;
+            let r0 = task * t.rows;
+            let r1 = (r0 + t.rows).min(n);
+            with_scratch(t.cols, |row| {
+                // acc: (task rows <= 64, M) partial sums over the K chunks.
+                let mut acc = [[0f32; GEMV_MAX_M]; 64];
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = t.cols.min(k - k0);
+                    for r in r0..r1 {
+                        w.dequant_tile(r, 1, k0, kc, &mut row[..kc]);
+                        for i in 0..m {
+                            acc[r - r0][i] += dot(&x[i * k + k0..][..kc], &row[..kc]);
+                        }
+                    }
+                    k0 += kc;
+                }
+                for r in r0..r1 {
+                    for i in 0..m {
+                        // SAFETY: this task alone owns columns r0..r1 of y; i*n+r < m*n.
+                        unsafe { *yp.0.add(i * n + r) = acc[r - r0][i] };
+                    }
+                }
+            });
+        });
+        return;
+    }
+    (0..tasks).into_par_iter().for_each(|task| {
+        let yp = yp;
+        let r0 = task * t.rows;
+        let nr = t.rows.min(n - r0);
+        with_scratch(t.rows * t.cols, |tile| {
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = t.cols.min(k - k0);
+                // tile: (nr, kc) row-major = W[r0.., k0..].
+                w.dequant_tile(r0, nr, k0, kc, &mut tile[..nr * kc]);
+                // y[:, r0..r0+nr] (+)= x[:, k0..k0+kc] · tileᵀ
+                // SAFETY: this task alone writes columns r0..r0+nr of y (rows stride n); x and
+                // tile are read within their bounds: x rows stride k, tile (kc, nr) seen
+                // transposed with row stride 1 and column stride kc.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        nr,
+                        kc,
+                        yp.0.add(r0),
+                        1,
+                        n as isize,
+                        k0 > 0,
+                        x.as_ptr().add(k0),
+                        1,
+                        k as isize,
+                        tile.as_ptr(),
+                        kc as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                k0 += kc;
+            }
+        });
+    });
+}
+
+/// `dx (M×K) = dy (M×N) · W` (or `+=` when `accumulate`), the input gradient of a frozen linear
+/// `y = x·Wᵀ`; W is dequantised tile by tile and never gets a gradient.
+///
+/// Panics if the slice lengths do not match `m`, `w.rows` and `w.cols` (caller bug), or if
+/// `w.cols` is not a multiple of the block size.
+pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accumulate: bool) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(dy.len(), m * n, "qmatmul_bwd_input: dy is not {m}×{n}");
+    assert_eq!(dx.len(), m * k, "qmatmul_bwd_input: dx is not {m}×{k}");
+    check_shape(w);
+    if m == 0 || k == 0 {
+        return;
+    }
+    if n == 0 {
+        if !accumulate {
+            dx.fill(0.0);
+        }
+        return;
+    }
+    let t = bwd_tiling(w, m);
+    let dxp = SendPtr(dx.as_mut_ptr());
+    let tasks = k.div_ceil(t.cols);
+    if m <= GEMV_MAX_M {
+        let axpy = axpy_fn();
+        (0..tasks).into_par_iter().for_each(|task| {
+            let dxp = dxp;
+            let c0 = task * t.cols;
+            let kc = t.cols.min(k - c0);
+            with_scratch(kc * (1 + GEMV_MAX_M), |buf| {
+                let (row, acc) = buf.split_at_mut(kc);
+                // acc: (M, kc) partial dx for this task's columns.
+                acc[..m * kc].fill(0.0);
+                for r in 0..n {
+                    w.dequant_tile(r, 1, c0, kc, row);
+                    for i in 0..m {
+                        axpy(dy[i * n + r], row, &mut acc[i * kc..(i + 1) * kc]);
+                    }
+                }
+                for i in 0..m {
+                    // SAFETY: this task alone owns columns c0..c0+kc of dx.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(i * k + c0), kc) };
+                    let a = &acc[i * kc..(i + 1) * kc];
+                    if accumulate {
+                        out.iter_mut().zip(a).for_each(|(o, v)| *o += v);
+                    } else {
+                        out.copy_from_slice(a);
+                    }
+                }
+            });
+        });
+        return;
+    }
+    (0..tasks).into_par_iter().for_each(|task| {
+        let dxp = dxp;
+        let c0 = task * t.cols;
+        let kc = t.cols.min(k - c0);
+        with_scratch(t.rows * kc, |tile| {
+            let mut r0 = 0;
+            while r0 < n {
+                let nr = t.rows.min(n - r0);
+                // tile: (nr, kc) row-major = W[r0.., c0..].
+                w.dequant_tile(r0, nr, c0, kc, &mut tile[..nr * kc]);
+                // dx[:, c0..c0+kc] (+)= dy[:, r0..r0+nr] · tile
+                // SAFETY: this task alone writes columns c0..c0+kc of dx (row stride k); dy rows
+                // stride n, tile rows stride kc, all within bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        kc,
+                        nr,
+                        dxp.0.add(c0),
+                        1,
+                        k as isize,
+                        accumulate || r0 > 0,
+                        dy.as_ptr().add(r0),
+                        1,
+                        n as isize,
+                        tile.as_ptr(),
+                        1,
+                        kc as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                r0 += nr;
+            }
+        });
+    });
+}
+
+/// Scalar reference for [`qmatmul_fwd`]: dequantises one row of W at a time, accumulates in f64.
+pub fn qmatmul_fwd_ref(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "qmatmul_fwd_ref: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "qmatmul_fwd_ref: y is not {m}×{n}");
+    let mut row = vec![0f32; k];
+    for r in 0..n {
+        w.dequant_tile(r, 1, 0, k, &mut row);
+        for i in 0..m {
+            let s: f64 = x[i * k..(i + 1) * k].iter().zip(&row).map(|(a, b)| *a as f64 * *b as f64).sum();
+            y[i * n + r] = s as f32;
+        }
+    }
+}
+
+/// Scalar reference for [`qmatmul_bwd_input`]: dequantises one row of W at a time, accumulates in
+/// f64.
+pub fn qmatmul_bwd_input_ref(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accumulate: bool) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_ref: dy is not {m}×{n}");
+    assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_ref: dx is not {m}×{k}");
+    let mut acc = vec![0f64; m * k];
+    let mut row = vec![0f32; k];
+    for r in 0..n {
+        w.dequant_tile(r, 1, 0, k, &mut row);
+        for i in 0..m {
+            let g = dy[i * n + r] as f64;
+            for (a, v) in acc[i * k..(i + 1) * k].iter_mut().zip(&row) {
+                *a += g * *v as f64;
+            }
+        }
+    }
+    for (d, a) in dx.iter_mut().zip(&acc) {
+        *d = if accumulate { (*d as f64 + a) as f32 } else { *a as f32 };
+    }
+}
+
+// ---- SIMD dot / axpy for the GEMV paths, chosen at run time ----
+
+type DotFn = fn(&[f32], &[f32]) -> f32;
+type AxpyFn = fn(f32, &[f32], &mut [f32]);
+
+fn dot_fn() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    match active_level() {
+        SimdLevel::Avx512 => return x86::dot_avx512,
+        SimdLevel::Avx2 => return x86::dot_avx2,
+        _ => {}
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = active_level();
+    dot_portable
+}
+
+fn axpy_fn() -> AxpyFn {
+    #[cfg(target_arch = "x86_64")]
+    match active_level() {
+        SimdLevel::Avx512 => return x86::axpy_avx512,
+        SimdLevel::Avx2 => return x86::axpy_avx2,
+        _ => {}
+    }
+    axpy_portable
+}
+
+/// Portable dot product with 16 independent lanes (so LLVM vectorises it, NEON included).
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a[..n].chunks_exact(16), b[..n].chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// Portable `y += a·x`.
+fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only returned by `dot_fn` after run-time detection of AVX-512F.
+        unsafe { dot512(a, b) }
+    }
+    pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only returned by `dot_fn` after run-time detection of AVX2+FMA.
+        unsafe { dot256(a, b) }
+    }
+    pub fn axpy_avx512(s: f32, x: &[f32], y: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { axpy512(s, x, y) }
+    }
+    pub fn axpy_avx2(s: f32, x: &[f32], y: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { axpy256(s, x, y) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // Four accumulators hide the FMA latency.
+        let mut s = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, acc) in s.iter_mut().enumerate() {
+                let o = i + 16 * j;
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            s[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s[0]);
+            i += 16;
+        }
+        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+        while i < n {
+            t += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot256(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut s = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in s.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s[0]);
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mut t = _mm_cvtss_f32(q);
+        while i < n {
+            t += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn axpy512(s: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let a = _mm512_set1_ps(s);
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))));
+            i += 16;
+        }
+        while i < n {
+            *py.add(i) += s * *px.add(i);
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpy256(s: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let a = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            *py.add(i) += s * *px.add(i);
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{QData, QType};
+
+    #[test]
+    fn simd_dot_axpy_match_portable() {
+        let a: Vec<f32> = (0..203).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..203).map(|i| (i as f32 * 0.11).cos()).collect();
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot_fn()(&a, &b) as f64 - exact).abs() < 1e-4);
+        assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-4);
+        let mut y1 = b.clone();
+        let mut y2 = b.clone();
+        axpy_fn()(0.5, &a, &mut y1);
+        axpy_portable(0.5, &a, &mut y2);
+        for (p, q) in y1.iter().zip(&y2) {
+            assert!((p - q).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn tiles_respect_block_size() {
+        let bytes = vec![0u8; 11008 / 256 * 144 * 4];
+        let w = QMatrix { rows: 4, cols: 11008, data: QData::Ggml { qtype: QType::Q4_K, bytes: &bytes } };
+        for m in [1, 64] {
+            for t in [fwd_tiling(&w, m), bwd_tiling(&w, m)] {
+                assert!(t.cols % 256 == 0 || t.cols == w.cols, "{t:?}");
+            }
+        }
+    }
+}
