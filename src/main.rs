@@ -1,4 +1,92 @@
-//! The `qtune` command line.
+//! The `qtune` command line. Library errors carry the file and tensor; here they only gain context.
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use qtune::quant::QType;
+use qtune::store::WeightStore;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "qtune",
+    version,
+    about = "LoRA fine-tuning on a 4/8-bit memory-mapped base model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print a model file's architecture, metadata, tensors and bits per weight (reads headers only).
+    Inspect {
+        /// A .gguf file, a .safetensors file, or a Hugging Face model directory.
+        path: PathBuf,
+        /// Also parse a GGUF header with the independent gguf-rs crate and check that both agree.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Quantise a model, one tensor at a time: ggml types write a GGUF, nf4 a bitsandbytes directory.
+    Quantize {
+        /// Source: a Hugging Face directory (safetensors) or a GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Target type: q4_0, q8_0, q4_k or nf4.
+        #[arg(long = "type")]
+        qtype: String,
+        /// Output: a .gguf file for ggml types, a directory for nf4.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 fn main() {
-    println!("qtune");
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect { path, verify } => {
+            let store = WeightStore::open(&path)?;
+            print!("{}", qtune::inspect::inspect(&store));
+            if verify {
+                let msg = qtune::format::gguf_rs_check::cross_check_gguf_rs(&path)?;
+                println!("{msg}");
+            }
+        }
+        Cmd::Quantize { model, qtype, out } => {
+            let t = QType::parse(&qtype)
+                .filter(|t| *t == QType::NF4 || qtune::quant::dispatch::QUANTIZABLE.contains(t));
+            let Some(t) = t else {
+                bail!("--type {qtype}: qtune quantises to q4_0, q8_0, q4_k or nf4");
+            };
+            let store = WeightStore::open(&model)?;
+            let t0 = std::time::Instant::now();
+            if t == QType::NF4 {
+                let report = qtune::format::bnb::write_nf4_dir(&store, &out)
+                    .with_context(|| format!("quantising {} to nf4", model.display()))?;
+                println!(
+                    "{} tensors quantised to NF4, {} copied, model.safetensors {} bytes, also copied: {}",
+                    report.nf4_tensors,
+                    report.copied_tensors,
+                    report.file_bytes,
+                    report.extra_files.join(", ")
+                );
+            } else {
+                let report = qtune::quantize::quantize_to_gguf(&store, t, &out)
+                    .with_context(|| format!("quantising {} to {}", model.display(), t.name()))?;
+                println!("{report}");
+            }
+            println!(
+                "wrote {} in {:.1} s",
+                out.display(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
 }

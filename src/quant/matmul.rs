@@ -77,8 +77,13 @@ pub fn fwd_tiling(w: &QMatrix, m: usize) -> Tiling {
     let cols = k.min(floor_to(MAX_TILE_K, bs));
     let mut rows = (TILE_BYTES / 4 / cols).max(1);
     // Keep at least ~4 tasks per thread so rayon can balance them.
-    rows = rows.min(n.div_ceil(rayon::current_num_threads() * 4)).max(1);
-    Tiling { rows: rows.min(n), cols }
+    rows = rows
+        .min(n.div_ceil(rayon::current_num_threads() * 4))
+        .max(1);
+    Tiling {
+        rows: rows.min(n),
+        cols,
+    }
 }
 
 /// The tiling [`qmatmul_bwd_input`] uses for `w` and `m` activation rows (`cols` is the dx column
@@ -91,7 +96,10 @@ pub fn bwd_tiling(w: &QMatrix, m: usize) -> Tiling {
     if m <= GEMV_MAX_M {
         let cols = k.min(floor_to(want.clamp(256, GEMV_CHUNK_K), bs));
         // Scratch: one row chunk of W plus up to GEMV_MAX_M dx accumulator rows.
-        return Tiling { rows: 1 + GEMV_MAX_M, cols };
+        return Tiling {
+            rows: 1 + GEMV_MAX_M,
+            cols,
+        };
     }
     let cols = k.min(floor_to(want.clamp(256, 1024), bs));
     let rows = (TILE_BYTES / 4 / cols).clamp(1, n);
@@ -328,7 +336,11 @@ pub fn qmatmul_fwd_ref(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
     for r in 0..n {
         w.dequant_tile(r, 1, 0, k, &mut row);
         for i in 0..m {
-            let s: f64 = x[i * k..(i + 1) * k].iter().zip(&row).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let s: f64 = x[i * k..(i + 1) * k]
+                .iter()
+                .zip(&row)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
             y[i * n + r] = s as f32;
         }
     }
@@ -352,7 +364,11 @@ pub fn qmatmul_bwd_input_ref(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], 
         }
     }
     for (d, a) in dx.iter_mut().zip(&acc) {
-        *d = if accumulate { (*d as f64 + a) as f32 } else { *a as f32 };
+        *d = if accumulate {
+            (*d as f64 + a) as f32
+        } else {
+            *a as f32
+        };
     }
 }
 
@@ -439,7 +455,8 @@ mod x86 {
         while i + 64 <= n {
             for (j, acc) in s.iter_mut().enumerate() {
                 let o = i + 16 * j;
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+                *acc =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
             }
             i += 64;
         }
@@ -447,7 +464,10 @@ mod x86 {
             s[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s[0]);
             i += 16;
         }
-        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(s[0], s[1]),
+            _mm512_add_ps(s[2], s[3]),
+        ));
         while i < n {
             t += *pa.add(i) * *pb.add(i);
             i += 1;
@@ -464,7 +484,8 @@ mod x86 {
         while i + 32 <= n {
             for (j, acc) in s.iter_mut().enumerate() {
                 let o = i + 8 * j;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
             }
             i += 32;
         }
@@ -491,7 +512,10 @@ mod x86 {
         let a = _mm512_set1_ps(s);
         let mut i = 0;
         while i + 16 <= n {
-            _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))));
+            _mm512_storeu_ps(
+                py.add(i),
+                _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
+            );
             i += 16;
         }
         while i < n {
@@ -507,7 +531,10 @@ mod x86 {
         let a = _mm256_set1_ps(s);
         let mut i = 0;
         while i + 8 <= n {
-            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            _mm256_storeu_ps(
+                py.add(i),
+                _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+            );
             i += 8;
         }
         while i < n {
@@ -541,7 +568,14 @@ mod tests {
     #[test]
     fn tiles_respect_block_size() {
         let bytes = vec![0u8; 11008 / 256 * 144 * 4];
-        let w = QMatrix { rows: 4, cols: 11008, data: QData::Ggml { qtype: QType::Q4_K, bytes: &bytes } };
+        let w = QMatrix {
+            rows: 4,
+            cols: 11008,
+            data: QData::Ggml {
+                qtype: QType::Q4_K,
+                bytes: &bytes,
+            },
+        };
         for m in [1, 64] {
             for t in [fwd_tiling(&w, m), bwd_tiling(&w, m)] {
                 assert!(t.cols % 256 == 0 || t.cols == w.cols, "{t:?}");

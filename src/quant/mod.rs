@@ -61,7 +61,14 @@ impl<'a> QMatrix<'a> {
     /// `nrows * ncols` f32). `col0` and `ncols` must be multiples of the block size (or reach the end
     /// of the row). This is the only way kernels read weights: a tile at a time, into a reused
     /// scratch buffer, so no full-precision copy of W ever exists.
-    pub fn dequant_tile(&self, row0: usize, nrows: usize, col0: usize, ncols: usize, dst: &mut [f32]) {
+    pub fn dequant_tile(
+        &self,
+        row0: usize,
+        nrows: usize,
+        col0: usize,
+        ncols: usize,
+        dst: &mut [f32],
+    ) {
         let bs = self.block_size();
         debug_assert!(row0 + nrows <= self.rows && col0 + ncols <= self.cols);
         debug_assert!(col0 % bs == 0 && (ncols % bs == 0 || col0 + ncols == self.cols));
@@ -73,7 +80,11 @@ impl<'a> QMatrix<'a> {
                 for r in 0..nrows {
                     let start = (row0 + r) * row_bytes + col0 / bs * ts;
                     let len = ncols.div_ceil(bs) * ts;
-                    dequantize_f32(*qtype, &bytes[start..start + len], &mut dst[r * ncols..(r + 1) * ncols]);
+                    dequantize_f32(
+                        *qtype,
+                        &bytes[start..start + len],
+                        &mut dst[r * ncols..(r + 1) * ncols],
+                    );
                 }
             }
             QData::Nf4(q) => {

@@ -14,7 +14,11 @@ pub struct Bytes {
 
 impl Bytes {
     /// A view of `len` bytes at `start` of a shared map (the caller has bounds-checked it).
-    pub fn from_shared(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Self {
+    pub fn from_shared(
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        start: usize,
+        len: usize,
+    ) -> Self {
         assert!(start + len <= (*owner).as_ref().len(), "view out of bounds");
         Bytes { owner, start, len }
     }
@@ -22,7 +26,11 @@ impl Bytes {
     /// Owns `v`.
     pub fn from_vec(v: Vec<u8>) -> Self {
         let len = v.len();
-        Bytes { owner: Arc::new(v), start: 0, len }
+        Bytes {
+            owner: Arc::new(v),
+            start: 0,
+            len,
+        }
     }
 
     /// The bytes.
@@ -87,7 +95,9 @@ impl StoredTensor {
     /// Stored bytes including NF4 statistics.
     pub fn nbytes(&self) -> usize {
         self.data.len()
-            + self.nf4.as_ref().map_or(0, |s| s.absmax_q.len() + 4 * s.nested_absmax.len() + 4 * (256 + 16 + 1))
+            + self.nf4.as_ref().map_or(0, |s| {
+                s.absmax_q.len() + 4 * s.nested_absmax.len() + 4 * (256 + 16 + 1)
+            })
     }
 
     /// Kernel view as a 2-D matrix (rows = product of all but the last dim, cols = last dim).
@@ -103,7 +113,10 @@ impl StoredTensor {
                 code: &s.code,
                 offset: s.offset,
             }),
-            None => QData::Ggml { qtype: self.qtype, bytes: self.data.as_slice() },
+            None => QData::Ggml {
+                qtype: self.qtype,
+                bytes: self.data.as_slice(),
+            },
         };
         QMatrix { rows, cols, data }
     }
@@ -155,5 +168,45 @@ impl WeightStore {
     /// Average storage bits per weight over the whole model.
     pub fn bits_per_weight(&self) -> f64 {
         8.0 * self.nbytes() as f64 / self.numel().max(1) as f64
+    }
+}
+
+impl WeightStore {
+    /// Opens a model without reading its tensor data: a `.gguf` file, a `.safetensors` file, or a
+    /// Hugging Face directory (safetensors, sharded or not; bitsandbytes 4-bit detected).
+    pub fn open(path: &std::path::Path) -> crate::Result<WeightStore> {
+        if path.is_dir() {
+            return crate::format::safetensors::load(path);
+        }
+        if !path.exists() {
+            return Err(crate::Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        let mut magic = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+            let n = f.read(&mut magic).map_err(|e| crate::Error::io(path, e))?;
+            if n < 4 {
+                return Err(crate::Error::Truncated {
+                    path: path.into(),
+                    what: "the magic number".into(),
+                    len: n as u64,
+                });
+            }
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if &magic == b"GGUF" || ext == "gguf" {
+            crate::format::gguf::load(path)
+        } else if ext == "safetensors" {
+            crate::format::safetensors::load(path)
+        } else {
+            Err(crate::Error::Invalid(format!(
+                "{}: not a GGUF file (magic {magic:02x?}) nor a .safetensors file or model directory",
+                path.display()
+            )))
+        }
     }
 }
