@@ -157,6 +157,45 @@ fn every_simd_level_equals_scalar() {
     }
 }
 
+/// Every one of the 65536 F16 and BF16 bit patterns (subnormals, infinities, signalling and quiet
+/// NaNs) converts to the same f32 bits at every level.
+#[test]
+fn f16_bf16_all_bit_patterns() {
+    let raw: Vec<u8> = (0..=u16::MAX).flat_map(|v| v.to_le_bytes()).collect();
+    for t in [QType::F16, QType::BF16] {
+        let mut want = vec![0f32; 65536];
+        dequant_fn(t, SimdLevel::Scalar)(&raw, &mut want);
+        if t == QType::F16 {
+            // Scalar F16 is `half`; check it on the finite values against the definition.
+            for (i, w) in want
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (i >> 10) & 31 != 31)
+            {
+                let (s, e, m) = ((i >> 15) as i32, ((i >> 10) & 31) as i32, (i & 1023) as f64);
+                let v = if e == 0 {
+                    m * 2f64.powi(-24)
+                } else {
+                    (1024.0 + m) * 2f64.powi(e - 25)
+                };
+                assert_eq!(*w as f64, if s == 1 { -v } else { v }, "f16 {i:#06x}");
+            }
+        }
+        for level in SimdLevel::available() {
+            let mut got = vec![0f32; 65536];
+            dequant_fn(t, level)(&raw, &mut got);
+            if let Some((i, g, w)) = first_diff(&got, &want) {
+                panic!(
+                    "{t:?} {i:#06x} at {}: {:#010x} vs scalar {:#010x}",
+                    level.name(),
+                    g.to_bits(),
+                    w.to_bits()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn dequantize_f32_uses_a_kernel_equal_to_scalar() {
     let mut rng = Rng(3);

@@ -8,6 +8,10 @@
 //! Arithmetic order follows gguf-py (which here agrees with ggml's C reference): the per-sub-block
 //! scale `d * sc` is rounded to f32 first, then multiplied by the code, then the min is subtracted
 //! (or added), each step rounded separately: no fused multiply-add anywhere.
+//! (In fact every product here is exact in f32: an f16 significand has 11 bits and the integer
+//! factors at most 13 more, e.g. Q6_K's 2047 * 127 * 31 < 2^24. Only the final add/sub of a min
+//! rounds, once, so reordering or an FMA would give the same bits; the order is kept anyway so
+//! that equality holds by construction, and an FMA-mutated kernel is not a test that can fail.)
 use super::blocks::{scale_min_k4, scales_q3_k};
 use super::types::QK_K;
 use half::f16;
