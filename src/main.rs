@@ -31,7 +31,7 @@ enum Cmd {
         /// Source: a Hugging Face directory (safetensors) or a GGUF file.
         #[arg(long)]
         model: PathBuf,
-        /// Target type: q4_0, q8_0, q4_k or nf4.
+        /// Target type: q4_0, q8_0, q4_k, q6_k or nf4.
         #[arg(long = "type")]
         qtype: String,
         /// Output: a .gguf file for ggml types, a directory for nf4.
@@ -62,7 +62,7 @@ fn run(cli: Cli) -> Result<()> {
             let t = QType::parse(&qtype)
                 .filter(|t| *t == QType::NF4 || qtune::quant::dispatch::QUANTIZABLE.contains(t));
             let Some(t) = t else {
-                bail!("--type {qtype}: qtune quantises to q4_0, q8_0, q4_k or nf4");
+                bail!("--type {qtype}: qtune quantises to q4_0, q8_0, q4_k, q6_k or nf4");
             };
             let store = WeightStore::open(&model)?;
             let t0 = std::time::Instant::now();
