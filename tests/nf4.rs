@@ -1,6 +1,8 @@
 //! NF4 against bitsandbytes 0.47.0 (fixtures from tests/reference/gen_nf4_fixtures.py): our
 //! quantiser's every byte and statistic, and our dequantiser's every value, bit for bit.
-use qtune::quant::nf4::{dynamic_map, quantize_blockwise_dynamic, quantize_nf4, Nf4Owned, NF4_CODE};
+use qtune::quant::nf4::{
+    dynamic_map, quantize_blockwise_dynamic, quantize_nf4, Nf4Owned, NF4_CODE,
+};
 use qtune::quant::SimdLevel;
 use std::path::PathBuf;
 
@@ -13,7 +15,10 @@ fn bytes(name: &str) -> Vec<u8> {
 }
 
 fn f32s(name: &str) -> Vec<f32> {
-    bytes(name).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes(name)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn manifest() -> serde_json::Value {
@@ -54,8 +59,14 @@ fn check_dequant(case: &str, q: &Nf4Owned, want: &[f32]) {
     for level in SimdLevel::available() {
         let mut got = vec![0f32; q.numel()];
         q.as_ref().dequantize_at(level, 0, &mut got);
-        let bad = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
-        assert!(bad.is_none(), "{case} at {level:?}: element {bad:?} differs from bnb");
+        let bad = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(
+            bad.is_none(),
+            "{case} at {level:?}: element {bad:?} differs from bnb"
+        );
     }
 }
 
@@ -63,7 +74,10 @@ fn check_dequant(case: &str, q: &Nf4Owned, want: &[f32]) {
 fn tables_match_bnb() {
     let code = f32s("small_f32.code.bin");
     assert_eq!(bits(&code), bits(&NF4_CODE));
-    assert_eq!(bits(&f32s("small_f32.nested_code.bin")), bits(&dynamic_map()));
+    assert_eq!(
+        bits(&f32s("small_f32.nested_code.bin")),
+        bits(&dynamic_map())
+    );
 }
 
 #[test]
@@ -74,14 +88,34 @@ fn quantize_and_dequantize_match_bnb() {
         let x = f32s(&format!("{case}.input.bin"));
         assert_eq!(x.len() as u64, meta["numel"].as_u64().unwrap());
         let q = quantize_nf4(&x).unwrap();
-        assert_eq!(q.offset.to_bits() as u64, meta["offset_bits"].as_u64().unwrap(), "{case}: offset");
+        assert_eq!(
+            q.offset.to_bits() as u64,
+            meta["offset_bits"].as_u64().unwrap(),
+            "{case}: offset"
+        );
         let packed = bytes(&format!("{case}.packed.bin"));
         let bad = q.packed.iter().zip(&packed).position(|(a, b)| a != b);
         assert_eq!(q.packed.len(), packed.len(), "{case}: packed length");
-        assert!(bad.is_none(), "{case}: packed byte {bad:?} differs (ours {:?})", bad.map(|i| (q.packed[i], packed[i])));
-        assert_eq!(q.absmax_q, bytes(&format!("{case}.absmax_q.bin")), "{case}: absmax codes");
-        assert_eq!(bits(&q.nested_absmax), bits(&f32s(&format!("{case}.nested_absmax.bin"))), "{case}: nested absmax");
-        assert_eq!(bits(&q.nested_code[..]), bits(&f32s(&format!("{case}.nested_code.bin"))), "{case}");
+        assert!(
+            bad.is_none(),
+            "{case}: packed byte {bad:?} differs (ours {:?})",
+            bad.map(|i| (q.packed[i], packed[i]))
+        );
+        assert_eq!(
+            q.absmax_q,
+            bytes(&format!("{case}.absmax_q.bin")),
+            "{case}: absmax codes"
+        );
+        assert_eq!(
+            bits(&q.nested_absmax),
+            bits(&f32s(&format!("{case}.nested_absmax.bin"))),
+            "{case}: nested absmax"
+        );
+        assert_eq!(
+            bits(&q.nested_code[..]),
+            bits(&f32s(&format!("{case}.nested_code.bin"))),
+            "{case}"
+        );
         check_dequant(case, &q, &f32s(&format!("{case}.deq.bin")));
     }
 }
@@ -109,14 +143,33 @@ fn big_formula_matches_bnb_hashes() {
     let meta = &m["cases"]["big_formula"];
     let n = meta["numel"].as_u64().unwrap() as usize;
     let q = quantize_nf4(&formula_input(n)).unwrap();
-    assert_eq!(q.offset.to_bits() as u64, meta["offset_bits"].as_u64().unwrap(), "offset");
-    assert_eq!(bits(&q.nested_absmax), bits(&f32s("big_formula.nested_absmax.bin")));
-    assert_eq!(fnv1a64(&q.absmax_q), meta["hashes"]["absmax_q"].as_str().unwrap(), "absmax codes");
-    assert_eq!(fnv1a64(&q.packed), meta["hashes"]["packed"].as_str().unwrap(), "packed");
+    assert_eq!(
+        q.offset.to_bits() as u64,
+        meta["offset_bits"].as_u64().unwrap(),
+        "offset"
+    );
+    assert_eq!(
+        bits(&q.nested_absmax),
+        bits(&f32s("big_formula.nested_absmax.bin"))
+    );
+    assert_eq!(
+        fnv1a64(&q.absmax_q),
+        meta["hashes"]["absmax_q"].as_str().unwrap(),
+        "absmax codes"
+    );
+    assert_eq!(
+        fnv1a64(&q.packed),
+        meta["hashes"]["packed"].as_str().unwrap(),
+        "packed"
+    );
     let mut deq = vec![0f32; n];
     q.as_ref().dequantize(0, &mut deq);
     let deq_bytes: Vec<u8> = deq.iter().flat_map(|v| v.to_le_bytes()).collect();
-    assert_eq!(fnv1a64(&deq_bytes), meta["hashes"]["deq"].as_str().unwrap(), "dequantised");
+    assert_eq!(
+        fnv1a64(&deq_bytes),
+        meta["hashes"]["deq"].as_str().unwrap(),
+        "dequantised"
+    );
 }
 
 #[test]
@@ -128,5 +181,9 @@ fn blockwise_dynamic_matches_bnb() {
     assert_eq!(bits(&absmax), bits(&f32s("blockwise.absmax.bin")));
     let want = bytes("blockwise.q.bin");
     let bad = q.iter().zip(&want).position(|(a, b)| a != b);
-    assert!(bad.is_none(), "code {bad:?} differs: ours {:?}", bad.map(|i| (q[i], want[i], x[i])));
+    assert!(
+        bad.is_none(),
+        "code {bad:?} differs: ours {:?}",
+        bad.map(|i| (q[i], want[i], x[i]))
+    );
 }

@@ -37,9 +37,16 @@ fn round_trip_matches_quantize_nf4_and_bnb() {
     let report = write_nf4_dir(&src, &out).unwrap();
     assert_eq!(report.nf4_tensors, 7);
     assert_eq!(report.copied_tensors, src.tensors.len() - 7);
-    assert!(report.extra_files.contains(&"tokenizer_config.json".to_string()));
+    assert!(report
+        .extra_files
+        .contains(&"tokenizer_config.json".to_string()));
     assert!(!d.path().join("nf4.tmp").exists());
-    assert_eq!(std::fs::metadata(out.join("model.safetensors")).unwrap().len(), report.file_bytes);
+    assert_eq!(
+        std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .len(),
+        report.file_bytes
+    );
     if let Ok(keep) = std::env::var("QTUNE_KEEP_NF4_DIR") {
         copy_dir(&out, Path::new(&keep));
     }
@@ -47,13 +54,22 @@ fn round_trip_matches_quantize_nf4_and_bnb() {
     let got = load(&out).unwrap();
     assert_eq!(got.format, SourceFormat::BnbNf4);
     let qc = &got.config.as_ref().unwrap()["quantization_config"];
-    assert_eq!(qc, &bnb.config.as_ref().unwrap()["quantization_config"], "as transformers writes it");
+    assert_eq!(
+        qc,
+        &bnb.config.as_ref().unwrap()["quantization_config"],
+        "as transformers writes it"
+    );
     assert_eq!(got.tensors.len(), src.tensors.len());
     for s in &src.tensors {
         let g = got.get(&s.name).unwrap();
         assert_eq!(g.shape, s.shape, "{}", s.name);
         if !is_nf4_target(s) {
-            assert_eq!((g.qtype, g.data.as_slice()), (s.qtype, s.data.as_slice()), "{} copied", s.name);
+            assert_eq!(
+                (g.qtype, g.data.as_slice()),
+                (s.qtype, s.data.as_slice()),
+                "{} copied",
+                s.name
+            );
             continue;
         }
         assert_eq!(g.qtype, QType::NF4);
@@ -68,9 +84,19 @@ fn round_trip_matches_quantize_nf4_and_bnb() {
         let b = bnb.get(&s.name).unwrap();
         let bs = b.nf4.as_ref().unwrap();
         assert_eq!(g.data.as_slice(), b.data.as_slice(), "{} vs bnb", s.name);
-        assert_eq!(st.absmax_q.as_slice(), bs.absmax_q.as_slice(), "{} vs bnb", s.name);
+        assert_eq!(
+            st.absmax_q.as_slice(),
+            bs.absmax_q.as_slice(),
+            "{} vs bnb",
+            s.name
+        );
         assert_eq!(st.nested_absmax, bs.nested_absmax, "{} vs bnb", s.name);
-        assert_eq!(st.offset.to_bits(), bs.offset.to_bits(), "{} vs bnb", s.name);
+        assert_eq!(
+            st.offset.to_bits(),
+            bs.offset.to_bits(),
+            "{} vs bnb",
+            s.name
+        );
         assert_eq!(st.nested_code, bs.nested_code);
         assert_eq!(st.code, bs.code);
     }

@@ -30,9 +30,19 @@ fn write_raw(path: &Path, header: &str, data: &[u8]) {
 
 fn sample() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
     let w: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 1.0).collect();
-    let h: Vec<u8> = [1.5f32, -2.0, 0.25, 8.0].iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
-    let b: Vec<u8> = [3.0f32, -0.5].iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
-    vec![("a.weight", Dtype::F32, vec![3, 4], f32_bytes(&w)), ("b.h", Dtype::F16, vec![4], h), ("c.bf", Dtype::BF16, vec![1, 2], b)]
+    let h: Vec<u8> = [1.5f32, -2.0, 0.25, 8.0]
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = [3.0f32, -0.5]
+        .iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect();
+    vec![
+        ("a.weight", Dtype::F32, vec![3, 4], f32_bytes(&w)),
+        ("b.h", Dtype::F16, vec![4], h),
+        ("c.bf", Dtype::BF16, vec![1, 2], b),
+    ]
 }
 
 fn values(store: &qtune::store::WeightStore, name: &str) -> Vec<f32> {
@@ -71,8 +81,10 @@ fn directory_with_config() {
 }
 
 fn write_index(dir: &Path, map: &[(&str, &str)]) {
-    let wm: serde_json::Map<String, serde_json::Value> =
-        map.iter().map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string()))).collect();
+    let wm: serde_json::Map<String, serde_json::Value> = map
+        .iter()
+        .map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string())))
+        .collect();
     let j = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": wm});
     std::fs::write(dir.join("model.safetensors.index.json"), j.to_string()).unwrap();
 }
@@ -108,7 +120,10 @@ fn missing_shard() {
     std::fs::remove_file(d.path().join("model-00002-of-00002.safetensors")).unwrap();
     match load(d.path()) {
         Err(Error::MissingShard { shard, tensor, .. }) => {
-            assert_eq!((shard.as_str(), tensor.as_str()), ("model-00002-of-00002.safetensors", "c.bf"))
+            assert_eq!(
+                (shard.as_str(), tensor.as_str()),
+                ("model-00002-of-00002.safetensors", "c.bf")
+            )
         }
         other => panic!("{:?}", other.err()),
     }
@@ -172,9 +187,15 @@ fn bad_json() {
 fn data_past_end() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("d.safetensors");
-    write_raw(&p, r#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#, &[0u8; 10]);
+    write_raw(
+        &p,
+        r#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#,
+        &[0u8; 10],
+    );
     match load(&p) {
-        Err(Error::DataPastEnd { tensor, len, .. }) => assert_eq!((tensor.as_str(), len), ("w", 8 + 62 + 10)),
+        Err(Error::DataPastEnd { tensor, len, .. }) => {
+            assert_eq!((tensor.as_str(), len), ("w", 8 + 62 + 10))
+        }
         other => panic!("{:?}", other.err()),
     }
 }
@@ -183,7 +204,11 @@ fn data_past_end() {
 fn shape_bytes_mismatch() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("s.safetensors");
-    write_raw(&p, r#"{"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}"#, &[0u8; 16]);
+    write_raw(
+        &p,
+        r#"{"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}"#,
+        &[0u8; 16],
+    );
     match load(&p) {
         Err(e @ Error::Shape { .. }) => assert!(e.to_string().contains("'w'"), "{e}"),
         other => panic!("{:?}", other.err()),
@@ -196,7 +221,9 @@ fn unsupported_dtype_names_tensor() {
     let p = d.path().join("u.safetensors");
     write_st(&p, &[("ids", Dtype::I32, vec![2], vec![0u8; 8])]);
     match load(&p) {
-        Err(Error::UnsupportedType { tensor, type_name, .. }) => assert_eq!((tensor.as_str(), type_name.as_str()), ("ids", "I32")),
+        Err(Error::UnsupportedType {
+            tensor, type_name, ..
+        }) => assert_eq!((tensor.as_str(), type_name.as_str()), ("ids", "I32")),
         other => panic!("{:?}", other.err()),
     }
 }

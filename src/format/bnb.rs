@@ -52,7 +52,10 @@ pub fn group(raw: Vec<RawTensor>) -> Result<(Vec<StoredTensor>, bool)> {
             supported: "bitsandbytes NF4 with double quant (bnb_4bit_quant_type=\"nf4\")".into(),
         });
     }
-    let bases: Vec<&str> = raw.iter().filter_map(|t| t.name.strip_suffix(NF4_STATE_SUFFIX)).collect();
+    let bases: Vec<&str> = raw
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(NF4_STATE_SUFFIX))
+        .collect();
     // Every tensor that belongs to an NF4 weight, mapped to its base name.
     let mut part_of: HashMap<String, &str> = HashMap::new();
     for &b in &bases {
@@ -70,7 +73,13 @@ pub fn group(raw: Vec<RawTensor>) -> Result<(Vec<StoredTensor>, bool)> {
             out.push(assemble(&t.name, &by_name)?);
         } else {
             let qtype = float_qtype(t)?;
-            out.push(StoredTensor { name: t.name.clone(), qtype, shape: t.shape.clone(), data: t.data.clone(), nf4: None });
+            out.push(StoredTensor {
+                name: t.name.clone(),
+                qtype,
+                shape: t.shape.clone(),
+                data: t.data.clone(),
+                nf4: None,
+            });
         }
     }
     // A quant state whose packed weight is missing.
@@ -90,7 +99,11 @@ fn missing(near: &RawTensor, tensor: &str, what: &str) -> Error {
 }
 
 fn f32_vec(t: &RawTensor) -> Vec<f32> {
-    t.data.as_slice().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    t.data
+        .as_slice()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Builds the NF4 tensor `base` from its parts, checking every size and setting.
@@ -98,37 +111,61 @@ fn assemble(base: &str, by_name: &HashMap<&str, &RawTensor>) -> Result<StoredTen
     let packed = by_name[base];
     let get = |suffix: &str| -> Result<&RawTensor> {
         let name = format!("{base}.{suffix}");
-        by_name.get(name.as_str()).copied().ok_or_else(|| missing(packed, &name, suffix))
+        by_name
+            .get(name.as_str())
+            .copied()
+            .ok_or_else(|| missing(packed, &name, suffix))
     };
     let state_t = get(&NF4_STATE_SUFFIX[1..])?;
-    let bad = |msg: String| Error::Shape { path: packed.path.clone(), tensor: base.to_string(), msg };
+    let bad = |msg: String| Error::Shape {
+        path: packed.path.clone(),
+        tensor: base.to_string(),
+        msg,
+    };
     if state_t.dtype != Dtype::U8 {
-        return Err(bad(format!("quant_state must be U8 bytes of JSON, found {:?}", state_t.dtype)));
+        return Err(bad(format!(
+            "quant_state must be U8 bytes of JSON, found {:?}",
+            state_t.dtype
+        )));
     }
-    let st: QuantStateJson = serde_json::from_slice(state_t.data.as_slice()).map_err(|e| Error::Json {
-        path: state_t.path.clone(),
-        msg: format!("tensor '{}': bad bitsandbytes quant_state JSON: {e}", state_t.name),
-    })?;
+    let st: QuantStateJson =
+        serde_json::from_slice(state_t.data.as_slice()).map_err(|e| Error::Json {
+            path: state_t.path.clone(),
+            msg: format!(
+                "tensor '{}': bad bitsandbytes quant_state JSON: {e}",
+                state_t.name
+            ),
+        })?;
     let unsupported = |what: String| Error::UnsupportedType {
         path: packed.path.clone(),
         tensor: base.to_string(),
         type_name: what,
-        supported: "bitsandbytes NF4, blocksize 64, double quant with nested blocksize 256 (float32)".into(),
+        supported:
+            "bitsandbytes NF4, blocksize 64, double quant with nested blocksize 256 (float32)"
+                .into(),
     };
     if st.quant_type != "nf4" {
-        return Err(unsupported(format!("bitsandbytes quant_type {}", st.quant_type)));
+        return Err(unsupported(format!(
+            "bitsandbytes quant_type {}",
+            st.quant_type
+        )));
     }
     if st.blocksize != NF4_BLOCK {
         return Err(unsupported(format!("NF4 blocksize {}", st.blocksize)));
     }
     let (Some(nbs), Some(offset)) = (st.nested_blocksize, st.nested_offset) else {
-        return Err(unsupported("NF4 without double quant (bnb_4bit_use_double_quant=False)".into()));
+        return Err(unsupported(
+            "NF4 without double quant (bnb_4bit_use_double_quant=False)".into(),
+        ));
     };
     if nbs != NF4_NESTED_BLOCK {
         return Err(unsupported(format!("NF4 nested blocksize {nbs}")));
     }
     if st.nested_dtype.as_deref().is_some_and(|d| d != "float32") {
-        return Err(unsupported(format!("NF4 nested dtype {:?}", st.nested_dtype)));
+        return Err(unsupported(format!(
+            "NF4 nested dtype {:?}",
+            st.nested_dtype
+        )));
     }
     if !["float16", "bfloat16", "float32"].contains(&st.dtype.as_str()) {
         return Err(unsupported(format!("NF4 of original dtype {}", st.dtype)));
@@ -143,7 +180,11 @@ fn assemble(base: &str, by_name: &HashMap<&str, &RawTensor>) -> Result<StoredTen
         (packed, Dtype::U8, numel.div_ceil(2)),
         (absmax, Dtype::U8, nblocks),
         (quant_map, Dtype::F32, 16),
-        (nested_absmax, Dtype::F32, nblocks.div_ceil(NF4_NESTED_BLOCK)),
+        (
+            nested_absmax,
+            Dtype::F32,
+            nblocks.div_ceil(NF4_NESTED_BLOCK),
+        ),
         (nested_map, Dtype::F32, 256),
     ];
     for (t, dtype, n) in checks {
@@ -210,7 +251,10 @@ const OFFSET_PLACEHOLDER: &str = "-1.2345678901234567e-308";
 
 /// True for the weights transformers quantises: 2-D `*.weight` inside the decoder layers.
 pub fn is_nf4_target(t: &StoredTensor) -> bool {
-    t.name.starts_with("model.layers.") && t.name.ends_with(".weight") && t.shape.len() == 2 && t.numel() % NF4_BLOCK == 0
+    t.name.starts_with("model.layers.")
+        && t.name.ends_with(".weight")
+        && t.shape.len() == 2
+        && t.numel().is_multiple_of(NF4_BLOCK)
 }
 
 /// One tensor of the output file: name, dtype, shape, byte length.
@@ -237,10 +281,16 @@ fn state_json(t: &StoredTensor, dtype: &str, offset: &str) -> String {
 /// transformers' `quantization_config`; tokenizer files are copied. The safetensors header is
 /// computed first (all sizes are known), then tensors are streamed one at a time (one tensor in
 /// f32 at most), into `<out>.tmp`, renamed to `out` at the end.
-pub fn write_nf4_dir(src: &crate::store::WeightStore, out: &std::path::Path) -> Result<Nf4WriteReport> {
+pub fn write_nf4_dir(
+    src: &crate::store::WeightStore,
+    out: &std::path::Path,
+) -> Result<Nf4WriteReport> {
     use std::io::Write;
     if out.exists() {
-        return Err(Error::Invalid(format!("{}: output already exists; remove it or pick another path", out.display())));
+        return Err(Error::Invalid(format!(
+            "{}: output already exists; remove it or pick another path",
+            out.display()
+        )));
     }
     let tmp = out.with_extension("tmp");
     if tmp.exists() {
@@ -264,13 +314,43 @@ pub fn write_nf4_dir(src: &crate::store::WeightStore, out: &std::path::Path) -> 
             let dtype = bnb_dtype_name(t.qtype, &orig_dtype);
             let state_len = state_json(t, &dtype, OFFSET_PLACEHOLDER).len();
             let w = &t.name;
-            plan.push(Entry { name: w.clone(), dtype: "U8", shape: vec![n / 2, 1], len: n / 2 });
-            plan.push(Entry { name: format!("{w}.absmax"), dtype: "U8", shape: vec![nb], len: nb });
+            plan.push(Entry {
+                name: w.clone(),
+                dtype: "U8",
+                shape: vec![n / 2, 1],
+                len: n / 2,
+            });
+            plan.push(Entry {
+                name: format!("{w}.absmax"),
+                dtype: "U8",
+                shape: vec![nb],
+                len: nb,
+            });
             let nnb = nb.div_ceil(NF4_NESTED_BLOCK);
-            plan.push(Entry { name: format!("{w}.nested_absmax"), dtype: "F32", shape: vec![nnb], len: 4 * nnb });
-            plan.push(Entry { name: format!("{w}.nested_quant_map"), dtype: "F32", shape: vec![256], len: 1024 });
-            plan.push(Entry { name: format!("{w}.quant_map"), dtype: "F32", shape: vec![16], len: 64 });
-            plan.push(Entry { name: format!("{w}{NF4_STATE_SUFFIX}"), dtype: "U8", shape: vec![state_len], len: state_len });
+            plan.push(Entry {
+                name: format!("{w}.nested_absmax"),
+                dtype: "F32",
+                shape: vec![nnb],
+                len: 4 * nnb,
+            });
+            plan.push(Entry {
+                name: format!("{w}.nested_quant_map"),
+                dtype: "F32",
+                shape: vec![256],
+                len: 1024,
+            });
+            plan.push(Entry {
+                name: format!("{w}.quant_map"),
+                dtype: "F32",
+                shape: vec![16],
+                len: 64,
+            });
+            plan.push(Entry {
+                name: format!("{w}{NF4_STATE_SUFFIX}"),
+                dtype: "U8",
+                shape: vec![state_len],
+                len: state_len,
+            });
             report.nf4_tensors += 1;
         } else {
             let (dtype, len) = match t.qtype {
@@ -279,7 +359,12 @@ pub fn write_nf4_dir(src: &crate::store::WeightStore, out: &std::path::Path) -> 
                 QType::BF16 => ("BF16", 2 * n),
                 _ => ("F32", 4 * n),
             };
-            plan.push(Entry { name: t.name.clone(), dtype, shape: t.shape.clone(), len });
+            plan.push(Entry {
+                name: t.name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+                len,
+            });
             report.copied_tensors += 1;
         }
     }
@@ -294,13 +379,15 @@ pub fn write_nf4_dir(src: &crate::store::WeightStore, out: &std::path::Path) -> 
         off += e.len;
     }
     let mut htext = serde_json::Value::Object(header).to_string().into_bytes();
-    while htext.len() % 8 != 0 {
+    while !htext.len().is_multiple_of(8) {
         htext.push(b' ');
     }
     let file_path = tmp.join("model.safetensors");
     let io = |e| Error::io(&file_path, e);
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&file_path).map_err(io)?);
-    w.write_all(&(htext.len() as u64).to_le_bytes()).map_err(io)?;
+    let mut w =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&file_path).map_err(io)?);
+    w.write_all(&(htext.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&htext).map_err(io)?;
     let f32_le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     for t in &src.tensors {
@@ -342,10 +429,16 @@ pub fn write_nf4_dir(src: &crate::store::WeightStore, out: &std::path::Path) -> 
     if let Some(cfg) = &src.config {
         let mut cfg = cfg.clone();
         if let Some(obj) = cfg.as_object_mut() {
-            obj.insert("quantization_config".into(), quantization_config(&orig_dtype));
+            obj.insert(
+                "quantization_config".into(),
+                quantization_config(&orig_dtype),
+            );
         }
         let p = tmp.join("config.json");
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json { path: p.clone(), msg: e.to_string() })?;
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     }
     if src.path.is_dir() {

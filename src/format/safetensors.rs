@@ -46,7 +46,11 @@ pub fn load(path: &Path) -> Result<WeightStore> {
             )));
         };
         let cfg = path.join("config.json");
-        let config = if cfg.is_file() { Some(read_json(&cfg)?) } else { None };
+        let config = if cfg.is_file() {
+            Some(read_json(&cfg)?)
+        } else {
+            None
+        };
         (raw, config)
     } else {
         (read_file(path)?, None)
@@ -54,7 +58,11 @@ pub fn load(path: &Path) -> Result<WeightStore> {
     let (tensors, any_bnb) = super::bnb::group(raw)?;
     Ok(WeightStore {
         path: path.to_path_buf(),
-        format: if any_bnb { SourceFormat::BnbNf4 } else { SourceFormat::Safetensors },
+        format: if any_bnb {
+            SourceFormat::BnbNf4
+        } else {
+            SourceFormat::Safetensors
+        },
         tensors,
         gguf_metadata: Vec::new(),
         alignment: 8,
@@ -65,7 +73,10 @@ pub fn load(path: &Path) -> Result<WeightStore> {
 /// Reads and parses a JSON file.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&text).map_err(|e| Error::Json { path: path.to_path_buf(), msg: format!("bad JSON: {e}") })
+    serde_json::from_slice(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        msg: format!("bad JSON: {e}"),
+    })
 }
 
 /// The qtype of a plain float tensor, or an UnsupportedType error naming it.
@@ -88,7 +99,11 @@ pub fn read_file(path: &Path) -> Result<Vec<RawTensor>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 8 {
-        return Err(Error::Truncated { path: path.into(), what: "the 8-byte header length".into(), len });
+        return Err(Error::Truncated {
+            path: path.into(),
+            what: "the 8-byte header length".into(),
+            len,
+        });
     }
     // SAFETY: read-only map of a file we do not modify; a concurrent truncation by another process
     // is outside what any mmap-based reader can defend against.
@@ -122,37 +137,71 @@ fn diagnose(path: &Path, buf: &[u8], err: safetensors::SafeTensorError) -> Error
     let len = buf.len() as u64;
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes checked by caller"));
     if n.checked_add(8).is_none_or(|end| end > len) {
-        return Error::Truncated { path: path.into(), what: format!("a header of {n} bytes"), len };
+        return Error::Truncated {
+            path: path.into(),
+            what: format!("a header of {n} bytes"),
+            len,
+        };
     }
     let header = &buf[8..8 + n as usize];
     let json: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(header) {
         Ok(j) => j,
-        Err(e) => return Error::Json { path: path.into(), msg: format!("bad safetensors header JSON: {e}") },
+        Err(e) => {
+            return Error::Json {
+                path: path.into(),
+                msg: format!("bad safetensors header JSON: {e}"),
+            }
+        }
     };
     let data_len = len - 8 - n;
     for (name, v) in &json {
         if name == "__metadata__" {
             continue;
         }
-        let dtype: Option<Dtype> = v.get("dtype").and_then(|d| serde_json::from_value(d.clone()).ok());
-        let shape: Option<Vec<usize>> = v.get("shape").and_then(|d| serde_json::from_value(d.clone()).ok());
-        let offs: Option<(u64, u64)> = v.get("data_offsets").and_then(|d| serde_json::from_value(d.clone()).ok());
+        let dtype: Option<Dtype> = v
+            .get("dtype")
+            .and_then(|d| serde_json::from_value(d.clone()).ok());
+        let shape: Option<Vec<usize>> = v
+            .get("shape")
+            .and_then(|d| serde_json::from_value(d.clone()).ok());
+        let offs: Option<(u64, u64)> = v
+            .get("data_offsets")
+            .and_then(|d| serde_json::from_value(d.clone()).ok());
         let (Some(dtype), Some(shape), Some((s, e))) = (dtype, shape, offs) else {
-            return Error::corrupt(path, FMT, format!("tensor '{name}' has a malformed entry: {v}"));
+            return Error::corrupt(
+                path,
+                FMT,
+                format!("tensor '{name}' has a malformed entry: {v}"),
+            );
         };
         if e < s {
-            return Error::corrupt(path, FMT, format!("tensor '{name}' ends before it starts ({s}..{e})"));
+            return Error::corrupt(
+                path,
+                FMT,
+                format!("tensor '{name}' ends before it starts ({s}..{e})"),
+            );
         }
-        let bits = shape.iter().try_fold(dtype.bitsize() as u128, |a, &d| a.checked_mul(d as u128));
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize() as u128, |a, &d| a.checked_mul(d as u128));
         if bits != Some((e - s) as u128 * 8) {
             return Error::Shape {
                 path: path.into(),
                 tensor: name.clone(),
-                msg: format!("shape {shape:?} of {dtype:?} does not fill its {} bytes", e - s),
+                msg: format!(
+                    "shape {shape:?} of {dtype:?} does not fill its {} bytes",
+                    e - s
+                ),
             };
         }
         if e > data_len {
-            return Error::DataPastEnd { path: path.into(), tensor: name.clone(), start: 8 + n + s, end: 8 + n + e, len };
+            return Error::DataPastEnd {
+                path: path.into(),
+                tensor: name.clone(),
+                start: 8 + n + s,
+                end: 8 + n + e,
+                len,
+            };
         }
     }
     Error::corrupt(path, FMT, format!("{err}"))
@@ -161,10 +210,13 @@ fn diagnose(path: &Path, buf: &[u8], err: safetensors::SafeTensorError) -> Error
 /// Reads every shard named by an index, checking each listed tensor is present in its shard.
 fn read_sharded(index: &Path) -> Result<Vec<RawTensor>> {
     let json = read_json(index)?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Json {
-        path: index.into(),
-        msg: "no \"weight_map\" object; is this a safetensors index?".into(),
-    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Json {
+            path: index.into(),
+            msg: "no \"weight_map\" object; is this a safetensors index?".into(),
+        })?;
     let dir = index.parent().unwrap_or(Path::new("."));
     // Shards in name order (model-00001-of-0000N, ...), each with the tensors the index puts there.
     let mut shards: Vec<(String, Vec<String>)> = Vec::new();
@@ -174,7 +226,10 @@ fn read_sharded(index: &Path) -> Result<Vec<RawTensor>> {
             msg: format!("weight_map entry for '{tensor}' is not a file name"),
         })?;
         if shard.contains('/') || shard.contains('\\') || shard == ".." {
-            return Err(Error::Json { path: index.into(), msg: format!("shard name '{shard}' is not a plain file name") });
+            return Err(Error::Json {
+                path: index.into(),
+                msg: format!("shard name '{shard}' is not a plain file name"),
+            });
         }
         match shards.iter_mut().find(|(s, _)| s == shard) {
             Some((_, ts)) => ts.push(tensor.clone()),
@@ -186,7 +241,11 @@ fn read_sharded(index: &Path) -> Result<Vec<RawTensor>> {
     for (shard, listed) in shards {
         let p = dir.join(&shard);
         if !p.is_file() {
-            return Err(Error::MissingShard { index: index.into(), shard, tensor: listed[0].clone() });
+            return Err(Error::MissingShard {
+                index: index.into(),
+                shard,
+                tensor: listed[0].clone(),
+            });
         }
         let got = read_file(&p)?;
         let names: HashMap<&str, ()> = got.iter().map(|t| (t.name.as_str(), ())).collect();

@@ -27,10 +27,9 @@ pub const NF4_NESTED_BLOCK: usize = 256;
 /// 0.7229568362236023, 1.0), as the f32 bit patterns torch stores.
 pub const NF4_CODE: [f32; 16] = {
     const BITS: [u32; 16] = [
-        0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0,
-        0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
-        0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a,
-        0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000
+        0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871,
+        0x00000000, 0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a, 0x3ee1a4b8, 0x3f1007ab,
+        0x3f3913b3, 0x3f800000,
     ];
     let mut t = [0f32; 16];
     let mut i = 0;
@@ -110,7 +109,8 @@ impl Nf4Ref<'_> {
     /// The f32 absmax of block `b`, computed exactly as bnb's `dequantize_blockwise` + offset does.
     #[inline]
     pub fn absmax(&self, b: usize) -> f32 {
-        let scaled = self.nested_code[self.absmax_q[b] as usize] * self.nested_absmax[b / NF4_NESTED_BLOCK];
+        let scaled =
+            self.nested_code[self.absmax_q[b] as usize] * self.nested_absmax[b / NF4_NESTED_BLOCK];
         scaled + self.offset
     }
 
@@ -122,7 +122,10 @@ impl Nf4Ref<'_> {
 
     /// [`Self::dequantize`] with an explicit SIMD level (a level the CPU lacks falls back to scalar).
     pub fn dequantize_at(&self, level: super::SimdLevel, first: usize, dst: &mut [f32]) {
-        assert!(first + dst.len() <= self.numel(), "NF4 dequantize past the end of the tensor");
+        assert!(
+            first + dst.len() <= self.numel(),
+            "NF4 dequantize past the end of the tensor"
+        );
         // Scalar head up to the first block boundary, SIMD over whole blocks, scalar tail.
         let head = ((NF4_BLOCK - first % NF4_BLOCK) % NF4_BLOCK).min(dst.len());
         let (h, rest) = dst.split_at_mut(head);
@@ -145,7 +148,11 @@ impl Nf4Ref<'_> {
                 am = self.absmax(cur_block);
             }
             let byte = self.packed[e / 2];
-            let q = if e % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let q = if e.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
             *o = self.code[q as usize] * am;
         }
     }
@@ -161,7 +168,9 @@ impl Nf4Ref<'_> {
                 unsafe { x86::blocks_avx512(self, block0, dst) }
             }
             #[cfg(target_arch = "x86_64")]
-            super::SimdLevel::Avx2 | super::SimdLevel::Avx512 if is_x86_feature_detected!("avx2") => {
+            super::SimdLevel::Avx2 | super::SimdLevel::Avx512
+                if is_x86_feature_detected!("avx2") =>
+            {
                 // SAFETY: the CPU has AVX2 (checked above).
                 unsafe { x86::blocks_avx2(self, block0, dst) }
             }
@@ -309,14 +318,17 @@ const PAR_BLOCKS: usize = 1024;
 /// Quantises `src` (numel a multiple of 64, all finite) to NF4 with double quant, bit-exact with
 /// `bitsandbytes.functional.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")`.
 pub fn quantize_nf4(src: &[f32]) -> Result<Nf4Owned> {
-    if src.len() % NF4_BLOCK != 0 {
+    if !src.len().is_multiple_of(NF4_BLOCK) {
         return Err(Error::Invalid(format!(
             "NF4 needs a number of elements that is a multiple of {NF4_BLOCK}, got {}",
             src.len()
         )));
     }
     if let Some(i) = src.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Invalid(format!("cannot quantise to NF4: element {i} is {}", src[i])));
+        return Err(Error::Invalid(format!(
+            "cannot quantise to NF4: element {i} is {}",
+            src[i]
+        )));
     }
     let nblocks = src.len() / NF4_BLOCK;
     let mut packed = vec![0u8; src.len() / 2];
@@ -326,7 +338,11 @@ pub fn quantize_nf4(src: &[f32]) -> Result<Nf4Owned> {
         .zip(packed.par_chunks_mut(task / 2))
         .zip(absmax.par_chunks_mut(PAR_BLOCKS))
         .for_each(|((x, p), a)| {
-            for ((xb, pb), ab) in x.chunks_exact(NF4_BLOCK).zip(p.chunks_exact_mut(NF4_BLOCK / 2)).zip(a) {
+            for ((xb, pb), ab) in x
+                .chunks_exact(NF4_BLOCK)
+                .zip(p.chunks_exact_mut(NF4_BLOCK / 2))
+                .zip(a)
+            {
                 *ab = quantize_block_nf4(xb, pb);
             }
         });
@@ -382,7 +398,11 @@ fn nf4_index(s: f32) -> u8 {
 /// per block `m = max |v|`; index of `v / m` = the last code `<= v / m`, moved right when the right
 /// neighbour is strictly closer. Returns (codes, per-block absmax). `code` must be increasing with
 /// `code[0] <= -1` and `code[255] >= 1`. A block of zeros (bnb divides 0/0 there) codes to 0.0.
-pub fn quantize_blockwise_dynamic(src: &[f32], blocksize: usize, code: &[f32; 256]) -> (Vec<u8>, Vec<f32>) {
+pub fn quantize_blockwise_dynamic(
+    src: &[f32],
+    blocksize: usize,
+    code: &[f32; 256],
+) -> (Vec<u8>, Vec<f32>) {
     let zero_idx = code.iter().position(|&c| c == 0.0).unwrap_or(0) as u8;
     let mut q = vec![0u8; src.len()];
     let mut absmax = vec![0f32; src.len().div_ceil(blocksize)];
@@ -462,9 +482,16 @@ fn add<const W: usize>(a: &mut [f32; W], b: &[f32; W]) {
 }
 
 /// torch's `multi_row_sum` with 4 rows and 4 cascade levels.
-fn multi_row_sum<const W: usize>(size: usize, load: impl Fn(usize, usize) -> [f32; W]) -> [[f32; W]; 4] {
+fn multi_row_sum<const W: usize>(
+    size: usize,
+    load: impl Fn(usize, usize) -> [f32; W],
+) -> [[f32; W]; 4] {
     const LEVELS: usize = 4;
-    let ceil_log2 = if size <= 2 { 1 } else { (usize::BITS - (size - 1).leading_zeros()) as usize };
+    let ceil_log2 = if size <= 2 {
+        1
+    } else {
+        (usize::BITS - (size - 1).leading_zeros()) as usize
+    };
     let level_power = 4.max(ceil_log2 / LEVELS);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
@@ -478,10 +505,10 @@ fn multi_row_sum<const W: usize>(size: usize, load: impl Fn(usize, usize) -> [f3
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; W];
+            let (below, here) = acc.split_at_mut(j);
+            for (hi, lo) in here[0].iter_mut().zip(below[j - 1].iter_mut()) {
+                add(hi, lo);
+                *lo = [0f32; W];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -494,10 +521,10 @@ fn multi_row_sum<const W: usize>(size: usize, load: impl Fn(usize, usize) -> [f3
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+    let (first, upper) = acc.split_at_mut(1);
+    for level in upper.iter() {
+        for (a, u) in first[0].iter_mut().zip(level) {
+            add(a, u);
         }
     }
     acc[0]
@@ -527,16 +554,27 @@ mod tests {
     fn every_level_equals_scalar() {
         // 3 nested blocks plus a partial one; odd starts and lengths too.
         let n = 64 * (3 * 256 + 17);
-        let x: Vec<f32> = (0..n).map(|i| ((i * 2654435761usize) % 1000003) as f32 / 1000003.0 - 0.5).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 2654435761usize) % 1000003) as f32 / 1000003.0 - 0.5)
+            .collect();
         let q = quantize_nf4(&x).unwrap();
         let r = q.as_ref();
         let mut want = vec![0f32; n];
         r.dequantize_scalar(0, &mut want);
         for level in super::super::SimdLevel::available() {
-            for (first, len) in [(0, n), (64, 64 * 5), (7, 64 * 3 + 5), (n - 100, 100), (0, 1)] {
+            for (first, len) in [
+                (0, n),
+                (64, 64 * 5),
+                (7, 64 * 3 + 5),
+                (n - 100, 100),
+                (0, 1),
+            ] {
                 let mut got = vec![0f32; len];
                 r.dequantize_at(level, first, &mut got);
-                let same = got.iter().zip(&want[first..first + len]).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = got
+                    .iter()
+                    .zip(&want[first..first + len])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "level {level:?} first {first} len {len}");
             }
         }
