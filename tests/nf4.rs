@@ -83,7 +83,14 @@ fn tables_match_bnb() {
 #[test]
 fn quantize_and_dequantize_match_bnb() {
     let m = manifest();
-    for case in ["small_f32", "outliers_f32", "f16", "bf16", "ties_f32", "offset_sensitive"] {
+    for case in [
+        "small_f32",
+        "outliers_f32",
+        "f16",
+        "bf16",
+        "ties_f32",
+        "offset_sensitive",
+    ] {
         let meta = &m["cases"][case];
         let x = f32s(&format!("{case}.input.bin"));
         assert_eq!(x.len() as u64, meta["numel"].as_u64().unwrap());
@@ -124,7 +131,14 @@ fn quantize_and_dequantize_match_bnb() {
 fn dequantize_bnb_statistics() {
     // Dequantise bnb's own bytes and statistics (not ours) and compare with bnb's output.
     let m = manifest();
-    for case in ["small_f32", "outliers_f32", "f16", "bf16", "ties_f32", "offset_sensitive"] {
+    for case in [
+        "small_f32",
+        "outliers_f32",
+        "f16",
+        "bf16",
+        "ties_f32",
+        "offset_sensitive",
+    ] {
         let q = Nf4Owned {
             packed: bytes(&format!("{case}.packed.bin")),
             absmax_q: bytes(&format!("{case}.absmax_q.bin")),

@@ -69,6 +69,19 @@ pub fn group(raw: Vec<RawTensor>) -> Result<(Vec<StoredTensor>, bool)> {
         if part_of.contains_key(&t.name) {
             continue;
         }
+        // A statistics tensor whose weight has no quant state: the checkpoint lost that tensor.
+        if let Some(base) = PARTS
+            .iter()
+            .find_map(|p| t.name.strip_suffix(&format!(".{p}")[..]))
+        {
+            if by_name.get(base).is_some_and(|w| w.dtype == Dtype::U8) {
+                return Err(missing(
+                    t,
+                    &format!("{base}{NF4_STATE_SUFFIX}"),
+                    "the quant state",
+                ));
+            }
+        }
         if bases.contains(&t.name.as_str()) {
             out.push(assemble(&t.name, &by_name)?);
         } else {
