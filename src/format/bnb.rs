@@ -187,7 +187,8 @@ fn assemble(base: &str, by_name: &HashMap<&str, &RawTensor>) -> Result<StoredTen
     let quant_map = get("quant_map")?;
     let nested_absmax = get("nested_absmax")?;
     let nested_map = get("nested_quant_map")?;
-    let numel: usize = st.shape.iter().product();
+    let numel = st.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let numel = numel.ok_or_else(|| bad(format!("quant_state shape {:?} overflows", st.shape)))?;
     let nblocks = numel.div_ceil(NF4_BLOCK);
     let checks: [(&RawTensor, Dtype, usize); 5] = [
         (packed, Dtype::U8, numel.div_ceil(2)),
