@@ -381,7 +381,11 @@ fn nf4_index(s: f32) -> u8 {
     }
     // The minimum is at one of the two codes around s: distances grow (and f32 rounding is
     // monotonic) away from them, and neighbouring codes are > 0.07 apart, far above an ulp.
-    let lo = NF4_CODE.iter().rposition(|&c| c <= s).unwrap_or(0);
+    // Count of codes after the first that are <= s: branch-free, and s >= -1 = NF4_CODE[0].
+    let lo = NF4_CODE[1..]
+        .iter()
+        .map(|&c| (c <= s) as usize)
+        .sum::<usize>();
     if lo == 15 {
         return 15;
     }
