@@ -83,7 +83,14 @@ fn tables_match_bnb() {
 #[test]
 fn quantize_and_dequantize_match_bnb() {
     let m = manifest();
-    for case in ["small_f32", "outliers_f32", "f16", "bf16", "ties_f32"] {
+    for case in [
+        "small_f32",
+        "outliers_f32",
+        "f16",
+        "bf16",
+        "ties_f32",
+        "offset_sensitive",
+    ] {
         let meta = &m["cases"][case];
         let x = f32s(&format!("{case}.input.bin"));
         assert_eq!(x.len() as u64, meta["numel"].as_u64().unwrap());
@@ -124,7 +131,14 @@ fn quantize_and_dequantize_match_bnb() {
 fn dequantize_bnb_statistics() {
     // Dequantise bnb's own bytes and statistics (not ours) and compare with bnb's output.
     let m = manifest();
-    for case in ["small_f32", "outliers_f32", "f16", "bf16", "ties_f32"] {
+    for case in [
+        "small_f32",
+        "outliers_f32",
+        "f16",
+        "bf16",
+        "ties_f32",
+        "offset_sensitive",
+    ] {
         let q = Nf4Owned {
             packed: bytes(&format!("{case}.packed.bin")),
             absmax_q: bytes(&format!("{case}.absmax_q.bin")),
@@ -186,4 +200,36 @@ fn blockwise_dynamic_matches_bnb() {
         "code {bad:?} differs: ours {:?}",
         bad.map(|i| (q[i], want[i], x[i]))
     );
+}
+
+/// Throughput, not correctness: `cargo test --test nf4 -- --ignored --nocapture speed`.
+#[test]
+#[ignore]
+fn speed() {
+    let n = 4096 * 4096;
+    let x = formula_input(n);
+    let t = std::time::Instant::now();
+    let q = quantize_nf4(&x).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "quantize_nf4: {n} weights in {secs:.3} s = {:.0} Mweights/s",
+        n as f64 / secs / 1e6
+    );
+    // Dequantise a 4096-column tile of 64 rows repeatedly (stays in L2, as the matmul kernels use it).
+    let mut tile = vec![0f32; 64 * 4096];
+    for level in SimdLevel::available() {
+        let reps = 200;
+        let t = std::time::Instant::now();
+        for r in 0..reps {
+            let first = (r % 64) * tile.len();
+            q.as_ref().dequantize_at(level, first, &mut tile);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let w = (reps * tile.len()) as f64;
+        println!(
+            "dequantize {level:?}: {:.2} Gweights/s ({:.1} GB/s of f32 out)",
+            w / secs / 1e9,
+            w * 4.0 / secs / 1e9
+        );
+    }
 }

@@ -141,3 +141,17 @@ fn rejects_wrong_shape_in_state() {
     });
     assert!(matches!(load(d.path()), Err(Error::Shape { .. })));
 }
+
+#[test]
+fn missing_quant_state() {
+    let d = tempfile::tempdir().unwrap();
+    variant(d.path(), |ts| {
+        ts.retain(|t| !t.0.starts_with(&format!("{Q}.quant_state")))
+    });
+    match load(d.path()) {
+        Err(Error::MissingTensor { tensor, .. }) => {
+            assert_eq!(tensor, format!("{Q}.quant_state.bitsandbytes__nf4"))
+        }
+        other => panic!("{:?}", other.err()),
+    }
+}

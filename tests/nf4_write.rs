@@ -3,7 +3,7 @@
 //! quantisation of the same weights (tests/fixtures/nf4/bnb_tiny).
 //! `QTUNE_KEEP_NF4_DIR=<path>` keeps a copy of the output for tests/reference/check_nf4_dir.py.
 use qtune::format::bnb::{is_nf4_target, write_nf4_dir};
-use qtune::format::safetensors::load;
+use qtune::format::safetensors::{load, read_file};
 use qtune::quant::nf4::quantize_nf4;
 use qtune::quant::QType;
 use qtune::store::{SourceFormat, StoredTensor};
@@ -49,6 +49,28 @@ fn round_trip_matches_quantize_nf4_and_bnb() {
     );
     if let Ok(keep) = std::env::var("QTUNE_KEEP_NF4_DIR") {
         copy_dir(&out, Path::new(&keep));
+    }
+
+    // Every key bnb writes, and each quant-state JSON equal to bnb's byte for byte (ours carries
+    // trailing spaces: its length is fixed in the header before the offset is known).
+    let ours = read_file(&out.join("model.safetensors")).unwrap();
+    let theirs = read_file(&fixtures().join("bnb_tiny/model.safetensors")).unwrap();
+    let mut names: Vec<&str> = ours.iter().map(|t| t.name.as_str()).collect();
+    let mut bnb_names: Vec<&str> = theirs.iter().map(|t| t.name.as_str()).collect();
+    names.sort();
+    bnb_names.sort();
+    assert_eq!(names, bnb_names);
+    for t in ours
+        .iter()
+        .filter(|t| t.name.ends_with("bitsandbytes__nf4"))
+    {
+        let b = theirs.iter().find(|b| b.name == t.name).unwrap();
+        assert_eq!(
+            t.data.as_slice().trim_ascii_end(),
+            b.data.as_slice(),
+            "{}",
+            t.name
+        );
     }
 
     let got = load(&out).unwrap();

@@ -69,6 +69,19 @@ pub fn group(raw: Vec<RawTensor>) -> Result<(Vec<StoredTensor>, bool)> {
         if part_of.contains_key(&t.name) {
             continue;
         }
+        // A statistics tensor whose weight has no quant state: the checkpoint lost that tensor.
+        if let Some(base) = PARTS
+            .iter()
+            .find_map(|p| t.name.strip_suffix(&format!(".{p}")[..]))
+        {
+            if by_name.get(base).is_some_and(|w| w.dtype == Dtype::U8) {
+                return Err(missing(
+                    t,
+                    &format!("{base}{NF4_STATE_SUFFIX}"),
+                    "the quant state",
+                ));
+            }
+        }
         if bases.contains(&t.name.as_str()) {
             out.push(assemble(&t.name, &by_name)?);
         } else {
@@ -174,7 +187,8 @@ fn assemble(base: &str, by_name: &HashMap<&str, &RawTensor>) -> Result<StoredTen
     let quant_map = get("quant_map")?;
     let nested_absmax = get("nested_absmax")?;
     let nested_map = get("nested_quant_map")?;
-    let numel: usize = st.shape.iter().product();
+    let numel = st.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let numel = numel.ok_or_else(|| bad(format!("quant_state shape {:?} overflows", st.shape)))?;
     let nblocks = numel.div_ceil(NF4_BLOCK);
     let checks: [(&RawTensor, Dtype, usize); 5] = [
         (packed, Dtype::U8, numel.div_ceil(2)),
@@ -254,7 +268,7 @@ pub fn is_nf4_target(t: &StoredTensor) -> bool {
     t.name.starts_with("model.layers.")
         && t.name.ends_with(".weight")
         && t.shape.len() == 2
-        && t.numel() % NF4_BLOCK == 0
+        && t.numel().is_multiple_of(NF4_BLOCK)
 }
 
 /// One tensor of the output file: name, dtype, shape, byte length.
@@ -379,7 +393,7 @@ pub fn write_nf4_dir(
         off += e.len;
     }
     let mut htext = serde_json::Value::Object(header).to_string().into_bytes();
-    while htext.len() % 8 != 0 {
+    while !htext.len().is_multiple_of(8) {
         htext.push(b' ');
     }
     let file_path = tmp.join("model.safetensors");

@@ -198,8 +198,8 @@ fn diagnose(path: &Path, buf: &[u8], err: safetensors::SafeTensorError) -> Error
             return Error::DataPastEnd {
                 path: path.into(),
                 tensor: name.clone(),
-                start: 8 + n + s,
-                end: 8 + n + e,
+                start: (8 + n).saturating_add(s),
+                end: (8 + n).saturating_add(e),
                 len,
             };
         }

@@ -148,7 +148,11 @@ impl Nf4Ref<'_> {
                 am = self.absmax(cur_block);
             }
             let byte = self.packed[e / 2];
-            let q = if e % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+            let q = if e.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
             *o = self.code[q as usize] * am;
         }
     }
@@ -314,7 +318,7 @@ const PAR_BLOCKS: usize = 1024;
 /// Quantises `src` (numel a multiple of 64, all finite) to NF4 with double quant, bit-exact with
 /// `bitsandbytes.functional.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")`.
 pub fn quantize_nf4(src: &[f32]) -> Result<Nf4Owned> {
-    if src.len() % NF4_BLOCK != 0 {
+    if !src.len().is_multiple_of(NF4_BLOCK) {
         return Err(Error::Invalid(format!(
             "NF4 needs a number of elements that is a multiple of {NF4_BLOCK}, got {}",
             src.len()
@@ -377,7 +381,11 @@ fn nf4_index(s: f32) -> u8 {
     }
     // The minimum is at one of the two codes around s: distances grow (and f32 rounding is
     // monotonic) away from them, and neighbouring codes are > 0.07 apart, far above an ulp.
-    let lo = NF4_CODE.iter().rposition(|&c| c <= s).unwrap_or(0);
+    // Count of codes after the first that are <= s: branch-free, and s >= -1 = NF4_CODE[0].
+    let lo = NF4_CODE[1..]
+        .iter()
+        .map(|&c| (c <= s) as usize)
+        .sum::<usize>();
     if lo == 15 {
         return 15;
     }
@@ -501,10 +509,10 @@ fn multi_row_sum<const W: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; W];
+            let (below, here) = acc.split_at_mut(j);
+            for (hi, lo) in here[0].iter_mut().zip(below[j - 1].iter_mut()) {
+                add(hi, lo);
+                *lo = [0f32; W];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -517,10 +525,10 @@ fn multi_row_sum<const W: usize>(
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+    let (first, upper) = acc.split_at_mut(1);
+    for level in upper.iter() {
+        for (a, u) in first[0].iter_mut().zip(level) {
+            add(a, u);
         }
     }
     acc[0]

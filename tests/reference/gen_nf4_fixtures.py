@@ -111,6 +111,21 @@ blocks.append(np.full(64, -0.0, np.float32))
 blocks.append(rng.standard_normal(64).astype(np.float32) * np.float32(1e-30))
 run_case("ties_f32", torch.tensor(np.concatenate(blocks)))
 
+# A case where torch's f32 cascade-sum mean differs from the correctly rounded mean: an offset
+# computed any other way (f64, naive loop) gets the last bit wrong and the test catches it.
+for seed in range(1000):
+    r = np.random.default_rng(seed)
+    x = (r.standard_normal(64 * 160) * r.uniform(0.5, 4)).astype(np.float32)
+    am = np.abs(x.reshape(-1, 64)).max(axis=1)
+    t_mean = np.float32(torch.tensor(am).mean().item())
+    naive = np.float32(0)
+    for v in am:
+        naive = np.float32(naive + v)
+    if t_mean != np.float32(am.astype(np.float64).mean()) and t_mean != naive / np.float32(am.size):
+        break
+manifest["offset_sensitive_seed"] = seed
+run_case("offset_sensitive", torch.tensor(x))
+
 # Big deterministic case: 40,000 blocks (the offset's sum uses torch's multi-level cascade).
 run_case("big_formula", torch.tensor(formula_input(64 * 40000)), store_arrays=False)
 
