@@ -176,7 +176,7 @@ impl QType {
     /// Bytes of `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let bs = self.block_size();
-        (n % bs == 0).then(|| n / bs * self.type_size())
+        n.is_multiple_of(bs).then(|| n / bs * self.type_size())
     }
 
     /// Storage bits per weight (NF4 with double quant: 4 + 8/64 + 32/(64*256)).

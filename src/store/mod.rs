@@ -103,7 +103,7 @@ impl StoredTensor {
     /// Kernel view as a 2-D matrix (rows = product of all but the last dim, cols = last dim).
     pub fn matrix(&self) -> QMatrix<'_> {
         let cols = *self.shape.last().unwrap_or(&1);
-        let rows = if cols == 0 { 0 } else { self.numel() / cols };
+        let rows = self.numel().checked_div(cols).unwrap_or(0);
         let data = match &self.nf4 {
             Some(s) => QData::Nf4(Nf4Ref {
                 packed: self.data.as_slice(),
