@@ -120,13 +120,12 @@ pub fn read_file(path: &Path) -> Result<Vec<RawTensor>> {
     for name in meta.offset_keys() {
         let info = infos[&name];
         let (s, e) = info.data_offsets;
-        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = map.clone();
         out.push(RawTensor {
             name,
             path: path.to_path_buf(),
             dtype: info.dtype,
             shape: info.shape.clone(),
-            data: Bytes::from_shared(owner, data_start + s, e - s),
+            data: Bytes::from_map(map.clone(), data_start + s, e - s),
         });
     }
     Ok(out)

@@ -71,7 +71,9 @@ impl<'a> QMatrix<'a> {
     ) {
         let bs = self.block_size();
         debug_assert!(row0 + nrows <= self.rows && col0 + ncols <= self.cols);
-        debug_assert!(col0.is_multiple_of(bs) && (ncols.is_multiple_of(bs) || col0 + ncols == self.cols));
+        debug_assert!(
+            col0.is_multiple_of(bs) && (ncols.is_multiple_of(bs) || col0 + ncols == self.cols)
+        );
         debug_assert!(dst.len() >= nrows * ncols);
         match &self.data {
             QData::Ggml { qtype, bytes } => {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct Bytes {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    /// The read-only file map behind `owner`, when there is one (see [`Bytes::release_pages`]).
+    file_map: Option<Arc<memmap2::Mmap>>,
     start: usize,
     len: usize,
 }
@@ -20,7 +22,37 @@ impl Bytes {
         len: usize,
     ) -> Self {
         assert!(start + len <= (*owner).as_ref().len(), "view out of bounds");
-        Bytes { owner, start, len }
+        Bytes {
+            owner,
+            file_map: None,
+            start,
+            len,
+        }
+    }
+
+    /// A view of `len` bytes at `start` of a read-only file map (the caller has bounds-checked it).
+    pub fn from_map(map: Arc<memmap2::Mmap>, start: usize, len: usize) -> Self {
+        assert!(start + len <= map.len(), "view out of bounds");
+        Bytes {
+            owner: map.clone(),
+            file_map: Some(map),
+            start,
+            len,
+        }
+    }
+
+    /// Drops this view's pages from the process's resident set (a read-only file map re-reads
+    /// them from the page cache if touched again; an owned buffer is left alone). Streaming
+    /// passes over a whole model (quantise, merge) call it after each tensor, so their peak RSS
+    /// stays near one tensor instead of growing to the size of the file.
+    pub fn release_pages(&self) {
+        if let Some(map) = &self.file_map {
+            // SAFETY: MADV_DONTNEED on a read-only, file-backed map discards no data: pages are
+            // faulted back in from the file. No `&mut` into the map exists.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.start, self.len)
+            };
+        }
     }
 
     /// Owns `v`.
@@ -28,6 +60,7 @@ impl Bytes {
         let len = v.len();
         Bytes {
             owner: Arc::new(v),
+            file_map: None,
             start: 0,
             len,
         }
