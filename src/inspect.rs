@@ -6,13 +6,19 @@ use std::fmt::Write;
 /// The model architecture: GGUF `general.architecture`, else config.json `model_type`, else its
 /// first `architectures` entry.
 pub fn architecture(store: &WeightStore) -> Option<String> {
-    if let Some(a) = gguf::find(&store.gguf_metadata, "general.architecture").and_then(Value::as_str) {
+    if let Some(a) =
+        gguf::find(&store.gguf_metadata, "general.architecture").and_then(Value::as_str)
+    {
         return Some(a.to_string());
     }
     let c = store.config.as_ref()?;
     c.get("model_type")
         .and_then(|v| v.as_str())
-        .or_else(|| c.get("architectures").and_then(|a| a.get(0)).and_then(|v| v.as_str()))
+        .or_else(|| {
+            c.get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|v| v.as_str())
+        })
         .map(str::to_string)
 }
 
@@ -53,7 +59,11 @@ pub fn inspect(store: &WeightStore) -> String {
         SourceFormat::BnbNf4 => "bitsandbytes NF4 safetensors",
     };
     let _ = writeln!(s, "file: {} ({fmt})", store.path.display());
-    let _ = writeln!(s, "architecture: {}", architecture(store).as_deref().unwrap_or("unknown"));
+    let _ = writeln!(
+        s,
+        "architecture: {}",
+        architecture(store).as_deref().unwrap_or("unknown")
+    );
     if store.format == SourceFormat::Gguf {
         let _ = writeln!(s, "alignment: {}", store.alignment);
     }
@@ -73,12 +83,29 @@ pub fn inspect(store: &WeightStore) -> String {
             let _ = writeln!(s, "  {k} = {v}");
         }
     }
-    let w = store.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let w = store
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let _ = writeln!(s, "tensors ({}):", store.tensors.len());
-    let _ = writeln!(s, "  {:<w$}  {:<5}  {:<20}  {:>12}", "name", "type", "shape", "bytes");
+    let _ = writeln!(
+        s,
+        "  {:<w$}  {:<5}  {:<20}  {:>12}",
+        "name", "type", "shape", "bytes"
+    );
     for t in &store.tensors {
         let shape = format!("{:?}", t.shape);
-        let _ = writeln!(s, "  {:<w$}  {:<5}  {:<20}  {:>12}", t.name, t.qtype.name(), shape, t.nbytes());
+        let _ = writeln!(
+            s,
+            "  {:<w$}  {:<5}  {:<20}  {:>12}",
+            t.name,
+            t.qtype.name(),
+            shape,
+            t.nbytes()
+        );
     }
     let (n, b) = (store.numel() as u64, store.nbytes() as u64);
     let _ = writeln!(
@@ -97,18 +124,25 @@ mod tests {
 
     #[test]
     fn tiny_llama_report() {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny-llama-q8_0.gguf");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gguf/tiny-llama-q8_0.gguf");
         let store = gguf::load(&p).unwrap();
         let r = inspect(&store);
         assert!(r.contains("architecture: llama"), "{r}");
         assert!(r.contains("  llama.block_count = 2\n"), "{r}");
         assert!(r.contains("  tokenizer.ggml.model = \"gpt2\"\n"), "{r}");
         // 262 tokens: shortened to the type, the length and the first few.
-        assert!(r.contains("tokenizer.ggml.tokens = [string; 262] [\"Ā\", \"ā\""), "{r}");
-        let line = r.lines().find(|l| l.trim_start().starts_with("blk.1.ffn_down.weight")).unwrap();
+        assert!(
+            r.contains("tokenizer.ggml.tokens = [string; 262] [\"Ā\", \"ā\""),
+            "{r}"
+        );
+        let line = r
+            .lines()
+            .find(|l| l.trim_start().starts_with("blk.1.ffn_down.weight"))
+            .unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1], "Q8_0");
-        assert_eq!(line.contains("[64, 128]"), true, "{line}");
+        assert!(line.contains("[64, 128]"), "{line}");
         assert_eq!(*cols.last().unwrap(), (64 * 128 / 32 * 34).to_string());
         // Totals: all Q8_0 matrices plus five F32 norms of 64.
         let q8 = 2 * (262 * 64) + 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64);

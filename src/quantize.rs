@@ -90,6 +90,9 @@ impl std::fmt::Display for QuantizeReport {
     }
 }
 
+/// GGUF metadata in file order.
+type Metadata = Vec<(String, Value)>;
+
 /// How one source tensor becomes one output tensor.
 struct Job<'a> {
     src: &'a StoredTensor,
@@ -110,14 +113,23 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
     };
     let mut fallbacks = Vec::new();
     let (mut metadata, jobs) = match src.format {
-        SourceFormat::Gguf => (src.gguf_metadata.clone(), gguf_jobs(src, qtype, &mut fallbacks)),
+        SourceFormat::Gguf => (
+            src.gguf_metadata.clone(),
+            gguf_jobs(src, qtype, &mut fallbacks),
+        ),
         _ => hf_llama(src, qtype, &mut fallbacks)?,
     };
     set_key(&mut metadata, "general.file_type", Value::U32(ftype));
     set_key(&mut metadata, "general.quantization_version", Value::U32(2));
 
-    let plan: Vec<TensorPlan> =
-        jobs.iter().map(|j| TensorPlan { name: j.name.clone(), qtype: j.to, shape: j.src.shape.clone() }).collect();
+    let plan: Vec<TensorPlan> = jobs
+        .iter()
+        .map(|j| TensorPlan {
+            name: j.name.clone(),
+            qtype: j.to,
+            shape: j.src.shape.clone(),
+        })
+        .collect();
     let mut w = GgufWriter::create(out, &metadata, plan)?;
     let mut tensors = Vec::with_capacity(jobs.len());
     for j in &jobs {
@@ -134,7 +146,14 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
     w.finish()?;
     let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     let params = jobs.iter().map(|j| j.src.numel() as u64).sum();
-    Ok(QuantizeReport { out: out.to_path_buf(), qtype, tensors, fallbacks, params, file_bytes })
+    Ok(QuantizeReport {
+        out: out.to_path_buf(),
+        qtype,
+        tensors,
+        fallbacks,
+        params,
+        file_bytes,
+    })
 }
 
 /// Replaces the value of `key` in place, or appends it.
@@ -151,10 +170,14 @@ fn choose_type(name: &str, shape: &[usize], qtype: QType) -> (QType, Option<Stri
         return (QType::F32, None);
     }
     let cols = shape[1];
-    if cols % qtype.block_size() == 0 {
+    if cols.is_multiple_of(qtype.block_size()) {
         return (qtype, None);
     }
-    let to = if qtype == QType::Q4_K && cols % QType::Q8_0.block_size() == 0 { QType::Q8_0 } else { QType::F32 };
+    let to = if qtype == QType::Q4_K && cols.is_multiple_of(QType::Q8_0.block_size()) {
+        QType::Q8_0
+    } else {
+        QType::F32
+    };
     let why = format!(
         "{name} {shape:?}: row length {cols} is not a multiple of {} ({}), written {}",
         qtype.block_size(),
@@ -170,7 +193,12 @@ fn gguf_jobs<'a>(src: &'a WeightStore, qtype: QType, fallbacks: &mut Vec<String>
         .map(|t| {
             let (to, why) = choose_type(&t.name, &t.shape, qtype);
             fallbacks.extend(why);
-            Job { src: t, name: t.name.clone(), to, permute_heads: None }
+            Job {
+                src: t,
+                name: t.name.clone(),
+                to,
+                permute_heads: None,
+            }
         })
         .collect()
 }
@@ -180,7 +208,11 @@ fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
     let m = j.src.matrix();
     // A 1-D bias is permuted as a column: one element per row.
     let as_column = j.src.shape.len() == 1 && j.permute_heads.is_some();
-    let (rows, cols) = if as_column { (m.cols, 1) } else { (m.rows, m.cols) };
+    let (rows, cols) = if as_column {
+        (m.cols, 1)
+    } else {
+        (m.rows, m.cols)
+    };
     // Same type and no row permutation: the stored bytes are already what we would write.
     if j.src.qtype == j.to && j.permute_heads.is_none() && j.src.nf4.is_none() {
         w.write_tensor(j.src.data.as_slice())?;
@@ -203,7 +235,9 @@ fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
     // ~1M f32 per pass (4 MB), whole rows.
     let step = ((1 << 20) / cols.max(1)).max(1);
     let mut f = vec![0f32; step.min(rows.max(1)) * cols];
-    let row_bytes = j.to.bytes_for(cols).expect("row length checked by choose_type");
+    let row_bytes =
+        j.to.bytes_for(cols)
+            .expect("row length checked by choose_type");
     let mut q = vec![0u8; step.min(rows.max(1)) * row_bytes];
     let mut written = 0u64;
     if as_column {
@@ -221,14 +255,22 @@ fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
         let buf = &mut f[..n * cols];
         if j.permute_heads.is_some() {
             for r in 0..n {
-                m.dequant_tile(src_row(r0 + r), 1, 0, cols, &mut buf[r * cols..(r + 1) * cols]);
+                m.dequant_tile(
+                    src_row(r0 + r),
+                    1,
+                    0,
+                    cols,
+                    &mut buf[r * cols..(r + 1) * cols],
+                );
             }
         } else {
             m.dequant_tile(r0, n, 0, cols, buf);
         }
         let qb = &mut q[..n * row_bytes];
         encode(j.to, buf, qb).map_err(|e| match e {
-            Error::Invalid(msg) => Error::Invalid(format!("{}: tensor '{}': {msg}", out.display(), j.name)),
+            Error::Invalid(msg) => {
+                Error::Invalid(format!("{}: tensor '{}': {msg}", out.display(), j.name))
+            }
             e => e,
         })?;
         w.write_chunk(qb)?;
@@ -241,10 +283,14 @@ fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
 /// f32 values to `to`'s bytes: plain floats here, block quants through the kernels' quantiser.
 fn encode(to: QType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     match to {
-        QType::F32 => src.iter().zip(dst.chunks_exact_mut(4)).for_each(|(v, o)| o.copy_from_slice(&v.to_le_bytes())),
-        QType::F16 => {
-            src.iter().zip(dst.chunks_exact_mut(2)).for_each(|(v, o)| o.copy_from_slice(&f16::from_f32(*v).to_le_bytes()))
-        }
+        QType::F32 => src
+            .iter()
+            .zip(dst.chunks_exact_mut(4))
+            .for_each(|(v, o)| o.copy_from_slice(&v.to_le_bytes())),
+        QType::F16 => src
+            .iter()
+            .zip(dst.chunks_exact_mut(2))
+            .for_each(|(v, o)| o.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
         QType::BF16 => src
             .iter()
             .zip(dst.chunks_exact_mut(2))
@@ -309,13 +355,20 @@ fn hf_llama<'a>(
     src: &'a WeightStore,
     qtype: QType,
     fallbacks: &mut Vec<String>,
-) -> Result<(Vec<(String, Value)>, Vec<Job<'a>>)> {
+) -> Result<(Metadata, Vec<Job<'a>>)> {
     let dir = model_dir(src);
     let cfg_path = dir.join("config.json");
     let Some(cfg) = src.config.as_ref() else {
-        return Err(Error::Json { path: cfg_path, msg: "config.json is missing: it is needed to convert a Hugging Face model".into() });
+        return Err(Error::Json {
+            path: cfg_path,
+            msg: "config.json is missing: it is needed to convert a Hugging Face model".into(),
+        });
     };
-    let arch = cfg.get("architectures").and_then(|a| a.get(0)).and_then(|v| v.as_str()).unwrap_or("");
+    let arch = cfg
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     if arch != "LlamaForCausalLM" && !(arch.is_empty() && model_type == "llama") {
         return Err(Error::Invalid(format!(
@@ -326,7 +379,10 @@ fn hf_llama<'a>(
         )));
     }
     let need = |k: &str| {
-        cfg_u64(cfg, k).ok_or_else(|| Error::Json { path: cfg_path.clone(), msg: format!("config.json lacks integer '{k}'") })
+        cfg_u64(cfg, k).ok_or_else(|| Error::Json {
+            path: cfg_path.clone(),
+            msg: format!("config.json lacks integer '{k}'"),
+        })
     };
     let hidden = need("hidden_size")?;
     let n_layer = need("num_hidden_layers")?;
@@ -336,16 +392,31 @@ fn hf_llama<'a>(
     let vocab = need("vocab_size")?;
     let ctx = cfg_u64(cfg, "max_position_embeddings").unwrap_or(2048);
     let head_dim = cfg_u64(cfg, "head_dim").unwrap_or(hidden / n_head.max(1));
-    let eps = cfg.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6);
-    let theta = cfg.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0);
+    let eps = cfg
+        .get("rms_norm_eps")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1e-6);
+    let theta = cfg
+        .get("rope_theta")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(10000.0);
     if n_head == 0 || n_kv == 0 || n_head % n_kv != 0 {
-        return Err(Error::Json { path: cfg_path, msg: format!("bad head counts: {n_head} heads, {n_kv} KV heads") });
+        return Err(Error::Json {
+            path: cfg_path,
+            msg: format!("bad head counts: {n_head} heads, {n_kv} KV heads"),
+        });
     }
-    let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
 
     let u32v = |v: u64| Value::U32(v as u32);
     let mut meta = vec![
-        ("general.architecture".to_string(), Value::String("llama".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
         ("general.name".to_string(), Value::String(name)),
         ("llama.vocab_size".to_string(), u32v(vocab)),
         ("llama.context_length".to_string(), u32v(ctx)),
@@ -355,7 +426,10 @@ fn hf_llama<'a>(
         ("llama.rope.dimension_count".to_string(), u32v(head_dim)),
         ("llama.attention.head_count".to_string(), u32v(n_head)),
         ("llama.attention.head_count_kv".to_string(), u32v(n_kv)),
-        ("llama.attention.layer_norm_rms_epsilon".to_string(), Value::F32(eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".to_string(),
+            Value::F32(eps as f32),
+        ),
         ("llama.rope.freq_base".to_string(), Value::F32(theta as f32)),
     ];
     meta.extend(bpe_tokenizer(&dir, cfg, vocab as usize)?);
@@ -383,19 +457,31 @@ fn hf_llama<'a>(
                 return Err(Error::Shape {
                     path: src.path.clone(),
                     tensor: t.name.clone(),
-                    msg: format!("shape {:?} cannot be split into {h} heads of rotary pairs", t.shape),
+                    msg: format!(
+                        "shape {:?} cannot be split into {h} heads of rotary pairs",
+                        t.shape
+                    ),
                 });
             }
         }
         let (to, why) = choose_type(&gname, &t.shape, qtype);
         fallbacks.extend(why);
-        jobs.push(Job { src: t, name: gname, to, permute_heads: heads });
+        jobs.push(Job {
+            src: t,
+            name: gname,
+            to,
+            permute_heads: heads,
+        });
     }
     Ok((meta, jobs))
 }
 
 /// `tokenizer.ggml.*` keys for a byte-level BPE `tokenizer.json` (llama.cpp model "gpt2").
-fn bpe_tokenizer(dir: &Path, cfg: &serde_json::Value, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+fn bpe_tokenizer(
+    dir: &Path,
+    cfg: &serde_json::Value,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
         let what = if dir.join("tokenizer.model").exists() {
@@ -409,10 +495,15 @@ fn bpe_tokenizer(dir: &Path, cfg: &serde_json::Value, vocab_size: usize) -> Resu
         )));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let tj: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Json { path: path.clone(), msg: e.to_string() })?;
+    let tj: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
     let model = &tj["model"];
-    let kind = model.get("type").and_then(|v| v.as_str()).unwrap_or("unknown");
+    let kind = model
+        .get("type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("unknown");
     if kind != "BPE" {
         return Err(Error::Invalid(format!(
             "{}: tokenizer model type '{kind}' is not supported; qtune writes only byte-level BPE tokenizers",
@@ -428,22 +519,40 @@ fn bpe_tokenizer(dir: &Path, cfg: &serde_json::Value, vocab_size: usize) -> Resu
         )));
     }
     let Some(vocab) = model.get("vocab").and_then(|v| v.as_object()) else {
-        return Err(Error::Json { path, msg: "model.vocab is missing".into() });
+        return Err(Error::Json {
+            path,
+            msg: "model.vocab is missing".into(),
+        });
     };
     let mut added: Vec<(usize, String, bool)> = Vec::new();
     if let Some(a) = tj.get("added_tokens").and_then(|v| v.as_array()) {
         for t in a {
-            if let (Some(id), Some(c)) = (t.get("id").and_then(|v| v.as_u64()), t.get("content").and_then(|v| v.as_str())) {
-                added.push((id as usize, c.to_string(), t.get("special").and_then(|v| v.as_bool()).unwrap_or(false)));
+            if let (Some(id), Some(c)) = (
+                t.get("id").and_then(|v| v.as_u64()),
+                t.get("content").and_then(|v| v.as_str()),
+            ) {
+                added.push((
+                    id as usize,
+                    c.to_string(),
+                    t.get("special").and_then(|v| v.as_bool()).unwrap_or(false),
+                ));
             }
         }
     }
-    let max_id = vocab.values().filter_map(|v| v.as_u64()).map(|v| v as usize).chain(added.iter().map(|a| a.0)).max();
+    let max_id = vocab
+        .values()
+        .filter_map(|v| v.as_u64())
+        .map(|v| v as usize)
+        .chain(added.iter().map(|a| a.0))
+        .max();
     let n = vocab_size.max(max_id.map_or(0, |m| m + 1));
     if n > vocab_size {
         return Err(Error::Json {
             path,
-            msg: format!("tokenizer has ids up to {} but config.json vocab_size is {vocab_size}", n - 1),
+            msg: format!(
+                "tokenizer has ids up to {} but config.json vocab_size is {vocab_size}",
+                n - 1
+            ),
         });
     }
     // Ids the tokenizer does not define are padding placeholders, as llama.cpp's converter writes.
@@ -470,24 +579,50 @@ fn bpe_tokenizer(dir: &Path, cfg: &serde_json::Value, vocab_size: usize) -> Resu
         .collect();
     // Merges: "a b" strings (tokenizers < 0.20.4) or ["a", "b"] pairs (newer).
     let mut merges = Vec::new();
-    for m in model.get("merges").and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or(&[]) {
+    for m in model
+        .get("merges")
+        .and_then(|v| v.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
         let s = match m {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Array(p) if p.len() == 2 => {
-                format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))
+                format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_str().unwrap_or("")
+                )
             }
-            _ => return Err(Error::Json { path, msg: format!("unreadable merge {m}") }),
+            _ => {
+                return Err(Error::Json {
+                    path,
+                    msg: format!("unreadable merge {m}"),
+                })
+            }
         };
         merges.push(Value::String(s));
     }
     let mut out = vec![
-        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::String("gpt-2".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("gpt-2".into()),
+        ),
         ("tokenizer.ggml.tokens".to_string(), Value::Array(8, tokens)),
-        ("tokenizer.ggml.token_type".to_string(), Value::Array(5, types.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(5, types.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.merges".to_string(), Value::Array(8, merges)),
     ];
-    for (k, g) in [("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")] {
+    for (k, g) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+    ] {
         if let Some(id) = cfg_u64(cfg, k) {
             out.push((g.to_string(), Value::U32(id as u32)));
         }
@@ -507,17 +642,32 @@ mod tests {
 
     #[test]
     fn hf_names() {
-        assert_eq!(llama_name("model.layers.3.self_attn.k_proj.weight"), Some(Some("blk.3.attn_k.weight".into())));
-        assert_eq!(llama_name("model.layers.0.mlp.down_proj.weight"), Some(Some("blk.0.ffn_down.weight".into())));
-        assert_eq!(llama_name("model.layers.0.self_attn.rotary_emb.inv_freq"), Some(None));
-        assert_eq!(llama_name("lm_head.weight"), Some(Some("output.weight".into())));
+        assert_eq!(
+            llama_name("model.layers.3.self_attn.k_proj.weight"),
+            Some(Some("blk.3.attn_k.weight".into()))
+        );
+        assert_eq!(
+            llama_name("model.layers.0.mlp.down_proj.weight"),
+            Some(Some("blk.0.ffn_down.weight".into()))
+        );
+        assert_eq!(
+            llama_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+            Some(None)
+        );
+        assert_eq!(
+            llama_name("lm_head.weight"),
+            Some(Some("output.weight".into()))
+        );
         assert_eq!(llama_name("model.layers.0.foo.weight"), None);
     }
 
     #[test]
     fn q4_k_fallback() {
         assert_eq!(choose_type("a", &[8, 4544], QType::Q4_K).0, QType::Q8_0);
-        assert_eq!(choose_type("a", &[8, 4096], QType::Q4_K), (QType::Q4_K, None));
+        assert_eq!(
+            choose_type("a", &[8, 4096], QType::Q4_K),
+            (QType::Q4_K, None)
+        );
         assert_eq!(choose_type("a", &[8, 33], QType::Q8_0).0, QType::F32);
         assert_eq!(choose_type("a", &[4096], QType::Q8_0), (QType::F32, None));
     }

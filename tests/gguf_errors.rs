@@ -9,13 +9,27 @@ use std::path::{Path, PathBuf};
 fn good(dir: &Path) -> (PathBuf, Vec<u8>) {
     let p = dir.join("good.gguf");
     let meta = vec![
-        ("general.architecture".to_string(), Value::String("test".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("test".into()),
+        ),
         ("general.alignment".to_string(), Value::U32(32)),
-        ("x.arr".to_string(), Value::Array(4, vec![Value::U32(1), Value::U32(2), Value::U32(3)])),
+        (
+            "x.arr".to_string(),
+            Value::Array(4, vec![Value::U32(1), Value::U32(2), Value::U32(3)]),
+        ),
     ];
     let plan = vec![
-        TensorPlan { name: "w".into(), qtype: QType::Q8_0, shape: vec![2, 32] },
-        TensorPlan { name: "b".into(), qtype: QType::F32, shape: vec![4] },
+        TensorPlan {
+            name: "w".into(),
+            qtype: QType::Q8_0,
+            shape: vec![2, 32],
+        },
+        TensorPlan {
+            name: "b".into(),
+            qtype: QType::F32,
+            shape: vec![4],
+        },
     ];
     let mut w = GgufWriter::create(&p, &meta, plan).unwrap();
     w.write_tensor(&[1u8; 68]).unwrap();
@@ -27,7 +41,9 @@ fn good(dir: &Path) -> (PathBuf, Vec<u8>) {
 }
 
 fn find(b: &[u8], pat: &[u8]) -> usize {
-    b.windows(pat.len()).position(|w| w == pat).expect("pattern in file")
+    b.windows(pat.len())
+        .position(|w| w == pat)
+        .expect("pattern in file")
 }
 
 /// Position of the n_dims field of tensor `name`'s info.
@@ -59,7 +75,10 @@ fn load_bad(dir: &Path, bytes: &[u8]) -> (PathBuf, Error) {
         Ok(_) => panic!("a bad file loaded"),
         Err(e) => e,
     };
-    assert!(e.to_string().contains(p.to_str().unwrap()), "message lacks the path: {e}");
+    assert!(
+        e.to_string().contains(p.to_str().unwrap()),
+        "message lacks the path: {e}"
+    );
     (p, e)
 }
 
@@ -83,7 +102,10 @@ fn version_1_and_4() {
         let (d, mut b) = setup();
         put_u32(&mut b, 4, v);
         let (_, e) = load_bad(d.path(), &b);
-        assert!(matches!(e, Error::UnsupportedVersion { version, .. } if version == v as u64), "{e}");
+        assert!(
+            matches!(e, Error::UnsupportedVersion { version, .. } if version == v as u64),
+            "{e}"
+        );
     }
 }
 
@@ -92,7 +114,10 @@ fn big_endian() {
     let (d, mut b) = setup();
     b[4..8].copy_from_slice(&3u32.to_be_bytes());
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("big-endian"), "{e}");
+    assert!(
+        matches!(e, Error::Corrupt { .. }) && e.to_string().contains("big-endian"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -100,7 +125,13 @@ fn truncated_header_metadata_and_infos() {
     let (d, b) = setup();
     let key = find(&b, b"x.arr");
     let b_info = info_pos(&b, "b");
-    for (cut, what) in [(2, "magic"), (12, "tensor count"), (key + 2, "key of metadata entry 2"), (key + 12, "x.arr"), (b_info + 6, "'b'")] {
+    for (cut, what) in [
+        (2, "magic"),
+        (12, "tensor count"),
+        (key + 2, "key of metadata entry 2"),
+        (key + 12, "x.arr"),
+        (b_info + 6, "'b'"),
+    ] {
         let (_, e) = load_bad(d.path(), &b[..cut]);
         assert!(matches!(e, Error::Truncated { .. }), "{e}");
         assert!(e.to_string().contains(what), "cut at {cut}: {e}");
@@ -113,11 +144,20 @@ fn unsupported_type() {
     let p = info_pos(&b, "w");
     put_u32(&mut b, p + 4 + 16, 16); // IQ2_XXS
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::UnsupportedType { ref tensor, .. } if tensor == "w"), "{e}");
-    assert!(e.to_string().contains("IQ2_XXS") && e.to_string().contains("'w'"), "{e}");
+    assert!(
+        matches!(e, Error::UnsupportedType { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("IQ2_XXS") && e.to_string().contains("'w'"),
+        "{e}"
+    );
     put_u32(&mut b, p + 4 + 16, 1000);
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::UnsupportedType { .. }) && e.to_string().contains("1000"), "{e}");
+    assert!(
+        matches!(e, Error::UnsupportedType { .. }) && e.to_string().contains("1000"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -126,7 +166,10 @@ fn too_many_dims() {
     let p = info_pos(&b, "w");
     put_u32(&mut b, p, 5);
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Shape { ref tensor, .. } if tensor == "w"), "{e}");
+    assert!(
+        matches!(e, Error::Shape { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
     assert!(e.to_string().contains("'w'"));
 }
 
@@ -136,7 +179,10 @@ fn zero_dim() {
     let p = info_pos(&b, "w");
     put_u64(&mut b, p + 4 + 8, 0); // ne[1] = 0
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Shape { ref tensor, .. } if tensor == "w"), "{e}");
+    assert!(
+        matches!(e, Error::Shape { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -146,7 +192,10 @@ fn overflowing_dims() {
     put_u64(&mut b, p + 4, 1 << 45);
     put_u64(&mut b, p + 4 + 8, 1 << 40);
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("'w'"), "{e}");
+    assert!(
+        matches!(e, Error::Corrupt { .. }) && e.to_string().contains("'w'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -155,7 +204,10 @@ fn row_not_multiple_of_block() {
     let p = info_pos(&b, "w");
     put_u64(&mut b, p + 4, 33);
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Shape { ref tensor, .. } if tensor == "w"), "{e}");
+    assert!(
+        matches!(e, Error::Shape { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
     assert!(e.to_string().contains("block size 32"), "{e}");
 }
 
@@ -165,7 +217,10 @@ fn misaligned_offset() {
     let p = info_pos(&b, "b");
     put_u64(&mut b, p + 4 + 8 + 4, 96 + 4);
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Misaligned { ref tensor, offset: 100, alignment: 32, .. } if tensor == "b"), "{e}");
+    assert!(
+        matches!(e, Error::Misaligned { ref tensor, offset: 100, alignment: 32, .. } if tensor == "b"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -174,19 +229,28 @@ fn bad_alignment_value() {
     let p = find(&b, b"general.alignment") + "general.alignment".len() + 4;
     put_u32(&mut b, p, 48);
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("general.alignment"), "{e}");
+    assert!(
+        matches!(e, Error::Corrupt { .. }) && e.to_string().contains("general.alignment"),
+        "{e}"
+    );
 }
 
 #[test]
 fn data_past_end() {
     let (d, b) = setup();
     let (_, e) = load_bad(d.path(), &b[..b.len() - 20]);
-    assert!(matches!(e, Error::DataPastEnd { ref tensor, .. } if tensor == "b"), "{e}");
+    assert!(
+        matches!(e, Error::DataPastEnd { ref tensor, .. } if tensor == "b"),
+        "{e}"
+    );
     let mut b2 = b.clone();
     let p = info_pos(&b2, "w");
     put_u64(&mut b2, p + 4 + 16 + 4, u64::MAX - 31); // aligned, but start + size overflows
     let (_, e) = load_bad(d.path(), &b2);
-    assert!(matches!(e, Error::DataPastEnd { ref tensor, .. } if tensor == "w"), "{e}");
+    assert!(
+        matches!(e, Error::DataPastEnd { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -195,8 +259,14 @@ fn overlapping_tensors() {
     let p = info_pos(&b, "b");
     put_u64(&mut b, p + 4 + 8 + 4, 64); // inside w's 68 bytes
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("overlaps"), "{e}");
-    assert!(e.to_string().contains("'w'") && e.to_string().contains("'b'"), "{e}");
+    assert!(
+        matches!(e, Error::Corrupt { .. }) && e.to_string().contains("overlaps"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("'w'") && e.to_string().contains("'b'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -205,7 +275,10 @@ fn duplicate_names() {
     let p = info_pos(&b, "b");
     b[p - 1] = b'w';
     let (_, e) = load_bad(d.path(), &b);
-    assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("'w' appears twice"), "{e}");
+    assert!(
+        matches!(e, Error::Corrupt { .. }) && e.to_string().contains("'w' appears twice"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -232,7 +305,10 @@ fn hostile_counts_and_lengths_do_not_allocate() {
     assert_eq!(&x[p..p + 8], &3u64.to_le_bytes());
     put_u64(&mut x, p, u64::MAX / 2);
     let (_, e) = load_bad(d.path(), &x);
-    assert!(matches!(e, Error::Truncated { .. }) && e.to_string().contains("x.arr"), "{e}");
+    assert!(
+        matches!(e, Error::Truncated { .. }) && e.to_string().contains("x.arr"),
+        "{e}"
+    );
     // tensor name length
     let mut x = b.clone();
     let p = info_pos(&x, "w") - 1 - 8;
@@ -248,17 +324,25 @@ fn truncation_anywhere_is_an_error() {
     // A cut inside the last tensor's trailing padding leaves every byte of data: that file is fine.
     let data_end = |path: &Path, b: &[u8]| {
         let h = gguf::parse_header(path, b).unwrap();
-        h.tensors.iter().map(|t| h.data_offset + t.offset + t.nbytes).max().unwrap() as usize
+        h.tensors
+            .iter()
+            .map(|t| h.data_offset + t.offset + t.nbytes)
+            .max()
+            .unwrap() as usize
     };
     for n in (0..data_end(&p, &b)).step_by(7) {
         std::fs::write(&p, &b[..n]).unwrap();
         assert!(gguf::load(&p).is_err(), "loaded a file cut at {n}");
     }
     // The larger Llama fixture, through the same parser on slices (no file writes).
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny-llama-q8_0.gguf");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny-llama-q8_0.gguf");
     let big = std::fs::read(&path).unwrap();
     for n in (0..data_end(&path, &big)).step_by(7) {
-        assert!(gguf::parse_header(&path, &big[..n]).is_err(), "parsed a file cut at {n}");
+        assert!(
+            gguf::parse_header(&path, &big[..n]).is_err(),
+            "parsed a file cut at {n}"
+        );
     }
     assert!(gguf::parse_header(&path, &big).is_ok());
 }

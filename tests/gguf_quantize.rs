@@ -10,7 +10,9 @@ use qtune::store::{Bytes, SourceFormat, StoredTensor, WeightStore};
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
 }
 
 /// Where outputs go: the kept directory if asked for, else the temp dir.
@@ -59,11 +61,20 @@ struct Hf {
     vocab: usize,
 }
 
-const HF: Hf = Hf { hidden: 256, heads: 4, kv: 2, ffn: 320, layers: 2, vocab: 262 };
+const HF: Hf = Hf {
+    hidden: 256,
+    heads: 4,
+    kv: 2,
+    ffn: 320,
+    layers: 2,
+    vocab: 262,
+};
 
 /// GPT-2 byte-level alphabet (printable bytes as themselves, the rest from U+0100).
 fn byte_tokens() -> Vec<String> {
-    let keep = |b: u32| (33..=126).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let keep = |b: u32| {
+        (33..=126).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     let mut n = 0;
     (0..256u32)
         .map(|b| {
@@ -88,7 +99,11 @@ fn hf_store(dir: &Path, tokenizer_type: &str) -> WeightStore {
         "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "bos_token_id": 260, "eos_token_id": 261, "torch_dtype": "float32", "tie_word_embeddings": false
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
     let mut vocab = serde_json::Map::new();
     for (i, t) in byte_tokens().into_iter().enumerate() {
         vocab.insert(t, i.into());
@@ -105,24 +120,44 @@ fn hf_store(dir: &Path, tokenizer_type: &str) -> WeightStore {
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
         "model": {"type": tokenizer_type, "vocab": vocab, "merges": ["Ġ t", "h e", "Ġt he", "i n"]}
     });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tok).unwrap(),
+    )
+    .unwrap();
 
     let hd = h.hidden / h.heads;
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![h.vocab, h.hidden])];
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![h.vocab, h.hidden])];
     for l in 0..h.layers {
         let p = format!("model.layers.{l}");
         shapes.push((format!("{p}.input_layernorm.weight"), vec![h.hidden]));
-        shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![h.hidden, h.hidden]));
-        shapes.push((format!("{p}.self_attn.k_proj.weight"), vec![h.kv * hd, h.hidden]));
+        shapes.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![h.hidden, h.hidden],
+        ));
+        shapes.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![h.kv * hd, h.hidden],
+        ));
         if l == 0 {
             // Biases (as with `attention_bias: true`): the converter permutes these too.
             shapes.push((format!("{p}.self_attn.q_proj.bias"), vec![h.hidden]));
             shapes.push((format!("{p}.self_attn.k_proj.bias"), vec![h.kv * hd]));
         }
-        shapes.push((format!("{p}.self_attn.v_proj.weight"), vec![h.kv * hd, h.hidden]));
-        shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h.hidden, h.hidden]));
+        shapes.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![h.kv * hd, h.hidden],
+        ));
+        shapes.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h.hidden, h.hidden],
+        ));
         shapes.push((format!("{p}.self_attn.rotary_emb.inv_freq"), vec![hd / 2]));
-        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h.hidden]));
+        shapes.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h.hidden],
+        ));
         shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![h.ffn, h.hidden]));
         shapes.push((format!("{p}.mlp.up_proj.weight"), vec![h.ffn, h.hidden]));
         shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h.hidden, h.ffn]));
@@ -138,18 +173,36 @@ fn hf_store(dir: &Path, tokenizer_type: &str) -> WeightStore {
         let v: Vec<f32> = (0..n).map(|_| rng.next() * 0.1).collect();
         // One F16 source tensor, to cover conversion from a half-precision checkpoint.
         let (qtype, bytes) = if name.ends_with("layers.1.mlp.up_proj.weight") {
-            (QType::F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect::<Vec<u8>>())
+            (
+                QType::F16,
+                v.iter()
+                    .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
         } else {
             (QType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
         };
         raw.push((name.clone(), shape.clone(), qtype, bytes.clone()));
-        tensors.push(StoredTensor { name, qtype, shape, data: Bytes::from_vec(bytes), nf4: None });
+        tensors.push(StoredTensor {
+            name,
+            qtype,
+            shape,
+            data: Bytes::from_vec(bytes),
+            nf4: None,
+        });
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = raw
         .iter()
         .map(|(n, s, q, b)| {
-            let dt = if *q == QType::F16 { safetensors::Dtype::F16 } else { safetensors::Dtype::F32 };
-            (n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap())
+            let dt = if *q == QType::F16 {
+                safetensors::Dtype::F16
+            } else {
+                safetensors::Dtype::F32
+            };
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
@@ -174,7 +227,8 @@ fn permuted(src: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
             for i in 0..half {
                 let from = h * hd + j * half + i;
                 let to = h * hd + 2 * i + j;
-                out[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&src[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -240,10 +294,16 @@ fn check_hf_metadata(out: &WeightStore, ftype: u32) {
         ("tokenizer.ggml.bos_token_id", 260),
         ("tokenizer.ggml.eos_token_id", 261),
     ] {
-        assert!(matches!(meta(out, k), Value::U32(_)), "{k} is u32 as gguf-py writes it");
+        assert!(
+            matches!(meta(out, k), Value::U32(_)),
+            "{k} is u32 as gguf-py writes it"
+        );
         assert_eq!(meta(out, k).as_u64(), Some(want), "{k}");
     }
-    assert_eq!(meta(out, "llama.attention.layer_norm_rms_epsilon"), &Value::F32(1e-5));
+    assert_eq!(
+        meta(out, "llama.attention.layer_norm_rms_epsilon"),
+        &Value::F32(1e-5)
+    );
     assert_eq!(meta(out, "llama.rope.freq_base"), &Value::F32(10000.0));
     assert_eq!(meta(out, "tokenizer.ggml.model").as_str(), Some("gpt2"));
     assert_eq!(meta(out, "tokenizer.ggml.pre").as_str(), Some("gpt-2"));
@@ -275,15 +335,24 @@ fn hf_to_f32_maps_names_and_permutes_q_k() {
     // 2 layers x 9 + 2 biases + embeddings, final norm, output; the rotary caches are dropped.
     assert_eq!(out.tensors.len(), 23);
     assert!(out.tensors.iter().all(|t| t.qtype == QType::F32));
-    assert_eq!(out.get("blk.0.attn_k.weight").unwrap().shape, vec![128, 256]);
+    assert_eq!(
+        out.get("blk.0.attn_k.weight").unwrap().shape,
+        vec![128, 256]
+    );
     for t in &out.tensors {
         assert_eq!(values(t), expected(&src, &t.name), "{}", t.name);
     }
     // The permutation moved rows (the test would pass vacuously otherwise).
     let q = out.get("blk.0.attn_q.weight").unwrap();
-    assert_ne!(values(q), values(src.get("model.layers.0.self_attn.q_proj.weight").unwrap()));
+    assert_ne!(
+        values(q),
+        values(src.get("model.layers.0.self_attn.q_proj.weight").unwrap())
+    );
     let kb = out.get("blk.0.attn_k.bias").unwrap();
-    assert_ne!(values(kb), values(src.get("model.layers.0.self_attn.k_proj.bias").unwrap()));
+    assert_ne!(
+        values(kb),
+        values(src.get("model.layers.0.self_attn.k_proj.bias").unwrap())
+    );
 }
 
 #[test]
@@ -315,7 +384,10 @@ fn hf_to_q8_0_and_q4_k_with_fallback() {
             }
         }
     }
-    assert!(r.bits_per_weight() > 8.4 && r.bits_per_weight() < 8.6, "{r}");
+    assert!(
+        r.bits_per_weight() > 8.4 && r.bits_per_weight() < 8.6,
+        "{r}"
+    );
 
     let p = keep.join("hf-q4_k.gguf");
     let r = quantize_to_gguf(&src, QType::Q4_K, &p).unwrap();
@@ -323,7 +395,10 @@ fn hf_to_q8_0_and_q4_k_with_fallback() {
     assert_eq!(meta(&out, "general.file_type").as_u64(), Some(15));
     // ffn_down rows are 320 long: not a multiple of 256, so Q8_0 (reported), like Falcon's 4544.
     assert_eq!(r.fallbacks.len(), 2, "{r}");
-    assert!(r.fallbacks[0].contains("blk.0.ffn_down.weight") && r.fallbacks[0].contains("Q8_0"), "{r}");
+    assert!(
+        r.fallbacks[0].contains("blk.0.ffn_down.weight") && r.fallbacks[0].contains("Q8_0"),
+        "{r}"
+    );
     for t in &out.tensors {
         let want = match t.shape.len() {
             1 => QType::F32,
@@ -332,7 +407,11 @@ fn hf_to_q8_0_and_q4_k_with_fallback() {
         };
         assert_eq!(t.qtype, want, "{}", t.name);
         let (got, exp) = (values(t), expected(&src, &t.name));
-        let err: f64 = got.iter().zip(&exp).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        let err: f64 = got
+            .iter()
+            .zip(&exp)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>();
         let norm: f64 = exp.iter().map(|b| (*b as f64).powi(2)).sum::<f64>();
         let rel = (err / norm).sqrt();
         let bound = match want {
@@ -366,7 +445,10 @@ fn gguf_to_f16_keeps_metadata_and_values() {
         assert_eq!((&a.name, &a.shape), (&b.name, &b.shape));
         let want: Vec<f32> = if b.shape.len() == 2 {
             assert_eq!(a.qtype, QType::F16);
-            values(b).iter().map(|x| f16::from_f32(*x).to_f32()).collect()
+            values(b)
+                .iter()
+                .map(|x| f16::from_f32(*x).to_f32())
+                .collect()
         } else {
             assert_eq!(a.qtype, QType::F32);
             values(b)
@@ -384,19 +466,39 @@ fn gguf_q8_0_to_q4_0() {
     quantize_to_gguf(&src, QType::Q4_0, &p).unwrap();
     let out = gguf::load(&p).unwrap();
     assert_eq!(meta(&out, "general.file_type"), &Value::U32(2));
-    assert_eq!(meta(&out, "tokenizer.ggml.tokens"), meta(&src, "tokenizer.ggml.tokens"));
+    assert_eq!(
+        meta(&out, "tokenizer.ggml.tokens"),
+        meta(&src, "tokenizer.ggml.tokens")
+    );
     for (a, b) in out.tensors.iter().zip(&src.tensors) {
-        assert_eq!(a.qtype, if b.shape.len() == 2 { QType::Q4_0 } else { QType::F32 }, "{}", a.name);
+        assert_eq!(
+            a.qtype,
+            if b.shape.len() == 2 {
+                QType::Q4_0
+            } else {
+                QType::F32
+            },
+            "{}",
+            a.name
+        );
         let (got, want) = (values(a), values(b));
         // Q4_0: d = amax/8 per block; error at most d/2, except values of the opposite sign to
         // the extreme, which clamp at q = 15 (7d) and can be off by a whole step d.
         for (g, w) in got.chunks(32).zip(want.chunks(32)) {
             let d = w.iter().fold(0f32, |a, x| a.max(x.abs())) / 8.0;
             for (x, y) in g.iter().zip(w) {
-                let bound = if (x - y).abs() > 0.51 * d { 1.01 * d } else { 0.51 * d };
+                let bound = if (x - y).abs() > 0.51 * d {
+                    1.01 * d
+                } else {
+                    0.51 * d
+                };
                 assert!((x - y).abs() <= bound + 1e-7, "{}: {x} vs {y}", a.name);
                 if (x - y).abs() > 0.51 * d {
-                    assert!(x * y > 0.0 && x.abs() >= 6.9 * d, "{}: {x} vs {y}: only clamped values may be a step off", a.name);
+                    assert!(
+                        x * y > 0.0 && x.abs() >= 6.9 * d,
+                        "{}: {x} vs {y}: only clamped values may be a step off",
+                        a.name
+                    );
                 }
             }
         }
@@ -414,15 +516,24 @@ fn gguf_q8_0_to_q4_0() {
 fn unsupported_tokenizer_and_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let src = hf_store(tmp.path(), "Unigram");
-    let e = quantize_to_gguf(&src, QType::F32, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    let e = quantize_to_gguf(&src, QType::F32, &tmp.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("'Unigram' is not supported"), "{e}");
     std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
-    let e = quantize_to_gguf(&src, QType::F32, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    let e = quantize_to_gguf(&src, QType::F32, &tmp.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no tokenizer.json"), "{e}");
     let mut src = src;
     src.config.as_mut().unwrap()["architectures"] = serde_json::json!(["FalconForCausalLM"]);
-    let e = quantize_to_gguf(&src, QType::F32, &tmp.path().join("x.gguf")).unwrap_err().to_string();
-    assert!(e.contains("FalconForCausalLM") && e.contains("not supported"), "{e}");
+    let e = quantize_to_gguf(&src, QType::F32, &tmp.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("FalconForCausalLM") && e.contains("not supported"),
+        "{e}"
+    );
     // Nothing half-written was left behind.
     assert!(!tmp.path().join("x.gguf").exists() && !tmp.path().join("x.gguf.tmp").exists());
 }

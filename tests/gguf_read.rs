@@ -6,7 +6,9 @@ use serde_json::Value as J;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
 }
 
 fn reference() -> J {
@@ -52,15 +54,32 @@ fn check_file(name: &str) {
     let store = gguf::load(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let header = gguf::parse_header(&path, &bytes).unwrap();
-    assert_eq!(header.version as u64, r["version"].as_u64().unwrap(), "{name}: version");
-    assert_eq!(store.alignment, r["alignment"].as_u64().unwrap(), "{name}: alignment");
-    assert_eq!(header.data_offset, r["data_offset"].as_u64().unwrap(), "{name}: data offset");
+    assert_eq!(
+        header.version as u64,
+        r["version"].as_u64().unwrap(),
+        "{name}: version"
+    );
+    assert_eq!(
+        store.alignment,
+        r["alignment"].as_u64().unwrap(),
+        "{name}: alignment"
+    );
+    assert_eq!(
+        header.data_offset,
+        r["data_offset"].as_u64().unwrap(),
+        "{name}: data offset"
+    );
 
     let fields = r["fields"].as_array().unwrap();
     assert_eq!(store.gguf_metadata.len(), fields.len(), "{name}: key count");
     for ((k, v), f) in store.gguf_metadata.iter().zip(fields) {
         assert_eq!(k, f["key"].as_str().unwrap(), "{name}: key order");
-        let types: Vec<u64> = f["types"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        let types: Vec<u64> = f["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
         assert_eq!(type_chain(v), types, "{name}: types of {k}");
         match v {
             Value::Array(..) => {
@@ -72,7 +91,11 @@ fn check_file(name: &str) {
                     assert!(scalar_eq(a, b), "{name}: {k}: {a:?} vs {b}");
                 }
             }
-            _ => assert!(scalar_eq(v, &f["value"]), "{name}: {k}: {v:?} vs {}", f["value"]),
+            _ => assert!(
+                scalar_eq(v, &f["value"]),
+                "{name}: {k}: {v:?} vs {}",
+                f["value"]
+            ),
         }
     }
 
@@ -80,18 +103,48 @@ fn check_file(name: &str) {
     assert_eq!(store.tensors.len(), tensors.len());
     for ((t, info), rt) in store.tensors.iter().zip(&header.tensors).zip(tensors) {
         assert_eq!(t.name, rt["name"].as_str().unwrap());
-        assert_eq!(t.qtype.ggml_id().unwrap() as u64, rt["type"].as_u64().unwrap(), "{}", t.name);
-        let ne: Vec<usize> = rt["ne"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        assert_eq!(
+            t.qtype.ggml_id().unwrap() as u64,
+            rt["type"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
+        let ne: Vec<usize> = rt["ne"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         let rev: Vec<usize> = ne.iter().rev().copied().collect();
         assert_eq!(t.shape, rev, "{}: shape is ne reversed", t.name);
-        assert_eq!(t.data.len() as u64, rt["n_bytes"].as_u64().unwrap(), "{}", t.name);
-        assert_eq!(header.data_offset + info.offset, rt["data_offset"].as_u64().unwrap(), "{}", t.name);
+        assert_eq!(
+            t.data.len() as u64,
+            rt["n_bytes"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            header.data_offset + info.offset,
+            rt["data_offset"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
         // The view is the very bytes at that offset of the file.
         let off = rt["data_offset"].as_u64().unwrap() as usize;
-        assert_eq!(t.data.as_slice(), &bytes[off..off + t.data.len()], "{}", t.name);
+        assert_eq!(
+            t.data.as_slice(),
+            &bytes[off..off + t.data.len()],
+            "{}",
+            t.name
+        );
         // Dequantised with our kernels, equal to gguf-py's dequantisation (exact: same f16 scale
         // times the same small integer, both in f32).
-        let want: Vec<f32> = rt["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> = rt["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let mut got = vec![0f32; t.numel()];
         dequantize_f32(t.qtype, t.data.as_slice(), &mut got);
         assert_eq!(&got[..want.len()], &want[..], "{}: values", t.name);
@@ -118,8 +171,14 @@ fn v2_matches_gguf_py() {
 fn tiny_llama_matches_gguf_py() {
     check_file("tiny-llama-q8_0.gguf");
     let s = gguf::load(&fixture("tiny-llama-q8_0.gguf")).unwrap();
-    assert_eq!(gguf::find(&s.gguf_metadata, "general.architecture").and_then(Value::as_str), Some("llama"));
-    assert_eq!(gguf::find(&s.gguf_metadata, "llama.block_count").and_then(Value::as_u64), Some(2));
+    assert_eq!(
+        gguf::find(&s.gguf_metadata, "general.architecture").and_then(Value::as_str),
+        Some("llama")
+    );
+    assert_eq!(
+        gguf::find(&s.gguf_metadata, "llama.block_count").and_then(Value::as_u64),
+        Some(2)
+    );
     assert_eq!(s.get("blk.0.attn_k.weight").unwrap().shape, vec![32, 64]);
 }
 
@@ -129,15 +188,29 @@ fn tiny_llama_matches_gguf_py() {
 #[test]
 fn agrees_with_gguf_rs() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["all-types.gguf", "align64.gguf", "v2.gguf", "tiny-llama-q8_0.gguf"] {
+    for name in [
+        "all-types.gguf",
+        "align64.gguf",
+        "v2.gguf",
+        "tiny-llama-q8_0.gguf",
+    ] {
         let mut path = fixture(name);
         let src = gguf::load(&path).unwrap();
         if gguf::find(&src.gguf_metadata, "test.arr_nested").is_some() {
-            let meta: Vec<_> = src.gguf_metadata.iter().filter(|(k, _)| k != "test.arr_nested").cloned().collect();
+            let meta: Vec<_> = src
+                .gguf_metadata
+                .iter()
+                .filter(|(k, _)| k != "test.arr_nested")
+                .cloned()
+                .collect();
             let plan = src
                 .tensors
                 .iter()
-                .map(|t| gguf::TensorPlan { name: t.name.clone(), qtype: t.qtype, shape: t.shape.clone() })
+                .map(|t| gguf::TensorPlan {
+                    name: t.name.clone(),
+                    qtype: t.qtype,
+                    shape: t.shape.clone(),
+                })
                 .collect();
             path = dir.path().join(name);
             let mut w = gguf::GgufWriter::create(&path, &meta, plan).unwrap();
@@ -156,11 +229,19 @@ fn agrees_with_gguf_rs() {
         assert_eq!(m.num_tensor(), store.tensors.len() as u64, "{name}");
         assert_eq!(m.alignment(), store.alignment, "{name}");
         assert_eq!(m.data_offset(), header.data_offset, "{name}");
-        let mut keys: Vec<&str> = store.gguf_metadata.iter().map(|(k, _)| k.as_str()).collect();
+        let mut keys: Vec<&str> = store
+            .gguf_metadata
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         keys.sort();
         let theirs: Vec<&str> = m.metadata().keys().map(|k| k.as_str()).collect();
         assert_eq!(keys, theirs, "{name}");
-        for (t, (info, rt)) in store.tensors.iter().zip(header.tensors.iter().zip(m.tensors())) {
+        for (t, (info, rt)) in store
+            .tensors
+            .iter()
+            .zip(header.tensors.iter().zip(m.tensors()))
+        {
             assert_eq!(t.name, rt.name, "{name}");
             assert_eq!(t.qtype.ggml_id().unwrap(), rt.kind, "{name} {}", t.name);
             assert_eq!(info.ne, rt.shape, "{name} {}", t.name);

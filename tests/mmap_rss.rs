@@ -16,13 +16,23 @@ fn two_gb_file_maps_without_reading() {
     const ROWS: usize = 4096;
     const COLS: usize = 16384;
     const N: usize = 28; // 28 x 71.3 MB = 2.0 GB
-    let dir = tempfile::Builder::new().prefix("qtune-rss").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("qtune-rss")
+        .tempdir_in("/tmp")
+        .unwrap();
     let path = dir.path().join("big.gguf");
     let plan: Vec<TensorPlan> = (0..N)
-        .map(|i| TensorPlan { name: format!("blk.{i}.w"), qtype: QType::Q8_0, shape: vec![ROWS, COLS] })
+        .map(|i| TensorPlan {
+            name: format!("blk.{i}.w"),
+            qtype: QType::Q8_0,
+            shape: vec![ROWS, COLS],
+        })
         .collect();
     let tensor_bytes = QType::Q8_0.bytes_for(ROWS * COLS).unwrap();
-    let meta = vec![("general.architecture".to_string(), Value::String("test".into()))];
+    let meta = vec![(
+        "general.architecture".to_string(),
+        Value::String("test".into()),
+    )];
     let mut w = GgufWriter::create(&path, &meta, plan).unwrap();
     // A 1 MiB-ish chunk of whole Q8_0 blocks: scale 1.0 (f16 0x3C00), quants k % 127.
     let mut block = vec![0x00u8, 0x3C];

@@ -132,7 +132,10 @@ impl Value {
         match *self {
             Value::F32(v) => Some(v as f64),
             Value::F64(v) => Some(v),
-            _ => self.as_i64().map(|v| v as f64).or_else(|| self.as_u64().map(|v| v as f64)),
+            _ => self
+                .as_i64()
+                .map(|v| v as f64)
+                .or_else(|| self.as_u64().map(|v| v as f64)),
         }
     }
 
@@ -305,7 +308,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn truncated(&self, what: &str) -> Error {
-        Error::Truncated { path: self.path.to_path_buf(), what: what.to_string(), len: self.b.len() as u64 }
+        Error::Truncated {
+            path: self.path.to_path_buf(),
+            what: what.to_string(),
+            len: self.b.len() as u64,
+        }
     }
 
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
@@ -356,7 +363,13 @@ impl<'a> Cursor<'a> {
             T_BOOL => match self.arr::<1>(what)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => return Err(Error::corrupt(self.path, FMT, format!("{}: bool byte {b} is not 0 or 1", what()))),
+                b => {
+                    return Err(Error::corrupt(
+                        self.path,
+                        FMT,
+                        format!("{}: bool byte {b} is not 0 or 1", what()),
+                    ))
+                }
             },
             T_STRING => Value::String(self.string(what)?),
             T_U64 => Value::U64(self.u64(what)?),
@@ -387,7 +400,9 @@ impl<'a> Cursor<'a> {
                     }
                 };
                 // Checked before allocating: a hostile count cannot make us reserve memory.
-                if n.checked_mul(min).is_none_or(|b| b > self.remaining() as u64) {
+                if n.checked_mul(min)
+                    .is_none_or(|b| b > self.remaining() as u64)
+                {
                     return Err(self.truncated(&format!(
                         "{} (array of {n} {} values)",
                         what(),
@@ -400,7 +415,13 @@ impl<'a> Cursor<'a> {
                 }
                 Value::Array(et, v)
             }
-            _ => return Err(Error::corrupt(self.path, FMT, format!("{}: unknown value type {t}", what()))),
+            _ => {
+                return Err(Error::corrupt(
+                    self.path,
+                    FMT,
+                    format!("{}: unknown value type {t}", what()),
+                ))
+            }
         })
     }
 }
@@ -411,7 +432,11 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
     let mut c = Cursor { b, pos: 0, path };
     let magic = c.arr::<4>(&|| "magic".into())?;
     if magic != MAGIC {
-        return Err(Error::BadMagic { path: path.to_path_buf(), format: FMT, found: magic.to_vec() });
+        return Err(Error::BadMagic {
+            path: path.to_path_buf(),
+            format: FMT,
+            found: magic.to_vec(),
+        });
     }
     let version = c.u32(&|| "version".into())?;
     if !(1..=3).contains(&version) && (1..=3).contains(&version.swap_bytes()) {
@@ -436,7 +461,10 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
     let n_tensors = c.u64(&|| "tensor count".into())?;
     let n_kv = c.u64(&|| "metadata count".into())?;
     // A key-value takes at least 13 bytes, a tensor info at least 24: refuse counts the file cannot hold.
-    if n_kv.checked_mul(13).is_none_or(|x| x > c.remaining() as u64) {
+    if n_kv
+        .checked_mul(13)
+        .is_none_or(|x| x > c.remaining() as u64)
+    {
         return Err(c.truncated(&format!("metadata ({n_kv} key-value pairs announced)")));
     }
     let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -452,11 +480,18 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
         Some(v) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 30 => a,
             _ => {
-                return Err(Error::corrupt(path, FMT, format!("{KEY_ALIGNMENT} = {v} is not a power of two")));
+                return Err(Error::corrupt(
+                    path,
+                    FMT,
+                    format!("{KEY_ALIGNMENT} = {v} is not a power of two"),
+                ));
             }
         },
     };
-    if n_tensors.checked_mul(24).is_none_or(|x| x > c.remaining() as u64) {
+    if n_tensors
+        .checked_mul(24)
+        .is_none_or(|x| x > c.remaining() as u64)
+    {
         return Err(c.truncated(&format!("tensor infos ({n_tensors} tensors announced)")));
     }
     let mut raw = Vec::with_capacity(n_tensors as usize);
@@ -485,21 +520,37 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
     let mut names = HashSet::with_capacity(raw.len());
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, ne, type_id, offset) in raw {
-        let shape_err = |msg: String| Error::Shape { path: path.to_path_buf(), tensor: name.clone(), msg };
+        let shape_err = |msg: String| Error::Shape {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            msg,
+        };
         let Some(qtype) = QType::from_ggml_id(type_id) else {
             return Err(Error::UnsupportedType {
                 path: path.to_path_buf(),
                 tensor: name,
                 type_name: QType::ggml_name_of_id(type_id),
-                supported: QType::ALL.iter().filter(|t| t.ggml_id().is_some()).map(|t| t.name()).collect::<Vec<_>>().join(", "),
+                supported: QType::ALL
+                    .iter()
+                    .filter(|t| t.ggml_id().is_some())
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         };
         if ne.contains(&0) {
             return Err(shape_err(format!("zero dimension in ne {ne:?}")));
         }
-        let numel = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= isize::MAX as u64);
+        let numel = ne
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= isize::MAX as u64);
         let Some(numel) = numel else {
-            return Err(Error::corrupt(path, FMT, format!("tensor '{name}': dimensions {ne:?} overflow")));
+            return Err(Error::corrupt(
+                path,
+                FMT,
+                format!("tensor '{name}': dimensions {ne:?} overflow"),
+            ));
         };
         let bs = qtype.block_size() as u64;
         let row = ne.first().copied().unwrap_or(1);
@@ -511,7 +562,12 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
         }
         let nbytes = numel / bs * qtype.type_size() as u64;
         if offset % alignment != 0 {
-            return Err(Error::Misaligned { path: path.to_path_buf(), tensor: name, offset, alignment });
+            return Err(Error::Misaligned {
+                path: path.to_path_buf(),
+                tensor: name,
+                offset,
+                alignment,
+            });
         }
         let start = data_offset.checked_add(offset);
         let end = start.and_then(|s| s.checked_add(nbytes));
@@ -528,9 +584,19 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
             }
         }
         if !names.insert(name.clone()) {
-            return Err(Error::corrupt(path, FMT, format!("tensor '{name}' appears twice")));
+            return Err(Error::corrupt(
+                path,
+                FMT,
+                format!("tensor '{name}' appears twice"),
+            ));
         }
-        tensors.push(TensorInfo { name, ne, qtype, offset, nbytes });
+        tensors.push(TensorInfo {
+            name,
+            ne,
+            qtype,
+            offset,
+            nbytes,
+        });
     }
     // Overlap check on offsets sorted ascending.
     let mut order: Vec<usize> = (0..tensors.len()).collect();
@@ -552,7 +618,13 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
             ));
         }
     }
-    Ok(Header { version, metadata, tensors, alignment, data_offset })
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }
 
 fn align_up(x: u64, a: u64) -> u64 {
@@ -565,7 +637,11 @@ pub fn load(path: &Path) -> Result<WeightStore> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 4 {
-        return Err(Error::Truncated { path: path.to_path_buf(), what: "magic".into(), len });
+        return Err(Error::Truncated {
+            path: path.to_path_buf(),
+            what: "magic".into(),
+            len,
+        });
     }
     // SAFETY: the map is read-only; a file truncated or rewritten by another process while mapped
     // is outside what any mmap-based loader can guard against (llama.cpp and safetensors share this).
@@ -580,7 +656,11 @@ pub fn load(path: &Path) -> Result<WeightStore> {
             qtype: t.qtype,
             shape: t.shape(),
             // Bounds were checked against the file length in parse_header.
-            data: Bytes::from_shared(owner.clone(), (header.data_offset + t.offset) as usize, t.nbytes as usize),
+            data: Bytes::from_shared(
+                owner.clone(),
+                (header.data_offset + t.offset) as usize,
+                t.nbytes as usize,
+            ),
             nf4: None,
         })
         .collect();
@@ -609,7 +689,7 @@ impl TensorPlan {
     /// Bytes of the tensor's data, or `None` if the row length is not a whole number of blocks.
     pub fn nbytes(&self) -> Option<usize> {
         let row = *self.shape.last().unwrap_or(&1);
-        if row % self.qtype.block_size() != 0 {
+        if !row.is_multiple_of(self.qtype.block_size()) {
             return None;
         }
         self.qtype.bytes_for(self.shape.iter().product())
@@ -639,19 +719,31 @@ impl GgufWriter {
             Some(v) => v
                 .as_u64()
                 .filter(|a| *a > 0 && a.is_power_of_two())
-                .ok_or_else(|| Error::Invalid(format!("{}: {KEY_ALIGNMENT} = {v} is not a power of two", out.display())))?,
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: {KEY_ALIGNMENT} = {v} is not a power of two",
+                        out.display()
+                    ))
+                })?,
         } as usize;
         let mut names = HashSet::new();
         let mut sized = Vec::with_capacity(plan.len());
         for t in plan {
             if !names.insert(t.name.clone()) {
-                return Err(Error::Invalid(format!("{}: tensor '{}' planned twice", out.display(), t.name)));
+                return Err(Error::Invalid(format!(
+                    "{}: tensor '{}' planned twice",
+                    out.display(),
+                    t.name
+                )));
             }
             if t.shape.len() > MAX_DIMS || t.shape.contains(&0) {
                 return Err(Error::Shape {
                     path: out.to_path_buf(),
                     tensor: t.name.clone(),
-                    msg: format!("shape {:?} cannot be stored in GGUF (1 to 4 non-zero dims)", t.shape),
+                    msg: format!(
+                        "shape {:?} cannot be stored in GGUF (1 to 4 non-zero dims)",
+                        t.shape
+                    ),
                 });
             }
             if t.qtype.ggml_id().is_none() {
@@ -665,13 +757,20 @@ impl GgufWriter {
             let n = t.nbytes().ok_or_else(|| Error::Shape {
                 path: out.to_path_buf(),
                 tensor: t.name.clone(),
-                msg: format!("row length is not a multiple of the {} block size {}", t.qtype.name(), t.qtype.block_size()),
+                msg: format!(
+                    "row length is not a multiple of the {} block size {}",
+                    t.qtype.name(),
+                    t.qtype.block_size()
+                ),
             })?;
             sized.push((t, n));
         }
 
         let mut head = Vec::with_capacity(
-            24 + metadata.iter().map(|(k, v)| 12 + k.len() + v.encoded_len()).sum::<usize>()
+            24 + metadata
+                .iter()
+                .map(|(k, v)| 12 + k.len() + v.encoded_len())
+                .sum::<usize>()
                 + sized.iter().map(|(t, _)| 60 + t.name.len()).sum::<usize>(),
         );
         head.extend_from_slice(&MAGIC);
@@ -717,7 +816,10 @@ impl GgufWriter {
         let tmp = &self.tmp;
         match self.file.as_mut() {
             Some(f) => f.write_all(b).map_err(|e| Error::io(tmp, e)),
-            None => Err(Error::Invalid(format!("{}: writer already finished", self.out.display()))),
+            None => Err(Error::Invalid(format!(
+                "{}: writer already finished",
+                self.out.display()
+            ))),
         }
     }
 
@@ -730,14 +832,20 @@ impl GgufWriter {
     /// order); when its last byte arrives, pads to the alignment and moves to the next tensor.
     pub fn write_chunk(&mut self, bytes: &[u8]) -> Result<()> {
         let Some((t, n)) = self.plan.get(self.cur) else {
-            return Err(Error::Invalid(format!("{}: more tensor data than planned", self.out.display())));
+            return Err(Error::Invalid(format!(
+                "{}: more tensor data than planned",
+                self.out.display()
+            )));
         };
         let n = *n;
         if self.cur_written + bytes.len() > n {
             return Err(Error::Shape {
                 path: self.out.clone(),
                 tensor: t.name.clone(),
-                msg: format!("got {} bytes, the plan says {n}", self.cur_written + bytes.len()),
+                msg: format!(
+                    "got {} bytes, the plan says {n}",
+                    self.cur_written + bytes.len()
+                ),
             });
         }
         self.write_raw(bytes)?;
@@ -758,7 +866,10 @@ impl GgufWriter {
                 return Err(Error::Shape {
                     path: self.out.clone(),
                     tensor: t.name.clone(),
-                    msg: format!("got {} bytes for a whole tensor, the plan says {n}", bytes.len()),
+                    msg: format!(
+                        "got {} bytes for a whole tensor, the plan says {n}",
+                        bytes.len()
+                    ),
                 });
             }
         }
@@ -776,7 +887,9 @@ impl GgufWriter {
             )));
         }
         let f = self.file.take().expect("finish runs once");
-        let f = f.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let f = f
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         f.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(f);
         std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))
@@ -797,7 +910,11 @@ pub fn rewrite(store: &WeightStore, out: &Path) -> Result<()> {
     let plan = store
         .tensors
         .iter()
-        .map(|t| TensorPlan { name: t.name.clone(), qtype: t.qtype, shape: t.shape.clone() })
+        .map(|t| TensorPlan {
+            name: t.name.clone(),
+            qtype: t.qtype,
+            shape: t.shape.clone(),
+        })
         .collect();
     let mut w = GgufWriter::create(out, &store.gguf_metadata, plan)?;
     for t in &store.tensors {
@@ -815,13 +932,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.gguf");
         let meta = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
-            ("x.arr".to_string(), Value::Array(T_ARRAY, vec![Value::Array(T_I32, vec![Value::I32(-1)])])),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
+            (
+                "x.arr".to_string(),
+                Value::Array(T_ARRAY, vec![Value::Array(T_I32, vec![Value::I32(-1)])]),
+            ),
             ("x.empty".to_string(), Value::Array(T_U8, vec![])),
         ];
         let plan = vec![
-            TensorPlan { name: "a".into(), qtype: QType::F32, shape: vec![3] },
-            TensorPlan { name: "b".into(), qtype: QType::Q8_0, shape: vec![2, 32] },
+            TensorPlan {
+                name: "a".into(),
+                qtype: QType::F32,
+                shape: vec![3],
+            },
+            TensorPlan {
+                name: "b".into(),
+                qtype: QType::Q8_0,
+                shape: vec![2, 32],
+            },
         ];
         let mut w = GgufWriter::create(&p, &meta, plan).unwrap();
         w.write_tensor(&[1u8; 12]).unwrap();
@@ -839,7 +970,11 @@ mod tests {
     fn unfinished_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.gguf");
-        let plan = vec![TensorPlan { name: "a".into(), qtype: QType::F32, shape: vec![3] }];
+        let plan = vec![TensorPlan {
+            name: "a".into(),
+            qtype: QType::F32,
+            shape: vec![3],
+        }];
         let w = GgufWriter::create(&p, &[], plan).unwrap();
         assert!(w.finish().is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
