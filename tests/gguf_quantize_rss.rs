@@ -79,7 +79,7 @@ fn quantize_streams_one_chunk_at_a_time() {
     eprintln!(
         "F16 conversion of {} weights ({} MB as f16) in {secs:.2} s; peak anonymous RSS +{} MB",
         r.params,
-        r.params * 2 >> 20,
+        (r.params * 2) >> 20,
         grew >> 20
     );
     let one_tensor_f32 = (ROWS * COLS * 4) as u64;
