@@ -13,6 +13,8 @@ Checks:
   own quantisation of the same values.
 - hf-*.gguf (from hf-llama/): tensors equal the safetensors source after llama.cpp's converter's
   Q/K permutation (reshape(n_head, 2, -1, ...).swapaxes(1, 2)), within the type's step.
+- llama.cpp (llama-cpp-python 0.3.16) loads every output; its logits on hf-*.gguf match
+  transformers' on hf-llama/ (plus a negative control for the Q/K layout).
 Prints one line per check and exits non-zero on any mismatch.
 """
 import json
@@ -156,6 +158,56 @@ def check_hf(path: str, hf_dir: str) -> None:
         check_values(name, t, w.reshape(-1))
 
 
+def check_llama_cpp(d: str) -> None:
+    """llama.cpp (llama-cpp-python) loads our files; on hf-*.gguf its logits match transformers'
+    LlamaForCausalLM on the source directory. A negative control (Q/K rows permuted inside the HF
+    model itself) shows the comparison is sensitive to the rotary layout."""
+    try:
+        import torch
+        from llama_cpp import Llama
+        from transformers import LlamaForCausalLM
+    except ImportError as e:
+        print(f"skip llama.cpp checks: {e}")
+        return
+    toks = [10, 200, 37, 5, 99, 258, 33, 120]
+
+    def cpp_logits(path):
+        m = Llama(model_path=path, logits_all=True, verbose=False, n_ctx=64, n_threads=2)
+        m.eval(toks)
+        return np.array(m.scores[:len(toks)], dtype=np.float64)
+
+    for fn in sorted(os.listdir(d)):
+        if fn.endswith(".gguf") and not fn.startswith("rewrite-"):
+            lg = cpp_logits(os.path.join(d, fn))
+            check(np.isfinite(lg).all(), f"llama.cpp loads {fn} and evaluates {len(toks)} tokens")
+    hf_dir = os.path.join(d, "hf-llama")
+    if not os.path.isdir(hf_dir):
+        return
+    # attention_bias: layer 0 carries q/k biases; the missing ones load as zeros, as in llama.cpp.
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attention_bias=True)
+    model = model.float().eval()  # one source tensor is F16
+    with torch.no_grad():
+        ref = model(torch.tensor([toks])).logits[0].double().numpy()
+
+    def rel(a):
+        return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+    for fn, tol in [("hf-f32.gguf", 5e-4), ("hf-q8_0.gguf", 5e-2), ("hf-q4_k.gguf", 2e-1)]:
+        p = os.path.join(d, fn)
+        if os.path.exists(p):
+            r = rel(cpp_logits(p))
+            check(r < tol, f"{fn}: llama.cpp logits vs transformers, max rel diff {r:.2e} (< {tol})")
+    cfg = model.config
+    with torch.no_grad():
+        for layer in model.model.layers:
+            a = layer.self_attn
+            a.q_proj.weight.copy_(torch.from_numpy(permute(a.q_proj.weight.numpy(), cfg.num_attention_heads)))
+            a.k_proj.weight.copy_(torch.from_numpy(permute(a.k_proj.weight.numpy(), cfg.num_key_value_heads)))
+        wrong = model(torch.tensor([toks])).logits[0].double().numpy()
+    r = float(np.abs(cpp_logits(os.path.join(d, "hf-f32.gguf")) - wrong).max() / np.abs(wrong).max())
+    check(r > 4 * 5e-4, f"negative control: without llama.cpp's Q/K layout the logits differ by {r:.2e}")
+
+
 def main() -> int:
     d = sys.argv[1] if len(sys.argv) > 1 else "/tmp/gguf-keep"
     for fn in sorted(os.listdir(d)):
@@ -166,6 +218,7 @@ def main() -> int:
             check_tiny(p)
         elif fn.startswith("hf-") and fn.endswith(".gguf"):
             check_hf(p, os.path.join(d, "hf-llama"))
+    check_llama_cpp(d)
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 
