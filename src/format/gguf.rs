@@ -560,7 +560,13 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
                 qtype.name()
             )));
         }
-        let nbytes = numel / bs * qtype.type_size() as u64;
+        let Some(nbytes) = (numel / bs).checked_mul(qtype.type_size() as u64) else {
+            return Err(Error::corrupt(
+                path,
+                FMT,
+                format!("tensor '{name}': byte size of dimensions {ne:?} overflows"),
+            ));
+        };
         if offset % alignment != 0 {
             return Err(Error::Misaligned {
                 path: path.to_path_buf(),
