@@ -652,8 +652,13 @@ pub fn load(path: &Path) -> Result<WeightStore> {
     // SAFETY: the map is read-only; a file truncated or rewritten by another process while mapped
     // is outside what any mmap-based loader can guard against (llama.cpp and safetensors share this).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let header = parse_header(path, &map)?;
-    let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(map);
+    from_shared(path, Arc::new(map))
+}
+
+/// Parses GGUF bytes already in memory (a map, or `include_bytes!` data such as the embedded tiny
+/// model of `qtune inspect`); tensors are views into `owner`. `path` only names it in errors.
+pub fn from_shared(path: &Path, owner: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<WeightStore> {
+    let header = parse_header(path, (*owner).as_ref())?;
     let tensors = header
         .tensors
         .iter()
@@ -970,6 +975,21 @@ mod tests {
         assert_eq!(s.tensors[1].shape, vec![2, 32]);
         assert_eq!(s.tensors[1].data.as_slice()[34], 3);
         assert_eq!(std::fs::metadata(&p).unwrap().len() % 32, 0);
+    }
+
+    #[test]
+    fn from_static_bytes() {
+        static TINY: &[u8] = include_bytes!("../../tests/fixtures/gguf/tiny-llama-q8_0.gguf");
+        let s = from_shared(Path::new("<embedded tiny-llama>"), Arc::new(TINY)).unwrap();
+        assert_eq!(s.tensors.len(), 21);
+        // Zero-copy: the view points into the static bytes.
+        let view = s.get("output.weight").unwrap().data.as_slice();
+        assert!(TINY.as_ptr_range().contains(&view.as_ptr()));
+        assert_eq!(view.len(), 17816);
+        let Err(e) = from_shared(Path::new("<embedded>"), Arc::new(&TINY[..100])) else {
+            panic!("a truncated header parsed")
+        };
+        assert!(e.to_string().contains("<embedded>"), "{e}");
     }
 
     #[test]
