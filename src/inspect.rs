@@ -1,7 +1,9 @@
 //! `qtune inspect`: a human summary of a weight store (architecture, metadata, tensors, totals).
+use crate::error::{Error, Result};
 use crate::format::gguf::{self, Value};
 use crate::store::{SourceFormat, WeightStore};
 use std::fmt::Write;
+use std::path::Path;
 
 /// The model architecture: GGUF `general.architecture`, else config.json `model_type`, else its
 /// first `architectures` entry.
@@ -118,9 +120,118 @@ pub fn inspect(store: &WeightStore) -> String {
     s
 }
 
+/// Cross-checks our parse of a GGUF header against the independent `gguf-rs` parser (`qtune inspect
+/// --verify`): version, counts, alignment, data offset, key names, and each tensor's name, type,
+/// dims, offset and size. Returns a one-line summary, or an error listing the disagreements.
+pub fn verify_gguf(path: &Path) -> Result<String> {
+    let store = gguf::load(path)?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only map; only the header is touched (a multi-GB model is not read).
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let h = gguf::parse_header(path, &bytes)?;
+    let p = path.to_str().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: path is not UTF-8 (gguf-rs needs UTF-8)",
+            path.display()
+        ))
+    })?;
+    let m = gguf_rs::get_gguf_container(p)
+        .and_then(|mut c| c.decode())
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "{}: gguf-rs cannot read this file ({e}); qtune's parser can",
+                path.display()
+            ))
+        })?;
+    let mut diffs = Vec::new();
+    let mut cmp = |what: String, ours: String, theirs: String| {
+        if ours != theirs {
+            diffs.push(format!("{what}: qtune {ours}, gguf-rs {theirs}"));
+        }
+    };
+    cmp("version".into(), format!("v{}", h.version), m.get_version());
+    cmp(
+        "metadata count".into(),
+        store.gguf_metadata.len().to_string(),
+        m.num_kv().to_string(),
+    );
+    cmp(
+        "tensor count".into(),
+        store.tensors.len().to_string(),
+        m.num_tensor().to_string(),
+    );
+    cmp(
+        "alignment".into(),
+        store.alignment.to_string(),
+        m.alignment().to_string(),
+    );
+    cmp(
+        "data offset".into(),
+        h.data_offset.to_string(),
+        m.data_offset().to_string(),
+    );
+    let mut keys: Vec<&str> = store
+        .gguf_metadata
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    keys.sort_unstable();
+    let theirs: Vec<&str> = m.metadata().keys().map(String::as_str).collect();
+    cmp("keys".into(), format!("{keys:?}"), format!("{theirs:?}"));
+    for (t, r) in h.tensors.iter().zip(m.tensors()) {
+        let id = t.qtype.ggml_id().unwrap_or(u32::MAX);
+        cmp(
+            format!("tensor '{}'", t.name),
+            format!("{} {:?} @{}", t.name, t.ne, t.offset),
+            format!("{} {:?} @{}", r.name, r.shape, r.offset),
+        );
+        cmp(
+            format!("tensor '{}' type id", t.name),
+            id.to_string(),
+            r.kind.to_string(),
+        );
+        // gguf-rs 0.1.8 sizes every type id >= 10 with 256-element blocks: its BF16 size is wrong.
+        if t.qtype != crate::quant::QType::BF16 {
+            cmp(
+                format!("tensor '{}' bytes", t.name),
+                t.nbytes.to_string(),
+                r.size.to_string(),
+            );
+        }
+    }
+    if diffs.is_empty() {
+        Ok(format!(
+            "gguf-rs agrees: GGUF v{}, {} keys, {} tensors, data at {}",
+            h.version,
+            store.gguf_metadata.len(),
+            store.tensors.len(),
+            h.data_offset
+        ))
+    } else {
+        Err(Error::corrupt(
+            path,
+            "GGUF",
+            format!("parsers disagree: {}", diffs.join("; ")),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_against_gguf_rs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+        let ok = verify_gguf(&dir.join("tiny-llama-q8_0.gguf")).unwrap();
+        assert!(ok.contains("21 keys, 21 tensors"), "{ok}");
+        // gguf-rs cannot read arrays of arrays: said plainly, not as a disagreement.
+        let e = verify_gguf(&dir.join("all-types.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gguf-rs cannot read this file"), "{e}");
+        assert!(verify_gguf(&dir.join("missing.gguf")).is_err());
+    }
 
     #[test]
     fn tiny_llama_report() {
@@ -142,7 +253,7 @@ mod tests {
             .unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1], "Q8_0");
-        assert_eq!(line.contains("[64, 128]"), true, "{line}");
+        assert!(line.contains("[64, 128]"), "{line}");
         assert_eq!(*cols.last().unwrap(), (64 * 128 / 32 * 34).to_string());
         // Totals: all Q8_0 matrices plus five F32 norms of 64.
         let q8 = 2 * (262 * 64) + 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64);

@@ -54,7 +54,7 @@ fn run(cli: Cli) -> Result<()> {
             let store = WeightStore::open(&path)?;
             print!("{}", qtune::inspect::inspect(&store));
             if verify {
-                let msg = qtune::format::gguf_rs_check::cross_check_gguf_rs(&path)?;
+                let msg = qtune::inspect::verify_gguf(&path)?;
                 println!("{msg}");
             }
         }

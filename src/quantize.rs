@@ -90,6 +90,9 @@ impl std::fmt::Display for QuantizeReport {
     }
 }
 
+/// GGUF metadata in file order.
+type Metadata = Vec<(String, Value)>;
+
 /// How one source tensor becomes one output tensor.
 struct Job<'a> {
     src: &'a StoredTensor,
@@ -131,6 +134,8 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
     let mut tensors = Vec::with_capacity(jobs.len());
     for j in &jobs {
         let bytes = write_tensor(&mut w, j, out)?;
+        // Done with this source tensor: its mapped pages leave our RSS (streaming, one at a time).
+        j.src.data.release_pages();
         tensors.push(TensorReport {
             name: j.name.clone(),
             source_name: j.src.name.clone(),
@@ -167,10 +172,10 @@ fn choose_type(name: &str, shape: &[usize], qtype: QType) -> (QType, Option<Stri
         return (QType::F32, None);
     }
     let cols = shape[1];
-    if cols % qtype.block_size() == 0 {
+    if cols.is_multiple_of(qtype.block_size()) {
         return (qtype, None);
     }
-    let to = if qtype == QType::Q4_K && cols % QType::Q8_0.block_size() == 0 {
+    let to = if qtype == QType::Q4_K && cols.is_multiple_of(QType::Q8_0.block_size()) {
         QType::Q8_0
     } else {
         QType::F32
@@ -352,7 +357,7 @@ fn hf_llama<'a>(
     src: &'a WeightStore,
     qtype: QType,
     fallbacks: &mut Vec<String>,
-) -> Result<(Vec<(String, Value)>, Vec<Job<'a>>)> {
+) -> Result<(Metadata, Vec<Job<'a>>)> {
     let dir = model_dir(src);
     let cfg_path = dir.join("config.json");
     let Some(cfg) = src.config.as_ref() else {

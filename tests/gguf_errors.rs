@@ -346,3 +346,48 @@ fn truncation_anywhere_is_an_error() {
     }
     assert!(gguf::parse_header(&path, &big).is_ok());
 }
+
+/// Random byte corruptions of the header region never panic (any Ok or Err is fine).
+#[test]
+fn corrupted_headers_never_panic() {
+    for name in ["all-types.gguf", "tiny-llama-q8_0.gguf"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gguf")
+            .join(name);
+        corrupt_and_parse(&path);
+    }
+}
+
+fn corrupt_and_parse(path: &Path) {
+    let good = std::fs::read(path).unwrap();
+    let header_len = gguf::parse_header(path, &good).unwrap().data_offset as usize;
+    let mut s = 0x2545F4914F6CDD1Du64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let (mut ok, mut err) = (0, 0);
+    for _ in 0..20_000 {
+        let mut b = good.clone();
+        for _ in 0..1 + next() % 3 {
+            let at = (next() % header_len as u64) as usize;
+            b[at] = match next() % 4 {
+                0 => 0xff,
+                1 => 0,
+                _ => next() as u8,
+            };
+        }
+        match gguf::parse_header(path, &b) {
+            Ok(_) => ok += 1,
+            Err(_) => err += 1,
+        }
+    }
+    // Most corruptions are caught; some (inside string bytes or values) are still valid files.
+    assert!(
+        err > 1_000 && ok > 0,
+        "{}: {ok} ok, {err} errors",
+        path.display()
+    );
+}

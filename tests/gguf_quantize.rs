@@ -170,7 +170,13 @@ fn hf_store(dir: &Path, tokenizer_type: &str) -> WeightStore {
     let mut raw: Vec<(String, Vec<usize>, QType, Vec<u8>)> = Vec::new();
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.next() * 0.1).collect();
+        // Larger Q/K weights sharpen attention, so a wrong rotary layout shows in the logits.
+        let scale = if name.contains("q_proj") || name.contains("k_proj") {
+            0.4
+        } else {
+            0.1
+        };
+        let v: Vec<f32> = (0..n).map(|_| rng.next() * scale).collect();
         // One F16 source tensor, to cover conversion from a half-precision checkpoint.
         let (qtype, bytes) = if name.ends_with("layers.1.mlp.up_proj.weight") {
             (
@@ -205,7 +211,9 @@ fn hf_store(dir: &Path, tokenizer_type: &str) -> WeightStore {
             )
         })
         .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    // transformers refuses a safetensors file without {"format": "pt"} metadata.
+    let info = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(info), &dir.join("model.safetensors")).unwrap();
     WeightStore {
         path: dir.to_path_buf(),
         format: SourceFormat::Safetensors,

@@ -408,9 +408,12 @@ pub fn write_nf4_dir(
         let direct = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
         if !is_nf4_target(t) && direct {
             w.write_all(t.data.as_slice()).map_err(io)?;
+            t.data.release_pages();
             continue;
         }
         let x = tensor_f32(t);
+        // Read once into `x`: its mapped pages leave our RSS (streaming, one tensor at a time).
+        t.data.release_pages();
         if !is_nf4_target(t) {
             w.write_all(&f32_le(&x)).map_err(io)?;
             continue;

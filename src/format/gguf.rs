@@ -560,7 +560,13 @@ pub fn parse_header(path: &Path, b: &[u8]) -> Result<Header> {
                 qtype.name()
             )));
         }
-        let nbytes = numel / bs * qtype.type_size() as u64;
+        let Some(nbytes) = (numel / bs).checked_mul(qtype.type_size() as u64) else {
+            return Err(Error::corrupt(
+                path,
+                FMT,
+                format!("tensor '{name}': byte size of dimensions {ne:?} overflows"),
+            ));
+        };
         if offset % alignment != 0 {
             return Err(Error::Misaligned {
                 path: path.to_path_buf(),
@@ -646,8 +652,24 @@ pub fn load(path: &Path) -> Result<WeightStore> {
     // SAFETY: the map is read-only; a file truncated or rewritten by another process while mapped
     // is outside what any mmap-based loader can guard against (llama.cpp and safetensors share this).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let header = parse_header(path, &map)?;
-    let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(map);
+    let map = Arc::new(map);
+    build(path, map.clone(), Some(map))
+}
+
+/// Parses GGUF bytes already in memory (a map, or `include_bytes!` data such as the embedded tiny
+/// model of `qtune inspect`); tensors are views into `owner`. `path` only names it in errors.
+pub fn from_shared(path: &Path, owner: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<WeightStore> {
+    build(path, owner, None)
+}
+
+/// Views into `owner`; `map` is the same bytes as a file map, when they are one (so streaming passes
+/// can release consumed pages, see `Bytes::release_pages`).
+fn build(
+    path: &Path,
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    map: Option<Arc<memmap2::Mmap>>,
+) -> Result<WeightStore> {
+    let header = parse_header(path, (*owner).as_ref())?;
     let tensors = header
         .tensors
         .iter()
@@ -656,11 +678,18 @@ pub fn load(path: &Path) -> Result<WeightStore> {
             qtype: t.qtype,
             shape: t.shape(),
             // Bounds were checked against the file length in parse_header.
-            data: Bytes::from_shared(
-                owner.clone(),
-                (header.data_offset + t.offset) as usize,
-                t.nbytes as usize,
-            ),
+            data: match &map {
+                Some(m) => Bytes::from_map(
+                    m.clone(),
+                    (header.data_offset + t.offset) as usize,
+                    t.nbytes as usize,
+                ),
+                None => Bytes::from_shared(
+                    owner.clone(),
+                    (header.data_offset + t.offset) as usize,
+                    t.nbytes as usize,
+                ),
+            },
             nf4: None,
         })
         .collect();
@@ -689,7 +718,7 @@ impl TensorPlan {
     /// Bytes of the tensor's data, or `None` if the row length is not a whole number of blocks.
     pub fn nbytes(&self) -> Option<usize> {
         let row = *self.shape.last().unwrap_or(&1);
-        if row % self.qtype.block_size() != 0 {
+        if !row.is_multiple_of(self.qtype.block_size()) {
             return None;
         }
         self.qtype.bytes_for(self.shape.iter().product())
@@ -964,6 +993,21 @@ mod tests {
         assert_eq!(s.tensors[1].shape, vec![2, 32]);
         assert_eq!(s.tensors[1].data.as_slice()[34], 3);
         assert_eq!(std::fs::metadata(&p).unwrap().len() % 32, 0);
+    }
+
+    #[test]
+    fn from_static_bytes() {
+        static TINY: &[u8] = include_bytes!("../../tests/fixtures/gguf/tiny-llama-q8_0.gguf");
+        let s = from_shared(Path::new("<embedded tiny-llama>"), Arc::new(TINY)).unwrap();
+        assert_eq!(s.tensors.len(), 21);
+        // Zero-copy: the view points into the static bytes.
+        let view = s.get("output.weight").unwrap().data.as_slice();
+        assert!(TINY.as_ptr_range().contains(&view.as_ptr()));
+        assert_eq!(view.len(), 17816);
+        let Err(e) = from_shared(Path::new("<embedded>"), Arc::new(&TINY[..100])) else {
+            panic!("a truncated header parsed")
+        };
+        assert!(e.to_string().contains("<embedded>"), "{e}");
     }
 
     #[test]

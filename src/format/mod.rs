@@ -1,5 +1,4 @@
 //! File formats, parsed without copying tensor data: each returns views into one memory map.
 pub mod bnb;
 pub mod gguf;
-pub mod gguf_rs_check;
 pub mod safetensors;
