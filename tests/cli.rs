@@ -41,7 +41,7 @@ fn inspect_embedded_default_with_verify() {
     );
     assert!(out.contains("bits per weight"), "{out}");
     assert!(
-        out.contains("verify: gguf-rs agrees on 21 tensors"),
+        out.contains("gguf-rs agrees: GGUF v3, 21 keys, 21 tensors"),
         "{out}"
     );
 }
