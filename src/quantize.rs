@@ -2,7 +2,7 @@
 //! matrices quantised to one type, streaming one tensor at a time, a few rows at a time.
 //!
 //! Which tensors get the target type: 2-D weights whose row length is a whole number of its blocks.
-//! 1-D tensors (norms, biases) are written F32, as llama.cpp's converter does. For Q4_K, matrices
+//! 1-D tensors (norms, biases) are written F32, as llama.cpp's converter does. For Q4_K/Q6_K, matrices
 //! whose rows are not a multiple of 256 fall back to Q8_0 (llama.cpp would pick Q5_0, which we do not
 //! write); any row length that is not a multiple of 32 stays F32. Each fallback is reported.
 //!
@@ -23,8 +23,10 @@ pub fn llama_ftype(qtype: QType) -> Option<u32> {
         QType::F16 => 1,
         QType::Q4_0 => 2,
         QType::Q8_0 => 7,
-        // Q4_K_M: llama.cpp's recipe also puts some tensors in Q6_K; ours is Q4_K throughout.
-        QType::Q4_K => 15,
+        // MOSTLY_Q4_K_S: ours is Q4_K throughout, closest to llama.cpp's "S" recipe (its "M" recipe
+        // puts attn_v / ffn_down in Q6_K). The ftype is informational; readers use each tensor's type.
+        QType::Q4_K => 14,
+        QType::Q6_K => 18,
         QType::BF16 => 32,
         _ => return None,
     })
@@ -102,12 +104,12 @@ struct Job<'a> {
     permute_heads: Option<usize>,
 }
 
-/// Writes `src` as a GGUF at `out`, 2-D weights in `qtype` (Q4_0, Q8_0, Q4_K, or F16/BF16/F32 for a
+/// Writes `src` as a GGUF at `out`, 2-D weights in `qtype` (Q4_0, Q8_0, Q4_K, Q6_K, or F16/BF16/F32 for a
 /// plain conversion). Streams: holds at most a few MB of f32 rows at a time.
 pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<QuantizeReport> {
     let Some(ftype) = llama_ftype(qtype) else {
         return Err(Error::Invalid(format!(
-            "cannot write a GGUF of type {}: choose one of Q4_0, Q8_0, Q4_K, F16, BF16, F32",
+            "cannot write a GGUF of type {}: choose one of Q4_0, Q8_0, Q4_K, Q6_K, F16, BF16, F32",
             qtype.name()
         )));
     };
@@ -175,7 +177,8 @@ fn choose_type(name: &str, shape: &[usize], qtype: QType) -> (QType, Option<Stri
     if cols.is_multiple_of(qtype.block_size()) {
         return (qtype, None);
     }
-    let to = if qtype == QType::Q4_K && cols.is_multiple_of(QType::Q8_0.block_size()) {
+    let k_quant = matches!(qtype, QType::Q4_K | QType::Q6_K);
+    let to = if k_quant && cols.is_multiple_of(QType::Q8_0.block_size()) {
         QType::Q8_0
     } else {
         QType::F32
