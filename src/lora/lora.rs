@@ -91,7 +91,7 @@ impl LoraLinear {
         let (n_out, n_in, r) = (base.out_features(), base.in_features(), cfg.r);
         let bound = 1.0 / (n_in as f64).sqrt();
         let mut rng = SplitMix64(seed ^ 0x4c6f_5241_2d41); // "LoRA-A": A and dropout use separate streams
-        // A: (r, in)
+                                                           // A: (r, in)
         let a: Vec<f32> = (0..r * n_in)
             .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
             .collect();
@@ -99,7 +99,8 @@ impl LoraLinear {
             .and_then(|t| t.to_dtype(cfg.dtype))
             .map_err(candle_err)?;
         // B: (out, r)
-        let b = Tensor::zeros((n_out, r), cfg.dtype, &candle_core::Device::Cpu).map_err(candle_err)?;
+        let b =
+            Tensor::zeros((n_out, r), cfg.dtype, &candle_core::Device::Cpu).map_err(candle_err)?;
         Self::from_weights(base, a, b, cfg.scale(), cfg.dropout, seed)
     }
 
@@ -185,7 +186,11 @@ impl LoraLinear {
 
     /// Forward with an explicit dropout key: `None` is evaluation (no dropout); `Some(k)` draws the
     /// mask from (seed, k), so a recomputation (gradient checkpointing) can repeat the same mask.
-    pub fn forward_with(&self, x: &Tensor, dropout_key: Option<u64>) -> candle_core::Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        dropout_key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
         // y: (.., out) = base(x)
         let y = self.base.forward(x)?;
         let xd = match dropout_key {
@@ -204,8 +209,9 @@ impl LoraLinear {
         y.add(&z.to_dtype(y.dtype())?.reshape(y.shape())?)
     }
 
-    /// Inverted-dropout mask for x: each element 0 with probability p, else 1/(1-p), in x's dtype.
-    fn dropout_mask(&self, x: &Tensor, key: u64) -> candle_core::Result<Tensor> {
+    /// The inverted-dropout mask [`Self::forward_with`] multiplies x by for `key`: each element 0
+    /// with probability p, else 1/(1-p), in x's shape and dtype.
+    pub fn dropout_mask(&self, x: &Tensor, key: u64) -> candle_core::Result<Tensor> {
         let p = self.dropout as f64;
         let keep = (1.0 / (1.0 - p)) as f32;
         // Counter-based: element i's draw depends on (seed, key, i) only.

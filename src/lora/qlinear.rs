@@ -268,18 +268,12 @@ impl CustomOp1 for QMatMulOp {
         *out_dims.last_mut().expect("checked non-empty above") = out_w;
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], m)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.run_half(
-                &v[start..end],
-                m,
-                bf16::from_f32,
-                f32::from,
-            )),
-            CpuStorage::F16(v) => CpuStorage::F16(self.run_half(
-                &v[start..end],
-                m,
-                f16::from_f32,
-                f32::from,
-            )),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(self.run_half(&v[start..end], m, bf16::from_f32, f32::from))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F16(self.run_half(&v[start..end], m, f16::from_f32, f32::from))
+            }
             s => bail!(
                 "{} ('{}'): unsupported activation dtype {:?}; use f32, bf16 or f16",
                 self.name(),
