@@ -511,20 +511,19 @@ fn rss_hwm() -> (u64, u64) {
     (get("VmRSS:"), get("VmHWM:"))
 }
 
-/// Runs [`peak_rss_child`] alone in a new process of this test binary, so that no other test's
-/// allocations share its peak.
-#[test]
-fn peak_rss_of_forward_backward_on_a_96mb_q8_0_weight() {
+/// Runs the ignored test `name` alone in a new process of this test binary, with `envs` set.
+fn run_child(name: &str, envs: &[(&str, &str)]) {
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
         .args([
             "--exact",
-            "peak_rss_child",
+            name,
             "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("QTUNE_PEAK_RSS_CHILD", "1")
+        .env("QTUNE_TEST_CHILD", "1")
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     let text = format!(
@@ -533,8 +532,75 @@ fn peak_rss_of_forward_backward_on_a_96mb_q8_0_weight() {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("{text}");
-    assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("1 passed"), "child did not run:\n{text}");
+    assert!(out.status.success(), "child {name} failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "child {name} did not run:\n{text}"
+    );
+}
+
+fn is_child() -> bool {
+    let yes = std::env::var("QTUNE_TEST_CHILD").is_ok();
+    if !yes {
+        eprintln!("skipped: runs in a child process started by another test");
+    }
+    yes
+}
+
+/// Runs [`peak_rss_child`] alone in a fresh process, so that no other test's allocations share
+/// its peak.
+#[test]
+fn peak_rss_of_forward_backward_on_a_96mb_q8_0_weight() {
+    run_child("peak_rss_child", &[]);
+}
+
+/// Second-order gradients (candle keeps the backward's graph when CANDLE_GRAD_DO_NOT_DETACH is
+/// set, read once per thread, hence a child process): the input-gradient op's own backward is the
+/// forward op.
+#[test]
+fn second_order_through_qlinear() {
+    run_child("second_order_child", &[("CANDLE_GRAD_DO_NOT_DETACH", "1")]);
+}
+
+#[test]
+#[ignore = "run by second_order_through_qlinear in a fresh process"]
+fn second_order_child() {
+    if !is_child() {
+        return;
+    }
+    let base = QLinear::new(base_weight("q8_0"), None).unwrap();
+    let w = f32s("q8_0.w_deq");
+    let x = Var::from_tensor(&tensor("x", &X)).unwrap();
+    let v = Var::from_tensor(&tensor("g", &[2, 5, OUT])).unwrap();
+    // loss1 = sum(base(x) * v)  =>  dx = v·W, a function of v
+    let y = base.forward(x.as_tensor()).unwrap();
+    let g1 = (&y * v.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx = g1.get(&x).unwrap().clone();
+    let vs = to_vec(&v);
+    let want_dx: Vec<f32> = (0..10 * IN)
+        .map(|i| {
+            let (r, k) = (i / IN, i % IN);
+            (0..OUT)
+                .map(|o| vs[r * OUT + o] as f64 * w[o * IN + k] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    assert_close("dx = v·W", &to_vec(&dx), &want_dx, 1e-5);
+    // loss2 = sum(dx * c)  =>  dv = c·Wᵀ = base(c)
+    let c = (tensor("x", &X) * 0.5).unwrap();
+    let g2 = (&dx * &c).unwrap().sum_all().unwrap().backward().unwrap();
+    let dv = g2.get(&v).expect("no second-order gradient reached v");
+    assert_close(
+        "dv = c·Wᵀ",
+        &to_vec(dv),
+        &to_vec(&base.forward(&c).unwrap()),
+        1e-5,
+    );
 }
 
 /// A random (rows, cols) Q8_0 weight: scale 2^-7 (f16 0x2000), pseudo-random quants.
@@ -560,8 +626,7 @@ fn q8_0_weight(rows: usize, cols: usize) -> Arc<StoredTensor> {
 #[test]
 #[ignore = "run by peak_rss_of_forward_backward_on_a_96mb_q8_0_weight in a fresh process"]
 fn peak_rss_child() {
-    if std::env::var("QTUNE_PEAK_RSS_CHILD").is_err() {
-        eprintln!("skipped: run through peak_rss_of_forward_backward_on_a_96mb_q8_0_weight");
+    if !is_child() {
         return;
     }
     const N: usize = 11008;

@@ -4,7 +4,8 @@
 //! [`QLinear`], whose backward gives x its gradient and W none. The formula, initialisation and
 //! scaling follow PEFT 0.13's `lora.Linear`: A Kaiming-uniform with `a = sqrt(5)` (that is
 //! `U(-1/sqrt(in), 1/sqrt(in))`), B zeros, `scale = alpha / r` or `alpha / sqrt(r)` (rsLoRA), the
-//! dropout on the adapter's input only, and the scale applied after B.
+//! and the dropout on the adapter's input only. (PEFT scales after B; we scale the rank-r product,
+//! which differs only by f32 rounding and saves memory.)
 use super::qlinear::QLinear;
 use crate::{Error, Result};
 use candle_core::{DType, Module, ModuleT, Tensor, Var};
@@ -201,10 +202,11 @@ impl LoraLinear {
         let m = x.elem_count() / in_f.max(1);
         // xl: (M, in) in the adapter's dtype
         let xl = xd.to_dtype(self.a.dtype())?.reshape((m, in_f))?;
-        // h: (M, r) = xl · Aᵀ
-        let h = xl.matmul(&self.a.t()?)?;
-        // z: (M, out) = h · Bᵀ, then scaled
-        let z = h.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?;
+        // h: (M, r) = (xl · Aᵀ) · scale; scaling the rank-r tensor rather than z keeps one (M, out)
+        // tensor fewer alive in the graph until backward.
+        let h = xl.matmul(&self.a.t()?)?.affine(self.scale, 0.0)?;
+        // z: (M, out) = h · Bᵀ
+        let z = h.matmul(&self.b.t()?)?;
         // y + z: (.., out)
         y.add(&z.to_dtype(y.dtype())?.reshape(y.shape())?)
     }
