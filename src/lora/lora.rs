@@ -91,8 +91,9 @@ impl LoraLinear {
         cfg.check()?;
         let (n_out, n_in, r) = (base.out_features(), base.in_features(), cfg.r);
         let bound = 1.0 / (n_in as f64).sqrt();
-        let mut rng = SplitMix64(seed ^ 0x4c6f_5241_2d41); // "LoRA-A": A and dropout use separate streams
-                                                           // A: (r, in)
+        // A and the dropout masks draw from separate streams of the same seed.
+        let mut rng = SplitMix64(seed ^ 0x4c6f_5241_2d41);
+        // A: (r, in)
         let a: Vec<f32> = (0..r * n_in)
             .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
             .collect();
