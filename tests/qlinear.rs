@@ -494,6 +494,55 @@ fn bad_weights_and_inputs_are_errors() {
     assert_eq!(f32s("nf4.nested_code"), dynamic_map().to_vec());
 }
 
+#[test]
+fn from_store_reads_a_gguf_linear_and_bias() {
+    use qtune::format::gguf::{GgufWriter, TensorPlan, Value};
+    use qtune::store::WeightStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.gguf");
+    let plan = vec![
+        TensorPlan {
+            name: "blk.0.proj.weight".into(),
+            qtype: QType::Q8_0,
+            shape: vec![OUT, IN],
+        },
+        TensorPlan {
+            name: "blk.0.proj.bias".into(),
+            qtype: QType::F32,
+            shape: vec![OUT],
+        },
+    ];
+    let meta = vec![(
+        "general.architecture".to_string(),
+        Value::String("test".into()),
+    )];
+    let mut w = GgufWriter::create(&path, &meta, plan).unwrap();
+    w.write_tensor(&bytes("q8_0.bytes")).unwrap();
+    w.write_tensor(&bytes("f32_bias_rslora.bias")).unwrap();
+    w.finish().unwrap();
+    let store = WeightStore::open(&path).unwrap();
+    let l = QLinear::from_store(&store, "blk.0.proj.weight", Some("blk.0.proj.bias")).unwrap();
+    let bias = tensor("f32_bias_rslora.bias", &[OUT]);
+    let want = QLinear::new(base_weight("q8_0"), Some(bias)).unwrap();
+    let x = tensor("x", &X);
+    assert_eq!(
+        to_vec(&l.forward(&x).unwrap()),
+        to_vec(&want.forward(&x).unwrap())
+    );
+    let e = QLinear::from_store(&store, "blk.0.nope.weight", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("blk.0.nope.weight") && e.contains("one.gguf"),
+        "{e}"
+    );
+    // A "bias" of the wrong shape is refused, naming the layer.
+    let e = QLinear::from_store(&store, "blk.0.proj.weight", Some("blk.0.proj.weight"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("blk.0.proj.weight") && e.contains("bias"), "{e}");
+}
+
 // ---- Peak memory, measured in a fresh process ----
 
 /// (VmRSS, VmHWM) of this process in bytes.

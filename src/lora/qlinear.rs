@@ -9,10 +9,11 @@
 //!
 //! bf16/f16 activations are converted to f32 inside the op and the result back, so the graph never
 //! holds an f32 copy of x.
+use crate::quant::dequantize_f32;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
-use crate::store::StoredTensor;
+use crate::store::{StoredTensor, WeightStore};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -132,6 +133,50 @@ impl QLinear {
             in_features,
             fwd,
         })
+    }
+
+    /// The linear named `weight` in `store` (e.g. `model.layers.0.self_attn.q_proj.weight`), with
+    /// the bias named `bias` if given; the weight stays a view of the store's bytes, the bias (small)
+    /// is dequantised to f32.
+    pub fn from_store(store: &WeightStore, weight: &str, bias: Option<&str>) -> Result<Self> {
+        let get = |name: &str| {
+            store.get(name).ok_or_else(|| Error::MissingTensor {
+                path: store.path.clone(),
+                tensor: name.to_string(),
+                hint: String::new(),
+            })
+        };
+        let w = Arc::new(get(weight)?.clone());
+        let bias = match bias {
+            None => None,
+            Some(name) => {
+                let t = get(name)?;
+                let n = t.numel();
+                if t.qtype == QType::NF4 || t.qtype.bytes_for(n) != Some(t.data.len()) {
+                    return Err(Error::Shape {
+                        path: store.path.clone(),
+                        tensor: name.to_string(),
+                        msg: format!(
+                            "a {} bias of shape {:?} in {} bytes cannot be read as a vector \
+                             (NF4 biases are not supported)",
+                            t.qtype.name(),
+                            t.shape,
+                            t.data.len()
+                        ),
+                    });
+                }
+                let mut v = vec![0f32; n];
+                dequantize_f32(t.qtype, t.data.as_slice(), &mut v);
+                Some(
+                    Tensor::from_vec(v, n, &Device::Cpu).map_err(|e| Error::Shape {
+                        path: store.path.clone(),
+                        tensor: name.to_string(),
+                        msg: e.to_string(),
+                    })?,
+                )
+            }
+        };
+        QLinear::new(w, bias)
     }
 
     /// The stored weight.
