@@ -543,6 +543,14 @@ fn from_store_reads_a_gguf_linear_and_bias() {
     assert!(e.contains("blk.0.proj.weight") && e.contains("bias"), "{e}");
 }
 
+/// Layers are shared across threads (rayon, a data loader): both must be Send + Sync.
+#[test]
+fn layers_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<QLinear>();
+    check::<LoraLinear>();
+}
+
 // ---- Peak memory, measured in a fresh process ----
 
 /// (VmRSS, VmHWM) of this process in bytes.
