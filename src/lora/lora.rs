@@ -1,0 +1,271 @@
+//! A LoRA adapter on a frozen quantised linear: `y = base(x) + ((dropout(x)·Aᵀ)·Bᵀ)·scale`.
+//!
+//! A `(r, in)` and B `(out, r)` are candle [`Var`]s, the only trainable tensors; the base is a
+//! [`QLinear`], whose backward gives x its gradient and W none. The formula, initialisation and
+//! scaling follow PEFT 0.13's `lora.Linear`: A Kaiming-uniform with `a = sqrt(5)` (that is
+//! `U(-1/sqrt(in), 1/sqrt(in))`), B zeros, `scale = alpha / r` or `alpha / sqrt(r)` (rsLoRA), the
+//! and the dropout on the adapter's input only. (PEFT scales after B; we scale the rank-r product,
+//! which differs only by f32 rounding and saves memory.)
+use super::qlinear::QLinear;
+use crate::{Error, Result};
+use candle_core::{DType, Module, ModuleT, Tensor, Var};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Hyper-parameters of one LoRA adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub r: usize,
+    /// Scaling numerator alpha.
+    pub alpha: f64,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
+    /// Dropout probability on the adapter's input, in [0, 1).
+    pub dropout: f32,
+    /// dtype of A and B: f32 (parity tests) or bf16 (training); f16 also works.
+    pub dtype: DType,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            rslora: false,
+            dropout: 0.0,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor the adapter's output is multiplied by (PEFT's `scaling`).
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Invalid("LoRA rank r must be at least 1".into()));
+        }
+        check_dropout(self.dropout)?;
+        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::Invalid(format!(
+                "LoRA weights must be f32, bf16 or f16, not {:?}",
+                self.dtype
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_dropout(p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Invalid(format!(
+            "LoRA dropout {p} is outside [0, 1)"
+        )));
+    }
+    Ok(())
+}
+
+/// A frozen quantised linear with a trainable low-rank adapter.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: QLinear,
+    a: Var,
+    b: Var,
+    scale: f64,
+    dropout: f32,
+    seed: u64,
+    // Dropout masks are keyed by (seed, call number), so a run is reproducible from its seed.
+    calls: AtomicU64,
+}
+
+impl LoraLinear {
+    /// A fresh adapter with PEFT's initialisation from `seed`: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+    pub fn new(base: QLinear, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        cfg.check()?;
+        let (n_out, n_in, r) = (base.out_features(), base.in_features(), cfg.r);
+        let bound = 1.0 / (n_in as f64).sqrt();
+        // A and the dropout masks draw from separate streams of the same seed.
+        let mut rng = SplitMix64(seed ^ 0x4c6f_5241_2d41);
+        // A: (r, in)
+        let a: Vec<f32> = (0..r * n_in)
+            .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
+            .collect();
+        let a = Tensor::from_vec(a, (r, n_in), &candle_core::Device::Cpu)
+            .and_then(|t| t.to_dtype(cfg.dtype))
+            .map_err(candle_err)?;
+        // B: (out, r)
+        let b =
+            Tensor::zeros((n_out, r), cfg.dtype, &candle_core::Device::Cpu).map_err(candle_err)?;
+        Self::from_weights(base, a, b, cfg.scale(), cfg.dropout, seed)
+    }
+
+    /// An adapter with given weights A `(r, in)` and B `(out, r)` (e.g. loaded from a PEFT file),
+    /// trained in their dtype.
+    pub fn from_weights(
+        base: QLinear,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        check_dropout(dropout)?;
+        let name = &base.weight().name;
+        let r = a.dims().first().copied().unwrap_or(0);
+        if a.dims() != [r, base.in_features()] || b.dims() != [base.out_features(), r] || r == 0 {
+            return Err(Error::Invalid(format!(
+                "LoRA on '{name}': A {:?} and B {:?} do not fit a ({}, {}) base; expected A (r, {}) \
+                 and B ({}, r) with r >= 1",
+                a.dims(),
+                b.dims(),
+                base.out_features(),
+                base.in_features(),
+                base.in_features(),
+                base.out_features()
+            )));
+        }
+        if a.dtype() != b.dtype() {
+            return Err(Error::Invalid(format!(
+                "LoRA on '{name}': A is {:?} but B is {:?}",
+                a.dtype(),
+                b.dtype()
+            )));
+        }
+        let a = Var::from_tensor(&a.detach()).map_err(candle_err)?;
+        let b = Var::from_tensor(&b.detach()).map_err(candle_err)?;
+        Ok(LoraLinear {
+            base,
+            a,
+            b,
+            scale,
+            dropout,
+            seed,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// The frozen base layer.
+    pub fn base(&self) -> &QLinear {
+        &self.base
+    }
+
+    /// A `(r, in)`, trainable.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+
+    /// B `(out, r)`, trainable.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+
+    /// The trainable tensors, A then B.
+    pub fn vars(&self) -> [&Var; 2] {
+        [&self.a, &self.b]
+    }
+
+    /// Rank r.
+    pub fn r(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// The adapter's output scale.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Dropout probability.
+    pub fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    /// Forward with an explicit dropout key: `None` is evaluation (no dropout); `Some(k)` draws the
+    /// mask from (seed, k), so a recomputation (gradient checkpointing) can repeat the same mask.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        dropout_key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        // y: (.., out) = base(x)
+        let y = self.base.forward(x)?;
+        let xd = match dropout_key {
+            Some(k) if self.dropout > 0.0 => x.mul(&self.dropout_mask(x, k)?)?,
+            _ => x.clone(),
+        };
+        let in_f = self.base.in_features();
+        let m = x.elem_count() / in_f.max(1);
+        // xl: (M, in) in the adapter's dtype
+        let xl = xd.to_dtype(self.a.dtype())?.reshape((m, in_f))?;
+        // h: (M, r) = (xl · Aᵀ) · scale; scaling the rank-r tensor rather than z keeps one (M, out)
+        // tensor fewer alive in the graph until backward.
+        let h = xl.matmul(&self.a.t()?)?.affine(self.scale, 0.0)?;
+        // z: (M, out) = h · Bᵀ
+        let z = h.matmul(&self.b.t()?)?;
+        // y + z: (.., out)
+        y.add(&z.to_dtype(y.dtype())?.reshape(y.shape())?)
+    }
+
+    /// The inverted-dropout mask [`Self::forward_with`] multiplies x by for `key`: each element 0
+    /// with probability p, else 1/(1-p), in x's shape and dtype.
+    pub fn dropout_mask(&self, x: &Tensor, key: u64) -> candle_core::Result<Tensor> {
+        let p = self.dropout as f64;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        // Counter-based: element i's draw depends on (seed, key, i) only.
+        let base = SplitMix64::mix(self.seed ^ 0x6472_6f70).wrapping_add(SplitMix64::mix(key));
+        let mask: Vec<f32> = (0..x.elem_count() as u64)
+            .map(|i| {
+                let u = SplitMix64::unit(SplitMix64::mix(
+                    base.wrapping_add(i.wrapping_mul(SplitMix64::GOLDEN)),
+                ));
+                if u < p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
+    }
+}
+
+impl ModuleT for LoraLinear {
+    /// `train`: dropout on, with a fresh mask per call; otherwise the adapter is deterministic.
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let key = train.then(|| self.calls.fetch_add(1, Ordering::Relaxed));
+        self.forward_with(x, key)
+    }
+}
+
+fn candle_err(e: candle_core::Error) -> Error {
+    Error::Invalid(format!("LoRA adapter: {e}"))
+}
+
+/// Small, seedable, dependency-free PRNG (SplitMix64) for initialisation and dropout masks.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) from the top 53 bits.
+    fn unit(z: u64) -> f64 {
+        (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(Self::GOLDEN);
+        Self::unit(Self::mix(self.0))
+    }
+}

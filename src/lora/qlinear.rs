@@ -1,0 +1,350 @@
+//! The frozen quantised linear `y = x·Wᵀ + b` as a candle op with an input-only backward.
+//!
+//! W stays in the weight store (a memory-mapped or owned quantised tensor behind an `Arc`). The
+//! forward is a [`CustomOp1`] over x alone, so candle's graph records x and nothing else: W is not a
+//! tensor, cannot be a graph node, and so never gets a gradient. Its backward is a second
+//! [`CustomOp1`] over `dy` that computes `dx = dy·W` with [`qmatmul_bwd_input`], re-dequantising W
+//! tile by tile; nothing W-sized is ever allocated, and nothing is kept from the forward but x
+//! (candle's graph holds the op's argument and result anyway).
+//!
+//! bf16/f16 activations are converted to f32 inside the op and the result back, so the graph never
+//! holds an f32 copy of x.
+use crate::quant::dequantize_f32;
+use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
+use crate::quant::QType;
+use crate::store::{StoredTensor, WeightStore};
+use crate::{Error, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, WithDType,
+};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+/// A frozen linear layer whose weight `W (out, in)` stays quantised; optional f32 bias `(out,)`.
+#[derive(Clone)]
+pub struct QLinear {
+    weight: Arc<StoredTensor>,
+    bias: Option<Tensor>,
+    out_features: usize,
+    in_features: usize,
+    fwd: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+}
+
+impl std::fmt::Debug for QLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QLinear({}: {} x {} {}, bias: {})",
+            self.weight.name,
+            self.out_features,
+            self.in_features,
+            self.weight.qtype.name(),
+            self.bias.is_some()
+        )
+    }
+}
+
+impl QLinear {
+    /// Wraps a stored 2-D weight `(out_features, in_features)` of any [`QType`] (NF4 included) and an
+    /// optional bias of shape `(out_features,)` (kept in f32). Checks every size the kernels rely on,
+    /// so a malformed tensor is an error here and never an out-of-bounds read later.
+    pub fn new(weight: Arc<StoredTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let name = &weight.name;
+        let bad = |msg: String| {
+            Error::Invalid(format!(
+                "tensor '{name}' cannot be a linear weight: {msg}; check the model file"
+            ))
+        };
+        let (out_features, in_features) = match weight.shape.as_slice() {
+            [o, i] => (*o, *i),
+            s => return Err(bad(format!("shape {s:?} is not 2-D (out, in)"))),
+        };
+        let numel = out_features * in_features;
+        let bs = weight.qtype.block_size();
+        if in_features % bs != 0 {
+            return Err(bad(format!(
+                "{in_features} input features are not a multiple of the {} block size {bs}",
+                weight.qtype.name()
+            )));
+        }
+        match (&weight.nf4, weight.qtype) {
+            (Some(s), QType::NF4) => {
+                let blocks = numel / NF4_BLOCK;
+                let want = [
+                    ("packed codes", weight.data.len(), numel / 2),
+                    ("absmax codes", s.absmax_q.len(), blocks),
+                    (
+                        "nested absmax",
+                        s.nested_absmax.len(),
+                        blocks.div_ceil(NF4_NESTED_BLOCK),
+                    ),
+                ];
+                for (what, got, need) in want {
+                    if got != need {
+                        return Err(bad(format!(
+                            "NF4 {what}: {got} entries, {need} expected for shape {:?}",
+                            weight.shape
+                        )));
+                    }
+                }
+            }
+            (None, QType::NF4) => return Err(bad("NF4 without its statistics".into())),
+            (Some(_), q) => {
+                return Err(bad(format!("NF4 statistics on a {} tensor", q.name())));
+            }
+            (None, q) => {
+                let need = q.bytes_for(numel);
+                if need != Some(weight.data.len()) {
+                    return Err(bad(format!(
+                        "{} bytes stored, {need:?} expected for {} {:?}",
+                        weight.data.len(),
+                        q.name(),
+                        weight.shape
+                    )));
+                }
+            }
+        }
+        let bias = match bias {
+            None => None,
+            Some(b) => {
+                if b.dims() != [out_features] {
+                    return Err(bad(format!(
+                        "bias has shape {:?}, expected [{out_features}]",
+                        b.dims()
+                    )));
+                }
+                let b = b
+                    .to_dtype(DType::F32)
+                    .and_then(|b| b.detach().contiguous())
+                    .map_err(|e| bad(format!("bias: {e}")))?;
+                Some(b)
+            }
+        };
+        let fwd: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(QMatMulOp {
+            w: weight.clone(),
+            dir: Dir::Forward,
+        }));
+        Ok(QLinear {
+            weight,
+            bias,
+            out_features,
+            in_features,
+            fwd,
+        })
+    }
+
+    /// The linear named `weight` in `store` (e.g. `model.layers.0.self_attn.q_proj.weight`), with
+    /// the bias named `bias` if given; the weight stays a view of the store's bytes, the bias (small)
+    /// is dequantised to f32.
+    pub fn from_store(store: &WeightStore, weight: &str, bias: Option<&str>) -> Result<Self> {
+        let get = |name: &str| {
+            store.get(name).ok_or_else(|| Error::MissingTensor {
+                path: store.path.clone(),
+                tensor: name.to_string(),
+                hint: String::new(),
+            })
+        };
+        let w = Arc::new(get(weight)?.clone());
+        let bias = match bias {
+            None => None,
+            Some(name) => {
+                let t = get(name)?;
+                let n = t.numel();
+                if t.qtype == QType::NF4 || t.qtype.bytes_for(n) != Some(t.data.len()) {
+                    return Err(Error::Shape {
+                        path: store.path.clone(),
+                        tensor: name.to_string(),
+                        msg: format!(
+                            "a {} bias of shape {:?} in {} bytes cannot be read as a vector \
+                             (NF4 biases are not supported)",
+                            t.qtype.name(),
+                            t.shape,
+                            t.data.len()
+                        ),
+                    });
+                }
+                let mut v = vec![0f32; n];
+                dequantize_f32(t.qtype, t.data.as_slice(), &mut v);
+                Some(
+                    Tensor::from_vec(v, n, &Device::Cpu).map_err(|e| Error::Shape {
+                        path: store.path.clone(),
+                        tensor: name.to_string(),
+                        msg: e.to_string(),
+                    })?,
+                )
+            }
+        };
+        QLinear::new(w, bias)
+    }
+
+    /// The stored weight.
+    pub fn weight(&self) -> &Arc<StoredTensor> {
+        &self.weight
+    }
+
+    /// The bias, if any (f32).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Output features (rows of W).
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Input features (columns of W).
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+}
+
+impl Module for QLinear {
+    /// `x (.., in) -> y (.., out)` in x's dtype (f32, bf16 or f16); differentiable in x only.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !matches!(x.device(), Device::Cpu) {
+            bail!(
+                "QLinear '{}': only the CPU kernels exist so far; move the activations to the CPU",
+                self.weight.name
+            );
+        }
+        match x.dims().last() {
+            Some(&k) if k == self.in_features => {}
+            _ => bail!(
+                "QLinear '{}': input of shape {:?} does not end in {} input features",
+                self.weight.name,
+                x.dims(),
+                self.in_features
+            ),
+        }
+        // y: (.., out) = x: (.., in) · Wᵀ
+        let y = x.contiguous()?.apply_op1_arc(self.fwd.clone())?;
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        }
+    }
+}
+
+/// Which product the op computes with the frozen W (N×K).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    /// `y (M×N) = x (M×K) · Wᵀ`.
+    Forward,
+    /// `dx (M×K) = dy (M×N) · W`.
+    InputGrad,
+}
+
+/// One direction of the quantised matmul as a candle op; the other direction is its backward.
+struct QMatMulOp {
+    w: Arc<StoredTensor>,
+    dir: Dir,
+}
+
+impl QMatMulOp {
+    /// (width of the argument's last dim, width of the result's last dim).
+    fn widths(&self) -> (usize, usize) {
+        let (n, k) = (self.w.shape[0], self.w.shape[1]);
+        match self.dir {
+            Dir::Forward => (k, n),
+            Dir::InputGrad => (n, k),
+        }
+    }
+
+    /// Runs the kernel on a contiguous f32 argument of `m` rows.
+    fn run(&self, arg: &[f32], m: usize) -> Vec<f32> {
+        let w = self.w.matrix();
+        let (_, out_w) = self.widths();
+        let mut out = vec![0f32; m * out_w];
+        match self.dir {
+            Dir::Forward => qmatmul_fwd(arg, m, &w, &mut out),
+            Dir::InputGrad => qmatmul_bwd_input(arg, m, &w, &mut out, false),
+        }
+        out
+    }
+
+    /// Converts a half-precision argument to f32, runs, converts the result back.
+    fn run_half<T: WithDType>(
+        &self,
+        arg: &[T],
+        m: usize,
+        to: impl Fn(f32) -> T,
+        from: impl Fn(T) -> f32,
+    ) -> Vec<T> {
+        let a: Vec<f32> = arg.iter().map(|&v| from(v)).collect();
+        self.run(&a, m).into_iter().map(to).collect()
+    }
+}
+
+impl CustomOp1 for QMatMulOp {
+    fn name(&self) -> &'static str {
+        match self.dir {
+            Dir::Forward => "qtune-qlinear-fwd",
+            Dir::InputGrad => "qtune-qlinear-bwd-input",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (in_w, out_w) = self.widths();
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&in_w) {
+            bail!(
+                "{} ('{}'): argument of shape {dims:?} does not end in {in_w}",
+                self.name(),
+                self.w.name
+            );
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!(
+                "{} ('{}'): argument must be contiguous",
+                self.name(),
+                self.w.name
+            );
+        };
+        // m: every leading dim flattened into rows.
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        debug_assert_eq!(end - start, m * in_w);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked non-empty above") = out_w;
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], m)),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(self.run_half(&v[start..end], m, bf16::from_f32, f32::from))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F16(self.run_half(&v[start..end], m, f16::from_f32, f32::from))
+            }
+            s => bail!(
+                "{} ('{}'): unsupported activation dtype {:?}; use f32, bf16 or f16",
+                self.name(),
+                self.w.name,
+                s.dtype()
+            ),
+        };
+        Ok((out, Shape::from(out_dims)))
+    }
+
+    /// d(arg) = the other direction applied to d(result): `dx = dy·W` for the forward, and
+    /// `d(dy) = d(dx)·Wᵀ` for the input gradient (second order, used only when candle is told not to
+    /// detach gradients). Never a gradient for W.
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let other = QMatMulOp {
+            w: self.w.clone(),
+            dir: match self.dir {
+                Dir::Forward => Dir::InputGrad,
+                Dir::InputGrad => Dir::Forward,
+            },
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1(other)?))
+    }
+}
