@@ -400,7 +400,7 @@ fn hf_to_q8_0_and_q4_k_with_fallback() {
     let p = keep.join("hf-q4_k.gguf");
     let r = quantize_to_gguf(&src, QType::Q4_K, &p).unwrap();
     let out = gguf::load(&p).unwrap();
-    assert_eq!(meta(&out, "general.file_type").as_u64(), Some(15));
+    assert_eq!(meta(&out, "general.file_type").as_u64(), Some(14));
     // ffn_down rows are 320 long: not a multiple of 256, so Q8_0 (reported), like Falcon's 4544.
     assert_eq!(r.fallbacks.len(), 2, "{r}");
     assert!(
