@@ -9,7 +9,9 @@ mod qrand;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use qrand::{random_weights, Rng, BENCH_TYPES, MATMUL_TYPES};
 use qtune::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use qtune::quant::{dequantize_f32, kernel_name, QData, QMatrix, QType};
@@ -31,28 +33,43 @@ fn config() -> Criterion {
 }
 
 fn bandwidth(c: &mut Criterion) {
-    eprintln!("bench: {} rayon threads, qtune kernels: {}", rayon::current_num_threads(), kernel_name());
+    eprintln!(
+        "bench: {} rayon threads, qtune kernels: {}",
+        rayon::current_num_threads(),
+        kernel_name()
+    );
     let mut g = c.benchmark_group("bandwidth");
     g.sampling_mode(SamplingMode::Flat);
     // 1 GiB of u64, filled (so every page is really mapped) with non-zero data.
     let words = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
+    let buf: Vec<u64> = (0..words as u64)
+        .into_par_iter()
+        .map(|i| i.wrapping_mul(0x9e37_79b9))
+        .collect();
     g.throughput(Throughput::Bytes((words * 8) as u64));
     g.bench_function("read_sum_1GiB", |b| {
         b.iter(|| {
-            let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, v| a.wrapping_add(*v))).reduce(|| 0, u64::wrapping_add);
+            let s: u64 = buf
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+                .reduce(|| 0, u64::wrapping_add);
             black_box(s)
         })
     });
     drop(buf);
     // Copy 512 MiB -> 512 MiB: throughput counts bytes read plus bytes written (1 GiB).
     let half = words / 2;
-    let src: Vec<u64> = (0..half as u64).into_par_iter().map(|i| i ^ 0x5555).collect();
+    let src: Vec<u64> = (0..half as u64)
+        .into_par_iter()
+        .map(|i| i ^ 0x5555)
+        .collect();
     let mut dst: Vec<u64> = vec![1; half];
     g.throughput(Throughput::Bytes((half * 16) as u64));
     g.bench_function("copy_512MiB", |b| {
         b.iter(|| {
-            dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+            dst.par_chunks_mut(1 << 16)
+                .zip(src.par_chunks(1 << 16))
+                .for_each(|(d, s)| d.copy_from_slice(s));
             black_box(dst[half - 1])
         })
     });
@@ -118,10 +135,18 @@ fn matmul(c: &mut Criterion) {
     for &(n, k) in &SHAPES {
         for &t in &types {
             let bytes = random_weights(t, n, k, &mut rng);
-            let w = QMatrix { rows: n, cols: k, data: QData::Ggml { qtype: t, bytes: &bytes } };
+            let w = QMatrix {
+                rows: n,
+                cols: k,
+                data: QData::Ggml {
+                    qtype: t,
+                    bytes: &bytes,
+                },
+            };
             let ours = BENCH_TYPES.contains(&t);
             let qm = candle_dtype(t).map(|dt| {
-                let qt = qtensor_from_ggml(dt, &bytes, vec![n, k], &Device::Cpu).expect("candle QTensor");
+                let qt = qtensor_from_ggml(dt, &bytes, vec![n, k], &Device::Cpu)
+                    .expect("candle QTensor");
                 QMatMul::from_qtensor(qt).expect("candle QMatMul")
             });
             let dense: Option<Vec<f32>> = (t == types[0]).then(|| rng.vec(n * k));
@@ -144,28 +169,67 @@ fn matmul(c: &mut Criterion) {
                 if let Some(wd) = &dense {
                     // Ceiling: the same product on a dense f32 W with gemm's own 2-thread parallelism.
                     let mut y = vec![0f32; m * n];
-                    g.bench_function(BenchmarkId::new("dense_f32_gemm", format!("{n}x{k}/M{m}")), |b| {
-                        b.iter(|| unsafe {
-                            gemm::gemm(m, n, k, y.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize,
-                                wd.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false,
-                                gemm::Parallelism::Rayon(rayon::current_num_threads()))
-                        })
-                    });
+                    g.bench_function(
+                        BenchmarkId::new("dense_f32_gemm", format!("{n}x{k}/M{m}")),
+                        |b| {
+                            b.iter(|| unsafe {
+                                gemm::gemm(
+                                    m,
+                                    n,
+                                    k,
+                                    y.as_mut_ptr(),
+                                    1,
+                                    n as isize,
+                                    false,
+                                    x.as_ptr(),
+                                    1,
+                                    k as isize,
+                                    wd.as_ptr(),
+                                    k as isize,
+                                    1,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                                )
+                            })
+                        },
+                    );
                 }
                 if let Some(qm) = &qm {
                     let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
                     if ours && m == 64 {
                         // Same work? candle quantises x to 8 bits; report how far its y is from ours
                         // (ours is tested against an f64 reference to ~1e-6).
-                        let yc: Vec<f32> = qm.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        let yc: Vec<f32> = qm
+                            .forward(&xt)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
                         let mut yo = vec![0f32; m * n];
                         qmatmul_fwd(&x, m, &w, &mut yo);
                         let big = yo.iter().fold(0f32, |a, v| a.max(v.abs()));
-                        let diff = yc.iter().zip(&yo).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-                        eprintln!("candle vs qtune {label}: max |dy| / max |y| = {:.2e}", diff / big);
+                        let diff = yc
+                            .iter()
+                            .zip(&yo)
+                            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                        eprintln!(
+                            "candle vs qtune {label}: max |dy| / max |y| = {:.2e}",
+                            diff / big
+                        );
                     }
-                    let name = if cfg!(target_feature = "avx2") { "candle_fwd_native" } else { "candle_fwd_default" };
-                    g.bench_function(BenchmarkId::new(name, &label), |b| b.iter(|| qm.forward(black_box(&xt)).unwrap()));
+                    let name = if cfg!(target_feature = "avx2") {
+                        "candle_fwd_native"
+                    } else {
+                        "candle_fwd_default"
+                    };
+                    g.bench_function(BenchmarkId::new(name, &label), |b| {
+                        b.iter(|| qm.forward(black_box(&xt)).unwrap())
+                    });
                 }
             }
         }

@@ -7,8 +7,8 @@ mod qrand;
 
 use qrand::{random_weights, Rng, MATMUL_TYPES};
 use qtune::quant::matmul::{
-    bwd_tiling, fwd_tiling, peak_scratch_bytes, qmatmul_bwd_input, qmatmul_bwd_input_ref, qmatmul_fwd,
-    qmatmul_fwd_ref, GEMV_MAX_M, MAX_TILE_K,
+    bwd_tiling, fwd_tiling, peak_scratch_bytes, qmatmul_bwd_input, qmatmul_bwd_input_ref,
+    qmatmul_fwd, qmatmul_fwd_ref, GEMV_MAX_M, MAX_TILE_K,
 };
 use qtune::quant::{QData, QMatrix, QType};
 
@@ -19,19 +19,32 @@ const SHAPES: [(usize, usize); 3] = [(75, 768), (300, 4864), (13, 256)];
 const MS: [usize; 4] = [1, 3, 64, 130];
 
 fn mat(t: QType, n: usize, k: usize, bytes: &[u8]) -> QMatrix<'_> {
-    QMatrix { rows: n, cols: k, data: QData::Ggml { qtype: t, bytes } }
+    QMatrix {
+        rows: n,
+        cols: k,
+        data: QData::Ggml { qtype: t, bytes },
+    }
 }
 
 /// Max over outputs of |got - want| / sum_k |a_k||b_k| (the f32 error scale of a dot product).
 fn worst(got: &[f32], want: &[f32], scale: &[f64]) -> f64 {
-    got.iter().zip(want).zip(scale).map(|((g, w), s)| (*g as f64 - *w as f64).abs() / s.max(1e-30)).fold(0.0, f64::max)
+    got.iter()
+        .zip(want)
+        .zip(scale)
+        .map(|((g, w), s)| (*g as f64 - *w as f64).abs() / s.max(1e-30))
+        .fold(0.0, f64::max)
 }
 
 const TOL: f64 = 1e-5;
 
 #[test]
 fn fused_matches_reference() {
-    assert!(MAX_TILE_K < 4864 && GEMV_MAX_M >= 3 && GEMV_MAX_M < 64, "shapes no longer cover the paths");
+    const {
+        assert!(
+            MAX_TILE_K < 4864 && GEMV_MAX_M >= 3 && GEMV_MAX_M < 64,
+            "shapes no longer cover the paths"
+        )
+    };
     let mut rng = Rng(7);
     let mut max_err = 0f64;
     for &t in MATMUL_TYPES {
@@ -49,26 +62,46 @@ fn fused_matches_reference() {
                 qmatmul_fwd(&x, m, &w, &mut y);
                 qmatmul_fwd_ref(&x, m, &w, &mut yr);
                 let scale: Vec<f64> = (0..m * n)
-                    .map(|o| (0..k).map(|c| x[o / n * k + c].abs() as f64 * wabs[o % n * k + c]).sum())
+                    .map(|o| {
+                        (0..k)
+                            .map(|c| x[o / n * k + c].abs() as f64 * wabs[o % n * k + c])
+                            .sum()
+                    })
                     .collect();
                 let e = worst(&y, &yr, &scale);
                 max_err = max_err.max(e);
-                assert!(e < TOL, "fwd {} N={n} K={k} M={m}: relative error {e:e}", t.name());
+                assert!(
+                    e < TOL,
+                    "fwd {} N={n} K={k} M={m}: relative error {e:e}",
+                    t.name()
+                );
 
                 // input gradient, overwrite and accumulate
                 let dy = rng.vec(m * n);
                 let scale: Vec<f64> = (0..m * k)
-                    .map(|o| (0..n).map(|r| dy[o / k * n + r].abs() as f64 * wabs[r * k + o % k]).sum())
+                    .map(|o| {
+                        (0..n)
+                            .map(|r| dy[o / k * n + r].abs() as f64 * wabs[r * k + o % k])
+                            .sum()
+                    })
                     .collect();
                 for acc in [false, true] {
-                    let init = if acc { rng.vec(m * k) } else { vec![f32::NAN; m * k] };
+                    let init = if acc {
+                        rng.vec(m * k)
+                    } else {
+                        vec![f32::NAN; m * k]
+                    };
                     let mut dx = init.clone();
                     let mut dxr = if acc { init.clone() } else { vec![0f32; m * k] };
                     qmatmul_bwd_input(&dy, m, &w, &mut dx, acc);
                     qmatmul_bwd_input_ref(&dy, m, &w, &mut dxr, acc);
                     let e = worst(&dx, &dxr, &scale);
                     max_err = max_err.max(e);
-                    assert!(e < TOL, "bwd {} N={n} K={k} M={m} acc={acc}: relative error {e:e}", t.name());
+                    assert!(
+                        e < TOL,
+                        "bwd {} N={n} K={k} M={m} acc={acc}: relative error {e:e}",
+                        t.name()
+                    );
                 }
             }
         }
@@ -79,7 +112,10 @@ fn fused_matches_reference() {
 #[test]
 fn reference_is_a_plain_matmul() {
     // The references themselves, on a tiny hand-checkable F32 case: W = [[1,2],[3,4],[5,6]].
-    let wb: Vec<u8> = [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let wb: Vec<u8> = [1f32, 2., 3., 4., 5., 6.]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let w = mat(QType::F32, 3, 2, &wb);
     let mut y = [0f32; 3];
     qmatmul_fwd_ref(&[1., -1.], 1, &w, &mut y);
@@ -104,7 +140,11 @@ fn scratch_is_bounded() {
             let w = mat(t, n, k, &bytes);
             for m in [1, 3, 64, 512, 4096] {
                 for tl in [fwd_tiling(&w, m), bwd_tiling(&w, m)] {
-                    assert!(tl.scratch_bytes() < L2, "{} {n}×{k} M={m}: {tl:?}", t.name());
+                    assert!(
+                        tl.scratch_bytes() < L2,
+                        "{} {n}×{k} M={m}: {tl:?}",
+                        t.name()
+                    );
                     assert!(tl.rows * tl.cols < n * k / 8, "tile is not a tile: {tl:?}");
                 }
             }
@@ -124,5 +164,8 @@ fn scratch_is_bounded() {
         qmatmul_bwd_input(&y, m, &w, &mut dx, false);
     }
     let peak = peak_scratch_bytes();
-    assert!(peak > 0 && peak < L2, "peak scratch {peak} bytes per thread");
+    assert!(
+        peak > 0 && peak < L2,
+        "peak scratch {peak} bytes per thread"
+    );
 }

@@ -10,7 +10,13 @@ use qtune::quant::QType;
 /// LEAD: extend with each type whose dequantiser has landed (all have `f16_fields` below):
 /// QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q2_K, QType::Q3_K, QType::Q4_K, QType::Q5_K,
 /// QType::Q6_K.
-pub const MATMUL_TYPES: &[QType] = &[QType::F32, QType::F16, QType::BF16, QType::Q4_0, QType::Q8_0];
+pub const MATMUL_TYPES: &[QType] = &[
+    QType::F32,
+    QType::F16,
+    QType::BF16,
+    QType::Q4_0,
+    QType::Q8_0,
+];
 
 /// Quantised types the benches time (a subset of [`MATMUL_TYPES`]; LEAD: add Q4_K, Q6_K, Q5_0 ...).
 pub const BENCH_TYPES: &[QType] = &[QType::Q4_0, QType::Q8_0];
@@ -54,13 +60,23 @@ pub fn f16_fields(t: QType) -> &'static [usize] {
 pub fn random_weights(t: QType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
     let n = rows * cols;
     match t {
-        QType::F32 => (0..n).flat_map(|_| (rng.uniform() * 0.1).to_le_bytes()).collect(),
-        QType::F16 => (0..n).flat_map(|_| f16::from_f32(rng.uniform() * 0.1).to_le_bytes()).collect(),
-        QType::BF16 => (0..n).flat_map(|_| bf16::from_f32(rng.uniform() * 0.1).to_le_bytes()).collect(),
+        QType::F32 => (0..n)
+            .flat_map(|_| (rng.uniform() * 0.1).to_le_bytes())
+            .collect(),
+        QType::F16 => (0..n)
+            .flat_map(|_| f16::from_f32(rng.uniform() * 0.1).to_le_bytes())
+            .collect(),
+        QType::BF16 => (0..n)
+            .flat_map(|_| bf16::from_f32(rng.uniform() * 0.1).to_le_bytes())
+            .collect(),
         QType::NF4 => panic!("random_weights: NF4 is not a ggml block type"),
         _ => {
-            let len = t.bytes_for(n).expect("cols must be a multiple of the block size");
-            let mut b: Vec<u8> = (0..len.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
+            let len = t
+                .bytes_for(n)
+                .expect("cols must be a multiple of the block size");
+            let mut b: Vec<u8> = (0..len.div_ceil(8))
+                .flat_map(|_| rng.next_u64().to_le_bytes())
+                .collect();
             b.truncate(len);
             let ts = t.type_size();
             for blk in b.chunks_exact_mut(ts) {

@@ -58,7 +58,7 @@ fn floor_to(n: usize, bs: usize) -> usize {
 fn check_shape(w: &QMatrix) {
     let bs = w.block_size();
     assert!(
-        w.cols % bs == 0,
+        w.cols.is_multiple_of(bs),
         "qmatmul: W has {} columns, not a multiple of its {} block size {bs}",
         w.cols,
         w.qtype().name()
@@ -77,8 +77,13 @@ pub fn fwd_tiling(w: &QMatrix, m: usize) -> Tiling {
     let cols = k.min(floor_to(MAX_TILE_K, bs));
     let mut rows = (TILE_BYTES / 4 / cols).max(1);
     // Keep at least ~4 tasks per thread so rayon can balance them.
-    rows = rows.min(n.div_ceil(rayon::current_num_threads() * 4)).max(1);
-    Tiling { rows: rows.min(n), cols }
+    rows = rows
+        .min(n.div_ceil(rayon::current_num_threads() * 4))
+        .max(1);
+    Tiling {
+        rows: rows.min(n),
+        cols,
+    }
 }
 
 /// The tiling [`qmatmul_bwd_input`] uses for `w` and `m` activation rows (`cols` is the dx column
@@ -91,7 +96,10 @@ pub fn bwd_tiling(w: &QMatrix, m: usize) -> Tiling {
     if m <= GEMV_MAX_M {
         let cols = k.min(floor_to(want.clamp(256, GEMV_CHUNK_K), bs));
         // Scratch: one row chunk of W plus up to GEMV_MAX_M dx accumulator rows.
-        return Tiling { rows: 1 + GEMV_MAX_M, cols };
+        return Tiling {
+            rows: 1 + GEMV_MAX_M,
+            cols,
+        };
     }
     let cols = k.min(floor_to(want.clamp(256, 1024), bs));
     let rows = (TILE_BYTES / 4 / cols).clamp(1, n);
@@ -133,6 +141,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    // A method (not `.0`) so closures capture the whole Send wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y (M×N) = x (M×K) · Wᵀ` with W (N×K) quantised along K, dequantised tile by tile.
 ///
 /// Panics if the slice lengths do not match `m`, `w.rows` and `w.cols` (caller bug), or if
@@ -155,7 +170,6 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
     if m <= GEMV_MAX_M {
         let dot = dot_fn();
         (0..tasks).into_par_iter().for_each(|task| {
-            let yp = yp;
             let r0 = task * t.rows;
             let r1 = (r0 + t.rows).min(n);
             with_scratch(t.cols, |row| {
@@ -166,16 +180,16 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
                     let kc = t.cols.min(k - k0);
                     for r in r0..r1 {
                         w.dequant_tile(r, 1, k0, kc, &mut row[..kc]);
-                        for i in 0..m {
-                            acc[r - r0][i] += dot(&x[i * k + k0..][..kc], &row[..kc]);
+                        for (i, a) in acc[r - r0][..m].iter_mut().enumerate() {
+                            *a += dot(&x[i * k + k0..][..kc], &row[..kc]);
                         }
                     }
                     k0 += kc;
                 }
                 for r in r0..r1 {
-                    for i in 0..m {
+                    for (i, a) in acc[r - r0][..m].iter().enumerate() {
                         // SAFETY: this task alone owns columns r0..r1 of y; i*n+r < m*n.
-                        unsafe { *yp.0.add(i * n + r) = acc[r - r0][i] };
+                        unsafe { *yp.get().add(i * n + r) = *a };
                     }
                 }
             });
@@ -183,7 +197,6 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
         return;
     }
     (0..tasks).into_par_iter().for_each(|task| {
-        let yp = yp;
         let r0 = task * t.rows;
         let nr = t.rows.min(n - r0);
         with_scratch(t.rows * t.cols, |tile| {
@@ -201,7 +214,7 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
                         m,
                         nr,
                         kc,
-                        yp.0.add(r0),
+                        yp.get().add(r0),
                         1,
                         n as isize,
                         k0 > 0,
@@ -250,7 +263,6 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
     if m <= GEMV_MAX_M {
         let axpy = axpy_fn();
         (0..tasks).into_par_iter().for_each(|task| {
-            let dxp = dxp;
             let c0 = task * t.cols;
             let kc = t.cols.min(k - c0);
             with_scratch(kc * (1 + GEMV_MAX_M), |buf| {
@@ -265,7 +277,8 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
                 }
                 for i in 0..m {
                     // SAFETY: this task alone owns columns c0..c0+kc of dx.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(i * k + c0), kc) };
+                    let out =
+                        unsafe { std::slice::from_raw_parts_mut(dxp.get().add(i * k + c0), kc) };
                     let a = &acc[i * kc..(i + 1) * kc];
                     if accumulate {
                         out.iter_mut().zip(a).for_each(|(o, v)| *o += v);
@@ -278,7 +291,6 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
         return;
     }
     (0..tasks).into_par_iter().for_each(|task| {
-        let dxp = dxp;
         let c0 = task * t.cols;
         let kc = t.cols.min(k - c0);
         with_scratch(t.rows * kc, |tile| {
@@ -295,7 +307,7 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
                         m,
                         kc,
                         nr,
-                        dxp.0.add(c0),
+                        dxp.get().add(c0),
                         1,
                         k as isize,
                         accumulate || r0 > 0,
@@ -328,7 +340,11 @@ pub fn qmatmul_fwd_ref(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
     for r in 0..n {
         w.dequant_tile(r, 1, 0, k, &mut row);
         for i in 0..m {
-            let s: f64 = x[i * k..(i + 1) * k].iter().zip(&row).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let s: f64 = x[i * k..(i + 1) * k]
+                .iter()
+                .zip(&row)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
             y[i * n + r] = s as f32;
         }
     }
@@ -352,7 +368,11 @@ pub fn qmatmul_bwd_input_ref(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], 
         }
     }
     for (d, a) in dx.iter_mut().zip(&acc) {
-        *d = if accumulate { (*d as f64 + a) as f32 } else { *a as f32 };
+        *d = if accumulate {
+            (*d as f64 + a) as f32
+        } else {
+            *a as f32
+        };
     }
 }
 
@@ -439,7 +459,8 @@ mod x86 {
         while i + 64 <= n {
             for (j, acc) in s.iter_mut().enumerate() {
                 let o = i + 16 * j;
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+                *acc =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
             }
             i += 64;
         }
@@ -447,7 +468,10 @@ mod x86 {
             s[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s[0]);
             i += 16;
         }
-        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(s[0], s[1]),
+            _mm512_add_ps(s[2], s[3]),
+        ));
         while i < n {
             t += *pa.add(i) * *pb.add(i);
             i += 1;
@@ -464,7 +488,8 @@ mod x86 {
         while i + 32 <= n {
             for (j, acc) in s.iter_mut().enumerate() {
                 let o = i + 8 * j;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
             }
             i += 32;
         }
@@ -491,7 +516,10 @@ mod x86 {
         let a = _mm512_set1_ps(s);
         let mut i = 0;
         while i + 16 <= n {
-            _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))));
+            _mm512_storeu_ps(
+                py.add(i),
+                _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
+            );
             i += 16;
         }
         while i < n {
@@ -507,7 +535,10 @@ mod x86 {
         let a = _mm256_set1_ps(s);
         let mut i = 0;
         while i + 8 <= n {
-            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            _mm256_storeu_ps(
+                py.add(i),
+                _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+            );
             i += 8;
         }
         while i < n {
@@ -541,7 +572,14 @@ mod tests {
     #[test]
     fn tiles_respect_block_size() {
         let bytes = vec![0u8; 11008 / 256 * 144 * 4];
-        let w = QMatrix { rows: 4, cols: 11008, data: QData::Ggml { qtype: QType::Q4_K, bytes: &bytes } };
+        let w = QMatrix {
+            rows: 4,
+            cols: 11008,
+            data: QData::Ggml {
+                qtype: QType::Q4_K,
+                bytes: &bytes,
+            },
+        };
         for m in [1, 64] {
             for t in [fwd_tiling(&w, m), bwd_tiling(&w, m)] {
                 assert!(t.cols % 256 == 0 || t.cols == w.cols, "{t:?}");
