@@ -7,7 +7,8 @@
 //!
 //! - Forward: tasks own tiles of output rows of W (columns of y), so they write disjoint parts of y.
 //! - Input gradient: tasks own tiles of K columns (columns of dx), and loop over all rows of W.
-//! - Small M (decode, GEMV): a row chunk of W is dequantised into L1 and dotted with each x row.
+//! - Small M (decode, GEMV): a row chunk of W is dequantised into L1 and dotted with each x row
+//!   (forward) or added, scaled by dy, into a per-split partial dx (input gradient).
 use super::dispatch::{active_level, SimdLevel};
 use super::QMatrix;
 use rayon::prelude::*;
@@ -261,33 +262,44 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
     let dxp = SendPtr(dx.as_mut_ptr());
     let tasks = k.div_ceil(t.cols);
     if m <= GEMV_MAX_M {
+        // Small M: tasks own contiguous rows of W (streamed whole, like the forward GEMV) and each
+        // rayon split sums into its own (M, K) partial dx, added up at the end; this measured 2-3×
+        // faster than K-column tiles, whose tasks each read a short strided slice of every row.
         let axpy = axpy_fn();
-        (0..tasks).into_par_iter().for_each(|task| {
-            let c0 = task * t.cols;
-            let kc = t.cols.min(k - c0);
-            with_scratch(kc * (1 + GEMV_MAX_M), |buf| {
-                let (row, acc) = buf.split_at_mut(kc);
-                // acc: (M, kc) partial dx for this task's columns.
-                acc[..m * kc].fill(0.0);
-                for r in 0..n {
-                    w.dequant_tile(r, 1, c0, kc, row);
-                    for i in 0..m {
-                        axpy(dy[i * n + r], row, &mut acc[i * kc..(i + 1) * kc]);
-                    }
-                }
-                for i in 0..m {
-                    // SAFETY: this task alone owns columns c0..c0+kc of dx.
-                    let out =
-                        unsafe { std::slice::from_raw_parts_mut(dxp.get().add(i * k + c0), kc) };
-                    let a = &acc[i * kc..(i + 1) * kc];
-                    if accumulate {
-                        out.iter_mut().zip(a).for_each(|(o, v)| *o += v);
-                    } else {
-                        out.copy_from_slice(a);
-                    }
-                }
-            });
-        });
+        let kc = t.cols;
+        let rows = n.div_ceil(rayon::current_num_threads() * 8).max(1);
+        let part = (0..n.div_ceil(rows))
+            .into_par_iter()
+            .fold(
+                || vec![0f32; m * k],
+                |mut acc, task| {
+                    let r0 = task * rows;
+                    with_scratch(kc, |row| {
+                        for r in r0..(r0 + rows).min(n) {
+                            let mut k0 = 0;
+                            while k0 < k {
+                                let c = kc.min(k - k0);
+                                w.dequant_tile(r, 1, k0, c, &mut row[..c]);
+                                for i in 0..m {
+                                    axpy(dy[i * n + r], &row[..c], &mut acc[i * k + k0..][..c]);
+                                }
+                                k0 += c;
+                            }
+                        }
+                    });
+                    acc
+                },
+            )
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            })
+            .unwrap_or_else(|| vec![0f32; m * k]);
+        if accumulate {
+            dx.iter_mut().zip(&part).for_each(|(o, v)| *o += v);
+        } else {
+            dx.copy_from_slice(&part);
+        }
         return;
     }
     (0..tasks).into_par_iter().for_each(|task| {
