@@ -65,7 +65,10 @@ for v in labels:
 # Count first: the floor of each forward matmul from bytes of W over the measured read bandwidth and
 # from flops over the f32 FMA peak (PEAK_GFLOPS, default 2 cores x 32 flop/cycle x 2.6 GHz).
 import os
-peak = float(os.environ.get("PEAK_GFLOPS", 2 * 32 * 2.6))
+measured_peak = next((rate(r[3], r[6]) for r in rows.values() if r[0] == "peak"), None)
+peak = float(os.environ.get("PEAK_GFLOPS", measured_peak or 2 * 32 * 2.6))
+if measured_peak:
+    print(f"\n### f32 FMA peak (measured, AVX-512, all threads): {measured_peak:.0f} GFLOP/s")
 print(f"\n### Count first (read bandwidth {read_bw or 0:.1f} GB/s, f32 FMA peak {peak:.0f} GFLOP/s)\n")
 print("| type/W (N×K)/M | W MB | GFLOP | floor bw (ms) | floor FMA (ms) | floor (ms) | qtune fwd (ms) | % of floor | qtune bwd_input (ms) | % of floor |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

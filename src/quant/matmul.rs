@@ -95,12 +95,10 @@ pub fn bwd_tiling(w: &QMatrix, m: usize) -> Tiling {
     // Enough column tiles for every thread, but wide enough that each row slice is a few blocks.
     let want = k.div_ceil(threads * 4);
     if m <= GEMV_MAX_M {
+        // Row chunks of 256..1024 columns; scratch is one chunk (plus an (M, K) partial dx per
+        // rayon split, which is activation-sized).
         let cols = k.min(floor_to(want.clamp(256, GEMV_CHUNK_K), bs));
-        // Scratch: one row chunk of W plus up to GEMV_MAX_M dx accumulator rows.
-        return Tiling {
-            rows: 1 + GEMV_MAX_M,
-            cols,
-        };
+        return Tiling { rows: 1, cols };
     }
     let cols = k.min(floor_to(want.clamp(256, 1024), bs));
     let rows = (TILE_BYTES / 4 / cols).clamp(1, n);
