@@ -76,6 +76,67 @@ fn bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
+/// f32 FMA peak: each thread runs `iters` rounds of 12 independent 16-lane FMA chains (enough to
+/// cover FMA latency × pipes); flops = threads × iters × 12 × 16 × 2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains(iters: usize, seed: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    let x = _mm512_set1_ps(seed);
+    // Twelve named accumulators (an array here ends up spilled to the stack).
+    let (mut c0, mut c1, mut c2, mut c3, mut c4, mut c5) = (x, x, x, x, x, x);
+    let (mut c6, mut c7, mut c8, mut c9, mut c10, mut c11) = (x, x, x, x, x, x);
+    for _ in 0..iters {
+        c0 = _mm512_fmadd_ps(c0, a, b);
+        c1 = _mm512_fmadd_ps(c1, a, b);
+        c2 = _mm512_fmadd_ps(c2, a, b);
+        c3 = _mm512_fmadd_ps(c3, a, b);
+        c4 = _mm512_fmadd_ps(c4, a, b);
+        c5 = _mm512_fmadd_ps(c5, a, b);
+        c6 = _mm512_fmadd_ps(c6, a, b);
+        c7 = _mm512_fmadd_ps(c7, a, b);
+        c8 = _mm512_fmadd_ps(c8, a, b);
+        c9 = _mm512_fmadd_ps(c9, a, b);
+        c10 = _mm512_fmadd_ps(c10, a, b);
+        c11 = _mm512_fmadd_ps(c11, a, b);
+    }
+    let s = _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
+        _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7)),
+    );
+    let s = _mm512_add_ps(
+        s,
+        _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)),
+    );
+    _mm512_reduce_add_ps(s)
+}
+
+fn fma_peak(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        let threads = rayon::current_num_threads();
+        let iters = 1usize << 22;
+        let mut g = c.benchmark_group("peak");
+        g.sampling_mode(SamplingMode::Flat);
+        g.throughput(Throughput::Elements((threads * iters * 12 * 16 * 2) as u64));
+        g.bench_function("avx512_fma_f32", |b| {
+            b.iter(|| {
+                // Plain OS threads, one per core, so both really run at once.
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = (0..threads)
+                        // SAFETY: AVX-512F detected above.
+                        .map(|t| sc.spawn(move || unsafe { fma_chains(iters, t as f32) }))
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).sum::<f32>()
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
 fn dequant(c: &mut Criterion) {
     let mut g = c.benchmark_group("dequant");
     g.sampling_mode(SamplingMode::Flat);
@@ -240,6 +301,6 @@ fn matmul(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bandwidth, dequant, matmul
+    targets = bandwidth, fma_peak, dequant, matmul
 }
 criterion_main!(benches);

@@ -61,3 +61,30 @@ for v in labels:
     ours, cn = mm.get(("qtune_fwd", v)), mm.get(("candle_fwd_native", v))
     ratio = f"{ours[0]/cn[0]:.2f}" if ours and cn else "-"
     print(f"| {v} | {g_('qtune_fwd')} | {g_('qtune_bwd_input')} | {g_('candle_fwd_default')} | {g_('candle_fwd_native')} | {ratio} | {f'{d[0]:.1f}' if d else '-'} |")
+
+# Count first: the floor of each forward matmul from bytes of W over the measured read bandwidth and
+# from flops over the f32 FMA peak (PEAK_GFLOPS, default 2 cores x 32 flop/cycle x 2.6 GHz).
+import os
+measured_peak = next((rate(r[3], r[6]) for r in rows.values() if r[0] == "peak"), None)
+peak = float(os.environ.get("PEAK_GFLOPS", measured_peak or 2 * 32 * 2.6))
+if measured_peak:
+    print(f"\n### f32 FMA peak (measured, AVX-512, all threads): {measured_peak:.0f} GFLOP/s")
+print(f"\n### Count first (read bandwidth {read_bw or 0:.1f} GB/s, f32 FMA peak {peak:.0f} GFLOP/s)\n")
+print("| type/W (N×K)/M | W MB | GFLOP | floor bw (ms) | floor FMA (ms) | floor (ms) | qtune fwd (ms) | % of floor | qtune bwd_input (ms) | % of floor |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for v in labels:
+    if v.count("/") != 2 or ("qtune_fwd", v) not in mm:
+        continue
+    t, shape, mstr = v.split("/")
+    n, k = map(int, shape.split("x")); m = int(mstr[1:])
+    bs, ts = BS[t]
+    wb = n * k / bs * ts
+    fl = 2 * m * n * k
+    fb = wb / read_bw / 1e6 if read_bw else 0.0
+    fc = fl / peak / 1e6
+    floor = max(fb, fc)
+    cells = []
+    for f in ("qtune_fwd", "qtune_bwd_input"):
+        x = mm.get((f, v))
+        cells += [f"{x[1]/1e6:.2f}", f"{100*floor/(x[1]/1e6):.0f} %"] if x else ["-", "-"]
+    print(f"| {v} | {wb/1e6:.1f} | {fl/1e9:.3f} | {fb:.2f} | {fc:.2f} | {floor:.2f} | " + " | ".join(cells) + " |")
