@@ -10,6 +10,7 @@ use qtune::quant::matmul::{
     bwd_tiling, fwd_tiling, peak_scratch_bytes, qmatmul_bwd_input, qmatmul_bwd_input_ref,
     qmatmul_fwd, qmatmul_fwd_ref, GEMV_MAX_M, MAX_TILE_K,
 };
+use qtune::quant::nf4::{quantize_nf4, Nf4Owned};
 use qtune::quant::{QData, QMatrix, QType};
 
 // (N, K): N not a multiple of any tile height, K a multiple of 256 (every block size) but not of
@@ -37,6 +38,12 @@ fn worst(got: &[f32], want: &[f32], scale: &[f64]) -> f64 {
 
 const TOL: f64 = 1e-5;
 
+/// Storage behind a test matrix.
+enum Owned {
+    Ggml(Vec<u8>),
+    Nf4(Nf4Owned),
+}
+
 #[test]
 fn fused_matches_reference() {
     const {
@@ -47,10 +54,23 @@ fn fused_matches_reference() {
     };
     let mut rng = Rng(7);
     let mut max_err = 0f64;
-    for &t in MATMUL_TYPES {
+    // Every ggml type, plus NF4 (its statistics live beside the blocks, so it is built by our
+    // bitsandbytes-exact quantiser from random values).
+    for &t in MATMUL_TYPES.iter().chain(&[QType::NF4]) {
         for &(n, k) in &SHAPES {
-            let bytes = random_weights(t, n, k, &mut rng);
-            let w = mat(t, n, k, &bytes);
+            let owned = if t == QType::NF4 {
+                Owned::Nf4(quantize_nf4(&rng.vec(n * k)).unwrap())
+            } else {
+                Owned::Ggml(random_weights(t, n, k, &mut rng))
+            };
+            let w = match &owned {
+                Owned::Ggml(bytes) => mat(t, n, k, bytes),
+                Owned::Nf4(q) => QMatrix {
+                    rows: n,
+                    cols: k,
+                    data: QData::Nf4(q.as_ref()),
+                },
+            };
             let mut wf = vec![0f32; n * k];
             w.dequant_tile(0, n, 0, k, &mut wf);
             let wabs: Vec<f64> = wf.iter().map(|v| v.abs() as f64).collect();

@@ -6,20 +6,26 @@
 use half::{bf16, f16};
 use qtune::quant::QType;
 
-/// Types the matmul tests and benches run on.
-/// LEAD: extend with each type whose dequantiser has landed (all have `f16_fields` below):
-/// QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q2_K, QType::Q3_K, QType::Q4_K, QType::Q5_K,
-/// QType::Q6_K.
+/// Types the matmul tests and dequantisation benches run on: every ggml type (NF4 is built by its
+/// quantiser in the tests instead).
 pub const MATMUL_TYPES: &[QType] = &[
     QType::F32,
     QType::F16,
     QType::BF16,
     QType::Q4_0,
+    QType::Q4_1,
+    QType::Q5_0,
+    QType::Q5_1,
     QType::Q8_0,
+    QType::Q2_K,
+    QType::Q3_K,
+    QType::Q4_K,
+    QType::Q5_K,
+    QType::Q6_K,
 ];
 
-/// Quantised types the benches time (a subset of [`MATMUL_TYPES`]; LEAD: add Q4_K, Q6_K, Q5_0 ...).
-pub const BENCH_TYPES: &[QType] = &[QType::Q4_0, QType::Q8_0];
+/// Quantised types the matmul benches time (a subset of [`MATMUL_TYPES`]: the ones 7B files use).
+pub const BENCH_TYPES: &[QType] = &[QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::Q6_K];
 
 /// splitmix64: a tiny deterministic generator, so fixtures need no `rand` dependency.
 pub struct Rng(pub u64);
