@@ -164,7 +164,7 @@ fn save_refuses_to_replace_a_non_adapter_directory() {
     let err = save_peft(tmp.path(), &cfg, &tensors)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not an adapter directory"), "{err}");
+    assert!(err.contains("not a directory qtune wrote"), "{err}");
     assert!(tmp.path().join("precious.txt").exists());
 }
 
@@ -295,7 +295,8 @@ fn config_errors_name_file_and_key() {
 
 #[test]
 fn tensor_errors_are_named() {
-    let cases: &[(&[(&str, (usize, usize))], &[&str])] = &[
+    type Tensors<'a> = &'a [(&'a str, (usize, usize))];
+    let cases: &[(Tensors, &[&str])] = &[
         // Not a LoRA A/B name (e.g. a full model weight, or the in-memory name with "default").
         (
             &[

@@ -441,7 +441,7 @@ pub fn save_peft(dir: &Path, cfg: &AdapterConfig, tensors: &[(String, Tensor)]) 
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     write_synced(&tmp.join(WEIGHTS_FILE), &bytes)?;
     write_synced(&tmp.join(CONFIG_FILE), cfg.to_json().as_bytes())?;
-    replace_dir(&tmp, dir)
+    replace_dir_marked(&tmp, dir, CONFIG_FILE)
 }
 
 /// Reads a PEFT adapter directory: its config and its tensors (on the CPU, in the file's dtype,
@@ -685,17 +685,17 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
-/// Moves the finished directory `tmp` to `dir`, replacing an old `dir` that holds an adapter (or
-/// nothing); a directory with other contents is refused.
-pub(crate) fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+/// Moves the finished directory `tmp` to `dir`, replacing an old `dir` that holds `marker` (the
+/// file that shows it is ours) or nothing; a directory with other contents is refused.
+pub(crate) fn replace_dir_marked(tmp: &Path, dir: &Path, marker: &str) -> Result<()> {
     if dir.exists() {
         let empty = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .next()
             .is_none();
-        if !empty && !dir.join(CONFIG_FILE).exists() {
+        if !empty && !dir.join(marker).exists() {
             return Err(Error::Invalid(format!(
-                "{}: exists and is not an adapter directory (no {CONFIG_FILE}); refusing to replace \
+                "{}: exists and is not a directory qtune wrote (no {marker}); refusing to replace \
                  it: choose another output path",
                 dir.display()
             )));
