@@ -491,3 +491,18 @@ fn export_for_peft_check() {
         assert_eq!(load_peft(&dir).unwrap().1.len(), 28);
     }
 }
+
+#[test]
+fn save_peft_vars_writes_the_vars() {
+    let (cfg, tensors) = load_peft(&fixtures().join("f32/adapter")).unwrap();
+    let vars: Vec<(String, candle_core::Var)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), candle_core::Var::from_tensor(t).unwrap()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    qtune::lora::adapter::save_peft_vars(&tmp.path().join("a"), &cfg, &vars).unwrap();
+    let (_, back) = load_peft(&tmp.path().join("a")).unwrap();
+    for ((_, a), (_, b)) in tensors.iter().zip(&back) {
+        assert_eq!(bits(a), bits(b));
+    }
+}

@@ -399,3 +399,24 @@ fn bad_inputs_are_named_errors() {
     assert!(err.contains("refusing"), "{err}");
     assert!(tmp.path().join("keep.txt").exists());
 }
+
+#[test]
+fn grads_by_name_reads_a_backward_pass() {
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&Tensor::new(&[1f32, 2.0, 3.0], &dev).unwrap()).unwrap();
+    let frozen = Var::from_tensor(&Tensor::new(&[5f32], &dev).unwrap()).unwrap();
+    let opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
+    // loss = sum(a^2) * frozen: d/da = 2a * 5
+    let loss = a
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .broadcast_mul(frozen.as_tensor())
+        .unwrap();
+    let store = loss.backward().unwrap();
+    let g = opt.grads_by_name(&store);
+    assert_eq!(g.len(), 1);
+    assert_eq!(f32s(&g["a"]), vec![10.0, 20.0, 30.0]);
+}

@@ -444,6 +444,20 @@ pub fn save_peft(dir: &Path, cfg: &AdapterConfig, tensors: &[(String, Tensor)]) 
     replace_dir_marked(&tmp, dir, CONFIG_FILE)
 }
 
+/// [`save_peft`] for trainable variables (e.g. every [`super::LoraLinear::vars`] under its saved
+/// PEFT name).
+pub fn save_peft_vars(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    vars: &[(String, candle_core::Var)],
+) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    save_peft(dir, cfg, &tensors)
+}
+
 /// Reads a PEFT adapter directory: its config and its tensors (on the CPU, in the file's dtype,
 /// sorted by name), checked to be complete LoRA A/B pairs of rank `r`.
 pub fn load_peft(dir: &Path) -> Result<(AdapterConfig, Vec<(String, Tensor)>)> {
@@ -685,8 +699,17 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
+/// Flushes a file written by someone else's writer to disk.
+pub(crate) fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
 /// Moves the finished directory `tmp` to `dir`, replacing an old `dir` that holds `marker` (the
-/// file that shows it is ours) or nothing; a directory with other contents is refused.
+/// file that shows it is ours) or nothing; a directory with other contents is refused. Should the
+/// process die between the two renames, the old contents survive as `<dir>.old`, the new as
+/// `<dir>.tmp`.
 pub(crate) fn replace_dir_marked(tmp: &Path, dir: &Path, marker: &str) -> Result<()> {
     if dir.exists() {
         let empty = std::fs::read_dir(dir)

@@ -9,7 +9,7 @@
 //! weight would never move. The master costs 4 bytes per LoRA parameter, a fraction of a percent of
 //! a model. Keeping the state on the host also keeps it out of GPU memory; the price is a
 //! parameter-sized copy each way per step, small for LoRA.
-use crate::lora::adapter::{replace_dir_marked, sibling, write_synced};
+use crate::lora::adapter::{replace_dir_marked, sibling, sync_file, write_synced};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -219,34 +219,22 @@ impl AdamW {
     /// Writes the moments, master copies and step counts into directory `dir` (replaced whole via
     /// `<dir>.tmp` and a rename; an existing `dir` must be optimizer state or empty).
     pub fn save_state(&self, dir: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
+        let mut views = Vec::with_capacity(3 * self.slots.len());
         let mut steps = serde_json::Map::new();
         for s in &self.slots {
-            let shape = s.var.dims().to_vec();
             for (kind, v) in [
                 ("master", &s.master),
                 ("exp_avg", &s.exp_avg),
                 ("exp_avg_sq", &s.exp_avg_sq),
             ] {
-                tensors.push((format!("{kind}/{}", s.name), v.clone(), shape.clone()));
+                let view = F32View {
+                    shape: s.var.dims(),
+                    data: bytemuck::cast_slice(v),
+                };
+                views.push((format!("{kind}/{}", s.name), view));
             }
             steps.insert(s.name.clone(), serde_json::Value::from(s.step));
         }
-        let views = tensors.iter().map(|(n, v, shape)| {
-            (
-                n.as_str(),
-                F32View {
-                    shape,
-                    data: bytemuck::cast_slice(v),
-                },
-            )
-        });
-        let bytes = safetensors::serialize(views, None).map_err(|e| {
-            Error::Invalid(format!(
-                "{}: cannot serialise optimizer state: {e}",
-                dir.display()
-            ))
-        })?;
         let json = serde_json::json!({
             "format": FORMAT,
             "beta1": self.cfg.beta1,
@@ -260,7 +248,15 @@ impl AdamW {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        write_synced(&tmp.join(STATE_TENSORS), &bytes)?;
+        // Streamed to the file: the state of a 7B adapter is hundreds of MB.
+        let tpath = tmp.join(STATE_TENSORS);
+        safetensors::serialize_to_file(views, None, &tpath).map_err(|e| {
+            Error::Invalid(format!(
+                "{}: cannot write optimizer state: {e}",
+                tpath.display()
+            ))
+        })?;
+        sync_file(&tpath)?;
         let text = serde_json::to_string_pretty(&json).expect("JSON values serialise");
         write_synced(&tmp.join(STATE_JSON), text.as_bytes())?;
         replace_dir_marked(&tmp, dir, STATE_JSON)
@@ -308,7 +304,11 @@ impl AdamW {
             .and_then(|s| s.as_object())
             .ok_or_else(|| jerr("key 'steps' is missing or not an object".into()))?;
         let tpath = dir.join(STATE_TENSORS);
-        let bytes = std::fs::read(&tpath).map_err(|e| Error::io(&tpath, e))?;
+        let file = std::fs::File::open(&tpath).map_err(|e| Error::io(&tpath, e))?;
+        // SAFETY: a read-only map of a file qtune wrote and nothing else modifies while it resumes;
+        // dropped at the end of this function. Mapped rather than read: the state of a 7B adapter
+        // is hundreds of MB.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&tpath, e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::corrupt(&tpath, "safetensors", e.to_string()))?;
         if steps.len() != self.slots.len() {
@@ -410,12 +410,12 @@ fn adamw_update(
     for i in 0..p.len() {
         // param.mul_(1 - lr * weight_decay)
         let pi = p[i] * decay;
-        // torch's lerp: start + w * (end - start) for |w| < 0.5 (an FMA in its CPU kernel), else
-        // end - (end - start) * (1 - w).
+        // torch's vectorised CPU lerp: fma(w, end - start, start) for |w| < 0.5, else
+        // fma(w - 1, end - start, end).
         let mi = if w.abs() < 0.5 {
             w.mul_add(g[i] - m[i], m[i])
         } else {
-            g[i] - (g[i] - m[i]) * (1.0 - w)
+            (w - 1.0).mul_add(g[i] - m[i], g[i])
         };
         // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         let vi = v[i] * b2;

@@ -96,6 +96,8 @@ def main():
     cases = [
         adamw_case("adamw_wd0", 1, 1e-2, (0.9, 0.999), 1e-8, 0.0, "linear", 2),
         adamw_case("adamw_wd", 2, 3e-3, (0.9, 0.95), 1e-6, 0.1, "cosine", 1),
+        # beta1 < 0.5: torch's lerp takes its other branch.
+        adamw_case("adamw_beta1_low", 6, 5e-3, (0.4, 0.99), 1e-8, 0.05, "linear", 0),
         adamw_case("adamw_bf16", 3, 1e-2, (0.9, 0.999), 1e-8, 0.01, "constant", 0, bf16_values=True),
     ]
     clips = [clip_case("clip_active", 4, 1.0), clip_case("clip_inactive", 5, 1000.0)]
