@@ -366,6 +366,11 @@ fn missing_and_corrupt_files_are_named() {
         err.contains(WEIGHTS_FILE) && err.contains("safetensors"),
         "{err}"
     );
+    // No tensors at all.
+    let none: HashMap<String, Tensor> = HashMap::new();
+    candle_core::safetensors::save(&none, tmp.path().join(WEIGHTS_FILE)).unwrap();
+    let err = load_peft(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("no LoRA weights"), "{err}");
     // An integer tensor.
     let map: HashMap<String, Tensor> = [(
         QA.to_string(),

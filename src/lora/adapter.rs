@@ -604,6 +604,12 @@ fn check_tensors<'a>(
         }
         *slot = Some(dims);
     }
+    if pairs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: the adapter holds no LoRA weights; it is empty or not a LoRA adapter",
+            path.display()
+        )));
+    }
     for (module, [a, b]) in &pairs {
         let (have, missing) = match (a, b) {
             (Some(_), Some(_)) => continue,
