@@ -9,5 +9,6 @@ pub mod lora;
 pub mod quant;
 pub mod quantize;
 pub mod store;
+pub mod train;
 
 pub use error::{Error, Result};
