@@ -1,0 +1,4 @@
+//! Model architectures over the weight store: their configs, forward passes and LoRA training.
+pub mod llama;
+
+pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
