@@ -796,7 +796,7 @@ impl Llama {
             let (gs, xv) = (|| -> candle_core::Result<_> {
                 let xv = Var::from_tensor(&xin)?;
                 let y = self.layer_fwd(li, xv.as_tensor(), &ctx, key)?;
-                let s = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?;
+                let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
                 Ok((s.backward()?, xv))
             })()
             .map_err(cerr("recompute"))?;
@@ -866,6 +866,8 @@ fn load_linear(
             let g = gguf_row_of_hf(r, rows, heads);
             v[r * rb..(r + 1) * rb].copy_from_slice(&src[g * rb..(g + 1) * rb]);
         }
+        // The mapped rows were read once; the owned copy replaces them.
+        t.data.release_pages();
         t.data = Bytes::from_vec(v);
     }
     let Some(q) = quant else { return Ok(t) };
@@ -875,6 +877,8 @@ fn load_linear(
     let n = rows * cols;
     let mut f = vec![0f32; n];
     t.matrix().dequant_tile(0, rows, 0, cols, &mut f);
+    // The float source is read once: drop its file pages so loading streams one tensor at a time.
+    t.data.release_pages();
     let wrap = |e: Error| bad(format!("quantising to {} at load: {e}", q.name()));
     if q == QType::NF4 {
         let o = nf4::quantize_nf4(&f).map_err(wrap)?;

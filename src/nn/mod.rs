@@ -4,7 +4,152 @@
 //!
 //! Shapes: B batch, T sequence, H query heads, KVH key/value heads, D head dim, C channels, V vocab.
 use crate::lora::QLinear;
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
+use half::{bf16, f16};
+
+/// `x * c` where `c` is a constant (no gradient is wanted for it) broadcastable to x's shape;
+/// same dtype. Unlike `broadcast_mul`, whose backward also computes (and then keeps, unconsumed, in
+/// the gradient store until the whole backward ends) an x-sized gradient for `c`, this op's
+/// backward returns only `dx = grad · c`.
+pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let c = c.detach().broadcast_as(x.shape())?;
+    x.apply_op2(&c, ConstOp::Mul)
+}
+
+/// `x + c` for a constant `c` broadcastable to x's shape (same dtype); backward `dx = grad`, and no
+/// gradient for `c` (see [`mul_const`]).
+pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let c = c.detach().broadcast_as(x.shape())?;
+    x.apply_op2(&c, ConstOp::Add)
+}
+
+/// Elementwise op with a constant second operand (already broadcast to the first's shape).
+#[derive(Clone, Copy, Debug)]
+enum ConstOp {
+    Mul,
+    Add,
+}
+
+impl ConstOp {
+    fn f32(self, x: f32, c: f32) -> f32 {
+        match self {
+            ConstOp::Mul => x * c,
+            ConstOp::Add => x + c,
+        }
+    }
+}
+
+/// Calls `f(offset in 1, offset in 2)` for every element, in row-major order of the (equal) shapes.
+fn for_each_pair(l1: &Layout, l2: &Layout, mut f: impl FnMut(usize, usize)) {
+    let dims = l1.dims();
+    let (s1, s2) = (l1.stride(), l2.stride());
+    let n = dims.len();
+    let (mut b1, mut b2) = (l1.start_offset(), l2.start_offset());
+    if n == 0 {
+        f(b1, b2);
+        return;
+    }
+    let (last, t1, t2) = (dims[n - 1], s1[n - 1], s2[n - 1]);
+    let outer: usize = dims[..n - 1].iter().product();
+    let mut idx = vec![0usize; n - 1];
+    for _ in 0..outer {
+        for j in 0..last {
+            f(b1 + j * t1, b2 + j * t2);
+        }
+        for d in (0..n - 1).rev() {
+            idx[d] += 1;
+            b1 += s1[d];
+            b2 += s2[d];
+            if idx[d] < dims[d] {
+                break;
+            }
+            b1 -= s1[d] * dims[d];
+            b2 -= s2[d] * dims[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+fn const_apply<T: Copy>(
+    a: &[T],
+    la: &Layout,
+    c: &[T],
+    lc: &Layout,
+    f: impl Fn(T, T) -> T,
+) -> Vec<T> {
+    if let (Some((a0, a1)), Some((c0, c1))) = (la.contiguous_offsets(), lc.contiguous_offsets()) {
+        return a[a0..a1]
+            .iter()
+            .zip(&c[c0..c1])
+            .map(|(&x, &y)| f(x, y))
+            .collect();
+    }
+    let mut out = Vec::with_capacity(la.shape().elem_count());
+    for_each_pair(la, lc, |i, j| out.push(f(a[i], c[j])));
+    out
+}
+
+impl CustomOp2 for ConstOp {
+    fn name(&self) -> &'static str {
+        match self {
+            ConstOp::Mul => "qtune-mul-const",
+            ConstOp::Add => "qtune-add-const",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.dims(), l2.dims());
+        }
+        let op = *self;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(c)) => {
+                CpuStorage::F32(const_apply(a, l1, c, l2, |x, y| op.f32(x, y)))
+            }
+            // Half types: f32 arithmetic rounded once, as candle's own bf16/f16 kernels do.
+            (CpuStorage::BF16(a), CpuStorage::BF16(c)) => CpuStorage::BF16(const_apply(
+                a,
+                l1,
+                c,
+                l2,
+                |x, y| bf16::from_f32(op.f32(x.to_f32(), y.to_f32())),
+            )),
+            (CpuStorage::F16(a), CpuStorage::F16(c)) => CpuStorage::F16(const_apply(
+                a,
+                l1,
+                c,
+                l2,
+                |x, y| f16::from_f32(op.f32(x.to_f32(), y.to_f32())),
+            )),
+            _ => candle_core::bail!(
+                "{}: operands must share one float dtype (f32, bf16 or f16)",
+                self.name()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // grad arrives detached, c is a constant: the result records no graph.
+        let g = match self {
+            ConstOp::Mul => grad.mul(c)?,
+            ConstOp::Add => grad.clone(),
+        };
+        Ok((Some(g), None))
+    }
+}
 
 /// RMSNorm as in transformers' `LlamaRMSNorm`: `w * (x / sqrt(mean(x², last dim) + eps))`.
 ///
@@ -18,7 +163,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
     // transformers casts back to the input dtype before the weight multiply.
     let y = y.to_dtype(dt)?;
-    y.broadcast_mul(&w.to_dtype(dt)?)
+    mul_const(&y, &w.to_dtype(dt)?)
 }
 
 /// Rotary embedding, Hugging Face "rotate half" layout: dims `i` and `i + D/2` of each head form a
@@ -30,8 +175,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
-    let o1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let o2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    let o1 = (mul_const(&x1, cos)? - mul_const(&x2, sin)?)?;
+    let o2 = (mul_const(&x2, cos)? + mul_const(&x1, sin)?)?;
     Tensor::cat(&[o1, o2], D::Minus1)
 }
 
@@ -101,7 +246,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
     let (k, v) = (rep(k)?, rep(v)?);
     // s: (B, H, T, T)
     let s = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let s = (s.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(bias)?;
+    let s = add_const(&(s.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?, bias)?;
     let p = softmax_last(&s)?.to_dtype(v.dtype())?;
     // (B, H, T, D)
     p.matmul(&v.contiguous()?)
@@ -110,7 +255,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
 /// Softmax over the last dim with composite ops (the max is a constant shift, kept out of the graph).
 fn softmax_last(s: &Tensor) -> Result<Tensor> {
     let m = s.max_keepdim(D::Minus1)?.detach();
-    let e = s.broadcast_sub(&m)?.exp()?;
+    let e = add_const(s, &m.neg()?)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
@@ -167,7 +312,13 @@ pub fn cross_entropy_chunked(
 /// `sum_i logsumexp(logits_i) - logits_i[lab_i]` for `logits (m, V)` f32 and `lab (m, 1)` u32.
 fn chunk_nll(logits: &Tensor, lab: &Tensor) -> Result<Tensor> {
     let mx = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&mx)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &mx)?;
+    let lse = add_const(
+        &add_const(logits, &mx.neg()?)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?,
+        &mx,
+    )?;
     let picked = logits.gather(lab, D::Minus1)?;
     (lse - picked)?.sum_all()
 }
