@@ -21,9 +21,10 @@ struct Batch {
 }
 
 fn batch(tag: &str) -> Batch {
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(tag).join("expected.json")).unwrap())
-            .unwrap();
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(tag).join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let mat = |k: &str| -> Vec<Vec<i64>> { serde_json::from_value(j[k].clone()).unwrap() };
     let t = |v: Vec<Vec<i64>>| {
         let (b, t) = (v.len(), v[0].len());
@@ -52,7 +53,11 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     let m = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
     (d / m) as f64
 }
@@ -83,7 +88,9 @@ fn model(store: &WeightStore, quant: Option<QType>, checkpoint: bool, tag: &str)
     let params = m.lora_params();
     assert_eq!(params.len(), init.len(), "one LoRA tensor per PEFT tensor");
     for (name, var) in params {
-        let t = init.get(&name).unwrap_or_else(|| panic!("{name} not in the fixture"));
+        let t = init
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} not in the fixture"));
         var.set(t).unwrap();
     }
     m
@@ -108,7 +115,10 @@ fn parity(tag: &str, quant: Option<QType>) {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            assert!(w == want, "{tag}: layer {layer} {p} base differs from the reference");
+            assert!(
+                w == want,
+                "{tag}: layer {layer} {p} base differs from the reference"
+            );
         }
     }
     let logits = m.forward(&b.ids, Some(&b.mask)).unwrap();
@@ -116,7 +126,11 @@ fn parity(tag: &str, quant: Option<QType>) {
     let r = rel(&logits, want);
     eprintln!("{tag}: logits rel {r:.2e}");
     assert!(r < 1e-5, "{tag}: logits rel error {r:e}");
-    let loss = m.loss(&b.ids, Some(&b.mask), &b.labels).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let loss = m
+        .loss(&b.ids, Some(&b.mask), &b.labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     let lr = (loss - b.loss).abs() / b.loss.abs();
     eprintln!("{tag}: loss {loss} vs {} (rel {lr:.2e})", b.loss);
     assert!(lr < 1e-5, "{tag}: loss {loss} vs {}", b.loss);
@@ -129,7 +143,9 @@ fn parity(tag: &str, quant: Option<QType>) {
         assert_eq!(grads.len(), grads_ref.len());
         let mut worst = 0f64;
         for (name, want) in &grads_ref {
-            let got = grads.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let got = grads
+                .get(name)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let r = rel(got, want);
             assert!(r < 1e-4, "{tag} ckpt={ckpt}: {name} rel error {r:e}");
             worst = worst.max(r);

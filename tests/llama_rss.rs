@@ -1,6 +1,11 @@
 //! A LoRA training step on a Llama with 100+ MB of memory-mapped Q8_0 weights stays within its
 //! [`MemoryPlan`]: peak RSS growth (VmHWM, reset through /proc/self/clear_refs) of a fresh child
 //! process, from before the model is opened to the end of the step.
+//!
+//! The child runs with glibc's mmap threshold pinned (`MALLOC_MMAP_THRESHOLD_`), so that freed
+//! tensors go back to the system and RSS follows the bytes actually alive, which is what the plan
+//! counts. With glibc's default (dynamic) threshold, freed tensor memory is partly kept in the heap
+//! and the peak RSS of the same step measured ~8 % higher (see the report printed by the child).
 use candle_core::{Device, Tensor};
 use qtune::format::gguf::{GgufWriter, TensorPlan, Value};
 use qtune::models::{Llama, LlamaOptions, LoraSpec, MemoryPlan};
@@ -27,7 +32,10 @@ fn write_model(path: &Path) {
     let d = c / h;
     let u = |x: usize| Value::U32(x as u32);
     let meta = vec![
-        ("general.architecture".to_string(), Value::String("llama".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
         ("llama.vocab_size".into(), u(v)),
         ("llama.context_length".into(), u(2048)),
         ("llama.embedding_length".into(), u(c)),
@@ -36,7 +44,10 @@ fn write_model(path: &Path) {
         ("llama.rope.dimension_count".into(), u(d)),
         ("llama.attention.head_count".into(), u(h)),
         ("llama.attention.head_count_kv".into(), u(k)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
         ("llama.rope.freq_base".into(), Value::F32(10000.0)),
     ];
     let mut plan = vec![("token_embd.weight".to_string(), vec![v, c])];
@@ -60,7 +71,11 @@ fn write_model(path: &Path) {
         .iter()
         .map(|(n, s)| TensorPlan {
             name: n.clone(),
-            qtype: if s.len() == 1 { QType::F32 } else { QType::Q8_0 },
+            qtype: if s.len() == 1 {
+                QType::F32
+            } else {
+                QType::Q8_0
+            },
             shape: s.clone(),
         })
         .collect();
@@ -93,7 +108,9 @@ fn write_model(path: &Path) {
 #[test]
 #[ignore = "run by train_step_peak_rss_within_plan in a fresh process"]
 fn rss_child() {
-    let Ok(path) = std::env::var(CHILD) else { return };
+    let Ok(path) = std::env::var(CHILD) else {
+        return;
+    };
     let (batch, seq) = (2, 128);
     let opts = LlamaOptions {
         lora: Some(LoraSpec {
@@ -106,7 +123,9 @@ fn rss_child() {
         ce_chunk: 64,
         ..LlamaOptions::default()
     };
-    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7919) % 4096) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 7919) % 4096) as u32)
+        .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu).unwrap();
     let labels = ids.to_dtype(candle_core::DType::I64).unwrap();
     // Warm the thread pool and allocator paths that are not the model's (they exist either way).
@@ -141,11 +160,27 @@ fn rss_child() {
         mib(peak2.saturating_sub(before2)),
         mib(plan.step_bytes())
     );
-    assert!(store.nbytes() > 100_000_000, "the model must hold 100+ MB of weights");
+    assert!(
+        store.nbytes() > 100_000_000,
+        "the model must hold 100+ MB of weights"
+    );
     // No optimizer exists in this process: its share of the plan is left out of the bound.
     let bound = plan.total() - plan.optimizer;
     assert!(peak - base <= bound, "step peak exceeds the plan");
-    assert!(peak2 - before2 <= bound - plan.weights, "second step exceeds the plan's step part");
+    let step2 = peak2 - before2;
+    assert!(
+        step2 <= bound - plan.weights,
+        "second step exceeds the plan's step part"
+    );
+    // The plan is an estimate of this implementation, not a loose ceiling: the adapters and
+    // weights exist already, so the measured step must use most of the rest.
+    let step_plan = bound - plan.weights - plan.adapters;
+    assert!(
+        step2 * 10 >= step_plan * 8,
+        "the plan's step part ({:.1} MiB) is far above the measured {:.1} MiB: recalibrate it",
+        mib(step_plan),
+        mib(step2)
+    );
 }
 
 #[test]
@@ -155,12 +190,23 @@ fn train_step_peak_rss_within_plan() {
     write_model(&path);
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["rss_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .args([
+            "rss_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(CHILD, &path)
+        .env("MALLOC_MMAP_THRESHOLD_", "65536")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}");
     assert!(out.status.success(), "child failed: {err}");
-    assert!(err.contains("step-1 peak"), "the child did not run the step");
+    assert!(
+        err.contains("step-1 peak"),
+        "the child did not run the step"
+    );
 }

@@ -46,7 +46,8 @@ fn load(spec: LoraSpec, checkpoint: bool, dtype: DType) -> Llama {
 fn perturb(m: &Llama) {
     for (i, (name, v)) in m.lora_params().into_iter().enumerate() {
         if name.contains("lora_B") {
-            let t = (Tensor::ones(v.shape(), DType::F32, &Device::Cpu).unwrap() * (0.05 * (i % 5 + 1) as f64))
+            let t = (Tensor::ones(v.shape(), DType::F32, &Device::Cpu).unwrap()
+                * (0.05 * (i % 5 + 1) as f64))
                 .unwrap()
                 .to_dtype(v.dtype())
                 .unwrap();
@@ -56,9 +57,25 @@ fn perturb(m: &Llama) {
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let a: Vec<f32> = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)
 }
 
@@ -89,12 +106,22 @@ fn dropout_masks_replay_in_recompute() {
     }
     // The next step draws other masks: loss and gradients move (so the test above can fail).
     let (la2, ga2) = a.train_grads(&ids, Some(&mask), &labels).unwrap();
-    assert!((la2 - la).abs() > 1e-4, "dropout masks did not change between steps");
+    assert!(
+        (la2 - la).abs() > 1e-4,
+        "dropout masks did not change between steps"
+    );
     let k = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
     assert!(max_rel(&ga2[k], &ga[k]) > 1e-3);
     // Evaluation (loss) has no dropout and differs from the training loss.
-    let le = a.loss(&ids, Some(&mask), &labels).unwrap().to_scalar::<f32>().unwrap();
-    assert!((le - la).abs() > 1e-5, "eval loss {le} equals the dropout loss {la}");
+    let le = a
+        .loss(&ids, Some(&mask), &labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (le - la).abs() > 1e-5,
+        "eval loss {le} equals the dropout loss {la}"
+    );
 }
 
 /// bf16 compute follows the f32 model to bf16 precision (8 mantissa bits, ~4e-3 per rounding).
@@ -112,11 +139,15 @@ fn bf16_compute_tracks_f32() {
     perturb(&h);
     // Same A in both: copy f32's A into the bf16 model.
     for ((_, vf), (_, vh)) in f.lora_params().into_iter().zip(h.lora_params()) {
-        vh.set(&vf.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+        vh.set(&vf.as_tensor().to_dtype(DType::BF16).unwrap())
+            .unwrap();
     }
     let (lf, gf) = f.train_grads(&ids, Some(&mask), &labels).unwrap();
     let (lh, gh) = h.train_grads(&ids, Some(&mask), &labels).unwrap();
-    assert!((lf - lh).abs() < 2e-2 * lf.abs(), "bf16 loss {lh} vs f32 {lf}");
+    assert!(
+        (lf - lh).abs() < 2e-2 * lf.abs(),
+        "bf16 loss {lh} vs f32 {lf}"
+    );
     for (k, g) in &gf {
         assert_eq!(gh[k].dtype(), DType::BF16);
         let r = max_rel(&gh[k], g);

@@ -120,11 +120,13 @@ impl LlamaConfig {
         let float = |k: &str| gguf::find(meta, k).and_then(Value::as_f64);
         let hidden = int("llama.embedding_length")?;
         let heads = int("llama.attention.head_count")?;
-        let embd = store.get("token_embd.weight").ok_or_else(|| Error::MissingTensor {
-            path: store.path.clone(),
-            tensor: "token_embd.weight".into(),
-            hint: " (a llama GGUF needs its token embedding)".into(),
-        })?;
+        let embd = store
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::MissingTensor {
+                path: store.path.clone(),
+                tensor: "token_embd.weight".into(),
+                hint: " (a llama GGUF needs its token embedding)".into(),
+            })?;
         let vocab = int("llama.vocab_size").unwrap_or(embd.shape[0]);
         let c = LlamaConfig {
             vocab_size: vocab,
@@ -158,16 +160,23 @@ impl LlamaConfig {
 
     fn check(&self) -> std::result::Result<(), String> {
         let c = self;
-        if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+        if c.num_heads == 0 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err(format!(
                 "{} heads is not a multiple of {} KV heads",
                 c.num_heads, c.num_kv_heads
             ));
         }
-        if c.head_dim == 0 || c.head_dim % 2 != 0 {
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
             return Err(format!("head dim {} must be even and positive", c.head_dim));
         }
-        if [c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers].contains(&0) {
+        if [
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+        ]
+        .contains(&0)
+        {
             return Err(format!("zero-sized dimension in {c:?}"));
         }
         Ok(())
@@ -341,7 +350,11 @@ impl Llama {
         let (embd_name, norm_name, head_name) = if gguf {
             ("token_embd.weight", "output_norm.weight", "output.weight")
         } else {
-            ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+            (
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            )
         };
         let embed = get(embd_name)?;
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -349,7 +362,10 @@ impl Llama {
             return Err(Error::Shape {
                 path: store.path.clone(),
                 tensor: embd_name.into(),
-                msg: format!("shape {:?}, expected [{v}, {c}] from the config", embed.shape),
+                msg: format!(
+                    "shape {:?}, expected [{v}, {c}] from the config",
+                    embed.shape
+                ),
             });
         }
         if embed.qtype == QType::NF4 {
@@ -433,9 +449,7 @@ impl Llama {
                     return Err(Error::Shape {
                         path: store.path.clone(),
                         tensor: name,
-                        msg: format!(
-                            "shape [{out_f}, {in_f}], expected {want:?} from the config"
-                        ),
+                        msg: format!("shape [{out_f}, {in_f}], expected {want:?} from the config"),
                     });
                 }
                 let base = QLinear::new(Arc::new(w), None)?;
@@ -542,8 +556,9 @@ impl Llama {
     }
 
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
-        let (cos, sin) = nn::rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
-            .map_err(cerr("rotary tables"))?;
+        let (cos, sin) =
+            nn::rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
+                .map_err(cerr("rotary tables"))?;
         let bias = nn::attention_bias(mask, b, t).map_err(cerr("attention mask"))?;
         Ok(Ctx { cos, sin, bias })
     }
@@ -581,9 +596,9 @@ impl Llama {
     }
 
     fn check_batch(&self, ids: &Tensor) -> Result<(usize, usize, Vec<u32>)> {
-        let (b, t) = ids
-            .dims2()
-            .map_err(|_| Error::Invalid(format!("input ids must be (B, T), got {:?}", ids.dims())))?;
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::Invalid(format!("input ids must be (B, T), got {:?}", ids.dims()))
+        })?;
         let v = ids
             .to_dtype(DType::U32)
             .and_then(|x| x.flatten_all()?.to_vec1::<u32>())
@@ -597,7 +612,9 @@ impl Llama {
         let ctx = self.ctx(b, t, mask)?;
         let mut x = self.embed(&v, b, t)?;
         for li in 0..self.layers.len() {
-            x = self.layer_fwd(li, &x, &ctx, None).map_err(cerr("forward"))?;
+            x = self
+                .layer_fwd(li, &x, &ctx, None)
+                .map_err(cerr("forward"))?;
         }
         Ok(x)
     }
@@ -644,7 +661,9 @@ impl Llama {
         let (sum, n) = nn::cross_entropy_chunked(&x, &self.lm_head, &tg, self.opts.ce_chunk)
             .map_err(cerr("loss"))?;
         if n == 0 {
-            return Err(Error::Invalid("no target tokens: every label is -100".into()));
+            return Err(Error::Invalid(
+                "no target tokens: every label is -100".into(),
+            ));
         }
         (sum / n as f64).map_err(cerr("loss"))
     }
@@ -717,7 +736,9 @@ impl Llama {
         let (sum, n) = nn::cross_entropy_chunked(&x, &self.lm_head, &tg, self.opts.ce_chunk)
             .map_err(cerr("loss"))?;
         if n == 0 {
-            return Err(Error::Invalid("no target tokens: every label is -100".into()));
+            return Err(Error::Invalid(
+                "no target tokens: every label is -100".into(),
+            ));
         }
         let loss = (sum / n as f64).map_err(cerr("loss"))?;
         let grads = loss.backward().map_err(cerr("backward"))?;
@@ -753,7 +774,9 @@ impl Llama {
             })
             .collect::<Result<_>>()?;
         if kept.is_empty() {
-            return Err(Error::Invalid("no target tokens: every label is -100".into()));
+            return Err(Error::Invalid(
+                "no target tokens: every label is -100".into(),
+            ));
         }
         let n_tok = kept.len() as f64;
         let ctx = self.ctx(b, t, mask)?;
@@ -796,7 +819,8 @@ impl Llama {
             let (gs, xv) = (|| -> candle_core::Result<_> {
                 let xv = Var::from_tensor(&xin)?;
                 let y = self.layer_fwd(li, xv.as_tensor(), &ctx, key)?;
-                let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
+                let s =
+                    nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
                 Ok((s.backward()?, xv))
             })()
             .map_err(cerr("recompute"))?;
@@ -841,7 +865,8 @@ fn load_linear(
     };
     let mut t = t.clone();
     if let Some(heads) = permute_heads {
-        if t.qtype == QType::NF4 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        if t.qtype == QType::NF4 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2)
+        {
             return Err(bad(format!(
                 "cannot undo llama.cpp's rotary row permutation on {} [{rows}, {cols}] with {heads} heads",
                 t.qtype.name()

@@ -114,24 +114,27 @@ impl MemoryPlan {
             // scores, (half: f32 copy), scaled, biased, shifted, exp, normalised, (half: cast back).
             let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
             let mlp = 2 * n * i * s + 2 * n * c * s; // silu, gate*up; two residual sums
+                                                     // the surrogate's f32 copies (half) and product.
             let surrogate = n * c * 4 * if half { 3 } else { 1 };
             2 * norm + proj + rope + heads + scores + mlp + surrogate
         };
-        // candle's backward also gives every constant operand of a binary op a gradient, which
-        // nothing consumes: it stays in the GradStore until the layer's backward ends. Ours: the
-        // two norm weights, the rotary tables (four products per rope call), the attention bias and
-        // the softmax shift, each dropout mask, and the upstream gradient in the surrogate.
+        // candle's backward gives every operand of its own binary ops a gradient, wanted or not;
+        // one nothing consumes stays in the gradient store until the layer's backward ends, with
+        // its zero-initialised accumulator and the incoming gradient it was computed from. Our nn
+        // ops pass constants through `mul_const` / `add_const` (no such gradient); what remains is
+        // each LoRA dropout mask (a plain `mul` in `LoraLinear`), and the layer input's own
+        // gradient, summed over its two consumers.
         let leftovers = |lora: &[bool; 7]| -> usize {
             let masks: usize = if dropout {
                 dims.iter()
                     .zip(lora)
                     .filter(|(_, &on)| on)
-                    .map(|(&(_, inp), _)| n * inp * s)
+                    .map(|(&(_, inp), _)| 3 * n * inp * s)
                     .sum()
             } else {
                 0
             };
-            2 * n * c * s + 2 * n * (h + k) * d * s + 2 * b * h * t * t * 4 + masks + n * c * 4
+            masks + 3 * n * c * s
         };
         let graph = per_layer_lora
             .iter()
@@ -187,10 +190,7 @@ impl MemoryPlan {
 fn quantised_bytes(q: QType, numel: usize) -> usize {
     if q == QType::NF4 {
         let blocks = numel.div_ceil(nf4::NF4_BLOCK);
-        numel / 2
-            + blocks
-            + 4 * blocks.div_ceil(nf4::NF4_NESTED_BLOCK)
-            + 4 * (256 + 16 + 1)
+        numel / 2 + blocks + 4 * blocks.div_ceil(nf4::NF4_NESTED_BLOCK) + 4 * (256 + 16 + 1)
     } else {
         q.bytes_for(numel).unwrap_or(numel * 4)
     }

@@ -105,7 +105,12 @@ impl CustomOp2 for ConstOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if l1.dims() != l2.dims() {
-            candle_core::bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.dims(), l2.dims());
+            candle_core::bail!(
+                "{}: shapes {:?} and {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
         }
         let op = *self;
         let out = match (s1, s2) {
@@ -113,20 +118,16 @@ impl CustomOp2 for ConstOp {
                 CpuStorage::F32(const_apply(a, l1, c, l2, |x, y| op.f32(x, y)))
             }
             // Half types: f32 arithmetic rounded once, as candle's own bf16/f16 kernels do.
-            (CpuStorage::BF16(a), CpuStorage::BF16(c)) => CpuStorage::BF16(const_apply(
-                a,
-                l1,
-                c,
-                l2,
-                |x, y| bf16::from_f32(op.f32(x.to_f32(), y.to_f32())),
-            )),
-            (CpuStorage::F16(a), CpuStorage::F16(c)) => CpuStorage::F16(const_apply(
-                a,
-                l1,
-                c,
-                l2,
-                |x, y| f16::from_f32(op.f32(x.to_f32(), y.to_f32())),
-            )),
+            (CpuStorage::BF16(a), CpuStorage::BF16(c)) => {
+                CpuStorage::BF16(const_apply(a, l1, c, l2, |x, y| {
+                    bf16::from_f32(op.f32(x.to_f32(), y.to_f32()))
+                }))
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(c)) => {
+                CpuStorage::F16(const_apply(a, l1, c, l2, |x, y| {
+                    f16::from_f32(op.f32(x.to_f32(), y.to_f32()))
+                }))
+            }
             _ => candle_core::bail!(
                 "{}: operands must share one float dtype (f32, bf16 or f16)",
                 self.name()
@@ -182,7 +183,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// The `(T, D/2)` cos and sin tables of [`rope`] for positions `0..t`, computed in f32 as
 /// transformers does (`inv_freq = 1 / theta^(2i/D)`, angle = `pos * inv_freq`), cast to `dtype`.
-pub fn rope_tables(t: usize, head_dim: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
@@ -208,7 +214,10 @@ pub fn attention_bias(pad: Option<&Tensor>, b: usize, t: usize) -> Result<Tensor
         None => vec![1.0; b * t],
     };
     if keep.len() != b * t {
-        candle_core::bail!("attention mask has {} entries, expected {b} x {t}", keep.len());
+        candle_core::bail!(
+            "attention mask has {} entries, expected {b} x {t}",
+            keep.len()
+        );
     }
     let mut bias = vec![0f32; b * t * t];
     for bi in 0..b {
@@ -230,7 +239,7 @@ pub fn attention_bias(pad: Option<&Tensor>, b: usize, t: usize) -> Result<Tensor
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
-    if kvh == 0 || h % kvh != 0 {
+    if kvh == 0 || !h.is_multiple_of(kvh) {
         candle_core::bail!("{h} query heads are not a multiple of {kvh} KV heads");
     }
     let rep = |x: &Tensor| -> Result<Tensor> {
@@ -246,7 +255,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
     let (k, v) = (rep(k)?, rep(v)?);
     // s: (B, H, T, T)
     let s = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let s = add_const(&(s.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?, bias)?;
+    let s = add_const(
+        &(s.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?,
+        bias,
+    )?;
     let p = softmax_last(&s)?.to_dtype(v.dtype())?;
     // (B, H, T, D)
     p.matmul(&v.contiguous()?)
