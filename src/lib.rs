@@ -6,6 +6,8 @@ pub mod error;
 pub mod format;
 pub mod inspect;
 pub mod lora;
+pub mod models;
+pub mod nn;
 pub mod quant;
 pub mod quantize;
 pub mod store;

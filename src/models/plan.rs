@@ -1,0 +1,217 @@
+//! Memory plan of a LoRA training step on a Llama: bytes by part, before anything is loaded.
+//!
+//! Weights are exact (the store's bytes, or the bytes quantisation at load will produce). The
+//! activation terms count the tensors [`super::Llama::train_grads`] keeps alive: the checkpointed
+//! layer inputs, the candle graph of the one layer being recomputed (every intermediate tensor of
+//! `Llama::layer_fwd` is held by the graph until its backward ends) plus the gradients in flight
+//! during that backward, and the logits of one cross-entropy chunk with their graph.
+use super::llama::{LlamaConfig, LlamaOptions, PROJECTIONS};
+use crate::quant::{matmul::TILE_BYTES, nf4, QType};
+use crate::store::{SourceFormat, WeightStore};
+use crate::Result;
+
+/// Bytes by part of one training step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Frozen weights as the kernels read them (quantised linears, embedding, norms, lm_head).
+    pub weights: usize,
+    /// LoRA A and B in the compute dtype.
+    pub adapters: usize,
+    /// The LoRA gradients a step returns (compute dtype).
+    pub adapter_grads: usize,
+    /// AdamW moments: 2 f32 per LoRA parameter.
+    pub optimizer: usize,
+    /// Checkpointed layer inputs, the final hidden state and the gradient passed between layers.
+    pub checkpoints: usize,
+    /// One layer's recompute graph and its backward's gradients in flight.
+    pub recompute: usize,
+    /// Quantised-matmul tiles per thread, and f32 copies of half-precision activations.
+    pub kernel_scratch: usize,
+    /// One cross-entropy chunk: its f32 logits, their softmax intermediates and gradient.
+    pub logits_chunk: usize,
+}
+
+impl MemoryPlan {
+    /// The plan for a step on `batch` sequences of `seq` tokens of the Llama in `store`, loaded
+    /// with `opts` (LoRA parameters count as zero without a LoRA spec).
+    pub fn new(store: &WeightStore, opts: &LlamaOptions, batch: usize, seq: usize) -> Result<Self> {
+        let cfg = LlamaConfig::from_store(store)?;
+        let gguf = store.format == SourceFormat::Gguf;
+        let is_linear = |name: &str| {
+            if gguf {
+                name.starts_with("blk.") && !name.contains("_norm")
+            } else {
+                name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+            }
+        };
+        let mut weights = 0;
+        for t in &store.tensors {
+            let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
+            weights += match opts.quant {
+                Some(q) if is_linear(&t.name) && float => quantised_bytes(q, t.numel()),
+                _ => t.nbytes(),
+            };
+        }
+        let s = opts.dtype.size_in_bytes();
+        let (l, c, i) = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size);
+        let (h, k, d, v) = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+        );
+        let (n, b, t) = (batch * seq, batch, seq);
+        let half = s < 4;
+        // (out, in) per projection, PROJECTIONS order.
+        let dims = [
+            (h * d, c),
+            (k * d, c),
+            (k * d, c),
+            (c, h * d),
+            (i, c),
+            (i, c),
+            (c, i),
+        ];
+        let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 7]; l]);
+        if let Some(spec) = &opts.lora {
+            let all = spec.targets.iter().any(|x| x == "all-linear");
+            for (li, row) in per_layer_lora.iter_mut().enumerate() {
+                if spec.layers.as_ref().is_some_and(|r| !r.contains(&li)) {
+                    continue;
+                }
+                for (pi, (name, _, _)) in PROJECTIONS.iter().enumerate() {
+                    if all || spec.targets.iter().any(|x| x == name) {
+                        row[pi] = true;
+                        lora_params += spec.r * (dims[pi].0 + dims[pi].1);
+                    }
+                }
+            }
+        }
+        let (r, dropout) = opts
+            .lora
+            .as_ref()
+            .map_or((0, false), |x| (x.r, x.dropout > 0.0));
+        // The recompute graph of the layer with the most adapters (bytes).
+        let layer_graph = |lora: &[bool; 7]| -> usize {
+            // RMSNorm: f32 x (when half), x², x/rms in f32, then (half) the cast and the weight product.
+            let norm = n * c * (if half { 16 } else { 12 });
+            let mut proj = 0;
+            for (pi, &(o, inp)) in dims.iter().enumerate() {
+                proj += n * o * s; // base output
+                if lora[pi] {
+                    // x·Aᵀ, its scaling, the (N, out) product and the sum with the base output.
+                    proj += 2 * n * r * s + 2 * n * o * s;
+                    if dropout {
+                        proj += 2 * n * inp * s; // mask and masked input
+                    }
+                }
+            }
+            let (qs, ks) = (n * h * d * s, n * k * d * s);
+            // rotary: four half-width products, two half-width sums, the concatenation.
+            let rope = 4 * (qs + ks);
+            // kᵀ made contiguous, the repeated K and V (GQA), attention output and its transpose.
+            let heads = qs * if k < h { 5 } else { 3 };
+            // scores, (half: f32 copy), scaled, biased, shifted, exp, normalised, (half: cast back).
+            let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
+            let mlp = 2 * n * i * s + 2 * n * c * s; // silu, gate*up; two residual sums
+                                                     // the surrogate's f32 copies (half) and product.
+            let surrogate = n * c * 4 * if half { 3 } else { 1 };
+            2 * norm + proj + rope + heads + scores + mlp + surrogate
+        };
+        // candle's backward gives every operand of its own binary ops a gradient, wanted or not;
+        // one nothing consumes stays in the gradient store until the layer's backward ends, with
+        // its zero-initialised accumulator and the incoming gradient it was computed from. Our nn
+        // ops pass constants through `mul_const` / `add_const` (no such gradient); what remains is
+        // each LoRA dropout mask (a plain `mul` in `LoraLinear`), and the layer input's own
+        // gradient, summed over its two consumers.
+        let leftovers = |lora: &[bool; 7]| -> usize {
+            let masks: usize = if dropout {
+                dims.iter()
+                    .zip(lora)
+                    .filter(|(_, &on)| on)
+                    .map(|(&(_, inp), _)| 3 * n * inp * s)
+                    .sum()
+            } else {
+                0
+            };
+            masks + 3 * n * c * s
+        };
+        let graph = per_layer_lora
+            .iter()
+            .map(|x| layer_graph(x) + leftovers(x))
+            .max()
+            .unwrap_or_else(|| layer_graph(&[false; 7]) + leftovers(&[false; 7]));
+        // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
+        // backward holds the incoming gradient, the product for each operand and a zero-initialised
+        // accumulator: about four of the largest activation gradients coexist.
+        let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        let threads = rayon::current_num_threads();
+        let kernel_scratch = threads * 2 * TILE_BYTES
+            + if half {
+                // QLinear converts a half-precision input and output to f32 around the kernel.
+                n * (c.max(i) + c.max(i).max(h * d)) * 4
+            } else {
+                0
+            };
+        let rows = opts.ce_chunk.max(1).min(n);
+        Ok(MemoryPlan {
+            weights,
+            adapters: lora_params * s,
+            adapter_grads: lora_params * s,
+            optimizer: lora_params * 2 * 4,
+            // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
+            checkpoints: (l + 3) * n * c * s,
+            recompute: graph + in_flight,
+            kernel_scratch,
+            // logits, shifted, exp (graph) and the gradient of the logits with one temporary.
+            logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+        })
+    }
+
+    /// Everything but the weights: what a training step adds on top of the loaded model.
+    pub fn step_bytes(&self) -> usize {
+        self.total() - self.weights
+    }
+
+    /// Sum of all parts.
+    pub fn total(&self) -> usize {
+        self.weights
+            + self.adapters
+            + self.adapter_grads
+            + self.optimizer
+            + self.checkpoints
+            + self.recompute
+            + self.kernel_scratch
+            + self.logits_chunk
+    }
+}
+
+/// Bytes `numel` weights take once quantised to `q` at load.
+fn quantised_bytes(q: QType, numel: usize) -> usize {
+    if q == QType::NF4 {
+        let blocks = numel.div_ceil(nf4::NF4_BLOCK);
+        numel / 2 + blocks + 4 * blocks.div_ceil(nf4::NF4_NESTED_BLOCK) + 4 * (256 + 16 + 1)
+    } else {
+        q.bytes_for(numel).unwrap_or(numel * 4)
+    }
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        let rows = [
+            ("quantised weights", self.weights),
+            ("LoRA adapters", self.adapters),
+            ("LoRA gradients", self.adapter_grads),
+            ("optimizer state", self.optimizer),
+            ("checkpointed activations", self.checkpoints),
+            ("one-layer recompute", self.recompute),
+            ("kernel scratch", self.kernel_scratch),
+            ("logits chunk", self.logits_chunk),
+        ];
+        for (name, b) in rows {
+            writeln!(f, "{name:<26} {:>10.1} MiB", mib(b))?;
+        }
+        write!(f, "{:<26} {:>10.1} MiB", "total", mib(self.total()))
+    }
+}
