@@ -6,6 +6,7 @@ pub mod error;
 pub mod format;
 pub mod inspect;
 pub mod lora;
+pub mod nn;
 pub mod quant;
 pub mod quantize;
 pub mod store;

@@ -1,0 +1,2 @@
+//! Model building blocks.
+pub mod fused;
