@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use qtune::lora::QLinear;
 use qtune::nn::fused::{
-    causal_attention, cross_entropy_chunked, rms_norm, rope, rope_interleaved, rope_tables,
+    causal_attention, causal_attention_masked, cross_entropy_chunked, rms_norm, rope,
+    rope_interleaved, rope_tables,
 };
 use qtune::quant::QType;
 use qtune::store::{Bytes, StoredTensor};
@@ -38,13 +39,17 @@ impl Fixture {
         let (dt, shape, data) = self.raw(name);
         let dev = &Device::Cpu;
         match dt {
-            Dtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(&data), shape, dev),
+            Dtype::F32 => {
+                Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(&data), shape, dev)
+            }
             Dtype::BF16 => {
                 let v: Vec<u16> = bytemuck::pod_collect_to_vec(&data);
                 let v: Vec<half::bf16> = v.into_iter().map(half::bf16::from_bits).collect();
                 Tensor::from_vec(v, shape, dev)
             }
-            Dtype::I64 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, i64>(&data), shape, dev),
+            Dtype::I64 => {
+                Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, i64>(&data), shape, dev)
+            }
             d => panic!("{name}: unexpected dtype {d:?}"),
         }
         .unwrap()
@@ -88,8 +93,18 @@ fn rms_norm_matches_transformers() {
     let w = f.get("w");
     let y = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
     assert_close("rms_norm y", &y, &f.get("y"), OUT_TOL);
-    let grads = (y * f.get("dy")).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_close("rms_norm dx", grads.get(&x).unwrap(), &f.get("dx"), GRAD_TOL);
+    let grads = (y * f.get("dy"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_close(
+        "rms_norm dx",
+        grads.get(&x).unwrap(),
+        &f.get("dx"),
+        GRAD_TOL,
+    );
     assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
 }
 
@@ -106,11 +121,14 @@ fn rms_norm_bf16_matches_transformers() {
 fn rope_tables_match_transformers() {
     let f = Fixture::load("rope");
     for (t, d, cos_name, sin_name) in [(7, 16, "cos", "sin"), (1024, 32, "cos_long", "sin_long")] {
-        let (cos, sin) = rope_tables(t, d, 1e4).unwrap();
+        let (cos, sin) = rope_tables(t, d, 1e4, DType::F32).unwrap();
         // transformers' tables are (T, D): the (T, D/2) half repeated
         for (got, name) in [(&cos, cos_name), (&sin, sin_name)] {
             let want = f.get(name);
-            let (lo, hi) = (want.i((.., ..d / 2)).unwrap(), want.i((.., d / 2..)).unwrap());
+            let (lo, hi) = (
+                want.i((.., ..d / 2)).unwrap(),
+                want.i((.., d / 2..)).unwrap(),
+            );
             assert_eq!(to_vec(&lo), to_vec(&hi), "{name}: halves differ");
             assert_close(name, got, &lo.contiguous().unwrap(), OUT_TOL);
         }
@@ -133,7 +151,12 @@ fn rope_matches_transformers() {
     let x = Var::from_tensor(&f.get("x")).unwrap();
     let y = rope(x.as_tensor(), &cos, &sin).unwrap();
     assert_close("rope y", &y, &f.get("y"), OUT_TOL);
-    let grads = (y * f.get("dy")).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (y * f.get("dy"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert_close("rope dx", grads.get(&x).unwrap(), &f.get("dx"), GRAD_TOL);
     assert!(grads.get(&cos).is_none() && grads.get(&sin).is_none());
 }
@@ -145,9 +168,19 @@ fn rope_interleaved_matches_complex_reference() {
     let x = Var::from_tensor(&f.get("x")).unwrap();
     let y = rope_interleaved(x.as_tensor(), &cos, &sin).unwrap();
     assert_close("rope_interleaved y", &y, &f.get("y_interleaved"), OUT_TOL);
-    let grads = (y * f.get("dy")).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (y * f.get("dy"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let dx = grads.get(&x).unwrap();
-    assert_close("rope_interleaved dx", dx, &f.get("dx_interleaved"), GRAD_TOL);
+    assert_close(
+        "rope_interleaved dx",
+        dx,
+        &f.get("dx_interleaved"),
+        GRAD_TOL,
+    );
 }
 
 #[test]
@@ -156,12 +189,24 @@ fn rope_accepts_a_transposed_input() {
     let f = Fixture::load("rope");
     let (cos, sin) = half_tables(&f);
     let x = f.get("x");
-    let xt = x.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+    let xt = x
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
     assert!(!xt.is_contiguous());
-    assert_close("rope y (strided x)", &rope(&xt, &cos, &sin).unwrap(), &f.get("y"), OUT_TOL);
+    assert_close(
+        "rope y (strided x)",
+        &rope(&xt, &cos, &sin).unwrap(),
+        &f.get("y"),
+        OUT_TOL,
+    );
 }
 
-fn attention_case(case: &str) {
+/// One fixture case, with the mask as a (B, T) key mask or as transformers' (B, 1, T, T) bias.
+fn attention_case(case: &str, as_bias: bool) {
     let f = Fixture::load("attention");
     let g = |n: &str| f.get(&format!("{case}.{n}"));
     let (q, k, v) = (
@@ -169,10 +214,21 @@ fn attention_case(case: &str) {
         Var::from_tensor(&g("k")).unwrap(),
         Var::from_tensor(&g("v")).unwrap(),
     );
-    let mask = (case != "none").then(|| g("mask"));
-    let o = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask.as_ref()).unwrap();
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    let o = if as_bias {
+        causal_attention(qt, kt, vt, &g("bias")).unwrap()
+    } else {
+        let mask = (case != "none").then(|| g("mask"));
+        causal_attention_masked(qt, kt, vt, mask.as_ref()).unwrap()
+    };
+    let case = format!("{case}{}", if as_bias { " (bias)" } else { "" });
     assert_close(&format!("{case}: o"), &o, &g("o"), OUT_TOL);
-    let grads = (o * g("do")).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (o * g("do"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (var, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
         let got = grads.get(var).unwrap();
         assert_close(&format!("{case}: {name}"), got, &g(name), GRAD_TOL);
@@ -181,17 +237,26 @@ fn attention_case(case: &str) {
 
 #[test]
 fn attention_causal_gqa_matches_torch() {
-    attention_case("none");
+    attention_case("none", false);
+    attention_case("none", true);
+}
+
+#[test]
+fn attention_several_query_blocks_and_mqa_match_transformers() {
+    attention_case("long", false);
+    attention_case("long", true);
 }
 
 #[test]
 fn attention_right_padding_matches_transformers() {
-    attention_case("right");
+    attention_case("right", false);
+    attention_case("right", true);
 }
 
 #[test]
 fn attention_left_padding_fully_masked_rows_match_transformers() {
-    attention_case("left");
+    attention_case("left", false);
+    attention_case("left", true);
 }
 
 fn lm_head(f: &Fixture, case: &str) -> QLinear {
@@ -214,7 +279,7 @@ fn lm_head(f: &Fixture, case: &str) -> QLinear {
 #[test]
 fn cross_entropy_matches_torch() {
     let f = Fixture::load("cross_entropy");
-    let labels = f.get("labels");
+    let labels: Vec<i64> = f.get("labels").to_vec1().unwrap();
     for case in ["f32", "q8_0"] {
         let head = lm_head(&f, case);
         for chunk in [4, 13, 1000] {
@@ -226,7 +291,12 @@ fn cross_entropy_matches_torch() {
             assert_close(&format!("{what}: loss"), &loss, &want, OUT_TOL);
             let grads = (loss * 0.7).unwrap().backward().unwrap();
             let dh = grads.get(&h).unwrap();
-            assert_close(&format!("{what}: dh"), dh, &f.get(&format!("{case}.dh")), GRAD_TOL);
+            assert_close(
+                &format!("{what}: dh"),
+                dh,
+                &f.get(&format!("{case}.dh")),
+                GRAD_TOL,
+            );
         }
     }
 }
@@ -234,22 +304,30 @@ fn cross_entropy_matches_torch() {
 #[test]
 fn bad_shapes_are_errors() {
     let x = Tensor::zeros((2, 3, 8), DType::F32, &Device::Cpu).unwrap();
-    assert!(rms_norm(&x, &Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(), 1e-5).is_err());
+    assert!(rms_norm(
+        &x,
+        &Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        1e-5
+    )
+    .is_err());
     let x4 = Tensor::zeros((1, 2, 3, 8), DType::F32, &Device::Cpu).unwrap();
-    let (cos, sin) = rope_tables(4, 8, 1e4).unwrap();
+    let (cos, sin) = rope_tables(4, 8, 1e4, DType::F32).unwrap();
     assert!(rope(&x4, &cos, &sin).is_err(), "table length 4 for T = 3");
-    assert!(rope_tables(3, 7, 1e4).is_err());
+    assert!(rope_tables(3, 7, 1e4, DType::F32).is_err());
     let k = Tensor::zeros((1, 3, 3, 8), DType::F32, &Device::Cpu).unwrap();
-    assert!(causal_attention(&x4, &k, &k, None).is_err(), "Hq 2 with Hkv 3");
+    assert!(
+        causal_attention_masked(&x4, &k, &k, None).is_err(),
+        "Hq 2 with Hkv 3"
+    );
     let bad_mask = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(causal_attention(&x4, &x4, &x4, Some(&bad_mask)).is_err());
+    assert!(causal_attention_masked(&x4, &x4, &x4, Some(&bad_mask)).is_err());
     let f = Fixture::load("cross_entropy");
     let head = lm_head(&f, "f32");
     let h = Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap();
-    let lab = |v: Vec<i64>| Tensor::new(v, &Device::Cpu).unwrap();
-    assert!(cross_entropy_chunked(&h, &head, &lab(vec![1, 300]), 4).is_err());
-    assert!(cross_entropy_chunked(&h, &head, &lab(vec![1, -5]), 4).is_err());
-    assert!(cross_entropy_chunked(&h, &head, &lab(vec![1]), 4).is_err());
+    assert!(cross_entropy_chunked(&h, &head, &[1, 300], 4).is_err());
+    assert!(cross_entropy_chunked(&h, &head, &[1], 4).is_err());
+    let bias = Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(causal_attention(&x4, &x4, &x4, &bias).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,7 +345,10 @@ fn composite_rms(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
 
 fn composite_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let d = x.dim(D::Minus1).unwrap();
-    let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2).unwrap(), x.narrow(D::Minus1, d / 2, d / 2).unwrap());
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, d / 2).unwrap(),
+        x.narrow(D::Minus1, d / 2, d / 2).unwrap(),
+    );
     let c = Tensor::cat(&[cos, cos], D::Minus1).unwrap();
     let s = Tensor::cat(&[sin, sin], D::Minus1).unwrap();
     let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
@@ -287,7 +368,13 @@ fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     };
     let s = (q.matmul(&rep(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
     let mask: Vec<f32> = (0..t * t)
-        .map(|n| if n % t > n / t { f32::NEG_INFINITY } else { 0.0 })
+        .map(|n| {
+            if n % t > n / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
     let s = s.broadcast_add(&mask).unwrap();
@@ -321,18 +408,26 @@ fn speed_vs_composite() {
     let run = |y: Tensor| {
         (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
     };
-    let fused = time("rms_norm fused", || run(rms_norm(x.as_tensor(), &w, 1e-5).unwrap()));
-    let comp = time("rms_norm composite", || run(composite_rms(x.as_tensor(), &w, 1e-5)));
+    let fused = time("rms_norm fused", || {
+        run(rms_norm(x.as_tensor(), &w, 1e-5).unwrap())
+    });
+    let comp = time("rms_norm composite", || {
+        run(composite_rms(x.as_tensor(), &w, 1e-5))
+    });
     eprintln!("rms_norm (1, 512, 2048): fused {fused:.2} ms, composite {comp:.2} ms");
     // RoPE (B, H, T, D)
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, hq, t, d), dev).unwrap()).unwrap();
     let dy = Tensor::randn(0f32, 1., (b, hq, t, d), dev).unwrap();
-    let (cos, sin) = rope_tables(t, d, 1e4).unwrap();
+    let (cos, sin) = rope_tables(t, d, 1e4, DType::F32).unwrap();
     let run = |y: Tensor| {
         (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
     };
-    let fused = time("rope fused", || run(rope(x.as_tensor(), &cos, &sin).unwrap()));
-    let comp = time("rope composite", || run(composite_rope(x.as_tensor(), &cos, &sin)));
+    let fused = time("rope fused", || {
+        run(rope(x.as_tensor(), &cos, &sin).unwrap())
+    });
+    let comp = time("rope composite", || {
+        run(composite_rope(x.as_tensor(), &cos, &sin))
+    });
     eprintln!("rope (1, 16, 512, 128): fused {fused:.2} ms, composite {comp:.2} ms");
     // attention
     let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b, hq, t, d), dev).unwrap()).unwrap();
@@ -342,11 +437,18 @@ fn speed_vs_composite() {
         (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
     };
     let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-    let fo = causal_attention(qt, kt, vt, None).unwrap();
+    let fo = causal_attention_masked(qt, kt, vt, None).unwrap();
     let co = composite_attention(qt, kt, vt);
-    assert!(rel_err(&fo, &co) < 1e-5, "fused and composite attention disagree");
-    let fused = time("attention fused", || run(causal_attention(qt, kt, vt, None).unwrap()));
-    let comp = time("attention composite", || run(composite_attention(qt, kt, vt)));
+    assert!(
+        rel_err(&fo, &co) < 1e-5,
+        "fused and composite attention disagree"
+    );
+    let fused = time("attention fused", || {
+        run(causal_attention_masked(qt, kt, vt, None).unwrap())
+    });
+    let comp = time("attention composite", || {
+        run(composite_attention(qt, kt, vt))
+    });
     eprintln!("attention (1, 16/8, 512, 128): fused {fused:.2} ms, composite {comp:.2} ms");
     // cross-entropy: N = 512 tokens, C = 2048, V = 32000, f32 lm_head
     let (n, vocab) = (512, 32000);
@@ -364,10 +466,10 @@ fn speed_vs_composite() {
     .unwrap();
     let wt = Tensor::from_vec(wv, (vocab, c), dev).unwrap();
     let h = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c), dev).unwrap()).unwrap();
-    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
+    let labels: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % vocab as i64).collect();
     let lt = Tensor::new(labels.as_slice(), dev).unwrap();
     let fused = time("cross-entropy fused (chunk 128)", || {
-        let (l, _) = cross_entropy_chunked(h.as_tensor(), &head, &lt, 128).unwrap();
+        let (l, _) = cross_entropy_chunked(h.as_tensor(), &head, &labels, 128).unwrap();
         l.backward().unwrap();
     });
     let comp = time("cross-entropy composite (full logits, matmul)", || {

@@ -33,7 +33,10 @@ fn f32_of<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<Cow<
         CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
         CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
         CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
-        s => bail!("{op}: unsupported dtype {:?}; use f32, bf16 or f16", s.dtype()),
+        s => bail!(
+            "{op}: unsupported dtype {:?}; use f32, bf16 or f16",
+            s.dtype()
+        ),
     })
 }
 
@@ -108,19 +111,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// y += alpha·x.
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. RMSNorm with a frozen weight.
 
 /// `y (.., C) = x / sqrt(mean(x²) + eps) · w` over the last dim, as transformers' LlamaRMSNorm
-/// computes it in f32; `w (C)` is frozen (no gradient, not a graph node). The graph keeps x only.
+/// computes it (statistics in f32; for bf16/f16 x, its two roundings to x's dtype); `w (C)` is
+/// frozen (no gradient, not a graph node). The graph keeps x only.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     check_cpu("rms_norm", &[x, w])?;
     let c = x.dims().last().copied().unwrap_or(0);
@@ -159,18 +155,23 @@ impl CustomOp1 for RmsNormOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_of(s, l, self.name())?;
         let c = self.w.len();
+        // transformers rounds x·rstd to the activation dtype, multiplies by the weight in that
+        // dtype and rounds again; `round` reproduces both roundings (identity for f32)
+        let round: fn(f32) -> f32 = match s.dtype() {
+            DType::BF16 => |v| bf16::from_f32(v).to_f32(),
+            DType::F16 => |v| f16::from_f32(v).to_f32(),
+            _ => |v| v,
+        };
+        let w: Vec<f32> = self.w.iter().map(|&w| round(w)).collect();
         // x, y: (rows, C)
         let mut y = vec![0f32; x.len()];
         if c > 0 {
-            y.par_chunks_mut(c)
-                .zip(x.par_chunks(c))
-                .for_each(|(y, x)| {
-                    let r = self.rstd(x);
-                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(self.w.iter()) {
-                        // transformers rounds x·rstd to f32 before the weight multiply
-                        *y = w * (x * r);
-                    }
-                });
+            y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
+                let r = self.rstd(x);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(&w) {
+                    *y = w * round(x * r);
+                }
+            });
         }
         Ok((storage_of(y, s.dtype()), l.shape().clone()))
     }
@@ -211,10 +212,10 @@ impl CustomOp1 for RmsNormOp {
 // ---------------------------------------------------------------------------------------------
 // 2. Rotary position embeddings.
 
-/// `(cos, sin)`, each `(T, D/2)` f32, for positions `0..T`, head dim `D` and base `theta`, as
-/// transformers' LlamaRotaryEmbedding computes them (inv_freq and p·inv_freq rounded to f32;
-/// its `(T, D)` tables are these halves repeated twice).
-pub fn rope_tables(t: usize, d: usize, theta: f64) -> Result<(Tensor, Tensor)> {
+/// `(cos, sin)`, each `(T, D/2)`, for positions `0..T`, head dim `D` and base `theta`, as
+/// transformers' LlamaRotaryEmbedding computes them in f32 (inv_freq and p·inv_freq rounded to
+/// f32; its `(T, D)` tables are these halves repeated twice), then cast to `dtype`.
+pub fn rope_tables(t: usize, d: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
     if d == 0 || d % 2 != 0 {
         bail!("rope_tables: head dim {d} must be even and non-zero");
     }
@@ -237,8 +238,8 @@ pub fn rope_tables(t: usize, d: usize, theta: f64) -> Result<(Tensor, Tensor)> {
         }
     }
     Ok((
-        Tensor::from_vec(cos, (t, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (t, half), &Device::Cpu)?,
+        Tensor::from_vec(cos, (t, half), &Device::Cpu)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (t, half), &Device::Cpu)?.to_dtype(dtype)?,
     ))
 }
 
@@ -334,18 +335,67 @@ impl CustomOp1 for RopeOp {
 // ---------------------------------------------------------------------------------------------
 // 3. Causal attention with GQA and a key padding mask.
 
+/// Keys whose additive bias is at or below this are masked (transformers uses `f32::MIN`).
+const MASKED: f32 = f32::MIN / 2.0;
+
+/// Query rows per block: S and P of a block are (BQ × T) scratch, never kept.
+const BQ: usize = 64;
+
 /// `softmax(q·kᵀ/sqrt(D) + causal + padding) · v` for `q (B, Hq, T, D)`, `k, v (B, Hkv, T, D)`
 /// (query head h reads kv head `h / (Hq/Hkv)`), `key_mask (B, T)` 1 = attend, 0 = padding;
 /// returns `(B, Hq, T, D)`. The graph keeps q, k, v, the output and a per-row logsumexp (B·Hq·T);
-/// probabilities are recomputed in backward, so no (T×T) matrix outlives the call. A query row
-/// that sees no key at all (left padding) averages v over all T keys, as transformers' additive
-/// `finfo.min` mask gives on CPU, and its backward is that uniform softmax's, as torch's autograd.
-pub fn causal_attention(
+/// probabilities are recomputed in backward, block by block, so no (T×T) matrix outlives the call.
+/// A query row that sees no key at all (left padding) averages v over all T keys, as transformers'
+/// additive `finfo.min` mask gives on CPU; its backward is that uniform softmax's (as torch's eager
+/// autograd; torch's CPU SDPA backward gives T times that on such rows).
+pub fn causal_attention_masked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let (b, t) = (q.dim(0)?, q.dim(2)?);
+    let mask = match key_mask {
+        None => AttnMask::Causal(None),
+        Some(m) => {
+            check_cpu("causal_attention", &[m])?;
+            if m.dims() != [b, t] {
+                bail!(
+                    "causal_attention: key_mask of shape {:?}, expected [{b}, {t}]",
+                    m.dims()
+                );
+            }
+            let m = const_f32(m, "causal_attention")?;
+            AttnMask::Causal(Some(m.iter().map(|&v| v != 0.0).collect()))
+        }
+    };
+    attention_impl(q, k, v, mask)
+}
+
+/// [`causal_attention_masked`] with the mask given as transformers' additive bias
+/// `(B or 1, 1, T, T)` (0 = attend, `f32::MIN` = masked; see `nn::attention_bias`): the same
+/// signature as the composite `nn::causal_attention`. Entries at or below `f32::MIN / 2` are
+/// skipped; others are added to the scaled scores. The bias is a constant (no gradient).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    check_cpu("causal_attention", &[bias])?;
+    let (b, t) = (q.dim(0)?, q.dim(2)?);
+    let bb = match bias.dims() {
+        [bb, 1, t1, t2] if (*bb == b || *bb == 1) && *t1 == t && *t2 == t => *bb,
+        d => bail!("causal_attention: bias of shape {d:?}, expected [{b}, 1, {t}, {t}]"),
+    };
+    let v32 = const_f32(bias, "causal_attention")?;
+    attention_impl(
+        q,
+        k,
+        v,
+        AttnMask::Bias {
+            v: v32,
+            batched: bb == b && b > 1,
+        },
+    )
+}
+
+fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<Tensor> {
     check_cpu("causal_attention", &[q, k, v])?;
     let (b, hq, t, d) = q.dims4()?;
     let (bk, hkv, tk, dk) = k.dims4()?;
@@ -358,29 +408,9 @@ pub fn causal_attention(
             v.dims()
         );
     }
-    let mask = match key_mask {
-        None => None,
-        Some(m) => {
-            check_cpu("causal_attention", &[m])?;
-            if m.dims() != [b, t] {
-                bail!(
-                    "causal_attention: key_mask of shape {:?}, expected [{b}, {t}]",
-                    m.dims()
-                );
-            }
-            let m = const_f32(m, "causal_attention")?;
-            Some(Arc::new(m.iter().map(|&v| v != 0.0).collect::<Vec<_>>()))
-        }
-    };
     let op = AttentionOp {
-        dims: AttnDims {
-            b,
-            hq,
-            hkv,
-            t,
-            d,
-        },
-        mask,
+        dims: AttnDims { b, hq, hkv, t, d },
+        mask: Arc::new(mask),
         lse: Mutex::new(None),
     };
     q.contiguous()?
@@ -396,24 +426,183 @@ struct AttnDims {
     d: usize,
 }
 
+/// Which keys a query row sees, and what is added to their scores.
+enum AttnMask {
+    /// Keys `j <= i`, restricted to `mask[b·T + j]` when given; nothing added.
+    Causal(Option<Vec<bool>>),
+    /// Additive bias (B or 1, T, T): keys whose bias is above [`MASKED`].
+    Bias { v: Vec<f32>, batched: bool },
+}
+
+impl AttnMask {
+    /// For query row i of batch b: clears `add` to length `t`, sets it to the additive term of each
+    /// visible key and -inf elsewhere; returns 1 + the last visible key, or 0 when none is visible.
+    fn row(&self, b: usize, i: usize, t: usize, add: &mut [f32]) -> usize {
+        let mut end = 0;
+        match self {
+            AttnMask::Causal(m) => {
+                for (j, a) in add.iter_mut().enumerate() {
+                    let on = j <= i && m.as_ref().is_none_or(|m| m[b * t + j]);
+                    *a = if on { 0.0 } else { f32::NEG_INFINITY };
+                    if on {
+                        end = j + 1;
+                    }
+                }
+            }
+            AttnMask::Bias { v, batched } => {
+                let bi = if *batched { b } else { 0 };
+                let row = &v[(bi * t + i) * t..][..t];
+                for (j, (a, &x)) in add.iter_mut().zip(row).enumerate() {
+                    let on = x > MASKED;
+                    *a = if on { x } else { f32::NEG_INFINITY };
+                    if on {
+                        end = j + 1;
+                    }
+                }
+            }
+        }
+        end
+    }
+}
+
+/// `c (m×n, row stride ldc) = [c +] beta·op(a)·op(b)` for row-major `a` (m×k, or k×m when `ta`)
+/// and `b` (k×n, or n×k when `tb`) with row strides `lda`, `ldb`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+    (a, lda, ta): (&[f32], usize, bool),
+    (b, ldb, tb): (&[f32], usize, bool),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+    let (br, bc) = if tb { (n, k) } else { (k, n) };
+    assert!(
+        ac <= lda && a.len() >= (ar - 1) * lda + ac,
+        "gemm_f32: a out of bounds"
+    );
+    assert!(
+        bc <= ldb && b.len() >= (br - 1) * ldb + bc,
+        "gemm_f32: b out of bounds"
+    );
+    assert!(
+        n <= ldc && c.len() >= (m - 1) * ldc + n,
+        "gemm_f32: c out of bounds"
+    );
+    let (a_rs, a_cs) = if ta { (1, lda) } else { (lda, 1) };
+    let (b_rs, b_cs) = if tb { (1, ldb) } else { (ldb, 1) };
+    // SAFETY: the asserts above keep every index of op(a) (m×k), op(b) (k×n) and c (m×n) with the
+    // strides below inside its slice; c is borrowed mutably, so nothing aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 struct AttentionOp {
     dims: AttnDims,
-    /// (B, T): key j of batch b may be attended.
-    mask: Option<Arc<Vec<bool>>>,
+    mask: Arc<AttnMask>,
     /// (B, Hq, T) logsumexp of each row's scaled scores, written by the forward for the backward.
-    /// Each call of [`causal_attention`] makes its own op, so this is per graph node.
+    /// Each call makes its own op, so this belongs to one graph node.
     lse: Mutex<Option<Arc<Vec<f32>>>>,
 }
 
 impl AttentionOp {
-    /// Keys row i of batch b attends: (j in 0..=i with mask), or None when there is none.
-    fn keys(&self, b: usize, i: usize, out: &mut Vec<usize>) -> bool {
-        out.clear();
-        match &self.mask {
-            None => out.extend(0..=i),
-            Some(m) => out.extend((0..=i).filter(|&j| m[b * self.dims.t + j])),
+    /// Probabilities of query rows `i0..i0+rows` of (batch b, query head slab `q`) against keys
+    /// `0..kend` into `p (rows × kend)`. With `lse` None (forward) it normalises and writes each
+    /// row's logsumexp into `lse_out`; with Some (backward) it uses those. `add` is (T) scratch.
+    /// Returns kend: 1 + the last key any of these rows sees (T if a row sees none).
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
+        &self,
+        bi: usize,
+        i0: usize,
+        rows: usize,
+        q: &[f32],
+        k: &[f32],
+        p: &mut Vec<f32>,
+        add: &mut [f32],
+        lse_in: Option<&[f32]>,
+        lse_out: &mut [f32],
+    ) -> usize {
+        let AttnDims { t, d, .. } = self.dims;
+        let scale = 1.0 / (d as f32).sqrt();
+        // key extent of the block first, so that S is only as wide as needed
+        let mut kend = 0;
+        for i in i0..i0 + rows {
+            let e = self.mask.row(bi, i, t, add);
+            kend = kend.max(if e == 0 { t } else { e });
         }
-        !out.is_empty()
+        p.clear();
+        p.resize(rows * kend, 0.0);
+        // s (rows × kend) = scale · q[i0..] · k[..kend]ᵀ
+        gemm_f32(
+            (rows, kend, d),
+            p,
+            kend,
+            false,
+            (&q[i0 * d..(i0 + rows) * d], d, false),
+            (&k[..kend * d], d, true),
+            scale,
+        );
+        for r in 0..rows {
+            let s = &mut p[r * kend..(r + 1) * kend];
+            if self.mask.row(bi, i0 + r, t, add) == 0 {
+                // no visible key: transformers' finfo.min bias makes every score equal
+                s.fill(1.0 / t as f32);
+                lse_out[r] = (t as f32).ln();
+                continue;
+            }
+            for (s, a) in s.iter_mut().zip(add.iter()) {
+                *s += a;
+            }
+            match lse_in {
+                Some(lse) => s.iter_mut().for_each(|x| *x = (*x - lse[r]).exp()),
+                None => {
+                    let m = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut l = 0f32;
+                    for x in s.iter_mut() {
+                        *x = (*x - m).exp();
+                        l += *x;
+                    }
+                    s.iter_mut().for_each(|x| *x /= l);
+                    lse_out[r] = m + l.ln();
+                }
+            }
+        }
+        kend
     }
 }
 
@@ -431,20 +620,13 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let AttnDims {
-            b: _,
-            hq,
-            hkv,
-            t,
-            d,
-        } = self.dims;
+        let AttnDims { hq, hkv, t, d, .. } = self.dims;
         let (q, k, v) = (
             f32_of(qs, ql, self.name())?,
             f32_of(ks, kl, self.name())?,
             f32_of(vs, vl, self.name())?,
         );
         let rep = hq / hkv;
-        let scale = 1.0 / (d as f32).sqrt();
         // o: (B, Hq, T, D); lse: (B, Hq, T); one task per (b, query head)
         let mut o = vec![0f32; q.len()];
         let mut lse = vec![0f32; q.len() / d.max(1)];
@@ -457,31 +639,21 @@ impl CustomOp3 for AttentionOp {
                     let q = &q[bh * t * d..(bh + 1) * t * d];
                     let kv0 = (bi * hkv + h / rep) * t * d;
                     let (k, v) = (&k[kv0..kv0 + t * d], &v[kv0..kv0 + t * d]);
-                    let mut keys = Vec::with_capacity(t);
-                    let mut s = vec![0f32; t];
-                    for i in 0..t {
-                        let (qi, oi) = (&q[i * d..(i + 1) * d], &mut o[i * d..(i + 1) * d]);
-                        if !self.keys(bi, i, &mut keys) {
-                            // no visible key: uniform over all T keys
-                            for j in 0..t {
-                                axpy(1.0 / t as f32, &v[j * d..(j + 1) * d], oi);
-                            }
-                            lse[i] = (t as f32).ln();
-                            continue;
-                        }
-                        let mut m = f32::NEG_INFINITY;
-                        for (n, &j) in keys.iter().enumerate() {
-                            s[n] = dot(qi, &k[j * d..(j + 1) * d]) * scale;
-                            m = m.max(s[n]);
-                        }
-                        let mut l = 0f32;
-                        for (n, &j) in keys.iter().enumerate() {
-                            let p = (s[n] - m).exp();
-                            l += p;
-                            axpy(p, &v[j * d..(j + 1) * d], oi);
-                        }
-                        oi.iter_mut().for_each(|x| *x /= l);
-                        lse[i] = m + l.ln();
+                    let (mut p, mut add) = (Vec::new(), vec![0f32; t]);
+                    for i0 in (0..t).step_by(BQ) {
+                        let rows = BQ.min(t - i0);
+                        let lse = &mut lse[i0..i0 + rows];
+                        let kend = self.probs(bi, i0, rows, q, k, &mut p, &mut add, None, lse);
+                        // o[i0..] (rows × D) = p (rows × kend) · v[..kend]
+                        gemm_f32(
+                            (rows, d, kend),
+                            &mut o[i0 * d..(i0 + rows) * d],
+                            d,
+                            false,
+                            (&p, kend, false),
+                            (&v[..kend * d], d, false),
+                            1.0,
+                        );
                     }
                 });
         }
@@ -489,8 +661,9 @@ impl CustomOp3 for AttentionOp {
         Ok((storage_of(o, qs.dtype()), ql.shape().clone()))
     }
 
-    /// Flash-attention backward: p = exp(s - lse), dp = dO·v, ds = p·(dp - dO·O),
-    /// dq = scale·ds·k, dk = scale·dsᵀ·q, dv = pᵀ·dO (GQA: kv grads summed over the group).
+    /// Flash-attention backward per query block: p = exp(s - lse), dp = dO·vᵀ,
+    /// ds = p·(dp - rowsum(dO·O))·scale, dq = ds·k, dk += dsᵀ·q, dv += pᵀ·dO
+    /// (GQA: kv grads summed over the query heads of the group).
     fn bwd(
         &self,
         q: &Tensor,
@@ -506,67 +679,125 @@ impl CustomOp3 for AttentionOp {
         let rep = hq / hkv;
         let scale = 1.0 / (d as f32).sqrt();
         let name = self.name();
+        let (q_dims, dtypes) = (q.dims().to_vec(), [q.dtype(), k.dtype(), v.dtype()]);
         let mut dq = vec![0f32; b * hq * t * d];
         let mut dk = vec![0f32; b * hkv * t * d];
         let mut dv = vec![0f32; b * hkv * t * d];
-        with_f32(q, name, |q| {
-            with_f32(k, name, |k| {
-                with_f32(v, name, |v| {
-                    with_f32(o, name, |o| {
-                        with_f32(d_o, name, |d_o| {
-                            if t * d == 0 {
-                                return;
+        let (q, k, v, o, d_o) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            o.contiguous()?,
+            d_o.contiguous()?,
+        );
+        let guards = [&q, &k, &v, &o, &d_o].map(|t| t.storage_and_layout());
+        let mut data: Vec<Cow<[f32]>> = Vec::with_capacity(5);
+        for (s, l) in &guards {
+            let Storage::Cpu(cpu) = &**s else {
+                bail!("{name}: only the CPU kernels exist so far; move the tensors to the CPU");
+            };
+            data.push(f32_of(cpu, l, name)?);
+        }
+        let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| &*data[i]);
+        if t * d > 0 {
+            // one task per (b, kv head): it owns that head's dk, dv and the dq of its `rep` query
+            // heads, so no two tasks write the same memory
+            dq.par_chunks_mut(rep * t * d)
+                .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
+                .enumerate()
+                .for_each(|(bg, (dq, (dk, dv)))| {
+                    let bi = bg / hkv;
+                    let (k, v) = (&k[bg * t * d..][..t * d], &v[bg * t * d..][..t * d]);
+                    let (mut p, mut dp, mut add) = (Vec::new(), Vec::new(), vec![0f32; t]);
+                    let mut unused = vec![0f32; BQ];
+                    for r in 0..rep {
+                        let bh = bg * rep + r; // = bi·Hq + h
+                        let slab = bh * t * d..(bh + 1) * t * d;
+                        let (q, o, d_o) = (&q[slab.clone()], &o[slab.clone()], &d_o[slab]);
+                        let dq = &mut dq[r * t * d..(r + 1) * t * d];
+                        for i0 in (0..t).step_by(BQ) {
+                            let rows = BQ.min(t - i0);
+                            let lse = &lse[bh * t + i0..][..rows];
+                            let kend = self.probs(
+                                bi,
+                                i0,
+                                rows,
+                                q,
+                                k,
+                                &mut p,
+                                &mut add,
+                                Some(lse),
+                                &mut unused,
+                            );
+                            let (qb, ob, dob) = (
+                                &q[i0 * d..(i0 + rows) * d],
+                                &o[i0 * d..(i0 + rows) * d],
+                                &d_o[i0 * d..(i0 + rows) * d],
+                            );
+                            // dv[..kend] += pᵀ (kend × rows) · dO (rows × D)
+                            gemm_f32(
+                                (kend, d, rows),
+                                &mut dv[..kend * d],
+                                d,
+                                true,
+                                (&p, kend, true),
+                                (dob, d, false),
+                                1.0,
+                            );
+                            // dp (rows × kend) = dO · v[..kend]ᵀ
+                            dp.clear();
+                            dp.resize(rows * kend, 0.0);
+                            gemm_f32(
+                                (rows, kend, d),
+                                &mut dp,
+                                kend,
+                                false,
+                                (dob, d, false),
+                                (&v[..kend * d], d, true),
+                                1.0,
+                            );
+                            // ds = p·(dp - dO·O)·scale, in place of dp
+                            for r in 0..rows {
+                                let dd = dot(&dob[r * d..(r + 1) * d], &ob[r * d..(r + 1) * d]);
+                                let (pr, dpr) = (
+                                    &p[r * kend..(r + 1) * kend],
+                                    &mut dp[r * kend..(r + 1) * kend],
+                                );
+                                for (x, &pv) in dpr.iter_mut().zip(pr) {
+                                    *x = pv * (*x - dd) * scale;
+                                }
                             }
-                            // one task per (b, kv head): it owns that head's dk, dv and the dq of
-                            // its `rep` query heads, so no two tasks write the same memory
-                            dq.par_chunks_mut(rep * t * d)
-                                .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
-                                .enumerate()
-                                .for_each(|(bg, (dq, (dk, dv)))| {
-                                    let bi = bg / hkv;
-                                    let (k, v) =
-                                        (&k[bg * t * d..(bg + 1) * t * d], &v[bg * t * d..][..t * d]);
-                                    let mut keys = Vec::with_capacity(t);
-                                    for r in 0..rep {
-                                        let bh = bg * rep + r; // = bi·Hq + h
-                                        let base = bh * t * d;
-                                        let dq = &mut dq[r * t * d..(r + 1) * t * d];
-                                        for i in 0..t {
-                                            let row = base + i * d;
-                                            let (qi, oi, doi) =
-                                                (&q[row..row + d], &o[row..row + d], &d_o[row..row + d]);
-                                            let dd = dot(doi, oi);
-                                            let uniform = !self.keys(bi, i, &mut keys);
-                                            if uniform {
-                                                keys.clear();
-                                                keys.extend(0..t);
-                                            }
-                                            let dqi = &mut dq[i * d..(i + 1) * d];
-                                            for &j in &keys {
-                                                let (kj, vj) = (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d]);
-                                                let p = if uniform {
-                                                    1.0 / t as f32
-                                                } else {
-                                                    (dot(qi, kj) * scale - lse[bh * t + i]).exp()
-                                                };
-                                                let ds = p * (dot(doi, vj) - dd) * scale;
-                                                axpy(ds, kj, dqi);
-                                                axpy(ds, qi, &mut dk[j * d..(j + 1) * d]);
-                                                axpy(p, doi, &mut dv[j * d..(j + 1) * d]);
-                                            }
-                                        }
-                                    }
-                                });
-                        })
-                    })
-                })
-            })
-        })?????;
+                            // dq[i0..] (rows × D) = ds · k[..kend]
+                            gemm_f32(
+                                (rows, d, kend),
+                                &mut dq[i0 * d..(i0 + rows) * d],
+                                d,
+                                false,
+                                (&dp, kend, false),
+                                (&k[..kend * d], d, false),
+                                1.0,
+                            );
+                            // dk[..kend] += dsᵀ (kend × rows) · q (rows × D)
+                            gemm_f32(
+                                (kend, d, rows),
+                                &mut dk[..kend * d],
+                                d,
+                                true,
+                                (&dp, kend, true),
+                                (qb, d, false),
+                                1.0,
+                            );
+                        }
+                    }
+                });
+        }
+        drop(data);
+        drop(guards);
         let kd = [b, hkv, t, d];
         Ok((
-            Some(tensor_of(dq, q.dims(), q.dtype())?),
-            Some(tensor_of(dk, &kd, k.dtype())?),
-            Some(tensor_of(dv, &kd, v.dtype())?),
+            Some(tensor_of(dq, &q_dims, dtypes[0])?),
+            Some(tensor_of(dk, &kd, dtypes[1])?),
+            Some(tensor_of(dv, &kd, dtypes[2])?),
         ))
     }
 }
@@ -574,8 +805,9 @@ impl CustomOp3 for AttentionOp {
 // ---------------------------------------------------------------------------------------------
 // 4. Cross-entropy through the frozen lm_head, chunk by chunk.
 
-/// `(Σ over tokens with label != -100 of -log softmax(hidden·Wᵀ + bias)[label], that token count)`
-/// for `hidden (N, C)` and `labels (N)` (i64/u32 tensor), through the frozen `lm_head` (V, C).
+/// `(Σ over tokens with label >= 0 of -log softmax(hidden·Wᵀ + bias)[label], that token count)`
+/// for `hidden (N, C)` and `labels (N)` (-100, or any negative, ignores a token), through the
+/// frozen `lm_head` (V, C); the signature of the composite `nn::cross_entropy_chunked`.
 /// Logits exist `chunk` rows at a time only: the forward keeps a logsumexp per token, the
 /// backward recomputes each chunk's logits, forms `softmax - onehot` and maps it back through
 /// lm_head's input-gradient kernel. The loss is an f32 scalar whatever hidden's dtype;
@@ -583,31 +815,26 @@ impl CustomOp3 for AttentionOp {
 pub fn cross_entropy_chunked(
     hidden: &Tensor,
     lm_head: &QLinear,
-    labels: &Tensor,
+    labels: &[i64],
     chunk: usize,
 ) -> Result<(Tensor, usize)> {
-    check_cpu("cross_entropy_chunked", &[hidden, labels])?;
+    check_cpu("cross_entropy_chunked", &[hidden])?;
     let (n, c) = hidden.dims2()?;
     let v = lm_head.out_features();
-    if c != lm_head.in_features() || labels.dims() != [n] {
+    if c != lm_head.in_features() || labels.len() != n {
         bail!(
-            "cross_entropy_chunked: hidden {:?} (N, C) and labels {:?} (N) do not fit lm_head \
-             ({v} x {})",
+            "cross_entropy_chunked: hidden {:?} (N, C) and {} labels do not fit lm_head ({v} x {})",
             hidden.dims(),
-            labels.dims(),
+            labels.len(),
             lm_head.in_features()
         );
     }
-    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
     let mut n_tokens = 0;
     for (i, &l) in labels.iter().enumerate() {
-        if l == -100 {
-            continue;
+        if l >= 0 && l as usize >= v {
+            bail!("cross_entropy_chunked: label {l} at token {i} is outside the vocabulary 0..{v}");
         }
-        if l < 0 || l as usize >= v {
-            bail!("cross_entropy_chunked: label {l} at token {i} is outside the vocabulary 0..{v} (use -100 to ignore a token)");
-        }
-        n_tokens += 1;
+        n_tokens += usize::from(l >= 0);
     }
     let bias = match lm_head.bias() {
         None => None,
@@ -616,7 +843,7 @@ pub fn cross_entropy_chunked(
     let op = CrossEntropyOp {
         w: lm_head.weight().clone(),
         bias,
-        labels: Arc::new(labels),
+        labels: Arc::new(labels.to_vec()),
         chunk: chunk.max(1),
         lse: Mutex::new(None),
     };
@@ -672,7 +899,7 @@ impl CustomOp1 for CrossEntropyOp {
                     let sum: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
                     let z = m as f64 + sum.ln();
                     *lse = z as f32;
-                    if label == -100 {
+                    if label < 0 {
                         0.0
                     } else {
                         z - row[label as usize] as f64
@@ -684,7 +911,7 @@ impl CustomOp1 for CrossEntropyOp {
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
-    /// dh = g·(softmax(logits) - onehot(label))·W per chunk; rows with label -100 give zero.
+    /// dh = g·(softmax(logits) - onehot(label))·W per chunk; ignored rows give zero.
     fn bwd(&self, h: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let Some(lse) = self.lse.lock().expect("lse lock poisoned").clone() else {
             bail!("cross_entropy_chunked: backward before forward");
@@ -705,7 +932,7 @@ impl CustomOp1 for CrossEntropyOp {
                     .zip(self.labels[r0..r0 + rows].par_iter())
                     .zip(lse[r0..r0 + rows].par_iter())
                     .for_each(|((row, &label), &z)| {
-                        if label == -100 {
+                        if label < 0 {
                             row.fill(0.0);
                             return;
                         }

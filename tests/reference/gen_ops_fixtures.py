@@ -94,12 +94,14 @@ def rope():
 def attention():
     B, Hq, Hkv, T, D = 2, 4, 2, 7, 16
     cases = {
-        "right": torch.tensor([[1] * T, [1] * 5 + [0] * 2]),
-        "left": torch.tensor([[1] * T, [0] * 3 + [1] * 4]),
-        "none": None,
+        "right": ((B, Hq, Hkv, T, D), torch.tensor([[1] * T, [1] * 5 + [0] * 2])),
+        "left": ((B, Hq, Hkv, T, D), torch.tensor([[1] * T, [0] * 3 + [1] * 4])),
+        "none": ((B, Hq, Hkv, T, D), None),
+        # several 64-row query blocks (the last one partial), one KV head for four query heads
+        "long": ((1, 4, 1, 150, 8), torch.tensor([[1] * 130 + [0] * 20])),
     }
     t = {}
-    for name, mask in cases.items():
+    for name, ((B, Hq, Hkv, T, D), mask) in cases.items():
         q = torch.randn(B, Hq, T, D)
         k = torch.randn(B, Hkv, T, D)
         v = torch.randn(B, Hkv, T, D)
@@ -139,6 +141,11 @@ def attention():
                   f"{name}.dq": dq, f"{name}.dk": dk, f"{name}.dv": dv})
         if mask is not None:
             t[f"{name}.mask"] = mask.to(torch.float32)
+        # transformers' additive 4-D mask (B, 1, T, T) for this key mask (all ones for "none")
+        t[f"{name}.bias"] = LlamaModel._prepare_4d_causal_attention_mask_with_cache_position(
+            mask if mask is not None else torch.ones(B, T, dtype=torch.long),
+            T, T, torch.float32, torch.device("cpu"), torch.arange(T), B,
+        )
     save("attention", t, {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D})
 
 
