@@ -384,16 +384,38 @@ fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     p.matmul(&rep(v)).unwrap()
 }
 
+/// Best of 7 runs in ms (the machine is shared: the minimum is the least disturbed run).
 fn time(what: &str, mut f: impl FnMut()) -> f64 {
     f();
-    let n = 5;
-    let t0 = Instant::now();
-    for _ in 0..n {
-        f();
-    }
-    let ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
-    eprintln!("{what}: {ms:.2} ms (forward + backward)");
-    ms
+    let best = (0..7)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min);
+    eprintln!("{what}: {best:.2} ms");
+    best
+}
+
+/// Prints forward-only and forward+backward times of a fused op and its composite version; the
+/// backward starts from `sum(y · dy)` for both (so both include that product's cost).
+fn compare(what: &str, fused: impl Fn() -> Tensor, composite: impl Fn() -> Tensor, dy: &Tensor) {
+    let fwd_f = time(&format!("{what} fused fwd"), || drop(fused()));
+    let fwd_c = time(&format!("{what} composite fwd"), || drop(composite()));
+    let run = |y: Tensor| {
+        (y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+    };
+    let x0 = Var::from_tensor(&dy.ones_like().unwrap()).unwrap();
+    let harness = time(&format!("{what} backward harness alone"), || {
+        run(x0.as_tensor().clone())
+    });
+    let all_f = time(&format!("{what} fused fwd+bwd"), || run(fused()));
+    let all_c = time(&format!("{what} composite fwd+bwd"), || run(composite()));
+    eprintln!(
+        "SUMMARY {what}: forward {fwd_f:.1} vs {fwd_c:.1} ms, forward+backward {all_f:.1} vs \
+         {all_c:.1} ms (fused vs composite; {harness:.1} ms of each is sum(y·dy) and its backward)"
+    );
 }
 
 #[test]
@@ -405,37 +427,26 @@ fn speed_vs_composite() {
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, t, c), dev).unwrap()).unwrap();
     let w = Tensor::randn(1f32, 0.1, c, dev).unwrap();
     let dy = Tensor::randn(0f32, 1., (b, t, c), dev).unwrap();
-    let run = |y: Tensor| {
-        (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-    };
-    let fused = time("rms_norm fused", || {
-        run(rms_norm(x.as_tensor(), &w, 1e-5).unwrap())
-    });
-    let comp = time("rms_norm composite", || {
-        run(composite_rms(x.as_tensor(), &w, 1e-5))
-    });
-    eprintln!("rms_norm (1, 512, 2048): fused {fused:.2} ms, composite {comp:.2} ms");
+    compare(
+        "rms_norm (1, 512, 2048)",
+        || rms_norm(x.as_tensor(), &w, 1e-5).unwrap(),
+        || composite_rms(x.as_tensor(), &w, 1e-5),
+        &dy,
+    );
     // RoPE (B, H, T, D)
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, hq, t, d), dev).unwrap()).unwrap();
     let dy = Tensor::randn(0f32, 1., (b, hq, t, d), dev).unwrap();
     let (cos, sin) = rope_tables(t, d, 1e4, DType::F32).unwrap();
-    let run = |y: Tensor| {
-        (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-    };
-    let fused = time("rope fused", || {
-        run(rope(x.as_tensor(), &cos, &sin).unwrap())
-    });
-    let comp = time("rope composite", || {
-        run(composite_rope(x.as_tensor(), &cos, &sin))
-    });
-    eprintln!("rope (1, 16, 512, 128): fused {fused:.2} ms, composite {comp:.2} ms");
+    compare(
+        "rope (1, 16, 512, 128)",
+        || rope(x.as_tensor(), &cos, &sin).unwrap(),
+        || composite_rope(x.as_tensor(), &cos, &sin),
+        &dy,
+    );
     // attention
     let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b, hq, t, d), dev).unwrap()).unwrap();
     let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b, hkv, t, d), dev).unwrap()).unwrap();
     let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b, hkv, t, d), dev).unwrap()).unwrap();
-    let run = |y: Tensor| {
-        (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-    };
     let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
     let fo = causal_attention_masked(qt, kt, vt, None).unwrap();
     let co = composite_attention(qt, kt, vt);
@@ -443,13 +454,12 @@ fn speed_vs_composite() {
         rel_err(&fo, &co) < 1e-5,
         "fused and composite attention disagree"
     );
-    let fused = time("attention fused", || {
-        run(causal_attention_masked(qt, kt, vt, None).unwrap())
-    });
-    let comp = time("attention composite", || {
-        run(composite_attention(qt, kt, vt))
-    });
-    eprintln!("attention (1, 16/8, 512, 128): fused {fused:.2} ms, composite {comp:.2} ms");
+    compare(
+        "attention (1, 16 q / 8 kv heads, 512, 128)",
+        || causal_attention_masked(qt, kt, vt, None).unwrap(),
+        || composite_attention(qt, kt, vt),
+        &dy,
+    );
     // cross-entropy: N = 512 tokens, C = 2048, V = 32000, f32 lm_head
     let (n, vocab) = (512, 32000);
     let wv = to_vec(&(Tensor::randn(0f32, 0.02, (vocab, c), dev).unwrap()));
@@ -468,14 +478,20 @@ fn speed_vs_composite() {
     let h = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c), dev).unwrap()).unwrap();
     let labels: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % vocab as i64).collect();
     let lt = Tensor::new(labels.as_slice(), dev).unwrap();
-    let fused = time("cross-entropy fused (chunk 128)", || {
+    let fused = time("cross-entropy fused (chunk 128) fwd+bwd", || {
         let (l, _) = cross_entropy_chunked(h.as_tensor(), &head, &labels, 128).unwrap();
         l.backward().unwrap();
     });
-    let comp = time("cross-entropy composite (full logits, matmul)", || {
-        let logits = h.as_tensor().matmul(&wt.t().unwrap()).unwrap();
-        let l = candle_nn::loss::cross_entropy(&logits, &lt).unwrap();
-        l.backward().unwrap();
-    });
-    eprintln!("cross-entropy (512 x 2048 -> 32000): fused {fused:.2} ms, composite {comp:.2} ms");
+    let comp = time(
+        "cross-entropy composite (full logits, matmul) fwd+bwd",
+        || {
+            let logits = h.as_tensor().matmul(&wt.t().unwrap()).unwrap();
+            let l = candle_nn::loss::cross_entropy(&logits, &lt).unwrap();
+            l.backward().unwrap();
+        },
+    );
+    eprintln!(
+        "SUMMARY cross-entropy (512 x 2048 -> 32000): forward+backward {fused:.1} vs {comp:.1} ms \
+         (fused vs composite)"
+    );
 }
