@@ -495,3 +495,40 @@ fn speed_vs_composite() {
          (fused vs composite)"
     );
 }
+
+/// bf16 activations: each op converts at its boundary and computes in f32, so its bf16 result is
+/// the (torch-checked) f32 result on the same bf16-rounded inputs, rounded once to bf16 (one bf16
+/// rounding: 2^-8 relative); gradients come back in bf16.
+#[test]
+fn bf16_activations_round_once_at_the_boundary() {
+    let tol = 1.0 / 256.0;
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    // rope
+    let f = Fixture::load("rope");
+    let (cos, sin) = half_tables(&f);
+    let x16 = Var::from_tensor(&bf(&f.get("x"))).unwrap();
+    let y16 = rope(x16.as_tensor(), &cos, &sin).unwrap();
+    assert_eq!(y16.dtype(), DType::BF16);
+    let want = rope(&up(x16.as_tensor()), &cos, &sin).unwrap();
+    assert_close("rope bf16 y", &y16, &want, tol);
+    let grads = y16.sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(&x16).unwrap().dtype(), DType::BF16);
+    // attention
+    let f = Fixture::load("attention");
+    let g = |n: &str| bf(&f.get(&format!("right.{n}")));
+    let (q, k, v, mask) = (g("q"), g("k"), g("v"), f.get("right.mask"));
+    let o16 = causal_attention_masked(&q, &k, &v, Some(&mask)).unwrap();
+    assert_eq!(o16.dtype(), DType::BF16);
+    let want = causal_attention_masked(&up(&q), &up(&k), &up(&v), Some(&mask)).unwrap();
+    assert_close("attention bf16 o", &o16, &want, tol);
+    // cross-entropy: the loss stays f32
+    let f = Fixture::load("cross_entropy");
+    let labels: Vec<i64> = f.get("labels").to_vec1().unwrap();
+    let head = lm_head(&f, "f32");
+    let h16 = bf(&f.get("f32.h"));
+    let (l16, _) = cross_entropy_chunked(&h16, &head, &labels, 4).unwrap();
+    let (want, _) = cross_entropy_chunked(&up(&h16), &head, &labels, 4).unwrap();
+    assert_eq!(l16.dtype(), DType::F32);
+    assert_close("cross-entropy bf16 hidden: loss", &l16, &want, 1e-6);
+}

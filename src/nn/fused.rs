@@ -8,7 +8,8 @@
 //! so never a gradient); math is f32 with bf16/f16 converted at the boundary.
 //!
 //! Every function takes and returns candle tensors (errors are `candle_core::Error`, as for any
-//! tensor op), works on the CPU only so far, and is differentiable in its activation arguments.
+//! tensor op), works on the CPU only so far, and is differentiable in its activation arguments
+//! (once: the gradients they return are plain tensors, except rope's, which is rope again).
 use crate::lora::QLinear;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use crate::store::StoredTensor;
@@ -237,7 +238,7 @@ impl CustomOp1 for RmsNormOp {
 /// transformers' LlamaRotaryEmbedding computes them in f32 (inv_freq and p·inv_freq rounded to
 /// f32; its `(T, D)` tables are these halves repeated twice), then cast to `dtype`.
 pub fn rope_tables(t: usize, d: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
-    if d == 0 || d % 2 != 0 {
+    if d == 0 || !d.is_multiple_of(2) {
         bail!("rope_tables: head dim {d} must be even and non-zero");
     }
     let half = d / 2;
