@@ -1,7 +1,9 @@
 //! qtune: LoRA fine-tuning on a frozen, memory-mapped, 4/8-bit base model.
 //!
 //! The data path, one folder each: `format` (file layouts) -> `store` (memory-mapped tensors) ->
-//! `quant` (block formats and the kernels that dequantise them on the fly).
+//! `quant` (block formats and the kernels that dequantise them on the fly) -> `lora` (the frozen
+//! quantised linear and its adapters) -> `nn` (building blocks with backward) -> `models` ->
+//! `train` (optimizer, schedules).
 pub mod error;
 pub mod format;
 pub mod inspect;

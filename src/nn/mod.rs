@@ -3,6 +3,8 @@
 //! with the same signatures that keep less alive for backward).
 //!
 //! Shapes: B batch, T sequence, H query heads, KVH key/value heads, D head dim, C channels, V vocab.
+pub mod fused;
+
 use crate::lora::QLinear;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
 use half::{bf16, f16};
