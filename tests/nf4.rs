@@ -233,3 +233,26 @@ fn speed() {
         );
     }
 }
+
+/// bf16 output: exactly bnb's f32 dequantisation rounded once (`half::bf16::from_f32`), also from
+/// an offset that is not a block boundary.
+#[test]
+fn dequantize_bf16_is_f32_rounded_once() {
+    let x = formula_input(64 * 300);
+    let q = qtune::quant::nf4::quantize_nf4(&x).unwrap();
+    let r = q.as_ref();
+    for (first, len) in [(0, 64 * 300), (37, 1000), (64 * 17, 2500)] {
+        let mut f = vec![0f32; len];
+        r.dequantize(first, &mut f);
+        let mut b = vec![half::bf16::ZERO; len];
+        r.dequantize_bf16(first, &mut b);
+        for (i, (bv, fv)) in b.iter().zip(&f).enumerate() {
+            assert_eq!(
+                bv.to_bits(),
+                half::bf16::from_f32(*fv).to_bits(),
+                "element {}",
+                first + i
+            );
+        }
+    }
+}

@@ -120,6 +120,20 @@ impl Nf4Ref<'_> {
         self.dequantize_at(super::dispatch::active_level(), first, dst)
     }
 
+    /// Dequantises `dst.len()` elements starting at flat element `first` into bf16 (round to
+    /// nearest even), through an L1-sized f32 buffer: the same values as [`Self::dequantize`]
+    /// rounded once.
+    pub fn dequantize_bf16(&self, first: usize, dst: &mut [half::bf16]) {
+        let level = super::dispatch::active_level();
+        let cvt = super::simd::f32_to_bf16_fn(level);
+        const CHUNK: usize = 1024;
+        let mut buf = [0f32; CHUNK];
+        for (i, out) in dst.chunks_mut(CHUNK).enumerate() {
+            self.dequantize_at(level, first + i * CHUNK, &mut buf[..out.len()]);
+            cvt(&buf[..out.len()], out);
+        }
+    }
+
     /// [`Self::dequantize`] with an explicit SIMD level (a level the CPU lacks falls back to scalar).
     pub fn dequantize_at(&self, level: super::SimdLevel, first: usize, dst: &mut [f32]) {
         assert!(
