@@ -239,6 +239,12 @@ fn attention_case(case: &str, as_bias: bool) {
 fn attention_causal_gqa_matches_torch() {
     attention_case("none", false);
     attention_case("none", true);
+    // one (1, 1, T, T) bias shared by the batch
+    let f = Fixture::load("attention");
+    let g = |n: &str| f.get(&format!("none.{n}"));
+    let bias = g("bias").narrow(0, 0, 1).unwrap();
+    let o = causal_attention(&g("q"), &g("k"), &g("v"), &bias).unwrap();
+    assert_close("none (1, 1, T, T) bias: o", &o, &g("o"), OUT_TOL);
 }
 
 #[test]
