@@ -239,6 +239,12 @@ fn attention_case(case: &str, as_bias: bool) {
 fn attention_causal_gqa_matches_torch() {
     attention_case("none", false);
     attention_case("none", true);
+    // one (1, 1, T, T) bias shared by the batch
+    let f = Fixture::load("attention");
+    let g = |n: &str| f.get(&format!("none.{n}"));
+    let bias = g("bias").narrow(0, 0, 1).unwrap();
+    let o = causal_attention(&g("q"), &g("k"), &g("v"), &bias).unwrap();
+    assert_close("none (1, 1, T, T) bias: o", &o, &g("o"), OUT_TOL);
 }
 
 #[test]
@@ -261,7 +267,7 @@ fn attention_left_padding_fully_masked_rows_match_transformers() {
 
 fn lm_head(f: &Fixture, case: &str) -> QLinear {
     let (qtype, name) = match case {
-        "f32" => (QType::F32, "w"),
+        "f32" | "f32_bias" => (QType::F32, "w"),
         "q8_0" => (QType::Q8_0, "w_q8_0"),
         _ => unreachable!(),
     };
@@ -273,14 +279,15 @@ fn lm_head(f: &Fixture, case: &str) -> QLinear {
         data: Bytes::from_vec(data),
         nf4: None,
     };
-    QLinear::new(Arc::new(w), None).unwrap()
+    let bias = (case == "f32_bias").then(|| f.get("bias"));
+    QLinear::new(Arc::new(w), bias).unwrap()
 }
 
 #[test]
 fn cross_entropy_matches_torch() {
     let f = Fixture::load("cross_entropy");
     let labels: Vec<i64> = f.get("labels").to_vec1().unwrap();
-    for case in ["f32", "q8_0"] {
+    for case in ["f32", "q8_0", "f32_bias"] {
         let head = lm_head(&f, case);
         for chunk in [4, 13, 1000] {
             let h = Var::from_tensor(&f.get(&format!("{case}.h"))).unwrap();

@@ -405,13 +405,15 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
         [bb, 1, t1, t2] if (*bb == b || *bb == 1) && *t1 == t && *t2 == t => *bb,
         d => bail!("causal_attention: bias of shape {d:?}, expected [{b}, 1, {t}, {t}]"),
     };
-    let v32 = const_f32(bias, "causal_attention")?;
+    // shares the caller's storage when the bias is already f32 and contiguous (the usual case):
+    // one bias serves every layer, and no op holds a copy of it
+    let t_bias = bias.detach().to_dtype(DType::F32)?.contiguous()?;
     attention_impl(
         q,
         k,
         v,
         AttnMask::Bias {
-            v: v32,
+            t: t_bias,
             batched: bb == b && b > 1,
         },
     )
@@ -432,7 +434,7 @@ fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<
     }
     let op = AttentionOp {
         dims: AttnDims { b, hq, hkv, t, d },
-        mask: Arc::new(mask),
+        mask,
         lse: Mutex::new(None),
     };
     q.contiguous()?
@@ -452,26 +454,50 @@ struct AttnDims {
 enum AttnMask {
     /// Keys `j <= i`, restricted to `mask[b·T + j]` when given; nothing added.
     Causal(Option<Vec<bool>>),
-    /// Additive bias (B or 1, T, T): keys whose bias is above [`MASKED`].
-    Bias { v: Vec<f32>, batched: bool },
+    /// Additive bias (B or 1, 1, T, T) f32, contiguous: keys whose bias is above [`MASKED`].
+    Bias { t: Tensor, batched: bool },
 }
 
 impl AttnMask {
+    /// Runs `f` with a borrowed view of the mask (the bias tensor's storage is read-locked).
+    fn with_view<R>(&self, f: impl FnOnce(&MaskView) -> R) -> Result<R> {
+        match self {
+            AttnMask::Causal(m) => Ok(f(&MaskView::Causal(m.as_deref()))),
+            AttnMask::Bias { t, batched } => {
+                let (guard, layout) = t.storage_and_layout();
+                let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) =
+                    (&*guard, layout.contiguous_offsets())
+                else {
+                    bail!("causal_attention: the bias must be a contiguous f32 CPU tensor");
+                };
+                Ok(f(&MaskView::Bias(&v[s..e], *batched)))
+            }
+        }
+    }
+}
+
+/// [`AttnMask`] borrowed for one forward or backward pass.
+enum MaskView<'a> {
+    Causal(Option<&'a [bool]>),
+    Bias(&'a [f32], bool),
+}
+
+impl MaskView<'_> {
     /// For query row i of batch b: clears `add` to length `t`, sets it to the additive term of each
     /// visible key and -inf elsewhere; returns 1 + the last visible key, or 0 when none is visible.
     fn row(&self, b: usize, i: usize, t: usize, add: &mut [f32]) -> usize {
         let mut end = 0;
         match self {
-            AttnMask::Causal(m) => {
+            MaskView::Causal(m) => {
                 for (j, a) in add.iter_mut().enumerate() {
-                    let on = j <= i && m.as_ref().is_none_or(|m| m[b * t + j]);
+                    let on = j <= i && m.is_none_or(|m| m[b * t + j]);
                     *a = if on { 0.0 } else { f32::NEG_INFINITY };
                     if on {
                         end = j + 1;
                     }
                 }
             }
-            AttnMask::Bias { v, batched } => {
+            MaskView::Bias(v, batched) => {
                 let bi = if *batched { b } else { 0 };
                 let row = &v[(bi * t + i) * t..][..t];
                 for (j, (a, &x)) in add.iter_mut().zip(row).enumerate() {
@@ -555,7 +581,7 @@ fn gemm_f32(
 
 struct AttentionOp {
     dims: AttnDims,
-    mask: Arc<AttnMask>,
+    mask: AttnMask,
     /// (B, Hq, T) logsumexp of each row's scaled scores, written by the forward for the backward.
     /// Each call makes its own op, so this belongs to one graph node.
     lse: Mutex<Option<Arc<Vec<f32>>>>,
@@ -569,6 +595,7 @@ impl AttentionOp {
     #[allow(clippy::too_many_arguments)]
     fn probs(
         &self,
+        mask: &MaskView,
         bi: usize,
         i0: usize,
         rows: usize,
@@ -584,7 +611,7 @@ impl AttentionOp {
         // key extent of the block first, so that S is only as wide as needed
         let mut kend = 0;
         for i in i0..i0 + rows {
-            let e = self.mask.row(bi, i, t, add);
+            let e = mask.row(bi, i, t, add);
             kend = kend.max(if e == 0 { t } else { e });
         }
         p.clear();
@@ -601,7 +628,7 @@ impl AttentionOp {
         );
         for r in 0..rows {
             let s = &mut p[r * kend..(r + 1) * kend];
-            if self.mask.row(bi, i0 + r, t, add) == 0 {
+            if mask.row(bi, i0 + r, t, add) == 0 {
                 // no visible key: transformers' finfo.min bias makes every score equal
                 s.fill(1.0 / t as f32);
                 lse_out[r] = (t as f32).ln();
@@ -652,9 +679,14 @@ impl CustomOp3 for AttentionOp {
         // o: (B, Hq, T, D); lse: (B, Hq, T); one task per (b, query head)
         let mut o = vec![0f32; q.len()];
         let mut lse = vec![0f32; q.len() / d.max(1)];
-        if t * d > 0 {
-            o.par_chunks_mut(t * d)
-                .zip(lse.par_chunks_mut(t))
+        let (o_ref, lse_ref) = (&mut o, &mut lse);
+        self.mask.with_view(|mask| {
+            if t * d == 0 {
+                return;
+            }
+            o_ref
+                .par_chunks_mut(t * d)
+                .zip(lse_ref.par_chunks_mut(t))
                 .enumerate()
                 .for_each(|(bh, (o, lse))| {
                     let (bi, h) = (bh / hq, bh % hq);
@@ -665,7 +697,8 @@ impl CustomOp3 for AttentionOp {
                     for i0 in (0..t).step_by(BQ) {
                         let rows = BQ.min(t - i0);
                         let lse = &mut lse[i0..i0 + rows];
-                        let kend = self.probs(bi, i0, rows, q, k, &mut p, &mut add, None, lse);
+                        let kend =
+                            self.probs(mask, bi, i0, rows, q, k, &mut p, &mut add, None, lse);
                         // o[i0..] (rows × D) = p (rows × kend) · v[..kend]
                         gemm_f32(
                             (rows, d, kend),
@@ -678,7 +711,7 @@ impl CustomOp3 for AttentionOp {
                         );
                     }
                 });
-        }
+        })?;
         *self.lse.lock().expect("lse lock poisoned") = Some(Arc::new(lse));
         Ok((storage_of(o, qs.dtype()), ql.shape().clone()))
     }
@@ -721,11 +754,20 @@ impl CustomOp3 for AttentionOp {
             data.push(f32_of(cpu, l, name)?);
         }
         let [q, k, v, o, d_o] = [0, 1, 2, 3, 4].map(|i| &*data[i]);
-        if t * d > 0 {
+        let (dq_ref, dk_ref, dv_ref) = (&mut dq, &mut dk, &mut dv);
+        self.mask.with_view(|mask| {
+            if t * d == 0 {
+                return;
+            }
             // one task per (b, kv head): it owns that head's dk, dv and the dq of its `rep` query
             // heads, so no two tasks write the same memory
-            dq.par_chunks_mut(rep * t * d)
-                .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
+            dq_ref
+                .par_chunks_mut(rep * t * d)
+                .zip(
+                    dk_ref
+                        .par_chunks_mut(t * d)
+                        .zip(dv_ref.par_chunks_mut(t * d)),
+                )
                 .enumerate()
                 .for_each(|(bg, (dq, (dk, dv)))| {
                     let bi = bg / hkv;
@@ -741,6 +783,7 @@ impl CustomOp3 for AttentionOp {
                             let rows = BQ.min(t - i0);
                             let lse = &lse[bh * t + i0..][..rows];
                             let kend = self.probs(
+                                mask,
                                 bi,
                                 i0,
                                 rows,
@@ -812,7 +855,7 @@ impl CustomOp3 for AttentionOp {
                         }
                     }
                 });
-        }
+        })?;
         drop(data);
         drop(guards);
         let kd = [b, hkv, t, d];

@@ -165,6 +165,12 @@ def cross_entropy():
         g = 0.7  # upstream gradient of the summed loss
         (loss * g).backward()
         t.update({f"{name}.h": h, f"{name}.loss": loss.reshape(1), f"{name}.dh": h.grad})
+    # an lm_head with a bias (f32 weight)
+    bias = torch.randn(V) * 0.5
+    h = (torch.randn(N, C) * 1.5).requires_grad_()
+    loss = F.cross_entropy(h @ w.T + bias, labels, reduction="sum", ignore_index=-100)
+    (loss * 0.7).backward()
+    t.update({"bias": bias, "f32_bias.h": h, "f32_bias.loss": loss.reshape(1), "f32_bias.dh": h.grad})
     save("cross_entropy", t, {"N": N, "C": C, "V": V, "upstream": 0.7, "n_tokens": int((labels != -100).sum())})
 
 
