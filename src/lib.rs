@@ -11,5 +11,6 @@ pub mod nn;
 pub mod quant;
 pub mod quantize;
 pub mod store;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,7 @@
+//! Training machinery around the model: the optimizer ([`AdamW`], with gradient clipping) and the
+//! learning-rate schedules ([`LrSchedule`]).
+pub mod optim;
+pub mod schedule;
+
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use schedule::{LrSchedule, ScheduleKind};
