@@ -197,6 +197,14 @@ fn gguf_base_gives_the_same_logits() {
     let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
     eprintln!("gguf + adapter: logits rel {r:.2e}");
     assert!(r < 1e-5, "GGUF + adapter logits rel error {r:e}");
+    // And q/k LoRA gradients come out in Hugging Face row order, equal to PyTorch's.
+    let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+    assert!((l as f64 - b.loss).abs() < 1e-5 * b.loss.abs());
+    let grads_ref = load_st(&fixtures().join("f32/grads.safetensors"));
+    for (name, want) in &grads_ref {
+        let r = rel(&grads[name], want);
+        assert!(r < 1e-4, "GGUF base: {name} rel error {r:e}");
+    }
 }
 
 /// Ten AdamW steps (train::optim, torch's AdamW) on the fixture batch follow PyTorch's loss curve
