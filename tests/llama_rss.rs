@@ -153,7 +153,15 @@ fn rss_child() {
     // Second step: every weight page is resident now, so the growth is the step's own memory.
     let before2 = status_kb("VmRSS:") * 1024;
     reset_peak();
+    let t0 = std::time::Instant::now();
     let (loss2, grads2) = model.train_grads(&ids, None, &labels).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "train_grads: {secs:.2} s for {} tokens ({:.0} tokens/s, {} threads)",
+        batch * seq,
+        (batch * seq) as f64 / secs,
+        rayon::current_num_threads()
+    );
     opt.step(&grads2, 1e-4).unwrap();
     let peak2 = status_kb("VmHWM:") * 1024;
     assert!(loss2.is_finite() && !grads2.is_empty());
