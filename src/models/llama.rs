@@ -73,6 +73,13 @@ impl LlamaConfig {
                 )));
             }
         }
+        for k in ["attention_bias", "mlp_bias"] {
+            if cfg.get(k).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(bad(format!(
+                    "{k} = true: Llama linears with biases are not supported yet"
+                )));
+            }
+        }
         let hidden = int("hidden_size")?;
         let heads = int("num_attention_heads")?;
         let c = LlamaConfig {
