@@ -18,6 +18,8 @@ struct Batch {
     mask: Tensor,
     labels: Tensor,
     loss: f64,
+    /// Losses of 10 AdamW steps (lr 1e-2, betas 0.9/0.999, eps 1e-8, no weight decay).
+    losses: Vec<f64>,
 }
 
 fn batch(tag: &str) -> Batch {
@@ -35,6 +37,7 @@ fn batch(tag: &str) -> Batch {
         mask: t(mat("attention_mask")).to_dtype(DType::U32).unwrap(),
         labels: t(mat("labels")),
         loss: j["loss"].as_f64().unwrap(),
+        losses: serde_json::from_value(j["losses"].clone()).unwrap(),
     }
 }
 
@@ -194,4 +197,52 @@ fn gguf_base_gives_the_same_logits() {
     let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
     eprintln!("gguf + adapter: logits rel {r:.2e}");
     assert!(r < 1e-5, "GGUF + adapter logits rel error {r:e}");
+    // And q/k LoRA gradients come out in Hugging Face row order, equal to PyTorch's.
+    let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+    assert!((l as f64 - b.loss).abs() < 1e-5 * b.loss.abs());
+    let grads_ref = load_st(&fixtures().join("f32/grads.safetensors"));
+    for (name, want) in &grads_ref {
+        let r = rel(&grads[name], want);
+        assert!(r < 1e-4, "GGUF base: {name} rel error {r:e}");
+    }
+}
+
+/// Ten AdamW steps (train::optim, torch's AdamW) on the fixture batch follow PyTorch's loss curve
+/// to 1e-4, with checkpointing, on each base.
+fn adamw_curve(tag: &str, quant: Option<QType>) {
+    use qtune::train::optim::{AdamW, AdamWConfig};
+    let store = WeightStore::open(&fixtures().join("model")).unwrap();
+    let b = batch(tag);
+    let m = model(&store, quant, true, tag);
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut opt = AdamW::new(m.lora_params(), cfg).unwrap();
+    let mut worst = 0f64;
+    for (i, want) in b.losses.iter().enumerate() {
+        let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+        let r = (l as f64 - want).abs() / want.abs();
+        assert!(r < 1e-4, "{tag}: step {i} loss {l} vs {want} (rel {r:e})");
+        worst = worst.max(r);
+        opt.step(&grads, 1e-2).unwrap();
+    }
+    eprintln!("{tag}: 10 AdamW steps, worst loss rel {worst:.2e}");
+}
+
+#[test]
+fn adamw_10_steps_f32() {
+    adamw_curve("f32", None);
+}
+
+#[test]
+fn adamw_10_steps_q8_0() {
+    adamw_curve("q8_0", Some(QType::Q8_0));
+}
+
+#[test]
+fn adamw_10_steps_nf4() {
+    adamw_curve("nf4", Some(QType::NF4));
 }

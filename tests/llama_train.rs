@@ -189,3 +189,25 @@ fn targets_and_layer_range() {
     );
     assert!(bad.is_err());
 }
+
+/// Bad inputs are errors, not panics: token ids past the vocabulary, labels of another shape,
+/// a batch without targets.
+#[test]
+fn bad_inputs_are_errors() {
+    let m = load(LoraSpec::default(), true, DType::F32);
+    let (ids, mask, labels) = batch();
+    let big = Tensor::from_vec(vec![5u32, 300], (1, 2), &Device::Cpu).unwrap();
+    let err = m.forward(&big, None).unwrap_err().to_string();
+    assert!(err.contains("token id 300"), "{err}");
+    let short = labels.narrow(1, 0, 11).unwrap();
+    assert!(m.train_grads(&ids, Some(&mask), &short).is_err());
+    let none = Tensor::full(-100i64, (2, 12), &Device::Cpu).unwrap();
+    let err = m
+        .train_grads(&ids, Some(&mask), &none)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no target tokens"), "{err}");
+    let bad = Tensor::full(300i64, (2, 12), &Device::Cpu).unwrap();
+    assert!(m.train_grads(&ids, Some(&mask), &bad).is_err());
+    assert!(m.loss(&ids, Some(&mask), &bad).is_err());
+}

@@ -73,6 +73,13 @@ impl LlamaConfig {
                 )));
             }
         }
+        for k in ["attention_bias", "mlp_bias"] {
+            if cfg.get(k).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(bad(format!(
+                    "{k} = true: Llama linears with biases are not supported yet"
+                )));
+            }
+        }
         let hidden = int("hidden_size")?;
         let heads = int("num_attention_heads")?;
         let c = LlamaConfig {
@@ -377,11 +384,18 @@ impl Llama {
             });
         }
         let embed = Arc::new(embed.clone());
-        let lm_head = match store.get(head_name) {
-            Some(t) => QLinear::new(Arc::new(t.clone()), None)?,
-            None if cfg.tie_word_embeddings || gguf => QLinear::new(embed.clone(), None)?,
-            None => get(head_name).map(|_| unreachable!("get errs when absent"))?,
-        };
+        let lm_head =
+            match store.get(head_name) {
+                Some(t) => QLinear::new(Arc::new(t.clone()), None)?,
+                None if cfg.tie_word_embeddings || gguf => QLinear::new(embed.clone(), None)?,
+                None => return Err(Error::MissingTensor {
+                    path: store.path.clone(),
+                    tensor: head_name.into(),
+                    hint:
+                        " (config.json says the embedding is not tied, so lm_head must be stored)"
+                            .into(),
+                }),
+            };
         let norm_vec = |name: &str| -> Result<Tensor> {
             let t = get(name)?;
             if t.shape != [c] || t.qtype == QType::NF4 {

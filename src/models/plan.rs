@@ -19,7 +19,8 @@ pub struct MemoryPlan {
     pub adapters: usize,
     /// The LoRA gradients a step returns (compute dtype).
     pub adapter_grads: usize,
-    /// AdamW moments: 2 f32 per LoRA parameter.
+    /// AdamW state: 2 f32 moments per LoRA parameter, plus the f32 master copy `train::optim`
+    /// keeps of every parameter.
     pub optimizer: usize,
     /// Checkpointed layer inputs, the final hidden state and the gradient passed between layers.
     pub checkpoints: usize,
@@ -158,7 +159,7 @@ impl MemoryPlan {
             weights,
             adapters: lora_params * s,
             adapter_grads: lora_params * s,
-            optimizer: lora_params * 2 * 4,
+            optimizer: lora_params * 3 * 4,
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight,

@@ -345,3 +345,96 @@ pub fn nll_sum(hidden: &Tensor, lm_head: &QLinear, labels: &[u32]) -> Result<Ten
     let logits = lm_head.forward(hidden)?.to_dtype(DType::F32)?;
     chunk_nll(&logits, &lab)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// mul_const / add_const equal candle's broadcast ops on strided inputs (f32 and bf16), and
+    /// their backward gives x the same gradient and the constant none.
+    #[test]
+    fn const_ops_match_broadcast_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 6.0, &dev)
+                .unwrap()
+                .reshape((2, 3, 4, 6))
+                .unwrap()
+                .affine(0.1, -1.0)
+                .unwrap(),
+        )
+        .unwrap();
+        let c = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((4, 1, 3))
+            .unwrap()
+            .affine(0.25, 0.5)
+            .unwrap();
+        // A transposed, narrowed (non-contiguous) view.
+        let xs = x.transpose(1, 2).unwrap().narrow(3, 1, 3).unwrap();
+        for dt in [DType::F32, DType::BF16] {
+            let (xd, cd) = (xs.to_dtype(dt).unwrap(), c.to_dtype(dt).unwrap());
+            let a = mul_const(&xd, &cd).unwrap();
+            let b = xd.broadcast_mul(&cd).unwrap();
+            let d: f32 = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0, "{dt:?}");
+            let a = add_const(&xd, &cd).unwrap();
+            let b = xd.broadcast_add(&cd).unwrap();
+            let d: f32 = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0, "{dt:?}");
+        }
+        let w = Tensor::arange(0f32, 2.0 * 4.0 * 3.0 * 3.0, &dev)
+            .unwrap()
+            .reshape((2, 4, 3, 3))
+            .unwrap();
+        let ga = mul_const(&add_const(&xs, &c).unwrap(), &c)
+            .unwrap()
+            .mul(&w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = xs
+            .broadcast_add(&c)
+            .unwrap()
+            .broadcast_mul(&c)
+            .unwrap()
+            .mul(&w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (ga_x, gb_x) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        let d: f32 = (ga_x - gb_x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        // candle's ops leave gradients for the constant's broadcast views; ours leave none.
+        assert!(ga.get_ids().count() < gb.get_ids().count());
+    }
+}
