@@ -246,3 +246,37 @@ fn adamw_10_steps_q8_0() {
 fn adamw_10_steps_nf4() {
     adamw_curve("nf4", Some(QType::NF4));
 }
+
+/// A bitsandbytes 4-bit checkpoint as a base: the reference model written by our bnb-layout writer
+/// (byte-identical to bitsandbytes' own serialisation, tests/nf4_write.rs) loads as stored NF4 and
+/// gives the NF4 reference's logits, loss and LoRA gradients (PyTorch ran on bnb's dequantisation).
+#[test]
+fn bnb_4bit_checkpoint_base() {
+    let src = WeightStore::open(&fixtures().join("model")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bnb");
+    qtune::format::bnb::write_nf4_dir(&src, &out).unwrap();
+    let store = WeightStore::open(&out).unwrap();
+    assert_eq!(store.format, qtune::store::SourceFormat::BnbNf4);
+    let m = model(&store, None, true, "nf4");
+    assert_eq!(
+        m.base_linear(0, "q_proj").unwrap().weight().qtype,
+        QType::NF4
+    );
+    let b = batch("nf4");
+    let want = &load_st(&fixtures().join("nf4/logits.safetensors"))["logits"];
+    let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
+    eprintln!("bnb checkpoint: logits rel {r:.2e}");
+    assert!(r < 1e-5, "bnb checkpoint logits rel error {r:e}");
+    let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+    assert!(
+        (l as f64 - b.loss).abs() < 1e-5 * b.loss.abs(),
+        "loss {l} vs {}",
+        b.loss
+    );
+    let grads_ref = load_st(&fixtures().join("nf4/grads.safetensors"));
+    for (name, want) in &grads_ref {
+        let r = rel(&grads[name], want);
+        assert!(r < 1e-4, "bnb base: {name} rel error {r:e}");
+    }
+}
