@@ -129,16 +129,14 @@ pub fn load_examples(
         examples.push(ex);
     }
     let Some((format, _)) = loader.format else {
-        return Err(Error::Data {
+        return Err(Error::Json {
             path: path.to_path_buf(),
-            line: 0,
             msg: "the file holds no examples (every line is blank)".into(),
         });
     };
     if examples.is_empty() {
-        return Err(Error::Data {
+        return Err(Error::Json {
             path: path.to_path_buf(),
-            line: 0,
             msg: format!(
                 "no example has a token to train on within seq_len {} (prompts fill it); raise \
                  --seq-len",

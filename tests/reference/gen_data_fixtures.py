@@ -90,7 +90,7 @@ MESSAGES = [
 GGUF_TEXTS = [
     "Hello world, this is a small test.",
     "Unicode: café, naïve — 東京 😀\nnew line\tand  double  spaces   end",
-    "numbers 1234567 and 3.14159, can't won't I'LL",
+    "numbers 1234567 and 3.14159, can't won't I'LL -this",
     "<s>special tokens</s> inside <unk> text",
 ]
 
@@ -230,10 +230,14 @@ def bpe_gguf(src, path, pre):
     """A vocab-only copy of src's byte-level BPE vocabulary with another pre-tokenizer name."""
     r = gguf.GGUFReader(src)
     w = vocab_only_header(path, "gpt2", pre)
-    w.add_token_list(field_strings(r, "tokenizer.ggml.tokens"))
+    # Extra merges that cross GPT-2's pre-token boundaries but not Llama 3's (digits in threes,
+    # upper-case contractions, punctuation before a word), so the test sees which split ran.
+    extra = [("1", "2"), ("12", "3"), ("\u0120", "1"), ("'", "L"), ("'L", "L"), ("-", "t")]
+    tokens = field_strings(r, "tokenizer.ggml.tokens") + [a + b for a, b in extra]
     f = r.fields["tokenizer.ggml.token_type"]
-    w.add_token_types([int(f.parts[i][0]) for i in f.data])
-    w.add_token_merges(field_strings(r, "tokenizer.ggml.merges"))
+    w.add_token_list(tokens)
+    w.add_token_types([int(f.parts[i][0]) for i in f.data] + [1] * len(extra))
+    w.add_token_merges(field_strings(r, "tokenizer.ggml.merges") + [f"{a} {b}" for a, b in extra])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     finish(w)
