@@ -44,14 +44,26 @@ const OK_TEXT: &str = r#"{"text": "fine"}"#;
 
 #[test]
 fn bad_json() {
-    check(&[OK_TEXT, r#"{"text": "unterminated}"#], 2, "not valid JSON");
+    check(
+        &[OK_TEXT, r#"{"text": "unterminated}"#],
+        2,
+        "not valid JSON",
+    );
     check(&[r#"["a list"]"#], 1, "expected a JSON object");
 }
 
 #[test]
 fn unknown_format_and_unknown_keys() {
-    check(&[r#"{"question": "q", "answer": "a"}"#], 1, "unknown format");
-    check(&[r#"{"text": "a", "label": 1}"#], 1, "unknown key \"label\"");
+    check(
+        &[r#"{"question": "q", "answer": "a"}"#],
+        1,
+        "unknown format",
+    );
+    check(
+        &[r#"{"text": "a", "label": 1}"#],
+        1,
+        "unknown key \"label\"",
+    );
     check(
         &[r#"{"prompt": "a", "completion": "b", "text": "c"}"#],
         1,
@@ -70,7 +82,11 @@ fn mixed_formats() {
 
 #[test]
 fn empty_fields() {
-    check(&[r#"{"prompt": "a", "completion": ""}"#], 1, "empty \"completion\"");
+    check(
+        &[r#"{"prompt": "a", "completion": ""}"#],
+        1,
+        "empty \"completion\"",
+    );
     check(&[r#"{"text": ""}"#], 1, "empty \"text\"");
     check(
         &[r#"{"instruction": "a", "input": "", "output": ""}"#],
@@ -78,7 +94,9 @@ fn empty_fields() {
         "empty \"output\"",
     );
     check(
-        &[r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}"#],
+        &[
+            r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}"#,
+        ],
         1,
         "empty assistant content",
     );
@@ -88,7 +106,11 @@ fn empty_fields() {
 #[test]
 fn missing_fields() {
     check(&[r#"{"prompt": "a"}"#], 1, "missing \"completion\"");
-    check(&[r#"{"input": "x", "output": "y"}"#], 1, "missing \"instruction\"");
+    check(
+        &[r#"{"input": "x", "output": "y"}"#],
+        1,
+        "missing \"instruction\"",
+    );
     check(
         &[r#"{"messages": [{"role": "user"}]}"#],
         1,
@@ -98,7 +120,11 @@ fn missing_fields() {
 
 #[test]
 fn wrong_types() {
-    check(&[r#"{"text": 5}"#], 1, "\"text\" must be a string, found a number");
+    check(
+        &[r#"{"text": 5}"#],
+        1,
+        "\"text\" must be a string, found a number",
+    );
     check(
         &[r#"{"prompt": "a", "completion": ["b"]}"#],
         1,
@@ -151,13 +177,17 @@ fn chat_template_problems() {
     );
     // The model's template refuses an unknown role (raise_exception).
     check(
-        &[r#"{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}"#],
+        &[
+            r#"{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
+        ],
         1,
         "unknown role tool",
     );
     // A template that rewrites earlier turns cannot be split into loss segments.
     let opts = DataOptions {
-        template: Some("{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+        template: Some(
+            "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}".into(),
+        ),
         ..DataOptions::default()
     };
     check_opts(&opts, &[msgs], 1, "re-renders earlier turns");

@@ -63,7 +63,10 @@ fn packing_concatenates_within_seq_len() {
     let (ex, stats) = load("alpaca.jsonl", &opts);
     assert_eq!(stats.sequences, ex.len());
     assert_eq!(ex, pack(full.clone(), l[0] + l[1]));
-    assert_eq!(ex[0].ids, [full[0].ids.clone(), full[1].ids.clone()].concat());
+    assert_eq!(
+        ex[0].ids,
+        [full[0].ids.clone(), full[1].ids.clone()].concat()
+    );
     // The join carries no loss: the second example's first label is masked.
     assert_eq!(ex[0].labels[l[0]], -100);
     assert_eq!(ex[0].labels[l[0] + 1..], full[1].labels[1..]);

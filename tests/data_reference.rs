@@ -53,7 +53,10 @@ fn jsonl_formats_match_transformers() {
         let (exs, stats) = load_examples(&path, &tok, &opts).unwrap();
         let want = c["examples"].as_array().unwrap();
         assert_eq!(exs.len(), want.len(), "{name}");
-        assert_eq!((stats.n, stats.truncated, stats.dropped), (want.len(), 0, 0));
+        assert_eq!(
+            (stats.n, stats.truncated, stats.dropped),
+            (want.len(), 0, 0)
+        );
         for (i, (e, w)) in exs.iter().zip(want).enumerate() {
             assert_eq!(e.ids, u32s(&w["ids"]), "{name} example {i}: ids");
             assert_eq!(e.labels, i64s(&w["labels"]), "{name} example {i}: labels");
@@ -65,7 +68,10 @@ fn jsonl_formats_match_transformers() {
             _ => DataFormat::Messages,
         };
         assert_eq!(stats.format, fmt, "{name}");
-        let tokens: usize = want.iter().map(|w| w["ids"].as_array().unwrap().len()).sum();
+        let tokens: usize = want
+            .iter()
+            .map(|w| w["ids"].as_array().unwrap().len())
+            .sum();
         assert_eq!(stats.tokens, tokens, "{name}");
     }
 }

@@ -183,8 +183,8 @@ impl Loader<'_> {
     }
 
     fn example(&mut self, line: &str, no: usize) -> Result<Example> {
-        let v: Json = serde_json::from_str(line)
-            .map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
+        let v: Json =
+            serde_json::from_str(line).map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
         let Json::Object(obj) = v else {
             return Err(self.err(no, "expected a JSON object"));
         };
@@ -365,10 +365,7 @@ impl Loader<'_> {
                 }
             },
         };
-        let name = |id: Option<u32>| {
-            id.and_then(|i| self.tok.id_to_token(i))
-                .unwrap_or_default()
-        };
+        let name = |id: Option<u32>| id.and_then(|i| self.tok.id_to_token(i)).unwrap_or_default();
         ChatTemplate::new(&source, &name(self.tok.bos_id()), &name(self.tok.eos_id()))
     }
 

@@ -15,8 +15,7 @@ const TT_USER_DEFINED: i64 = 4;
 const TT_BYTE: i64 = 6;
 
 /// GPT-2's pre-tokenizer split (llama.cpp "gpt-2"), also what HF's ByteLevel(use_regex) runs.
-const RE_GPT2: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's split (llama.cpp "llama-bpe").
 const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -164,7 +163,9 @@ impl Tokenizer {
         let id_key = |k: &str| -> Result<Option<u32>> {
             match get(k).and_then(Value::as_u64) {
                 Some(id) if (id as usize) < n => Ok(Some(id as u32)),
-                Some(id) => Err(bad(format!("{k} = {id} is not below the vocabulary size {n}"))),
+                Some(id) => Err(bad(format!(
+                    "{k} = {id} is not below the vocabulary size {n}"
+                ))),
                 None => Ok(None),
             }
         };
@@ -353,9 +354,11 @@ fn gguf_bpe(
             vocab.insert(t.clone(), json!(id));
         }
         if matches!(ty, TT_CONTROL | TT_USER_DEFINED | TT_UNKNOWN) {
-            added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+            added.push(
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
                               "rstrip": false, "normalized": false,
-                              "special": ty != TT_USER_DEFINED}));
+                              "special": ty != TT_USER_DEFINED}),
+            );
         }
     }
     let merges: Vec<Json> = merges
@@ -430,7 +433,7 @@ impl Spm {
             })
             .map(|(i, (t, _))| (t.clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Spm {
             tokens,
             scores,
@@ -487,17 +490,18 @@ impl Spm {
         let mut prev: Vec<isize> = (0..n as isize).map(|i| i - 1).collect();
         let mut next: Vec<usize> = (1..=n).collect();
         let mut heap = BinaryHeap::new();
-        let try_add = |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, s: &[usize], ln: &[usize]| {
-            let piece = &text[s[l]..s[l] + ln[l] + ln[r]];
-            if let Some(&id) = self.ids.get(piece) {
-                heap.push(Bigram {
-                    score: self.scores[id as usize],
-                    left: l,
-                    right: r,
-                    len: piece.len(),
-                });
-            }
-        };
+        let try_add =
+            |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, s: &[usize], ln: &[usize]| {
+                let piece = &text[s[l]..s[l] + ln[l] + ln[r]];
+                if let Some(&id) = self.ids.get(piece) {
+                    heap.push(Bigram {
+                        score: self.scores[id as usize],
+                        left: l,
+                        right: r,
+                        len: piece.len(),
+                    });
+                }
+            };
         for i in 1..n {
             try_add(&mut heap, i - 1, i, &start, &len);
         }
