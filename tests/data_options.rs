@@ -46,6 +46,11 @@ fn examples_whose_prompt_fills_seq_len_are_dropped_and_counted() {
     };
     let (ex, stats) = load("pc.jsonl", &opts);
     assert_eq!((stats.n, stats.dropped, ex.len()), (2, 1, 1));
+    let line = stats.to_string();
+    assert!(
+        line.contains("2 truncated") && line.contains("1 dropped"),
+        "{line}"
+    );
     assert_eq!(stats.truncated, 2);
     assert_eq!(ex[0].ids[..], full[0].ids[..p0 + 1]);
     assert_eq!(stats.targets, 1);

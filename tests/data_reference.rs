@@ -36,7 +36,7 @@ fn i64s(v: &Value) -> Vec<i64> {
 fn jsonl_formats_match_transformers() {
     let exp = expected();
     let cases = exp["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 9);
+    assert_eq!(cases.len(), 10);
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let tok = Tokenizer::from_model_dir(&root().join(c["model"].as_str().unwrap())).unwrap();
@@ -128,7 +128,8 @@ fn gguf_gpt2_vocab_matches_llama_cpp() {
     let src = WeightStore::open(&root().join("tests/fixtures/llama/model")).unwrap();
     qtune::quantize::quantize_to_gguf(&src, qtune::quant::QType::Q8_0, &out).unwrap();
     let store = WeightStore::open(&out).unwrap();
-    let tok = Tokenizer::from_gguf(&store).unwrap();
+    let tok = Tokenizer::for_model(&out).unwrap();
+    assert!(!store.gguf_metadata.is_empty());
     assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), Some(2)));
     assert_eq!(check_gguf(&tok, &expected(), "q8_0"), 8);
     // And it agrees with the tokenizer.json it came from.

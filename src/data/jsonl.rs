@@ -88,6 +88,23 @@ pub struct DataStats {
     pub format: DataFormat,
 }
 
+impl std::fmt::Display for DataStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} examples ({}) -> {} sequences, {} tokens, {} with loss; {} truncated to seq_len, \
+             {} dropped (no target left)",
+            self.n,
+            self.format.describe(),
+            self.sequences,
+            self.tokens,
+            self.targets,
+            self.truncated,
+            self.dropped
+        )
+    }
+}
+
 /// Reads `path` (JSONL), tokenises every line and returns the examples and what was found.
 pub fn load_examples(
     path: &Path,

@@ -31,8 +31,21 @@ pub struct Tokenizer {
     /// post-processor for that).
     add_bos: bool,
     add_eos: bool,
+    /// Let tokenizer.json's post-processor add special tokens (false where transformers replaces it).
+    post_processor: bool,
     chat_template: Option<String>,
 }
+
+/// Tokenizer classes whose transformers implementation rebuilds the post-processor from
+/// `add_bos_token` / `add_eos_token` in tokenizer_config.json, ignoring tokenizer.json's.
+const BOS_EOS_CLASSES: &[&str] = &[
+    "LlamaTokenizerFast",
+    "LlamaTokenizer",
+    "CodeLlamaTokenizerFast",
+    "CodeLlamaTokenizer",
+    "GemmaTokenizerFast",
+    "GemmaTokenizer",
+];
 
 enum Inner {
     Hf(Box<tokenizers::Tokenizer>),
@@ -108,14 +121,19 @@ impl Tokenizer {
                     .transpose()?
             }
         };
+        let class = cfg.get("tokenizer_class").and_then(Json::as_str);
+        let rebuilt = class.is_some_and(|c| BOS_EOS_CLASSES.contains(&c));
+        let cfg_flag =
+            |k: &str, default: bool| cfg.get(k).and_then(Json::as_bool).unwrap_or(default);
         Ok(Tokenizer {
             inner: Inner::Hf(Box::new(tk)),
             source: path,
             bos,
             eos,
             pad,
-            add_bos: false,
-            add_eos: false,
+            add_bos: rebuilt && cfg_flag("add_bos_token", true) && bos.is_some(),
+            add_eos: rebuilt && cfg_flag("add_eos_token", false) && eos.is_some(),
+            post_processor: !rebuilt,
             chat_template,
         })
     }
@@ -230,8 +248,19 @@ impl Tokenizer {
             pad,
             add_bos: add_bos && bos.is_some(),
             add_eos: flag("tokenizer.ggml.add_eos_token").unwrap_or(false) && eos.is_some(),
+            post_processor: false,
             chat_template,
         })
+    }
+
+    /// The tokenizer for a model path as `qtune train --model` takes it: a GGUF file's embedded
+    /// vocabulary, or a directory's tokenizer.json.
+    pub fn for_model(path: &Path) -> Result<Tokenizer> {
+        if path.is_dir() {
+            Tokenizer::from_model_dir(path)
+        } else {
+            Tokenizer::from_gguf(&WeightStore::open(path)?)
+        }
     }
 
     /// Token ids of `text`. Special-token strings in the text (`<s>`, `<|im_end|>`) become their ids;
@@ -244,7 +273,7 @@ impl Tokenizer {
         match &self.inner {
             Inner::Hf(tk) => {
                 let enc = tk
-                    .encode(text, add_special)
+                    .encode(text, add_special && self.post_processor)
                     .map_err(|e| tok_err(&self.source, "tokenising failed", e))?;
                 ids.extend_from_slice(enc.get_ids());
             }
@@ -279,6 +308,11 @@ impl Tokenizer {
     /// Id of the padding token, if the tokenizer names one.
     pub fn pad_id(&self) -> Option<u32> {
         self.pad
+    }
+
+    /// The id to pad batches with: the padding token, else EOS, else 0 (padding is masked anyway).
+    pub fn pad_or_eos(&self) -> u32 {
+        self.pad.or(self.eos).unwrap_or(0)
     }
 
     /// The text of token `id` (for chat-template variables such as `bos_token`).

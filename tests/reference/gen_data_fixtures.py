@@ -169,6 +169,17 @@ def gen_jsonl_cases():
     chat = AutoTokenizer.from_pretrained(chat_dir)
     assert chat("x").input_ids[0] == 1 and base("x").input_ids[0] != 1
 
+    # transformers' LlamaTokenizerFast replaces tokenizer.json's post-processor with one built from
+    # add_bos_token / add_eos_token.
+    fast_dir = os.path.join(OUT, "model_llamafast")
+    os.makedirs(fast_dir, exist_ok=True)
+    shutil.copy(os.path.join(MODEL, "tokenizer.json"), fast_dir)
+    tc = json.load(open(os.path.join(MODEL, "tokenizer_config.json")))
+    tc.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=True)
+    json.dump(tc, open(os.path.join(fast_dir, "tokenizer_config.json"), "w"), indent=2)
+    fast = AutoTokenizer.from_pretrained(fast_dir)
+    assert fast("x").input_ids[0] == 1 and fast("x").input_ids[-1] == 2
+
     write_jsonl("text.jsonl", TEXT)
     write_jsonl("pc.jsonl", PC)
     write_jsonl("alpaca.jsonl", ALPACA)
@@ -181,6 +192,8 @@ def gen_jsonl_cases():
         case("pc_train_on_prompt", C, "pc.jsonl", PC,
              lambda r: ex_pc(chat, r["prompt"], r["completion"], True), train_on_prompt=True),
         case("pc_base", M, "pc.jsonl", PC, lambda r: ex_pc(base, r["prompt"], r["completion"], False)),
+        case("pc_llamafast", "tests/fixtures/data/model_llamafast", "pc.jsonl", PC,
+             lambda r: ex_pc(fast, r["prompt"], r["completion"], False)),
         case("alpaca", C, "alpaca.jsonl", ALPACA, lambda r: ex_alpaca(chat, r, False)),
         case("messages_model_template", C, "messages.jsonl", MESSAGES,
              lambda r: ex_messages(chat, r, CHAT_TEMPLATE, False)),
