@@ -201,10 +201,30 @@ fn chat_template_problems() {
 }
 
 #[test]
+fn not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.jsonl");
+    std::fs::write(&p, b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    let msg = load_examples(&p, &chat_tok(), &DataOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("bad.jsonl:2: not valid UTF-8"), "{msg}");
+}
+
+#[test]
 fn a_good_file_loads() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("ok.jsonl");
-    std::fs::write(&p, format!("{OK_TEXT}\n\n{OK_TEXT}\n")).unwrap();
+    // A byte-order mark, CRLF line ends and a blank line are fine.
+    std::fs::write(&p, format!("\u{feff}{OK_TEXT}\r\n\r\n{OK_TEXT}\r\n")).unwrap();
     let (ex, stats) = load_examples(&p, &chat_tok(), &DataOptions::default()).unwrap();
     assert_eq!((ex.len(), stats.n), (2, 2));
+    let plain = dir.path().join("plain.jsonl");
+    std::fs::write(&plain, format!("{OK_TEXT}\n{OK_TEXT}")).unwrap();
+    assert_eq!(
+        load_examples(&plain, &chat_tok(), &DataOptions::default())
+            .unwrap()
+            .0,
+        ex
+    );
 }

@@ -117,7 +117,9 @@ pub fn load_examples(
             opts.seq_len
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // A UTF-8 byte-order mark (Windows editors) is not part of the first line's JSON.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut loader = Loader {
         path: path.to_path_buf(),
         tok,
@@ -127,8 +129,14 @@ pub fn load_examples(
     };
     let mut examples = Vec::new();
     let (mut n, mut truncated, mut dropped) = (0, 0, 0);
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let lineno = i + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: lineno,
+            msg: format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()),
+        })?;
         if line.trim().is_empty() {
             continue;
         }
