@@ -157,3 +157,27 @@ fn gguf_sentencepiece_vocab_matches_llama_cpp() {
     let t = "Hello world, this is a small test.";
     assert_eq!(tok.decode(&tok.encode(t, false).unwrap()).unwrap(), t);
 }
+
+#[test]
+fn jinja_dialect_matches_transformers() {
+    let exp = expected();
+    let cases = exp["dialect"].as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    let mut refused = 0;
+    for c in cases {
+        let src = c["template"].as_str().unwrap();
+        let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+        let msgs: Vec<Message> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let gen = c["add_generation_prompt"].as_bool().unwrap();
+        let got = t.render(&msgs, gen);
+        match c["rendered"].as_str() {
+            Some(want) => assert_eq!(got.unwrap(), want, "{src}"),
+            None => {
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains("roles must alternate"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 2);
+}

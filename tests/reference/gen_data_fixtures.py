@@ -87,6 +87,15 @@ MESSAGES = [
                   {"role": "user", "content": "and 3+3?"},
                   {"role": "assistant", "content": " 6 "}]},
 ]
+# Templates in the style real models ship (Llama 3's header/eot layout with `| trim` and loop.index0,
+# Mistral's alternation check with raise_exception, a namespace-carried system prompt): the Jinja
+# dialect must render them exactly as jinja2 does in transformers.
+DIALECT_TEMPLATES = [
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+    "{% set ns = namespace(system='') %}{% for m in messages %}{% if m.role == 'system' %}{% set ns.system = m.content.strip() %}{% endif %}{% endfor %}{% for m in messages if m.role != 'system' %}{% if loop.first and ns.system %}<<SYS>>{{ ns.system | upper }}<</SYS>>\n{% endif %}{{ m.role | capitalize }}: {{ m.content | replace('\n', ' ') }}{% if not loop.last %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}\nAssistant:{% endif %}",
+]
+
 GGUF_TEXTS = [
     "Hello world, this is a small test.",
     "Unicode: café, naïve — 東京 😀\nnew line\tand  double  spaces   end",
@@ -205,7 +214,19 @@ def gen_jsonl_cases():
     # Rendered text of the model template, to check the Jinja dialect separately from tokenising.
     rendered = chat.apply_chat_template(MESSAGES[1]["messages"], tokenize=False,
                                         add_generation_prompt=True)
-    return cases, rendered
+    dialect = []
+    for t in DIALECT_TEMPLATES:
+        for r in MESSAGES:
+            msgs = r["messages"]
+            for gen in (False, True):
+                try:
+                    out = chat.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                                   chat_template=t)
+                except Exception as e:  # jinja2's raise_exception: qtune must refuse too
+                    out = None
+                dialect.append({"template": t, "messages": msgs, "add_generation_prompt": gen,
+                                "rendered": out})
+    return cases, rendered, dialect
 
 
 def llama_cpp_ids(path, text, add_bos):
@@ -324,10 +345,11 @@ def gen_gguf_cases(qtune):
 def main():
     qtune = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "release", "qtune")
     os.makedirs(OUT, exist_ok=True)
-    cases, rendered = gen_jsonl_cases()
+    cases, rendered, dialect = gen_jsonl_cases()
     gguf_cases = gen_gguf_cases(qtune)
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump({"cases": cases, "rendered_model_template": rendered, "chat_template": CHAT_TEMPLATE,
+                   "dialect": dialect,
                    "gguf": gguf_cases}, f, ensure_ascii=False, indent=1)
     print(f"wrote {len(cases)} JSONL cases and {len(gguf_cases)} GGUF tokenisations to {OUT}")
 
