@@ -3,9 +3,11 @@
 Two tiny random FalconForCausalLM models built from a config, both with head counts and hidden sizes
 that are not powers of two:
 - `mq`: the Falcon-7B layout (new_decoder_architecture false, multi_query true, parallel_attn true,
-  bias false, rotary, one shared input LayerNorm, num_kv_heads=1 as Falcon-7B implies), 3 heads of 32.
-- `gqa`: the new decoder layout (Falcon-40B/180B) with grouped KV: 4 heads of 24, 2 KV groups,
-  ln_attn + ln_mlp.
+  bias false, rotary, one shared input LayerNorm, num_kv_heads=1 as Falcon-7B implies), 3 heads of 64.
+- `gqa`: the new decoder layout (Falcon-40B/180B) with grouped KV: 6 heads of 32 in 2 KV groups of
+  3, ln_attn + ln_mlp.
+Every parameter is rounded to f16 and the model is saved in f16 (half the fixture size); torch then
+runs in f32 on exactly those values, as qtune does after reading the f16 file.
 LayerNorm weights and biases are randomised so that a missing bias or a swapped norm shows.
 PEFT LoRA on query_key_value, dense, dense_h_to_4h, dense_4h_to_h with non-zero B; logits, loss, every
 LoRA gradient and the losses of 10 AdamW steps, on three bases: f32, and the decoder-layer linears
@@ -36,7 +38,7 @@ SEED = 4321
 
 COMMON = dict(
     vocab_size=300,  # = the tokenizer's vocabulary
-    hidden_size=96,
+    hidden_size=192,  # NF4 needs input features that are whole 64-blocks
     ffn_hidden_size=128,
     num_hidden_layers=2,
     layer_norm_epsilon=1e-5,
@@ -57,7 +59,7 @@ MODELS = {
     "mq": dict(COMMON, num_attention_heads=3, num_kv_heads=1, multi_query=True,
                new_decoder_architecture=False),
     # Falcon-40B layout: fused qkv grouped by KV head: [q x (H/KVH), k, v] per group
-    "gqa": dict(COMMON, num_attention_heads=4, num_kv_heads=2, multi_query=False,
+    "gqa": dict(COMMON, num_attention_heads=6, num_kv_heads=2, multi_query=False,
                 new_decoder_architecture=True),
 }
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, bias="none",
@@ -107,6 +109,8 @@ def base_model(kind):
             if isinstance(mod, torch.nn.LayerNorm):
                 mod.weight.copy_(1.0 + 0.2 * torch.randn(mod.weight.shape, generator=g))
                 mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
+        for p in model.parameters():
+            p.copy_(p.half().float())
     return model
 
 
@@ -181,7 +185,7 @@ def tokenizer(d):
 
 def main():
     for kind in MODELS:
-        model = base_model(kind)
+        model = base_model(kind).half()
         model.save_pretrained(os.path.join(OUT, kind, "model"), safe_serialization=True)
         tokenizer(os.path.join(OUT, kind, "model"))
         run(kind, "f32")

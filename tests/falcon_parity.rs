@@ -1,0 +1,220 @@
+//! Falcon + LoRA parity with transformers 4.46.3 / PEFT 0.13.2 (fixtures from
+//! tests/reference/gen_falcon_fixtures.py), for two tiny models: `mq` (Falcon-7B layout: multi-query,
+//! parallel attention, 3 heads) and `gqa` (new decoder layout, 4 heads in 2 KV groups, ln_attn and
+//! ln_mlp), stored in f16. On the f16 base (f32 compute) and on bases quantised at load to Q8_0 and NF4: logits and loss (1e-5),
+//! every LoRA gradient with checkpointing on and off (1e-4), and the losses of 10 AdamW steps (1e-4).
+use candle_core::{DType, Device, Tensor};
+use qtune::models::falcon::PROJECTIONS;
+use qtune::models::{Falcon, FalconOptions, LoraSpec};
+use qtune::quant::QType;
+use qtune::store::WeightStore;
+use qtune::train::{AdamW, AdamWConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixtures(kind: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/falcon")
+        .join(kind)
+}
+
+struct Batch {
+    ids: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    loss: f64,
+    losses: Vec<f64>,
+    lr: f64,
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn batch(dir: &Path) -> Batch {
+    let j = json(&dir.join("expected.json"));
+    let mat = |k: &str| -> Vec<Vec<i64>> { serde_json::from_value(j[k].clone()).unwrap() };
+    let t = |v: Vec<Vec<i64>>| {
+        let (b, t) = (v.len(), v[0].len());
+        Tensor::from_vec(v.concat(), (b, t), &Device::Cpu).unwrap()
+    };
+    Batch {
+        ids: t(mat("input_ids")).to_dtype(DType::U32).unwrap(),
+        mask: t(mat("attention_mask")).to_dtype(DType::U32).unwrap(),
+        labels: t(mat("labels")),
+        loss: j["loss"].as_f64().unwrap(),
+        losses: serde_json::from_value(j["losses"].clone()).unwrap(),
+        lr: j["lr"].as_f64().unwrap(),
+    }
+}
+
+/// A safetensors file by name, PEFT's in-memory adapter name (`.default`) left out as saved
+/// adapters (and qtune) do.
+fn load_st(p: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
+        .collect()
+}
+
+/// max |a - b| / max |b| over all elements.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let m = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    (d / m) as f64
+}
+
+/// A model with the fixture's initial adapter weights.
+fn model(store: &WeightStore, quant: Option<QType>, checkpoint: bool, dir: &Path) -> Falcon {
+    let m = Falcon::load(
+        store,
+        FalconOptions {
+            quant,
+            lora: Some(LoraSpec {
+                targets: vec!["all-linear".into()],
+                r: 4,
+                alpha: 8.0,
+                ..LoraSpec::default()
+            }),
+            checkpoint,
+            ce_chunk: 7, // several chunks, one partial
+            ..FalconOptions::default()
+        },
+    )
+    .unwrap();
+    let init = load_st(&dir.join("adapter_init.safetensors"));
+    let params = m.lora_params();
+    assert_eq!(params.len(), init.len(), "one LoRA tensor per PEFT tensor");
+    for (name, var) in params {
+        let t = init
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} not in the fixture"));
+        var.set(t).unwrap();
+    }
+    m
+}
+
+/// The base qtune quantised at load is what torch ran on: the reference's fingerprint of every
+/// dequantised decoder linear (weighted f64 sum and first 16 values).
+fn check_base(m: &Falcon, dir: &Path, quant: Option<QType>) {
+    let want = json(&dir.join("base_check.json"));
+    let groups = |g: &str| if g == "mlp" { "mlp" } else { "self_attention" };
+    for layer in 0..m.config().num_layers {
+        for (p, g, _) in PROJECTIONS {
+            let l = m.base_linear(layer, p).unwrap();
+            assert_eq!(l.weight().qtype, quant.unwrap_or(QType::F16));
+            let mx = l.weight().matrix();
+            let mut w = vec![0f32; mx.rows * mx.cols];
+            mx.dequant_tile(0, mx.rows, 0, mx.cols, &mut w);
+            let key = format!("transformer.h.{layer}.{}.{p}.weight", groups(g));
+            let fp = &want[&key];
+            let head: Vec<f32> = serde_json::from_value(fp["head"].clone()).unwrap();
+            assert_eq!(&w[..16], &head[..], "{key}: first values differ");
+            let ws: f64 = w
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| x as f64 * (1 + i % 7) as f64)
+                .sum();
+            let scale: f64 = w
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (x as f64 * (1 + i % 7) as f64).abs())
+                .sum();
+            let d = (ws - fp["weighted_sum"].as_f64().unwrap()).abs() / scale;
+            assert!(d < 1e-12, "{key}: weighted sum differs ({d:e})");
+        }
+    }
+}
+
+fn parity(kind: &str, tag: &str, quant: Option<QType>) {
+    let store = WeightStore::open(&fixtures(kind).join("model")).unwrap();
+    let dir = fixtures(kind).join(tag);
+    let b = batch(&dir);
+    let m = model(&store, quant, true, &dir);
+    check_base(&m, &dir, quant);
+    let logits = m.forward(&b.ids, Some(&b.mask)).unwrap();
+    let want = &load_st(&dir.join("logits.safetensors"))["logits"];
+    let r = rel(&logits, want);
+    eprintln!("{kind}/{tag}: logits rel {r:.2e}");
+    assert!(r < 1e-5, "{kind}/{tag}: logits rel error {r:e}");
+    let loss = m
+        .loss(&b.ids, Some(&b.mask), &b.labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let lr = (loss - b.loss).abs() / b.loss.abs();
+    eprintln!("{kind}/{tag}: loss {loss} vs {} (rel {lr:.2e})", b.loss);
+    assert!(lr < 1e-5, "{kind}/{tag}: loss {loss} vs {}", b.loss);
+    let grads_ref = load_st(&dir.join("grads.safetensors"));
+    for ckpt in [true, false] {
+        let m = model(&store, quant, ckpt, &dir);
+        let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+        let lr = (l as f64 - b.loss).abs() / b.loss.abs();
+        assert!(lr < 1e-5, "{kind}/{tag} ckpt={ckpt}: train loss {l} vs {}", b.loss);
+        assert_eq!(grads.len(), grads_ref.len());
+        let mut worst = 0f64;
+        for (name, want) in &grads_ref {
+            let got = grads
+                .get(name)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let r = rel(got, want);
+            assert!(r < 1e-4, "{kind}/{tag} ckpt={ckpt}: {name} rel error {r:e}");
+            worst = worst.max(r);
+        }
+        eprintln!("{kind}/{tag} ckpt={ckpt}: loss rel {lr:.2e}, worst LoRA grad rel {worst:.2e}");
+    }
+    // 10 AdamW steps (torch defaults, weight decay 0) on the same batch, checkpointing on.
+    let m = model(&store, quant, true, &dir);
+    let cfg = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(m.lora_params(), cfg).unwrap();
+    let mut worst = 0f64;
+    for (s, want) in b.losses.iter().enumerate() {
+        let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+        let r = (l as f64 - want).abs() / want.abs();
+        assert!(r < 1e-4, "{kind}/{tag}: AdamW step {s} loss {l} vs {want}");
+        worst = worst.max(r);
+        opt.step(&grads, b.lr).unwrap();
+    }
+    eprintln!("{kind}/{tag}: 10 AdamW losses, worst rel {worst:.2e}");
+}
+
+#[test]
+fn mq_parity_f32() {
+    parity("mq", "f32", None);
+}
+
+#[test]
+fn mq_parity_q8_0_quantised_at_load() {
+    parity("mq", "q8_0", Some(QType::Q8_0));
+}
+
+#[test]
+fn mq_parity_nf4_quantised_at_load() {
+    parity("mq", "nf4", Some(QType::NF4));
+}
+
+#[test]
+fn gqa_parity_f32() {
+    parity("gqa", "f32", None);
+}
+
+#[test]
+fn gqa_parity_q8_0_quantised_at_load() {
+    parity("gqa", "q8_0", Some(QType::Q8_0));
+}
+
+#[test]
+fn gqa_parity_nf4_quantised_at_load() {
+    parity("gqa", "nf4", Some(QType::NF4));
+}
