@@ -218,3 +218,39 @@ fn gqa_parity_q8_0_quantised_at_load() {
 fn gqa_parity_nf4_quantised_at_load() {
     parity("gqa", "nf4", Some(QType::NF4));
 }
+
+/// The `gqa` model as llama.cpp's converter writes it (tests/reference/gen_falcon_gguf.py: `falcon`
+/// names, fused qkv regrouped to `[all q, all k, all v]`, f16) gives the safetensors model's logits
+/// and LoRA gradients with the fixture's adapter (PEFT rows in Hugging Face order), on the f16
+/// base and quantised at load to Q8_0 and NF4.
+#[test]
+fn gqa_llama_cpp_gguf_matches_transformers() {
+    let g = WeightStore::open(&fixtures("gqa").join("model-f16.gguf")).unwrap();
+    let hf = WeightStore::open(&fixtures("gqa").join("model")).unwrap();
+    let mut gc = qtune::models::FalconConfig::from_store(&g).unwrap();
+    let hc = qtune::models::FalconConfig::from_store(&hf).unwrap();
+    // GGUF stores the epsilon as f32.
+    assert_eq!(gc.layer_norm_eps, hc.layer_norm_eps as f32 as f64);
+    gc.layer_norm_eps = hc.layer_norm_eps;
+    assert_eq!(gc, hc);
+    for (tag, quant) in [
+        ("f32", None),
+        ("q8_0", Some(QType::Q8_0)),
+        ("nf4", Some(QType::NF4)),
+    ] {
+        let dir = fixtures("gqa").join(tag);
+        let b = batch(&dir);
+        let m = model(&g, quant, true, &dir);
+        check_base(&m, &dir, quant);
+        let want = &load_st(&dir.join("logits.safetensors"))["logits"];
+        let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
+        eprintln!("gguf {tag}: logits rel {r:.2e}");
+        assert!(r < 1e-5, "GGUF {tag}: logits rel error {r:e}");
+        let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+        assert!((l as f64 - b.loss).abs() / b.loss < 1e-5, "GGUF {tag}: loss {l}");
+        for (name, want) in &load_st(&dir.join("grads.safetensors")) {
+            let r = rel(&grads[name], want);
+            assert!(r < 1e-4, "GGUF {tag}: {name} rel error {r:e}");
+        }
+    }
+}

@@ -198,12 +198,11 @@ impl FalconConfig {
                 hint: " (a falcon GGUF needs its token embedding)".into(),
             })?;
         let new_arch = store.get("blk.0.attn_norm_2.weight").is_some();
-        let ffn = match int("falcon.feed_forward_length") {
-            Ok(f) => f,
-            Err(_) => store
-                .get("blk.0.ffn_up.weight")
-                .map(|t| t.shape[0])
-                .unwrap_or(4 * hidden),
+        // llama.cpp's converter writes 4 x hidden here whatever ffn_hidden_size was: the tensor
+        // is the truth.
+        let ffn = match store.get("blk.0.ffn_up.weight") {
+            Some(t) if t.shape.len() == 2 => t.shape[0],
+            _ => int("falcon.feed_forward_length")?,
         };
         let c = FalconConfig {
             vocab_size: int("falcon.vocab_size").unwrap_or(embd.shape[0]),
@@ -499,13 +498,15 @@ impl Falcon {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let hf = format!("transformer.h.{i}");
-            let (attn_norm, mlp_norm) = if gguf {
-                let second = if cfg.two_norms {
-                    Some(norm(&format!("blk.{i}.attn_norm_2"))?)
-                } else {
-                    None
-                };
-                (norm(&format!("blk.{i}.attn_norm"))?, second)
+            let (attn_norm, mlp_norm) = if gguf && cfg.two_norms {
+                // llama.cpp maps ln_mlp to attn_norm and ln_attn to attn_norm_2 (its Falcon graph
+                // feeds attn_norm_2 to attention and attn_norm to the MLP).
+                (
+                    norm(&format!("blk.{i}.attn_norm_2"))?,
+                    Some(norm(&format!("blk.{i}.attn_norm"))?),
+                )
+            } else if gguf {
+                (norm(&format!("blk.{i}.attn_norm"))?, None)
             } else if cfg.two_norms {
                 (
                     norm(&format!("{hf}.ln_attn"))?,
