@@ -1,8 +1,10 @@
 //! Falcon + LoRA parity with transformers 4.46.3 / PEFT 0.13.2 (fixtures from
-//! tests/reference/gen_falcon_fixtures.py), for two tiny models: `mq` (Falcon-7B layout: multi-query,
-//! parallel attention, 3 heads) and `gqa` (new decoder layout, 4 heads in 2 KV groups, ln_attn and
-//! ln_mlp), stored in f16. On the f16 base (f32 compute) and on bases quantised at load to Q8_0 and NF4: logits and loss (1e-5),
-//! every LoRA gradient with checkpointing on and off (1e-4), and the losses of 10 AdamW steps (1e-4).
+//! tests/reference/gen_falcon_fixtures.py), for three tiny models stored in f16: `mq` (Falcon-7B
+//! layout: multi-query, parallel attention, 3 heads of 64), `gqa` (new decoder layout, 6 heads in 2
+//! KV groups, ln_attn and ln_mlp) and `seq` (old layout without multi-query: sequential attention
+//! then MLP, per-head fused qkv, linears with bias). On the f16 base (f32 compute) and on bases
+//! quantised at load to Q8_0 and NF4 (not `seq`): logits and loss (1e-5), every LoRA gradient with
+//! checkpointing on and off (1e-4), and the losses of 10 AdamW steps (1e-4).
 use candle_core::{DType, Device, Tensor};
 use qtune::models::falcon::PROJECTIONS;
 use qtune::models::{Falcon, FalconOptions, LoraSpec};
@@ -202,6 +204,16 @@ fn mq_parity_q8_0_quantised_at_load() {
 #[test]
 fn mq_parity_nf4_quantised_at_load() {
     parity("mq", "nf4", Some(QType::NF4));
+}
+
+#[test]
+fn seq_parity_f32() {
+    parity("seq", "f32", None);
+}
+
+#[test]
+fn seq_parity_q8_0_quantised_at_load() {
+    parity("seq", "q8_0", Some(QType::Q8_0));
 }
 
 #[test]

@@ -1,11 +1,13 @@
 """Reference fixtures for the Falcon + LoRA parity tests (issue 8: Falcon-7B, the second architecture).
 
-Two tiny random FalconForCausalLM models built from a config, both with head counts and hidden sizes
+Three tiny random FalconForCausalLM models built from a config, all with head counts and hidden sizes
 that are not powers of two:
 - `mq`: the Falcon-7B layout (new_decoder_architecture false, multi_query true, parallel_attn true,
   bias false, rotary, one shared input LayerNorm, num_kv_heads=1 as Falcon-7B implies), 3 heads of 64.
 - `gqa`: the new decoder layout (Falcon-40B/180B) with grouped KV: 6 heads of 32 in 2 KV groups of
   3, ln_attn + ln_mlp.
+- `seq`: the old layout without multi-query and with sequential attention then MLP (per-head fused
+  qkv rows, post_attention_layernorm), linears with (randomised) bias; f32 and Q8_0 bases only.
 Every parameter is rounded to f16 and the model is saved in f16 (half the fixture size); torch then
 runs in f32 on exactly those values, as qtune does after reading the f16 file.
 LayerNorm weights and biases are randomised so that a missing bias or a swapped norm shows.
@@ -15,7 +17,7 @@ after Q8_0 (gguf-py) and NF4 double-quant (bitsandbytes) quantise->dequantise, s
 base is compared with PyTorch running on exactly the weights qtune sees. To keep fixtures small the
 dequantised bases are not stored whole: `base_check.json` holds a fingerprint per linear (see below).
 
-Run: python tests/reference/gen_falcon_fixtures.py  (pinned stack in requirements.txt)
+Run: python tests/reference/gen_falcon_fixtures.py [KIND..]  (pinned stack in requirements.txt)
 """
 import json
 import os
@@ -61,7 +63,13 @@ MODELS = {
     # Falcon-40B layout: fused qkv grouped by KV head: [q x (H/KVH), k, v] per group
     "gqa": dict(COMMON, num_attention_heads=6, num_kv_heads=2, multi_query=False,
                 new_decoder_architecture=True),
+    # Old layout without multi-query, sequential: per-head [q, k, v] fused rows, input_layernorm ->
+    # attention -> residual -> post_attention_layernorm -> MLP, linears with bias. f32 and Q8_0 only
+    # (NF4 needs 64-multiples of input features; this one stays small).
+    "seq": dict(COMMON, hidden_size=96, ffn_hidden_size=64, num_attention_heads=3, multi_query=False,
+                new_decoder_architecture=False, parallel_attn=False, bias=True),
 }
+TAGS = {"mq": ["f32", "q8_0", "nf4"], "gqa": ["f32", "q8_0", "nf4"], "seq": ["f32", "q8_0"]}
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, bias="none",
             target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
 LR = 1e-2
@@ -109,6 +117,8 @@ def base_model(kind):
             if isinstance(mod, torch.nn.LayerNorm):
                 mod.weight.copy_(1.0 + 0.2 * torch.randn(mod.weight.shape, generator=g))
                 mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
+            elif isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(0.05 * torch.randn(mod.bias.shape, generator=g))
         for p in model.parameters():
             p.copy_(p.half().float())
     return model
@@ -184,13 +194,14 @@ def tokenizer(d):
 
 
 def main():
-    for kind in MODELS:
+    kinds = sys.argv[1:] or list(MODELS)
+    transforms = {"f32": None, "q8_0": q8_0_roundtrip, "nf4": nf4_roundtrip}
+    for kind in kinds:
         model = base_model(kind).half()
         model.save_pretrained(os.path.join(OUT, kind, "model"), safe_serialization=True)
         tokenizer(os.path.join(OUT, kind, "model"))
-        run(kind, "f32")
-        run(kind, "q8_0", q8_0_roundtrip)
-        run(kind, "nf4", nf4_roundtrip)
+        for tag in TAGS[kind]:
+            run(kind, tag, transforms[tag])
 
 
 if __name__ == "__main__":
