@@ -844,4 +844,65 @@ mod tests {
         assert_eq!(gguf_row_of_hf(18, h, kvh, hd), (4 + 1) * hd);
         assert_eq!(gguf_row_of_hf(21, h, kvh, hd), (4 + 2 + 1) * hd);
     }
+
+    fn cfg(j: serde_json::Value) -> Result<FalconConfig> {
+        FalconConfig::from_hf(&j, Path::new("config.json"))
+    }
+
+    #[test]
+    fn refined_web_keys() {
+        // Falcon-7B's original config (RefinedWebModel): n_head, n_layer, no num_kv_heads.
+        let c = cfg(serde_json::json!({
+            "model_type": "RefinedWebModel", "hidden_size": 4544, "n_head": 71, "n_layer": 32,
+            "multi_query": true, "parallel_attn": true, "vocab_size": 65024, "bias": false,
+            "alibi": false, "layer_norm_epsilon": 1e-5
+        }))
+        .unwrap();
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (71, 1, 64));
+        assert_eq!((c.num_layers, c.ffn_hidden_size), (32, 4 * 4544));
+        assert_eq!((c.qkv, c.two_norms), (QkvLayout::MultiQuery, false));
+        assert_eq!(c.qkv_rows(), 73 * 64);
+        // Falcon-40B's (RefinedWeb): new layout implied, n_head_kv groups.
+        let c = cfg(serde_json::json!({
+            "model_type": "RefinedWeb", "hidden_size": 8192, "n_head": 128, "n_head_kv": 8,
+            "n_layer": 60, "parallel_attn": true, "vocab_size": 65024, "bias": false
+        }))
+        .unwrap();
+        assert_eq!((c.num_kv_heads, c.qkv, c.two_norms), (8, QkvLayout::Grouped, true));
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let base = serde_json::json!({
+            "model_type": "falcon", "hidden_size": 192, "num_attention_heads": 3,
+            "num_hidden_layers": 1, "vocab_size": 10
+        });
+        let with = |k: &str, v: serde_json::Value| {
+            let mut j = base.clone();
+            j[k] = v;
+            cfg(j).unwrap_err().to_string()
+        };
+        assert!(with("alibi", true.into()).contains("ALiBi"));
+        assert!(with("model_type", "llama".into()).contains("not a Falcon"));
+        assert!(with("num_attention_heads", 5.into()).contains("whole number"));
+        let mut j = base.clone();
+        j["new_decoder_architecture"] = true.into();
+        j["parallel_attn"] = false.into();
+        assert!(cfg(j).unwrap_err().to_string().contains("parallel_attn"));
+        assert!(cfg(base).is_ok());
+    }
+
+    #[test]
+    fn lora_targets_are_peft_names() {
+        let spec = |t: &[&str]| LoraSpec {
+            targets: t.iter().map(|s| s.to_string()).collect(),
+            ..LoraSpec::default()
+        };
+        assert_eq!(lora_targets(&spec(&["all-linear"])).unwrap().len(), 4);
+        assert_eq!(
+            lora_targets(&spec(&["dense", "dense_4h_to_h"])).unwrap(),
+            ["dense", "dense_4h_to_h"]
+        );
+        assert!(lora_targets(&spec(&["q_proj"])).is_err());
+    }
 }
