@@ -160,7 +160,11 @@ fn parity(kind: &str, tag: &str, quant: Option<QType>) {
         let m = model(&store, quant, ckpt, &dir);
         let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
         let lr = (l as f64 - b.loss).abs() / b.loss.abs();
-        assert!(lr < 1e-5, "{kind}/{tag} ckpt={ckpt}: train loss {l} vs {}", b.loss);
+        assert!(
+            lr < 1e-5,
+            "{kind}/{tag} ckpt={ckpt}: train loss {l} vs {}",
+            b.loss
+        );
         assert_eq!(grads.len(), grads_ref.len());
         let mut worst = 0f64;
         for (name, want) in &grads_ref {
@@ -259,7 +263,10 @@ fn gqa_llama_cpp_gguf_matches_transformers() {
         eprintln!("gguf {tag}: logits rel {r:.2e}");
         assert!(r < 1e-5, "GGUF {tag}: logits rel error {r:e}");
         let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
-        assert!((l as f64 - b.loss).abs() / b.loss < 1e-5, "GGUF {tag}: loss {l}");
+        assert!(
+            (l as f64 - b.loss).abs() / b.loss < 1e-5,
+            "GGUF {tag}: loss {l}"
+        );
         for (name, want) in &load_st(&dir.join("grads.safetensors")) {
             let r = rel(&grads[name], want);
             assert!(r < 1e-4, "GGUF {tag}: {name} rel error {r:e}");

@@ -76,7 +76,10 @@ impl FalconConfig {
             path: path.to_path_buf(),
             msg,
         };
-        let mt = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("falcon");
+        let mt = cfg
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("falcon");
         if !matches!(mt, "falcon" | "RefinedWeb" | "RefinedWebModel") {
             return Err(bad(format!(
                 "model_type '{mt}' is not a Falcon; qtune's Falcon loader reads falcon, RefinedWeb and RefinedWebModel"
@@ -98,7 +101,9 @@ impl FalconConfig {
             ));
         }
         if !flag("rotary", true) {
-            return Err(bad("rotary: false without ALiBi is not a Falcon qtune can run".into()));
+            return Err(bad(
+                "rotary: false without ALiBi is not a Falcon qtune can run".into(),
+            ));
         }
         if let Some(s) = cfg.get("rope_scaling") {
             if !s.is_null() {
@@ -107,7 +112,10 @@ impl FalconConfig {
                 )));
             }
         }
-        let act = cfg.get("activation").and_then(|v| v.as_str()).unwrap_or("gelu");
+        let act = cfg
+            .get("activation")
+            .and_then(|v| v.as_str())
+            .unwrap_or("gelu");
         if act != "gelu" {
             return Err(bad(format!(
                 "activation '{act}' is not supported; Falcon's MLP uses exact GELU (\"gelu\")"
@@ -383,10 +391,12 @@ fn regroup_qkv(store: &WeightStore, t: &StoredTensor, cfg: &FalconConfig) -> Res
             cfg.qkv_rows()
         )));
     }
-    let rb = t
-        .qtype
-        .bytes_for(cols)
-        .ok_or_else(|| bad(format!("rows of {cols} are not whole {} blocks", t.qtype.name())))?;
+    let rb = t.qtype.bytes_for(cols).ok_or_else(|| {
+        bad(format!(
+            "rows of {cols} are not whole {} blocks",
+            t.qtype.name()
+        ))
+    })?;
     if t.data.len() != rb * rows {
         return Err(bad(format!(
             "{} bytes stored, {} expected",
@@ -466,7 +476,10 @@ impl Falcon {
             return Err(Error::Shape {
                 path: store.path.clone(),
                 tensor: embd_name.into(),
-                msg: format!("shape {:?}, expected [{v}, {c}] from the config", embed.shape),
+                msg: format!(
+                    "shape {:?}, expected [{v}, {c}] from the config",
+                    embed.shape
+                ),
             });
         }
         if embed.qtype == QType::NF4 {
@@ -479,22 +492,26 @@ impl Falcon {
         }
         let embed = Arc::new(embed.clone());
         // Tied: a separate lm_head appears only in GGUF files whose converter wrote `output`.
-        let head_name = if gguf { "output.weight" } else { "lm_head.weight" };
+        let head_name = if gguf {
+            "output.weight"
+        } else {
+            "lm_head.weight"
+        };
         let lm_head = match store.get(head_name) {
             Some(t) => QLinear::new(Arc::new(t.clone()), None)?,
             None => QLinear::new(embed.clone(), None)?,
         };
-        let ln_f = norm(if gguf { "output_norm" } else { "transformer.ln_f" })?;
+        let ln_f = norm(if gguf {
+            "output_norm"
+        } else {
+            "transformer.ln_f"
+        })?;
         let spec = opts.lora.clone();
         let targets = match &spec {
             Some(s) => lora_targets(s)?,
             None => vec![],
         };
-        let (h, hd, ffn) = (
-            cfg.num_heads,
-            cfg.head_dim,
-            cfg.ffn_hidden_size,
-        );
+        let (h, hd, ffn) = (cfg.num_heads, cfg.head_dim, cfg.ffn_hidden_size);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let hf = format!("transformer.h.{i}");
@@ -523,7 +540,10 @@ impl Falcon {
             let mut proj = Vec::with_capacity(PROJECTIONS.len());
             for (pi, (pname, group, gname)) in PROJECTIONS.iter().enumerate() {
                 let (name, bias_name) = if gguf {
-                    (format!("blk.{i}.{gname}.weight"), format!("blk.{i}.{gname}.bias"))
+                    (
+                        format!("blk.{i}.{gname}.weight"),
+                        format!("blk.{i}.{gname}.bias"),
+                    )
                 } else {
                     (
                         format!("{hf}.{group}.{pname}.weight"),
@@ -663,7 +683,8 @@ impl Falcon {
             QkvLayout::MultiQuery => (
                 y.narrow(2, 0, h * hd)?.reshape((b, t, h, hd))?,
                 y.narrow(2, h * hd, kvh * hd)?.reshape((b, t, kvh, hd))?,
-                y.narrow(2, (h + kvh) * hd, kvh * hd)?.reshape((b, t, kvh, hd))?,
+                y.narrow(2, (h + kvh) * hd, kvh * hd)?
+                    .reshape((b, t, kvh, hd))?,
             ),
             QkvLayout::PerHead => {
                 // (B, T, H, 3, D)
@@ -766,7 +787,10 @@ impl Decoder for Falcon {
             x + (mlp(&xm)? + a)?
         } else {
             let x = (x + a)?;
-            let n = l.mlp_norm.as_ref().expect("sequential layers have a second norm");
+            let n = l
+                .mlp_norm
+                .as_ref()
+                .expect("sequential layers have a second norm");
             let m = mlp(&layer_norm(&x, n, eps)?)?;
             x + m
         }
@@ -799,7 +823,9 @@ impl Decoder for Falcon {
 
     fn next_step_key(&self) -> u64 {
         // One key range per step; layer li, projection pi adds li*4+pi.
-        self.step.fetch_add(1, Ordering::Relaxed).wrapping_mul(1 << 32)
+        self.step
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(1 << 32)
     }
 }
 
@@ -868,7 +894,10 @@ mod tests {
             "n_layer": 60, "parallel_attn": true, "vocab_size": 65024, "bias": false
         }))
         .unwrap();
-        assert_eq!((c.num_kv_heads, c.qkv, c.two_norms), (8, QkvLayout::Grouped, true));
+        assert_eq!(
+            (c.num_kv_heads, c.qkv, c.two_norms),
+            (8, QkvLayout::Grouped, true)
+        );
     }
 
     #[test]

@@ -251,7 +251,12 @@ impl MemoryPlan {
         }
         let s = opts.dtype.size_in_bytes();
         let (l, c, i) = (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size);
-        let (h, k, d, v) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
+        let (h, k, d, v) = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+        );
         let (n, b, t) = (batch * seq, batch, seq);
         let half = s < 4;
         // (out, in) per linear, falcon::PROJECTIONS order.
@@ -275,7 +280,11 @@ impl MemoryPlan {
             .lora
             .as_ref()
             .map_or((0, false), |x| (x.r, x.dropout > 0.0));
-        let norms = if cfg.two_norms || !cfg.parallel_attn { 2 } else { 1 };
+        let norms = if cfg.two_norms || !cfg.parallel_attn {
+            2
+        } else {
+            1
+        };
         let layer_graph = |lora: &[bool; 4]| -> usize {
             // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b,
             // (half: the cast back).
