@@ -273,3 +273,72 @@ fn gqa_llama_cpp_gguf_matches_transformers() {
         }
     }
 }
+
+/// `quantize_to_gguf` on a Hugging Face Falcon writes what llama.cpp's converter writes: the same
+/// tensor names, types, shapes and bytes (fused qkv regrouped), and the same `falcon.*` metadata
+/// but for `feed_forward_length` (the converter writes 4 x hidden; ours is the real size).
+#[test]
+fn qtune_gguf_matches_llama_cpp_converter() {
+    use qtune::format::gguf::{find, Value};
+    let hf = WeightStore::open(&fixtures("gqa").join("model")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gqa-f16.gguf");
+    qtune::quantize::quantize_to_gguf(&hf, QType::F16, &path).unwrap();
+    let ours = WeightStore::open(&path).unwrap();
+    let theirs = WeightStore::open(&fixtures("gqa").join("model-f16.gguf")).unwrap();
+    assert_eq!(ours.tensors.len(), theirs.tensors.len());
+    for t in &theirs.tensors {
+        let o = ours
+            .get(&t.name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
+        assert_eq!((o.qtype, &o.shape), (t.qtype, &t.shape), "{}", t.name);
+        assert!(
+            o.data.as_slice() == t.data.as_slice(),
+            "{}: bytes differ",
+            t.name
+        );
+    }
+    for (k, v) in &theirs.gguf_metadata {
+        if !k.starts_with("falcon.") || k == "falcon.feed_forward_length" {
+            continue;
+        }
+        assert_eq!(find(&ours.gguf_metadata, k), Some(v), "{k}");
+    }
+    let ffn = find(&ours.gguf_metadata, "falcon.feed_forward_length").and_then(Value::as_u64);
+    assert_eq!(ffn, Some(128));
+    for k in [
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.eos_token_id",
+    ] {
+        assert_eq!(
+            find(&ours.gguf_metadata, k),
+            find(&theirs.gguf_metadata, k),
+            "{k}"
+        );
+    }
+}
+
+/// The multi-query model written by `quantize_to_gguf` (f16) loads back with the transformers
+/// logits and LoRA gradients.
+#[test]
+fn mq_qtune_gguf_matches_transformers() {
+    let hf = WeightStore::open(&fixtures("mq").join("model")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mq-f16.gguf");
+    qtune::quantize::quantize_to_gguf(&hf, QType::F16, &path).unwrap();
+    let g = WeightStore::open(&path).unwrap();
+    let dir = fixtures("mq").join("f32");
+    let b = batch(&dir);
+    let m = model(&g, None, true, &dir);
+    check_base(&m, &dir, None);
+    let want = &load_st(&dir.join("logits.safetensors"))["logits"];
+    let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
+    eprintln!("mq qtune gguf: logits rel {r:.2e}");
+    assert!(r < 1e-5, "logits rel error {r:e}");
+    let (_, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+    for (name, want) in &load_st(&dir.join("grads.safetensors")) {
+        let r = rel(&grads[name], want);
+        assert!(r < 1e-4, "{name} rel error {r:e}");
+    }
+}
