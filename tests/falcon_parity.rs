@@ -342,3 +342,44 @@ fn mq_qtune_gguf_matches_transformers() {
         assert!(r < 1e-4, "{name} rel error {r:e}");
     }
 }
+
+/// PEFT's own `save_pretrained` adapter directory loads into qtune's Falcon by name (targets from
+/// its adapter_config.json) and gives the logits PEFT computed; qtune's save loads back the same.
+#[test]
+fn peft_adapter_dir_round_trip() {
+    use qtune::lora::adapter::{load_peft, save_peft_vars, AdapterConfig};
+    let store = WeightStore::open(&fixtures("mq").join("model")).unwrap();
+    let dir = fixtures("mq").join("f32");
+    let (cfg, tensors) = load_peft(&dir.join("adapter")).unwrap();
+    assert!(cfg.targets("query_key_value") && cfg.targets("dense") && cfg.targets("dense_4h_to_h"));
+    let m = Falcon::load(
+        &store,
+        FalconOptions {
+            lora: Some(LoraSpec {
+                targets: PROJECTIONS.iter().map(|p| p.0.to_string()).collect(),
+                r: cfg.r,
+                alpha: cfg.lora_alpha,
+                ..LoraSpec::default()
+            }),
+            ..FalconOptions::default()
+        },
+    )
+    .unwrap();
+    let by_name: HashMap<_, _> = tensors.into_iter().collect();
+    let params = m.lora_params();
+    assert_eq!(params.len(), by_name.len());
+    for (name, var) in &params {
+        var.set(&by_name[name]).unwrap();
+    }
+    let b = batch(&dir);
+    let want = &load_st(&dir.join("logits.safetensors"))["logits"];
+    let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
+    assert!(r < 1e-5, "PEFT adapter logits rel error {r:e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out: AdapterConfig = cfg.clone();
+    save_peft_vars(tmp.path(), &out, &params).unwrap();
+    let (_, back) = load_peft(tmp.path()).unwrap();
+    for (name, t) in back {
+        assert_eq!(rel(&t, &by_name[&name]), 0.0, "{name}");
+    }
+}
