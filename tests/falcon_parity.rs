@@ -235,14 +235,63 @@ fn gqa_parity_nf4_quantised_at_load() {
     parity("gqa", "nf4", Some(QType::NF4));
 }
 
-/// The `gqa` model as llama.cpp's converter writes it (tests/reference/gen_falcon_gguf.py: `falcon`
-/// names, fused qkv regrouped to `[all q, all k, all v]`, f16) gives the safetensors model's logits
-/// and LoRA gradients with the fixture's adapter (PEFT rows in Hugging Face order), on the f16
-/// base and quantised at load to Q8_0 and NF4.
+fn fnv1a64(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// `quantize_to_gguf` on a Hugging Face Falcon writes what llama.cpp's converter writes
+/// (tests/reference/gen_falcon_gguf.py recorded it: every tensor's name, type, shape and bytes, by
+/// hash), the same `falcon.*` metadata but for `feed_forward_length` (the converter writes 4 x
+/// hidden; ours is the real size) and the same tokenizer sizes. That file (`falcon` names, fused
+/// qkv regrouped to `[all q, all k, all v]`, `ln_attn` as attn_norm_2) then gives the transformers
+/// logits and LoRA gradients with the fixture's adapter, on the f16 base and quantised at load to
+/// Q8_0 and NF4.
 #[test]
-fn gqa_llama_cpp_gguf_matches_transformers() {
-    let g = WeightStore::open(&fixtures("gqa").join("model-f16.gguf")).unwrap();
+fn gqa_gguf_as_llama_cpp_writes_it_matches_transformers() {
+    use qtune::format::gguf::{find, Value};
     let hf = WeightStore::open(&fixtures("gqa").join("model")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gqa-f16.gguf");
+    qtune::quantize::quantize_to_gguf(&hf, QType::F16, &path).unwrap();
+    let g = WeightStore::open(&path).unwrap();
+    let want = json(&fixtures("gqa").join("llama_cpp_f16.json"));
+    let tensors = want["tensors"].as_object().unwrap();
+    assert_eq!(g.tensors.len(), tensors.len());
+    for (name, w) in tensors {
+        let o = g.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(o.qtype.name(), w["type"].as_str().unwrap(), "{name}");
+        let shape: Vec<usize> = serde_json::from_value(w["shape"].clone()).unwrap();
+        assert_eq!(o.shape, shape, "{name}");
+        let h: u64 = w["fnv1a64"].as_str().unwrap().parse().unwrap();
+        assert_eq!(fnv1a64(o.data.as_slice()), h, "{name}: bytes differ");
+    }
+    for (k, v) in want["metadata"].as_object().unwrap() {
+        let ours = find(&g.gguf_metadata, k).unwrap_or_else(|| panic!("{k} missing"));
+        match k.as_str() {
+            "falcon.feed_forward_length" => assert_eq!(ours.as_u64(), Some(128)),
+            _ if v.is_string() => assert_eq!(ours.as_str(), v.as_str(), "{k}"),
+            _ if v.is_u64() => assert_eq!(ours.as_u64(), v.as_u64(), "{k}"),
+            _ => assert_eq!(ours.as_f64(), v.as_f64(), "{k}"),
+        }
+    }
+    let len = |k: &str| {
+        find(&g.gguf_metadata, k)
+            .and_then(Value::as_array)
+            .map(|a| a.len())
+    };
+    assert_eq!(
+        len("tokenizer.ggml.tokens"),
+        want["tokens"].as_u64().map(|x| x as usize)
+    );
+    assert_eq!(
+        len("tokenizer.ggml.merges"),
+        want["merges"].as_u64().map(|x| x as usize)
+    );
+    let eos = find(&g.gguf_metadata, "tokenizer.ggml.eos_token_id").and_then(Value::as_u64);
+    assert_eq!(eos, want["eos_token_id"].as_u64());
+
     let mut gc = qtune::models::FalconConfig::from_store(&g).unwrap();
     let hc = qtune::models::FalconConfig::from_store(&hf).unwrap();
     // GGUF stores the epsilon as f32.
@@ -271,51 +320,6 @@ fn gqa_llama_cpp_gguf_matches_transformers() {
             let r = rel(&grads[name], want);
             assert!(r < 1e-4, "GGUF {tag}: {name} rel error {r:e}");
         }
-    }
-}
-
-/// `quantize_to_gguf` on a Hugging Face Falcon writes what llama.cpp's converter writes: the same
-/// tensor names, types, shapes and bytes (fused qkv regrouped), and the same `falcon.*` metadata
-/// but for `feed_forward_length` (the converter writes 4 x hidden; ours is the real size).
-#[test]
-fn qtune_gguf_matches_llama_cpp_converter() {
-    use qtune::format::gguf::{find, Value};
-    let hf = WeightStore::open(&fixtures("gqa").join("model")).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("gqa-f16.gguf");
-    qtune::quantize::quantize_to_gguf(&hf, QType::F16, &path).unwrap();
-    let ours = WeightStore::open(&path).unwrap();
-    let theirs = WeightStore::open(&fixtures("gqa").join("model-f16.gguf")).unwrap();
-    assert_eq!(ours.tensors.len(), theirs.tensors.len());
-    for t in &theirs.tensors {
-        let o = ours
-            .get(&t.name)
-            .unwrap_or_else(|| panic!("{} missing", t.name));
-        assert_eq!((o.qtype, &o.shape), (t.qtype, &t.shape), "{}", t.name);
-        assert!(
-            o.data.as_slice() == t.data.as_slice(),
-            "{}: bytes differ",
-            t.name
-        );
-    }
-    for (k, v) in &theirs.gguf_metadata {
-        if !k.starts_with("falcon.") || k == "falcon.feed_forward_length" {
-            continue;
-        }
-        assert_eq!(find(&ours.gguf_metadata, k), Some(v), "{k}");
-    }
-    let ffn = find(&ours.gguf_metadata, "falcon.feed_forward_length").and_then(Value::as_u64);
-    assert_eq!(ffn, Some(128));
-    for k in [
-        "tokenizer.ggml.tokens",
-        "tokenizer.ggml.merges",
-        "tokenizer.ggml.eos_token_id",
-    ] {
-        assert_eq!(
-            find(&ours.gguf_metadata, k),
-            find(&theirs.gguf_metadata, k),
-            "{k}"
-        );
     }
 }
 
