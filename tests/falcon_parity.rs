@@ -387,3 +387,59 @@ fn peft_adapter_dir_round_trip() {
         assert_eq!(rel(&t, &by_name[&name]), 0.0, "{name}");
     }
 }
+
+/// bf16 compute (what training uses) runs every layout end to end: the loss and logits stay within
+/// bf16's precision of the f32 reference, checkpointed gradients equal the non-checkpointed ones.
+#[test]
+fn bf16_compute_runs_every_layout() {
+    for kind in ["mq", "gqa", "seq"] {
+        let store = WeightStore::open(&fixtures(kind).join("model")).unwrap();
+        let dir = fixtures(kind).join("f32");
+        let b = batch(&dir);
+        let load = |checkpoint| {
+            let m = Falcon::load(
+                &store,
+                FalconOptions {
+                    dtype: DType::BF16,
+                    lora: Some(LoraSpec {
+                        targets: vec!["all-linear".into()],
+                        r: 4,
+                        alpha: 8.0,
+                        ..LoraSpec::default()
+                    }),
+                    checkpoint,
+                    ce_chunk: 7,
+                    ..FalconOptions::default()
+                },
+            )
+            .unwrap();
+            let init = load_st(&dir.join("adapter_init.safetensors"));
+            for (name, var) in m.lora_params() {
+                var.set(&init[&name].to_dtype(DType::BF16).unwrap())
+                    .unwrap();
+            }
+            m
+        };
+        let m = load(true);
+        let want = &load_st(&dir.join("logits.safetensors"))["logits"];
+        let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
+        let (l, g1) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+        let lr = (l as f64 - b.loss).abs() / b.loss;
+        eprintln!("{kind} bf16: logits rel {r:.2e}, loss rel {lr:.2e}");
+        assert!(
+            r < 3e-2 && lr < 1e-2,
+            "{kind} bf16: logits {r:e}, loss {lr:e}"
+        );
+        let (_, g2) = load(false)
+            .train_grads(&b.ids, Some(&b.mask), &b.labels)
+            .unwrap();
+        for (name, g) in &g1 {
+            let g = g.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                rel(&g, &g2[name].to_dtype(DType::F32).unwrap()),
+                0.0,
+                "{name}"
+            );
+        }
+    }
+}
