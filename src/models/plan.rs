@@ -286,9 +286,9 @@ impl MemoryPlan {
             1
         };
         let layer_graph = |lora: &[bool; 4]| -> usize {
-            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b,
-            // (half: the cast back).
-            let norm = n * c * 4 * 4 + if half { n * c * (4 + s) } else { 0 };
+            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
+            // (with its broadcast views' products), (half: the cast back).
+            let norm = n * c * 4 * 5 + if half { n * c * (4 + s) } else { 0 };
             let mut proj = 0;
             for (pi, &(o, inp)) in dims.iter().enumerate() {
                 proj += n * o * s;
@@ -300,8 +300,8 @@ impl MemoryPlan {
                 }
             }
             let (qs, ks) = (n * h * d * s, n * k * d * s);
-            // q, k, v made contiguous per head after the split.
-            let split = qs + 2 * ks;
+            // q, k, v: the reshape of a narrowed view copies, the per-head transpose copies again.
+            let split = 2 * (qs + 2 * ks);
             let rope = 4 * (qs + ks);
             let heads = qs * if k < h { 5 } else { 3 };
             let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
@@ -327,8 +327,11 @@ impl MemoryPlan {
             .map(|x| layer_graph(x) + leftovers(x))
             .max()
             .unwrap_or_else(|| layer_graph(&[false; 4]) + leftovers(&[false; 4]));
-        // GELU's backward (erf, exp and their products) holds ~4 MLP-sized temporaries at once.
         let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
+        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
+        // once beside the incoming gradient and accumulator already in `in_flight`.
+        let gelu_bwd = 6 * n * i * s;
         let threads = rayon::current_num_threads();
         let kernel_scratch = threads * 2 * TILE_BYTES
             + if half {
@@ -343,7 +346,7 @@ impl MemoryPlan {
             adapter_grads: lora_params * s,
             optimizer: lora_params * 2 * 4,
             checkpoints: (l + 3) * n * c * s,
-            recompute: graph + in_flight,
+            recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
             logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
         })
