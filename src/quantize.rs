@@ -8,7 +8,8 @@
 //!
 //! From a Hugging Face `LlamaForCausalLM`, names and metadata follow llama.cpp's
 //! `convert_hf_to_gguf.py`, including its row permutation of `q_proj` / `k_proj` (rotary pairs
-//! interleaved per head), and a byte-level BPE `tokenizer.json` becomes `tokenizer.ggml.*`.
+//! interleaved per head), and a byte-level BPE `tokenizer.json` becomes `tokenizer.ggml.*`. From a
+//! Hugging Face `FalconForCausalLM` likewise, with its fused qkv rows regrouped as llama.cpp does.
 use crate::error::{Error, Result};
 use crate::format::gguf::{self, GgufWriter, TensorPlan, Value};
 use crate::quant::{dispatch, QType};
@@ -102,6 +103,9 @@ struct Job<'a> {
     to: QType,
     /// Heads of a Q/K projection whose rows llama.cpp permutes.
     permute_heads: Option<usize>,
+    /// Falcon fused qkv (heads, KV heads, head dim): rows regrouped from per-KV-group
+    /// `[q.., k, v]` to `[all q, all k, all v]`, as llama.cpp's converter does.
+    qkv_groups: Option<(usize, usize, usize)>,
 }
 
 /// Writes `src` as a GGUF at `out`, 2-D weights in `qtype` (Q4_0, Q8_0, Q4_K, Q6_K, or F16/BF16/F32 for a
@@ -119,6 +123,7 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
             src.gguf_metadata.clone(),
             gguf_jobs(src, qtype, &mut fallbacks),
         ),
+        _ if crate::models::plan::is_falcon(src) => hf_falcon(src, qtype, &mut fallbacks)?,
         _ => hf_llama(src, qtype, &mut fallbacks)?,
     };
     set_key(&mut metadata, "general.file_type", Value::U32(ftype));
@@ -203,6 +208,7 @@ fn gguf_jobs<'a>(src: &'a WeightStore, qtype: QType, fallbacks: &mut Vec<String>
                 name: t.name.clone(),
                 to,
                 permute_heads: None,
+                qkv_groups: None,
             }
         })
         .collect()
@@ -212,18 +218,22 @@ fn gguf_jobs<'a>(src: &'a WeightStore, qtype: QType, fallbacks: &mut Vec<String>
 fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
     let m = j.src.matrix();
     // A 1-D bias is permuted as a column: one element per row.
-    let as_column = j.src.shape.len() == 1 && j.permute_heads.is_some();
+    let reorder = j.permute_heads.is_some() || j.qkv_groups.is_some();
+    let as_column = j.src.shape.len() == 1 && reorder;
     let (rows, cols) = if as_column {
         (m.cols, 1)
     } else {
         (m.rows, m.cols)
     };
     // Same type and no row permutation: the stored bytes are already what we would write.
-    if j.src.qtype == j.to && j.permute_heads.is_none() && j.src.nf4.is_none() {
+    if j.src.qtype == j.to && !reorder && j.src.nf4.is_none() {
         w.write_tensor(j.src.data.as_slice())?;
         return Ok(j.src.data.len() as u64);
     }
     let src_row = |r: usize| -> usize {
+        if let Some((h, kv, hd)) = j.qkv_groups {
+            return falcon_hf_row(r, h, kv, hd);
+        }
         match j.permute_heads {
             // Output row (h, i, pair j) <- source row (h, j, i): llama.cpp's
             // reshape(n_head, 2, half, cols).swapaxes(1, 2) of the HF layout.
@@ -258,7 +268,7 @@ fn write_tensor(w: &mut GgufWriter, j: &Job, out: &Path) -> Result<u64> {
     while r0 < rows {
         let n = step.min(rows - r0);
         let buf = &mut f[..n * cols];
-        if j.permute_heads.is_some() {
+        if reorder {
             for r in 0..n {
                 m.dequant_tile(
                     src_row(r0 + r),
@@ -476,6 +486,134 @@ fn hf_llama<'a>(
             name: gname,
             to,
             permute_heads: heads,
+            qkv_groups: None,
+        });
+    }
+    Ok((meta, jobs))
+}
+
+/// The Hugging Face row that row `r` of llama.cpp's Falcon qkv (`[all q, all k, all v]`) comes
+/// from: HF groups rows per KV head as `[q x H/KV, k, v]`.
+fn falcon_hf_row(r: usize, heads: usize, kv: usize, hd: usize) -> usize {
+    let g = heads / kv;
+    let (head, i) = (r / hd, r % hd);
+    if head < heads {
+        ((head / g) * (g + 2) + head % g) * hd + i
+    } else if head < heads + kv {
+        ((head - heads) * (g + 2) + g) * hd + i
+    } else {
+        ((head - heads - kv) * (g + 2) + g + 1) * hd + i
+    }
+}
+
+/// GGUF name of a Hugging Face Falcon tensor, as llama.cpp's tensor map names it (`ln_mlp` is its
+/// `attn_norm` and `ln_attn` its `attn_norm_2`).
+fn falcon_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "transformer.word_embeddings.weight" => Some("token_embd.weight"),
+        "transformer.ln_f.weight" => Some("output_norm.weight"),
+        "transformer.ln_f.bias" => Some("output_norm.bias"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let rest = hf.strip_prefix("transformer.h.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" | "ln_mlp" => "attn_norm",
+        "ln_attn" => "attn_norm_2",
+        "self_attention.query_key_value" => "attn_qkv",
+        "self_attention.dense" => "attn_output",
+        "mlp.dense_h_to_4h" => "ffn_up",
+        "mlp.dense_4h_to_h" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Metadata and tensor jobs for a Hugging Face `FalconForCausalLM` store, as llama.cpp's converter
+/// writes them, except `falcon.feed_forward_length`, which is the real MLP size (the converter
+/// writes 4 x hidden whatever `ffn_hidden_size` says) and the KV head count, which is the one
+/// transformers uses (1 for multi-query, where small configs save `num_kv_heads` = heads).
+fn hf_falcon<'a>(
+    src: &'a WeightStore,
+    qtype: QType,
+    fallbacks: &mut Vec<String>,
+) -> Result<(Metadata, Vec<Job<'a>>)> {
+    let dir = model_dir(src);
+    let c = crate::models::FalconConfig::from_store(src)?;
+    if !c.parallel_attn {
+        return Err(Error::Invalid(format!(
+            "{}: a Falcon with parallel_attn false has no llama.cpp graph; it cannot be written as GGUF",
+            dir.display()
+        )));
+    }
+    let cfg = src.config.as_ref().expect("from_store read config.json");
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let u32v = |v: usize| Value::U32(v as u32);
+    let mut meta = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("falcon".into()),
+        ),
+        ("general.name".to_string(), Value::String(name)),
+        ("falcon.context_length".to_string(), u32v(2048)),
+        (
+            "falcon.tensor_data_layout".to_string(),
+            Value::String("jploski".into()),
+        ),
+        ("falcon.embedding_length".to_string(), u32v(c.hidden_size)),
+        (
+            "falcon.feed_forward_length".to_string(),
+            u32v(c.ffn_hidden_size),
+        ),
+        ("falcon.block_count".to_string(), u32v(c.num_layers)),
+        ("falcon.attention.head_count".to_string(), u32v(c.num_heads)),
+        (
+            "falcon.attention.head_count_kv".to_string(),
+            u32v(c.num_kv_heads),
+        ),
+        (
+            "falcon.attention.layer_norm_epsilon".to_string(),
+            Value::F32(c.layer_norm_eps as f32),
+        ),
+    ];
+    meta.extend(bpe_tokenizer(&dir, cfg, c.vocab_size)?);
+    let mut jobs = Vec::with_capacity(src.tensors.len());
+    for t in &src.tensors {
+        let Some(gname) = falcon_name(&t.name) else {
+            return Err(Error::Invalid(format!(
+                "{}: tensor '{}' has no GGUF name in llama.cpp's Falcon mapping",
+                src.path.display(),
+                t.name
+            )));
+        };
+        let groups =
+            gname
+                .contains(".attn_qkv.")
+                .then_some((c.num_heads, c.num_kv_heads, c.head_dim));
+        if groups.is_some() && t.shape.first() != Some(&c.qkv_rows()) {
+            return Err(Error::Shape {
+                path: src.path.clone(),
+                tensor: t.name.clone(),
+                msg: format!("{:?} is not a fused qkv of {} rows", t.shape, c.qkv_rows()),
+            });
+        }
+        let (to, why) = choose_type(&gname, &t.shape, qtype);
+        fallbacks.extend(why);
+        jobs.push(Job {
+            src: t,
+            name: gname,
+            to,
+            permute_heads: None,
+            qkv_groups: groups,
         });
     }
     Ok((meta, jobs))

@@ -284,13 +284,13 @@ impl Default for LlamaOptions {
 }
 
 /// A projection: frozen, or with an adapter.
-enum Proj {
+pub(crate) enum Proj {
     Base(QLinear),
     Lora(LoraLinear),
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor, key: Option<u64>) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, key: Option<u64>) -> candle_core::Result<Tensor> {
         match self {
             Proj::Base(l) => l.forward(x),
             Proj::Lora(l) => l.forward_with(x, key),
@@ -862,7 +862,7 @@ fn gguf_row_of_hf(r: usize, rows: usize, heads: usize) -> usize {
 
 /// A decoder-layer weight ready for [`QLinear`]: the stored view, or an owned copy when its rows
 /// must be un-permuted (GGUF Q/K) or it is quantised at load (float types only, with `quant`).
-fn load_linear(
+pub(crate) fn load_linear(
     store: &WeightStore,
     t: &StoredTensor,
     permute_heads: Option<usize>,

@@ -1,6 +1,293 @@
 //! Model architectures over the weight store: their configs, forward passes and LoRA training.
+//!
+//! Every architecture shares the store, the quantised kernels ([`QLinear`]), LoRA, the chunked
+//! cross-entropy and the checkpointed training step; an architecture supplies only its blocks, by
+//! implementing [`Decoder`] (embedding, per-call constants, one decoder layer, final norm, head,
+//! adapter names). [`CausalLm`] is what the trainer sees. Llama predates [`Decoder`] and keeps its
+//! own (identical) step; Falcon and any later architecture get theirs from this module.
+pub mod falcon;
 pub mod llama;
 pub mod plan;
 
+pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
+
+use crate::lora::QLinear;
+use crate::{nn, Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
+use std::collections::HashMap;
+
+/// A causal language model with LoRA adapters, as the trainer drives it.
+pub trait CausalLm {
+    /// Logits `(B, T, V)` f32 for `ids (B, T)` with optional padding `mask (B, T)` (eval mode).
+    fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>;
+    /// Mean cross-entropy (transformers' shifted causal-LM loss, -100 ignored), eval mode.
+    fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor>;
+    /// One training step's loss and every LoRA gradient by PEFT name (dropout on).
+    fn train_grads(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<(f32, HashMap<String, Tensor>)>;
+    /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
+    fn lora_params(&self) -> Vec<(String, Var)>;
+}
+
+impl CausalLm for Llama {
+    fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        Llama::forward(self, ids, mask)
+    }
+    fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
+        Llama::loss(self, ids, mask, labels)
+    }
+    fn train_grads(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<(f32, HashMap<String, Tensor>)> {
+        Llama::train_grads(self, ids, mask, labels)
+    }
+    fn lora_params(&self) -> Vec<(String, Var)> {
+        Llama::lora_params(self)
+    }
+}
+
+/// The blocks of a decoder-only architecture; [`CausalLm`] follows from them through
+/// [`forward`], [`loss`] and [`train_grads`] in this module.
+pub trait Decoder {
+    /// Per-call constants shared by all layers (rotary tables, attention bias).
+    type Ctx;
+    /// Decoder layers.
+    fn num_layers(&self) -> usize;
+    /// Hidden size C.
+    fn hidden_size(&self) -> usize;
+    /// Vocabulary size V.
+    fn vocab_size(&self) -> usize;
+    /// Rows per cross-entropy chunk.
+    fn ce_chunk(&self) -> usize;
+    /// Gradient checkpointing per layer in training.
+    fn checkpoint(&self) -> bool;
+    /// Token embeddings `(B, T, C)` in the compute dtype for `ids` (B*T ids, checked against V).
+    fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor>;
+    /// The per-call constants for a `(B, T)` batch with optional padding mask.
+    fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Self::Ctx>;
+    /// Decoder layer `li`: `x (B, T, C) -> (B, T, C)`; `key` is the dropout key base (None: eval).
+    fn layer(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Self::Ctx,
+        key: Option<u64>,
+    ) -> candle_core::Result<Tensor>;
+    /// The final norm `(.., C) -> (.., C)`.
+    fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// The output projection C -> V.
+    fn lm_head(&self) -> &QLinear;
+    /// Every LoRA tensor with its PEFT name (of layer `layer` only, when given).
+    fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)>;
+    /// The key base of the next training step (dropout masks are replayed from it).
+    fn next_step_key(&self) -> u64;
+}
+
+fn cerr(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+    move |e| Error::Invalid(format!("{what}: {e}"))
+}
+
+fn check_batch(ids: &Tensor) -> Result<(usize, usize, Vec<u32>)> {
+    let (b, t) = ids
+        .dims2()
+        .map_err(|_| Error::Invalid(format!("input ids must be (B, T), got {:?}", ids.dims())))?;
+    let v = ids
+        .to_dtype(DType::U32)
+        .and_then(|x| x.flatten_all()?.to_vec1::<u32>())
+        .map_err(cerr("input ids"))?;
+    Ok((b, t, v))
+}
+
+/// Shifted targets: row `b*T + t` predicts `labels[b, t+1]`; -100 where ignored or past the end.
+fn targets(labels: &Tensor, b: usize, t: usize) -> Result<Vec<i64>> {
+    if labels.dims() != [b, t] {
+        return Err(Error::Invalid(format!(
+            "labels have shape {:?}, expected ({b}, {t}) like the input ids",
+            labels.dims()
+        )));
+    }
+    let l = labels
+        .to_dtype(DType::I64)
+        .and_then(|x| x.flatten_all()?.to_vec1::<i64>())
+        .map_err(cerr("labels"))?;
+    Ok((0..b * t)
+        .map(|n| if n % t + 1 < t { l[n + 1] } else { -100 })
+        .collect())
+}
+
+/// Final hidden states `(B, T, C)` before the last norm, with the graph.
+fn hidden<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    key: Option<u64>,
+) -> Result<Tensor> {
+    let (b, t, v) = check_batch(ids)?;
+    let ctx = m.ctx(b, t, mask)?;
+    let mut x = m.embed(&v, b, t)?;
+    for li in 0..m.num_layers() {
+        x = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
+    }
+    Ok(x)
+}
+
+/// [`CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
+pub fn forward<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let x = hidden(m, ids, mask, None)?;
+    m.final_norm(&x)
+        .and_then(|x| m.lm_head().forward(&x))
+        .and_then(|l| l.to_dtype(DType::F32))
+        .map_err(cerr("lm_head"))
+}
+
+fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Result<Tensor> {
+    let x = x
+        .reshape((b * t, m.hidden_size()))
+        .and_then(|x| m.final_norm(&x))
+        .map_err(cerr("final norm"))?;
+    let (sum, n) =
+        nn::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))?;
+    if n == 0 {
+        return Err(Error::Invalid(
+            "no target tokens: every label is -100".into(),
+        ));
+    }
+    (sum / n as f64).map_err(cerr("loss"))
+}
+
+/// [`CausalLm::loss`] of a [`Decoder`]: mean shifted cross-entropy, eval mode, with the graph.
+pub fn loss<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<Tensor> {
+    let (b, t, _) = check_batch(ids)?;
+    let tg = targets(labels, b, t)?;
+    let x = hidden(m, ids, mask, None)?;
+    loss_of(m, &x, &tg, b, t)
+}
+
+fn collect<M: Decoder>(
+    m: &M,
+    grads: &GradStore,
+    layer: Option<usize>,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    for (name, var) in m.lora_vars(layer) {
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.zeros_like().map_err(cerr("grads"))?,
+        };
+        out.insert(name, g);
+    }
+    Ok(())
+}
+
+/// [`CausalLm::train_grads`] of a [`Decoder`]: with checkpointing, only each layer's input is kept
+/// through the forward; the backward recomputes one layer at a time (same dropout masks) and the
+/// logits are made and freed chunk by chunk.
+pub fn train_grads<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<(f32, HashMap<String, Tensor>)> {
+    let key = Some(m.next_step_key());
+    let (b, t, v) = check_batch(ids)?;
+    let tg = targets(labels, b, t)?;
+    if !m.checkpoint() {
+        let x = hidden(m, ids, mask, key)?;
+        let loss = loss_of(m, &x, &tg, b, t)?;
+        let grads = loss.backward().map_err(cerr("backward"))?;
+        let mut out = HashMap::new();
+        collect(m, &grads, None, &mut out)?;
+        let l = loss.to_scalar::<f32>().map_err(cerr("loss"))?;
+        return Ok((l, out));
+    }
+    let c = m.hidden_size();
+    let kept: Vec<(u32, u32)> = tg
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l >= 0)
+        .map(|(i, &l)| {
+            if l as usize >= m.vocab_size() {
+                Err(Error::Invalid(format!(
+                    "label {l} is outside the vocabulary of {}",
+                    m.vocab_size()
+                )))
+            } else {
+                Ok((i as u32, l as u32))
+            }
+        })
+        .collect::<Result<_>>()?;
+    if kept.is_empty() {
+        return Err(Error::Invalid(
+            "no target tokens: every label is -100".into(),
+        ));
+    }
+    let n_tok = kept.len() as f64;
+    let ctx = m.ctx(b, t, mask)?;
+    // Forward without keeping any graph: only each layer's input survives (detached).
+    let mut saved = Vec::with_capacity(m.num_layers());
+    let mut x = m.embed(&v, b, t)?;
+    for li in 0..m.num_layers() {
+        let y = m
+            .layer(li, &x, &ctx, key)
+            .map_err(cerr("forward"))?
+            .detach();
+        saved.push(x);
+        x = y;
+    }
+    // Head, chunk by chunk: each chunk's logits live only until its own backward.
+    let (loss, mut g) = (|| -> candle_core::Result<(f32, Tensor)> {
+        let xl = Var::from_tensor(&x.reshape((b * t, c))?)?;
+        let mut g = xl.zeros_like()?.detach();
+        let mut loss = 0f32;
+        for part in kept.chunks(m.ce_chunk().max(1)) {
+            let (rows, lab): (Vec<u32>, Vec<u32>) = part.iter().copied().unzip();
+            let rows = Tensor::from_vec(rows, part.len(), &Device::Cpu)?;
+            let h = xl.as_tensor().index_select(&rows, 0)?;
+            let h = m.final_norm(&h)?;
+            let l = (nn::nll_sum(&h, m.lm_head(), &lab)? / n_tok)?;
+            loss += l.to_scalar::<f32>()?;
+            let gs = l.backward()?;
+            if let Some(gx) = gs.get(xl.as_tensor()) {
+                g = (g + gx.detach())?;
+            }
+        }
+        Ok((loss, g.reshape((b, t, c))?))
+    })()
+    .map_err(cerr("head"))?;
+    drop(x);
+    let mut out = HashMap::new();
+    // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
+    for li in (0..m.num_layers()).rev() {
+        let xin = saved.pop().expect("one saved input per layer");
+        let (gs, xv) = (|| -> candle_core::Result<_> {
+            let xv = Var::from_tensor(&xin)?;
+            let y = m.layer(li, xv.as_tensor(), &ctx, key)?;
+            let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
+            Ok((s.backward()?, xv))
+        })()
+        .map_err(cerr("recompute"))?;
+        collect(m, &gs, Some(li), &mut out)?;
+        if li > 0 {
+            g = match gs.get(xv.as_tensor()) {
+                Some(gx) => gx.detach(),
+                None => xin.zeros_like().map_err(cerr("grads"))?,
+            };
+        }
+    }
+    Ok((loss, out))
+}

@@ -187,6 +187,173 @@ impl MemoryPlan {
     }
 }
 
+/// True when `store` holds a Falcon (config `model_type` falcon/RefinedWeb*, or GGUF `falcon`).
+pub fn is_falcon(store: &WeightStore) -> bool {
+    match store.format {
+        SourceFormat::Gguf => {
+            crate::format::gguf::find(&store.gguf_metadata, "general.architecture")
+                .and_then(crate::format::gguf::Value::as_str)
+                == Some("falcon")
+        }
+        _ => store
+            .config
+            .as_ref()
+            .and_then(|c| c.get("model_type"))
+            .and_then(|v| v.as_str())
+            .is_some_and(|t| matches!(t, "falcon" | "RefinedWeb" | "RefinedWebModel")),
+    }
+}
+
+impl MemoryPlan {
+    /// The plan for the model in `store`, Llama or Falcon by its config / GGUF architecture.
+    pub fn for_store(
+        store: &WeightStore,
+        opts: &LlamaOptions,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        if is_falcon(store) {
+            Self::falcon(store, opts, batch, seq)
+        } else {
+            Self::new(store, opts, batch, seq)
+        }
+    }
+
+    /// The plan for a step of the Falcon in `store` (same parts as [`MemoryPlan::new`]). The
+    /// shared terms (weights, adapters, optimizer, checkpoints, kernel scratch, logits chunk) are
+    /// those of Llama; the recompute graph counts `Falcon`'s layer: two LayerNorms (or one shared),
+    /// the fused qkv and its per-head copies, rotary, attention, the GELU MLP and the residual sum.
+    /// Counted from the code, not yet calibrated on a measured peak as the Llama plan is.
+    pub fn falcon(
+        store: &WeightStore,
+        opts: &LlamaOptions,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        use super::falcon::{FalconConfig, PROJECTIONS as FP};
+        let cfg = FalconConfig::from_store(store)?;
+        let gguf = store.format == SourceFormat::Gguf;
+        let is_linear = |name: &str| {
+            if gguf {
+                name.starts_with("blk.") && name.ends_with(".weight") && !name.contains("_norm")
+            } else {
+                name.starts_with("transformer.h.")
+                    && name.ends_with(".weight")
+                    && FP.iter().any(|p| name.contains(p.0))
+            }
+        };
+        let mut weights = 0;
+        for t in &store.tensors {
+            let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
+            weights += match opts.quant {
+                Some(q) if is_linear(&t.name) && float => quantised_bytes(q, t.numel()),
+                _ => t.nbytes(),
+            };
+        }
+        let s = opts.dtype.size_in_bytes();
+        let (l, c, i) = (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size);
+        let (h, k, d, v) = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+        );
+        let (n, b, t) = (batch * seq, batch, seq);
+        let half = s < 4;
+        // (out, in) per linear, falcon::PROJECTIONS order.
+        let dims = [(cfg.qkv_rows(), c), (c, h * d), (i, c), (c, i)];
+        let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 4]; l]);
+        if let Some(spec) = &opts.lora {
+            let all = spec.targets.iter().any(|x| x == "all-linear");
+            for (li, row) in per_layer_lora.iter_mut().enumerate() {
+                if spec.layers.as_ref().is_some_and(|r| !r.contains(&li)) {
+                    continue;
+                }
+                for (pi, (name, _, _)) in FP.iter().enumerate() {
+                    if all || spec.targets.iter().any(|x| x == name) {
+                        row[pi] = true;
+                        lora_params += spec.r * (dims[pi].0 + dims[pi].1);
+                    }
+                }
+            }
+        }
+        let (r, dropout) = opts
+            .lora
+            .as_ref()
+            .map_or((0, false), |x| (x.r, x.dropout > 0.0));
+        let norms = if cfg.two_norms || !cfg.parallel_attn {
+            2
+        } else {
+            1
+        };
+        let layer_graph = |lora: &[bool; 4]| -> usize {
+            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
+            // (with its broadcast views' products), (half: the cast back).
+            let norm = n * c * 4 * 5 + if half { n * c * (4 + s) } else { 0 };
+            let mut proj = 0;
+            for (pi, &(o, inp)) in dims.iter().enumerate() {
+                proj += n * o * s;
+                if lora[pi] {
+                    proj += 2 * n * r * s + 2 * n * o * s;
+                    if dropout {
+                        proj += 2 * n * inp * s;
+                    }
+                }
+            }
+            let (qs, ks) = (n * h * d * s, n * k * d * s);
+            // q, k, v: the reshape of a narrowed view copies, the per-head transpose copies again.
+            let split = 2 * (qs + 2 * ks);
+            let rope = 4 * (qs + ks);
+            let heads = qs * if k < h { 5 } else { 3 };
+            let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
+            // GELU output; attention + MLP sum and the residual sum.
+            let mlp = n * i * s + 2 * n * c * s;
+            let surrogate = n * c * 4 * if half { 3 } else { 1 };
+            norms * norm + proj + split + rope + heads + scores + mlp + surrogate
+        };
+        let leftovers = |lora: &[bool; 4]| -> usize {
+            let masks: usize = if dropout {
+                dims.iter()
+                    .zip(lora)
+                    .filter(|(_, &on)| on)
+                    .map(|(&(_, inp), _)| 3 * n * inp * s)
+                    .sum()
+            } else {
+                0
+            };
+            masks + 3 * n * c * s
+        };
+        let graph = per_layer_lora
+            .iter()
+            .map(|x| layer_graph(x) + leftovers(x))
+            .max()
+            .unwrap_or_else(|| layer_graph(&[false; 4]) + leftovers(&[false; 4]));
+        let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
+        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
+        // once beside the incoming gradient and accumulator already in `in_flight`.
+        let gelu_bwd = 6 * n * i * s;
+        let threads = rayon::current_num_threads();
+        let kernel_scratch = threads * 2 * TILE_BYTES
+            + if half {
+                n * (c.max(i).max(cfg.qkv_rows()) + c.max(i)) * 4
+            } else {
+                0
+            };
+        let rows = opts.ce_chunk.max(1).min(n);
+        Ok(MemoryPlan {
+            weights,
+            adapters: lora_params * s,
+            adapter_grads: lora_params * s,
+            optimizer: lora_params * 2 * 4,
+            checkpoints: (l + 3) * n * c * s,
+            recompute: graph + in_flight + gelu_bwd,
+            kernel_scratch,
+            logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+        })
+    }
+}
+
 /// Bytes `numel` weights take once quantised to `q` at load.
 fn quantised_bytes(q: QType, numel: usize) -> usize {
     if q == QType::NF4 {

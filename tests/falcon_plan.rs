@@ -1,0 +1,38 @@
+//! Falcon's memory plan agrees with what `Falcon::load` actually holds: stored weight bytes, and the
+//! number of LoRA parameters for each target set (Llama's plan would refuse a Falcon config).
+use qtune::models::{Falcon, FalconOptions, LoraSpec, MemoryPlan};
+use qtune::store::WeightStore;
+use std::path::Path;
+
+#[test]
+fn plan_matches_the_loaded_model() {
+    for kind in ["mq", "gqa", "seq"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/falcon")
+            .join(kind);
+        let store = WeightStore::open(&dir.join("model")).unwrap();
+        for targets in [vec!["all-linear"], vec!["query_key_value", "dense_4h_to_h"]] {
+            let opts = FalconOptions {
+                lora: Some(LoraSpec {
+                    targets: targets.iter().map(|s| s.to_string()).collect(),
+                    r: 4,
+                    alpha: 8.0,
+                    ..LoraSpec::default()
+                }),
+                ..FalconOptions::default()
+            };
+            let plan = MemoryPlan::for_store(&store, &opts, 2, 12).unwrap();
+            assert_eq!(plan, MemoryPlan::falcon(&store, &opts, 2, 12).unwrap());
+            let stored: usize = store.tensors.iter().map(|t| t.nbytes()).sum();
+            assert_eq!(
+                plan.weights, stored,
+                "{kind}: unquantised weights are the file's"
+            );
+            let m = Falcon::load(&store, opts).unwrap();
+            let params: usize = m.lora_params().iter().map(|(_, v)| v.elem_count()).sum();
+            assert_eq!(plan.adapters, params * 4, "{kind} {targets:?}: LoRA bytes");
+            assert_eq!(plan.optimizer, params * 8);
+            assert!(plan.recompute > 0 && plan.total() > plan.weights);
+        }
+    }
+}
