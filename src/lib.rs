@@ -5,9 +5,11 @@
 //! quantised linear and its adapters) -> `nn` (building blocks with backward) -> `models` ->
 //! `train` (optimizer, schedules).
 pub mod error;
+pub mod export;
 pub mod format;
 pub mod inspect;
 pub mod lora;
+pub mod merge;
 pub mod models;
 pub mod nn;
 pub mod quant;

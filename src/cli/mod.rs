@@ -1,0 +1,3 @@
+//! Subcommands that live in their own files: each has a clap `Args` and a `run`.
+pub mod export;
+pub mod merge;
