@@ -7,6 +7,7 @@
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod generate;
 pub mod inspect;
 pub mod lora;
 pub mod merge;

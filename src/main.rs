@@ -44,6 +44,8 @@ enum Cmd {
     Export(cli::export::Args),
     /// Merge an adapter into its base model.
     Merge(cli::merge::Args),
+    /// Generate text with the base and an unmerged adapter (KV cache, streaming).
+    Generate(cli::generate::Args),
 }
 
 fn main() {
@@ -58,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Export(a) => cli::export::run(a)?,
         Cmd::Merge(a) => cli::merge::run(a)?,
+        Cmd::Generate(a) => cli::generate::run(a)?,
         Cmd::Inspect { path, verify } => {
             let store = WeightStore::open(&path)?;
             print!("{}", qtune::inspect::inspect(&store));
