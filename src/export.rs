@@ -54,7 +54,11 @@ impl AdapterModule {
     /// `delta (out, in) = scale · B · A` in f32, Hugging Face row order.
     pub fn delta(&self, scale: f32) -> Vec<f32> {
         use rayon::prelude::*;
-        let (n, k, r) = (self.out_features, self.in_features, self.a.len() / self.in_features);
+        let (n, k, r) = (
+            self.out_features,
+            self.in_features,
+            self.a.len() / self.in_features,
+        );
         let mut d = vec![0f32; n * k];
         // One output row at a time: row o = sum_j B[o, j] * A[j, :], a rank-r axpy chain.
         d.par_chunks_mut(k).enumerate().for_each(|(o, row)| {
@@ -412,13 +416,22 @@ impl Adapter {
             let m = self.modules.iter().find(|m| m.module_path() == module);
             let dims = var.dims().to_vec();
             let t = match (m, part) {
-                (Some(m), LoraPart::A) => Tensor::from_slice(&m.a, (m.a.len() / m.in_features, m.in_features), &Device::Cpu),
-                (Some(m), LoraPart::B) => Tensor::from_slice(&m.b, (m.out_features, m.b.len() / m.out_features), &Device::Cpu),
+                (Some(m), LoraPart::A) => Tensor::from_slice(
+                    &m.a,
+                    (m.a.len() / m.in_features, m.in_features),
+                    &Device::Cpu,
+                ),
+                (Some(m), LoraPart::B) => Tensor::from_slice(
+                    &m.b,
+                    (m.out_features, m.b.len() / m.out_features),
+                    &Device::Cpu,
+                ),
                 (None, LoraPart::A) => continue,
                 (None, LoraPart::B) => Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu),
             }
             .map_err(cerr)?;
-            var.set(&t.to_dtype(var.dtype()).map_err(cerr)?).map_err(cerr)?;
+            var.set(&t.to_dtype(var.dtype()).map_err(cerr)?)
+                .map_err(cerr)?;
         }
         Ok(())
     }
@@ -465,7 +478,13 @@ pub fn encode_float(dtype: QType, v: &[f32]) -> Result<Vec<u8>> {
 /// Writes `adapter` as llama.cpp's GGUF LoRA at `out` (via `<out>.tmp`), factors in `dtype`
 /// (F32, F16 or BF16). `arch` is the base's `general.architecture`. rsLoRA is folded into alpha
 /// (llama.cpp scales by alpha/r).
-pub fn write_gguf_lora(adapter: &Adapter, cfg: &LlamaConfig, arch: &str, dtype: QType, out: &Path) -> Result<()> {
+pub fn write_gguf_lora(
+    adapter: &Adapter,
+    cfg: &LlamaConfig,
+    arch: &str,
+    dtype: QType,
+    out: &Path,
+) -> Result<()> {
     if !matches!(dtype, QType::F32 | QType::F16 | QType::BF16) {
         return Err(Error::Invalid(format!(
             "--dtype {}: a GGUF LoRA is written as f32, f16 or bf16",
@@ -480,9 +499,15 @@ pub fn write_gguf_lora(adapter: &Adapter, cfg: &LlamaConfig, arch: &str, dtype: 
     }
     let alpha = adapter.scale * adapter.r as f64;
     let meta = vec![
-        ("general.architecture".to_string(), Value::String(arch.into())),
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
         ("general.type".to_string(), Value::String("adapter".into())),
-        ("general.name".to_string(), Value::String("qtune LoRA".into())),
+        (
+            "general.name".to_string(),
+            Value::String("qtune LoRA".into()),
+        ),
         ("adapter.type".to_string(), Value::String("lora".into())),
         ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
     ];

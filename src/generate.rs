@@ -152,7 +152,13 @@ impl Generator {
                     c.vocab_size
                 )));
             }
-            m.dequant_tile(id as usize, 1, 0, c.hidden_size, &mut xs[n * c.hidden_size..(n + 1) * c.hidden_size]);
+            m.dequant_tile(
+                id as usize,
+                1,
+                0,
+                c.hidden_size,
+                &mut xs[n * c.hidden_size..(n + 1) * c.hidden_size],
+            );
         }
         if cache.kv.len() != c.num_layers {
             cache.kv = vec![None; c.num_layers];
@@ -166,10 +172,13 @@ impl Generator {
             // mask: (T, S) additive, query i (position pos+i) sees keys 0..=pos+i
             let s = pos + t;
             let mask: Vec<f32> = (0..t)
-                .flat_map(|i| (0..s).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
+                .flat_map(|i| {
+                    (0..s).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY })
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (t, s), &dev)?;
-            let heads = |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
+            let heads =
+                |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
             for li in 0..c.num_layers {
                 let xn = nn::rms_norm(&x, &self.attn_norm[li], c.rms_norm_eps)?;
                 let q = nn::rope(&heads(self.proj(li, 0, &xn)?, h)?, &cos, &sin)?;
@@ -196,7 +205,11 @@ impl Generator {
                 let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
                 // a: (1, H, T, D) -> (1, T, H*D)
-                let a = att.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((1, t, h * hd))?;
+                let a = att
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((1, t, h * hd))?;
                 x = (x + self.proj(li, 3, &a)?)?;
                 let xn = nn::rms_norm(&x, &self.mlp_norm[li], c.rms_norm_eps)?;
                 let g = nn::silu(&self.proj(li, 4, &xn)?)?;
@@ -204,7 +217,11 @@ impl Generator {
                 x = (x + self.proj(li, 6, &(g * u)?)?)?;
             }
             let x = nn::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-            self.model.lm_head().forward(&x)?.squeeze(0)?.to_dtype(DType::F32)
+            self.model
+                .lm_head()
+                .forward(&x)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)
         };
         let out = run().map_err(cerr("forward"))?;
         cache.len += t;
@@ -256,7 +273,13 @@ fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
         logits
             .iter()
             .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                if v > b.1 {
+                    (i, v)
+                } else {
+                    b
+                }
+            })
             .0 as u32
     };
     if s.temperature <= 0.0 {

@@ -37,7 +37,13 @@ fn module_for<'a>(adapter: &'a Adapter, name: &str, gguf: bool) -> Option<&'a Ad
 
 /// The merged f32 weight `(out, in)` of `t`: dequantised, plus the delta (rows permuted into
 /// llama.cpp's order for a GGUF base's q/k).
-fn merged_f32(t: &StoredTensor, m: &AdapterModule, scale: f32, cfg: &LlamaConfig, gguf: bool) -> Vec<f32> {
+fn merged_f32(
+    t: &StoredTensor,
+    m: &AdapterModule,
+    scale: f32,
+    cfg: &LlamaConfig,
+    gguf: bool,
+) -> Vec<f32> {
     let mx = t.matrix();
     let mut w = vec![0f32; mx.rows * mx.cols];
     mx.dequant_tile(0, mx.rows, 0, mx.cols, &mut w);
@@ -55,7 +61,10 @@ fn merged_f32(t: &StoredTensor, m: &AdapterModule, scale: f32, cfg: &LlamaConfig
             for g in 0..m.out_features {
                 let (hh, rem) = (g / hd, g % hd);
                 let hf = hh * hd + (rem % 2) * half + rem / 2;
-                for (x, y) in w[g * k..(g + 1) * k].iter_mut().zip(&d[hf * k..(hf + 1) * k]) {
+                for (x, y) in w[g * k..(g + 1) * k]
+                    .iter_mut()
+                    .zip(&d[hf * k..(hf + 1) * k])
+                {
                     *x += y;
                 }
             }
@@ -90,7 +99,13 @@ fn encode(qtype: QType, v: &[f32], cols: usize) -> Result<Vec<u8>> {
 /// Merges `adapter` into `base` and writes `out`: a GGUF if it ends in `.gguf`, else a safetensors
 /// directory. `qtype`: the merged projections' type (GGUF: default their stored type; a directory:
 /// f32/f16/bf16 for every tensor, default f32, or nf4 for a bitsandbytes directory).
-pub fn merge(base: &WeightStore, cfg: &LlamaConfig, adapter: &Adapter, out: &Path, qtype: Option<QType>) -> Result<MergeReport> {
+pub fn merge(
+    base: &WeightStore,
+    cfg: &LlamaConfig,
+    adapter: &Adapter,
+    out: &Path,
+    qtype: Option<QType>,
+) -> Result<MergeReport> {
     let to_gguf = out.extension().and_then(|e| e.to_str()) == Some("gguf");
     match (base.format, to_gguf) {
         (SourceFormat::Gguf, true) => merge_gguf(base, cfg, adapter, out, qtype),
@@ -148,14 +163,25 @@ fn via_f32_dir(
 fn dir_or_file_bytes(p: &Path) -> u64 {
     if p.is_dir() {
         std::fs::read_dir(p)
-            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     } else {
         std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
     }
 }
 
-fn merge_gguf(base: &WeightStore, cfg: &LlamaConfig, adapter: &Adapter, out: &Path, qtype: Option<QType>) -> Result<MergeReport> {
+fn merge_gguf(
+    base: &WeightStore,
+    cfg: &LlamaConfig,
+    adapter: &Adapter,
+    out: &Path,
+    qtype: Option<QType>,
+) -> Result<MergeReport> {
     if let Some(q) = qtype {
         if crate::quantize::llama_ftype(q).is_none() {
             return Err(Error::Invalid(format!(
@@ -222,18 +248,22 @@ fn check_all_merged(adapter: &Adapter, merged: usize) -> Result<()> {
 }
 
 /// A Hugging Face base to a safetensors directory, every tensor as `dtype` (F32/F16/BF16).
-fn merge_hf_dir(base: &WeightStore, cfg: &LlamaConfig, adapter: &Adapter, out: &Path, dtype: QType) -> Result<MergeReport> {
+fn merge_hf_dir(
+    base: &WeightStore,
+    cfg: &LlamaConfig,
+    adapter: &Adapter,
+    out: &Path,
+    dtype: QType,
+) -> Result<MergeReport> {
     let st_dtype = match dtype {
         QType::F32 => "F32",
         QType::F16 => "F16",
         QType::BF16 => "BF16",
-        q => {
-            return Err(Error::Invalid(format!(
-                "--type {}: a safetensors directory is f32, f16, bf16 or nf4; give a .gguf path for {}",
-                q.name(),
-                q.name()
-            )))
-        }
+        q => return Err(Error::Invalid(format!(
+            "--type {}: a safetensors directory is f32, f16, bf16 or nf4; give a .gguf path for {}",
+            q.name(),
+            q.name()
+        ))),
     };
     // Before anything is written: every adapted module exists in the base.
     let found = base
@@ -290,14 +320,19 @@ fn merge_hf_dir(base: &WeightStore, cfg: &LlamaConfig, adapter: &Adapter, out: &
         };
         f.write_all(&encode_float(dtype, &v)?).map_err(io)?;
     }
-    let f = f.into_inner().map_err(|e| Error::io(&file, e.into_error()))?;
+    let f = f
+        .into_inner()
+        .map_err(|e| Error::io(&file, e.into_error()))?;
     f.sync_all().map_err(io)?;
     drop(f);
     // Config and tokenizer travel with the weights.
     let src_dir = if base.path.is_dir() {
         base.path.clone()
     } else {
-        base.path.parent().map(Path::to_path_buf).unwrap_or_default()
+        base.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     };
     if let Ok(rd) = std::fs::read_dir(&src_dir) {
         for e in rd.flatten() {
@@ -314,7 +349,12 @@ fn merge_hf_dir(base: &WeightStore, cfg: &LlamaConfig, adapter: &Adapter, out: &
         if let Ok(text) = std::fs::read_to_string(&cp) {
             if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
                 v["torch_dtype"] = serde_json::Value::String(
-                    if dtype == QType::F16 { "float16" } else { "bfloat16" }.into(),
+                    if dtype == QType::F16 {
+                        "float16"
+                    } else {
+                        "bfloat16"
+                    }
+                    .into(),
                 );
                 let s = serde_json::to_string_pretty(&v).unwrap_or(text);
                 std::fs::write(&cp, s).map_err(|e| Error::io(&cp, e))?;

@@ -34,7 +34,11 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     (d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)) as f64
 }
 
@@ -61,7 +65,12 @@ fn gguf_lora_equals_llama_cpp_converter() {
     write_gguf_lora(&ad, &cfg, "llama", QType::F32, &ours).unwrap();
     let a = gguf::load(&ours).unwrap();
     let b = gguf::load(&fx().join("export/llamacpp-lora-f32.gguf")).unwrap();
-    for key in ["general.type", "adapter.type", "adapter.lora.alpha", "general.architecture"] {
+    for key in [
+        "general.type",
+        "adapter.type",
+        "adapter.lora.alpha",
+        "general.architecture",
+    ] {
         assert_eq!(
             gguf::find(&a.gguf_metadata, key),
             gguf::find(&b.gguf_metadata, key),
@@ -70,7 +79,9 @@ fn gguf_lora_equals_llama_cpp_converter() {
     }
     assert_eq!(a.tensors.len(), b.tensors.len());
     for t in &b.tensors {
-        let o = a.get(&t.name).unwrap_or_else(|| panic!("{} missing", t.name));
+        let o = a
+            .get(&t.name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
         assert_eq!((o.qtype, &o.shape), (t.qtype, &t.shape), "{}", t.name);
         // Same f32 values bit for bit: q/k B rows permuted exactly as llama.cpp's converter does.
         assert!(o.data.as_slice() == t.data.as_slice(), "{} differs", t.name);

@@ -27,7 +27,11 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     (d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)) as f64
 }
 
@@ -49,7 +53,10 @@ fn kv_cache_logits_equal_full_forward() {
     .unwrap();
     ad.apply(&m).unwrap();
     let full = m
-        .forward(&Tensor::from_vec(toks.clone(), (1, n), &Device::Cpu).unwrap(), None)
+        .forward(
+            &Tensor::from_vec(toks.clone(), (1, n), &Device::Cpu).unwrap(),
+            None,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap();
@@ -101,7 +108,10 @@ fn greedy_matches_transformers_peft_generate() {
     let base = dir.path().join("base.gguf");
     qtune::quantize::quantize_to_gguf(&hf, QType::F32, &base).unwrap();
     let g = WeightStore::open(&base).unwrap();
-    assert_eq!(greedy(&g, &fx().join("export/llamacpp-lora-f32.gguf")), want);
+    assert_eq!(
+        greedy(&g, &fx().join("export/llamacpp-lora-f32.gguf")),
+        want
+    );
 }
 
 #[test]

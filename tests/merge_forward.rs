@@ -26,7 +26,11 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     (d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)) as f64
 }
 
@@ -132,17 +136,26 @@ fn bad_adapters_are_named_errors_and_write_nothing() {
     let hf = WeightStore::open(&fx().join("llama/model")).unwrap();
     let cfg = LlamaConfig::from_store(&hf).unwrap();
     let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
-        ("'r' is missing", Box::new(|v| {
-            v.as_object_mut().unwrap().remove("r");
-        })),
-        ("'lora_alpha' is missing", Box::new(|v| {
-            v.as_object_mut().unwrap().remove("lora_alpha");
-        })),
-        ("target module 'lm_head'", Box::new(|v| {
-            let mut t = v["target_modules"].as_array().unwrap().clone();
-            t.push("lm_head".into());
-            v["target_modules"] = serde_json::Value::Array(t);
-        })),
+        (
+            "'r' is missing",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("r");
+            }),
+        ),
+        (
+            "'lora_alpha' is missing",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("lora_alpha");
+            }),
+        ),
+        (
+            "target module 'lm_head'",
+            Box::new(|v| {
+                let mut t = v["target_modules"].as_array().unwrap().clone();
+                t.push("lm_head".into());
+                v["target_modules"] = serde_json::Value::Array(t);
+            }),
+        ),
     ];
     for (want, f) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -161,9 +174,18 @@ fn bad_adapters_are_named_errors_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.gguf");
     let meta = vec![
-        ("general.architecture".to_string(), qtune::format::gguf::Value::String("falcon".into())),
-        ("general.type".to_string(), qtune::format::gguf::Value::String("adapter".into())),
-        ("adapter.type".to_string(), qtune::format::gguf::Value::String("lora".into())),
+        (
+            "general.architecture".to_string(),
+            qtune::format::gguf::Value::String("falcon".into()),
+        ),
+        (
+            "general.type".to_string(),
+            qtune::format::gguf::Value::String("adapter".into()),
+        ),
+        (
+            "adapter.type".to_string(),
+            qtune::format::gguf::Value::String("lora".into()),
+        ),
     ];
     let w = qtune::format::gguf::GgufWriter::create(&p, &meta, vec![]).unwrap();
     w.finish().unwrap();

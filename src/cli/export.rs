@@ -34,8 +34,13 @@ pub fn run(a: Args) -> Result<()> {
     };
     let store = WeightStore::open(&a.model)?;
     let cfg = LlamaConfig::from_store(&store)?;
-    let adapter = Adapter::load(&a.adapter, &cfg)
-        .with_context(|| format!("reading adapter {} for base {}", a.adapter.display(), a.model.display()))?;
+    let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
+        format!(
+            "reading adapter {} for base {}",
+            a.adapter.display(),
+            a.model.display()
+        )
+    })?;
     match a.format.as_str() {
         "gguf-lora" => write_gguf_lora(&adapter, &cfg, &base_architecture(&store), dtype, &a.out)?,
         "peft" => write_peft(&adapter, dtype, &a.out)?,

@@ -96,7 +96,11 @@ fn eos_ids(store: &WeightStore) -> Vec<u32> {
     let dir = if store.path.is_dir() {
         store.path.clone()
     } else {
-        store.path.parent().map(Path::to_path_buf).unwrap_or_default()
+        store
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     };
     for f in ["generation_config.json", "config.json"] {
         let Ok(text) = std::fs::read_to_string(dir.join(f)) else {
@@ -106,9 +110,15 @@ fn eos_ids(store: &WeightStore) -> Vec<u32> {
             continue;
         };
         match &v["eos_token_id"] {
-            serde_json::Value::Number(n) => return n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            serde_json::Value::Number(n) => {
+                return n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+            }
             serde_json::Value::Array(a) => {
-                return a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+                return a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
             }
             _ => {}
         }
@@ -121,7 +131,9 @@ pub fn run(a: Args) -> Result<()> {
     let store = WeightStore::open(&a.model)?;
     let cfg = LlamaConfig::from_store(&store)?;
     let adapter = match &a.adapter {
-        Some(p) => Some(Adapter::load(p, &cfg).with_context(|| format!("reading adapter {}", p.display()))?),
+        Some(p) => Some(
+            Adapter::load(p, &cfg).with_context(|| format!("reading adapter {}", p.display()))?,
+        ),
         None => None,
     };
     let tok = match tokenizer_path(&a) {
@@ -136,7 +148,11 @@ pub fn run(a: Args) -> Result<()> {
         ),
         (None, Some(ids), _) => ids
             .split(',')
-            .map(|s| s.trim().parse::<u32>().with_context(|| format!("--prompt-ids: '{s}' is not a token id")))
+            .map(|s| {
+                s.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--prompt-ids: '{s}' is not a token id"))
+            })
             .collect::<Result<_>>()?,
         _ => bail!("give --prompt TEXT or --prompt-ids IDS"),
     };
@@ -144,7 +160,11 @@ pub fn run(a: Args) -> Result<()> {
         bail!("the prompt encodes to no tokens");
     }
     let g = Generator::new(&store, adapter.as_ref())?;
-    let eos = if a.ignore_eos { vec![] } else { eos_ids(&store) };
+    let eos = if a.ignore_eos {
+        vec![]
+    } else {
+        eos_ids(&store)
+    };
     let s = Sampling {
         temperature: a.temperature,
         top_k: a.top_k,

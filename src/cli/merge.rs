@@ -34,8 +34,13 @@ pub fn run(a: Args) -> Result<()> {
     };
     let store = WeightStore::open(&a.model)?;
     let cfg = LlamaConfig::from_store(&store)?;
-    let adapter = Adapter::load(&a.adapter, &cfg)
-        .with_context(|| format!("reading adapter {} for base {}", a.adapter.display(), a.model.display()))?;
+    let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
+        format!(
+            "reading adapter {} for base {}",
+            a.adapter.display(),
+            a.model.display()
+        )
+    })?;
     let t0 = std::time::Instant::now();
     let r = qtune::merge::merge(&store, &cfg, &adapter, &a.out, qtype)?;
     println!(

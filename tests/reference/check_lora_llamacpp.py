@@ -11,6 +11,8 @@ PEFT in f32 (1e-3), and of merged.gguf vs transformers + PEFT (1e-3). Also recor
 PEFT greedy generation (32 new tokens) for `qtune generate`.
 
 Usage: python tests/reference/check_lora_llamacpp.py PATH/TO/qtune LLAMA_CPP_SRC
+       python tests/reference/check_lora_llamacpp.py --bench FILE.gguf [N_TOKENS]
+         (llama.cpp decode tokens/s on the file tests/generate_bench.rs writes; same prompt ids)
   LLAMA_CPP_SRC: vendor/llama.cpp of the llama-cpp-python 0.3.16 source package
   (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.16`).
 """
@@ -93,7 +95,27 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def bench(path, n):
+    """llama.cpp's decode speed: greedy, the prompt tests/generate_bench.rs uses, all CPU threads."""
+    import time
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=256, n_threads=os.cpu_count(), n_batch=64, verbose=False)
+    prompt = list(range(300, 308))
+    t0 = time.time()
+    llm.eval(prompt)
+    t1 = time.time()
+    for _ in range(n - 1):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([tok])
+    t2 = time.time()
+    print(f"llama.cpp decode: {n - 1} tokens after the first, {(n - 1) / (t2 - t1):.3f} tokens/s "
+          f"(prompt of {len(prompt)} in {t1 - t0:.2f} s), threads {os.cpu_count()}")
+    return 0
+
+
 def main():
+    if sys.argv[1] == "--bench":
+        return bench(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 16)
     qtune, src = sys.argv[1], sys.argv[2]
     os.makedirs(OUT, exist_ok=True)
     exp = json.load(open(os.path.join(FIX, "llama", "f32", "expected.json")))
