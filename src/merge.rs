@@ -259,11 +259,13 @@ fn merge_hf_dir(
         QType::F32 => "F32",
         QType::F16 => "F16",
         QType::BF16 => "BF16",
-        q => return Err(Error::Invalid(format!(
+        q => {
+            return Err(Error::Invalid(format!(
             "--type {}: a safetensors directory is f32, f16, bf16 or nf4; give a .gguf path for {}",
             q.name(),
             q.name()
-        ))),
+        )))
+        }
     };
     // Before anything is written: every adapted module exists in the base.
     let found = base

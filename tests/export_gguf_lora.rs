@@ -144,3 +144,35 @@ fn peft_round_trip_through_gguf_lora() {
     let s = gguf::load(&h).unwrap();
     assert!(s.tensors.iter().all(|t| t.qtype == QType::F16));
 }
+
+/// llama.cpp scales by alpha / r: an rsLoRA adapter (alpha / sqrt(r)) is exported with
+/// alpha * sqrt(r), so both give the same scale.
+#[test]
+fn rslora_scale_is_folded_into_alpha() {
+    let store = WeightStore::open(&fx().join("llama/model")).unwrap();
+    let cfg = LlamaConfig::from_store(&store).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = fx().join("llama/f32/adapter");
+    let ad = dir.path().join("ad");
+    std::fs::create_dir_all(&ad).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        ad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["use_rslora"] = serde_json::Value::Bool(true);
+    std::fs::write(ad.join("adapter_config.json"), v.to_string()).unwrap();
+    let a = Adapter::load(&ad, &cfg).unwrap();
+    assert_eq!(a.scale, 8.0 / 2.0); // alpha 8, r 4: 8 / sqrt(4)
+    let out = dir.path().join("r.gguf");
+    write_gguf_lora(&a, &cfg, "llama", QType::F32, &out).unwrap();
+    let s = gguf::load(&out).unwrap();
+    let alpha = gguf::find(&s.gguf_metadata, "adapter.lora.alpha")
+        .and_then(gguf::Value::as_f64)
+        .unwrap();
+    assert_eq!(alpha / 4.0, 4.0);
+    let back = Adapter::load(&out, &cfg).unwrap();
+    assert_eq!(back.scale, 4.0);
+}

@@ -135,7 +135,8 @@ fn edited_adapter(dir: &Path, f: impl Fn(&mut serde_json::Value)) -> PathBuf {
 fn bad_adapters_are_named_errors_and_write_nothing() {
     let hf = WeightStore::open(&fx().join("llama/model")).unwrap();
     let cfg = LlamaConfig::from_store(&hf).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "'r' is missing",
             Box::new(|v| {

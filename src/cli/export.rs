@@ -32,6 +32,9 @@ pub fn run(a: Args) -> Result<()> {
         Some(t @ (QType::F32 | QType::F16 | QType::BF16)) => t,
         _ => bail!("--dtype {}: use f32, f16 or bf16", a.dtype),
     };
+    if !matches!(a.format.as_str(), "gguf-lora" | "peft") {
+        bail!("--format {}: use gguf-lora or peft", a.format);
+    }
     let store = WeightStore::open(&a.model)?;
     let cfg = LlamaConfig::from_store(&store)?;
     let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
@@ -41,10 +44,12 @@ pub fn run(a: Args) -> Result<()> {
             a.model.display()
         )
     })?;
+    if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     match a.format.as_str() {
         "gguf-lora" => write_gguf_lora(&adapter, &cfg, &base_architecture(&store), dtype, &a.out)?,
-        "peft" => write_peft(&adapter, dtype, &a.out)?,
-        f => bail!("--format {f}: use gguf-lora or peft"),
+        _ => write_peft(&adapter, dtype, &a.out)?,
     }
     println!(
         "wrote {} ({} projections, r {}, scale {})",

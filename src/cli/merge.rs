@@ -41,6 +41,9 @@ pub fn run(a: Args) -> Result<()> {
             a.model.display()
         )
     })?;
+    if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let t0 = std::time::Instant::now();
     let r = qtune::merge::merge(&store, &cfg, &adapter, &a.out, qtype)?;
     println!(
