@@ -190,6 +190,18 @@ impl Adapter {
             return Self::load_gguf(path, cfg);
         }
         let (acfg, tensors) = adapter::load_peft(path)?;
+        Self::from_tensors(path, acfg, &tensors, cfg)
+    }
+
+    /// An adapter from its config and saved-PEFT-named tensors (e.g. a trained model's
+    /// `lora_params()` at the end of `qtune train`), checked against the base `cfg` like [`Self::load`];
+    /// `path` is only for messages.
+    pub fn from_tensors(
+        path: &Path,
+        acfg: AdapterConfig,
+        tensors: &[(String, Tensor)],
+        cfg: &LlamaConfig,
+    ) -> Result<Adapter> {
         let targets = targets_of(path, &acfg)?;
         let layers = layer_filter(path, &acfg)?;
         let r = acfg.r;
@@ -215,7 +227,7 @@ impl Adapter {
                 tensors.iter().map(|(n, _)| n.as_str()).collect();
             expected.retain(|(n, _)| have.contains(n.as_str()));
         }
-        adapter::check_compatible(path, &acfg, &tensors, &expected)?;
+        adapter::check_compatible(path, &acfg, tensors, &expected)?;
         let get = |n: &str| -> Result<Vec<f32>> {
             let t = tensors
                 .iter()

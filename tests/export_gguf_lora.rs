@@ -176,3 +176,31 @@ fn rslora_scale_is_folded_into_alpha() {
     let back = Adapter::load(&out, &cfg).unwrap();
     assert_eq!(back.scale, 4.0);
 }
+
+/// What `qtune train --export gguf-lora` needs: an adapter straight from a model's LoRA variables.
+#[test]
+fn adapter_from_model_variables() {
+    let store = WeightStore::open(&fx().join("llama/model")).unwrap();
+    let cfg = LlamaConfig::from_store(&store).unwrap();
+    let src = fx().join("llama/f32/adapter");
+    let ad = Adapter::load(&src, &cfg).unwrap();
+    let m = Llama::load(
+        &store,
+        LlamaOptions {
+            lora: Some(ad.spec()),
+            ..LlamaOptions::default()
+        },
+    )
+    .unwrap();
+    ad.apply(&m).unwrap();
+    let vars: Vec<(String, Tensor)> = m
+        .lora_params()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let again = Adapter::from_tensors(&src, ad.cfg.clone(), &vars, &cfg).unwrap();
+    assert_eq!(again.modules.len(), ad.modules.len());
+    for (x, y) in again.modules.iter().zip(&ad.modules) {
+        assert!(x.a == y.a && x.b == y.b, "{}", x.module_path());
+    }
+}
