@@ -50,7 +50,24 @@ pub struct Generator {
 impl Generator {
     /// Loads the base (weights stay as stored: quantised views) and the adapter's factors.
     pub fn new(store: &WeightStore, adapter: Option<&Adapter>) -> Result<Generator> {
-        let model = Llama::load(store, LlamaOptions::default())?;
+        Self::with_options(store, adapter, LlamaOptions::default())
+    }
+
+    /// [`Self::new`] with load options (e.g. `quant` to quantise a float base at load); `lora` is
+    /// ignored: the adapter stays beside the frozen base.
+    pub fn with_options(
+        store: &WeightStore,
+        adapter: Option<&Adapter>,
+        opts: LlamaOptions,
+    ) -> Result<Generator> {
+        let model = Llama::load(
+            store,
+            LlamaOptions {
+                lora: None,
+                dtype: DType::F32,
+                ..opts
+            },
+        )?;
         let cfg = model.config().clone();
         let gguf = store.format == SourceFormat::Gguf;
         let get = |n: &str| {

@@ -44,6 +44,9 @@ pub struct Args {
     /// End with one JSON line: prompt_tokens, tokens, text, tokens_per_s.
     #[arg(long)]
     pub json: bool,
+    /// Quantise a float base at load: q4_0, q8_0, q4_k, q6_k or nf4 (stored quantised types are kept).
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -159,7 +162,21 @@ pub fn run(a: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let g = Generator::new(&store, adapter.as_ref())?;
+    let quant = match &a.quant {
+        None => None,
+        Some(q) => Some(
+            qtune::quant::QType::parse(q)
+                .ok_or_else(|| anyhow!("--quant {q}: use q4_0, q8_0, q4_k, q6_k or nf4"))?,
+        ),
+    };
+    let g = Generator::with_options(
+        &store,
+        adapter.as_ref(),
+        qtune::models::LlamaOptions {
+            quant,
+            ..Default::default()
+        },
+    )?;
     let eos = if a.ignore_eos {
         vec![]
     } else {
