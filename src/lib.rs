@@ -6,9 +6,12 @@
 //! `train` (optimizer, schedules).
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod format;
+pub mod generate;
 pub mod inspect;
 pub mod lora;
+pub mod merge;
 pub mod models;
 pub mod nn;
 pub mod quant;

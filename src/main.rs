@@ -5,6 +5,8 @@ use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::PathBuf;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "qtune",
@@ -38,6 +40,12 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Export an adapter as llama.cpp's GGUF LoRA or a PEFT directory.
+    Export(cli::export::Args),
+    /// Merge an adapter into its base model.
+    Merge(cli::merge::Args),
+    /// Generate text with the base and an unmerged adapter (KV cache, streaming).
+    Generate(cli::generate::Args),
 }
 
 fn main() {
@@ -50,6 +58,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Export(a) => cli::export::run(a)?,
+        Cmd::Merge(a) => cli::merge::run(a)?,
+        Cmd::Generate(a) => cli::generate::run(a)?,
         Cmd::Inspect { path, verify } => {
             let store = WeightStore::open(&path)?;
             print!("{}", qtune::inspect::inspect(&store));

@@ -1,0 +1,62 @@
+//! `qtune export`: an adapter as llama.cpp's GGUF LoRA or as a PEFT directory.
+use anyhow::{bail, Context, Result};
+use qtune::export::{base_architecture, write_gguf_lora, write_peft, Adapter};
+use qtune::models::LlamaConfig;
+use qtune::quant::QType;
+use qtune::store::WeightStore;
+use std::path::PathBuf;
+
+/// Export a trained adapter for llama.cpp (`--lora`) or PEFT.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The base model the adapter was trained on (Hugging Face directory or GGUF).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The adapter: a PEFT directory, or a GGUF LoRA file (for `--format peft`).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// gguf-lora (llama.cpp) or peft.
+    #[arg(long)]
+    pub format: String,
+    /// Output file (gguf-lora) or directory (peft).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Factor type: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Runs `qtune export`.
+pub fn run(a: Args) -> Result<()> {
+    let dtype = match QType::parse(&a.dtype) {
+        Some(t @ (QType::F32 | QType::F16 | QType::BF16)) => t,
+        _ => bail!("--dtype {}: use f32, f16 or bf16", a.dtype),
+    };
+    if !matches!(a.format.as_str(), "gguf-lora" | "peft") {
+        bail!("--format {}: use gguf-lora or peft", a.format);
+    }
+    let store = WeightStore::open(&a.model)?;
+    let cfg = LlamaConfig::from_store(&store)?;
+    let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
+        format!(
+            "reading adapter {} for base {}",
+            a.adapter.display(),
+            a.model.display()
+        )
+    })?;
+    if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    match a.format.as_str() {
+        "gguf-lora" => write_gguf_lora(&adapter, &cfg, &base_architecture(&store), dtype, &a.out)?,
+        _ => write_peft(&adapter, dtype, &a.out)?,
+    }
+    println!(
+        "wrote {} ({} projections, r {}, scale {})",
+        a.out.display(),
+        adapter.modules.len(),
+        adapter.r,
+        adapter.scale
+    );
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Subcommands that live in their own files: each has a clap `Args` and a `run`.
+pub mod export;
+pub mod generate;
+pub mod merge;
