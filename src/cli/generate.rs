@@ -1,11 +1,13 @@
 //! `qtune generate`: text from the quantised base with an unmerged adapter (or a merged model).
 use anyhow::{anyhow, bail, Context, Result};
+use qtune::data::template::{ChatTemplate, Message};
+use qtune::data::Tokenizer;
 use qtune::export::Adapter;
 use qtune::format::gguf;
 use qtune::generate::{generate, Generator, Sampling};
 use qtune::models::LlamaConfig;
 use qtune::store::{SourceFormat, WeightStore};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 /// Generate text with a KV cache, streaming tokens to stdout.
@@ -18,12 +20,20 @@ pub struct Args {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt text (encoded with the tokenizer's special tokens, as `qtune train` does).
-    #[arg(long, conflicts_with = "prompt_ids")]
+    #[arg(long, conflicts_with_all = ["prompt_ids", "chat"])]
     pub prompt: Option<String>,
+    /// Interactive chat: each line read from stdin is a user turn, rendered with the model's chat
+    /// template (or `--template`); an empty line or end of input stops.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub chat: bool,
+    /// Chat template for `--chat` when the model has none: a built-in name (chatml), a file or Jinja.
+    #[arg(long)]
+    pub template: Option<String>,
     /// The prompt as comma-separated token ids (no tokenizer needed).
     #[arg(long)]
     pub prompt_ids: Option<String>,
-    /// tokenizer.json to use (default: the model directory's, or the one beside a GGUF file).
+    /// tokenizer.json to use (default: the model directory's, the one beside a GGUF file, or the
+    /// GGUF's embedded vocabulary).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// New tokens at most.
@@ -52,40 +62,32 @@ pub struct Args {
     pub ignore_eos: bool,
 }
 
-/// The tokenizer, behind two functions so `crate::data::Tokenizer` can replace it.
-struct Tok(tokenizers::Tokenizer);
-
-impl Tok {
-    fn open(p: &Path) -> Result<Tok> {
-        tokenizers::Tokenizer::from_file(p)
-            .map(Tok)
-            .map_err(|e| anyhow!("{}: cannot read the tokenizer: {e}", p.display()))
-    }
-    fn encode(&self, s: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .0
-            .encode(s, true)
-            .map_err(|e| anyhow!("encoding the prompt: {e}"))?
-            .get_ids()
-            .to_vec())
-    }
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.0
-            .decode(ids, true)
-            .map_err(|e| anyhow!("decoding: {e}"))
-    }
-}
-
-fn tokenizer_path(a: &Args) -> Option<PathBuf> {
+/// The tokenizer: `--tokenizer` (a tokenizer.json, with the tokenizer_config.json beside it), else
+/// the model's own (a directory's tokenizer.json or a GGUF's embedded vocabulary), as `qtune train`
+/// reads it. `None` when the model has none (then only `--prompt-ids` works).
+fn tokenizer(a: &Args) -> Result<Option<Tokenizer>> {
     if let Some(t) = &a.tokenizer {
-        return Some(t.clone());
+        let dir = if t.is_dir() {
+            t.clone()
+        } else {
+            t.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        return Ok(Some(Tokenizer::from_model_dir(&dir)?));
     }
-    let dir = if a.model.is_dir() {
-        a.model.clone()
-    } else {
-        a.model.parent()?.to_path_buf()
-    };
-    Some(dir.join("tokenizer.json")).filter(|p| p.exists())
+    if a.model.is_dir() || a.prompt.is_some() || a.chat {
+        // A GGUF without a usable vocabulary: say so, unless token ids are given.
+        if !a.model.is_dir() {
+            if let Some(dir) = a
+                .model
+                .parent()
+                .filter(|d| d.join("tokenizer.json").exists())
+            {
+                return Ok(Some(Tokenizer::from_model_dir(dir)?));
+            }
+        }
+        return Ok(Some(Tokenizer::for_model(&a.model)?));
+    }
+    Ok(None)
 }
 
 /// End-of-sequence ids: GGUF metadata, or generation_config.json / config.json.
@@ -139,16 +141,9 @@ pub fn run(a: Args) -> Result<()> {
         ),
         None => None,
     };
-    let tok = match tokenizer_path(&a) {
-        Some(p) => Some(Tok::open(&p)?),
-        None => None,
-    };
+    let tok = tokenizer(&a)?;
     let prompt: Vec<u32> = match (&a.prompt, &a.prompt_ids, &tok) {
-        (Some(text), None, Some(t)) => t.encode(text)?,
-        (Some(_), None, None) => bail!(
-            "no tokenizer.json beside {}; pass --tokenizer PATH or --prompt-ids",
-            a.model.display()
-        ),
+        (Some(text), None, Some(t)) => t.encode(text, true)?,
         (None, Some(ids), _) => ids
             .split(',')
             .map(|s| {
@@ -157,9 +152,10 @@ pub fn run(a: Args) -> Result<()> {
                     .with_context(|| format!("--prompt-ids: '{s}' is not a token id"))
             })
             .collect::<Result<_>>()?,
-        _ => bail!("give --prompt TEXT or --prompt-ids IDS"),
+        (None, None, Some(_)) if a.chat => Vec::new(),
+        _ => bail!("give --prompt TEXT, --prompt-ids IDS or --chat"),
     };
-    if prompt.is_empty() {
+    if prompt.is_empty() && !a.chat {
         bail!("the prompt encodes to no tokens");
     }
     let quant = match &a.quant {
@@ -188,12 +184,41 @@ pub fn run(a: Args) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
+    if a.chat {
+        let tok = tok.as_ref().expect("--chat has a tokenizer");
+        return chat(&a, &g, tok, &s, &eos);
+    }
+    let r = run_one(&g, tok.as_ref(), &prompt, &a, &s, &eos)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": prompt,
+                "tokens": r.0.tokens,
+                "text": r.1,
+                "tokens_per_s": r.0.tokens_per_s,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// Generates from `prompt`, streaming text (or ids without a tokenizer); returns the result and
+/// its text.
+fn run_one(
+    g: &Generator,
+    tok: Option<&Tokenizer>,
+    prompt: &[u32],
+    a: &Args,
+    s: &Sampling,
+    eos: &[u32],
+) -> Result<(qtune::generate::Generated, String)> {
     let mut shown = String::new();
     let mut ids = Vec::new();
     let mut stdout = std::io::stdout();
-    let r = generate(&g, &prompt, a.max_tokens, &s, &eos, |id| {
+    let r = generate(g, prompt, a.max_tokens, s, eos, |id| {
         ids.push(id);
-        if let Some(t) = &tok {
+        if let Some(t) = tok {
             // Decode the whole tail each time: a token can complete a multi-byte character.
             if let Ok(text) = t.decode(&ids) {
                 if let Some(new) = text.strip_prefix(shown.as_str()) {
@@ -207,7 +232,7 @@ pub fn run(a: Args) -> Result<()> {
             let _ = stdout.flush();
         }
     })?;
-    let text = match &tok {
+    let text = match tok {
         Some(t) => t.decode(&r.tokens)?,
         None => String::new(),
     };
@@ -219,16 +244,50 @@ pub fn run(a: Args) -> Result<()> {
         r.prompt_s,
         r.tokens_per_s
     );
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "prompt_tokens": prompt,
-                "tokens": r.tokens,
-                "text": text,
-                "tokens_per_s": r.tokens_per_s,
-            })
-        );
+    Ok((r, text))
+}
+
+/// The interactive loop of `--chat`: the whole conversation is re-rendered with the chat template
+/// each turn (encoded without extra special tokens: the template writes them) and answered.
+fn chat(a: &Args, g: &Generator, tok: &Tokenizer, s: &Sampling, eos: &[u32]) -> Result<()> {
+    let source = match &a.template {
+        Some(t) => match ChatTemplate::builtin(t) {
+            Some(b) => b.to_string(),
+            None if Path::new(t).is_file() => std::fs::read_to_string(t)
+                .with_context(|| format!("--template {t}: cannot read it"))?,
+            None => t.clone(),
+        },
+        None => tok.chat_template().map(str::to_string).ok_or_else(|| {
+            anyhow!(
+                "{} has no chat template; pass --template chatml (or a Jinja file)",
+                a.model.display()
+            )
+        })?,
+    };
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let tpl = ChatTemplate::new(&source, &name(tok.bos_id()), &name(tok.eos_id()))?;
+    let mut messages: Vec<Message> = Vec::new();
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: line.trim_end().to_string(),
+        });
+        let text = tpl.render(&messages, true)?;
+        let ids = tok.encode(&text, false)?;
+        let (_, reply) = run_one(g, Some(tok), &ids, a, s, eos)?;
+        let reply = match tok.eos_id().and_then(|e| tok.id_to_token(e)) {
+            Some(e) => reply.trim_end_matches(e.as_str()).to_string(),
+            None => reply,
+        };
+        messages.push(Message {
+            role: "assistant".into(),
+            content: reply,
+        });
     }
-    Ok(())
 }
