@@ -109,6 +109,14 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Json { path: PathBuf, msg: String },
 
+    /// A bad line in a training-data file: the message says what is wrong with it.
+    #[error("{path}:{line}: {msg}")]
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
     /// A request the library cannot serve (bad flag value, unsupported combination).
     #[error("{0}")]
     Invalid(String),

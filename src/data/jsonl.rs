@@ -1,0 +1,436 @@
+//! JSONL training data: format detection per file, validation per line, tokenisation with loss
+//! masks, truncation and optional packing. Any bad line fails the whole load (file:line, reason):
+//! nothing is trained on data we could not read as intended.
+use super::batch::pack;
+use super::template::{ChatTemplate, Message};
+use super::tokenizer::Tokenizer;
+use super::IGNORE;
+use crate::error::{Error, Result};
+use serde_json::{Map, Value as Json};
+use std::path::{Path, PathBuf};
+
+/// How a file's lines are shaped (detected from its first line; every line must agree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFormat {
+    /// `{"text": ...}`
+    Text,
+    /// `{"prompt": ..., "completion": ...}`
+    PromptCompletion,
+    /// `{"messages": [{"role": ..., "content": ...}, ...]}`
+    Messages,
+    /// `{"instruction": ..., "input": ... (optional), "output": ...}`
+    Alpaca,
+}
+
+impl DataFormat {
+    /// The keys that name this format, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DataFormat::Text => "{\"text\"}",
+            DataFormat::PromptCompletion => "{\"prompt\", \"completion\"}",
+            DataFormat::Messages => "{\"messages\"}",
+            DataFormat::Alpaca => "{\"instruction\", \"input\", \"output\"}",
+        }
+    }
+}
+
+/// How examples are built from the data.
+#[derive(Clone, Debug)]
+pub struct DataOptions {
+    /// Put the loss on prompt / user tokens too.
+    pub train_on_prompt: bool,
+    /// Longest sequence in tokens; longer examples are cut (and counted).
+    pub seq_len: usize,
+    /// Concatenate consecutive examples into sequences of up to `seq_len` tokens.
+    pub packing: bool,
+    /// Chat template for `messages`: a built-in name ("chatml"), a file of Jinja, or Jinja text;
+    /// `None` uses the model's.
+    pub template: Option<String>,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            train_on_prompt: false,
+            seq_len: 1024,
+            packing: false,
+            template: None,
+        }
+    }
+}
+
+/// One training sequence; `labels[t]` is `ids[t]` where token t carries loss, else -100 (the model
+/// predicts `labels[t+1]` at position t).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Same length as `ids`; -100 = no loss.
+    pub labels: Vec<i64>,
+}
+
+/// What loading found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataStats {
+    /// Examples read (non-blank lines).
+    pub n: usize,
+    /// Examples longer than `seq_len`, cut to it.
+    pub truncated: usize,
+    /// Examples left with no target after the cut (the prompt filled `seq_len`), dropped.
+    pub dropped: usize,
+    /// Tokens in the returned sequences.
+    pub tokens: usize,
+    /// Tokens that carry loss (positions after the first whose label is not -100).
+    pub targets: usize,
+    /// Sequences returned (fewer than `n` when packed).
+    pub sequences: usize,
+    /// The file's format.
+    pub format: DataFormat,
+}
+
+/// Reads `path` (JSONL), tokenises every line and returns the examples and what was found.
+pub fn load_examples(
+    path: &Path,
+    tok: &Tokenizer,
+    opts: &DataOptions,
+) -> Result<(Vec<Example>, DataStats)> {
+    if opts.seq_len < 2 {
+        return Err(Error::Invalid(format!(
+            "seq_len {} is too short: a sequence needs at least 2 tokens",
+            opts.seq_len
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut loader = Loader {
+        path: path.to_path_buf(),
+        tok,
+        opts,
+        format: None,
+        template: None,
+    };
+    let mut examples = Vec::new();
+    let (mut n, mut truncated, mut dropped) = (0, 0, 0);
+    for (i, line) in text.lines().enumerate() {
+        let lineno = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        n += 1;
+        let mut ex = loader.example(line, lineno)?;
+        if ex.ids.len() > opts.seq_len {
+            ex.ids.truncate(opts.seq_len);
+            ex.labels.truncate(opts.seq_len);
+            truncated += 1;
+        }
+        if count_targets(&ex.labels) == 0 {
+            dropped += 1;
+            continue;
+        }
+        examples.push(ex);
+    }
+    let Some((format, _)) = loader.format else {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            msg: "the file holds no examples (every line is blank)".into(),
+        });
+    };
+    if examples.is_empty() {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            msg: format!(
+                "no example has a token to train on within seq_len {} (prompts fill it); raise \
+                 --seq-len",
+                opts.seq_len
+            ),
+        });
+    }
+    if opts.packing {
+        examples = pack(examples, opts.seq_len);
+    }
+    let stats = DataStats {
+        n,
+        truncated,
+        dropped,
+        tokens: examples.iter().map(|e| e.ids.len()).sum(),
+        targets: examples.iter().map(|e| count_targets(&e.labels)).sum(),
+        sequences: examples.len(),
+        format,
+    };
+    Ok((examples, stats))
+}
+
+/// Positions that the loss counts: labels after the first that are not -100.
+pub fn count_targets(labels: &[i64]) -> usize {
+    labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
+}
+
+struct Loader<'a> {
+    path: PathBuf,
+    tok: &'a Tokenizer,
+    opts: &'a DataOptions,
+    /// The file's format and the line that set it.
+    format: Option<(DataFormat, usize)>,
+    template: Option<ChatTemplate>,
+}
+
+impl Loader<'_> {
+    fn err(&self, line: usize, msg: impl Into<String>) -> Error {
+        Error::Data {
+            path: self.path.clone(),
+            line,
+            msg: msg.into(),
+        }
+    }
+
+    fn example(&mut self, line: &str, no: usize) -> Result<Example> {
+        let v: Json = serde_json::from_str(line)
+            .map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
+        let Json::Object(obj) = v else {
+            return Err(self.err(no, "expected a JSON object"));
+        };
+        let fmt = self.detect(&obj, no)?;
+        match self.format {
+            None => self.format = Some((fmt, no)),
+            Some((f, first)) if f != fmt => {
+                return Err(self.err(
+                    no,
+                    format!(
+                        "mixed formats: this line is {} but line {first} made the file {}; use \
+                         one format per file",
+                        fmt.describe(),
+                        f.describe()
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        let text = |key: &str| -> Result<&str> {
+            match obj.get(key) {
+                Some(Json::String(s)) => Ok(s),
+                Some(other) => Err(self.err(
+                    no,
+                    format!("\"{key}\" must be a string, found {}", kind(other)),
+                )),
+                None => Err(self.err(no, format!("missing \"{key}\""))),
+            }
+        };
+        match fmt {
+            DataFormat::Text => {
+                let t = text("text")?;
+                if t.is_empty() {
+                    return Err(self.err(no, "empty \"text\""));
+                }
+                let mut ids = self.tok.encode(t, true)?;
+                ids.push(self.eos(no)?);
+                let labels = ids.iter().map(|&i| i as i64).collect();
+                Ok(Example { ids, labels })
+            }
+            DataFormat::PromptCompletion => {
+                let (p, c) = (text("prompt")?, text("completion")?);
+                if c.is_empty() {
+                    return Err(self.err(no, "empty \"completion\": nothing to train on"));
+                }
+                self.prompt_completion(p, c, no)
+            }
+            DataFormat::Alpaca => {
+                let (ins, out) = (text("instruction")?, text("output")?);
+                let input = match obj.get("input") {
+                    None => "",
+                    Some(_) => text("input")?,
+                };
+                if out.is_empty() {
+                    return Err(self.err(no, "empty \"output\": nothing to train on"));
+                }
+                self.prompt_completion(&alpaca_prompt(ins, input), out, no)
+            }
+            DataFormat::Messages => self.messages(&obj, no),
+        }
+    }
+
+    fn eos(&self, no: usize) -> Result<u32> {
+        self.tok.eos_id().ok_or_else(|| {
+            self.err(
+                no,
+                format!(
+                    "the tokenizer ({}) names no EOS token, which every example ends with",
+                    self.tok.source().display()
+                ),
+            )
+        })
+    }
+
+    fn prompt_completion(&self, prompt: &str, completion: &str, no: usize) -> Result<Example> {
+        let mut ids = self.tok.encode(prompt, true)?;
+        let n_prompt = ids.len();
+        ids.extend(self.tok.encode(completion, false)?);
+        ids.push(self.eos(no)?);
+        let labels = ids
+            .iter()
+            .enumerate()
+            .map(|(t, &i)| {
+                if t < n_prompt && !self.opts.train_on_prompt {
+                    IGNORE
+                } else {
+                    i as i64
+                }
+            })
+            .collect();
+        Ok(Example { ids, labels })
+    }
+
+    fn messages(&mut self, obj: &Map<String, Json>, no: usize) -> Result<Example> {
+        let Some(Json::Array(list)) = obj.get("messages") else {
+            return Err(self.err(no, "\"messages\" must be a list of {\"role\", \"content\"}"));
+        };
+        let mut msgs = Vec::with_capacity(list.len());
+        for (k, m) in list.iter().enumerate() {
+            let Json::Object(m) = m else {
+                return Err(self.err(no, format!("message {k} is {}, not an object", kind(m))));
+            };
+            if let Some(bad) = m.keys().find(|k| *k != "role" && *k != "content") {
+                return Err(self.err(
+                    no,
+                    format!("message {k} has unknown key \"{bad}\" (expected role, content)"),
+                ));
+            }
+            let field = |key: &str| match m.get(key) {
+                Some(Json::String(s)) => Ok(s.clone()),
+                Some(o) => Err(self.err(
+                    no,
+                    format!("message {k}: \"{key}\" must be a string, found {}", kind(o)),
+                )),
+                None => Err(self.err(no, format!("message {k} has no \"{key}\""))),
+            };
+            let (role, content) = (field("role")?, field("content")?);
+            if role == "assistant" && content.is_empty() {
+                return Err(self.err(no, format!("message {k}: empty assistant content")));
+            }
+            msgs.push(Message { role, content });
+        }
+        if msgs.is_empty() {
+            return Err(self.err(no, "\"messages\" is empty"));
+        }
+        if !self.opts.train_on_prompt && !msgs.iter().any(|m| m.role == "assistant") {
+            return Err(self.err(
+                no,
+                "no assistant message: nothing to train on (or use --train-on-prompt)",
+            ));
+        }
+        if self.template.is_none() {
+            self.template = Some(self.compile_template(no)?);
+        }
+        let tmpl = self.template.as_ref().expect("compiled above");
+        let segs = tmpl
+            .segments(&msgs)
+            .map_err(|e| self.err(no, e.to_string()))?;
+        let (mut ids, mut labels) = (Vec::new(), Vec::new());
+        for (seg, loss) in segs {
+            let seg_ids = self.tok.encode(&seg, false)?;
+            let on = loss || self.opts.train_on_prompt;
+            labels.extend(seg_ids.iter().map(|&i| if on { i as i64 } else { IGNORE }));
+            ids.extend(seg_ids);
+        }
+        Ok(Example { ids, labels })
+    }
+
+    fn compile_template(&self, no: usize) -> Result<ChatTemplate> {
+        let source = match &self.opts.template {
+            Some(t) => {
+                if let Some(b) = ChatTemplate::builtin(t) {
+                    b.to_string()
+                } else if Path::new(t).is_file() {
+                    std::fs::read_to_string(t).map_err(|e| Error::io(t, e))?
+                } else if t.contains("{%") || t.contains("{{") {
+                    t.clone()
+                } else {
+                    let names: Vec<&str> =
+                        super::BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
+                    return Err(Error::Invalid(format!(
+                        "template '{t}' is neither a built-in ({}) nor a file of Jinja",
+                        names.join(", ")
+                    )));
+                }
+            }
+            None => match self.tok.chat_template() {
+                Some(t) => t.to_string(),
+                None => {
+                    return Err(self.err(
+                        no,
+                        format!(
+                            "\"messages\" need a chat template and the model ({}) has none; \
+                             pick a built-in one (--template chatml)",
+                            self.tok.source().display()
+                        ),
+                    ))
+                }
+            },
+        };
+        let name = |id: Option<u32>| {
+            id.and_then(|i| self.tok.id_to_token(i))
+                .unwrap_or_default()
+        };
+        ChatTemplate::new(&source, &name(self.tok.bos_id()), &name(self.tok.eos_id()))
+    }
+
+    fn detect(&self, obj: &Map<String, Json>, no: usize) -> Result<DataFormat> {
+        let has = |k: &str| obj.contains_key(k);
+        let (fmt, allowed): (DataFormat, &[&str]) = if has("messages") {
+            (DataFormat::Messages, &["messages"])
+        } else if has("prompt") || has("completion") {
+            (DataFormat::PromptCompletion, &["prompt", "completion"])
+        } else if has("instruction") || has("output") {
+            (DataFormat::Alpaca, &["instruction", "input", "output"])
+        } else if has("text") {
+            (DataFormat::Text, &["text"])
+        } else {
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            return Err(self.err(
+                no,
+                format!(
+                    "unknown format (keys: {keys:?}); expected {{\"text\"}}, {{\"prompt\", \
+                     \"completion\"}}, {{\"messages\"}} or {{\"instruction\", \"input\", \
+                     \"output\"}}"
+                ),
+            ));
+        };
+        if let Some(bad) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(self.err(
+                no,
+                format!(
+                    "unknown key \"{bad}\" for the {} format (allowed: {allowed:?})",
+                    fmt.describe()
+                ),
+            ));
+        }
+        Ok(fmt)
+    }
+}
+
+/// Stanford Alpaca's prompt (with and without an input).
+pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
+    if input.is_empty() {
+        format!(
+            "Below is an instruction that describes a task. Write a response that appropriately \
+             completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+        )
+    } else {
+        format!(
+            "Below is an instruction that describes a task, paired with an input that provides \
+             further context. Write a response that appropriately completes the request.\n\n\
+             ### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        )
+    }
+}
+
+fn kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,149 @@
+//! Chat templates: the Jinja `chat_template` a model ships (rendered by minijinja with Python's
+//! string methods, as transformers renders it with jinja2) or a named built-in one.
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// One chat turn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// "system", "user", "assistant" (or whatever the template knows).
+    pub role: String,
+    /// The turn's text.
+    pub content: String,
+}
+
+/// ChatML (`<|im_start|>role\n...<|im_end|>\n`), as Qwen and many fine-tunes use.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Built-in templates by name.
+pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[("chatml", CHATML)];
+
+/// A compiled chat template with the special-token strings it may refer to.
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Compiles `source` (Jinja text); `bos_token`/`eos_token` are the strings the template sees.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // transformers' templates call raise_exception(msg) on conversations they refuse.
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Invalid(format!("chat template does not compile: {e:#}")))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// The built-in template called `name`, if there is one.
+    pub fn builtin(name: &str) -> Option<&'static str> {
+        BUILTIN_TEMPLATES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+    }
+
+    /// Renders `messages`; `add_generation_prompt` appends the opening of an assistant turn.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+        })
+        .map_err(|e| Error::Invalid(format!("chat template failed to render: {e:#}")))
+    }
+
+    /// The conversation as text segments with whether each carries loss: each assistant turn is
+    /// the difference between the rendering up to and including it and the rendering before it
+    /// with the generation prompt; everything else is prompt. Fails if the template is not
+    /// prefix-stable (a later rendering rewrites an earlier one), since then no split is exact.
+    pub fn segments(&self, messages: &[Message]) -> Result<Vec<(String, bool)>> {
+        let mut out = Vec::new();
+        let mut done = String::new();
+        let mut take = |text: String, loss: bool, done: &mut String| -> Result<()> {
+            let Some(delta) = text.strip_prefix(done.as_str()) else {
+                return Err(Error::Invalid(
+                    "the chat template re-renders earlier turns differently when a turn is \
+                     added, so assistant tokens cannot be located; use a built-in template \
+                     (e.g. chatml) or --train-on-prompt"
+                        .into(),
+                ));
+            };
+            if !delta.is_empty() {
+                out.push((delta.to_string(), loss));
+            }
+            *done = text;
+            Ok(())
+        };
+        for (i, m) in messages.iter().enumerate() {
+            if m.role == "assistant" {
+                take(self.render(&messages[..i], true)?, false, &mut done)?;
+                take(self.render(&messages[..=i], false)?, true, &mut done)?;
+            }
+        }
+        take(self.render(messages, false)?, false, &mut done)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn chatml_segments_split_at_assistant_turns() {
+        let t = ChatTemplate::new(CHATML, "<s>", "</s>").unwrap();
+        let segs = t
+            .segments(&[msg("user", "hi"), msg("assistant", "yo")])
+            .unwrap();
+        assert_eq!(
+            segs,
+            vec![
+                (
+                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n".to_string(),
+                    false
+                ),
+                ("yo<|im_end|>\n".to_string(), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn raise_exception_and_python_methods_work() {
+        let t = ChatTemplate::new(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}{{ messages[0]['content'].strip() }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(t.render(&[msg("user", "  x ")], false).unwrap(), "x");
+        let e = t.render(&[msg("system", "x")], false).unwrap_err();
+        assert!(e.to_string().contains("user first"), "{e}");
+    }
+}
