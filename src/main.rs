@@ -5,6 +5,8 @@ use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::PathBuf;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "qtune",
@@ -38,6 +40,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fine-tune a LoRA adapter on JSONL data (no arguments: the embedded default, about a minute).
+    Train(Box<cli::train::Args>),
 }
 
 fn main() {
@@ -50,6 +54,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Train(args) => cli::train::run(*args)?,
         Cmd::Inspect { path, verify } => {
             let store = WeightStore::open(&path)?;
             print!("{}", qtune::inspect::inspect(&store));

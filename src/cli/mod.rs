@@ -1,0 +1,2 @@
+//! Subcommands, one file each.
+pub mod train;
