@@ -65,13 +65,26 @@ fn ten_steps_match_peft_and_torch_adamw() {
         );
     }
     // The adapter and its resolved config are written; metrics hold one line per step.
-    assert!(dir.path().join("adapter/adapter_model.safetensors").is_file());
+    assert!(dir
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
     let toml = std::fs::read_to_string(dir.path().join("adapter/qtune.toml")).unwrap();
     assert!(toml.contains("schedule = \"constant\""), "{toml}");
     let m = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = m.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = m
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 10);
-    for k in ["step", "loss", "lr", "tokens", "tokens_per_s", "peak_mem_bytes"] {
+    for k in [
+        "step",
+        "loss",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "peak_mem_bytes",
+    ] {
         assert!(lines[9].get(k).is_some(), "metrics lack {k}: {}", lines[9]);
     }
 }
@@ -103,20 +116,36 @@ fn adapter_bytes(out: &Path) -> Vec<u8> {
 fn resume_after_a_stop_is_bit_identical() {
     for dropout in [0.0, 0.1] {
         let full = tempfile::tempdir().unwrap();
-        let r = train(&small_cfg(full.path(), dropout), samples(), Vec::new(), &quiet()).unwrap();
+        let r = train(
+            &small_cfg(full.path(), dropout),
+            samples(),
+            Vec::new(),
+            &quiet(),
+        )
+        .unwrap();
         assert_eq!(r.losses.len(), 6);
         let part = tempfile::tempdir().unwrap();
         let stop = RunOptions {
             quiet: true,
             stop_after: Some(3),
         };
-        train(&small_cfg(part.path(), dropout), samples(), Vec::new(), &stop).unwrap();
+        train(
+            &small_cfg(part.path(), dropout),
+            samples(),
+            Vec::new(),
+            &stop,
+        )
+        .unwrap();
         assert!(!part.path().join("adapter").exists());
         let mut cfg = small_cfg(part.path(), dropout);
         cfg.resume = Some(part.path().to_path_buf());
         let r2 = train(&cfg, samples(), Vec::new(), &quiet()).unwrap();
         assert_eq!(r2.losses, r.losses[3..].to_vec(), "dropout {dropout}");
-        assert_eq!(adapter_bytes(full.path()), adapter_bytes(part.path()), "dropout {dropout}");
+        assert_eq!(
+            adapter_bytes(full.path()),
+            adapter_bytes(part.path()),
+            "dropout {dropout}"
+        );
     }
 }
 
@@ -132,17 +161,23 @@ fn resume_from_another_run_is_refused() {
     let mut cfg = small_cfg(dir.path(), 0.0);
     cfg.lr = 5e-3;
     cfg.resume = Some(dir.path().join("checkpoint-3"));
-    let e = train(&cfg, samples(), Vec::new(), &quiet()).unwrap_err().to_string();
+    let e = train(&cfg, samples(), Vec::new(), &quiet())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("another run") && e.contains("lr"), "{e}");
     // Other data.
     let mut cfg = small_cfg(dir.path(), 0.0);
     cfg.resume = Some(dir.path().to_path_buf());
-    let e = train(&cfg, samples()[1..].to_vec(), Vec::new(), &quiet()).unwrap_err().to_string();
+    let e = train(&cfg, samples()[1..].to_vec(), Vec::new(), &quiet())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("training data differ"), "{e}");
     // Not a checkpoint at all.
     let empty = tempfile::tempdir().unwrap();
     cfg.resume = Some(empty.path().to_path_buf());
-    let e = train(&cfg, samples(), Vec::new(), &quiet()).unwrap_err().to_string();
+    let e = train(&cfg, samples(), Vec::new(), &quiet())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no trainer_state.json"), "{e}");
 }
 
@@ -151,9 +186,17 @@ fn a_run_above_max_memory_is_refused_with_a_suggestion() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = small_cfg(dir.path(), 0.0);
     cfg.max_memory = Some("64k".into());
-    let e = train(&cfg, samples(), Vec::new(), &quiet()).unwrap_err().to_string();
-    assert!(e.contains("exceeds --max-memory") && e.contains("--seq-len"), "{e}");
-    assert!(!dir.path().join("metrics.jsonl").exists(), "nothing may start");
+    let e = train(&cfg, samples(), Vec::new(), &quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("exceeds --max-memory") && e.contains("--seq-len"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("metrics.jsonl").exists(),
+        "nothing may start"
+    );
 }
 
 #[test]

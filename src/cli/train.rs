@@ -179,8 +179,9 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
     let mut layers = Vec::new();
     if !named("model") && !named("data") {
         let p = assets().join("default.toml");
-        let mut t = TrainConfig::table_from_file(&p)
-            .with_context(|| "the embedded default (assets/) is missing; pass --model and --data")?;
+        let mut t = TrainConfig::table_from_file(&p).with_context(|| {
+            "the embedded default (assets/) is missing; pass --model and --data"
+        })?;
         // Paths in the embedded config are relative to assets/.
         for k in ["model", "data", "eval-data"] {
             if let Some(toml::Value::String(s)) = t.get(k) {
@@ -252,7 +253,10 @@ pub fn run(args: Args) -> Result<()> {
             .context("setting --threads")?;
     }
     let model = cfg.model.clone().context("--model: no base model given")?;
-    let data = cfg.data.clone().context("--data: no training JSONL given")?;
+    let data = cfg
+        .data
+        .clone()
+        .context("--data: no training JSONL given")?;
     let tok = tokenizer(&model)?;
     let train_data = load(&data, &tok, &cfg, "training")?;
     let eval_data = match &cfg.eval_data {
@@ -263,6 +267,10 @@ pub fn run(args: Args) -> Result<()> {
         quiet: false,
         stop_after: args.stop_after,
     };
+    let probe = eval_data.first().or(train_data.first()).map(|s| {
+        let n = s.labels.iter().take_while(|&&l| l < 0).count();
+        tok.decode(&s.ids[..n]).unwrap_or_default()
+    });
     let rep = train(&cfg, train_data, eval_data, &opts)?;
     if let (Some(first), Some(last)) = (rep.evals.first(), rep.evals.last()) {
         println!(
@@ -271,7 +279,19 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if let (Some(l), true) = (rep.losses.last(), rep.adapter_dir.is_dir()) {
-        println!("final train loss {l:.4}; adapter in {}", rep.adapter_dir.display());
+        println!(
+            "final train loss {l:.4}; adapter in {}",
+            rep.adapter_dir.display()
+        );
+        // Hook for a before/after generation: `qtune generate` (export helper) takes it from here.
+        if let Some(p) = probe.filter(|p| !p.is_empty()) {
+            println!(
+                "compare generations before and after: qtune generate --model {} --adapter {} \
+                 --prompt {p:?}",
+                model.display(),
+                rep.adapter_dir.display()
+            );
+        }
     }
     Ok(())
 }

@@ -178,10 +178,16 @@ impl TrainConfig {
             return Err(bad("alpha", format!("{} must be > 0", self.alpha)));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad("dropout", format!("{} is outside [0, 1)", self.dropout)));
+            return Err(bad(
+                "dropout",
+                format!("{} is outside [0, 1)", self.dropout),
+            ));
         }
         if self.targets.is_empty() {
-            return Err(bad("targets", "name at least one projection or all-linear".into()));
+            return Err(bad(
+                "targets",
+                "name at least one projection or all-linear".into(),
+            ));
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(bad("lr", format!("{} must be finite and >= 0", self.lr)));
@@ -238,23 +244,27 @@ impl TrainConfig {
             return Ok(None);
         }
         match QType::parse(&q) {
-            Some(t)
-                if t == QType::NF4 || crate::quant::dispatch::QUANTIZABLE.contains(&t) =>
-            {
+            Some(t) if t == QType::NF4 || crate::quant::dispatch::QUANTIZABLE.contains(&t) => {
                 Ok(Some(t))
             }
             _ => Err(bad(
                 "quant",
-                format!("'{}' is not one of nf4, q4_0, q8_0, q4_k, q6_k, none", self.quant),
+                format!(
+                    "'{}' is not one of nf4, q4_0, q8_0, q4_k, q6_k, none",
+                    self.quant
+                ),
             )),
         }
     }
 
     /// `schedule` parsed.
     pub fn schedule_kind(&self) -> Result<ScheduleKind> {
-        self.schedule
-            .parse()
-            .map_err(|_| bad("schedule", format!("'{}' is not constant, linear or cosine", self.schedule)))
+        self.schedule.parse().map_err(|_| {
+            bad(
+                "schedule",
+                format!("'{}' is not constant, linear or cosine", self.schedule),
+            )
+        })
     }
 
     /// `dtype` parsed.
@@ -270,7 +280,14 @@ impl TrainConfig {
     pub fn max_memory_bytes(&self) -> Result<Option<u64>> {
         self.max_memory
             .as_deref()
-            .map(|s| parse_bytes(s).ok_or_else(|| bad("max-memory", format!("'{s}' is not a size like 8G, 512M or 1000000"))))
+            .map(|s| {
+                parse_bytes(s).ok_or_else(|| {
+                    bad(
+                        "max-memory",
+                        format!("'{s}' is not a size like 8G, 512M or 1000000"),
+                    )
+                })
+            })
             .transpose()
     }
 }
@@ -295,7 +312,9 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
 }
 
 fn normalise_keys(t: toml::Table) -> toml::Table {
-    t.into_iter().map(|(k, v)| (k.replace('_', "-"), v)).collect()
+    t.into_iter()
+        .map(|(k, v)| (k.replace('_', "-"), v))
+        .collect()
 }
 
 #[cfg(test)]
@@ -304,10 +323,15 @@ mod tests {
 
     #[test]
     fn layers_override_in_order_and_round_trip() {
-        let file: toml::Table = "batch_size = 2\nlr = 0.5\nschedule = \"cosine\"".parse().unwrap();
+        let file: toml::Table = "batch_size = 2\nlr = 0.5\nschedule = \"cosine\""
+            .parse()
+            .unwrap();
         let cli: toml::Table = "lr = 0.25".parse().unwrap();
         let c = TrainConfig::resolve(&[file, cli], None).unwrap();
-        assert_eq!((c.batch_size, c.lr, c.schedule.as_str()), (2, 0.25, "cosine"));
+        assert_eq!(
+            (c.batch_size, c.lr, c.schedule.as_str()),
+            (2, 0.25, "cosine")
+        );
         let back: toml::Table = c.to_toml().parse().unwrap();
         assert_eq!(TrainConfig::resolve(&[back], None).unwrap(), c);
     }

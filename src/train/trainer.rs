@@ -127,9 +127,15 @@ struct Batch {
 }
 
 fn make_batch(samples: &[&Sample]) -> Result<Batch> {
-    let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0).max(1);
+    let t = samples
+        .iter()
+        .map(|s| s.ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let b = samples.len();
-    let (mut ids, mut mask, mut labels) = (vec![0u32; b * t], vec![0u32; b * t], vec![-100i64; b * t]);
+    let (mut ids, mut mask, mut labels) =
+        (vec![0u32; b * t], vec![0u32; b * t], vec![-100i64; b * t]);
     let (mut targets, mut tokens) = (0, 0);
     for (r, s) in samples.iter().enumerate() {
         ids[r * t..r * t + s.ids.len()].copy_from_slice(&s.ids);
@@ -202,7 +208,12 @@ pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
     let best = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let n = e.file_name().to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse::<usize>()
+                .ok()?;
             e.path().join(STATE_FILE).is_file().then_some((n, e.path()))
         })
         .max_by_key(|(n, _)| *n);
@@ -483,10 +494,8 @@ pub fn train(
         indicatif::ProgressBar::new(total_steps as u64)
     };
     pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
-        )
-        .expect("valid template"),
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("valid template"),
     );
     pb.set_position(step as u64);
     let mut report = TrainReport {
@@ -508,7 +517,14 @@ pub fn train(
         }
         let l = evaluate(model)?;
         let ppl = (l as f64).exp();
-        pb.println(format!("step {step}: eval loss {l:.4}, perplexity {ppl:.2}"));
+        let line = format!("step {step}: eval loss {l:.4}, perplexity {ppl:.2}");
+        if pb.is_hidden() {
+            if !opts.quiet {
+                eprintln!("{line}");
+            }
+        } else {
+            pb.println(line);
+        }
         report.evals.push((step, l));
         log(
             metrics,
@@ -565,7 +581,11 @@ pub fn train(
             for (name, g) in g {
                 let ge = |e: candle_core::Error| Error::Invalid(format!("gradient '{name}': {e}"));
                 let g = g.to_dtype(DType::F32).map_err(ge)?;
-                let g = if w == 1.0 { g } else { g.affine(w, 0.0).map_err(ge)? };
+                let g = if w == 1.0 {
+                    g
+                } else {
+                    g.affine(w, 0.0).map_err(ge)?
+                };
                 let v = match acc.remove(&name) {
                     Some(a) => (a + g).map_err(ge)?,
                     None => g,
@@ -660,11 +680,20 @@ mod tests {
 
     #[test]
     fn batches_pad_right_and_count_targets() {
-        let a = Sample { ids: vec![5, 6, 7], labels: vec![-100, 6, 7] };
-        let b = Sample { ids: vec![8], labels: vec![8] };
+        let a = Sample {
+            ids: vec![5, 6, 7],
+            labels: vec![-100, 6, 7],
+        };
+        let b = Sample {
+            ids: vec![8],
+            labels: vec![8],
+        };
         let m = make_batch(&[&a, &b]).unwrap();
         assert_eq!(m.targets, 2);
-        assert_eq!(m.mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1], vec![1, 0, 0]]);
+        assert_eq!(
+            m.mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1], vec![1, 0, 0]]
+        );
         assert_eq!(
             m.labels.to_vec2::<i64>().unwrap(),
             vec![vec![-100, 6, 7], vec![8, -100, -100]]
