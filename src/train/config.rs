@@ -308,7 +308,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         "t" | "tb" | "tib" => 1 << 40,
         _ => return None,
     };
-    (n.is_finite() && n >= 0.0).then(|| (n * mul as f64) as u64)
+    (n.is_finite() && n >= 0.0).then_some((n * mul as f64) as u64)
 }
 
 fn normalise_keys(t: toml::Table) -> toml::Table {

@@ -627,18 +627,18 @@ pub fn train(
             peak as f64 / (1u64 << 20) as f64
         ));
         pb.set_position(step as u64);
-        if cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total_steps {
+        if step.is_multiple_of(cfg.eval_every) && step < total_steps {
             do_eval(&model, step, &mut report, &mut metrics)?;
         }
         if opts.stop_after == Some(step) {
-            if cfg.save_every > 0 && step % cfg.save_every == 0 {
+            if step.is_multiple_of(cfg.save_every) {
                 save(&model, &opt, step)?;
             }
             pb.abandon();
             report.peak_rss = peak_rss_bytes();
             return Ok(report);
         }
-        if step == total_steps || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+        if step == total_steps || step.is_multiple_of(cfg.save_every) {
             save(&model, &opt, step)?;
         }
     }
