@@ -71,6 +71,8 @@ fn ten_steps_match_peft_and_torch_adamw() {
         .is_file());
     let toml = std::fs::read_to_string(dir.path().join("adapter/qtune.toml")).unwrap();
     assert!(toml.contains("schedule = \"constant\""), "{toml}");
+    let png = std::fs::read(dir.path().join("loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
     let m = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = m
         .lines()
