@@ -679,59 +679,6 @@ pub fn train(
     Ok(report)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn epoch_orders_are_permutations_and_seeded() {
-        let a = epoch_order(50, 7, 0, true);
-        let mut s = a.clone();
-        s.sort();
-        assert_eq!(s, (0..50).collect::<Vec<_>>());
-        assert_ne!(a, epoch_order(50, 7, 1, true));
-        assert_ne!(a, epoch_order(50, 8, 0, true));
-        assert_eq!(a, epoch_order(50, 7, 0, true));
-        assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
-    }
-
-    #[test]
-    fn png_checksums_match_the_standard_check_values() {
-        // CRC-32/ISO-HDLC check value of "123456789".
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.png");
-        write_loss_png(&p, &[(1, 3.0), (2, 2.0)], &[(0, 3.5), (2, 2.5)]).unwrap();
-        let b = std::fs::read(&p).unwrap();
-        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n");
-        // IHDR: 640 x 360, its CRC over type + data.
-        assert_eq!(&b[16..24], &[0, 0, 2, 128, 0, 0, 1, 104]);
-        assert_eq!(crc32(&b[12..29]).to_be_bytes(), b[29..33]);
-    }
-
-    #[test]
-    fn batches_pad_right_and_count_targets() {
-        let a = Sample {
-            ids: vec![5, 6, 7],
-            labels: vec![-100, 6, 7],
-        };
-        let b = Sample {
-            ids: vec![8],
-            labels: vec![8],
-        };
-        let m = make_batch(&[&a, &b]).unwrap();
-        assert_eq!(m.targets, 2);
-        assert_eq!(
-            m.mask.to_vec2::<u32>().unwrap(),
-            vec![vec![1, 1, 1], vec![1, 0, 0]]
-        );
-        assert_eq!(
-            m.labels.to_vec2::<i64>().unwrap(),
-            vec![vec![-100, 6, 7], vec![8, -100, -100]]
-        );
-    }
-}
-
 /// Writes the loss curve (train loss per step in blue, eval loss in red) as a PNG.
 pub fn write_loss_png(path: &Path, losses: &[(usize, f32)], evals: &[(usize, f32)]) -> Result<()> {
     const W: usize = 640;
@@ -860,4 +807,57 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_orders_are_permutations_and_seeded() {
+        let a = epoch_order(50, 7, 0, true);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+        assert_ne!(a, epoch_order(50, 7, 1, true));
+        assert_ne!(a, epoch_order(50, 8, 0, true));
+        assert_eq!(a, epoch_order(50, 7, 0, true));
+        assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn png_checksums_match_the_standard_check_values() {
+        // CRC-32/ISO-HDLC check value of "123456789".
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.png");
+        write_loss_png(&p, &[(1, 3.0), (2, 2.0)], &[(0, 3.5), (2, 2.5)]).unwrap();
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: 640 x 360, its CRC over type + data.
+        assert_eq!(&b[16..24], &[0, 0, 2, 128, 0, 0, 1, 104]);
+        assert_eq!(crc32(&b[12..29]).to_be_bytes(), b[29..33]);
+    }
+
+    #[test]
+    fn batches_pad_right_and_count_targets() {
+        let a = Sample {
+            ids: vec![5, 6, 7],
+            labels: vec![-100, 6, 7],
+        };
+        let b = Sample {
+            ids: vec![8],
+            labels: vec![8],
+        };
+        let m = make_batch(&[&a, &b]).unwrap();
+        assert_eq!(m.targets, 2);
+        assert_eq!(
+            m.mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1], vec![1, 0, 0]]
+        );
+        assert_eq!(
+            m.labels.to_vec2::<i64>().unwrap(),
+            vec![vec![-100, 6, 7], vec![8, -100, -100]]
+        );
+    }
 }
