@@ -88,6 +88,23 @@ pub struct DataStats {
     pub format: DataFormat,
 }
 
+impl std::fmt::Display for DataStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} examples ({}) -> {} sequences, {} tokens, {} with loss; {} truncated to seq_len, \
+             {} dropped (no target left)",
+            self.n,
+            self.format.describe(),
+            self.sequences,
+            self.tokens,
+            self.targets,
+            self.truncated,
+            self.dropped
+        )
+    }
+}
+
 /// Reads `path` (JSONL), tokenises every line and returns the examples and what was found.
 pub fn load_examples(
     path: &Path,
@@ -100,7 +117,9 @@ pub fn load_examples(
             opts.seq_len
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // A UTF-8 byte-order mark (Windows editors) is not part of the first line's JSON.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut loader = Loader {
         path: path.to_path_buf(),
         tok,
@@ -110,8 +129,14 @@ pub fn load_examples(
     };
     let mut examples = Vec::new();
     let (mut n, mut truncated, mut dropped) = (0, 0, 0);
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let lineno = i + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: lineno,
+            msg: format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()),
+        })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -129,16 +154,14 @@ pub fn load_examples(
         examples.push(ex);
     }
     let Some((format, _)) = loader.format else {
-        return Err(Error::Data {
+        return Err(Error::Json {
             path: path.to_path_buf(),
-            line: 0,
             msg: "the file holds no examples (every line is blank)".into(),
         });
     };
     if examples.is_empty() {
-        return Err(Error::Data {
+        return Err(Error::Json {
             path: path.to_path_buf(),
-            line: 0,
             msg: format!(
                 "no example has a token to train on within seq_len {} (prompts fill it); raise \
                  --seq-len",
@@ -185,8 +208,8 @@ impl Loader<'_> {
     }
 
     fn example(&mut self, line: &str, no: usize) -> Result<Example> {
-        let v: Json = serde_json::from_str(line)
-            .map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
+        let v: Json =
+            serde_json::from_str(line).map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
         let Json::Object(obj) = v else {
             return Err(self.err(no, "expected a JSON object"));
         };
@@ -367,10 +390,7 @@ impl Loader<'_> {
                 }
             },
         };
-        let name = |id: Option<u32>| {
-            id.and_then(|i| self.tok.id_to_token(i))
-                .unwrap_or_default()
-        };
+        let name = |id: Option<u32>| id.and_then(|i| self.tok.id_to_token(i)).unwrap_or_default();
         ChatTemplate::new(&source, &name(self.tok.bos_id()), &name(self.tok.eos_id()))
     }
 

@@ -29,6 +29,9 @@ impl ChatTemplate {
     /// Compiles `source` (Jinja text); `bos_token`/`eos_token` are the strings the template sees.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
         let mut env = minijinja::Environment::new();
+        // transformers compiles chat templates with these two jinja2 options.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers' templates call raise_exception(msg) on conversations they refuse.
         env.add_function(

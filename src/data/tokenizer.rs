@@ -15,8 +15,7 @@ const TT_USER_DEFINED: i64 = 4;
 const TT_BYTE: i64 = 6;
 
 /// GPT-2's pre-tokenizer split (llama.cpp "gpt-2"), also what HF's ByteLevel(use_regex) runs.
-const RE_GPT2: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's split (llama.cpp "llama-bpe").
 const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -32,8 +31,21 @@ pub struct Tokenizer {
     /// post-processor for that).
     add_bos: bool,
     add_eos: bool,
+    /// Let tokenizer.json's post-processor add special tokens (false where transformers replaces it).
+    post_processor: bool,
     chat_template: Option<String>,
 }
+
+/// Tokenizer classes whose transformers implementation rebuilds the post-processor from
+/// `add_bos_token` / `add_eos_token` in tokenizer_config.json, ignoring tokenizer.json's.
+const BOS_EOS_CLASSES: &[&str] = &[
+    "LlamaTokenizerFast",
+    "LlamaTokenizer",
+    "CodeLlamaTokenizerFast",
+    "CodeLlamaTokenizer",
+    "GemmaTokenizerFast",
+    "GemmaTokenizer",
+];
 
 enum Inner {
     Hf(Box<tokenizers::Tokenizer>),
@@ -109,14 +121,19 @@ impl Tokenizer {
                     .transpose()?
             }
         };
+        let class = cfg.get("tokenizer_class").and_then(Json::as_str);
+        let rebuilt = class.is_some_and(|c| BOS_EOS_CLASSES.contains(&c));
+        let cfg_flag =
+            |k: &str, default: bool| cfg.get(k).and_then(Json::as_bool).unwrap_or(default);
         Ok(Tokenizer {
             inner: Inner::Hf(Box::new(tk)),
             source: path,
             bos,
             eos,
             pad,
-            add_bos: false,
-            add_eos: false,
+            add_bos: rebuilt && cfg_flag("add_bos_token", true) && bos.is_some(),
+            add_eos: rebuilt && cfg_flag("add_eos_token", false) && eos.is_some(),
+            post_processor: !rebuilt,
             chat_template,
         })
     }
@@ -164,7 +181,9 @@ impl Tokenizer {
         let id_key = |k: &str| -> Result<Option<u32>> {
             match get(k).and_then(Value::as_u64) {
                 Some(id) if (id as usize) < n => Ok(Some(id as u32)),
-                Some(id) => Err(bad(format!("{k} = {id} is not below the vocabulary size {n}"))),
+                Some(id) => Err(bad(format!(
+                    "{k} = {id} is not below the vocabulary size {n}"
+                ))),
                 None => Ok(None),
             }
         };
@@ -229,8 +248,19 @@ impl Tokenizer {
             pad,
             add_bos: add_bos && bos.is_some(),
             add_eos: flag("tokenizer.ggml.add_eos_token").unwrap_or(false) && eos.is_some(),
+            post_processor: false,
             chat_template,
         })
+    }
+
+    /// The tokenizer for a model path as `qtune train --model` takes it: a GGUF file's embedded
+    /// vocabulary, or a directory's tokenizer.json.
+    pub fn for_model(path: &Path) -> Result<Tokenizer> {
+        if path.is_dir() {
+            Tokenizer::from_model_dir(path)
+        } else {
+            Tokenizer::from_gguf(&WeightStore::open(path)?)
+        }
     }
 
     /// Token ids of `text`. Special-token strings in the text (`<s>`, `<|im_end|>`) become their ids;
@@ -243,7 +273,7 @@ impl Tokenizer {
         match &self.inner {
             Inner::Hf(tk) => {
                 let enc = tk
-                    .encode(text, add_special)
+                    .encode(text, add_special && self.post_processor)
                     .map_err(|e| tok_err(&self.source, "tokenising failed", e))?;
                 ids.extend_from_slice(enc.get_ids());
             }
@@ -278,6 +308,11 @@ impl Tokenizer {
     /// Id of the padding token, if the tokenizer names one.
     pub fn pad_id(&self) -> Option<u32> {
         self.pad
+    }
+
+    /// The id to pad batches with: the padding token, else EOS, else 0 (padding is masked anyway).
+    pub fn pad_or_eos(&self) -> u32 {
+        self.pad.or(self.eos).unwrap_or(0)
     }
 
     /// The text of token `id` (for chat-template variables such as `bos_token`).
@@ -353,9 +388,11 @@ fn gguf_bpe(
             vocab.insert(t.clone(), json!(id));
         }
         if matches!(ty, TT_CONTROL | TT_USER_DEFINED | TT_UNKNOWN) {
-            added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+            added.push(
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
                               "rstrip": false, "normalized": false,
-                              "special": ty != TT_USER_DEFINED}));
+                              "special": ty != TT_USER_DEFINED}),
+            );
         }
     }
     let merges: Vec<Json> = merges
@@ -430,7 +467,7 @@ impl Spm {
             })
             .map(|(i, (t, _))| (t.clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Spm {
             tokens,
             scores,
@@ -487,17 +524,18 @@ impl Spm {
         let mut prev: Vec<isize> = (0..n as isize).map(|i| i - 1).collect();
         let mut next: Vec<usize> = (1..=n).collect();
         let mut heap = BinaryHeap::new();
-        let try_add = |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, s: &[usize], ln: &[usize]| {
-            let piece = &text[s[l]..s[l] + ln[l] + ln[r]];
-            if let Some(&id) = self.ids.get(piece) {
-                heap.push(Bigram {
-                    score: self.scores[id as usize],
-                    left: l,
-                    right: r,
-                    len: piece.len(),
-                });
-            }
-        };
+        let try_add =
+            |heap: &mut BinaryHeap<Bigram>, l: usize, r: usize, s: &[usize], ln: &[usize]| {
+                let piece = &text[s[l]..s[l] + ln[l] + ln[r]];
+                if let Some(&id) = self.ids.get(piece) {
+                    heap.push(Bigram {
+                        score: self.scores[id as usize],
+                        left: l,
+                        right: r,
+                        len: piece.len(),
+                    });
+                }
+            };
         for i in 1..n {
             try_add(&mut heap, i - 1, i, &start, &len);
         }

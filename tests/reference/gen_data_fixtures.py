@@ -87,10 +87,19 @@ MESSAGES = [
                   {"role": "user", "content": "and 3+3?"},
                   {"role": "assistant", "content": " 6 "}]},
 ]
+# Templates in the style real models ship (Llama 3's header/eot layout with `| trim` and loop.index0,
+# Mistral's alternation check with raise_exception, a namespace-carried system prompt): the Jinja
+# dialect must render them exactly as jinja2 does in transformers.
+DIALECT_TEMPLATES = [
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+    "{% set ns = namespace(system='') %}{% for m in messages %}{% if m.role == 'system' %}{% set ns.system = m.content.strip() %}{% endif %}{% endfor %}{% for m in messages if m.role != 'system' %}{% if loop.first and ns.system %}<<SYS>>{{ ns.system | upper }}<</SYS>>\n{% endif %}{{ m.role | capitalize }}: {{ m.content | replace('\n', ' ') }}{% if not loop.last %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}\nAssistant:{% endif %}",
+]
+
 GGUF_TEXTS = [
     "Hello world, this is a small test.",
     "Unicode: café, naïve — 東京 😀\nnew line\tand  double  spaces   end",
-    "numbers 1234567 and 3.14159, can't won't I'LL",
+    "numbers 1234567 and 3.14159, can't won't I'LL -this",
     "<s>special tokens</s> inside <unk> text",
 ]
 
@@ -169,6 +178,17 @@ def gen_jsonl_cases():
     chat = AutoTokenizer.from_pretrained(chat_dir)
     assert chat("x").input_ids[0] == 1 and base("x").input_ids[0] != 1
 
+    # transformers' LlamaTokenizerFast replaces tokenizer.json's post-processor with one built from
+    # add_bos_token / add_eos_token.
+    fast_dir = os.path.join(OUT, "model_llamafast")
+    os.makedirs(fast_dir, exist_ok=True)
+    shutil.copy(os.path.join(MODEL, "tokenizer.json"), fast_dir)
+    tc = json.load(open(os.path.join(MODEL, "tokenizer_config.json")))
+    tc.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=True)
+    json.dump(tc, open(os.path.join(fast_dir, "tokenizer_config.json"), "w"), indent=2)
+    fast = AutoTokenizer.from_pretrained(fast_dir)
+    assert fast("x").input_ids[0] == 1 and fast("x").input_ids[-1] == 2
+
     write_jsonl("text.jsonl", TEXT)
     write_jsonl("pc.jsonl", PC)
     write_jsonl("alpaca.jsonl", ALPACA)
@@ -181,6 +201,8 @@ def gen_jsonl_cases():
         case("pc_train_on_prompt", C, "pc.jsonl", PC,
              lambda r: ex_pc(chat, r["prompt"], r["completion"], True), train_on_prompt=True),
         case("pc_base", M, "pc.jsonl", PC, lambda r: ex_pc(base, r["prompt"], r["completion"], False)),
+        case("pc_llamafast", "tests/fixtures/data/model_llamafast", "pc.jsonl", PC,
+             lambda r: ex_pc(fast, r["prompt"], r["completion"], False)),
         case("alpaca", C, "alpaca.jsonl", ALPACA, lambda r: ex_alpaca(chat, r, False)),
         case("messages_model_template", C, "messages.jsonl", MESSAGES,
              lambda r: ex_messages(chat, r, CHAT_TEMPLATE, False)),
@@ -192,7 +214,19 @@ def gen_jsonl_cases():
     # Rendered text of the model template, to check the Jinja dialect separately from tokenising.
     rendered = chat.apply_chat_template(MESSAGES[1]["messages"], tokenize=False,
                                         add_generation_prompt=True)
-    return cases, rendered
+    dialect = []
+    for t in DIALECT_TEMPLATES:
+        for r in MESSAGES:
+            msgs = r["messages"]
+            for gen in (False, True):
+                try:
+                    out = chat.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                                   chat_template=t)
+                except Exception as e:  # jinja2's raise_exception: qtune must refuse too
+                    out = None
+                dialect.append({"template": t, "messages": msgs, "add_generation_prompt": gen,
+                                "rendered": out})
+    return cases, rendered, dialect
 
 
 def llama_cpp_ids(path, text, add_bos):
@@ -230,10 +264,14 @@ def bpe_gguf(src, path, pre):
     """A vocab-only copy of src's byte-level BPE vocabulary with another pre-tokenizer name."""
     r = gguf.GGUFReader(src)
     w = vocab_only_header(path, "gpt2", pre)
-    w.add_token_list(field_strings(r, "tokenizer.ggml.tokens"))
+    # Extra merges that cross GPT-2's pre-token boundaries but not Llama 3's (digits in threes,
+    # upper-case contractions, punctuation before a word), so the test sees which split ran.
+    extra = [("1", "2"), ("12", "3"), ("\u0120", "1"), ("'", "L"), ("'L", "L"), ("-", "t")]
+    tokens = field_strings(r, "tokenizer.ggml.tokens") + [a + b for a, b in extra]
     f = r.fields["tokenizer.ggml.token_type"]
-    w.add_token_types([int(f.parts[i][0]) for i in f.data])
-    w.add_token_merges(field_strings(r, "tokenizer.ggml.merges"))
+    w.add_token_list(tokens)
+    w.add_token_types([int(f.parts[i][0]) for i in f.data] + [1] * len(extra))
+    w.add_token_merges(field_strings(r, "tokenizer.ggml.merges") + [f"{a} {b}" for a, b in extra])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     finish(w)
@@ -307,10 +345,11 @@ def gen_gguf_cases(qtune):
 def main():
     qtune = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "release", "qtune")
     os.makedirs(OUT, exist_ok=True)
-    cases, rendered = gen_jsonl_cases()
+    cases, rendered, dialect = gen_jsonl_cases()
     gguf_cases = gen_gguf_cases(qtune)
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump({"cases": cases, "rendered_model_template": rendered, "chat_template": CHAT_TEMPLATE,
+                   "dialect": dialect,
                    "gguf": gguf_cases}, f, ensure_ascii=False, indent=1)
     print(f"wrote {len(cases)} JSONL cases and {len(gguf_cases)} GGUF tokenisations to {OUT}")
 
