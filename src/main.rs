@@ -40,6 +40,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fine-tune a LoRA adapter on JSONL data (no arguments: the embedded default, about a minute).
+    Train(Box<cli::train::Args>),
     /// Export an adapter as llama.cpp's GGUF LoRA or a PEFT directory.
     Export(cli::export::Args),
     /// Merge an adapter into its base model.
@@ -58,6 +60,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Train(args) => cli::train::run(*args)?,
         Cmd::Export(a) => cli::export::run(a)?,
         Cmd::Merge(a) => cli::merge::run(a)?,
         Cmd::Generate(a) => cli::generate::run(a)?,

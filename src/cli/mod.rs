@@ -2,3 +2,4 @@
 pub mod export;
 pub mod generate;
 pub mod merge;
+pub mod train;

@@ -1,7 +1,9 @@
 //! Training machinery around the model: the optimizer ([`AdamW`], with gradient clipping) and the
 //! learning-rate schedules ([`LrSchedule`]).
+pub mod config;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::{LrSchedule, ScheduleKind};

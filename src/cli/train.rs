@@ -1,0 +1,297 @@
+//! `qtune train`: JSONL data and a base model to a PEFT LoRA adapter. With no arguments it trains
+//! the embedded default (assets/) for about a minute.
+use anyhow::{bail, Context, Result};
+use qtune::data::{load_examples, DataOptions, Tokenizer};
+use qtune::store::WeightStore;
+use qtune::train::config::TrainConfig;
+use qtune::train::trainer::{train, RunOptions, Sample};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Flags of `qtune train`; each is also a key of `--config` (same name), and a flag given wins.
+#[derive(clap::Args, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Args {
+    /// TOML file with any of these settings as keys (`batch-size = 4`); flags win over it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Base model: Hugging Face directory, .safetensors or .gguf (default: the embedded model).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// Training data (JSONL: text, prompt/completion, messages or alpaca lines).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Evaluation data (JSONL), for eval loss and perplexity.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_data: Option<PathBuf>,
+    /// Output directory (metrics.jsonl, checkpoint-N/, adapter/).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k or none [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quant: Option<String>,
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// LoRA alpha [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// LoRA dropout [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f32>,
+    /// LoRA targets, comma-separated PEFT names (q_proj,v_proj) or all-linear [default: all-linear].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<String>>,
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// constant, linear or cosine [default: linear].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Warmup steps [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<usize>,
+    /// Optimizer steps (wins over --epochs).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Passes over the data [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
+    /// Sequences per micro-batch [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum: Option<usize>,
+    /// Global gradient-norm clip, 0 = off [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// Tokens per sequence; longer examples are truncated [default: 512].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// Seed of LoRA init, dropout and data order [default: 42].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Shuffle examples each epoch: true or false [default: true].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shuffle: Option<bool>,
+    /// Evaluate every N steps (and at start and end) [default: 0: start and end only].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps (and at the end) [default: 0: end only].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_every: Option<usize>,
+    /// Worker threads, 0 = all cores [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Refuse a run predicted to need more (8G, 512M, bytes).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<String>,
+    /// AdamW decoupled weight decay [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adam_beta1: Option<f64>,
+    /// AdamW beta2 [default: 0.999].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adam_beta2: Option<f64>,
+    /// AdamW epsilon [default: 1e-8].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adam_eps: Option<f64>,
+    /// Compute and adapter dtype: bf16 or f32 (parity checks) [default: bf16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// Start from this PEFT adapter directory (its rank, alpha and targets are used).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_init: Option<PathBuf>,
+    /// Continue from a checkpoint directory (or an --out directory: its newest checkpoint).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<PathBuf>,
+    /// Also put the loss on prompt / user tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub train_on_prompt: bool,
+    /// Pack short examples together into --seq-len sequences.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub packing: bool,
+    /// Chat template for `messages` data: a built-in name, a Jinja file or Jinja text.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Stop right after this step, without the final save (simulates a kill; for resume tests).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
+}
+
+/// The embedded default: model, data and settings shipped in assets/.
+fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// Resolves the config: defaults < embedded default (when no model and no data are named anywhere)
+/// < --config file < flags.
+pub fn resolve(args: &Args) -> Result<TrainConfig> {
+    let file = match &args.config {
+        Some(p) => TrainConfig::table_from_file(p)?,
+        None => toml::Table::new(),
+    };
+    let flags = toml::Table::try_from(args).context("collecting flags")?;
+    let named = |k: &str| file.contains_key(k) || flags.contains_key(k);
+    let mut layers = Vec::new();
+    if !named("model") && !named("data") {
+        let p = assets().join("default.toml");
+        let mut t = TrainConfig::table_from_file(&p).with_context(|| {
+            "the embedded default (assets/) is missing; pass --model and --data"
+        })?;
+        // Paths in the embedded config are relative to assets/.
+        for k in ["model", "data", "eval-data"] {
+            if let Some(toml::Value::String(s)) = t.get(k) {
+                let abs = assets().join(s).display().to_string();
+                t.insert(k.into(), toml::Value::String(abs));
+            }
+        }
+        layers.push(t);
+    }
+    layers.push(file);
+    layers.push(flags);
+    Ok(TrainConfig::resolve(&layers, args.config.as_deref())?)
+}
+
+fn tokenizer(model: &Path) -> Result<Tokenizer> {
+    if model.is_dir() {
+        return Ok(Tokenizer::from_model_dir(model)?);
+    }
+    if model.extension().is_some_and(|e| e == "gguf") {
+        let store = WeightStore::open(model)?;
+        return Ok(Tokenizer::from_gguf(&store)?);
+    }
+    match model.parent() {
+        Some(d) => Ok(Tokenizer::from_model_dir(d)?),
+        None => bail!("{}: no tokenizer found beside the model", model.display()),
+    }
+}
+
+fn load(path: &Path, tok: &Tokenizer, cfg: &TrainConfig, what: &str) -> Result<Vec<Sample>> {
+    let opts = DataOptions {
+        train_on_prompt: cfg.train_on_prompt,
+        seq_len: cfg.seq_len,
+        packing: cfg.packing,
+        template: cfg.chat_template.clone(),
+    };
+    let (ex, st) = load_examples(path, tok, &opts)
+        .with_context(|| format!("loading {what} data {}", path.display()))?;
+    eprintln!(
+        "{what} data {}: {} examples ({}), {} sequences, {} tokens, {} trained on; {} truncated to \
+         --seq-len {}, {} dropped (no target left)",
+        path.display(),
+        st.n,
+        st.format.describe(),
+        st.sequences,
+        st.tokens,
+        st.targets,
+        st.truncated,
+        cfg.seq_len,
+        st.dropped
+    );
+    Ok(ex
+        .into_iter()
+        .map(|e| Sample {
+            ids: e.ids,
+            labels: e.labels,
+        })
+        .collect())
+}
+
+/// Runs `qtune train`.
+pub fn run(args: Args) -> Result<()> {
+    let cfg = resolve(&args)?;
+    if cfg.threads > 0 {
+        // candle's CPU kernels and ours share rayon's global pool.
+        std::env::set_var("RAYON_NUM_THREADS", cfg.threads.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .build_global()
+            .context("setting --threads")?;
+    }
+    let model = cfg.model.clone().context("--model: no base model given")?;
+    let data = cfg
+        .data
+        .clone()
+        .context("--data: no training JSONL given")?;
+    let tok = tokenizer(&model)?;
+    let train_data = load(&data, &tok, &cfg, "training")?;
+    let eval_data = match &cfg.eval_data {
+        Some(p) => load(p, &tok, &cfg, "eval")?,
+        None => Vec::new(),
+    };
+    let opts = RunOptions {
+        quiet: false,
+        stop_after: args.stop_after,
+    };
+    let probe = eval_data.first().or(train_data.first()).map(|s| {
+        let n = s.labels.iter().take_while(|&&l| l < 0).count();
+        tok.decode(&s.ids[..n]).unwrap_or_default()
+    });
+    let rep = train(&cfg, train_data, eval_data, &opts)?;
+    if let (Some(first), Some(last)) = (rep.evals.first(), rep.evals.last()) {
+        println!(
+            "eval loss {:.4} (step {}) -> {:.4} (step {})",
+            first.1, first.0, last.1, last.0
+        );
+    }
+    if let (Some(l), true) = (rep.losses.last(), rep.adapter_dir.is_dir()) {
+        println!(
+            "final train loss {l:.4}; adapter in {}",
+            rep.adapter_dir.display()
+        );
+        // Hook for a before/after generation: `qtune generate` (export helper) takes it from here.
+        if let Some(p) = probe.filter(|p| !p.is_empty()) {
+            println!(
+                "compare generations before and after: qtune generate --model {} --adapter {} \
+                 --prompt {p:?}",
+                model.display(),
+                rep.adapter_dir.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! The resolved settings of a `qtune train` run: defaults, overlaid by a `qtune.toml`, overlaid by
+//! command-line flags. Keys are the flag names (`batch-size`; `batch_size` is accepted too).
+use crate::quant::QType;
+use crate::train::ScheduleKind;
+use crate::{Error, Result};
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Every setting of a training run. Field names are the config keys (kebab-case in TOML).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model: a Hugging Face directory, a .safetensors or a .gguf file.
+    pub model: Option<PathBuf>,
+    /// Training JSONL.
+    pub data: Option<PathBuf>,
+    /// Evaluation JSONL (none: no eval loss).
+    pub eval_data: Option<PathBuf>,
+    /// Output directory: metrics, checkpoints, and the final adapter in `<out>/adapter`.
+    pub out: PathBuf,
+    /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k, or none (keep as stored).
+    pub quant: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    pub alpha: f64,
+    /// LoRA dropout on the adapter input.
+    pub dropout: f32,
+    /// LoRA target projections (PEFT names) or `all-linear`.
+    pub targets: Vec<String>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// constant, linear or cosine.
+    pub schedule: String,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    /// Optimizer steps (wins over `epochs`).
+    pub steps: Option<usize>,
+    /// Passes over the training data (used when `steps` is unset; default 1).
+    pub epochs: Option<f64>,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0: off).
+    pub max_grad_norm: f64,
+    /// Tokens per sequence; longer examples are truncated.
+    pub seq_len: usize,
+    /// Seed of the LoRA init, dropout and data order.
+    pub seed: u64,
+    /// Shuffle the training examples each epoch.
+    pub shuffle: bool,
+    /// Evaluate every N steps (0: only at the start and end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+    /// Worker threads (0: all cores).
+    pub threads: usize,
+    /// Refuse a run whose predicted peak exceeds this (e.g. `8G`, `512M`, bytes).
+    pub max_memory: Option<String>,
+    /// Decoupled AdamW weight decay.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    pub adam_eps: f64,
+    /// Compute and adapter dtype: bf16 or f32.
+    pub dtype: String,
+    /// Start from this PEFT adapter (its rank, alpha and targets win).
+    pub adapter_init: Option<PathBuf>,
+    /// Continue from this checkpoint (or output) directory.
+    pub resume: Option<PathBuf>,
+    /// Also train on prompt / user tokens.
+    pub train_on_prompt: bool,
+    /// Pack short examples into full sequences.
+    pub packing: bool,
+    /// Built-in chat template name for `messages` data (none: the model's).
+    pub chat_template: Option<String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: None,
+            data: None,
+            eval_data: None,
+            out: PathBuf::from("qtune-out"),
+            quant: "none".into(),
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["all-linear".into()],
+            lr: 2e-4,
+            schedule: "linear".into(),
+            warmup: 0,
+            steps: None,
+            epochs: None,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            seq_len: 512,
+            seed: 42,
+            shuffle: true,
+            eval_every: 0,
+            save_every: 0,
+            threads: 0,
+            max_memory: None,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            dtype: "bf16".into(),
+            adapter_init: None,
+            resume: None,
+            train_on_prompt: false,
+            packing: false,
+            chat_template: None,
+        }
+    }
+}
+
+/// The name of the resolved config written beside the adapter.
+pub const CONFIG_FILE: &str = "qtune.toml";
+
+fn bad(key: &str, msg: String) -> Error {
+    Error::Invalid(format!("--{key}: {msg}"))
+}
+
+impl TrainConfig {
+    /// Reads a TOML config; keys may use `-` or `_`. `path` is named in every error.
+    pub fn table_from_file(path: &Path) -> Result<toml::Table> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let t: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Json {
+            path: path.to_path_buf(),
+            msg: format!("not valid TOML: {e}"),
+        })?;
+        Ok(normalise_keys(t))
+    }
+
+    /// Defaults overlaid by `layers` in order (later wins), then checked. `path` names the config
+    /// file in errors about unknown keys or wrong types.
+    pub fn resolve(layers: &[toml::Table], path: Option<&Path>) -> Result<Self> {
+        let mut merged = toml::Table::new();
+        for l in layers {
+            for (k, v) in normalise_keys(l.clone()) {
+                merged.insert(k, v);
+            }
+        }
+        let cfg: TrainConfig =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    let at = path.map_or("config".into(), |p| p.display().to_string());
+                    Error::Invalid(format!("{at}: {}", e.message().trim()))
+                })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML text (what [`CONFIG_FILE`] holds).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serialises")
+    }
+
+    /// Checks every value and its relations to the others.
+    pub fn check(&self) -> Result<()> {
+        self.quant_type()?;
+        self.schedule_kind()?;
+        self.compute_dtype()?;
+        self.max_memory_bytes()?;
+        if self.rank == 0 {
+            return Err(bad("rank", "must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(bad("alpha", format!("{} must be > 0", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(bad(
+                "dropout",
+                format!("{} is outside [0, 1)", self.dropout),
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(bad(
+                "targets",
+                "name at least one projection or all-linear".into(),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(bad("lr", format!("{} must be finite and >= 0", self.lr)));
+        }
+        if self.steps == Some(0) {
+            return Err(bad("steps", "must be at least 1".into()));
+        }
+        if let Some(e) = self.epochs {
+            if !(e.is_finite() && e > 0.0) {
+                return Err(bad("epochs", format!("{e} must be > 0")));
+            }
+        }
+        for (k, v) in [
+            ("batch-size", self.batch_size),
+            ("grad-accum", self.grad_accum),
+        ] {
+            if v == 0 {
+                return Err(bad(k, "must be at least 1".into()));
+            }
+        }
+        if self.seq_len < 2 {
+            return Err(bad("seq-len", "must be at least 2 tokens".into()));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return Err(bad(
+                "max-grad-norm",
+                format!("{} must be >= 0 (0 = off)", self.max_grad_norm),
+            ));
+        }
+        for (k, v, lo, hi) in [
+            ("adam-beta1", self.adam_beta1, 0.0, 1.0),
+            ("adam-beta2", self.adam_beta2, 0.0, 1.0),
+        ] {
+            if !(lo..hi).contains(&v) {
+                return Err(bad(k, format!("{v} is outside [0, 1)")));
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(bad("adam-eps", format!("{} must be > 0", self.adam_eps)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(bad(
+                "weight-decay",
+                format!("{} must be >= 0", self.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `quant` as a type (`None`: keep the stored types).
+    pub fn quant_type(&self) -> Result<Option<QType>> {
+        let q = self.quant.to_ascii_lowercase();
+        if q == "none" {
+            return Ok(None);
+        }
+        match QType::parse(&q) {
+            Some(t) if t == QType::NF4 || crate::quant::dispatch::QUANTIZABLE.contains(&t) => {
+                Ok(Some(t))
+            }
+            _ => Err(bad(
+                "quant",
+                format!(
+                    "'{}' is not one of nf4, q4_0, q8_0, q4_k, q6_k, none",
+                    self.quant
+                ),
+            )),
+        }
+    }
+
+    /// `schedule` parsed.
+    pub fn schedule_kind(&self) -> Result<ScheduleKind> {
+        self.schedule.parse().map_err(|_| {
+            bad(
+                "schedule",
+                format!("'{}' is not constant, linear or cosine", self.schedule),
+            )
+        })
+    }
+
+    /// `dtype` parsed.
+    pub fn compute_dtype(&self) -> Result<DType> {
+        match self.dtype.to_ascii_lowercase().as_str() {
+            "bf16" => Ok(DType::BF16),
+            "f32" => Ok(DType::F32),
+            _ => Err(bad("dtype", format!("'{}' is not bf16 or f32", self.dtype))),
+        }
+    }
+
+    /// `max-memory` in bytes.
+    pub fn max_memory_bytes(&self) -> Result<Option<u64>> {
+        self.max_memory
+            .as_deref()
+            .map(|s| {
+                parse_bytes(s).ok_or_else(|| {
+                    bad(
+                        "max-memory",
+                        format!("'{s}' is not a size like 8G, 512M or 1000000"),
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
+/// `8G`, `1.5GiB`, `512M`, `64k`, `1000` (bytes); binary units.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    (n.is_finite() && n >= 0.0).then_some((n * mul as f64) as u64)
+}
+
+fn normalise_keys(t: toml::Table) -> toml::Table {
+    t.into_iter()
+        .map(|(k, v)| (k.replace('_', "-"), v))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order_and_round_trip() {
+        let file: toml::Table = "batch_size = 2\nlr = 0.5\nschedule = \"cosine\""
+            .parse()
+            .unwrap();
+        let cli: toml::Table = "lr = 0.25".parse().unwrap();
+        let c = TrainConfig::resolve(&[file, cli], None).unwrap();
+        assert_eq!(
+            (c.batch_size, c.lr, c.schedule.as_str()),
+            (2, 0.25, "cosine")
+        );
+        let back: toml::Table = c.to_toml().parse().unwrap();
+        assert_eq!(TrainConfig::resolve(&[back], None).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("schedule = \"step\"", "--schedule"),
+            ("dtype = \"f16\"", "--dtype"),
+            ("quant = \"q3_k\"", "--quant"),
+            ("max-memory = \"lots\"", "--max-memory"),
+            ("rank = 0", "--rank"),
+            ("dropout = 1.0", "--dropout"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let t: toml::Table = text.parse().unwrap();
+            let e = TrainConfig::resolve(&[t], None).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        assert_eq!(parse_bytes("1.5G"), Some(3 << 29));
+        assert_eq!(parse_bytes("512m"), Some(512 << 20));
+    }
+}

@@ -1,0 +1,277 @@
+//! `qtune train` end to end: JSONL through the tokenizer to PEFT's losses, config file vs flags,
+//! resume bit-identity through the binary, and bad input.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn qtune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .arg("train")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn expected() -> serde_json::Value {
+    let p = root().join("tests/fixtures/train/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn fx(p: &str) -> String {
+    root().join(p).display().to_string()
+}
+
+fn step_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
+}
+
+fn parity(data: &str, key: &str) {
+    let want: Vec<f64> = serde_json::from_value(expected()[key].clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = want.len().to_string();
+    let o = qtune(&[
+        "--model",
+        &fx("tests/fixtures/llama/model"),
+        "--data",
+        &fx(data),
+        "--adapter-init",
+        &fx("tests/fixtures/llama/f32/adapter"),
+        "--steps",
+        &steps,
+        "--dtype",
+        "f32",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "1",
+        "--dropout",
+        "0",
+        "--schedule",
+        "constant",
+        "--max-grad-norm",
+        "0",
+        "--lr",
+        "1e-2",
+        "--shuffle",
+        "false",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = step_losses(dir.path());
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() < 1e-4,
+            "{data} step {}: qtune {g}, PEFT {w}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn prompt_completion_jsonl_reproduces_peft_losses() {
+    parity("tests/fixtures/train/data.jsonl", "losses");
+}
+
+#[test]
+fn text_jsonl_reproduces_peft_losses() {
+    parity("tests/fixtures/train/text.jsonl", "text_losses");
+}
+
+fn base_args(out: &Path) -> Vec<String> {
+    [
+        "--model",
+        &fx("tests/fixtures/llama/model"),
+        "--data",
+        &fx("tests/fixtures/train/data.jsonl"),
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "cosine",
+        "--warmup",
+        "2",
+        "--save-every",
+        "3",
+        "--dropout",
+        "0.1",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run_ok(args: &[String]) {
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = qtune(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn stop_and_resume_gives_identical_adapter_bytes() {
+    let full = tempfile::tempdir().unwrap();
+    run_ok(&base_args(full.path()));
+    let part = tempfile::tempdir().unwrap();
+    let mut a = base_args(part.path());
+    a.extend(["--stop-after".into(), "3".into()]);
+    run_ok(&a);
+    let mut a = base_args(part.path());
+    a.extend(["--resume".into(), part.path().display().to_string()]);
+    run_ok(&a);
+    let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(f(full.path()), f(part.path()));
+    assert_eq!(step_losses(full.path()), step_losses(part.path()));
+    // A checkpoint holds everything resume needs.
+    let ck = part.path().join("checkpoint-3");
+    for p in [
+        "adapter/adapter_model.safetensors",
+        "optimizer/optimizer.json",
+        "trainer_state.json",
+    ] {
+        assert!(ck.join(p).is_file(), "{p}");
+    }
+}
+
+#[test]
+fn config_file_takes_the_same_keys_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfgp = dir.path().join("qtune.toml");
+    std::fs::write(
+        &cfgp,
+        "steps = 2\nbatch_size = 1\nrank = 2\nschedule = \"constant\"\nlr = 0.5\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = qtune(&[
+        "--config",
+        cfgp.to_str().unwrap(),
+        "--model",
+        &fx("tests/fixtures/llama/model"),
+        "--data",
+        &fx("tests/fixtures/train/data.jsonl"),
+        "--lr",
+        "0.001",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = std::fs::read_to_string(out.join("adapter/qtune.toml")).unwrap();
+    let t: toml::Table = saved.parse().unwrap();
+    assert_eq!(t["rank"].as_integer(), Some(2), "{saved}");
+    assert_eq!(t["lr"].as_float(), Some(0.001), "{saved}");
+    assert_eq!(t["steps"].as_integer(), Some(2), "{saved}");
+    assert_eq!(step_losses(&out).len(), 2);
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let o = qtune(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(err.contains(needle), "{args:?}: {err}");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_flag_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let m = fx("tests/fixtures/llama/model");
+    let d = fx("tests/fixtures/train/data.jsonl");
+    let base = [
+        "--model",
+        m.as_str(),
+        "--data",
+        d.as_str(),
+        "--out",
+        out,
+        "--steps",
+        "1",
+    ];
+    for (extra, needle) in [
+        (&["--schedule", "step"][..], "--schedule"),
+        (&["--dtype", "f16"][..], "--dtype"),
+        (&["--quant", "q3_k"][..], "--quant"),
+        (&["--targets", "qq_proj"][..], "qq_proj"),
+        (&["--max-memory", "lots"][..], "--max-memory"),
+        (&["--max-memory", "100k"][..], "exceeds --max-memory"),
+        (&["--batch-size", "0"][..], "--batch-size"),
+        (&["--shuffle", "maybe"][..], "--shuffle"),
+        (&["--resume", out][..], "no trainer_state.json"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        fails_with(&a, needle);
+    }
+    let cfgp = dir.path().join("bad.toml");
+    std::fs::write(&cfgp, "bogus-key = 1\n").unwrap();
+    let mut a = base.to_vec();
+    a.extend(["--config", cfgp.to_str().unwrap()]);
+    fails_with(&a, "bogus-key");
+}
+
+#[test]
+fn resume_from_another_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = base_args(dir.path());
+    a.extend(["--stop-after".into(), "3".into()]);
+    run_ok(&a);
+    let mut a = base_args(dir.path());
+    a.extend([
+        "--resume".into(),
+        dir.path().display().to_string(),
+        "--seed".into(),
+        "7".into(),
+    ]);
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    fails_with(&a, "another run");
+}
+
+#[test]
+fn no_arguments_trains_the_embedded_default_and_eval_loss_falls() {
+    // The embedded default with fewer steps (flags win over it); run where its out dir may go.
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args([
+            "train",
+            "--steps",
+            "30",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let evals: Vec<f64> = std::fs::read_to_string(dir.path().join("qtune-out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("eval_loss").and_then(|x| x.as_f64()))
+        .collect();
+    assert_eq!(evals.len(), 2, "{err}");
+    assert!(evals[1] < evals[0] - 1.0, "eval loss {evals:?}");
+    assert!(
+        err.contains("memory plan") && err.contains("peak memory: measured"),
+        "{err}"
+    );
+}
