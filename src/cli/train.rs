@@ -283,11 +283,29 @@ pub fn run(args: Args) -> Result<()> {
             "final train loss {l:.4}; adapter in {}",
             rep.adapter_dir.display()
         );
-        // Hook for a before/after generation: `qtune generate` (export helper) takes it from here.
+        // One greedy generation from the first eval prompt, without and with the adapter (the
+        // same code as `qtune generate`).
         if let Some(p) = probe.filter(|p| !p.is_empty()) {
+            let store = qtune::store::WeightStore::open(&model)?;
+            let cfg = qtune::models::LlamaConfig::from_store(&store)?;
+            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &cfg)?;
+            let ids = tok.encode(&p, true)?;
+            let eos: Vec<u32> = tok.eos_id().into_iter().collect();
+            let greedy = qtune::generate::Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+            };
+            println!("prompt: {p:?}");
+            for (when, a) in [("before", None), ("after", Some(&adapter))] {
+                let g = qtune::generate::Generator::new(&store, a)?;
+                let r = qtune::generate::generate(&g, &ids, 24, &greedy, &eos, |_| {})?;
+                let text = tok.decode(&r.tokens)?;
+                println!("{when:>6} training: {:?}", text.trim_end());
+            }
             println!(
-                "compare generations before and after: qtune generate --model {} --adapter {} \
-                 --prompt {p:?}",
+                "try it: qtune generate --model {} --adapter {} --prompt {p:?}",
                 model.display(),
                 rep.adapter_dir.display()
             );
