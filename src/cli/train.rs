@@ -285,8 +285,10 @@ pub fn run(args: Args) -> Result<()> {
         );
         // One greedy generation from the first eval prompt, without and with the adapter (the
         // same code as `qtune generate`).
-        if let Some(p) = probe.filter(|p| !p.is_empty()) {
-            let store = qtune::store::WeightStore::open(&model)?;
+        let store = qtune::store::WeightStore::open(&model)?;
+        // `qtune generate` is Llama-only for now.
+        let llama = !qtune::models::plan::is_falcon(&store);
+        if let Some(p) = probe.filter(|p| !p.is_empty() && llama) {
             let cfg = qtune::models::LlamaConfig::from_store(&store)?;
             let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &cfg)?;
             let ids = tok.encode(&p, true)?;

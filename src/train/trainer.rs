@@ -9,7 +9,8 @@ use super::config::{TrainConfig, CONFIG_FILE};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::adapter::{self, AdapterConfig};
 use crate::lora::LoraConfig;
-use crate::models::{Llama, LlamaOptions, LoraSpec, MemoryPlan};
+use crate::models::plan::is_falcon;
+use crate::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec, MemoryPlan};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -306,7 +307,7 @@ pub fn train(
 
     // Memory plan before anything is loaded.
     let store = WeightStore::open(&model_path)?;
-    let plan = MemoryPlan::new(&store, &lopts, micro, cfg.seq_len)?;
+    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?;
     say(format!(
         "memory plan (batch {micro} x {} tokens):\n{plan}",
         cfg.seq_len
@@ -328,7 +329,12 @@ pub fn train(
             )));
         }
     }
-    let model = Llama::load(&store, lopts)?;
+    // Llama and Falcon differ only in their decoder blocks; the loop drives either.
+    let model: Box<dyn CausalLm> = if is_falcon(&store) {
+        Box::new(Falcon::load(&store, lopts)?)
+    } else {
+        Box::new(Llama::load(&store, lopts)?)
+    };
     let params = model.lora_params();
     if let Some((dir, acfg, tensors)) = &init {
         let expected: Vec<(String, Vec<usize>)> = params
@@ -473,7 +479,7 @@ pub fn train(
             })
             .collect()
     };
-    let evaluate = |model: &Llama| -> Result<f32> {
+    let evaluate = |model: &dyn CausalLm| -> Result<f32> {
         let (mut sum, mut cnt) = (0f64, 0usize);
         for chunk in eval_data.chunks(micro) {
             let refs: Vec<&Sample> = chunk.iter().collect();
@@ -507,7 +513,7 @@ pub fn train(
         truncated: cut + cut_eval,
         adapter_dir: cfg.out.join("adapter"),
     };
-    let do_eval = |model: &Llama,
+    let do_eval = |model: &dyn CausalLm,
                    step: usize,
                    report: &mut TrainReport,
                    metrics: &mut std::fs::File|
@@ -531,7 +537,7 @@ pub fn train(
             serde_json::json!({"step": step, "eval_loss": l, "eval_ppl": ppl}),
         )
     };
-    let save = |model: &Llama, opt: &AdamW, step: usize| -> Result<()> {
+    let save = |model: &dyn CausalLm, opt: &AdamW, step: usize| -> Result<()> {
         let _ = model;
         let dir = cfg.out.join(format!("checkpoint-{step}"));
         let tmp = cfg.out.join(format!(".checkpoint-{step}.tmp"));
@@ -558,7 +564,7 @@ pub fn train(
     };
 
     if step == 0 {
-        do_eval(&model, 0, &mut report, &mut metrics)?;
+        do_eval(model.as_ref(), 0, &mut report, &mut metrics)?;
     }
     let t_run = Instant::now();
     let mut tokens_total = 0usize;
@@ -628,22 +634,22 @@ pub fn train(
         ));
         pb.set_position(step as u64);
         if step.is_multiple_of(cfg.eval_every) && step < total_steps {
-            do_eval(&model, step, &mut report, &mut metrics)?;
+            do_eval(model.as_ref(), step, &mut report, &mut metrics)?;
         }
         if opts.stop_after == Some(step) {
             if step.is_multiple_of(cfg.save_every) {
-                save(&model, &opt, step)?;
+                save(model.as_ref(), &opt, step)?;
             }
             pb.abandon();
             report.peak_rss = peak_rss_bytes();
             return Ok(report);
         }
         if step == total_steps || step.is_multiple_of(cfg.save_every) {
-            save(&model, &opt, step)?;
+            save(model.as_ref(), &opt, step)?;
         }
     }
     pb.finish();
-    do_eval(&model, step, &mut report, &mut metrics)?;
+    do_eval(model.as_ref(), step, &mut report, &mut metrics)?;
     adapter::save_peft_vars(&report.adapter_dir, &acfg, &params)?;
     let mut resolved = cfg.clone();
     resolved.resume = None;
