@@ -5,6 +5,8 @@ use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::PathBuf;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "qtune",
@@ -18,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Memory and speed of a LoRA training step on a model shape with random quantised weights.
+    Bench(cli::bench::Args),
     /// Print a model file's architecture, metadata, tensors and bits per weight (reads headers only).
     Inspect {
         /// A .gguf file, a .safetensors file, or a Hugging Face model directory.
@@ -50,6 +54,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Bench(a) => cli::bench::run(a)?,
         Cmd::Inspect { path, verify } => {
             let store = WeightStore::open(&path)?;
             print!("{}", qtune::inspect::inspect(&store));

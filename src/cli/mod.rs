@@ -1,0 +1,2 @@
+//! Subcommands of the `qtune` binary, one file each.
+pub mod bench;
