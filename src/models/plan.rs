@@ -19,7 +19,7 @@ pub struct MemoryPlan {
     pub adapters: usize,
     /// The LoRA gradients a step returns (compute dtype).
     pub adapter_grads: usize,
-    /// AdamW moments: 2 f32 per LoRA parameter.
+    /// AdamW state: 2 f32 moments and the f32 master copy per LoRA parameter.
     pub optimizer: usize,
     /// Checkpointed layer inputs, the final hidden state and the gradient passed between layers.
     pub checkpoints: usize,
@@ -158,7 +158,9 @@ impl MemoryPlan {
             weights,
             adapters: lora_params * s,
             adapter_grads: lora_params * s,
-            optimizer: lora_params * 2 * 4,
+            // `train::AdamW` keeps an f32 master copy beside the two moments (measured by
+            // `qtune bench`: without it the plan missed the peak by 3 % on a 110M shape).
+            optimizer: lora_params * 3 * 4,
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight,
