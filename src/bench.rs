@@ -74,6 +74,16 @@ pub fn shape_config(shape: &str) -> Result<serde_json::Value> {
     })
 }
 
+/// Parameters of a Llama of this config (embedding, decoder layers with norms, final norm, and an
+/// untied lm_head).
+pub fn param_count(cfg: &LlamaConfig) -> usize {
+    let (v, c, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let layer = 2 * q * c + 2 * kv * c + 3 * i * c + 2 * c;
+    let head = if cfg.tie_word_embeddings { 0 } else { v * c };
+    v * c + cfg.num_layers * layer + c + head
+}
+
 /// A small, fast PRNG (xorshift64*): the values only need to look like weights.
 struct Rng(u64);
 
