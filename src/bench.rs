@@ -29,7 +29,13 @@ pub const SHAPES: [&str; 5] = [
 ];
 
 /// Weight types a synthetic model can be generated in.
-pub const BENCH_QUANTS: [QType; 5] = [QType::NF4, QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::BF16];
+pub const BENCH_QUANTS: [QType; 5] = [
+    QType::NF4,
+    QType::Q4_0,
+    QType::Q8_0,
+    QType::Q4_K,
+    QType::BF16,
+];
 
 /// The transformers `config.json` of a named shape, or of a `config.json` path.
 pub fn shape_config(shape: &str) -> Result<serde_json::Value> {
@@ -58,7 +64,11 @@ pub fn shape_config(shape: &str) -> Result<serde_json::Value> {
         }
         path => {
             let p = Path::new(path);
-            let p = if p.is_dir() { p.join("config.json") } else { p.to_path_buf() };
+            let p = if p.is_dir() {
+                p.join("config.json")
+            } else {
+                p.to_path_buf()
+            };
             if !p.exists() {
                 return Err(Error::Invalid(format!(
                     "--shape {path}: neither a known shape ({}) nor an existing config.json",
@@ -78,7 +88,10 @@ pub fn shape_config(shape: &str) -> Result<serde_json::Value> {
 /// untied lm_head).
 pub fn param_count(cfg: &LlamaConfig) -> usize {
     let (v, c, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
     let layer = 2 * q * c + 2 * kv * c + 3 * i * c + 2 * c;
     let head = if cfg.tie_word_embeddings { 0 } else { v * c };
     v * c + cfg.num_layers * layer + c + head
@@ -119,35 +132,37 @@ fn random_blocks(q: QType, out: &mut [u8], seed: u64) {
     let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
     // Blocks per parallel chunk (~1 MiB) so the seed of a chunk depends only on its position.
     let per = (1 << 20) / bb;
-    out.par_chunks_mut(per * bb).enumerate().for_each(|(ci, chunk)| {
-        let mut r = Rng::new(seed ^ (ci as u64).wrapping_mul(0xd1b5_4a32_d192_ed03));
-        r.fill(chunk);
-        for b in chunk.chunks_exact_mut(bb) {
-            match q {
-                // d, then 16 bytes of nibbles: (q - 8)·d, uniform over 16 levels (std ≈ 4.6 d).
-                QType::Q4_0 => b[..2].copy_from_slice(&f16(STD / 4.6)),
-                // d, then 32 int8: uniform over 256 levels (std ≈ 74 d).
-                QType::Q8_0 => b[..2].copy_from_slice(&f16(STD / 74.0)),
-                // d, dmin, 12 bytes of 6-bit scales/mins (random), 128 bytes of nibbles:
-                // d·sc·q - dmin·m with sc, m ~ U[0, 63], q ~ U[0, 15].
-                QType::Q4_K => {
-                    b[..2].copy_from_slice(&f16(STD / 150.0));
-                    b[2..4].copy_from_slice(&f16(STD / 150.0 * 7.5));
-                }
-                QType::BF16 => {
-                    for e in b.chunks_exact_mut(2) {
-                        let x = half::bf16::from_f32(r.unit() * STD * 1.7);
-                        e.copy_from_slice(&x.to_le_bytes());
+    out.par_chunks_mut(per * bb)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let mut r = Rng::new(seed ^ (ci as u64).wrapping_mul(0xd1b5_4a32_d192_ed03));
+            r.fill(chunk);
+            for b in chunk.chunks_exact_mut(bb) {
+                match q {
+                    // d, then 16 bytes of nibbles: (q - 8)·d, uniform over 16 levels (std ≈ 4.6 d).
+                    QType::Q4_0 => b[..2].copy_from_slice(&f16(STD / 4.6)),
+                    // d, then 32 int8: uniform over 256 levels (std ≈ 74 d).
+                    QType::Q8_0 => b[..2].copy_from_slice(&f16(STD / 74.0)),
+                    // d, dmin, 12 bytes of 6-bit scales/mins (random), 128 bytes of nibbles:
+                    // d·sc·q - dmin·m with sc, m ~ U[0, 63], q ~ U[0, 15].
+                    QType::Q4_K => {
+                        b[..2].copy_from_slice(&f16(STD / 150.0));
+                        b[2..4].copy_from_slice(&f16(STD / 150.0 * 7.5));
                     }
+                    QType::BF16 => {
+                        for e in b.chunks_exact_mut(2) {
+                            let x = half::bf16::from_f32(r.unit() * STD * 1.7);
+                            e.copy_from_slice(&x.to_le_bytes());
+                        }
+                    }
+                    QType::F32 => {
+                        let x = r.unit() * STD * 1.7;
+                        b.copy_from_slice(&x.to_le_bytes());
+                    }
+                    _ => unreachable!("random_blocks: {q:?} is not a bench type"),
                 }
-                QType::F32 => {
-                    let x = r.unit() * STD * 1.7;
-                    b.copy_from_slice(&x.to_le_bytes());
-                }
-                _ => unreachable!("random_blocks: {q:?} is not a bench type"),
             }
-        }
-    });
+        });
 }
 
 /// A random tensor of `shape` stored as `q` (NF4 with double-quantised statistics).
@@ -164,9 +179,12 @@ pub fn random_tensor(name: &str, shape: Vec<usize>, q: QType, seed: u64) -> Resu
         let blocks = numel / nf4::NF4_BLOCK;
         let mut packed = vec![0u8; numel / 2];
         let mut absmax_q = vec![0u8; blocks];
-        packed.par_chunks_mut(1 << 20).enumerate().for_each(|(i, c)| {
-            Rng::new(seed ^ (i as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)).fill(c)
-        });
+        packed
+            .par_chunks_mut(1 << 20)
+            .enumerate()
+            .for_each(|(i, c)| {
+                Rng::new(seed ^ (i as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)).fill(c)
+            });
         Rng::new(!seed).fill(&mut absmax_q);
         // absmax = code8[q]·nested + offset, code8 in [-1, 1]: absmax in [0.02, 0.04]; NF4 codes
         // in [-1, 1] then give values of roughly STD deviation.
@@ -216,8 +234,15 @@ pub fn synthetic_store(config: &serde_json::Value, quant: QType, seed: u64) -> R
     let path = PathBuf::from("synthetic/config.json");
     let cfg = LlamaConfig::from_hf(config, &path)?;
     let (v, c, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let outer = if quant == QType::NF4 { QType::BF16 } else { quant };
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let outer = if quant == QType::NF4 {
+        QType::BF16
+    } else {
+        quant
+    };
     let mut tensors = Vec::with_capacity(cfg.num_layers * 9 + 3);
     let mut seed = seed;
     let mut next = || {
@@ -231,7 +256,12 @@ pub fn synthetic_store(config: &serde_json::Value, quant: QType, seed: u64) -> R
         data: Bytes::from_vec(1f32.to_le_bytes().repeat(c)),
         nf4: None,
     };
-    tensors.push(random_tensor("model.embed_tokens.weight", vec![v, c], outer, next())?);
+    tensors.push(random_tensor(
+        "model.embed_tokens.weight",
+        vec![v, c],
+        outer,
+        next(),
+    )?);
     for l in 0..cfg.num_layers {
         let pre = format!("model.layers.{l}");
         tensors.push(ones(format!("{pre}.input_layernorm.weight")));
@@ -605,7 +635,12 @@ impl std::fmt::Display for BenchReport {
             rayon::current_num_threads()
         )?;
         writeln!(f, "memory plan:\n{}", self.plan)?;
-        writeln!(f, "{:<26} {:>10.1} MiB", "+ process baseline", mib(self.baseline_rss))?;
+        writeln!(
+            f,
+            "{:<26} {:>10.1} MiB",
+            "+ process baseline",
+            mib(self.baseline_rss)
+        )?;
         let (pr, me) = (self.predicted_peak(), self.measured_peak);
         writeln!(
             f,

@@ -29,6 +29,12 @@ fn generation_never_holds_a_full_precision_copy() {
         4 * numel
     );
     // Allocator slack and the thread pool's stacks: 16 MiB at most.
-    assert!(grown <= quantised + (16 << 20), "RSS grew by {grown} for {quantised} stored bytes");
-    assert!(grown >= quantised / 2, "the store's bytes must be resident: grew {grown}");
+    assert!(
+        grown <= quantised + (16 << 20),
+        "RSS grew by {grown} for {quantised} stored bytes"
+    );
+    assert!(
+        grown >= quantised / 2,
+        "the store's bytes must be resident: grew {grown}"
+    );
 }

@@ -56,7 +56,13 @@ fn expected_bytes(q: QType, numel: usize) -> usize {
 
 #[test]
 fn synthetic_weights_are_valid_blocks_of_each_type() {
-    for q in [QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::BF16, QType::NF4] {
+    for q in [
+        QType::Q4_0,
+        QType::Q8_0,
+        QType::Q4_K,
+        QType::BF16,
+        QType::NF4,
+    ] {
         let store = synthetic_store(&tiny(), q, 7).unwrap();
         // 1 embedding + 2 × (2 norms + 7 linears) + final norm + lm_head
         assert_eq!(store.tensors.len(), 21, "{q:?}");
@@ -98,9 +104,15 @@ fn types_that_do_not_fit_the_shape_are_errors() {
     c["hidden_size"] = 96.into();
     c["num_attention_heads"] = 2.into();
     c["num_key_value_heads"] = 2.into();
-    let e = synthetic_store(&c, QType::Q4_K, 0).err().unwrap().to_string();
+    let e = synthetic_store(&c, QType::Q4_K, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("Q4_K") && e.contains("--quant"), "{e}");
-    let e = synthetic_store(&tiny(), QType::Q6_K, 0).err().unwrap().to_string();
+    let e = synthetic_store(&tiny(), QType::Q6_K, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("--quant"), "{e}");
 }
 

@@ -55,7 +55,9 @@ pub fn run(a: Args) -> Result<()> {
     match a.device.as_str() {
         "cpu" => {}
         "cuda" if cfg!(feature = "cuda") => {
-            bail!("--device cuda: the bench runs on the CPU only so far (no CUDA training path yet)")
+            bail!(
+                "--device cuda: the bench runs on the CPU only so far (no CUDA training path yet)"
+            )
         }
         "cuda" => bail!(
             "--device cuda: this qtune was built without CUDA; rebuild with `--features cuda` \
