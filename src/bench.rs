@@ -497,16 +497,23 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         drop(grads);
         Ok((loss, s0.elapsed().as_secs_f64()))
     };
+    let mib = |b: usize| b as f64 / 1048576.0;
     for w in 0..cfg.warmup {
         progress(&format!("warm-up step {}/{}", w + 1, cfg.warmup));
         let (_, s) = step()?;
-        progress(&format!("  {s:.2} s"));
+        progress(&format!(
+            "  {s:.2} s, peak RSS so far {:.1} MiB",
+            mib(status_bytes("VmHWM:"))
+        ));
     }
     let (mut step_times, mut losses) = (Vec::new(), Vec::new());
     for i in 0..cfg.steps {
         progress(&format!("timed step {}/{}", i + 1, cfg.steps));
         let (l, s) = step()?;
-        progress(&format!("  {s:.2} s, loss {l:.4}"));
+        progress(&format!(
+            "  {s:.2} s, loss {l:.4}, peak RSS so far {:.1} MiB",
+            mib(status_bytes("VmHWM:"))
+        ));
         step_times.push(s);
         losses.push(l);
     }
