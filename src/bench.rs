@@ -334,6 +334,8 @@ pub struct BenchReport {
     pub measured_peak: usize,
     /// Wall time of each timed step (s).
     pub step_times: Vec<f64>,
+    /// CPU seconds (all threads) of each timed step: under contention, the fair comparison.
+    pub step_cpu_s: Vec<f64>,
     /// Loss of each timed step.
     pub losses: Vec<f32>,
     /// Trainable LoRA parameters.
@@ -366,6 +368,21 @@ pub fn status_bytes(key: &str) -> usize {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system, all threads) this process has used, in seconds (0 off Linux).
+/// `/proc/self/stat` counts in USER_HZ ticks, 100 per second on Linux.
+pub fn process_cpu_s() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.get(s.rfind(')')? + 2..)?;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let tick = |i: usize| f.get(i)?.parse::<f64>().ok();
+            Some((tick(11)? + tick(12)?) / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 /// Resets VmHWM to the current RSS (Linux `clear_refs` 5); false where unsupported.
@@ -490,26 +507,27 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let cerr = |e: candle_core::Error| Error::Invalid(format!("bench batch: {e}"));
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).map_err(cerr)?;
     let labels = ids.to_dtype(DType::I64).map_err(cerr)?;
-    let mut step = || -> Result<(f32, f64)> {
-        let s0 = Instant::now();
+    let mut step = || -> Result<(f32, f64, f64)> {
+        let (s0, c0) = (Instant::now(), process_cpu_s());
         let (loss, grads) = model.train_grads(&ids, None, &labels)?;
         opt.step(&grads, 1e-4)?;
         drop(grads);
-        Ok((loss, s0.elapsed().as_secs_f64()))
+        Ok((loss, s0.elapsed().as_secs_f64(), process_cpu_s() - c0))
     };
     let mib = |b: usize| b as f64 / 1048576.0;
     for w in 0..cfg.warmup {
         progress(&format!("warm-up step {}/{}", w + 1, cfg.warmup));
-        let (_, s) = step()?;
+        let (_, s, _) = step()?;
         progress(&format!(
             "  {s:.2} s, peak RSS so far {:.1} MiB",
             mib(status_bytes("VmHWM:"))
         ));
     }
-    let (mut step_times, mut losses) = (Vec::new(), Vec::new());
+    let (mut step_times, mut losses, mut step_cpu_s) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..cfg.steps {
         progress(&format!("timed step {}/{}", i + 1, cfg.steps));
-        let (l, s) = step()?;
+        let (l, s, cpu) = step()?;
+        step_cpu_s.push(cpu);
         progress(&format!(
             "  {s:.2} s, loss {l:.4}, peak RSS so far {:.1} MiB",
             mib(status_bytes("VmHWM:"))
@@ -526,6 +544,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         baseline_rss,
         measured_peak,
         step_times,
+        step_cpu_s,
         losses,
         lora_params,
         linear_params,
@@ -559,6 +578,14 @@ impl BenchReport {
         (self.config.batch_size * self.config.seq_len) as f64 / self.step_stats().0
     }
 
+    /// Tokens per CPU second (all threads), at the median CPU time of a step.
+    pub fn tokens_per_cpu_s(&self) -> f64 {
+        let mut v = self.step_cpu_s.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
+        (self.config.batch_size * self.config.seq_len) as f64 / med
+    }
+
     /// Achieved GFLOP/s at the median step time.
     pub fn gflops(&self) -> f64 {
         self.flops_per_step / self.step_stats().0 / 1e9
@@ -577,6 +604,8 @@ impl BenchReport {
             "step_time_min_s": min,
             "step_time_max_s": max,
             "step_times_s": self.step_times,
+            "step_cpu_s": self.step_cpu_s,
+            "tokens_per_cpu_s": self.tokens_per_cpu_s(),
             "losses": self.losses,
             "tokens_per_s": self.tokens_per_s(),
             "gflops": self.gflops(),

@@ -79,19 +79,20 @@ def torch_child(a):
     ids = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len), generator=g)
 
     def step():
-        s0 = time.perf_counter()
+        s0, c0 = time.perf_counter(), time.process_time()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return out.loss.item(), time.perf_counter() - s0
+        return out.loss.item(), time.perf_counter() - s0, time.process_time() - c0
 
     for i in range(a.warmup):
-        _, s = step()
+        _, s, _ = step()
         print(f"[torch] warm-up step {i + 1}/{a.warmup}: {s:.2f} s", file=sys.stderr)
-    times, losses = [], []
+    times, losses, cpu = [], [], []
     for i in range(a.steps):
-        l, s = step()
+        l, s, c = step()
+        cpu.append(c)
         print(f"[torch] timed step {i + 1}/{a.steps}: {s:.2f} s, loss {l:.4f}", file=sys.stderr)
         times.append(s)
         losses.append(l)
@@ -105,6 +106,8 @@ def torch_child(a):
         "step_time_max_s": max(times),
         "tokens_per_s": a.batch_size * a.seq_len / med,
         "losses": losses,
+        "step_cpu_s": cpu,
+        "tokens_per_cpu_s": a.batch_size * a.seq_len / sorted(cpu)[len(cpu) // 2],
         "setup_s": setup_s,
         "lora_params": sum(p.numel() for p in params),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -153,6 +156,7 @@ def main():
         ("peak RSS (GiB)", q["measured_peak_bytes"] / gib, t["measured_peak_bytes"] / gib),
         ("step time, median (s)", q["step_time_s"], t["step_time_s"]),
         ("tokens/s", q["tokens_per_s"], t["tokens_per_s"]),
+        ("tokens per CPU-second", q["tokens_per_cpu_s"], t["tokens_per_cpu_s"]),
         ("trainable LoRA params", q["config"]["lora_params"], t["lora_params"]),
     ]
     name = os.path.basename(a.shape)
@@ -178,9 +182,9 @@ def main():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     colors = ["#2a7ab0", "#d9822b"]
-    for ax, (label, x, y) in zip(axes, [rows[0], rows[2]]):
+    for ax, (label, x, y) in zip(axes, [rows[0], rows[2], rows[3]]):
         bars = ax.bar(["qtune " + a.quant.upper(), "PyTorch+PEFT f32"], [x, y], color=colors)
         ax.bar_label(bars, fmt="%.2f")
         ax.set_title(label + (" (lower is better)" if "RSS" in label else " (higher is better)"))
