@@ -4,6 +4,7 @@
 //! `quant` (block formats and the kernels that dequantise them on the fly) -> `lora` (the frozen
 //! quantised linear and its adapters) -> `nn` (building blocks with backward) -> `models` ->
 //! `train` (optimizer, schedules).
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod export;

@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Memory and speed of a LoRA training step on a model shape with random quantised weights.
+    Bench(cli::bench::Args),
     /// Print a model file's architecture, metadata, tensors and bits per weight (reads headers only).
     Inspect {
         /// A .gguf file, a .safetensors file, or a Hugging Face model directory.
@@ -60,6 +62,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Bench(a) => cli::bench::run(a)?,
         Cmd::Train(args) => cli::train::run(*args)?,
         Cmd::Export(a) => cli::export::run(a)?,
         Cmd::Merge(a) => cli::merge::run(a)?,

@@ -1,4 +1,5 @@
 //! Subcommands that live in their own files: each has a clap `Args` and a `run`.
+pub mod bench;
 pub mod export;
 pub mod generate;
 pub mod merge;

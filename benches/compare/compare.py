@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""qtune vs PyTorch + PEFT: one LoRA training step on the same shape, measured the same way.
+
+Each tool runs in its own fresh process; both are timed per step (forward, backward with gradient
+checkpointing, AdamW) after warm-up, and both report their whole process's peak RSS (VmHWM, the
+same /proc counter) with glibc's mmap threshold pinned to 64 KiB (MALLOC_MMAP_THRESHOLD_; qtune
+pins it itself) so that freed tensors leave RSS in both. PyTorch runs in f32: torch's bf16 matmul
+has no fast path on this kind of CPU (docs/BENCHMARKS.md).
+
+Writes OUT/compare.json, OUT/compare.md (one table with both tools and the ratios) and
+OUT/compare.png (bar chart). Pinned requirements: benches/compare/requirements.txt.
+
+    python benches/compare/compare.py --shape benches/compare/llama-100m.json --quant q4_0 \
+        --seq-len 256 --batch-size 1 --rank 16 --targets all-linear --steps 3 --warmup 1 \
+        --qtune target/release/qtune --out bench-out
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The named shapes `qtune bench` knows (same values as src/bench.rs, from the published configs).
+SHAPES = {
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       rope_theta=1e6),
+}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def torch_child(a):
+    """Runs in a fresh process: build, warm up, time; print one JSON object."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(a.seed)
+    if a.shape in SHAPES:
+        cfg = LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=False, **SHAPES[a.shape])
+    else:
+        cfg = LlamaConfig.from_json_file(a.shape)
+    cfg._attn_implementation = "sdpa"
+    baseline = status_bytes("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    targets = ALL_LINEAR if a.targets == ["all-linear"] else a.targets
+    lcfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    setup_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(a.seed)
+    ids = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len), generator=g)
+
+    def step():
+        s0, c0 = time.perf_counter(), time.process_time()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item(), time.perf_counter() - s0, time.process_time() - c0
+
+    for i in range(a.warmup):
+        _, s, _ = step()
+        print(f"[torch] warm-up step {i + 1}/{a.warmup}: {s:.2f} s", file=sys.stderr)
+    times, losses, cpu = [], [], []
+    for i in range(a.steps):
+        l, s, c = step()
+        cpu.append(c)
+        print(f"[torch] timed step {i + 1}/{a.steps}: {s:.2f} s, loss {l:.4f}", file=sys.stderr)
+        times.append(s)
+        losses.append(l)
+    med = statistics.median(times)
+    print(json.dumps({
+        "tool": "pytorch+peft",
+        "measured_peak_bytes": status_bytes("VmHWM:"),
+        "baseline_bytes": baseline,
+        "step_time_s": med,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "tokens_per_s": a.batch_size * a.seq_len / med,
+        "losses": losses,
+        "step_cpu_s": cpu,
+        "tokens_per_cpu_s": a.batch_size * a.seq_len / sorted(cpu)[len(cpu) // 2],
+        "setup_s": setup_s,
+        "lora_params": sum(p.numel() for p in params),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "peft": __import__("peft").__version__},
+        "dtype": "f32",
+        "threads": torch.get_num_threads(),
+    }))
+
+
+def run(cmd, env):
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{cmd[0]} failed with status {p.returncode}")
+    return json.loads(p.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", required=True, help="a named shape or a config.json path")
+    ap.add_argument("--quant", default="q4_0", help="qtune's weight type")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="all-linear")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--qtune", default="target/release/qtune", help="the qtune binary")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.targets = a.targets.split(",")
+    if a.torch_child:
+        return torch_child(a)
+    os.makedirs(a.out, exist_ok=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--rank",
+              str(a.rank), "--targets", ",".join(a.targets), "--steps", str(a.steps),
+              "--warmup", str(a.warmup), "--seed", str(a.seed)]
+    q = run([a.qtune, "bench", "--shape", a.shape, "--quant", a.quant, "--json"] + common, env)
+    t = run([sys.executable, os.path.abspath(__file__), "--torch-child", "--shape", a.shape]
+            + common, env)
+    gib = 1 << 30
+    rows = [
+        ("peak RSS (GiB)", q["measured_peak_bytes"] / gib, t["measured_peak_bytes"] / gib),
+        ("step time, median (s)", q["step_time_s"], t["step_time_s"]),
+        ("tokens/s", q["tokens_per_s"], t["tokens_per_s"]),
+        ("tokens per CPU-second", q["tokens_per_cpu_s"], t["tokens_per_cpu_s"]),
+        ("trainable LoRA params", q["config"]["lora_params"], t["lora_params"]),
+    ]
+    name = os.path.basename(a.shape)
+    title = (f"{name}, seq {a.seq_len} x batch {a.batch_size}, LoRA r{a.rank} on "
+             f"{','.join(a.targets)}, {q['config']['threads']} threads")
+    md = [f"**{title}**: qtune {a.quant.upper()} weights, f32 compute; PyTorch {t['versions']['torch']} "
+          f"+ PEFT {t['versions']['peft']} f32; both with gradient checkpointing and AdamW, "
+          f"{a.warmup} warm-up + {a.steps} timed steps.", "",
+          "| | qtune | PyTorch + PEFT | qtune / PyTorch |", "|---|---:|---:|---:|"]
+    for label, x, y in rows:
+        fmt = (lambda v: f"{v:,.0f}") if "params" in label else (lambda v: f"{v:.3f}")
+        md.append(f"| {label} | {fmt(x)} | {fmt(y)} | {x / y:.2f}x |")
+    md.append(f"| qtune predicted peak (GiB) | {q['predicted_peak_bytes'] / gib:.3f} | | "
+              f"measured/predicted {q['measured_peak_bytes'] / q['predicted_peak_bytes']:.3f} |")
+    md.append(f"| qtune MFU (of {q['peak_gflops']:.0f} GFLOP/s f32 GEMM) | {100 * q['mfu']:.1f} % | | |")
+    text = "\n".join(md) + "\n"
+    with open(os.path.join(a.out, "compare.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(a.out, "compare.json"), "w") as f:
+        json.dump({"qtune": q, "pytorch_peft": t, "args": vars(a)}, f, indent=2)
+    print(text)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = ["#2a7ab0", "#d9822b"]
+    for ax, (label, x, y) in zip(axes, [rows[0], rows[2], rows[3]]):
+        bars = ax.bar(["qtune " + a.quant.upper(), "PyTorch+PEFT f32"], [x, y], color=colors)
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set_title(label + (" (lower is better)" if "RSS" in label else " (higher is better)"))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, "compare.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+//! `qtune bench`: memory and speed of a LoRA training step on a real model shape (random weights).
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use qtune::bench::{run_bench, BenchConfig};
+use qtune::quant::QType;
+use std::path::PathBuf;
+
+/// Arguments of `qtune bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// llama-2-7b, llama-2-13b, tinyllama-1.1b, mistral-7b, falcon-7b, or a config.json path.
+    #[arg(long)]
+    shape: String,
+    /// Weight type of the decoder linears: nf4, q4_0, q8_0, q4_k or bf16.
+    #[arg(long, default_value = "q4_0")]
+    quant: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA targets, comma-separated PEFT names (q_proj,v_proj,...) or all-linear.
+    #[arg(long, default_value = "all-linear", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed warm-up steps before them.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// cpu, or cuda (needs a CUDA build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype of activations and adapters: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Rows per cross-entropy chunk.
+    #[arg(long, default_value_t = 256)]
+    ce_chunk: usize,
+    /// Seed of the random weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the JSON report: to PATH, or to stdout with no value (the text report then goes to
+    /// stderr).
+    #[arg(long, num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+}
+
+/// Runs the bench and prints (and optionally writes) its report.
+pub fn run(a: Args) -> Result<()> {
+    match a.device.as_str() {
+        "cpu" => {}
+        "cuda" if cfg!(feature = "cuda") => {
+            bail!(
+                "--device cuda: the bench runs on the CPU only so far (no CUDA training path yet)"
+            )
+        }
+        "cuda" => bail!(
+            "--device cuda: this qtune was built without CUDA; rebuild with `--features cuda` \
+             (needs nvcc) or use --device cpu"
+        ),
+        d => bail!("--device {d}: use cpu or cuda"),
+    }
+    let quant = QType::parse(&a.quant)
+        .filter(|q| qtune::bench::BENCH_QUANTS.contains(q))
+        .with_context(|| format!("--quant {}: use nf4, q4_0, q8_0, q4_k or bf16", a.quant))?;
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        d => bail!("--dtype {d}: use f32 or bf16"),
+    };
+    let cfg = BenchConfig {
+        shape: a.shape.clone(),
+        quant,
+        seq_len: a.seq_len,
+        batch_size: a.batch_size,
+        rank: a.rank,
+        targets: a.targets.clone(),
+        steps: a.steps,
+        warmup: a.warmup,
+        dtype,
+        ce_chunk: a.ce_chunk,
+        seed: a.seed,
+    };
+    let to_stdout = a.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
+    let mut progress = |s: &str| eprintln!("[bench] {s}");
+    let report = run_bench(&cfg, &mut progress).with_context(|| format!("bench {}", a.shape))?;
+    if to_stdout {
+        eprintln!("{report}");
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        println!("{report}");
+        if let Some(p) = &a.json {
+            std::fs::write(p, serde_json::to_string_pretty(&report.to_json())? + "\n")
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
