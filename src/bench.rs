@@ -58,7 +58,8 @@ pub fn shape_config(shape: &str) -> Result<serde_json::Value> {
         }
         "falcon-7b" => {
             return Err(Error::Invalid(
-                "falcon-7b: architecture not built yet (qtune trains Llama-family models so far)"
+                "falcon-7b: not built yet in the bench (its synthetic Falcon shape is missing; \
+                 Falcon itself trains with `qtune train`)"
                     .into(),
             ))
         }

@@ -28,7 +28,7 @@ fn named_shapes_have_the_published_parameter_counts() {
 #[test]
 fn falcon_is_not_built_yet_and_unknown_shapes_are_errors() {
     let e = shape_config("falcon-7b").unwrap_err().to_string();
-    assert!(e.contains("architecture not built yet"), "{e}");
+    assert!(e.contains("not built yet in the bench"), "{e}");
     let e = shape_config("no-such-shape").unwrap_err().to_string();
     assert!(e.contains("llama-2-7b") && e.contains("config.json"), "{e}");
 }
@@ -191,7 +191,7 @@ fn cli_cuda_and_falcon_errors() {
         assert!(e.contains("built without CUDA"), "{e}");
     }
     let e = run(&["bench", "--shape", "falcon-7b", "--steps", "1"]);
-    assert!(e.contains("architecture not built yet"), "{e}");
+    assert!(e.contains("not built yet in the bench"), "{e}");
     let e = run(&["bench", "--shape", "llama-2-7b", "--quant", "q6_k"]);
     assert!(e.contains("--quant q6_k"), "{e}");
 }
