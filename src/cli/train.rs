@@ -156,6 +156,11 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// Also write the final adapter in another format beside the PEFT one: `gguf-lora` writes
+    /// `<out>/adapter.gguf`, llama.cpp's LoRA file (f32 factors; Llama bases).
+    #[arg(long)]
+    #[serde(skip)]
+    pub export: Option<String>,
     /// Stop right after this step, without the final save (simulates a kill; for resume tests).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -252,7 +257,20 @@ pub fn run(args: Args) -> Result<()> {
             .build_global()
             .context("setting --threads")?;
     }
+    if let Some(f) = args.export.as_deref().filter(|f| *f != "gguf-lora") {
+        bail!(
+            "--export {f}: the only extra format is gguf-lora (the PEFT adapter is always written)"
+        );
+    }
     let model = cfg.model.clone().context("--model: no base model given")?;
+    if args.export.is_some() {
+        let st = qtune::store::WeightStore::open(&model)?;
+        if qtune::models::plan::is_falcon(&st) {
+            bail!(
+                "--export gguf-lora: Falcon adapters cannot be exported to GGUF yet; drop --export"
+            );
+        }
+    }
     let data = cfg
         .data
         .clone()
@@ -286,8 +304,20 @@ pub fn run(args: Args) -> Result<()> {
         // One greedy generation from the first eval prompt, without and with the adapter (the
         // same code as `qtune generate`).
         let store = qtune::store::WeightStore::open(&model)?;
-        // `qtune generate` is Llama-only for now.
+        // `qtune generate` and the GGUF LoRA export are Llama-only for now.
         let llama = !qtune::models::plan::is_falcon(&store);
+        if args.export.is_some() && llama {
+            let cfg = qtune::models::LlamaConfig::from_store(&store)?;
+            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &cfg)?;
+            let out = rep
+                .adapter_dir
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("adapter.gguf");
+            let arch = qtune::export::base_architecture(&store);
+            qtune::export::write_gguf_lora(&adapter, &cfg, &arch, qtune::quant::QType::F32, &out)?;
+            println!("llama.cpp LoRA written to {}", out.display());
+        }
         if let Some(p) = probe.filter(|p| !p.is_empty() && llama) {
             let cfg = qtune::models::LlamaConfig::from_store(&store)?;
             let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &cfg)?;
