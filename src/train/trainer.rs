@@ -67,6 +67,19 @@ pub struct RunOptions {
 pub const STATE_FILE: &str = "trainer_state.json";
 const STATE_FORMAT: &str = "qtune-trainer-1";
 
+/// Current resident set size of this process (VmRSS), 0 where /proc is unavailable.
+pub fn current_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Peak resident set size of this process (VmHWM), 0 where /proc is unavailable.
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -305,7 +318,11 @@ pub fn train(
         ..LlamaOptions::default()
     };
 
-    // Memory plan before anything is loaded.
+    // Memory plan before anything is loaded. RSS follows live bytes (as the plan counts them) once
+    // glibc returns freed tensor memory at once; the process so far (binary, tokenizer, data) is
+    // the baseline the plan's parts add to.
+    crate::bench::pin_mmap_threshold();
+    let baseline = current_rss_bytes() as usize;
     let store = WeightStore::open(&model_path)?;
     let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?;
     say(format!(
@@ -313,13 +330,13 @@ pub fn train(
         cfg.seq_len
     ));
     if let Some(limit) = cfg.max_memory_bytes()? {
-        if plan.total() as u64 > limit {
+        if (plan.total() + baseline) as u64 > limit {
             let gib = |b: f64| b / (1u64 << 30) as f64;
             return Err(Error::Invalid(format!(
                 "predicted peak {:.2} GiB exceeds --max-memory {} ({:.2} GiB); try a shorter \
                  --seq-len (now {}), a smaller --batch-size (now {}), a lower --rank (now {}) or \
                  --quant nf4 (now {})",
-                gib(plan.total() as f64),
+                gib((plan.total() + baseline) as f64),
                 cfg.max_memory.as_deref().unwrap_or(""),
                 gib(limit as f64),
                 cfg.seq_len,
@@ -508,7 +525,7 @@ pub fn train(
         losses: Vec::new(),
         evals: Vec::new(),
         total_steps,
-        predicted_peak: plan.total(),
+        predicted_peak: plan.total() + baseline,
         peak_rss: 0,
         truncated: cut + cut_eval,
         adapter_dir: cfg.out.join("adapter"),
@@ -677,10 +694,13 @@ pub fn train(
     write_loss_png(&cfg.out.join("loss.png"), &curve, &ecurve)?;
     report.peak_rss = peak_rss_bytes();
     say(format!(
-        "adapter saved to {}, loss curve in loss.png beside it\npeak memory: measured {:.1} MiB RSS, predicted {:.1} MiB",
+        "adapter saved to {}, loss curve in loss.png beside it\npeak memory: measured {:.1} MiB RSS, \
+         predicted {:.1} MiB (plan {:.1} + process before loading {:.1})",
         report.adapter_dir.display(),
         report.peak_rss as f64 / (1u64 << 20) as f64,
-        report.predicted_peak as f64 / (1u64 << 20) as f64
+        report.predicted_peak as f64 / (1u64 << 20) as f64,
+        plan.total() as f64 / (1u64 << 20) as f64,
+        baseline as f64 / (1u64 << 20) as f64
     ));
     Ok(report)
 }
