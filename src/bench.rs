@@ -9,7 +9,10 @@
 //! no page-cache effects (a mapped file's pages count in RSS only once touched, and the kernel may
 //! drop them again), and no scratch file of 4-7 GB is written to a small disk.
 use crate::models::llama::PROJECTIONS;
-use crate::models::{Llama, LlamaConfig, LlamaOptions, LoraSpec, MemoryPlan};
+use crate::models::plan::is_falcon;
+use crate::models::{
+    CausalLm, Falcon, FalconConfig, Llama, LlamaConfig, LlamaOptions, LoraSpec, MemoryPlan,
+};
 use crate::quant::{nf4, QType};
 use crate::store::{Bytes, Nf4Stats, SourceFormat, StoredTensor, WeightStore};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -56,13 +59,14 @@ pub fn shape_config(shape: &str) -> Result<serde_json::Value> {
             c["model_type"] = "mistral".into();
             c
         }
-        "falcon-7b" => {
-            return Err(Error::Invalid(
-                "falcon-7b: not built yet in the bench (its synthetic Falcon shape is missing; \
-                 Falcon itself trains with `qtune train`)"
-                    .into(),
-            ))
-        }
+        // tiiuae/falcon-7b: multi-query attention, parallel attention + MLP, tied head.
+        "falcon-7b" => serde_json::json!({
+            "model_type": "falcon", "vocab_size": 65024, "hidden_size": 4544,
+            "num_attention_heads": 71, "num_kv_heads": 1, "num_hidden_layers": 32,
+            "multi_query": true, "parallel_attn": true, "new_decoder_architecture": false,
+            "bias": false, "alibi": false, "layer_norm_epsilon": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true,
+        }),
         path => {
             let p = Path::new(path);
             let p = if p.is_dir() {
@@ -233,6 +237,9 @@ pub fn synthetic_store(config: &serde_json::Value, quant: QType, seed: u64) -> R
         )));
     }
     let path = PathBuf::from("synthetic/config.json");
+    if config["model_type"] == "falcon" {
+        return synthetic_falcon(config, quant, seed);
+    }
     let cfg = LlamaConfig::from_hf(config, &path)?;
     let (v, c, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (
@@ -290,6 +297,86 @@ pub fn synthetic_store(config: &serde_json::Value, quant: QType, seed: u64) -> R
         gguf_metadata: Vec::new(),
         alignment: 32,
         config: Some(config.clone()),
+    })
+}
+
+/// A Falcon of `config`'s shape with Hugging Face names (fused qkv, LayerNorm weight and bias, tied
+/// head), weights generated in `quant` like [`synthetic_store`]'s.
+fn synthetic_falcon(config: &serde_json::Value, quant: QType, seed: u64) -> Result<WeightStore> {
+    let cfg = FalconConfig::from_hf(config, Path::new("synthetic/config.json"))?;
+    let (v, c, f) = (cfg.vocab_size, cfg.hidden_size, cfg.ffn_hidden_size);
+    let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
+    let outer = if quant == QType::NF4 {
+        QType::BF16
+    } else {
+        quant
+    };
+    let mut seed = seed;
+    let mut next = || {
+        seed = seed.wrapping_add(1);
+        seed
+    };
+    let vec1 = |name: String, x: f32| StoredTensor {
+        name,
+        qtype: QType::F32,
+        shape: vec![c],
+        data: Bytes::from_vec(x.to_le_bytes().repeat(c)),
+        nf4: None,
+    };
+    let mut tensors = vec![random_tensor(
+        "transformer.word_embeddings.weight",
+        vec![v, c],
+        outer,
+        next(),
+    )?];
+    for l in 0..cfg.num_layers {
+        let pre = format!("transformer.h.{l}");
+        tensors.push(vec1(format!("{pre}.input_layernorm.weight"), 1.0));
+        tensors.push(vec1(format!("{pre}.input_layernorm.bias"), 0.0));
+        for (name, shape) in [
+            ("self_attention.query_key_value", vec![qkv, c]),
+            ("self_attention.dense", vec![c, c]),
+            ("mlp.dense_h_to_4h", vec![f, c]),
+            ("mlp.dense_4h_to_h", vec![c, f]),
+        ] {
+            tensors.push(random_tensor(
+                &format!("{pre}.{name}.weight"),
+                shape,
+                quant,
+                next(),
+            )?);
+        }
+    }
+    tensors.push(vec1("transformer.ln_f.weight".into(), 1.0));
+    tensors.push(vec1("transformer.ln_f.bias".into(), 0.0));
+    Ok(WeightStore {
+        path: PathBuf::from("synthetic"),
+        format: SourceFormat::Safetensors,
+        tensors,
+        gguf_metadata: Vec::new(),
+        alignment: 32,
+        config: Some(config.clone()),
+    })
+}
+
+/// The dimensions the FLOP count needs, for either architecture (Falcon's MLP size as
+/// `intermediate_size`; its tied head).
+fn shape_dims(config: &serde_json::Value, path: &Path) -> Result<LlamaConfig> {
+    if config["model_type"] != "falcon" {
+        return LlamaConfig::from_hf(config, path);
+    }
+    let f = FalconConfig::from_hf(config, path)?;
+    Ok(LlamaConfig {
+        vocab_size: f.vocab_size,
+        hidden_size: f.hidden_size,
+        intermediate_size: f.ffn_hidden_size,
+        num_layers: f.num_layers,
+        num_heads: f.num_heads,
+        num_kv_heads: f.num_kv_heads,
+        head_dim: f.head_dim,
+        rope_theta: f.rope_theta,
+        rms_norm_eps: f.layer_norm_eps,
+        tie_word_embeddings: true,
     })
 }
 
@@ -458,7 +545,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         ));
     }
     let config = shape_config(&cfg.shape)?;
-    let model_cfg = LlamaConfig::from_hf(&config, Path::new(&cfg.shape))?;
+    let model_cfg = shape_dims(&config, Path::new(&cfg.shape))?;
     pin_mmap_threshold();
     progress("measuring this machine's f32 GEMM peak");
     let peak_gflops = measure_f32_peak();
@@ -481,11 +568,15 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         checkpoint: true,
         ce_chunk: cfg.ce_chunk,
     };
-    let plan = MemoryPlan::new(&store, &opts, cfg.batch_size, cfg.seq_len)?;
+    let plan = MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?;
     let linear_params: usize = store
         .tensors
         .iter()
-        .filter(|t| t.shape.len() == 2 && t.name != "model.embed_tokens.weight")
+        .filter(|t| {
+            t.shape.len() == 2
+                && t.name != "model.embed_tokens.weight"
+                && t.name != "transformer.word_embeddings.weight"
+        })
         .map(|t| t.numel())
         .sum::<usize>()
         + if model_cfg.tie_word_embeddings {
@@ -494,7 +585,11 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
             0
         };
     progress("loading the model with LoRA");
-    let model = Llama::load(&store, opts)?;
+    let model: Box<dyn CausalLm> = if is_falcon(&store) {
+        Box::new(Falcon::load(&store, opts)?)
+    } else {
+        Box::new(Llama::load(&store, opts)?)
+    };
     drop(store);
     let params = model.lora_params();
     let lora_params = params.iter().map(|(_, v)| v.elem_count()).sum();

@@ -26,9 +26,18 @@ fn named_shapes_have_the_published_parameter_counts() {
 }
 
 #[test]
-fn falcon_is_not_built_yet_and_unknown_shapes_are_errors() {
-    let e = shape_config("falcon-7b").unwrap_err().to_string();
-    assert!(e.contains("not built yet in the bench"), "{e}");
+fn falcon_7b_shape_and_unknown_shapes_are_errors() {
+    // Falcon-7B's published size: 6,921,720,704 parameters (tied head).
+    let c = shape_config("falcon-7b").unwrap();
+    let f = qtune::models::FalconConfig::from_hf(&c, std::path::Path::new("falcon-7b")).unwrap();
+    let (v, h, ff) = (f.vocab_size, f.hidden_size, f.ffn_hidden_size);
+    let qkv = (f.num_heads + 2 * f.num_kv_heads) * f.head_dim;
+    let layer = qkv * h + h * h + 2 * ff * h + 2 * h;
+    assert_eq!(
+        (f.num_heads, f.num_kv_heads, f.head_dim, ff),
+        (71, 1, 64, 18176)
+    );
+    assert_eq!(v * h + f.num_layers * layer + 2 * h, 6_921_720_704);
     let e = shape_config("no-such-shape").unwrap_err().to_string();
     assert!(e.contains("llama-2-7b") && e.contains("config.json"), "{e}");
 }
@@ -177,7 +186,7 @@ fn a_bench_run_reports_every_key() {
 }
 
 #[test]
-fn cli_cuda_and_falcon_errors() {
+fn cli_cuda_and_quant_errors() {
     let exe = env!("CARGO_BIN_EXE_qtune");
     let run = |args: &[&str]| {
         let o = std::process::Command::new(exe).args(args).output().unwrap();
@@ -190,8 +199,17 @@ fn cli_cuda_and_falcon_errors() {
     } else {
         assert!(e.contains("built without CUDA"), "{e}");
     }
-    let e = run(&["bench", "--shape", "falcon-7b", "--steps", "1"]);
-    assert!(e.contains("not built yet in the bench"), "{e}");
+    // Falcon-7B's 4544-wide rows are no whole number of K-quant blocks.
+    let e = run(&[
+        "bench",
+        "--shape",
+        "falcon-7b",
+        "--quant",
+        "q4_k",
+        "--steps",
+        "1",
+    ]);
+    assert!(e.contains("4544") && e.contains("Q4_K"), "{e}");
     let e = run(&["bench", "--shape", "llama-2-7b", "--quant", "q6_k"]);
     assert!(e.contains("--quant q6_k"), "{e}");
 }

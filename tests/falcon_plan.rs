@@ -31,7 +31,8 @@ fn plan_matches_the_loaded_model() {
             let m = Falcon::load(&store, opts).unwrap();
             let params: usize = m.lora_params().iter().map(|(_, v)| v.elem_count()).sum();
             assert_eq!(plan.adapters, params * 4, "{kind} {targets:?}: LoRA bytes");
-            assert_eq!(plan.optimizer, params * 8);
+            // Two f32 moments and the f32 master copy `train::AdamW` keeps.
+            assert_eq!(plan.optimizer, params * 12);
             assert!(plan.recompute > 0 && plan.total() > plan.weights);
         }
     }

@@ -49,3 +49,54 @@ fn train_falcon_end_to_end() {
         .iter()
         .any(|(n, _)| n.ends_with("self_attention.query_key_value.lora_B.weight")));
 }
+
+/// The same through a Falcon GGUF that `qtune quantize` wrote (llama.cpp's `falcon` names and fused
+/// qkv layout, Q8_0, tokenizer from the GGUF's own vocabulary).
+#[test]
+fn train_falcon_gguf_end_to_end() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/falcon/mq/model");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("falcon-q8_0.gguf");
+    let q = Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args([
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--type",
+            "q8_0",
+        ])
+        .args(["--out", gguf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"the quick brown fox\"}\n{\"text\": \"hello world\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args([
+            "train",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, tensors) = qtune::lora::adapter::load_peft(&out.join("adapter")).unwrap();
+    assert!(tensors
+        .iter()
+        .any(|(n, _)| n.ends_with("mlp.dense_4h_to_h.lora_A.weight")));
+}

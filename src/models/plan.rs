@@ -347,7 +347,7 @@ impl MemoryPlan {
             weights,
             adapters: lora_params * s,
             adapter_grads: lora_params * s,
-            optimizer: lora_params * 2 * 4,
+            optimizer: lora_params * 3 * 4, // two moments and the f32 master copy
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
