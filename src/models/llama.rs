@@ -306,7 +306,7 @@ struct Layer {
 }
 
 /// Per-call constants shared by all layers.
-struct Ctx {
+pub struct Ctx {
     cos: Tensor,
     sin: Tensor,
     bias: Tensor,
@@ -609,246 +609,86 @@ impl Llama {
         x + m
     }
 
-    fn check_batch(&self, ids: &Tensor) -> Result<(usize, usize, Vec<u32>)> {
-        let (b, t) = ids.dims2().map_err(|_| {
-            Error::Invalid(format!("input ids must be (B, T), got {:?}", ids.dims()))
-        })?;
-        let v = ids
-            .to_dtype(DType::U32)
-            .and_then(|x| x.flatten_all()?.to_vec1::<u32>())
-            .map_err(cerr("input ids"))?;
-        Ok((b, t, v))
-    }
-
-    /// Final hidden states before the last norm, `(B, T, C)`, with the graph (eval mode, no dropout).
-    fn hidden(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, v) = self.check_batch(ids)?;
-        let ctx = self.ctx(b, t, mask)?;
-        let mut x = self.embed(&v, b, t)?;
-        for li in 0..self.layers.len() {
-            x = self
-                .layer_fwd(li, &x, &ctx, None)
-                .map_err(cerr("forward"))?;
-        }
-        Ok(x)
-    }
-
     /// Logits `(B, T, V)` f32 for `ids (B, T)` (u32/i64) with optional `mask (B, T)` (1 real, 0 pad).
     /// Evaluation mode (no dropout); meant for tests and small inputs: all logits exist at once.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.hidden(ids, mask)?;
-        let x = nn::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps).map_err(cerr("norm"))?;
-        self.lm_head
-            .forward(&x)
-            .and_then(|l| l.to_dtype(DType::F32))
-            .map_err(cerr("lm_head"))
-    }
-
-    /// Shifted targets: row `b*T + t` predicts `labels[b, t+1]`; -100 where ignored or past the end.
-    fn targets(&self, labels: &Tensor, b: usize, t: usize) -> Result<Vec<i64>> {
-        if labels.dims() != [b, t] {
-            return Err(Error::Invalid(format!(
-                "labels have shape {:?}, expected ({b}, {t}) like the input ids",
-                labels.dims()
-            )));
-        }
-        let l = labels
-            .to_dtype(DType::I64)
-            .and_then(|x| x.flatten_all()?.to_vec1::<i64>())
-            .map_err(cerr("labels"))?;
-        Ok((0..b * t)
-            .map(|n| if n % t + 1 < t { l[n + 1] } else { -100 })
-            .collect())
+        super::forward(self, ids, mask)
     }
 
     /// Mean cross-entropy over target tokens (transformers' causal-LM loss: logits shifted by one,
     /// labels -100 ignored), as an f32 scalar with the graph (eval mode).
     pub fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = self.check_batch(ids)?;
-        let tg = self.targets(labels, b, t)?;
-        let x = self.hidden(ids, mask)?;
-        let c = self.cfg.hidden_size;
-        let x = x
-            .reshape((b * t, c))
-            .and_then(|x| nn::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps))
-            .map_err(cerr("norm"))?;
-        let (sum, n) = nn::cross_entropy_chunked(&x, &self.lm_head, &tg, self.opts.ce_chunk)
-            .map_err(cerr("loss"))?;
-        if n == 0 {
-            return Err(Error::Invalid(
-                "no target tokens: every label is -100".into(),
-            ));
-        }
-        (sum / n as f64).map_err(cerr("loss"))
+        super::loss(self, ids, mask, labels)
     }
 
     /// One training step's loss and the gradient of every LoRA tensor (PEFT names), with dropout
     /// on. With `checkpoint`, only each layer's input is kept through the forward; the backward
     /// recomputes one layer at a time (same dropout masks) and the logits are made and freed chunk by
-    /// chunk.
+    /// chunk (the shared step in `models`).
     pub fn train_grads(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)> {
-        let step = self.step.fetch_add(1, Ordering::Relaxed);
-        // One key range per step; layer li, projection pi adds li*7+pi.
-        let key = Some(step.wrapping_mul(1 << 32));
-        if self.opts.checkpoint {
-            self.train_grads_ckpt(ids, mask, labels, key)
-        } else {
-            self.train_grads_full(ids, mask, labels, key)
-        }
-    }
-
-    fn collect_grads(
-        &self,
-        grads: &candle_core::backprop::GradStore,
-        layer: Option<usize>,
-        out: &mut HashMap<String, Tensor>,
-    ) -> Result<()> {
-        for (i, l) in self.layers.iter().enumerate() {
-            if layer.is_some_and(|x| x != i) {
-                continue;
-            }
-            for (p, (pname, group, _)) in l.proj.iter().zip(PROJECTIONS) {
-                if let Proj::Lora(a) = p {
-                    let pre = format!("base_model.model.model.layers.{i}.{group}.{pname}");
-                    for (w, var) in [("lora_A", a.a()), ("lora_B", a.b())] {
-                        let g = match grads.get(var.as_tensor()) {
-                            Some(g) => g.clone(),
-                            None => var.zeros_like().map_err(cerr("grads"))?,
-                        };
-                        out.insert(format!("{pre}.{w}.weight"), g);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn train_grads_full(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        labels: &Tensor,
-        key: Option<u64>,
-    ) -> Result<(f32, HashMap<String, Tensor>)> {
-        let (b, t, v) = self.check_batch(ids)?;
-        let ctx = self.ctx(b, t, mask)?;
-        let mut x = self.embed(&v, b, t)?;
-        for li in 0..self.layers.len() {
-            x = self.layer_fwd(li, &x, &ctx, key).map_err(cerr("forward"))?;
-        }
-        let tg = self.targets(labels, b, t)?;
-        let c = self.cfg.hidden_size;
-        let x = x
-            .reshape((b * t, c))
-            .and_then(|x| nn::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps))
-            .map_err(cerr("norm"))?;
-        let (sum, n) = nn::cross_entropy_chunked(&x, &self.lm_head, &tg, self.opts.ce_chunk)
-            .map_err(cerr("loss"))?;
-        if n == 0 {
-            return Err(Error::Invalid(
-                "no target tokens: every label is -100".into(),
-            ));
-        }
-        let loss = (sum / n as f64).map_err(cerr("loss"))?;
-        let grads = loss.backward().map_err(cerr("backward"))?;
-        let mut out = HashMap::new();
-        self.collect_grads(&grads, None, &mut out)?;
-        let l = loss.to_scalar::<f32>().map_err(cerr("loss"))?;
-        Ok((l, out))
-    }
-
-    fn train_grads_ckpt(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        labels: &Tensor,
-        key: Option<u64>,
-    ) -> Result<(f32, HashMap<String, Tensor>)> {
-        let (b, t, v) = self.check_batch(ids)?;
-        let c = self.cfg.hidden_size;
-        let tg = self.targets(labels, b, t)?;
-        let kept: Vec<(u32, u32)> = tg
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l >= 0)
-            .map(|(i, &l)| {
-                if l as usize >= self.cfg.vocab_size {
-                    Err(Error::Invalid(format!(
-                        "label {l} is outside the vocabulary of {}",
-                        self.cfg.vocab_size
-                    )))
-                } else {
-                    Ok((i as u32, l as u32))
-                }
-            })
-            .collect::<Result<_>>()?;
-        if kept.is_empty() {
-            return Err(Error::Invalid(
-                "no target tokens: every label is -100".into(),
-            ));
-        }
-        let n_tok = kept.len() as f64;
-        let ctx = self.ctx(b, t, mask)?;
-        // Forward without keeping any graph: only each layer's input survives (detached).
-        let mut saved = Vec::with_capacity(self.layers.len());
-        let mut x = self.embed(&v, b, t)?;
-        for li in 0..self.layers.len() {
-            let y = self
-                .layer_fwd(li, &x, &ctx, key)
-                .map_err(cerr("forward"))?
-                .detach();
-            saved.push(x);
-            x = y;
-        }
-        // Head, chunk by chunk: each chunk's logits live only until its own backward.
-        let run = |f: &dyn Fn() -> candle_core::Result<(f32, Tensor)>| f().map_err(cerr("head"));
-        let (loss, mut g) = run(&|| {
-            let xl = Var::from_tensor(&x.reshape((b * t, c))?)?;
-            let mut g = xl.zeros_like()?.detach();
-            let mut loss = 0f32;
-            for part in kept.chunks(self.opts.ce_chunk.max(1)) {
-                let (rows, lab): (Vec<u32>, Vec<u32>) = part.iter().copied().unzip();
-                let rows = Tensor::from_vec(rows, part.len(), &Device::Cpu)?;
-                let h = xl.as_tensor().index_select(&rows, 0)?;
-                let h = nn::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
-                let l = (nn::nll_sum(&h, &self.lm_head, &lab)? / n_tok)?;
-                loss += l.to_scalar::<f32>()?;
-                let gs = l.backward()?;
-                if let Some(gx) = gs.get(xl.as_tensor()) {
-                    g = (g + gx.detach())?;
-                }
-            }
-            Ok((loss, g.reshape((b, t, c))?))
-        })?;
-        drop(x);
-        let mut out = HashMap::new();
-        // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
-        for li in (0..self.layers.len()).rev() {
-            let xin = saved.pop().expect("one saved input per layer");
-            let (gs, xv) = (|| -> candle_core::Result<_> {
-                let xv = Var::from_tensor(&xin)?;
-                let y = self.layer_fwd(li, xv.as_tensor(), &ctx, key)?;
-                let s =
-                    nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
-                Ok((s.backward()?, xv))
-            })()
-            .map_err(cerr("recompute"))?;
-            self.collect_grads(&gs, Some(li), &mut out)?;
-            if li > 0 {
-                g = match gs.get(xv.as_tensor()) {
-                    Some(gx) => gx.detach(),
-                    None => xin.zeros_like().map_err(cerr("grads"))?,
-                };
-            }
-        }
-        Ok((loss, out))
+        super::train_grads(self, ids, mask, labels)
     }
 }
+
+/// Llama's blocks; the checkpointed step, forward and loss are the shared ones in `models`.
+impl super::Decoder for Llama {
+    type Ctx = Ctx;
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn ce_chunk(&self) -> usize {
+        self.opts.ce_chunk
+    }
+    fn checkpoint(&self) -> bool {
+        self.opts.checkpoint
+    }
+    fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        Llama::embed(self, ids, b, t)
+    }
+    fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
+        Llama::ctx(self, b, t, mask)
+    }
+    fn layer(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Ctx,
+        key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        self.layer_fwd(li, x, ctx, key)
+    }
+    fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        nn::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+    }
+    fn lm_head(&self) -> &QLinear {
+        &self.lm_head
+    }
+    fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)> {
+        self.lora_params()
+            .into_iter()
+            .filter(|(n, _)| {
+                layer.is_none_or(|li| n.contains(&format!(".layers.{li}.")))
+            })
+            .collect()
+    }
+    fn next_step_key(&self) -> u64 {
+        // One key range per step; layer li, projection pi adds li*7+pi.
+        self.step.fetch_add(1, Ordering::Relaxed).wrapping_mul(1 << 32)
+    }
+}
+
 
 /// The HF row that GGUF row `r` of a permuted Q/K holds is `hf_row(r)`; this is its inverse: the
 /// GGUF row holding HF row `r` (llama.cpp interleaves the two rotary halves of each head).
