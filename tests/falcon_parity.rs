@@ -443,3 +443,29 @@ fn bf16_compute_runs_every_layout() {
         }
     }
 }
+
+/// A bitsandbytes 4-bit Falcon checkpoint as the base: the multi-query model written by our
+/// bnb-layout writer (bit-exact with bitsandbytes' quantiser) loads its decoder linears as stored
+/// NF4 and gives the NF4 reference's logits and LoRA gradients.
+#[test]
+fn mq_bnb_4bit_checkpoint_base() {
+    let src = WeightStore::open(&fixtures("mq").join("model")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bnb");
+    qtune::format::bnb::write_nf4_dir(&src, &out).unwrap();
+    let store = WeightStore::open(&out).unwrap();
+    assert_eq!(store.format, qtune::store::SourceFormat::BnbNf4);
+    let dir = fixtures("mq").join("nf4");
+    let b = batch(&dir);
+    let m = model(&store, None, true, &dir);
+    let want = &load_st(&dir.join("logits.safetensors"))["logits"];
+    let r = rel(&m.forward(&b.ids, Some(&b.mask)).unwrap(), want);
+    eprintln!("mq bnb checkpoint: logits rel {r:.2e}");
+    assert!(r < 1e-5, "bnb Falcon logits rel error {r:e}");
+    let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
+    assert!((l as f64 - b.loss).abs() < 1e-5 * b.loss.abs());
+    for (name, want) in &load_st(&dir.join("grads.safetensors")) {
+        let r = rel(&grads[name], want);
+        assert!(r < 1e-4, "bnb Falcon: {name} rel error {r:e}");
+    }
+}

@@ -265,7 +265,9 @@ const OFFSET_PLACEHOLDER: &str = "-1.2345678901234567e-308";
 
 /// True for the weights transformers quantises: 2-D `*.weight` inside the decoder layers.
 pub fn is_nf4_target(t: &StoredTensor) -> bool {
-    t.name.starts_with("model.layers.")
+    // Llama-family `model.layers.N.*`, Falcon `transformer.h.N.*`: the Linear layers transformers
+    // quantises (lm_head and embeddings stay as they are).
+    (t.name.starts_with("model.layers.") || t.name.starts_with("transformer.h."))
         && t.name.ends_with(".weight")
         && t.shape.len() == 2
         && t.numel().is_multiple_of(NF4_BLOCK)

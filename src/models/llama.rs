@@ -678,17 +678,16 @@ impl super::Decoder for Llama {
     fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)> {
         self.lora_params()
             .into_iter()
-            .filter(|(n, _)| {
-                layer.is_none_or(|li| n.contains(&format!(".layers.{li}.")))
-            })
+            .filter(|(n, _)| layer.is_none_or(|li| n.contains(&format!(".layers.{li}."))))
             .collect()
     }
     fn next_step_key(&self) -> u64 {
         // One key range per step; layer li, projection pi adds li*7+pi.
-        self.step.fetch_add(1, Ordering::Relaxed).wrapping_mul(1 << 32)
+        self.step
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(1 << 32)
     }
 }
-
 
 /// The HF row that GGUF row `r` of a permuted Q/K holds is `hf_row(r)`; this is its inverse: the
 /// GGUF row holding HF row `r` (llama.cpp interleaves the two rotary halves of each head).
