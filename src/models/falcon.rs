@@ -729,29 +729,18 @@ impl Decoder for Falcon {
     }
 
     fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
-        let c = self.cfg.hidden_size;
-        let m = self.embed.matrix();
-        let mut out = vec![0f32; ids.len() * c];
-        for (n, &id) in ids.iter().enumerate() {
-            if id as usize >= self.cfg.vocab_size {
-                return Err(Error::Invalid(format!(
-                    "token id {id} at position {n} is outside the vocabulary of {} of {}",
-                    self.cfg.vocab_size,
-                    self.path.display()
-                )));
-            }
-            m.dequant_tile(id as usize, 1, 0, c, &mut out[n * c..(n + 1) * c]);
-        }
-        Tensor::from_vec(out, (b, t, c), &Device::Cpu)
-            .and_then(|x| x.to_dtype(self.opts.dtype))
-            .map_err(cerr("embedding"))
+        super::embed_rows(&self.embed, ids, (b, t), self.opts.dtype, &self.path)
     }
 
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
-        let (cos, sin) =
-            nn::rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
-                .map_err(cerr("rotary tables"))?;
-        let bias = nn::attention_bias(mask, b, t).map_err(cerr("attention mask"))?;
+        let (cos, sin, bias) = super::rope_and_bias(
+            b,
+            t,
+            mask,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.opts.dtype,
+        )?;
         Ok(Ctx { cos, sin, bias })
     }
 

@@ -93,6 +93,47 @@ pub trait Decoder {
     fn next_step_key(&self) -> u64;
 }
 
+/// Token embeddings `(B, T, C)` in `dtype` for `ids` (B*T of them): rows of the stored table (any
+/// type) dequantised by id; an id outside the vocabulary is an error naming `path`.
+pub(crate) fn embed_rows(
+    table: &crate::store::StoredTensor,
+    ids: &[u32],
+    (b, t): (usize, usize),
+    dtype: DType,
+    path: &std::path::Path,
+) -> Result<Tensor> {
+    let m = table.matrix();
+    let (vocab, c) = (m.rows, m.cols);
+    let mut out = vec![0f32; ids.len() * c];
+    for (n, &id) in ids.iter().enumerate() {
+        if id as usize >= vocab {
+            return Err(Error::Invalid(format!(
+                "token id {id} at position {n} is outside the vocabulary of {vocab} of {}",
+                path.display()
+            )));
+        }
+        m.dequant_tile(id as usize, 1, 0, c, &mut out[n * c..(n + 1) * c]);
+    }
+    Tensor::from_vec(out, (b, t, c), &Device::Cpu)
+        .and_then(|x| x.to_dtype(dtype))
+        .map_err(cerr("embedding"))
+}
+
+/// Rotary tables `(T, D/2)` and the attention bias `(B, 1, T, T)` of one call: the per-call constants
+/// of both architectures.
+pub(crate) fn rope_and_bias(
+    b: usize,
+    t: usize,
+    mask: Option<&Tensor>,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (cos, sin) = nn::rope_tables(t, head_dim, theta, dtype).map_err(cerr("rotary tables"))?;
+    let bias = nn::attention_bias(mask, b, t).map_err(cerr("attention mask"))?;
+    Ok((cos, sin, bias))
+}
+
 fn cerr(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::Invalid(format!("{what}: {e}"))
 }
