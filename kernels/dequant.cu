@@ -121,3 +121,34 @@ extern "C" __global__ void __launch_bounds__(256)
                        float* dst) {
     dequant_nf4<float>(packed, absmax_q, nested_absmax, nested_code, code, offset, nelems, dst);
 }
+
+// Dense weights (F16, BF16, F32 tensors: an lm_head or a bf16 base) into the same scratch, one
+// element per thread iteration, so that every stored type takes the same GEMM path.
+namespace {
+
+__device__ __forceinline__ float dense_ld(const uint16_t* p, long long i, bool is_f16) {
+    return is_f16 ? qt::f16_to_f32(p[i]) : qt::bf16_to_f32(p[i]);
+}
+
+}  // namespace
+
+extern "C" __global__ void qt_dense16_bf16(const uint16_t* src, uint16_t* dst, long long n, int is_f16) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        dst[i] = is_f16 ? qt::f32_to_bf16(qt::f16_to_f32(src[i])) : src[i];
+    }
+}
+
+extern "C" __global__ void qt_dense16_f32(const uint16_t* src, float* dst, long long n, int is_f16) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        dst[i] = dense_ld(src, i, is_f16 != 0);
+    }
+}
+
+extern "C" __global__ void qt_dense32_bf16(const float* src, uint16_t* dst, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        dst[i] = qt::f32_to_bf16(src[i]);
+    }
+}

@@ -96,6 +96,20 @@ static uint32_t nf4_offset_bits(const std::string& manifest, const std::string& 
     return (uint32_t)strtoul(manifest.c_str() + at + 14, nullptr, 10);
 }
 
+// F16 and BF16 tensors (the dense kernels' element conversions) against gguf-py's f32 values.
+static void check_dense(const char* name, bool is_f16) {
+    const std::vector<uint8_t> raw = read_file(std::string("tests/fixtures/ggml/deq_") + name + ".bin");
+    const std::vector<float> want = as_f32(read_file(std::string("tests/fixtures/ggml/deq_") + name + ".f32"));
+    std::vector<float> got(raw.size() / 2);
+    for (size_t i = 0; i < got.size(); ++i) {
+        const uint16_t h = qt::ld_u16(&raw[2 * i]);
+        got[i] = is_f16 ? qt::f16_to_f32(h) : qt::bf16_to_f32(h);
+    }
+    char what[128];
+    snprintf(what, sizeof what, "%s: %zu values vs gguf-py (f32 bits, bf16)", name, got.size());
+    check(compare_exact(what, got, want), what);
+}
+
 static void check_nf4() {
     const std::vector<uint8_t> m = read_file("tests/fixtures/nf4/manifest.json");
     const std::string manifest(m.begin(), m.end());
@@ -323,6 +337,8 @@ int main(int argc, char** argv) {
     check_ggml("Q8_0", qt::Q8_0_BYTES, qt::Q8_0_ELEMS, qt::decode8_q8_0);
     check_ggml("Q4_K", qt::Q4_K_BYTES, qt::Q4_K_ELEMS, qt::decode8_q4_k);
     check_ggml("Q6_K", qt::Q6_K_BYTES, qt::Q6_K_ELEMS, qt::decode8_q6_k);
+    check_dense("F16", true);
+    check_dense("BF16", false);
     check_nf4();
     check_rms_norm();
     check_rope();

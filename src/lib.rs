@@ -5,6 +5,9 @@
 //! quantised linear and its adapters) -> `nn` (building blocks with backward) -> `models` ->
 //! `train` (optimizer, schedules).
 pub mod bench;
+/// The GPU path (`--features cuda`): kernels/*.cu loaded into candle's CUDA device.
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod export;

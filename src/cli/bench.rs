@@ -52,19 +52,7 @@ pub struct Args {
 
 /// Runs the bench and prints (and optionally writes) its report.
 pub fn run(a: Args) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" => {}
-        "cuda" if cfg!(feature = "cuda") => {
-            bail!(
-                "--device cuda: the bench runs on the CPU only so far (no CUDA training path yet)"
-            )
-        }
-        "cuda" => bail!(
-            "--device cuda: this qtune was built without CUDA; rebuild with `--features cuda` \
-             (needs nvcc) or use --device cpu"
-        ),
-        d => bail!("--device {d}: use cpu or cuda"),
-    }
+    super::train::check_device(&a.device)?;
     let quant = QType::parse(&a.quant)
         .filter(|q| qtune::bench::BENCH_QUANTS.contains(q))
         .with_context(|| format!("--quant {}: use nf4, q4_0, q8_0, q4_k or bf16", a.quant))?;

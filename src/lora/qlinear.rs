@@ -30,6 +30,10 @@ pub struct QLinear {
     out_features: usize,
     in_features: usize,
     fwd: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+    /// The weight's device copies (`--features cuda`), shared by forward, backward and the
+    /// cross-entropy through this layer.
+    #[cfg(feature = "cuda")]
+    gpu: Arc<crate::cuda::GpuWeightCache>,
 }
 
 impl std::fmt::Debug for QLinear {
@@ -122,9 +126,13 @@ impl QLinear {
                 Some(b)
             }
         };
+        #[cfg(feature = "cuda")]
+        let gpu = Arc::new(crate::cuda::GpuWeightCache::default());
         let fwd: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(QMatMulOp {
             w: weight.clone(),
             dir: Dir::Forward,
+            #[cfg(feature = "cuda")]
+            gpu: gpu.clone(),
         }));
         Ok(QLinear {
             weight,
@@ -132,6 +140,8 @@ impl QLinear {
             out_features,
             in_features,
             fwd,
+            #[cfg(feature = "cuda")]
+            gpu,
         })
     }
 
@@ -198,15 +208,28 @@ impl QLinear {
     pub fn in_features(&self) -> usize {
         self.in_features
     }
+
+    /// The weight's device copies (made on first use on a GPU).
+    #[cfg(feature = "cuda")]
+    pub fn gpu_cache(&self) -> &Arc<crate::cuda::GpuWeightCache> {
+        &self.gpu
+    }
 }
 
 impl Module for QLinear {
     /// `x (.., in) -> y (.., out)` in x's dtype (f32, bf16 or f16); differentiable in x only.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !matches!(x.device(), Device::Cpu) {
+        let supported = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+        if !supported {
             bail!(
-                "QLinear '{}': only the CPU kernels exist so far; move the activations to the CPU",
-                self.weight.name
+                "QLinear '{}': no kernels for {:?}; use the CPU{}",
+                self.weight.name,
+                x.device(),
+                if cfg!(feature = "cuda") {
+                    " or CUDA"
+                } else {
+                    ""
+                }
             );
         }
         match x.dims().last() {
@@ -222,7 +245,7 @@ impl Module for QLinear {
         let y = x.contiguous()?.apply_op1_arc(self.fwd.clone())?;
         match &self.bias {
             None => Ok(y),
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            Some(b) => y.broadcast_add(&b.to_device(y.device())?.to_dtype(y.dtype())?),
         }
     }
 }
@@ -240,6 +263,8 @@ enum Dir {
 struct QMatMulOp {
     w: Arc<StoredTensor>,
     dir: Dir,
+    #[cfg(feature = "cuda")]
+    gpu: Arc<crate::cuda::GpuWeightCache>,
 }
 
 impl QMatMulOp {
@@ -329,6 +354,21 @@ impl CustomOp1 for QMatMulOp {
         Ok((out, Shape::from(out_dims)))
     }
 
+    /// Dequantises W into the device's shared scratch with our kernels (kernels/dequant.cu), then
+    /// one cuBLAS GEMM (src/cuda/); bf16 or f32 activations.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dir = match self.dir {
+            Dir::Forward => crate::cuda::Product::Forward,
+            Dir::InputGrad => crate::cuda::Product::InputGrad,
+        };
+        crate::cuda::qmatmul(&self.gpu, &self.w, dir, storage, layout)
+    }
+
     /// d(arg) = the other direction applied to d(result): `dx = dy·W` for the forward, and
     /// `d(dy) = d(dx)·Wᵀ` for the input gradient (second order, used only when candle is told not to
     /// detach gradients). Never a gradient for W.
@@ -344,6 +384,8 @@ impl CustomOp1 for QMatMulOp {
                 Dir::Forward => Dir::InputGrad,
                 Dir::InputGrad => Dir::Forward,
             },
+            #[cfg(feature = "cuda")]
+            gpu: self.gpu.clone(),
         };
         Ok(Some(grad_res.contiguous()?.apply_op1(other)?))
     }

@@ -52,12 +52,22 @@ fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
-/// A small constant tensor (weights, tables, masks) as an owned f32 vector.
+/// A small constant tensor (weights, tables, masks) as an owned f32 vector (copied from the GPU
+/// when it lives there: these are built once per op).
 fn const_f32(t: &Tensor, op: &str) -> Result<Vec<f32>> {
-    if !matches!(t.device(), Device::Cpu) {
-        bail!("{op}: only the CPU kernels exist so far; move the tensors to the CPU");
+    let supported = t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda());
+    if !supported {
+        bail!("{op}: only the CPU and CUDA kernels exist; move the tensors to the CPU");
     }
     t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// The activation arguments of an op with CUDA kernels (`--features cuda`) may live on the GPU.
+fn check_cpu_or_cuda(op: &str, ts: &[&Tensor]) -> Result<()> {
+    if cfg!(feature = "cuda") && ts.iter().all(|t| t.device().is_cuda()) {
+        return Ok(());
+    }
+    check_cpu(op, ts)
 }
 
 /// f32 results as a storage of `dtype`.
@@ -140,7 +150,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// computes it (statistics in f32; for bf16/f16 x, its two roundings to x's dtype); `w (C)` is
 /// frozen (no gradient, not a graph node). The graph keeps x only.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    check_cpu("rms_norm", &[x, w])?;
+    check_cpu_or_cuda("rms_norm", &[x])?;
     let c = x.dims().last().copied().unwrap_or(0);
     if w.dims() != [c] {
         bail!(
@@ -203,8 +213,30 @@ impl CustomOp1 for RmsNormOp {
         Ok((storage_of(y, s.dtype()), l.shape().clone()))
     }
 
+    /// kernels/ops.cu `qt_rmsnorm_fwd` (one thread block per row).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::ops::rms_norm_fwd((s, l), &self.w, self.eps)?;
+        Ok((y, l.shape().clone()))
+    }
+
     /// With g = dy·w and r = rstd: dx = r·g - x·r³·mean(g·x). No gradient for w.
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = RmsNormBwdCuda {
+                w: self.w.clone(),
+                eps: self.eps,
+            };
+            return Ok(Some(
+                x.contiguous()?
+                    .apply_op2_no_bwd(&dy.to_dtype(x.dtype())?.contiguous()?, &op)?,
+            ));
+        }
         let c = self.w.len();
         let dx = with_f32(x, self.name(), |x| {
             with_f32(dy, self.name(), |dy| {
@@ -228,6 +260,42 @@ impl CustomOp1 for RmsNormOp {
             })
         })??;
         Ok(Some(tensor_of(dx, x.dims(), x.dtype())?))
+    }
+}
+
+/// RMSNorm's input gradient on the GPU, as an op over (x, dy) so that it returns a tensor on the
+/// device (the CPU backward above computes it inline).
+#[cfg(feature = "cuda")]
+struct RmsNormBwdCuda {
+    w: Arc<Vec<f32>>,
+    eps: f64,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for RmsNormBwdCuda {
+    fn name(&self) -> &'static str {
+        "qtune-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("qtune-rms-norm-bwd: the CPU backward is RmsNormOp::bwd")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dx = crate::cuda::ops::rms_norm_bwd((x, xl), (dy, dyl), &self.w, self.eps)?;
+        Ok((dx, xl.shape().clone()))
     }
 }
 
@@ -277,7 +345,7 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 }
 
 fn rope_impl(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
-    check_cpu("rope", &[x, cos, sin])?;
+    check_cpu_or_cuda("rope", &[x])?;
     let (_b, _h, t, d) = x.dims4()?;
     if d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
         bail!(
@@ -344,6 +412,25 @@ impl CustomOp1 for RopeOp {
                 });
         }
         Ok((storage_of(y, s.dtype()), l.shape().clone()))
+    }
+
+    /// kernels/ops.cu `qt_rope` (one thread per rotated pair; the backward is this op inverted).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::ops::rope(
+            (s, l),
+            &self.cos,
+            &self.sin,
+            self.t,
+            self.half,
+            self.interleaved,
+            self.inverse,
+        )?;
+        Ok((y, l.shape().clone()))
     }
 
     /// The rotation is orthogonal: dx = R(-theta)·dy. Nothing is needed from the forward.
