@@ -151,6 +151,16 @@ __device__ void ce_grad(T* __restrict__ logits, const long long* __restrict__ la
     }
 }
 
+// x (rows, v) += bias (v), the lm_head's bias on a chunk of logits.
+template <typename T>
+__device__ void add_bias(T* __restrict__ x, const float* __restrict__ bias, long long rows, int v) {
+    const long long n = rows * v;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        st(x, i, ld(x, i) + bias[i % v]);
+    }
+}
+
 }  // namespace
 
 // C entry points, one per storage type: _f32 (float) and _bf16 (uint16 bit patterns).
@@ -182,6 +192,9 @@ __device__ void ce_grad(T* __restrict__ logits, const long long* __restrict__ la
     extern "C" __global__ void qt_ce_grad_##sfx(T* logits, const long long* labels,              \
                                                 const float* lse, float g, int v) {              \
         ce_grad<T>(logits, labels, lse, g, v);                                                   \
+    }                                                                                            \
+    extern "C" __global__ void qt_add_bias_##sfx(T* x, const float* bias, long long rows, int v) { \
+        add_bias<T>(x, bias, rows, v);                                                           \
     }
 
 QT_OPS(f32, float)

@@ -223,7 +223,7 @@ pub fn ce_fwd(logits: Arg, labels: &[i64], v: usize) -> Result<(CudaSlice<f32>, 
 pub fn ce_grad_in_place(
     logits: &mut CudaStorage,
     labels: &[i64],
-    lse: &CudaSlice<f32>,
+    lse: &CudaView<f32>,
     g: f32,
     v: usize,
 ) -> Result<()> {
@@ -245,4 +245,125 @@ pub fn ce_grad_in_place(
         unsafe { b.launch(per_row(rows)) }.w()?;
     });
     Ok(())
+}
+
+/// Adds the lm_head bias `(v)` to every row of a chunk of logits `(rows, v)` in place.
+pub fn add_bias_in_place(logits: &mut CudaStorage, bias: &CudaSlice<f32>, v: usize) -> Result<()> {
+    let dev = logits.device.clone();
+    let sfx = suffix(logits.dtype(), "lm_head bias")?;
+    let f = func(&dev, Module::Ops, &format!("qt_add_bias_{sfx}"))?;
+    let vi = v as i32;
+    with_t!(logits.dtype(), T, {
+        let lg = logits.as_cuda_slice_mut::<T>()?;
+        let n = lg.len();
+        let rows = (n / v.max(1)) as i64;
+        let st = dev.cuda_stream();
+        let mut b = st.launch_builder(&f);
+        b.arg(&mut *lg).arg(bias).arg(&rows).arg(&vi);
+        // SAFETY: logits hold rows × v elements, bias v.
+        unsafe { b.launch(grid_for(n)) }.w()?;
+    });
+    Ok(())
+}
+
+/// The frozen lm_head and the labels of a chunked cross-entropy on the GPU.
+#[derive(Clone, Copy)]
+pub struct CeHead<'a> {
+    /// lm_head's device copies.
+    pub cache: &'a super::GpuWeightCache,
+    /// lm_head's stored weight `(V, C)`.
+    pub w: &'a crate::store::StoredTensor,
+    /// Its bias `(V)`, if any.
+    pub bias: Option<&'a [f32]>,
+    /// One label per token; negative = ignored.
+    pub labels: &'a [i64],
+    /// Tokens per chunk of logits.
+    pub chunk: usize,
+}
+
+/// The chunked cross-entropy through a frozen lm_head `w (V, C)` on the GPU, forward: the summed
+/// loss over tokens with a label >= 0 and each token's logsumexp (kept for the backward). Logits
+/// exist `chunk` rows at a time: dequantise + GEMM, bias, row kernel; nothing V-sized per token
+/// survives a chunk.
+pub fn cross_entropy_fwd(head: &CeHead, h: Arg) -> Result<(f64, CudaSlice<f32>)> {
+    let CeHead {
+        cache,
+        w,
+        bias,
+        labels,
+        chunk,
+    } = *head;
+    let dev = &h.0.device;
+    let (v, c) = (w.shape[0], w.shape[1]);
+    let n = labels.len();
+    let Some((start, _)) = h.1.contiguous_offsets() else {
+        bail!("cross-entropy on CUDA: hidden must be contiguous");
+    };
+    let bias = bias.map(|b| dev.clone_htod(b)).transpose()?;
+    let mut lse = output::<f32>(dev, n)?;
+    let mut loss = 0f64;
+    for r0 in (0..n).step_by(chunk.max(1)) {
+        let rows = chunk.max(1).min(n - r0);
+        let sub = Layout::contiguous_with_offset((rows, c), start + r0 * c);
+        let (mut lg, _) = super::qmatmul(cache, w, super::Product::Forward, h.0, &sub)?;
+        if let Some(b) = &bias {
+            add_bias_in_place(&mut lg, b, v)?;
+        }
+        let ll = Layout::contiguous((rows, v));
+        let (lse_c, loss_c) = ce_fwd((&lg, &ll), &labels[r0..r0 + rows], v)?;
+        dev.memcpy_dtod(&lse_c, &mut lse.slice_mut(r0..r0 + rows))?;
+        loss += dev
+            .clone_dtoh(&loss_c)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
+    }
+    Ok((loss, lse))
+}
+
+/// Its backward: `dh = g·(softmax − onehot)·W` chunk by chunk (logits recomputed, turned into
+/// their gradient in place, mapped back through the input-gradient product).
+pub fn cross_entropy_bwd(
+    head: &CeHead,
+    lse: &CudaSlice<f32>,
+    g: f32,
+    h: Arg,
+) -> Result<CudaStorage> {
+    let CeHead {
+        cache,
+        w,
+        bias,
+        labels,
+        chunk,
+    } = *head;
+    let dev = &h.0.device;
+    let (v, c) = (w.shape[0], w.shape[1]);
+    let n = labels.len();
+    let Some((start, _)) = h.1.contiguous_offsets() else {
+        bail!("cross-entropy on CUDA: hidden must be contiguous");
+    };
+    let bias = bias.map(|b| dev.clone_htod(b)).transpose()?;
+    with_t!(h.0.dtype(), T, {
+        let mut dh = output::<T>(dev, n * c)?;
+        for r0 in (0..n).step_by(chunk.max(1)) {
+            let rows = chunk.max(1).min(n - r0);
+            let sub = Layout::contiguous_with_offset((rows, c), start + r0 * c);
+            let (mut lg, _) = super::qmatmul(cache, w, super::Product::Forward, h.0, &sub)?;
+            if let Some(b) = &bias {
+                add_bias_in_place(&mut lg, b, v)?;
+            }
+            ce_grad_in_place(
+                &mut lg,
+                &labels[r0..r0 + rows],
+                &lse.slice(r0..r0 + rows),
+                g,
+                v,
+            )?;
+            let ll = Layout::contiguous((rows, v));
+            let (dhc, _) = super::qmatmul(cache, w, super::Product::InputGrad, &lg, &ll)?;
+            let src = dhc.as_cuda_slice::<T>()?;
+            dev.memcpy_dtod(src, &mut dh.slice_mut(r0 * c..(r0 + rows) * c))?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(dh, dev.clone()))
+    })
 }

@@ -970,7 +970,7 @@ pub fn cross_entropy_chunked(
     labels: &[i64],
     chunk: usize,
 ) -> Result<(Tensor, usize)> {
-    check_cpu("cross_entropy_chunked", &[hidden])?;
+    check_cpu_or_cuda("cross_entropy_chunked", &[hidden])?;
     let (n, c) = hidden.dims2()?;
     let v = lm_head.out_features();
     if c != lm_head.in_features() || labels.len() != n {
@@ -998,6 +998,10 @@ pub fn cross_entropy_chunked(
         labels: Arc::new(labels.to_vec()),
         chunk: chunk.max(1),
         lse: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        gpu: lm_head.gpu_cache().clone(),
+        #[cfg(feature = "cuda")]
+        lse_gpu: Mutex::new(None),
     };
     let loss = hidden.contiguous()?.apply_op1(op)?;
     Ok((loss, n_tokens))
@@ -1011,6 +1015,12 @@ struct CrossEntropyOp {
     chunk: usize,
     /// (N) logsumexp of each token's logits, from the forward.
     lse: Mutex<Option<Arc<Vec<f32>>>>,
+    /// lm_head's device copies (shared with its QLinear).
+    #[cfg(feature = "cuda")]
+    gpu: Arc<crate::cuda::GpuWeightCache>,
+    /// The logsumexps of a forward on the GPU, kept there for the backward.
+    #[cfg(feature = "cuda")]
+    lse_gpu: Mutex<Option<Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>>,
 }
 
 impl CrossEntropyOp {
@@ -1063,8 +1073,49 @@ impl CustomOp1 for CrossEntropyOp {
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
+    /// The same on the GPU (src/cuda/ops.rs `cross_entropy_fwd`); the loss is summed in f64 on the
+    /// host from per-row values.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let head = crate::cuda::ops::CeHead {
+            cache: &self.gpu,
+            w: &self.w,
+            bias: self.bias.as_ref().map(|b| b.as_slice()),
+            labels: &self.labels,
+            chunk: self.chunk,
+        };
+        let (loss, lse) = crate::cuda::ops::cross_entropy_fwd(&head, (s, l))?;
+        *self.lse_gpu.lock().expect("lse lock poisoned") = Some(Arc::new(lse));
+        let out = s.device.clone_htod(&[loss as f32])?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, s.device.clone()),
+            Shape::from(()),
+        ))
+    }
+
     /// dh = g·(softmax(logits) - onehot(label))·W per chunk; ignored rows give zero.
     fn bwd(&self, h: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() {
+            let Some(lse) = self.lse_gpu.lock().expect("lse lock poisoned").clone() else {
+                bail!("cross_entropy_chunked: backward before forward");
+            };
+            let g: f32 = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+            let op = CrossEntropyBwdCuda {
+                gpu: self.gpu.clone(),
+                w: self.w.clone(),
+                bias: self.bias.clone(),
+                labels: self.labels.clone(),
+                chunk: self.chunk,
+                lse,
+                g,
+            };
+            return Ok(Some(h.contiguous()?.apply_op1_no_bwd(&op)?));
+        }
         let Some(lse) = self.lse.lock().expect("lse lock poisoned").clone() else {
             bail!("cross_entropy_chunked: backward before forward");
         };
@@ -1096,5 +1147,45 @@ impl CustomOp1 for CrossEntropyOp {
             dh
         })?;
         Ok(Some(tensor_of(dh, h.dims(), h.dtype())?))
+    }
+}
+
+/// The cross-entropy's input gradient on the GPU, as an op over `hidden` (see
+/// `CrossEntropyOp::bwd`).
+#[cfg(feature = "cuda")]
+struct CrossEntropyBwdCuda {
+    gpu: Arc<crate::cuda::GpuWeightCache>,
+    w: Arc<StoredTensor>,
+    bias: Option<Arc<Vec<f32>>>,
+    labels: Arc<Vec<i64>>,
+    chunk: usize,
+    lse: Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>,
+    g: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for CrossEntropyBwdCuda {
+    fn name(&self) -> &'static str {
+        "qtune-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("qtune-cross-entropy-bwd: the CPU backward is CrossEntropyOp::bwd")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let head = crate::cuda::ops::CeHead {
+            cache: &self.gpu,
+            w: &self.w,
+            bias: self.bias.as_ref().map(|b| b.as_slice()),
+            labels: &self.labels,
+            chunk: self.chunk,
+        };
+        let dh = crate::cuda::ops::cross_entropy_bwd(&head, &self.lse, self.g, (s, l))?;
+        Ok((dh, l.shape().clone()))
     }
 }
