@@ -7,10 +7,12 @@
 # run time on the GPU machine), then exports NVCC, CUDA_HOME, CUDA_COMPUTE_CAP, PATH and
 # LIBRARY_PATH. `cargo check --features cuda` needs only the nvcc part; linking needs all of it.
 #
-# The stub: kernels/cuda-stub-symbols.txt lists the driver functions the binaries reference (made
-# by kernels/cuda-env.sh --update-stub from the linker's undefined references); each becomes an
-# empty function in a library whose SONAME is libcuda.so.1, so the binary records the dependency
-# the driver satisfies at run time. Never run a binary against the stub.
+# The stub: kernels/cuda-stub-symbols.txt lists the driver API functions cudarc 0.19 references
+# (`nm -u --format=just-symbols target/release/deps/libcudarc-*.rlib | grep '^cu[A-Z]' | sort -u`);
+# each becomes an empty function in a library whose SONAME is libcuda.so.1, so a binary records
+# the dependency that the NVIDIA driver satisfies at run time. The stub is never on a run-time
+# search path (its file name is libcuda.so, the loader looks for libcuda.so.1): a binary started
+# without a driver fails to load instead of calling it.
 _qt_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _qt_venv="$_qt_root/target/cuda-venv"
 _qt_lib="$_qt_root/target/cuda-lib"
