@@ -37,3 +37,30 @@ fn plan_matches_the_loaded_model() {
         }
     }
 }
+
+#[test]
+fn gpu_terms_count_one_scratch_of_the_largest_linear() {
+    use qtune::models::plan::{GpuTerms, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/falcon/gqa");
+    let store = WeightStore::open(&dir.join("model")).unwrap();
+    let plan = MemoryPlan::for_store(&store, &FalconOptions::default(), 2, 12).unwrap();
+    let g = GpuTerms::new(&store, &plan);
+    let largest = store
+        .tensors
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| t.numel())
+        .max()
+        .unwrap();
+    assert_eq!(
+        g.dequant_scratch,
+        2 * largest,
+        "one bf16 scratch, not one per layer"
+    );
+    assert_eq!(g.context, CUDA_CONTEXT_BYTES);
+    assert_eq!(g.cublas_workspace, CUBLAS_WORKSPACE_BYTES);
+    assert_eq!(
+        g.total(),
+        g.context + g.cublas_workspace + g.dequant_scratch + g.allocator
+    );
+}

@@ -385,3 +385,50 @@ impl std::fmt::Display for MemoryPlan {
         write!(f, "{:<26} {:>10.1} MiB", "total", mib(self.total()))
     }
 }
+
+/// The device-only parts of a plan on a GPU (`--device cuda`), on top of a [`MemoryPlan`]'s total.
+/// Estimates from the design, not yet calibrated on a GPU (no GPU run exists): the context and
+/// workspace figures are typical sizes for CUDA 12/13 on A100/H100-class cards, and the real
+/// figure is measured as device memory in use (`qtune::cuda::device_used_bytes`) before loading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuTerms {
+    /// CUDA context, loaded kernel modules (candle's and ours) and the cuBLAS handle.
+    pub context: usize,
+    /// cuBLAS workspace of the one stream.
+    pub cublas_workspace: usize,
+    /// The one dequantisation scratch per device: the largest 2-D quantised weight in bf16.
+    pub dequant_scratch: usize,
+    /// Stream-ordered allocator slack: freed blocks not yet reused, taken as 1/8 of the step's
+    /// activation terms.
+    pub allocator: usize,
+}
+
+/// Estimated CUDA context with lazy module loading, modules and cuBLAS handle (bytes).
+pub const CUDA_CONTEXT_BYTES: usize = 512 << 20;
+/// cuBLAS's default workspace on Hopper (32 MiB; 4 MiB before), the larger one.
+pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+impl GpuTerms {
+    /// The terms for training `store` with `plan` on one GPU.
+    pub fn new(store: &WeightStore, plan: &MemoryPlan) -> Self {
+        let largest = store
+            .tensors
+            .iter()
+            .filter(|t| t.shape.len() == 2)
+            .map(|t| t.numel())
+            .max()
+            .unwrap_or(0);
+        let activations = plan.checkpoints + plan.recompute + plan.logits_chunk;
+        GpuTerms {
+            context: CUDA_CONTEXT_BYTES,
+            cublas_workspace: CUBLAS_WORKSPACE_BYTES,
+            dequant_scratch: largest * 2,
+            allocator: activations / 8,
+        }
+    }
+
+    /// Sum of the GPU terms.
+    pub fn total(&self) -> usize {
+        self.context + self.cublas_workspace + self.dequant_scratch + self.allocator
+    }
+}
