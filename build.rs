@@ -40,7 +40,7 @@ fn main() {
             .status()
             .unwrap_or_else(|e| {
                 panic!(
-                    "--features cuda: cannot run {} ({e}); install a CUDA toolkit (12.x or 13.0) \
+                    "--features cuda: cannot run {} ({e}); install a CUDA toolkit with nvcc (13.0 tried) \
                      or `pip install -r kernels/requirements-nvcc.txt`, and set NVCC or CUDA_HOME",
                     nvcc.display()
                 )
