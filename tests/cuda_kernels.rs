@@ -517,3 +517,81 @@ fn chunked_cross_entropy_through_a_quantised_lm_head_matches_the_cpu() {
         }
     }
 }
+
+/// Mean seconds per call of `f` over `iters` calls after 3 warm-ups, the GPU synchronised around.
+fn time_gpu(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    dev.synchronize().unwrap();
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    dev.synchronize().unwrap();
+    t0.elapsed().as_secs_f64() / iters as f64
+}
+
+/// Timing, not a check: the frozen quantised linear (dequantise into the scratch + bf16 GEMM) of a
+/// Llama-2-7B MLP shape against a dense bf16 matmul of the same shape (the floor it approaches),
+/// and the dequantiser alone. Run on a GPU with `--ignored --nocapture`.
+#[test]
+#[ignore = "timing; run on a GPU with --ignored --nocapture"]
+fn speed_of_the_quantised_linear_vs_dense_bf16() {
+    let dev = gpu();
+    cuda::POISON_OUTPUTS.store(false, Ordering::Relaxed);
+    let cdev = dev.as_cuda_device().unwrap();
+    let mut rng = Rng(99);
+    let (n, k, m) = (11008, 4096, 512);
+    let flop = 2.0 * (m * n * k) as f64;
+    let x = Tensor::from_vec(rng.normals(m * k), (m, k), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+    let dense = Tensor::from_vec(rng.normals(n * k), (n, k), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+    let wt = dense.t().unwrap();
+    let s = time_gpu(&dev, 20, || {
+        x.matmul(&wt).unwrap();
+    });
+    eprintln!(
+        "dense bf16 matmul {m}x{k} . ({n}x{k})T: {:.3} ms, {:.0} TFLOP/s",
+        s * 1e3,
+        flop / s / 1e12
+    );
+    for t in [
+        QType::NF4,
+        QType::Q4_0,
+        QType::Q5_0,
+        QType::Q8_0,
+        QType::Q4_K,
+        QType::Q6_K,
+    ] {
+        let w = weight(t, n, k, &mut rng);
+        let stored = w.nbytes();
+        let lin = QLinear::new(w.clone(), None).unwrap();
+        let s = time_gpu(&dev, 20, || {
+            lin.forward(&x).unwrap();
+        });
+        let cache = GpuWeightCache::default();
+        let d = time_gpu(&dev, 20, || {
+            cuda::dequantize(cdev, &cache, &w, Out::Bf16, false).unwrap();
+        });
+        eprintln!(
+            "{:5} qlinear fwd: {:.3} ms, {:.0} TFLOP/s; dequantise alone (+ one bf16 copy): {:.3} ms \
+             = {:.0} GB/s of blocks in, {:.0} GB/s of bf16 out",
+            t.name(),
+            s * 1e3,
+            flop / s / 1e12,
+            d * 1e3,
+            stored as f64 / d / 1e9,
+            (n * k * 2) as f64 / d / 1e9
+        );
+    }
+}
