@@ -1,7 +1,9 @@
 //! Merging an adapter into its base: `W' = W + scale · B · A`, in f32, one tensor at a time.
 //!
 //! Outputs: a GGUF (`.gguf`; merged projections requantised, every other tensor and the metadata
-//! kept) or a Hugging Face safetensors directory. Each source tensor's mapped pages are released
+//! kept) or a Hugging Face safetensors directory (float, or NF4 in the bitsandbytes layout). A
+//! bitsandbytes NF4 base merges like a float one: its weights are dequantised, the delta added in
+//! f32, and the result written as floats or requantised. Each source tensor's mapped pages are released
 //! after use, so the peak RSS is a few tensors, not the model.
 use crate::export::{encode_float, Adapter, AdapterModule};
 use crate::format::gguf::{GgufWriter, TensorPlan, Value};
@@ -109,13 +111,13 @@ pub fn merge(
     let to_gguf = out.extension().and_then(|e| e.to_str()) == Some("gguf");
     match (base.format, to_gguf) {
         (SourceFormat::Gguf, true) => merge_gguf(base, cfg, adapter, out, qtype),
-        (SourceFormat::Safetensors, false) => match qtype {
+        (SourceFormat::Safetensors | SourceFormat::BnbNf4, false) => match qtype {
             Some(QType::NF4) => via_f32_dir(base, cfg, adapter, out, |s, o| {
                 crate::format::bnb::write_nf4_dir(s, o).map(|_| ())
             }),
             q => merge_hf_dir(base, cfg, adapter, out, q.unwrap_or(QType::F32)),
         },
-        (SourceFormat::Safetensors, true) => {
+        (SourceFormat::Safetensors | SourceFormat::BnbNf4, true) => {
             let q = qtype.unwrap_or(QType::F32);
             if crate::quantize::llama_ftype(q).is_none() {
                 return Err(Error::Invalid(format!(
@@ -130,11 +132,6 @@ pub fn merge(
         (SourceFormat::Gguf, false) => Err(Error::Invalid(format!(
             "{}: a GGUF base merges into a GGUF; give --out a path ending in .gguf",
             out.display()
-        ))),
-        (SourceFormat::BnbNf4, _) => Err(Error::Invalid(format!(
-            "{}: merging into a bitsandbytes 4-bit base is not supported; merge into the original \
-             (unquantised) model and quantise the result",
-            base.path.display()
         ))),
     }
 }
@@ -346,21 +343,23 @@ fn merge_hf_dir(
             }
         }
     }
-    if dtype != QType::F32 {
-        let cp = tmp.join("config.json");
-        if let Ok(text) = std::fs::read_to_string(&cp) {
-            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
-                v["torch_dtype"] = serde_json::Value::String(
-                    if dtype == QType::F16 {
-                        "float16"
-                    } else {
-                        "bfloat16"
-                    }
-                    .into(),
-                );
-                let s = serde_json::to_string_pretty(&v).unwrap_or(text);
-                std::fs::write(&cp, s).map_err(|e| Error::io(&cp, e))?;
+    // The weights written are floats: a bitsandbytes base's quantization_config no longer holds.
+    let cp = tmp.join("config.json");
+    if let Ok(text) = std::fs::read_to_string(&cp) {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("quantization_config");
             }
+            v["torch_dtype"] = serde_json::Value::String(
+                match dtype {
+                    QType::F16 => "float16",
+                    QType::BF16 => "bfloat16",
+                    _ => "float32",
+                }
+                .into(),
+            );
+            let s = serde_json::to_string_pretty(&v).unwrap_or(text);
+            std::fs::write(&cp, s).map_err(|e| Error::io(&cp, e))?;
         }
     }
     replace_dir_marked(&tmp, out, "model.safetensors")?;

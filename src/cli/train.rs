@@ -201,7 +201,8 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
     Ok(TrainConfig::resolve(&layers, args.config.as_deref())?)
 }
 
-fn tokenizer(model: &Path) -> Result<Tokenizer> {
+/// The tokenizer of a model: its directory's tokenizer.json, or the vocabulary a GGUF embeds.
+pub(crate) fn tokenizer(model: &Path) -> Result<Tokenizer> {
     if model.is_dir() {
         return Ok(Tokenizer::from_model_dir(model)?);
     }
@@ -222,7 +223,17 @@ fn load(path: &Path, tok: &Tokenizer, cfg: &TrainConfig, what: &str) -> Result<V
         packing: cfg.packing,
         template: cfg.chat_template.clone(),
     };
-    let (ex, st) = load_examples(path, tok, &opts)
+    load_samples(path, tok, &opts, what)
+}
+
+/// Tokenised samples of a JSONL file, with a one-line summary on stderr.
+pub(crate) fn load_samples(
+    path: &Path,
+    tok: &Tokenizer,
+    opts: &DataOptions,
+    what: &str,
+) -> Result<Vec<Sample>> {
+    let (ex, st) = load_examples(path, tok, opts)
         .with_context(|| format!("loading {what} data {}", path.display()))?;
     eprintln!(
         "{what} data {}: {} examples ({}), {} sequences, {} tokens, {} trained on; {} truncated to \
@@ -234,7 +245,7 @@ fn load(path: &Path, tok: &Tokenizer, cfg: &TrainConfig, what: &str) -> Result<V
         st.tokens,
         st.targets,
         st.truncated,
-        cfg.seq_len,
+        opts.seq_len,
         st.dropped
     );
     Ok(ex

@@ -132,15 +132,15 @@ fn fingerprint(samples: &[Sample]) -> String {
 }
 
 /// A micro-batch as tensors: ids (B, T) u32, mask (B, T) u32, labels (B, T) i64, target count.
-struct Batch {
-    ids: Tensor,
-    mask: Tensor,
-    labels: Tensor,
-    targets: usize,
+pub(crate) struct Batch {
+    pub(crate) ids: Tensor,
+    pub(crate) mask: Tensor,
+    pub(crate) labels: Tensor,
+    pub(crate) targets: usize,
     tokens: usize,
 }
 
-fn make_batch(samples: &[&Sample]) -> Result<Batch> {
+pub(crate) fn make_batch(samples: &[&Sample]) -> Result<Batch> {
     let t = samples
         .iter()
         .map(|s| s.ids.len())
@@ -497,18 +497,7 @@ pub fn train(
             .collect()
     };
     let evaluate = |model: &dyn CausalLm| -> Result<f32> {
-        let (mut sum, mut cnt) = (0f64, 0usize);
-        for chunk in eval_data.chunks(micro) {
-            let refs: Vec<&Sample> = chunk.iter().collect();
-            let b = make_batch(&refs)?;
-            let l = model.loss(&b.ids, Some(&b.mask), &b.labels)?;
-            let l = l
-                .to_scalar::<f32>()
-                .map_err(|e| Error::Invalid(format!("eval loss: {e}")))?;
-            sum += l as f64 * b.targets as f64;
-            cnt += b.targets;
-        }
-        Ok((sum / cnt.max(1) as f64) as f32)
+        Ok(super::eval::mean_loss(model, &eval_data, micro)?.0 as f32)
     };
 
     let pb = if opts.quiet {
