@@ -57,6 +57,24 @@ fn eval_loss_is_peft_first_step_loss() {
     }
 }
 
+fn merge(base: &Path, adapter: &Path, out: &Path, t: &str) {
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let (b, a, o) = (p(base), p(adapter), p(out));
+    let args = [
+        "merge",
+        "--model",
+        &b,
+        "--adapter",
+        &a,
+        "--out",
+        &o,
+        "--type",
+        t,
+    ];
+    let (ok, _, err) = qtune(&args);
+    assert!(ok, "merge --type {t}: {err}");
+}
+
 #[test]
 fn merging_into_a_bnb_nf4_base() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,16 +87,7 @@ fn merging_into_a_bnb_nf4_base() {
 
     // f32 output: the NF4 weights dequantised plus the delta; equal to the unmerged adapter.
     let f32_dir = dir.path().join("merged-f32");
-    let (ok, _, err) = qtune(&[
-        "merge",
-        "--model",
-        nf4.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        f32_dir.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    merge(&nf4, &adapter, &f32_dir, "f32");
     let cfg = std::fs::read_to_string(f32_dir.join("config.json")).unwrap();
     assert!(
         !cfg.contains("quantization_config"),
@@ -91,20 +100,8 @@ fn merging_into_a_bnb_nf4_base() {
     // Requantised outputs: an NF4 directory (bitsandbytes layout) and a Q8_0 GGUF load and run.
     let nf4_out = dir.path().join("merged-nf4");
     let q8_out = dir.path().join("merged.q8_0.gguf");
-    for (out, t) in [(&nf4_out, "nf4"), (&q8_out, "q8_0")] {
-        let (ok, _, err) = qtune(&[
-            "merge",
-            "--model",
-            nf4.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--type",
-            t,
-        ]);
-        assert!(ok, "{t}: {err}");
-    }
+    merge(&nf4, &adapter, &nf4_out, "nf4");
+    merge(&nf4, &adapter, &q8_out, "q8_0");
     let s = qtune::store::WeightStore::open(&nf4_out).unwrap();
     assert_eq!(s.format, qtune::store::SourceFormat::BnbNf4);
     for out in [&nf4_out, &q8_out] {

@@ -7,7 +7,7 @@ use crate::models::plan::is_falcon;
 use crate::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec};
 use crate::store::WeightStore;
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -41,6 +41,29 @@ pub fn mean_loss(model: &dyn CausalLm, samples: &[Sample], micro: usize) -> Resu
         cnt += b.targets;
     }
     Ok((sum / cnt.max(1) as f64, cnt))
+}
+
+/// Sets the model's LoRA parameters `params` to a PEFT adapter's tensors, after checking that the
+/// adapter (read from `dir`) has exactly these names and shapes.
+pub(crate) fn set_adapter(
+    params: &[(String, Var)],
+    dir: &Path,
+    acfg: &adapter::AdapterConfig,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let expected: Vec<(String, Vec<usize>)> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    adapter::check_compatible(dir, acfg, tensors, &expected)?;
+    let by: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for (n, v) in params {
+        by[n.as_str()]
+            .to_dtype(v.dtype())
+            .and_then(|t| v.set(&t))
+            .map_err(|e| Error::Invalid(format!("{}: setting '{n}': {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 /// Loads the model at `model_path` (weights as stored: GGUF, bitsandbytes NF4, or a float
@@ -91,19 +114,7 @@ pub fn evaluate(
         None => e,
     })?;
     if let (Some(dir), Some((acfg, tensors))) = (adapter_dir, &loaded) {
-        let params = model.lora_params();
-        let expected: Vec<(String, Vec<usize>)> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-            .collect();
-        adapter::check_compatible(dir, acfg, tensors, &expected)?;
-        let by: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (n, v) in &params {
-            by[n.as_str()]
-                .to_dtype(v.dtype())
-                .and_then(|t| v.set(&t))
-                .map_err(|e| Error::Invalid(format!("{}: setting '{n}': {e}", dir.display())))?;
-        }
+        set_adapter(&model.lora_params(), dir, acfg, tensors)?;
     }
     let (loss, tokens) = mean_loss(model.as_ref(), samples, micro)?;
     Ok(EvalReport {

@@ -354,18 +354,7 @@ pub fn train(
     };
     let params = model.lora_params();
     if let Some((dir, acfg, tensors)) = &init {
-        let expected: Vec<(String, Vec<usize>)> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-            .collect();
-        adapter::check_compatible(dir, acfg, tensors, &expected)?;
-        let by: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (n, v) in &params {
-            let t = by[n.as_str()];
-            t.to_dtype(v.dtype())
-                .and_then(|t| v.set(&t))
-                .map_err(|e| Error::Invalid(format!("{}: setting '{n}': {e}", dir.display())))?;
-        }
+        super::eval::set_adapter(&params, dir, acfg, tensors)?;
     }
     let mut opt = AdamW::new(
         params.clone(),
