@@ -14,7 +14,7 @@ use super::llama::{load_linear, LlamaOptions, LoraSpec, Proj};
 use super::{CausalLm, Decoder};
 use crate::format::gguf::{self, Value};
 use crate::lora::{LoraConfig, LoraLinear, QLinear};
-use crate::nn;
+use crate::nn::{self, fused};
 use crate::quant::{dispatch, QType};
 use crate::store::{Bytes, SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
@@ -758,10 +758,10 @@ impl Decoder for Falcon {
         let k_of = |pi: usize| key.map(|k| k.wrapping_add((li * PROJECTIONS.len() + pi) as u64));
         let xa = layer_norm(x, &l.attn_norm, eps)?;
         let (q, k, v) = self.split_qkv(&l.proj[0].forward(&xa, k_of(0))?)?;
-        let q = nn::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = nn::rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = fused::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = fused::rope(&k, &ctx.cos, &ctx.sin)?;
         // a: (B, H, T, D) -> (B, T, H*D)
-        let a = nn::causal_attention(&q, &k, &v, &ctx.bias)?;
+        let a = fused::causal_attention(&q, &k, &v, &ctx.bias)?;
         let a = a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?;
         let a = l.proj[1].forward(&a, k_of(1))?;
         let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
