@@ -259,6 +259,34 @@ fn kv_cache_logits_equal_full_forward() {
     }
 }
 
+/// The old layout (per-head fused qkv, biases, attention then MLP in sequence) decodes through the
+/// cache too: no llama.cpp graph exists for it, but `qtune generate` runs it.
+#[test]
+fn kv_cache_on_the_sequential_layout() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/falcon/seq/model");
+    let store = WeightStore::open(&root).unwrap();
+    let toks: Vec<u32> = (1..11).map(|i| i * 17 % 300).collect();
+    let n = toks.len();
+    let full = Falcon::load(&store, FalconOptions::default())
+        .unwrap()
+        .forward(
+            &Tensor::from_vec(toks.clone(), (1, n), &Device::Cpu).unwrap(),
+            None,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let gen = Generator::new(&store, None).unwrap();
+    let mut c = KvCache::default();
+    let rows: Vec<Tensor> = toks
+        .chunks(3)
+        .map(|ch| gen.step(ch, &mut c).unwrap())
+        .collect();
+    let r = rel(&Tensor::cat(&rows, 0).unwrap(), &full);
+    eprintln!("seq cached steps vs forward: {r:.2e}");
+    assert!(r < 1e-5, "{r:e}");
+}
+
 fn greedy(store: &WeightStore, adapter: &Path, kind: &str) -> Vec<u32> {
     let ad = load_adapter(store, adapter);
     let g = Generator::new(store, Some(&ad)).unwrap();
@@ -415,5 +443,28 @@ fn falcon_export_merge_generate_from_the_command_line() {
         assert!(!ok, "{cmd} accepted a Llama adapter");
         assert!(err.contains("target module 'q_proj'"), "{cmd}: {err}");
         assert!(!d.path().join("x").exists(), "{cmd} wrote before failing");
+    }
+    // And a Falcon adapter (PEFT or GGUF LoRA) on a Llama base.
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model");
+    let ll = llama.to_str().unwrap();
+    let fl = fx("gqa").join("llamacpp-lora-f32.gguf");
+    for (ad, want) in [
+        (a, "is not a projection of this llama base"),
+        (fl.to_str().unwrap(), "this base is a llama"),
+    ] {
+        let o = d.path().join("x/y.gguf");
+        let (ok, _, err) = qtune(&[
+            "export",
+            "--model",
+            ll,
+            "--adapter",
+            ad,
+            "--format",
+            "gguf-lora",
+            "--out",
+            o.to_str().unwrap(),
+        ]);
+        assert!(!ok && err.contains(want), "{err}");
+        assert!(!d.path().join("x").exists());
     }
 }
