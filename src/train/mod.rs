@@ -2,8 +2,9 @@
 //! learning-rate schedules ([`LrSchedule`]).
 pub mod config;
 pub mod optim;
+pub mod optim8;
 pub mod schedule;
 pub mod trainer;
 
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, MomentStorage};
 pub use schedule::{LrSchedule, ScheduleKind};

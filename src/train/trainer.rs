@@ -324,7 +324,8 @@ pub fn train(
     crate::bench::pin_mmap_threshold();
     let baseline = current_rss_bytes() as usize;
     let store = WeightStore::open(&model_path)?;
-    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?;
+    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?
+        .with_optimizer(cfg.moment_storage());
     say(format!(
         "memory plan (batch {micro} x {} tokens):\n{plan}",
         cfg.seq_len
@@ -374,6 +375,7 @@ pub fn train(
             beta2: cfg.adam_beta2,
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
+            moments: cfg.moment_storage(),
         },
     )?;
     let sched = LrSchedule {
