@@ -411,3 +411,37 @@ impl std::fmt::Display for MemoryPlan {
         write!(f, "{:<26} {:>10.1} MiB", "total", mib(self.total()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-2-7B, rank 16, all-linear: per layer q/k/v/o (4096 -> 4096), gate/up (4096 -> 11008),
+    /// down (11008 -> 4096); 32 layers, ~40M LoRA parameters, every tensor far above 4096 elements.
+    fn llama7b_r16() -> Vec<usize> {
+        let (c, i, r) = (4096, 11008, 16);
+        let per_layer = [(c, c), (c, c), (c, c), (c, c), (i, c), (i, c), (c, i)];
+        (0..32)
+            .flat_map(|_| per_layer.iter().flat_map(|&(o, inp)| [r * inp, o * r]))
+            .collect()
+    }
+
+    #[test]
+    fn optimizer_term_follows_the_moment_storage() {
+        let n = llama7b_r16();
+        let params: usize = n.iter().sum();
+        assert_eq!(params, 39_976_960);
+        // f32: master + two moments.
+        assert_eq!(optimizer_bytes(&n, MomentStorage::F32), 12 * params);
+        // 8-bit: master 4 + codes 2 per parameter, two f32 absmax per block of 256 (every tensor
+        // is a whole number of blocks here): 6.03125 bytes per parameter.
+        let eight = optimizer_bytes(&n, MomentStorage::Blockwise8);
+        assert_eq!(eight, 6 * params + 8 * params / 256);
+        assert_eq!(eight, 241_111_040); // 229.9 MiB, against 457.5 MiB at f32
+                                        // Tensors below 4096 elements keep f32 moments; a partial block counts whole.
+        assert_eq!(
+            optimizer_bytes(&[4095, 4097], MomentStorage::Blockwise8),
+            12 * 4095 + 6 * 4097 + 8 * 17
+        );
+    }
+}
