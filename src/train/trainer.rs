@@ -378,6 +378,16 @@ pub fn train(
             moments: cfg.moment_storage(),
         },
     )?;
+    if cfg.optim_8bit {
+        let eight = opt.names().filter(|n| opt.moments_8bit(n).is_some()).count();
+        say(format!(
+            "AdamW: 8-bit moments for {eight} of {} LoRA tensors (those under {} elements stay \
+             32-bit); optimizer state {:.1} MiB",
+            params.len(),
+            super::optim8::MIN_8BIT_SIZE,
+            opt.state_bytes() as f64 / (1024.0 * 1024.0)
+        ));
+    }
     let sched = LrSchedule {
         kind: cfg.schedule_kind()?,
         base_lr: cfg.lr,
