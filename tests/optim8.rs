@@ -96,7 +96,7 @@ fn adamw8bit_matches_the_bitsandbytes_reference() {
         let mut opt = AdamW::new(ps.clone(), config_of(&c)).unwrap();
         // The big parameter is 8-bit and not a whole number of blocks; the small one stays f32.
         let n = t["init/big"].elem_count();
-        assert!(n >= MIN_8BIT_SIZE && n % BLOCK != 0);
+        assert!(n >= MIN_8BIT_SIZE && !n.is_multiple_of(BLOCK));
         assert!(opt.moments_8bit("big").is_some() && opt.moments_8bit("small").is_none());
         let (mut worst_p, mut worst_a) = (0f64, 0f64);
         for (k, lr) in c["lrs"].as_array().unwrap().iter().enumerate() {

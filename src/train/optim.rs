@@ -116,6 +116,9 @@ struct Slot {
     step: u64,
 }
 
+/// First and second moments as f32: borrowed, or dequantised from 8-bit state.
+pub type MomentsF32<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 /// A parameter's moments.
 enum Moments {
     F32 {
@@ -233,7 +236,7 @@ impl AdamW {
     }
 
     /// First and second moments of parameter `name` (dequantised when they are 8-bit).
-    pub fn moments(&self, name: &str) -> Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)> {
+    pub fn moments(&self, name: &str) -> Option<MomentsF32<'_>> {
         self.index.get(name).map(|&i| match &self.slots[i].moments {
             Moments::F32 {
                 exp_avg,

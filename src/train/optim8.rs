@@ -215,14 +215,11 @@ fn code_index(x: f32, map: &[f32; 256], zero: u8) -> u8 {
     }
     let mid = (map[lo] + map[lo + 1]) * 0.5;
     let hi = lo + 1;
-    let i = if x > mid {
+    // Above the midpoint, or exactly on it with `hi` the even index.
+    let i = if x > mid || (x == mid && hi.is_multiple_of(2)) {
         hi
-    } else if x < mid {
-        lo
-    } else if lo % 2 == 0 {
-        lo
     } else {
-        hi
+        lo
     };
     i as u8
 }
@@ -298,7 +295,7 @@ mod tests {
         let m = unsigned_map();
         for (i, w) in m.windows(2).enumerate() {
             let mid = (w[0] + w[1]) * 0.5;
-            let even = if i % 2 == 0 { i } else { i + 1 } as u8;
+            let even = if i.is_multiple_of(2) { i } else { i + 1 } as u8;
             assert_eq!(code_index(mid, &m, 0), even, "tie at {i}");
             assert_eq!(code_index(w[0], &m, 0), i as u8);
             assert_eq!(

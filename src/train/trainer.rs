@@ -379,7 +379,10 @@ pub fn train(
         },
     )?;
     if cfg.optim_8bit {
-        let eight = opt.names().filter(|n| opt.moments_8bit(n).is_some()).count();
+        let eight = opt
+            .names()
+            .filter(|n| opt.moments_8bit(n).is_some())
+            .count();
         say(format!(
             "AdamW: 8-bit moments for {eight} of {} LoRA tensors (those under {} elements stay \
              32-bit); optimizer state {:.1} MiB",
