@@ -14,7 +14,9 @@
 //! [`optim8::MIN_8BIT_SIZE`] elements are kept as bitsandbytes' blockwise 8-bit state and updated
 //! as its `AdamW8bit` does (see [`super::optim8`]): 2 bytes per element plus 8 per block of 256
 //! instead of 8. The f32 master copy stays (bnb updates bf16 parameters in place; without a master
-//! small updates would round away, as above). Smaller parameters keep the f32 path above.
+//! small updates would round away, as above). Smaller parameters keep the f32 path above, torch's
+//! arithmetic (bnb's own 32-bit kernel for them applies the weight decay after the update instead
+//! of before: a difference of lr * weight_decay times the update).
 use super::optim8::{self, Moments8};
 use crate::lora::adapter::{replace_dir_marked, sibling, sync_file, write_synced};
 use crate::{Error, Result};
