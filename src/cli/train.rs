@@ -152,6 +152,11 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub packing: bool,
+    /// Keep AdamW's moments 8-bit, blockwise as bitsandbytes' AdamW8bit (~2 bytes per LoRA
+    /// parameter instead of 8; tensors under 4096 elements stay 32-bit).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub optim_8bit: bool,
     /// Chat template for `messages` data: a built-in name, a Jinja file or Jinja text.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
