@@ -8,6 +8,7 @@
 use super::llama::{LlamaConfig, LlamaOptions, PROJECTIONS};
 use crate::quant::{matmul::TILE_BYTES, nf4, QType};
 use crate::store::{SourceFormat, WeightStore};
+use crate::train::MomentStorage;
 use crate::Result;
 
 /// Bytes by part of one training step.
@@ -19,8 +20,10 @@ pub struct MemoryPlan {
     pub adapters: usize,
     /// The LoRA gradients a step returns (compute dtype).
     pub adapter_grads: usize,
-    /// AdamW state: 2 f32 moments per LoRA parameter, plus the f32 master copy `train::optim`
-    /// keeps of every parameter.
+    /// AdamW state: the f32 master copy `train::optim` keeps of every LoRA parameter, plus its two
+    /// moments: f32 (8 bytes per parameter), or with 8-bit moments 2 bytes per parameter and two
+    /// f32 absmax per block of 256 for tensors of at least 4096 elements (see
+    /// [`MemoryPlan::with_optimizer`]).
     pub optimizer: usize,
     /// Checkpointed layer inputs, the final hidden state and the gradient passed between layers.
     pub checkpoints: usize,
@@ -30,6 +33,14 @@ pub struct MemoryPlan {
     pub kernel_scratch: usize,
     /// One cross-entropy chunk: its f32 logits, their softmax intermediates and gradient.
     pub logits_chunk: usize,
+    /// Elements of each LoRA tensor (every adapter's A and B): the optimizer term depends on them
+    /// one by one, since small tensors keep f32 moments.
+    lora_numels: Vec<usize>,
+}
+
+/// Optimizer-state bytes of LoRA tensors of these sizes.
+fn optimizer_bytes(numels: &[usize], moments: MomentStorage) -> usize {
+    numels.iter().map(|&n| moments.state_bytes(n)).sum()
 }
 
 impl MemoryPlan {
@@ -74,6 +85,7 @@ impl MemoryPlan {
             (c, i),
         ];
         let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 7]; l]);
+        let mut lora_numels = Vec::new();
         if let Some(spec) = &opts.lora {
             let all = spec.targets.iter().any(|x| x == "all-linear");
             for (li, row) in per_layer_lora.iter_mut().enumerate() {
@@ -84,6 +96,8 @@ impl MemoryPlan {
                     if all || spec.targets.iter().any(|x| x == name) {
                         row[pi] = true;
                         lora_params += spec.r * (dims[pi].0 + dims[pi].1);
+                        // A is (r, in), B is (out, r).
+                        lora_numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
                     }
                 }
             }
@@ -161,13 +175,14 @@ impl MemoryPlan {
             adapter_grads: lora_params * s,
             // `train::AdamW` keeps an f32 master copy beside the two moments (measured by
             // `qtune bench`: without it the plan missed the peak by 3 % on a 110M shape).
-            optimizer: lora_params * 3 * 4,
+            optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight,
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary.
             logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+            lora_numels,
         })
     }
 
@@ -207,6 +222,13 @@ pub fn is_falcon(store: &WeightStore) -> bool {
 }
 
 impl MemoryPlan {
+    /// This plan with the optimizer term for moments stored as `moments` (the constructors count
+    /// f32 moments).
+    pub fn with_optimizer(mut self, moments: MomentStorage) -> Self {
+        self.optimizer = optimizer_bytes(&self.lora_numels, moments);
+        self
+    }
+
     /// The plan for the model in `store`, Llama or Falcon by its config / GGUF architecture.
     pub fn for_store(
         store: &WeightStore,
@@ -265,6 +287,7 @@ impl MemoryPlan {
         // (out, in) per linear, falcon::PROJECTIONS order.
         let dims = [(cfg.qkv_rows(), c), (c, h * d), (i, c), (c, i)];
         let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 4]; l]);
+        let mut lora_numels = Vec::new();
         if let Some(spec) = &opts.lora {
             let all = spec.targets.iter().any(|x| x == "all-linear");
             for (li, row) in per_layer_lora.iter_mut().enumerate() {
@@ -275,6 +298,8 @@ impl MemoryPlan {
                     if all || spec.targets.iter().any(|x| x == name) {
                         row[pi] = true;
                         lora_params += spec.r * (dims[pi].0 + dims[pi].1);
+                        // A is (r, in), B is (out, r).
+                        lora_numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
                     }
                 }
             }
@@ -347,11 +372,12 @@ impl MemoryPlan {
             weights,
             adapters: lora_params * s,
             adapter_grads: lora_params * s,
-            optimizer: lora_params * 3 * 4, // two moments and the f32 master copy
+            optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
             logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+            lora_numels,
         })
     }
 }
@@ -383,5 +409,39 @@ impl std::fmt::Display for MemoryPlan {
             writeln!(f, "{name:<26} {:>10.1} MiB", mib(b))?;
         }
         write!(f, "{:<26} {:>10.1} MiB", "total", mib(self.total()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-2-7B, rank 16, all-linear: per layer q/k/v/o (4096 -> 4096), gate/up (4096 -> 11008),
+    /// down (11008 -> 4096); 32 layers, ~40M LoRA parameters, every tensor far above 4096 elements.
+    fn llama7b_r16() -> Vec<usize> {
+        let (c, i, r) = (4096, 11008, 16);
+        let per_layer = [(c, c), (c, c), (c, c), (c, c), (i, c), (i, c), (c, i)];
+        (0..32)
+            .flat_map(|_| per_layer.iter().flat_map(|&(o, inp)| [r * inp, o * r]))
+            .collect()
+    }
+
+    #[test]
+    fn optimizer_term_follows_the_moment_storage() {
+        let n = llama7b_r16();
+        let params: usize = n.iter().sum();
+        assert_eq!(params, 39_976_960);
+        // f32: master + two moments.
+        assert_eq!(optimizer_bytes(&n, MomentStorage::F32), 12 * params);
+        // 8-bit: master 4 + codes 2 per parameter, two f32 absmax per block of 256 (every tensor
+        // is a whole number of blocks here): 6.03125 bytes per parameter.
+        let eight = optimizer_bytes(&n, MomentStorage::Blockwise8);
+        assert_eq!(eight, 6 * params + 8 * params / 256);
+        assert_eq!(eight, 241_111_040); // 229.9 MiB, against 457.5 MiB at f32
+                                        // Tensors below 4096 elements keep f32 moments; a partial block counts whole.
+        assert_eq!(
+            optimizer_bytes(&[4095, 4097], MomentStorage::Blockwise8),
+            12 * 4095 + 6 * 4097 + 8 * 17
+        );
     }
 }

@@ -324,7 +324,8 @@ pub fn train(
     crate::bench::pin_mmap_threshold();
     let baseline = current_rss_bytes() as usize;
     let store = WeightStore::open(&model_path)?;
-    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?;
+    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?
+        .with_optimizer(cfg.moment_storage());
     say(format!(
         "memory plan (batch {micro} x {} tokens):\n{plan}",
         cfg.seq_len
@@ -363,8 +364,22 @@ pub fn train(
             beta2: cfg.adam_beta2,
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
+            moments: cfg.moment_storage(),
         },
     )?;
+    if cfg.optim_8bit {
+        let eight = opt
+            .names()
+            .filter(|n| opt.moments_8bit(n).is_some())
+            .count();
+        say(format!(
+            "AdamW: 8-bit moments for {eight} of {} LoRA tensors (those under {} elements stay \
+             32-bit); optimizer state {:.1} MiB",
+            params.len(),
+            super::optim8::MIN_8BIT_SIZE,
+            opt.state_bytes() as f64 / (1024.0 * 1024.0)
+        ));
+    }
     let sched = LrSchedule {
         kind: cfg.schedule_kind()?,
         base_lr: cfg.lr,
