@@ -108,8 +108,9 @@ impl MemoryPlan {
             .map_or((0, false), |x| (x.r, x.dropout > 0.0));
         // The recompute graph of the layer with the most adapters (bytes).
         let layer_graph = |lora: &[bool; 7]| -> usize {
-            // RMSNorm: f32 x (when half), x², x/rms in f32, then (half) the cast and the weight product.
-            let norm = n * c * (if half { 16 } else { 12 });
+            // Fused RMSNorm (nn::fused): the graph keeps its output only (statistics are recomputed
+            // in backward).
+            let norm = n * c * s;
             let mut proj = 0;
             for (pi, &(o, inp)) in dims.iter().enumerate() {
                 proj += n * o * s; // base output
@@ -121,13 +122,7 @@ impl MemoryPlan {
                     }
                 }
             }
-            let (qs, ks) = (n * h * d * s, n * k * d * s);
-            // rotary: four half-width products, two half-width sums, the concatenation.
-            let rope = 4 * (qs + ks);
-            // kᵀ made contiguous, the repeated K and V (GQA), attention output and its transpose.
-            let heads = qs * if k < h { 5 } else { 3 };
-            // scores, (half: f32 copy), scaled, biased, shifted, exp, normalised, (half: cast back).
-            let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
+            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
             let mlp = 2 * n * i * s + 2 * n * c * s; // silu, gate*up; two residual sums
                                                      // the surrogate's f32 copies (half) and product.
             let surrogate = n * c * 4 * if half { 3 } else { 1 };
@@ -159,7 +154,7 @@ impl MemoryPlan {
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
         // backward holds the incoming gradient, the product for each operand and a zero-initialised
         // accumulator: about four of the largest activation gradients coexist.
-        let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
         let threads = rayon::current_num_threads();
         let kernel_scratch = threads * 2 * TILE_BYTES
             + if half {
@@ -181,7 +176,7 @@ impl MemoryPlan {
             recompute: graph + in_flight,
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary.
-            logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+            logits_chunk: fused_ce_chunk(rows, v, c),
             lora_numels,
         })
     }
@@ -330,9 +325,7 @@ impl MemoryPlan {
             let (qs, ks) = (n * h * d * s, n * k * d * s);
             // q, k, v: the reshape of a narrowed view copies, the per-head transpose copies again.
             let split = 2 * (qs + 2 * ks);
-            let rope = 4 * (qs + ks);
-            let heads = qs * if k < h { 5 } else { 3 };
-            let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
+            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
             // GELU output; attention + MLP sum and the residual sum.
             let mlp = n * i * s + 2 * n * c * s;
             let surrogate = n * c * 4 * if half { 3 } else { 1 };
@@ -355,7 +348,7 @@ impl MemoryPlan {
             .map(|x| layer_graph(x) + leftovers(x))
             .max()
             .unwrap_or_else(|| layer_graph(&[false; 4]) + leftovers(&[false; 4]));
-        let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
         // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
         // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
         // once beside the incoming gradient and accumulator already in `in_flight`.
@@ -376,13 +369,36 @@ impl MemoryPlan {
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
-            logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+            logits_chunk: fused_ce_chunk(rows, v, c),
             lora_numels,
         })
     }
 }
 
 /// Bytes `numel` weights take once quantised to `q` at load.
+/// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for
+/// `n = b·t` tokens, `h` query and `k` kv heads of `d` (`s` bytes an element).
+/// Rotary keeps its output and the contiguous copy of its input (a transposed head view);
+/// attention keeps its output, the transposed copy the output projection reads, the contiguous
+/// copy of V and one f32 logsumexp per query row: no (T×T) matrix outlives a block of query rows,
+/// and K/V are read per group without being repeated. Its backward holds dQ, dK, dV in f32.
+fn fused_attention_terms(b: usize, t: usize, h: usize, k: usize, d: usize, s: usize) -> [usize; 4] {
+    let n = b * t;
+    let (qs, ks) = (n * h * d * s, n * k * d * s);
+    [
+        2 * (qs + ks),
+        2 * qs + ks,
+        b * h * t * 4,
+        n * (h + 2 * k) * d * 4,
+    ]
+}
+
+/// The fused cross-entropy's working set (bytes) for `rows` tokens: one chunk of f32 logits and
+/// its softmax gradient, plus the hidden chunk and its gradient in f32.
+fn fused_ce_chunk(rows: usize, v: usize, c: usize) -> usize {
+    rows * v * 4 * 3 + rows * c * 4 * 4
+}
+
 fn quantised_bytes(q: QType, numel: usize) -> usize {
     if q == QType::NF4 {
         let blocks = numel.div_ceil(nf4::NF4_BLOCK);
