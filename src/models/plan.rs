@@ -176,7 +176,7 @@ impl MemoryPlan {
             recompute: graph + in_flight,
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary.
-            logits_chunk: fused_ce_chunk(rows, v, c),
+            logits_chunk: fused_ce_chunk(rows, v, n, c, s),
             lora_numels,
         })
     }
@@ -369,13 +369,13 @@ impl MemoryPlan {
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
-            logits_chunk: fused_ce_chunk(rows, v, c),
+            // The final LayerNorm's composite graph: as one decoder norm per element.
+            logits_chunk: fused_ce_chunk(rows, v, n, c, 20 + if half { 4 + s } else { 0 }),
             lora_numels,
         })
     }
 }
 
-/// Bytes `numel` weights take once quantised to `q` at load.
 /// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for
 /// `n = b·t` tokens, `h` query and `k` kv heads of `d` (`s` bytes an element).
 /// Rotary keeps its output and the contiguous copy of its input (a transposed head view);
@@ -393,12 +393,15 @@ fn fused_attention_terms(b: usize, t: usize, h: usize, k: usize, d: usize, s: us
     ]
 }
 
-/// The fused cross-entropy's working set (bytes) for `rows` tokens: one chunk of f32 logits and
-/// its softmax gradient, plus the hidden chunk and its gradient in f32.
-fn fused_ce_chunk(rows: usize, v: usize, c: usize) -> usize {
-    rows * v * 4 * 3 + rows * c * 4 * 4
+/// The head's working set (bytes): the fused cross-entropy's one buffer of `rows` f32 logits
+/// (reused in place for their gradient), the f32 copy of the `n` normalised hidden rows it reads
+/// and their f32 gradient, plus `norm_graph` bytes per hidden element that the final norm's graph
+/// keeps over all `n` rows.
+fn fused_ce_chunk(rows: usize, v: usize, n: usize, c: usize, norm_graph: usize) -> usize {
+    rows * v * 4 + n * c * (8 + norm_graph)
 }
 
+/// Bytes `numel` weights take once quantised to `q` at load.
 fn quantised_bytes(q: QType, numel: usize) -> usize {
     if q == QType::NF4 {
         let blocks = numel.div_ceil(nf4::NF4_BLOCK);
