@@ -1,14 +1,17 @@
-//! Using a trained adapter outside qtune: llama.cpp's GGUF LoRA file and PEFT directories.
+//! Using a trained adapter outside qtune: llama.cpp's GGUF LoRA file and PEFT directories, for
+//! every architecture qtune trains (Llama and Falcon; [`BaseConfig`] holds what differs).
 //!
-//! qtune keeps LoRA factors in Hugging Face row order whatever the base (the Llama loader un-permutes
-//! a GGUF base's Q/K rows, see src/models/llama.rs), so an adapter means the same thing on either
-//! base. llama.cpp computes with the permuted Q/K rows of its converter: the B factor of q_proj and
-//! k_proj (whose rows are output rows) is permuted on the way to a GGUF LoRA and back on the way out.
-//! A is untouched (its columns are input features, which no permutation moves).
+//! qtune keeps LoRA factors in Hugging Face row order whatever the base (the loaders put a GGUF
+//! base's rows back in that order: Llama's Q/K, src/models/llama.rs; Falcon's fused qkv,
+//! src/models/falcon.rs), so an adapter means the same thing on either base. llama.cpp computes with
+//! the reordered rows of its converter: the B factor of those projections (whose rows are output
+//! rows) is reordered on the way to a GGUF LoRA and back on the way out ([`BaseConfig::gguf_rows`]).
+//! A is untouched (its columns are input features, which no reordering moves).
 use crate::format::gguf::{self, GgufWriter, TensorPlan, Value};
 use crate::lora::adapter::{self, AdapterConfig, LoraPart, TargetModules};
-use crate::models::llama::{LlamaConfig, LoraSpec, PROJECTIONS};
-use crate::models::Llama;
+use crate::models::falcon::{self, QkvLayout};
+use crate::models::llama::LoraSpec;
+use crate::models::{CausalLm, FalconConfig, LlamaConfig};
 use crate::quant::QType;
 use crate::store::{SourceFormat, WeightStore};
 use crate::{Error, Result};
@@ -18,9 +21,11 @@ use std::path::{Path, PathBuf};
 /// One adapted projection: `W' = W + scale · B · A`, factors in f32, Hugging Face row order.
 #[derive(Clone, Debug)]
 pub struct AdapterModule {
+    /// The architecture whose projection this is.
+    pub arch: Arch,
     /// Decoder layer index.
     pub layer: usize,
-    /// PEFT projection name (`q_proj` .. `down_proj`).
+    /// PEFT projection name (Llama `q_proj` .. `down_proj`, Falcon `query_key_value` ..).
     pub proj: &'static str,
     /// A `(r, in)`, row-major.
     pub a: Vec<f32>,
@@ -33,18 +38,16 @@ pub struct AdapterModule {
 }
 
 impl AdapterModule {
-    /// The saved PEFT module path `model.layers.N.<group>.<proj>`.
+    /// The saved PEFT module path (`model.layers.N.<group>.<proj>`, Falcon `transformer.h.N...`).
     pub fn module_path(&self) -> String {
-        let group = PROJECTIONS
-            .iter()
-            .find(|p| p.0 == self.proj)
-            .map_or("", |p| p.1);
-        format!("model.layers.{}.{group}.{}", self.layer, self.proj)
+        self.arch.module_path(self.layer, self.proj)
     }
 
     /// llama.cpp's name of the base weight, `blk.N.attn_q.weight`.
     pub fn gguf_name(&self) -> String {
-        let g = PROJECTIONS
+        let g = self
+            .arch
+            .projections()
             .iter()
             .find(|p| p.0 == self.proj)
             .map_or("", |p| p.2);
@@ -74,6 +77,151 @@ impl AdapterModule {
     }
 }
 
+/// The decoder families qtune exports adapters for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, Mistral-style GQA (llama.cpp's `llama`).
+    Llama,
+    /// Falcon (llama.cpp's `falcon`).
+    Falcon,
+}
+
+impl Arch {
+    /// llama.cpp's `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Falcon => "falcon",
+        }
+    }
+
+    /// The adaptable linears of a decoder layer: (PEFT name, module group, llama.cpp name).
+    pub fn projections(self) -> &'static [(&'static str, &'static str, &'static str)] {
+        match self {
+            Arch::Llama => &crate::models::llama::PROJECTIONS,
+            Arch::Falcon => &falcon::PROJECTIONS,
+        }
+    }
+
+    /// The saved PEFT module path of projection `proj` in layer `layer`.
+    pub fn module_path(self, layer: usize, proj: &str) -> String {
+        let group = self
+            .projections()
+            .iter()
+            .find(|p| p.0 == proj)
+            .map_or("", |p| p.1);
+        let stem = match self {
+            Arch::Llama => "model.layers",
+            Arch::Falcon => "transformer.h",
+        };
+        format!("{stem}.{layer}.{group}.{proj}")
+    }
+}
+
+/// The base model an adapter is checked against, exported for and merged into.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BaseConfig {
+    /// A Llama-family base.
+    Llama(LlamaConfig),
+    /// A Falcon base.
+    Falcon(FalconConfig),
+}
+
+impl From<&LlamaConfig> for BaseConfig {
+    fn from(c: &LlamaConfig) -> Self {
+        BaseConfig::Llama(c.clone())
+    }
+}
+
+impl From<&FalconConfig> for BaseConfig {
+    fn from(c: &FalconConfig) -> Self {
+        BaseConfig::Falcon(c.clone())
+    }
+}
+
+impl From<&BaseConfig> for BaseConfig {
+    fn from(c: &BaseConfig) -> Self {
+        c.clone()
+    }
+}
+
+impl BaseConfig {
+    /// The config of the model in `store` (a Falcon by config.json's model_type or GGUF
+    /// architecture, otherwise a Llama).
+    pub fn from_store(store: &WeightStore) -> Result<Self> {
+        Ok(if crate::models::plan::is_falcon(store) {
+            BaseConfig::Falcon(FalconConfig::from_store(store)?)
+        } else {
+            BaseConfig::Llama(LlamaConfig::from_store(store)?)
+        })
+    }
+
+    /// Its architecture.
+    pub fn arch(&self) -> Arch {
+        match self {
+            BaseConfig::Llama(_) => Arch::Llama,
+            BaseConfig::Falcon(_) => Arch::Falcon,
+        }
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            BaseConfig::Llama(c) => c.num_layers,
+            BaseConfig::Falcon(c) => c.num_layers,
+        }
+    }
+
+    /// `(out, in)` of projection `proj` (PEFT name).
+    pub fn proj_shape(&self, proj: &str) -> (usize, usize) {
+        match self {
+            BaseConfig::Llama(c) => proj_shape(c, proj),
+            BaseConfig::Falcon(c) => {
+                let (ch, ffn) = (c.hidden_size, c.ffn_hidden_size);
+                match proj {
+                    "query_key_value" => (c.qkv_rows(), ch),
+                    "dense" => (ch, c.num_heads * c.head_dim),
+                    "dense_h_to_4h" => (ffn, ch),
+                    _ => (ch, ffn),
+                }
+            }
+        }
+    }
+
+    /// Where llama.cpp's converter moves the output rows of `proj`: for each GGUF row, the Hugging
+    /// Face row it holds; `None` where the orders agree. Llama: q/k rows of each head interleaved
+    /// for llama.cpp's rotary (HF row `j*D/2 + i` at row `2i + j`). Falcon: the fused qkv regrouped
+    /// from per-KV-group `[q.., k, v]` to `[all q, all k, all v]` (identity for multi-query, where
+    /// the converter's reordering changes nothing).
+    pub fn gguf_rows(&self, proj: &str) -> Option<Vec<usize>> {
+        match self {
+            BaseConfig::Llama(c) => {
+                let heads = match proj {
+                    "q_proj" => c.num_heads,
+                    "k_proj" => c.num_kv_heads,
+                    _ => return None,
+                };
+                let (hd, half) = (c.head_dim, c.head_dim / 2);
+                Some(
+                    (0..heads * hd)
+                        .map(|g| (g / hd) * hd + (g % hd % 2) * half + g % hd / 2)
+                        .collect(),
+                )
+            }
+            BaseConfig::Falcon(c) => {
+                if proj != "query_key_value" || c.qkv == QkvLayout::MultiQuery {
+                    return None;
+                }
+                let mut hf = vec![0; c.qkv_rows()];
+                for r in 0..hf.len() {
+                    hf[falcon::gguf_row_of_hf(r, c.num_heads, c.num_kv_heads, c.head_dim)] = r;
+                }
+                Some(hf)
+            }
+        }
+    }
+}
+
 /// An adapter read from disk and checked against a base model.
 #[derive(Clone, Debug)]
 pub struct Adapter {
@@ -81,6 +229,8 @@ pub struct Adapter {
     pub path: PathBuf,
     /// Its hyper-parameters (for a GGUF LoRA: rebuilt from the file's alpha and tensors).
     pub cfg: AdapterConfig,
+    /// The base it was checked against.
+    pub base: BaseConfig,
     /// Rank r.
     pub r: usize,
     /// Output scale (alpha/r, or alpha/sqrt(r) with rsLoRA).
@@ -89,9 +239,11 @@ pub struct Adapter {
     pub modules: Vec<AdapterModule>,
 }
 
-/// The Llama projections a PEFT `target_modules` names; an entry that is none of them is an error.
-fn targets_of(path: &Path, cfg: &AdapterConfig) -> Result<Vec<&'static str>> {
-    let all: Vec<&'static str> = PROJECTIONS.iter().map(|p| p.0).collect();
+/// The projections of `arch` a PEFT `target_modules` names; an entry that is none of them is an
+/// error.
+fn targets_of(path: &Path, cfg: &AdapterConfig, arch: Arch) -> Result<Vec<&'static str>> {
+    let projs = arch.projections();
+    let all: Vec<&'static str> = projs.iter().map(|p| p.0).collect();
     match &cfg.target_modules {
         TargetModules::Regex(r) if r == "all-linear" => Ok(all),
         // Not evaluated: the tensors present decide.
@@ -103,16 +255,17 @@ fn targets_of(path: &Path, cfg: &AdapterConfig) -> Result<Vec<&'static str>> {
                     return Ok(all);
                 }
                 let last = t.rsplit('.').next().unwrap_or(t);
-                match PROJECTIONS.iter().find(|p| p.0 == last) {
+                match projs.iter().find(|p| p.0 == last) {
                     Some(p) => out.push(p.0),
                     None => {
                         return Err(Error::Json {
                             path: path.join(adapter::CONFIG_FILE),
                             msg: format!(
-                                "target module '{t}' is not a projection of this Llama base (it has {}); \
+                            "target module '{t}' is not a projection of this {} base (it has {}); \
                                  the adapter was made for another model",
-                                all.join(", ")
-                            ),
+                            arch.name(),
+                            all.join(", ")
+                        ),
                         })
                     }
                 }
@@ -183,9 +336,11 @@ pub fn base_architecture(store: &WeightStore) -> String {
 }
 
 impl Adapter {
-    /// Reads a PEFT directory or a llama.cpp GGUF LoRA file and checks it fits the base `cfg`:
-    /// every target a projection of this model, every factor present with this model's shapes.
-    pub fn load(path: &Path, cfg: &LlamaConfig) -> Result<Adapter> {
+    /// Reads a PEFT directory or a llama.cpp GGUF LoRA file and checks it fits the base `cfg` (a
+    /// [`LlamaConfig`], [`FalconConfig`] or [`BaseConfig`]): every target a projection of this
+    /// model, every factor present with this model's shapes.
+    pub fn load(path: &Path, cfg: impl Into<BaseConfig>) -> Result<Adapter> {
+        let cfg = cfg.into();
         if path.is_file() {
             return Self::load_gguf(path, cfg);
         }
@@ -200,34 +355,45 @@ impl Adapter {
         path: &Path,
         acfg: AdapterConfig,
         tensors: &[(String, Tensor)],
-        cfg: &LlamaConfig,
+        cfg: impl Into<BaseConfig>,
     ) -> Result<Adapter> {
-        let targets = targets_of(path, &acfg)?;
+        let cfg = cfg.into();
+        let arch = cfg.arch();
+        let targets = targets_of(path, &acfg, arch)?;
         let layers = layer_filter(path, &acfg)?;
         let r = acfg.r;
-        // What this base expects of an adapter with these targets.
+        // What this base expects of an adapter with these targets: (layer, projection, A name,
+        // A shape, B name, B shape).
         let mut expected = Vec::new();
-        for i in 0..cfg.num_layers {
+        for i in 0..cfg.num_layers() {
             if layers.as_ref().is_some_and(|l| !l.contains(&i)) {
                 continue;
             }
-            for (p, group, _) in PROJECTIONS {
-                if !targets.contains(&p) {
+            for (p, _, _) in arch.projections() {
+                if !targets.contains(p) {
                     continue;
                 }
-                let (o, k) = proj_shape(cfg, p);
-                let m = format!("model.layers.{i}.{group}.{p}");
-                expected.push((adapter::peft_name(&m, LoraPart::A), vec![r, k]));
-                expected.push((adapter::peft_name(&m, LoraPart::B), vec![o, r]));
+                let (o, k) = cfg.proj_shape(p);
+                let m = arch.module_path(i, p);
+                expected.push((
+                    i,
+                    *p,
+                    (adapter::peft_name(&m, LoraPart::A), vec![r, k]),
+                    (adapter::peft_name(&m, LoraPart::B), vec![o, r]),
+                ));
             }
         }
         if let TargetModules::Regex(_) = acfg.target_modules {
             // A regex may name a subset: expect exactly the modules present.
             let have: std::collections::HashSet<&str> =
                 tensors.iter().map(|(n, _)| n.as_str()).collect();
-            expected.retain(|(n, _)| have.contains(n.as_str()));
+            expected.retain(|e| have.contains(e.2 .0.as_str()) || have.contains(e.3 .0.as_str()));
         }
-        adapter::check_compatible(path, &acfg, tensors, &expected)?;
+        let names: Vec<(String, Vec<usize>)> = expected
+            .iter()
+            .flat_map(|e| [e.2.clone(), e.3.clone()])
+            .collect();
+        adapter::check_compatible(path, &acfg, tensors, &names)?;
         let get = |n: &str| -> Result<Vec<f32>> {
             let t = tensors
                 .iter()
@@ -241,46 +407,39 @@ impl Adapter {
             to_f32(path, n, t)
         };
         let mut modules = Vec::new();
-        for (name, shape) in expected.iter().step_by(2) {
-            let (module, _) = adapter::parse_peft_name(name).expect("names we built");
-            let mut parts = module.split('.');
-            let layer: usize = parts.nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let pname = module.rsplit('.').next().unwrap_or("");
-            let proj = PROJECTIONS
-                .iter()
-                .find(|p| p.0 == pname)
-                .map(|p| p.0)
-                .expect("names we built");
-            let (o, k) = proj_shape(cfg, proj);
-            debug_assert_eq!(shape[1], k);
+        for (layer, proj, (a, _), (b, _)) in &expected {
+            let (o, k) = cfg.proj_shape(proj);
             modules.push(AdapterModule {
-                layer,
+                arch,
+                layer: *layer,
                 proj,
-                a: get(name)?,
-                b: get(&adapter::peft_name(module, LoraPart::B))?,
+                a: get(a)?,
+                b: get(b)?,
                 out_features: o,
                 in_features: k,
             });
         }
         if modules.is_empty() {
             return Err(Error::Invalid(format!(
-                "{}: the adapter adapts no projection of this model",
-                path.display()
+                "{}: the adapter adapts no projection of this {} model",
+                path.display(),
+                arch.name()
             )));
         }
         let scale = acfg.scale();
         Ok(Adapter {
             path: path.to_path_buf(),
             cfg: acfg,
+            base: cfg,
             r,
             scale,
             modules,
         })
     }
 
-    /// Reads a llama.cpp GGUF LoRA (`general.type = adapter`), un-permuting q/k B rows back to
-    /// Hugging Face order.
-    fn load_gguf(path: &Path, cfg: &LlamaConfig) -> Result<Adapter> {
+    /// Reads a llama.cpp GGUF LoRA (`general.type = adapter`), putting the B rows llama.cpp's
+    /// converter reorders back in Hugging Face order.
+    fn load_gguf(path: &Path, cfg: BaseConfig) -> Result<Adapter> {
         let store = gguf::load(path)?;
         let meta = &store.gguf_metadata;
         let bad = |msg: String| Error::corrupt(path, "GGUF LoRA", msg);
@@ -291,10 +450,12 @@ impl Adapter {
                     .into(),
             ));
         }
-        if s("general.architecture") != Some("llama") {
+        let arch = cfg.arch();
+        if s("general.architecture") != Some(arch.name()) {
             return Err(bad(format!(
-                "general.architecture is {:?}; this base is a llama",
-                s("general.architecture")
+                "general.architecture is {:?}; this base is a {}: the adapter was made for another model",
+                s("general.architecture"),
+                arch.name()
             )));
         }
         let alpha = gguf::find(meta, "adapter.lora.alpha")
@@ -302,8 +463,8 @@ impl Adapter {
             .ok_or_else(|| bad("metadata lacks 'adapter.lora.alpha'".into()))?;
         let mut modules = Vec::new();
         let mut r = 0;
-        for i in 0..cfg.num_layers {
-            for (p, _, g) in PROJECTIONS {
+        for i in 0..cfg.num_layers() {
+            for (p, _, g) in arch.projections() {
                 let base = format!("blk.{i}.{g}.weight");
                 let (ta, tb) = (
                     store.get(&format!("{base}.lora_a")),
@@ -314,7 +475,7 @@ impl Adapter {
                     (Some(a), Some(b)) => (a, b),
                     _ => return Err(bad(format!("{base}: lora_a and lora_b must come in pairs"))),
                 };
-                let (o, k) = proj_shape(cfg, p);
+                let (o, k) = cfg.proj_shape(p);
                 let rr = ta.shape.first().copied().unwrap_or(0);
                 if ta.shape != [rr, k] || tb.shape != [o, rr] || rr == 0 || (r != 0 && rr != r) {
                     return Err(Error::Shape {
@@ -334,15 +495,11 @@ impl Adapter {
                     v
                 };
                 let mut b = deq(tb);
-                let heads = match p {
-                    "q_proj" => Some(cfg.num_heads),
-                    "k_proj" => Some(cfg.num_kv_heads),
-                    _ => None,
-                };
-                if let Some(h) = heads {
-                    b = permute_rows(&b, rr, h, false);
+                if let Some(rows) = cfg.gguf_rows(p) {
+                    b = reorder_rows(&b, rr, &rows, false);
                 }
                 modules.push(AdapterModule {
+                    arch,
                     layer: i,
                     proj: p,
                     a: deq(ta),
@@ -393,12 +550,13 @@ impl Adapter {
             path: path.to_path_buf(),
             scale: alpha / r as f64,
             cfg: acfg,
+            base: cfg,
             r,
             modules,
         })
     }
 
-    /// The [`LoraSpec`] a Llama must be loaded with to carry this adapter.
+    /// The [`LoraSpec`] a model must be loaded with to carry this adapter.
     pub fn spec(&self) -> LoraSpec {
         let mut targets: Vec<String> = Vec::new();
         for m in &self.modules {
@@ -417,9 +575,9 @@ impl Adapter {
         }
     }
 
-    /// Sets a Llama loaded with [`Self::spec`] to this adapter's weights; adapters the spec created
-    /// in layers this adapter leaves out get B = 0 (no change to the base).
-    pub fn apply(&self, model: &Llama) -> Result<()> {
+    /// Sets a model (Llama or Falcon) loaded with [`Self::spec`] to this adapter's weights;
+    /// adapters the spec created in layers this adapter leaves out get B = 0 (no change to the base).
+    pub fn apply<M: CausalLm + ?Sized>(&self, model: &M) -> Result<()> {
         let cerr = |e: candle_core::Error| Error::Invalid(format!("setting adapter weights: {e}"));
         for (name, var) in model.lora_params() {
             let Some((module, part)) = adapter::parse_peft_name(&name) else {
@@ -449,17 +607,11 @@ impl Adapter {
     }
 }
 
-/// Permutes the rows of a q/k LoRA B `(rows, r)` between Hugging Face order and llama.cpp's
-/// (`to_gguf`: HF -> GGUF). Within each head of `hd` rows, llama.cpp puts HF row `j*hd/2 + i` at
-/// row `2i + j`: the two rotary halves interleaved.
-pub fn permute_rows(b: &[f32], r: usize, heads: usize, to_gguf: bool) -> Vec<f32> {
-    let rows = b.len() / r;
-    let hd = rows / heads;
-    let half = hd / 2;
+/// Reorders the rows of a LoRA B `(rows, r)` between Hugging Face order and llama.cpp's
+/// (`to_gguf`: HF -> GGUF); `hf_of_gguf[g]` is the HF row at GGUF row g ([`BaseConfig::gguf_rows`]).
+pub fn reorder_rows(b: &[f32], r: usize, hf_of_gguf: &[usize], to_gguf: bool) -> Vec<f32> {
     let mut out = vec![0f32; b.len()];
-    for g in 0..rows {
-        let (h, rem) = (g / hd, g % hd);
-        let hf = h * hd + (rem % 2) * half + rem / 2;
+    for (g, &hf) in hf_of_gguf.iter().enumerate() {
         let (dst, src) = if to_gguf { (g, hf) } else { (hf, g) };
         out[dst * r..(dst + 1) * r].copy_from_slice(&b[src * r..(src + 1) * r]);
     }
@@ -488,24 +640,35 @@ pub fn encode_float(dtype: QType, v: &[f32]) -> Result<Vec<u8>> {
 }
 
 /// Writes `adapter` as llama.cpp's GGUF LoRA at `out` (via `<out>.tmp`), factors in `dtype`
-/// (F32, F16 or BF16). `arch` is the base's `general.architecture`. rsLoRA is folded into alpha
-/// (llama.cpp scales by alpha/r).
+/// (F32, F16 or BF16), for the base `cfg` (the adapter's own architecture). `arch` is the base's
+/// `general.architecture` (or config.json model_type): a Llama-family base must be llama.cpp's
+/// `llama`; any Falcon spelling (falcon, RefinedWeb, RefinedWebModel) is written as `falcon`.
+/// rsLoRA is folded into alpha (llama.cpp scales by alpha/r).
 pub fn write_gguf_lora(
     adapter: &Adapter,
-    cfg: &LlamaConfig,
+    cfg: impl Into<BaseConfig>,
     arch: &str,
     dtype: QType,
     out: &Path,
 ) -> Result<()> {
+    let cfg = cfg.into();
     if !matches!(dtype, QType::F32 | QType::F16 | QType::BF16) {
         return Err(Error::Invalid(format!(
             "--dtype {}: a GGUF LoRA is written as f32, f16 or bf16",
             dtype.name()
         )));
     }
-    if arch != "llama" {
+    if cfg.arch() != adapter.base.arch() {
         return Err(Error::Invalid(format!(
-            "{}: base architecture '{arch}' has no GGUF LoRA export yet (llama only)",
+            "{}: the adapter was read for a {} base, not this {}",
+            adapter.path.display(),
+            adapter.base.arch().name(),
+            cfg.arch().name()
+        )));
+    }
+    if cfg.arch() == Arch::Llama && arch != "llama" {
+        return Err(Error::Invalid(format!(
+            "{}: base architecture '{arch}' has no GGUF LoRA export yet (llama and falcon only)",
             adapter.path.display()
         )));
     }
@@ -513,7 +676,7 @@ pub fn write_gguf_lora(
     let meta = vec![
         (
             "general.architecture".to_string(),
-            Value::String(arch.into()),
+            Value::String(cfg.arch().name().into()),
         ),
         ("general.type".to_string(), Value::String("adapter".into())),
         (
@@ -540,13 +703,8 @@ pub fn write_gguf_lora(
     let mut w = GgufWriter::create(out, &meta, plan)?;
     for m in &adapter.modules {
         w.write_tensor(&encode_float(dtype, &m.a)?)?;
-        let heads = match m.proj {
-            "q_proj" => Some(cfg.num_heads),
-            "k_proj" => Some(cfg.num_kv_heads),
-            _ => None,
-        };
-        let b = match heads {
-            Some(h) => permute_rows(&m.b, adapter.r, h, true),
+        let b = match cfg.gguf_rows(m.proj) {
+            Some(rows) => reorder_rows(&m.b, adapter.r, &rows, true),
             None => m.b.clone(),
         };
         w.write_tensor(&encode_float(dtype, &b)?)?;

@@ -1,11 +1,14 @@
 //! Text generation on the quantised base with the adapter unmerged: a KV cache, greedy or sampled
-//! (temperature, top-k, top-p) decoding. Tokenisation stays with the caller (the CLI).
+//! (temperature, top-k, top-p) decoding, for Llama and Falcon. Tokenisation stays with the caller
+//! (the CLI).
 //!
-//! The base linears are the [`Llama`]'s own frozen [`QLinear`]s (fused dequantising matmul); the
-//! adapter adds `scale · (x · Aᵀ) · Bᵀ` beside each, so nothing is merged.
-use crate::export::Adapter;
+//! The base linears are the model's own frozen [`QLinear`](crate::lora::QLinear)s (fused
+//! dequantising matmul); the adapter adds `scale · (x · Aᵀ) · Bᵀ` beside each, so nothing is merged.
+//! Falcon decodes through its training layer ([`Falcon::layer_cached`]) with the adapter set in its
+//! LoRA linears.
+use crate::export::{Adapter, Arch};
 use crate::models::llama::PROJECTIONS;
-use crate::models::{Llama, LlamaConfig, LlamaOptions};
+use crate::models::{Decoder, Falcon, Llama, LlamaConfig, LlamaOptions};
 use crate::nn;
 use crate::store::{SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
@@ -35,8 +38,18 @@ impl KvCache {
     }
 }
 
-/// A Llama ready to decode: frozen base, optional unmerged adapter.
+/// A model ready to decode: frozen base, optional unmerged adapter.
 pub struct Generator {
+    inner: Inner,
+}
+
+enum Inner {
+    Llama(Box<LlamaGen>),
+    Falcon(Box<Falcon>),
+}
+
+/// Llama's decoder: the base linears of a [`Llama`] with the adapter's factors beside them.
+struct LlamaGen {
     model: Llama,
     cfg: LlamaConfig,
     embed: Arc<StoredTensor>,
@@ -60,6 +73,78 @@ impl Generator {
         adapter: Option<&Adapter>,
         opts: LlamaOptions,
     ) -> Result<Generator> {
+        let arch = if crate::models::plan::is_falcon(store) {
+            Arch::Falcon
+        } else {
+            Arch::Llama
+        };
+        if let Some(a) = adapter.filter(|a| a.base.arch() != arch) {
+            return Err(Error::Invalid(format!(
+                "{}: the adapter was read for a {} base; {} is a {}",
+                a.path.display(),
+                a.base.arch().name(),
+                store.path.display(),
+                arch.name()
+            )));
+        }
+        let inner = match arch {
+            Arch::Llama => Inner::Llama(Box::new(LlamaGen::new(store, adapter, opts)?)),
+            Arch::Falcon => {
+                let model = Falcon::load(
+                    store,
+                    LlamaOptions {
+                        lora: adapter.map(Adapter::spec),
+                        dtype: DType::F32,
+                        ..opts
+                    },
+                )?;
+                if let Some(a) = adapter {
+                    a.apply(&model)?;
+                }
+                Inner::Falcon(Box::new(model))
+            }
+        };
+        Ok(Generator { inner })
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appends their keys/values to `cache`, and
+    /// returns the logits `(T, V)` f32 of every new position.
+    pub fn step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("generate: no tokens to run".into()));
+        }
+        let out = match &self.inner {
+            Inner::Llama(g) => g.step(tokens, cache)?,
+            Inner::Falcon(m) => falcon_step(m, tokens, cache)?,
+        };
+        cache.len += tokens.len();
+        Ok(out)
+    }
+}
+
+/// One Falcon decode step: the layers of the training forward, each with its KV cache slot.
+fn falcon_step(m: &Falcon, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    let (t, pos) = (tokens.len(), cache.len);
+    let mut x = m.embed(tokens, 1, t)?;
+    let ctx = m.decode_ctx(pos, t)?;
+    let n = m.num_layers();
+    if cache.kv.len() != n {
+        cache.kv = vec![None; n];
+    }
+    let mut run = || -> candle_core::Result<Tensor> {
+        for (li, slot) in cache.kv.iter_mut().enumerate() {
+            x = m.layer_cached(li, &x, &ctx, slot)?;
+        }
+        m.lm_head()
+            .forward(&m.final_norm(&x)?)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)
+    };
+    run().map_err(cerr("forward"))
+}
+
+impl LlamaGen {
+    fn new(store: &WeightStore, adapter: Option<&Adapter>, opts: LlamaOptions) -> Result<Self> {
         let model = Llama::load(
             store,
             LlamaOptions {
@@ -122,7 +207,7 @@ impl Generator {
                 }
             }
         }
-        Ok(Generator {
+        Ok(LlamaGen {
             model,
             cfg,
             embed,
@@ -131,11 +216,6 @@ impl Generator {
             norm: vec(norm)?,
             lora,
         })
-    }
-
-    /// The model config.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.cfg
     }
 
     fn proj(&self, li: usize, pi: usize, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -151,14 +231,9 @@ impl Generator {
         }
     }
 
-    /// Runs `tokens` at positions `cache.len()..`, appends their keys/values to `cache`, and
-    /// returns the logits `(T, V)` f32 of every new position.
-    pub fn step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    fn step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let (t, pos) = (tokens.len(), cache.len);
-        if t == 0 {
-            return Err(Error::Invalid("generate: no tokens to run".into()));
-        }
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let mut xs = vec![0f32; t * c.hidden_size];
         let m = self.embed.matrix();
@@ -240,9 +315,7 @@ impl Generator {
                 .squeeze(0)?
                 .to_dtype(DType::F32)
         };
-        let out = run().map_err(cerr("forward"))?;
-        cache.len += t;
-        Ok(out)
+        run().map_err(cerr("forward"))
     }
 }
 

@@ -46,6 +46,8 @@ enum Cmd {
     Train(Box<cli::train::Args>),
     /// Export an adapter as llama.cpp's GGUF LoRA or a PEFT directory.
     Export(cli::export::Args),
+    /// Mean loss and perplexity of a model, with or without an adapter, on JSONL data.
+    Eval(cli::eval::Args),
     /// Merge an adapter into its base model.
     Merge(cli::merge::Args),
     /// Generate text with the base and an unmerged adapter (KV cache, streaming).
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => cli::bench::run(a)?,
         Cmd::Train(args) => cli::train::run(*args)?,
         Cmd::Export(a) => cli::export::run(a)?,
+        Cmd::Eval(a) => cli::eval::run(a)?,
         Cmd::Merge(a) => cli::merge::run(a)?,
         Cmd::Generate(a) => cli::generate::run(a)?,
         Cmd::Inspect { path, verify } => {

@@ -1,12 +1,13 @@
 //! Merging an adapter into its base: `W' = W + scale · B · A`, in f32, one tensor at a time.
 //!
 //! Outputs: a GGUF (`.gguf`; merged projections requantised, every other tensor and the metadata
-//! kept) or a Hugging Face safetensors directory. Each source tensor's mapped pages are released
+//! kept) or a Hugging Face safetensors directory (float, or NF4 in the bitsandbytes layout). A
+//! bitsandbytes NF4 base merges like a float one: its weights are dequantised, the delta added in
+//! f32, and the result written as floats or requantised. Each source tensor's mapped pages are released
 //! after use, so the peak RSS is a few tensors, not the model.
-use crate::export::{encode_float, Adapter, AdapterModule};
+use crate::export::{encode_float, Adapter, AdapterModule, BaseConfig};
 use crate::format::gguf::{GgufWriter, TensorPlan, Value};
 use crate::lora::adapter::{replace_dir_marked, sibling};
-use crate::models::llama::{LlamaConfig, PROJECTIONS};
 use crate::quant::{dispatch, QType};
 use crate::store::{SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
@@ -35,13 +36,13 @@ fn module_for<'a>(adapter: &'a Adapter, name: &str, gguf: bool) -> Option<&'a Ad
     })
 }
 
-/// The merged f32 weight `(out, in)` of `t`: dequantised, plus the delta (rows permuted into
-/// llama.cpp's order for a GGUF base's q/k).
+/// The merged f32 weight `(out, in)` of `t`: dequantised, plus the delta (rows moved into
+/// llama.cpp's order for a GGUF base: Llama's q/k, Falcon's fused qkv).
 fn merged_f32(
     t: &StoredTensor,
     m: &AdapterModule,
     scale: f32,
-    cfg: &LlamaConfig,
+    cfg: &BaseConfig,
     gguf: bool,
 ) -> Vec<f32> {
     let mx = t.matrix();
@@ -49,18 +50,11 @@ fn merged_f32(
     mx.dequant_tile(0, mx.rows, 0, mx.cols, &mut w);
     t.data.release_pages();
     let d = m.delta(scale);
-    let heads = match (gguf, m.proj) {
-        (true, "q_proj") => Some(cfg.num_heads),
-        (true, "k_proj") => Some(cfg.num_kv_heads),
-        _ => None,
-    };
+    let rows = if gguf { cfg.gguf_rows(m.proj) } else { None };
     let k = m.in_features;
-    match heads {
-        Some(h) => {
-            let (hd, half) = (m.out_features / h, m.out_features / h / 2);
-            for g in 0..m.out_features {
-                let (hh, rem) = (g / hd, g % hd);
-                let hf = hh * hd + (rem % 2) * half + rem / 2;
+    match rows {
+        Some(rows) => {
+            for (g, hf) in rows.into_iter().enumerate() {
                 for (x, y) in w[g * k..(g + 1) * k]
                     .iter_mut()
                     .zip(&d[hf * k..(hf + 1) * k])
@@ -101,21 +95,31 @@ fn encode(qtype: QType, v: &[f32], cols: usize) -> Result<Vec<u8>> {
 /// f32/f16/bf16 for every tensor, default f32, or nf4 for a bitsandbytes directory).
 pub fn merge(
     base: &WeightStore,
-    cfg: &LlamaConfig,
+    cfg: impl Into<BaseConfig>,
     adapter: &Adapter,
     out: &Path,
     qtype: Option<QType>,
 ) -> Result<MergeReport> {
+    let cfg = &cfg.into();
+    if cfg.arch() != adapter.base.arch() {
+        return Err(Error::Invalid(format!(
+            "{}: the adapter was read for a {} base; {} is a {}",
+            adapter.path.display(),
+            adapter.base.arch().name(),
+            base.path.display(),
+            cfg.arch().name()
+        )));
+    }
     let to_gguf = out.extension().and_then(|e| e.to_str()) == Some("gguf");
     match (base.format, to_gguf) {
         (SourceFormat::Gguf, true) => merge_gguf(base, cfg, adapter, out, qtype),
-        (SourceFormat::Safetensors, false) => match qtype {
+        (SourceFormat::Safetensors | SourceFormat::BnbNf4, false) => match qtype {
             Some(QType::NF4) => via_f32_dir(base, cfg, adapter, out, |s, o| {
                 crate::format::bnb::write_nf4_dir(s, o).map(|_| ())
             }),
             q => merge_hf_dir(base, cfg, adapter, out, q.unwrap_or(QType::F32)),
         },
-        (SourceFormat::Safetensors, true) => {
+        (SourceFormat::Safetensors | SourceFormat::BnbNf4, true) => {
             let q = qtype.unwrap_or(QType::F32);
             if crate::quantize::llama_ftype(q).is_none() {
                 return Err(Error::Invalid(format!(
@@ -131,11 +135,6 @@ pub fn merge(
             "{}: a GGUF base merges into a GGUF; give --out a path ending in .gguf",
             out.display()
         ))),
-        (SourceFormat::BnbNf4, _) => Err(Error::Invalid(format!(
-            "{}: merging into a bitsandbytes 4-bit base is not supported; merge into the original \
-             (unquantised) model and quantise the result",
-            base.path.display()
-        ))),
     }
 }
 
@@ -143,7 +142,7 @@ pub fn merge(
 /// with the quantiser (itself streaming), then delete it.
 fn via_f32_dir(
     base: &WeightStore,
-    cfg: &LlamaConfig,
+    cfg: &BaseConfig,
     adapter: &Adapter,
     out: &Path,
     convert: impl Fn(&WeightStore, &Path) -> Result<()>,
@@ -177,7 +176,7 @@ fn dir_or_file_bytes(p: &Path) -> u64 {
 
 fn merge_gguf(
     base: &WeightStore,
-    cfg: &LlamaConfig,
+    cfg: &BaseConfig,
     adapter: &Adapter,
     out: &Path,
     qtype: Option<QType>,
@@ -250,7 +249,7 @@ fn check_all_merged(adapter: &Adapter, merged: usize) -> Result<()> {
 /// A Hugging Face base to a safetensors directory, every tensor as `dtype` (F32/F16/BF16).
 fn merge_hf_dir(
     base: &WeightStore,
-    cfg: &LlamaConfig,
+    cfg: &BaseConfig,
     adapter: &Adapter,
     out: &Path,
     dtype: QType,
@@ -346,21 +345,23 @@ fn merge_hf_dir(
             }
         }
     }
-    if dtype != QType::F32 {
-        let cp = tmp.join("config.json");
-        if let Ok(text) = std::fs::read_to_string(&cp) {
-            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
-                v["torch_dtype"] = serde_json::Value::String(
-                    if dtype == QType::F16 {
-                        "float16"
-                    } else {
-                        "bfloat16"
-                    }
-                    .into(),
-                );
-                let s = serde_json::to_string_pretty(&v).unwrap_or(text);
-                std::fs::write(&cp, s).map_err(|e| Error::io(&cp, e))?;
+    // The weights written are floats: a bitsandbytes base's quantization_config no longer holds.
+    let cp = tmp.join("config.json");
+    if let Ok(text) = std::fs::read_to_string(&cp) {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("quantization_config");
             }
+            v["torch_dtype"] = serde_json::Value::String(
+                match dtype {
+                    QType::F16 => "float16",
+                    QType::BF16 => "bfloat16",
+                    _ => "float32",
+                }
+                .into(),
+            );
+            let s = serde_json::to_string_pretty(&v).unwrap_or(text);
+            std::fs::write(&cp, s).map_err(|e| Error::io(&cp, e))?;
         }
     }
     replace_dir_marked(&tmp, out, "model.safetensors")?;
@@ -369,9 +370,4 @@ fn merge_hf_dir(
         tensors: base.tensors.len(),
         bytes: off as u64 + 8 + h.len() as u64,
     })
-}
-
-/// The Llama projection names, for messages.
-pub fn projection_names() -> Vec<&'static str> {
-    PROJECTIONS.iter().map(|p| p.0).collect()
 }

@@ -1,22 +1,12 @@
 //! The `export`, `merge` and `generate` subcommands end to end: outputs appear only on success,
 //! errors name the problem, `generate --json` ends with the documented JSON line.
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::{export_then_merge, qtune};
 
 fn fx() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn qtune(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
 }
 
 #[test]
@@ -24,34 +14,11 @@ fn export_merge_generate_from_the_command_line() {
     let d = tempfile::tempdir().unwrap();
     let model = fx().join("llama/model");
     let adapter = fx().join("llama/f32/adapter");
-    let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
+    let m = model.to_str().unwrap();
     let lora = d.path().join("sub/lora.gguf");
-    let (ok, _, err) = qtune(&[
-        "export",
-        "--model",
-        m,
-        "--adapter",
-        a,
-        "--format",
-        "gguf-lora",
-        "--out",
-        lora.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    assert!(lora.exists());
     let merged = d.path().join("merged.gguf");
-    let (ok, _, err) = qtune(&[
-        "merge",
-        "--model",
-        m,
-        "--adapter",
-        a,
-        "--type",
-        "q8_0",
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    export_then_merge(&model, &adapter, &lora, &merged);
+    assert!(lora.exists() && merged.exists());
     let (ok, out, err) = qtune(&[
         "generate",
         "--model",

@@ -9,6 +9,9 @@ use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{assert_same_gguf_lora, rel};
+
 fn fx() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -27,19 +30,6 @@ fn logits_fixture(name: &str) -> Tensor {
         .unwrap()
         .remove(name)
         .unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    (d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)) as f64
 }
 
 fn forward(store: &WeightStore, adapter: &Adapter) -> Tensor {
@@ -63,29 +53,7 @@ fn gguf_lora_equals_llama_cpp_converter() {
     let dir = tempfile::tempdir().unwrap();
     let ours = dir.path().join("ours.gguf");
     write_gguf_lora(&ad, &cfg, "llama", QType::F32, &ours).unwrap();
-    let a = gguf::load(&ours).unwrap();
-    let b = gguf::load(&fx().join("export/llamacpp-lora-f32.gguf")).unwrap();
-    for key in [
-        "general.type",
-        "adapter.type",
-        "adapter.lora.alpha",
-        "general.architecture",
-    ] {
-        assert_eq!(
-            gguf::find(&a.gguf_metadata, key),
-            gguf::find(&b.gguf_metadata, key),
-            "{key}"
-        );
-    }
-    assert_eq!(a.tensors.len(), b.tensors.len());
-    for t in &b.tensors {
-        let o = a
-            .get(&t.name)
-            .unwrap_or_else(|| panic!("{} missing", t.name));
-        assert_eq!((o.qtype, &o.shape), (t.qtype, &t.shape), "{}", t.name);
-        // Same f32 values bit for bit: q/k B rows permuted exactly as llama.cpp's converter does.
-        assert!(o.data.as_slice() == t.data.as_slice(), "{} differs", t.name);
-    }
+    assert_same_gguf_lora(&ours, &fx().join("export/llamacpp-lora-f32.gguf"));
 }
 
 #[test]

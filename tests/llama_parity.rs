@@ -219,6 +219,7 @@ fn adamw_curve(tag: &str, quant: Option<QType>) {
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
+        ..AdamWConfig::default()
     };
     let mut opt = AdamW::new(m.lora_params(), cfg).unwrap();
     let mut worst = 0f64;

@@ -9,6 +9,9 @@ use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::rel;
+
 fn fx() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -20,18 +23,6 @@ fn ids() -> Tensor {
     let v: Vec<u32> = serde_json::from_value(j["input_ids"].clone()).unwrap();
     let n = v.len();
     Tensor::from_vec(v, (1, n), &Device::Cpu).unwrap()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    (d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)) as f64
 }
 
 fn unmerged(store: &WeightStore) -> Tensor {

@@ -63,6 +63,7 @@ fn config_of(c: &Value) -> AdamWConfig {
         beta2: c["betas"][1].as_f64().unwrap(),
         eps: c["eps"].as_f64().unwrap(),
         weight_decay: c["weight_decay"].as_f64().unwrap(),
+        ..AdamWConfig::default()
     }
 }
 
@@ -119,8 +120,8 @@ fn adamw_matches_torch_f32() {
         }
         for n in NAMES {
             let (m, v) = opt.moments(n).unwrap();
-            let em = rel(m, &f32s(&t[&format!("exp_avg/{n}")]));
-            let ev = rel(v, &f32s(&t[&format!("exp_avg_sq/{n}")]));
+            let em = rel(&m, &f32s(&t[&format!("exp_avg/{n}")]));
+            let ev = rel(&v, &f32s(&t[&format!("exp_avg_sq/{n}")]));
             assert!(
                 em <= 1e-6 && ev <= 1e-6,
                 "{name} {n}: moments rel err {em:e} {ev:e}"

@@ -275,3 +275,39 @@ fn no_arguments_trains_the_embedded_default_and_eval_loss_falls() {
         "{err}"
     );
 }
+
+#[test]
+fn optim_8bit_flag_and_key_resume_bit_identically() {
+    // Rank 64: most LoRA tensors of the fixture model reach the 4096 elements 8-bit state needs.
+    let args = |out: &Path| -> Vec<String> {
+        let mut a = base_args(out);
+        let r = a.iter().position(|s| s == "--rank").unwrap();
+        a[r + 1] = "64".into();
+        a
+    };
+    let full = tempfile::tempdir().unwrap();
+    let mut a = args(full.path());
+    a.push("--optim-8bit".into());
+    run_ok(&a);
+    let saved = std::fs::read_to_string(full.path().join("adapter/qtune.toml")).unwrap();
+    assert!(saved.contains("optim-8bit = true"), "{saved}");
+    let part = tempfile::tempdir().unwrap();
+    let mut a = args(part.path());
+    a.extend(["--optim-8bit".into(), "--stop-after".into(), "3".into()]);
+    run_ok(&a);
+    // Resuming 8-bit state without the flag: refused, naming the state directory.
+    let mut a = args(part.path());
+    a.extend(["--resume".into(), part.path().display().to_string()]);
+    let refused: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let state = part.path().join("checkpoint-3/optimizer");
+    fails_with(&refused, &state.display().to_string());
+    fails_with(&refused, "--optim-8bit");
+    // The TOML key does what the flag does.
+    let cfgp = part.path().join("eight.toml");
+    std::fs::write(&cfgp, "optim-8bit = true\n").unwrap();
+    a.extend(["--config".into(), cfgp.display().to_string()]);
+    run_ok(&a);
+    let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(f(full.path()), f(part.path()));
+    assert_eq!(step_losses(full.path()), step_losses(part.path()));
+}

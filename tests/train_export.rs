@@ -1,6 +1,6 @@
 //! `qtune train --export gguf-lora` writes llama.cpp's LoRA file beside the PEFT adapter, and it
-//! holds the trained factors (read back through the export module's GGUF LoRA reader); a Falcon base
-//! is refused before training starts.
+//! holds the trained factors (read back through the export module's GGUF LoRA reader), for Llama
+//! and Falcon bases.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -72,9 +72,12 @@ fn train_writes_gguf_lora_beside_peft() {
     );
 }
 
+/// A Falcon base (grouped-KV layout, whose fused qkv rows llama.cpp regroups) trains with
+/// `--export gguf-lora` too: the file read back equals the PEFT adapter, and the greedy
+/// before/after generation runs.
 #[test]
-fn export_refused_for_falcon_before_training() {
-    let model = fixtures().join("falcon/mq/model");
+fn train_writes_gguf_lora_for_falcon() {
+    let model = fixtures().join("falcon_export/gqa/model");
     let dir = tempfile::tempdir().unwrap();
     let d = data(dir.path());
     let out = dir.path().join("out");
@@ -86,18 +89,28 @@ fn export_refused_for_falcon_before_training() {
             "--data",
             d.to_str().unwrap(),
         ])
+        .args(["--out", out.to_str().unwrap(), "--steps", "3"])
         .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "3",
+            "--targets",
+            "all-linear",
+            "--lr",
+            "1e-2",
             "--export",
             "gguf-lora",
         ])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("Falcon adapters cannot be exported"), "{err}");
-    assert!(!out.exists(), "nothing is trained or written");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("after training"), "{stdout}");
+    let store = qtune::store::WeightStore::open(&model).unwrap();
+    let cfg = qtune::export::BaseConfig::from_store(&store).unwrap();
+    let from_gguf = qtune::export::Adapter::load(&out.join("adapter.gguf"), &cfg).unwrap();
+    let from_peft = qtune::export::Adapter::load(&out.join("adapter"), &cfg).unwrap();
+    assert_eq!(from_gguf.modules.len(), 8);
+    assert_eq!(from_gguf.modules.len(), from_peft.modules.len());
+    for (g, p) in from_gguf.modules.iter().zip(&from_peft.modules) {
+        assert_eq!((g.layer, g.proj), (p.layer, p.proj));
+        assert!(g.a == p.a && g.b == p.b, "layer {} {}", g.layer, g.proj);
+    }
 }

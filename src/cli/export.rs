@@ -1,7 +1,6 @@
 //! `qtune export`: an adapter as llama.cpp's GGUF LoRA or as a PEFT directory.
 use anyhow::{bail, Context, Result};
-use qtune::export::{base_architecture, write_gguf_lora, write_peft, Adapter};
-use qtune::models::LlamaConfig;
+use qtune::export::{base_architecture, write_gguf_lora, write_peft, Adapter, BaseConfig};
 use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::PathBuf;
@@ -36,7 +35,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--format {}: use gguf-lora or peft", a.format);
     }
     let store = WeightStore::open(&a.model)?;
-    let cfg = LlamaConfig::from_store(&store)?;
+    let cfg = BaseConfig::from_store(&store)?;
     let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
         format!(
             "reading adapter {} for base {}",

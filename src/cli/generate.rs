@@ -2,10 +2,9 @@
 use anyhow::{anyhow, bail, Context, Result};
 use qtune::data::template::{ChatTemplate, Message};
 use qtune::data::Tokenizer;
-use qtune::export::Adapter;
+use qtune::export::{Adapter, BaseConfig};
 use qtune::format::gguf;
 use qtune::generate::{generate, Generator, Sampling};
-use qtune::models::LlamaConfig;
 use qtune::store::{SourceFormat, WeightStore};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -134,7 +133,7 @@ fn eos_ids(store: &WeightStore) -> Vec<u32> {
 /// Runs `qtune generate`.
 pub fn run(a: Args) -> Result<()> {
     let store = WeightStore::open(&a.model)?;
-    let cfg = LlamaConfig::from_store(&store)?;
+    let cfg = BaseConfig::from_store(&store)?;
     let adapter = match &a.adapter {
         Some(p) => Some(
             Adapter::load(p, &cfg).with_context(|| format!("reading adapter {}", p.display()))?,

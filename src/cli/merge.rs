@@ -1,7 +1,6 @@
 //! `qtune merge`: the adapter folded into the base weights.
 use anyhow::{bail, Context, Result};
-use qtune::export::Adapter;
-use qtune::models::LlamaConfig;
+use qtune::export::{Adapter, BaseConfig};
 use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::PathBuf;
@@ -33,7 +32,7 @@ pub fn run(a: Args) -> Result<()> {
         },
     };
     let store = WeightStore::open(&a.model)?;
-    let cfg = LlamaConfig::from_store(&store)?;
+    let cfg = BaseConfig::from_store(&store)?;
     let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
         format!(
             "reading adapter {} for base {}",

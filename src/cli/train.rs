@@ -152,6 +152,11 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub packing: bool,
+    /// Keep AdamW's moments 8-bit, blockwise as bitsandbytes' AdamW8bit (~2 bytes per LoRA
+    /// parameter instead of 8; tensors under 4096 elements stay 32-bit).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub optim_8bit: bool,
     /// Chat template for `messages` data: a built-in name, a Jinja file or Jinja text.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -225,7 +230,8 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
     Ok(TrainConfig::resolve(&layers, args.config.as_deref())?)
 }
 
-fn tokenizer(model: &Path) -> Result<Tokenizer> {
+/// The tokenizer of a model: its directory's tokenizer.json, or the vocabulary a GGUF embeds.
+pub(crate) fn tokenizer(model: &Path) -> Result<Tokenizer> {
     if model.is_dir() {
         return Ok(Tokenizer::from_model_dir(model)?);
     }
@@ -246,7 +252,17 @@ fn load(path: &Path, tok: &Tokenizer, cfg: &TrainConfig, what: &str) -> Result<V
         packing: cfg.packing,
         template: cfg.chat_template.clone(),
     };
-    let (ex, st) = load_examples(path, tok, &opts)
+    load_samples(path, tok, &opts, what)
+}
+
+/// Tokenised samples of a JSONL file, with a one-line summary on stderr.
+pub(crate) fn load_samples(
+    path: &Path,
+    tok: &Tokenizer,
+    opts: &DataOptions,
+    what: &str,
+) -> Result<Vec<Sample>> {
+    let (ex, st) = load_examples(path, tok, opts)
         .with_context(|| format!("loading {what} data {}", path.display()))?;
     eprintln!(
         "{what} data {}: {} examples ({}), {} sequences, {} tokens, {} trained on; {} truncated to \
@@ -258,7 +274,7 @@ fn load(path: &Path, tok: &Tokenizer, cfg: &TrainConfig, what: &str) -> Result<V
         st.tokens,
         st.targets,
         st.truncated,
-        cfg.seq_len,
+        opts.seq_len,
         st.dropped
     );
     Ok(ex
@@ -288,14 +304,6 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let model = cfg.model.clone().context("--model: no base model given")?;
-    if args.export.is_some() {
-        let st = qtune::store::WeightStore::open(&model)?;
-        if qtune::models::plan::is_falcon(&st) {
-            bail!(
-                "--export gguf-lora: Falcon adapters cannot be exported to GGUF yet; drop --export"
-            );
-        }
-    }
     let data = cfg
         .data
         .clone()
@@ -329,23 +337,20 @@ pub fn run(args: Args) -> Result<()> {
         // One greedy generation from the first eval prompt, without and with the adapter (the
         // same code as `qtune generate`).
         let store = qtune::store::WeightStore::open(&model)?;
-        // `qtune generate` and the GGUF LoRA export are Llama-only for now.
-        let llama = !qtune::models::plan::is_falcon(&store);
-        if args.export.is_some() && llama {
-            let cfg = qtune::models::LlamaConfig::from_store(&store)?;
-            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &cfg)?;
+        let base = qtune::export::BaseConfig::from_store(&store)?;
+        if args.export.is_some() {
+            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
             let out = rep
                 .adapter_dir
                 .parent()
                 .unwrap_or(std::path::Path::new("."))
                 .join("adapter.gguf");
             let arch = qtune::export::base_architecture(&store);
-            qtune::export::write_gguf_lora(&adapter, &cfg, &arch, qtune::quant::QType::F32, &out)?;
+            qtune::export::write_gguf_lora(&adapter, &base, &arch, qtune::quant::QType::F32, &out)?;
             println!("llama.cpp LoRA written to {}", out.display());
         }
-        if let Some(p) = probe.filter(|p| !p.is_empty() && llama) {
-            let cfg = qtune::models::LlamaConfig::from_store(&store)?;
-            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &cfg)?;
+        if let Some(p) = probe.filter(|p| !p.is_empty()) {
+            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
             let ids = tok.encode(&p, true)?;
             let eos: Vec<u32> = tok.eos_id().into_iter().collect();
             let greedy = qtune::generate::Sampling {

@@ -14,7 +14,7 @@ use super::llama::{load_linear, LlamaOptions, LoraSpec, Proj};
 use super::{CausalLm, Decoder};
 use crate::format::gguf::{self, Value};
 use crate::lora::{LoraConfig, LoraLinear, QLinear};
-use crate::nn;
+use crate::nn::{self, fused};
 use crate::quant::{dispatch, QType};
 use crate::store::{Bytes, SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
@@ -360,7 +360,7 @@ fn layer_norm(x: &Tensor, n: &Norm, eps: f64) -> candle_core::Result<Tensor> {
 
 /// GGUF row order of the new layout's fused qkv (`[all q, all k, all v]`) -> Hugging Face's (per KV
 /// group `[q.., k, v]`): the GGUF row holding HF row `r`.
-fn gguf_row_of_hf(r: usize, heads: usize, kvh: usize, hd: usize) -> usize {
+pub(crate) fn gguf_row_of_hf(r: usize, heads: usize, kvh: usize, hd: usize) -> usize {
     let g = heads / kvh;
     let (grp, rem) = (r / ((g + 2) * hd), r % ((g + 2) * hd));
     let (slot, i) = (rem / hd, rem % hd);
@@ -675,6 +675,94 @@ impl Falcon {
         self.lora_vars(None)
     }
 
+    /// The per-call constants of a decode step: `t` new positions after `pos` cached ones (rotary
+    /// angles of positions `pos..pos+t`, and a `(1, 1, t, pos+t)` causal bias over all keys).
+    pub fn decode_ctx(&self, pos: usize, t: usize) -> Result<Ctx> {
+        let c = &self.cfg;
+        let (cos, sin) = nn::rope_tables(pos + t, c.head_dim, c.rope_theta, self.opts.dtype)
+            .and_then(|(cos, sin)| Ok((cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?)))
+            .map_err(cerr("rotary tables"))?;
+        let s = pos + t;
+        let bias: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| if j <= pos + i { 0.0 } else { f32::MIN }))
+            .collect();
+        let bias = Tensor::from_vec(bias, (1, 1, t, s), &Device::Cpu).map_err(cerr("mask"))?;
+        Ok(Ctx { cos, sin, bias })
+    }
+
+    /// Decoder layer `li` with a KV cache: this call's keys and values (after rotary) are appended
+    /// to `cache` (`(B, KVH, S, D)` each) and attention reads all of them; `ctx` from
+    /// [`Self::decode_ctx`]. The training forward is this with no cache.
+    pub fn layer_cached(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Ctx,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        self.layer_kv(li, x, ctx, None, Some(cache))
+    }
+
+    fn layer_kv(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Ctx,
+        key: Option<u64>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let l = &self.layers[li];
+        let (b, t, _) = x.dims3()?;
+        let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim);
+        let eps = self.cfg.layer_norm_eps;
+        let k_of = |pi: usize| key.map(|k| k.wrapping_add((li * PROJECTIONS.len() + pi) as u64));
+        let xa = layer_norm(x, &l.attn_norm, eps)?;
+        let (q, k, v) = self.split_qkv(&l.proj[0].forward(&xa, k_of(0))?)?;
+        let q = fused::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = fused::rope(&k, &ctx.cos, &ctx.sin)?;
+        // Training and full forwards: the fused attention (no T×T matrix kept). Decoding with a
+        // cache: more keys than queries, which only the composite attention takes.
+        let cached = cache.is_some();
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        // a: (B, H, T, D) -> (B, T, H*D)
+        let a = if cached {
+            nn::causal_attention(&q, &k, &v, &ctx.bias)?
+        } else {
+            fused::causal_attention(&q, &k, &v, &ctx.bias)?
+        };
+        let a = a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?;
+        let a = l.proj[1].forward(&a, k_of(1))?;
+        let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
+            let u = l.proj[2].forward(xn, k_of(2))?.gelu_erf()?;
+            l.proj[3].forward(&u, k_of(3))
+        };
+        if self.cfg.parallel_attn {
+            let xm = match &l.mlp_norm {
+                Some(n) => layer_norm(x, n, eps)?,
+                None => xa,
+            };
+            x + (mlp(&xm)? + a)?
+        } else {
+            let x = (x + a)?;
+            let n = l
+                .mlp_norm
+                .as_ref()
+                .expect("sequential layers have a second norm");
+            let m = mlp(&layer_norm(&x, n, eps)?)?;
+            x + m
+        }
+    }
+
     /// q `(B, H, T, D)`, k and v `(B, KVH, T, D)` from the fused projection `(B, T, (H+2KVH)·D)`.
     fn split_qkv(&self, y: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = y.dims3()?;
@@ -751,38 +839,7 @@ impl Decoder for Falcon {
         ctx: &Ctx,
         key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
-        let l = &self.layers[li];
-        let (b, t, _) = x.dims3()?;
-        let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim);
-        let eps = self.cfg.layer_norm_eps;
-        let k_of = |pi: usize| key.map(|k| k.wrapping_add((li * PROJECTIONS.len() + pi) as u64));
-        let xa = layer_norm(x, &l.attn_norm, eps)?;
-        let (q, k, v) = self.split_qkv(&l.proj[0].forward(&xa, k_of(0))?)?;
-        let q = nn::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = nn::rope(&k, &ctx.cos, &ctx.sin)?;
-        // a: (B, H, T, D) -> (B, T, H*D)
-        let a = nn::causal_attention(&q, &k, &v, &ctx.bias)?;
-        let a = a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?;
-        let a = l.proj[1].forward(&a, k_of(1))?;
-        let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
-            let u = l.proj[2].forward(xn, k_of(2))?.gelu_erf()?;
-            l.proj[3].forward(&u, k_of(3))
-        };
-        if self.cfg.parallel_attn {
-            let xm = match &l.mlp_norm {
-                Some(n) => layer_norm(x, n, eps)?,
-                None => xa,
-            };
-            x + (mlp(&xm)? + a)?
-        } else {
-            let x = (x + a)?;
-            let n = l
-                .mlp_norm
-                .as_ref()
-                .expect("sequential layers have a second norm");
-            let m = mlp(&layer_norm(&x, n, eps)?)?;
-            x + m
-        }
+        self.layer_kv(li, x, ctx, key, None)
     }
 
     fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {

@@ -11,7 +11,7 @@
 //! (2 of the 7 projections, smaller still with GQA).
 use crate::format::gguf::{self, Value};
 use crate::lora::{LoraConfig, LoraLinear, QLinear};
-use crate::nn;
+use crate::nn::{self, fused};
 use crate::quant::{dispatch, nf4, QType};
 use crate::store::{Bytes, Nf4Stats, SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
@@ -579,19 +579,19 @@ impl Llama {
         let (h, kvh, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let eps = self.cfg.rms_norm_eps;
         let k_of = |pi: usize| key.map(|k| k.wrapping_add((li * 7 + pi) as u64));
-        let xn = nn::rms_norm(x, &l.attn_norm, eps)?;
+        let xn = fused::rms_norm(x, &l.attn_norm, eps)?;
         // q: (B, T, H*D) -> (B, H, T, D); k, v: (B, KVH, T, D)
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
         let q = heads(l.proj[0].forward(&xn, k_of(0))?, h)?;
         let k = heads(l.proj[1].forward(&xn, k_of(1))?, kvh)?;
         let v = heads(l.proj[2].forward(&xn, k_of(2))?, kvh)?;
-        let q = nn::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = nn::rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = fused::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = fused::rope(&k, &ctx.cos, &ctx.sin)?;
         // a: (B, H, T, D) -> (B, T, H*D)
-        let a = nn::causal_attention(&q, &k, &v, &ctx.bias)?;
+        let a = fused::causal_attention(&q, &k, &v, &ctx.bias)?;
         let a = a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?;
         let x = (x + l.proj[3].forward(&a, k_of(3))?)?;
-        let xn = nn::rms_norm(&x, &l.mlp_norm, eps)?;
+        let xn = fused::rms_norm(&x, &l.mlp_norm, eps)?;
         let g = nn::silu(&l.proj[4].forward(&xn, k_of(4))?)?;
         let u = l.proj[5].forward(&xn, k_of(5))?;
         let m = l.proj[6].forward(&(g * u)?, k_of(6))?;
@@ -659,7 +659,7 @@ impl super::Decoder for Llama {
         self.layer_fwd(li, x, ctx, key)
     }
     fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        nn::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+        fused::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
     }
     fn lm_head(&self) -> &QLinear {
         &self.lm_head

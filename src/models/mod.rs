@@ -14,7 +14,8 @@ pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
 
 use crate::lora::QLinear;
-use crate::{nn, Error, Result};
+use crate::nn::{self, fused};
+use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
@@ -197,7 +198,7 @@ fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Res
         .and_then(|x| m.final_norm(&x))
         .map_err(cerr("final norm"))?;
     let (sum, n) =
-        nn::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))?;
+        fused::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))?;
     if n == 0 {
         return Err(Error::Invalid(
             "no target tokens: every label is -100".into(),
@@ -256,28 +257,12 @@ pub fn train_grads<M: Decoder>(
         let l = loss.to_scalar::<f32>().map_err(cerr("loss"))?;
         return Ok((l, out));
     }
-    let c = m.hidden_size();
-    let kept: Vec<(u32, u32)> = tg
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l >= 0)
-        .map(|(i, &l)| {
-            if l as usize >= m.vocab_size() {
-                Err(Error::Invalid(format!(
-                    "label {l} is outside the vocabulary of {}",
-                    m.vocab_size()
-                )))
-            } else {
-                Ok((i as u32, l as u32))
-            }
-        })
-        .collect::<Result<_>>()?;
-    if kept.is_empty() {
-        return Err(Error::Invalid(
-            "no target tokens: every label is -100".into(),
-        ));
+    if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
+        return Err(Error::Invalid(format!(
+            "label {l} is outside the vocabulary of {}",
+            m.vocab_size()
+        )));
     }
-    let n_tok = kept.len() as f64;
     let ctx = m.ctx(b, t, mask)?;
     // Forward without keeping any graph: only each layer's input survives (detached).
     let mut saved = Vec::with_capacity(m.num_layers());
@@ -290,26 +275,19 @@ pub fn train_grads<M: Decoder>(
         saved.push(x);
         x = y;
     }
-    // Head, chunk by chunk: each chunk's logits live only until its own backward.
-    let (loss, mut g) = (|| -> candle_core::Result<(f32, Tensor)> {
-        let xl = Var::from_tensor(&x.reshape((b * t, c))?)?;
-        let mut g = xl.zeros_like()?.detach();
-        let mut loss = 0f32;
-        for part in kept.chunks(m.ce_chunk().max(1)) {
-            let (rows, lab): (Vec<u32>, Vec<u32>) = part.iter().copied().unzip();
-            let rows = Tensor::from_vec(rows, part.len(), &Device::Cpu)?;
-            let h = xl.as_tensor().index_select(&rows, 0)?;
-            let h = m.final_norm(&h)?;
-            let l = (nn::nll_sum(&h, m.lm_head(), &lab)? / n_tok)?;
-            loss += l.to_scalar::<f32>()?;
-            let gs = l.backward()?;
-            if let Some(gx) = gs.get(xl.as_tensor()) {
-                g = (g + gx.detach())?;
-            }
-        }
-        Ok((loss, g.reshape((b, t, c))?))
-    })()
-    .map_err(cerr("head"))?;
+    // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
+    // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
+    // both modes give the same gradient bit for bit.
+    let xl = Var::from_tensor(&x).map_err(cerr("head"))?;
+    let loss_t = loss_of(m, xl.as_tensor(), &tg, b, t)?;
+    let loss = loss_t.to_scalar::<f32>().map_err(cerr("loss"))?;
+    let mut g = loss_t
+        .backward()
+        .map_err(cerr("head backward"))?
+        .get(xl.as_tensor())
+        .map(|g| g.detach())
+        .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
+    drop(loss_t);
     drop(x);
     let mut out = HashMap::new();
     // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.

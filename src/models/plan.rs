@@ -8,6 +8,7 @@
 use super::llama::{LlamaConfig, LlamaOptions, PROJECTIONS};
 use crate::quant::{matmul::TILE_BYTES, nf4, QType};
 use crate::store::{SourceFormat, WeightStore};
+use crate::train::MomentStorage;
 use crate::Result;
 
 /// Bytes by part of one training step.
@@ -19,8 +20,10 @@ pub struct MemoryPlan {
     pub adapters: usize,
     /// The LoRA gradients a step returns (compute dtype).
     pub adapter_grads: usize,
-    /// AdamW state: 2 f32 moments per LoRA parameter, plus the f32 master copy `train::optim`
-    /// keeps of every parameter.
+    /// AdamW state: the f32 master copy `train::optim` keeps of every LoRA parameter, plus its two
+    /// moments: f32 (8 bytes per parameter), or with 8-bit moments 2 bytes per parameter and two
+    /// f32 absmax per block of 256 for tensors of at least 4096 elements (see
+    /// [`MemoryPlan::with_optimizer`]).
     pub optimizer: usize,
     /// Checkpointed layer inputs, the final hidden state and the gradient passed between layers.
     pub checkpoints: usize,
@@ -30,6 +33,14 @@ pub struct MemoryPlan {
     pub kernel_scratch: usize,
     /// One cross-entropy chunk: its f32 logits, their softmax intermediates and gradient.
     pub logits_chunk: usize,
+    /// Elements of each LoRA tensor (every adapter's A and B): the optimizer term depends on them
+    /// one by one, since small tensors keep f32 moments.
+    lora_numels: Vec<usize>,
+}
+
+/// Optimizer-state bytes of LoRA tensors of these sizes.
+fn optimizer_bytes(numels: &[usize], moments: MomentStorage) -> usize {
+    numels.iter().map(|&n| moments.state_bytes(n)).sum()
 }
 
 impl MemoryPlan {
@@ -74,6 +85,7 @@ impl MemoryPlan {
             (c, i),
         ];
         let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 7]; l]);
+        let mut lora_numels = Vec::new();
         if let Some(spec) = &opts.lora {
             let all = spec.targets.iter().any(|x| x == "all-linear");
             for (li, row) in per_layer_lora.iter_mut().enumerate() {
@@ -84,6 +96,8 @@ impl MemoryPlan {
                     if all || spec.targets.iter().any(|x| x == name) {
                         row[pi] = true;
                         lora_params += spec.r * (dims[pi].0 + dims[pi].1);
+                        // A is (r, in), B is (out, r).
+                        lora_numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
                     }
                 }
             }
@@ -94,8 +108,9 @@ impl MemoryPlan {
             .map_or((0, false), |x| (x.r, x.dropout > 0.0));
         // The recompute graph of the layer with the most adapters (bytes).
         let layer_graph = |lora: &[bool; 7]| -> usize {
-            // RMSNorm: f32 x (when half), x², x/rms in f32, then (half) the cast and the weight product.
-            let norm = n * c * (if half { 16 } else { 12 });
+            // Fused RMSNorm (nn::fused): the graph keeps its output only (statistics are recomputed
+            // in backward).
+            let norm = n * c * s;
             let mut proj = 0;
             for (pi, &(o, inp)) in dims.iter().enumerate() {
                 proj += n * o * s; // base output
@@ -107,13 +122,7 @@ impl MemoryPlan {
                     }
                 }
             }
-            let (qs, ks) = (n * h * d * s, n * k * d * s);
-            // rotary: four half-width products, two half-width sums, the concatenation.
-            let rope = 4 * (qs + ks);
-            // kᵀ made contiguous, the repeated K and V (GQA), attention output and its transpose.
-            let heads = qs * if k < h { 5 } else { 3 };
-            // scores, (half: f32 copy), scaled, biased, shifted, exp, normalised, (half: cast back).
-            let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
+            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
             let mlp = 2 * n * i * s + 2 * n * c * s; // silu, gate*up; two residual sums
                                                      // the surrogate's f32 copies (half) and product.
             let surrogate = n * c * 4 * if half { 3 } else { 1 };
@@ -145,7 +154,7 @@ impl MemoryPlan {
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
         // backward holds the incoming gradient, the product for each operand and a zero-initialised
         // accumulator: about four of the largest activation gradients coexist.
-        let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
         let threads = rayon::current_num_threads();
         let kernel_scratch = threads * 2 * TILE_BYTES
             + if half {
@@ -161,13 +170,14 @@ impl MemoryPlan {
             adapter_grads: lora_params * s,
             // `train::AdamW` keeps an f32 master copy beside the two moments (measured by
             // `qtune bench`: without it the plan missed the peak by 3 % on a 110M shape).
-            optimizer: lora_params * 3 * 4,
+            optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight,
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary.
-            logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+            logits_chunk: fused_ce_chunk(rows, v, n, c, s),
+            lora_numels,
         })
     }
 
@@ -207,6 +217,13 @@ pub fn is_falcon(store: &WeightStore) -> bool {
 }
 
 impl MemoryPlan {
+    /// This plan with the optimizer term for moments stored as `moments` (the constructors count
+    /// f32 moments).
+    pub fn with_optimizer(mut self, moments: MomentStorage) -> Self {
+        self.optimizer = optimizer_bytes(&self.lora_numels, moments);
+        self
+    }
+
     /// The plan for the model in `store`, Llama or Falcon by its config / GGUF architecture.
     pub fn for_store(
         store: &WeightStore,
@@ -265,6 +282,7 @@ impl MemoryPlan {
         // (out, in) per linear, falcon::PROJECTIONS order.
         let dims = [(cfg.qkv_rows(), c), (c, h * d), (i, c), (c, i)];
         let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 4]; l]);
+        let mut lora_numels = Vec::new();
         if let Some(spec) = &opts.lora {
             let all = spec.targets.iter().any(|x| x == "all-linear");
             for (li, row) in per_layer_lora.iter_mut().enumerate() {
@@ -275,6 +293,8 @@ impl MemoryPlan {
                     if all || spec.targets.iter().any(|x| x == name) {
                         row[pi] = true;
                         lora_params += spec.r * (dims[pi].0 + dims[pi].1);
+                        // A is (r, in), B is (out, r).
+                        lora_numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
                     }
                 }
             }
@@ -305,9 +325,7 @@ impl MemoryPlan {
             let (qs, ks) = (n * h * d * s, n * k * d * s);
             // q, k, v: the reshape of a narrowed view copies, the per-head transpose copies again.
             let split = 2 * (qs + 2 * ks);
-            let rope = 4 * (qs + ks);
-            let heads = qs * if k < h { 5 } else { 3 };
-            let scores = b * h * t * t * if half { 2 * s + 24 } else { 24 };
+            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
             // GELU output; attention + MLP sum and the residual sum.
             let mlp = n * i * s + 2 * n * c * s;
             let surrogate = n * c * 4 * if half { 3 } else { 1 };
@@ -330,7 +348,7 @@ impl MemoryPlan {
             .map(|x| layer_graph(x) + leftovers(x))
             .max()
             .unwrap_or_else(|| layer_graph(&[false; 4]) + leftovers(&[false; 4]));
-        let in_flight = 4 * (b * h * t * t * 4).max(n * i * s).max(n * c * 4);
+        let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
         // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
         // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
         // once beside the incoming gradient and accumulator already in `in_flight`.
@@ -347,13 +365,40 @@ impl MemoryPlan {
             weights,
             adapters: lora_params * s,
             adapter_grads: lora_params * s,
-            optimizer: lora_params * 3 * 4, // two moments and the f32 master copy
+            optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             checkpoints: (l + 3) * n * c * s,
             recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
-            logits_chunk: rows * v * 4 * 5 + rows * c * 4 * 4,
+            // The final LayerNorm's composite graph: as one decoder norm per element.
+            logits_chunk: fused_ce_chunk(rows, v, n, c, 20 + if half { 4 + s } else { 0 }),
+            lora_numels,
         })
     }
+}
+
+/// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for
+/// `n = b·t` tokens, `h` query and `k` kv heads of `d` (`s` bytes an element).
+/// Rotary keeps its output and the contiguous copy of its input (a transposed head view);
+/// attention keeps its output, the transposed copy the output projection reads, the contiguous
+/// copy of V and one f32 logsumexp per query row: no (T×T) matrix outlives a block of query rows,
+/// and K/V are read per group without being repeated. Its backward holds dQ, dK, dV in f32.
+fn fused_attention_terms(b: usize, t: usize, h: usize, k: usize, d: usize, s: usize) -> [usize; 4] {
+    let n = b * t;
+    let (qs, ks) = (n * h * d * s, n * k * d * s);
+    [
+        2 * (qs + ks),
+        2 * qs + ks,
+        b * h * t * 4,
+        n * (h + 2 * k) * d * 4,
+    ]
+}
+
+/// The head's working set (bytes): the fused cross-entropy's one buffer of `rows` f32 logits
+/// (reused in place for their gradient), the f32 copy of the `n` normalised hidden rows it reads
+/// and their f32 gradient, plus `norm_graph` bytes per hidden element that the final norm's graph
+/// keeps over all `n` rows.
+fn fused_ce_chunk(rows: usize, v: usize, n: usize, c: usize, norm_graph: usize) -> usize {
+    rows * v * 4 + n * c * (8 + norm_graph)
 }
 
 /// Bytes `numel` weights take once quantised to `q` at load.
@@ -430,5 +475,39 @@ impl GpuTerms {
     /// Sum of the GPU terms.
     pub fn total(&self) -> usize {
         self.context + self.cublas_workspace + self.dequant_scratch + self.allocator
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-2-7B, rank 16, all-linear: per layer q/k/v/o (4096 -> 4096), gate/up (4096 -> 11008),
+    /// down (11008 -> 4096); 32 layers, ~40M LoRA parameters, every tensor far above 4096 elements.
+    fn llama7b_r16() -> Vec<usize> {
+        let (c, i, r) = (4096, 11008, 16);
+        let per_layer = [(c, c), (c, c), (c, c), (c, c), (i, c), (i, c), (c, i)];
+        (0..32)
+            .flat_map(|_| per_layer.iter().flat_map(|&(o, inp)| [r * inp, o * r]))
+            .collect()
+    }
+
+    #[test]
+    fn optimizer_term_follows_the_moment_storage() {
+        let n = llama7b_r16();
+        let params: usize = n.iter().sum();
+        assert_eq!(params, 39_976_960);
+        // f32: master + two moments.
+        assert_eq!(optimizer_bytes(&n, MomentStorage::F32), 12 * params);
+        // 8-bit: master 4 + codes 2 per parameter, two f32 absmax per block of 256 (every tensor
+        // is a whole number of blocks here): 6.03125 bytes per parameter.
+        let eight = optimizer_bytes(&n, MomentStorage::Blockwise8);
+        assert_eq!(eight, 6 * params + 8 * params / 256);
+        assert_eq!(eight, 241_111_040); // 229.9 MiB, against 457.5 MiB at f32
+                                        // Tensors below 4096 elements keep f32 moments; a partial block counts whole.
+        assert_eq!(
+            optimizer_bytes(&[4095, 4097], MomentStorage::Blockwise8),
+            12 * 4095 + 6 * 4097 + 8 * 17
+        );
     }
 }

@@ -234,13 +234,13 @@ pub fn attention_bias(pad: Option<&Tensor>, b: usize, t: usize) -> Result<Tensor
     Tensor::from_vec(bias, (b, 1, t, t), &candle_core::Device::Cpu)
 }
 
-/// Causal self-attention with grouped KV heads: `q (B, H, T, D)`, `k`, `v (B, KVH, T, D)` with H a
-/// multiple of KVH (query head h reads KV head `h / (H/KVH)`), `bias (B, 1, T, T)` f32 from
-/// [`attention_bias`] (it carries the causal and padding masks). Scores `q·kᵀ/sqrt(D)` and softmax
-/// in f32; returns `(B, H, T, D)` in q's dtype.
+/// Causal self-attention with grouped KV heads: `q (B, H, T, D)`, `k`, `v (B, KVH, S, D)` with H a
+/// multiple of KVH (query head h reads KV head `h / (H/KVH)`), `bias (B, 1, T, S)` f32 from
+/// [`attention_bias`] (it carries the causal and padding masks; S > T when earlier keys come from
+/// a KV cache). Scores `q·kᵀ/sqrt(D)` and softmax in f32; returns `(B, H, T, D)` in q's dtype.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let kvh = k.dim(1)?;
+    let (b, h, _, d) = q.dims4()?;
+    let (kvh, sk) = (k.dim(1)?, k.dim(2)?);
     if kvh == 0 || !h.is_multiple_of(kvh) {
         candle_core::bail!("{h} query heads are not a multiple of {kvh} KV heads");
     }
@@ -248,14 +248,14 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
         if kvh == h {
             return Ok(x.clone());
         }
-        // (B, KVH, T, D) -> (B, KVH, H/KVH, T, D) -> (B, H, T, D)
+        // (B, KVH, S, D) -> (B, KVH, H/KVH, S, D) -> (B, H, S, D)
         x.unsqueeze(2)?
-            .broadcast_as((b, kvh, h / kvh, t, d))?
+            .broadcast_as((b, kvh, h / kvh, sk, d))?
             .contiguous()?
-            .reshape((b, h, t, d))
+            .reshape((b, h, sk, d))
     };
     let (k, v) = (rep(k)?, rep(v)?);
-    // s: (B, H, T, T)
+    // s: (B, H, T, S)
     let s = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     let s = add_const(
         &(s.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?,

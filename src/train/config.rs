@@ -67,6 +67,9 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     /// AdamW epsilon.
     pub adam_eps: f64,
+    /// Keep AdamW's moments as bitsandbytes' blockwise 8-bit state (parameters of 4096 elements or
+    /// more; smaller ones stay f32).
+    pub optim_8bit: bool,
     /// Compute and adapter dtype: bf16 or f32.
     pub dtype: String,
     /// Start from this PEFT adapter (its rank, alpha and targets win).
@@ -112,6 +115,7 @@ impl Default for TrainConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
+            optim_8bit: false,
             dtype: "bf16".into(),
             adapter_init: None,
             resume: None,
@@ -265,6 +269,15 @@ impl TrainConfig {
                 format!("'{}' is not constant, linear or cosine", self.schedule),
             )
         })
+    }
+
+    /// How AdamW stores its moments (`optim-8bit`).
+    pub fn moment_storage(&self) -> crate::train::MomentStorage {
+        if self.optim_8bit {
+            crate::train::MomentStorage::Blockwise8
+        } else {
+            crate::train::MomentStorage::F32
+        }
     }
 
     /// `dtype` parsed.

@@ -1,9 +1,11 @@
 //! Training machinery around the model: the optimizer ([`AdamW`], with gradient clipping) and the
 //! learning-rate schedules ([`LrSchedule`]).
 pub mod config;
+pub mod eval;
 pub mod optim;
+pub mod optim8;
 pub mod schedule;
 pub mod trainer;
 
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, MomentStorage};
 pub use schedule::{LrSchedule, ScheduleKind};

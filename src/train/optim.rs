@@ -9,11 +9,21 @@
 //! weight would never move. The master costs 4 bytes per LoRA parameter, a fraction of a percent of
 //! a model. Keeping the state on the host also keeps it out of GPU memory; the price is a
 //! parameter-sized copy each way per step, small for LoRA.
+//!
+//! With [`MomentStorage::Blockwise8`] (`--optim-8bit`) the moments of every parameter with at least
+//! [`optim8::MIN_8BIT_SIZE`] elements are kept as bitsandbytes' blockwise 8-bit state and updated
+//! as its `AdamW8bit` does (see [`super::optim8`]): 2 bytes per element plus 8 per block of 256
+//! instead of 8. The f32 master copy stays (bnb updates bf16 parameters in place; without a master
+//! small updates would round away, as above). Smaller parameters keep the f32 path above, torch's
+//! arithmetic (bnb's own 32-bit kernel for them applies the weight decay after the update instead
+//! of before: a difference of lr * weight_decay times the update).
+use super::optim8::{self, Moments8};
 use crate::lora::adapter::{replace_dir_marked, sibling, sync_file, write_synced};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -32,8 +42,56 @@ pub struct AdamWConfig {
     pub beta2: f64,
     /// Added to the bias-corrected sqrt of the second moment.
     pub eps: f64,
-    /// Decoupled weight decay: `p *= 1 - lr * weight_decay` before the Adam update.
+    /// Decoupled weight decay: `p *= 1 - lr * weight_decay` before the Adam update (after it,
+    /// for 8-bit moments, as bitsandbytes does).
     pub weight_decay: f64,
+    /// How the moments are stored.
+    pub moments: MomentStorage,
+}
+
+/// How AdamW stores its two moments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MomentStorage {
+    /// f32, updated exactly as torch's AdamW.
+    #[default]
+    F32,
+    /// bitsandbytes' blockwise 8-bit state (`AdamW8bit`) for parameters of at least
+    /// [`optim8::MIN_8BIT_SIZE`] elements; f32 for smaller ones.
+    Blockwise8,
+}
+
+impl MomentStorage {
+    /// The name saved in optimizer.json.
+    fn key(self) -> &'static str {
+        match self {
+            MomentStorage::F32 => "f32",
+            MomentStorage::Blockwise8 => "blockwise8",
+        }
+    }
+
+    /// How a run selects this storage (for error messages).
+    fn describe(self) -> &'static str {
+        match self {
+            MomentStorage::F32 => "32-bit moments (no --optim-8bit)",
+            MomentStorage::Blockwise8 => "8-bit moments (--optim-8bit)",
+        }
+    }
+
+    /// Whether a parameter of `numel` elements gets 8-bit moments.
+    pub fn is_8bit_for(self, numel: usize) -> bool {
+        self == MomentStorage::Blockwise8 && numel >= optim8::MIN_8BIT_SIZE
+    }
+
+    /// Host bytes of the optimizer state of one parameter of `numel` elements: its f32 master
+    /// copy plus its two moments.
+    pub fn state_bytes(self, numel: usize) -> usize {
+        let moments = if self.is_8bit_for(numel) {
+            Moments8::bytes_for(numel)
+        } else {
+            2 * 4 * numel
+        };
+        4 * numel + moments
+    }
 }
 
 impl Default for AdamWConfig {
@@ -44,6 +102,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            moments: MomentStorage::F32,
         }
     }
 }
@@ -53,11 +112,35 @@ struct Slot {
     name: String,
     var: Var,
     master: Vec<f32>,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    moments: Moments,
     // Steps this parameter took (torch keeps one per parameter: a step without its gradient
     // leaves it unchanged).
     step: u64,
+}
+
+/// First and second moments as f32: borrowed, or dequantised from 8-bit state.
+pub type MomentsF32<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
+/// A parameter's moments.
+enum Moments {
+    F32 {
+        exp_avg: Vec<f32>,
+        exp_avg_sq: Vec<f32>,
+    },
+    Q8(Moments8),
+}
+
+impl Moments {
+    fn zeros(n: usize, storage: MomentStorage) -> Self {
+        if storage.is_8bit_for(n) {
+            Moments::Q8(Moments8::zeros(n))
+        } else {
+            Moments::F32 {
+                exp_avg: vec![0.0; n],
+                exp_avg_sq: vec![0.0; n],
+            }
+        }
+    }
 }
 
 /// AdamW over named parameters.
@@ -120,13 +203,12 @@ impl AdamW {
                 )));
             }
             let master = host_f32(var.as_tensor(), &name)?;
-            let n = master.len();
+            let moments = Moments::zeros(master.len(), cfg.moments);
             slots.push(Slot {
                 name,
                 var,
                 master,
-                exp_avg: vec![0.0; n],
-                exp_avg_sq: vec![0.0; n],
+                moments,
                 step: 0,
             });
         }
@@ -155,14 +237,42 @@ impl AdamW {
             .map(|&i| self.slots[i].master.as_slice())
     }
 
-    /// First and second moments of parameter `name`.
-    pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
-        self.index.get(name).map(|&i| {
-            (
-                self.slots[i].exp_avg.as_slice(),
-                self.slots[i].exp_avg_sq.as_slice(),
-            )
+    /// First and second moments of parameter `name` (dequantised when they are 8-bit).
+    pub fn moments(&self, name: &str) -> Option<MomentsF32<'_>> {
+        self.index.get(name).map(|&i| match &self.slots[i].moments {
+            Moments::F32 {
+                exp_avg,
+                exp_avg_sq,
+            } => (Cow::Borrowed(&exp_avg[..]), Cow::Borrowed(&exp_avg_sq[..])),
+            Moments::Q8(q) => {
+                let (m, v) = q.dequantize();
+                (Cow::Owned(m), Cow::Owned(v))
+            }
         })
+    }
+
+    /// The 8-bit moments of parameter `name` (None if it has f32 moments or does not exist).
+    pub fn moments_8bit(&self, name: &str) -> Option<&Moments8> {
+        self.index
+            .get(name)
+            .and_then(|&i| match &self.slots[i].moments {
+                Moments::Q8(q) => Some(q),
+                Moments::F32 { .. } => None,
+            })
+    }
+
+    /// Host bytes of the whole state: master copies and moments (what the memory plan predicts).
+    pub fn state_bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| {
+                4 * s.master.len()
+                    + match &s.moments {
+                        Moments::F32 { exp_avg, .. } => 8 * exp_avg.len(),
+                        Moments::Q8(q) => q.bytes(),
+                    }
+            })
+            .sum()
     }
 
     /// The gradients of this optimizer's parameters found in a backward pass's store, by name.
@@ -197,41 +307,70 @@ impl AdamW {
             }
         }
         let cfg = self.cfg;
+        let maps = optim8::Maps::new();
         self.slots
             .par_iter_mut()
             .filter_map(|s| grads.get(&s.name).map(|g| (s, g)))
             .try_for_each(|(s, g)| {
                 let g = host_f32(g, &s.name)?;
                 s.step += 1;
-                adamw_update(
-                    &cfg,
-                    lr,
-                    s.step,
-                    &mut s.master,
-                    &mut s.exp_avg,
-                    &mut s.exp_avg_sq,
-                    &g,
-                );
+                match &mut s.moments {
+                    Moments::F32 {
+                        exp_avg,
+                        exp_avg_sq,
+                    } => adamw_update(&cfg, lr, s.step, &mut s.master, exp_avg, exp_avg_sq, &g),
+                    Moments::Q8(q) => {
+                        let k = optim8::Coeffs8::new(
+                            cfg.beta1,
+                            cfg.beta2,
+                            cfg.eps,
+                            cfg.weight_decay,
+                            lr,
+                            s.step,
+                        );
+                        optim8::update(&k, &maps, &mut s.master, q, &g)
+                    }
+                }
                 s.write_back()
             })
     }
 
     /// Writes the moments, master copies and step counts into directory `dir` (replaced whole via
-    /// `<dir>.tmp` and a rename; an existing `dir` must be optimizer state or empty).
+    /// `<dir>.tmp` and a rename; an existing `dir` must be optimizer state or empty). 8-bit
+    /// moments are saved as they are held: u8 codes (`<moment>.code/<name>`, the parameter's
+    /// shape) and f32 absmax per block (`<moment>.absmax/<name>`).
     pub fn save_state(&self, dir: &Path) -> Result<()> {
-        let mut views = Vec::with_capacity(3 * self.slots.len());
+        let mut views = Vec::with_capacity(5 * self.slots.len());
         let mut steps = serde_json::Map::new();
+        let f32v = RawView::f32;
         for s in &self.slots {
-            for (kind, v) in [
-                ("master", &s.master),
-                ("exp_avg", &s.exp_avg),
-                ("exp_avg_sq", &s.exp_avg_sq),
-            ] {
-                let view = F32View {
-                    shape: s.var.dims(),
-                    data: bytemuck::cast_slice(v),
-                };
-                views.push((format!("{kind}/{}", s.name), view));
+            let dims = s.var.dims().to_vec();
+            views.push((format!("master/{}", s.name), f32v(dims.clone(), &s.master)));
+            match &s.moments {
+                Moments::F32 {
+                    exp_avg,
+                    exp_avg_sq,
+                } => {
+                    views.push((format!("exp_avg/{}", s.name), f32v(dims.clone(), exp_avg)));
+                    views.push((format!("exp_avg_sq/{}", s.name), f32v(dims, exp_avg_sq)));
+                }
+                Moments::Q8(q) => {
+                    for (kind, code, absmax) in [
+                        ("exp_avg", &q.exp_avg_code, &q.exp_avg_absmax),
+                        ("exp_avg_sq", &q.exp_avg_sq_code, &q.exp_avg_sq_absmax),
+                    ] {
+                        let codes = RawView {
+                            dtype: safetensors::Dtype::U8,
+                            shape: dims.clone(),
+                            data: code,
+                        };
+                        views.push((format!("{kind}.code/{}", s.name), codes));
+                        views.push((
+                            format!("{kind}.absmax/{}", s.name),
+                            f32v(vec![absmax.len()], absmax),
+                        ));
+                    }
+                }
             }
             steps.insert(s.name.clone(), serde_json::Value::from(s.step));
         }
@@ -241,6 +380,9 @@ impl AdamW {
             "beta2": self.cfg.beta2,
             "eps": self.cfg.eps,
             "weight_decay": self.cfg.weight_decay,
+            "moments": self.cfg.moments.key(),
+            "block": optim8::BLOCK,
+            "min_8bit_size": optim8::MIN_8BIT_SIZE,
             "steps": steps,
         });
         let tmp = sibling(dir, "tmp");
@@ -263,8 +405,8 @@ impl AdamW {
     }
 
     /// Restores state saved by [`AdamW::save_state`] for the same parameters (names and shapes)
-    /// and hyper-parameters, and writes the saved master copies into the Vars, so that training
-    /// continues exactly as if it had not stopped.
+    /// and hyper-parameters, moment storage included, and writes the saved master copies into the
+    /// Vars, so that training continues exactly as if it had not stopped.
     pub fn load_state(&mut self, dir: &Path) -> Result<()> {
         let jpath = dir.join(STATE_JSON);
         let jerr = |msg: String| Error::Json {
@@ -280,6 +422,40 @@ impl AdamW {
                 v.get("format").unwrap_or(&serde_json::Value::Null)
             )));
         }
+        // State written before 8-bit moments existed has no 'moments' key: it is f32.
+        let saved_moments = match v.get("moments").map(|m| m.as_str()) {
+            None => MomentStorage::F32,
+            Some(Some("f32")) => MomentStorage::F32,
+            Some(Some("blockwise8")) => MomentStorage::Blockwise8,
+            Some(other) => {
+                return Err(jerr(format!(
+                    "key 'moments' is {other:?}; expected \"f32\" or \"blockwise8\""
+                )))
+            }
+        };
+        if saved_moments != self.cfg.moments {
+            return Err(Error::Invalid(format!(
+                "{}: optimizer state holds {} but this run uses {}; resume with the same \
+                 --optim-8bit setting",
+                dir.display(),
+                saved_moments.describe(),
+                self.cfg.moments.describe()
+            )));
+        }
+        if saved_moments == MomentStorage::Blockwise8 {
+            let int = |k: &str| v.get(k).and_then(|x| x.as_u64());
+            if int("block") != Some(optim8::BLOCK as u64)
+                || int("min_8bit_size") != Some(optim8::MIN_8BIT_SIZE as u64)
+            {
+                return Err(jerr(format!(
+                    "8-bit state with block {:?} and min_8bit_size {:?}; this build uses {} and {}",
+                    v.get("block"),
+                    v.get("min_8bit_size"),
+                    optim8::BLOCK,
+                    optim8::MIN_8BIT_SIZE
+                )));
+            }
+        }
         let num = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_f64())
@@ -290,6 +466,7 @@ impl AdamW {
             beta2: num("beta2")?,
             eps: num("eps")?,
             weight_decay: num("weight_decay")?,
+            moments: saved_moments,
         };
         if saved != self.cfg {
             return Err(Error::Invalid(format!(
@@ -320,6 +497,33 @@ impl AdamW {
                 self.slots.len()
             )));
         }
+        // The raw bytes of tensor `name`, checked to be `dtype` of `shape`.
+        let tensor = |name: String, dtype: safetensors::Dtype, shape: &[usize]| {
+            let view = st.tensor(&name).map_err(|_| Error::MissingTensor {
+                path: tpath.clone(),
+                tensor: name.clone(),
+                hint: " (the optimizer state is incomplete or for another adapter)".into(),
+            })?;
+            if view.dtype() != dtype || view.shape() != shape {
+                return Err(Error::Shape {
+                    path: tpath.clone(),
+                    tensor: name,
+                    msg: format!(
+                        "is {:?} {:?}; this run's parameter needs {dtype:?} {shape:?}",
+                        view.dtype(),
+                        view.shape(),
+                    ),
+                });
+            }
+            Ok(view.data())
+        };
+        // The data may be unaligned in the file buffer: copy element by element.
+        let f32s = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
+            Ok(tensor(name, safetensors::Dtype::F32, shape)?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
         // Read everything before changing anything, so a bad file leaves the optimizer intact.
         let mut loaded = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
@@ -332,40 +536,32 @@ impl AdamW {
                         .into(),
                 }
             })?;
-            let mut three = Vec::with_capacity(3);
-            for kind in ["master", "exp_avg", "exp_avg_sq"] {
-                let name = format!("{kind}/{}", s.name);
-                let view = st.tensor(&name).map_err(|_| Error::MissingTensor {
-                    path: tpath.clone(),
-                    tensor: name.clone(),
-                    hint: " (the optimizer state is incomplete or for another adapter)".into(),
-                })?;
-                if view.dtype() != safetensors::Dtype::F32 || view.shape() != s.var.dims() {
-                    return Err(Error::Shape {
-                        path: tpath.clone(),
-                        tensor: name,
-                        msg: format!(
-                            "is {:?} {:?}; this run's parameter needs F32 {:?}",
-                            view.dtype(),
-                            view.shape(),
-                            s.var.dims()
-                        ),
-                    });
+            let dims = s.var.dims();
+            let master = f32s(format!("master/{}", s.name), dims)?;
+            let moments = match &s.moments {
+                Moments::F32 { .. } => Moments::F32 {
+                    exp_avg: f32s(format!("exp_avg/{}", s.name), dims)?,
+                    exp_avg_sq: f32s(format!("exp_avg_sq/{}", s.name), dims)?,
+                },
+                Moments::Q8(q) => {
+                    let blocks = [q.exp_avg_absmax.len()];
+                    let code = |kind: &str| -> Result<Vec<u8>> {
+                        let name = format!("{kind}.code/{}", s.name);
+                        Ok(tensor(name, safetensors::Dtype::U8, dims)?.to_vec())
+                    };
+                    Moments::Q8(Moments8 {
+                        exp_avg_code: code("exp_avg")?,
+                        exp_avg_absmax: f32s(format!("exp_avg.absmax/{}", s.name), &blocks)?,
+                        exp_avg_sq_code: code("exp_avg_sq")?,
+                        exp_avg_sq_absmax: f32s(format!("exp_avg_sq.absmax/{}", s.name), &blocks)?,
+                    })
                 }
-                // The data may be unaligned in the file buffer: copy element by element.
-                let v: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                three.push(v);
-            }
-            loaded.push((step, three));
+            };
+            loaded.push((step, master, moments));
         }
-        for (s, (step, mut three)) in self.slots.iter_mut().zip(loaded) {
-            s.exp_avg_sq = three.pop().expect("three tensors");
-            s.exp_avg = three.pop().expect("three tensors");
-            s.master = three.pop().expect("three tensors");
+        for (s, (step, master, moments)) in self.slots.iter_mut().zip(loaded) {
+            s.master = master;
+            s.moments = moments;
             s.step = step;
             s.write_back()?;
         }
@@ -472,18 +668,29 @@ fn adamw_elems(k: &Coeffs, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32
     }
 }
 
-/// A borrowed f32 tensor for safetensors serialisation.
-struct F32View<'a> {
-    shape: &'a [usize],
+/// A borrowed tensor for safetensors serialisation.
+struct RawView<'a> {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
     data: &'a [u8],
 }
 
-impl safetensors::View for F32View<'_> {
+impl<'a> RawView<'a> {
+    fn f32(shape: Vec<usize>, v: &'a [f32]) -> Self {
+        RawView {
+            dtype: safetensors::Dtype::F32,
+            shape,
+            data: bytemuck::cast_slice(v),
+        }
+    }
+}
+
+impl safetensors::View for RawView<'_> {
     fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
-        self.shape
+        &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         std::borrow::Cow::Borrowed(self.data)

@@ -132,15 +132,15 @@ fn fingerprint(samples: &[Sample]) -> String {
 }
 
 /// A micro-batch as tensors: ids (B, T) u32, mask (B, T) u32, labels (B, T) i64, target count.
-struct Batch {
-    ids: Tensor,
-    mask: Tensor,
-    labels: Tensor,
-    targets: usize,
+pub(crate) struct Batch {
+    pub(crate) ids: Tensor,
+    pub(crate) mask: Tensor,
+    pub(crate) labels: Tensor,
+    pub(crate) targets: usize,
     tokens: usize,
 }
 
-fn make_batch(samples: &[&Sample]) -> Result<Batch> {
+pub(crate) fn make_batch(samples: &[&Sample]) -> Result<Batch> {
     let t = samples
         .iter()
         .map(|s| s.ids.len())
@@ -324,7 +324,8 @@ pub fn train(
     crate::bench::pin_mmap_threshold();
     let baseline = current_rss_bytes() as usize;
     let store = WeightStore::open(&model_path)?;
-    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?;
+    let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?
+        .with_optimizer(cfg.moment_storage());
     say(format!(
         "memory plan (batch {micro} x {} tokens):\n{plan}",
         cfg.seq_len
@@ -354,18 +355,7 @@ pub fn train(
     };
     let params = model.lora_params();
     if let Some((dir, acfg, tensors)) = &init {
-        let expected: Vec<(String, Vec<usize>)> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-            .collect();
-        adapter::check_compatible(dir, acfg, tensors, &expected)?;
-        let by: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (n, v) in &params {
-            let t = by[n.as_str()];
-            t.to_dtype(v.dtype())
-                .and_then(|t| v.set(&t))
-                .map_err(|e| Error::Invalid(format!("{}: setting '{n}': {e}", dir.display())))?;
-        }
+        super::eval::set_adapter(&params, dir, acfg, tensors)?;
     }
     let mut opt = AdamW::new(
         params.clone(),
@@ -374,8 +364,22 @@ pub fn train(
             beta2: cfg.adam_beta2,
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
+            moments: cfg.moment_storage(),
         },
     )?;
+    if cfg.optim_8bit {
+        let eight = opt
+            .names()
+            .filter(|n| opt.moments_8bit(n).is_some())
+            .count();
+        say(format!(
+            "AdamW: 8-bit moments for {eight} of {} LoRA tensors (those under {} elements stay \
+             32-bit); optimizer state {:.1} MiB",
+            params.len(),
+            super::optim8::MIN_8BIT_SIZE,
+            opt.state_bytes() as f64 / (1024.0 * 1024.0)
+        ));
+    }
     let sched = LrSchedule {
         kind: cfg.schedule_kind()?,
         base_lr: cfg.lr,
@@ -497,18 +501,7 @@ pub fn train(
             .collect()
     };
     let evaluate = |model: &dyn CausalLm| -> Result<f32> {
-        let (mut sum, mut cnt) = (0f64, 0usize);
-        for chunk in eval_data.chunks(micro) {
-            let refs: Vec<&Sample> = chunk.iter().collect();
-            let b = make_batch(&refs)?;
-            let l = model.loss(&b.ids, Some(&b.mask), &b.labels)?;
-            let l = l
-                .to_scalar::<f32>()
-                .map_err(|e| Error::Invalid(format!("eval loss: {e}")))?;
-            sum += l as f64 * b.targets as f64;
-            cnt += b.targets;
-        }
-        Ok((sum / cnt.max(1) as f64) as f32)
+        Ok(super::eval::mean_loss(model, &eval_data, micro)?.0 as f32)
     };
 
     let pb = if opts.quiet {

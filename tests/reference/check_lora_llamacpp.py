@@ -91,6 +91,18 @@ def peft_model():
     return PeftModel.from_pretrained(m, ADAPTER).eval()
 
 
+def greedy_reference(pm, prompt, n=32):
+    """transformers + PEFT greedy `generate` of n new tokens after `prompt`, and the smallest top-2
+    logit margin along the way (greedy is robust only where the top-2 logits are apart)."""
+    with torch.no_grad():
+        gen = pm.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0].tolist()
+        out = pm(torch.tensor([gen])).logits[0, len(prompt) - 1:-1]
+        top2 = torch.topk(out, 2, dim=-1).values
+    return gen[len(prompt):], float((top2[:, 0] - top2[:, 1]).min())
+
+
 def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -143,13 +155,7 @@ def main():
     with torch.no_grad():
         ref = pm(torch.tensor([ids])).logits[0].numpy()
         prompt = exp["input_ids"][1][:6]
-        gen = pm.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0].tolist()
-        # Greedy is robust only where the top-2 logits are apart: record the smallest margin.
-        out = pm(torch.tensor([gen])).logits[0, len(prompt) - 1:-1]
-        top2 = torch.topk(out, 2, dim=-1).values
-        margin = float((top2[:, 0] - top2[:, 1]).min())
+    gen, margin = greedy_reference(pm, prompt)
     checks = {
         "ours_vs_llamacpp_converter": rel(l_ours, l_theirs),
         "ours_vs_transformers_peft": rel(l_ours, ref),
@@ -162,7 +168,7 @@ def main():
     save_file({"llamacpp_lora": l_ours, "llamacpp_converter_lora": l_theirs, "llamacpp_merged": l_merged,
                "transformers_peft": ref}, os.path.join(OUT, "logits.safetensors"))
     import llama_cpp, peft, transformers
-    json.dump({"input_ids": ids, "gen_prompt": prompt, "gen_tokens": gen[len(prompt):],
+    json.dump({"input_ids": ids, "gen_prompt": prompt, "gen_tokens": gen,
                "gen_min_top2_margin": margin, "checks": checks,
                "versions": {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
                             "transformers": transformers.__version__, "peft": peft.__version__}},

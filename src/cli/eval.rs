@@ -1,0 +1,75 @@
+//! `qtune eval`: mean loss and perplexity of a model (with or without an adapter) on JSONL data,
+//! tokenised and masked exactly as `qtune train` does, so a merged or requantised model can be
+//! compared with the adapter it came from.
+use super::train::{load_samples, tokenizer};
+use anyhow::{bail, Result};
+use qtune::data::DataOptions;
+use std::path::PathBuf;
+
+/// Evaluate a model on JSONL data.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model (Hugging Face directory, bitsandbytes NF4 directory or GGUF).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter directory applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// JSONL data (any format `qtune train` reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Longest sequence; longer examples are truncated as in training.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Sequences per forward pass (does not change the result).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Compute dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Put the loss on prompt tokens too (as `qtune train --train-on-prompt`).
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// Chat template for `messages` lines (a built-in name, a Jinja file or text).
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `qtune eval`.
+pub fn run(a: Args) -> Result<()> {
+    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        d => bail!("--dtype {d}: use f32 or bf16"),
+    };
+    let tok = tokenizer(&a.model)?;
+    let opts = DataOptions {
+        train_on_prompt: a.train_on_prompt,
+        seq_len: a.seq_len,
+        packing: false,
+        template: a.chat_template.clone(),
+    };
+    let samples = load_samples(&a.data, &tok, &opts, "eval")?;
+    let r = qtune::train::eval::evaluate(
+        &a.model,
+        a.adapter.as_deref(),
+        &samples,
+        a.batch_size,
+        dtype,
+    )?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})
+        );
+    } else {
+        println!(
+            "eval loss {:.4}, perplexity {:.3} over {} target tokens",
+            r.loss, r.perplexity, r.tokens
+        );
+    }
+    Ok(())
+}

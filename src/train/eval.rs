@@ -1,0 +1,125 @@
+//! Evaluation: the mean next-token loss (and perplexity) of a base model, with or without an
+//! adapter, over tokenised samples. The training loop's periodic eval and `qtune eval` share it, so
+//! the figures printed while training and those of a merged or requantised model are comparable.
+use super::trainer::{make_batch, Sample};
+use crate::lora::adapter;
+use crate::models::plan::is_falcon;
+use crate::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec};
+use crate::store::WeightStore;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What [`evaluate`] measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalReport {
+    /// Mean loss over all target tokens (nats).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Target tokens counted.
+    pub tokens: usize,
+}
+
+/// Mean loss over every target token of `samples`, in micro-batches of `micro` (each batch's mean
+/// weighted by its target count, so the batch size does not change the figure).
+pub fn mean_loss(model: &dyn CausalLm, samples: &[Sample], micro: usize) -> Result<(f64, usize)> {
+    let (mut sum, mut cnt) = (0f64, 0usize);
+    for chunk in samples.chunks(micro.max(1)) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let b = make_batch(&refs)?;
+        if b.targets == 0 {
+            continue;
+        }
+        let l = model
+            .loss(&b.ids, Some(&b.mask), &b.labels)?
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_scalar::<f32>())
+            .map_err(|e| Error::Invalid(format!("eval loss: {e}")))?;
+        sum += l as f64 * b.targets as f64;
+        cnt += b.targets;
+    }
+    Ok((sum / cnt.max(1) as f64, cnt))
+}
+
+/// Sets the model's LoRA parameters `params` to a PEFT adapter's tensors, after checking that the
+/// adapter (read from `dir`) has exactly these names and shapes.
+pub(crate) fn set_adapter(
+    params: &[(String, Var)],
+    dir: &Path,
+    acfg: &adapter::AdapterConfig,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let expected: Vec<(String, Vec<usize>)> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    adapter::check_compatible(dir, acfg, tensors, &expected)?;
+    let by: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for (n, v) in params {
+        by[n.as_str()]
+            .to_dtype(v.dtype())
+            .and_then(|t| v.set(&t))
+            .map_err(|e| Error::Invalid(format!("{}: setting '{n}': {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Loads the model at `model_path` (weights as stored: GGUF, bitsandbytes NF4, or a float
+/// directory), applies the PEFT adapter in `adapter_dir` if given, and evaluates `samples`.
+pub fn evaluate(
+    model_path: &Path,
+    adapter_dir: Option<&Path>,
+    samples: &[Sample],
+    micro: usize,
+    dtype: DType,
+) -> Result<EvalReport> {
+    if samples.is_empty() {
+        return Err(Error::Invalid(
+            "eval: no samples (is the data file empty?)".into(),
+        ));
+    }
+    let loaded = adapter_dir.map(adapter::load_peft).transpose()?;
+    let lora = loaded.as_ref().map(|(acfg, _)| LoraSpec {
+        targets: match &acfg.target_modules {
+            adapter::TargetModules::List(v) => v.clone(),
+            adapter::TargetModules::Regex(_) => vec!["all-linear".into()],
+        },
+        r: acfg.r,
+        alpha: acfg.lora_alpha,
+        rslora: acfg.use_rslora,
+        dropout: 0.0,
+        ..LoraSpec::default()
+    });
+    let opts = LlamaOptions {
+        dtype,
+        lora,
+        checkpoint: false,
+        ..LlamaOptions::default()
+    };
+    let store = WeightStore::open(model_path)?;
+    let model: Result<Box<dyn CausalLm>> = if is_falcon(&store) {
+        Falcon::load(&store, opts).map(|m| Box::new(m) as Box<dyn CausalLm>)
+    } else {
+        Llama::load(&store, opts).map(|m| Box::new(m) as Box<dyn CausalLm>)
+    };
+    // A load that fails with an adapter's targets is (almost always) an adapter for another model.
+    let model = model.map_err(|e| match adapter_dir {
+        Some(d) => Error::Invalid(format!(
+            "adapter {} does not fit the model {}: {e}",
+            d.display(),
+            model_path.display()
+        )),
+        None => e,
+    })?;
+    if let (Some(dir), Some((acfg, tensors))) = (adapter_dir, &loaded) {
+        set_adapter(&model.lora_params(), dir, acfg, tensors)?;
+    }
+    let (loss, tokens) = mean_loss(model.as_ref(), samples, micro)?;
+    Ok(EvalReport {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    })
+}
