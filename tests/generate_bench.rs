@@ -137,20 +137,24 @@ fn decode_speed_7b_q4_0() {
     }
     let store = WeightStore::open(&p).unwrap();
     let t = std::time::Instant::now();
-    let g = Generator::new(&store, None).unwrap();
+    let mut g = Generator::new(&store, None).unwrap();
     eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
     let prompt: Vec<u32> = (300..308).collect();
     let n: usize = std::env::var("QTUNE_BENCH_TOKENS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(16);
-    let r = generate(&g, &prompt, n, &Sampling::default(), &[], |_| {}).unwrap();
-    eprintln!(
-        "qtune decode: {} tokens, {:.3} tokens/s (prompt of {} in {:.2} s), threads {}",
-        r.tokens.len(),
-        r.tokens_per_s,
-        prompt.len(),
-        r.prompt_s,
-        rayon::current_num_threads()
-    );
+    // `qtune generate`'s default (8-bit activations, as llama.cpp), then `--exact` (f32).
+    for (mode, int8) in [("int8 activations", true), ("exact f32", false)] {
+        g.set_int8_activations(int8);
+        let r = generate(&g, &prompt, n, &Sampling::default(), &[], |_| {}).unwrap();
+        eprintln!(
+            "qtune decode ({mode}): {} tokens, {:.3} tokens/s (prompt of {} in {:.2} s), threads {}",
+            r.tokens.len(),
+            r.tokens_per_s,
+            prompt.len(),
+            r.prompt_s,
+            rayon::current_num_threads()
+        );
+    }
 }

@@ -59,6 +59,10 @@ pub struct Args {
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Exact f32 activations in Q4_0/Q8_0 products (by default they are rounded to 8 bits, as
+    /// llama.cpp does: several times faster, logits within ~1e-2). For parity checks.
+    #[arg(long)]
+    pub exact: bool,
 }
 
 /// The tokenizer: `--tokenizer` (a tokenizer.json, with the tokenizer_config.json beside it), else
@@ -164,7 +168,7 @@ pub fn run(a: Args) -> Result<()> {
                 .ok_or_else(|| anyhow!("--quant {q}: use q4_0, q8_0, q4_k, q6_k or nf4"))?,
         ),
     };
-    let g = Generator::with_options(
+    let mut g = Generator::with_options(
         &store,
         adapter.as_ref(),
         qtune::models::LlamaOptions {
@@ -172,6 +176,7 @@ pub fn run(a: Args) -> Result<()> {
             ..Default::default()
         },
     )?;
+    g.set_int8_activations(!a.exact);
     let eos = if a.ignore_eos {
         vec![]
     } else {

@@ -10,6 +10,7 @@
 //! - `matmul`: fused quantised matmul `y = x·Wᵀ` and input-gradient `dx = dy·W`, tile by tile.
 pub mod blocks;
 pub mod dispatch;
+pub mod dot8;
 pub mod matmul;
 pub mod nf4;
 pub mod scalar;

@@ -1,0 +1,156 @@
+//! Decode products with 8-bit activations (`quant::dot8`): the AVX2 dot products equal the scalar
+//! reference up to f32 summation order; the reference equals Σ dequant(w)·dequant(x_q) computed
+//! with the dequantisers that are bit-exact with gguf-py (so the block layouts are ggml's); and the
+//! whole product stays within the activation rounding of the exact f32 product.
+use qtune::quant::dot8;
+use qtune::quant::{dispatch, QData, QMatrix, QType};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+        })
+        .collect()
+}
+
+fn quantized(q: QType, v: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; q.bytes_for(v.len()).unwrap()];
+    dispatch::quantize(q, v, &mut out).unwrap();
+    out
+}
+
+/// Error relative to Σ|w·x|: a dot product's rounding scales with its terms, not its (possibly
+/// cancelled) value.
+fn rel(a: f32, b: f64, abs_sum: f64) -> f64 {
+    (a as f64 - b).abs() / abs_sum
+}
+
+#[test]
+fn dot_products_match_the_dequantised_reference() {
+    let k = 4096 + 96; // not a multiple of 256: whole Q4_0/Q8_0 blocks only
+    for (qi, q) in [QType::Q4_0, QType::Q8_0].into_iter().enumerate() {
+        let impls = dot8::dot_impls(q);
+        let reference = impls[0].1;
+        let mut worst = (0f64, 0f64);
+        for seed in 0..20u64 {
+            let w = quantized(q, &rand_vec(k, seed * 2 + qi as u64));
+            let mut x = rand_vec(k, 1000 + seed);
+            // Some blocks with a large spread, some all zero.
+            x[..32].iter_mut().for_each(|v| *v *= 100.0);
+            x[64..96].iter_mut().for_each(|v| *v = 0.0);
+            let xq = dot8::quantize_activations(&x);
+            let (mut wd, mut xd) = (vec![0f32; k], vec![0f32; k]);
+            dispatch::dequantize_f32(q, &w, &mut wd);
+            dispatch::dequantize_f32(QType::Q8_0, &xq.bytes, &mut xd);
+            let exact: f64 = wd.iter().zip(&xd).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let abs_sum: f64 = wd
+                .iter()
+                .zip(&xd)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            let r = reference(&w, &xq);
+            worst.0 = worst.0.max(rel(r, exact, abs_sum));
+            for (_, simd) in &impls[1..] {
+                worst.1 = worst.1.max(rel(simd(&w, &xq), r as f64, abs_sum));
+            }
+        }
+        let names: Vec<&str> = impls.iter().map(|i| i.0).collect();
+        eprintln!(
+            "{} {names:?}: reference vs dequantised f64 {:.1e}, SIMD vs reference {:.1e}",
+            q.name(),
+            worst.0,
+            worst.1
+        );
+        // Both are f32 sums of a few hundred block products: f32 tolerance.
+        assert!(worst.0 < 1e-5, "{}: reference {:e}", q.name(), worst.0);
+        assert!(worst.1 < 1e-5, "{}: SIMD {:e}", q.name(), worst.1);
+    }
+}
+
+#[test]
+fn gemv_stays_within_the_activation_rounding_of_the_exact_product() {
+    let (n, k, m) = (300, 1024, 2);
+    for q in [QType::Q4_0, QType::Q8_0] {
+        let wb = quantized(q, &rand_vec(n * k, 7));
+        let w = QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Ggml {
+                qtype: q,
+                bytes: &wb,
+            },
+        };
+        assert!(dot8::supported(&w));
+        let x = rand_vec(m * k, 8);
+        let (mut y8, mut y) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+        assert!(dot8::gemv_q8(&x, m, &w, &mut y8));
+        qtune::quant::matmul::qmatmul_fwd(&x, m, &w, &mut y);
+        let scale = y.iter().fold(0f32, |a, b| a.max(b.abs()));
+        let err = y8
+            .iter()
+            .zip(&y)
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+            / scale;
+        eprintln!(
+            "{}: 8-bit activations vs exact, max rel {err:.2e}",
+            q.name()
+        );
+        assert!(y8.iter().all(|v| v.is_finite()), "every output written");
+        // Q8_0 rounding of x is at most 1/254 of each block's max; summed over 32 blocks of
+        // random signs the product moves well under 1 %.
+        assert!(err < 1e-2 && err > 0.0, "{}: {err:e}", q.name());
+    }
+    // Types without the path are declined, and nothing is written.
+    let f = vec![0u8; 4 * 32 * 4];
+    let w = QMatrix {
+        rows: 4,
+        cols: 32,
+        data: QData::Ggml {
+            qtype: QType::F32,
+            bytes: &f,
+        },
+    };
+    let mut y = vec![1f32; 4];
+    assert!(!dot8::gemv_q8(&[0.0; 32], 1, &w, &mut y));
+    assert_eq!(y, vec![1f32; 4]);
+}
+
+#[test]
+fn decoding_with_8_bit_activations_stays_near_the_exact_logits() {
+    // The tiny Llama fixture quantised to Q4_0 (every linear has the fast path).
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model");
+    let hf = qtune::store::WeightStore::open(&fx).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q4_0.gguf");
+    qtune::quantize::quantize_to_gguf(&hf, QType::Q4_0, &p).unwrap();
+    let store = qtune::store::WeightStore::open(&p).unwrap();
+    let mut g = qtune::generate::Generator::new(&store, None).unwrap();
+    let ids: Vec<u32> = (10..26).collect();
+    let mut run = |int8: bool| -> Vec<f32> {
+        g.set_int8_activations(int8);
+        let mut c = qtune::generate::KvCache::default();
+        // The prompt, then one token at a time (the decode path proper).
+        let mut out: Vec<f32> = Vec::new();
+        let l = g.step(&ids[..8], &mut c).unwrap();
+        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for &t in &ids[8..] {
+            let l = g.step(&[t], &mut c).unwrap();
+            out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    let (fast, exact) = (run(true), run(false));
+    let scale = exact.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let err = fast
+        .iter()
+        .zip(&exact)
+        .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+        / scale;
+    eprintln!("Q4_0 decode, 8-bit vs f32 activations: logits max rel {err:.2e}");
+    assert!(fast.iter().all(|v| v.is_finite()));
+    assert!(err > 0.0 && err < 2e-2, "{err:e}");
+}
