@@ -1,25 +1,14 @@
 //! `qtune eval` and merging into a bitsandbytes NF4 base, through the binary: the eval loss of the
 //! base with PEFT's initial adapter is PEFT's first training loss on that example; a merged NF4
 //! base evaluates as the unmerged adapter (f32 output) and the requantised outputs load and run.
+mod common;
+use common::qtune;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fx(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(p)
-}
-
-fn qtune(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 /// `qtune eval ... --json`'s loss.
