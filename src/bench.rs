@@ -15,7 +15,7 @@ use crate::models::{
 };
 use crate::quant::{nf4, QType};
 use crate::store::{Bytes, Nf4Stats, SourceFormat, StoredTensor, WeightStore};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::{AdamW, AdamWConfig, MomentStorage};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -405,6 +405,8 @@ pub struct BenchConfig {
     pub ce_chunk: usize,
     /// Seed of weights and tokens.
     pub seed: u64,
+    /// AdamW moments as blockwise 8-bit codes (`qtune train --optim-8bit`).
+    pub optim_8bit: bool,
 }
 
 /// What a bench measured.
@@ -568,7 +570,13 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         checkpoint: true,
         ce_chunk: cfg.ce_chunk,
     };
-    let plan = MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?;
+    let moments = if cfg.optim_8bit {
+        MomentStorage::Blockwise8
+    } else {
+        MomentStorage::F32
+    };
+    let plan =
+        MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?.with_optimizer(moments);
     let linear_params: usize = store
         .tensors
         .iter()
@@ -593,7 +601,13 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     drop(store);
     let params = model.lora_params();
     let lora_params = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(params, AdamWConfig::default())?;
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            moments,
+            ..AdamWConfig::default()
+        },
+    )?;
     let setup_s = t0.elapsed().as_secs_f64();
     let (b, t) = (cfg.batch_size, cfg.seq_len);
     let mut rng = Rng::new(cfg.seed ^ 0x5eed);
@@ -732,6 +746,7 @@ impl BenchReport {
                 "warmup": c.warmup,
                 "dtype": format!("{:?}", c.dtype).to_lowercase(),
                 "ce_chunk": c.ce_chunk,
+                "optim_8bit": c.optim_8bit,
                 "device": "cpu",
                 "threads": rayon::current_num_threads(),
                 "lora_params": self.lora_params,
@@ -756,7 +771,7 @@ impl std::fmt::Display for BenchReport {
         let (med, min, max) = self.step_stats();
         writeln!(
             f,
-            "{} {} | seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads",
+            "{} {} | seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads | {} AdamW moments",
             c.shape,
             c.quant.name(),
             c.seq_len,
@@ -764,7 +779,8 @@ impl std::fmt::Display for BenchReport {
             c.rank,
             c.targets.join(","),
             self.lora_params,
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            if c.optim_8bit { "8-bit" } else { "f32" }
         )?;
         writeln!(f, "memory plan:\n{}", self.plan)?;
         writeln!(

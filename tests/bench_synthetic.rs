@@ -152,6 +152,7 @@ fn a_bench_run_reports_every_key() {
         dtype: candle_core::DType::F32,
         ce_chunk: 16,
         seed: 1,
+        optim_8bit: false,
     };
     let r = run_bench(&cfg, &mut |_| {}).unwrap();
     // 2 layers × 2 targets × (A 4×256 + B out×4): q out 256, v out 128

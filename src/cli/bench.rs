@@ -44,6 +44,9 @@ pub struct Args {
     /// Seed of the random weights and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// AdamW moments as blockwise 8-bit codes, as `qtune train --optim-8bit`.
+    #[arg(long)]
+    optim_8bit: bool,
     /// Write the JSON report: to PATH, or to stdout with no value (the text report then goes to
     /// stderr).
     #[arg(long, num_args = 0..=1, default_missing_value = "-")]
@@ -73,6 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         dtype,
         ce_chunk: a.ce_chunk,
         seed: a.seed,
+        optim_8bit: a.optim_8bit,
     };
     let to_stdout = a.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
     let mut progress = |s: &str| eprintln!("[bench] {s}");
