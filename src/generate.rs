@@ -109,7 +109,7 @@ impl Generator {
         Ok(Generator { inner })
     }
 
-    /// Computes Q4_0/Q8_0 base products with activations rounded to 8 bits (Q8_0 blocks), as
+    /// Computes Q4_0/Q8_0/Q4_K base products with activations rounded to 8 bits (Q8_0 blocks), as
     /// llama.cpp does: several times faster at one token a step, logits within about 1e-2 of the
     /// exact f32 product. Off by default (tests compare exact logits); Llama bases only for now
     /// (a Falcon decodes through its training layers, exactly).

@@ -31,8 +31,16 @@ fn rel(a: f32, b: f64, abs_sum: f64) -> f64 {
 
 #[test]
 fn dot_products_match_the_dequantised_reference() {
-    let k = 4096 + 96; // not a multiple of 256: whole Q4_0/Q8_0 blocks only
-    for (qi, q) in [QType::Q4_0, QType::Q8_0].into_iter().enumerate() {
+    for (qi, q) in [QType::Q4_0, QType::Q8_0, QType::Q4_K]
+        .into_iter()
+        .enumerate()
+    {
+        // Q4_0/Q8_0: not a multiple of 256 (whole 32-blocks only); Q4_K: whole super-blocks.
+        let k = if q == QType::Q4_K {
+            4096 + 256
+        } else {
+            4096 + 96
+        };
         let impls = dot8::dot_impls(q);
         let reference = impls[0].1;
         let mut worst = (0f64, 0f64);
@@ -74,7 +82,7 @@ fn dot_products_match_the_dequantised_reference() {
 #[test]
 fn gemv_stays_within_the_activation_rounding_of_the_exact_product() {
     let (n, k, m) = (300, 1024, 2);
-    for q in [QType::Q4_0, QType::Q8_0] {
+    for q in [QType::Q4_0, QType::Q8_0, QType::Q4_K] {
         let wb = quantized(q, &rand_vec(n * k, 7));
         let w = QMatrix {
             rows: n,

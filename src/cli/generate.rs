@@ -59,7 +59,7 @@ pub struct Args {
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Exact f32 activations in Q4_0/Q8_0 products (by default they are rounded to 8 bits, as
+    /// Exact f32 activations in Q4_0/Q8_0/Q4_K products (by default they are rounded to 8 bits, as
     /// llama.cpp does: several times faster, logits within ~1e-2). For parity checks.
     #[arg(long)]
     pub exact: bool,

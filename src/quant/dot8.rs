@@ -16,16 +16,22 @@ const QK: usize = 32;
 const Q8_BYTES: usize = 34;
 /// Bytes of one Q4_0 block: f16 scale + 16 bytes of nibbles.
 const Q4_BYTES: usize = 18;
+/// Bytes of one Q4_K super-block (256 weights): f16 d, f16 dmin, 12 bytes of 6-bit sub-block
+/// scales and mins, 128 bytes of nibbles.
+const Q4K_BYTES: usize = 144;
 
-/// Whether [`gemv_q8`] handles `w` (Q4_0 or Q8_0 rows of whole blocks).
+/// Whether [`gemv_q8`] handles `w`: Q4_0 or Q8_0 rows of whole blocks, or Q4_K where the CPU has
+/// AVX-512 VNNI (its scalar form is slower than the exact f32 path it would replace).
 pub fn supported(w: &QMatrix) -> bool {
-    matches!(
-        w.data,
-        QData::Ggml {
-            qtype: QType::Q4_0 | QType::Q8_0,
-            ..
-        }
-    ) && w.cols.is_multiple_of(QK)
+    let QData::Ggml { qtype, .. } = w.data else {
+        return false;
+    };
+    let ok = match qtype {
+        QType::Q4_0 | QType::Q8_0 => true,
+        QType::Q4_K => dot_impls(QType::Q4_K).len() > 1,
+        _ => false,
+    };
+    ok && w.cols.is_multiple_of(QK)
 }
 
 /// An activation row as Q8_0 blocks, with what the SIMD products want per block precomputed
@@ -88,6 +94,43 @@ pub fn dot_q8_0_q8_0_ref(w: &[u8], x: &Q8Act) -> f32 {
             .map(|(&a, &b)| a as i8 as i32 * b as i8 as i32)
             .sum();
         sum += sumi as f32 * (scale(wb) * scale(xb));
+    }
+    sum
+}
+
+/// Σ x_q of activation block `i`.
+fn block_sum(x: &Q8Act, i: usize) -> i32 {
+    -x.neg8sum[i] / 8
+}
+
+/// (d·scale, dmin·min) of Q4_K sub-block `j` (0..8) of super-block `b`.
+fn q4k_sub(b: &[u8], j: usize) -> (f32, f32) {
+    let s: &[u8; 12] = b[4..16].try_into().expect("12 scale bytes");
+    let (sc, m) = super::blocks::scale_min_k4(j, s);
+    (scale(b) * sc as f32, scale(&b[2..4]) * m as f32)
+}
+
+/// One Q4_K row · Q8_0 activations: each 32-weight sub-block is `d·sc·q − dmin·m` with q in 0..16,
+/// so against activation block `x` it contributes `dx·(d·sc·Σq·x_q − dmin·m·Σx_q)` (scalar
+/// reference; the activation blocks line up with the sub-blocks).
+pub fn dot_q4_k_q8_0_ref(w: &[u8], x: &Q8Act) -> f32 {
+    let mut sum = 0f32;
+    for (bi, b) in w.chunks_exact(Q4K_BYTES).enumerate() {
+        let qs = &b[16..];
+        for j in 0..8 {
+            let xi = bi * 8 + j;
+            let xb = &x.bytes[xi * Q8_BYTES + 2..(xi + 1) * Q8_BYTES];
+            // Sub-blocks 2c and 2c+1 share 32 bytes: low nibbles, then high nibbles.
+            let chunk = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            let shift = 4 * (j % 2);
+            let isum: i32 = chunk
+                .iter()
+                .zip(xb)
+                .map(|(&q, &v)| ((q >> shift) & 0x0F) as i32 * v as i8 as i32)
+                .sum();
+            let (dsc, dm) = q4k_sub(b, j);
+            sum += x.scales[xi] * (dsc * isum as f32 - dm * block_sum(x, xi) as f32);
+        }
     }
     sum
 }
@@ -229,10 +272,55 @@ mod vnni {
         if i < nb {
             a0 = block(i, a0);
         }
-        let v = _mm256_add_ps(a0, a1);
+        hsum(_mm256_add_ps(a0, a1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Q4_K row · Q8_0 activations: the nibbles are unsigned already, so each sub-block is one
+    /// `vpdpbusd`; the min term is a scalar per sub-block.
+    ///
+    /// # Safety
+    /// As [`dot_q4_0_q8_0`]; `w` holds `x.scales.len() / 8` whole super-blocks.
+    #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn dot_q4_k_q8_0(w: &[u8], x: &Q8Act) -> f32 {
+        let nb = (w.len() / super::Q4K_BYTES).min(x.scales.len() / 8);
+        let xp = x.bytes.as_ptr();
+        let m4 = _mm256_set1_epi8(0x0F);
+        let (mut acc, mut mins) = (_mm256_setzero_ps(), 0f32);
+        for bi in 0..nb {
+            let b = &w[bi * super::Q4K_BYTES..(bi + 1) * super::Q4K_BYTES];
+            // d and dmin with F16C, once a super-block (half's `to_f32` checks the CPU per call).
+            let h = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
+            let (d, dmin) = (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)));
+            let sm: &[u8; 12] = b[4..16].try_into().expect("12 scale bytes");
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
+                let halves = [
+                    _mm256_and_si256(q, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                ];
+                for (h, wq) in halves.into_iter().enumerate() {
+                    let (j, xi) = (2 * c + h, bi * 8 + 2 * c + h);
+                    let xq = _mm256_loadu_si256(xp.add(xi * 34 + 2) as *const __m256i);
+                    let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xq);
+                    let (sc, m) = crate::quant::blocks::scale_min_k4(j, sm);
+                    let (dsc, dm) = (d * sc as f32, dmin * m as f32);
+                    let dx = x.scales[xi];
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dx * dsc), acc);
+                    mins += dx * dm * super::block_sum(x, xi) as f32;
+                }
+            }
+        }
+        hsum(acc) - mins
     }
 }
 
@@ -245,6 +333,7 @@ pub fn dot_impls(qtype: QType) -> Vec<(&'static str, DotFn)> {
     let mut v: Vec<(&'static str, DotFn)> = match qtype {
         QType::Q4_0 => vec![("scalar", dot_q4_0_q8_0_ref)],
         QType::Q8_0 => vec![("scalar", dot_q8_0_q8_0_ref)],
+        QType::Q4_K => vec![("scalar", dot_q4_k_q8_0_ref)],
         _ => return Vec::new(),
     };
     #[cfg(target_arch = "x86_64")]
@@ -256,14 +345,19 @@ pub fn dot_impls(qtype: QType) -> Vec<(&'static str, DotFn)> {
             avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
         // SAFETY (each closure): the features were just detected; callers pass whole, matching
         // blocks (`gemv_q8` checks the shapes).
-        if avx2 {
-            v.push(match qtype {
-                QType::Q4_0 => ("avx2", |w, x| unsafe { avx2::dot_q4_0_q8_0(w, x) }),
-                _ => ("avx2", |w, x| unsafe { avx2::dot_q8_0_q8_0(w, x) }),
-            });
+        match qtype {
+            QType::Q4_0 if avx2 => v.push(("avx2", |w, x| unsafe { avx2::dot_q4_0_q8_0(w, x) })),
+            QType::Q8_0 if avx2 => v.push(("avx2", |w, x| unsafe { avx2::dot_q8_0_q8_0(w, x) })),
+            _ => {}
         }
-        if vnni && qtype == QType::Q4_0 {
-            v.push(("avx512vnni", |w, x| unsafe { vnni::dot_q4_0_q8_0(w, x) }));
+        match qtype {
+            QType::Q4_0 if vnni => {
+                v.push(("avx512vnni", |w, x| unsafe { vnni::dot_q4_0_q8_0(w, x) }))
+            }
+            QType::Q4_K if vnni => {
+                v.push(("avx512vnni", |w, x| unsafe { vnni::dot_q4_k_q8_0(w, x) }))
+            }
+            _ => {}
         }
     }
     v
