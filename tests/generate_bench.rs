@@ -1,4 +1,5 @@
-//! Decode speed on a Llama-2-7B-shaped Q4_0 GGUF with random weights (ignored by default: it writes
+//! Decode speed on a Llama-2-7B-shaped Q4_0 (or, with QTUNE_BENCH_QTYPE=q4_k, Q4_K) GGUF with random
+//! weights (ignored by default: it writes
 //! ~3.8 GB). `QTUNE_BENCH_GGUF=/tmp/llama7b-q4_0.gguf cargo test --release --test generate_bench --
 //! --ignored --nocapture`; llama.cpp's number on the same file comes from
 //! `tests/reference/check_lora_llamacpp.py --bench FILE`.
@@ -9,7 +10,7 @@ use qtune::store::WeightStore;
 use std::path::{Path, PathBuf};
 
 /// Writes the file streaming, one tensor at a time: Q4_0 blocks with small random scales.
-fn write_random_7b(p: &Path) {
+fn write_random_7b(p: &Path, q: QType) {
     let (v, c, f, l, h) = (32000usize, 4096usize, 11008usize, 32usize, 32usize);
     let s = |x: &str| Value::String(x.into());
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
@@ -21,7 +22,10 @@ fn write_random_7b(p: &Path) {
     let meta = vec![
         ("general.architecture".to_string(), s("llama")),
         ("general.name".to_string(), s("random llama-2-7b shape")),
-        ("general.file_type".to_string(), Value::U32(2)),
+        (
+            "general.file_type".to_string(),
+            Value::U32(if q == QType::Q4_K { 15 } else { 2 }),
+        ),
         ("llama.context_length".to_string(), Value::U32(4096)),
         ("llama.embedding_length".to_string(), Value::U32(c as u32)),
         ("llama.block_count".to_string(), Value::U32(l as u32)),
@@ -64,7 +68,7 @@ fn write_random_7b(p: &Path) {
             shape,
         })
     };
-    add("token_embd.weight".into(), QType::Q4_0, vec![v, c]);
+    add("token_embd.weight".into(), q, vec![v, c]);
     for i in 0..l {
         add(format!("blk.{i}.attn_norm.weight"), QType::F32, vec![c]);
         for (n, o, k) in [
@@ -76,12 +80,12 @@ fn write_random_7b(p: &Path) {
             ("ffn_up", f, c),
             ("ffn_down", c, f),
         ] {
-            add(format!("blk.{i}.{n}.weight"), QType::Q4_0, vec![o, k]);
+            add(format!("blk.{i}.{n}.weight"), q, vec![o, k]);
         }
         add(format!("blk.{i}.ffn_norm.weight"), QType::F32, vec![c]);
     }
     add("output_norm.weight".into(), QType::F32, vec![c]);
-    add("output.weight".into(), QType::Q4_0, vec![v, c]);
+    add("output.weight".into(), q, vec![v, c]);
     let shapes: Vec<(QType, usize)> = plan
         .iter()
         .map(|t| (t.qtype, t.shape.iter().product()))
@@ -100,17 +104,28 @@ fn write_random_7b(p: &Path) {
             w.write_tensor(&b).unwrap();
             continue;
         }
-        // 1 MiB of blocks at a time: f16 scale ~0.02 (weights ~N(0, 0.02²)-sized), random nibbles.
-        let blocks = n / 32;
-        let per = 1 << 15;
+        // About 1 MiB of blocks at a time: small f16 scales (weights ~N(0, 0.02²)-sized), random
+        // nibbles (and, for Q4_K, random 6-bit sub-block scales and mins).
+        let (bsize, bbytes, head) = if t == QType::Q4_K {
+            (256, 144, 4)
+        } else {
+            (32, 18, 2)
+        };
+        let blocks = n / bsize;
+        let per = (1 << 20) / bbytes;
         let mut done = 0;
         while done < blocks {
             let k = per.min(blocks - done);
-            let mut b = vec![0u8; k * 18];
-            for blk in b.chunks_exact_mut(18) {
+            let mut b = vec![0u8; k * bbytes];
+            for blk in b.chunks_exact_mut(bbytes) {
                 blk[..2].copy_from_slice(&half::f16::from_f32(0.005).to_le_bytes());
-                for q in blk[2..].chunks_exact_mut(8) {
-                    q.copy_from_slice(&rnd().to_le_bytes());
+                if head == 4 {
+                    blk[2..4].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+                }
+                for q in blk[head..].chunks_mut(8) {
+                    let r = rnd().to_le_bytes();
+                    let len = q.len();
+                    q.copy_from_slice(&r[..len]);
                 }
             }
             w.write_chunk(&b).unwrap();
@@ -123,12 +138,17 @@ fn write_random_7b(p: &Path) {
 #[test]
 #[ignore]
 fn decode_speed_7b_q4_0() {
+    // QTUNE_BENCH_QTYPE=q4_k writes a Q4_K file instead (the type of most `Q4_K_M` layers).
+    let q = match std::env::var("QTUNE_BENCH_QTYPE").as_deref() {
+        Ok("q4_k") => QType::Q4_K,
+        _ => QType::Q4_0,
+    };
     let p = std::env::var("QTUNE_BENCH_GGUF")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir().join("qtune-llama7b-q4_0.gguf"));
+        .unwrap_or_else(|_| std::env::temp_dir().join(format!("qtune-llama7b-{}.gguf", q.name())));
     if !p.exists() {
         let t = std::time::Instant::now();
-        write_random_7b(&p);
+        write_random_7b(&p, q);
         eprintln!(
             "wrote {} in {:.1} s",
             p.display(),
