@@ -1,7 +1,7 @@
-//! Decode speed on a Llama-2-7B-shaped Q4_0 (or, with QTUNE_BENCH_QTYPE=q4_k, Q4_K) GGUF with random
-//! weights (ignored by default: it writes
-//! ~3.8 GB). `QTUNE_BENCH_GGUF=/tmp/llama7b-q4_0.gguf cargo test --release --test generate_bench --
-//! --ignored --nocapture`; llama.cpp's number on the same file comes from
+//! Decode speed on a Llama-2-7B-shaped Q4_0 (or, with `QTUNE_BENCH_QTYPE=q4_k`, Q4_K) GGUF with
+//! random weights (ignored by default: it writes ~3.8 GB).
+//! `QTUNE_BENCH_GGUF=/tmp/llama7b-q4_0.gguf cargo test --release --test generate_bench -- --ignored
+//! --nocapture`; llama.cpp's number on the same file comes from
 //! `tests/reference/check_lora_llamacpp.py --bench FILE`.
 use qtune::format::gguf::{GgufWriter, TensorPlan, Value};
 use qtune::generate::{generate, Generator, Sampling};
