@@ -9,10 +9,7 @@
 //! no page-cache effects (a mapped file's pages count in RSS only once touched, and the kernel may
 //! drop them again), and no scratch file of 4-7 GB is written to a small disk.
 use crate::models::llama::PROJECTIONS;
-use crate::models::plan::is_falcon;
-use crate::models::{
-    CausalLm, Falcon, FalconConfig, Llama, LlamaConfig, LlamaOptions, LoraSpec, MemoryPlan,
-};
+use crate::models::{FalconConfig, LlamaConfig, LlamaOptions, LoraSpec, MemoryPlan};
 use crate::quant::{nf4, QType};
 use crate::store::{Bytes, Nf4Stats, SourceFormat, StoredTensor, WeightStore};
 use crate::train::optim::{AdamW, AdamWConfig, MomentStorage};
@@ -593,11 +590,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
             0
         };
     progress("loading the model with LoRA");
-    let model: Box<dyn CausalLm> = if is_falcon(&store) {
-        Box::new(Falcon::load(&store, opts)?)
-    } else {
-        Box::new(Llama::load(&store, opts)?)
-    };
+    let model = crate::models::load(&store, opts)?;
     drop(store);
     let params = model.lora_params();
     let lora_params = params.iter().map(|(_, v)| v.elem_count()).sum();

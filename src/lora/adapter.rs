@@ -26,6 +26,17 @@ pub enum TargetModules {
     Regex(String),
 }
 
+impl TargetModules {
+    /// As `--targets` takes them: the names, or `all-linear` for a regex (PEFT writes one for
+    /// `all-linear`; a narrower regex is refused later by the shape check).
+    pub fn as_targets(&self) -> Vec<String> {
+        match self {
+            TargetModules::List(v) => v.clone(),
+            TargetModules::Regex(_) => vec!["all-linear".into()],
+        }
+    }
+}
+
 /// The contents of a LoRA `adapter_config.json` (PEFT 0.13.2's `LoraConfig`). Keys we do not model
 /// are kept in `extra` and written back unchanged.
 #[derive(Clone, Debug, PartialEq)]

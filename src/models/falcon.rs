@@ -12,7 +12,6 @@
 //! same thing on a safetensors and on a GGUF base. Falcon's rotary is rotate-half in both.
 use super::llama::{load_linear, LlamaOptions, LoraSpec, Proj};
 use super::{CausalLm, Decoder};
-use crate::format::gguf::{self, Value};
 use crate::lora::{LoraConfig, LoraLinear, QLinear};
 use crate::nn::{self, fused};
 use crate::quant::{dispatch, QType};
@@ -180,48 +179,28 @@ impl FalconConfig {
     /// From GGUF `falcon.*` metadata as llama.cpp writes it; the new layout is recognised by its
     /// `attn_norm_2` tensors (llama.cpp does the same), and llama.cpp runs Falcon in parallel only.
     pub fn from_gguf(store: &WeightStore) -> Result<Self> {
-        let meta = &store.gguf_metadata;
-        let bad = |msg: String| Error::corrupt(&store.path, "GGUF", msg);
-        let arch = gguf::find(meta, "general.architecture").and_then(Value::as_str);
-        if arch != Some("falcon") {
-            return Err(bad(format!(
-                "general.architecture is {arch:?}, not \"falcon\"; qtune's Falcon loader reads falcon files"
-            )));
-        }
-        let int = |k: &str| -> Result<usize> {
-            gguf::find(meta, k)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("metadata lacks integer '{k}'")))
-        };
-        let float = |k: &str| gguf::find(meta, k).and_then(Value::as_f64);
-        let hidden = int("falcon.embedding_length")?;
-        let heads = int("falcon.attention.head_count")?;
-        let kvh = int("falcon.attention.head_count_kv").unwrap_or(1);
-        let embd = store
-            .get("token_embd.weight")
-            .ok_or_else(|| Error::MissingTensor {
-                path: store.path.clone(),
-                tensor: "token_embd.weight".into(),
-                hint: " (a falcon GGUF needs its token embedding)".into(),
-            })?;
+        let g = super::GgufHparams::new(store, "falcon", "Falcon")?;
+        let hidden = g.int("embedding_length")?;
+        let heads = g.int("attention.head_count")?;
+        let kvh = g.int("attention.head_count_kv").unwrap_or(1);
+        let embd = g.embedding()?;
         let new_arch = store.get("blk.0.attn_norm_2.weight").is_some();
         // llama.cpp's converter writes 4 x hidden here whatever ffn_hidden_size was: the tensor
         // is the truth.
         let ffn = match store.get("blk.0.ffn_up.weight") {
             Some(t) if t.shape.len() == 2 => t.shape[0],
-            _ => int("falcon.feed_forward_length")?,
+            _ => g.int("feed_forward_length")?,
         };
         let c = FalconConfig {
-            vocab_size: int("falcon.vocab_size").unwrap_or(embd.shape[0]),
+            vocab_size: g.int("vocab_size").unwrap_or(embd.shape[0]),
             hidden_size: hidden,
             ffn_hidden_size: ffn,
-            num_layers: int("falcon.block_count")?,
+            num_layers: g.int("block_count")?,
             num_heads: heads,
             num_kv_heads: kvh,
             head_dim: hidden / heads.max(1),
-            rope_theta: float("falcon.rope.freq_base").unwrap_or(10000.0),
-            layer_norm_eps: float("falcon.attention.layer_norm_epsilon").unwrap_or(1e-5),
+            rope_theta: g.float("rope.freq_base").unwrap_or(10000.0),
+            layer_norm_eps: g.float("attention.layer_norm_epsilon").unwrap_or(1e-5),
             qkv: if new_arch || kvh > 1 {
                 QkvLayout::Grouped
             } else {
@@ -231,7 +210,7 @@ impl FalconConfig {
             two_norms: new_arch,
             bias: store.get("blk.0.attn_qkv.bias").is_some(),
         };
-        c.check().map_err(bad)?;
+        c.check().map_err(|m| g.corrupt(m))?;
         Ok(c)
     }
 

@@ -9,7 +9,6 @@
 //! adapter file means the same thing on a safetensors and a GGUF base (PEFT and llama.cpp's LoRA
 //! converter both expect HF order). The price is that q/k become owned copies instead of file views
 //! (2 of the 7 projections, smaller still with GQA).
-use crate::format::gguf::{self, Value};
 use crate::lora::{LoraConfig, LoraLinear, QLinear};
 use crate::nn::{self, fused};
 use crate::quant::{dispatch, nf4, QType};
@@ -110,44 +109,26 @@ impl LlamaConfig {
     /// From GGUF `llama.*` metadata; the vocabulary size falls back to `token_embd`'s rows and the
     /// tie to the absence of `output.weight` (both as llama.cpp reads them).
     pub fn from_gguf(store: &WeightStore) -> Result<Self> {
-        let meta = &store.gguf_metadata;
-        let bad = |msg: String| Error::corrupt(&store.path, "GGUF", msg);
-        let arch = gguf::find(meta, "general.architecture").and_then(Value::as_str);
-        if arch != Some("llama") {
-            return Err(bad(format!(
-                "general.architecture is {arch:?}, not \"llama\"; qtune's Llama loader reads llama files"
-            )));
-        }
-        let int = |k: &str| -> Result<usize> {
-            gguf::find(meta, k)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("metadata lacks integer '{k}'")))
-        };
-        let float = |k: &str| gguf::find(meta, k).and_then(Value::as_f64);
-        let hidden = int("llama.embedding_length")?;
-        let heads = int("llama.attention.head_count")?;
-        let embd = store
-            .get("token_embd.weight")
-            .ok_or_else(|| Error::MissingTensor {
-                path: store.path.clone(),
-                tensor: "token_embd.weight".into(),
-                hint: " (a llama GGUF needs its token embedding)".into(),
-            })?;
-        let vocab = int("llama.vocab_size").unwrap_or(embd.shape[0]);
+        let g = super::GgufHparams::new(store, "llama", "Llama")?;
+        let hidden = g.int("embedding_length")?;
+        let heads = g.int("attention.head_count")?;
+        let embd = g.embedding()?;
+        let vocab = g.int("vocab_size").unwrap_or(embd.shape[0]);
         let c = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: int("llama.feed_forward_length")?,
-            num_layers: int("llama.block_count")?,
+            intermediate_size: g.int("feed_forward_length")?,
+            num_layers: g.int("block_count")?,
             num_heads: heads,
-            num_kv_heads: int("llama.attention.head_count_kv").unwrap_or(heads),
-            head_dim: int("llama.rope.dimension_count").unwrap_or(hidden / heads.max(1)),
-            rope_theta: float("llama.rope.freq_base").unwrap_or(10000.0),
-            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            num_kv_heads: g.int("attention.head_count_kv").unwrap_or(heads),
+            head_dim: g
+                .int("rope.dimension_count")
+                .unwrap_or(hidden / heads.max(1)),
+            rope_theta: g.float("rope.freq_base").unwrap_or(10000.0),
+            rms_norm_eps: g.float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             tie_word_embeddings: store.get("output.weight").is_none(),
         };
-        c.check().map_err(bad)?;
+        c.check().map_err(|m| g.corrupt(m))?;
         Ok(c)
     }
 

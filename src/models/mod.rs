@@ -3,8 +3,8 @@
 //! Every architecture shares the store, the quantised kernels ([`QLinear`]), LoRA, the chunked
 //! cross-entropy and the checkpointed training step; an architecture supplies only its blocks, by
 //! implementing [`Decoder`] (embedding, per-call constants, one decoder layer, final norm, head,
-//! adapter names). [`CausalLm`] is what the trainer sees. Llama predates [`Decoder`] and keeps its
-//! own (identical) step; Falcon and any later architecture get theirs from this module.
+//! adapter names). [`CausalLm`] is what the trainer sees; [`load`] picks the architecture of a
+//! store.
 pub mod falcon;
 pub mod llama;
 pub mod plan;
@@ -13,12 +13,76 @@ pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
 
+use crate::format::gguf::{self, Value};
 use crate::lora::QLinear;
 use crate::nn::{self, fused};
+use crate::store::{StoredTensor, WeightStore};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
+
+/// The model in `store` (Falcon by its config / GGUF architecture, else Llama) behind [`CausalLm`].
+pub fn load(store: &WeightStore, opts: LlamaOptions) -> Result<Box<dyn CausalLm>> {
+    Ok(if plan::is_falcon(store) {
+        Box::new(Falcon::load(store, opts)?)
+    } else {
+        Box::new(Llama::load(store, opts)?)
+    })
+}
+
+/// A GGUF's `<arch>.*` hyper-parameters as llama.cpp writes them (keys given without the prefix);
+/// every error names the file.
+pub(crate) struct GgufHparams<'a> {
+    store: &'a WeightStore,
+    arch: &'static str,
+}
+
+impl<'a> GgufHparams<'a> {
+    /// Checks `general.architecture` is `arch` (`loader`: the architecture's name for messages).
+    pub(crate) fn new(store: &'a WeightStore, arch: &'static str, loader: &str) -> Result<Self> {
+        let h = GgufHparams { store, arch };
+        let found =
+            gguf::find(&store.gguf_metadata, "general.architecture").and_then(Value::as_str);
+        if found != Some(arch) {
+            return Err(h.corrupt(format!(
+                "general.architecture is {found:?}, not \"{arch}\"; qtune's {loader} loader reads {arch} files"
+            )));
+        }
+        Ok(h)
+    }
+
+    /// An error about the file's content.
+    pub(crate) fn corrupt(&self, msg: String) -> Error {
+        Error::corrupt(&self.store.path, "GGUF", msg)
+    }
+
+    /// Integer `<arch>.<key>`, required.
+    pub(crate) fn int(&self, key: &str) -> Result<usize> {
+        let k = format!("{}.{key}", self.arch);
+        gguf::find(&self.store.gguf_metadata, &k)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.corrupt(format!("metadata lacks integer '{k}'")))
+    }
+
+    /// Float `<arch>.<key>`, if present.
+    pub(crate) fn float(&self, key: &str) -> Option<f64> {
+        gguf::find(&self.store.gguf_metadata, &format!("{}.{key}", self.arch))
+            .and_then(Value::as_f64)
+    }
+
+    /// `token_embd.weight`, which every llama.cpp model has.
+    pub(crate) fn embedding(&self) -> Result<&'a StoredTensor> {
+        self.store
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.store.path.clone(),
+                tensor: "token_embd.weight".into(),
+                hint: format!(" (a {} GGUF needs its token embedding)", self.arch),
+            })
+    }
+}
 
 /// A causal language model with LoRA adapters, as the trainer drives it.
 pub trait CausalLm {

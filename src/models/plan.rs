@@ -5,7 +5,7 @@
 //! layer inputs, the candle graph of the one layer being recomputed (every intermediate tensor of
 //! `Llama::layer_fwd` is held by the graph until its backward ends) plus the gradients in flight
 //! during that backward, and the logits of one cross-entropy chunk with their graph.
-use super::llama::{LlamaConfig, LlamaOptions, PROJECTIONS};
+use super::llama::{LlamaConfig, LlamaOptions, LoraSpec, PROJECTIONS};
 use crate::quant::{matmul::TILE_BYTES, nf4, QType};
 use crate::store::{SourceFormat, WeightStore};
 use crate::train::MomentStorage;
@@ -84,24 +84,8 @@ impl MemoryPlan {
             (i, c),
             (c, i),
         ];
-        let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 7]; l]);
-        let mut lora_numels = Vec::new();
-        if let Some(spec) = &opts.lora {
-            let all = spec.targets.iter().any(|x| x == "all-linear");
-            for (li, row) in per_layer_lora.iter_mut().enumerate() {
-                if spec.layers.as_ref().is_some_and(|r| !r.contains(&li)) {
-                    continue;
-                }
-                for (pi, (name, _, _)) in PROJECTIONS.iter().enumerate() {
-                    if all || spec.targets.iter().any(|x| x == name) {
-                        row[pi] = true;
-                        lora_params += spec.r * (dims[pi].0 + dims[pi].1);
-                        // A is (r, in), B is (out, r).
-                        lora_numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
-                    }
-                }
-            }
-        }
+        let (lora_params, per_layer_lora, lora_numels) =
+            lora_layout(opts.lora.as_ref(), l, &PROJECTIONS.map(|p| p.0), &dims);
         let (r, dropout) = opts
             .lora
             .as_ref()
@@ -281,24 +265,8 @@ impl MemoryPlan {
         let half = s < 4;
         // (out, in) per linear, falcon::PROJECTIONS order.
         let dims = [(cfg.qkv_rows(), c), (c, h * d), (i, c), (c, i)];
-        let (mut lora_params, mut per_layer_lora) = (0usize, vec![[false; 4]; l]);
-        let mut lora_numels = Vec::new();
-        if let Some(spec) = &opts.lora {
-            let all = spec.targets.iter().any(|x| x == "all-linear");
-            for (li, row) in per_layer_lora.iter_mut().enumerate() {
-                if spec.layers.as_ref().is_some_and(|r| !r.contains(&li)) {
-                    continue;
-                }
-                for (pi, (name, _, _)) in FP.iter().enumerate() {
-                    if all || spec.targets.iter().any(|x| x == name) {
-                        row[pi] = true;
-                        lora_params += spec.r * (dims[pi].0 + dims[pi].1);
-                        // A is (r, in), B is (out, r).
-                        lora_numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
-                    }
-                }
-            }
-        }
+        let (lora_params, per_layer_lora, lora_numels) =
+            lora_layout(opts.lora.as_ref(), l, &FP.map(|p| p.0), &dims);
         let (r, dropout) = opts
             .lora
             .as_ref()
@@ -374,6 +342,36 @@ impl MemoryPlan {
             lora_numels,
         })
     }
+}
+
+/// Which of the `P` projections of each of `layers` layers carry an adapter under `lora`
+/// (`names[p]`, shapes `dims[p] = (out, in)`), the LoRA parameter count, and every A then B
+/// tensor's element count.
+fn lora_layout<const P: usize>(
+    lora: Option<&LoraSpec>,
+    layers: usize,
+    names: &[&str; P],
+    dims: &[(usize, usize); P],
+) -> (usize, Vec<[bool; P]>, Vec<usize>) {
+    let (mut params, mut rows, mut numels) = (0usize, vec![[false; P]; layers], Vec::new());
+    let Some(spec) = lora else {
+        return (params, rows, numels);
+    };
+    let all = spec.targets.iter().any(|x| x == "all-linear");
+    for (li, row) in rows.iter_mut().enumerate() {
+        if spec.layers.as_ref().is_some_and(|r| !r.contains(&li)) {
+            continue;
+        }
+        for (pi, name) in names.iter().enumerate() {
+            if all || spec.targets.iter().any(|x| x == name) {
+                row[pi] = true;
+                params += spec.r * (dims[pi].0 + dims[pi].1);
+                // A is (r, in), B is (out, r).
+                numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
+            }
+        }
+    }
+    (params, rows, numels)
 }
 
 /// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for

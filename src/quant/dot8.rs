@@ -388,18 +388,25 @@ pub fn gemv_q8(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) -> bool {
     assert_eq!(x.len(), m * k, "gemv_q8: x is not {m}×{k}");
     assert_eq!(y.len(), m * n, "gemv_q8: y is not {m}×{n}");
     let row_bytes = bytes.len() / n.max(1);
-    for i in 0..m {
-        let xq = quantize_activations(&x[i * k..(i + 1) * k]);
-        // 64 rows a task: enough tasks for every thread, few enough to keep scheduling cheap.
-        y[i * n..(i + 1) * n]
-            .par_chunks_mut(64)
-            .enumerate()
-            .for_each(|(t, ys)| {
-                for (j, out) in ys.iter_mut().enumerate() {
-                    let r = t * 64 + j;
-                    *out = dot(&bytes[r * row_bytes..(r + 1) * row_bytes], &xq);
-                }
-            });
+    let xq: Vec<Q8Act> = (0..m)
+        .map(|i| quantize_activations(&x[i * k..(i + 1) * k]))
+        .collect();
+    // Each weight row meets every activation row while it is in cache: a prompt of m tokens reads
+    // the weights once, not m times. yt is (rows, m); 64 rows a task keeps scheduling cheap.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(64 * m).enumerate().for_each(|(t, ys)| {
+        for (j, out) in ys.chunks_mut(m).enumerate() {
+            let r = t * 64 + j;
+            let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+            for (o, xa) in out.iter_mut().zip(&xq) {
+                *o = dot(row, xa);
+            }
+        }
+    });
+    for (r, vals) in yt.chunks(m).enumerate() {
+        for (i, v) in vals.iter().enumerate() {
+            y[i * n + r] = *v;
+        }
     }
     true
 }

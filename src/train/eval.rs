@@ -3,8 +3,7 @@
 //! the figures printed while training and those of a merged or requantised model are comparable.
 use super::trainer::{make_batch, Sample};
 use crate::lora::adapter;
-use crate::models::plan::is_falcon;
-use crate::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec};
+use crate::models::{CausalLm, LlamaOptions, LoraSpec};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -82,10 +81,7 @@ pub fn evaluate(
     }
     let loaded = adapter_dir.map(adapter::load_peft).transpose()?;
     let lora = loaded.as_ref().map(|(acfg, _)| LoraSpec {
-        targets: match &acfg.target_modules {
-            adapter::TargetModules::List(v) => v.clone(),
-            adapter::TargetModules::Regex(_) => vec!["all-linear".into()],
-        },
+        targets: acfg.target_modules.as_targets(),
         r: acfg.r,
         alpha: acfg.lora_alpha,
         rslora: acfg.use_rslora,
@@ -99,13 +95,8 @@ pub fn evaluate(
         ..LlamaOptions::default()
     };
     let store = WeightStore::open(model_path)?;
-    let model: Result<Box<dyn CausalLm>> = if is_falcon(&store) {
-        Falcon::load(&store, opts).map(|m| Box::new(m) as Box<dyn CausalLm>)
-    } else {
-        Llama::load(&store, opts).map(|m| Box::new(m) as Box<dyn CausalLm>)
-    };
     // A load that fails with an adapter's targets is (almost always) an adapter for another model.
-    let model = model.map_err(|e| match adapter_dir {
+    let model = crate::models::load(&store, opts).map_err(|e| match adapter_dir {
         Some(d) => Error::Invalid(format!(
             "adapter {} does not fit the model {}: {e}",
             d.display(),

@@ -9,8 +9,7 @@ use super::config::{TrainConfig, CONFIG_FILE};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::adapter::{self, AdapterConfig};
 use crate::lora::LoraConfig;
-use crate::models::plan::is_falcon;
-use crate::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec, MemoryPlan};
+use crate::models::{CausalLm, LlamaOptions, LoraSpec, MemoryPlan};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -292,10 +291,7 @@ pub fn train(
             let (acfg, tensors) = adapter::load_peft(dir)?;
             cfg.rank = acfg.r;
             cfg.alpha = acfg.lora_alpha;
-            cfg.targets = match &acfg.target_modules {
-                adapter::TargetModules::List(v) => v.clone(),
-                adapter::TargetModules::Regex(_) => vec!["all-linear".into()],
-            };
+            cfg.targets = acfg.target_modules.as_targets();
             Some((dir.clone(), acfg, tensors))
         }
         None => None,
@@ -348,11 +344,7 @@ pub fn train(
         }
     }
     // Llama and Falcon differ only in their decoder blocks; the loop drives either.
-    let model: Box<dyn CausalLm> = if is_falcon(&store) {
-        Box::new(Falcon::load(&store, lopts)?)
-    } else {
-        Box::new(Llama::load(&store, lopts)?)
-    };
+    let model = crate::models::load(&store, lopts)?;
     let params = model.lora_params();
     if let Some((dir, acfg, tensors)) = &init {
         super::eval::set_adapter(&params, dir, acfg, tensors)?;
