@@ -233,6 +233,21 @@ fn attention_case(case: &str, as_bias: bool) {
         let got = grads.get(var).unwrap();
         assert_close(&format!("{case}: {name}"), got, &g(name), GRAD_TOL);
     }
+    if as_bias {
+        // the device-generic version (what the CUDA path runs), here on the CPU
+        let o = qtune::nn::generic::causal_attention(qt, kt, vt, &g("bias")).unwrap();
+        assert_close(&format!("{case} generic: o"), &o, &g("o"), OUT_TOL);
+        let grads = (o * g("do"))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (var, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+            let got = grads.get(var).unwrap();
+            assert_close(&format!("{case} generic: {name}"), got, &g(name), GRAD_TOL);
+        }
+    }
 }
 
 #[test]

@@ -485,7 +485,11 @@ pub fn causal_attention_masked(
 /// `(B or 1, 1, T, T)` (0 = attend, `f32::MIN` = masked; see `nn::attention_bias`): the same
 /// signature as the composite `nn::causal_attention`. Entries at or below `f32::MIN / 2` are
 /// skipped; others are added to the scaled scores. The bias is a constant (no gradient).
+/// On the GPU (`--features cuda`) this is [`super::generic::causal_attention`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cfg!(feature = "cuda") && q.device().is_cuda() {
+        return super::generic::causal_attention(q, k, v, bias);
+    }
     check_cpu("causal_attention", &[bias])?;
     let (b, t) = (q.dim(0)?, q.dim(2)?);
     let bb = match bias.dims() {

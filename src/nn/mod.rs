@@ -4,6 +4,7 @@
 //!
 //! Shapes: B batch, T sequence, H query heads, KVH key/value heads, D head dim, C channels, V vocab.
 pub mod fused;
+pub mod generic;
 
 use crate::lora::QLinear;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
@@ -134,6 +135,31 @@ impl CustomOp2 for ConstOp {
                 "{}: operands must share one float dtype (f32, bf16 or f16)",
                 self.name()
             ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// candle's own element-wise kernels (same rounding as its CPU ones).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "{}: shapes {:?} and {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out = match self {
+            ConstOp::Mul => s1.binary_impl::<candle_core::op::Mul>(s2, l1, l2)?,
+            ConstOp::Add => s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?,
         };
         Ok((out, l1.shape().clone()))
     }
