@@ -9,6 +9,7 @@
 //! no page-cache effects (a mapped file's pages count in RSS only once touched, and the kernel may
 //! drop them again), and no scratch file of 4-7 GB is written to a small disk.
 use crate::models::llama::PROJECTIONS;
+use crate::models::plan::GpuTerms;
 use crate::models::{FalconConfig, LlamaConfig, LlamaOptions, LoraSpec, MemoryPlan};
 use crate::quant::{nf4, QType};
 use crate::store::{Bytes, Nf4Stats, SourceFormat, StoredTensor, WeightStore};
@@ -404,6 +405,28 @@ pub struct BenchConfig {
     pub seed: u64,
     /// AdamW moments as blockwise 8-bit codes (`qtune train --optim-8bit`).
     pub optim_8bit: bool,
+    /// `cpu`, `cuda` or `cuda:N` (see [`crate::device::open`]).
+    pub device: String,
+}
+
+/// Device-memory figures of a bench on a GPU.
+#[derive(Clone, Debug)]
+pub struct GpuReport {
+    /// The GPU-only terms and what of the plan stays on the host.
+    pub terms: GpuTerms,
+    /// Device memory in use after the context was made, before any weight (context, modules,
+    /// cuBLAS, and anything else on the GPU).
+    pub baseline_used: u64,
+    /// Peak bytes allocated from candle's pool over load, warm-up and timed steps.
+    pub peak_allocated: u64,
+}
+
+impl GpuReport {
+    /// Predicted allocated peak: the plan's device part and the GPU terms, without the context
+    /// (measured as [`GpuReport::baseline_used`] instead).
+    pub fn predicted_allocated(&self, plan: &MemoryPlan) -> u64 {
+        (self.terms.device_total(plan) - self.terms.context - self.terms.cublas_workspace) as u64
+    }
 }
 
 /// What a bench measured.
@@ -435,6 +458,8 @@ pub struct BenchReport {
     pub peak_gflops: f64,
     /// Seconds spent generating the weights and loading the model.
     pub setup_s: f64,
+    /// Device memory figures (`--device cuda`).
+    pub gpu: Option<GpuReport>,
 }
 
 /// FLOPs of one training step: 6 per linear weight per token (forward, checkpoint recompute and
@@ -545,9 +570,17 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     }
     let config = shape_config(&cfg.shape)?;
     let model_cfg = shape_dims(&config, Path::new(&cfg.shape))?;
+    let device = crate::device::open(&cfg.device)?;
     pin_mmap_threshold();
-    progress("measuring this machine's f32 GEMM peak");
-    let peak_gflops = measure_f32_peak();
+    let peak_gflops = if device.is_cpu() {
+        progress("measuring this machine's f32 GEMM peak");
+        measure_f32_peak()
+    } else {
+        progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
+        measure_device_peak(&device, cfg.dtype)?
+    };
+    let gpu_baseline = crate::device::used_bytes(&device)?;
+    crate::device::reset_peak(&device)?;
     let baseline_rss = status_bytes("VmRSS:");
     reset_peak_rss();
     let t0 = Instant::now();
@@ -566,6 +599,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         }),
         checkpoint: true,
         ce_chunk: cfg.ce_chunk,
+        device: device.clone(),
     };
     let moments = if cfg.optim_8bit {
         MomentStorage::Blockwise8
@@ -574,6 +608,10 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     };
     let plan =
         MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?.with_optimizer(moments);
+    let gpu_terms = match gpu_baseline {
+        Some(_) => Some(GpuTerms::new(&store, &plan, cfg.batch_size, cfg.seq_len)?),
+        None => None,
+    };
     let linear_params: usize = store
         .tensors
         .iter()
@@ -639,6 +677,18 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         losses.push(l);
     }
     let measured_peak = status_bytes("VmHWM:");
+    let gpu = match (
+        gpu_terms,
+        gpu_baseline,
+        crate::device::peak_allocated(&device)?,
+    ) {
+        (Some(terms), Some(baseline_used), Some(peak_allocated)) => Some(GpuReport {
+            terms,
+            baseline_used,
+            peak_allocated,
+        }),
+        _ => None,
+    };
     let flops_per_step = step_flops(&model_cfg, linear_params, b * t, t);
     Ok(BenchReport {
         config: cfg.clone(),
@@ -654,7 +704,28 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         flops_per_step,
         peak_gflops,
         setup_s,
+        gpu,
     })
+}
+
+/// The best rate (GFLOP/s) of a 4096³ product in `dtype` on `dev` (a GPU: bf16 uses its tensor
+/// cores through cuBLAS), MFU's denominator there.
+pub fn measure_device_peak(dev: &Device, dtype: DType) -> Result<f64> {
+    let n = 4096;
+    let e = |e: candle_core::Error| Error::Invalid(format!("measuring the GEMM peak: {e}"));
+    let a = Tensor::ones((n, n), dtype, dev).map_err(e)?;
+    let b = (Tensor::ones((n, n), dtype, dev).map_err(e)? * 0.5).map_err(e)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        dev.synchronize().map_err(e)?;
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            std::hint::black_box(a.matmul(&b).map_err(e)?);
+        }
+        dev.synchronize().map_err(e)?;
+        best = best.min(t0.elapsed().as_secs_f64() / 10.0);
+    }
+    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
 }
 
 impl BenchReport {
@@ -699,8 +770,21 @@ impl BenchReport {
         let (med, min, max) = self.step_stats();
         let p = &self.plan;
         let c = &self.config;
+        let gpu = self.gpu.as_ref().map(|g| {
+            serde_json::json!({
+                "baseline_used_bytes": g.baseline_used,
+                "peak_allocated_bytes": g.peak_allocated,
+                "predicted_allocated_bytes": g.predicted_allocated(p),
+                "device_peak_bytes": g.baseline_used + g.peak_allocated,
+                "dequant_scratch": g.terms.dequant_scratch,
+                "attention_scores": g.terms.attention_scores,
+                "allocator": g.terms.allocator,
+                "host_only": g.terms.host_only,
+            })
+        });
         serde_json::json!({
             "tool": "qtune",
+            "gpu": gpu,
             "predicted_peak_bytes": self.predicted_peak(),
             "measured_peak_bytes": self.measured_peak,
             "step_time_s": med,
@@ -740,7 +824,7 @@ impl BenchReport {
                 "dtype": format!("{:?}", c.dtype).to_lowercase(),
                 "ce_chunk": c.ce_chunk,
                 "optim_8bit": c.optim_8bit,
-                "device": "cpu",
+                "device": c.device,
                 "threads": rayon::current_num_threads(),
                 "lora_params": self.lora_params,
                 "linear_params": self.linear_params,
@@ -795,9 +879,29 @@ impl std::fmt::Display for BenchReport {
             "step time median {med:.3} s (min {min:.3}, max {max:.3}) over {} steps after {} warm-up",
             c.steps, c.warmup
         )?;
+        if let Some(g) = &self.gpu {
+            writeln!(f, "GPU ({}):\n{}", c.device, g.terms)?;
+            let (pr, me) = (g.predicted_allocated(&self.plan), g.peak_allocated);
+            writeln!(
+                f,
+                "device: {:.1} MiB in use before loading (context, cuBLAS); predicted allocated \
+                 peak {:.1} MiB, measured {:.1} MiB ({:+.1} %); device peak {:.1} MiB",
+                mib(g.baseline_used as usize),
+                mib(pr as usize),
+                mib(me as usize),
+                100.0 * (me as f64 - pr as f64) / pr as f64,
+                mib((g.baseline_used + me) as usize)
+            )?;
+        }
+        let peak_kind = if self.gpu.is_some() {
+            format!("GPU {:?}", c.dtype).to_lowercase()
+        } else {
+            "f32".into()
+        };
         write!(
             f,
-            "{:.2} tokens/s, {:.1} GFLOP/s, MFU {:.1} % of the measured f32 GEMM peak {:.1} GFLOP/s",
+            "{:.2} tokens/s, {:.1} GFLOP/s, MFU {:.1} % of the measured {peak_kind} GEMM peak {:.1} \
+             GFLOP/s",
             self.tokens_per_s(),
             self.gflops(),
             100.0 * self.gflops() / self.peak_gflops,

@@ -600,8 +600,12 @@ impl Adapter {
                 (None, LoraPart::B) => Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu),
             }
             .map_err(cerr)?;
-            var.set(&t.to_dtype(var.dtype()).map_err(cerr)?)
-                .map_err(cerr)?;
+            var.set(
+                &t.to_dtype(var.dtype())
+                    .and_then(|t| t.to_device(var.device()))
+                    .map_err(cerr)?,
+            )
+            .map_err(cerr)?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod export;
 pub mod format;

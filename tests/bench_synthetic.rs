@@ -153,8 +153,10 @@ fn a_bench_run_reports_every_key() {
         ce_chunk: 16,
         seed: 1,
         optim_8bit: false,
+        device: "cpu".into(),
     };
     let r = run_bench(&cfg, &mut |_| {}).unwrap();
+    assert!(r.gpu.is_none(), "no GPU figures on the CPU");
     // 2 layers × 2 targets × (A 4×256 + B out×4): q out 256, v out 128
     assert_eq!(r.lora_params, 2 * (4 * (256 + 256) + 4 * (256 + 128)));
     assert_eq!(r.step_times.len(), 3);

@@ -44,7 +44,7 @@ fn gpu_terms_count_one_scratch_of_the_largest_linear() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/falcon/gqa");
     let store = WeightStore::open(&dir.join("model")).unwrap();
     let plan = MemoryPlan::for_store(&store, &FalconOptions::default(), 2, 12).unwrap();
-    let g = GpuTerms::new(&store, &plan);
+    let g = GpuTerms::new(&store, &plan, 2, 12).unwrap();
     let largest = store
         .tensors
         .iter()
@@ -61,6 +61,19 @@ fn gpu_terms_count_one_scratch_of_the_largest_linear() {
     assert_eq!(g.cublas_workspace, CUBLAS_WORKSPACE_BYTES);
     assert_eq!(
         g.total(),
-        g.context + g.cublas_workspace + g.dequant_scratch + g.allocator
+        g.context + g.cublas_workspace + g.dequant_scratch + g.attention_scores + g.allocator
+    );
+    // four live f32 blocks of every query head (2 x 12 x 12 scores each: far under the budget)
+    let heads = qtune::models::FalconConfig::from_store(&store)
+        .unwrap()
+        .num_heads;
+    assert_eq!(g.attention_scores, 4 * 4 * heads * 2 * 12 * 12);
+    // the optimizer stays on the host; Falcon ties lm_head to the embedding (no lm_head stored),
+    // so the table is uploaded as the head and nothing else stays behind
+    assert!(store.get("lm_head.weight").is_none());
+    assert_eq!(g.host_only, plan.optimizer);
+    assert_eq!(
+        g.device_total(&plan),
+        plan.total() - plan.kernel_scratch - g.host_only + g.total()
     );
 }

@@ -32,7 +32,7 @@ pub struct Args {
     /// Untimed warm-up steps before them.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// cpu, or cuda (needs a CUDA build).
+    /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Compute dtype of activations and adapters: f32 or bf16.
@@ -55,7 +55,6 @@ pub struct Args {
 
 /// Runs the bench and prints (and optionally writes) its report.
 pub fn run(a: Args) -> Result<()> {
-    super::train::check_device(&a.device)?;
     let quant = QType::parse(&a.quant)
         .filter(|q| qtune::bench::BENCH_QUANTS.contains(q))
         .with_context(|| format!("--quant {}: use nf4, q4_0, q8_0, q4_k or bf16", a.quant))?;
@@ -77,6 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         ce_chunk: a.ce_chunk,
         seed: a.seed,
         optim_8bit: a.optim_8bit,
+        device: a.device.clone(),
     };
     let to_stdout = a.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
     let mut progress = |s: &str| eprintln!("[bench] {s}");

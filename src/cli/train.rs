@@ -170,30 +170,11 @@ pub struct Args {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub stop_after: Option<usize>,
-    /// cpu, or cuda (a build with `--features cuda`) [default: cpu].
+    /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+)
+    /// [default: cpu].
     #[arg(long)]
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-}
-
-/// `--device`: cpu trains; cuda needs a CUDA build, and even then the training step is not wired
-/// to the GPU end to end yet (the frozen quantised linear and the fused-op kernels are; attention,
-/// the LoRA optimizer and the data path are CPU-only), so it says so instead of silently using the
-/// CPU.
-pub fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        "cuda" if cfg!(feature = "cuda") => bail!(
-            "--device cuda: the CUDA kernels are built in (the frozen quantised linear runs on the \
-             GPU), but the training step is not yet wired to the GPU end to end (attention and the \
-             optimizer are CPU-only); use --device cpu"
-        ),
-        "cuda" => bail!(
-            "--device cuda: this qtune was built without CUDA; rebuild with \
-             `cargo build --release --features cuda` (needs nvcc) or use --device cpu"
-        ),
-        d => bail!("--device {d}: use cpu or cuda"),
-    }
 }
 
 /// The embedded default: model, data and settings shipped in assets/.
@@ -288,8 +269,9 @@ pub(crate) fn load_samples(
 
 /// Runs `qtune train`.
 pub fn run(args: Args) -> Result<()> {
-    check_device(args.device.as_deref().unwrap_or("cpu"))?;
     let cfg = resolve(&args)?;
+    // a bad --device fails before the data are tokenised
+    qtune::device::open(&cfg.device)?;
     if cfg.threads > 0 {
         // candle's CPU kernels and ours share rayon's global pool.
         std::env::set_var("RAYON_NUM_THREADS", cfg.threads.to_string());

@@ -109,6 +109,72 @@ pub fn device_used_bytes(dev: &CudaDevice) -> Result<u64> {
     Ok((total - free) as u64)
 }
 
+/// The default memory pool of the device's context: candle allocates every tensor from it
+/// (`cuMemAllocAsync`, stream-ordered), and so do our kernels' outputs and scratch.
+fn default_pool(
+    dev: &CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    if !ctx.has_async_alloc() {
+        bail!(
+            "this GPU or driver has no stream-ordered allocator (memory pools); qtune's peak \
+               device memory figure needs one"
+        );
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; the device handle comes from a live context.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuDeviceGetDefaultMemPool: {r:?}");
+    }
+    Ok(pool)
+}
+
+/// Peak bytes allocated from the device's pool since the last [`reset_pool_peak`]: every tensor,
+/// quantised weight copy and scratch buffer at the worst moment, the figure PyTorch reports as
+/// `max_memory_allocated`. The CUDA context and cuBLAS workspace are not in it (see
+/// [`device_used_bytes`] before loading for those).
+pub fn pool_peak_bytes(dev: &CudaDevice) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
+    dev.cuda_stream().synchronize().w()?;
+    let mut v: u64 = 0;
+    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute; `v` outlives the call.
+    let r = unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut v as *mut u64 as *mut std::ffi::c_void,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuMemPoolGetAttribute(USED_MEM_HIGH): {r:?}");
+    }
+    Ok(v)
+}
+
+/// Starts a new peak for [`pool_peak_bytes`] at what is allocated now.
+pub fn reset_pool_peak(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(dev)?;
+    dev.cuda_stream().synchronize().w()?;
+    let mut zero: u64 = 0;
+    // SAFETY: as above; the driver accepts only 0 for this attribute (reset to current).
+    let r = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut zero as *mut u64 as *mut std::ffi::c_void,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("cuMemPoolSetAttribute(USED_MEM_HIGH): {r:?}");
+    }
+    Ok(())
+}
+
 /// NF4 statistics on the device.
 struct GpuNf4 {
     absmax_q: CudaSlice<u8>,

@@ -151,6 +151,16 @@ impl LoraLinear {
         })
     }
 
+    /// The same adapter with A and B moved to `dev` (as new variables; the base stays where it is).
+    pub fn on_device(self, dev: &candle_core::Device) -> Result<Self> {
+        if self.a.device().same_device(dev) {
+            return Ok(self);
+        }
+        let to = |v: &Var| v.as_tensor().to_device(dev).map_err(candle_err);
+        let (a, b) = (to(&self.a)?, to(&self.b)?);
+        Self::from_weights(self.base, a, b, self.scale, self.dropout, self.seed)
+    }
+
     /// The frozen base layer.
     pub fn base(&self) -> &QLinear {
         &self.base

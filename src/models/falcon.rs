@@ -437,7 +437,7 @@ impl Falcon {
             }
             let mut w = vec![0f32; c];
             t.matrix().dequant_tile(0, 1, 0, c, &mut w);
-            Tensor::from_vec(w, c, &Device::Cpu).map_err(cerr("norm"))
+            Tensor::from_vec(w, c, &opts.device).map_err(cerr("norm"))
         };
         let norm = |stem: &str| -> Result<Norm> {
             Ok(Norm {
@@ -561,7 +561,7 @@ impl Falcon {
                     }
                     let mut b = vec![0f32; out_f];
                     t.matrix().dequant_tile(0, 1, 0, out_f, &mut b);
-                    Some(Tensor::from_vec(b, out_f, &Device::Cpu).map_err(cerr("bias"))?)
+                    Some(Tensor::from_vec(b, out_f, &opts.device).map_err(cerr("bias"))?)
                 } else {
                     None
                 };
@@ -585,7 +585,7 @@ impl Falcon {
                         .seed
                         .wrapping_mul(0x9e37_79b9_7f4a_7c15)
                         .wrapping_add((i * PROJECTIONS.len() + pi) as u64);
-                    Proj::Lora(LoraLinear::new(base, &lc, seed)?)
+                    Proj::Lora(LoraLinear::new(base, &lc, seed)?.on_device(&opts.device)?)
                 } else {
                     Proj::Base(base)
                 });
@@ -796,7 +796,14 @@ impl Decoder for Falcon {
     }
 
     fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
-        super::embed_rows(&self.embed, ids, (b, t), self.opts.dtype, &self.path)
+        super::embed_rows(
+            &self.embed,
+            ids,
+            (b, t),
+            self.opts.dtype,
+            &self.opts.device,
+            &self.path,
+        )
     }
 
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
@@ -807,6 +814,7 @@ impl Decoder for Falcon {
             self.cfg.head_dim,
             self.cfg.rope_theta,
             self.opts.dtype,
+            &self.opts.device,
         )?;
         Ok(Ctx { cos, sin, bias })
     }

@@ -250,6 +250,9 @@ pub struct LlamaOptions {
     pub checkpoint: bool,
     /// Rows per cross-entropy chunk (the logits of this many tokens exist at once).
     pub ce_chunk: usize,
+    /// Where activations, adapters and norms live: the CPU, or a GPU (`--features cuda`; frozen
+    /// weights stay memory-mapped on the host and are copied to it once, still quantised).
+    pub device: Device,
 }
 
 impl Default for LlamaOptions {
@@ -260,6 +263,7 @@ impl Default for LlamaOptions {
             lora: None,
             checkpoint: true,
             ce_chunk: 256,
+            device: Device::Cpu,
         }
     }
 }
@@ -392,7 +396,7 @@ impl Llama {
             }
             let mut w = vec![0f32; c];
             t.matrix().dequant_tile(0, 1, 0, c, &mut w);
-            Tensor::from_vec(w, c, &Device::Cpu).map_err(cerr("norm"))
+            Tensor::from_vec(w, c, &opts.device).map_err(cerr("norm"))
         };
         let norm = norm_vec(norm_name)?;
         let spec = opts.lora.clone();
@@ -467,7 +471,7 @@ impl Llama {
                         .seed
                         .wrapping_mul(0x9e37_79b9_7f4a_7c15)
                         .wrapping_add((i * 7 + pi) as u64);
-                    Proj::Lora(LoraLinear::new(base, &lc, seed)?)
+                    Proj::Lora(LoraLinear::new(base, &lc, seed)?.on_device(&opts.device)?)
                 } else {
                     Proj::Base(base)
                 });
@@ -532,7 +536,14 @@ impl Llama {
 
     /// Token embeddings `(B, T, C)` in the compute dtype: rows of the stored table dequantised by id.
     fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
-        super::embed_rows(&self.embed, ids, (b, t), self.opts.dtype, &self.path)
+        super::embed_rows(
+            &self.embed,
+            ids,
+            (b, t),
+            self.opts.dtype,
+            &self.opts.device,
+            &self.path,
+        )
     }
 
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
@@ -543,6 +554,7 @@ impl Llama {
             self.cfg.head_dim,
             self.cfg.rope_theta,
             self.opts.dtype,
+            &self.opts.device,
         )?;
         Ok(Ctx { cos, sin, bias })
     }

@@ -165,6 +165,7 @@ pub(crate) fn embed_rows(
     ids: &[u32],
     (b, t): (usize, usize),
     dtype: DType,
+    device: &Device,
     path: &std::path::Path,
 ) -> Result<Tensor> {
     let m = table.matrix();
@@ -180,7 +181,7 @@ pub(crate) fn embed_rows(
         m.dequant_tile(id as usize, 1, 0, c, &mut out[n * c..(n + 1) * c]);
     }
     Tensor::from_vec(out, (b, t, c), &Device::Cpu)
-        .and_then(|x| x.to_dtype(dtype))
+        .and_then(|x| x.to_dtype(dtype)?.to_device(device))
         .map_err(cerr("embedding"))
 }
 
@@ -193,9 +194,14 @@ pub(crate) fn rope_and_bias(
     head_dim: usize,
     theta: f64,
     dtype: DType,
+    device: &Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (cos, sin) = nn::rope_tables(t, head_dim, theta, dtype).map_err(cerr("rotary tables"))?;
-    let bias = nn::attention_bias(mask, b, t).map_err(cerr("attention mask"))?;
+    let (cos, sin) = nn::rope_tables(t, head_dim, theta, dtype)
+        .and_then(|(c, s)| Ok((c.to_device(device)?, s.to_device(device)?)))
+        .map_err(cerr("rotary tables"))?;
+    let bias = nn::attention_bias(mask, b, t)
+        .and_then(|x| x.to_device(device))
+        .map_err(cerr("attention mask"))?;
     Ok((cos, sin, bias))
 }
 

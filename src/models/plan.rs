@@ -5,6 +5,7 @@
 //! layer inputs, the candle graph of the one layer being recomputed (every intermediate tensor of
 //! `Llama::layer_fwd` is held by the graph until its backward ends) plus the gradients in flight
 //! during that backward, and the logits of one cross-entropy chunk with their graph.
+use super::falcon::FalconConfig;
 use super::llama::{LlamaConfig, LlamaOptions, LoraSpec, PROJECTIONS};
 use crate::quant::{matmul::TILE_BYTES, nf4, QType};
 use crate::store::{SourceFormat, WeightStore};
@@ -429,10 +430,11 @@ impl std::fmt::Display for MemoryPlan {
     }
 }
 
-/// The device-only parts of a plan on a GPU (`--device cuda`), on top of a [`MemoryPlan`]'s total.
-/// Estimates from the design, not yet calibrated on a GPU (no GPU run exists): the context and
-/// workspace figures are typical sizes for CUDA 12/13 on A100/H100-class cards, and the real
-/// figure is measured as device memory in use (`qtune::cuda::device_used_bytes`) before loading.
+/// The device-only parts of a plan on a GPU (`--device cuda`), and what of a [`MemoryPlan`] lives
+/// on the device. Estimates from the design, not yet calibrated on a GPU (no GPU run exists): the
+/// context and workspace figures are typical sizes for CUDA 12/13 on A100/H100-class cards; the
+/// real context is measured (`qtune::device::used_bytes`) before loading, and the peak of
+/// everything allocated from candle's pool next to [`GpuTerms::device_total`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuTerms {
     /// CUDA context, loaded kernel modules (candle's and ours) and the cuBLAS handle.
@@ -441,9 +443,15 @@ pub struct GpuTerms {
     pub cublas_workspace: usize,
     /// The one dequantisation scratch per device: the largest 2-D quantised weight in bf16.
     pub dequant_scratch: usize,
+    /// Score blocks of the device-generic attention (`nn::generic`): four live f32 (heads × T × T)
+    /// blocks in its backward.
+    pub attention_scores: usize,
     /// Stream-ordered allocator slack: freed blocks not yet reused, taken as 1/8 of the step's
     /// activation terms.
     pub allocator: usize,
+    /// Plan bytes that stay in host memory: the token embedding table when it is not also the
+    /// lm_head (rows are dequantised on the host and uploaded), and AdamW's f32 state.
+    pub host_only: usize,
 }
 
 /// Estimated CUDA context with lazy module loading, modules and cuBLAS handle (bytes).
@@ -452,8 +460,8 @@ pub const CUDA_CONTEXT_BYTES: usize = 512 << 20;
 pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl GpuTerms {
-    /// The terms for training `store` with `plan` on one GPU.
-    pub fn new(store: &WeightStore, plan: &MemoryPlan) -> Self {
+    /// The terms for training `store` with `plan` on one GPU, `batch` sequences of `seq` tokens.
+    pub fn new(store: &WeightStore, plan: &MemoryPlan, batch: usize, seq: usize) -> Result<Self> {
         let largest = store
             .tensors
             .iter()
@@ -461,18 +469,69 @@ impl GpuTerms {
             .map(|t| t.numel())
             .max()
             .unwrap_or(0);
+        let (heads, names) = if is_falcon(store) {
+            let c = FalconConfig::from_store(store)?;
+            (
+                c.num_heads,
+                ["transformer.word_embeddings.weight", "lm_head.weight"],
+            )
+        } else {
+            let c = LlamaConfig::from_store(store)?;
+            (c.num_heads, ["model.embed_tokens.weight", "lm_head.weight"])
+        };
+        let [embed, head] = match store.format {
+            SourceFormat::Gguf => ["token_embd.weight", "output.weight"],
+            _ => names,
+        }
+        .map(|n| store.get(n));
+        // a separate lm_head leaves the table on the host; a tied one is uploaded as the head
+        let embed_host = match (embed, head) {
+            (Some(e), Some(_)) => e.data.len(),
+            _ => 0,
+        };
         let activations = plan.checkpoints + plan.recompute + plan.logits_chunk;
-        GpuTerms {
+        Ok(GpuTerms {
             context: CUDA_CONTEXT_BYTES,
             cublas_workspace: CUBLAS_WORKSPACE_BYTES,
             dequant_scratch: largest * 2,
+            attention_scores: 4 * 4 * crate::nn::generic::score_block_elems(batch, seq, heads),
             allocator: activations / 8,
-        }
+            host_only: embed_host + plan.optimizer,
+        })
     }
 
-    /// Sum of the GPU terms.
+    /// Sum of the GPU-only terms.
     pub fn total(&self) -> usize {
-        self.context + self.cublas_workspace + self.dequant_scratch + self.allocator
+        self.context
+            + self.cublas_workspace
+            + self.dequant_scratch
+            + self.attention_scores
+            + self.allocator
+    }
+
+    /// Predicted device memory: the plan's device part (without the host-only bytes and the CPU
+    /// kernels' tiles) plus the GPU-only terms.
+    pub fn device_total(&self, plan: &MemoryPlan) -> usize {
+        (plan.total() - plan.kernel_scratch).saturating_sub(self.host_only) + self.total()
+    }
+}
+
+impl std::fmt::Display for GpuTerms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: usize| b as f64 / 1048576.0;
+        let rows = [
+            ("CUDA context (estimate)", self.context),
+            ("cuBLAS workspace", self.cublas_workspace),
+            ("dequantisation scratch", self.dequant_scratch),
+            ("attention score blocks", self.attention_scores),
+            ("allocator slack", self.allocator),
+            ("(stays on the host)", self.host_only),
+        ];
+        for (i, (name, b)) in rows.iter().enumerate() {
+            let nl = if i + 1 < rows.len() { "\n" } else { "" };
+            write!(f, "{name:<26} {:>10.1} MiB{nl}", mib(*b))?;
+        }
+        Ok(())
     }
 }
 

@@ -19,6 +19,12 @@ fn heads_per_block(b: usize, t: usize, hq: usize) -> usize {
     (SCORE_BUDGET / (b * t * t).max(1)).clamp(1, hq.max(1))
 }
 
+/// f32 elements of one score block for batch `b`, length `t` and `hq` query heads (the memory
+/// plan's unit for this op).
+pub fn score_block_elems(b: usize, t: usize, hq: usize) -> usize {
+    heads_per_block(b, t, hq) * b * t * t
+}
+
 /// `softmax(q·kᵀ/sqrt(D) + bias) · v` for `q (B, Hq, T, D)`, `k, v (B, Hkv, T, D)` (query head h
 /// reads kv head `h / (Hq/Hkv)`) and transformers' additive `bias (B or 1, 1, T, T)` (0 = attend,
 /// `f32::MIN` = masked; a row with every key masked averages v, as transformers gives). Same

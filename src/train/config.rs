@@ -72,6 +72,8 @@ pub struct TrainConfig {
     pub optim_8bit: bool,
     /// Compute and adapter dtype: bf16 or f32.
     pub dtype: String,
+    /// Compute device: cpu, cuda or cuda:N (a build with `--features cuda`).
+    pub device: String,
     /// Start from this PEFT adapter (its rank, alpha and targets win).
     pub adapter_init: Option<PathBuf>,
     /// Continue from this checkpoint (or output) directory.
@@ -117,6 +119,7 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             optim_8bit: false,
             dtype: "bf16".into(),
+            device: "cpu".into(),
             adapter_init: None,
             resume: None,
             train_on_prompt: false,

@@ -59,6 +59,7 @@ pub(crate) fn set_adapter(
     for (n, v) in params {
         by[n.as_str()]
             .to_dtype(v.dtype())
+            .and_then(|t| t.to_device(v.device()))
             .and_then(|t| v.set(&t))
             .map_err(|e| Error::Invalid(format!("{}: setting '{n}': {e}", dir.display())))?;
     }

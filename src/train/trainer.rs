@@ -9,6 +9,7 @@ use super::config::{TrainConfig, CONFIG_FILE};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::adapter::{self, AdapterConfig};
 use crate::lora::LoraConfig;
+use crate::models::plan::GpuTerms;
 use crate::models::{CausalLm, LlamaOptions, LoraSpec, MemoryPlan};
 use crate::store::WeightStore;
 use crate::{Error, Result};
@@ -47,6 +48,9 @@ pub struct TrainReport {
     pub predicted_peak: usize,
     /// The measured peak RSS (bytes; 0 where unknown).
     pub peak_rss: u64,
+    /// On a GPU: (device memory in use before loading, predicted and measured peak allocated
+    /// bytes; see `bench::GpuReport`).
+    pub gpu_memory: Option<(u64, u64, u64)>,
     /// Examples truncated to `seq-len`.
     pub truncated: usize,
     /// The final adapter directory.
@@ -306,11 +310,15 @@ pub fn train(
         layers: None,
         seed: cfg.seed,
     };
+    let device = crate::device::open(&cfg.device)?;
+    let gpu_baseline = crate::device::used_bytes(&device)?;
+    crate::device::reset_peak(&device)?;
     let lopts = LlamaOptions {
         quant: cfg.quant_type()?,
         dtype,
         lora: Some(spec.clone()),
         checkpoint: true,
+        device: device.clone(),
         ..LlamaOptions::default()
     };
 
@@ -326,6 +334,21 @@ pub fn train(
         "memory plan (batch {micro} x {} tokens):\n{plan}",
         cfg.seq_len
     ));
+    let gpu_predicted = match gpu_baseline {
+        Some(used) => {
+            let g = GpuTerms::new(&store, &plan, micro, cfg.seq_len)?;
+            let predicted = (g.device_total(&plan) - g.context - g.cublas_workspace) as u64;
+            say(format!(
+                "on {}:\n{g}\ndevice: {:.1} MiB in use before loading; predicted allocated peak \
+                 {:.1} MiB",
+                cfg.device,
+                used as f64 / 1048576.0,
+                predicted as f64 / 1048576.0
+            ));
+            Some(predicted)
+        }
+        None => None,
+    };
     if let Some(limit) = cfg.max_memory_bytes()? {
         if (plan.total() + baseline) as u64 > limit {
             let gib = |b: f64| b / (1u64 << 30) as f64;
@@ -512,6 +535,7 @@ pub fn train(
         total_steps,
         predicted_peak: plan.total() + baseline,
         peak_rss: 0,
+        gpu_memory: None,
         truncated: cut + cut_eval,
         adapter_dir: cfg.out.join("adapter"),
     };
@@ -678,6 +702,21 @@ pub fn train(
     }
     write_loss_png(&cfg.out.join("loss.png"), &curve, &ecurve)?;
     report.peak_rss = peak_rss_bytes();
+    if let (Some(used), Some(pred), Some(peak)) = (
+        gpu_baseline,
+        gpu_predicted,
+        crate::device::peak_allocated(&device)?,
+    ) {
+        report.gpu_memory = Some((used, pred, peak));
+        say(format!(
+            "device memory: peak allocated {:.1} MiB, predicted {pred_mib:.1} MiB; with the {:.1} \
+             MiB in use before loading, device peak {:.1} MiB",
+            peak as f64 / 1048576.0,
+            used as f64 / 1048576.0,
+            (used + peak) as f64 / 1048576.0,
+            pred_mib = pred as f64 / 1048576.0
+        ));
+    }
     say(format!(
         "adapter saved to {}, loss curve in loss.png beside it\npeak memory: measured {:.1} MiB RSS, \
          predicted {:.1} MiB (plan {:.1} + process before loading {:.1})",

@@ -1,0 +1,100 @@
+//! The compute device a run names (`--device cpu`, `cuda` or `cuda:N`) and its memory figures.
+//!
+//! On a GPU the frozen weights are copied to the device once, still quantised; activations,
+//! adapters and gradients live there; AdamW keeps its f32 state on the host (see `train::optim`).
+use crate::{Error, Result};
+use candle_core::Device;
+
+/// The device called `name`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA name needs a build with
+/// `--features cuda` and a GPU of compute capability 8.0 or newer.
+pub fn open(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "--device {n}: use cpu, cuda or cuda:N"
+                )))
+            }
+        },
+    };
+    open_cuda(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Device> {
+    let e = |e: candle_core::Error| {
+        Error::Invalid(format!(
+            "--device cuda:{ordinal}: {e}; check `nvidia-smi`, or use --device cpu"
+        ))
+    };
+    let dev = Device::new_cuda(ordinal).map_err(e)?;
+    crate::cuda::check_device(dev.as_cuda_device().map_err(e)?).map_err(e)?;
+    Ok(dev)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> Result<Device> {
+    Err(Error::Invalid(format!(
+        "--device cuda:{ordinal}: this qtune was built without CUDA; rebuild with \
+         `cargo build --release --features cuda` (needs nvcc; see README, CUDA) or use --device cpu"
+    )))
+}
+
+/// Bytes in use on `dev`'s GPU now (context, modules, cuBLAS and whatever else runs there);
+/// `None` on the CPU.
+pub fn used_bytes(dev: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return crate::cuda::device_used_bytes(d).map(Some).map_err(gpu_err);
+    }
+    let _ = dev;
+    Ok(None)
+}
+
+/// Starts a new allocation peak on `dev` (no-op on the CPU).
+pub fn reset_peak(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return crate::cuda::reset_pool_peak(d).map_err(gpu_err);
+    }
+    let _ = dev;
+    Ok(())
+}
+
+/// Peak bytes allocated on `dev` since [`reset_peak`] (tensors, quantised weights, scratch);
+/// `None` on the CPU.
+pub fn peak_allocated(dev: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return crate::cuda::pool_peak_bytes(d).map(Some).map_err(gpu_err);
+    }
+    let _ = dev;
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_err(e: candle_core::Error) -> Error {
+    Error::Invalid(format!("reading GPU memory figures: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(matches!(open("cpu"), Ok(Device::Cpu)));
+        let e = open("gpu").unwrap_err().to_string();
+        assert!(e.contains("use cpu, cuda or cuda:N"), "{e}");
+        assert!(open("cuda:x").is_err());
+        if !cfg!(feature = "cuda") {
+            let e = open("cuda").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+        assert_eq!(used_bytes(&Device::Cpu).unwrap(), None);
+        assert_eq!(peak_allocated(&Device::Cpu).unwrap(), None);
+    }
+}
