@@ -7,6 +7,12 @@ same /proc counter) with glibc's mmap threshold pinned to 64 KiB (MALLOC_MMAP_TH
 pins it itself) so that freed tensors leave RSS in both. PyTorch runs in f32: torch's bf16 matmul
 has no fast path on this kind of CPU (docs/BENCHMARKS.md).
 
+With --device cuda both run on the GPU: qtune in bf16 on its quantised weights, PyTorch + PEFT on a
+bf16 base with SDPA attention (the issue's comparison); step times are taken after
+torch.cuda.synchronize(), and memory is each tool's peak of allocated device bytes (qtune: its
+memory pool's high-water mark; PyTorch: max_memory_allocated) plus what was in use on the device
+before the model existed (context, cuBLAS).
+
 Writes OUT/compare.json, OUT/compare.md (one table with both tools and the ratios) and
 OUT/compare.png (bar chart). Pinned requirements: benches/compare/requirements.txt.
 
@@ -55,6 +61,15 @@ def torch_child(a):
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(a.seed)
+    cuda = a.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dev = torch.device(a.device)
+    if cuda:
+        torch.cuda.init()
+        torch.empty(1, device=dev)  # the context
+        free, total = torch.cuda.mem_get_info(dev)
+        gpu_baseline = total - free
+        torch.cuda.reset_peak_memory_stats(dev)
     if a.shape in SHAPES:
         cfg = LlamaConfig(rms_norm_eps=1e-5, tie_word_embeddings=False, **SHAPES[a.shape])
     else:
@@ -64,7 +79,10 @@ def torch_child(a):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     t0 = time.perf_counter()
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    torch.set_default_dtype(dtype)
+    with dev:
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     targets = ALL_LINEAR if a.targets == ["all-linear"] else a.targets
@@ -76,15 +94,20 @@ def torch_child(a):
     opt = torch.optim.AdamW(params, lr=1e-4)
     setup_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(a.seed)
-    ids = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len), generator=g).to(dev)
 
     def step():
+        if cuda:
+            torch.cuda.synchronize(dev)
         s0, c0 = time.perf_counter(), time.process_time()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return out.loss.item(), time.perf_counter() - s0, time.process_time() - c0
+        loss = out.loss.item()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return loss, time.perf_counter() - s0, time.process_time() - c0
 
     for i in range(a.warmup):
         _, s, _ = step()
@@ -97,7 +120,15 @@ def torch_child(a):
         times.append(s)
         losses.append(l)
     med = statistics.median(times)
+    gpu = None
+    if cuda:
+        gpu = {"baseline_used_bytes": gpu_baseline,
+               "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+               "peak_reserved_bytes": torch.cuda.max_memory_reserved(dev),
+               "device_peak_bytes": gpu_baseline + torch.cuda.max_memory_allocated(dev),
+               "name": torch.cuda.get_device_name(dev)}
     print(json.dumps({
+        "gpu": gpu,
         "tool": "pytorch+peft",
         "measured_peak_bytes": status_bytes("VmHWM:"),
         "baseline_bytes": baseline,
@@ -112,7 +143,7 @@ def torch_child(a):
         "lora_params": sum(p.numel() for p in params),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__},
-        "dtype": "f32",
+        "dtype": "bf16" if cuda else "f32",
         "threads": torch.get_num_threads(),
     }))
 
@@ -136,6 +167,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: both tools on the GPU in bf16")
     ap.add_argument("--qtune", default="target/release/qtune", help="the qtune binary")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
@@ -148,30 +180,47 @@ def main():
     common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--rank",
               str(a.rank), "--targets", ",".join(a.targets), "--steps", str(a.steps),
               "--warmup", str(a.warmup), "--seed", str(a.seed)]
-    q = run([a.qtune, "bench", "--shape", a.shape, "--quant", a.quant, "--json"] + common, env)
-    t = run([sys.executable, os.path.abspath(__file__), "--torch-child", "--shape", a.shape]
-            + common, env)
+    cuda = a.device.startswith("cuda")
+    extra = ["--device", a.device, "--dtype", "bf16"] if cuda else []
+    q = run([a.qtune, "bench", "--shape", a.shape, "--quant", a.quant, "--json"] + common + extra,
+            env)
+    t = run([sys.executable, os.path.abspath(__file__), "--torch-child", "--shape", a.shape,
+             "--device", a.device] + common, env)
     gib = 1 << 30
-    rows = [
-        ("peak RSS (GiB)", q["measured_peak_bytes"] / gib, t["measured_peak_bytes"] / gib),
+    mem_rows = [("peak RSS (GiB)", q["measured_peak_bytes"] / gib, t["measured_peak_bytes"] / gib)]
+    if cuda:
+        mem_rows = [
+            ("device peak (GiB)", q["gpu"]["device_peak_bytes"] / gib,
+             t["gpu"]["device_peak_bytes"] / gib),
+            ("peak allocated (GiB)", q["gpu"]["peak_allocated_bytes"] / gib,
+             t["gpu"]["peak_allocated_bytes"] / gib),
+        ] + [("host peak RSS (GiB)",) + mem_rows[0][1:]]
+    rows = mem_rows + [
         ("step time, median (s)", q["step_time_s"], t["step_time_s"]),
         ("tokens/s", q["tokens_per_s"], t["tokens_per_s"]),
         ("tokens per CPU-second", q["tokens_per_cpu_s"], t["tokens_per_cpu_s"]),
         ("trainable LoRA params", q["config"]["lora_params"], t["lora_params"]),
     ]
     name = os.path.basename(a.shape)
+    where = t["gpu"]["name"] if cuda else f"{q['config']['threads']} threads"
     title = (f"{name}, seq {a.seq_len} x batch {a.batch_size}, LoRA r{a.rank} on "
-             f"{','.join(a.targets)}, {q['config']['threads']} threads")
-    md = [f"**{title}**: qtune {a.quant.upper()} weights, f32 compute; PyTorch {t['versions']['torch']} "
-          f"+ PEFT {t['versions']['peft']} f32; both with gradient checkpointing and AdamW, "
+             f"{','.join(a.targets)}, {where}")
+    dt = "bf16" if cuda else "f32"
+    md = [f"**{title}**: qtune {a.quant.upper()} weights, {dt} compute; PyTorch {t['versions']['torch']} "
+          f"+ PEFT {t['versions']['peft']} on a {dt} base; both with gradient checkpointing and AdamW, "
           f"{a.warmup} warm-up + {a.steps} timed steps.", "",
           "| | qtune | PyTorch + PEFT | qtune / PyTorch |", "|---|---:|---:|---:|"]
     for label, x, y in rows:
         fmt = (lambda v: f"{v:,.0f}") if "params" in label else (lambda v: f"{v:.3f}")
         md.append(f"| {label} | {fmt(x)} | {fmt(y)} | {x / y:.2f}x |")
-    md.append(f"| qtune predicted peak (GiB) | {q['predicted_peak_bytes'] / gib:.3f} | | "
-              f"measured/predicted {q['measured_peak_bytes'] / q['predicted_peak_bytes']:.3f} |")
-    md.append(f"| qtune MFU (of {q['peak_gflops']:.0f} GFLOP/s f32 GEMM) | {100 * q['mfu']:.1f} % | | |")
+    if cuda:
+        pa, pr = q["gpu"]["peak_allocated_bytes"], q["gpu"]["predicted_allocated_bytes"]
+        md.append(f"| qtune predicted allocated (GiB) | {pr / gib:.3f} | | "
+                  f"measured/predicted {pa / pr:.3f} |")
+    else:
+        md.append(f"| qtune predicted peak (GiB) | {q['predicted_peak_bytes'] / gib:.3f} | | "
+                  f"measured/predicted {q['measured_peak_bytes'] / q['predicted_peak_bytes']:.3f} |")
+    md.append(f"| qtune MFU (of {q['peak_gflops']:.0f} GFLOP/s {dt} GEMM) | {100 * q['mfu']:.1f} % | | |")
     text = "\n".join(md) + "\n"
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(text)
@@ -184,10 +233,12 @@ def main():
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     colors = ["#2a7ab0", "#d9822b"]
-    for ax, (label, x, y) in zip(axes, [rows[0], rows[2], rows[3]]):
-        bars = ax.bar(["qtune " + a.quant.upper(), "PyTorch+PEFT f32"], [x, y], color=colors)
+    picked = [rows[0], rows[len(mem_rows) + 1], rows[len(mem_rows) + 2]]
+    for ax, (label, x, y) in zip(axes, picked):
+        bars = ax.bar(["qtune " + a.quant.upper(), f"PyTorch+PEFT {dt}"], [x, y], color=colors)
         ax.bar_label(bars, fmt="%.2f")
-        ax.set_title(label + (" (lower is better)" if "RSS" in label else " (higher is better)"))
+        lower = "RSS" in label or "GiB" in label
+        ax.set_title(label + (" (lower is better)" if lower else " (higher is better)"))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "compare.png"), dpi=110)
