@@ -559,6 +559,49 @@ pub fn measure_f32_peak() -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
+/// The memory plan of a bench configuration without running it (no device is opened): the host
+/// plan, and with a CUDA `device` the GPU terms and the predicted allocated peak on the device
+/// (`GpuReport::predicted_allocated`; the CUDA context comes on top of it). The synthetic weights
+/// are generated, since the plan counts their bytes.
+pub fn plan_bench(cfg: &BenchConfig) -> Result<(MemoryPlan, Option<GpuTerms>)> {
+    let config = shape_config(&cfg.shape)?;
+    let store = synthetic_store(&config, cfg.quant, cfg.seed)?;
+    let opts = bench_options(cfg, Device::Cpu);
+    let plan = MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?
+        .with_optimizer(moment_storage(cfg));
+    let gpu = match cfg.device.as_str() {
+        "cpu" => None,
+        _ => Some(GpuTerms::new(&store, &plan, cfg.batch_size, cfg.seq_len)?),
+    };
+    Ok((plan, gpu))
+}
+
+fn moment_storage(cfg: &BenchConfig) -> MomentStorage {
+    if cfg.optim_8bit {
+        MomentStorage::Blockwise8
+    } else {
+        MomentStorage::F32
+    }
+}
+
+fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
+    LlamaOptions {
+        quant: None,
+        dtype: cfg.dtype,
+        lora: Some(LoraSpec {
+            targets: cfg.targets.clone(),
+            r: cfg.rank,
+            alpha: 2.0 * cfg.rank as f64,
+            dropout: 0.0,
+            seed: cfg.seed,
+            ..LoraSpec::default()
+        }),
+        checkpoint: true,
+        ce_chunk: cfg.ce_chunk,
+        device,
+    }
+}
+
 /// Generates the model, loads it with LoRA, runs `warmup` then `steps` timed training steps
 /// (forward, checkpointed backward, AdamW) and measures time and peak RSS. `progress` gets a line
 /// per phase.
@@ -586,26 +629,8 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let t0 = Instant::now();
     progress(&format!("generating random {} weights", cfg.quant.name()));
     let store = synthetic_store(&config, cfg.quant, cfg.seed)?;
-    let opts = LlamaOptions {
-        quant: None,
-        dtype: cfg.dtype,
-        lora: Some(LoraSpec {
-            targets: cfg.targets.clone(),
-            r: cfg.rank,
-            alpha: 2.0 * cfg.rank as f64,
-            dropout: 0.0,
-            seed: cfg.seed,
-            ..LoraSpec::default()
-        }),
-        checkpoint: true,
-        ce_chunk: cfg.ce_chunk,
-        device: device.clone(),
-    };
-    let moments = if cfg.optim_8bit {
-        MomentStorage::Blockwise8
-    } else {
-        MomentStorage::F32
-    };
+    let opts = bench_options(cfg, device.clone());
+    let moments = moment_storage(cfg);
     let plan =
         MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?.with_optimizer(moments);
     let gpu_terms = match gpu_baseline {

@@ -47,6 +47,10 @@ pub struct Args {
     /// AdamW moments as blockwise 8-bit codes, as `qtune train --optim-8bit`.
     #[arg(long)]
     optim_8bit: bool,
+    /// Print the memory plan only (host, and with --device cuda the GPU terms), without running
+    /// a step or opening a device: what a run would need, on any build.
+    #[arg(long)]
+    plan_only: bool,
     /// Write the JSON report: to PATH, or to stdout with no value (the text report then goes to
     /// stderr).
     #[arg(long, num_args = 0..=1, default_missing_value = "-")]
@@ -78,6 +82,32 @@ pub fn run(a: Args) -> Result<()> {
         optim_8bit: a.optim_8bit,
         device: a.device.clone(),
     };
+    if a.plan_only {
+        let (plan, gpu) =
+            qtune::bench::plan_bench(&cfg).with_context(|| format!("bench {}", a.shape))?;
+        let mib = |b: usize| b as f64 / 1048576.0;
+        println!(
+            "{} {} | seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",
+            a.shape,
+            quant.name(),
+            a.seq_len,
+            a.batch_size,
+            a.rank,
+            a.targets.join(",")
+        );
+        if let Some(g) = gpu {
+            let alloc = g.device_total(&plan) - g.context - g.cublas_workspace;
+            println!(
+                "on {}:\n{g}\npredicted allocated peak {:.1} MiB; with the estimated context and \
+                 cuBLAS workspace, device peak {:.1} MiB ({:.2} GB)",
+                a.device,
+                mib(alloc),
+                mib(g.device_total(&plan)),
+                g.device_total(&plan) as f64 / 1e9
+            );
+        }
+        return Ok(());
+    }
     let to_stdout = a.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
     let mut progress = |s: &str| eprintln!("[bench] {s}");
     let report = run_bench(&cfg, &mut progress).with_context(|| format!("bench {}", a.shape))?;

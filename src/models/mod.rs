@@ -334,15 +334,19 @@ pub fn train_grads<M: Decoder>(
         )));
     }
     let ctx = m.ctx(b, t, mask)?;
-    // Forward without keeping any graph: only each layer's input survives (detached).
+    // Forward without keeping any graph: only each layer's input survives (detached). On a GPU
+    // those inputs wait in host memory (as Unsloth offloads its checkpoints): B·T·C values per
+    // layer cross the bus twice, against a layer's worth of GEMMs, and device memory keeps only
+    // the one being recomputed.
     let mut saved = Vec::with_capacity(m.num_layers());
     let mut x = m.embed(&v, b, t)?;
+    let dev = x.device().clone();
     for li in 0..m.num_layers() {
         let y = m
             .layer(li, &x, &ctx, key)
             .map_err(cerr("forward"))?
             .detach();
-        saved.push(x);
+        saved.push(x.to_device(&Device::Cpu).map_err(cerr("checkpoint"))?);
         x = y;
     }
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
@@ -362,7 +366,11 @@ pub fn train_grads<M: Decoder>(
     let mut out = HashMap::new();
     // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
     for li in (0..m.num_layers()).rev() {
-        let xin = saved.pop().expect("one saved input per layer");
+        let xin = saved
+            .pop()
+            .expect("one saved input per layer")
+            .to_device(&dev)
+            .map_err(cerr("checkpoint"))?;
         let (gs, xv) = (|| -> candle_core::Result<_> {
             let xv = Var::from_tensor(&xin)?;
             let y = m.layer(li, xv.as_tensor(), &ctx, key)?;

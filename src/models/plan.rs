@@ -450,7 +450,8 @@ pub struct GpuTerms {
     /// activation terms.
     pub allocator: usize,
     /// Plan bytes that stay in host memory: the token embedding table when it is not also the
-    /// lm_head (rows are dequantised on the host and uploaded), and AdamW's f32 state.
+    /// lm_head (rows are dequantised on the host and uploaded), AdamW's f32 state, and the
+    /// checkpointed layer inputs (offloaded between forward and recompute).
     pub host_only: usize,
 }
 
@@ -469,16 +470,17 @@ impl GpuTerms {
             .map(|t| t.numel())
             .max()
             .unwrap_or(0);
-        let (heads, names) = if is_falcon(store) {
+        let (heads, layers, names) = if is_falcon(store) {
             let c = FalconConfig::from_store(store)?;
-            (
-                c.num_heads,
-                ["transformer.word_embeddings.weight", "lm_head.weight"],
-            )
+            let names = ["transformer.word_embeddings.weight", "lm_head.weight"];
+            (c.num_heads, c.num_layers, names)
         } else {
             let c = LlamaConfig::from_store(store)?;
-            (c.num_heads, ["model.embed_tokens.weight", "lm_head.weight"])
+            let names = ["model.embed_tokens.weight", "lm_head.weight"];
+            (c.num_heads, c.num_layers, names)
         };
+        // checkpoints = (layers + 3) hidden states; the layers' inputs go to the host
+        let offloaded = plan.checkpoints / (layers + 3) * layers;
         let [embed, head] = match store.format {
             SourceFormat::Gguf => ["token_embd.weight", "output.weight"],
             _ => names,
@@ -496,7 +498,7 @@ impl GpuTerms {
             dequant_scratch: largest * 2,
             attention_scores: 4 * 4 * crate::nn::generic::score_block_elems(batch, seq, heads),
             allocator: activations / 8,
-            host_only: embed_host + plan.optimizer,
+            host_only: embed_host + plan.optimizer + offloaded,
         })
     }
 
