@@ -9,10 +9,12 @@
 #
 # The stub: kernels/cuda-stub-symbols.txt lists the driver API functions cudarc 0.19 references
 # (`nm -u --format=just-symbols target/release/deps/libcudarc-*.rlib | grep '^cu[A-Z]' | sort -u`);
-# each becomes an empty function in a library whose SONAME is libcuda.so.1, so a binary records
-# the dependency that the NVIDIA driver satisfies at run time. The stub is never on a run-time
-# search path (its file name is libcuda.so, the loader looks for libcuda.so.1): a binary started
-# without a driver fails to load instead of calling it.
+# each becomes a function returning CUDA_ERROR_NO_DEVICE (100) in a library whose SONAME is
+# libcuda.so.1, so a binary records the dependency that the NVIDIA driver satisfies at run time.
+# The stub is never on a run-time search path (its file name is libcuda.so, the loader looks for
+# libcuda.so.1): a binary started without a driver fails to load instead of calling it. Copied as
+# libcuda.so.1 onto LD_LIBRARY_PATH, it lets a CUDA build run its CPU paths on a machine with no
+# GPU, every driver call answering "no CUDA-capable device" (docs/BENCHMARKS.md).
 _qt_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _qt_venv="$_qt_root/target/cuda-venv"
 _qt_lib="$_qt_root/target/cuda-lib"
@@ -28,7 +30,7 @@ for _qt_so in "$_qt_cu"/lib/lib*.so.*; do
     ln -sf "$_qt_so" "$_qt_lib/${_qt_base%%.so.*}.so"
 done
 if [ -s "$_qt_root/kernels/cuda-stub-symbols.txt" ]; then
-    sed 's/.*/void &(void) {}/' "$_qt_root/kernels/cuda-stub-symbols.txt" >"$_qt_lib/cuda_stub.c"
+    sed 's/.*/int &(void) { return 100; }/' "$_qt_root/kernels/cuda-stub-symbols.txt" >"$_qt_lib/cuda_stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$_qt_lib/libcuda.so" "$_qt_lib/cuda_stub.c"
 fi
 export CUDA_HOME="$_qt_cu" CUDA_PATH="$_qt_cu" CUDA_ROOT="$_qt_cu"

@@ -26,6 +26,11 @@ pub fn open(name: &str) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
     let e = |e: candle_core::Error| {
+        // the driver's words, without the backtrace candle attaches under RUST_BACKTRACE
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
         Error::Invalid(format!(
             "--device cuda:{ordinal}: {e}; check `nvidia-smi`, or use --device cpu"
         ))
