@@ -571,7 +571,13 @@ pub fn plan_bench(cfg: &BenchConfig) -> Result<(MemoryPlan, Option<GpuTerms>)> {
         .with_optimizer(moment_storage(cfg));
     let gpu = match cfg.device.as_str() {
         "cpu" => None,
-        _ => Some(GpuTerms::new(&store, &plan, cfg.batch_size, cfg.seq_len)?),
+        _ => Some(GpuTerms::new(
+            &store,
+            &plan,
+            cfg.batch_size,
+            cfg.seq_len,
+            cfg.dtype,
+        )?),
     };
     Ok((plan, gpu))
 }
@@ -634,7 +640,13 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let plan =
         MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?.with_optimizer(moments);
     let gpu_terms = match gpu_baseline {
-        Some(_) => Some(GpuTerms::new(&store, &plan, cfg.batch_size, cfg.seq_len)?),
+        Some(_) => Some(GpuTerms::new(
+            &store,
+            &plan,
+            cfg.batch_size,
+            cfg.seq_len,
+            cfg.dtype,
+        )?),
         None => None,
     };
     let linear_params: usize = store
@@ -678,6 +690,10 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         let (loss, grads) = model.train_grads(&ids, None, &labels)?;
         opt.step(&grads, 1e-4)?;
         drop(grads);
+        // a GPU step has ended when its last upload has
+        device
+            .synchronize()
+            .map_err(|e| Error::Invalid(format!("bench step: {e}")))?;
         Ok((loss, s0.elapsed().as_secs_f64(), process_cpu_s() - c0))
     };
     let mib = |b: usize| b as f64 / 1048576.0;

@@ -44,7 +44,7 @@ fn gpu_terms_count_one_scratch_of_the_largest_linear() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/falcon/gqa");
     let store = WeightStore::open(&dir.join("model")).unwrap();
     let plan = MemoryPlan::for_store(&store, &FalconOptions::default(), 2, 12).unwrap();
-    let g = GpuTerms::new(&store, &plan, 2, 12).unwrap();
+    let g = GpuTerms::new(&store, &plan, 2, 12, candle_core::DType::BF16).unwrap();
     let largest = store
         .tensors
         .iter()
@@ -56,6 +56,12 @@ fn gpu_terms_count_one_scratch_of_the_largest_linear() {
         g.dequant_scratch,
         2 * largest,
         "one bf16 scratch, not one per layer"
+    );
+    let f32_terms = GpuTerms::new(&store, &plan, 2, 12, candle_core::DType::F32).unwrap();
+    assert_eq!(
+        f32_terms.dequant_scratch,
+        4 * largest,
+        "f32 activations: f32 scratch"
     );
     assert_eq!(g.context, CUDA_CONTEXT_BYTES);
     assert_eq!(g.cublas_workspace, CUBLAS_WORKSPACE_BYTES);

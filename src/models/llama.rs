@@ -396,7 +396,9 @@ impl Llama {
             }
             let mut w = vec![0f32; c];
             t.matrix().dequant_tile(0, 1, 0, c, &mut w);
-            Tensor::from_vec(w, c, &opts.device).map_err(cerr("norm"))
+            // Host constants on any device: the fused RMSNorm reads its weight on the host (its
+            // CUDA launcher uploads it), so a device copy would cost a download per call.
+            Tensor::from_vec(w, c, &Device::Cpu).map_err(cerr("norm"))
         };
         let norm = norm_vec(norm_name)?;
         let spec = opts.lora.clone();

@@ -185,8 +185,8 @@ pub(crate) fn embed_rows(
         .map_err(cerr("embedding"))
 }
 
-/// Rotary tables `(T, D/2)` and the attention bias `(B, 1, T, T)` of one call: the per-call constants
-/// of both architectures.
+/// Rotary tables `(T, D/2)` (host) and the attention bias `(B, 1, T, T)` (on `device`) of one call:
+/// the per-call constants of both architectures.
 pub(crate) fn rope_and_bias(
     b: usize,
     t: usize,
@@ -196,9 +196,9 @@ pub(crate) fn rope_and_bias(
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (cos, sin) = nn::rope_tables(t, head_dim, theta, dtype)
-        .and_then(|(c, s)| Ok((c.to_device(device)?, s.to_device(device)?)))
-        .map_err(cerr("rotary tables"))?;
+    // The rotary tables stay on the host: the fused rope op reads them as host constants on any
+    // device (its CUDA launcher uploads them), so a device copy would cost a download per call.
+    let (cos, sin) = nn::rope_tables(t, head_dim, theta, dtype).map_err(cerr("rotary tables"))?;
     let bias = nn::attention_bias(mask, b, t)
         .and_then(|x| x.to_device(device))
         .map_err(cerr("attention mask"))?;

@@ -441,7 +441,8 @@ pub struct GpuTerms {
     pub context: usize,
     /// cuBLAS workspace of the one stream.
     pub cublas_workspace: usize,
-    /// The one dequantisation scratch per device: the largest 2-D quantised weight in bf16.
+    /// The one dequantisation scratch per device: the largest 2-D weight it dequantises, in the
+    /// compute dtype.
     pub dequant_scratch: usize,
     /// Score blocks of the device-generic attention (`nn::generic`): four live f32 (heads × T × T)
     /// blocks in its backward.
@@ -461,15 +462,15 @@ pub const CUDA_CONTEXT_BYTES: usize = 512 << 20;
 pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl GpuTerms {
-    /// The terms for training `store` with `plan` on one GPU, `batch` sequences of `seq` tokens.
-    pub fn new(store: &WeightStore, plan: &MemoryPlan, batch: usize, seq: usize) -> Result<Self> {
-        let largest = store
-            .tensors
-            .iter()
-            .filter(|t| t.shape.len() == 2)
-            .map(|t| t.numel())
-            .max()
-            .unwrap_or(0);
+    /// The terms for training `store` with `plan` on one GPU, `batch` sequences of `seq` tokens,
+    /// activations in `dtype` (the dequantisation scratch holds weights in it).
+    pub fn new(
+        store: &WeightStore,
+        plan: &MemoryPlan,
+        batch: usize,
+        seq: usize,
+        dtype: candle_core::DType,
+    ) -> Result<Self> {
         let (heads, layers, names) = if is_falcon(store) {
             let c = FalconConfig::from_store(store)?;
             let names = ["transformer.word_embeddings.weight", "lm_head.weight"];
@@ -481,21 +482,36 @@ impl GpuTerms {
         };
         // checkpoints = (layers + 3) hidden states; the layers' inputs go to the host
         let offloaded = plan.checkpoints / (layers + 3) * layers;
-        let [embed, head] = match store.format {
+        let [embed_name, head_name] = match store.format {
             SourceFormat::Gguf => ["token_embd.weight", "output.weight"],
             _ => names,
-        }
-        .map(|n| store.get(n));
-        // a separate lm_head leaves the table on the host; a tied one is uploaded as the head
-        let embed_host = match (embed, head) {
-            (Some(e), Some(_)) => e.data.len(),
-            _ => 0,
         };
+        // a separate lm_head leaves the table on the host; a tied one is uploaded as the head
+        let host_table = store
+            .get(head_name)
+            .and_then(|_| store.get(embed_name))
+            .map(|e| e.name.as_str());
+        let embed_host = host_table
+            .and_then(|n| store.get(n))
+            .map_or(0, |e| e.data.len());
+        // the scratch grows to the largest weight a product dequantises
+        let largest = store
+            .tensors
+            .iter()
+            .filter(|t| t.shape.len() == 2 && Some(t.name.as_str()) != host_table)
+            .map(|t| t.numel())
+            .max()
+            .unwrap_or(0);
         let activations = plan.checkpoints + plan.recompute + plan.logits_chunk;
         Ok(GpuTerms {
             context: CUDA_CONTEXT_BYTES,
             cublas_workspace: CUBLAS_WORKSPACE_BYTES,
-            dequant_scratch: largest * 2,
+            dequant_scratch: largest
+                * if dtype == candle_core::DType::F32 {
+                    4
+                } else {
+                    2
+                },
             attention_scores: 4 * 4 * crate::nn::generic::score_block_elems(batch, seq, heads),
             allocator: activations / 8,
             host_only: embed_host + plan.optimizer + offloaded,
@@ -549,6 +565,34 @@ mod tests {
         (0..32)
             .flat_map(|_| per_layer.iter().flat_map(|&(o, inp)| [r * inp, o * r]))
             .collect()
+    }
+
+    /// An untied embedding table stays on the host: it is neither in the device total nor the
+    /// scratch's size; the scratch follows the compute dtype.
+    #[test]
+    fn gpu_terms_leave_an_untied_embedding_on_the_host() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        let store = WeightStore::open(&dir.join("model")).unwrap();
+        let opts = LlamaOptions::default();
+        let plan = MemoryPlan::for_store(&store, &opts, 1, 8).unwrap();
+        let embed = store.get("model.embed_tokens.weight").unwrap();
+        assert!(store.get("lm_head.weight").is_some());
+        let layers = LlamaConfig::from_store(&store).unwrap().num_layers;
+        let offloaded = plan.checkpoints / (layers + 3) * layers;
+        for (dtype, size) in [(candle_core::DType::BF16, 2), (candle_core::DType::F32, 4)] {
+            let g = GpuTerms::new(&store, &plan, 1, 8, dtype).unwrap();
+            assert_eq!(g.host_only, plan.optimizer + offloaded + embed.data.len());
+            // the largest weight a product dequantises: the lm_head (300 x 64) ties with the table,
+            // so the MLP's (intermediate x hidden) decides
+            let largest = store
+                .tensors
+                .iter()
+                .filter(|t| t.shape.len() == 2 && t.name != embed.name)
+                .map(|t| t.numel())
+                .max()
+                .unwrap();
+            assert_eq!(g.dequant_scratch, size * largest);
+        }
     }
 
     #[test]

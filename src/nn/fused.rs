@@ -492,10 +492,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
     }
     check_cpu("causal_attention", &[bias])?;
     let (b, t) = (q.dim(0)?, q.dim(2)?);
-    let bb = match bias.dims() {
-        [bb, 1, t1, t2] if (*bb == b || *bb == 1) && *t1 == t && *t2 == t => *bb,
-        d => bail!("causal_attention: bias of shape {d:?}, expected [{b}, 1, {t}, {t}]"),
-    };
+    let bb = bias_rows(bias, b, t)?;
     // shares the caller's storage when the bias is already f32 and contiguous (the usual case):
     // one bias serves every layer, and no op holds a copy of it
     let t_bias = bias.detach().to_dtype(DType::F32)?.contiguous()?;
@@ -510,8 +507,17 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
     )
 }
 
-fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<Tensor> {
-    check_cpu("causal_attention", &[q, k, v])?;
+/// Batch rows (B or 1) of an additive attention bias `(B or 1, 1, T, T)`, checked.
+pub(super) fn bias_rows(bias: &Tensor, b: usize, t: usize) -> Result<usize> {
+    match bias.dims() {
+        [bb, 1, t1, t2] if (*bb == b || *bb == 1) && *t1 == t && *t2 == t => Ok(*bb),
+        d => bail!("causal_attention: bias of shape {d:?}, expected [{b}, 1, {t}, {t}]"),
+    }
+}
+
+/// `(B, Hq, Hkv, T, D)` of attention operands `q (B, Hq, T, D)`, `k, v (B, Hkv, T, D)`, checked
+/// to fit together (Hq a multiple of Hkv).
+pub(super) fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnDims> {
     let (b, hq, t, d) = q.dims4()?;
     let (bk, hkv, tk, dk) = k.dims4()?;
     if (bk, tk, dk) != (b, t, d) || v.dims() != k.dims() || hkv == 0 || hq % hkv != 0 {
@@ -523,6 +529,12 @@ fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<
             v.dims()
         );
     }
+    Ok(AttnDims { b, hq, hkv, t, d })
+}
+
+fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<Tensor> {
+    check_cpu("causal_attention", &[q, k, v])?;
+    let AttnDims { b, hq, hkv, t, d } = attention_dims(q, k, v)?;
     let op = AttentionOp {
         dims: AttnDims { b, hq, hkv, t, d },
         mask,
@@ -533,12 +545,12 @@ fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<
 }
 
 #[derive(Clone, Copy)]
-struct AttnDims {
-    b: usize,
-    hq: usize,
-    hkv: usize,
-    t: usize,
-    d: usize,
+pub(super) struct AttnDims {
+    pub(super) b: usize,
+    pub(super) hq: usize,
+    pub(super) hkv: usize,
+    pub(super) t: usize,
+    pub(super) d: usize,
 }
 
 /// Which keys a query row sees, and what is added to their scores.

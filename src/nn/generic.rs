@@ -42,21 +42,8 @@ fn attention_blocked(
     bias: &Tensor,
     per: usize,
 ) -> Result<Tensor> {
-    let (b, hq, t, d) = q.dims4()?;
-    let (bk, hkv, tk, dk) = k.dims4()?;
-    if (bk, tk, dk) != (b, t, d) || v.dims() != k.dims() || hkv == 0 || hq % hkv != 0 {
-        bail!(
-            "causal_attention: q {:?} (B, Hq, T, D), k {:?} and v {:?} (B, Hkv, T, D) do not fit \
-             (Hq must be a multiple of Hkv)",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    match bias.dims() {
-        [bb, 1, t1, t2] if (*bb == b || *bb == 1) && *t1 == t && *t2 == t => {}
-        dims => bail!("causal_attention: bias of shape {dims:?}, expected [{b}, 1, {t}, {t}]"),
-    }
+    let super::fused::AttnDims { b, hq, hkv, t, d } = super::fused::attention_dims(q, k, v)?;
+    super::fused::bias_rows(bias, b, t)?;
     let bias = bias.detach().to_dtype(DType::F32)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let blocks = Blocks::new(hq, hkv, per.max(1), q.device())?;

@@ -308,11 +308,23 @@ impl AdamW {
         }
         let cfg = self.cfg;
         let maps = optim8::Maps::new();
+        // Gradients come to the host, and updated parameters go back, on the calling thread: on a
+        // GPU each thread has its own stream (candle's per-thread default stream), so a copy
+        // issued from a rayon worker would not wait for the backward's kernels, nor the next
+        // forward for it. Only the host arithmetic runs in parallel there.
+        let on_cpu = self.slots.iter().all(|s| s.var.device().is_cpu())
+            && grads.values().all(|g| g.device().is_cpu());
+        let fetch = |s: &Slot| grads.get(&s.name).map(|g| host_f32(g, &s.name)).transpose();
+        let host: Vec<Option<Vec<f32>>> = if on_cpu {
+            self.slots.par_iter().map(fetch).collect::<Result<_>>()?
+        } else {
+            self.slots.iter().map(fetch).collect::<Result<_>>()?
+        };
         self.slots
             .par_iter_mut()
-            .filter_map(|s| grads.get(&s.name).map(|g| (s, g)))
-            .try_for_each(|(s, g)| {
-                let g = host_f32(g, &s.name)?;
+            .zip(host)
+            .filter_map(|(s, g)| g.map(|g| (s, g)))
+            .for_each(|(s, g)| {
                 s.step += 1;
                 match &mut s.moments {
                     Moments::F32 {
@@ -331,8 +343,19 @@ impl AdamW {
                         optim8::update(&k, &maps, &mut s.master, q, &g)
                     }
                 }
-                s.write_back()
-            })
+            });
+        let stepped = |s: &&Slot| grads.contains_key(&s.name);
+        if on_cpu {
+            self.slots
+                .par_iter()
+                .filter(stepped)
+                .try_for_each(Slot::write_back)
+        } else {
+            self.slots
+                .iter()
+                .filter(stepped)
+                .try_for_each(Slot::write_back)
+        }
     }
 
     /// Writes the moments, master copies and step counts into directory `dir` (replaced whole via
