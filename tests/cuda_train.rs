@@ -67,10 +67,14 @@ fn opts(dtype: DType, quant: Option<QType>, device: Device, dropout: f32) -> Lla
 
 /// Every B non-zero (same values on both devices) so that all gradient paths carry signal.
 fn perturb(m: &dyn CausalLm) {
+    // Varying values: a B of equal entries makes dA = s·(dz·B)ᵀ·x vanish wherever the next op is
+    // invariant to a shift across channels (Falcon's LayerNorm), leaving rounding noise to compare.
     for (i, (name, v)) in m.lora_params().into_iter().enumerate() {
         if name.contains("lora_B") {
-            let t = (Tensor::ones(v.shape(), DType::F32, v.device()).unwrap()
-                * (0.05 * (i % 5 + 1) as f64))
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|j| 0.05 * (i % 5 + 1) as f32 * (1.0 + 0.5 * (j as f32 * 0.7).sin()))
+                .collect();
+            let t = Tensor::from_vec(vals, v.shape(), v.device())
                 .unwrap()
                 .to_dtype(v.dtype())
                 .unwrap();

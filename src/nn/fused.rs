@@ -487,7 +487,8 @@ pub fn causal_attention_masked(
 /// skipped; others are added to the scaled scores. The bias is a constant (no gradient).
 /// On the GPU (`--features cuda`) this is [`super::generic::causal_attention`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if cfg!(feature = "cuda") && q.device().is_cuda() {
+    let generic = GENERIC_ATTENTION.load(std::sync::atomic::Ordering::Relaxed);
+    if generic || (cfg!(feature = "cuda") && q.device().is_cuda()) {
         return super::generic::causal_attention(q, k, v, bias);
     }
     check_cpu("causal_attention", &[bias])?;
@@ -506,6 +507,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
         },
     )
 }
+
+/// When set (tests), [`causal_attention`] takes the device-generic path on the CPU too, so that a
+/// whole training step can be checked with the attention the GPU runs.
+pub static GENERIC_ATTENTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Batch rows (B or 1) of an additive attention bias `(B or 1, 1, T, T)`, checked.
 pub(super) fn bias_rows(bias: &Tensor, b: usize, t: usize) -> Result<usize> {

@@ -292,7 +292,16 @@ mod tests {
     /// CPU kernel's output and gradients, with right padding and a fully masked (left-padded) row.
     #[test]
     fn blocks_match_the_fused_kernel() {
-        let (b, hq, hkv, t, d) = (2, 6, 2, 9, 8);
+        blocks_match_for(2, 6, 2, 9, 8);
+    }
+
+    /// Falcon-7B's layout in small: multi-query (one kv head for all).
+    #[test]
+    fn multi_query_blocks_match_the_fused_kernel() {
+        blocks_match_for(2, 3, 1, 9, 64);
+    }
+
+    fn blocks_match_for(b: usize, hq: usize, hkv: usize, t: usize, d: usize) {
         let q = rand((b, hq, t, d), 1);
         let k = rand((b, hkv, t, d), 2);
         let v = rand((b, hkv, t, d), 3);
@@ -314,7 +323,7 @@ mod tests {
             &v,
             &d_o,
         );
-        for per in [1, 3, hq] {
+        for per in [1, 2, 3, hq] {
             let got = run(
                 |q, k, v| attention_blocked(q, k, v, &bias, per),
                 &q,
