@@ -55,6 +55,8 @@ enum Cmd {
 }
 
 fn main() {
+    // before any thread allocates: one malloc arena (see the function)
+    qtune::bench::tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

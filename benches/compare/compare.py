@@ -3,9 +3,10 @@
 
 Each tool runs in its own fresh process; both are timed per step (forward, backward with gradient
 checkpointing, AdamW) after warm-up, and both report their whole process's peak RSS (VmHWM, the
-same /proc counter) with glibc's mmap threshold pinned to 64 KiB (MALLOC_MMAP_THRESHOLD_; qtune
-pins it itself) so that freed tensors leave RSS in both. PyTorch runs in f32: torch's bf16 matmul
-has no fast path on this kind of CPU (docs/BENCHMARKS.md).
+same /proc counter), both with glibc's default allocator settings, as users run them (pinning the
+mmap threshold low made RSS follow live bytes but slowed both tools: every large tensor took
+fresh pages; --pin-mmap restores that mode for both). PyTorch runs in f32: torch's bf16 matmul has
+no fast path on this kind of CPU (docs/BENCHMARKS.md).
 
 With --device cuda both run on the GPU: qtune in bf16 on its quantised weights, PyTorch + PEFT on a
 bf16 base with SDPA attention (the issue's comparison); step times are taken after
@@ -168,6 +169,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both tools on the GPU in bf16")
+    ap.add_argument("--pin-mmap", action="store_true",
+                    help="run both tools with MALLOC_MMAP_THRESHOLD_=65536 (RSS = live bytes, slower)")
     ap.add_argument("--qtune", default="target/release/qtune", help="the qtune binary")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
@@ -176,7 +179,9 @@ def main():
     if a.torch_child:
         return torch_child(a)
     os.makedirs(a.out, exist_ok=True)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ)
+    if a.pin_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--rank",
               str(a.rank), "--targets", ",".join(a.targets), "--steps", str(a.steps),
               "--warmup", str(a.warmup), "--seed", str(a.seed)]

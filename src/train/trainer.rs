@@ -322,10 +322,9 @@ pub fn train(
         ..LlamaOptions::default()
     };
 
-    // Memory plan before anything is loaded. RSS follows live bytes (as the plan counts them) once
-    // glibc returns freed tensor memory at once; the process so far (binary, tokenizer, data) is
-    // the baseline the plan's parts add to.
-    crate::bench::pin_mmap_threshold();
+    // Memory plan before anything is loaded; the process so far (binary, tokenizer, data) is the
+    // baseline the plan's parts add to.
+    crate::bench::tune_allocator();
     let baseline = current_rss_bytes() as usize;
     let store = WeightStore::open(&model_path)?;
     let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?
