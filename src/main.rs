@@ -55,9 +55,11 @@ enum Cmd {
 }
 
 fn main() {
-    // before any thread allocates: one malloc arena (see the function)
-    qtune::bench::tune_allocator();
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_)) {
+        // before any thread allocates: one malloc arena (measured for training steps only)
+        qtune::bench::tune_allocator();
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
