@@ -681,6 +681,11 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         },
     )?;
     let setup_s = t0.elapsed().as_secs_f64();
+    progress(&format!(
+        "loaded: RSS {:.1} MiB, peak so far {:.1} MiB",
+        status_bytes("VmRSS:") as f64 / 1048576.0,
+        status_bytes("VmHWM:") as f64 / 1048576.0
+    ));
     let (b, t) = (cfg.batch_size, cfg.seq_len);
     let mut rng = Rng::new(cfg.seed ^ 0x5eed);
     let ids: Vec<u32> = (0..b * t)

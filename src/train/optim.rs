@@ -308,54 +308,37 @@ impl AdamW {
         }
         let cfg = self.cfg;
         let maps = optim8::Maps::new();
-        // Gradients come to the host, and updated parameters go back, on the calling thread: on a
-        // GPU each thread has its own stream (candle's per-thread default stream), so a copy
-        // issued from a rayon worker would not wait for the backward's kernels, nor the next
-        // forward for it. Only the host arithmetic runs in parallel there.
         let on_cpu = self.slots.iter().all(|s| s.var.device().is_cpu())
             && grads.values().all(|g| g.device().is_cpu());
-        let fetch = |s: &Slot| grads.get(&s.name).map(|g| host_f32(g, &s.name)).transpose();
-        let host: Vec<Option<Vec<f32>>> = if on_cpu {
-            self.slots.par_iter().map(fetch).collect::<Result<_>>()?
-        } else {
-            self.slots.iter().map(fetch).collect::<Result<_>>()?
-        };
+        if on_cpu {
+            // One parameter at a time per worker: only a few f32 gradient copies exist at once.
+            return self
+                .slots
+                .par_iter_mut()
+                .filter_map(|s| grads.get(&s.name).map(|g| (s, g)))
+                .try_for_each(|(s, g)| {
+                    s.update(&cfg, &maps, lr, &host_f32(g, &s.name)?);
+                    s.write_back()
+                });
+        }
+        // On a GPU, gradients come to the host and updated parameters go back on the calling
+        // thread: each thread has its own stream (candle's per-thread default stream), so a copy
+        // issued from a rayon worker would not wait for the backward's kernels, nor the next
+        // forward for it. Only the host arithmetic runs in parallel.
+        let host: Vec<Option<Vec<f32>>> = self
+            .slots
+            .iter()
+            .map(|s| grads.get(&s.name).map(|g| host_f32(g, &s.name)).transpose())
+            .collect::<Result<_>>()?;
         self.slots
             .par_iter_mut()
             .zip(host)
             .filter_map(|(s, g)| g.map(|g| (s, g)))
-            .for_each(|(s, g)| {
-                s.step += 1;
-                match &mut s.moments {
-                    Moments::F32 {
-                        exp_avg,
-                        exp_avg_sq,
-                    } => adamw_update(&cfg, lr, s.step, &mut s.master, exp_avg, exp_avg_sq, &g),
-                    Moments::Q8(q) => {
-                        let k = optim8::Coeffs8::new(
-                            cfg.beta1,
-                            cfg.beta2,
-                            cfg.eps,
-                            cfg.weight_decay,
-                            lr,
-                            s.step,
-                        );
-                        optim8::update(&k, &maps, &mut s.master, q, &g)
-                    }
-                }
-            });
-        let stepped = |s: &&Slot| grads.contains_key(&s.name);
-        if on_cpu {
-            self.slots
-                .par_iter()
-                .filter(stepped)
-                .try_for_each(Slot::write_back)
-        } else {
-            self.slots
-                .iter()
-                .filter(stepped)
-                .try_for_each(Slot::write_back)
-        }
+            .for_each(|(s, g)| s.update(&cfg, &maps, lr, &g));
+        self.slots
+            .iter()
+            .filter(|s| grads.contains_key(&s.name))
+            .try_for_each(Slot::write_back)
     }
 
     /// Writes the moments, master copies and step counts into directory `dir` (replaced whole via
@@ -593,6 +576,28 @@ impl AdamW {
 }
 
 impl Slot {
+    /// One AdamW update of the master copy and moments with gradient `g` (host f32).
+    fn update(&mut self, cfg: &AdamWConfig, maps: &optim8::Maps, lr: f64, g: &[f32]) {
+        self.step += 1;
+        match &mut self.moments {
+            Moments::F32 {
+                exp_avg,
+                exp_avg_sq,
+            } => adamw_update(cfg, lr, self.step, &mut self.master, exp_avg, exp_avg_sq, g),
+            Moments::Q8(q) => {
+                let k = optim8::Coeffs8::new(
+                    cfg.beta1,
+                    cfg.beta2,
+                    cfg.eps,
+                    cfg.weight_decay,
+                    lr,
+                    self.step,
+                );
+                optim8::update(&k, maps, &mut self.master, q, g)
+            }
+        }
+    }
+
     /// Sets the Var to the master copy, rounded to the Var's dtype, on the Var's device.
     fn write_back(&self) -> Result<()> {
         let t = Tensor::from_slice(&self.master, self.var.dims(), &Device::Cpu)
