@@ -9,6 +9,8 @@
 //! before every launch, and NaN never passes a comparison.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use qtune::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec};
 use qtune::quant::QType;
@@ -29,24 +31,6 @@ fn fixture(p: &str) -> PathBuf {
         .join(p)
 }
 
-/// Two sequences of 12, the second with three padding tokens (right padding, labels -100).
-fn batch(vocab: u32) -> (Tensor, Tensor, Tensor) {
-    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % vocab).collect();
-    let mut m = vec![1u32; 24];
-    m[21..].iter_mut().for_each(|v| *v = 0);
-    let labels: Vec<i64> = ids
-        .iter()
-        .zip(&m)
-        .map(|(&i, &k)| if k == 0 { -100 } else { i as i64 })
-        .collect();
-    let cpu = &Device::Cpu;
-    (
-        Tensor::from_vec(ids, (2, 12), cpu).unwrap(),
-        Tensor::from_vec(m, (2, 12), cpu).unwrap(),
-        Tensor::from_vec(labels, (2, 12), cpu).unwrap(),
-    )
-}
-
 fn opts(dtype: DType, quant: Option<QType>, device: Device, dropout: f32) -> LlamaOptions {
     LlamaOptions {
         quant,
@@ -65,53 +49,8 @@ fn opts(dtype: DType, quant: Option<QType>, device: Device, dropout: f32) -> Lla
     }
 }
 
-/// Every B non-zero (same values on both devices) so that all gradient paths carry signal.
-fn perturb(m: &dyn CausalLm) {
-    // Varying values: a B of equal entries makes dA = s·(dz·B)ᵀ·x vanish wherever the next op is
-    // invariant to a shift across channels (Falcon's LayerNorm), leaving rounding noise to compare.
-    for (i, (name, v)) in m.lora_params().into_iter().enumerate() {
-        if name.contains("lora_B") {
-            let vals: Vec<f32> = (0..v.elem_count())
-                .map(|j| 0.05 * (i % 5 + 1) as f32 * (1.0 + 0.5 * (j as f32 * 0.7).sin()))
-                .collect();
-            let t = Tensor::from_vec(vals, v.shape(), v.device())
-                .unwrap()
-                .to_dtype(v.dtype())
-                .unwrap();
-            v.set(&t).unwrap();
-        }
-    }
-}
-
-fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
-    let v = |t: &Tensor| -> Vec<f32> {
-        t.to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (g, w) = (v(got), v(want));
-    assert_eq!(g.len(), w.len());
-    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    g.iter()
-        .zip(&w)
-        .map(|(a, b)| {
-            if a.is_nan() {
-                f32::INFINITY
-            } else {
-                (a - b).abs()
-            }
-        })
-        .fold(0f32, f32::max)
-        / scale
-}
-
 fn compare_step(what: &str, cpu: &dyn CausalLm, gpu: &dyn CausalLm, vocab: u32, tol: f32) {
-    let (ids, mask, labels) = batch(vocab);
+    let (ids, mask, labels) = common::step_batch(vocab);
     let (lc, gc) = cpu.train_grads(&ids, Some(&mask), &labels).unwrap();
     let (lg, gg) = gpu.train_grads(&ids, Some(&mask), &labels).unwrap();
     let e = (lg - lc).abs() / lc.abs();
@@ -121,7 +60,7 @@ fn compare_step(what: &str, cpu: &dyn CausalLm, gpu: &dyn CausalLm, vocab: u32, 
     for (name, want) in &gc {
         let got: &Tensor = &gg[name];
         assert!(got.device().is_cuda(), "{what}: {name} left the GPU");
-        let e = max_rel(got, want);
+        let e = common::max_rel_any(got, want);
         if e > worst.0 {
             worst = (e, name.clone());
         }
@@ -151,8 +90,8 @@ fn llama_step_on_the_gpu_matches_the_cpu() {
         // dropout on: the masks are drawn on the host from (seed, step, layer) on both devices
         let cpu = Llama::load(&store, opts(dtype, quant, Device::Cpu, 0.1)).unwrap();
         let gpu = Llama::load(&store, opts(dtype, quant, dev.clone(), 0.1)).unwrap();
-        perturb(&cpu);
-        perturb(&gpu);
+        common::perturb_lora_b(&cpu);
+        common::perturb_lora_b(&gpu);
         let what = format!("llama {dtype:?} {quant:?}");
         compare_step(&what, &cpu, &gpu, 300, tol);
     }
@@ -170,8 +109,8 @@ fn falcon_steps_on_the_gpu_match_the_cpu() {
             let cpu = Falcon::load(&store, opts(dtype, Some(QType::Q8_0), Device::Cpu, 0.0));
             let gpu = Falcon::load(&store, opts(dtype, Some(QType::Q8_0), dev.clone(), 0.0));
             let (cpu, gpu) = (cpu.unwrap(), gpu.unwrap());
-            perturb(&cpu);
-            perturb(&gpu);
+            common::perturb_lora_b(&cpu);
+            common::perturb_lora_b(&gpu);
             compare_step(
                 &format!("falcon {layout} {dtype:?}"),
                 &cpu,
@@ -241,7 +180,7 @@ fn generic_attention_on_the_gpu_matches_the_fused_cpu_kernel() {
         let got = run(&dev, dtype);
         for (i, name) in ["o", "dq", "dk", "dv"].iter().enumerate() {
             assert!(got[i].device().is_cuda());
-            let e = max_rel(&got[i], &want[i]);
+            let e = common::max_rel_any(&got[i], &want[i]);
             println!("attention {dtype:?} {name}: {e:.2e}");
             assert!(e < tol, "attention {dtype:?}: {name} off by {e:e}");
         }

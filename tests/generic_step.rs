@@ -3,30 +3,15 @@
 //! dropout) and Falcon (multi-query and grouped layouts): the model-level check, on the CPU, of
 //! the one piece of the GPU step that is our own math and not a kernel. One test in its own
 //! binary: it flips a process-wide switch.
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::DType;
 use qtune::models::{CausalLm, Falcon, FalconConfig, Llama, LlamaOptions, LoraSpec};
 use qtune::nn::fused::GENERIC_ATTENTION;
 use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-
-fn batch(vocab: u32) -> (Tensor, Tensor, Tensor) {
-    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % vocab).collect();
-    let mut m = vec![1u32; 24];
-    m[21..].iter_mut().for_each(|v| *v = 0);
-    let labels: Vec<i64> = ids
-        .iter()
-        .zip(&m)
-        .map(|(&i, &k)| if k == 0 { -100 } else { i as i64 })
-        .collect();
-    let cpu = &Device::Cpu;
-    (
-        Tensor::from_vec(ids, (2, 12), cpu).unwrap(),
-        Tensor::from_vec(m, (2, 12), cpu).unwrap(),
-        Tensor::from_vec(labels, (2, 12), cpu).unwrap(),
-    )
-}
 
 fn opts(dtype: DType, dropout: f32) -> LlamaOptions {
     LlamaOptions {
@@ -45,49 +30,14 @@ fn opts(dtype: DType, dropout: f32) -> LlamaOptions {
     }
 }
 
-fn perturb(m: &dyn CausalLm) {
-    // Varying values: a B of equal entries makes dA = s·(dz·B)ᵀ·x vanish wherever the next op is
-    // invariant to a shift across channels (Falcon's LayerNorm), leaving rounding noise to compare.
-    for (i, (name, v)) in m.lora_params().into_iter().enumerate() {
-        if name.contains("lora_B") {
-            let vals: Vec<f32> = (0..v.elem_count())
-                .map(|j| 0.05 * (i % 5 + 1) as f32 * (1.0 + 0.5 * (j as f32 * 0.7).sin()))
-                .collect();
-            let t = Tensor::from_vec(vals, v.shape(), &Device::Cpu)
-                .unwrap()
-                .to_dtype(v.dtype())
-                .unwrap();
-            v.set(&t).unwrap();
-        }
-    }
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let v = |t: &Tensor| -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (a, b) = (v(a), v(b));
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
-}
-
 /// One step of a freshly loaded model (same seed, same perturbation) with each attention.
 fn both(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str, tol: f32) {
-    let (ids, mask, labels) = batch(vocab);
+    let (ids, mask, labels) = common::step_batch(vocab);
     let mut runs = Vec::new();
     for generic in [false, true] {
         GENERIC_ATTENTION.store(generic, Ordering::Relaxed);
         let m = load();
-        perturb(m.as_ref());
+        common::perturb_lora_b(m.as_ref());
         runs.push(m.train_grads(&ids, Some(&mask), &labels).unwrap());
     }
     GENERIC_ATTENTION.store(false, Ordering::Relaxed);
@@ -98,7 +48,7 @@ fn both(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str, tol: f32) 
     );
     assert_eq!(gf.len(), gg.len());
     for (name, g) in gf {
-        let e = max_rel(&gg[name], g);
+        let e = common::max_rel_any(&gg[name], g);
         assert!(e < tol, "{what}: {name} off by {e:e}");
     }
 }

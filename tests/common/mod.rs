@@ -1,7 +1,8 @@
-//! Helpers shared by the export / merge / generate tests (`mod common;` in each test crate; a crate
-//! uses only some of them).
+//! Helpers shared by the export / merge / generate and training-step tests (`mod common;` in each
+//! test crate; a crate uses only some of them).
 #![allow(dead_code)]
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use qtune::models::CausalLm;
 use std::path::Path;
 use std::process::Command;
 
@@ -90,4 +91,71 @@ pub fn export_then_merge(model: &Path, adapter: &Path, lora: &Path, merged: &Pat
     ]);
     assert!(ok, "{err}");
     out
+}
+
+/// Two sequences of 12 tokens below `vocab`, the second with three padding tokens (right padding,
+/// labels -100): (ids, mask, labels) on the CPU.
+pub fn step_batch(vocab: u32) -> (Tensor, Tensor, Tensor) {
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % vocab).collect();
+    let mut m = vec![1u32; 24];
+    m[21..].iter_mut().for_each(|v| *v = 0);
+    let labels: Vec<i64> = ids
+        .iter()
+        .zip(&m)
+        .map(|(&i, &k)| if k == 0 { -100 } else { i as i64 })
+        .collect();
+    let cpu = &Device::Cpu;
+    (
+        Tensor::from_vec(ids, (2, 12), cpu).unwrap(),
+        Tensor::from_vec(m, (2, 12), cpu).unwrap(),
+        Tensor::from_vec(labels, (2, 12), cpu).unwrap(),
+    )
+}
+
+/// Sets every LoRA B to varying non-zero values (the same for every model of the same shape, on
+/// its own device), so that all gradient paths carry signal. Varying: a B of equal entries makes
+/// dA = s·(dz·B)ᵀ·x vanish wherever the next op is invariant to a shift across channels (Falcon's
+/// LayerNorm), leaving rounding noise that no relative comparison can judge.
+pub fn perturb_lora_b(m: &dyn CausalLm) {
+    for (i, (name, v)) in m.lora_params().into_iter().enumerate() {
+        if name.contains("lora_B") {
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|j| 0.05 * (i % 5 + 1) as f32 * (1.0 + 0.5 * (j as f32 * 0.7).sin()))
+                .collect();
+            let t = Tensor::from_vec(vals, v.shape(), v.device())
+                .unwrap()
+                .to_dtype(v.dtype())
+                .unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+}
+
+/// max |got - want| / max |want| of tensors of any float dtype on any device; NaN in `got` is
+/// infinitely far.
+pub fn max_rel_any(got: &Tensor, want: &Tensor) -> f32 {
+    let v = |t: &Tensor| -> Vec<f32> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (g, w) = (v(got), v(want));
+    assert_eq!(g.len(), w.len());
+    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+    g.iter()
+        .zip(&w)
+        .map(|(a, b)| {
+            if a.is_nan() {
+                f32::INFINITY
+            } else {
+                (a - b).abs()
+            }
+        })
+        .fold(0f32, f32::max)
+        / scale
 }
