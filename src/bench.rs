@@ -425,7 +425,7 @@ impl GpuReport {
     /// Predicted allocated peak: the plan's device part and the GPU terms, without the context
     /// (measured as [`GpuReport::baseline_used`] instead).
     pub fn predicted_allocated(&self, plan: &MemoryPlan) -> u64 {
-        (self.terms.device_total(plan) - self.terms.context - self.terms.cublas_workspace) as u64
+        self.terms.allocated_total(plan) as u64
     }
 }
 
@@ -571,19 +571,23 @@ pub fn plan_bench(cfg: &BenchConfig) -> Result<(MemoryPlan, Option<GpuTerms>)> {
     let config = shape_config(&cfg.shape)?;
     let store = synthetic_store(&config, cfg.quant, cfg.seed)?;
     let opts = bench_options(cfg, Device::Cpu);
-    let plan = MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?
-        .with_optimizer(moment_storage(cfg));
-    let gpu = match cfg.device.as_str() {
-        "cpu" => None,
-        _ => Some(GpuTerms::new(
-            &store,
-            &plan,
-            cfg.batch_size,
-            cfg.seq_len,
-            cfg.dtype,
-        )?),
+    plan_of(&store, &opts, cfg, cfg.device != "cpu")
+}
+
+/// The plan of `cfg` for `store` loaded with `opts`, and the GPU terms when `gpu`.
+fn plan_of(
+    store: &WeightStore,
+    opts: &LlamaOptions,
+    cfg: &BenchConfig,
+    gpu: bool,
+) -> Result<(MemoryPlan, Option<GpuTerms>)> {
+    let (b, t) = (cfg.batch_size, cfg.seq_len);
+    let plan = MemoryPlan::for_store(store, opts, b, t)?.with_optimizer(moment_storage(cfg));
+    let terms = match gpu {
+        true => Some(GpuTerms::new(store, &plan, b, t, cfg.dtype)?),
+        false => None,
     };
-    Ok((plan, gpu))
+    Ok((plan, terms))
 }
 
 fn moment_storage(cfg: &BenchConfig) -> MomentStorage {
@@ -641,18 +645,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let store = synthetic_store(&config, cfg.quant, cfg.seed)?;
     let opts = bench_options(cfg, device.clone());
     let moments = moment_storage(cfg);
-    let plan =
-        MemoryPlan::for_store(&store, &opts, cfg.batch_size, cfg.seq_len)?.with_optimizer(moments);
-    let gpu_terms = match gpu_baseline {
-        Some(_) => Some(GpuTerms::new(
-            &store,
-            &plan,
-            cfg.batch_size,
-            cfg.seq_len,
-            cfg.dtype,
-        )?),
-        None => None,
-    };
+    let (plan, gpu_terms) = plan_of(&store, &opts, cfg, gpu_baseline.is_some())?;
     let linear_params: usize = store
         .tensors
         .iter()

@@ -96,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
             a.targets.join(",")
         );
         if let Some(g) = gpu {
-            let alloc = g.device_total(&plan) - g.context - g.cublas_workspace;
+            let alloc = g.allocated_total(&plan);
             println!(
                 "on {}:\n{g}\npredicted allocated peak {:.1} MiB; with the estimated context and \
                  cuBLAS workspace, device peak {:.1} MiB ({:.2} GB)",

@@ -487,18 +487,13 @@ impl GpuTerms {
             _ => names,
         };
         // a separate lm_head leaves the table on the host; a tied one is uploaded as the head
-        let host_table = store
-            .get(head_name)
-            .and_then(|_| store.get(embed_name))
-            .map(|e| e.name.as_str());
-        let embed_host = host_table
-            .and_then(|n| store.get(n))
-            .map_or(0, |e| e.data.len());
+        let host_table = store.get(head_name).and(store.get(embed_name));
+        let embed_host = host_table.map_or(0, |e| e.data.len());
         // the scratch grows to the largest weight a product dequantises
         let largest = store
             .tensors
             .iter()
-            .filter(|t| t.shape.len() == 2 && Some(t.name.as_str()) != host_table)
+            .filter(|t| t.shape.len() == 2 && host_table.is_none_or(|e| e.name != t.name))
             .map(|t| t.numel())
             .max()
             .unwrap_or(0);
@@ -525,6 +520,12 @@ impl GpuTerms {
             + self.dequant_scratch
             + self.attention_scores
             + self.allocator
+    }
+
+    /// Predicted peak allocated from the device's pool: [`GpuTerms::device_total`] without the
+    /// context and cuBLAS workspace, which exist before loading and are measured then instead.
+    pub fn allocated_total(&self, plan: &MemoryPlan) -> usize {
+        self.device_total(plan) - self.context - self.cublas_workspace
     }
 
     /// Predicted device memory: the plan's device part (without the host-only bytes and the CPU

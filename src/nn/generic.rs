@@ -49,9 +49,9 @@ fn attention_blocked(
     let blocks = Blocks::new(hq, hkv, per.max(1), q.device())?;
     // forward outside the graph: o (B, Hq, T, D), row max and row sum (B, Hq, T, 1), block by block
     let (mut os, mut maxs, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     for (h0, n, kv_idx) in &blocks.list {
-        let (qb, kb, vb) =
-            blocks.operands(&q.detach(), &k.detach(), &v.detach(), *h0, *n, kv_idx)?;
+        let (qb, kb, vb) = blocks.operands(&qd, &kd, &vd, *h0, *n, kv_idx)?;
         let s = scores(&qb, &kb, &bias, d)?;
         let max = s.max_keepdim(D::Minus1)?;
         let e = s.broadcast_sub(&max)?.exp()?;

@@ -336,7 +336,7 @@ pub fn train(
     let gpu_predicted = match gpu_baseline {
         Some(used) => {
             let g = GpuTerms::new(&store, &plan, micro, cfg.seq_len, dtype)?;
-            let predicted = (g.device_total(&plan) - g.context - g.cublas_workspace) as u64;
+            let predicted = g.allocated_total(&plan) as u64;
             say(format!(
                 "on {}:\n{g}\ndevice: {:.1} MiB in use before loading; predicted allocated peak \
                  {:.1} MiB",
