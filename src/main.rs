@@ -58,7 +58,7 @@ fn main() {
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_)) {
         // before any thread allocates: one malloc arena (measured for training steps only)
-        qtune::bench::tune_allocator();
+        qtune::train::bench::tune_allocator();
     }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -76,9 +76,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => cli::generate::run(a)?,
         Cmd::Inspect { path, verify } => {
             let store = WeightStore::open(&path)?;
-            print!("{}", qtune::inspect::inspect(&store));
+            print!("{}", qtune::format::inspect::inspect(&store));
             if verify {
-                let msg = qtune::inspect::verify_gguf(&path)?;
+                let msg = qtune::format::inspect::verify_gguf(&path)?;
                 println!("{msg}");
             }
         }
@@ -101,7 +101,7 @@ fn run(cli: Cli) -> Result<()> {
                     report.extra_files.join(", ")
                 );
             } else {
-                let report = qtune::quantize::quantize_to_gguf(&store, t, &out)
+                let report = qtune::export::quantize::quantize_to_gguf(&store, t, &out)
                     .with_context(|| format!("quantising {} to {}", model.display(), t.name()))?;
                 println!("{report}");
             }

@@ -1,8 +1,8 @@
 //! `qtune bench`: memory and speed of a LoRA training step on a real model shape (random weights).
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use qtune::bench::{run_bench, BenchConfig};
 use qtune::quant::QType;
+use qtune::train::bench::{run_bench, BenchConfig};
 use std::path::PathBuf;
 
 /// Arguments of `qtune bench`.
@@ -60,7 +60,7 @@ pub struct Args {
 /// Runs the bench and prints (and optionally writes) its report.
 pub fn run(a: Args) -> Result<()> {
     let quant = QType::parse(&a.quant)
-        .filter(|q| qtune::bench::BENCH_QUANTS.contains(q))
+        .filter(|q| qtune::train::bench::BENCH_QUANTS.contains(q))
         .with_context(|| format!("--quant {}: use nf4, q4_0, q8_0, q4_k or bf16", a.quant))?;
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
@@ -84,7 +84,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     if a.plan_only {
         let (plan, gpu) =
-            qtune::bench::plan_bench(&cfg).with_context(|| format!("bench {}", a.shape))?;
+            qtune::train::bench::plan_bench(&cfg).with_context(|| format!("bench {}", a.shape))?;
         let mib = |b: usize| b as f64 / 1048576.0;
         println!(
             "{} {} | seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",

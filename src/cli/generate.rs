@@ -4,7 +4,7 @@ use qtune::data::template::{ChatTemplate, Message};
 use qtune::data::Tokenizer;
 use qtune::export::{Adapter, BaseConfig};
 use qtune::format::gguf;
-use qtune::generate::{generate, Generator, Sampling};
+use qtune::models::generate::{generate, Generator, Sampling};
 use qtune::store::{SourceFormat, WeightStore};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -216,7 +216,7 @@ fn run_one(
     a: &Args,
     s: &Sampling,
     eos: &[u32],
-) -> Result<(qtune::generate::Generated, String)> {
+) -> Result<(qtune::models::generate::Generated, String)> {
     let mut shown = String::new();
     let mut ids = Vec::new();
     let mut stdout = std::io::stdout();

@@ -44,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let t0 = std::time::Instant::now();
-    let r = qtune::merge::merge(&store, &cfg, &adapter, &a.out, qtype)?;
+    let r = qtune::export::merge::merge(&store, &cfg, &adapter, &a.out, qtype)?;
     println!(
         "merged {} projections into {} ({} tensors, {} bytes) in {:.1} s",
         r.merged,

@@ -271,7 +271,7 @@ pub(crate) fn load_samples(
 pub fn run(args: Args) -> Result<()> {
     let cfg = resolve(&args)?;
     // a bad --device fails before the data are tokenised
-    qtune::device::open(&cfg.device)?;
+    qtune::nn::device::open(&cfg.device)?;
     if cfg.threads > 0 {
         // candle's CPU kernels and ours share rayon's global pool.
         std::env::set_var("RAYON_NUM_THREADS", cfg.threads.to_string());
@@ -335,7 +335,7 @@ pub fn run(args: Args) -> Result<()> {
             let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
             let ids = tok.encode(&p, true)?;
             let eos: Vec<u32> = tok.eos_id().into_iter().collect();
-            let greedy = qtune::generate::Sampling {
+            let greedy = qtune::models::generate::Sampling {
                 temperature: 0.0,
                 top_k: 0,
                 top_p: 1.0,
@@ -343,8 +343,8 @@ pub fn run(args: Args) -> Result<()> {
             };
             println!("prompt: {p:?}");
             for (when, a) in [("before", None), ("after", Some(&adapter))] {
-                let g = qtune::generate::Generator::new(&store, a)?;
-                let r = qtune::generate::generate(&g, &ids, 24, &greedy, &eos, |_| {})?;
+                let g = qtune::models::generate::Generator::new(&store, a)?;
+                let r = qtune::models::generate::generate(&g, &ids, 24, &greedy, &eos, |_| {})?;
                 let text = tok.decode(&r.tokens)?;
                 println!("{when:>6} training: {:?}", text.trim_end());
             }

@@ -6,6 +6,7 @@
 //! adapter names). [`CausalLm`] is what the trainer sees; [`load`] picks the architecture of a
 //! store.
 pub mod falcon;
+pub mod generate;
 pub mod llama;
 pub mod plan;
 

@@ -433,7 +433,7 @@ impl std::fmt::Display for MemoryPlan {
 /// The device-only parts of a plan on a GPU (`--device cuda`), and what of a [`MemoryPlan`] lives
 /// on the device. Estimates from the design, not yet calibrated on a GPU (no GPU run exists): the
 /// context and workspace figures are typical sizes for CUDA 12/13 on A100/H100-class cards; the
-/// real context is measured (`qtune::device::used_bytes`) before loading, and the peak of
+/// real context is measured (`qtune::nn::device::used_bytes`) before loading, and the peak of
 /// everything allocated from candle's pool next to [`GpuTerms::device_total`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuTerms {

@@ -310,9 +310,9 @@ pub fn train(
         layers: None,
         seed: cfg.seed,
     };
-    let device = crate::device::open(&cfg.device)?;
-    let gpu_baseline = crate::device::used_bytes(&device)?;
-    crate::device::reset_peak(&device)?;
+    let device = crate::nn::device::open(&cfg.device)?;
+    let gpu_baseline = crate::nn::device::used_bytes(&device)?;
+    crate::nn::device::reset_peak(&device)?;
     let lopts = LlamaOptions {
         quant: cfg.quant_type()?,
         dtype,
@@ -324,7 +324,7 @@ pub fn train(
 
     // Memory plan before anything is loaded; the process so far (binary, tokenizer, data) is the
     // baseline the plan's parts add to.
-    crate::bench::tune_allocator();
+    crate::train::bench::tune_allocator();
     let baseline = current_rss_bytes() as usize;
     let store = WeightStore::open(&model_path)?;
     let plan = MemoryPlan::for_store(&store, &lopts, micro, cfg.seq_len)?
@@ -704,7 +704,7 @@ pub fn train(
     if let (Some(used), Some(pred), Some(peak)) = (
         gpu_baseline,
         gpu_predicted,
-        crate::device::peak_allocated(&device)?,
+        crate::nn::device::peak_allocated(&device)?,
     ) {
         report.gpu_memory = Some((used, pred, peak));
         say(format!(

@@ -121,14 +121,14 @@ pub fn merge(
         },
         (SourceFormat::Safetensors | SourceFormat::BnbNf4, true) => {
             let q = qtype.unwrap_or(QType::F32);
-            if crate::quantize::llama_ftype(q).is_none() {
+            if crate::export::quantize::llama_ftype(q).is_none() {
                 return Err(Error::Invalid(format!(
                     "--type {}: a merged GGUF is f32, f16, bf16, q8_0, q4_0, q4_k or q6_k",
                     q.name()
                 )));
             }
             via_f32_dir(base, cfg, adapter, out, |s, o| {
-                crate::quantize::quantize_to_gguf(s, q, o).map(|_| ())
+                crate::export::quantize::quantize_to_gguf(s, q, o).map(|_| ())
             })
         }
         (SourceFormat::Gguf, false) => Err(Error::Invalid(format!(
@@ -182,7 +182,7 @@ fn merge_gguf(
     qtype: Option<QType>,
 ) -> Result<MergeReport> {
     if let Some(q) = qtype {
-        if crate::quantize::llama_ftype(q).is_none() {
+        if crate::export::quantize::llama_ftype(q).is_none() {
             return Err(Error::Invalid(format!(
                 "--type {}: a merged GGUF is f32, f16, bf16, q8_0, q4_0, q4_k or q6_k",
                 q.name()
@@ -191,7 +191,7 @@ fn merge_gguf(
     }
     let scale = adapter.scale as f32;
     let mut meta = base.gguf_metadata.clone();
-    if let Some(q) = qtype.and_then(crate::quantize::llama_ftype) {
+    if let Some(q) = qtype.and_then(crate::export::quantize::llama_ftype) {
         match meta.iter_mut().find(|(k, _)| k == "general.file_type") {
             Some(e) => e.1 = Value::U32(q),
             None => meta.push(("general.file_type".into(), Value::U32(q))),

@@ -7,6 +7,9 @@
 //! the reordered rows of its converter: the B factor of those projections (whose rows are output
 //! rows) is reordered on the way to a GGUF LoRA and back on the way out ([`BaseConfig::gguf_rows`]).
 //! A is untouched (its columns are input features, which no reordering moves).
+pub mod merge;
+pub mod quantize;
+
 use crate::format::gguf::{self, GgufWriter, TensorPlan, Value};
 use crate::lora::adapter::{self, AdapterConfig, LoraPart, TargetModules};
 use crate::models::falcon::{self, QkvLayout};

@@ -405,7 +405,7 @@ pub struct BenchConfig {
     pub seed: u64,
     /// AdamW moments as blockwise 8-bit codes (`qtune train --optim-8bit`).
     pub optim_8bit: bool,
-    /// `cpu`, `cuda` or `cuda:N` (see [`crate::device::open`]).
+    /// `cpu`, `cuda` or `cuda:N` (see [`crate::nn::device::open`]).
     pub device: String,
 }
 
@@ -627,7 +627,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     }
     let config = shape_config(&cfg.shape)?;
     let model_cfg = shape_dims(&config, Path::new(&cfg.shape))?;
-    let device = crate::device::open(&cfg.device)?;
+    let device = crate::nn::device::open(&cfg.device)?;
     tune_allocator();
     let peak_gflops = if device.is_cpu() {
         progress("measuring this machine's f32 GEMM peak");
@@ -636,8 +636,8 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
         measure_device_peak(&device, cfg.dtype)?
     };
-    let gpu_baseline = crate::device::used_bytes(&device)?;
-    crate::device::reset_peak(&device)?;
+    let gpu_baseline = crate::nn::device::used_bytes(&device)?;
+    crate::nn::device::reset_peak(&device)?;
     let baseline_rss = status_bytes("VmRSS:");
     reset_peak_rss();
     let t0 = Instant::now();
@@ -723,7 +723,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let gpu = match (
         gpu_terms,
         gpu_baseline,
-        crate::device::peak_allocated(&device)?,
+        crate::nn::device::peak_allocated(&device)?,
     ) {
         (Some(terms), Some(baseline_used), Some(peak_allocated)) => Some(GpuReport {
             terms,
