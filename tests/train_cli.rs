@@ -295,13 +295,15 @@ fn optim_8bit_flag_and_key_resume_bit_identically() {
     let mut a = args(part.path());
     a.extend(["--optim-8bit".into(), "--stop-after".into(), "3".into()]);
     run_ok(&a);
-    // Resuming 8-bit state without the flag: refused, naming the state directory.
+    // Resuming 8-bit state with the key set to false: refused by name (without it, the run's
+    // own setting, saved in its checkpoint, applies).
     let mut a = args(part.path());
     a.extend(["--resume".into(), part.path().display().to_string()]);
-    let refused: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-    let state = part.path().join("checkpoint-3/optimizer");
-    fails_with(&refused, &state.display().to_string());
-    fails_with(&refused, "--optim-8bit");
+    let off = part.path().join("off.toml");
+    std::fs::write(&off, "optim-8bit = false\n").unwrap();
+    let mut refused: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    refused.extend(["--config", off.to_str().unwrap()]);
+    fails_with(&refused, "--optim-8bit false (the run has true)");
     // The TOML key does what the flag does.
     let cfgp = part.path().join("eight.toml");
     std::fs::write(&cfgp, "optim-8bit = true\n").unwrap();
@@ -310,4 +312,62 @@ fn optim_8bit_flag_and_key_resume_bit_identically() {
     let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(f(full.path()), f(part.path()));
     assert_eq!(step_losses(full.path()), step_losses(part.path()));
+}
+
+/// `qtune train --resume R` alone, from another working directory: the run's own settings (saved in
+/// its checkpoint), continued in R and nowhere else, bit-identical to an uninterrupted run.
+#[test]
+fn resume_alone_takes_the_runs_settings_and_writes_only_into_the_run() {
+    let full = tempfile::tempdir().unwrap();
+    run_ok(&base_args(full.path()));
+    let part = tempfile::tempdir().unwrap();
+    let mut a = base_args(part.path());
+    a.extend(["--stop-after".into(), "4".into()]);
+    run_ok(&a);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = part.path().display().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args(["train", "--resume", &run])
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_dir(elsewhere.path()).unwrap().count(),
+        0,
+        "the resumed run wrote outside its directory"
+    );
+    let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(f(full.path()), f(part.path()));
+    assert_eq!(step_losses(full.path()), step_losses(part.path()));
+    // A checkpoint keeps the run's settings.
+    assert!(part.path().join("checkpoint-3/qtune.toml").is_file());
+}
+
+#[test]
+fn resume_refuses_a_trajectory_change_or_another_out_by_name() {
+    let part = tempfile::tempdir().unwrap();
+    let mut a = base_args(part.path());
+    a.extend(["--stop-after".into(), "3".into()]);
+    run_ok(&a);
+    let run = part.path().display().to_string();
+    fails_with(
+        &["--resume", &run, "--lr", "0.5"],
+        "--lr 0.5 (the run has 0.01) would make this another run",
+    );
+    let other = tempfile::tempdir().unwrap();
+    fails_with(
+        &["--resume", &run, "--out", other.path().to_str().unwrap()],
+        "a resumed run goes on in its own directory",
+    );
+    fails_with(&["--resume", "/nonexistent/run"], "no such directory");
+    // What does not move the trajectory may change.
+    run_ok(&[
+        "--resume".to_string(),
+        run.clone(),
+        "--eval-every".into(),
+        "2".into(),
+        "--save-every".into(),
+        "2".into(),
+    ]);
 }

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use qtune::data::{load_examples, DataOptions, Tokenizer};
 use qtune::store::WeightStore;
+use qtune::train::checkpoint;
 use qtune::train::config::TrainConfig;
 use qtune::train::trainer::{train, RunOptions, Sample};
 use serde::Serialize;
@@ -191,6 +192,17 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
     };
     let flags = toml::Table::try_from(args).context("collecting flags")?;
     let named = |k: &str| file.contains_key(k) || flags.contains_key(k);
+    // `--resume DIR`: the run's own settings, saved in its checkpoint; flags may change only what
+    // does not move the trajectory, and the run goes on in its own directory.
+    let resume = [&flags, &file]
+        .iter()
+        .find_map(|t| t.get("resume").and_then(|v| v.as_str()).map(PathBuf::from));
+    if let Some(r) = &resume {
+        let given = [file.clone(), flags.clone()];
+        if let Some(cfg) = checkpoint::resume_config(r, &given, args.config.as_deref())? {
+            return Ok(cfg);
+        }
+    }
     let mut layers = Vec::new();
     if !named("model") && !named("data") {
         let p = assets().join("default.toml");
@@ -206,9 +218,16 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
         }
         layers.push(t);
     }
+    let out_named = named("out");
     layers.push(file);
     layers.push(flags);
-    Ok(TrainConfig::resolve(&layers, args.config.as_deref())?)
+    let mut cfg = TrainConfig::resolve(&layers, args.config.as_deref())?;
+    if let Some(r) = &resume {
+        // A checkpoint from before settings were saved in it: every setting was given again.
+        let given_out = out_named.then_some(cfg.out.as_path());
+        cfg.out = checkpoint::resume_out(r, given_out)?;
+    }
+    Ok(cfg)
 }
 
 /// The tokenizer of a model: its directory's tokenizer.json, or the vocabulary a GGUF embeds.

@@ -85,6 +85,28 @@ fn gpu_err(e: candle_core::Error) -> Error {
     Error::Invalid(format!("reading GPU memory figures: {e}"))
 }
 
+/// Current resident set size of this process (VmRSS), 0 where /proc is unavailable.
+pub fn current_rss_bytes() -> u64 {
+    proc_status_kib("VmRSS:").map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident set size of this process (VmHWM), 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_kib("VmHWM:").map_or(0, |kb| kb * 1024)
+}
+
+/// A `kB` line of /proc/self/status.
+fn proc_status_kib(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

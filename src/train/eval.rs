@@ -1,9 +1,9 @@
 //! Evaluation: the mean next-token loss (and perplexity) of a base model, with or without an
 //! adapter, over tokenised samples. The training loop's periodic eval and `qtune eval` share it, so
 //! the figures printed while training and those of a merged or requantised model are comparable.
-use super::trainer::{make_batch, Sample};
+use super::data::Sample;
 use crate::lora::adapter;
-use crate::models::{CausalLm, LlamaOptions, LoraSpec};
+use crate::models::{LlamaOptions, LoraSpec};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -21,26 +21,7 @@ pub struct EvalReport {
     pub tokens: usize,
 }
 
-/// Mean loss over every target token of `samples`, in micro-batches of `micro` (each batch's mean
-/// weighted by its target count, so the batch size does not change the figure).
-pub fn mean_loss(model: &dyn CausalLm, samples: &[Sample], micro: usize) -> Result<(f64, usize)> {
-    let (mut sum, mut cnt) = (0f64, 0usize);
-    for chunk in samples.chunks(micro.max(1)) {
-        let refs: Vec<&Sample> = chunk.iter().collect();
-        let b = make_batch(&refs)?;
-        if b.targets == 0 {
-            continue;
-        }
-        let l = model
-            .loss(&b.ids, Some(&b.mask), &b.labels)?
-            .to_dtype(DType::F32)
-            .and_then(|l| l.to_scalar::<f32>())
-            .map_err(|e| Error::Invalid(format!("eval loss: {e}")))?;
-        sum += l as f64 * b.targets as f64;
-        cnt += b.targets;
-    }
-    Ok((sum / cnt.max(1) as f64, cnt))
-}
+pub use super::objective::mean_loss;
 
 /// Sets the model's LoRA parameters `params` to a PEFT adapter's tensors, after checking that the
 /// adapter (read from `dir`) has exactly these names and shapes.

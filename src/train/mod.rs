@@ -1,8 +1,13 @@
-//! Training machinery around the model: the optimizer ([`AdamW`], with gradient clipping) and the
-//! learning-rate schedules ([`LrSchedule`]).
+//! Training around the model: the loop ([`trainer`]) over an objective ([`objective`]: SFT), its
+//! data order ([`data`]), checkpoints ([`checkpoint`]), the optimizer ([`AdamW`], with gradient
+//! clipping), the learning-rate schedules ([`LrSchedule`]), evaluation, and `qtune bench`.
 pub mod bench;
+pub mod chart;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod eval;
+pub mod objective;
 pub mod optim;
 pub mod optim8;
 pub mod schedule;

@@ -1,0 +1,136 @@
+//! What a training run optimises: the objective seam of the trainer.
+//!
+//! An [`Objective`] owns everything that depends on what is being learned: the shape of an example
+//! and of a micro-batch, how examples are cut to `--seq-len`, the loss of a micro-batch with its
+//! gradients, the weight of a micro-batch in its optimizer step, and the metrics logged per step and
+//! per evaluation. The loop in [`super::trainer`] (data order, accumulation, clipping, AdamW,
+//! checkpoints, resume, reports) is the same for every objective.
+//!
+//! Supervised fine-tuning ([`Sft`]) is the first one. A preference objective (DPO) is a second
+//! implementation: its example is a (prompt, chosen, rejected) triple, its micro-batch runs chosen
+//! and rejected together, and its loss comes from per-sequence log-probabilities of the policy and
+//! of the reference (the base with the adapter switched off).
+use super::data::{fit_samples, make_batch, Batch, Fnv, Sample};
+use crate::models::CausalLm;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+
+/// Named scalar metrics, in the order they are logged (keys of `metrics.jsonl`).
+pub type Metrics = Vec<(&'static str, f64)>;
+
+/// One micro-batch's result.
+pub struct MicroStep {
+    /// The micro-batch's loss (its own mean; the loop weights it by [`Objective::weight`]).
+    pub loss: f64,
+    /// The gradient of that loss for every trainable tensor, by PEFT name.
+    pub grads: HashMap<String, Tensor>,
+    /// Further per-micro-batch metrics (weighted like the loss).
+    pub metrics: Metrics,
+}
+
+/// A training objective: the part of a run that depends on what is learned (see the module doc).
+pub trait Objective {
+    /// One tokenised example.
+    type Example: Clone;
+    /// A micro-batch of examples, ready for the model.
+    type Batch;
+
+    /// The objective's name (`sft`, ...), as `--objective` takes it.
+    fn name(&self) -> &'static str;
+    /// The examples cut to `seq_len`, those with nothing to learn dropped; also how many were cut.
+    /// `what` names the data set in errors ("training", "eval").
+    fn fit(
+        &self,
+        examples: Vec<Self::Example>,
+        seq_len: usize,
+        what: &str,
+    ) -> Result<(Vec<Self::Example>, usize)>;
+    /// Feeds every example into `h` (a resumed run must see the same data).
+    fn fingerprint(&self, examples: &[Self::Example], h: &mut Fnv);
+    /// Tensors of a micro-batch.
+    fn batch(&self, examples: &[&Self::Example]) -> Result<Self::Batch>;
+    /// The micro-batch's share of its optimizer step (the loss of a step is the mean over these
+    /// units across its micro-batches: target tokens for SFT, pairs for DPO). 0: skipped.
+    fn weight(&self, batch: &Self::Batch) -> usize;
+    /// Real (unpadded) tokens the micro-batch runs through the model.
+    fn tokens(&self, batch: &Self::Batch) -> usize;
+    /// Loss, gradients and metrics of one micro-batch (training mode: dropout on).
+    fn micro_step(&self, model: &dyn CausalLm, batch: &Self::Batch) -> Result<MicroStep>;
+    /// Metrics on held-out examples in micro-batches of `micro`, the first one being the loss
+    /// (`eval_loss`).
+    fn evaluate(
+        &self,
+        model: &dyn CausalLm,
+        examples: &[Self::Example],
+        micro: usize,
+    ) -> Result<Metrics>;
+}
+
+/// Supervised fine-tuning: the mean next-token cross-entropy over every target token of a step
+/// (transformers' shifted causal-LM loss, -100 ignored).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sft;
+
+impl Objective for Sft {
+    type Example = Sample;
+    type Batch = Batch;
+
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+    fn fit(
+        &self,
+        examples: Vec<Sample>,
+        seq_len: usize,
+        what: &str,
+    ) -> Result<(Vec<Sample>, usize)> {
+        fit_samples(examples, seq_len, what)
+    }
+    fn fingerprint(&self, examples: &[Sample], h: &mut Fnv) {
+        h.eat(examples.len() as u64);
+        examples.iter().for_each(|s| h.eat_sample(s));
+    }
+    fn batch(&self, examples: &[&Sample]) -> Result<Batch> {
+        make_batch(examples)
+    }
+    fn weight(&self, batch: &Batch) -> usize {
+        batch.targets
+    }
+    fn tokens(&self, batch: &Batch) -> usize {
+        batch.tokens
+    }
+    fn micro_step(&self, model: &dyn CausalLm, b: &Batch) -> Result<MicroStep> {
+        let (loss, grads) = model.train_grads(&b.ids, Some(&b.mask), &b.labels)?;
+        Ok(MicroStep {
+            loss: loss as f64,
+            grads,
+            metrics: Vec::new(),
+        })
+    }
+    fn evaluate(&self, model: &dyn CausalLm, examples: &[Sample], micro: usize) -> Result<Metrics> {
+        let l = mean_loss(model, examples, micro)?.0 as f32 as f64;
+        Ok(vec![("eval_loss", l), ("eval_ppl", l.exp())])
+    }
+}
+
+/// Mean loss over every target token of `samples`, in micro-batches of `micro` (each batch's mean
+/// weighted by its target count, so the batch size does not change the figure).
+pub fn mean_loss(model: &dyn CausalLm, samples: &[Sample], micro: usize) -> Result<(f64, usize)> {
+    let (mut sum, mut cnt) = (0f64, 0usize);
+    for chunk in samples.chunks(micro.max(1)) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let b = make_batch(&refs)?;
+        if b.targets == 0 {
+            continue;
+        }
+        let l = model
+            .loss(&b.ids, Some(&b.mask), &b.labels)?
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_scalar::<f32>())
+            .map_err(|e| Error::Invalid(format!("eval loss: {e}")))?;
+        sum += l as f64 * b.targets as f64;
+        cnt += b.targets;
+    }
+    Ok((sum / cnt.max(1) as f64, cnt))
+}
