@@ -1,0 +1,155 @@
+//! Fused training ops with hand-written backward passes (CPU): RMSNorm, rotary embeddings, causal
+//! GQA attention and a chunked cross-entropy through a frozen lm_head.
+//!
+//! Why: candle's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward, and the
+//! composite versions keep every intermediate alive and store an activation-sized gradient for each
+//! constant operand (cos/sin tables, norm weights). Here each op is one candle custom op whose
+//! graph node keeps only what its backward needs; constants live inside the op (never graph nodes,
+//! so never a gradient); math is f32 with bf16/f16 converted at the boundary.
+//!
+//! Every function takes and returns candle tensors (errors are `candle_core::Error`, as for any
+//! tensor op), works on the CPU only so far, and is differentiable in its activation arguments
+//! (once: the gradients they return are plain tensors, except rope's, which is rope again).
+use crate::lora::QLinear;
+use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+use crate::store::StoredTensor;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
+// ---------------------------------------------------------------------------------------------
+// Boundary helpers: f32 views of CPU storage, f32 results back in the activation dtype.
+
+/// The contiguous f32 data of a storage slice (borrowed for f32, converted for bf16/f16).
+fn f32_of<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: argument must be contiguous (call .contiguous() first)");
+    };
+    Ok(match storage {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
+        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        s => bail!(
+            "{op}: unsupported dtype {:?}; use f32, bf16 or f16",
+            s.dtype()
+        ),
+    })
+}
+
+/// The same for a whole tensor (used in backward passes, which get tensors, not storages).
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{op}: only the CPU kernels exist so far; move the tensors to the CPU");
+    };
+    let v = f32_of(cpu, layout, op)?;
+    Ok(f(&v))
+}
+
+/// A small constant tensor (weights, tables, masks) as an owned f32 vector (copied from the GPU
+/// when it lives there: these are built once per op).
+fn const_f32(t: &Tensor, op: &str) -> Result<Vec<f32>> {
+    let supported = t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda());
+    if !supported {
+        bail!("{op}: only the CPU and CUDA kernels exist; move the tensors to the CPU");
+    }
+    t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// The activation arguments of an op with CUDA kernels (`--features cuda`) may live on the GPU.
+fn check_cpu_or_cuda(op: &str, ts: &[&Tensor]) -> Result<()> {
+    if cfg!(feature = "cuda") && ts.iter().all(|t| t.device().is_cuda()) {
+        return Ok(());
+    }
+    check_cpu(op, ts)
+}
+
+/// f32 results as a storage of `dtype`.
+fn storage_of(v: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
+/// f32 results as a (gradient) tensor of `dtype`.
+fn tensor_of(v: Vec<f32>, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    match dtype {
+        DType::BF16 => Tensor::from_vec(
+            v.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
+            dims,
+            &Device::Cpu,
+        ),
+        DType::F16 => Tensor::from_vec(
+            v.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
+            dims,
+            &Device::Cpu,
+        ),
+        _ => Tensor::from_vec(v, dims, &Device::Cpu),
+    }
+}
+
+fn check_cpu(op: &str, ts: &[&Tensor]) -> Result<()> {
+    if ts.iter().any(|t| !matches!(t.device(), Device::Cpu)) {
+        bail!("{op}: only the CPU kernels exist so far; move the tensors to the CPU");
+    }
+    Ok(())
+}
+
+/// Σ a·b·c with eight independent accumulators.
+#[inline]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    debug_assert!(a.len() == b.len() && b.len() == c.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f32 = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .map(|((x, y), z)| x * y * z)
+    .sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l] * z[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b with eight independent accumulators, so that LLVM vectorises it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+mod attention;
+mod cross_entropy;
+mod norm;
+mod rope;
+
+pub use attention::*;
+pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
+pub use cross_entropy::*;
+pub use norm::*;
+pub use rope::*;

@@ -1,0 +1,141 @@
+//! Rotary position embeddings: tables and the rotation, whose backward is the inverse rotation.
+use super::*;
+
+/// `(cos, sin)`, each `(T, D/2)`, for positions `0..T`, head dim `D` and base `theta`, as
+/// transformers' LlamaRotaryEmbedding computes them in f32 (inv_freq and p·inv_freq rounded to
+/// f32; its `(T, D)` tables are these halves repeated twice), then cast to `dtype`.
+pub fn rope_tables(t: usize, d: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    if d == 0 || !d.is_multiple_of(2) {
+        bail!("rope_tables: head dim {d} must be even and non-zero");
+    }
+    let half = d / 2;
+    // inv_freq[i] = 1 / theta^((2i as f32) / D as f32); the power is correctly rounded to f32
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let e = (2 * i) as f32 / d as f32;
+            1.0f32 / (theta.powf(e as f64) as f32)
+        })
+        .collect();
+    let mut cos = vec![0f32; t * half];
+    let mut sin = vec![0f32; t * half];
+    for p in 0..t {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            // the angle is an f32 product, as in transformers' f32 matmul with an inner dim of 1
+            let a = (p as f32 * f) as f64;
+            cos[p * half + i] = a.cos() as f32;
+            sin[p * half + i] = a.sin() as f32;
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (t, half), &Device::Cpu)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (t, half), &Device::Cpu)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Rotary embedding in the HF half-rotation layout: for `x (B, H, T, D)` with `x1 = x[.., :D/2]`,
+/// `x2 = x[.., D/2:]`, `out = [x1·cos - x2·sin, x2·cos + x1·sin]`; `cos, sin (T, D/2)` are frozen.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_impl(x, cos, sin, false)
+}
+
+/// Rotary embedding on adjacent pairs `(x[2i], x[2i+1])` (GGUF / Meta layout); otherwise as [`rope`].
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_impl(x, cos, sin, true)
+}
+
+fn rope_impl(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    check_cpu_or_cuda("rope", &[x])?;
+    let (_b, _h, t, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        bail!(
+            "rope: x {:?} (B, H, T, D) needs cos and sin of shape [{t}, {}], got {:?} and {:?}",
+            x.dims(),
+            d / 2,
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let op = RopeOp {
+        cos: Arc::new(const_f32(cos, "rope")?),
+        sin: Arc::new(const_f32(sin, "rope")?),
+        t,
+        half: d / 2,
+        interleaved,
+        inverse: false,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+#[derive(Clone)]
+struct RopeOp {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    t: usize,
+    half: usize,
+    interleaved: bool,
+    /// Rotate by -theta (the backward of the forward rotation, and vice versa).
+    inverse: bool,
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "qtune-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_of(s, l, self.name())?;
+        let (t, half) = (self.t, self.half);
+        let d = 2 * half;
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        // x, y: (B·H, T, D); each (b, h) slab rotated position by position
+        let mut y = vec![0f32; x.len()];
+        if t * d > 0 {
+            y.par_chunks_mut(t * d)
+                .zip(x.par_chunks(t * d))
+                .for_each(|(y, x)| {
+                    for p in 0..t {
+                        let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                        for i in 0..half {
+                            let c = self.cos[p * half + i];
+                            let sn = sign * self.sin[p * half + i];
+                            let (i1, i2) = if self.interleaved {
+                                (2 * i, 2 * i + 1)
+                            } else {
+                                (i, i + half)
+                            };
+                            let (a, b) = (xr[i1], xr[i2]);
+                            yr[i1] = a * c - b * sn;
+                            yr[i2] = b * c + a * sn;
+                        }
+                    }
+                });
+        }
+        Ok((storage_of(y, s.dtype()), l.shape().clone()))
+    }
+
+    /// kernels/ops.cu `qt_rope` (one thread per rotated pair; the backward is this op inverted).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::ops::rope(
+            (s, l),
+            &self.cos,
+            &self.sin,
+            self.t,
+            self.half,
+            self.interleaved,
+            self.inverse,
+        )?;
+        Ok((y, l.shape().clone()))
+    }
+
+    /// The rotation is orthogonal: dx = R(-theta)·dy. Nothing is needed from the forward.
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let mut inv = self.clone();
+        inv.inverse = !self.inverse;
+        Ok(Some(dy.contiguous()?.apply_op1(inv)?))
+    }
+}
