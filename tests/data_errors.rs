@@ -172,7 +172,7 @@ fn chat_template_problems() {
     let base = Tokenizer::from_model_dir(&root().join("tests/fixtures/llama/model")).unwrap();
     let msg = err_with(&base, &DataOptions::default(), &[msgs]);
     assert!(
-        msg.contains("bad.jsonl:1: ") && msg.contains("--template chatml"),
+        msg.contains("bad.jsonl:1: ") && msg.contains("--chat-template chatml"),
         "{msg}"
     );
     // The model's template refuses an unknown role (raise_exception).

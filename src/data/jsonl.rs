@@ -304,34 +304,7 @@ impl Loader<'_> {
     }
 
     fn messages(&mut self, obj: &Map<String, Json>, no: usize) -> Result<Example> {
-        let Some(Json::Array(list)) = obj.get("messages") else {
-            return Err(self.err(no, "\"messages\" must be a list of {\"role\", \"content\"}"));
-        };
-        let mut msgs = Vec::with_capacity(list.len());
-        for (k, m) in list.iter().enumerate() {
-            let Json::Object(m) = m else {
-                return Err(self.err(no, format!("message {k} is {}, not an object", kind(m))));
-            };
-            if let Some(bad) = m.keys().find(|k| *k != "role" && *k != "content") {
-                return Err(self.err(
-                    no,
-                    format!("message {k} has unknown key \"{bad}\" (expected role, content)"),
-                ));
-            }
-            let field = |key: &str| match m.get(key) {
-                Some(Json::String(s)) => Ok(s.clone()),
-                Some(o) => Err(self.err(
-                    no,
-                    format!("message {k}: \"{key}\" must be a string, found {}", kind(o)),
-                )),
-                None => Err(self.err(no, format!("message {k} has no \"{key}\""))),
-            };
-            let (role, content) = (field("role")?, field("content")?);
-            if role == "assistant" && content.is_empty() {
-                return Err(self.err(no, format!("message {k}: empty assistant content")));
-            }
-            msgs.push(Message { role, content });
-        }
+        let msgs = parse_messages(obj.get("messages"), "messages", &|m| self.err(no, m))?;
         if msgs.is_empty() {
             return Err(self.err(no, "\"messages\" is empty"));
         }
@@ -359,39 +332,7 @@ impl Loader<'_> {
     }
 
     fn compile_template(&self, no: usize) -> Result<ChatTemplate> {
-        let source = match &self.opts.template {
-            Some(t) => {
-                if let Some(b) = ChatTemplate::builtin(t) {
-                    b.to_string()
-                } else if Path::new(t).is_file() {
-                    std::fs::read_to_string(t).map_err(|e| Error::io(t, e))?
-                } else if t.contains("{%") || t.contains("{{") {
-                    t.clone()
-                } else {
-                    let names: Vec<&str> =
-                        super::BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
-                    return Err(Error::Invalid(format!(
-                        "template '{t}' is neither a built-in ({}) nor a file of Jinja",
-                        names.join(", ")
-                    )));
-                }
-            }
-            None => match self.tok.chat_template() {
-                Some(t) => t.to_string(),
-                None => {
-                    return Err(self.err(
-                        no,
-                        format!(
-                            "\"messages\" need a chat template and the model ({}) has none; \
-                             pick a built-in one (--template chatml)",
-                            self.tok.source().display()
-                        ),
-                    ))
-                }
-            },
-        };
-        let name = |id: Option<u32>| id.and_then(|i| self.tok.id_to_token(i)).unwrap_or_default();
-        ChatTemplate::new(&source, &name(self.tok.bos_id()), &name(self.tok.eos_id()))
+        compile_template(self.tok, self.opts.template.as_deref(), &|m| self.err(no, m))
     }
 
     fn detect(&self, obj: &Map<String, Json>, no: usize) -> Result<DataFormat> {
@@ -428,6 +369,82 @@ impl Loader<'_> {
     }
 }
 
+/// The `{"role", "content"}` list under `key` of a line (`err` makes a `file:line` error).
+pub(crate) fn parse_messages(
+    v: Option<&Json>,
+    key: &str,
+    err: &dyn Fn(String) -> Error,
+) -> Result<Vec<Message>> {
+    let Some(Json::Array(list)) = v else {
+        return Err(err(format!(
+            "\"{key}\" must be a list of {{\"role\", \"content\"}}"
+        )));
+    };
+    let mut msgs = Vec::with_capacity(list.len());
+    for (k, m) in list.iter().enumerate() {
+        let Json::Object(m) = m else {
+            return Err(err(format!("message {k} is {}, not an object", kind(m))));
+        };
+        if let Some(bad) = m.keys().find(|k| *k != "role" && *k != "content") {
+            return Err(err(format!(
+                "message {k} has unknown key \"{bad}\" (expected role, content)"
+            )));
+        }
+        let field = |key: &str| match m.get(key) {
+            Some(Json::String(s)) => Ok(s.clone()),
+            Some(o) => Err(err(format!(
+                "message {k}: \"{key}\" must be a string, found {}",
+                kind(o)
+            ))),
+            None => Err(err(format!("message {k} has no \"{key}\""))),
+        };
+        let (role, content) = (field("role")?, field("content")?);
+        if role == "assistant" && content.is_empty() {
+            return Err(err(format!("message {k}: empty assistant content")));
+        }
+        msgs.push(Message { role, content });
+    }
+    Ok(msgs)
+}
+
+/// The chat template for `messages` data: `template` (a built-in name, a file of Jinja, or Jinja
+/// text), else the model's (`err` makes a `file:line` error).
+pub(crate) fn compile_template(
+    tok: &Tokenizer,
+    template: Option<&str>,
+    err: &dyn Fn(String) -> Error,
+) -> Result<ChatTemplate> {
+    let source = match template {
+        Some(t) => {
+            if let Some(b) = ChatTemplate::builtin(t) {
+                b.to_string()
+            } else if Path::new(t).is_file() {
+                std::fs::read_to_string(t).map_err(|e| Error::io(t, e))?
+            } else if t.contains("{%") || t.contains("{{") {
+                t.to_string()
+            } else {
+                let names: Vec<&str> = super::BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
+                return Err(Error::Invalid(format!(
+                    "template '{t}' is neither a built-in ({}) nor a file of Jinja",
+                    names.join(", ")
+                )));
+            }
+        }
+        None => match tok.chat_template() {
+            Some(t) => t.to_string(),
+            None => {
+                return Err(err(format!(
+                    "\"messages\" need a chat template and the model ({}) has none; pick a \
+                     built-in one (--chat-template chatml)",
+                    tok.source().display()
+                )))
+            }
+        },
+    };
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    ChatTemplate::new(&source, &name(tok.bos_id()), &name(tok.eos_id()))
+}
+
 /// Stanford Alpaca's prompt (with and without an input).
 pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     if input.is_empty() {
@@ -444,7 +461,7 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     }
 }
 
-fn kind(v: &Json) -> &'static str {
+pub(crate) fn kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",
