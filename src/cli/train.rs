@@ -5,7 +5,8 @@ use qtune::data::{load_examples, DataOptions, Tokenizer};
 use qtune::store::WeightStore;
 use qtune::train::checkpoint;
 use qtune::train::config::TrainConfig;
-use qtune::train::trainer::{train, RunOptions, Sample};
+use qtune::train::dpo::{Dpo, PairExample};
+use qtune::train::trainer::{train, train_with, RunOptions, Sample};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -162,6 +163,25 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// What to learn: sft (next-token loss on examples) or dpo (preference pairs
+    /// {"prompt","chosen","rejected"}) [default: sft].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective: Option<String>,
+    /// DPO's β: how far the policy may move from the reference [default: 0.1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// DPO's reference: the base plus this frozen PEFT adapter (e.g. the SFT adapter the DPO run
+    /// starts from with --adapter-init) [default: the base alone].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ref_adapter: Option<PathBuf>,
+    /// DPO: compute every pair's reference log-probs once before training (kept in the run
+    /// directory, reused on resume), then run the policy only.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub precompute_ref: bool,
     /// Also write the final adapter in another format beside the PEFT one: `gguf-lora` writes
     /// `<out>/adapter.gguf`, llama.cpp's LoRA file (f32 factors; Llama bases).
     #[arg(long)]
@@ -310,6 +330,9 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .context("--data: no training JSONL given")?;
     let tok = tokenizer(&model)?;
+    if cfg.objective == "dpo" {
+        return run_dpo(&cfg, &args, &data, &tok);
+    }
     let train_data = load(&data, &tok, &cfg, "training")?;
     let eval_data = match &cfg.eval_data {
         Some(p) => load(p, &tok, &cfg, "eval")?,
@@ -373,6 +396,78 @@ pub fn run(args: Args) -> Result<()> {
                 rep.adapter_dir.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Tokenised preference pairs of a JSONL file, with a one-line summary on stderr.
+fn load_pairs(
+    path: &Path,
+    tok: &Tokenizer,
+    cfg: &TrainConfig,
+    what: &str,
+) -> Result<Vec<PairExample>> {
+    let opts = DataOptions {
+        seq_len: cfg.seq_len,
+        template: cfg.chat_template.clone(),
+        ..DataOptions::default()
+    };
+    let (pairs, st) = qtune::data::load_pairs(path, tok, &opts)
+        .with_context(|| format!("loading {what} pairs {}", path.display()))?;
+    eprintln!(
+        "{what} pairs {}: {} pairs ({:?}), {} tokens; {} cut to --seq-len {}",
+        path.display(),
+        st.n,
+        st.format,
+        st.tokens,
+        st.truncated,
+        cfg.seq_len
+    );
+    Ok(pairs
+        .into_iter()
+        .map(|pair| PairExample {
+            pair,
+            reference: None,
+        })
+        .collect())
+}
+
+/// `qtune train --objective dpo`: preference pairs against the base (or `--ref-adapter`) as the
+/// reference.
+fn run_dpo(cfg: &TrainConfig, args: &Args, data: &Path, tok: &Tokenizer) -> Result<()> {
+    if args.export.is_some() {
+        bail!("--export gguf-lora with --objective dpo: export the adapter afterwards with qtune export");
+    }
+    let train_data = load_pairs(data, tok, cfg, "training")?;
+    let eval_data = match &cfg.eval_data {
+        Some(p) => load_pairs(p, tok, cfg, "eval")?,
+        None => Vec::new(),
+    };
+    let reference_adapter = match &cfg.ref_adapter {
+        Some(dir) => Some(qtune::lora::adapter::load_peft(dir)?.1),
+        None => None,
+    };
+    let dpo = Dpo {
+        beta: cfg.beta,
+        reference_adapter,
+        precompute: cfg.precompute_ref,
+    };
+    let opts = RunOptions {
+        quiet: false,
+        stop_after: args.stop_after,
+    };
+    let rep = train_with(&dpo, cfg, train_data, eval_data, &opts)?;
+    if let (Some(first), Some(last)) = (rep.evals.first(), rep.evals.last()) {
+        println!(
+            "eval DPO loss {:.4} (step {}) -> {:.4} (step {})",
+            first.1, first.0, last.1, last.0
+        );
+    }
+    if let Some(l) = rep.losses.last() {
+        println!(
+            "final DPO loss {l:.4}; adapter in {}",
+            rep.adapter_dir.display()
+        );
     }
     Ok(())
 }

@@ -332,11 +332,20 @@ impl Loader<'_> {
     }
 
     fn compile_template(&self, no: usize) -> Result<ChatTemplate> {
-        compile_template(self.tok, self.opts.template.as_deref(), &|m| self.err(no, m))
+        compile_template(self.tok, self.opts.template.as_deref(), &|m| {
+            self.err(no, m)
+        })
     }
 
     fn detect(&self, obj: &Map<String, Json>, no: usize) -> Result<DataFormat> {
         let has = |k: &str| obj.contains_key(k);
+        if has("chosen") || has("rejected") {
+            return Err(self.err(
+                no,
+                "this is preference data ({\"prompt\", \"chosen\", \"rejected\"}), not \
+                 supervised examples; train on it with --objective dpo",
+            ));
+        }
         let (fmt, allowed): (DataFormat, &[&str]) = if has("messages") {
             (DataFormat::Messages, &["messages"])
         } else if has("prompt") || has("completion") {

@@ -9,14 +9,17 @@
 //! - `{"messages"}`: rendered with the chat template one turn at a time; loss on each assistant
 //!   turn's text as the template renders it (content and end-of-turn marker), not on the
 //!   generation prompt that precedes it.
+//! - preference pairs `{"prompt","chosen","rejected"}` for DPO: see [`pairs`].
 //! - `train_on_prompt` puts the loss on every token instead; -100 marks tokens without loss.
 pub mod batch;
 pub mod jsonl;
+pub mod pairs;
 pub mod template;
 pub mod tokenizer;
 
 pub use batch::{batches, pack, shuffle, shuffled_indices, Batch};
 pub use jsonl::{load_examples, DataFormat, DataOptions, DataStats, Example};
+pub use pairs::{load_pairs, Pair, PairFormat, PairStats};
 pub use template::{Message, BUILTIN_TEMPLATES};
 pub use tokenizer::Tokenizer;
 

@@ -16,7 +16,7 @@ const STATE_FORMAT: &str = "qtune-trainer-1";
 /// The settings a checkpoint must share with the run that resumes it: everything that shapes the
 /// trajectory.
 pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_json::Value {
-    serde_json::json!({
+    let mut k = serde_json::json!({
         "model": cfg.model, "quant": cfg.quant, "rank": cfg.rank, "alpha": cfg.alpha,
         "dropout": cfg.dropout, "targets": cfg.targets, "lr": cfg.lr, "schedule": cfg.schedule,
         "warmup": cfg.warmup, "total-steps": total_steps, "batch-size": cfg.batch_size,
@@ -24,7 +24,15 @@ pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_js
         "seed": cfg.seed, "shuffle": cfg.shuffle, "weight-decay": cfg.weight_decay,
         "adam-beta1": cfg.adam_beta1, "adam-beta2": cfg.adam_beta2, "adam-eps": cfg.adam_eps,
         "dtype": cfg.dtype,
-    })
+    });
+    // Only a run of another objective has these (an SFT checkpoint's keys stay as they were).
+    if cfg.objective != "sft" {
+        k["objective"] = serde_json::json!(cfg.objective);
+        k["beta"] = serde_json::json!(cfg.beta);
+        k["ref-adapter"] = serde_json::json!(cfg.ref_adapter);
+        k["precompute-ref"] = serde_json::json!(cfg.precompute_ref);
+    }
+    k
 }
 
 /// A checkpoint directory: `dir` itself if it holds a trainer state, else its newest

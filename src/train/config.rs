@@ -84,6 +84,15 @@ pub struct TrainConfig {
     pub packing: bool,
     /// Built-in chat template name for `messages` data (none: the model's).
     pub chat_template: Option<String>,
+    /// What is learned: `sft` (next-token loss on examples) or `dpo` (preference pairs).
+    pub objective: String,
+    /// DPO's β: how far the policy may move from the reference.
+    pub beta: f64,
+    /// DPO's reference: the base plus this frozen PEFT adapter (default: the base alone).
+    pub ref_adapter: Option<PathBuf>,
+    /// DPO: compute every pair's reference log-probs once before training (kept in the run
+    /// directory), then run the policy only.
+    pub precompute_ref: bool,
 }
 
 impl Default for TrainConfig {
@@ -125,6 +134,10 @@ impl Default for TrainConfig {
             train_on_prompt: false,
             packing: false,
             chat_template: None,
+            objective: "sft".into(),
+            beta: 0.1,
+            ref_adapter: None,
+            precompute_ref: false,
         }
     }
 }
@@ -180,6 +193,22 @@ impl TrainConfig {
         self.max_memory_bytes()?;
         if self.rank == 0 {
             return Err(bad("rank", "must be at least 1".into()));
+        }
+        match self.objective.as_str() {
+            "sft" => {
+                if self.ref_adapter.is_some() || self.precompute_ref {
+                    return Err(bad(
+                        "objective",
+                        "--ref-adapter and --precompute-ref belong to --objective dpo".into(),
+                    ));
+                }
+            }
+            "dpo" => {
+                if !(self.beta.is_finite() && self.beta > 0.0) {
+                    return Err(bad("beta", format!("{} must be > 0", self.beta)));
+                }
+            }
+            o => return Err(bad("objective", format!("'{o}': use sft or dpo"))),
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(bad("alpha", format!("{} must be > 0", self.alpha)));

@@ -6,6 +6,7 @@ pub mod chart;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod eval;
 pub mod objective;
 pub mod optim;

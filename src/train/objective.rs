@@ -53,10 +53,32 @@ pub trait Objective {
     /// The micro-batch's share of its optimizer step (the loss of a step is the mean over these
     /// units across its micro-batches: target tokens for SFT, pairs for DPO). 0: skipped.
     fn weight(&self, batch: &Self::Batch) -> usize;
+    /// The log key of a step's total weight (`target_tokens` for SFT, `pairs` for DPO).
+    fn weight_name(&self) -> &'static str {
+        "target_tokens"
+    }
     /// Real (unpadded) tokens the micro-batch runs through the model.
     fn tokens(&self, batch: &Self::Batch) -> usize;
     /// Loss, gradients and metrics of one micro-batch (training mode: dropout on).
     fn micro_step(&self, model: &dyn CausalLm, batch: &Self::Batch) -> Result<MicroStep>;
+    /// Training-mode model calls (`train_grads`) one micro-batch of `micro` examples makes: a
+    /// resumed run replays that many per micro-batch done, so dropout masks continue exactly.
+    fn model_calls(&self, micro: usize) -> usize {
+        let _ = micro;
+        1
+    }
+    /// Runs once the model is built, before the first step (e.g. precomputing reference values
+    /// into the examples); `run_dir` may cache what it computes. Nothing by default.
+    fn setup(
+        &self,
+        model: &dyn CausalLm,
+        train: &mut [Self::Example],
+        eval: &mut [Self::Example],
+        run_dir: &std::path::Path,
+    ) -> Result<()> {
+        let _ = (model, train, eval, run_dir);
+        Ok(())
+    }
     /// Metrics on held-out examples in micro-batches of `micro`, the first one being the loss
     /// (`eval_loss`).
     fn evaluate(

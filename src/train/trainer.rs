@@ -81,6 +81,12 @@ pub fn train_with<O: Objective>(
 ) -> Result<TrainReport> {
     let data = Run::prepare(obj, cfg, train_data, eval_data, opts)?;
     let mut run = Run::build(obj, cfg, data, opts)?;
+    obj.setup(
+        run.model.as_ref(),
+        &mut run.train,
+        &mut run.eval,
+        &run.cfg.out,
+    )?;
     run.resume()?;
     if run.step == 0 {
         run.evaluate()?;
@@ -342,7 +348,8 @@ impl<'a, O: Objective> Run<'a, O> {
             let z = |d| Tensor::zeros((1, 2), d, &Device::Cpu);
             let (ids, lab) = (z(DType::U32), (z(DType::I64).and_then(|t| t - 100.0)));
             if let (Ok(ids), Ok(lab)) = (ids, lab) {
-                for _ in 0..self.step * self.cfg.grad_accum {
+                let calls = self.obj.model_calls(self.cfg.batch_size);
+                for _ in 0..self.step * self.cfg.grad_accum * calls {
                     let _ = self.model.train_grads(&ids, None, &lab);
                 }
             }
@@ -415,9 +422,10 @@ impl<'a, O: Objective> Run<'a, O> {
         let peak = peak_rss_bytes();
         self.report.losses.push(loss as f32);
         let mut m = serde_json::json!({
-            "step": self.step, "loss": loss, "lr": lr, "tokens": tokens, "target_tokens": n_step,
+            "step": self.step, "loss": loss, "lr": lr, "tokens": tokens,
             "tokens_per_s": tokens as f64 / dt.max(1e-9), "peak_mem_bytes": peak,
         });
+        m[self.obj.weight_name()] = serde_json::json!(n_step);
         if let Some(g) = gnorm {
             m["grad_norm"] = serde_json::json!(g);
         }
