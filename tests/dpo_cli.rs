@@ -251,3 +251,37 @@ fn bad_pairs_are_refused_by_line() {
         "--objective",
     );
 }
+
+#[test]
+fn eval_reports_the_runs_final_dpo_loss_and_export_writes_gguf_lora() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = args(d.path());
+    a.extend(["--export".into(), "gguf-lora".into()]);
+    run(&a);
+    assert!(d.path().join("adapter.gguf").is_file());
+    let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args([
+            "eval",
+            "--objective",
+            "dpo",
+            "--json",
+            "--dtype",
+            "bf16",
+            "--model",
+            &fx("tests/fixtures/llama/model"),
+            "--adapter",
+            d.path().join("adapter").to_str().unwrap(),
+            "--data",
+            &fx("tests/fixtures/dpo_cli/pairs.jsonl"),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let last = *series(d.path(), "eval_loss").last().unwrap();
+    assert!(
+        (v["loss"].as_f64().unwrap() - last).abs() < 1e-6,
+        "{v} vs {last}"
+    );
+    assert_eq!(v["pairs"], 4);
+}

@@ -33,6 +33,16 @@ pub struct Args {
     /// Chat template for `messages` lines (a built-in name, a Jinja file or text).
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// sft (mean next-token loss) or dpo (preference pairs: DPO loss and reward accuracy against
+    /// the base, or --ref-adapter, as the reference).
+    #[arg(long, default_value = "sft")]
+    pub objective: String,
+    /// DPO's β.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// DPO's reference adapter (default: the base alone).
+    #[arg(long)]
+    pub ref_adapter: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -46,6 +56,11 @@ pub fn run(a: Args) -> Result<()> {
         d => bail!("--dtype {d}: use f32 or bf16"),
     };
     let tok = tokenizer(&a.model)?;
+    match a.objective.as_str() {
+        "sft" => {}
+        "dpo" => return eval_dpo(&a, &tok, dtype),
+        o => bail!("--objective {o}: use sft or dpo"),
+    }
     let opts = DataOptions {
         train_on_prompt: a.train_on_prompt,
         seq_len: a.seq_len,
@@ -69,6 +84,51 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "eval loss {:.4}, perplexity {:.3} over {} target tokens",
             r.loss, r.perplexity, r.tokens
+        );
+    }
+    Ok(())
+}
+
+/// `qtune eval --objective dpo`: DPO loss, rewards and reward accuracy on held-out pairs.
+fn eval_dpo(a: &Args, tok: &qtune::data::Tokenizer, dtype: candle_core::DType) -> Result<()> {
+    use qtune::train::objective::Objective;
+    let opts = DataOptions {
+        seq_len: a.seq_len,
+        template: a.chat_template.clone(),
+        ..DataOptions::default()
+    };
+    let (pairs, st) = qtune::data::load_pairs(&a.data, tok, &opts)?;
+    let pairs: Vec<_> = pairs
+        .into_iter()
+        .map(|pair| qtune::train::dpo::PairExample {
+            pair,
+            reference: None,
+        })
+        .collect();
+    let model = qtune::train::eval::load_for_eval(&a.model, a.adapter.as_deref(), dtype)?;
+    let dpo = qtune::train::dpo::Dpo {
+        beta: a.beta,
+        reference_adapter: match &a.ref_adapter {
+            Some(d) => Some(qtune::lora::adapter::load_peft(d)?.1),
+            None => None,
+        },
+        precompute: false,
+    };
+    let m = dpo.evaluate(model.as_ref(), &pairs, a.batch_size)?;
+    if a.json {
+        let mut v = serde_json::json!({"pairs": st.n});
+        for (k, x) in &m {
+            v[k.trim_start_matches("eval_")] = serde_json::json!(x);
+        }
+        println!("{v}");
+    } else {
+        let get = |k: &str| m.iter().find(|(n, _)| *n == k).map_or(f64::NAN, |p| p.1);
+        println!(
+            "DPO loss {:.4}, reward accuracy {:.3}, reward margin {:.4} over {} pairs",
+            get("eval_loss"),
+            get("eval_rewards_accuracy"),
+            get("eval_rewards_margin"),
+            st.n
         );
     }
     Ok(())

@@ -363,15 +363,7 @@ pub fn run(args: Args) -> Result<()> {
         let store = qtune::store::WeightStore::open(&model)?;
         let base = qtune::export::BaseConfig::from_store(&store)?;
         if args.export.is_some() {
-            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
-            let out = rep
-                .adapter_dir
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join("adapter.gguf");
-            let arch = qtune::export::base_architecture(&store);
-            qtune::export::write_gguf_lora(&adapter, &base, &arch, qtune::quant::QType::F32, &out)?;
-            println!("llama.cpp LoRA written to {}", out.display());
+            export_gguf_lora(&store, &rep.adapter_dir)?;
         }
         if let Some(p) = probe.filter(|p| !p.is_empty()) {
             let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
@@ -435,9 +427,6 @@ fn load_pairs(
 /// `qtune train --objective dpo`: preference pairs against the base (or `--ref-adapter`) as the
 /// reference.
 fn run_dpo(cfg: &TrainConfig, args: &Args, data: &Path, tok: &Tokenizer) -> Result<()> {
-    if args.export.is_some() {
-        bail!("--export gguf-lora with --objective dpo: export the adapter afterwards with qtune export");
-    }
     let train_data = load_pairs(data, tok, cfg, "training")?;
     let eval_data = match &cfg.eval_data {
         Some(p) => load_pairs(p, tok, cfg, "eval")?,
@@ -468,6 +457,27 @@ fn run_dpo(cfg: &TrainConfig, args: &Args, data: &Path, tok: &Tokenizer) -> Resu
             "final DPO loss {l:.4}; adapter in {}",
             rep.adapter_dir.display()
         );
+        if args.export.is_some() {
+            let model = cfg
+                .model
+                .as_deref()
+                .context("--model: no base model given")?;
+            export_gguf_lora(&WeightStore::open(model)?, &rep.adapter_dir)?;
+        }
     }
+    Ok(())
+}
+
+/// `--export gguf-lora`: `<out>/adapter.gguf`, llama.cpp's LoRA file, beside the PEFT adapter.
+fn export_gguf_lora(store: &WeightStore, adapter_dir: &Path) -> Result<()> {
+    let base = qtune::export::BaseConfig::from_store(store)?;
+    let adapter = qtune::export::Adapter::load(adapter_dir, &base)?;
+    let out = adapter_dir
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("adapter.gguf");
+    let arch = qtune::export::base_architecture(store);
+    qtune::export::write_gguf_lora(&adapter, &base, &arch, qtune::quant::QType::F32, &out)?;
+    println!("llama.cpp LoRA written to {}", out.display());
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! the figures printed while training and those of a merged or requantised model are comparable.
 use super::data::Sample;
 use crate::lora::adapter;
-use crate::models::{LlamaOptions, LoraSpec};
+use crate::models::{CausalLm, LlamaOptions, LoraSpec};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -48,19 +48,12 @@ pub(crate) fn set_adapter(
 }
 
 /// Loads the model at `model_path` (weights as stored: GGUF, bitsandbytes NF4, or a float
-/// directory), applies the PEFT adapter in `adapter_dir` if given, and evaluates `samples`.
-pub fn evaluate(
+/// directory) for evaluation, with the PEFT adapter in `adapter_dir` applied unmerged if given.
+pub fn load_for_eval(
     model_path: &Path,
     adapter_dir: Option<&Path>,
-    samples: &[Sample],
-    micro: usize,
     dtype: DType,
-) -> Result<EvalReport> {
-    if samples.is_empty() {
-        return Err(Error::Invalid(
-            "eval: no samples (is the data file empty?)".into(),
-        ));
-    }
+) -> Result<Box<dyn CausalLm>> {
     let loaded = adapter_dir.map(adapter::load_peft).transpose()?;
     let lora = loaded.as_ref().map(|(acfg, _)| LoraSpec {
         targets: acfg.target_modules.as_targets(),
@@ -89,6 +82,24 @@ pub fn evaluate(
     if let (Some(dir), Some((acfg, tensors))) = (adapter_dir, &loaded) {
         set_adapter(&model.lora_params(), dir, acfg, tensors)?;
     }
+    Ok(model)
+}
+
+/// Loads the model at `model_path`, applies the PEFT adapter in `adapter_dir` if given, and
+/// evaluates `samples` (mean next-token loss).
+pub fn evaluate(
+    model_path: &Path,
+    adapter_dir: Option<&Path>,
+    samples: &[Sample],
+    micro: usize,
+    dtype: DType,
+) -> Result<EvalReport> {
+    if samples.is_empty() {
+        return Err(Error::Invalid(
+            "eval: no samples (is the data file empty?)".into(),
+        ));
+    }
+    let model = load_for_eval(model_path, adapter_dir, dtype)?;
     let (loss, tokens) = mean_loss(model.as_ref(), samples, micro)?;
     Ok(EvalReport {
         loss,
