@@ -251,6 +251,14 @@ def run(arch, method, tag):
         meta["error"] = f"{type(e).__name__}: {e}"
         meta["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]
         print(arch, method, tag, "ERROR", meta["error"])
+        # Nothing of a run PEFT cannot do is kept but the record of why (peft_config shows its choice).
+        for f in ["adapter_init", "encoder_init.safetensors", "magnitude_peft_init.safetensors"]:
+            p = os.path.join(d, f)
+            if os.path.isdir(p):
+                import shutil
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
     with open(os.path.join(d, "expected.json"), "w") as f:
         json.dump(meta, f, indent=1, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
 
