@@ -262,9 +262,15 @@ def trainer(pm, tok, rows, steps, tmp):
 
 def tokenised(t):
     ds = t.train_dataset
-    return [dict(prompt_text=ds[i]["prompt"], chosen_text=ds[i]["chosen"], rejected_text=ds[i]["rejected"],
-                 prompt_ids=ds[i]["prompt_input_ids"], chosen_ids=ds[i]["chosen_input_ids"],
-                 rejected_ids=ds[i]["rejected_input_ids"]) for i in range(len(ds))]
+    out = []
+    for i in range(len(ds)):
+        # TRL 0.12.2's own tokenize_row on the same texts, for contrast (its prompt has no BOS).
+        trl_own = DPOTrainer.tokenize_row({k: ds[i][k] for k in ("prompt", "chosen", "rejected")},
+                                          t.processing_class, None, None, False)
+        out.append(dict(prompt_text=ds[i]["prompt"], chosen_text=ds[i]["chosen"], rejected_text=ds[i]["rejected"],
+                        prompt_ids=ds[i]["prompt_input_ids"], chosen_ids=ds[i]["chosen_input_ids"],
+                        rejected_ids=ds[i]["rejected_input_ids"], trl_default_prompt_ids=trl_own["prompt_input_ids"]))
+    return out
 
 
 def final_losses(arch, tag, adapter_dir, tok, rows):
@@ -355,4 +361,8 @@ def check_base(tag, state):
 
 
 if __name__ == "__main__":
+    # PEFT keeps target_modules as a set and writes it in hash order: fix the hash seed so that
+    # adapter_config.json is the same on every run (the tensors do not depend on it).
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
     sys.exit(main())

@@ -217,8 +217,10 @@ def run(arch, method, tag):
             emb = pm.word_embeddings.weight[torch.tensor(reps)]
             meta["checks_init_text_max_abs_diff"] = (pm.prompt_encoder["default"].embedding.weight - emb).abs().max().item()
         meta["checks"] = position_checks(arch, method, pm, ids, mask)
-        if method == "dora" and tag == "f32":
-            merged(arch, pm, d)
+        if method == "dora":
+            meta["dora_negative_control"] = dora_negative_control(pm, ids, mask, labels)
+            if tag == "f32":
+                merged(arch, pm, d)
         params = [p for p in pm.parameters() if p.requires_grad]
         meta["trainable"] = [n for n, p in pm.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR[method], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -263,6 +265,29 @@ def run(arch, method, tag):
         json.dump(meta, f, indent=1, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
 
 
+def dora_negative_control(pm, ids, mask, labels):
+    """The init loss with the stored magnitude, and what it would be if a loader recomputed the
+    magnitude (||W|| or ||W + s·B·A||) instead of using the stored one: all three must differ."""
+    out = {}
+    with torch.no_grad():
+        out["loss_stored_magnitude"] = loss_of(pm, ids, mask, labels).item()
+        saved = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_magnitude_vector" in n}
+        for name, with_ba in [("loss_if_magnitude_is_norm_W", False), ("loss_if_magnitude_is_norm_W_plus_sBA", True)]:
+            for mname, mod in pm.named_modules():
+                if hasattr(mod, "lora_magnitude_vector") and "default" in getattr(mod, "lora_magnitude_vector", {}):
+                    w = mod.get_base_layer().weight
+                    s = mod.scaling["default"]
+                    ba = mod.lora_B["default"].weight @ mod.lora_A["default"].weight
+                    m = torch.linalg.norm(w + s * ba if with_ba else w, dim=1)
+                    mod.lora_magnitude_vector["default"].weight.copy_(m)
+            out[name] = loss_of(pm, ids, mask, labels).item()
+        for n, p in pm.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+        assert loss_of(pm, ids, mask, labels).item() == out["loss_stored_magnitude"]
+    return out
+
+
 def merged(arch, pm, d):
     """merge_and_unload's weights of layer 0 for the init DoRA adapter (a reloaded copy is merged)."""
     rm = PeftModel.from_pretrained(base(arch, "f32"), os.path.join(d, "adapter_init"))
@@ -283,4 +308,8 @@ def main():
 
 
 if __name__ == "__main__":
+    # PEFT keeps target_modules as a set and writes it in hash order: fix the hash seed so that
+    # adapter_config.json is the same on every run (the tensors do not depend on it).
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
     sys.exit(main())
