@@ -11,6 +11,7 @@
 //!   generation prompt that precedes it.
 //! - `train_on_prompt` puts the loss on every token instead; -100 marks tokens without loss.
 pub mod batch;
+pub(crate) mod guard;
 pub mod jsonl;
 pub mod template;
 pub mod tokenizer;

@@ -1,5 +1,6 @@
 //! Training machinery around the model: the optimizer ([`AdamW`], with gradient clipping) and the
 //! learning-rate schedules ([`LrSchedule`]).
+pub mod advice;
 pub mod bench;
 pub mod config;
 pub mod eval;

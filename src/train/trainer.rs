@@ -353,15 +353,14 @@ pub fn train(
             let gib = |b: f64| b / (1u64 << 30) as f64;
             return Err(Error::Invalid(format!(
                 "predicted peak {:.2} GiB exceeds --max-memory {} ({:.2} GiB); try a shorter \
-                 --seq-len (now {}), a smaller --batch-size (now {}), a lower --rank (now {}) or \
-                 --quant nf4 (now {})",
+                 --seq-len (now {}), a smaller --batch-size (now {}), a lower --rank (now {}){}",
                 gib((plan.total() + baseline) as f64),
                 cfg.max_memory.as_deref().unwrap_or(""),
                 gib(limit as f64),
                 cfg.seq_len,
                 cfg.batch_size,
                 cfg.rank,
-                cfg.quant
+                super::advice::quant_hint(&store, &cfg.quant)
             )));
         }
     }
