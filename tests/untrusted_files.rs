@@ -158,3 +158,84 @@ fn max_memory_advice_follows_the_base_types() {
     assert!(!err.contains("--quant nf4"), "{err}");
     assert!(err.contains("--quant cannot save more"), "{err}");
 }
+
+fn train_args(out: &Path) -> Vec<String> {
+    let m = root().join("tests/fixtures/llama/model");
+    let d = root().join("tests/fixtures/train/data.jsonl");
+    [
+        "train",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--rank",
+        "2",
+        "--save-every",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_damaged_checkpoint_or_adapter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = train_args(dir.path());
+    a.extend(["--stop-after".into(), "2".into()]);
+    let o = qtune(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dir.path().join("checkpoint-2");
+    assert!(ck.join("checksums.sha256").is_file());
+    let mut resume = train_args(dir.path());
+    resume.extend(["--resume".into(), dir.path().display().to_string()]);
+    let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
+    // Every file of the checkpoint: one flipped byte, then the file cut short, is refused by name.
+    let mut files = Vec::new();
+    for sub in ["", "adapter", "optimizer"] {
+        for e in std::fs::read_dir(ck.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() && !p.ends_with("checksums.sha256") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() >= 4, "{files:?}");
+    for f in &files {
+        let good = std::fs::read(f).unwrap();
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        for damaged in [&bad[..], &good[..good.len() - 1]] {
+            std::fs::write(f, damaged).unwrap();
+            let err = fails(&resume);
+            let name = f.file_name().unwrap().to_str().unwrap();
+            assert!(err.contains(name) && err.contains("damaged"), "{err}");
+        }
+        std::fs::write(f, &good).unwrap();
+    }
+    // Intact again: it resumes and finishes.
+    let o = qtune(&resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The final adapter carries checksums too: a damaged copy is refused on load.
+    let adapter = dir.path().join("adapter");
+    let f = adapter.join("adapter_model.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let n = b.len();
+    b[n - 3] ^= 1;
+    std::fs::write(&f, &b).unwrap();
+    let e = qtune::lora::adapter::load_peft(&adapter)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("damaged"),
+        "{e}"
+    );
+}

@@ -4,6 +4,7 @@ pub mod advice;
 pub mod bench;
 pub mod config;
 pub mod eval;
+pub mod manifest;
 pub mod optim;
 pub mod optim8;
 pub mod schedule;

@@ -426,6 +426,7 @@ pub fn train(
     let mut step = 0usize;
     if let Some(r) = &cfg.resume {
         let ck = find_checkpoint(r)?;
+        super::manifest::verify_manifest(&ck)?;
         let spath = ck.join(STATE_FILE);
         let text = std::fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
         let st: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
@@ -581,6 +582,7 @@ pub fn train(
             &tmp.join(STATE_FILE),
             serde_json::to_string_pretty(&st).expect("json").as_bytes(),
         )?;
+        super::manifest::write_manifest(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
