@@ -252,6 +252,13 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
 
 /// The tokenizer of a model: its directory's tokenizer.json, or the vocabulary a GGUF embeds.
 pub(crate) fn tokenizer(model: &Path) -> Result<Tokenizer> {
+    if !model.exists() {
+        bail!(
+            "{}: no such file or directory (--model takes a GGUF file or a Hugging Face model \
+             directory)",
+            model.display()
+        );
+    }
     if model.is_dir() {
         return Ok(Tokenizer::from_model_dir(model)?);
     }

@@ -48,6 +48,7 @@ pub(crate) fn output<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         // SAFETY: the byte buffer holds exactly n values of T; any bit pattern is a valid
         // float (this is only used for f32, bf16 and u8 outputs).
         let mut t = unsafe { dev.alloc::<T>(n) }?;
+        // SAFETY: `bytes` holds n * size_of::<T>() bytes (made just above) and T is plain data.
         let v = unsafe { bytes.transmute::<T>(n) }.expect("sized above");
         dev.memcpy_dtod(&v, &mut t)?;
         return Ok(t);

@@ -12,6 +12,7 @@
 //! - preference pairs `{"prompt","chosen","rejected"}` for DPO: see [`pairs`].
 //! - `train_on_prompt` puts the loss on every token instead; -100 marks tokens without loss.
 pub mod batch;
+pub(crate) mod guard;
 pub mod jsonl;
 pub mod pairs;
 pub mod template;

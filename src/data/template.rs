@@ -18,6 +18,15 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 /// Built-in templates by name.
 pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[("chatml", CHATML)];
 
+/// Instructions one rendering may run (minijinja's fuel). A template is code from a model file:
+/// real chat templates take a few hundred instructions per turn, so this allows conversations of
+/// thousands of turns and stops a template that loops for ever within a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Most bytes one rendering may write (a training example is kilobytes; a template that prints
+/// without end stops here instead of filling memory).
+pub const TEMPLATE_MAX_OUTPUT: usize = 16 << 20;
+
 /// A compiled chat template with the special-token strings it may refer to.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
@@ -32,6 +41,7 @@ impl ChatTemplate {
         // transformers compiles chat templates with these two jinja2 options.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers' templates call raise_exception(msg) on conversations they refuse.
         env.add_function(
@@ -66,13 +76,30 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
-        tmpl.render(minijinja::context! {
+        let mut out = Capped(Vec::new());
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-        })
-        .map_err(|e| Error::Invalid(format!("chat template failed to render: {e:#}")))
+        };
+        tmpl.render_captured_to(ctx, &mut out).map_err(|e| {
+            if out.0.len() >= TEMPLATE_MAX_OUTPUT {
+                Error::Invalid(format!(
+                    "chat template output exceeds {} MiB; the template does not end",
+                    TEMPLATE_MAX_OUTPUT >> 20
+                ))
+            } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                Error::Invalid(format!(
+                    "chat template ran over {TEMPLATE_FUEL} instructions; the template does not \
+                     end (or the conversation is far too long)"
+                ))
+            } else {
+                Error::Invalid(format!("chat template failed to render: {e:#}"))
+            }
+        })?;
+        String::from_utf8(out.0)
+            .map_err(|_| Error::Invalid("chat template output is not UTF-8".into()))
     }
 
     /// The conversation as text segments with whether each carries loss: each assistant turn is
@@ -148,5 +175,58 @@ mod tests {
         assert_eq!(t.render(&[msg("user", "  x ")], false).unwrap(), "x");
         let e = t.render(&[msg("system", "x")], false).unwrap_err();
         assert!(e.to_string().contains("user first"), "{e}");
+    }
+
+    fn conv() -> Vec<Message> {
+        vec![Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }]
+    }
+
+    #[test]
+    fn a_template_that_does_not_end_is_stopped() {
+        // Endless work: a loop far beyond the fuel.
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let e = t.render(&conv(), true).unwrap_err().to_string();
+        assert!(e.contains("instructions"), "{e}");
+        // Endless output: 10 MB per iteration, past the output cap.
+        let t = ChatTemplate::new(
+            "{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let e = t.render(&conv(), true).unwrap_err().to_string();
+        assert!(e.contains("output exceeds"), "{e}");
+        // An ordinary template still renders.
+        let t = ChatTemplate::new(super::CHATML, "<s>", "</s>").unwrap();
+        assert_eq!(
+            t.render(&conv(), true).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+}
+
+/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > TEMPLATE_MAX_OUTPUT {
+            self.0.resize(TEMPLATE_MAX_OUTPUT, 0);
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! Tokenizers: a Hugging Face `tokenizer.json` (run by the `tokenizers` crate, as transformers does),
 //! or the vocabulary a GGUF embeds, tokenised as llama.cpp does: byte-level BPE ("gpt2") through the
 //! same crate, SentencePiece ("llama": tokens + scores) by our own bigram merger.
+use super::guard;
 use crate::error::{Error, Result};
 use crate::format::gguf::{self, Value};
 use crate::store::WeightStore;
@@ -82,6 +83,9 @@ impl Tokenizer {
     /// Loads `tokenizer.json` (+ `tokenizer_config.json` for special tokens and the chat template)
     /// from a Hugging Face model directory.
     pub fn from_model_dir(dir: &Path) -> Result<Tokenizer> {
+        if !dir.exists() {
+            return Err(Error::Invalid(format!("{}: does not exist", dir.display())));
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::Invalid(format!(
@@ -90,7 +94,15 @@ impl Tokenizer {
                 dir.display()
             )));
         }
-        let tk = tokenizers::Tokenizer::from_file(&path)
+        // The tokenizers crate panics on some damaged files (e.g. a deeply nested decoder).
+        let tk = guard::catch(|| tokenizers::Tokenizer::from_file(&path))
+            .map_err(|p| {
+                tok_err(
+                    &path,
+                    "cannot load tokenizer (the tokenizers crate panicked)",
+                    p,
+                )
+            })?
             .map_err(|e| tok_err(&path, "cannot load tokenizer", e))?;
         let cfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let model_cfg = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
@@ -272,8 +284,11 @@ impl Tokenizer {
         }
         match &self.inner {
             Inner::Hf(tk) => {
-                let enc = tk
-                    .encode(text, add_special && self.post_processor)
+                // The crate can panic on a damaged model (e.g. a bad continuing_subword_prefix).
+                let enc = guard::catch(|| tk.encode(text, add_special && self.post_processor))
+                    .map_err(|p| {
+                        tok_err(&self.source, "tokenising failed (tokenizer panicked)", p)
+                    })?
                     .map_err(|e| tok_err(&self.source, "tokenising failed", e))?;
                 ids.extend_from_slice(enc.get_ids());
             }
@@ -288,8 +303,8 @@ impl Tokenizer {
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.inner {
-            Inner::Hf(tk) => tk
-                .decode(ids, false)
+            Inner::Hf(tk) => guard::catch(|| tk.decode(ids, false))
+                .map_err(|p| tok_err(&self.source, "decoding failed (tokenizer panicked)", p))?
                 .map_err(|e| tok_err(&self.source, "decoding failed", e)),
             Inner::Spm(spm) => Ok(spm.decode(ids)),
         }
@@ -318,7 +333,7 @@ impl Tokenizer {
     /// The text of token `id` (for chat-template variables such as `bos_token`).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         match &self.inner {
-            Inner::Hf(tk) => tk.id_to_token(id),
+            Inner::Hf(tk) => guard::catch(|| tk.id_to_token(id)).ok().flatten(),
             Inner::Spm(spm) => spm.tokens.get(id as usize).cloned(),
         }
     }
@@ -412,8 +427,9 @@ fn gguf_bpe(
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
                   "vocab": vocab, "merges": merges}
     });
-    spec.to_string()
-        .parse::<tokenizers::Tokenizer>()
+    let spec = spec.to_string();
+    guard::catch(|| spec.parse::<tokenizers::Tokenizer>())
+        .map_err(|p| Error::corrupt(path, "GGUF", format!("tokenizer vocabulary: {p}")))?
         .map_err(|e| Error::corrupt(path, "GGUF", format!("tokenizer vocabulary: {e}")))
 }
 

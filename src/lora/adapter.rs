@@ -452,6 +452,8 @@ pub fn save_peft(dir: &Path, cfg: &AdapterConfig, tensors: &[(String, Tensor)]) 
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     write_synced(&tmp.join(WEIGHTS_FILE), &bytes)?;
     write_synced(&tmp.join(CONFIG_FILE), cfg.to_json().as_bytes())?;
+    // Checksums beside the PEFT files (PEFT ignores the extra file): a damaged copy is refused.
+    crate::train::manifest::write_manifest(&tmp)?;
     replace_dir_marked(&tmp, dir, CONFIG_FILE)
 }
 
@@ -472,6 +474,10 @@ pub fn save_peft_vars(
 /// Reads a PEFT adapter directory: its config and its tensors (on the CPU, in the file's dtype,
 /// sorted by name), checked to be complete LoRA A/B pairs of rank `r`.
 pub fn load_peft(dir: &Path) -> Result<(AdapterConfig, Vec<(String, Tensor)>)> {
+    // Adapters qtune wrote carry checksums; those from elsewhere (PEFT) do not.
+    if dir.join(crate::train::manifest::MANIFEST_FILE).exists() {
+        crate::train::manifest::verify_manifest(dir)?;
+    }
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = AdapterConfig::from_json(&cfg_path, &text)?;

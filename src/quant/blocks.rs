@@ -121,6 +121,7 @@ macro_rules! pod {
     ($($t:ty),*) => {$(
         // SAFETY: plain-old-data made of byte arrays and f16, no padding (size asserted above).
         unsafe impl bytemuck::Zeroable for $t {}
+        // SAFETY: as above; every bit pattern is a valid value (bytes and f16 only), Copy, 'static.
         unsafe impl bytemuck::Pod for $t {}
     )*};
 }

@@ -346,15 +346,19 @@ pub fn dot_impls(qtype: QType) -> Vec<(&'static str, DotFn)> {
         // SAFETY (each closure): the features were just detected; callers pass whole, matching
         // blocks (`gemv_q8` checks the shapes).
         match qtype {
+            // SAFETY: AVX2+FMA+F16C detected above; whole blocks checked by the caller.
             QType::Q4_0 if avx2 => v.push(("avx2", |w, x| unsafe { avx2::dot_q4_0_q8_0(w, x) })),
+            // SAFETY: as above.
             QType::Q8_0 if avx2 => v.push(("avx2", |w, x| unsafe { avx2::dot_q8_0_q8_0(w, x) })),
             _ => {}
         }
         match qtype {
             QType::Q4_0 if vnni => {
+                // SAFETY: AVX-512 VNNI+VL (and AVX2) detected above; whole blocks (caller).
                 v.push(("avx512vnni", |w, x| unsafe { vnni::dot_q4_0_q8_0(w, x) }))
             }
             QType::Q4_K if vnni => {
+                // SAFETY: as above.
                 v.push(("avx512vnni", |w, x| unsafe { vnni::dot_q4_k_q8_0(w, x) }))
             }
             _ => {}

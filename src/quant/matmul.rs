@@ -138,6 +138,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 struct SendPtr(*mut f32);
 // SAFETY: every task writes a disjoint set of elements (documented at each use).
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: shared only to write disjoint elements, never read across tasks.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {

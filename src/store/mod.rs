@@ -214,7 +214,10 @@ impl WeightStore {
         if !path.exists() {
             return Err(crate::Error::io(
                 path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "does not exist (expected a .gguf or .safetensors file or a model directory)",
+                ),
             ));
         }
         let mut magic = [0u8; 4];

@@ -146,6 +146,8 @@ pub fn resume_config(
     path: Option<&Path>,
 ) -> Result<Option<TrainConfig>> {
     let ck = find_checkpoint(resume)?;
+    // Nothing of a damaged checkpoint is read, its settings included.
+    super::manifest::verify_manifest(&ck)?;
     if !ck.join(CONFIG_FILE).is_file() {
         return Ok(None);
     }
@@ -244,6 +246,8 @@ pub(crate) fn save(
             .as_bytes(),
     )?;
     write_file(&tmp.join(CONFIG_FILE), settings.to_toml().as_bytes())?;
+    // Checksums of everything above, last: a truncated or flipped file is refused on --resume.
+    super::manifest::write_manifest(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }

@@ -1,6 +1,7 @@
 //! Training around the model: the loop ([`trainer`]) over an objective ([`objective`]: SFT), its
 //! data order ([`data`]), checkpoints ([`checkpoint`]), the optimizer ([`AdamW`], with gradient
 //! clipping), the learning-rate schedules ([`LrSchedule`]), evaluation, and `qtune bench`.
+pub mod advice;
 pub mod bench;
 pub mod chart;
 pub mod checkpoint;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod dpo;
 pub mod eval;
+pub mod manifest;
 pub mod objective;
 pub mod optim;
 pub mod optim8;

@@ -245,7 +245,7 @@ impl<'a, O: Objective> Run<'a, O> {
         let baseline = current_rss_bytes() as usize;
         let store = WeightStore::open(&model_path)?;
         let (plan, gpu_predicted) = plan_memory(&cfg, &store, &lopts, gpu_baseline, opts)?;
-        check_max_memory(&cfg, plan.total() + baseline)?;
+        check_max_memory(&cfg, &store, plan.total() + baseline)?;
         // Llama and Falcon differ only in their decoder blocks; the loop drives either.
         let model = crate::models::load(&store, lopts)?;
         let params = model.lora_params();
@@ -331,6 +331,7 @@ impl<'a, O: Objective> Run<'a, O> {
             return Ok(());
         };
         let ck = find_checkpoint(r)?;
+        super::manifest::verify_manifest(&ck)?;
         self.step = checkpoint::check_resume(&ck, &self.traj, &self.data_fp)?;
         let adir = ck.join("adapter");
         let (_, tensors) = adapter::load_peft(&adir)?;
@@ -632,7 +633,7 @@ fn plan_memory(
 }
 
 /// Refuses a run whose predicted peak exceeds `--max-memory`, naming the levers.
-fn check_max_memory(cfg: &TrainConfig, predicted: usize) -> Result<()> {
+fn check_max_memory(cfg: &TrainConfig, store: &WeightStore, predicted: usize) -> Result<()> {
     let Some(limit) = cfg.max_memory_bytes()? else {
         return Ok(());
     };
@@ -642,15 +643,14 @@ fn check_max_memory(cfg: &TrainConfig, predicted: usize) -> Result<()> {
     let gib = |b: f64| b / (1u64 << 30) as f64;
     Err(Error::Invalid(format!(
         "predicted peak {:.2} GiB exceeds --max-memory {} ({:.2} GiB); try a shorter \
-         --seq-len (now {}), a smaller --batch-size (now {}), a lower --rank (now {}) or \
-         --quant nf4 (now {})",
+         --seq-len (now {}), a smaller --batch-size (now {}), a lower --rank (now {}){}",
         gib(predicted as f64),
         cfg.max_memory.as_deref().unwrap_or(""),
         gib(limit as f64),
         cfg.seq_len,
         cfg.batch_size,
         cfg.rank,
-        cfg.quant
+        super::advice::quant_hint(store, &cfg.quant)
     )))
 }
 

@@ -1,0 +1,241 @@
+//! Found by trying qtune as a user would (issue #19): missing paths, damaged tokenizer.json files
+//! that make the `tokenizers` crate panic, and the `--max-memory` advice on an NF4 base.
+use qtune::data::Tokenizer;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn qtune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// stderr of a run that must fail cleanly (exit 1, an `error:` line, no panic).
+fn fails(args: &[&str]) -> String {
+    let o = qtune(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.contains("error:"), "{err}");
+    // No panic message from the default hook ("thread 'main' panicked at").
+    assert!(!err.contains("thread '"), "{err}");
+    err
+}
+
+#[test]
+fn a_missing_model_is_named_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let data = root().join("tests/fixtures/train/data.jsonl");
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let err = fails(&[
+        "train",
+        "--model",
+        "/nonexistent/model",
+        "--data",
+        data,
+        "--out",
+        out,
+    ]);
+    assert!(
+        err.contains("/nonexistent/model: no such file or directory"),
+        "{err}"
+    );
+    assert!(!err.contains("tokenizer.json"), "{err}");
+    // A missing GGUF: the path and what is wrong, once.
+    let err = fails(&["inspect", "/nonexistent/model.gguf"]);
+    assert!(
+        err.contains("/nonexistent/model.gguf: does not exist"),
+        "{err}"
+    );
+    assert_eq!(err.matches("no such file").count(), 0, "{err}");
+    // An OS error is printed once, not repeated by the error chain (`{:#}`, as main prints it).
+    let e = qtune::Error::io("x.gguf", std::io::Error::other("disk on fire"));
+    assert_eq!(
+        format!("{:#}", anyhow::Error::from(e)),
+        "x.gguf: disk on fire"
+    );
+    let e = Tokenizer::from_model_dir(Path::new("/nonexistent/dir"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(e, "/nonexistent/dir: does not exist");
+}
+
+/// A copy of the tiny Llama model directory with its `tokenizer.json` edited by `edit`.
+fn damaged_tokenizer(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+    let src = root().join("tests/fixtures/llama/model");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    edit(&mut v);
+    std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn a_deeply_nested_decoder_is_an_error_not_a_panic() {
+    // tokenizers 0.23.2 unwraps serde's "recursion limit exceeded" (decoders/mod.rs:90).
+    let dir = damaged_tokenizer(|v| {
+        let mut d = json!([]);
+        for _ in 0..200 {
+            d = json!([d]);
+        }
+        v["decoder"] = d;
+    });
+    let e = Tokenizer::from_model_dir(dir.path())
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(e.contains("tokenizer.json"), "{e}");
+    assert!(e.contains("cannot load tokenizer"), "{e}");
+    // And through the binary: a clean error, no panic message on stderr.
+    let err = fails(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "hi there",
+    ]);
+    assert!(err.contains("cannot load tokenizer"), "{err}");
+}
+
+#[test]
+fn a_bad_continuing_subword_prefix_is_an_error_not_a_panic() {
+    // tokenizers 0.23.2 slices a word by the prefix length (models/bpe/model.rs:267).
+    let dir = damaged_tokenizer(|v| v["model"]["continuing_subword_prefix"] = json!("xx"));
+    // Depending on the vocabulary it panics while loading (added tokens are encoded then) or at
+    // the first encode: either way a named error carrying the crate's message.
+    let e = match Tokenizer::from_model_dir(dir.path()) {
+        Err(e) => e.to_string(),
+        Ok(tok) => tok
+            .encode("hi there", true)
+            .err()
+            .expect("must be refused")
+            .to_string(),
+    };
+    assert!(e.contains("tokenizer.json"), "{e}");
+    assert!(e.contains("panicked") && e.contains("slice index"), "{e}");
+    let err = fails(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "hi there",
+    ]);
+    assert!(err.contains("slice index"), "{err}");
+    // The process stays usable: other text and other tokenizers still work.
+    let good = Tokenizer::from_model_dir(&root().join("tests/fixtures/data/model_chat")).unwrap();
+    assert!(!good.encode("hi there", true).unwrap().is_empty());
+}
+
+#[test]
+fn max_memory_advice_follows_the_base_types() {
+    // The embedded default model is NF4 already: no "--quant nf4" advice for it.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let err = fails(&[
+        "train",
+        "--max-memory",
+        "100k",
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("exceeds --max-memory"), "{err}");
+    assert!(!err.contains("--quant nf4"), "{err}");
+    assert!(err.contains("--quant cannot save more"), "{err}");
+}
+
+fn train_args(out: &Path) -> Vec<String> {
+    let m = root().join("tests/fixtures/llama/model");
+    let d = root().join("tests/fixtures/train/data.jsonl");
+    [
+        "train",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--rank",
+        "2",
+        "--save-every",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_damaged_checkpoint_or_adapter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = train_args(dir.path());
+    a.extend(["--stop-after".into(), "2".into()]);
+    let o = qtune(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dir.path().join("checkpoint-2");
+    assert!(ck.join("checksums.sha256").is_file());
+    let mut resume = train_args(dir.path());
+    resume.extend(["--resume".into(), dir.path().display().to_string()]);
+    let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
+    // Every file of the checkpoint: one flipped byte, then the file cut short, is refused by name.
+    let mut files = Vec::new();
+    for sub in ["", "adapter", "optimizer"] {
+        for e in std::fs::read_dir(ck.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() && !p.ends_with("checksums.sha256") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() >= 4, "{files:?}");
+    for f in &files {
+        let good = std::fs::read(f).unwrap();
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        for damaged in [&bad[..], &good[..good.len() - 1]] {
+            std::fs::write(f, damaged).unwrap();
+            let err = fails(&resume);
+            let name = f.file_name().unwrap().to_str().unwrap();
+            assert!(err.contains(name) && err.contains("damaged"), "{err}");
+        }
+        std::fs::write(f, &good).unwrap();
+    }
+    // Intact again: it resumes and finishes.
+    let o = qtune(&resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The final adapter carries checksums too: a damaged copy is refused on load.
+    let adapter = dir.path().join("adapter");
+    let f = adapter.join("adapter_model.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let n = b.len();
+    b[n - 3] ^= 1;
+    std::fs::write(&f, &b).unwrap();
+    let e = qtune::lora::adapter::load_peft(&adapter)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("damaged"),
+        "{e}"
+    );
+}
