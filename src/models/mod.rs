@@ -1,23 +1,29 @@
 //! Model architectures over the weight store: their configs, forward passes and LoRA training.
 //!
-//! Every architecture shares the store, the quantised kernels ([`QLinear`]), LoRA, the chunked
-//! cross-entropy and the checkpointed training step; an architecture supplies only its blocks, by
-//! implementing [`Decoder`] (embedding, per-call constants, one decoder layer, final norm, head,
-//! adapter names). [`CausalLm`] is what the trainer sees; [`load`] picks the architecture of a
-//! store.
+//! An architecture is data: its config type implements [`arch::Architecture`] and describes itself
+//! as an [`arch::Spec`] (tensor names, block variant, dimensions). One shared decoder,
+//! [`transformer::Transformer`], loads, runs, trains (through [`Decoder`] and the checkpointed
+//! step here), decodes with a KV cache, plans and names any spec; [`Model`] pairs it with its
+//! config ([`Llama`], [`Falcon`]). [`CausalLm`] is what the trainer sees; [`load`] picks the
+//! architecture of a store.
+pub mod arch;
 pub mod falcon;
 pub mod generate;
 pub mod llama;
+mod options;
 pub mod plan;
+pub mod transformer;
 
+pub use arch::Architecture;
 pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
+pub use transformer::Transformer;
 
 use crate::format::gguf::{self, Value};
 use crate::lora::QLinear;
 use crate::nn::{self, fused};
-use crate::store::{StoredTensor, WeightStore};
+use crate::store::{SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -25,11 +31,64 @@ use std::collections::HashMap;
 
 /// The model in `store` (Falcon by its config / GGUF architecture, else Llama) behind [`CausalLm`].
 pub fn load(store: &WeightStore, opts: LlamaOptions) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(open(store, opts)?))
+}
+
+/// The description of the model in `store` (Falcon by its config / GGUF architecture, else Llama).
+pub fn spec_of(store: &WeightStore) -> Result<arch::Spec> {
+    let gguf = store.format == SourceFormat::Gguf;
     Ok(if plan::is_falcon(store) {
-        Box::new(Falcon::load(store, opts)?)
+        FalconConfig::read(store)?.spec(gguf)
     } else {
-        Box::new(Llama::load(store, opts)?)
+        LlamaConfig::read(store)?.spec(gguf)
     })
+}
+
+/// The shared decoder of the model in `store`, whatever its architecture.
+pub fn open(store: &WeightStore, opts: LlamaOptions) -> Result<Transformer> {
+    Transformer::load(store, spec_of(store)?, opts)
+}
+
+/// An architecture's model: its config beside the shared decoder it runs on (which it derefs to:
+/// `forward`, `loss`, `train_grads`, `lora_params`, `base_linear`, ...).
+pub struct Model<C> {
+    cfg: C,
+    t: Transformer,
+}
+
+impl<C: Architecture> Model<C> {
+    /// Loads the model in `store` (Hugging Face names or llama.cpp GGUF names).
+    pub fn load(store: &WeightStore, opts: LlamaOptions) -> Result<Self> {
+        let cfg = C::read(store)?;
+        let spec = cfg.spec(store.format == SourceFormat::Gguf);
+        let t = Transformer::load(store, spec, opts)?;
+        Ok(Model { cfg, t })
+    }
+}
+
+impl<C> Model<C> {
+    /// The config.
+    pub fn config(&self) -> &C {
+        &self.cfg
+    }
+
+    /// The shared decoder, without the config.
+    pub fn into_inner(self) -> Transformer {
+        self.t
+    }
+}
+
+impl<C> std::ops::Deref for Model<C> {
+    type Target = Transformer;
+    fn deref(&self) -> &Transformer {
+        &self.t
+    }
+}
+
+impl<C> std::ops::DerefMut for Model<C> {
+    fn deref_mut(&mut self) -> &mut Transformer {
+        &mut self.t
+    }
 }
 
 /// A GGUF's `<arch>.*` hyper-parameters as llama.cpp writes them (keys given without the prefix);
@@ -102,12 +161,12 @@ pub trait CausalLm {
     fn lora_params(&self) -> Vec<(String, Var)>;
 }
 
-impl CausalLm for Llama {
+impl<C> CausalLm for Model<C> {
     fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        Llama::forward(self, ids, mask)
+        self.t.forward(ids, mask)
     }
     fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
-        Llama::loss(self, ids, mask, labels)
+        self.t.loss(ids, mask, labels)
     }
     fn train_grads(
         &self,
@@ -115,10 +174,10 @@ impl CausalLm for Llama {
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)> {
-        Llama::train_grads(self, ids, mask, labels)
+        self.t.train_grads(ids, mask, labels)
     }
     fn lora_params(&self) -> Vec<(String, Var)> {
-        Llama::lora_params(self)
+        self.t.lora_params()
     }
 }
 
@@ -137,9 +196,15 @@ pub trait Decoder {
     fn ce_chunk(&self) -> usize;
     /// Gradient checkpointing per layer in training.
     fn checkpoint(&self) -> bool;
-    /// Token embeddings `(B, T, C)` in the compute dtype for `ids` (B*T ids, checked against V).
+    /// Rows a sequence-level adapter puts before the tokens (prompt tuning; 0: none): the
+    /// embedding and every layer see `N + T` positions, the head the last `T`.
+    fn prompt_len(&self) -> usize {
+        0
+    }
+    /// Token embeddings `(B, N + T, C)` in the compute dtype for `ids` (B*T ids, checked against V),
+    /// after any prompt rows.
     fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor>;
-    /// The per-call constants for a `(B, T)` batch with optional padding mask.
+    /// The per-call constants for a `(B, T)` batch with optional padding mask (and any prompt rows).
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Self::Ctx>;
     /// Decoder layer `li`: `x (B, T, C) -> (B, T, C)`; `key` is the dropout key base (None: eval).
     fn layer(
@@ -251,7 +316,15 @@ fn hidden<M: Decoder>(
     for li in 0..m.num_layers() {
         x = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
     }
-    Ok(x)
+    drop_prompt(m, x, t)
+}
+
+/// The last `t` positions of `x (B, N + T, C)`: the tokens' hidden states after any prompt rows.
+fn drop_prompt<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
+    match m.prompt_len() {
+        0 => Ok(x),
+        n => x.narrow(1, n, t).map_err(cerr("prompt rows")),
+    }
 }
 
 /// [`CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
@@ -353,7 +426,7 @@ pub fn train_grads<M: Decoder>(
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
-    let xl = Var::from_tensor(&x).map_err(cerr("head"))?;
+    let xl = Var::from_tensor(&drop_prompt(m, x.clone(), t)?).map_err(cerr("head"))?;
     let loss_t = loss_of(m, xl.as_tensor(), &tg, b, t)?;
     let loss = loss_t.to_scalar::<f32>().map_err(cerr("loss"))?;
     let mut g = loss_t
@@ -363,6 +436,15 @@ pub fn train_grads<M: Decoder>(
         .map(|g| g.detach())
         .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
     drop(loss_t);
+    if m.prompt_len() > 0 {
+        // The prompt rows get no gradient from the head: zeros before the tokens' rows.
+        let z = x
+            .narrow(1, 0, m.prompt_len())
+            .and_then(|p| p.zeros_like())
+            .and_then(|z| Tensor::cat(&[&z, &g], 1))
+            .map_err(cerr("prompt rows"))?;
+        g = z;
+    }
     drop(x);
     let mut out = HashMap::new();
     // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
