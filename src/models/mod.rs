@@ -13,6 +13,7 @@ pub mod llama;
 mod options;
 pub mod plan;
 pub mod transformer;
+mod weights;
 
 pub use arch::Architecture;
 pub use falcon::{Falcon, FalconConfig, FalconOptions};
@@ -161,12 +162,25 @@ pub trait CausalLm {
     fn lora_params(&self) -> Vec<(String, Var)>;
 }
 
-impl<C> CausalLm for Model<C> {
+impl<C> AsRef<Transformer> for Model<C> {
+    fn as_ref(&self) -> &Transformer {
+        &self.t
+    }
+}
+
+impl AsRef<Transformer> for Transformer {
+    fn as_ref(&self) -> &Transformer {
+        self
+    }
+}
+
+/// Every model is its shared decoder to the trainer.
+impl<M: AsRef<Transformer>> CausalLm for M {
     fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.t.forward(ids, mask)
+        self.as_ref().forward(ids, mask)
     }
     fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
-        self.t.loss(ids, mask, labels)
+        self.as_ref().loss(ids, mask, labels)
     }
     fn train_grads(
         &self,
@@ -174,10 +188,10 @@ impl<C> CausalLm for Model<C> {
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)> {
-        self.t.train_grads(ids, mask, labels)
+        self.as_ref().train_grads(ids, mask, labels)
     }
     fn lora_params(&self) -> Vec<(String, Var)> {
-        self.t.lora_params()
+        self.as_ref().lora_params()
     }
 }
 

@@ -1,6 +1,9 @@
 //! How a model is loaded: quantisation at load, compute dtype, device, checkpointing, and the
 //! LoRA adapters ([`LoraSpec`], the LoRA [`AdapterMethod`](crate::lora::seam::AdapterMethod)).
+use crate::lora::seam::{AdapterMethod, LinearAdapter};
+use crate::lora::QLinear;
 use crate::quant::QType;
+use crate::{Error, Result};
 use candle_core::{DType, Device};
 use std::ops::Range;
 
@@ -66,5 +69,72 @@ impl Default for LlamaOptions {
             ce_chunk: 256,
             device: Device::Cpu,
         }
+    }
+}
+
+/// LoRA as an adapter method: `LoraSpec` places adapters by PEFT target names and layer range, and
+/// seeds each from its place (`index` = layer · P + projection).
+impl AdapterMethod for LoraSpec {
+    fn targets(&self, projections: &[&'static str], label: &str) -> Result<Vec<&'static str>> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            if t == "all-linear" {
+                return Ok(projections.to_vec());
+            }
+            match projections.iter().find(|p| *p == t) {
+                Some(p) => out.push(*p),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "LoRA target '{t}' is not a {label} linear; use one of {} or all-linear",
+                        projections.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn adapts_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|r| r.contains(&layer))
+    }
+
+    fn build(
+        &self,
+        base: &QLinear,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        let lc = crate::lora::LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            dropout: self.dropout,
+            dtype,
+        };
+        let seed = self
+            .seed
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(index as u64);
+        let lora = crate::lora::lora::Lora::new(base, &lc, seed)?.on_device(base, device)?;
+        Ok(Box::new(lora))
+    }
+
+    fn numels(&self, out: usize, inp: usize) -> Vec<usize> {
+        // A is (r, in), B is (out, r).
+        vec![self.r * inp, out * self.r]
+    }
+
+    fn graph_bytes(&self, n: usize, out: usize, inp: usize, s: usize) -> (usize, usize) {
+        // x·Aᵀ, its scaling, the (N, out) product and the sum with the base output; with dropout
+        // the mask and the masked input. The mask is a plain `mul` operand: its unconsumed
+        // gradient, accumulator and incoming gradient stay until the layer's backward ends.
+        let mut graph = 2 * n * self.r * s + 2 * n * out * s;
+        let mut left = 0;
+        if self.dropout > 0.0 {
+            graph += 2 * n * inp * s;
+            left = 3 * n * inp * s;
+        }
+        (graph, left)
     }
 }
