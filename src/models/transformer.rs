@@ -668,7 +668,7 @@ impl super::Decoder for Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::{CausalLm, Decoder};
+    use crate::models::Decoder;
 
     /// Prompt rows given as tensors.
     struct Rows(Tensor);
