@@ -232,8 +232,12 @@ pub trait Decoder {
     fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor>;
     /// The output projection C -> V.
     fn lm_head(&self) -> &QLinear;
-    /// Every LoRA tensor with its PEFT name (of layer `layer` only, when given).
+    /// Every linear adapter's tensor with its PEFT name (of layer `layer` only, when given).
     fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)>;
+    /// The sequence-level adapter's tensors (prompt rows, KV prefix), which every layer may use.
+    fn sequence_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
     /// The key base of the next training step (dropout masks are replayed from it).
     fn next_step_key(&self) -> u64;
 }
@@ -378,16 +382,30 @@ pub fn loss<M: Decoder>(
     loss_of(m, &x, &tg, b, t)
 }
 
+/// Adds the gradients in `grads` of the adapter tensors of `layer` (None: all) and of the
+/// sequence-level tensors (shared by the layers: their parts are summed) to `out`.
 fn collect<M: Decoder>(
     m: &M,
     grads: &GradStore,
     layer: Option<usize>,
     out: &mut HashMap<String, Tensor>,
 ) -> Result<()> {
-    for (name, var) in m.lora_vars(layer) {
+    let vars = match layer {
+        Some(usize::MAX) => m.sequence_vars(),
+        l => m
+            .lora_vars(l)
+            .into_iter()
+            .chain(m.sequence_vars())
+            .collect(),
+    };
+    for (name, var) in vars {
         let g = match grads.get(var.as_tensor()) {
             Some(g) => g.clone(),
             None => var.zeros_like().map_err(cerr("grads"))?,
+        };
+        let g = match out.remove(&name) {
+            Some(prev) => (prev + g).map_err(cerr("grads"))?,
+            None => g,
         };
         out.insert(name, g);
     }
@@ -476,12 +494,23 @@ pub fn train_grads<M: Decoder>(
         })()
         .map_err(cerr("recompute"))?;
         collect(m, &gs, Some(li), &mut out)?;
-        if li > 0 {
+        if li > 0 || m.prompt_len() > 0 {
             g = match gs.get(xv.as_tensor()) {
                 Some(gx) => gx.detach(),
                 None => xin.zeros_like().map_err(cerr("grads"))?,
             };
         }
+    }
+    if m.prompt_len() > 0 {
+        // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
+        // gradient into the sequence-level tensors.
+        let x0 = m.embed(&v, b, t)?;
+        let gs = (|| {
+            let s = nn::mul_const(&x0.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?;
+            s.sum_all()?.backward()
+        })()
+        .map_err(cerr("prompt rows"))?;
+        collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
     Ok((loss, out))
 }

@@ -652,10 +652,10 @@ impl super::Decoder for Transformer {
         &self.lm_head
     }
     fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)> {
-        match layer {
-            Some(_) => self.adapter_vars(layer),
-            None => self.lora_params(),
-        }
+        self.adapter_vars(layer)
+    }
+    fn sequence_vars(&self) -> Vec<(String, Var)> {
+        self.hooks.as_ref().map_or_else(Vec::new, |h| h.params())
     }
     fn next_step_key(&self) -> u64 {
         // One key range per step; layer li, linear pi adds li*P+pi.
@@ -670,28 +670,55 @@ mod tests {
     use super::*;
     use crate::models::Decoder;
 
-    /// Prompt rows given as tensors.
-    struct Rows(Tensor);
+    /// Trainable prompt rows.
+    struct Rows(Var);
     impl SequenceAdapter for Rows {
         fn prompt_rows(&self) -> Option<Tensor> {
-            Some(self.0.clone())
+            Some(self.0.as_tensor().clone())
         }
         fn params(&self) -> Vec<(String, Var)> {
-            vec![]
+            vec![("prompt_embeddings".into(), self.0.clone())]
         }
     }
 
-    /// A key/value prefix per layer, `(KVH, N, D)` each.
-    struct Prefix(Vec<(Tensor, Tensor)>);
+    /// A trainable key/value prefix per layer, `(KVH, N, D)` each.
+    struct Prefix(Vec<(Var, Var)>);
     impl SequenceAdapter for Prefix {
         fn kv_prefix(&self, layer: usize) -> Option<(Tensor, Tensor)> {
-            self.0.get(layer).cloned()
+            let (k, v) = self.0.get(layer)?;
+            Some((k.as_tensor().clone(), v.as_tensor().clone()))
         }
         fn prefix_len(&self) -> usize {
             self.0[0].0.dim(1).unwrap()
         }
         fn params(&self) -> Vec<(String, Var)> {
-            vec![]
+            let kv = self.0.iter().enumerate();
+            kv.flat_map(|(i, (k, v))| [(format!("k{i}"), k.clone()), (format!("v{i}"), v.clone())])
+                .collect()
+        }
+    }
+
+    /// The checkpointed step's gradients of the sequence-level tensors equal plain autograd's.
+    fn same_grads_with_and_without_checkpointing(m: &mut Transformer, ids: &Tensor, lab: &Tensor) {
+        m.opts.checkpoint = true;
+        let (la, ga) = m.train_grads(ids, None, lab).unwrap();
+        m.opts.checkpoint = false;
+        let (lb, gb) = m.train_grads(ids, None, lab).unwrap();
+        m.opts.checkpoint = true;
+        assert!((la - lb).abs() < 1e-6 * la.abs());
+        assert_eq!(ga.len(), gb.len());
+        assert!(!ga.is_empty());
+        for (n, a) in &ga {
+            let r = rel(a, &gb[n]);
+            assert!(r < 1e-5, "{n}: {r}");
+            let norm = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{n} has no gradient");
         }
     }
 
@@ -720,7 +747,8 @@ mod tests {
             .unwrap();
         let dev = Device::Cpu;
         let rows = crate::models::embed_rows(&m.embed, &p, (1, 3), DType::F32, &dev, &m.path);
-        m.set_sequence_adapter(Some(Box::new(Rows(rows.unwrap().squeeze(0).unwrap()))));
+        let rows = Var::from_tensor(&rows.unwrap().squeeze(0).unwrap()).unwrap();
+        m.set_sequence_adapter(Some(Box::new(Rows(rows))));
         assert_eq!(m.prompt_len(), 3);
         let got = m.forward(&row(&ids), None).unwrap();
         assert!(rel(&got, &want) < 1e-5, "prompt rows: {}", rel(&got, &want));
@@ -731,6 +759,7 @@ mod tests {
         let mut full_lab = vec![-100i64; p.len() + 1];
         full_lab.extend(&ids_lab[1..]);
         let (l_rows, _) = m.train_grads(&row(&ids), None, &lab(&ids_lab)).unwrap();
+        same_grads_with_and_without_checkpointing(&mut m, &row(&ids), &lab(&ids_lab));
         m.set_sequence_adapter(None);
         let l_full = m.loss(&row(&all), None, &lab(&full_lab)).unwrap();
         let l_full = l_full.to_scalar::<f32>().unwrap();
@@ -745,7 +774,8 @@ mod tests {
             .into_iter()
             .map(|c| {
                 let (k, v) = c.unwrap();
-                (k.squeeze(0).unwrap(), v.squeeze(0).unwrap())
+                let var = |x: Tensor| Var::from_tensor(&x.squeeze(0).unwrap()).unwrap();
+                (var(k), var(v))
             })
             .collect();
         m.set_sequence_adapter(Some(Box::new(Prefix(kv))));
@@ -755,5 +785,6 @@ mod tests {
         let mut cache = Vec::new();
         let l = m.decode_step(&ids, 0, &mut cache).unwrap();
         assert!(rel(&l, &want.squeeze(0).unwrap()) < 1e-5);
+        same_grads_with_and_without_checkpointing(&mut m, &row(&ids), &lab(&ids_lab));
     }
 }
