@@ -1,10 +1,12 @@
-//! Memory plan of a LoRA training step on a Llama: bytes by part, before anything is loaded.
+//! Memory plan of a LoRA training step on any architecture: bytes by part, before anything is
+//! loaded, from the model's [`Spec`].
 //!
 //! Weights are exact (the store's bytes, or the bytes quantisation at load will produce). The
-//! activation terms count the tensors [`super::Llama::train_grads`] keeps alive: the checkpointed
-//! layer inputs, the candle graph of the one layer being recomputed (every intermediate tensor of
-//! `Llama::layer_fwd` is held by the graph until its backward ends) plus the gradients in flight
-//! during that backward, and the logits of one cross-entropy chunk with their graph.
+//! activation terms count the tensors [`super::Transformer::train_grads`] keeps alive: the
+//! checkpointed layer inputs, the candle graph of the one layer being recomputed (every
+//! intermediate tensor of the shared layer forward is held by the graph until its backward ends)
+//! plus the gradients in flight during that backward, and the logits of one cross-entropy chunk
+//! with their graph.
 use super::arch::{Architecture, Attention, Mlp, NormKind, Spec};
 use super::falcon::FalconConfig;
 use super::llama::{LlamaConfig, LlamaOptions};
