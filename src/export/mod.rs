@@ -12,7 +12,7 @@ pub mod quantize;
 
 use crate::format::gguf::{self, GgufWriter, TensorPlan, Value};
 use crate::lora::adapter::{self, AdapterConfig, LoraPart, TargetModules};
-use crate::models::arch::{Architecture, Spec};
+use crate::models::arch::{Architecture, Projections, Spec};
 use crate::models::llama::LoraSpec;
 use crate::models::{CausalLm, FalconConfig, LlamaConfig};
 use crate::quant::QType;
@@ -90,33 +90,30 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// llama.cpp's `general.architecture`.
-    pub fn name(self) -> &'static str {
+    /// The static part of the family's description: llama.cpp's `general.architecture`, the
+    /// adaptable linears, the Hugging Face layer stem.
+    fn statics(self) -> (&'static str, Projections, &'static str) {
+        use crate::models::{falcon, llama};
         match self {
-            Arch::Llama => "llama",
-            Arch::Falcon => "falcon",
+            Arch::Llama => ("llama", &llama::PROJECTIONS, llama::HF_LAYER),
+            Arch::Falcon => ("falcon", &falcon::PROJECTIONS, falcon::HF_LAYER),
         }
     }
 
+    /// llama.cpp's `general.architecture`.
+    pub fn name(self) -> &'static str {
+        self.statics().0
+    }
+
     /// The adaptable linears of a decoder layer: (PEFT name, module group, llama.cpp name).
-    pub fn projections(self) -> &'static [(&'static str, &'static str, &'static str)] {
-        match self {
-            Arch::Llama => &crate::models::llama::PROJECTIONS,
-            Arch::Falcon => &crate::models::falcon::PROJECTIONS,
-        }
+    pub fn projections(self) -> Projections {
+        self.statics().1
     }
 
     /// The saved PEFT module path of projection `proj` in layer `layer`.
     pub fn module_path(self, layer: usize, proj: &str) -> String {
-        let group = self
-            .projections()
-            .iter()
-            .find(|p| p.0 == proj)
-            .map_or("", |p| p.1);
-        let stem = match self {
-            Arch::Llama => "model.layers",
-            Arch::Falcon => "transformer.h",
-        };
+        let (_, projs, stem) = self.statics();
+        let group = projs.iter().find(|p| p.0 == proj).map_or("", |p| p.1);
         format!("{stem}.{layer}.{group}.{proj}")
     }
 }

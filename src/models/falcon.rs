@@ -14,6 +14,9 @@ use std::path::Path;
 /// A Falcon causal LM over a weight store.
 pub type Falcon = super::Model<FalconConfig>;
 
+/// The Hugging Face layer stem (PEFT module paths start with it).
+pub const HF_LAYER: &str = "transformer.h";
+
 /// The four linears of a decoder layer by PEFT name, with their module group and GGUF name.
 pub const PROJECTIONS: [(&str, &str, &str); 4] = [
     ("query_key_value", "self_attention", "attn_qkv"),
@@ -75,7 +78,7 @@ impl Architecture for FalconConfig {
                 embed: "transformer.word_embeddings.weight",
                 final_norm: "transformer.ln_f",
                 head: "lm_head.weight",
-                layer: "transformer.h",
+                layer: HF_LAYER,
                 ..arch::GGUF_NAMES
             }
         };
@@ -88,7 +91,7 @@ impl Architecture for FalconConfig {
                 mlp_norm,
                 ..names
             },
-            hf_layer: "transformer.h",
+            hf_layer: HF_LAYER,
             projections: &PROJECTIONS,
             vocab: self.vocab_size,
             hidden: self.hidden_size,

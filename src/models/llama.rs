@@ -10,6 +10,9 @@ use crate::Result;
 /// A Llama causal LM over a weight store.
 pub type Llama = super::Model<LlamaConfig>;
 
+/// The Hugging Face layer stem (PEFT module paths start with it).
+pub const HF_LAYER: &str = "model.layers";
+
 /// The seven projections of a decoder layer by PEFT name, with their module group and GGUF name.
 pub const PROJECTIONS: [(&str, &str, &str); 7] = [
     ("q_proj", "self_attn", "attn_q"),
@@ -56,7 +59,7 @@ impl Architecture for LlamaConfig {
             embed: "model.embed_tokens.weight",
             final_norm: "model.norm",
             head: "lm_head.weight",
-            layer: "model.layers",
+            layer: HF_LAYER,
             attn_norm: "input_layernorm",
             mlp_norm: Some("post_attention_layernorm"),
         };
@@ -65,7 +68,7 @@ impl Architecture for LlamaConfig {
             label: "Llama",
             gguf,
             names: if gguf { arch::GGUF_NAMES } else { hf },
-            hf_layer: "model.layers",
+            hf_layer: HF_LAYER,
             projections: &PROJECTIONS,
             vocab: self.vocab_size,
             hidden: self.hidden_size,
