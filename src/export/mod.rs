@@ -12,7 +12,7 @@ pub mod quantize;
 
 use crate::format::gguf::{self, GgufWriter, TensorPlan, Value};
 use crate::lora::adapter::{self, AdapterConfig, LoraPart, TargetModules};
-use crate::models::falcon::{self, QkvLayout};
+use crate::models::arch::{Architecture, Projections, Spec};
 use crate::models::llama::LoraSpec;
 use crate::models::{CausalLm, FalconConfig, LlamaConfig};
 use crate::quant::QType;
@@ -90,33 +90,30 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// llama.cpp's `general.architecture`.
-    pub fn name(self) -> &'static str {
+    /// The static part of the family's description: llama.cpp's `general.architecture`, the
+    /// adaptable linears, the Hugging Face layer stem.
+    fn statics(self) -> (&'static str, Projections, &'static str) {
+        use crate::models::{falcon, llama};
         match self {
-            Arch::Llama => "llama",
-            Arch::Falcon => "falcon",
+            Arch::Llama => ("llama", &llama::PROJECTIONS, llama::HF_LAYER),
+            Arch::Falcon => ("falcon", &falcon::PROJECTIONS, falcon::HF_LAYER),
         }
     }
 
+    /// llama.cpp's `general.architecture`.
+    pub fn name(self) -> &'static str {
+        self.statics().0
+    }
+
     /// The adaptable linears of a decoder layer: (PEFT name, module group, llama.cpp name).
-    pub fn projections(self) -> &'static [(&'static str, &'static str, &'static str)] {
-        match self {
-            Arch::Llama => &crate::models::llama::PROJECTIONS,
-            Arch::Falcon => &falcon::PROJECTIONS,
-        }
+    pub fn projections(self) -> Projections {
+        self.statics().1
     }
 
     /// The saved PEFT module path of projection `proj` in layer `layer`.
     pub fn module_path(self, layer: usize, proj: &str) -> String {
-        let group = self
-            .projections()
-            .iter()
-            .find(|p| p.0 == proj)
-            .map_or("", |p| p.1);
-        let stem = match self {
-            Arch::Llama => "model.layers",
-            Arch::Falcon => "transformer.h",
-        };
+        let (_, projs, stem) = self.statics();
+        let group = projs.iter().find(|p| p.0 == proj).map_or("", |p| p.1);
         format!("{stem}.{layer}.{group}.{proj}")
     }
 }
@@ -167,61 +164,31 @@ impl BaseConfig {
         }
     }
 
+    /// Its description, with Hugging Face tensor names.
+    pub fn spec(&self) -> Spec {
+        match self {
+            BaseConfig::Llama(c) => c.spec(false),
+            BaseConfig::Falcon(c) => c.spec(false),
+        }
+    }
+
     /// Decoder layers.
     pub fn num_layers(&self) -> usize {
-        match self {
-            BaseConfig::Llama(c) => c.num_layers,
-            BaseConfig::Falcon(c) => c.num_layers,
-        }
+        self.spec().layers
     }
 
     /// `(out, in)` of projection `proj` (PEFT name).
     pub fn proj_shape(&self, proj: &str) -> (usize, usize) {
-        match self {
-            BaseConfig::Llama(c) => proj_shape(c, proj),
-            BaseConfig::Falcon(c) => {
-                let (ch, ffn) = (c.hidden_size, c.ffn_hidden_size);
-                match proj {
-                    "query_key_value" => (c.qkv_rows(), ch),
-                    "dense" => (ch, c.num_heads * c.head_dim),
-                    "dense_h_to_4h" => (ffn, ch),
-                    _ => (ch, ffn),
-                }
-            }
-        }
+        let s = self.spec();
+        s.index(proj).map_or((s.hidden, s.ffn), |pi| s.shape(pi))
     }
 
     /// Where llama.cpp's converter moves the output rows of `proj`: for each GGUF row, the Hugging
-    /// Face row it holds; `None` where the orders agree. Llama: q/k rows of each head interleaved
-    /// for llama.cpp's rotary (HF row `j*D/2 + i` at row `2i + j`). Falcon: the fused qkv regrouped
-    /// from per-KV-group `[q.., k, v]` to `[all q, all k, all v]` (identity for multi-query, where
-    /// the converter's reordering changes nothing).
+    /// Face row it holds; `None` where the orders agree ([`Spec::gguf_rows`]: Llama's q/k rows
+    /// interleaved per head for llama.cpp's rotary, Falcon's fused qkv regrouped).
     pub fn gguf_rows(&self, proj: &str) -> Option<Vec<usize>> {
-        match self {
-            BaseConfig::Llama(c) => {
-                let heads = match proj {
-                    "q_proj" => c.num_heads,
-                    "k_proj" => c.num_kv_heads,
-                    _ => return None,
-                };
-                let (hd, half) = (c.head_dim, c.head_dim / 2);
-                Some(
-                    (0..heads * hd)
-                        .map(|g| (g / hd) * hd + (g % hd % 2) * half + g % hd / 2)
-                        .collect(),
-                )
-            }
-            BaseConfig::Falcon(c) => {
-                if proj != "query_key_value" || c.qkv == QkvLayout::MultiQuery {
-                    return None;
-                }
-                let mut hf = vec![0; c.qkv_rows()];
-                for r in 0..hf.len() {
-                    hf[falcon::gguf_row_of_hf(r, c.num_heads, c.num_kv_heads, c.head_dim)] = r;
-                }
-                Some(hf)
-            }
-        }
+        let s = self.spec();
+        s.gguf_rows(s.index(proj)?)
     }
 }
 
@@ -301,14 +268,7 @@ fn layer_filter(path: &Path, cfg: &AdapterConfig) -> Result<Option<Vec<usize>>> 
 
 /// `(out, in)` of a Llama projection.
 pub fn proj_shape(c: &LlamaConfig, proj: &str) -> (usize, usize) {
-    let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-    match proj {
-        "q_proj" => (h * hd, c.hidden_size),
-        "k_proj" | "v_proj" => (kvh * hd, c.hidden_size),
-        "o_proj" => (c.hidden_size, h * hd),
-        "gate_proj" | "up_proj" => (c.intermediate_size, c.hidden_size),
-        _ => (c.hidden_size, c.intermediate_size),
-    }
+    BaseConfig::from(c).proj_shape(proj)
 }
 
 fn to_f32(path: &Path, name: &str, t: &Tensor) -> Result<Vec<f32>> {

@@ -72,10 +72,10 @@ fn check_dropout(p: f32) -> Result<()> {
     Ok(())
 }
 
-/// A frozen quantised linear with a trainable low-rank adapter.
+/// The trainable low-rank factors of one linear (the LoRA method behind
+/// [`LinearAdapter`](super::LinearAdapter)): `z = ((dropout(x)·Aᵀ)·scale)·Bᵀ`, added to the base's output.
 #[derive(Debug)]
-pub struct LoraLinear {
-    base: QLinear,
+pub struct Lora {
     a: Var,
     b: Var,
     scale: f64,
@@ -85,9 +85,10 @@ pub struct LoraLinear {
     calls: AtomicU64,
 }
 
-impl LoraLinear {
-    /// A fresh adapter with PEFT's initialisation from `seed`: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
-    pub fn new(base: QLinear, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+impl Lora {
+    /// Fresh factors for `base` with PEFT's initialisation from `seed`: A ~ U(-1/sqrt(in),
+    /// 1/sqrt(in)), B = 0.
+    pub fn new(base: &QLinear, cfg: &LoraConfig, seed: u64) -> Result<Self> {
         cfg.check()?;
         let (n_out, n_in, r) = (base.out_features(), base.in_features(), cfg.r);
         let bound = 1.0 / (n_in as f64).sqrt();
@@ -106,10 +107,9 @@ impl LoraLinear {
         Self::from_weights(base, a, b, cfg.scale(), cfg.dropout, seed)
     }
 
-    /// An adapter with given weights A `(r, in)` and B `(out, r)` (e.g. loaded from a PEFT file),
-    /// trained in their dtype.
+    /// Factors with given weights A `(r, in)` and B `(out, r)` for `base`, trained in their dtype.
     pub fn from_weights(
-        base: QLinear,
+        base: &QLinear,
         a: Tensor,
         b: Tensor,
         scale: f64,
@@ -140,8 +140,7 @@ impl LoraLinear {
         }
         let a = Var::from_tensor(&a.detach()).map_err(candle_err)?;
         let b = Var::from_tensor(&b.detach()).map_err(candle_err)?;
-        Ok(LoraLinear {
-            base,
+        Ok(Lora {
             a,
             b,
             scale,
@@ -151,65 +150,29 @@ impl LoraLinear {
         })
     }
 
-    /// The same adapter with A and B moved to `dev` (as new variables; the base stays where it is).
-    pub fn on_device(self, dev: &candle_core::Device) -> Result<Self> {
+    /// The same factors moved to `dev` (as new variables).
+    pub fn on_device(self, base: &QLinear, dev: &candle_core::Device) -> Result<Self> {
         if self.a.device().same_device(dev) {
             return Ok(self);
         }
         let to = |v: &Var| v.as_tensor().to_device(dev).map_err(candle_err);
         let (a, b) = (to(&self.a)?, to(&self.b)?);
-        Self::from_weights(self.base, a, b, self.scale, self.dropout, self.seed)
+        Self::from_weights(base, a, b, self.scale, self.dropout, self.seed)
     }
 
-    /// The frozen base layer.
-    pub fn base(&self) -> &QLinear {
-        &self.base
-    }
-
-    /// A `(r, in)`, trainable.
-    pub fn a(&self) -> &Var {
-        &self.a
-    }
-
-    /// B `(out, r)`, trainable.
-    pub fn b(&self) -> &Var {
-        &self.b
-    }
-
-    /// The trainable tensors, A then B.
-    pub fn vars(&self) -> [&Var; 2] {
-        [&self.a, &self.b]
-    }
-
-    /// Rank r.
-    pub fn r(&self) -> usize {
-        self.a.dims()[0]
-    }
-
-    /// The adapter's output scale.
-    pub fn scale(&self) -> f64 {
-        self.scale
-    }
-
-    /// Dropout probability.
-    pub fn dropout(&self) -> f32 {
-        self.dropout
-    }
-
-    /// Forward with an explicit dropout key: `None` is evaluation (no dropout); `Some(k)` draws the
-    /// mask from (seed, k), so a recomputation (gradient checkpointing) can repeat the same mask.
-    pub fn forward_with(
+    /// `y + z` for the base output `y = base(x)` and this adapter's `z`; `dropout_key` as in
+    /// [`LoraLinear::forward_with`].
+    pub fn add_to(
         &self,
         x: &Tensor,
+        in_f: usize,
+        y: Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
-        // y: (.., out) = base(x)
-        let y = self.base.forward(x)?;
         let xd = match dropout_key {
             Some(k) if self.dropout > 0.0 => x.mul(&self.dropout_mask(x, k)?)?,
             _ => x.clone(),
         };
-        let in_f = self.base.in_features();
         let m = x.elem_count() / in_f.max(1);
         // xl: (M, in) in the adapter's dtype
         let xl = xd.to_dtype(self.a.dtype())?.reshape((m, in_f))?;
@@ -222,8 +185,8 @@ impl LoraLinear {
         y.add(&z.to_dtype(y.dtype())?.reshape(y.shape())?)
     }
 
-    /// The inverted-dropout mask [`Self::forward_with`] multiplies x by for `key`: each element 0
-    /// with probability p, else 1/(1-p), in x's shape and dtype.
+    /// The inverted-dropout mask for `key`: each element 0 with probability p, else 1/(1-p), in
+    /// x's shape and dtype.
     pub fn dropout_mask(&self, x: &Tensor, key: u64) -> candle_core::Result<Tensor> {
         let p = self.dropout as f64;
         let keep = (1.0 / (1.0 - p)) as f32;
@@ -245,10 +208,130 @@ impl LoraLinear {
     }
 }
 
+/// LoRA behind the adapter seam: PEFT's tensor names, and its forward beside the frozen base.
+impl super::LinearAdapter for Lora {
+    fn forward(
+        &self,
+        x: &Tensor,
+        base: &QLinear,
+        y: Tensor,
+        dropout_key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        self.add_to(x, base.in_features(), y, dropout_key)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Var)> {
+        vec![
+            ("lora_A.weight", self.a.clone()),
+            ("lora_B.weight", self.b.clone()),
+        ]
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+}
+
+/// A frozen quantised linear with a trainable low-rank adapter.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: QLinear,
+    lora: Lora,
+}
+
+impl LoraLinear {
+    /// A fresh adapter with PEFT's initialisation from `seed`: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+    pub fn new(base: QLinear, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        let lora = Lora::new(&base, cfg, seed)?;
+        Ok(LoraLinear { base, lora })
+    }
+
+    /// An adapter with given weights A `(r, in)` and B `(out, r)` (e.g. loaded from a PEFT file),
+    /// trained in their dtype.
+    pub fn from_weights(
+        base: QLinear,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        let lora = Lora::from_weights(&base, a, b, scale, dropout, seed)?;
+        Ok(LoraLinear { base, lora })
+    }
+
+    /// The same adapter with A and B moved to `dev` (as new variables; the base stays where it is).
+    pub fn on_device(self, dev: &candle_core::Device) -> Result<Self> {
+        let lora = self.lora.on_device(&self.base, dev)?;
+        Ok(LoraLinear {
+            base: self.base,
+            lora,
+        })
+    }
+
+    /// The frozen base layer.
+    pub fn base(&self) -> &QLinear {
+        &self.base
+    }
+
+    /// The adapter's factors.
+    pub fn lora(&self) -> &Lora {
+        &self.lora
+    }
+
+    /// A `(r, in)`, trainable.
+    pub fn a(&self) -> &Var {
+        &self.lora.a
+    }
+
+    /// B `(out, r)`, trainable.
+    pub fn b(&self) -> &Var {
+        &self.lora.b
+    }
+
+    /// The trainable tensors, A then B.
+    pub fn vars(&self) -> [&Var; 2] {
+        [&self.lora.a, &self.lora.b]
+    }
+
+    /// Rank r.
+    pub fn r(&self) -> usize {
+        self.lora.a.dims()[0]
+    }
+
+    /// The adapter's output scale.
+    pub fn scale(&self) -> f64 {
+        self.lora.scale
+    }
+
+    /// Dropout probability.
+    pub fn dropout(&self) -> f32 {
+        self.lora.dropout
+    }
+
+    /// Forward with an explicit dropout key: `None` is evaluation (no dropout); `Some(k)` draws the
+    /// mask from (seed, k), so a recomputation (gradient checkpointing) can repeat the same mask.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        dropout_key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        // y: (.., out) = base(x)
+        let y = self.base.forward(x)?;
+        self.lora.add_to(x, self.base.in_features(), y, dropout_key)
+    }
+
+    /// The inverted-dropout mask [`Self::forward_with`] multiplies x by for `key`: each element 0
+    /// with probability p, else 1/(1-p), in x's shape and dtype.
+    pub fn dropout_mask(&self, x: &Tensor, key: u64) -> candle_core::Result<Tensor> {
+        self.lora.dropout_mask(x, key)
+    }
+}
+
 impl ModuleT for LoraLinear {
     /// `train`: dropout on, with a fresh mask per call; otherwise the adapter is deterministic.
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let key = train.then(|| self.calls.fetch_add(1, Ordering::Relaxed));
+        let key = train.then(|| self.lora.calls.fetch_add(1, Ordering::Relaxed));
         self.forward_with(x, key)
     }
 }

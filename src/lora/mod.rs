@@ -1,9 +1,13 @@
 //! Trainable layers over the frozen quantised base: the quantised linear with an input-only
-//! backward ([`QLinear`]) and its LoRA adapter ([`LoraLinear`]).
+//! backward ([`QLinear`]), its LoRA adapter ([`LoraLinear`]) and the adapter seam the models call
+//! ([`seam`]).
 pub mod adapter;
 #[allow(clippy::module_inception)]
 pub mod lora;
 pub mod qlinear;
 
-pub use lora::{LoraConfig, LoraLinear};
+pub mod seam;
+
+pub use lora::{Lora, LoraConfig, LoraLinear};
 pub use qlinear::QLinear;
+pub use seam::{AdapterMethod, LinearAdapter, SequenceAdapter};

@@ -1,19 +1,16 @@
 //! Text generation on the quantised base with the adapter unmerged: a KV cache, greedy or sampled
-//! (temperature, top-k, top-p) decoding, for Llama and Falcon. Tokenisation stays with the caller
+//! (temperature, top-k, top-p) decoding, for every architecture. Tokenisation stays with the caller
 //! (the CLI).
 //!
-//! The base linears are the model's own frozen [`QLinear`](crate::lora::QLinear)s (fused
-//! dequantising matmul); the adapter adds `scale · (x · Aᵀ) · Bᵀ` beside each, so nothing is merged.
-//! Falcon decodes through its training layer ([`Falcon::layer_cached`]) with the adapter set in its
-//! LoRA linears.
-use crate::export::{Adapter, Arch};
-use crate::models::llama::PROJECTIONS;
-use crate::models::{Decoder, Falcon, Llama, LlamaConfig, LlamaOptions};
-use crate::nn;
-use crate::store::{SourceFormat, StoredTensor, WeightStore};
+//! The model is the shared decoder ([`Transformer`]) with the adapter set in its LoRA linears, so
+//! nothing is merged: the base linears are the frozen [`QLinear`](crate::lora::QLinear)s (fused
+//! dequantising matmul), and each layer runs the training forward with its KV-cache slot
+//! ([`Transformer::decode_step`]).
+use crate::export::{Adapter, BaseConfig};
+use crate::models::{LlamaOptions, Transformer};
+use crate::store::WeightStore;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor};
-use std::sync::Arc;
+use candle_core::{DType, Tensor};
 
 fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> Error {
     move |e| Error::Invalid(format!("generate: {what}: {e}"))
@@ -40,26 +37,7 @@ impl KvCache {
 
 /// A model ready to decode: frozen base, optional unmerged adapter.
 pub struct Generator {
-    inner: Inner,
-}
-
-enum Inner {
-    Llama(Box<LlamaGen>),
-    Falcon(Box<Falcon>),
-}
-
-/// Llama's decoder: the base linears of a [`Llama`] with the adapter's factors beside them.
-struct LlamaGen {
-    model: Llama,
-    cfg: LlamaConfig,
-    embed: Arc<StoredTensor>,
-    attn_norm: Vec<Tensor>,
-    mlp_norm: Vec<Tensor>,
-    norm: Tensor,
-    /// Per layer, per projection (PROJECTIONS order): `(Aᵀ · scale (in, r), Bᵀ (r, out))`.
-    lora: Vec<Vec<Option<(Tensor, Tensor)>>>,
-    /// Q4_0/Q8_0 base products with 8-bit activations ([`crate::quant::dot8`]).
-    int8: bool,
+    model: Transformer,
 }
 
 impl Generator {
@@ -69,17 +47,13 @@ impl Generator {
     }
 
     /// [`Self::new`] with load options (e.g. `quant` to quantise a float base at load); `lora` is
-    /// ignored: the adapter stays beside the frozen base.
+    /// replaced by the adapter's (f32, beside the frozen base).
     pub fn with_options(
         store: &WeightStore,
         adapter: Option<&Adapter>,
         opts: LlamaOptions,
     ) -> Result<Generator> {
-        let arch = if crate::models::plan::is_falcon(store) {
-            Arch::Falcon
-        } else {
-            Arch::Llama
-        };
+        let arch = BaseConfig::from_store(store)?.arch();
         if let Some(a) = adapter.filter(|a| a.base.arch() != arch) {
             return Err(Error::Invalid(format!(
                 "{}: the adapter was read for a {} base; {} is a {}",
@@ -89,33 +63,25 @@ impl Generator {
                 arch.name()
             )));
         }
-        let inner = match arch {
-            Arch::Llama => Inner::Llama(Box::new(LlamaGen::new(store, adapter, opts)?)),
-            Arch::Falcon => {
-                let model = Falcon::load(
-                    store,
-                    LlamaOptions {
-                        lora: adapter.map(Adapter::spec),
-                        dtype: DType::F32,
-                        ..opts
-                    },
-                )?;
-                if let Some(a) = adapter {
-                    a.apply(&model)?;
-                }
-                Inner::Falcon(Box::new(model))
-            }
+        let opts = LlamaOptions {
+            lora: adapter.map(Adapter::spec),
+            dtype: DType::F32,
+            ..opts
         };
-        Ok(Generator { inner })
+        let model = crate::models::open(store, opts)?;
+        if let Some(a) = adapter {
+            a.apply(&model)?;
+        }
+        Ok(Generator { model })
     }
 
     /// Computes Q4_0/Q8_0/Q4_K base products with activations rounded to 8 bits (Q8_0 blocks), as
     /// llama.cpp does: several times faster at one token a step, logits within about 1e-2 of the
     /// exact f32 product. Off by default (tests compare exact logits); Llama bases only for now
-    /// (a Falcon decodes through its training layers, exactly).
+    /// (Falcon's decode keeps exact products until it is checked against llama.cpp).
     pub fn set_int8_activations(&mut self, on: bool) {
-        if let Inner::Llama(g) = &mut self.inner {
-            g.int8 = on;
+        if self.model.spec().arch == "llama" {
+            self.model.set_int8_activations(on);
         }
     }
 
@@ -125,224 +91,9 @@ impl Generator {
         if tokens.is_empty() {
             return Err(Error::Invalid("generate: no tokens to run".into()));
         }
-        let out = match &self.inner {
-            Inner::Llama(g) => g.step(tokens, cache)?,
-            Inner::Falcon(m) => falcon_step(m, tokens, cache)?,
-        };
+        let out = self.model.decode_step(tokens, cache.len, &mut cache.kv)?;
         cache.len += tokens.len();
         Ok(out)
-    }
-}
-
-/// One Falcon decode step: the layers of the training forward, each with its KV cache slot.
-fn falcon_step(m: &Falcon, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-    let (t, pos) = (tokens.len(), cache.len);
-    let mut x = m.embed(tokens, 1, t)?;
-    let ctx = m.decode_ctx(pos, t)?;
-    let n = m.num_layers();
-    if cache.kv.len() != n {
-        cache.kv = vec![None; n];
-    }
-    let mut run = || -> candle_core::Result<Tensor> {
-        for (li, slot) in cache.kv.iter_mut().enumerate() {
-            x = m.layer_cached(li, &x, &ctx, slot)?;
-        }
-        m.lm_head()
-            .forward(&m.final_norm(&x)?)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)
-    };
-    run().map_err(cerr("forward"))
-}
-
-impl LlamaGen {
-    fn new(store: &WeightStore, adapter: Option<&Adapter>, opts: LlamaOptions) -> Result<Self> {
-        let model = Llama::load(
-            store,
-            LlamaOptions {
-                lora: None,
-                dtype: DType::F32,
-                ..opts
-            },
-        )?;
-        let cfg = model.config().clone();
-        let gguf = store.format == SourceFormat::Gguf;
-        let get = |n: &str| {
-            store.get(n).ok_or_else(|| Error::MissingTensor {
-                path: store.path.clone(),
-                tensor: n.to_string(),
-                hint: String::new(),
-            })
-        };
-        let vec = |n: &str| -> Result<Tensor> {
-            let t = get(n)?;
-            let c = t.numel();
-            let mut w = vec![0f32; c];
-            t.matrix().dequant_tile(0, 1, 0, c, &mut w);
-            Tensor::from_vec(w, c, &Device::Cpu).map_err(cerr("norm"))
-        };
-        let (embd, norm) = if gguf {
-            ("token_embd.weight", "output_norm.weight")
-        } else {
-            ("model.embed_tokens.weight", "model.norm.weight")
-        };
-        let embed = Arc::new(get(embd)?.clone());
-        let (mut attn_norm, mut mlp_norm) = (Vec::new(), Vec::new());
-        for i in 0..cfg.num_layers {
-            if gguf {
-                attn_norm.push(vec(&format!("blk.{i}.attn_norm.weight"))?);
-                mlp_norm.push(vec(&format!("blk.{i}.ffn_norm.weight"))?);
-            } else {
-                attn_norm.push(vec(&format!("model.layers.{i}.input_layernorm.weight"))?);
-                mlp_norm.push(vec(&format!(
-                    "model.layers.{i}.post_attention_layernorm.weight"
-                ))?);
-            }
-        }
-        let mut lora = vec![vec![None; PROJECTIONS.len()]; cfg.num_layers];
-        if let Some(ad) = adapter {
-            for m in &ad.modules {
-                let pi = PROJECTIONS
-                    .iter()
-                    .position(|p| p.0 == m.proj)
-                    .expect("adapter projections are Llama's");
-                let r = ad.r;
-                // at: (in, r) = Aᵀ · scale; bt: (r, out) = Bᵀ
-                let at = Tensor::from_slice(&m.a, (r, m.in_features), &Device::Cpu)
-                    .and_then(|a| a.t()?.affine(ad.scale, 0.0)?.contiguous())
-                    .map_err(cerr("adapter"))?;
-                let bt = Tensor::from_slice(&m.b, (m.out_features, r), &Device::Cpu)
-                    .and_then(|b| b.t()?.contiguous())
-                    .map_err(cerr("adapter"))?;
-                if let Some(l) = lora.get_mut(m.layer) {
-                    l[pi] = Some((at, bt));
-                }
-            }
-        }
-        Ok(LlamaGen {
-            model,
-            cfg,
-            embed,
-            attn_norm,
-            mlp_norm,
-            norm: vec(norm)?,
-            lora,
-            int8: false,
-        })
-    }
-
-    /// `x (1, T, in) · Wᵀ` of a frozen linear: with 8-bit activations where enabled and the
-    /// weight's type has that path, else the exact f32 product.
-    fn base(&self, lin: &crate::lora::QLinear, x: &Tensor) -> candle_core::Result<Tensor> {
-        let st = lin.weight();
-        let w = st.matrix();
-        if !self.int8 || lin.bias().is_some() || !crate::quant::dot8::supported(&w) {
-            return lin.forward(x);
-        }
-        let (b, t, k) = x.dims3()?;
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; b * t * w.rows];
-        crate::quant::dot8::gemv_q8(&xs, b * t, &w, &mut y);
-        debug_assert_eq!(k, w.cols);
-        Tensor::from_vec(y, (b, t, w.rows), x.device())
-    }
-
-    fn proj(&self, li: usize, pi: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let base = self
-            .model
-            .base_linear(li, PROJECTIONS[pi].0)
-            .expect("every layer has every projection");
-        let y = self.base(base, x)?;
-        match &self.lora[li][pi] {
-            None => Ok(y),
-            // x (1, T, in) · Aᵀs (in, r) · Bᵀ (r, out)
-            Some((at, bt)) => y + x.broadcast_matmul(at)?.broadcast_matmul(bt)?,
-        }
-    }
-
-    fn step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (t, pos) = (tokens.len(), cache.len);
-        let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let mut xs = vec![0f32; t * c.hidden_size];
-        let m = self.embed.matrix();
-        for (n, &id) in tokens.iter().enumerate() {
-            if id as usize >= c.vocab_size {
-                return Err(Error::Invalid(format!(
-                    "token id {id} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            m.dequant_tile(
-                id as usize,
-                1,
-                0,
-                c.hidden_size,
-                &mut xs[n * c.hidden_size..(n + 1) * c.hidden_size],
-            );
-        }
-        if cache.kv.len() != c.num_layers {
-            cache.kv = vec![None; c.num_layers];
-        }
-        let run = || -> candle_core::Result<Tensor> {
-            let dev = Device::Cpu;
-            // x: (1, T, C)
-            let mut x = Tensor::from_vec(xs, (1, t, c.hidden_size), &dev)?;
-            let (cos, sin) = nn::rope_tables(pos + t, hd, c.rope_theta, DType::F32)?;
-            let (cos, sin) = (cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?);
-            // mask: (T, S) additive, query i (position pos+i) sees keys 0..=pos+i
-            let s = pos + t;
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, s), &dev)?;
-            let heads =
-                |y: Tensor, n: usize| y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
-            for li in 0..c.num_layers {
-                let xn = nn::rms_norm(&x, &self.attn_norm[li], c.rms_norm_eps)?;
-                let q = nn::rope(&heads(self.proj(li, 0, &xn)?, h)?, &cos, &sin)?;
-                let k = nn::rope(&heads(self.proj(li, 1, &xn)?, kvh)?, &cos, &sin)?;
-                let v = heads(self.proj(li, 2, &xn)?, kvh)?;
-                // k, v: (1, KVH, S, D) with the cache
-                let (k, v) = match cache.kv[li].take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                cache.kv[li] = Some((k.clone(), v.clone()));
-                // GQA: (1, KVH, S, D) -> (1, H, S, D)
-                let rep = h / kvh;
-                let expand = |z: &Tensor| -> candle_core::Result<Tensor> {
-                    if rep == 1 {
-                        return Ok(z.clone());
-                    }
-                    z.unsqueeze(2)?
-                        .expand((1, kvh, rep, s, hd))?
-                        .reshape((1, h, s, hd))
-                };
-                let (k, v) = (expand(&k)?, expand(&v)?);
-                // att: (1, H, T, S)
-                let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                // a: (1, H, T, D) -> (1, T, H*D)
-                let a = att
-                    .matmul(&v)?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((1, t, h * hd))?;
-                x = (x + self.proj(li, 3, &a)?)?;
-                let xn = nn::rms_norm(&x, &self.mlp_norm[li], c.rms_norm_eps)?;
-                let g = nn::silu(&self.proj(li, 4, &xn)?)?;
-                let u = self.proj(li, 5, &xn)?;
-                x = (x + self.proj(li, 6, &(g * u)?)?)?;
-            }
-            let x = nn::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-            self.base(self.model.lm_head(), &x)?
-                .squeeze(0)?
-                .to_dtype(DType::F32)
-        };
-        run().map_err(cerr("forward"))
     }
 }
 

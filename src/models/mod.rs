@@ -1,23 +1,30 @@
 //! Model architectures over the weight store: their configs, forward passes and LoRA training.
 //!
-//! Every architecture shares the store, the quantised kernels ([`QLinear`]), LoRA, the chunked
-//! cross-entropy and the checkpointed training step; an architecture supplies only its blocks, by
-//! implementing [`Decoder`] (embedding, per-call constants, one decoder layer, final norm, head,
-//! adapter names). [`CausalLm`] is what the trainer sees; [`load`] picks the architecture of a
-//! store.
+//! An architecture is data: its config type implements [`arch::Architecture`] and describes itself
+//! as an [`arch::Spec`] (tensor names, block variant, dimensions). One shared decoder,
+//! [`transformer::Transformer`], loads, runs, trains (through [`Decoder`] and the checkpointed
+//! step here), decodes with a KV cache, plans and names any spec; [`Model`] pairs it with its
+//! config ([`Llama`], [`Falcon`]). [`CausalLm`] is what the trainer sees; [`load`] picks the
+//! architecture of a store.
+pub mod arch;
 pub mod falcon;
 pub mod generate;
 pub mod llama;
+mod options;
 pub mod plan;
+pub mod transformer;
+mod weights;
 
+pub use arch::Architecture;
 pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
+pub use transformer::Transformer;
 
 use crate::format::gguf::{self, Value};
 use crate::lora::QLinear;
 use crate::nn::{self, fused};
-use crate::store::{StoredTensor, WeightStore};
+use crate::store::{SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -25,11 +32,64 @@ use std::collections::HashMap;
 
 /// The model in `store` (Falcon by its config / GGUF architecture, else Llama) behind [`CausalLm`].
 pub fn load(store: &WeightStore, opts: LlamaOptions) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(open(store, opts)?))
+}
+
+/// The description of the model in `store` (Falcon by its config / GGUF architecture, else Llama).
+pub fn spec_of(store: &WeightStore) -> Result<arch::Spec> {
+    let gguf = store.format == SourceFormat::Gguf;
     Ok(if plan::is_falcon(store) {
-        Box::new(Falcon::load(store, opts)?)
+        FalconConfig::read(store)?.spec(gguf)
     } else {
-        Box::new(Llama::load(store, opts)?)
+        LlamaConfig::read(store)?.spec(gguf)
     })
+}
+
+/// The shared decoder of the model in `store`, whatever its architecture.
+pub fn open(store: &WeightStore, opts: LlamaOptions) -> Result<Transformer> {
+    Transformer::load(store, spec_of(store)?, opts)
+}
+
+/// An architecture's model: its config beside the shared decoder it runs on (which it derefs to:
+/// `forward`, `loss`, `train_grads`, `lora_params`, `base_linear`, ...).
+pub struct Model<C> {
+    cfg: C,
+    t: Transformer,
+}
+
+impl<C: Architecture> Model<C> {
+    /// Loads the model in `store` (Hugging Face names or llama.cpp GGUF names).
+    pub fn load(store: &WeightStore, opts: LlamaOptions) -> Result<Self> {
+        let cfg = C::read(store)?;
+        let spec = cfg.spec(store.format == SourceFormat::Gguf);
+        let t = Transformer::load(store, spec, opts)?;
+        Ok(Model { cfg, t })
+    }
+}
+
+impl<C> Model<C> {
+    /// The config.
+    pub fn config(&self) -> &C {
+        &self.cfg
+    }
+
+    /// The shared decoder, without the config.
+    pub fn into_inner(self) -> Transformer {
+        self.t
+    }
+}
+
+impl<C> std::ops::Deref for Model<C> {
+    type Target = Transformer;
+    fn deref(&self) -> &Transformer {
+        &self.t
+    }
+}
+
+impl<C> std::ops::DerefMut for Model<C> {
+    fn deref_mut(&mut self) -> &mut Transformer {
+        &mut self.t
+    }
 }
 
 /// A GGUF's `<arch>.*` hyper-parameters as llama.cpp writes them (keys given without the prefix);
@@ -102,12 +162,25 @@ pub trait CausalLm {
     fn lora_params(&self) -> Vec<(String, Var)>;
 }
 
-impl CausalLm for Llama {
+impl<C> AsRef<Transformer> for Model<C> {
+    fn as_ref(&self) -> &Transformer {
+        &self.t
+    }
+}
+
+impl AsRef<Transformer> for Transformer {
+    fn as_ref(&self) -> &Transformer {
+        self
+    }
+}
+
+/// Every model is its shared decoder to the trainer.
+impl<M: AsRef<Transformer>> CausalLm for M {
     fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        Llama::forward(self, ids, mask)
+        self.as_ref().forward(ids, mask)
     }
     fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
-        Llama::loss(self, ids, mask, labels)
+        self.as_ref().loss(ids, mask, labels)
     }
     fn train_grads(
         &self,
@@ -115,10 +188,10 @@ impl CausalLm for Llama {
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)> {
-        Llama::train_grads(self, ids, mask, labels)
+        self.as_ref().train_grads(ids, mask, labels)
     }
     fn lora_params(&self) -> Vec<(String, Var)> {
-        Llama::lora_params(self)
+        self.as_ref().lora_params()
     }
 }
 
@@ -137,9 +210,15 @@ pub trait Decoder {
     fn ce_chunk(&self) -> usize;
     /// Gradient checkpointing per layer in training.
     fn checkpoint(&self) -> bool;
-    /// Token embeddings `(B, T, C)` in the compute dtype for `ids` (B*T ids, checked against V).
+    /// Rows a sequence-level adapter puts before the tokens (prompt tuning; 0: none): the
+    /// embedding and every layer see `N + T` positions, the head the last `T`.
+    fn prompt_len(&self) -> usize {
+        0
+    }
+    /// Token embeddings `(B, N + T, C)` in the compute dtype for `ids` (B*T ids, checked against V),
+    /// after any prompt rows.
     fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor>;
-    /// The per-call constants for a `(B, T)` batch with optional padding mask.
+    /// The per-call constants for a `(B, T)` batch with optional padding mask (and any prompt rows).
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Self::Ctx>;
     /// Decoder layer `li`: `x (B, T, C) -> (B, T, C)`; `key` is the dropout key base (None: eval).
     fn layer(
@@ -153,8 +232,12 @@ pub trait Decoder {
     fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor>;
     /// The output projection C -> V.
     fn lm_head(&self) -> &QLinear;
-    /// Every LoRA tensor with its PEFT name (of layer `layer` only, when given).
+    /// Every linear adapter's tensor with its PEFT name (of layer `layer` only, when given).
     fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)>;
+    /// The sequence-level adapter's tensors (prompt rows, KV prefix), which every layer may use.
+    fn sequence_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
     /// The key base of the next training step (dropout masks are replayed from it).
     fn next_step_key(&self) -> u64;
 }
@@ -251,7 +334,15 @@ fn hidden<M: Decoder>(
     for li in 0..m.num_layers() {
         x = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
     }
-    Ok(x)
+    drop_prompt(m, x, t)
+}
+
+/// The last `t` positions of `x (B, N + T, C)`: the tokens' hidden states after any prompt rows.
+fn drop_prompt<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
+    match m.prompt_len() {
+        0 => Ok(x),
+        n => x.narrow(1, n, t).map_err(cerr("prompt rows")),
+    }
 }
 
 /// [`CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
@@ -291,16 +382,30 @@ pub fn loss<M: Decoder>(
     loss_of(m, &x, &tg, b, t)
 }
 
+/// Adds the gradients in `grads` of the adapter tensors of `layer` (None: all) and of the
+/// sequence-level tensors (shared by the layers: their parts are summed) to `out`.
 fn collect<M: Decoder>(
     m: &M,
     grads: &GradStore,
     layer: Option<usize>,
     out: &mut HashMap<String, Tensor>,
 ) -> Result<()> {
-    for (name, var) in m.lora_vars(layer) {
+    let vars = match layer {
+        Some(usize::MAX) => m.sequence_vars(),
+        l => m
+            .lora_vars(l)
+            .into_iter()
+            .chain(m.sequence_vars())
+            .collect(),
+    };
+    for (name, var) in vars {
         let g = match grads.get(var.as_tensor()) {
             Some(g) => g.clone(),
             None => var.zeros_like().map_err(cerr("grads"))?,
+        };
+        let g = match out.remove(&name) {
+            Some(prev) => (prev + g).map_err(cerr("grads"))?,
+            None => g,
         };
         out.insert(name, g);
     }
@@ -353,7 +458,7 @@ pub fn train_grads<M: Decoder>(
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
-    let xl = Var::from_tensor(&x).map_err(cerr("head"))?;
+    let xl = Var::from_tensor(&drop_prompt(m, x.clone(), t)?).map_err(cerr("head"))?;
     let loss_t = loss_of(m, xl.as_tensor(), &tg, b, t)?;
     let loss = loss_t.to_scalar::<f32>().map_err(cerr("loss"))?;
     let mut g = loss_t
@@ -363,6 +468,15 @@ pub fn train_grads<M: Decoder>(
         .map(|g| g.detach())
         .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
     drop(loss_t);
+    if m.prompt_len() > 0 {
+        // The prompt rows get no gradient from the head: zeros before the tokens' rows.
+        let z = x
+            .narrow(1, 0, m.prompt_len())
+            .and_then(|p| p.zeros_like())
+            .and_then(|z| Tensor::cat(&[&z, &g], 1))
+            .map_err(cerr("prompt rows"))?;
+        g = z;
+    }
     drop(x);
     let mut out = HashMap::new();
     // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
@@ -380,12 +494,23 @@ pub fn train_grads<M: Decoder>(
         })()
         .map_err(cerr("recompute"))?;
         collect(m, &gs, Some(li), &mut out)?;
-        if li > 0 {
+        if li > 0 || m.prompt_len() > 0 {
             g = match gs.get(xv.as_tensor()) {
                 Some(gx) => gx.detach(),
                 None => xin.zeros_like().map_err(cerr("grads"))?,
             };
         }
+    }
+    if m.prompt_len() > 0 {
+        // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
+        // gradient into the sequence-level tensors.
+        let x0 = m.embed(&v, b, t)?;
+        let gs = (|| {
+            let s = nn::mul_const(&x0.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?;
+            s.sum_all()?.backward()
+        })()
+        .map_err(cerr("prompt rows"))?;
+        collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
     Ok((loss, out))
 }

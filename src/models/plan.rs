@@ -1,12 +1,16 @@
-//! Memory plan of a LoRA training step on a Llama: bytes by part, before anything is loaded.
+//! Memory plan of a LoRA training step on any architecture: bytes by part, before anything is
+//! loaded, from the model's [`Spec`].
 //!
 //! Weights are exact (the store's bytes, or the bytes quantisation at load will produce). The
-//! activation terms count the tensors [`super::Llama::train_grads`] keeps alive: the checkpointed
-//! layer inputs, the candle graph of the one layer being recomputed (every intermediate tensor of
-//! `Llama::layer_fwd` is held by the graph until its backward ends) plus the gradients in flight
-//! during that backward, and the logits of one cross-entropy chunk with their graph.
+//! activation terms count the tensors [`super::Transformer::train_grads`] keeps alive: the
+//! checkpointed layer inputs, the candle graph of the one layer being recomputed (every
+//! intermediate tensor of the shared layer forward is held by the graph until its backward ends)
+//! plus the gradients in flight during that backward, and the logits of one cross-entropy chunk
+//! with their graph.
+use super::arch::{Architecture, Attention, Mlp, NormKind, Spec};
 use super::falcon::FalconConfig;
-use super::llama::{LlamaConfig, LlamaOptions, LoraSpec, PROJECTIONS};
+use super::llama::{LlamaConfig, LlamaOptions};
+use crate::lora::seam::AdapterMethod;
 use crate::quant::{matmul::TILE_BYTES, nf4, QType};
 use crate::store::{SourceFormat, WeightStore};
 use crate::train::MomentStorage;
@@ -46,105 +50,113 @@ fn optimizer_bytes(numels: &[usize], moments: MomentStorage) -> usize {
 
 impl MemoryPlan {
     /// The plan for a step on `batch` sequences of `seq` tokens of the Llama in `store`, loaded
-    /// with `opts` (LoRA parameters count as zero without a LoRA spec).
+    /// with `opts` (adapter parameters count as zero without a LoRA spec).
     pub fn new(store: &WeightStore, opts: &LlamaOptions, batch: usize, seq: usize) -> Result<Self> {
-        let cfg = LlamaConfig::from_store(store)?;
-        let gguf = store.format == SourceFormat::Gguf;
-        let is_linear = |name: &str| {
-            if gguf {
-                name.starts_with("blk.") && !name.contains("_norm")
-            } else {
-                name.starts_with("model.layers.") && name.ends_with("_proj.weight")
-            }
-        };
+        let spec = LlamaConfig::read(store)?.spec(store.format == SourceFormat::Gguf);
+        Self::of_spec(store, &spec, opts, batch, seq)
+    }
+
+    /// The plan for a step of the model `spec` describes in `store`. Weights are exact; the
+    /// recompute graph counts the tensors the shared layer
+    /// ([`Transformer`](super::transformer::Transformer)) keeps for each block variant: the norms
+    /// (fused RMSNorm keeps its output; LayerNorm in f32 keeps five f32 intermediates and, in half
+    /// precision, its casts), the linears and their adapters, a fused qkv's per-head copies,
+    /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama;
+    /// Falcon's LayerNorm and GELU terms are counted from the code.
+    pub fn of_spec(
+        store: &WeightStore,
+        spec: &Spec,
+        opts: &LlamaOptions,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
         let mut weights = 0;
         for t in &store.tensors {
             let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
             weights += match opts.quant {
-                Some(q) if is_linear(&t.name) && float => quantised_bytes(q, t.numel()),
+                Some(q) if float && spec.is_linear(&t.name) => quantised_bytes(q, t.numel()),
                 _ => t.nbytes(),
             };
         }
         let s = opts.dtype.size_in_bytes();
-        let (l, c, i) = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size);
-        let (h, k, d, v) = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-        );
+        let (l, c, i) = (spec.layers, spec.hidden, spec.ffn);
+        let (h, k, d, v) = (spec.heads, spec.kv_heads, spec.head_dim, spec.vocab);
         let (n, b, t) = (batch * seq, batch, seq);
         let half = s < 4;
-        // (out, in) per projection, PROJECTIONS order.
-        let dims = [
-            (h * d, c),
-            (k * d, c),
-            (k * d, c),
-            (c, h * d),
-            (i, c),
-            (i, c),
-            (c, i),
-        ];
-        let (lora_params, per_layer_lora, lora_numels) =
-            lora_layout(opts.lora.as_ref(), l, &PROJECTIONS.map(|p| p.0), &dims);
-        let (r, dropout) = opts
-            .lora
-            .as_ref()
-            .map_or((0, false), |x| (x.r, x.dropout > 0.0));
-        // The recompute graph of the layer with the most adapters (bytes).
-        let layer_graph = |lora: &[bool; 7]| -> usize {
-            // Fused RMSNorm (nn::fused): the graph keeps its output only (statistics are recomputed
-            // in backward).
-            let norm = n * c * s;
-            let mut proj = 0;
+        // (out, in) per linear, in the spec's order.
+        let dims: Vec<(usize, usize)> =
+            (0..spec.projections.len()).map(|p| spec.shape(p)).collect();
+        let method: Option<&dyn AdapterMethod> = opts.lora.as_ref().map(|x| x as _);
+        let (lora_params, per_layer_lora, lora_numels) = adapter_layout(method, spec, &dims)?;
+        // Bytes a norm keeps per hidden element.
+        let norm_elem = match spec.norm {
+            // Fused RMSNorm (nn::fused): its output only (statistics are recomputed in backward).
+            NormKind::Rms => s,
+            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
+            // (with its broadcast views' products), (half: the cast back).
+            NormKind::LayerNorm => 20 + if half { 4 + s } else { 0 },
+        };
+        let norms = 1 + usize::from(spec.names.mlp_norm.is_some());
+        // (graph, leftovers) of the layer with these adapters (bytes).
+        let layer = |lora: &[bool]| -> (usize, usize) {
+            let (mut proj, mut left) = (0, 0);
             for (pi, &(o, inp)) in dims.iter().enumerate() {
                 proj += n * o * s; // base output
-                if lora[pi] {
-                    // x·Aᵀ, its scaling, the (N, out) product and the sum with the base output.
-                    proj += 2 * n * r * s + 2 * n * o * s;
-                    if dropout {
-                        proj += 2 * n * inp * s; // mask and masked input
-                    }
+                if let (true, Some(m)) = (lora[pi], method) {
+                    let (g, lo) = m.graph_bytes(n, o, inp, s);
+                    proj += g;
+                    left += lo;
                 }
             }
-            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
-            let mlp = 2 * n * i * s + 2 * n * c * s; // silu, gate*up; two residual sums
-                                                     // the surrogate's f32 copies (half) and product.
-            let surrogate = n * c * 4 * if half { 3 } else { 1 };
-            2 * norm + proj + rope + heads + scores + mlp + surrogate
-        };
-        // candle's backward gives every operand of its own binary ops a gradient, wanted or not;
-        // one nothing consumes stays in the gradient store until the layer's backward ends, with
-        // its zero-initialised accumulator and the incoming gradient it was computed from. Our nn
-        // ops pass constants through `mul_const` / `add_const` (no such gradient); what remains is
-        // each LoRA dropout mask (a plain `mul` in `LoraLinear`), and the layer input's own
-        // gradient, summed over its two consumers.
-        let leftovers = |lora: &[bool; 7]| -> usize {
-            let masks: usize = if dropout {
-                dims.iter()
-                    .zip(lora)
-                    .filter(|(_, &on)| on)
-                    .map(|(&(_, inp), _)| 3 * n * inp * s)
-                    .sum()
-            } else {
-                0
+            let (qs, ks) = (n * h * d * s, n * k * d * s);
+            // A fused qkv: the reshape of a narrowed view copies, the per-head transpose again.
+            let split = match spec.attention {
+                Attention::Fused(_) => 2 * (qs + 2 * ks),
+                Attention::Split => 0,
             };
-            masks + 3 * n * c * s
+            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
+            // SwiGLU: silu, gate*up; GELU: its output; then the two residual sums.
+            let mlp = match spec.mlp {
+                Mlp::SwiGlu => 2 * n * i * s,
+                Mlp::Gelu => n * i * s,
+            } + 2 * n * c * s;
+            // the surrogate's f32 copies (half) and product.
+            let surrogate = n * c * 4 * if half { 3 } else { 1 };
+            let graph =
+                norms * n * c * norm_elem + proj + split + rope + heads + scores + mlp + surrogate;
+            // candle's backward gives every operand of its own binary ops a gradient, wanted or
+            // not; one nothing consumes stays in the gradient store until the layer's backward
+            // ends. Our nn ops pass constants through `mul_const` / `add_const` (no such
+            // gradient); what remains is the adapters' (`left`) and the layer input's own
+            // gradient, summed over its two consumers.
+            (graph, left + 3 * n * c * s)
         };
         let graph = per_layer_lora
             .iter()
-            .map(|x| layer_graph(x) + leftovers(x))
+            .map(|x| layer(x))
+            .map(|(g, lo)| g + lo)
             .max()
-            .unwrap_or_else(|| layer_graph(&[false; 7]) + leftovers(&[false; 7]));
+            .unwrap_or_else(|| {
+                let (g, lo) = layer(&vec![false; dims.len()]);
+                g + lo
+            });
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
         // backward holds the incoming gradient, the product for each operand and a zero-initialised
         // accumulator: about four of the largest activation gradients coexist.
         let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
+        // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
+        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
+        // once beside the incoming gradient and accumulator already in `in_flight`.
+        let gelu_bwd = match spec.mlp {
+            Mlp::Gelu => 6 * n * i * s,
+            Mlp::SwiGlu => 0,
+        };
+        let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
         let threads = rayon::current_num_threads();
         let kernel_scratch = threads * 2 * TILE_BYTES
             + if half {
                 // QLinear converts a half-precision input and output to f32 around the kernel.
-                n * (c.max(i) + c.max(i).max(h * d)) * 4
+                n * (widest + c.max(i)) * 4
             } else {
                 0
             };
@@ -158,10 +170,11 @@ impl MemoryPlan {
             optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
-            recompute: graph + in_flight,
+            recompute: graph + in_flight + gelu_bwd,
             kernel_scratch,
-            // logits, shifted, exp (graph) and the gradient of the logits with one temporary.
-            logits_chunk: fused_ce_chunk(rows, v, n, c, s),
+            // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
+            // final norm's graph as one decoder norm per element.
+            logits_chunk: fused_ce_chunk(rows, v, n, c, norm_elem),
             lora_numels,
         })
     }
@@ -216,163 +229,52 @@ impl MemoryPlan {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        if is_falcon(store) {
-            Self::falcon(store, opts, batch, seq)
-        } else {
-            Self::new(store, opts, batch, seq)
-        }
+        Self::of_spec(store, &super::spec_of(store)?, opts, batch, seq)
     }
 
-    /// The plan for a step of the Falcon in `store` (same parts as [`MemoryPlan::new`]). The
-    /// shared terms (weights, adapters, optimizer, checkpoints, kernel scratch, logits chunk) are
-    /// those of Llama; the recompute graph counts `Falcon`'s layer: two LayerNorms (or one shared),
-    /// the fused qkv and its per-head copies, rotary, attention, the GELU MLP and the residual sum.
-    /// Counted from the code, not yet calibrated on a measured peak as the Llama plan is.
+    /// The plan for a step of the Falcon in `store` (same parts as [`MemoryPlan::new`]).
     pub fn falcon(
         store: &WeightStore,
         opts: &LlamaOptions,
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        use super::falcon::{FalconConfig, PROJECTIONS as FP};
-        let cfg = FalconConfig::from_store(store)?;
-        let gguf = store.format == SourceFormat::Gguf;
-        let is_linear = |name: &str| {
-            if gguf {
-                name.starts_with("blk.") && name.ends_with(".weight") && !name.contains("_norm")
-            } else {
-                name.starts_with("transformer.h.")
-                    && name.ends_with(".weight")
-                    && FP.iter().any(|p| name.contains(p.0))
-            }
-        };
-        let mut weights = 0;
-        for t in &store.tensors {
-            let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
-            weights += match opts.quant {
-                Some(q) if is_linear(&t.name) && float => quantised_bytes(q, t.numel()),
-                _ => t.nbytes(),
-            };
-        }
-        let s = opts.dtype.size_in_bytes();
-        let (l, c, i) = (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size);
-        let (h, k, d, v) = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-        );
-        let (n, b, t) = (batch * seq, batch, seq);
-        let half = s < 4;
-        // (out, in) per linear, falcon::PROJECTIONS order.
-        let dims = [(cfg.qkv_rows(), c), (c, h * d), (i, c), (c, i)];
-        let (lora_params, per_layer_lora, lora_numels) =
-            lora_layout(opts.lora.as_ref(), l, &FP.map(|p| p.0), &dims);
-        let (r, dropout) = opts
-            .lora
-            .as_ref()
-            .map_or((0, false), |x| (x.r, x.dropout > 0.0));
-        let norms = if cfg.two_norms || !cfg.parallel_attn {
-            2
-        } else {
-            1
-        };
-        let layer_graph = |lora: &[bool; 4]| -> usize {
-            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
-            // (with its broadcast views' products), (half: the cast back).
-            let norm = n * c * 4 * 5 + if half { n * c * (4 + s) } else { 0 };
-            let mut proj = 0;
-            for (pi, &(o, inp)) in dims.iter().enumerate() {
-                proj += n * o * s;
-                if lora[pi] {
-                    proj += 2 * n * r * s + 2 * n * o * s;
-                    if dropout {
-                        proj += 2 * n * inp * s;
-                    }
-                }
-            }
-            let (qs, ks) = (n * h * d * s, n * k * d * s);
-            // q, k, v: the reshape of a narrowed view copies, the per-head transpose copies again.
-            let split = 2 * (qs + 2 * ks);
-            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
-            // GELU output; attention + MLP sum and the residual sum.
-            let mlp = n * i * s + 2 * n * c * s;
-            let surrogate = n * c * 4 * if half { 3 } else { 1 };
-            norms * norm + proj + split + rope + heads + scores + mlp + surrogate
-        };
-        let leftovers = |lora: &[bool; 4]| -> usize {
-            let masks: usize = if dropout {
-                dims.iter()
-                    .zip(lora)
-                    .filter(|(_, &on)| on)
-                    .map(|(&(_, inp), _)| 3 * n * inp * s)
-                    .sum()
-            } else {
-                0
-            };
-            masks + 3 * n * c * s
-        };
-        let graph = per_layer_lora
-            .iter()
-            .map(|x| layer_graph(x) + leftovers(x))
-            .max()
-            .unwrap_or_else(|| layer_graph(&[false; 4]) + leftovers(&[false; 4]));
-        let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
-        // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
-        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
-        // once beside the incoming gradient and accumulator already in `in_flight`.
-        let gelu_bwd = 6 * n * i * s;
-        let threads = rayon::current_num_threads();
-        let kernel_scratch = threads * 2 * TILE_BYTES
-            + if half {
-                n * (c.max(i).max(cfg.qkv_rows()) + c.max(i)) * 4
-            } else {
-                0
-            };
-        let rows = opts.ce_chunk.max(1).min(n);
-        Ok(MemoryPlan {
-            weights,
-            adapters: lora_params * s,
-            adapter_grads: lora_params * s,
-            optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
-            checkpoints: (l + 3) * n * c * s,
-            recompute: graph + in_flight + gelu_bwd,
-            kernel_scratch,
-            // The final LayerNorm's composite graph: as one decoder norm per element.
-            logits_chunk: fused_ce_chunk(rows, v, n, c, 20 + if half { 4 + s } else { 0 }),
-            lora_numels,
-        })
+        let spec = FalconConfig::read(store)?.spec(store.format == SourceFormat::Gguf);
+        Self::of_spec(store, &spec, opts, batch, seq)
     }
 }
 
-/// Which of the `P` projections of each of `layers` layers carry an adapter under `lora`
-/// (`names[p]`, shapes `dims[p] = (out, in)`), the LoRA parameter count, and every A then B
-/// tensor's element count.
-fn lora_layout<const P: usize>(
-    lora: Option<&LoraSpec>,
-    layers: usize,
-    names: &[&str; P],
-    dims: &[(usize, usize); P],
-) -> (usize, Vec<[bool; P]>, Vec<usize>) {
-    let (mut params, mut rows, mut numels) = (0usize, vec![[false; P]; layers], Vec::new());
-    let Some(spec) = lora else {
-        return (params, rows, numels);
+/// Which linears of each layer carry an adapter of `method` (shapes `dims[p] = (out, in)`), the
+/// adapter parameter count, and every trainable tensor's element count (LoRA: A then B).
+fn adapter_layout(
+    method: Option<&dyn AdapterMethod>,
+    spec: &Spec,
+    dims: &[(usize, usize)],
+) -> Result<(usize, Vec<Vec<bool>>, Vec<usize>)> {
+    let (mut params, mut rows, mut numels) = (
+        0usize,
+        vec![vec![false; dims.len()]; spec.layers],
+        Vec::new(),
+    );
+    let Some(m) = method else {
+        return Ok((params, rows, numels));
     };
-    let all = spec.targets.iter().any(|x| x == "all-linear");
+    let names: Vec<&'static str> = spec.projections.iter().map(|p| p.0).collect();
+    let targets = m.targets(&names, spec.label)?;
     for (li, row) in rows.iter_mut().enumerate() {
-        if spec.layers.as_ref().is_some_and(|r| !r.contains(&li)) {
+        if !m.adapts_layer(li) {
             continue;
         }
         for (pi, name) in names.iter().enumerate() {
-            if all || spec.targets.iter().any(|x| x == name) {
+            if targets.contains(name) {
                 row[pi] = true;
-                params += spec.r * (dims[pi].0 + dims[pi].1);
-                // A is (r, in), B is (out, r).
-                numels.extend([spec.r * dims[pi].1, dims[pi].0 * spec.r]);
+                let e = m.numels(dims[pi].0, dims[pi].1);
+                params += e.iter().sum::<usize>();
+                numels.extend(e);
             }
         }
     }
-    (params, rows, numels)
+    Ok((params, rows, numels))
 }
 
 /// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for
@@ -412,22 +314,30 @@ fn quantised_bytes(q: QType, numel: usize) -> usize {
 
 impl std::fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-        let rows = [
-            ("quantised weights", self.weights),
-            ("LoRA adapters", self.adapters),
-            ("LoRA gradients", self.adapter_grads),
-            ("optimizer state", self.optimizer),
-            ("checkpointed activations", self.checkpoints),
-            ("one-layer recompute", self.recompute),
-            ("kernel scratch", self.kernel_scratch),
-            ("logits chunk", self.logits_chunk),
-        ];
-        for (name, b) in rows {
-            writeln!(f, "{name:<26} {:>10.1} MiB", mib(b))?;
-        }
-        write!(f, "{:<26} {:>10.1} MiB", "total", mib(self.total()))
+        mib_rows(
+            f,
+            &[
+                ("quantised weights", self.weights),
+                ("LoRA adapters", self.adapters),
+                ("LoRA gradients", self.adapter_grads),
+                ("optimizer state", self.optimizer),
+                ("checkpointed activations", self.checkpoints),
+                ("one-layer recompute", self.recompute),
+                ("kernel scratch", self.kernel_scratch),
+                ("logits chunk", self.logits_chunk),
+                ("total", self.total()),
+            ],
+        )
     }
+}
+
+/// One `name  size MiB` line a row, no newline after the last.
+fn mib_rows(f: &mut std::fmt::Formatter<'_>, rows: &[(&str, usize)]) -> std::fmt::Result {
+    for (i, (name, b)) in rows.iter().enumerate() {
+        let nl = if i + 1 < rows.len() { "\n" } else { "" };
+        write!(f, "{name:<26} {:>10.1} MiB{nl}", *b as f64 / 1048576.0)?;
+    }
+    Ok(())
 }
 
 /// The device-only parts of a plan on a GPU (`--device cuda`), and what of a [`MemoryPlan`] lives
@@ -471,21 +381,11 @@ impl GpuTerms {
         seq: usize,
         dtype: candle_core::DType,
     ) -> Result<Self> {
-        let (heads, layers, names) = if is_falcon(store) {
-            let c = FalconConfig::from_store(store)?;
-            let names = ["transformer.word_embeddings.weight", "lm_head.weight"];
-            (c.num_heads, c.num_layers, names)
-        } else {
-            let c = LlamaConfig::from_store(store)?;
-            let names = ["model.embed_tokens.weight", "lm_head.weight"];
-            (c.num_heads, c.num_layers, names)
-        };
+        let spec = super::spec_of(store)?;
+        let (heads, layers) = (spec.heads, spec.layers);
         // checkpoints = (layers + 3) hidden states; the layers' inputs go to the host
         let offloaded = plan.checkpoints / (layers + 3) * layers;
-        let [embed_name, head_name] = match store.format {
-            SourceFormat::Gguf => ["token_embd.weight", "output.weight"],
-            _ => names,
-        };
+        let [embed_name, head_name] = [spec.names.embed, spec.names.head];
         // a separate lm_head leaves the table on the host; a tied one is uploaded as the head
         let host_table = store.get(head_name).and(store.get(embed_name));
         let embed_host = host_table.map_or(0, |e| e.data.len());
@@ -537,20 +437,17 @@ impl GpuTerms {
 
 impl std::fmt::Display for GpuTerms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = |b: usize| b as f64 / 1048576.0;
-        let rows = [
-            ("CUDA context (estimate)", self.context),
-            ("cuBLAS workspace", self.cublas_workspace),
-            ("dequantisation scratch", self.dequant_scratch),
-            ("attention score blocks", self.attention_scores),
-            ("allocator slack", self.allocator),
-            ("(stays on the host)", self.host_only),
-        ];
-        for (i, (name, b)) in rows.iter().enumerate() {
-            let nl = if i + 1 < rows.len() { "\n" } else { "" };
-            write!(f, "{name:<26} {:>10.1} MiB{nl}", mib(*b))?;
-        }
-        Ok(())
+        mib_rows(
+            f,
+            &[
+                ("CUDA context (estimate)", self.context),
+                ("cuBLAS workspace", self.cublas_workspace),
+                ("dequantisation scratch", self.dequant_scratch),
+                ("attention score blocks", self.attention_scores),
+                ("allocator slack", self.allocator),
+                ("(stays on the host)", self.host_only),
+            ],
+        )
     }
 }
 

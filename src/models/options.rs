@@ -1,0 +1,140 @@
+//! How a model is loaded: quantisation at load, compute dtype, device, checkpointing, and the
+//! LoRA adapters ([`LoraSpec`], the LoRA [`AdapterMethod`](crate::lora::seam::AdapterMethod)).
+use crate::lora::seam::{AdapterMethod, LinearAdapter};
+use crate::lora::QLinear;
+use crate::quant::QType;
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+use std::ops::Range;
+
+/// Which linears get LoRA adapters, and how.
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    /// PEFT module names (`q_proj` .. `down_proj`), or `all-linear` for all of them.
+    pub targets: Vec<String>,
+    /// Rank r.
+    pub r: usize,
+    /// Scaling numerator.
+    pub alpha: f64,
+    /// rsLoRA scaling `alpha / sqrt(r)`.
+    pub rslora: bool,
+    /// Dropout on the adapter input during training.
+    pub dropout: f32,
+    /// Layers that get adapters (`None`: all).
+    pub layers: Option<Range<usize>>,
+    /// Seed of A's initialisation and of the dropout masks.
+    pub seed: u64,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            targets: vec!["all-linear".into()],
+            r: 8,
+            alpha: 16.0,
+            rslora: false,
+            dropout: 0.0,
+            layers: None,
+            seed: 0,
+        }
+    }
+}
+
+/// How to load a model (any architecture; the name is historical).
+#[derive(Clone, Debug)]
+pub struct LlamaOptions {
+    /// Quantise f32/f16/bf16 decoder-layer linears to this type at load (stored quantised types are
+    /// kept). Q4_0, Q8_0, Q4_K, Q6_K or NF4.
+    pub quant: Option<QType>,
+    /// Compute dtype of activations and adapters: F32 (parity) or BF16.
+    pub dtype: DType,
+    /// LoRA adapters (`None`: a frozen model).
+    pub lora: Option<LoraSpec>,
+    /// Gradient checkpointing per decoder layer in `train_grads`.
+    pub checkpoint: bool,
+    /// Rows per cross-entropy chunk (the logits of this many tokens exist at once).
+    pub ce_chunk: usize,
+    /// Where activations, adapters and norms live: the CPU, or a GPU (`--features cuda`; frozen
+    /// weights stay memory-mapped on the host and are copied to it once, still quantised).
+    pub device: Device,
+}
+
+impl Default for LlamaOptions {
+    fn default() -> Self {
+        LlamaOptions {
+            quant: None,
+            dtype: DType::F32,
+            lora: None,
+            checkpoint: true,
+            ce_chunk: 256,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// LoRA as an adapter method: `LoraSpec` places adapters by PEFT target names and layer range, and
+/// seeds each from its place (`index` = layer · P + projection).
+impl AdapterMethod for LoraSpec {
+    fn targets(&self, projections: &[&'static str], label: &str) -> Result<Vec<&'static str>> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            if t == "all-linear" {
+                return Ok(projections.to_vec());
+            }
+            match projections.iter().find(|p| *p == t) {
+                Some(p) => out.push(*p),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "LoRA target '{t}' is not a {label} linear; use one of {} or all-linear",
+                        projections.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn adapts_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|r| r.contains(&layer))
+    }
+
+    fn build(
+        &self,
+        base: &QLinear,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Box<dyn LinearAdapter>> {
+        let lc = crate::lora::LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            dropout: self.dropout,
+            dtype,
+        };
+        let seed = self
+            .seed
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(index as u64);
+        let lora = crate::lora::lora::Lora::new(base, &lc, seed)?.on_device(base, device)?;
+        Ok(Box::new(lora))
+    }
+
+    fn numels(&self, out: usize, inp: usize) -> Vec<usize> {
+        // A is (r, in), B is (out, r).
+        vec![self.r * inp, out * self.r]
+    }
+
+    fn graph_bytes(&self, n: usize, out: usize, inp: usize, s: usize) -> (usize, usize) {
+        // x·Aᵀ, its scaling, the (N, out) product and the sum with the base output; with dropout
+        // the mask and the masked input. The mask is a plain `mul` operand: its unconsumed
+        // gradient, accumulator and incoming gradient stay until the layer's backward ends.
+        let mut graph = 2 * n * self.r * s + 2 * n * out * s;
+        let mut left = 0;
+        if self.dropout > 0.0 {
+            graph += 2 * n * inp * s;
+            left = 3 * n * inp * s;
+        }
+        (graph, left)
+    }
+}

@@ -1,0 +1,790 @@
+//! The one decoder every architecture runs on: loading (with quantisation at load and llama.cpp's
+//! row orders undone), adapter placement through the seam ([`crate::lora::seam`]), the layer
+//! forward for every block variant of a [`Spec`], the KV-cached decode step, and the per-call
+//! constants. [`super::Decoder`] gives it the shared loss and checkpointed training step.
+//!
+//! GGUF bases: llama.cpp's converter permutes the rows of split `attn_q` / `attn_k` (rotary pairs
+//! adjacent) and regroups a grouped fused qkv (`[all q, all k, all v]`). We put the rows back in
+//! Hugging Face order at load by copying whole rows (each row is a whole number of quantisation
+//! blocks, so the copy is exact in any type): the LoRA B matrices stay in Hugging Face row order, so
+//! one adapter file means the same thing on a safetensors and a GGUF base. The price is that those
+//! projections become owned copies instead of file views.
+use super::arch::{Attention, Mlp, NormKind, QkvLayout, Residual, Spec};
+use super::options::LlamaOptions;
+use super::weights::load_linear;
+use crate::lora::seam::{AdapterMethod, LinearAdapter, SequenceAdapter};
+use crate::lora::QLinear;
+use crate::nn::{self, fused};
+use crate::quant::{dispatch, QType};
+use crate::store::{StoredTensor, WeightStore};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A frozen linear and its adapter, if any.
+pub struct Linear {
+    base: QLinear,
+    adapter: Option<Box<dyn LinearAdapter>>,
+}
+
+/// A norm's constant weight and (LayerNorm) bias, `(C,)` f32 each.
+struct Norm {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+struct Layer {
+    attn_norm: Norm,
+    /// None: the MLP reads the attention norm's output (parallel blocks with one norm).
+    mlp_norm: Option<Norm>,
+    /// In `Spec::projections` order.
+    linears: Vec<Linear>,
+}
+
+/// Per-call constants shared by all layers: rotary tables and the attention bias.
+pub struct Ctx {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
+
+/// A decoder-only causal LM of any [`Spec`] over a weight store.
+pub struct Transformer {
+    spec: Spec,
+    opts: LlamaOptions,
+    path: std::path::PathBuf,
+    embed: Arc<StoredTensor>,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    lm_head: QLinear,
+    step: AtomicU64,
+    int8: bool,
+    hooks: Option<Box<dyn SequenceAdapter>>,
+}
+
+impl Transformer {
+    /// Loads the model `spec` describes from `store`.
+    pub fn load(store: &WeightStore, spec: Spec, opts: LlamaOptions) -> Result<Self> {
+        if !matches!(opts.dtype, DType::F32 | DType::BF16) {
+            return Err(Error::Invalid(format!(
+                "compute dtype {:?} is not supported; use f32 or bf16",
+                opts.dtype
+            )));
+        }
+        if let Some(q) = opts.quant {
+            if q != QType::NF4 && !dispatch::QUANTIZABLE.contains(&q) {
+                return Err(Error::Invalid(format!(
+                    "cannot quantise at load to {}; use Q4_0, Q8_0, Q4_K, Q6_K or NF4",
+                    q.name()
+                )));
+            }
+        }
+        let get = |name: &str| -> Result<&StoredTensor> {
+            store.get(name).ok_or_else(|| Error::MissingTensor {
+                path: store.path.clone(),
+                tensor: name.to_string(),
+                hint: format!(" (not a complete {} checkpoint?)", spec.label),
+            })
+        };
+        let cerr = |what: &'static str| {
+            let arch = spec.arch;
+            move |e: candle_core::Error| Error::Invalid(format!("{arch} {what}: {e}"))
+        };
+        // A float vector of n: norms and biases.
+        let vec_of = |name: &str, n: usize, dev: &Device| -> Result<Tensor> {
+            let t = get(name)?;
+            if t.shape != [n] || t.qtype == QType::NF4 {
+                return Err(Error::Shape {
+                    path: store.path.clone(),
+                    tensor: name.into(),
+                    msg: format!(
+                        "a norm weight or bias must be a float vector of {n}, found {} {:?}",
+                        t.qtype.name(),
+                        t.shape
+                    ),
+                });
+            }
+            let mut w = vec![0f32; n];
+            t.matrix().dequant_tile(0, 1, 0, n, &mut w);
+            Tensor::from_vec(w, n, dev).map_err(cerr("norm"))
+        };
+        let (c, v) = (spec.hidden, spec.vocab);
+        // The fused RMSNorm reads its weight on the host (its CUDA launcher uploads it), so a device
+        // copy would cost a download per call; LayerNorm's constants live on the device.
+        let norm_dev = match spec.norm {
+            NormKind::Rms => Device::Cpu,
+            NormKind::LayerNorm => opts.device.clone(),
+        };
+        let norm = |stem: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: vec_of(&format!("{stem}.weight"), c, &norm_dev)?,
+                b: match spec.norm {
+                    NormKind::Rms => None,
+                    NormKind::LayerNorm => Some(vec_of(&format!("{stem}.bias"), c, &norm_dev)?),
+                },
+            })
+        };
+        let names = &spec.names;
+        let embed = get(names.embed)?;
+        if embed.shape != [v, c] {
+            return Err(Error::Shape {
+                path: store.path.clone(),
+                tensor: names.embed.into(),
+                msg: format!(
+                    "shape {:?}, expected [{v}, {c}] from the config",
+                    embed.shape
+                ),
+            });
+        }
+        if embed.qtype == QType::NF4 {
+            return Err(Error::UnsupportedType {
+                path: store.path.clone(),
+                tensor: names.embed.into(),
+                type_name: "NF4".into(),
+                supported: "any ggml type or float for the embedding".into(),
+            });
+        }
+        let embed = Arc::new(embed.clone());
+        let lm_head =
+            match store.get(names.head) {
+                Some(t) => QLinear::new(Arc::new(t.clone()), None)?,
+                None if spec.tied_head => QLinear::new(embed.clone(), None)?,
+                None => return Err(Error::MissingTensor {
+                    path: store.path.clone(),
+                    tensor: names.head.into(),
+                    hint:
+                        " (config.json says the embedding is not tied, so lm_head must be stored)"
+                            .into(),
+                }),
+            };
+        let final_norm = norm(names.final_norm)?;
+        let method: Option<&dyn AdapterMethod> = opts.lora.as_ref().map(|s| s as _);
+        let pnames: Vec<&'static str> = spec.projections.iter().map(|p| p.0).collect();
+        let targets = match method {
+            Some(m) => m.targets(&pnames, spec.label)?,
+            None => vec![],
+        };
+        let np = spec.projections.len();
+        let mut layers = Vec::with_capacity(spec.layers);
+        for i in 0..spec.layers {
+            let stem = |n: &str| format!("{}.{i}.{n}", names.layer);
+            let mut linears = Vec::with_capacity(np);
+            for (pi, &(pname, ..)) in spec.projections.iter().enumerate() {
+                let name = spec.linear_name(i, pi);
+                let (out_f, in_f) = spec.shape(pi);
+                let stored = get(&name)?;
+                let msg = match stored.shape.as_slice() {
+                    [o, i] if (*o, *i) == (out_f, in_f) => None,
+                    [o, i] => Some(format!(
+                        "shape [{o}, {i}], expected {:?} from the config",
+                        (out_f, in_f)
+                    )),
+                    s => Some(format!("shape {s:?} is not 2-D (out, in)")),
+                };
+                if let Some(msg) = msg {
+                    let (path, tensor) = (store.path.clone(), name);
+                    return Err(Error::Shape { path, tensor, msg });
+                }
+                let rows = if spec.gguf { spec.gguf_rows(pi) } else { None };
+                let w = load_linear(store, stored, rows.as_deref(), opts.quant)?;
+                let bias = if spec.bias {
+                    let b = name.strip_suffix(".weight").unwrap_or(&name);
+                    Some(vec_of(&format!("{b}.bias"), out_f, &opts.device)?)
+                } else {
+                    None
+                };
+                let base = QLinear::new(Arc::new(w), bias)?;
+                let adapter = match method {
+                    Some(m) if targets.contains(&pname) && m.adapts_layer(i) => {
+                        Some(m.build(&base, i * np + pi, opts.dtype, &opts.device)?)
+                    }
+                    _ => None,
+                };
+                linears.push(Linear { base, adapter });
+            }
+            layers.push(Layer {
+                attn_norm: norm(&stem(names.attn_norm))?,
+                mlp_norm: names.mlp_norm.map(|n| norm(&stem(n))).transpose()?,
+                linears,
+            });
+        }
+        Ok(Transformer {
+            spec,
+            opts,
+            path: store.path.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            step: AtomicU64::new(0),
+            int8: false,
+            hooks: None,
+        })
+    }
+
+    /// The description it was loaded from.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The load options.
+    pub fn options(&self) -> &LlamaOptions {
+        &self.opts
+    }
+
+    /// The frozen base linear of projection `proj` (PEFT name) in layer `layer`.
+    pub fn base_linear(&self, layer: usize, proj: &str) -> Option<&QLinear> {
+        let pi = self.spec.index(proj)?;
+        Some(&self.layers.get(layer)?.linears.get(pi)?.base)
+    }
+
+    /// The output projection.
+    pub fn lm_head(&self) -> &QLinear {
+        &self.lm_head
+    }
+
+    /// Installs the sequence-level adapter hooks (prompt rows, KV prefix).
+    pub fn set_sequence_adapter(&mut self, hooks: Option<Box<dyn SequenceAdapter>>) {
+        self.hooks = hooks;
+    }
+
+    /// Base products of Q4_0/Q8_0/Q4_K weights with activations rounded to 8 bits, as llama.cpp
+    /// does (decoding; off by default).
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8 = on;
+    }
+
+    /// Every adapter tensor with its PEFT name
+    /// (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`), layer by layer, in
+    /// projection order, each adapter's tensors in its own order (LoRA: A then B); then the
+    /// sequence-level adapter's.
+    pub fn lora_params(&self) -> Vec<(String, Var)> {
+        let mut out = self.adapter_vars(None);
+        if let Some(h) = &self.hooks {
+            out.extend(h.params());
+        }
+        out
+    }
+
+    fn adapter_vars(&self, layer: Option<usize>) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if layer.is_some_and(|x| x != i) {
+                continue;
+            }
+            for (pi, lin) in l.linears.iter().enumerate() {
+                if let Some(a) = &lin.adapter {
+                    let pre = format!("base_model.model.{}", self.spec.module_path(i, pi));
+                    out.extend(
+                        a.params()
+                            .into_iter()
+                            .map(|(n, v)| (format!("{pre}.{n}"), v)),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Logits `(B, T, V)` f32 for `ids (B, T)` with optional `mask (B, T)` (1 real, 0 pad).
+    /// Evaluation mode (no dropout); all logits exist at once (tests, small inputs).
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        super::forward(self, ids, mask)
+    }
+
+    /// Mean cross-entropy over target tokens (transformers' causal-LM loss: logits shifted by one,
+    /// labels -100 ignored), as an f32 scalar with the graph (eval mode).
+    pub fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
+        super::loss(self, ids, mask, labels)
+    }
+
+    /// One training step's loss and the gradient of every adapter tensor (PEFT names), dropout on,
+    /// checkpointed per layer when the options say so (the shared step in `models`).
+    pub fn train_grads(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<(f32, HashMap<String, Tensor>)> {
+        super::train_grads(self, ids, mask, labels)
+    }
+
+    fn cerr(&self, what: &'static str) -> impl Fn(candle_core::Error) -> Error + '_ {
+        move |e| Error::Invalid(format!("{} {what}: {e}", self.spec.arch))
+    }
+
+    fn prompt_rows(&self) -> usize {
+        let rows = self.hooks.as_ref().and_then(|h| h.prompt_rows());
+        rows.map_or(0, |r| r.dims().first().copied().unwrap_or(0))
+    }
+
+    fn prefix_len(&self) -> usize {
+        self.hooks.as_ref().map_or(0, |h| h.prefix_len())
+    }
+
+    /// The per-call constants of a decode step: `t` new positions after `pos` cached ones (rotary
+    /// angles of positions `pos..pos+t`, and a `(1, 1, t, pos+t)` causal bias over all keys).
+    pub fn decode_ctx(&self, pos: usize, t: usize) -> Result<Ctx> {
+        let (n, s) = (self.prefix_len(), pos + t);
+        let (hd, theta) = (self.spec.head_dim, self.spec.rope_theta);
+        let (cos, sin) = nn::rope_tables(n + s, hd, theta, self.opts.dtype)
+            .and_then(|(cos, sin)| Ok((cos.narrow(0, n + pos, t)?, sin.narrow(0, n + pos, t)?)))
+            .map_err(self.cerr("rotary tables"))?;
+        let bias: Vec<f32> = (0..t)
+            .flat_map(|i| (0..n + s).map(move |j| if j <= n + pos + i { 0.0 } else { f32::MIN }))
+            .collect();
+        let bias =
+            Tensor::from_vec(bias, (1, 1, t, n + s), &Device::Cpu).map_err(self.cerr("mask"))?;
+        Ok(Ctx { cos, sin, bias })
+    }
+
+    /// Decoder layer `li` with a KV cache: this call's keys and values (after rotary) are appended
+    /// to `cache` (`(B, KVH, S, D)` each) and attention reads all of them; `ctx` from
+    /// [`Self::decode_ctx`]. The training forward is this with no cache.
+    pub fn layer_cached(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Ctx,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        self.layer_kv(li, x, ctx, None, Some(cache))
+    }
+
+    /// Runs `tokens` (one sequence) after the `cache`d positions of every layer and returns the
+    /// logits `(T, V)` f32 of the new positions; `pos` positions are cached so far.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut Vec<Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let t = tokens.len();
+        let mut x = super::Decoder::embed(self, tokens, 1, t)?;
+        let ctx = self.decode_ctx(pos, t)?;
+        let n = self.layers.len();
+        if cache.len() != n {
+            *cache = vec![None; n];
+        }
+        let mut run = || -> candle_core::Result<Tensor> {
+            for (li, slot) in cache.iter_mut().enumerate() {
+                x = self.layer_cached(li, &x, &ctx, slot)?;
+            }
+            let x = super::Decoder::final_norm(self, &x)?;
+            self.base_fwd(&self.lm_head, &x)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)
+        };
+        run().map_err(self.cerr("decode"))
+    }
+
+    /// `x · Wᵀ (+ bias)` of a frozen linear: with 8-bit activations where enabled and the weight's
+    /// type has that path, else the exact product.
+    fn base_fwd(&self, lin: &QLinear, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = lin.weight().matrix();
+        if !self.int8 || lin.bias().is_some() || !crate::quant::dot8::supported(&w) {
+            return lin.forward(x);
+        }
+        let (b, t, k) = x.dims3()?;
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; b * t * w.rows];
+        crate::quant::dot8::gemv_q8(&xs, b * t, &w, &mut y);
+        debug_assert_eq!(k, w.cols);
+        Tensor::from_vec(y, (b, t, w.rows), x.device())
+    }
+
+    fn linear(&self, l: &Linear, x: &Tensor, key: Option<u64>) -> candle_core::Result<Tensor> {
+        let y = self.base_fwd(&l.base, x)?;
+        match &l.adapter {
+            None => Ok(y),
+            Some(a) => a.forward(x, &l.base, y, key),
+        }
+    }
+
+    fn norm(&self, x: &Tensor, n: &Norm) -> candle_core::Result<Tensor> {
+        match &n.b {
+            None => fused::rms_norm(x, &n.w, self.spec.eps),
+            Some(b) => layer_norm(x, &n.w, b, self.spec.eps),
+        }
+    }
+
+    /// One decoder layer `x (B, T, C) -> (B, T, C)` of any block variant; `key`: dropout key base
+    /// (None: eval); `cache`: decoding with a KV cache.
+    fn layer_kv(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Ctx,
+        key: Option<u64>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (s, l) = (&self.spec, &self.layers[li]);
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
+        // Dropout key of linear pi: li·P + pi (P linears a layer), as its seed.
+        let np = l.linears.len();
+        let proj = |pi: usize, x: &Tensor| {
+            let k = key.map(|k| k.wrapping_add((li * np + pi) as u64));
+            self.linear(&l.linears[pi], x, k)
+        };
+        let xa = self.norm(x, &l.attn_norm)?;
+        // q: (B, H, T, D); k, v: (B, KVH, T, D)
+        let (q, k, v, o) = match s.attention {
+            Attention::Split => {
+                let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+                let q = heads(proj(0, &xa)?, h)?;
+                let k = heads(proj(1, &xa)?, kvh)?;
+                (q, k, heads(proj(2, &xa)?, kvh)?, 3)
+            }
+            Attention::Fused(layout) => {
+                let (q, k, v) = split_qkv(&proj(0, &xa)?, layout, h, kvh, hd)?;
+                (q, k, v, 1)
+            }
+        };
+        let q = fused::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = fused::rope(&k, &ctx.cos, &ctx.sin)?;
+        // Prefix tuning: keys and values before the sequence's, without rotary.
+        let prefix = match self.hooks.as_ref().and_then(|hk| hk.kv_prefix(li)) {
+            Some((pk, pv)) => {
+                let bc = |p: Tensor, like: &Tensor| -> candle_core::Result<Tensor> {
+                    let (kh, n, d) = p.dims3()?;
+                    p.to_dtype(like.dtype())?
+                        .to_device(like.device())?
+                        .unsqueeze(0)?
+                        .broadcast_as((b, kh, n, d))?
+                        .contiguous()
+                };
+                Some((bc(pk, &k)?, bc(pv, &v)?))
+            }
+            None => None,
+        };
+        let with_prefix = |k: Tensor, v: Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            match &prefix {
+                Some((pk, pv)) => Ok((Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)),
+                None => Ok((k, v)),
+            }
+        };
+        // Training and full forwards: the fused attention (no T×T matrix kept). Decoding with a
+        // cache or a prefix: more keys than queries, which only the composite attention takes.
+        let composite = cache.is_some() || prefix.is_some();
+        let (k, v) = match cache {
+            None => with_prefix(k, v)?,
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => with_prefix(k, v)?,
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        // a: (B, H, T, D) -> (B, T, H*D)
+        let a = if composite {
+            nn::causal_attention(&q, &k, &v, &ctx.bias)?
+        } else {
+            fused::causal_attention(&q, &k, &v, &ctx.bias)?
+        };
+        let a = a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?;
+        let a = proj(o, &a)?;
+        let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
+            match s.mlp {
+                Mlp::SwiGlu => {
+                    let g = nn::silu(&proj(o + 1, xn)?)?;
+                    let u = proj(o + 2, xn)?;
+                    proj(o + 3, &(g * u)?)
+                }
+                Mlp::Gelu => proj(o + 2, &proj(o + 1, xn)?.gelu_erf()?),
+            }
+        };
+        match (s.residual, &l.mlp_norm) {
+            (Residual::Parallel, n) => {
+                let xm = match n {
+                    Some(n) => self.norm(x, n)?,
+                    None => xa,
+                };
+                x + (mlp(&xm)? + a)?
+            }
+            (Residual::Sequential, n) => {
+                let x = (x + a)?;
+                let n = n.as_ref().expect("sequential blocks have a second norm");
+                let m = mlp(&self.norm(&x, n)?)?;
+                x + m
+            }
+        }
+    }
+}
+
+/// q `(B, H, T, D)`, k and v `(B, KVH, T, D)` from a fused projection `(B, T, (H+2KVH)·D)`.
+fn split_qkv(
+    y: &Tensor,
+    layout: QkvLayout,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, _) = y.dims3()?;
+    let (q, k, v) = match layout {
+        QkvLayout::MultiQuery => (
+            y.narrow(2, 0, h * hd)?.reshape((b, t, h, hd))?,
+            y.narrow(2, h * hd, kvh * hd)?.reshape((b, t, kvh, hd))?,
+            y.narrow(2, (h + kvh) * hd, kvh * hd)?
+                .reshape((b, t, kvh, hd))?,
+        ),
+        QkvLayout::PerHead => {
+            // (B, T, H, 3, D)
+            let y = y.reshape((b, t, h, 3, hd))?;
+            let part = |i| y.narrow(3, i, 1)?.squeeze(3);
+            (part(0)?, part(1)?, part(2)?)
+        }
+        QkvLayout::Grouped => {
+            let g = h / kvh;
+            // (B, T, KVH, G+2, D); query head kv*G + j reads KV head kv, as causal_attention does.
+            let y = y.reshape((b, t, kvh, g + 2, hd))?;
+            (
+                y.narrow(3, 0, g)?.reshape((b, t, h, hd))?,
+                y.narrow(3, g, 1)?.squeeze(3)?,
+                y.narrow(3, g + 1, 1)?.squeeze(3)?,
+            )
+        }
+    };
+    // (B, T, n, D) -> (B, n, T, D)
+    let heads = |x: Tensor| x.transpose(1, 2)?.contiguous();
+    Ok((heads(q)?, heads(k)?, heads(v)?))
+}
+
+/// LayerNorm as torch's `nn.LayerNorm` over the last dim: `(x - mean) / sqrt(var + eps) * w + b`
+/// with the biased variance; statistics in f32, result in x's dtype. `w` and `b` are constants.
+fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    // mu, var: (.., 1)
+    let mu = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let y = nn::add_const(&nn::mul_const(&y, w)?, b)?;
+    y.to_dtype(dt)
+}
+
+/// The shared blocks behind the checkpointed step, forward and loss in `models`.
+impl super::Decoder for Transformer {
+    type Ctx = Ctx;
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+    fn hidden_size(&self) -> usize {
+        self.spec.hidden
+    }
+    fn vocab_size(&self) -> usize {
+        self.spec.vocab
+    }
+    fn ce_chunk(&self) -> usize {
+        self.opts.ce_chunk
+    }
+    fn checkpoint(&self) -> bool {
+        self.opts.checkpoint
+    }
+    fn prompt_len(&self) -> usize {
+        self.prompt_rows()
+    }
+    fn embed(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        let (dt, dev) = (self.opts.dtype, &self.opts.device);
+        let x = super::embed_rows(&self.embed, ids, (b, t), dt, dev, &self.path)?;
+        let Some(rows) = self.hooks.as_ref().and_then(|h| h.prompt_rows()) else {
+            return Ok(x);
+        };
+        // Prompt tuning: (N, C) rows before every sequence.
+        (|| {
+            let (n, c) = rows.dims2()?;
+            let r = rows.to_dtype(dt)?.to_device(dev)?.unsqueeze(0)?;
+            Tensor::cat(&[&r.broadcast_as((b, n, c))?.contiguous()?, &x], 1)
+        })()
+        .map_err(self.cerr("prompt rows"))
+    }
+    fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
+        let (np, nk) = (self.prompt_rows(), self.prefix_len());
+        let (hd, theta, dt) = (self.spec.head_dim, self.spec.rope_theta, self.opts.dtype);
+        if np == 0 && nk == 0 {
+            let (cos, sin, bias) =
+                super::rope_and_bias(b, t, mask, hd, theta, dt, &self.opts.device)?;
+            return Ok(Ctx { cos, sin, bias });
+        }
+        // Prompt rows are real positions (unmasked); a KV prefix shifts rotary by its length and
+        // is visible to every query.
+        let t2 = np + t;
+        let run = || -> candle_core::Result<Ctx> {
+            let mask = match mask {
+                Some(m) if np > 0 => {
+                    let ones = Tensor::ones((b, np), m.dtype(), m.device())?;
+                    Some(Tensor::cat(&[&ones, m], 1)?)
+                }
+                m => m.cloned(),
+            };
+            let (cos, sin) = nn::rope_tables(nk + t2, hd, theta, dt)?;
+            let (cos, sin) = (cos.narrow(0, nk, t2)?, sin.narrow(0, nk, t2)?);
+            let mut bias = nn::attention_bias(mask.as_ref(), b, t2)?;
+            if nk > 0 {
+                let (bb, one, _, _) = bias.dims4()?;
+                let z = Tensor::zeros((bb, one, t2, nk), bias.dtype(), bias.device())?;
+                bias = Tensor::cat(&[&z, &bias], 3)?;
+            }
+            let bias = bias.to_device(&self.opts.device)?;
+            Ok(Ctx { cos, sin, bias })
+        };
+        run().map_err(self.cerr("per-call constants"))
+    }
+    fn layer(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &Ctx,
+        key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        self.layer_kv(li, x, ctx, key, None)
+    }
+    fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm(x, &self.final_norm)
+    }
+    fn lm_head(&self) -> &QLinear {
+        &self.lm_head
+    }
+    fn lora_vars(&self, layer: Option<usize>) -> Vec<(String, Var)> {
+        self.adapter_vars(layer)
+    }
+    fn sequence_vars(&self) -> Vec<(String, Var)> {
+        self.hooks.as_ref().map_or_else(Vec::new, |h| h.params())
+    }
+    fn next_step_key(&self) -> u64 {
+        // One key range per step; layer li, linear pi adds li*P+pi.
+        self.step
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(1 << 32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Decoder;
+
+    /// Trainable prompt rows.
+    struct Rows(Var);
+    impl SequenceAdapter for Rows {
+        fn prompt_rows(&self) -> Option<Tensor> {
+            Some(self.0.as_tensor().clone())
+        }
+        fn params(&self) -> Vec<(String, Var)> {
+            vec![("prompt_embeddings".into(), self.0.clone())]
+        }
+    }
+
+    /// A trainable key/value prefix per layer, `(KVH, N, D)` each.
+    struct Prefix(Vec<(Var, Var)>);
+    impl SequenceAdapter for Prefix {
+        fn kv_prefix(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+            let (k, v) = self.0.get(layer)?;
+            Some((k.as_tensor().clone(), v.as_tensor().clone()))
+        }
+        fn prefix_len(&self) -> usize {
+            self.0[0].0.dim(1).unwrap()
+        }
+        fn params(&self) -> Vec<(String, Var)> {
+            let kv = self.0.iter().enumerate();
+            kv.flat_map(|(i, (k, v))| [(format!("k{i}"), k.clone()), (format!("v{i}"), v.clone())])
+                .collect()
+        }
+    }
+
+    /// The checkpointed step's gradients of the sequence-level tensors equal plain autograd's.
+    fn same_grads_with_and_without_checkpointing(m: &mut Transformer, ids: &Tensor, lab: &Tensor) {
+        m.opts.checkpoint = true;
+        let (la, ga) = m.train_grads(ids, None, lab).unwrap();
+        m.opts.checkpoint = false;
+        let (lb, gb) = m.train_grads(ids, None, lab).unwrap();
+        m.opts.checkpoint = true;
+        assert!((la - lb).abs() < 1e-6 * la.abs());
+        assert_eq!(ga.len(), gb.len());
+        assert!(!ga.is_empty());
+        for (n, a) in &ga {
+            let r = rel(a, &gb[n]);
+            assert!(r < 1e-5, "{n}: {r}");
+            let norm = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{n} has no gradient");
+        }
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap()
+    }
+
+    /// Both sequence hooks are checked against running their tokens: prompt rows that are the
+    /// embeddings of tokens P, and a KV prefix that is the (rotated) cache of P, must give the
+    /// logits of P followed by the ids, at the ids' positions; the loss and the checkpointed step
+    /// with prompt rows are the loss over those positions.
+    #[test]
+    fn sequence_hooks_equal_running_the_prefix_tokens() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        let store = WeightStore::open(&dir.join("model")).unwrap();
+        let mut m = crate::models::open(&store, LlamaOptions::default()).unwrap();
+        let (p, ids) = ([5u32, 9, 2], [7u32, 11, 3, 4, 8]);
+        let all: Vec<u32> = p.iter().chain(&ids).copied().collect();
+        let row = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let want = m
+            .forward(&row(&all), None)
+            .unwrap()
+            .narrow(1, p.len(), ids.len())
+            .unwrap();
+        let dev = Device::Cpu;
+        let rows = crate::models::embed_rows(&m.embed, &p, (1, 3), DType::F32, &dev, &m.path);
+        let rows = Var::from_tensor(&rows.unwrap().squeeze(0).unwrap()).unwrap();
+        m.set_sequence_adapter(Some(Box::new(Rows(rows))));
+        assert_eq!(m.prompt_len(), 3);
+        let got = m.forward(&row(&ids), None).unwrap();
+        assert!(rel(&got, &want) < 1e-5, "prompt rows: {}", rel(&got, &want));
+        // Labels: the ids' own shifted targets; on the full sequence, the prompt predicts nothing
+        // and the first id is not predicted.
+        let lab = |v: &[i64]| Tensor::new(v, &dev).unwrap().unsqueeze(0).unwrap();
+        let ids_lab: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        let mut full_lab = vec![-100i64; p.len() + 1];
+        full_lab.extend(&ids_lab[1..]);
+        let (l_rows, _) = m.train_grads(&row(&ids), None, &lab(&ids_lab)).unwrap();
+        same_grads_with_and_without_checkpointing(&mut m, &row(&ids), &lab(&ids_lab));
+        m.set_sequence_adapter(None);
+        let l_full = m.loss(&row(&all), None, &lab(&full_lab)).unwrap();
+        let l_full = l_full.to_scalar::<f32>().unwrap();
+        assert!(
+            (l_rows - l_full).abs() < 1e-5 * l_full.abs(),
+            "{l_rows} {l_full}"
+        );
+        // KV prefix: the cache of P, whose keys carry P's rotary.
+        let mut cache = Vec::new();
+        m.decode_step(&p, 0, &mut cache).unwrap();
+        let kv = cache
+            .into_iter()
+            .map(|c| {
+                let (k, v) = c.unwrap();
+                let var = |x: Tensor| Var::from_tensor(&x.squeeze(0).unwrap()).unwrap();
+                (var(k), var(v))
+            })
+            .collect();
+        m.set_sequence_adapter(Some(Box::new(Prefix(kv))));
+        let got = m.forward(&row(&ids), None).unwrap();
+        assert!(rel(&got, &want) < 1e-5, "KV prefix: {}", rel(&got, &want));
+        // ... and decoding after the prefix: the last position's logits again.
+        let mut cache = Vec::new();
+        let l = m.decode_step(&ids, 0, &mut cache).unwrap();
+        assert!(rel(&l, &want.squeeze(0).unwrap()) < 1e-5);
+        same_grads_with_and_without_checkpointing(&mut m, &row(&ids), &lab(&ids_lab));
+    }
+}
