@@ -151,6 +151,10 @@ pub trait CausalLm {
     fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>;
     /// Mean cross-entropy (transformers' shifted causal-LM loss, -100 ignored), eval mode.
     fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor>;
+    /// The same mean cross-entropy as [`CausalLm::loss`] as a number, keeping no graph: each
+    /// layer's output is detached, so only one layer's intermediates exist at a time (evaluation,
+    /// DPO's reference).
+    fn eval_loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<f32>;
     /// One training step's loss and every LoRA gradient by PEFT name (dropout on).
     fn train_grads(
         &self,
@@ -181,6 +185,9 @@ impl<M: AsRef<Transformer>> CausalLm for M {
     }
     fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
         self.as_ref().loss(ids, mask, labels)
+    }
+    fn eval_loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<f32> {
+        eval_loss(self.as_ref(), ids, mask, labels)
     }
     fn train_grads(
         &self,
@@ -328,13 +335,43 @@ fn hidden<M: Decoder>(
     mask: Option<&Tensor>,
     key: Option<u64>,
 ) -> Result<Tensor> {
+    hidden_with(m, ids, mask, key, false)
+}
+
+/// [`hidden`], or with every layer's output `detach`ed (no graph survives a layer).
+fn hidden_with<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    key: Option<u64>,
+    detach: bool,
+) -> Result<Tensor> {
     let (b, t, v) = check_batch(ids)?;
     let ctx = m.ctx(b, t, mask)?;
     let mut x = m.embed(&v, b, t)?;
     for li in 0..m.num_layers() {
         x = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
+        if detach {
+            x = x.detach();
+        }
     }
     drop_prompt(m, x, t)
+}
+
+/// [`CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
+pub fn eval_loss<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<f32> {
+    let (b, t, _) = check_batch(ids)?;
+    let tg = targets(labels, b, t)?;
+    let x = hidden_with(m, ids, mask, None, true)?;
+    loss_of(m, &x, &tg, b, t)?
+        .to_dtype(DType::F32)
+        .and_then(|l| l.to_scalar::<f32>())
+        .map_err(cerr("loss"))
 }
 
 /// The last `t` positions of `x (B, N + T, C)`: the tokens' hidden states after any prompt rows.

@@ -38,6 +38,9 @@ pub struct MemoryPlan {
     pub kernel_scratch: usize,
     /// One cross-entropy chunk: its f32 logits, their softmax intermediates and gradient.
     pub logits_chunk: usize,
+    /// What the objective keeps beside the step's gradients (DPO: its f32 accumulator of the
+    /// per-sequence gradients; 0 for SFT). See [`MemoryPlan::with_objective_grads`].
+    pub objective: usize,
     /// Elements of each LoRA tensor (every adapter's A and B): the optimizer term depends on them
     /// one by one, since small tensors keep f32 moments.
     lora_numels: Vec<usize>,
@@ -175,6 +178,7 @@ impl MemoryPlan {
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
             logits_chunk: fused_ce_chunk(rows, v, n, c, norm_elem),
+            objective: 0,
             lora_numels,
         })
     }
@@ -194,6 +198,7 @@ impl MemoryPlan {
             + self.recompute
             + self.kernel_scratch
             + self.logits_chunk
+            + self.objective
     }
 }
 
@@ -215,6 +220,13 @@ pub fn is_falcon(store: &WeightStore) -> bool {
 }
 
 impl MemoryPlan {
+    /// This plan with `sets` f32 copies of the adapter's gradients kept by the objective (the
+    /// constructors count none).
+    pub fn with_objective_grads(mut self, sets: usize) -> Self {
+        self.objective = sets * 4 * self.lora_numels.iter().sum::<usize>();
+        self
+    }
+
     /// This plan with the optimizer term for moments stored as `moments` (the constructors count
     /// f32 moments).
     pub fn with_optimizer(mut self, moments: MomentStorage) -> Self {
@@ -314,20 +326,21 @@ fn quantised_bytes(q: QType, numel: usize) -> usize {
 
 impl std::fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        mib_rows(
-            f,
-            &[
-                ("quantised weights", self.weights),
-                ("LoRA adapters", self.adapters),
-                ("LoRA gradients", self.adapter_grads),
-                ("optimizer state", self.optimizer),
-                ("checkpointed activations", self.checkpoints),
-                ("one-layer recompute", self.recompute),
-                ("kernel scratch", self.kernel_scratch),
-                ("logits chunk", self.logits_chunk),
-                ("total", self.total()),
-            ],
-        )
+        let mut rows = vec![
+            ("quantised weights", self.weights),
+            ("LoRA adapters", self.adapters),
+            ("LoRA gradients", self.adapter_grads),
+            ("optimizer state", self.optimizer),
+            ("checkpointed activations", self.checkpoints),
+            ("one-layer recompute", self.recompute),
+            ("kernel scratch", self.kernel_scratch),
+            ("logits chunk", self.logits_chunk),
+        ];
+        if self.objective > 0 {
+            rows.push(("objective state", self.objective));
+        }
+        rows.push(("total", self.total()));
+        mib_rows(f, &rows)
     }
 }
 

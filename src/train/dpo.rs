@@ -66,11 +66,7 @@ fn logp(model: &dyn CausalLm, s: &Sample) -> Result<f64> {
     if b.targets == 0 {
         return Ok(0.0);
     }
-    let mean = model
-        .loss(&b.ids, Some(&b.mask), &b.labels)?
-        .to_dtype(DType::F32)
-        .and_then(|l| l.to_scalar::<f32>())
-        .map_err(cerr("log-prob"))?;
+    let mean = model.eval_loss(&b.ids, Some(&b.mask), &b.labels)?;
     Ok(-(mean as f64) * b.targets as f64)
 }
 
@@ -256,6 +252,14 @@ impl Objective for Dpo {
     }
     fn model_calls(&self, micro: usize) -> usize {
         2 * micro
+    }
+    /// Chosen and rejected run one sequence per call (see the module doc).
+    fn sequences_per_call(&self, _micro: usize) -> usize {
+        1
+    }
+    /// The micro-batch's f32 gradient accumulator.
+    fn gradient_sets(&self) -> usize {
+        1
     }
     fn micro_step(&self, model: &dyn CausalLm, batch: &Vec<PairExample>) -> Result<MicroStep> {
         let n = batch.len() as f64;

@@ -12,8 +12,8 @@
 //! of the reference (the base with the adapter switched off).
 use super::data::{fit_samples, make_batch, Batch, Fnv, Sample};
 use crate::models::CausalLm;
-use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use crate::Result;
+use candle_core::Tensor;
 use std::collections::HashMap;
 
 /// Named scalar metrics, in the order they are logged (keys of `metrics.jsonl`).
@@ -53,6 +53,16 @@ pub trait Objective {
     /// The micro-batch's share of its optimizer step (the loss of a step is the mean over these
     /// units across its micro-batches: target tokens for SFT, pairs for DPO). 0: skipped.
     fn weight(&self, batch: &Self::Batch) -> usize;
+    /// Sequences one training call of the model runs (the memory plan's batch): the micro-batch
+    /// of `micro` examples for SFT.
+    fn sequences_per_call(&self, micro: usize) -> usize {
+        micro
+    }
+    /// f32 copies of the adapter's gradients the objective keeps beside the step's (the plan's
+    /// `objective state`).
+    fn gradient_sets(&self) -> usize {
+        0
+    }
     /// The log key of a step's total weight (`target_tokens` for SFT, `pairs` for DPO).
     fn weight_name(&self) -> &'static str {
         "target_tokens"
@@ -146,11 +156,7 @@ pub fn mean_loss(model: &dyn CausalLm, samples: &[Sample], micro: usize) -> Resu
         if b.targets == 0 {
             continue;
         }
-        let l = model
-            .loss(&b.ids, Some(&b.mask), &b.labels)?
-            .to_dtype(DType::F32)
-            .and_then(|l| l.to_scalar::<f32>())
-            .map_err(|e| Error::Invalid(format!("eval loss: {e}")))?;
+        let l = model.eval_loss(&b.ids, Some(&b.mask), &b.labels)?;
         sum += l as f64 * b.targets as f64;
         cnt += b.targets;
     }

@@ -244,7 +244,8 @@ impl<'a, O: Objective> Run<'a, O> {
         crate::train::bench::tune_allocator();
         let baseline = current_rss_bytes() as usize;
         let store = WeightStore::open(&model_path)?;
-        let (plan, gpu_predicted) = plan_memory(&cfg, &store, &lopts, gpu_baseline, opts)?;
+        let shape = (obj.sequences_per_call(cfg.batch_size), obj.gradient_sets());
+        let (plan, gpu_predicted) = plan_memory(&cfg, &store, &lopts, shape, gpu_baseline, opts)?;
         check_max_memory(&cfg, &store, plan.total() + baseline)?;
         // Llama and Falcon differ only in their decoder blocks; the loop drives either.
         let model = crate::models::load(&store, lopts)?;
@@ -601,16 +602,19 @@ impl<'a, O: Objective> Run<'a, O> {
 }
 
 /// The memory plan of the run, printed; on a GPU also its device terms and predicted peak.
+/// `(micro, grad_sets)`: the sequences of one model call and the objective's gradient copies.
 fn plan_memory(
     cfg: &TrainConfig,
     store: &WeightStore,
     lopts: &LlamaOptions,
+    (micro, grad_sets): (usize, usize),
     gpu_baseline: Option<u64>,
     opts: &RunOptions,
 ) -> Result<(MemoryPlan, Option<u64>)> {
-    let (micro, seq) = (cfg.batch_size, cfg.seq_len);
-    let plan =
-        MemoryPlan::for_store(store, lopts, micro, seq)?.with_optimizer(cfg.moment_storage());
+    let seq = cfg.seq_len;
+    let plan = MemoryPlan::for_store(store, lopts, micro, seq)?
+        .with_optimizer(cfg.moment_storage())
+        .with_objective_grads(grad_sets);
     say(
         opts,
         format!("memory plan (batch {micro} x {seq} tokens):\n{plan}"),
