@@ -1,6 +1,7 @@
 //! Training machinery around the model: the optimizer ([`AdamW`], with gradient clipping) and the
 //! learning-rate schedules ([`LrSchedule`]).
 pub mod bench;
+pub mod chart;
 pub mod config;
 pub mod eval;
 pub mod optim;
