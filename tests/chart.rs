@@ -2,8 +2,11 @@
 //! (title, tick values, axis labels) drawn from the embedded font; loss.svg names the same labels.
 use qtune::train::chart::{write_loss_charts, SIZE};
 
-fn curves() -> (Vec<(usize, f32)>, Vec<(usize, f32)>) {
-    let train: Vec<(usize, f32)> = (1..=200)
+/// (step, loss) points.
+type Curve = Vec<(usize, f32)>;
+
+fn curves() -> (Curve, Curve) {
+    let train: Curve = (1..=200)
         .map(|s| {
             (
                 s,
@@ -75,7 +78,10 @@ fn loss_svg_names_title_axes_and_legend() {
         "eval",
         "0.700",
     ] {
-        assert!(svg.contains(&format!(">\n{s}\n</text>")), "loss.svg lacks {s}");
+        assert!(
+            svg.contains(&format!(">\n{s}\n</text>")),
+            "loss.svg lacks {s}"
+        );
     }
     assert!(svg.contains(&format!("width=\"{}\"", SIZE.0)));
 }
@@ -110,7 +116,10 @@ fn the_title_names_model_method_rank_and_learning_rate() {
         lr: 2e-4,
         ..TrainConfig::default()
     };
-    assert_eq!(title(&cfg), "llama/model: QLoRA (q4_0 at load) r=16 lr=2e-4");
+    assert_eq!(
+        title(&cfg),
+        "llama/model: QLoRA (q4_0 at load) r=16 lr=2e-4"
+    );
     let cfg = TrainConfig {
         model: Some(base.join("tests/fixtures/llama/model")),
         ..cfg

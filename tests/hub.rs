@@ -83,10 +83,13 @@ fn etag(b: &[u8]) -> String {
     format!("{h:016x}{:08x}", b.len())
 }
 
-/// The local Hub: serves until dropped; `log` holds every request path with its Range header.
+/// Every request path with its Range header.
+type Log = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// The local Hub: serves until dropped; `log` holds every request.
 struct Server {
     url: String,
-    log: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    log: Log,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
