@@ -2,6 +2,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use qtune::quant::QType;
+use qtune::store::hub::resolve_model;
 use qtune::store::WeightStore;
 use std::path::PathBuf;
 
@@ -24,17 +25,25 @@ enum Cmd {
     Bench(cli::bench::Args),
     /// Print a model file's architecture, metadata, tensors and bits per weight (reads headers only).
     Inspect {
-        /// A .gguf file, a .safetensors file, or a Hugging Face model directory.
+        /// A .gguf file, a .safetensors file, a Hugging Face model directory, or a Hub id
+        /// (org/name[@rev], org/name:QUANT).
         path: PathBuf,
+        /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+        #[arg(long)]
+        gguf_file: Option<String>,
         /// Also parse a GGUF header with the independent gguf-rs crate and check that both agree.
         #[arg(long)]
         verify: bool,
     },
     /// Quantise a model, one tensor at a time: ggml types write a GGUF, nf4 a bitsandbytes directory.
     Quantize {
-        /// Source: a Hugging Face directory (safetensors) or a GGUF file.
+        /// Source: a Hugging Face directory (safetensors) or a GGUF file, or a Hub id
+        /// (org/name[@rev], org/name:QUANT).
         #[arg(long)]
         model: PathBuf,
+        /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+        #[arg(long)]
+        gguf_file: Option<String>,
         /// Target type: q4_0, q8_0, q4_k, q6_k or nf4.
         #[arg(long = "type")]
         qtype: String,
@@ -74,7 +83,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => cli::eval::run(a)?,
         Cmd::Merge(a) => cli::merge::run(a)?,
         Cmd::Generate(a) => cli::generate::run(a)?,
-        Cmd::Inspect { path, verify } => {
+        Cmd::Inspect {
+            path,
+            verify,
+            gguf_file,
+        } => {
+            let path = resolve_model(&path, gguf_file.as_deref())?;
             let store = WeightStore::open(&path)?;
             print!("{}", qtune::format::inspect::inspect(&store));
             if verify {
@@ -82,7 +96,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{msg}");
             }
         }
-        Cmd::Quantize { model, qtype, out } => {
+        Cmd::Quantize {
+            model,
+            qtype,
+            out,
+            gguf_file,
+        } => {
+            let model = resolve_model(&model, gguf_file.as_deref())?;
             let t = QType::parse(&qtype)
                 .filter(|t| *t == QType::NF4 || qtune::quant::dispatch::QUANTIZABLE.contains(t));
             let Some(t) = t else {

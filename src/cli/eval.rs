@@ -9,9 +9,12 @@ use std::path::PathBuf;
 /// Evaluate a model on JSONL data.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model (Hugging Face directory, bitsandbytes NF4 directory or GGUF).
+    /// The model (Hugging Face directory, bitsandbytes NF4 directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT).
     #[arg(long)]
     pub model: PathBuf,
+    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// A PEFT adapter directory applied unmerged.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -49,7 +52,9 @@ pub struct Args {
 }
 
 /// Runs `qtune eval`.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
+    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "f32" => candle_core::DType::F32,
         "bf16" => candle_core::DType::BF16,

@@ -8,9 +8,12 @@ use std::path::PathBuf;
 /// Export a trained adapter for llama.cpp (`--lora`) or PEFT.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model the adapter was trained on (Hugging Face directory or GGUF).
+    /// The base model the adapter was trained on (Hugging Face directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT).
     #[arg(long)]
     pub model: PathBuf,
+    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// The adapter: a PEFT directory, or a GGUF LoRA file (for `--format peft`).
     #[arg(long)]
     pub adapter: PathBuf,
@@ -26,7 +29,9 @@ pub struct Args {
 }
 
 /// Runs `qtune export`.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
+    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
     let dtype = match QType::parse(&a.dtype) {
         Some(t @ (QType::F32 | QType::F16 | QType::BF16)) => t,
         _ => bail!("--dtype {}: use f32, f16 or bf16", a.dtype),

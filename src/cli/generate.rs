@@ -12,9 +12,12 @@ use std::path::{Path, PathBuf};
 /// Generate text with a KV cache, streaming tokens to stdout.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a Hugging Face directory or a GGUF file (quantised or merged).
+    /// The model: a Hugging Face directory or a GGUF file (quantised or merged; or a Hub id: org/name[@rev], org/name:QUANT).
     #[arg(long)]
     pub model: PathBuf,
+    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// A LoRA adapter applied unmerged (PEFT directory or GGUF LoRA file).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -135,7 +138,9 @@ fn eos_ids(store: &WeightStore) -> Vec<u32> {
 }
 
 /// Runs `qtune generate`.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
+    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
     let store = WeightStore::open(&a.model)?;
     let cfg = BaseConfig::from_store(&store)?;
     let adapter = match &a.adapter {

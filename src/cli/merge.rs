@@ -8,9 +8,12 @@ use std::path::PathBuf;
 /// Merge an adapter into its base: a GGUF (path ends in .gguf) or a safetensors directory.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model (Hugging Face directory or GGUF).
+    /// The base model (Hugging Face directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT).
     #[arg(long)]
     pub model: PathBuf,
+    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// The adapter (PEFT directory or GGUF LoRA file).
     #[arg(long)]
     pub adapter: PathBuf,
@@ -23,7 +26,9 @@ pub struct Args {
 }
 
 /// Runs `qtune merge`.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
+    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
     let qtype = match &a.qtype {
         None => None,
         Some(s) => match QType::parse(s) {

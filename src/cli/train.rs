@@ -22,10 +22,15 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Base model: Hugging Face directory, .safetensors or .gguf (default: the embedded model).
+    /// Base model: Hugging Face directory, .safetensors or .gguf, or a Hub id (org/name[@rev],
+    /// org/name:QUANT for a GGUF repository) (default: the embedded model).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
+    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub gguf_file: Option<String>,
     /// Training data (JSONL: text, prompt/completion, messages or alpaca lines).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -315,7 +320,14 @@ pub(crate) fn load_samples(
 
 /// Runs `qtune train`.
 pub fn run(args: Args) -> Result<()> {
-    let cfg = resolve(&args)?;
+    let mut cfg = resolve(&args)?;
+    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
+    if let Some(m) = &cfg.model {
+        cfg.model = Some(qtune::store::hub::resolve_model(
+            m,
+            args.gguf_file.as_deref(),
+        )?);
+    }
     // a bad --device fails before the data are tokenised
     qtune::nn::device::open(&cfg.device)?;
     if cfg.threads > 0 {
@@ -349,10 +361,9 @@ pub fn run(args: Args) -> Result<()> {
         quiet: false,
         stop_after: args.stop_after,
     };
-    let probe = eval_data.first().or(train_data.first()).map(|s| {
-        let n = s.labels.iter().take_while(|&&l| l < 0).count();
-        tok.decode(&s.ids[..n]).unwrap_or_default()
-    });
+    // prompts for the before/after demo: the eval data's (held out), else the training data's
+    let held_out = !eval_data.is_empty();
+    let probes = super::demo::probes(if held_out { &eval_data } else { &train_data }, &tok);
     let rep = train(&cfg, train_data, eval_data, &opts)?;
     if let (Some(first), Some(last)) = (rep.evals.first(), rep.evals.last()) {
         println!(
@@ -365,34 +376,20 @@ pub fn run(args: Args) -> Result<()> {
             "final train loss {l:.4}; adapter in {}",
             rep.adapter_dir.display()
         );
-        // One greedy generation from the first eval prompt, without and with the adapter (the
-        // same code as `qtune generate`).
         let store = qtune::store::WeightStore::open(&model)?;
         let base = qtune::export::BaseConfig::from_store(&store)?;
         if args.export.is_some() {
             export_gguf_lora(&store, &rep.adapter_dir)?;
         }
-        if let Some(p) = probe.filter(|p| !p.is_empty()) {
-            let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
-            let ids = tok.encode(&p, true)?;
-            let eos: Vec<u32> = tok.eos_id().into_iter().collect();
-            let greedy = qtune::models::generate::Sampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-            };
-            println!("prompt: {p:?}");
-            for (when, a) in [("before", None), ("after", Some(&adapter))] {
-                let g = qtune::models::generate::Generator::new(&store, a)?;
-                let r = qtune::models::generate::generate(&g, &ids, 24, &greedy, &eos, |_| {})?;
-                let text = tok.decode(&r.tokens)?;
-                println!("{when:>6} training: {:?}", text.trim_end());
-            }
+        // Greedy answers without and with the adapter (the same code as `qtune generate`).
+        let adapter = qtune::export::Adapter::load(&rep.adapter_dir, &base)?;
+        super::demo::show(&store, &adapter, &tok, &probes, held_out)?;
+        if let Some(p) = probes.first() {
             println!(
-                "try it: qtune generate --model {} --adapter {} --prompt {p:?}",
+                "try it: qtune generate --model {} --adapter {} --prompt {:?}",
                 model.display(),
-                rep.adapter_dir.display()
+                rep.adapter_dir.display(),
+                p.text()
             );
         }
     }

@@ -10,7 +10,8 @@ use crate::export::{Adapter, BaseConfig};
 use crate::models::{LlamaOptions, Transformer};
 use crate::store::WeightStore;
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
 fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> Error {
     move |e| Error::Invalid(format!("generate: {what}: {e}"))
@@ -121,74 +122,54 @@ impl Default for Sampling {
     }
 }
 
-/// A small counter-based generator (SplitMix64): reproducible draws from a seed.
-struct Rng(u64);
+/// Picks each next token: exact argmax when greedy (the first maximum, as `torch.argmax`, so
+/// greedy output matches transformers), else candle-transformers' seeded [`LogitsProcessor`]
+/// (temperature, then top-k and/or top-p), so one `seed` reproduces a sample.
+struct Sampler {
+    lp: Option<LogitsProcessor>,
+}
 
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
+impl Sampler {
+    fn new(s: &Sampling) -> Sampler {
+        if s.temperature <= 0.0 {
+            return Sampler { lp: None };
+        }
+        let temperature = s.temperature as f64;
+        let (k, p) = (s.top_k, s.top_p as f64);
+        let mode = match (k > 0, p < 1.0) {
+            (true, true) => CandleSampling::TopKThenTopP { k, p, temperature },
+            (true, false) => CandleSampling::TopK { k, temperature },
+            (false, true) => CandleSampling::TopP { p, temperature },
+            (false, false) => CandleSampling::All { temperature },
+        };
+        Sampler {
+            lp: Some(LogitsProcessor::from_sampling(s.seed, mode)),
+        }
+    }
+
+    /// The next token from one row of logits.
+    fn pick(&mut self, logits: &[f32]) -> Result<u32> {
+        let Some(lp) = &mut self.lp else {
+            return Ok(argmax(logits));
+        };
+        let t = Tensor::from_slice(logits, logits.len(), &Device::Cpu).map_err(cerr("sampling"))?;
+        lp.sample(&t).map_err(cerr("sampling"))
     }
 }
 
-/// Picks the next token from one row of logits.
-fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
-                if v > b.1 {
-                    (i, v)
-                } else {
-                    b
-                }
-            })
-            .0 as u32
-    };
-    if s.temperature <= 0.0 {
-        return argmax();
-    }
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if s.top_k > 0 {
-        idx.truncate(s.top_k);
-    }
-    let mx = logits[idx[0]];
-    let mut p: Vec<f32> = idx
+/// Index of the first largest logit.
+fn argmax(logits: &[f32]) -> u32 {
+    logits
         .iter()
-        .map(|&i| ((logits[i] - mx) / s.temperature).exp())
-        .collect();
-    let sum: f32 = p.iter().sum();
-    p.iter_mut().for_each(|x| *x /= sum);
-    if s.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = p.len();
-        for (n, x) in p.iter().enumerate() {
-            acc += x;
-            if acc >= s.top_p {
-                keep = n + 1;
-                break;
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+            if v > b.1 {
+                (i, v)
+            } else {
+                b
             }
-        }
-        p.truncate(keep);
-        idx.truncate(keep);
-        let sum: f32 = p.iter().sum();
-        p.iter_mut().for_each(|x| *x /= sum);
-    }
-    let u = rng.next_f32();
-    let mut acc = 0.0;
-    for (n, x) in p.iter().enumerate() {
-        acc += x;
-        if u < acc {
-            return idx[n] as u32;
-        }
-    }
-    idx[idx.len() - 1] as u32
+        })
+        .0 as u32
 }
 
 /// What [`generate`] produced.
@@ -213,7 +194,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<Generated> {
     let mut cache = KvCache::default();
-    let mut rng = Rng(sampling.seed);
+    let mut sampler = Sampler::new(sampling);
     let t0 = std::time::Instant::now();
     let mut out = Vec::new();
     if max_tokens == 0 {
@@ -230,7 +211,7 @@ pub fn generate(
             .and_then(|r| r.to_vec1::<f32>())
             .map_err(cerr("logits"))
     };
-    let mut next = pick(&last(&logits)?, sampling, &mut rng);
+    let mut next = sampler.pick(&last(&logits)?)?;
     let prompt_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     loop {
@@ -240,7 +221,7 @@ pub fn generate(
             break;
         }
         let l = g.step(&[next], &mut cache)?;
-        next = pick(&last(&l)?, sampling, &mut rng);
+        next = sampler.pick(&last(&l)?)?;
     }
     let dt = t1.elapsed().as_secs_f64();
     Ok(Generated {

@@ -1,5 +1,7 @@
 //! The memory-mapped weight store: one read-only map per file, tensors are views into it.
 //! Opening a model reads headers only; pages are faulted in when a kernel touches a tile.
+pub mod hub;
+
 use crate::quant::{nf4::Nf4Ref, QData, QMatrix, QType};
 use std::sync::Arc;
 

@@ -536,8 +536,9 @@ impl<'a, O: Objective> Run<'a, O> {
         say(
             self.opts,
             format!(
-                "adapter saved to {}, loss curve in loss.png beside it\npeak memory: measured \
-                 {:.1} MiB RSS, predicted {:.1} MiB (plan {:.1} + process before loading {:.1})",
+                "adapter saved to {}, loss chart in loss.png / loss.svg beside it\npeak memory: \
+                 measured \
+{:.1} MiB RSS, predicted {:.1} MiB (plan {:.1} + process before loading {:.1})",
                 adir.display(),
                 mib(self.report.peak_rss as f64),
                 mib(self.report.predicted_peak as f64),
@@ -566,7 +567,8 @@ impl<'a, O: Objective> Run<'a, O> {
                 }
             }
         }
-        super::chart::write_loss_png(&self.cfg.out.join("loss.png"), &curve, &ecurve)
+        let title = super::chart::title(&self.cfg);
+        super::chart::write_loss_charts(&self.cfg.out, &title, &curve, &ecurve)
     }
 
     /// Drops the log lines of steps after the resumed one (a killed run may have logged steps past
