@@ -6,8 +6,9 @@
 //! regexes either through hand-written matchers (the GPT-2 and Llama-3 sets) or through `std::regex`
 //! over a text whose non-ASCII code points are replaced by one byte per Unicode category: both are
 //! equivalent to running the regex itself with Unicode classes, which we do with `fancy-regex`
-//! (look-ahead is needed). Two translations keep the semantics of that category collapse: llama.cpp's
-//! `\p{S}` leaves out the ASCII `~`, and `std::regex`'s `\d` is ASCII only.
+//! (look-ahead is needed). Three translations keep llama.cpp's semantics: its `\p{S}` leaves out the
+//! ASCII `~`; `std::regex`'s `\d` is ASCII only; and since llama.cpp replaces every non-ASCII
+//! whitespace character by U+000B before matching, a literal class never matches one (`&&[^\s]`).
 use fancy_regex::Regex;
 use std::collections::HashMap;
 
@@ -208,9 +209,9 @@ fn regex_set(kind: PreType) -> Vec<&'static str> {
         DeepseekLlm => vec![
             r"[\r\n]",
             DEEPSEEK_LLM_LETTERS,
-            "\\s?[!-/:-~\u{FF01}-\u{FF0F}\u{FF1A}-\u{FF5E}\u{2018}-\u{201F}\u{3000}-\u{3002}]+",
+            "\\s?[!-/:-~\u{FF01}-\u{FF0F}\u{FF1A}-\u{FF5E}\u{2018}-\u{201F}\u{3000}-\u{3002}&&[^\\s]]+",
             r"\s+$",
-            "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
+            "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}&&[^\\s]]+",
             r"\p{N}+",
         ],
         Deepseek3Llm | HunyuanDense => vec![
@@ -223,7 +224,7 @@ fn regex_set(kind: PreType) -> Vec<&'static str> {
             r"[\r\n]",
             r"\s?\p{L}+",
             r"\s?\p{P}+",
-            "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
+            "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}&&[^\\s]]+",
             r"\p{N}",
         ],
         Falcon => vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"],

@@ -639,7 +639,8 @@ fn clean_spaces(t: &[u8]) -> Vec<u8> {
         }
         a.push(t[i]);
     }
-    // Pass 2: " ' " -> "'".
+    // Pass 2: " ' " -> "'". llama.cpp writes a NUL over the dropped space in place, which the
+    // next step reads as its left neighbour.
     let mut b = vec![a[0]];
     let mut i = 1;
     while i < a.len() {
@@ -647,8 +648,7 @@ fn clean_spaces(t: &[u8]) -> Vec<u8> {
         if x == b'\'' && i + 1 < a.len() && a[i - 1] == b' ' && a[i + 1] == b' ' {
             b.pop();
             b.push(x);
-            // llama.cpp writes a NUL over the next space and keeps going past it.
-            b.push(0);
+            a[i + 1] = 0;
             i += 2;
             continue;
         }
