@@ -136,8 +136,12 @@ impl Tokenizer {
 
     /// Builds the tokenizer a GGUF embeds (`tokenizer.ggml.*`), tokenising as llama.cpp does.
     pub fn from_gguf(store: &WeightStore) -> Result<Tokenizer> {
-        let path = store.path.clone();
-        let meta = &store.gguf_metadata;
+        Tokenizer::from_gguf_metadata(&store.path, &store.gguf_metadata)
+    }
+
+    /// Builds the tokenizer from GGUF metadata already read (`path` names the file in errors).
+    pub fn from_gguf_metadata(path: &Path, meta: &[(String, Value)]) -> Result<Tokenizer> {
+        let path = path.to_path_buf();
         let model = gguf::find(meta, "tokenizer.ggml.model")
             .and_then(Value::as_str)
             .ok_or_else(|| {

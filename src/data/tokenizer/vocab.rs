@@ -121,7 +121,7 @@ const FIM_TEXTS: &[(&[&str], &[&str])] = &[
 /// The tokenizer model a GGUF names.
 enum Model {
     Bpe {
-        pre: PreTokenizer,
+        pre: Box<PreTokenizer>,
         merges: Merges,
         ignore_merges: bool,
     },
@@ -195,6 +195,7 @@ impl GgufVocab {
                     ))
                 })?;
                 let pre = PreTokenizer::new(spec.kind)
+                    .map(Box::new)
                     .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
                 let merges = Merges::new(&strings("merges")?);
                 let m = Model::Bpe {
@@ -671,4 +672,84 @@ fn clean_spaces(t: &[u8]) -> Vec<u8> {
         c.push(x);
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strs(v: &[&str]) -> Value {
+        Value::Array(8, v.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    /// A toy SentencePiece vocabulary: <unk> <s> </s>, 256 byte tokens, a few pieces.
+    fn toy_spm() -> Vec<(String, Value)> {
+        let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, 3, 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+        for t in ["\u{2581}", "a", "b", "ab", "\u{2581}a", "\u{2581}ab"] {
+            tokens.push(t.into());
+            types.push(1);
+        }
+        let scores = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        vec![
+            ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+            ("tokenizer.ggml.tokens".into(), strs(&refs)),
+            ("tokenizer.ggml.scores".into(), Value::Array(6, scores)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(5, types.into_iter().map(Value::I32).collect()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn spm_merges_by_score_splits_specials_and_falls_back_to_bytes() {
+        let v = GgufVocab::from_metadata(Path::new("toy.gguf"), &toy_spm(), "llama").unwrap();
+        let id = |t: &str| v.ids[t];
+        // "▁ab" merges fully; after </s> a space prefix again; é is two byte tokens.
+        let ids = v.encode("ab</s>é", true, true);
+        assert_eq!(
+            ids,
+            [1, id("\u{2581}ab"), 2, id("\u{2581}"), 3 + 0xC3, 3 + 0xA9]
+        );
+        // llama.cpp drops the space prefix of the first token only (here <s>, which has none).
+        assert_eq!(v.decode(&ids), "<s> ab</s> é");
+        assert_eq!(v.decode(&ids[1..]), "ab</s> é");
+        // Without special parsing "</s>" is text: '<' '/' 's' '>' as bytes.
+        let plain = v.encode("</s>", false, false);
+        assert_eq!(plain[0], id("\u{2581}"));
+        assert_eq!(plain.len(), 5);
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_names_the_file_and_the_name() {
+        let meta = vec![
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into())),
+            ("tokenizer.ggml.tokens".into(), strs(&["a", "b"])),
+            ("tokenizer.ggml.merges".into(), strs(&["a b"])),
+        ];
+        let e = GgufVocab::from_metadata(Path::new("/m/x.gguf"), &meta, "gpt2")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("/m/x.gguf") && e.contains("'no-such-pre'"), "{e}");
+        let e = GgufVocab::from_metadata(Path::new("/m/x.gguf"), &meta, "t5")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("/m/x.gguf") && e.contains("'t5'"), "{e}");
+    }
+
+    #[test]
+    fn clean_spaces_follows_llama_cpp() {
+        assert_eq!(clean_spaces(b"Hello , world !"), b"Hello, world!");
+        assert_eq!(clean_spaces(b"he ' d"), b"he'd");
+        assert_eq!(clean_spaces(b"it 's we 're I 'd"), b"it's we're I 'd");
+    }
 }
