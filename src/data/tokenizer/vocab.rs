@@ -203,7 +203,9 @@ impl GgufVocab {
                     merges,
                     ignore_merges: spec.ignore_merges,
                 };
-                (m, spec, Some(11), Some(11), None, None, None)
+                // ChatGLM's BPE has no default BOS (llama.cpp clears it).
+                let bos = (spec.kind != pre::PreType::Chatglm4).then_some(11);
+                (m, spec, bos, Some(11), None, None, None)
             }
             "llama" => {
                 let spec = PreSpec {
@@ -730,7 +732,10 @@ mod tests {
     fn unknown_pre_tokenizer_names_the_file_and_the_name() {
         let meta = vec![
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into())),
+            (
+                "tokenizer.ggml.pre".into(),
+                Value::String("no-such-pre".into()),
+            ),
             ("tokenizer.ggml.tokens".into(), strs(&["a", "b"])),
             ("tokenizer.ggml.merges".into(), strs(&["a b"])),
         ];
@@ -738,7 +743,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("/m/x.gguf") && e.contains("'no-such-pre'"), "{e}");
+        assert!(
+            e.contains("/m/x.gguf") && e.contains("'no-such-pre'"),
+            "{e}"
+        );
         let e = GgufVocab::from_metadata(Path::new("/m/x.gguf"), &meta, "t5")
             .err()
             .unwrap()
