@@ -135,6 +135,24 @@ impl ChatTemplate {
     }
 }
 
+/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > TEMPLATE_MAX_OUTPUT {
+            self.0.resize(TEMPLATE_MAX_OUTPUT, 0);
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,23 +228,5 @@ mod tests {
             t.render(&conv(), true).unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
-    }
-}
-
-/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
-struct Capped(Vec<u8>);
-
-impl std::io::Write for Capped {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + b.len() > TEMPLATE_MAX_OUTPUT {
-            self.0.resize(TEMPLATE_MAX_OUTPUT, 0);
-            return Err(std::io::Error::other("chat template output too large"));
-        }
-        self.0.extend_from_slice(b);
-        Ok(b.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
