@@ -150,6 +150,19 @@ def main(out):
     add("safetensors_sharded", "two",
         json.dumps(index).encode() + SEP + st(small[:1]) + SEP + st(small[1:]) + SEP
         + rd("llama", "model", "config.json"))
+    # A tiny bitsandbytes NF4 weight (128 elements: 2 blocks of 64, one nested block) + a float one.
+    qs = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [2, 64],
+                     "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.01}).encode()
+    w = "model.layers.0.mlp.up_proj.weight"
+    nf4 = [(w, "U8", [64, 1], bytes(range(64))),
+           (w + ".absmax", "U8", [2], b"\x10\xf0"),
+           (w + ".quant_map", "F32", [16], f32(*[i / 7.5 - 1 for i in range(16)])),
+           (w + ".nested_absmax", "F32", [1], f32(0.5)),
+           (w + ".nested_quant_map", "F32", [256], f32(*[i / 127.5 - 1 for i in range(256)])),
+           (w + ".quant_state.bitsandbytes__nf4", "U8", [len(qs)], qs),
+           ("model.norm.weight", "F16", [4], b"\x00\x3c" * 4)]
+    add("bnb", "tiny_nf4", st(nf4) + SEP + b'{"model_type": "llama"}')
+    add("safetensors", "tiny_nf4", st(nf4))
     add("bnb", "bnb_tiny", rd("nf4", "bnb_tiny", "model.safetensors") + SEP
         + rd("nf4", "bnb_tiny", "config.json"))
 

@@ -155,7 +155,8 @@ fn scalar_quantisers_round_trip() {
     let x: Vec<f32> = (0..n)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
         .collect();
-    let quants: [(QType, fn(&[f32], &mut [u8])); 4] = [
+    type Quantiser = fn(&[f32], &mut [u8]);
+    let quants: [(QType, Quantiser); 4] = [
         (QType::Q8_0, scalar::quant_q8_0),
         (QType::Q4_0, scalar::quant_q4_0),
         (QType::Q4_K, scalar::quant_q4_k),

@@ -121,8 +121,8 @@ fn a_bad_continuing_subword_prefix_is_an_error_not_a_panic() {
         Err(e) => e.to_string(),
         Ok(tok) => tok
             .encode("hi there", true)
-            .err()
-            .expect("must be refused")
+            .map(|_| ())
+            .expect_err("must be refused")
             .to_string(),
     };
     assert!(e.contains("tokenizer.json"), "{e}");
@@ -231,8 +231,8 @@ fn a_damaged_checkpoint_or_adapter_is_refused() {
     b[n - 3] ^= 1;
     std::fs::write(&f, &b).unwrap();
     let e = qtune::lora::adapter::load_peft(&adapter)
-        .err()
-        .expect("refused")
+        .map(|_| ())
+        .expect_err("refused")
         .to_string();
     assert!(
         e.contains("adapter_model.safetensors") && e.contains("damaged"),

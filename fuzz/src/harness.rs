@@ -72,10 +72,17 @@ pub fn fixtures() -> PathBuf {
         .join("tests/fixtures")
 }
 
-/// An error must say something (a named error, not an empty string).
+/// An error must say something (a named error, not an empty string). With
+/// `QTUNE_FUZZ_SHOW_ERRORS=1` every error is printed (to review messages, or to find panics that
+/// `data::guard` caught in third-party code: they say "panicked").
 fn named(r: qtune::Result<impl Sized>) {
+    static SHOW: OnceLock<bool> = OnceLock::new();
     if let Err(e) = r {
-        assert!(!e.to_string().trim().is_empty(), "an error with no message");
+        let msg = e.to_string();
+        assert!(!msg.trim().is_empty(), "an error with no message");
+        if *SHOW.get_or_init(|| std::env::var_os("QTUNE_FUZZ_SHOW_ERRORS").is_some()) {
+            eprintln!("qtune error: {msg}");
+        }
     }
 }
 
