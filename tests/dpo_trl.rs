@@ -38,17 +38,25 @@ fn rel(a: f64, b: f64) -> f64 {
 }
 
 fn case(arch: &str, tag: &str) {
+    case_on(arch, tag, "pairs.jsonl")
+}
+
+fn case_on(arch: &str, tag: &str, data: &str) {
     let want = expected(arch, tag);
+    let data = fx(&format!("tests/fixtures/dpo/{data}"));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let model = model_of(arch);
     let init = fx(&format!("tests/fixtures/dpo/{arch}/adapter_init"));
-    let quant = if tag == "f32" { "none" } else { tag };
+    let quant = match tag {
+        "f32" | "f32_chat" => "none",
+        q => q,
+    };
     let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
         .args(["train", "--objective", "dpo", "--beta", "0.1", "--model"])
         .arg(&model)
         .arg("--data")
-        .arg(fx("tests/fixtures/dpo/pairs.jsonl"))
+        .arg(&data)
         .arg("--adapter-init")
         .arg(&init)
         .args([
@@ -130,11 +138,11 @@ fn case(arch: &str, tag: &str) {
         .arg("--adapter")
         .arg(out.join("adapter"))
         .arg("--data")
-        .arg(fx("tests/fixtures/dpo/pairs.jsonl"))
+        .arg(&data)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    if tag == "f32" {
+    if tag.starts_with("f32") {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let (got, trl) = (
             v["loss"].as_f64().unwrap(),
@@ -164,6 +172,10 @@ fn llama_nf4() {
     case("llama", "nf4");
 }
 #[test]
+fn llama_conversational_pairs_through_the_chat_template() {
+    case_on("llama", "f32_chat", "pairs_chat.jsonl");
+}
+#[test]
 fn falcon_f32() {
     case("falcon", "f32");
 }
@@ -174,24 +186,26 @@ fn falcon_nf4() {
 
 #[test]
 fn pairs_tokenise_as_trl_trained_on_them() {
-    for arch in ["llama", "falcon"] {
+    let ids_of = |arch: &str, data: &str, tag: &str| {
         let tok = Tokenizer::from_model_dir(&model_of(arch)).unwrap();
-        let (pairs, _) = load_pairs(
-            &fx("tests/fixtures/dpo/pairs.jsonl"),
-            &tok,
-            &DataOptions::default(),
-        )
-        .unwrap();
-        let want = expected(arch, "f32");
-        for (i, (p, w)) in pairs
-            .iter()
-            .zip(want["pairs"].as_array().unwrap())
-            .enumerate()
-        {
+        let file = fx(&format!("tests/fixtures/dpo/{data}"));
+        let (pairs, _) = load_pairs(&file, &tok, &DataOptions::default()).unwrap();
+        let want = expected(arch, tag);
+        let want = want["pairs"].as_array().unwrap();
+        assert_eq!(pairs.len(), want.len());
+        for (i, (p, w)) in pairs.iter().zip(want).enumerate() {
             let ids = |k: &str| -> Vec<u32> { serde_json::from_value(w[k].clone()).unwrap() };
-            assert_eq!(p.prompt, ids("prompt_ids"), "{arch} pair {i} prompt");
-            assert_eq!(p.chosen, ids("chosen_ids"), "{arch} pair {i} chosen");
-            assert_eq!(p.rejected, ids("rejected_ids"), "{arch} pair {i} rejected");
+            assert_eq!(p.prompt, ids("prompt_ids"), "{arch} {tag} pair {i} prompt");
+            assert_eq!(p.chosen, ids("chosen_ids"), "{arch} {tag} pair {i} chosen");
+            assert_eq!(
+                p.rejected,
+                ids("rejected_ids"),
+                "{arch} {tag} pair {i} rejected"
+            );
         }
-    }
+    };
+    ids_of("llama", "pairs.jsonl", "f32");
+    ids_of("falcon", "pairs.jsonl", "f32");
+    // Chat messages: ChatML rendered as TRL's apply_chat_template, the prompt with BOS.
+    ids_of("llama", "pairs_chat.jsonl", "f32_chat");
 }

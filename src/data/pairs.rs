@@ -9,8 +9,9 @@
 //!   follow; or, without `"prompt"`, chosen and rejected as whole conversations whose shared
 //!   leading turns are the prompt): rendered with the model's chat template as SFT's `messages`
 //!   are — the prompt with the generation prompt, each completion as the text the template adds
-//!   after it — and encoded without special tokens (the template writes BOS where the model wants
-//!   it), each completion + EOS.
+//!   after it (TRL's `apply_chat_template`). The prompt is encoded with the tokenizer's special
+//!   tokens unless the template already wrote the BOS text (one BOS either way), each completion
+//!   without them + EOS (so a completion ends with the template's end-of-turn marker and EOS).
 //! - Over-long pairs (prompt + the longer completion > `seq_len`): a prompt longer than half of
 //!   `seq_len` keeps its last tokens, then each completion is cut at its end to fit.
 use super::jsonl::{compile_template, kind, parse_messages, DataOptions};
@@ -304,7 +305,11 @@ impl PairLoader<'_> {
             })
         };
         let (c, r) = (tail(&chosen)?, tail(&rejected)?);
-        Ok((self.tok.encode(&head, false)?, c, r))
+        // The prompt gets the tokenizer's special tokens (BOS), as the string form does, unless
+        // the template already wrote the BOS text itself (Llama-2's and Llama-3's do): one BOS.
+        let bos_text = self.tok.bos_id().and_then(|b| self.tok.id_to_token(b));
+        let has_bos = bos_text.is_some_and(|b| !b.is_empty() && head.starts_with(&b));
+        Ok((self.tok.encode(&head, !has_bos)?, c, r))
     }
 }
 
