@@ -420,7 +420,7 @@ fn failures_say_what_is_wrong() {
     );
     // a path that is neither a file nor an id
     let e = msg("no/such/file.gguf", None, &o);
-    assert!(e.contains("no such file"), "{e}");
+    assert!(e.contains("does not exist"), "{e}");
     // the network gone, the cache stands in
     resolve("qtune-test/tiny", None, &o).unwrap();
     assert!(resolve("qtune-test/tiny", None, &down).unwrap().is_dir());

@@ -186,7 +186,7 @@ pub fn resolve_with(spec: &Path, gguf_file: Option<&str>, opts: &HubOptions) -> 
             path: spec.to_path_buf(),
             err: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "no such file or directory (nor a Hugging Face id such as org/name)",
+                "does not exist (nor is it a Hugging Face id such as org/name)",
             ),
         });
     };
