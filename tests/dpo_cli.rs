@@ -197,9 +197,13 @@ fn bad_pairs_are_refused_by_line() {
         ),
         (
             r#"{"prompt": "a", "chosen": "b", "rejected": "b"}"#,
-            "holds no preference",
+            "\"chosen\" and \"rejected\" are the same: the pair holds no preference",
         ),
-        (r#"{"prompt": "a", "completion": "b"}"#, "--objective sft"),
+        (
+            r#"{"prompt": "a", "completion": "b"}"#,
+            "this is supervised data (key \"completion\"), not preference pairs; train on it \
+             with --objective sft",
+        ),
     ] {
         let p = dir.path().join("bad.jsonl");
         std::fs::write(
@@ -207,32 +211,18 @@ fn bad_pairs_are_refused_by_line() {
             format!("{{\"prompt\": \"x\", \"chosen\": \"y\", \"rejected\": \"z\"}}\n{line}\n"),
         )
         .unwrap();
-        fails_with(
-            &[
-                "--objective",
-                "dpo",
-                "--model",
-                &m,
-                "--data",
-                p.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            "bad.jsonl:2: ",
-        );
-        fails_with(
-            &[
-                "--objective",
-                "dpo",
-                "--model",
-                &m,
-                "--data",
-                p.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            needle,
-        );
+        let args = [
+            "--objective",
+            "dpo",
+            "--model",
+            &m,
+            "--data",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        // One run: the message names the line and what is wrong with it.
+        fails_with(&args, &format!("bad.jsonl:2: {needle}"));
     }
     // A pairs file given to SFT.
     fails_with(

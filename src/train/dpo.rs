@@ -14,11 +14,11 @@
 //! the adapter to a frozen PEFT adapter instead (SFT then DPO), and `--precompute-ref` computes every
 //! pair's reference once before training and keeps it in the run directory.
 use super::data::{make_batch, Fnv, Sample};
-use super::objective::{Metrics, MicroStep, Objective};
+use super::objective::{add_weighted, Metrics, MicroStep, Objective};
 use crate::data::pairs::{fit_pair, Pair};
 use crate::models::CausalLm;
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -124,24 +124,33 @@ impl Dpo {
         out
     }
 
-    /// Reference log-probs (chosen, rejected) of a pair: precomputed, or computed now.
-    fn reference(&self, model: &dyn CausalLm, ex: &PairExample) -> Result<(f64, f64)> {
-        if let Some(r) = ex.reference {
+    /// Reference log-probs (chosen, rejected) of every pair: precomputed, or computed now under
+    /// one swap of the adapter for the reference.
+    fn references(&self, model: &dyn CausalLm, pairs: &[PairExample]) -> Result<Vec<(f64, f64)>> {
+        if let Some(r) = pairs
+            .iter()
+            .map(|e| e.reference)
+            .collect::<Option<Vec<_>>>()
+        {
             return Ok(r);
         }
         self.with_reference(model, || {
-            Ok((
-                logp(model, &sequence(&ex.pair, true))?,
-                logp(model, &sequence(&ex.pair, false))?,
-            ))
+            pairs
+                .iter()
+                .map(|e| {
+                    Ok((
+                        logp(model, &sequence(&e.pair, true))?,
+                        logp(model, &sequence(&e.pair, false))?,
+                    ))
+                })
+                .collect()
         })
     }
 
     /// Loss and metrics of pairs under the current adapter, eval mode (no gradient).
     fn eval_pairs(&self, model: &dyn CausalLm, pairs: &[PairExample]) -> Result<Metrics> {
         let mut m = Accum::default();
-        for ex in pairs {
-            let (rc, rr) = self.reference(model, ex)?;
+        for (ex, (rc, rr)) in pairs.iter().zip(self.references(model, pairs)?) {
             let pc = logp(model, &sequence(&ex.pair, true))?;
             let pr = logp(model, &sequence(&ex.pair, false))?;
             m.add(self.beta, pc, pr, rc, rr);
@@ -265,8 +274,7 @@ impl Objective for Dpo {
         let n = batch.len() as f64;
         let mut m = Accum::default();
         let mut grads: HashMap<String, Tensor> = HashMap::new();
-        for ex in batch {
-            let (rc, rr) = self.reference(model, ex)?;
+        for (ex, (rc, rr)) in batch.iter().zip(self.references(model, batch)?) {
             // Policy: each sequence's mean CE and its gradient; S = -targets · mean.
             let run = |chosen: bool| -> Result<(f64, f64, HashMap<String, Tensor>)> {
                 let s = sequence(&ex.pair, chosen);
@@ -279,21 +287,8 @@ impl Objective for Dpo {
             let dpc = m.add(self.beta, pc, pr, rc, rr);
             // ∂L/∂πc = dpc/pairs, ∂L/∂πr = -dpc/pairs and ∇S = -n·∇mean: the weights of the
             // mean-CE gradients (dpc < 0, so chosen's CE descends and rejected's ascends).
-            for (g, w) in [(gc, -dpc * nc / n), (gr, dpc * nr / n)] {
-                for (name, t) in g {
-                    let ge =
-                        |e: candle_core::Error| Error::Invalid(format!("gradient '{name}': {e}"));
-                    let t = t
-                        .to_dtype(DType::F32)
-                        .and_then(|t| t.affine(w, 0.0))
-                        .map_err(ge)?;
-                    let v = match grads.remove(&name) {
-                        Some(a) => (a + t).map_err(ge)?,
-                        None => t,
-                    };
-                    grads.insert(name, v);
-                }
-            }
+            add_weighted(&mut grads, gc, -dpc * nc / n)?;
+            add_weighted(&mut grads, gr, dpc * nr / n)?;
         }
         let metrics = m.metrics(batch.len(), "");
         Ok(MicroStep {
@@ -332,10 +327,10 @@ impl Objective for Dpo {
         {
             Some(r) if r.0.len() == train.len() && r.1.len() == eval.len() => r,
             _ => {
-                let all = |ex: &[PairExample]| -> Result<Vec<(f64, f64)>> {
-                    ex.iter().map(|e| self.reference(model, e)).collect()
-                };
-                let (rt, re) = (all(train)?, all(eval)?);
+                let (rt, re) = (
+                    self.references(model, train)?,
+                    self.references(model, eval)?,
+                );
                 let v =
                     serde_json::json!({"train_data": kt, "eval_data": ke, "train": rt, "eval": re});
                 std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;

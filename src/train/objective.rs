@@ -89,6 +89,10 @@ pub trait Objective {
         let _ = (model, train, eval, run_dir);
         Ok(())
     }
+    /// The line an evaluation at `step` prints from its metrics.
+    fn eval_line(&self, step: usize, m: &Metrics) -> String {
+        format!("step {step}: {}", describe(m))
+    }
     /// Metrics on held-out examples in micro-batches of `micro`, the first one being the loss
     /// (`eval_loss`).
     fn evaluate(
@@ -140,10 +144,46 @@ impl Objective for Sft {
             metrics: Vec::new(),
         })
     }
+    fn eval_line(&self, step: usize, m: &Metrics) -> String {
+        let l = m.first().map_or(f64::NAN, |m| m.1);
+        format!("step {step}: eval loss {l:.4}, perplexity {:.2}", l.exp())
+    }
     fn evaluate(&self, model: &dyn CausalLm, examples: &[Sample], micro: usize) -> Result<Metrics> {
         let l = mean_loss(model, examples, micro)?.0 as f32 as f64;
         Ok(vec![("eval_loss", l), ("eval_ppl", l.exp())])
     }
+}
+
+/// Adds `w · grads` (as f32) into `acc`, name by name: how a step sums its micro-batches and DPO
+/// its sequences. `w == 1` adds the gradients as they are.
+pub fn add_weighted(
+    acc: &mut HashMap<String, Tensor>,
+    grads: HashMap<String, Tensor>,
+    w: f64,
+) -> Result<()> {
+    for (name, g) in grads {
+        let ge = |e: candle_core::Error| crate::Error::Invalid(format!("gradient '{name}': {e}"));
+        let g = g.to_dtype(candle_core::DType::F32).map_err(ge)?;
+        let g = if w == 1.0 {
+            g
+        } else {
+            g.affine(w, 0.0).map_err(ge)?
+        };
+        let v = match acc.remove(&name) {
+            Some(a) => (a + g).map_err(ge)?,
+            None => g,
+        };
+        acc.insert(name, v);
+    }
+    Ok(())
+}
+
+/// The line an evaluation prints: `k v, k v`.
+pub fn describe(m: &Metrics) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Mean loss over every target token of `samples`, in micro-batches of `micro` (each batch's mean

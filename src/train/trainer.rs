@@ -10,7 +10,7 @@
 use super::checkpoint::{self, write_file, State};
 use super::config::{TrainConfig, CONFIG_FILE};
 use super::data::{DataOrder, Fnv};
-use super::objective::{Metrics, Objective, Sft};
+use super::objective::{add_weighted, Metrics, Objective, Sft};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::adapter::{self, AdapterConfig};
 use crate::lora::LoraConfig;
@@ -389,20 +389,7 @@ impl<'a, O: Objective> Run<'a, O> {
             let w = self.obj.weight(b) as f64 / n_step as f64;
             loss += ms.loss * w;
             accumulate_metrics(&mut extra, &ms.metrics, w);
-            for (name, g) in ms.grads {
-                let ge = |e: candle_core::Error| Error::Invalid(format!("gradient '{name}': {e}"));
-                let g = g.to_dtype(DType::F32).map_err(ge)?;
-                let g = if w == 1.0 {
-                    g
-                } else {
-                    g.affine(w, 0.0).map_err(ge)?
-                };
-                let v = match acc.remove(&name) {
-                    Some(a) => (a + g).map_err(ge)?,
-                    None => g,
-                };
-                acc.insert(name, v);
-            }
+            add_weighted(&mut acc, ms.grads, w)?;
         }
         let gnorm = if self.cfg.max_grad_norm > 0.0 {
             Some(clip_grad_norm(&mut acc, self.cfg.max_grad_norm)?)
@@ -453,14 +440,7 @@ impl<'a, O: Objective> Run<'a, O> {
             .obj
             .evaluate(self.model.as_ref(), &self.eval, self.cfg.batch_size)?;
         let l = metrics.first().map_or(f64::NAN, |m| m.1) as f32;
-        let line = match self.obj.name() {
-            "sft" => format!(
-                "step {}: eval loss {l:.4}, perplexity {:.2}",
-                self.step,
-                (l as f64).exp()
-            ),
-            _ => format!("step {}: {}", self.step, describe(&metrics)),
-        };
+        let line = self.obj.eval_line(self.step, &metrics);
         if self.pb.is_hidden() {
             say(self.opts, line);
         } else {
@@ -714,14 +694,6 @@ fn accumulate_metrics(acc: &mut Metrics, m: &Metrics, w: f64) {
     }
 }
 
-/// `k v, k v` for a line of metrics.
-fn describe(m: &Metrics) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,6 +704,9 @@ mod tests {
         accumulate_metrics(&mut acc, &vec![("acc", 1.0)], 0.25);
         accumulate_metrics(&mut acc, &vec![("acc", 0.0), ("x", 2.0)], 0.75);
         assert_eq!(acc, vec![("acc", 0.25), ("x", 1.5)]);
-        assert_eq!(describe(&acc), "acc 0.2500, x 1.5000");
+        assert_eq!(
+            super::super::objective::describe(&acc),
+            "acc 0.2500, x 1.5000"
+        );
     }
 }
