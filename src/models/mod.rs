@@ -162,6 +162,23 @@ pub trait CausalLm {
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)>;
+    /// Each row's summed cross-entropy and target count, eval mode, keeping no graph (DPO's
+    /// log-probabilities of whole sequences).
+    fn eval_row_losses(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<RowLosses>;
+    /// One training step (dropout on) whose loss is `Σ_r w_r·CE_r`, with the row weights that
+    /// `weigh` returns for this forward's row values; gives those values and every gradient.
+    fn train_grads_rows(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+        weigh: &mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>,
+    ) -> Result<(RowLosses, HashMap<String, Tensor>)>;
     /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
     fn lora_params(&self) -> Vec<(String, Var)>;
 }
@@ -196,6 +213,23 @@ impl<M: AsRef<Transformer>> CausalLm for M {
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)> {
         self.as_ref().train_grads(ids, mask, labels)
+    }
+    fn eval_row_losses(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<RowLosses> {
+        eval_row_losses(self.as_ref(), ids, mask, labels)
+    }
+    fn train_grads_rows(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        labels: &Tensor,
+        weigh: &mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>,
+    ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
+        train_grads_rows(self.as_ref(), ids, mask, labels, weigh)
     }
     fn lora_params(&self) -> Vec<(String, Var)> {
         self.as_ref().lora_params()
@@ -449,26 +483,132 @@ fn collect<M: Decoder>(
     Ok(())
 }
 
-/// [`CausalLm::train_grads`] of a [`Decoder`]: with checkpointing, only each layer's input is kept
-/// through the forward; the backward recomputes one layer at a time (same dropout masks) and the
-/// logits are made and freed chunk by chunk.
+/// Each row's summed cross-entropy and target count (`(Σ CE, n)`): a sequence's log-probability is
+/// `-Σ CE`.
+pub type RowLosses = Vec<(f64, usize)>;
+
+/// The head of one row per sequence: `(Σ CE of row r with its graph, its targets)` for
+/// `x (B, T, C)` before the final norm; rows without a target give `None`.
+fn row_heads<M: Decoder>(
+    m: &M,
+    x: &Tensor,
+    tg: &[i64],
+    b: usize,
+    t: usize,
+) -> Result<Vec<Option<(Tensor, usize)>>> {
+    (0..b)
+        .map(|r| {
+            let labels = &tg[r * t..(r + 1) * t];
+            if labels.iter().all(|&l| l < 0) {
+                return Ok(None);
+            }
+            let xr = x
+                .narrow(0, r, 1)
+                .and_then(|x| x.reshape((t, m.hidden_size())))
+                .and_then(|x| m.final_norm(&x))
+                .map_err(cerr("final norm"))?;
+            let (sum, n) = fused::cross_entropy_chunked(&xr, m.lm_head(), labels, m.ce_chunk())
+                .map_err(cerr("loss"))?;
+            Ok(Some((sum, n)))
+        })
+        .collect()
+}
+
+/// The values of [`row_heads`].
+fn row_values(heads: &[Option<(Tensor, usize)>]) -> Result<RowLosses> {
+    heads
+        .iter()
+        .map(|h| match h {
+            None => Ok((0.0, 0)),
+            Some((s, n)) => s
+                .to_dtype(DType::F32)
+                .and_then(|s| s.to_scalar::<f32>())
+                .map(|v| (v as f64, *n))
+                .map_err(cerr("loss")),
+        })
+        .collect()
+}
+
+/// [`CausalLm::eval_row_losses`] of a [`Decoder`]: per-row sums without keeping a graph.
+pub fn eval_row_losses<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<RowLosses> {
+    let (b, t, _) = check_batch(ids)?;
+    let tg = targets(labels, b, t)?;
+    let x = hidden_with(m, ids, mask, None, true)?;
+    row_values(&row_heads(m, &x, &tg, b, t)?)
+}
+
+/// How a training step turns the final hidden states `(B, T, C)` (with their graph) and the
+/// shifted targets into the scalar to differentiate, and what it reports.
+type Head<'a, M, R> = &'a mut dyn FnMut(&M, &Tensor, &[i64], usize, usize) -> Result<(R, Tensor)>;
+
+/// [`CausalLm::train_grads`] of a [`Decoder`]: the mean cross-entropy over every target.
 pub fn train_grads<M: Decoder>(
     m: &M,
     ids: &Tensor,
     mask: Option<&Tensor>,
     labels: &Tensor,
 ) -> Result<(f32, HashMap<String, Tensor>)> {
+    train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
+        let loss = loss_of(m, x, tg, b, t)?;
+        Ok((loss.to_scalar::<f32>().map_err(cerr("loss"))?, loss))
+    })
+}
+
+/// [`CausalLm::train_grads_rows`] of a [`Decoder`]: the loss `Σ_r w_r·CE_r` over the rows, with
+/// the weights `weigh` gives for this forward's row values. Each row's cross-entropy runs as its
+/// own head op (the same chunked kernel; a row's gradient depends on that row alone), so no
+/// kernel needs per-row weights.
+pub fn train_grads_rows<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+    weigh: &mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>,
+) -> Result<(RowLosses, HashMap<String, Tensor>)> {
+    train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
+        let heads = row_heads(m, x, tg, b, t)?;
+        let values = row_values(&heads)?;
+        let w = weigh(&values)?;
+        let mut total: Option<Tensor> = None;
+        for (h, &w) in heads.iter().zip(&w) {
+            let Some((s, _)) = h else { continue };
+            let term = s.affine(w, 0.0).map_err(cerr("loss"))?;
+            total = Some(match total {
+                None => term,
+                Some(t) => (t + term).map_err(cerr("loss"))?,
+            });
+        }
+        let total =
+            total.ok_or_else(|| Error::Invalid("no target tokens: every label is -100".into()))?;
+        Ok((values, total))
+    })
+}
+
+/// The training step under any [`Head`]: with checkpointing, only each layer's input is kept
+/// through the forward; the backward recomputes one layer at a time (same dropout masks) and the
+/// logits are made and freed chunk by chunk.
+fn train_with<M: Decoder, R>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+    head: Head<'_, M, R>,
+) -> Result<(R, HashMap<String, Tensor>)> {
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
     let tg = targets(labels, b, t)?;
     if !m.checkpoint() {
         let x = hidden(m, ids, mask, key)?;
-        let loss = loss_of(m, &x, &tg, b, t)?;
+        let (r, loss) = head(m, &x, &tg, b, t)?;
         let grads = loss.backward().map_err(cerr("backward"))?;
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
-        let l = loss.to_scalar::<f32>().map_err(cerr("loss"))?;
-        return Ok((l, out));
+        return Ok((r, out));
     }
     if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
         return Err(Error::Invalid(format!(
@@ -496,8 +636,7 @@ pub fn train_grads<M: Decoder>(
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
     let xl = Var::from_tensor(&drop_prompt(m, x.clone(), t)?).map_err(cerr("head"))?;
-    let loss_t = loss_of(m, xl.as_tensor(), &tg, b, t)?;
-    let loss = loss_t.to_scalar::<f32>().map_err(cerr("loss"))?;
+    let (loss, loss_t) = head(m, xl.as_tensor(), &tg, b, t)?;
     let mut g = loss_t
         .backward()
         .map_err(cerr("head backward"))?

@@ -38,9 +38,15 @@ pub struct MemoryPlan {
     pub kernel_scratch: usize,
     /// One cross-entropy chunk: its f32 logits, their softmax intermediates and gradient.
     pub logits_chunk: usize,
-    /// What the objective keeps beside the step's gradients (DPO: its f32 accumulator of the
-    /// per-sequence gradients; 0 for SFT). See [`MemoryPlan::with_objective_grads`].
-    pub objective: usize,
+    /// The reference forward an objective runs before each step (DPO: the same rows, no graph
+    /// kept beyond one layer; with `--precompute-ref` once per pair before training, and the
+    /// log-probabilities live in the examples, 24 bytes a pair, in the baseline), 0 for SFT.
+    /// Transient: it ends before the step's activations exist, so the total counts the larger
+    /// of the two.
+    pub reference: usize,
+    /// What [`MemoryPlan::reference`] would be: one layer's forward graph, its input and output,
+    /// and one cross-entropy chunk, over the step's rows.
+    reference_bytes: usize,
     /// Elements of each LoRA tensor (every adapter's A and B): the optimizer term depends on them
     /// one by one, since small tensors keep f32 moments.
     lora_numels: Vec<usize>,
@@ -143,6 +149,11 @@ impl MemoryPlan {
                 let (g, lo) = layer(&vec![false; dims.len()]);
                 g + lo
             });
+        let graph_only = per_layer_lora
+            .iter()
+            .map(|x| layer(x).0)
+            .max()
+            .unwrap_or_else(|| layer(&vec![false; dims.len()]).0);
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
         // backward holds the incoming gradient, the product for each operand and a zero-initialised
         // accumulator: about four of the largest activation gradients coexist.
@@ -178,7 +189,10 @@ impl MemoryPlan {
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
             logits_chunk: fused_ce_chunk(rows, v, n, c, norm_elem),
-            objective: 0,
+            reference: 0,
+            // A no-graph forward (each layer's output detached) holds one layer's graph while it
+            // runs, its input and output, the kernels' scratch, and a cross-entropy chunk's forward.
+            reference_bytes: graph_only + 2 * n * c * s + fused_ce_chunk(rows, v, n, c, norm_elem),
             lora_numels,
         })
     }
@@ -188,17 +202,19 @@ impl MemoryPlan {
         self.total() - self.weights
     }
 
-    /// Sum of all parts.
+    /// Sum of all parts; the transient reference forward counts only where it exceeds the
+    /// step's activations (it ends before they exist).
     pub fn total(&self) -> usize {
         self.weights
             + self.adapters
-            + self.adapter_grads
             + self.optimizer
-            + self.checkpoints
-            + self.recompute
             + self.kernel_scratch
-            + self.logits_chunk
-            + self.objective
+            + self.step_activations().max(self.reference)
+    }
+
+    /// What exists only during the training step: gradients, checkpoints, recompute, logits.
+    fn step_activations(&self) -> usize {
+        self.adapter_grads + self.checkpoints + self.recompute + self.logits_chunk
     }
 }
 
@@ -220,10 +236,10 @@ pub fn is_falcon(store: &WeightStore) -> bool {
 }
 
 impl MemoryPlan {
-    /// This plan with `sets` f32 copies of the adapter's gradients kept by the objective (the
+    /// This plan with (or without) an objective's reference forward before each step (the
     /// constructors count none).
-    pub fn with_objective_grads(mut self, sets: usize) -> Self {
-        self.objective = sets * 4 * self.lora_numels.iter().sum::<usize>();
+    pub fn with_reference_forward(mut self, yes: bool) -> Self {
+        self.reference = if yes { self.reference_bytes } else { 0 };
         self
     }
 
@@ -336,8 +352,11 @@ impl std::fmt::Display for MemoryPlan {
             ("kernel scratch", self.kernel_scratch),
             ("logits chunk", self.logits_chunk),
         ];
-        if self.objective > 0 {
-            rows.push(("objective state", self.objective));
+        if self.reference > 0 {
+            rows.push((
+                "reference forward (before the step; counted if larger)",
+                self.reference,
+            ));
         }
         rows.push(("total", self.total()));
         mib_rows(f, &rows)

@@ -3,18 +3,20 @@
 //! completion tokens' log-probabilities (EOS included, prompt masked) under the policy π (the base
 //! with the trained adapter) or the reference r; a step's loss is the mean over its pairs.
 //!
-//! The gradient needs no new model op. With S the summed log-probability of one sequence,
-//! `∇L = Σ_seq ∂L/∂S · ∇S`, and the model's training step already gives `∇S = −n·∇(mean CE)` for a
-//! sequence of n targets; so each sequence runs the ordinary checkpointed step and its gradient is
-//! weighted by `∂L/∂S = ∓β·σ(−z)/pairs` once every sequence of the micro-batch is known.
+//! Every pair's chosen and rejected sequences run as rows of one right-padded batch
+//! (`[chosen₁, rejected₁, chosen₂, …]`: a micro-batch of p pairs is one model call of 2p rows).
+//! The gradient needs no new model op. With S the summed log-probability of one row,
+//! `∇L = Σ_rows ∂L/∂S · ∇S`, and `S = −Σ CE` of the row; so the checkpointed step differentiates
+//! `Σ_rows w·CE` with `w = −∂L/∂S = ±β·σ(−z)/pairs`, weights it takes from the same forward's row
+//! values ([`CausalLm::train_grads_rows`]).
 //!
 //! The reference costs no second model: it is the same quantised base with every LoRA B set to zero
 //! (the adapter's output is then exactly zero, so the logits are the base's), evaluated without
 //! dropout, every step — what TRL does for a PEFT model with `ref_model=None`. `--ref-adapter` sets
 //! the adapter to a frozen PEFT adapter instead (SFT then DPO), and `--precompute-ref` computes every
 //! pair's reference once before training and keeps it in the run directory.
-use super::data::{make_batch, Fnv, Sample};
-use super::objective::{add_weighted, Metrics, MicroStep, Objective};
+use super::data::{make_batch, Batch, Fnv, Sample};
+use super::objective::{Metrics, MicroStep, Objective};
 use crate::data::pairs::{fit_pair, Pair};
 use crate::models::CausalLm;
 use crate::{Error, Result};
@@ -60,14 +62,33 @@ fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> Error {
     move |e| Error::Invalid(format!("dpo {what}: {e}"))
 }
 
-/// Summed log-probability of a sequence's targets, and the target count (eval mode, no graph kept).
-fn logp(model: &dyn CausalLm, s: &Sample) -> Result<f64> {
-    let b = make_batch(&[s])?;
-    if b.targets == 0 {
-        return Ok(0.0);
+/// The rows `[chosen₁, rejected₁, chosen₂, …]` of `pairs` as one right-padded batch.
+fn pair_batch(pairs: &[PairExample]) -> Result<Batch> {
+    let rows: Vec<Sample> = pairs
+        .iter()
+        .flat_map(|e| [sequence(&e.pair, true), sequence(&e.pair, false)])
+        .collect();
+    make_batch(&rows.iter().collect::<Vec<_>>())
+}
+
+/// The (chosen, rejected) log-probabilities of the pairs from the batch's row losses.
+fn pair_logps(rows: &[(f64, usize)]) -> Vec<(f64, f64)> {
+    rows.chunks(2).map(|c| (-c[0].0, -c[1].0)).collect()
+}
+
+/// Summed log-probabilities (chosen, rejected) of pairs under the model as it is, eval mode, no
+/// graph kept; `micro` pairs a model call.
+fn logps(model: &dyn CausalLm, pairs: &[PairExample], micro: usize) -> Result<Vec<(f64, f64)>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(micro.max(1)) {
+        let b = pair_batch(chunk)?;
+        out.extend(pair_logps(&model.eval_row_losses(
+            &b.ids,
+            Some(&b.mask),
+            &b.labels,
+        )?));
     }
-    let mean = model.eval_loss(&b.ids, Some(&b.mask), &b.labels)?;
-    Ok(-(mean as f64) * b.targets as f64)
+    Ok(out)
 }
 
 /// The per-pair values of DPO's sigmoid loss: (loss, ∂loss/∂πc, reward c, reward r).
@@ -125,8 +146,13 @@ impl Dpo {
     }
 
     /// Reference log-probs (chosen, rejected) of every pair: precomputed, or computed now under
-    /// one swap of the adapter for the reference.
-    fn references(&self, model: &dyn CausalLm, pairs: &[PairExample]) -> Result<Vec<(f64, f64)>> {
+    /// one swap of the adapter for the reference, `micro` pairs a call.
+    fn references(
+        &self,
+        model: &dyn CausalLm,
+        pairs: &[PairExample],
+        micro: usize,
+    ) -> Result<Vec<(f64, f64)>> {
         if let Some(r) = pairs
             .iter()
             .map(|e| e.reference)
@@ -134,25 +160,19 @@ impl Dpo {
         {
             return Ok(r);
         }
-        self.with_reference(model, || {
-            pairs
-                .iter()
-                .map(|e| {
-                    Ok((
-                        logp(model, &sequence(&e.pair, true))?,
-                        logp(model, &sequence(&e.pair, false))?,
-                    ))
-                })
-                .collect()
-        })
+        self.with_reference(model, || logps(model, pairs, micro))
     }
 
     /// Loss and metrics of pairs under the current adapter, eval mode (no gradient).
-    fn eval_pairs(&self, model: &dyn CausalLm, pairs: &[PairExample]) -> Result<Metrics> {
+    fn eval_pairs(
+        &self,
+        model: &dyn CausalLm,
+        pairs: &[PairExample],
+        micro: usize,
+    ) -> Result<Metrics> {
         let mut m = Accum::default();
-        for (ex, (rc, rr)) in pairs.iter().zip(self.references(model, pairs)?) {
-            let pc = logp(model, &sequence(&ex.pair, true))?;
-            let pr = logp(model, &sequence(&ex.pair, false))?;
+        let refs = self.references(model, pairs, micro)?;
+        for ((pc, pr), (rc, rr)) in logps(model, pairs, micro)?.into_iter().zip(refs) {
             m.add(self.beta, pc, pr, rc, rr);
         }
         Ok(m.metrics(pairs.len(), "eval_"))
@@ -259,37 +279,30 @@ impl Objective for Dpo {
             .map(|e| 2 * e.pair.prompt.len() + e.pair.chosen.len() + e.pair.rejected.len())
             .sum()
     }
-    fn model_calls(&self, micro: usize) -> usize {
+    /// Chosen and rejected of every pair of a micro-batch run as one call (see the module doc).
+    fn sequences_per_call(&self, micro: usize) -> usize {
         2 * micro
     }
-    /// Chosen and rejected run one sequence per call (see the module doc).
-    fn sequences_per_call(&self, _micro: usize) -> usize {
-        1
-    }
-    /// The micro-batch's f32 gradient accumulator.
-    fn gradient_sets(&self) -> usize {
-        1
+    /// The reference forward of every micro-batch (or, with `--precompute-ref`, of every pair
+    /// once before training, in micro-batches of the same size).
+    fn reference_forward(&self) -> bool {
+        true
     }
     fn micro_step(&self, model: &dyn CausalLm, batch: &Vec<PairExample>) -> Result<MicroStep> {
+        let refs = self.references(model, batch, batch.len())?;
+        let b = pair_batch(batch)?;
         let n = batch.len() as f64;
         let mut m = Accum::default();
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        for (ex, (rc, rr)) in batch.iter().zip(self.references(model, batch)?) {
-            // Policy: each sequence's mean CE and its gradient; S = -targets · mean.
-            let run = |chosen: bool| -> Result<(f64, f64, HashMap<String, Tensor>)> {
-                let s = sequence(&ex.pair, chosen);
-                let b = make_batch(&[&s])?;
-                let (mean, g) = model.train_grads(&b.ids, Some(&b.mask), &b.labels)?;
-                Ok((-(mean as f64) * b.targets as f64, b.targets as f64, g))
-            };
-            let (pc, nc, gc) = run(true)?;
-            let (pr, nr, gr) = run(false)?;
-            let dpc = m.add(self.beta, pc, pr, rc, rr);
-            // ∂L/∂πc = dpc/pairs, ∂L/∂πr = -dpc/pairs and ∇S = -n·∇mean: the weights of the
-            // mean-CE gradients (dpc < 0, so chosen's CE descends and rejected's ascends).
-            add_weighted(&mut grads, gc, -dpc * nc / n)?;
-            add_weighted(&mut grads, gr, dpc * nr / n)?;
-        }
+        let (_, grads) = model.train_grads_rows(&b.ids, Some(&b.mask), &b.labels, &mut |rows| {
+            let mut w = Vec::with_capacity(rows.len());
+            for ((pc, pr), (rc, rr)) in pair_logps(rows).into_iter().zip(&refs) {
+                let dpc = m.add(self.beta, pc, pr, *rc, *rr);
+                // ∂L/∂πc = dpc/pairs, ∂L/∂πr = -dpc/pairs, and S = -Σ CE: the weights of the
+                // rows' summed cross-entropies (dpc < 0: chosen's CE descends, rejected's ascends).
+                w.extend([-dpc / n, dpc / n]);
+            }
+            Ok(w)
+        })?;
         let metrics = m.metrics(batch.len(), "");
         Ok(MicroStep {
             loss: metrics[0].1,
@@ -303,6 +316,7 @@ impl Objective for Dpo {
         train: &mut [PairExample],
         eval: &mut [PairExample],
         run_dir: &Path,
+        micro: usize,
     ) -> Result<()> {
         if !self.precompute {
             return Ok(());
@@ -328,8 +342,8 @@ impl Objective for Dpo {
             Some(r) if r.0.len() == train.len() && r.1.len() == eval.len() => r,
             _ => {
                 let (rt, re) = (
-                    self.references(model, train)?,
-                    self.references(model, eval)?,
+                    self.references(model, train, micro)?,
+                    self.references(model, eval, micro)?,
                 );
                 let v =
                     serde_json::json!({"train_data": kt, "eval_data": ke, "train": rt, "eval": re});
@@ -349,9 +363,9 @@ impl Objective for Dpo {
         &self,
         model: &dyn CausalLm,
         examples: &[PairExample],
-        _micro: usize,
+        micro: usize,
     ) -> Result<Metrics> {
-        self.eval_pairs(model, examples)
+        self.eval_pairs(model, examples, micro)
     }
 }
 

@@ -58,10 +58,10 @@ pub trait Objective {
     fn sequences_per_call(&self, micro: usize) -> usize {
         micro
     }
-    /// f32 copies of the adapter's gradients the objective keeps beside the step's (the plan's
-    /// `objective state`).
-    fn gradient_sets(&self) -> usize {
-        0
+    /// Whether it runs a no-graph reference forward over a micro-batch's rows before each
+    /// training call (the memory plan's `reference forward`).
+    fn reference_forward(&self) -> bool {
+        false
     }
     /// The log key of a step's total weight (`target_tokens` for SFT, `pairs` for DPO).
     fn weight_name(&self) -> &'static str {
@@ -78,15 +78,17 @@ pub trait Objective {
         1
     }
     /// Runs once the model is built, before the first step (e.g. precomputing reference values
-    /// into the examples); `run_dir` may cache what it computes. Nothing by default.
+    /// into the examples, `micro` examples a model call); `run_dir` may cache what it computes.
+    /// Nothing by default.
     fn setup(
         &self,
         model: &dyn CausalLm,
         train: &mut [Self::Example],
         eval: &mut [Self::Example],
         run_dir: &std::path::Path,
+        micro: usize,
     ) -> Result<()> {
-        let _ = (model, train, eval, run_dir);
+        let _ = (model, train, eval, run_dir, micro);
         Ok(())
     }
     /// The line an evaluation at `step` prints from its metrics.

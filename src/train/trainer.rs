@@ -86,6 +86,7 @@ pub fn train_with<O: Objective>(
         &mut run.train,
         &mut run.eval,
         &run.cfg.out,
+        run.cfg.batch_size,
     )?;
     run.resume()?;
     if run.step == 0 {
@@ -244,7 +245,10 @@ impl<'a, O: Objective> Run<'a, O> {
         crate::train::bench::tune_allocator();
         let baseline = current_rss_bytes() as usize;
         let store = WeightStore::open(&model_path)?;
-        let shape = (obj.sequences_per_call(cfg.batch_size), obj.gradient_sets());
+        let shape = (
+            obj.sequences_per_call(cfg.batch_size),
+            obj.reference_forward(),
+        );
         let (plan, gpu_predicted) = plan_memory(&cfg, &store, &lopts, shape, gpu_baseline, opts)?;
         check_max_memory(&cfg, &store, plan.total() + baseline)?;
         // Llama and Falcon differ only in their decoder blocks; the loop drives either.
@@ -584,19 +588,20 @@ impl<'a, O: Objective> Run<'a, O> {
 }
 
 /// The memory plan of the run, printed; on a GPU also its device terms and predicted peak.
-/// `(micro, grad_sets)`: the sequences of one model call and the objective's gradient copies.
+/// `(micro, reference)`: the sequences of one model call, and whether the objective runs a
+/// reference forward over them.
 fn plan_memory(
     cfg: &TrainConfig,
     store: &WeightStore,
     lopts: &LlamaOptions,
-    (micro, grad_sets): (usize, usize),
+    (micro, reference): (usize, bool),
     gpu_baseline: Option<u64>,
     opts: &RunOptions,
 ) -> Result<(MemoryPlan, Option<u64>)> {
     let seq = cfg.seq_len;
     let plan = MemoryPlan::for_store(store, lopts, micro, seq)?
         .with_optimizer(cfg.moment_storage())
-        .with_objective_grads(grad_sets);
+        .with_reference_forward(reference);
     say(
         opts,
         format!("memory plan (batch {micro} x {seq} tokens):\n{plan}"),
