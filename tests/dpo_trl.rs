@@ -123,6 +123,14 @@ fn case_on(arch: &str, tag: &str, data: &str) {
             "{at}: rewards/rejected"
         );
     }
+    // For tests/reference/check_dpo_adapter_peft.py: our adapter, to load in PEFT.
+    if let Ok(d) = std::env::var("QTUNE_DPO_PEFT_CHECK_DIR") {
+        let dst = Path::new(&d).join(format!("{arch}_{tag}"));
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(out.join("adapter").join(f), dst.join(f)).unwrap();
+        }
+    }
     // Our final adapter gives TRL's post-training DPO loss on all 8 pairs.
     let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
         .args([
