@@ -2,7 +2,7 @@
 //! right-padded batch ([`CausalLm::train_grads_rows`]). Each row's summed cross-entropy and the
 //! gradient of `Σ w·CE` must equal running every row alone (no padding) and summing, with and
 //! without checkpointing, on Llama and Falcon.
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use qtune::models::{CausalLm, LlamaOptions, LoraSpec};
 use qtune::store::WeightStore;
 use std::collections::HashMap;

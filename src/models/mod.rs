@@ -177,7 +177,7 @@ pub trait CausalLm {
         ids: &Tensor,
         mask: Option<&Tensor>,
         labels: &Tensor,
-        weigh: &mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>,
+        weigh: RowWeights<'_>,
     ) -> Result<(RowLosses, HashMap<String, Tensor>)>;
     /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
     fn lora_params(&self) -> Vec<(String, Var)>;
@@ -227,7 +227,7 @@ impl<M: AsRef<Transformer>> CausalLm for M {
         ids: &Tensor,
         mask: Option<&Tensor>,
         labels: &Tensor,
-        weigh: &mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>,
+        weigh: RowWeights<'_>,
     ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
         train_grads_rows(self.as_ref(), ids, mask, labels, weigh)
     }
@@ -487,6 +487,9 @@ fn collect<M: Decoder>(
 /// `-Σ CE`.
 pub type RowLosses = Vec<(f64, usize)>;
 
+/// The row weights of a training step, from its forward's per-row `(Σ CE, targets)`.
+pub type RowWeights<'a> = &'a mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>;
+
 /// The head of one row per sequence: `(Σ CE of row r with its graph, its targets)` for
 /// `x (B, T, C)` before the final norm; rows without a target give `None`.
 fn row_heads<M: Decoder>(
@@ -568,7 +571,7 @@ pub fn train_grads_rows<M: Decoder>(
     ids: &Tensor,
     mask: Option<&Tensor>,
     labels: &Tensor,
-    weigh: &mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>,
+    weigh: RowWeights<'_>,
 ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
     train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
         let heads = row_heads(m, x, tg, b, t)?;
