@@ -1,0 +1,254 @@
+//! `qtune bench`: memory and speed of a LoRA training step on a real model shape, with random
+//! weights generated directly in their quantised form (memory and time do not depend on the
+//! weights' values, so nobody has to download 13 GB to compare).
+//!
+//! The weights are owned buffers (`Bytes::from_vec`), one tensor at a time, filled with random
+//! blocks of the target type: no full-precision copy of any matrix ever exists. Owned rather than a
+//! temporary GGUF mapped back: anonymous memory is counted by RSS exactly once and cannot be
+//! evicted under pressure, so the measured peak is the plan's `weights` term plus the step, with
+//! no page-cache effects (a mapped file's pages count in RSS only once touched, and the kernel may
+//! drop them again), and no scratch file of 4-7 GB is written to a small disk.
+
+mod measure;
+mod report;
+mod shapes;
+mod synthetic;
+
+pub use measure::{
+    measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes, step_flops,
+    tune_allocator,
+};
+pub use report::{BenchReport, GpuReport};
+pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};
+pub use synthetic::{random_tensor, synthetic_store};
+
+use crate::models::plan::GpuTerms;
+use crate::models::{LlamaOptions, LoraSpec, MemoryPlan};
+use crate::quant::QType;
+use crate::store::WeightStore;
+use crate::train::optim::{AdamW, AdamWConfig, MomentStorage};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use shapes::shape_dims;
+use std::path::Path;
+use std::time::Instant;
+use synthetic::Rng;
+
+/// What to bench.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// A name from [`SHAPES`] or a config.json path.
+    pub shape: String,
+    /// Weight type of the decoder linears.
+    pub quant: QType,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA targets (PEFT names or all-linear).
+    pub targets: Vec<String>,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first (page faults, allocator, thread pool).
+    pub warmup: usize,
+    /// Compute dtype (f32 or bf16).
+    pub dtype: DType,
+    /// Rows per cross-entropy chunk.
+    pub ce_chunk: usize,
+    /// Seed of weights and tokens.
+    pub seed: u64,
+    /// AdamW moments as blockwise 8-bit codes (`qtune train --optim-8bit`).
+    pub optim_8bit: bool,
+    /// `cpu`, `cuda` or `cuda:N` (see [`crate::nn::device::open`]).
+    pub device: String,
+}
+
+/// The memory plan of a bench configuration without running it (no device is opened): the host
+/// plan, and with a CUDA `device` the GPU terms and the predicted allocated peak on the device
+/// (`GpuReport::predicted_allocated`; the CUDA context comes on top of it). The synthetic weights
+/// are generated, since the plan counts their bytes.
+pub fn plan_bench(cfg: &BenchConfig) -> Result<(MemoryPlan, Option<GpuTerms>)> {
+    let config = shape_config(&cfg.shape)?;
+    let store = synthetic_store(&config, cfg.quant, cfg.seed)?;
+    let opts = bench_options(cfg, Device::Cpu);
+    plan_of(&store, &opts, cfg, cfg.device != "cpu")
+}
+
+/// The plan of `cfg` for `store` loaded with `opts`, and the GPU terms when `gpu`.
+fn plan_of(
+    store: &WeightStore,
+    opts: &LlamaOptions,
+    cfg: &BenchConfig,
+    gpu: bool,
+) -> Result<(MemoryPlan, Option<GpuTerms>)> {
+    let (b, t) = (cfg.batch_size, cfg.seq_len);
+    let plan = MemoryPlan::for_store(store, opts, b, t)?.with_optimizer(moment_storage(cfg));
+    let terms = match gpu {
+        true => Some(GpuTerms::new(store, &plan, b, t, cfg.dtype)?),
+        false => None,
+    };
+    Ok((plan, terms))
+}
+
+fn moment_storage(cfg: &BenchConfig) -> MomentStorage {
+    if cfg.optim_8bit {
+        MomentStorage::Blockwise8
+    } else {
+        MomentStorage::F32
+    }
+}
+
+fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
+    LlamaOptions {
+        quant: None,
+        dtype: cfg.dtype,
+        lora: Some(LoraSpec {
+            targets: cfg.targets.clone(),
+            r: cfg.rank,
+            alpha: 2.0 * cfg.rank as f64,
+            dropout: 0.0,
+            seed: cfg.seed,
+            ..LoraSpec::default()
+        }),
+        checkpoint: true,
+        ce_chunk: cfg.ce_chunk,
+        device,
+    }
+}
+
+/// Generates the model, loads it with LoRA, runs `warmup` then `steps` timed training steps
+/// (forward, checkpointed backward, AdamW) and measures time and peak RSS. `progress` gets a line
+/// per phase.
+pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    if cfg.steps == 0 || cfg.seq_len < 2 || cfg.batch_size == 0 || cfg.rank == 0 {
+        return Err(Error::Invalid(
+            "bench needs --steps >= 1, --seq-len >= 2, --batch-size >= 1 and --rank >= 1".into(),
+        ));
+    }
+    let config = shape_config(&cfg.shape)?;
+    let model_cfg = shape_dims(&config, Path::new(&cfg.shape))?;
+    let device = crate::nn::device::open(&cfg.device)?;
+    tune_allocator();
+    let peak_gflops = if device.is_cpu() {
+        progress("measuring this machine's f32 GEMM peak");
+        measure_f32_peak()
+    } else {
+        progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
+        measure_device_peak(&device, cfg.dtype)?
+    };
+    let gpu_baseline = crate::nn::device::used_bytes(&device)?;
+    crate::nn::device::reset_peak(&device)?;
+    let baseline_rss = status_bytes("VmRSS:");
+    reset_peak_rss();
+    let t0 = Instant::now();
+    progress(&format!("generating random {} weights", cfg.quant.name()));
+    let store = synthetic_store(&config, cfg.quant, cfg.seed)?;
+    let opts = bench_options(cfg, device.clone());
+    let moments = moment_storage(cfg);
+    let (plan, gpu_terms) = plan_of(&store, &opts, cfg, gpu_baseline.is_some())?;
+    let linear_params: usize = store
+        .tensors
+        .iter()
+        .filter(|t| {
+            t.shape.len() == 2
+                && t.name != "model.embed_tokens.weight"
+                && t.name != "transformer.word_embeddings.weight"
+        })
+        .map(|t| t.numel())
+        .sum::<usize>()
+        + if model_cfg.tie_word_embeddings {
+            model_cfg.vocab_size * model_cfg.hidden_size
+        } else {
+            0
+        };
+    progress("loading the model with LoRA");
+    let model = crate::models::load(&store, opts)?;
+    drop(store);
+    let params = model.lora_params();
+    let lora_params = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            moments,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    progress(&format!(
+        "loaded: RSS {:.1} MiB, peak so far {:.1} MiB",
+        status_bytes("VmRSS:") as f64 / 1048576.0,
+        status_bytes("VmHWM:") as f64 / 1048576.0
+    ));
+    let (b, t) = (cfg.batch_size, cfg.seq_len);
+    let mut rng = Rng::new(cfg.seed ^ 0x5eed);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| (rng.next() % model_cfg.vocab_size as u64) as u32)
+        .collect();
+    let cerr = |e: candle_core::Error| Error::Invalid(format!("bench batch: {e}"));
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).map_err(cerr)?;
+    let labels = ids.to_dtype(DType::I64).map_err(cerr)?;
+    let mut step = || -> Result<(f32, f64, f64)> {
+        let (s0, c0) = (Instant::now(), process_cpu_s());
+        let (loss, grads) = model.train_grads(&ids, None, &labels)?;
+        opt.step(&grads, 1e-4)?;
+        drop(grads);
+        // a GPU step has ended when its last upload has
+        device
+            .synchronize()
+            .map_err(|e| Error::Invalid(format!("bench step: {e}")))?;
+        Ok((loss, s0.elapsed().as_secs_f64(), process_cpu_s() - c0))
+    };
+    let mib = |b: usize| b as f64 / 1048576.0;
+    for w in 0..cfg.warmup {
+        progress(&format!("warm-up step {}/{}", w + 1, cfg.warmup));
+        let (_, s, _) = step()?;
+        progress(&format!(
+            "  {s:.2} s, peak RSS so far {:.1} MiB",
+            mib(status_bytes("VmHWM:"))
+        ));
+    }
+    let (mut step_times, mut losses, mut step_cpu_s) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..cfg.steps {
+        progress(&format!("timed step {}/{}", i + 1, cfg.steps));
+        let (l, s, cpu) = step()?;
+        step_cpu_s.push(cpu);
+        progress(&format!(
+            "  {s:.2} s, loss {l:.4}, peak RSS so far {:.1} MiB",
+            mib(status_bytes("VmHWM:"))
+        ));
+        step_times.push(s);
+        losses.push(l);
+    }
+    let measured_peak = status_bytes("VmHWM:");
+    let gpu = match (
+        gpu_terms,
+        gpu_baseline,
+        crate::nn::device::peak_allocated(&device)?,
+    ) {
+        (Some(terms), Some(baseline_used), Some(peak_allocated)) => Some(GpuReport {
+            terms,
+            baseline_used,
+            peak_allocated,
+        }),
+        _ => None,
+    };
+    let flops_per_step = step_flops(&model_cfg, linear_params, b * t, t);
+    Ok(BenchReport {
+        config: cfg.clone(),
+        model: model_cfg,
+        plan,
+        baseline_rss,
+        measured_peak,
+        step_times,
+        step_cpu_s,
+        losses,
+        lora_params,
+        linear_params,
+        flops_per_step,
+        peak_gflops,
+        setup_s,
+        gpu,
+    })
+}

@@ -1,0 +1,240 @@
+//! What a bench measured, and how it is printed (`Display`) and written (`--json`).
+
+use super::BenchConfig;
+use crate::models::plan::GpuTerms;
+use crate::models::{LlamaConfig, MemoryPlan};
+
+/// Device-memory figures of a bench on a GPU.
+#[derive(Clone, Debug)]
+pub struct GpuReport {
+    /// The GPU-only terms and what of the plan stays on the host.
+    pub terms: GpuTerms,
+    /// Device memory in use after the context was made, before any weight (context, modules,
+    /// cuBLAS, and anything else on the GPU).
+    pub baseline_used: u64,
+    /// Peak bytes allocated from candle's pool over load, warm-up and timed steps.
+    pub peak_allocated: u64,
+}
+
+impl GpuReport {
+    /// Predicted allocated peak: the plan's device part and the GPU terms, without the context
+    /// (measured as [`GpuReport::baseline_used`] instead).
+    pub fn predicted_allocated(&self, plan: &MemoryPlan) -> u64 {
+        self.terms.allocated_total(plan) as u64
+    }
+}
+
+/// What a bench measured.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    /// The configuration.
+    pub config: BenchConfig,
+    /// Model hyper-parameters of the shape.
+    pub model: LlamaConfig,
+    /// The memory plan by part.
+    pub plan: MemoryPlan,
+    /// RSS of the process before any weight existed (binary, libraries, thread pool).
+    pub baseline_rss: usize,
+    /// Peak RSS (VmHWM) over generation, load, warm-up and timed steps.
+    pub measured_peak: usize,
+    /// Wall time of each timed step (s).
+    pub step_times: Vec<f64>,
+    /// CPU seconds (all threads) of each timed step: under contention, the fair comparison.
+    pub step_cpu_s: Vec<f64>,
+    /// Loss of each timed step.
+    pub losses: Vec<f32>,
+    /// Trainable LoRA parameters.
+    pub lora_params: usize,
+    /// Weights of all linears (decoder projections and lm_head).
+    pub linear_params: usize,
+    /// FLOPs per step as counted (see [`step_flops`](super::step_flops)).
+    pub flops_per_step: f64,
+    /// This machine's measured f32 GEMM rate (GFLOP/s), MFU's denominator.
+    pub peak_gflops: f64,
+    /// Seconds spent generating the weights and loading the model.
+    pub setup_s: f64,
+    /// Device memory figures (`--device cuda`).
+    pub gpu: Option<GpuReport>,
+}
+
+impl BenchReport {
+    /// Median, min and max step time (s).
+    pub fn step_stats(&self) -> (f64, f64, f64) {
+        let mut v = self.step_times.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let med = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        (med, v[0], v[n - 1])
+    }
+
+    /// Predicted peak RSS: the plan plus the process's own baseline.
+    pub fn predicted_peak(&self) -> usize {
+        self.plan.total() + self.baseline_rss
+    }
+
+    /// Tokens per second at the median step time.
+    pub fn tokens_per_s(&self) -> f64 {
+        (self.config.batch_size * self.config.seq_len) as f64 / self.step_stats().0
+    }
+
+    /// Tokens per CPU second (all threads), at the median CPU time of a step.
+    pub fn tokens_per_cpu_s(&self) -> f64 {
+        let mut v = self.step_cpu_s.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
+        (self.config.batch_size * self.config.seq_len) as f64 / med
+    }
+
+    /// Achieved GFLOP/s at the median step time.
+    pub fn gflops(&self) -> f64 {
+        self.flops_per_step / self.step_stats().0 / 1e9
+    }
+
+    /// The JSON object `--json` writes.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (med, min, max) = self.step_stats();
+        let p = &self.plan;
+        let c = &self.config;
+        let gpu = self.gpu.as_ref().map(|g| {
+            serde_json::json!({
+                "baseline_used_bytes": g.baseline_used,
+                "peak_allocated_bytes": g.peak_allocated,
+                "predicted_allocated_bytes": g.predicted_allocated(p),
+                "device_peak_bytes": g.baseline_used + g.peak_allocated,
+                "dequant_scratch": g.terms.dequant_scratch,
+                "attention_scores": g.terms.attention_scores,
+                "allocator": g.terms.allocator,
+                "host_only": g.terms.host_only,
+            })
+        });
+        serde_json::json!({
+            "tool": "qtune",
+            "gpu": gpu,
+            "predicted_peak_bytes": self.predicted_peak(),
+            "measured_peak_bytes": self.measured_peak,
+            "step_time_s": med,
+            "step_time_min_s": min,
+            "step_time_max_s": max,
+            "step_times_s": self.step_times,
+            "step_cpu_s": self.step_cpu_s,
+            "tokens_per_cpu_s": self.tokens_per_cpu_s(),
+            "losses": self.losses,
+            "tokens_per_s": self.tokens_per_s(),
+            "gflops": self.gflops(),
+            "peak_gflops": self.peak_gflops,
+            "mfu": self.gflops() / self.peak_gflops,
+            "flops_per_step": self.flops_per_step,
+            "setup_s": self.setup_s,
+            "plan": {
+                "process_baseline": self.baseline_rss,
+                "weights": p.weights,
+                "adapters": p.adapters,
+                "adapter_grads": p.adapter_grads,
+                "optimizer": p.optimizer,
+                "checkpoints": p.checkpoints,
+                "recompute": p.recompute,
+                "kernel_scratch": p.kernel_scratch,
+                "logits_chunk": p.logits_chunk,
+                "total": p.total(),
+            },
+            "config": {
+                "shape": c.shape,
+                "quant": c.quant.name(),
+                "seq_len": c.seq_len,
+                "batch_size": c.batch_size,
+                "rank": c.rank,
+                "targets": c.targets,
+                "steps": c.steps,
+                "warmup": c.warmup,
+                "dtype": format!("{:?}", c.dtype).to_lowercase(),
+                "ce_chunk": c.ce_chunk,
+                "optim_8bit": c.optim_8bit,
+                "device": c.device,
+                "threads": rayon::current_num_threads(),
+                "lora_params": self.lora_params,
+                "linear_params": self.linear_params,
+                "model": {
+                    "vocab_size": self.model.vocab_size,
+                    "hidden_size": self.model.hidden_size,
+                    "intermediate_size": self.model.intermediate_size,
+                    "num_layers": self.model.num_layers,
+                    "num_heads": self.model.num_heads,
+                    "num_kv_heads": self.model.num_kv_heads,
+                },
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: usize| b as f64 / 1048576.0;
+        let c = &self.config;
+        let (med, min, max) = self.step_stats();
+        writeln!(
+            f,
+            "{} {} | seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads | {} AdamW moments",
+            c.shape,
+            c.quant.name(),
+            c.seq_len,
+            c.batch_size,
+            c.rank,
+            c.targets.join(","),
+            self.lora_params,
+            rayon::current_num_threads(),
+            if c.optim_8bit { "8-bit" } else { "f32" }
+        )?;
+        writeln!(f, "memory plan:\n{}", self.plan)?;
+        writeln!(
+            f,
+            "{:<26} {:>10.1} MiB",
+            "+ process baseline",
+            mib(self.baseline_rss)
+        )?;
+        let (pr, me) = (self.predicted_peak(), self.measured_peak);
+        writeln!(
+            f,
+            "predicted peak {:.1} MiB, measured peak RSS {:.1} MiB ({:+.1} %)",
+            mib(pr),
+            mib(me),
+            100.0 * (me as f64 - pr as f64) / pr as f64
+        )?;
+        writeln!(
+            f,
+            "step time median {med:.3} s (min {min:.3}, max {max:.3}) over {} steps after {} warm-up",
+            c.steps, c.warmup
+        )?;
+        if let Some(g) = &self.gpu {
+            writeln!(f, "GPU ({}):\n{}", c.device, g.terms)?;
+            let (pr, me) = (g.predicted_allocated(&self.plan), g.peak_allocated);
+            writeln!(
+                f,
+                "device: {:.1} MiB in use before loading (context, cuBLAS); predicted allocated \
+                 peak {:.1} MiB, measured {:.1} MiB ({:+.1} %); device peak {:.1} MiB",
+                mib(g.baseline_used as usize),
+                mib(pr as usize),
+                mib(me as usize),
+                100.0 * (me as f64 - pr as f64) / pr as f64,
+                mib((g.baseline_used + me) as usize)
+            )?;
+        }
+        let peak_kind = if self.gpu.is_some() {
+            format!("GPU {:?}", c.dtype).to_lowercase()
+        } else {
+            "f32".into()
+        };
+        write!(
+            f,
+            "{:.2} tokens/s, {:.1} GFLOP/s, MFU {:.1} % of the measured {peak_kind} GEMM peak {:.1} \
+             GFLOP/s",
+            self.tokens_per_s(),
+            self.gflops(),
+            100.0 * self.gflops() / self.peak_gflops,
+            self.peak_gflops
+        )
+    }
+}
