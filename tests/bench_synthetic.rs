@@ -154,6 +154,7 @@ fn a_bench_run_reports_every_key() {
         seed: 1,
         optim_8bit: false,
         device: "cpu".into(),
+        dpo_beta: None,
     };
     let r = run_bench(&cfg, &mut |_| {}).unwrap();
     assert!(r.gpu.is_none(), "no GPU figures on the CPU");
@@ -186,6 +187,52 @@ fn a_bench_run_reports_every_key() {
     assert!(j["measured_peak_bytes"].as_u64().unwrap() > 0);
     assert!(j["mfu"].as_f64().unwrap() > 0.0 && j["mfu"].as_f64().unwrap() < 1.0);
     assert_eq!(j["config"]["quant"], "Q4_0");
+}
+
+#[test]
+fn a_dpo_bench_runs_the_trainers_dpo_step_on_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.json");
+    std::fs::write(&p, tiny().to_string()).unwrap();
+    let mut cfg = BenchConfig {
+        shape: p.to_string_lossy().into(),
+        quant: QType::Q4_0,
+        seq_len: 32,
+        batch_size: 2,
+        rank: 4,
+        targets: vec!["all-linear".into()],
+        steps: 2,
+        warmup: 0,
+        dtype: candle_core::DType::F32,
+        ce_chunk: 16,
+        seed: 1,
+        optim_8bit: false,
+        device: "cpu".into(),
+        dpo_beta: Some(0.1),
+    };
+    let r = run_bench(&cfg, &mut |_| {}).unwrap();
+    // B starts at zero: the policy is the reference, every pair's loss ln 2; the step moves it.
+    assert!(
+        (r.losses[0] - std::f32::consts::LN_2).abs() < 1e-6,
+        "{:?}",
+        r.losses
+    );
+    assert!(r.losses[1] != r.losses[0], "{:?}", r.losses);
+    // 2 pairs: one call of 4 rows, with the reference forward in the plan.
+    assert_eq!(cfg.rows(), 4);
+    let j = r.to_json();
+    let tps = j["tokens_per_s"].as_f64().unwrap();
+    assert!((tps - 4.0 * 32.0 / r.step_stats().0).abs() < 1e-9 * tps);
+    assert!(r.plan.reference > 0);
+    assert_eq!(j["objective"], "dpo");
+    assert_eq!(j["rows"], 4);
+    // The same plan as SFT's on 4 sequences, plus the reference forward where it is larger.
+    cfg.dpo_beta = None;
+    cfg.batch_size = 4;
+    let (sft, _) = qtune::train::bench::plan_bench(&cfg).unwrap();
+    assert_eq!(sft.checkpoints, r.plan.checkpoints);
+    assert_eq!(sft.recompute, r.plan.recompute);
+    assert!(r.plan.total() >= sft.total() && r.plan.reference < sft.step_bytes());
 }
 
 #[test]

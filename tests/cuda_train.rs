@@ -271,6 +271,7 @@ fn bench_on_the_gpu_reports_device_memory() {
         seed: 1,
         optim_8bit: false,
         device: "cuda".into(),
+        dpo_beta: None,
     };
     let r = qtune::bench::run_bench(&cfg, &mut |s| println!("{s}")).unwrap();
     println!("{r}");

@@ -47,6 +47,13 @@ pub struct Args {
     /// AdamW moments as blockwise 8-bit codes, as `qtune train --optim-8bit`.
     #[arg(long)]
     optim_8bit: bool,
+    /// The step to time: sft, or dpo (a pair a batch element: the reference forward, then one
+    /// call over both completions, as `qtune train --objective dpo`).
+    #[arg(long, default_value = "sft")]
+    objective: String,
+    /// DPO's β (with --objective dpo).
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
     /// Print the memory plan only (host, and with --device cuda the GPU terms), without running
     /// a step or opening a device: what a run would need, on any build.
     #[arg(long)]
@@ -67,6 +74,11 @@ pub fn run(a: Args) -> Result<()> {
         "bf16" => DType::BF16,
         d => bail!("--dtype {d}: use f32 or bf16"),
     };
+    let dpo_beta = match a.objective.as_str() {
+        "sft" => None,
+        "dpo" => Some(a.beta),
+        o => bail!("--objective {o}: use sft or dpo"),
+    };
     let cfg = BenchConfig {
         shape: a.shape.clone(),
         quant,
@@ -81,15 +93,21 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         optim_8bit: a.optim_8bit,
         device: a.device.clone(),
+        dpo_beta,
     };
     if a.plan_only {
         let (plan, gpu) =
             qtune::train::bench::plan_bench(&cfg).with_context(|| format!("bench {}", a.shape))?;
         let mib = |b: usize| b as f64 / 1048576.0;
         println!(
-            "{} {} | seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",
+            "{} {} | {}seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",
             a.shape,
             quant.name(),
+            if dpo_beta.is_some() {
+                "DPO, 2 rows a pair | "
+            } else {
+                ""
+            },
             a.seq_len,
             a.batch_size,
             a.rank,

@@ -353,10 +353,7 @@ impl std::fmt::Display for MemoryPlan {
             ("logits chunk", self.logits_chunk),
         ];
         if self.reference > 0 {
-            rows.push((
-                "reference forward (before the step; counted if larger)",
-                self.reference,
-            ));
+            rows.push(("reference fwd (transient)", self.reference));
         }
         rows.push(("total", self.total()));
         mib_rows(f, &rows)

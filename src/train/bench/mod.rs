@@ -22,10 +22,13 @@ pub use report::{BenchReport, GpuReport};
 pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};
 pub use synthetic::{random_tensor, synthetic_store};
 
+use crate::data::pairs::Pair;
 use crate::models::plan::GpuTerms;
 use crate::models::{LlamaOptions, LoraSpec, MemoryPlan};
 use crate::quant::QType;
 use crate::store::WeightStore;
+use crate::train::dpo::{Dpo, PairExample};
+use crate::train::objective::Objective;
 use crate::train::optim::{AdamW, AdamWConfig, MomentStorage};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -63,6 +66,37 @@ pub struct BenchConfig {
     pub optim_8bit: bool,
     /// `cpu`, `cuda` or `cuda:N` (see [`crate::nn::device::open`]).
     pub device: String,
+    /// `Some(β)`: the step is DPO's (`qtune train --objective dpo`) on `batch_size` pairs, each a
+    /// prompt of half the sequence and two completions of the other half: one model call of
+    /// 2·batch rows after the reference forward over them. `None`: SFT's step.
+    pub dpo_beta: Option<f64>,
+}
+
+impl BenchConfig {
+    /// Sequences of one model call: the batch, or both completions of every pair.
+    pub fn rows(&self) -> usize {
+        self.batch_size * if self.dpo_beta.is_some() { 2 } else { 1 }
+    }
+}
+
+/// `b` preference pairs from `b` random rows of `t` tokens: each row's first half is the prompt,
+/// its second half the chosen completion, and the rejected one is the same tokens reversed (so
+/// both rows of a pair have `t` tokens).
+fn dpo_pairs(ids: &[u32], b: usize, t: usize) -> Vec<PairExample> {
+    ids.chunks(t)
+        .take(b)
+        .map(|row| {
+            let (prompt, chosen) = row.split_at(t / 2);
+            PairExample {
+                pair: Pair {
+                    prompt: prompt.to_vec(),
+                    chosen: chosen.to_vec(),
+                    rejected: chosen.iter().rev().copied().collect(),
+                },
+                reference: None,
+            }
+        })
+        .collect()
 }
 
 /// The memory plan of a bench configuration without running it (no device is opened): the host
@@ -83,8 +117,10 @@ fn plan_of(
     cfg: &BenchConfig,
     gpu: bool,
 ) -> Result<(MemoryPlan, Option<GpuTerms>)> {
-    let (b, t) = (cfg.batch_size, cfg.seq_len);
-    let plan = MemoryPlan::for_store(store, opts, b, t)?.with_optimizer(moment_storage(cfg));
+    let (b, t) = (cfg.rows(), cfg.seq_len);
+    let plan = MemoryPlan::for_store(store, opts, b, t)?
+        .with_optimizer(moment_storage(cfg))
+        .with_reference_forward(cfg.dpo_beta.is_some());
     let terms = match gpu {
         true => Some(GpuTerms::new(store, &plan, b, t, cfg.dtype)?),
         false => None,
@@ -187,11 +223,24 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         .map(|_| (rng.next() % model_cfg.vocab_size as u64) as u32)
         .collect();
     let cerr = |e: candle_core::Error| Error::Invalid(format!("bench batch: {e}"));
+    let pairs = dpo_pairs(&ids, b, t);
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).map_err(cerr)?;
     let labels = ids.to_dtype(DType::I64).map_err(cerr)?;
     let mut step = || -> Result<(f32, f64, f64)> {
         let (s0, c0) = (Instant::now(), process_cpu_s());
-        let (loss, grads) = model.train_grads(&ids, None, &labels)?;
+        let (loss, grads) = match cfg.dpo_beta {
+            None => model.train_grads(&ids, None, &labels)?,
+            // The trainer's DPO micro-step itself: reference forward, then the policy's rows.
+            Some(beta) => {
+                let dpo = Dpo {
+                    beta,
+                    reference_adapter: None,
+                    precompute: false,
+                };
+                let m = dpo.micro_step(model.as_ref(), &pairs)?;
+                (m.loss as f32, m.grads)
+            }
+        };
         opt.step(&grads, 1e-4)?;
         drop(grads);
         // a GPU step has ended when its last upload has
@@ -234,7 +283,12 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         }),
         _ => None,
     };
-    let flops_per_step = step_flops(&model_cfg, linear_params, b * t, t);
+    // DPO: the policy's 2·batch rows, and the reference forward over them (a third of a
+    // checkpointed step's 6 FLOPs per weight and token: its forward only).
+    let flops_per_step = match cfg.dpo_beta {
+        None => step_flops(&model_cfg, linear_params, b * t, t),
+        Some(_) => step_flops(&model_cfg, linear_params, 2 * b * t, t) * 4.0 / 3.0,
+    };
     Ok(BenchReport {
         config: cfg.clone(),
         model: model_cfg,

@@ -78,7 +78,7 @@ impl BenchReport {
 
     /// Tokens per second at the median step time.
     pub fn tokens_per_s(&self) -> f64 {
-        (self.config.batch_size * self.config.seq_len) as f64 / self.step_stats().0
+        (self.config.rows() * self.config.seq_len) as f64 / self.step_stats().0
     }
 
     /// Tokens per CPU second (all threads), at the median CPU time of a step.
@@ -86,7 +86,7 @@ impl BenchReport {
         let mut v = self.step_cpu_s.clone();
         v.sort_by(|a, b| a.total_cmp(b));
         let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
-        (self.config.batch_size * self.config.seq_len) as f64 / med
+        (self.config.rows() * self.config.seq_len) as f64 / med
     }
 
     /// Achieved GFLOP/s at the median step time.
@@ -111,7 +111,7 @@ impl BenchReport {
                 "host_only": g.terms.host_only,
             })
         });
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "tool": "qtune",
             "gpu": gpu,
             "predicted_peak_bytes": self.predicted_peak(),
@@ -166,7 +166,12 @@ impl BenchReport {
                     "num_kv_heads": self.model.num_kv_heads,
                 },
             },
-        })
+        });
+        // Beside the rest: one json! of every key passes the macro's recursion limit.
+        v["objective"] = serde_json::json!(if c.dpo_beta.is_some() { "dpo" } else { "sft" });
+        v["rows"] = serde_json::json!(c.rows());
+        v["plan"]["reference_forward"] = serde_json::json!(p.reference);
+        v
     }
 }
 
@@ -177,9 +182,13 @@ impl std::fmt::Display for BenchReport {
         let (med, min, max) = self.step_stats();
         writeln!(
             f,
-            "{} {} | seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads | {} AdamW moments",
+            "{} {} | {}seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads | {} AdamW moments",
             c.shape,
             c.quant.name(),
+            match c.dpo_beta {
+                Some(b) => format!("DPO β {b}, 2 rows a pair | "),
+                None => String::new(),
+            },
             c.seq_len,
             c.batch_size,
             c.rank,
