@@ -316,3 +316,31 @@ fn gguf_lora_export_refuses_dora() {
         .to_string();
     assert!(e.contains("DoRA") && e.contains("merge"), "{e}");
 }
+
+/// Falcon's Q4_0 base quantised at load is gguf-py's `quantize` (the fingerprints of
+/// tests/fixtures/dpo/falcon/q4_0/base_check.json): this fixture has values where x/d + 8.5 lies a
+/// hair below an integer in f64 but rounds up to it in f32 (ggml's FMA, gguf-py's f32 trunc).
+#[test]
+fn falcon_q4_0_at_load_is_gguf_py() {
+    let store = WeightStore::open(&model_dir("falcon")).unwrap();
+    let opts = LlamaOptions {
+        quant: Some(QType::Q4_0),
+        ..LlamaOptions::default()
+    };
+    let t = qtune::models::open(&store, opts).unwrap();
+    let p = fx("tests/fixtures/dpo/falcon/q4_0/base_check.json");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    for l in 0..2 {
+        for p in ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"] {
+            let q = t.base_linear(l, p).unwrap();
+            let mx = q.weight().matrix();
+            let mut v = vec![0f32; mx.rows * mx.cols];
+            mx.dequant_tile(0, mx.rows, 0, mx.cols, &mut v);
+            let ws: f64 = (v.iter().enumerate())
+                .map(|(i, &x)| x as f64 * (1 + i % 7) as f64)
+                .sum();
+            let w = want[&q.weight().name]["weighted_sum"].as_f64().unwrap();
+            assert!(rel(ws, w) < 1e-6, "{}: {ws} vs gguf-py {w}", q.weight().name);
+        }
+    }
+}
