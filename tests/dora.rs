@@ -157,13 +157,22 @@ fn case(arch: &str, tag: &str) {
     assert_eq!(ours.len(), peft.len());
     for ((n, a), (pn, p)) in ours.iter().zip(&peft) {
         assert_eq!(n, pn);
+        // Elementwise, AdamW's normalisation turns rounding in gradients near 0 into visible
+        // update differences (up to 1.5e-4 of a tensor's largest value seen); the loss below is
+        // the tight check.
         let r = rel_t(a, p);
-        assert!(r < 2e-3, "{arch} {tag}: {n} differs from PEFT's adapter_final (rel {r:e})");
+        assert!(r < 5e-4, "{arch} {tag}: {n} differs from PEFT's adapter_final (rel {r:e})");
     }
     let m2 = load(arch, tag, dora_spec());
     set_from(m2.as_ref(), &out);
     let again = m2.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
     assert!(rel(again, after) < 1e-6, "{arch} {tag}: reloaded {again} vs {after}");
+    // PEFT's own final adapter in our model gives PEFT's reloaded loss.
+    let m3 = load(arch, tag, dora_spec());
+    set_from(m3.as_ref(), &d.join("adapter_final"));
+    let theirs = m3.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
+    let w = want["reloaded_loss"].as_f64().unwrap();
+    assert!(rel(theirs, w) < 1e-5, "{arch} {tag}: PEFT's adapter_final gives {theirs} vs {w}");
 }
 
 #[test]
@@ -343,4 +352,87 @@ fn falcon_q4_0_at_load_is_gguf_py() {
             assert!(rel(ws, w) < 1e-6, "{}: {ws} vs gguf-py {w}", q.weight().name);
         }
     }
+}
+
+fn qtune(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let o = qtune(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "qtune {args:?}: {err}");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// `qtune train --method dora` through the binary: dropout and 8-bit AdamW on, stopped after step
+/// 3 and resumed, gives the uninterrupted run's adapter bytes and losses; the run's settings keep
+/// `method = "dora"`; the adapter is a PEFT DoRA directory that `eval`, `generate` and `merge`
+/// take, and `export --format gguf-lora` refuses (llama.cpp has no DoRA).
+#[test]
+fn cli_train_resume_eval_generate_merge() {
+    let model = model_dir("llama");
+    let data = fx("tests/fixtures/train/data.jsonl");
+    let args = |out: &Path| -> Vec<String> {
+        let v = [
+            "train", "--method", "dora", "--model", model.to_str().unwrap(), "--data",
+            data.to_str().unwrap(), "--steps", "6", "--batch-size", "2", "--grad-accum", "2",
+            "--rank", "64", "--lr", "1e-2", "--schedule", "cosine", "--warmup", "2",
+            "--save-every", "3", "--dropout", "0.1", "--optim-8bit", "--quant", "q4_0",
+            "--out", out.to_str().unwrap(),
+        ];
+        v.iter().map(|s| s.to_string()).collect()
+    };
+    let call = |v: Vec<String>| run_ok(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let full = tempfile::tempdir().unwrap();
+    call(args(full.path()));
+    let part = tempfile::tempdir().unwrap();
+    let mut a = args(part.path());
+    a.extend(["--stop-after".into(), "3".into()]);
+    call(a);
+    let mut a = args(part.path());
+    a.extend(["--resume".into(), part.path().display().to_string()]);
+    call(a);
+    let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(f(full.path()), f(part.path()), "resume is not bit-identical");
+    let losses = |d: &Path| -> Vec<f64> {
+        let t = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        (t.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()))
+            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+            .collect()
+    };
+    assert_eq!(losses(full.path()), losses(part.path()));
+    let saved = std::fs::read_to_string(full.path().join("adapter/qtune.toml")).unwrap();
+    assert!(saved.contains("method = \"dora\""), "{saved}");
+    let adir = full.path().join("adapter");
+    let (acfg, tensors) = adapter::load_peft(&adir).unwrap();
+    assert!(acfg.use_dora);
+    // 2 layers x 7 linears x (A, B, m)
+    assert_eq!(tensors.len(), 42);
+    assert!(tensors.iter().any(|(n, _)| n.ends_with("q_proj.lora_magnitude_vector")));
+
+    let (m, a) = (model.to_str().unwrap(), adir.to_str().unwrap());
+    let out = run_ok(&["eval", "--model", m, "--adapter", a, "--data", data.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    let with = v["loss"].as_f64().unwrap();
+    let out = run_ok(&["eval", "--model", m, "--data", data.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    let without = v["loss"].as_f64().unwrap();
+    assert!(with < without, "the DoRA adapter does not lower the loss: {with} vs {without}");
+    run_ok(&["generate", "--model", m, "--adapter", a, "--prompt-ids", "1,5,9", "--max-tokens", "4"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = tmp.path().join("merged");
+    run_ok(&["merge", "--model", m, "--adapter", a, "--out", merged.to_str().unwrap()]);
+    // The merged model (no adapter) gives the adapter's eval loss.
+    let out = run_ok(&["eval", "--model", merged.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    let folded = v["loss"].as_f64().unwrap();
+    assert!(rel(folded, with) < 1e-5, "merged {folded} vs unmerged {with}");
+    let o = qtune(&["export", "--model", m, "--adapter", a, "--format", "gguf-lora", "--out",
+        tmp.path().join("a.gguf").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("DoRA") && err.contains("merge"), "{err}");
 }
