@@ -436,3 +436,35 @@ fn cli_train_resume_eval_generate_merge() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("DoRA") && err.contains("merge"), "{err}");
 }
+
+/// A DoRA directory with a magnitude missing, of the wrong length, or in a LoRA config is refused
+/// by tensor name.
+#[test]
+fn bad_dora_directories_are_refused_by_name() {
+    let src = dir("llama", "f32").join("adapter_init");
+    let (acfg, tensors) = adapter::load_peft(&src).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let q = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector";
+    let cases: Vec<(Vec<(String, Tensor)>, bool, &str)> = vec![
+        (tensors.iter().filter(|(n, _)| n != q).cloned().collect(), true, "not found"),
+        (
+            (tensors.iter().cloned())
+                .map(|(n, t)| if n == q { (n, t.narrow(0, 0, 3).unwrap()) } else { (n, t) })
+                .collect(),
+            true,
+            "[64] was expected",
+        ),
+        (tensors.clone(), false, "use_dora false"),
+    ];
+    for (i, (ts, dora, want)) in cases.into_iter().enumerate() {
+        let d = tmp.path().join(format!("case{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut cfg = acfg.clone();
+        cfg.use_dora = dora;
+        std::fs::write(d.join(adapter::CONFIG_FILE), cfg.to_json()).unwrap();
+        let map: HashMap<String, Tensor> = ts.into_iter().collect();
+        candle_core::safetensors::save(&map, d.join(adapter::WEIGHTS_FILE)).unwrap();
+        let e = adapter::load_peft(&d).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("lora_magnitude_vector"), "case {i}: {e}");
+    }
+}
