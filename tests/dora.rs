@@ -468,3 +468,36 @@ fn bad_dora_directories_are_refused_by_name() {
         assert!(e.contains(want) && e.contains("lora_magnitude_vector"), "case {i}: {e}");
     }
 }
+
+/// The memory plan counts every DoRA tensor the model holds (A, B and m per linear) and DoRA's
+/// graph terms: more than LoRA's plan by the magnitudes, their optimizer state, the ‖W‖² rows and
+/// two (tokens, out) tensors per linear of a layer.
+#[test]
+fn plan_counts_the_dora_tensors() {
+    for arch in ["llama", "falcon"] {
+        let store = WeightStore::open(&model_dir(arch)).unwrap();
+        let opts = |dora: bool| LlamaOptions {
+            lora: Some(LoraSpec { use_dora: dora, ..dora_spec() }),
+            ..LlamaOptions::default()
+        };
+        let (lora, dora) = (
+            qtune::models::MemoryPlan::for_store(&store, &opts(false), 1, 8).unwrap(),
+            qtune::models::MemoryPlan::for_store(&store, &opts(true), 1, 8).unwrap(),
+        );
+        let m = qtune::models::load(&store, opts(true)).unwrap();
+        let held: usize = m.lora_params().iter().map(|(_, v)| v.elem_count()).sum();
+        // AdamW's f32 state is a fixed number of bytes per element: the plan's per-element figure
+        // over the elements the model really holds is LoRA's.
+        let l = qtune::models::load(&store, opts(false)).unwrap();
+        let lora_held: usize = l.lora_params().iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(dora.optimizer * lora_held, lora.optimizer * held, "{arch}");
+        let mags: usize = (m.lora_params().iter())
+            .filter(|(n, _)| adapter::parse_magnitude_name(n).is_some())
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        // f32: the magnitudes and their gradients (4 + 4), ‖W‖² (4)
+        assert_eq!(dora.adapters - lora.adapters, 8 * mags, "{arch}");
+        assert_eq!(dora.adapter_grads - lora.adapter_grads, 4 * mags, "{arch}");
+        assert!(dora.optimizer > lora.optimizer && dora.recompute > lora.recompute, "{arch}");
+    }
+}

@@ -42,6 +42,9 @@ pub struct Dora {
     m: Var,
     /// ‖W‖² per row `(out,)`, f32, constant (on the adapter's device).
     w_norm2: Tensor,
+    /// The last n with a hash of the A and B bits it was computed from (CPU only): the
+    /// checkpointed recompute, evaluation and decoding reuse it instead of another product.
+    norm_cache: std::sync::Mutex<Option<(u64, Tensor)>>,
 }
 
 /// ‖W_row‖² of every row of a frozen linear's weight, in f64 sums per row, dequantising
@@ -106,7 +109,12 @@ impl Dora {
         let w_norm2 = Tensor::from_vec(n2, out, &dev).map_err(candle_err)?;
         let m = Var::from_tensor(&m.detach().to_device(&dev).map_err(candle_err)?)
             .map_err(candle_err)?;
-        Ok(Dora { lora, m, w_norm2 })
+        Ok(Dora {
+            lora,
+            m,
+            w_norm2,
+            norm_cache: std::sync::Mutex::new(None),
+        })
     }
 
     /// The same adapter with its tensors on `dev` (as new variables).
@@ -136,6 +144,42 @@ impl Dora {
     /// n = ‖W + s·B·A‖ per row `(out,)`, f32, detached, from the current A and B without
     /// dequantising W (see the module comment).
     pub fn weight_norm(&self, base: &QLinear) -> candle_core::Result<Tensor> {
+        if !self.m.device().is_cpu() {
+            return self.compute_norm(base);
+        }
+        let key = self.factors_hash()?;
+        let mut cache = self.norm_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, n)) = cache.as_ref() {
+            if *k == key {
+                return Ok(n.clone());
+            }
+        }
+        let n = self.compute_norm(base)?;
+        *cache = Some((key, n.clone()));
+        Ok(n)
+    }
+
+    /// A 64-bit hash of the bits of A and B (r·(in + out) elements: small beside W).
+    fn factors_hash(&self) -> candle_core::Result<u64> {
+        let mut h = 0x243f_6a88_85a3_08d3u64;
+        for v in [self.lora.a(), self.lora.b()] {
+            let t = v.as_tensor().flatten_all()?;
+            let bits: Vec<u64> = match t.dtype() {
+                DType::F32 => t.to_vec1::<f32>()?.iter().map(|x| x.to_bits() as u64).collect(),
+                _ => (t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                    .iter()
+                    .map(|x| x.to_bits() as u64)
+                    .collect(),
+            };
+            for (i, b) in bits.into_iter().enumerate() {
+                h = (h ^ b ^ ((i as u64) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                h ^= h >> 29;
+            }
+        }
+        Ok(h)
+    }
+
+    fn compute_norm(&self, base: &QLinear) -> candle_core::Result<Tensor> {
         let s = self.lora.scale();
         // a: (r, in), b: (out, r), f32, no graph
         let a = self.lora.a().as_tensor().detach().to_dtype(DType::F32)?;
