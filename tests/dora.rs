@@ -79,7 +79,11 @@ fn rel_t(a: &Tensor, b: &Tensor) -> f64 {
             .unwrap()
     };
     let (a, b) = (f(a), f(b));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     (d / b.iter().map(|y| y.abs()).fold(0f32, f32::max)) as f64
 }
 
@@ -112,7 +116,9 @@ fn set_from(m: &dyn CausalLm, d: &Path) -> AdapterConfig {
     let params = m.lora_params();
     assert_eq!(params.len(), by.len(), "one tensor per PEFT tensor");
     for (n, v) in params {
-        let t = by.get(&n).unwrap_or_else(|| panic!("{n} not in {}", d.display()));
+        let t = by
+            .get(&n)
+            .unwrap_or_else(|| panic!("{n} not in {}", d.display()));
         v.set(&t.to_dtype(v.dtype()).unwrap()).unwrap();
     }
     acfg
@@ -139,14 +145,23 @@ fn case(arch: &str, tag: &str) {
     for (i, w) in losses.iter().enumerate() {
         let (l, grads) = m.train_grads(&b.ids, Some(&b.mask), &b.labels).unwrap();
         let r = rel(l as f64, *w);
-        assert!(r < 1e-4, "{arch} {tag} step {i}: loss {l} vs PEFT {w} (rel {r:e})");
+        assert!(
+            r < 1e-4,
+            "{arch} {tag} step {i}: loss {l} vs PEFT {w} (rel {r:e})"
+        );
         worst = worst.max(r);
         opt.step(&grads, lr).unwrap();
     }
     let after = m.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
     let w = want["loss_after"].as_f64().unwrap();
-    assert!(rel(after, w) < 1e-4, "{arch} {tag}: loss after {after} vs PEFT {w}");
-    eprintln!("{arch} {tag}: 6 steps, worst loss rel {worst:.2e}, after {:.2e}", rel(after, w));
+    assert!(
+        rel(after, w) < 1e-4,
+        "{arch} {tag}: loss after {after} vs PEFT {w}"
+    );
+    eprintln!(
+        "{arch} {tag}: 6 steps, worst loss rel {worst:.2e}, after {:.2e}",
+        rel(after, w)
+    );
 
     // The adapter we write is PEFT's adapter_final, and reads back into the same loss.
     let tmp = tempfile::tempdir().unwrap();
@@ -161,18 +176,27 @@ fn case(arch: &str, tag: &str) {
         // update differences (up to 1.5e-4 of a tensor's largest value seen); the loss below is
         // the tight check.
         let r = rel_t(a, p);
-        assert!(r < 5e-4, "{arch} {tag}: {n} differs from PEFT's adapter_final (rel {r:e})");
+        assert!(
+            r < 5e-4,
+            "{arch} {tag}: {n} differs from PEFT's adapter_final (rel {r:e})"
+        );
     }
     let m2 = load(arch, tag, dora_spec());
     set_from(m2.as_ref(), &out);
     let again = m2.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
-    assert!(rel(again, after) < 1e-6, "{arch} {tag}: reloaded {again} vs {after}");
+    assert!(
+        rel(again, after) < 1e-6,
+        "{arch} {tag}: reloaded {again} vs {after}"
+    );
     // PEFT's own final adapter in our model gives PEFT's reloaded loss.
     let m3 = load(arch, tag, dora_spec());
     set_from(m3.as_ref(), &d.join("adapter_final"));
     let theirs = m3.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
     let w = want["reloaded_loss"].as_f64().unwrap();
-    assert!(rel(theirs, w) < 1e-5, "{arch} {tag}: PEFT's adapter_final gives {theirs} vs {w}");
+    assert!(
+        rel(theirs, w) < 1e-5,
+        "{arch} {tag}: PEFT's adapter_final gives {theirs} vs {w}"
+    );
 }
 
 #[test]
@@ -224,9 +248,8 @@ fn fresh_magnitude_is_the_dequantised_row_norm() {
             let mut n = 0;
             for (name, v) in m.lora_params() {
                 if let Some(module) = adapter::parse_magnitude_name(&name) {
-                    let key = format!(
-                        "base_model.model.{module}.lora_magnitude_vector.default.weight"
-                    );
+                    let key =
+                        format!("base_model.model.{module}.lora_magnitude_vector.default.weight");
                     let r = rel_t(v.as_tensor(), &want[&key]);
                     assert!(r < 1e-6, "{arch} {tag} {module}: m rel {r:e}");
                     n += 1;
@@ -239,12 +262,22 @@ fn fresh_magnitude_is_the_dequantised_row_norm() {
     let want = expected("llama", "q4_0");
     let b = batch(&want);
     let m = load("llama", "q4_0", dora_spec());
-    let base = load("llama", "q4_0", LoraSpec { use_dora: false, ..dora_spec() });
+    let base = load(
+        "llama",
+        "q4_0",
+        LoraSpec {
+            use_dora: false,
+            ..dora_spec()
+        },
+    );
     let (l1, l0) = (
         m.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap(),
         base.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap(),
     );
-    assert!(rel(l1 as f64, l0 as f64) < 1e-6, "fresh DoRA {l1} vs base {l0}");
+    assert!(
+        rel(l1 as f64, l0 as f64) < 1e-6,
+        "fresh DoRA {l1} vs base {l0}"
+    );
 }
 
 /// The negative control: a loader that recomputes m (as ‖W‖ or ‖W + sBA‖) instead of keeping the
@@ -261,7 +294,10 @@ fn stored_magnitude_is_kept_negative_control() {
             let ours = m.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
             let stored = nc["loss_stored_magnitude"].as_f64().unwrap();
             assert!(rel(ours, stored) < 1e-5, "{arch} {tag}: {ours} vs {stored}");
-            for k in ["loss_if_magnitude_is_norm_W", "loss_if_magnitude_is_norm_W_plus_sBA"] {
+            for k in [
+                "loss_if_magnitude_is_norm_W",
+                "loss_if_magnitude_is_norm_W_plus_sBA",
+            ] {
                 let other = nc[k].as_f64().unwrap();
                 // The controls sit >= 1e-3 away: 10x our tolerance at least.
                 assert!(rel(other, stored) > 1e-3, "{arch} {tag}: {k} is no control");
@@ -279,7 +315,10 @@ fn stored_magnitude_is_kept_negative_control() {
             }
             let recomputed = m2.eval_loss(&b.ids, Some(&b.mask), &b.labels).unwrap() as f64;
             let w = nc["loss_if_magnitude_is_norm_W"].as_f64().unwrap();
-            assert!(rel(recomputed, w) < 1e-5, "{arch} {tag}: m = ‖W‖ gives {recomputed} vs {w}");
+            assert!(
+                rel(recomputed, w) < 1e-5,
+                "{arch} {tag}: m = ‖W‖ gives {recomputed} vs {w}"
+            );
         }
     }
 }
@@ -302,7 +341,9 @@ fn merge_equals_peft_merged_layer0() {
                 .unwrap();
         assert!(!want.is_empty());
         for (name, w) in &want {
-            let t = merged.get(name).unwrap_or_else(|| panic!("{name} not merged"));
+            let t = merged
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not merged"));
             let mx = t.matrix();
             let mut v = vec![0f32; mx.rows * mx.cols];
             mx.dequant_tile(0, mx.rows, 0, mx.cols, &mut v);
@@ -320,9 +361,10 @@ fn gguf_lora_export_refuses_dora() {
     let cfg = BaseConfig::from_store(&store).unwrap();
     let a = Adapter::load(&dir("llama", "f32").join("adapter_final"), &cfg).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let e = qtune::export::write_gguf_lora(&a, cfg, "llama", QType::F32, &tmp.path().join("x.gguf"))
-        .unwrap_err()
-        .to_string();
+    let e =
+        qtune::export::write_gguf_lora(&a, cfg, "llama", QType::F32, &tmp.path().join("x.gguf"))
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("DoRA") && e.contains("merge"), "{e}");
 }
 
@@ -338,7 +380,8 @@ fn falcon_q4_0_at_load_is_gguf_py() {
     };
     let t = qtune::models::open(&store, opts).unwrap();
     let p = fx("tests/fixtures/dpo/falcon/q4_0/base_check.json");
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     for l in 0..2 {
         for p in ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"] {
             let q = t.base_linear(l, p).unwrap();
@@ -349,7 +392,11 @@ fn falcon_q4_0_at_load_is_gguf_py() {
                 .map(|(i, &x)| x as f64 * (1 + i % 7) as f64)
                 .sum();
             let w = want[&q.weight().name]["weighted_sum"].as_f64().unwrap();
-            assert!(rel(ws, w) < 1e-6, "{}: {ws} vs gguf-py {w}", q.weight().name);
+            assert!(
+                rel(ws, w) < 1e-6,
+                "{}: {ws} vs gguf-py {w}",
+                q.weight().name
+            );
         }
     }
 }
@@ -378,11 +425,36 @@ fn cli_train_resume_eval_generate_merge() {
     let data = fx("tests/fixtures/train/data.jsonl");
     let args = |out: &Path| -> Vec<String> {
         let v = [
-            "train", "--method", "dora", "--model", model.to_str().unwrap(), "--data",
-            data.to_str().unwrap(), "--steps", "6", "--batch-size", "2", "--grad-accum", "2",
-            "--rank", "64", "--lr", "1e-2", "--schedule", "cosine", "--warmup", "2",
-            "--save-every", "3", "--dropout", "0.1", "--optim-8bit", "--quant", "q4_0",
-            "--out", out.to_str().unwrap(),
+            "train",
+            "--method",
+            "dora",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--rank",
+            "64",
+            "--lr",
+            "1e-2",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "2",
+            "--save-every",
+            "3",
+            "--dropout",
+            "0.1",
+            "--optim-8bit",
+            "--quant",
+            "q4_0",
+            "--out",
+            out.to_str().unwrap(),
         ];
         v.iter().map(|s| s.to_string()).collect()
     };
@@ -397,12 +469,17 @@ fn cli_train_resume_eval_generate_merge() {
     a.extend(["--resume".into(), part.path().display().to_string()]);
     call(a);
     let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
-    assert_eq!(f(full.path()), f(part.path()), "resume is not bit-identical");
+    assert_eq!(
+        f(full.path()),
+        f(part.path()),
+        "resume is not bit-identical"
+    );
     let losses = |d: &Path| -> Vec<f64> {
         let t = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
-        (t.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()))
-            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
-            .collect()
+        (t.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()))
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
     };
     assert_eq!(losses(full.path()), losses(part.path()));
     let saved = std::fs::read_to_string(full.path().join("adapter/qtune.toml")).unwrap();
@@ -412,29 +489,90 @@ fn cli_train_resume_eval_generate_merge() {
     assert!(acfg.use_dora);
     // 2 layers x 7 linears x (A, B, m)
     assert_eq!(tensors.len(), 42);
-    assert!(tensors.iter().any(|(n, _)| n.ends_with("q_proj.lora_magnitude_vector")));
+    assert!(tensors
+        .iter()
+        .any(|(n, _)| n.ends_with("q_proj.lora_magnitude_vector")));
 
     let (m, a) = (model.to_str().unwrap(), adir.to_str().unwrap());
-    let out = run_ok(&["eval", "--model", m, "--adapter", a, "--data", data.to_str().unwrap(), "--json"]);
+    let out = run_ok(&[
+        "eval",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     let with = v["loss"].as_f64().unwrap();
-    let out = run_ok(&["eval", "--model", m, "--data", data.to_str().unwrap(), "--json"]);
+    let out = run_ok(&[
+        "eval",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     let without = v["loss"].as_f64().unwrap();
-    assert!(with < without, "the DoRA adapter does not lower the loss: {with} vs {without}");
-    run_ok(&["generate", "--model", m, "--adapter", a, "--prompt-ids", "1,5,9", "--max-tokens", "4"]);
+    assert!(
+        with < without,
+        "the DoRA adapter does not lower the loss: {with} vs {without}"
+    );
+    run_ok(&[
+        "generate",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--prompt-ids",
+        "1,5,9",
+        "--max-tokens",
+        "4",
+    ]);
     let tmp = tempfile::tempdir().unwrap();
     let merged = tmp.path().join("merged");
-    run_ok(&["merge", "--model", m, "--adapter", a, "--out", merged.to_str().unwrap()]);
+    run_ok(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     // The merged model (no adapter) gives the adapter's eval loss.
-    let out = run_ok(&["eval", "--model", merged.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]);
+    let out = run_ok(&[
+        "eval",
+        "--model",
+        merged.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
     let folded = v["loss"].as_f64().unwrap();
-    assert!(rel(folded, with) < 1e-5, "merged {folded} vs unmerged {with}");
-    let o = qtune(&["export", "--model", m, "--adapter", a, "--format", "gguf-lora", "--out",
-        tmp.path().join("a.gguf").to_str().unwrap()]);
+    assert!(
+        rel(folded, with) < 1e-5,
+        "merged {folded} vs unmerged {with}"
+    );
+    let o = qtune(&[
+        "export",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--format",
+        "gguf-lora",
+        "--out",
+        tmp.path().join("a.gguf").to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("DoRA") && err.contains("merge"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("DoRA") && err.contains("merge"),
+        "{err}"
+    );
 }
 
 /// A DoRA directory with a magnitude missing, of the wrong length, or in a LoRA config is refused
@@ -445,11 +583,22 @@ fn bad_dora_directories_are_refused_by_name() {
     let (acfg, tensors) = adapter::load_peft(&src).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let q = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector";
-    let cases: Vec<(Vec<(String, Tensor)>, bool, &str)> = vec![
-        (tensors.iter().filter(|(n, _)| n != q).cloned().collect(), true, "not found"),
+    type Case<'a> = (Vec<(String, Tensor)>, bool, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            tensors.iter().filter(|(n, _)| n != q).cloned().collect(),
+            true,
+            "not found",
+        ),
         (
             (tensors.iter().cloned())
-                .map(|(n, t)| if n == q { (n, t.narrow(0, 0, 3).unwrap()) } else { (n, t) })
+                .map(|(n, t)| {
+                    if n == q {
+                        (n, t.narrow(0, 0, 3).unwrap())
+                    } else {
+                        (n, t)
+                    }
+                })
                 .collect(),
             true,
             "[64] was expected",
@@ -465,7 +614,10 @@ fn bad_dora_directories_are_refused_by_name() {
         let map: HashMap<String, Tensor> = ts.into_iter().collect();
         candle_core::safetensors::save(&map, d.join(adapter::WEIGHTS_FILE)).unwrap();
         let e = adapter::load_peft(&d).unwrap_err().to_string();
-        assert!(e.contains(want) && e.contains("lora_magnitude_vector"), "case {i}: {e}");
+        assert!(
+            e.contains(want) && e.contains("lora_magnitude_vector"),
+            "case {i}: {e}"
+        );
     }
 }
 
@@ -477,7 +629,10 @@ fn plan_counts_the_dora_tensors() {
     for arch in ["llama", "falcon"] {
         let store = WeightStore::open(&model_dir(arch)).unwrap();
         let opts = |dora: bool| LlamaOptions {
-            lora: Some(LoraSpec { use_dora: dora, ..dora_spec() }),
+            lora: Some(LoraSpec {
+                use_dora: dora,
+                ..dora_spec()
+            }),
             ..LlamaOptions::default()
         };
         let (lora, dora) = (
@@ -498,6 +653,9 @@ fn plan_counts_the_dora_tensors() {
         // f32: the magnitudes and their gradients (4 + 4), ‖W‖² (4)
         assert_eq!(dora.adapters - lora.adapters, 8 * mags, "{arch}");
         assert_eq!(dora.adapter_grads - lora.adapter_grads, 4 * mags, "{arch}");
-        assert!(dora.optimizer > lora.optimizer && dora.recompute > lora.recompute, "{arch}");
+        assert!(
+            dora.optimizer > lora.optimizer && dora.recompute > lora.recompute,
+            "{arch}"
+        );
     }
 }

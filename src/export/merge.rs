@@ -79,7 +79,11 @@ fn dora_rescale(w: &mut [f32], mag: &[f32], k: usize, rows: Option<&[usize]>) {
     w.par_chunks_mut(k.max(1)).enumerate().for_each(|(g, row)| {
         let hf = rows.map_or(g, |r| r[g]);
         let n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-        let f = if n > 0.0 { (mag[hf] as f64 / n) as f32 } else { 0.0 };
+        let f = if n > 0.0 {
+            (mag[hf] as f64 / n) as f32
+        } else {
+            0.0
+        };
         row.iter_mut().for_each(|v| *v *= f);
     });
 }

@@ -354,7 +354,12 @@ impl Adapter {
                 tensors.iter().map(|(n, _)| n.as_str()).collect();
             expected.retain(|e| have.contains(e.2 .0.as_str()) || have.contains(e.3 .0.as_str()));
         }
-        let mag = |e: &(usize, &str, _, _)| (adapter::magnitude_name(&arch.module_path(e.0, e.1)), vec![cfg.proj_shape(e.1).0]);
+        let mag = |e: &(usize, &str, _, _)| {
+            (
+                adapter::magnitude_name(&arch.module_path(e.0, e.1)),
+                vec![cfg.proj_shape(e.1).0],
+            )
+        };
         let names: Vec<(String, Vec<usize>)> = expected
             .iter()
             .flat_map(|e| [e.2.clone(), e.3.clone()])
@@ -385,7 +390,9 @@ impl Adapter {
                 out_features: o,
                 in_features: k,
                 magnitude: match acfg.use_dora {
-                    true => Some(get(&adapter::magnitude_name(&arch.module_path(*layer, proj)))?),
+                    true => Some(get(&adapter::magnitude_name(
+                        &arch.module_path(*layer, proj),
+                    ))?),
                     false => None,
                 },
             });
@@ -556,9 +563,16 @@ impl Adapter {
             if let Some(module) = adapter::parse_magnitude_name(&name) {
                 // DoRA: a module this adapter leaves out keeps its fresh m = ‖W‖ (with B = 0, the base).
                 if let Some(mag) = self.modules.iter().find(|m| m.module_path() == module) {
-                    let t = Tensor::from_slice(mag.magnitude.as_deref().unwrap_or(&[]), var.dims(), &Device::Cpu);
-                    var.set(&t.and_then(|t| t.to_dtype(var.dtype())?.to_device(var.device())).map_err(cerr)?)
-                        .map_err(cerr)?;
+                    let t = Tensor::from_slice(
+                        mag.magnitude.as_deref().unwrap_or(&[]),
+                        var.dims(),
+                        &Device::Cpu,
+                    );
+                    var.set(
+                        &t.and_then(|t| t.to_dtype(var.dtype())?.to_device(var.device()))
+                            .map_err(cerr)?,
+                    )
+                    .map_err(cerr)?;
                 }
                 continue;
             }

@@ -6,6 +6,7 @@
 //! with `use_dora`, also `...lora_magnitude_vector` `(out,)` (no `.weight`).
 //! [`save_peft`] writes into `<dir>.tmp` and renames it into place, so a crash mid-save never leaves
 //! a half-written adapter where a good one was.
+pub use super::dora::{magnitude_name, parse_magnitude_name};
 use super::lora::LoraConfig;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -402,25 +403,16 @@ pub fn peft_name(module: &str, part: LoraPart) -> String {
     format!("base_model.model.{module}.lora_{p}.weight")
 }
 
-/// The saved PEFT name of a module's DoRA magnitude: `base_model.model.<module>.lora_magnitude_vector`.
-pub fn magnitude_name(module: &str) -> String {
-    format!("base_model.model.{module}.lora_magnitude_vector")
-}
-
-/// The module of a saved DoRA magnitude name ([`magnitude_name`]).
-pub fn parse_magnitude_name(name: &str) -> Option<&str> {
-    let rest = name.strip_prefix("base_model.model.")?;
-    rest.strip_suffix(".lora_magnitude_vector")
-        .filter(|m| !m.is_empty())
-}
-
 /// Drops the adapter-name segment of an in-memory PEFT parameter name
 /// (`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`,
 /// `...lora_magnitude_vector.default.weight` -> `...lora_magnitude_vector`); other names are
 /// returned as is.
 pub fn strip_adapter_name(name: &str) -> String {
     if let Some((head, tail)) = name.rsplit_once(".lora_magnitude_vector.") {
-        if tail.strip_suffix(".weight").is_some_and(|a| !a.is_empty() && !a.contains('.')) {
+        if tail
+            .strip_suffix(".weight")
+            .is_some_and(|a| !a.is_empty() && !a.contains('.'))
+        {
             return format!("{head}.lora_magnitude_vector");
         }
     }

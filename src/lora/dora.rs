@@ -24,12 +24,11 @@
 //! expectation, no extra product). With dropout 0 (and in evaluation) the two are identical.
 use super::lora::{Lora, LoraConfig};
 use super::qlinear::QLinear;
-use super::adapter::magnitude_name;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
-use rayon::prelude::*;
 
 /// Rows dequantised at once when measuring ‖W‖² (a tile of this many rows is the only f32 copy).
 const NORM_TILE_ROWS: usize = 16;
@@ -124,10 +123,7 @@ impl Dora {
         }
         let lora = self.lora.on_device(base, dev)?;
         let m = self.m.as_tensor().clone();
-        let n2 = self
-            .w_norm2
-            .to_vec1::<f32>()
-            .map_err(candle_err)?;
+        let n2 = self.w_norm2.to_vec1::<f32>().map_err(candle_err)?;
         Self::assemble(base, lora, m, n2)
     }
 
@@ -165,7 +161,11 @@ impl Dora {
         for v in [self.lora.a(), self.lora.b()] {
             let t = v.as_tensor().flatten_all()?;
             let bits: Vec<u64> = match t.dtype() {
-                DType::F32 => t.to_vec1::<f32>()?.iter().map(|x| x.to_bits() as u64).collect(),
+                DType::F32 => t
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|x| x.to_bits() as u64)
+                    .collect(),
                 _ => (t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
                     .iter()
                     .map(|x| x.to_bits() as u64)
@@ -240,6 +240,18 @@ impl super::LinearAdapter for Dora {
     }
 }
 
+/// The saved PEFT name of a module's DoRA magnitude: `base_model.model.<module>.lora_magnitude_vector`.
+pub fn magnitude_name(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
+/// The module of a saved DoRA magnitude name ([`magnitude_name`]).
+pub fn parse_magnitude_name(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("base_model.model.")?;
+    rest.strip_suffix(".lora_magnitude_vector")
+        .filter(|m| !m.is_empty())
+}
+
 /// With `use_dora`: every adapted module of `pairs` (module -> [A shape, B shape]) has its
 /// magnitude in `mags` (module -> shape), of B's row count, and no magnitude lacks its factors.
 pub(crate) fn check_magnitudes(
@@ -253,7 +265,10 @@ pub(crate) fn check_magnitudes(
         msg,
     };
     if let Some(m) = mags.keys().find(|m| !pairs.contains_key(*m)) {
-        return Err(shape_err(m, "a DoRA magnitude without its LoRA A and B".into()));
+        return Err(shape_err(
+            m,
+            "a DoRA magnitude without its LoRA A and B".into(),
+        ));
     }
     for (module, [_, b]) in pairs {
         match (mags.get(module), b) {
@@ -268,7 +283,10 @@ pub(crate) fn check_magnitudes(
             (Some(d), Some(b)) if d[0] != b[0] => {
                 return Err(shape_err(
                     module,
-                    format!("shape {d:?}; its B has {} rows, so [{}] was expected", b[0], b[0]),
+                    format!(
+                        "shape {d:?}; its B has {} rows, so [{}] was expected",
+                        b[0], b[0]
+                    ),
                 ))
             }
             _ => {}
