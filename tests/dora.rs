@@ -659,3 +659,39 @@ fn plan_counts_the_dora_tensors() {
         );
     }
 }
+
+/// DPO's reference zeroes LoRA B, which would leave DoRA's magnitude on: refused by name, from the
+/// flag and from a DoRA `--adapter-init`.
+#[test]
+fn dpo_with_dora_is_refused() {
+    let model = model_dir("llama");
+    let data = fx("tests/fixtures/dpo/pairs.jsonl");
+    let tmp = tempfile::tempdir().unwrap();
+    let init = dir("llama", "f32").join("adapter_init");
+    let base = [
+        "train",
+        "--objective",
+        "dpo",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ];
+    for extra in [
+        vec!["--method", "dora"],
+        vec!["--adapter-init", init.to_str().unwrap()],
+    ] {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let o = qtune(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("dora with --objective dpo"),
+            "{err}"
+        );
+    }
+}

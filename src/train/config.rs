@@ -7,6 +7,11 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Why `--objective dpo` refuses DoRA.
+pub const DPO_DORA: &str = "dora with --objective dpo is not supported yet: DPO's reference \
+    switches the adapter off by zeroing every LoRA B, which for DoRA leaves the trained magnitude \
+    scaling the base; train DPO with --method lora";
+
 /// What is trained over the frozen base (`method` in TOML, `--method`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -228,6 +233,9 @@ impl TrainConfig {
                 }
             }
             "dpo" => {
+                if self.method == Method::Dora {
+                    return Err(bad("method", DPO_DORA.into()));
+                }
                 if !(self.beta.is_finite() && self.beta > 0.0) {
                     return Err(bad("beta", format!("{} must be > 0", self.beta)));
                 }

@@ -226,6 +226,13 @@ impl<'a, O: Objective> Run<'a, O> {
                         Method::Lora
                     };
                 }
+                if cfg.method == Method::Dora && cfg.objective == "dpo" {
+                    let msg = super::config::DPO_DORA;
+                    return Err(Error::Invalid(format!(
+                        "--adapter-init {}: {msg}",
+                        dir.display()
+                    )));
+                }
                 cfg.rank = acfg.r;
                 cfg.alpha = acfg.lora_alpha;
                 cfg.targets = acfg.target_modules.as_targets();
