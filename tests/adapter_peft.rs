@@ -258,7 +258,7 @@ fn config_errors_name_file_and_key() {
             "key 'target_modules'",
         ),
         (
-            r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": true}"#,
+            r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": "yes"}"#,
             "key 'use_dora'",
         ),
         (

@@ -47,6 +47,11 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quant: Option<String>,
+    /// The adapter: lora, or dora (LoRA plus a trained magnitude per output row, PEFT's
+    /// use_dora; takes the LoRA flags) [default: lora].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<qtune::train::config::Method>,
     /// LoRA rank [default: 8].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -341,6 +346,12 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(f) = args.export.as_deref().filter(|f| *f != "gguf-lora") {
         bail!(
             "--export {f}: the only extra format is gguf-lora (the PEFT adapter is always written)"
+        );
+    }
+    if args.export.is_some() && cfg.method == qtune::train::config::Method::Dora {
+        bail!(
+            "--export gguf-lora with --method dora: llama.cpp has no DoRA, only plain LoRA; train \
+             without --export and fold the adapter into the base with `qtune merge` instead"
         );
     }
     let model = cfg.model.clone().context("--model: no base model given")?;

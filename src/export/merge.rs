@@ -1,4 +1,5 @@
-//! Merging an adapter into its base: `W' = W + scale · B · A`, in f32, one tensor at a time.
+//! Merging an adapter into its base: `W' = W + scale · B · A` (DoRA: each row of that times
+//! `m / ‖row‖`), in f32, one tensor at a time.
 //!
 //! Outputs: a GGUF (`.gguf`; merged projections requantised, every other tensor and the metadata
 //! kept) or a Hugging Face safetensors directory (float, or NF4 in the bitsandbytes layout). A
@@ -52,9 +53,9 @@ fn merged_f32(
     let d = m.delta(scale);
     let rows = if gguf { cfg.gguf_rows(m.proj) } else { None };
     let k = m.in_features;
-    match rows {
+    match &rows {
         Some(rows) => {
-            for (g, hf) in rows.into_iter().enumerate() {
+            for (g, &hf) in rows.iter().enumerate() {
                 for (x, y) in w[g * k..(g + 1) * k]
                     .iter_mut()
                     .zip(&d[hf * k..(hf + 1) * k])
@@ -65,7 +66,26 @@ fn merged_f32(
         }
         None => w.iter_mut().zip(&d).for_each(|(x, y)| *x += y),
     }
+    if let Some(mag) = &m.magnitude {
+        dora_rescale(&mut w, mag, k, rows.as_deref());
+    }
     w
+}
+
+/// DoRA's fold, row by row of the merged `w = W + s·B·A`: `w_row · m_row / ‖w_row‖` (PEFT's
+/// `Linear.merge`); `rows[g]` is the Hugging Face row (m's index) at stored row g.
+fn dora_rescale(w: &mut [f32], mag: &[f32], k: usize, rows: Option<&[usize]>) {
+    use rayon::prelude::*;
+    w.par_chunks_mut(k.max(1)).enumerate().for_each(|(g, row)| {
+        let hf = rows.map_or(g, |r| r[g]);
+        let n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        let f = if n > 0.0 {
+            (mag[hf] as f64 / n) as f32
+        } else {
+            0.0
+        };
+        row.iter_mut().for_each(|v| *v *= f);
+    });
 }
 
 fn dequant_all(t: &StoredTensor) -> Vec<f32> {

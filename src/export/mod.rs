@@ -38,6 +38,8 @@ pub struct AdapterModule {
     pub out_features: usize,
     /// Input features (columns of W).
     pub in_features: usize,
+    /// DoRA's magnitude m `(out,)` (None: plain LoRA).
+    pub magnitude: Option<Vec<f32>>,
 }
 
 impl AdapterModule {
@@ -352,9 +354,16 @@ impl Adapter {
                 tensors.iter().map(|(n, _)| n.as_str()).collect();
             expected.retain(|e| have.contains(e.2 .0.as_str()) || have.contains(e.3 .0.as_str()));
         }
+        let mag = |e: &(usize, &str, _, _)| {
+            (
+                adapter::magnitude_name(&arch.module_path(e.0, e.1)),
+                vec![cfg.proj_shape(e.1).0],
+            )
+        };
         let names: Vec<(String, Vec<usize>)> = expected
             .iter()
             .flat_map(|e| [e.2.clone(), e.3.clone()])
+            .chain(expected.iter().filter(|_| acfg.use_dora).map(mag))
             .collect();
         adapter::check_compatible(path, &acfg, tensors, &names)?;
         let get = |n: &str| -> Result<Vec<f32>> {
@@ -380,6 +389,12 @@ impl Adapter {
                 b: get(b)?,
                 out_features: o,
                 in_features: k,
+                magnitude: match acfg.use_dora {
+                    true => Some(get(&adapter::magnitude_name(
+                        &arch.module_path(*layer, proj),
+                    ))?),
+                    false => None,
+                },
             });
         }
         if modules.is_empty() {
@@ -469,6 +484,7 @@ impl Adapter {
                     b,
                     out_features: o,
                     in_features: k,
+                    magnitude: None,
                 });
             }
         }
@@ -535,6 +551,7 @@ impl Adapter {
             dropout: 0.0,
             layers: None,
             seed: 0,
+            use_dora: self.cfg.use_dora,
         }
     }
 
@@ -543,6 +560,22 @@ impl Adapter {
     pub fn apply<M: CausalLm + ?Sized>(&self, model: &M) -> Result<()> {
         let cerr = |e: candle_core::Error| Error::Invalid(format!("setting adapter weights: {e}"));
         for (name, var) in model.lora_params() {
+            if let Some(module) = adapter::parse_magnitude_name(&name) {
+                // DoRA: a module this adapter leaves out keeps its fresh m = ‖W‖ (with B = 0, the base).
+                if let Some(mag) = self.modules.iter().find(|m| m.module_path() == module) {
+                    let t = Tensor::from_slice(
+                        mag.magnitude.as_deref().unwrap_or(&[]),
+                        var.dims(),
+                        &Device::Cpu,
+                    );
+                    var.set(
+                        &t.and_then(|t| t.to_dtype(var.dtype())?.to_device(var.device()))
+                            .map_err(cerr)?,
+                    )
+                    .map_err(cerr)?;
+                }
+                continue;
+            }
             let Some((module, part)) = adapter::parse_peft_name(&name) else {
                 continue;
             };
@@ -619,6 +652,13 @@ pub fn write_gguf_lora(
     out: &Path,
 ) -> Result<()> {
     let cfg = cfg.into();
+    if adapter.cfg.use_dora {
+        return Err(Error::Invalid(format!(
+            "{}: a DoRA adapter (use_dora) has no GGUF LoRA form: llama.cpp has no DoRA, only \
+             plain LoRA; fold it into the base with `qtune merge` and use the merged model instead",
+            adapter.path.display()
+        )));
+    }
     if !matches!(dtype, QType::F32 | QType::F16 | QType::BF16) {
         return Err(Error::Invalid(format!(
             "--dtype {}: a GGUF LoRA is written as f32, f16 or bf16",
@@ -705,6 +745,12 @@ pub fn write_peft(adapter: &Adapter, dtype: QType, out: &Path) -> Result<()> {
             .map_err(cerr)?;
         tensors.push((adapter::peft_name(&path, LoraPart::A), a));
         tensors.push((adapter::peft_name(&path, LoraPart::B), b));
+        if let Some(mag) = &m.magnitude {
+            let t = Tensor::from_slice(mag, m.out_features, &Device::Cpu)
+                .and_then(|t| t.to_dtype(dt))
+                .map_err(cerr)?;
+            tensors.push((adapter::magnitude_name(&path), t));
+        }
     }
     adapter::save_peft(out, &adapter.cfg, &tensors)
 }

@@ -2,9 +2,11 @@
 //! 0.13's `save_pretrained` writes them and `PeftModel.from_pretrained` reads them.
 //!
 //! Tensor names are the saved form, without the adapter name:
-//! `base_model.model.<module path>.lora_A.weight` `(r, in)` and `...lora_B.weight` `(out, r)`.
+//! `base_model.model.<module path>.lora_A.weight` `(r, in)` and `...lora_B.weight` `(out, r)`;
+//! with `use_dora`, also `...lora_magnitude_vector` `(out,)` (no `.weight`).
 //! [`save_peft`] writes into `<dir>.tmp` and renames it into place, so a crash mid-save never leaves
 //! a half-written adapter where a good one was.
+pub use super::dora::{magnitude_name, parse_magnitude_name};
 use super::lora::LoraConfig;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -73,7 +75,7 @@ pub struct AdapterConfig {
     pub modules_to_save: Option<Vec<String>>,
     /// Whether PEFT loads the adapter frozen.
     pub inference_mode: bool,
-    /// Weight-decomposed LoRA; must be false.
+    /// Weight-decomposed LoRA (DoRA): a magnitude vector per module beside A and B.
     pub use_dora: bool,
     /// Per-module rank overrides; must be empty.
     pub rank_pattern: Map<String, Value>,
@@ -227,11 +229,6 @@ impl AdapterConfig {
         }
         let inference_mode: bool = f.opt("inference_mode", "true or false")?.unwrap_or(false);
         let use_dora: bool = f.opt("use_dora", "true or false")?.unwrap_or(false);
-        if use_dora {
-            return Err(err(
-                "key 'use_dora' is true; qtune does not support DoRA adapters".into(),
-            ));
-        }
         let rank_pattern: Map<String, Value> =
             f.opt("rank_pattern", "an object")?.unwrap_or_default();
         let alpha_pattern: Map<String, Value> =
@@ -407,8 +404,18 @@ pub fn peft_name(module: &str, part: LoraPart) -> String {
 }
 
 /// Drops the adapter-name segment of an in-memory PEFT parameter name
-/// (`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`); other names are returned as is.
+/// (`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`,
+/// `...lora_magnitude_vector.default.weight` -> `...lora_magnitude_vector`); other names are
+/// returned as is.
 pub fn strip_adapter_name(name: &str) -> String {
+    if let Some((head, tail)) = name.rsplit_once(".lora_magnitude_vector.") {
+        if tail
+            .strip_suffix(".weight")
+            .is_some_and(|a| !a.is_empty() && !a.contains('.'))
+        {
+            return format!("{head}.lora_magnitude_vector");
+        }
+    }
     for part in ["lora_A", "lora_B"] {
         let tag = format!(".{part}.");
         if let Some(i) = name.rfind(&tag) {
@@ -574,9 +581,27 @@ fn check_tensors<'a>(
         tensor: tensor.to_string(),
         msg,
     };
-    // module -> (A shape, B shape)
+    // module -> (A shape, B shape); module -> magnitude shape (DoRA)
     let mut pairs: BTreeMap<&str, [Option<&[usize]>; 2]> = BTreeMap::new();
+    let mut mags: BTreeMap<&str, &[usize]> = BTreeMap::new();
     for (name, dims) in tensors {
+        if let Some(module) = parse_magnitude_name(name) {
+            if !cfg.use_dora {
+                return Err(shape_err(
+                    name,
+                    "a DoRA magnitude in an adapter whose config has use_dora false; set \
+                     \"use_dora\": true in adapter_config.json if it is a DoRA adapter"
+                        .into(),
+                ));
+            }
+            if dims.len() != 1 || mags.insert(module, dims).is_some() {
+                return Err(shape_err(
+                    name,
+                    format!("shape {dims:?}: a DoRA magnitude is one vector (out,) per module"),
+                ));
+            }
+            continue;
+        }
         let Some((module, part)) = parse_peft_name(name) else {
             return Err(shape_err(
                 name,
@@ -626,6 +651,9 @@ fn check_tensors<'a>(
             "{}: the adapter holds no LoRA weights; it is empty or not a LoRA adapter",
             path.display()
         )));
+    }
+    if cfg.use_dora {
+        super::dora::check_magnitudes(path, &pairs, &mags)?;
     }
     for (module, [a, b]) in &pairs {
         let (have, missing) = match (a, b) {

@@ -160,6 +160,21 @@ impl Lora {
         Self::from_weights(base, a, b, self.scale, self.dropout, self.seed)
     }
 
+    /// A `(r, in)`.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+
+    /// B `(out, r)`.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+
+    /// The output scale s.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// `y + z` for the base output `y = base(x)` and this adapter's `z`; `dropout_key` as in
     /// [`LoraLinear::forward_with`].
     pub fn add_to(

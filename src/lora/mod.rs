@@ -1,7 +1,8 @@
 //! Trainable layers over the frozen quantised base: the quantised linear with an input-only
-//! backward ([`QLinear`]), its LoRA adapter ([`LoraLinear`]) and the adapter seam the models call
+//! backward ([`QLinear`]), its LoRA adapter ([`LoraLinear`]), DoRA ([`dora::Dora`]) and the adapter seam the models call
 //! ([`seam`]).
 pub mod adapter;
+pub mod dora;
 #[allow(clippy::module_inception)]
 pub mod lora;
 pub mod qlinear;

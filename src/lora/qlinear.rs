@@ -209,6 +209,11 @@ impl QLinear {
         self.in_features
     }
 
+    /// `x (.., in) · Wᵀ` without the bias, differentiable in x only (DoRA's `A·Wᵀ`).
+    pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_arc(self.fwd.clone())
+    }
+
     /// The weight's device copies (made on first use on a GPU).
     #[cfg(feature = "cuda")]
     pub fn gpu_cache(&self) -> &Arc<crate::cuda::GpuWeightCache> {

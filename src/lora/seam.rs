@@ -1,8 +1,8 @@
 //! The adapter seam: how an adapter method plugs into the shared decoder
 //! ([`crate::models::transformer::Transformer`]).
 //!
-//! - [`LinearAdapter`]: an adapter on one frozen linear (LoRA today; DoRA would be another
-//!   implementation: it gets the frozen base and its output).
+//! - [`LinearAdapter`]: an adapter on one frozen linear (LoRA, and DoRA: each gets the frozen
+//!   base and its output).
 //! - [`AdapterMethod`]: where a method puts its linear adapters, how it builds one, and what they
 //!   cost in the memory plan (before anything is loaded).
 //! - [`SequenceAdapter`]: the two other entry points, empty today: rows prepended to the token
@@ -51,6 +51,10 @@ pub trait AdapterMethod {
     /// (`s` bytes an element), and the gradients its backward leaves unconsumed until the layer's
     /// backward ends.
     fn graph_bytes(&self, n: usize, out: usize, inp: usize, s: usize) -> (usize, usize);
+    /// Bytes of constant (not trained) state an adapter on an `(out, in)` linear keeps.
+    fn frozen_bytes(&self, _out: usize, _inp: usize) -> usize {
+        0
+    }
 }
 
 /// Sequence-level adapter entry points of the shared model. Both are empty today (no method

@@ -24,6 +24,9 @@ pub struct LoraSpec {
     pub layers: Option<Range<usize>>,
     /// Seed of A's initialisation and of the dropout masks.
     pub seed: u64,
+    /// DoRA instead of LoRA on the same linears (PEFT's `use_dora`): a trainable magnitude per
+    /// output row beside A and B.
+    pub use_dora: bool,
 }
 
 impl Default for LoraSpec {
@@ -36,6 +39,7 @@ impl Default for LoraSpec {
             dropout: 0.0,
             layers: None,
             seed: 0,
+            use_dora: false,
         }
     }
 }
@@ -116,13 +120,21 @@ impl AdapterMethod for LoraSpec {
             .seed
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
             .wrapping_add(index as u64);
+        if self.use_dora {
+            let dora = crate::lora::dora::Dora::new(base, &lc, seed)?.on_device(base, device)?;
+            return Ok(Box::new(dora));
+        }
         let lora = crate::lora::lora::Lora::new(base, &lc, seed)?.on_device(base, device)?;
         Ok(Box::new(lora))
     }
 
     fn numels(&self, out: usize, inp: usize) -> Vec<usize> {
-        // A is (r, in), B is (out, r).
-        vec![self.r * inp, out * self.r]
+        // A is (r, in), B is (out, r); DoRA's m is (out,).
+        let mut v = vec![self.r * inp, out * self.r];
+        if self.use_dora {
+            v.push(out);
+        }
+        v
     }
 
     fn graph_bytes(&self, n: usize, out: usize, inp: usize, s: usize) -> (usize, usize) {
@@ -135,6 +147,20 @@ impl AdapterMethod for LoraSpec {
             graph += 2 * n * inp * s;
             left = 3 * n * inp * s;
         }
+        if self.use_dora {
+            // (m/n - 1) ⊙ u and its sum with u (a biased base adds u - b: not counted, Llama and
+            // Falcon have none); n's terms are (out, r)-sized, and detached.
+            graph += 2 * n * out * s;
+        }
         (graph, left)
+    }
+
+    fn frozen_bytes(&self, out: usize, _inp: usize) -> usize {
+        // DoRA's ‖W‖² per row, f32.
+        if self.use_dora {
+            4 * out
+        } else {
+            0
+        }
     }
 }

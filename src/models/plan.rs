@@ -97,6 +97,16 @@ impl MemoryPlan {
             (0..spec.projections.len()).map(|p| spec.shape(p)).collect();
         let method: Option<&dyn AdapterMethod> = opts.lora.as_ref().map(|x| x as _);
         let (lora_params, per_layer_lora, lora_numels) = adapter_layout(method, spec, &dims)?;
+        // Adapters' constant state (DoRA's ‖W‖² rows).
+        let frozen: usize = method.map_or(0, |m| {
+            let per = |row: &Vec<bool>| -> usize {
+                (row.iter().zip(&dims))
+                    .filter(|(on, _)| **on)
+                    .map(|(_, &(o, i))| m.frozen_bytes(o, i))
+                    .sum()
+            };
+            per_layer_lora.iter().map(per).sum()
+        });
         // Bytes a norm keeps per hidden element.
         let norm_elem = match spec.norm {
             // Fused RMSNorm (nn::fused): its output only (statistics are recomputed in backward).
@@ -177,7 +187,7 @@ impl MemoryPlan {
         let rows = opts.ce_chunk.max(1).min(n);
         Ok(MemoryPlan {
             weights,
-            adapters: lora_params * s,
+            adapters: lora_params * s + frozen,
             adapter_grads: lora_params * s,
             // `train::AdamW` keeps an f32 master copy beside the two moments (measured by
             // `qtune bench`: without it the plan missed the peak by 3 % on a 110M shape).

@@ -281,7 +281,9 @@ pub fn quant_q4_0(src: &[f32], dst: &mut [u8]) {
         let d = max / -8.0;
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let q = |v: f32| ((v as f64 * id as f64 + 8.5).trunc() as f32 as u8).min(15);
+        // x·id + 8.5 exactly (f64), rounded to f32 and then truncated: ggml's FMA `x0 + 8.5f`
+        // and gguf-py's `np.trunc(.., dtype=np.float32)` (5.99999993 rounds to 6.0 first).
+        let q = |v: f32| (((v as f64 * id as f64 + 8.5) as f32).trunc() as u8).min(15);
         for j in 0..16 {
             b[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
         }

@@ -25,6 +25,10 @@ pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_js
         "adam-beta1": cfg.adam_beta1, "adam-beta2": cfg.adam_beta2, "adam-eps": cfg.adam_eps,
         "dtype": cfg.dtype,
     });
+    // Only a DoRA run has this key (a LoRA checkpoint's keys stay as they were).
+    if cfg.method != super::config::Method::Lora {
+        k["method"] = serde_json::json!(cfg.method);
+    }
     // Only a run of another objective has these (an SFT checkpoint's keys stay as they were).
     if cfg.objective != "sft" {
         k["objective"] = serde_json::json!(cfg.objective);

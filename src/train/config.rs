@@ -7,6 +7,32 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Why `--objective dpo` refuses DoRA.
+pub const DPO_DORA: &str = "dora with --objective dpo is not supported yet: DPO's reference \
+    switches the adapter off by zeroing every LoRA B, which for DoRA leaves the trained magnitude \
+    scaling the base; train DPO with --method lora";
+
+/// What is trained over the frozen base (`method` in TOML, `--method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// LoRA: `W + s·B·A` on the target linears.
+    #[default]
+    Lora,
+    /// DoRA: LoRA plus a trained magnitude per output row, `(m / ‖W + s·B·A‖) ⊙ (W + s·B·A)`.
+    Dora,
+}
+
+impl Method {
+    /// The name the flag and the TOML key take.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::Dora => "dora",
+        }
+    }
+}
+
 /// Every setting of a training run. Field names are the config keys (kebab-case in TOML).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -21,6 +47,8 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k, or none (keep as stored).
     pub quant: String,
+    /// The adapter method: lora or dora (which takes the LoRA settings below).
+    pub method: Method,
     /// LoRA rank.
     pub rank: usize,
     /// LoRA alpha (scale = alpha / rank).
@@ -103,6 +131,7 @@ impl Default for TrainConfig {
             eval_data: None,
             out: PathBuf::from("qtune-out"),
             quant: "none".into(),
+            method: Method::Lora,
             rank: 8,
             alpha: 16.0,
             dropout: 0.0,
@@ -204,6 +233,9 @@ impl TrainConfig {
                 }
             }
             "dpo" => {
+                if self.method == Method::Dora {
+                    return Err(bad("method", DPO_DORA.into()));
+                }
                 if !(self.beta.is_finite() && self.beta > 0.0) {
                     return Err(bad("beta", format!("{} must be > 0", self.beta)));
                 }

@@ -61,6 +61,7 @@ pub fn load_for_eval(
         alpha: acfg.lora_alpha,
         rslora: acfg.use_rslora,
         dropout: 0.0,
+        use_dora: acfg.use_dora,
         ..LoraSpec::default()
     });
     let opts = LlamaOptions {

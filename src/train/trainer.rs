@@ -8,7 +8,7 @@
 //! SFT) across its micro-batches, so each micro-batch's mean loss (and gradient) is weighted by its
 //! share of the step.
 use super::checkpoint::{self, write_file, State};
-use super::config::{TrainConfig, CONFIG_FILE};
+use super::config::{Method, TrainConfig, CONFIG_FILE};
 use super::data::{DataOrder, Fnv};
 use super::objective::{add_weighted, Metrics, Objective, Sft};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
@@ -207,11 +207,33 @@ impl<'a, O: Objective> Run<'a, O> {
             .model
             .clone()
             .ok_or_else(|| Error::Invalid("--model: no base model given".into()))?;
-        // Adapter shape: from --adapter-init when given (its rank, alpha and targets win).
+        // Adapter shape: from --adapter-init when given (its rank, alpha, targets and DoRA win).
         let mut cfg = cfg.clone();
         let init = match &cfg.adapter_init {
             Some(dir) => {
                 let (acfg, tensors) = adapter::load_peft(dir)?;
+                if acfg.use_dora != (cfg.method == Method::Dora) {
+                    say(
+                        opts,
+                        format!(
+                            "--adapter-init {} is a {} adapter: training it as one",
+                            dir.display(),
+                            if acfg.use_dora { "DoRA" } else { "LoRA" }
+                        ),
+                    );
+                    cfg.method = if acfg.use_dora {
+                        Method::Dora
+                    } else {
+                        Method::Lora
+                    };
+                }
+                if cfg.method == Method::Dora && cfg.objective == "dpo" {
+                    let msg = super::config::DPO_DORA;
+                    return Err(Error::Invalid(format!(
+                        "--adapter-init {}: {msg}",
+                        dir.display()
+                    )));
+                }
                 cfg.rank = acfg.r;
                 cfg.alpha = acfg.lora_alpha;
                 cfg.targets = acfg.target_modules.as_targets();
@@ -228,6 +250,7 @@ impl<'a, O: Objective> Run<'a, O> {
             dropout: cfg.dropout,
             layers: None,
             seed: cfg.seed,
+            use_dora: cfg.method == Method::Dora,
         };
         let device = crate::nn::device::open(&cfg.device)?;
         let gpu_baseline = crate::nn::device::used_bytes(&device)?;
@@ -264,7 +287,7 @@ impl<'a, O: Objective> Run<'a, O> {
             warmup_steps: cfg.warmup,
             total_steps: data.total_steps,
         };
-        let acfg = AdapterConfig::new(
+        let mut acfg = AdapterConfig::new(
             &LoraConfig {
                 r: cfg.rank,
                 alpha: cfg.alpha,
@@ -275,6 +298,7 @@ impl<'a, O: Objective> Run<'a, O> {
             adapted_modules(&params),
             Some(model_path.display().to_string()),
         );
+        acfg.use_dora = spec.use_dora;
         let mut fp = Fnv::new();
         obj.fingerprint(&data.train, &mut fp);
         std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
@@ -680,6 +704,8 @@ fn new_optimizer(cfg: &TrainConfig, params: &[(String, Var)], opts: &RunOptions)
 fn adapted_modules(params: &[(String, Var)]) -> Vec<String> {
     params
         .iter()
+        // `<module>.lora_A.weight` (a DoRA magnitude names the same module)
+        .filter(|(n, _)| n.ends_with(".weight"))
         .filter_map(|(n, _)| n.rsplit('.').nth(2).map(String::from))
         .fold(Vec::new(), |mut v, t| {
             if !v.contains(&t) {
