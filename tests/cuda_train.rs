@@ -272,6 +272,7 @@ fn bench_on_the_gpu_reports_device_memory() {
         optim_8bit: false,
         device: "cuda".into(),
         dpo_beta: None,
+        dora: false,
     };
     let r = qtune::bench::run_bench(&cfg, &mut |s| println!("{s}")).unwrap();
     println!("{r}");

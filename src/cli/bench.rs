@@ -51,6 +51,9 @@ pub struct Args {
     /// call over both completions, as `qtune train --objective dpo`).
     #[arg(long, default_value = "sft")]
     objective: String,
+    /// lora, or dora (LoRA with a trained magnitude per output row, as `qtune train --method dora`).
+    #[arg(long, default_value = "lora")]
+    method: String,
     /// DPO's β (with --objective dpo).
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
@@ -79,6 +82,11 @@ pub fn run(a: Args) -> Result<()> {
         "dpo" => Some(a.beta),
         o => bail!("--objective {o}: use sft or dpo"),
     };
+    let dora = match a.method.as_str() {
+        "lora" => false,
+        "dora" => true,
+        m => bail!("--method {m}: bench times lora or dora"),
+    };
     let cfg = BenchConfig {
         shape: a.shape.clone(),
         quant,
@@ -94,6 +102,7 @@ pub fn run(a: Args) -> Result<()> {
         optim_8bit: a.optim_8bit,
         device: a.device.clone(),
         dpo_beta,
+        dora,
     };
     if a.plan_only {
         let (plan, gpu) =
@@ -103,10 +112,11 @@ pub fn run(a: Args) -> Result<()> {
             "{} {} | {}seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",
             a.shape,
             quant.name(),
-            if dpo_beta.is_some() {
-                "DPO, 2 rows a pair | "
-            } else {
-                ""
+            match (dpo_beta.is_some(), dora) {
+                (true, true) => "DPO, 2 rows a pair | DoRA | ",
+                (true, false) => "DPO, 2 rows a pair | ",
+                (false, true) => "DoRA | ",
+                (false, false) => "",
             },
             a.seq_len,
             a.batch_size,

@@ -70,6 +70,8 @@ pub struct BenchConfig {
     /// prompt of half the sequence and two completions of the other half: one model call of
     /// 2·batch rows after the reference forward over them. `None`: SFT's step.
     pub dpo_beta: Option<f64>,
+    /// DoRA instead of LoRA on the same targets (`qtune train --method dora`).
+    pub dora: bool,
 }
 
 impl BenchConfig {
@@ -146,6 +148,7 @@ fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
             alpha: 2.0 * cfg.rank as f64,
             dropout: 0.0,
             seed: cfg.seed,
+            use_dora: cfg.dora,
             ..LoraSpec::default()
         }),
         checkpoint: true,

@@ -170,6 +170,7 @@ impl BenchReport {
         // Beside the rest: one json! of every key passes the macro's recursion limit.
         v["objective"] = serde_json::json!(if c.dpo_beta.is_some() { "dpo" } else { "sft" });
         v["rows"] = serde_json::json!(c.rows());
+        v["method"] = serde_json::json!(if c.dora { "dora" } else { "lora" });
         v["plan"]["reference_forward"] = serde_json::json!(p.reference);
         v
     }
@@ -188,7 +189,7 @@ impl std::fmt::Display for BenchReport {
             match c.dpo_beta {
                 Some(b) => format!("DPO β {b}, 2 rows a pair | "),
                 None => String::new(),
-            },
+            } + if c.dora { "DoRA | " } else { "" },
             c.seq_len,
             c.batch_size,
             c.rank,
