@@ -64,6 +64,14 @@ enum Cmd {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`qtune bench --plan-only | head -1`)
+    // panics in println!; a CLI should end as `cat` does.
+    #[cfg(unix)]
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is a valid disposition
+    // for SIGPIPE and no Rust code relies on the signal being ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_)) {
         // before any thread allocates: one malloc arena (measured for training steps only)
