@@ -148,6 +148,42 @@ impl SendPtr {
     }
 }
 
+/// One-thread f32 GEMM of row-major operands, `(m, n, k)`: `dst` (m×n, row stride `dst_rs`)
+/// `= lhs · rhs`, or `+=` when `accumulate`; `lhs` (m×k, row stride `lhs_rs`); `rhs` (k×n) with
+/// column stride `rhs_cs` and row stride `rhs_rs` (a transposed tile swaps the two).
+///
+/// # Safety
+/// Every element those shapes and strides address lies inside its buffer, and no other thread
+/// touches the part of `dst` addressed.
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// `y (M×N) = x (M×K) · Wᵀ` with W (N×K) quantised along K, dequantised tile by tile.
 ///
 /// Panics if the slice lengths do not match `m`, `w.rows` and `w.cols` (caller bug), or if
@@ -210,26 +246,11 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
                 // tile are read within their bounds: x rows stride k, tile (kc, nr) seen
                 // transposed with row stride 1 and column stride kc.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        nr,
-                        kc,
-                        yp.get().add(r0),
-                        1,
-                        n as isize,
-                        k0 > 0,
-                        x.as_ptr().add(k0),
-                        1,
-                        k as isize,
-                        tile.as_ptr(),
-                        kc as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    gemm_rows(
+                        (m, nr, kc),
+                        (yp.get().add(r0), n, k0 > 0),
+                        (x.as_ptr().add(k0), k),
+                        (tile.as_ptr(), kc as isize, 1),
                     );
                 }
                 k0 += kc;
@@ -314,26 +335,11 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
                 // SAFETY: this task alone writes columns c0..c0+kc of dx (row stride k); dy rows
                 // stride n, tile rows stride kc, all within bounds.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        kc,
-                        nr,
-                        dxp.get().add(c0),
-                        1,
-                        k as isize,
-                        accumulate || r0 > 0,
-                        dy.as_ptr().add(r0),
-                        1,
-                        n as isize,
-                        tile.as_ptr(),
-                        1,
-                        kc as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    gemm_rows(
+                        (m, kc, nr),
+                        (dxp.get().add(c0), k, accumulate || r0 > 0),
+                        (dy.as_ptr().add(r0), n),
+                        (tile.as_ptr(), 1, kc as isize),
                     );
                 }
                 r0 += nr;

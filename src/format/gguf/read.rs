@@ -15,6 +15,15 @@ impl<'a> Cursor<'a> {
         self.b.len() - self.pos
     }
 
+    /// Refuses `n` items of at least `min` bytes each when the bytes left cannot hold them:
+    /// checked before allocating, so a hostile count cannot make us reserve memory.
+    fn check_count(&self, n: u64, min: u64, what: impl FnOnce() -> String) -> Result<()> {
+        match n.checked_mul(min) {
+            Some(b) if b <= self.remaining() as u64 => Ok(()),
+            _ => Err(self.truncated(&what())),
+        }
+    }
+
     fn truncated(&self, what: &str) -> Error {
         Error::Truncated {
             path: self.path.to_path_buf(),
@@ -107,16 +116,13 @@ impl<'a> Cursor<'a> {
                         ))
                     }
                 };
-                // Checked before allocating: a hostile count cannot make us reserve memory.
-                if n.checked_mul(min)
-                    .is_none_or(|b| b > self.remaining() as u64)
-                {
-                    return Err(self.truncated(&format!(
+                self.check_count(n, min, || {
+                    format!(
                         "{} (array of {n} {} values)",
                         what(),
                         Value::type_name_of_id(et)
-                    )));
-                }
+                    )
+                })?;
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(et, depth + 1, what)?);
@@ -205,13 +211,10 @@ fn read_preamble(c: &mut Cursor) -> Result<u32> {
 
 /// `n_kv` key-value pairs, the count checked against the bytes left first.
 fn read_metadata(c: &mut Cursor, n_kv: u64) -> Result<Vec<(String, Value)>> {
-    // A key-value takes at least 13 bytes: refuse counts the file cannot hold.
-    if n_kv
-        .checked_mul(13)
-        .is_none_or(|x| x > c.remaining() as u64)
-    {
-        return Err(c.truncated(&format!("metadata ({n_kv} key-value pairs announced)")));
-    }
+    // A key-value takes at least 13 bytes.
+    c.check_count(n_kv, 13, || {
+        format!("metadata ({n_kv} key-value pairs announced)")
+    })?;
     let mut metadata = Vec::with_capacity(n_kv as usize);
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
@@ -250,13 +253,10 @@ struct RawInfo {
 
 /// `n_tensors` tensor infos, the count checked against the bytes left first.
 fn read_tensor_infos(c: &mut Cursor, n_tensors: u64) -> Result<Vec<RawInfo>> {
-    // A tensor info takes at least 24 bytes: refuse counts the file cannot hold.
-    if n_tensors
-        .checked_mul(24)
-        .is_none_or(|x| x > c.remaining() as u64)
-    {
-        return Err(c.truncated(&format!("tensor infos ({n_tensors} tensors announced)")));
-    }
+    // A tensor info takes at least 24 bytes.
+    c.check_count(n_tensors, 24, || {
+        format!("tensor infos ({n_tensors} tensors announced)")
+    })?;
     let mut raw = Vec::with_capacity(n_tensors as usize);
     for i in 0..n_tensors {
         let name = c.string(&|| format!("name of tensor info {i}"))?;
