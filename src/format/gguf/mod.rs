@@ -414,7 +414,7 @@ mod tests {
 
     #[test]
     fn from_static_bytes() {
-        static TINY: &[u8] = include_bytes!("../../tests/fixtures/gguf/tiny-llama-q8_0.gguf");
+        static TINY: &[u8] = include_bytes!("../../../tests/fixtures/gguf/tiny-llama-q8_0.gguf");
         let s = from_shared(Path::new("<embedded tiny-llama>"), Arc::new(TINY)).unwrap();
         assert_eq!(s.tensors.len(), 21);
         // Zero-copy: the view points into the static bytes.
