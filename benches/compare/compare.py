@@ -31,7 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The named shapes `qtune bench` knows (same values as src/train/bench.rs, from the published configs).
+# The named shapes `qtune bench` knows (same values as src/train/bench/shapes.rs, from the published configs).
 SHAPES = {
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),

@@ -8,13 +8,10 @@ use std::path::PathBuf;
 
 /// Evaluate a model on JSONL data.
 #[derive(clap::Args)]
+#[command(mut_args(super::model_help("The model (Hugging Face directory, bitsandbytes NF4 directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT)")))]
 pub struct Args {
-    /// The model (Hugging Face directory, bitsandbytes NF4 directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
-    #[arg(long)]
-    pub gguf_file: Option<String>,
+    #[command(flatten)]
+    pub model: super::ModelArg,
     /// A PEFT adapter directory applied unmerged.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -53,14 +50,13 @@ pub struct Args {
 
 /// Runs `qtune eval`.
 pub fn run(mut a: Args) -> Result<()> {
-    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
-    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
+    a.model.resolve()?;
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "f32" => candle_core::DType::F32,
         "bf16" => candle_core::DType::BF16,
         d => bail!("--dtype {d}: use f32 or bf16"),
     };
-    let tok = tokenizer(&a.model)?;
+    let tok = tokenizer(&a.model.path)?;
     match a.objective.as_str() {
         "sft" => {}
         "dpo" => return eval_dpo(&a, &tok, dtype),
@@ -74,7 +70,7 @@ pub fn run(mut a: Args) -> Result<()> {
     };
     let samples = load_samples(&a.data, &tok, &opts, "eval")?;
     let r = qtune::train::eval::evaluate(
-        &a.model,
+        &a.model.path,
         a.adapter.as_deref(),
         &samples,
         a.batch_size,
@@ -110,7 +106,7 @@ fn eval_dpo(a: &Args, tok: &qtune::data::Tokenizer, dtype: candle_core::DType) -
             reference: None,
         })
         .collect();
-    let model = qtune::train::eval::load_for_eval(&a.model, a.adapter.as_deref(), dtype)?;
+    let model = qtune::train::eval::load_for_eval(&a.model.path, a.adapter.as_deref(), dtype)?;
     let dpo = qtune::train::dpo::Dpo {
         beta: a.beta,
         reference_adapter: match &a.ref_adapter {

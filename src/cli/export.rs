@@ -1,19 +1,15 @@
 //! `qtune export`: an adapter as llama.cpp's GGUF LoRA or as a PEFT directory.
-use anyhow::{bail, Context, Result};
-use qtune::export::{base_architecture, write_gguf_lora, write_peft, Adapter, BaseConfig};
+use anyhow::{bail, Result};
+use qtune::export::{base_architecture, write_gguf_lora, write_peft};
 use qtune::quant::QType;
-use qtune::store::WeightStore;
 use std::path::PathBuf;
 
 /// Export a trained adapter for llama.cpp (`--lora`) or PEFT.
 #[derive(clap::Args)]
+#[command(mut_args(super::model_help("The base model the adapter was trained on (Hugging Face directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT)")))]
 pub struct Args {
-    /// The base model the adapter was trained on (Hugging Face directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
-    #[arg(long)]
-    pub gguf_file: Option<String>,
+    #[command(flatten)]
+    pub model: super::ModelArg,
     /// The adapter: a PEFT directory, or a GGUF LoRA file (for `--format peft`).
     #[arg(long)]
     pub adapter: PathBuf,
@@ -30,8 +26,7 @@ pub struct Args {
 
 /// Runs `qtune export`.
 pub fn run(mut a: Args) -> Result<()> {
-    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
-    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
+    a.model.resolve()?;
     let dtype = match QType::parse(&a.dtype) {
         Some(t @ (QType::F32 | QType::F16 | QType::BF16)) => t,
         _ => bail!("--dtype {}: use f32, f16 or bf16", a.dtype),
@@ -39,18 +34,8 @@ pub fn run(mut a: Args) -> Result<()> {
     if !matches!(a.format.as_str(), "gguf-lora" | "peft") {
         bail!("--format {}: use gguf-lora or peft", a.format);
     }
-    let store = WeightStore::open(&a.model)?;
-    let cfg = BaseConfig::from_store(&store)?;
-    let adapter = Adapter::load(&a.adapter, &cfg).with_context(|| {
-        format!(
-            "reading adapter {} for base {}",
-            a.adapter.display(),
-            a.model.display()
-        )
-    })?;
-    if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
+    let (store, cfg, adapter) = super::base_and_adapter(&a.model.path, &a.adapter)?;
+    super::create_parent(&a.out)?;
     match a.format.as_str() {
         "gguf-lora" => write_gguf_lora(&adapter, &cfg, &base_architecture(&store), dtype, &a.out)?,
         _ => write_peft(&adapter, dtype, &a.out)?,

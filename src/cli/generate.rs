@@ -11,13 +11,10 @@ use std::path::{Path, PathBuf};
 
 /// Generate text with a KV cache, streaming tokens to stdout.
 #[derive(clap::Args)]
+#[command(mut_args(super::model_help("The model: a Hugging Face directory or a GGUF file (quantised or merged; or a Hub id: org/name[@rev], org/name:QUANT)")))]
 pub struct Args {
-    /// The model: a Hugging Face directory or a GGUF file (quantised or merged; or a Hub id: org/name[@rev], org/name:QUANT).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
-    #[arg(long)]
-    pub gguf_file: Option<String>,
+    #[command(flatten)]
+    pub model: super::ModelArg,
     /// A LoRA adapter applied unmerged (PEFT directory or GGUF LoRA file).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -80,18 +77,19 @@ fn tokenizer(a: &Args) -> Result<Option<Tokenizer>> {
         };
         return Ok(Some(Tokenizer::from_model_dir(&dir)?));
     }
-    if a.model.is_dir() || a.prompt.is_some() || a.chat {
+    if a.model.path.is_dir() || a.prompt.is_some() || a.chat {
         // A GGUF without a usable vocabulary: say so, unless token ids are given.
-        if !a.model.is_dir() {
+        if !a.model.path.is_dir() {
             if let Some(dir) = a
                 .model
+                .path
                 .parent()
                 .filter(|d| d.join("tokenizer.json").exists())
             {
                 return Ok(Some(Tokenizer::from_model_dir(dir)?));
             }
         }
-        return Ok(Some(Tokenizer::for_model(&a.model)?));
+        return Ok(Some(Tokenizer::for_model(&a.model.path)?));
     }
     Ok(None)
 }
@@ -139,9 +137,8 @@ fn eos_ids(store: &WeightStore) -> Vec<u32> {
 
 /// Runs `qtune generate`.
 pub fn run(mut a: Args) -> Result<()> {
-    // a Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept
-    a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
-    let store = WeightStore::open(&a.model)?;
+    a.model.resolve()?;
+    let store = WeightStore::open(&a.model.path)?;
     let cfg = BaseConfig::from_store(&store)?;
     let adapter = match &a.adapter {
         Some(p) => Some(
@@ -269,7 +266,7 @@ fn chat(a: &Args, g: &Generator, tok: &Tokenizer, s: &Sampling, eos: &[u32]) -> 
         None => tok.chat_template().map(str::to_string).ok_or_else(|| {
             anyhow!(
                 "{} has no chat template; pass --template chatml (or a Jinja file)",
-                a.model.display()
+                a.model.path.display()
             )
         })?,
     };

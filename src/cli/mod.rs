@@ -6,3 +6,68 @@ pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod train;
+
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+
+/// `--model` and `--gguf-file`, shared by the commands that read a model (each sets its own help
+/// for `--model` with [`model_help`]).
+#[derive(clap::Args)]
+pub struct ModelArg {
+    /// The model (Hugging Face directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT).
+    #[arg(long = "model", id = "model", value_name = "MODEL")]
+    pub path: PathBuf,
+    /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
+    #[arg(long)]
+    pub gguf_file: Option<String>,
+}
+
+impl ModelArg {
+    /// A Hub id becomes its cached snapshot (downloaded first if needed); a local path is kept.
+    pub fn resolve(&mut self) -> anyhow::Result<()> {
+        self.path = qtune::store::hub::resolve_model(&self.path, self.gguf_file.as_deref())?;
+        Ok(())
+    }
+}
+
+/// The base model at `model`, its configuration, and the adapter at `adapter` read for it
+/// (`qtune export` and `qtune merge`).
+pub fn base_and_adapter(
+    model: &Path,
+    adapter: &Path,
+) -> anyhow::Result<(
+    qtune::store::WeightStore,
+    qtune::export::BaseConfig,
+    qtune::export::Adapter,
+)> {
+    let store = qtune::store::WeightStore::open(model)?;
+    let cfg = qtune::export::BaseConfig::from_store(&store)?;
+    let adapter = qtune::export::Adapter::load(adapter, &cfg).with_context(|| {
+        format!(
+            "reading adapter {} for base {}",
+            adapter.display(),
+            model.display()
+        )
+    })?;
+    Ok((store, cfg, adapter))
+}
+
+/// Creates the folder `out` will be written in.
+pub fn create_parent(out: &Path) -> anyhow::Result<()> {
+    if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// `--model`'s help in one command: `#[command(mut_args(model_help("...")))]` (`mut_args`, not
+/// `mut_arg`, which would move `--model` to the end of the usage line).
+pub fn model_help(help: &'static str) -> impl FnMut(clap::Arg) -> clap::Arg {
+    move |a| {
+        if a.get_id() == "model" {
+            a.help(help)
+        } else {
+            a
+        }
+    }
+}

@@ -301,7 +301,6 @@ pub fn write_nf4_dir(
     src: &crate::store::WeightStore,
     out: &std::path::Path,
 ) -> Result<Nf4WriteReport> {
-    use std::io::Write;
     if out.exists() {
         return Err(Error::Invalid(format!(
             "{}: output already exists; remove it or pick another path",
@@ -320,53 +319,49 @@ pub fn write_nf4_dir(
         .and_then(|v| v.as_str())
         .unwrap_or("float16")
         .to_string();
-    // Plan: every output tensor with its size, in write order.
-    let mut plan = Vec::new();
     let mut report = Nf4WriteReport::default();
+    let plan = plan_entries(src, &orig_dtype, &mut report);
+    report.file_bytes = write_safetensors(src, &plan, &orig_dtype, &tmp.join("model.safetensors"))?;
+    // config.json with transformers' quantization_config.
+    if let Some(cfg) = &src.config {
+        let mut cfg = cfg.clone();
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.insert(
+                "quantization_config".into(),
+                quantization_config(&orig_dtype),
+            );
+        }
+        let p = tmp.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    }
+    if src.path.is_dir() {
+        for f in COPIED_FILES {
+            let s = src.path.join(f);
+            if s.is_file() {
+                std::fs::copy(&s, tmp.join(f)).map_err(|e| Error::io(&s, e))?;
+                report.extra_files.push(f.to_string());
+            }
+        }
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(report)
+}
+
+/// Every output tensor with its size, in write order; counts them in `report`.
+fn plan_entries(
+    src: &crate::store::WeightStore,
+    orig_dtype: &str,
+    report: &mut Nf4WriteReport,
+) -> Vec<Entry> {
+    let mut plan = Vec::new();
     for t in &src.tensors {
         let n = t.numel();
         if is_nf4_target(t) {
-            let nb = n / NF4_BLOCK;
-            let dtype = bnb_dtype_name(t.qtype, &orig_dtype);
-            let state_len = state_json(t, &dtype, OFFSET_PLACEHOLDER).len();
-            let w = &t.name;
-            plan.push(Entry {
-                name: w.clone(),
-                dtype: "U8",
-                shape: vec![n / 2, 1],
-                len: n / 2,
-            });
-            plan.push(Entry {
-                name: format!("{w}.absmax"),
-                dtype: "U8",
-                shape: vec![nb],
-                len: nb,
-            });
-            let nnb = nb.div_ceil(NF4_NESTED_BLOCK);
-            plan.push(Entry {
-                name: format!("{w}.nested_absmax"),
-                dtype: "F32",
-                shape: vec![nnb],
-                len: 4 * nnb,
-            });
-            plan.push(Entry {
-                name: format!("{w}.nested_quant_map"),
-                dtype: "F32",
-                shape: vec![256],
-                len: 1024,
-            });
-            plan.push(Entry {
-                name: format!("{w}.quant_map"),
-                dtype: "F32",
-                shape: vec![16],
-                len: 64,
-            });
-            plan.push(Entry {
-                name: format!("{w}{NF4_STATE_SUFFIX}"),
-                dtype: "U8",
-                shape: vec![state_len],
-                len: state_len,
-            });
+            plan.extend(nf4_entries(t, &bnb_dtype_name(t.qtype, orig_dtype)));
             report.nf4_tensors += 1;
         } else {
             let (dtype, len) = match t.qtype {
@@ -384,10 +379,50 @@ pub fn write_nf4_dir(
             report.copied_tensors += 1;
         }
     }
+    plan
+}
+
+/// The six tensors bnb stores for the NF4 weight `t`, in its order.
+fn nf4_entries(t: &StoredTensor, dtype: &str) -> [Entry; 6] {
+    let n = t.numel();
+    let nb = n / NF4_BLOCK;
+    let nnb = nb.div_ceil(NF4_NESTED_BLOCK);
+    let state_len = state_json(t, dtype, OFFSET_PLACEHOLDER).len();
+    let w = &t.name;
+    let e = |name: String, dtype, shape: Vec<usize>, len| Entry {
+        name,
+        dtype,
+        shape,
+        len,
+    };
+    [
+        e(w.clone(), "U8", vec![n / 2, 1], n / 2),
+        e(format!("{w}.absmax"), "U8", vec![nb], nb),
+        e(format!("{w}.nested_absmax"), "F32", vec![nnb], 4 * nnb),
+        e(format!("{w}.nested_quant_map"), "F32", vec![256], 1024),
+        e(format!("{w}.quant_map"), "F32", vec![16], 64),
+        e(
+            format!("{w}{NF4_STATE_SUFFIX}"),
+            "U8",
+            vec![state_len],
+            state_len,
+        ),
+    ]
+}
+
+/// Writes the safetensors file at `path`: the header of `plan`, then `src`'s tensors streamed one
+/// at a time (NF4 targets quantised). Returns the file's size in bytes.
+fn write_safetensors(
+    src: &crate::store::WeightStore,
+    plan: &[Entry],
+    orig_dtype: &str,
+    path: &std::path::Path,
+) -> Result<u64> {
+    use std::io::Write;
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut off = 0usize;
-    for e in &plan {
+    for e in plan {
         header.insert(
             e.name.clone(),
             serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [off, off + e.len]}),
@@ -398,10 +433,9 @@ pub fn write_nf4_dir(
     while !htext.len().is_multiple_of(8) {
         htext.push(b' ');
     }
-    let file_path = tmp.join("model.safetensors");
-    let io = |e| Error::io(&file_path, e);
+    let io = |e| Error::io(path, e);
     let mut w =
-        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&file_path).map_err(io)?);
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
     w.write_all(&(htext.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&htext).map_err(io)?;
@@ -431,7 +465,7 @@ pub fn write_nf4_dir(
         w.write_all(&f32_le(&q.nested_absmax)).map_err(io)?;
         w.write_all(&f32_le(&q.nested_code[..])).map_err(io)?;
         w.write_all(&f32_le(&q.code[..])).map_err(io)?;
-        let dtype = bnb_dtype_name(t.qtype, &orig_dtype);
+        let dtype = bnb_dtype_name(t.qtype, orig_dtype);
         let offset = serde_json::Number::from_f64(q.offset as f64)
             .map(|n| n.to_string())
             .ok_or_else(|| Error::Invalid(format!("tensor '{}': non-finite NF4 offset", t.name)))?;
@@ -442,35 +476,7 @@ pub fn write_nf4_dir(
         w.write_all(&s).map_err(io)?;
     }
     w.flush().map_err(io)?;
-    drop(w);
-    report.file_bytes = (8 + htext.len() + off) as u64;
-    // config.json with transformers' quantization_config.
-    if let Some(cfg) = &src.config {
-        let mut cfg = cfg.clone();
-        if let Some(obj) = cfg.as_object_mut() {
-            obj.insert(
-                "quantization_config".into(),
-                quantization_config(&orig_dtype),
-            );
-        }
-        let p = tmp.join("config.json");
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
-            path: p.clone(),
-            msg: e.to_string(),
-        })?;
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
-    }
-    if src.path.is_dir() {
-        for f in COPIED_FILES {
-            let s = src.path.join(f);
-            if s.is_file() {
-                std::fs::copy(&s, tmp.join(f)).map_err(|e| Error::io(&s, e))?;
-                report.extra_files.push(f.to_string());
-            }
-        }
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    Ok(report)
+    Ok((8 + htext.len() + off) as u64)
 }
 
 /// bnb's dtype name for a tensor stored as `q` (the model's torch_dtype for block-quantised sources).

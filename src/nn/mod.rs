@@ -378,6 +378,18 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// max |a - b| over all elements, compared in f32.
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     /// mul_const / add_const equal candle's broadcast ops on strided inputs (f32 and bf16), and
     /// their backward gives x the same gradient and the constant none.
     #[test]
@@ -404,26 +416,10 @@ mod tests {
             let (xd, cd) = (xs.to_dtype(dt).unwrap(), c.to_dtype(dt).unwrap());
             let a = mul_const(&xd, &cd).unwrap();
             let b = xd.broadcast_mul(&cd).unwrap();
-            let d: f32 = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert_eq!(d, 0.0, "{dt:?}");
+            assert_eq!(max_abs_diff(&a, &b), 0.0, "{dt:?}");
             let a = add_const(&xd, &cd).unwrap();
             let b = xd.broadcast_add(&cd).unwrap();
-            let d: f32 = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert_eq!(d, 0.0, "{dt:?}");
+            assert_eq!(max_abs_diff(&a, &b), 0.0, "{dt:?}");
         }
         let w = Tensor::arange(0f32, 2.0 * 4.0 * 3.0 * 3.0, &dev)
             .unwrap()
@@ -452,15 +448,7 @@ mod tests {
             ga.get(x.as_tensor()).unwrap(),
             gb.get(x.as_tensor()).unwrap(),
         );
-        let d: f32 = (ga_x - gb_x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(max_abs_diff(ga_x, gb_x), 0.0);
         // candle's ops leave gradients for the constant's broadcast views; ours leave none.
         assert!(ga.get_ids().count() < gb.get_ids().count());
     }

@@ -148,6 +148,42 @@ impl SendPtr {
     }
 }
 
+/// One-thread f32 GEMM of row-major operands, `(m, n, k)`: `dst` (m×n, row stride `dst_rs`)
+/// `= lhs · rhs`, or `+=` when `accumulate`; `lhs` (m×k, row stride `lhs_rs`); `rhs` (k×n) with
+/// column stride `rhs_cs` and row stride `rhs_rs` (a transposed tile swaps the two).
+///
+/// # Safety
+/// Every element those shapes and strides address lies inside its buffer, and no other thread
+/// touches the part of `dst` addressed.
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// `y (M×N) = x (M×K) · Wᵀ` with W (N×K) quantised along K, dequantised tile by tile.
 ///
 /// Panics if the slice lengths do not match `m`, `w.rows` and `w.cols` (caller bug), or if
@@ -210,26 +246,11 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
                 // tile are read within their bounds: x rows stride k, tile (kc, nr) seen
                 // transposed with row stride 1 and column stride kc.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        nr,
-                        kc,
-                        yp.get().add(r0),
-                        1,
-                        n as isize,
-                        k0 > 0,
-                        x.as_ptr().add(k0),
-                        1,
-                        k as isize,
-                        tile.as_ptr(),
-                        kc as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    gemm_rows(
+                        (m, nr, kc),
+                        (yp.get().add(r0), n, k0 > 0),
+                        (x.as_ptr().add(k0), k),
+                        (tile.as_ptr(), kc as isize, 1),
                     );
                 }
                 k0 += kc;
@@ -314,26 +335,11 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
                 // SAFETY: this task alone writes columns c0..c0+kc of dx (row stride k); dy rows
                 // stride n, tile rows stride kc, all within bounds.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        kc,
-                        nr,
-                        dxp.get().add(c0),
-                        1,
-                        k as isize,
-                        accumulate || r0 > 0,
-                        dy.as_ptr().add(r0),
-                        1,
-                        n as isize,
-                        tile.as_ptr(),
-                        1,
-                        kc as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    gemm_rows(
+                        (m, kc, nr),
+                        (dxp.get().add(c0), k, accumulate || r0 > 0),
+                        (dy.as_ptr().add(r0), n),
+                        (tile.as_ptr(), 1, kc as isize),
                     );
                 }
                 r0 += nr;
@@ -460,102 +466,89 @@ mod x86 {
         unsafe { axpy256(s, x, y) }
     }
 
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dot512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // Four accumulators hide the FMA latency.
-        let mut s = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 64 <= n {
-            for (j, acc) in s.iter_mut().enumerate() {
-                let o = i + 16 * j;
-                *acc =
-                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *acc);
+    /// `dot` and `axpy` at one vector width: `$w` f32 lanes, with that width's zero, load, store,
+    /// FMA, add, splat and horizontal sum. The same loops at every width (four accumulators hide
+    /// the FMA latency), so the AVX2 and AVX-512 paths cannot drift apart.
+    macro_rules! lanes {
+        ($feat:literal, $dot:ident, $axpy:ident, $w:literal, $zero:ident, $load:ident,
+         $store:ident, $fma:ident, $add:ident, $set1:ident, $hsum:ident) => {
+            #[target_feature(enable = $feat)]
+            unsafe fn $dot(a: &[f32], b: &[f32]) -> f32 {
+                let n = a.len().min(b.len());
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                let mut s = [$zero(); 4];
+                let mut i = 0;
+                while i + 4 * $w <= n {
+                    for (j, acc) in s.iter_mut().enumerate() {
+                        let o = i + $w * j;
+                        *acc = $fma($load(pa.add(o)), $load(pb.add(o)), *acc);
+                    }
+                    i += 4 * $w;
+                }
+                while i + $w <= n {
+                    s[0] = $fma($load(pa.add(i)), $load(pb.add(i)), s[0]);
+                    i += $w;
+                }
+                let mut t = $hsum($add($add(s[0], s[1]), $add(s[2], s[3])));
+                while i < n {
+                    t += *pa.add(i) * *pb.add(i);
+                    i += 1;
+                }
+                t
             }
-            i += 64;
-        }
-        while i + 16 <= n {
-            s[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s[0]);
-            i += 16;
-        }
-        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(
-            _mm512_add_ps(s[0], s[1]),
-            _mm512_add_ps(s[2], s[3]),
-        ));
-        while i < n {
-            t += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        t
+
+            #[target_feature(enable = $feat)]
+            unsafe fn $axpy(s: f32, x: &[f32], y: &mut [f32]) {
+                let n = x.len().min(y.len());
+                let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+                let a = $set1(s);
+                let mut i = 0;
+                while i + $w <= n {
+                    $store(py.add(i), $fma(a, $load(px.add(i)), $load(py.add(i))));
+                    i += $w;
+                }
+                while i < n {
+                    *py.add(i) += s * *px.add(i);
+                    i += 1;
+                }
+            }
+        };
     }
 
+    lanes!(
+        "avx512f",
+        dot512,
+        axpy512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_set1_ps,
+        _mm512_reduce_add_ps
+    );
+    lanes!(
+        "avx2,fma",
+        dot256,
+        axpy256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        _mm256_set1_ps,
+        hsum256
+    );
+
+    /// The sum of the 8 lanes of `v`: upper half onto lower, then pairs.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot256(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut s = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, acc) in s.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *acc =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s[0]);
-            i += 8;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+    unsafe fn hsum256(v: __m256) -> f32 {
         let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        let mut t = _mm_cvtss_f32(q);
-        while i < n {
-            t += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        t
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn axpy512(s: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let a = _mm512_set1_ps(s);
-        let mut i = 0;
-        while i + 16 <= n {
-            _mm512_storeu_ps(
-                py.add(i),
-                _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
-            );
-            i += 16;
-        }
-        while i < n {
-            *py.add(i) += s * *px.add(i);
-            i += 1;
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn axpy256(s: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let a = _mm256_set1_ps(s);
-        let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(
-                py.add(i),
-                _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
-            );
-            i += 8;
-        }
-        while i < n {
-            *py.add(i) += s * *px.add(i);
-            i += 1;
-        }
+        _mm_cvtss_f32(q)
     }
 }
 

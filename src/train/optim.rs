@@ -410,18 +410,14 @@ impl AdamW {
         replace_dir_marked(&tmp, dir, STATE_JSON)
     }
 
-    /// Restores state saved by [`AdamW::save_state`] for the same parameters (names and shapes)
-    /// and hyper-parameters, moment storage included, and writes the saved master copies into the
-    /// Vars, so that training continues exactly as if it had not stopped.
-    pub fn load_state(&mut self, dir: &Path) -> Result<()> {
-        let jpath = dir.join(STATE_JSON);
+    /// Checks that the state's JSON `v` (read from `jpath` in `dir`) was saved by this format
+    /// with this run's moment storage (and, for 8-bit moments, this build's block sizes) and
+    /// hyper-parameters.
+    fn check_saved_settings(&self, dir: &Path, jpath: &Path, v: &serde_json::Value) -> Result<()> {
         let jerr = |msg: String| Error::Json {
-            path: jpath.clone(),
+            path: jpath.to_path_buf(),
             msg,
         };
-        let text = std::fs::read_to_string(&jpath).map_err(|e| Error::io(&jpath, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| jerr(format!("not valid JSON: {e}")))?;
         if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
             return Err(jerr(format!(
                 "key 'format' is {}; expected \"{FORMAT}\"",
@@ -482,6 +478,22 @@ impl AdamW {
                 self.cfg
             )));
         }
+        Ok(())
+    }
+
+    /// Restores state saved by [`AdamW::save_state`] for the same parameters (names and shapes)
+    /// and hyper-parameters, moment storage included, and writes the saved master copies into the
+    /// Vars, so that training continues exactly as if it had not stopped.
+    pub fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let jpath = dir.join(STATE_JSON);
+        let jerr = |msg: String| Error::Json {
+            path: jpath.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&jpath).map_err(|e| Error::io(&jpath, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| jerr(format!("not valid JSON: {e}")))?;
+        self.check_saved_settings(dir, &jpath, &v)?;
         let steps = v
             .get("steps")
             .and_then(|s| s.as_object())

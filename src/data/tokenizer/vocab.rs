@@ -4,12 +4,16 @@
 //! text first (longest first, every occurrence), then byte-level BPE with one of llama.cpp's
 //! pre-tokenizers, or SentencePiece BPE, or BERT's WordPiece on the pieces between them.
 use super::bpe::{self, Merges};
-use super::pre::{self, PreSpec, PreTokenizer};
+use super::pre::{self, PreTokenizer};
 use super::{spm, wpm};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::gguf::{self, Value};
 use std::collections::HashMap;
 use std::path::Path;
+
+mod meta;
+
+use meta::{mark_control_texts, model_defaults, per_token, tok_key, tok_strings, SpecialIds};
 
 // llama.cpp's token attributes (`llama_token_attr`).
 const ATTR_UNKNOWN: u32 = 1 << 0;
@@ -33,90 +37,6 @@ fn attr_of_type(t: i64) -> u32 {
         _ => 0,
     }
 }
-
-/// Token texts llama.cpp treats as end of turn / generation, or fill-in-the-middle markers, and
-/// marks as control tokens when the file does not name them (llama-vocab.cpp, `load`).
-const EOT_TEXTS: &[&str] = &[
-    "<|eot_id|>",
-    "<|im_end|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<EOT>",
-    "_<EOT>",
-    "<｜end▁of▁sentence｜>",
-    "<end_of_utterance>",
-];
-const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>",
-    "<|im_end|>",
-    "<|end|>",
-    "<|return|>",
-    "<|call|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|eom_id|>",
-    "<EOT>",
-    "_<EOT>",
-    "<|end_of_text|>",
-    "<end_of_utterance>",
-];
-/// (metadata key of the id, texts that stand for it when the key is absent).
-const FIM_TEXTS: &[(&[&str], &[&str])] = &[
-    (&["eot_token_id"], EOT_TEXTS),
-    (&["eom_token_id"], &["<|eom_id|>"]),
-    (
-        &["fim_pre_token_id", "prefix_token_id"],
-        &[
-            "<|fim_prefix|>",
-            "<fim-prefix>",
-            "<fim_prefix>",
-            "<｜fim▁begin｜>",
-            "<PRE>",
-            "▁<PRE>",
-            "<|code_prefix|>",
-        ],
-    ),
-    (
-        &["fim_suf_token_id", "suffix_token_id"],
-        &[
-            "<|fim_suffix|>",
-            "<fim-suffix>",
-            "<fim_suffix>",
-            "<｜fim▁hole｜>",
-            "<SUF>",
-            "▁<SUF>",
-            "<|code_suffix|>",
-        ],
-    ),
-    (
-        &["fim_mid_token_id", "middle_token_id"],
-        &[
-            "<|fim_middle|>",
-            "<fim-middle>",
-            "<fim_middle>",
-            "<｜fim▁end｜>",
-            "<MID>",
-            "▁<MID>",
-            "<|code_middle|>",
-        ],
-    ),
-    (
-        &["fim_pad_token_id"],
-        &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"],
-    ),
-    (
-        &["fim_rep_token_id"],
-        &[
-            "<|fim_repo|>",
-            "<|repo_name|>",
-            "<fim-repo>",
-            "<REPO>",
-            "<reponame>",
-        ],
-    ),
-    (&["fim_sep_token_id"], &["<|file_sep|>"]),
-];
 
 /// The tokenizer model a GGUF names.
 enum Model {
@@ -165,107 +85,17 @@ enum Frag {
 impl GgufVocab {
     /// Reads `tokenizer.ggml.*` from a GGUF's metadata; `model` is `tokenizer.ggml.model`.
     pub fn from_metadata(path: &Path, meta: &[(String, Value)], model: &str) -> Result<GgufVocab> {
-        let bad = |msg: String| Error::corrupt(path, "GGUF", msg);
-        let get = |k: &str| gguf::find(meta, &format!("tokenizer.ggml.{k}"));
-        let strings = |k: &str| -> Result<Vec<String>> {
-            get(k)
-                .and_then(Value::as_array)
-                .ok_or_else(|| bad(format!("tokenizer.ggml.{k} is missing or not an array")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| bad(format!("tokenizer.ggml.{k} holds a non-string")))
-                })
-                .collect()
-        };
-        let mut texts = strings("tokens")?;
+        let get = |k: &str| tok_key(meta, k);
+        let mut texts = tok_strings(path, meta, "tokens")?;
         let n = texts.len();
         let flag = |k: &str| get(k).and_then(Value::as_bool);
         let pre_name = get("pre").and_then(Value::as_str).unwrap_or("default");
         // Defaults by model type (llama-vocab.cpp), then the file's own flags win.
-        let (model, spec, mut bos, mut eos, unk, sep, pad) = match model {
-            "gpt2" => {
-                let spec = pre::pre_spec(pre_name).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{}: GGUF BPE pre-tokenizer '{pre_name}' (tokenizer.ggml.pre) is not one \
-                         llama.cpp knows, so qtune cannot tokenise as it would; known names: {}",
-                        path.display(),
-                        pre::PRE_NAMES.join(", ")
-                    ))
-                })?;
-                let pre = PreTokenizer::new(spec.kind)
-                    .map(Box::new)
-                    .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-                let merges = Merges::new(&strings("merges")?);
-                let m = Model::Bpe {
-                    pre,
-                    merges,
-                    ignore_merges: spec.ignore_merges,
-                };
-                // ChatGLM's BPE has no default BOS (llama.cpp clears it).
-                let bos = (spec.kind != pre::PreType::Chatglm4).then_some(11);
-                (m, spec, bos, Some(11), None, None, None)
-            }
-            "llama" => {
-                let spec = PreSpec {
-                    kind: pre::PreType::Default,
-                    ignore_merges: false,
-                    add_bos: true,
-                    clean_spaces: false,
-                };
-                (Model::Spm, spec, Some(1), Some(2), Some(0), None, None)
-            }
-            "bert" => {
-                let spec = PreSpec {
-                    kind: pre::PreType::Default,
-                    ignore_merges: false,
-                    add_bos: true,
-                    clean_spaces: true,
-                };
-                (
-                    Model::Wpm,
-                    spec,
-                    Some(101),
-                    None,
-                    Some(100),
-                    Some(102),
-                    Some(0),
-                )
-            }
-            other => {
-                return Err(Error::Invalid(format!(
-                    "{}: GGUF tokenizer model '{other}' (tokenizer.ggml.model) is not supported: \
-                     qtune runs 'gpt2' (BPE), 'llama' (SentencePiece) and 'bert' (WordPiece) \
-                     vocabularies as llama.cpp does; pass the Hugging Face model directory with \
-                     tokenizer.json instead",
-                    path.display()
-                )))
-            }
-        };
-        let mut unk = unk;
-        let mut sep = sep;
-        let mut pad = pad;
-        let types: Vec<i64> = match get("token_type").and_then(Value::as_array) {
-            Some(a) if a.len() == n => a.iter().map(|v| v.as_i64().unwrap_or(0)).collect(),
-            Some(a) => {
-                return Err(bad(format!(
-                    "tokenizer.ggml.token_type has {} entries for {n} tokens",
-                    a.len()
-                )))
-            }
-            None => vec![1; n],
-        };
-        let scores: Vec<f32> = match get("scores").and_then(Value::as_array) {
-            Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-            Some(a) => {
-                return Err(bad(format!(
-                    "tokenizer.ggml.scores has {} entries for {n} tokens",
-                    a.len()
-                )))
-            }
-            None => vec![0.0; n],
-        };
+        let (model, spec, defaults) = model_defaults(path, meta, model, pre_name)?;
+        let types = per_token(path, meta, "token_type", n, 1, |v| v.as_i64().unwrap_or(0))?;
+        let scores = per_token(path, meta, "scores", n, 0.0, |v| {
+            v.as_f64().unwrap_or(0.0) as f32
+        })?;
         let mut attrs: Vec<u32> = types.iter().map(|&t| attr_of_type(t)).collect();
         let mut ids = HashMap::with_capacity(n);
         for (i, t) in texts.iter_mut().enumerate() {
@@ -274,61 +104,14 @@ impl GgufVocab {
             }
             ids.insert(t.clone(), i as u32);
         }
-        // Special ids the file names; an id past the vocabulary is ignored (llama.cpp warns).
-        let id_key = |k: &str, slot: &mut Option<u32>| {
-            if let Some(id) = get(k).and_then(Value::as_u64) {
-                if (id as usize) < n {
-                    *slot = Some(id as u32);
-                }
-            }
-        };
-        id_key("bos_token_id", &mut bos);
-        id_key("eos_token_id", &mut eos);
-        id_key("unknown_token_id", &mut unk);
-        id_key("seperator_token_id", &mut sep);
-        id_key("padding_token_id", &mut pad);
-        let in_range = |id: Option<u32>| id.filter(|&i| (i as usize) < n);
-        let (bos, eos, unk, sep, pad) = (
-            in_range(bos),
-            in_range(eos),
-            in_range(unk),
-            in_range(sep),
-            in_range(pad),
-        );
-        // Texts that mark end-of-turn / fill-in-the-middle tokens as control when unnamed.
-        for (keys, names) in FIM_TEXTS {
-            if keys.iter().any(|k| get(k).is_some()) {
-                continue;
-            }
-            for name in names.iter() {
-                if let Some(&id) = ids.get(*name) {
-                    if attrs[id as usize] & ATTR_CONTROL == 0 {
-                        attrs[id as usize] = ATTR_CONTROL;
-                    }
-                }
-            }
-        }
-        for name in EOG_TEXTS {
-            if let Some(&id) = ids.get(*name) {
-                if attrs[id as usize] & ATTR_CONTROL == 0 {
-                    attrs[id as usize] = ATTR_CONTROL;
-                }
-            }
-        }
-        // gpt-oss: these are always rendered.
-        for name in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
-            if let Some(&id) = ids.get(name) {
-                attrs[id as usize] = ATTR_USER_DEFINED;
-            }
-        }
-        // o200k_harmony: with <|return|> and <|call|> present, <|end|> is no end of generation.
-        if let (Some(_), Some(_), Some(&end)) = (
-            ids.get("<|return|>"),
-            ids.get("<|call|>"),
-            ids.get("<|end|>"),
-        ) {
-            attrs[end as usize] = ATTR_USER_DEFINED;
-        }
+        let SpecialIds {
+            bos,
+            eos,
+            unk,
+            sep,
+            pad,
+        } = defaults.with_file_ids(meta, n);
+        mark_control_texts(meta, &ids, &mut attrs);
         let add_space_prefix = flag("add_space_prefix").unwrap_or(matches!(model, Model::Spm));
         let mut specials: Vec<u32> = (0..n as u32)
             .filter(|&i| attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
@@ -355,7 +138,12 @@ impl GgufVocab {
             max_token_len,
         };
         v.pieces = (0..n as u32).map(|i| v.piece(i)).collect();
-        // Per-model attributes llama.cpp sets by name (they are not in GGUF files).
+        v.set_model_attrs(meta, pre_name);
+        Ok(v)
+    }
+
+    /// Per-model attributes llama.cpp sets by name (they are not in GGUF files).
+    fn set_model_attrs(&mut self, meta: &[(String, Value)], pre_name: &str) {
         let name = gguf::find(meta, "general.name")
             .and_then(Value::as_str)
             .unwrap_or("")
@@ -368,23 +156,22 @@ impl GgufVocab {
             .any(|p| pre_name.contains(p))
             || arch.contains("nomic-bert-moe")
         {
-            if let Some(&id) = v.ids.get("<mask>") {
-                v.attrs[id as usize] |= ATTR_LSTRIP;
+            if let Some(&id) = self.ids.get("<mask>") {
+                self.attrs[id as usize] |= ATTR_LSTRIP;
             }
         } else if name.contains("phi-3") || name.contains("phi3") {
-            for &id in &v.specials {
-                v.attrs[id as usize] |= ATTR_RSTRIP;
+            for &id in &self.specials {
+                self.attrs[id as usize] |= ATTR_RSTRIP;
             }
-            if let Some(&id) = v.ids.get("</s>") {
-                v.attrs[id as usize] |= ATTR_RSTRIP;
+            if let Some(&id) = self.ids.get("</s>") {
+                self.attrs[id as usize] |= ATTR_RSTRIP;
             }
             for t in ["<unk>", "<s>", "<|endoftext|>"] {
-                if let Some(&id) = v.ids.get(t) {
-                    v.attrs[id as usize] &= !ATTR_RSTRIP;
+                if let Some(&id) = self.ids.get(t) {
+                    self.attrs[id as usize] &= !ATTR_RSTRIP;
                 }
             }
         }
-        Ok(v)
     }
 
     /// Number of ids.
