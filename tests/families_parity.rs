@@ -199,3 +199,40 @@ fn tied_head_without_lm_head() {
     assert!(models::spec_of(&s).unwrap().tied_head);
     parity("tied");
 }
+
+/// config.json readings: other `rope_scaling` types refused by name (naming the file), llama3 with a
+/// missing key refused, and which sliding windows count (Qwen2's only with `use_sliding_window`).
+#[test]
+fn family_config_keys() {
+    use qtune::models::LlamaConfig;
+    let read = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        LlamaConfig::from_hf(&c, Path::new("m/config.json"))
+    };
+    let e = read(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}));
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("yarn") && e.contains("m/config.json"), "{e}");
+    let e = read(
+        serde_json::json!({"rope_scaling": {"type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0}}),
+    );
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("original_max_position_embeddings"), "{e}");
+    let w = |extra| read(extra).unwrap().family.sliding_window;
+    assert_eq!(
+        w(serde_json::json!({"model_type": "mistral", "sliding_window": 4096})),
+        Some(4096)
+    );
+    assert_eq!(
+        w(serde_json::json!({"model_type": "mistral", "sliding_window": null})),
+        None
+    );
+    let q = serde_json::json!({"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": true});
+    assert_eq!(w(q), Some(32));
+    let q = serde_json::json!({"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": false});
+    assert_eq!(w(q), None);
+}
