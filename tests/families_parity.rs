@@ -43,6 +43,10 @@ fn store(family: &str) -> WeightStore {
 
 /// The model with the fixture's initial adapter (every PEFT tensor has its qtune twin).
 fn model(family: &str, checkpoint: bool) -> models::transformer::Transformer {
+    model_of(&store(family), family, checkpoint)
+}
+
+fn model_of(s: &WeightStore, family: &str, checkpoint: bool) -> models::transformer::Transformer {
     let opts = LlamaOptions {
         lora: Some(LoraSpec {
             targets: vec!["all-linear".into()],
@@ -54,7 +58,7 @@ fn model(family: &str, checkpoint: bool) -> models::transformer::Transformer {
         ce_chunk: 7,
         ..LlamaOptions::default()
     };
-    let m = models::open(&store(family), opts).unwrap();
+    let m = models::open(s, opts).unwrap();
     let init = load_st(&dir(family).join("adapter_init.safetensors"));
     let params = m.lora_params();
     assert_eq!(
@@ -126,7 +130,7 @@ fn ids_labels(j: &serde_json::Value) -> Tensor {
 fn llama3_rope_scaling() {
     let spec = models::spec_of(&store("llama3")).unwrap();
     assert!(matches!(spec.rope_scaling, RopeScaling::Llama3 { .. }));
-    // The frequencies transformers uses (one kept, one smoothed, two divided by the factor).
+    // The frequencies transformers uses (two kept, one smoothed, one divided by the factor).
     let want: Vec<f32> = serde_json::from_value(expected("llama3")["inv_freq"].clone()).unwrap();
     // (transformers' smoothing rounds one f32 operation differently: within an ulp)
     for (g, w) in spec.inv_freq().iter().zip(&want) {
@@ -235,4 +239,35 @@ fn family_config_keys() {
     assert_eq!(w(q), Some(32));
     let q = serde_json::json!({"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": false});
     assert_eq!(w(q), None);
+}
+
+/// The GGUFs llama.cpp's converter wrote from the same models (tests/reference/gen_families_gguf.py):
+/// Llama 3.1's `rope_freqs.weight`, Qwen2's `qwen2` architecture (biases, rows unpermuted) and the
+/// tied head give transformers + PEFT's logits with the fixture's adapter.
+#[test]
+fn llama_cpp_ggufs_give_the_same_logits() {
+    for family in ["llama3", "qwen2", "tied"] {
+        let g = WeightStore::open(&dir(family).join("llama_cpp_f32.gguf")).unwrap();
+        let spec = models::spec_of(&g).unwrap();
+        match family {
+            "llama3" => assert!(matches!(spec.rope_scaling, RopeScaling::Factors(_))),
+            "qwen2" => assert_eq!(spec.arch, "qwen2"),
+            _ => assert!(g.get("output.weight").is_none()),
+        }
+        let j = expected(family);
+        let ids = ids(&j, "input_ids").to_dtype(DType::U32).unwrap();
+        let mask = ids_mask(&j);
+        let m = model_of(&g, family, true);
+        let logits = m.forward(&ids, Some(&mask)).unwrap();
+        let r = rel(
+            &logits,
+            &load_st(&dir(family).join("logits.safetensors"))["logits"],
+        );
+        eprintln!("{family} GGUF (llama.cpp's converter) + adapter: logits rel {r:.2e}");
+        assert!(r < 1e-5, "{family} GGUF: logits rel error {r:e}");
+    }
+}
+
+fn ids_mask(j: &serde_json::Value) -> Tensor {
+    ids(j, "attention_mask").to_dtype(DType::U32).unwrap()
 }

@@ -32,12 +32,13 @@ COMMON = dict(vocab_size=300,  # gen_llama_fixtures.py's byte-level BPE tokenize
               bos_token_id=1, eos_token_id=2, torch_dtype="float32")
 
 FAMILIES = {
-    # Llama 3.1-style rotary: head dim 8 -> 4 frequencies, wavelengths 6.3, 167, 4443, 118k;
-    # with original 512, low 1, high 4: one kept, one smoothed, two divided by the factor.
+    # Llama 3.1's rotary: head dim 8 -> 4 frequencies, wavelengths 6.3, 167, 4443, 118k; with
+    # original 8192, low 1, high 4: two kept, one smoothed, one divided by the factor. (8192 is
+    # Llama 3.1's value and the one llama.cpp's converter assumes: it does not read the key.)
     "llama3": (LlamaConfig, LlamaForCausalLM, dict(
-        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=16384,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=512))),
+                          original_max_position_embeddings=8192))),
     # Qwen2.5-0.5B-style: q/k/v biases, tied head, the sliding-window keys with the window off.
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
