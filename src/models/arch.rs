@@ -75,6 +75,28 @@ pub enum Role {
     Down,
 }
 
+/// Rotary frequencies beyond the plain `1/θ^(2i/D)`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RopeScaling {
+    /// Plain rotary.
+    #[default]
+    None,
+    /// Llama 3.1's `rope_scaling` (`rope_type: llama3`), computed as transformers'
+    /// `_compute_llama3_parameters` does, in f32.
+    Llama3 {
+        /// `factor` (8 in Llama 3.1).
+        factor: f32,
+        /// `low_freq_factor`.
+        low_freq_factor: f32,
+        /// `high_freq_factor`.
+        high_freq_factor: f32,
+        /// `original_max_position_embeddings`.
+        original_max: f32,
+    },
+    /// llama.cpp's `rope_freqs.weight`: each plain frequency divided by its factor (`(D/2,)`).
+    Factors(Vec<f32>),
+}
+
 /// An architecture's adaptable linears: (PEFT name, module group, llama.cpp name), attention
 /// first, then the MLP, in the order of [`Spec::roles`].
 pub type Projections = &'static [(&'static str, &'static str, &'static str)];
@@ -147,8 +169,17 @@ pub struct Spec {
     pub mlp: Mlp,
     /// Residual wiring.
     pub residual: Residual,
-    /// Linears carry biases (`<stem>.bias`).
-    pub bias: bool,
+    /// Rotary scaling of the frequencies.
+    pub rope_scaling: RopeScaling,
+    /// A GGUF's q/k rows carry llama.cpp's rotary permutation (its `llama` family; not `qwen2`,
+    /// which llama.cpp runs with NeoX rotary on unpermuted rows).
+    pub gguf_qk_permuted: bool,
+    /// The linears (by role) that carry biases (`<stem>.bias`).
+    pub bias: &'static [Role],
+    /// Sliding-window attention of this many tokens: decoding (generation) applies the window
+    /// mask; the training forward and the plan refuse longer sequences (up to the window the mask
+    /// is the causal one).
+    pub sliding_window: Option<usize>,
     /// Without a stored head, the embedding is the head (else a missing head is an error).
     pub tied_head: bool,
 }
@@ -165,6 +196,55 @@ impl Spec {
             Mlp::Gelu => &[Role::Up, Role::Down],
         });
         r
+    }
+
+    /// Does linear `pi` carry a bias?
+    pub fn has_bias(&self, pi: usize) -> bool {
+        self.bias.contains(&self.roles()[pi])
+    }
+
+    /// The rotary inverse frequencies `(D/2,)` in f32, as transformers computes them.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let plain =
+            (0..d / 2).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32));
+        match &self.rope_scaling {
+            RopeScaling::None => plain.collect(),
+            RopeScaling::Factors(f) => plain.zip(f).map(|(p, f)| p / f).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max: old,
+            } => {
+                // transformers' f32 tensor arithmetic, term by term.
+                let (low_wl, high_wl) = (old / lo, old / hi);
+                plain
+                    .map(|f| {
+                        let wl = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wl > low_wl { f / factor } else { f };
+                        if wl < high_wl || wl > low_wl {
+                            return scaled;
+                        }
+                        let s = (old / wl - lo) / (hi - lo);
+                        (1.0 - s) * scaled / factor + s * scaled
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Refuses `t` positions beyond the sliding window (`what` names the setting in the message).
+    pub fn check_window(&self, t: usize) -> Result<()> {
+        match self.sliding_window {
+            Some(w) if t > w => Err(Error::Invalid(format!(
+                "{} attends within a sliding window of {w} tokens and qtune's training forward does \
+                 not implement the window mask: a sequence of {t} positions is refused; use \
+                 --seq-len {w} or less",
+                self.label
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Index of the linear named `proj` (PEFT name).
@@ -233,6 +313,7 @@ impl Spec {
                 .collect()
         };
         match (self.roles()[pi], self.attention) {
+            (Role::Q | Role::K, _) if !self.gguf_qk_permuted => None,
             (Role::Q, _) => Some(permuted(self.heads)),
             (Role::K, _) => Some(permuted(self.kv_heads)),
             (Role::Qkv, Attention::Fused(QkvLayout::MultiQuery)) => None,
@@ -363,14 +444,54 @@ impl<'a> HfKeys<'a> {
         self.cfg.get(key).and_then(|v| v.as_str())
     }
 
-    /// Refuses a non-null `rope_scaling` (plain rotary only, for now).
+    /// Refuses a non-null `rope_scaling` (plain rotary only).
     pub(crate) fn plain_rope(&self) -> Result<()> {
-        match self.cfg.get("rope_scaling") {
-            Some(s) if !s.is_null() => Err(self.bad(format!(
-                "rope_scaling {s} is not supported yet; only plain rotary embeddings are"
-            ))),
-            _ => Ok(()),
+        match self.rope_scaling()? {
+            RopeScaling::None => Ok(()),
+            _ => Err(self.bad("rope_scaling is not supported for this architecture".into())),
         }
+    }
+
+    /// `rope_scaling`: null, or Llama 3.1's `llama3` (`rope_type`, or the older `type`); any other
+    /// type is refused by name.
+    pub(crate) fn rope_scaling(&self) -> Result<RopeScaling> {
+        let s = match self.cfg.get("rope_scaling") {
+            Some(s) if !s.is_null() => s,
+            _ => return Ok(RopeScaling::None),
+        };
+        let ty = s.get("rope_type").or_else(|| s.get("type"));
+        match ty.and_then(|t| t.as_str()) {
+            Some("llama3") => {}
+            Some("default") => return Ok(RopeScaling::None),
+            t => {
+                return Err(self.bad(format!(
+                "rope_scaling type {t:?} is not supported; qtune reads plain rotary and 'llama3'"
+            )))
+            }
+        }
+        let num = |k: &str| {
+            s.get(k)
+                .and_then(|v| v.as_f64())
+                .map(|v| v as f32)
+                .ok_or_else(|| {
+                    self.bad(format!(
+                        "rope_scaling of type llama3 lacks the number '{k}'"
+                    ))
+                })
+        };
+        let (lo, hi) = (num("low_freq_factor")?, num("high_freq_factor")?);
+        let (factor, old) = (num("factor")?, num("original_max_position_embeddings")?);
+        if !(factor > 0.0 && lo > 0.0 && hi > lo && old > 0.0) {
+            return Err(self.bad(format!(
+                "rope_scaling {s}: needs factor > 0, 0 < low_freq_factor < high_freq_factor"
+            )));
+        }
+        Ok(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: lo,
+            high_freq_factor: hi,
+            original_max: old,
+        })
     }
 }
 
@@ -393,6 +514,7 @@ mod tests {
             rope_theta: 1e4,
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
+            family: Default::default(),
         }
         .spec(true);
         let rows = spec.gguf_rows(0).unwrap();

@@ -5,7 +5,9 @@
 //! word embeddings. Its config-key zoo and [`Spec`]; everything else is the shared
 //! [`Transformer`](super::transformer::Transformer).
 pub use super::arch::QkvLayout;
-use super::arch::{self, Architecture, Attention, HfKeys, Mlp, Names, NormKind, Residual, Spec};
+use super::arch::{
+    self, Architecture, Attention, HfKeys, Mlp, Names, NormKind, Residual, Role, Spec,
+};
 pub use super::options::LlamaOptions as FalconOptions;
 use crate::store::WeightStore;
 use crate::Result;
@@ -110,7 +112,14 @@ impl Architecture for FalconConfig {
             } else {
                 Residual::Sequential
             },
-            bias: self.bias,
+            rope_scaling: arch::RopeScaling::None,
+            gguf_qk_permuted: false,
+            bias: if self.bias {
+                &[Role::Qkv, Role::O, Role::Up, Role::Down]
+            } else {
+                &[]
+            },
+            sliding_window: None,
             // A separate lm_head appears only in GGUF files whose converter wrote `output`.
             tied_head: true,
         }

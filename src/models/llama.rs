@@ -1,8 +1,11 @@
-//! Llama (LlamaForCausalLM, and Mistral-style GQA without a sliding window): RMSNorm, split q/k/v/o
-//! with llama.cpp's Q/K row permutation in GGUF files, rotate-half rotary, SwiGLU MLP, sequential
-//! residual, optionally tied head. Its config reader and [`Spec`]; everything else is the shared
+//! The Llama family: Llama 1-3 (Llama 3.1's `llama3` rotary scaling, or llama.cpp's
+//! `rope_freqs.weight`), Mistral (a sliding window: longer sequences refused), Qwen2 (q/k/v biases,
+//! GGUF rows unpermuted), SmolLM2/TinyLlama (tied head). RMSNorm, split q/k/v/o, rotate-half rotary,
+//! SwiGLU MLP, sequential residual. Its config reader and [`Spec`]; everything else is the shared
 //! [`Transformer`](super::transformer::Transformer).
-use super::arch::{self, Architecture, Attention, HfKeys, Mlp, Names, NormKind, Residual, Spec};
+use super::arch::{
+    self, Architecture, Attention, HfKeys, Mlp, Names, NormKind, Residual, Role, RopeScaling, Spec,
+};
 pub use super::options::{LlamaOptions, LoraSpec};
 use crate::store::WeightStore;
 use crate::Result;
@@ -47,6 +50,19 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// lm_head shares the token embedding.
     pub tie_word_embeddings: bool,
+    /// What sets this member of the family apart.
+    pub family: Family,
+}
+
+/// A member of the Llama family: what differs from Llama 2.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Family {
+    /// Qwen2: biases on q/k/v, GGUF architecture `qwen2` (rows not permuted).
+    pub qwen2: bool,
+    /// Rotary scaling (Llama 3.1).
+    pub rope_scaling: RopeScaling,
+    /// Mistral v0.1's / Qwen2's (when used) sliding window.
+    pub sliding_window: Option<usize>,
 }
 
 impl Architecture for LlamaConfig {
@@ -63,9 +79,10 @@ impl Architecture for LlamaConfig {
             attn_norm: "input_layernorm",
             mlp_norm: Some("post_attention_layernorm"),
         };
+        let qwen2 = self.family.qwen2;
         Spec {
-            arch: "llama",
-            label: "Llama",
+            arch: if qwen2 { "qwen2" } else { "llama" },
+            label: if qwen2 { "Qwen2" } else { "Llama" },
             gguf,
             names: if gguf { arch::GGUF_NAMES } else { hf },
             hf_layer: HF_LAYER,
@@ -83,7 +100,14 @@ impl Architecture for LlamaConfig {
             attention: Attention::Split,
             mlp: Mlp::SwiGlu,
             residual: Residual::Sequential,
-            bias: false,
+            rope_scaling: self.family.rope_scaling.clone(),
+            gguf_qk_permuted: !qwen2,
+            bias: if qwen2 {
+                &[Role::Q, Role::K, Role::V]
+            } else {
+                &[]
+            },
+            sliding_window: self.family.sliding_window,
             // llama.cpp drops `output.weight` when the head is tied.
             tied_head: self.tie_word_embeddings || gguf,
         }
@@ -96,13 +120,23 @@ impl LlamaConfig {
         let k = HfKeys::new(cfg, path);
         if let Some(t) = k
             .str("model_type")
-            .filter(|t| !matches!(*t, "llama" | "mistral"))
+            .filter(|t| !matches!(*t, "llama" | "mistral" | "qwen2"))
         {
             return Err(k.bad(format!(
-                "model_type '{t}' is not a Llama; qtune's Llama loader reads llama models"
+                "model_type '{t}' is not a Llama; qtune's Llama loader reads llama, mistral and qwen2"
             )));
         }
-        k.plain_rope()?;
+        let qwen2 = k.str("model_type") == Some("qwen2");
+        // Mistral: `sliding_window` (null from v0.2); Qwen2: only with `use_sliding_window`.
+        let window = match qwen2 {
+            true if !k.flag("use_sliding_window", false) => None,
+            _ => k.int(&["sliding_window"]),
+        };
+        let family = Family {
+            qwen2,
+            rope_scaling: k.rope_scaling()?,
+            sliding_window: window,
+        };
         for b in ["attention_bias", "mlp_bias"] {
             if k.flag(b, false) {
                 return Err(k.bad(format!(
@@ -123,6 +157,7 @@ impl LlamaConfig {
             rope_theta: k.float("rope_theta", 10000.0),
             rms_norm_eps: k.float("rms_norm_eps", 1e-6),
             tie_word_embeddings: k.flag("tie_word_embeddings", false),
+            family,
         };
         c.check().map_err(|m| k.bad(m))?;
         Ok(c)
@@ -131,7 +166,12 @@ impl LlamaConfig {
     /// From GGUF `llama.*` metadata; the vocabulary size falls back to `token_embd`'s rows and the
     /// tie to the absence of `output.weight` (both as llama.cpp reads them).
     pub fn from_gguf(store: &WeightStore) -> Result<Self> {
-        let g = super::GgufHparams::new(store, "llama", "Llama")?;
+        let arch = super::gguf_arch(store);
+        let qwen2 = arch == Some("qwen2");
+        let g = match qwen2 {
+            true => super::GgufHparams::new(store, "qwen2", "Llama-family")?,
+            false => super::GgufHparams::new(store, "llama", "Llama")?,
+        };
         let hidden = g.int("embedding_length")?;
         let heads = g.int("attention.head_count")?;
         let embd = g.embedding()?;
@@ -148,6 +188,11 @@ impl LlamaConfig {
             rope_theta: g.float("rope.freq_base").unwrap_or(10000.0),
             rms_norm_eps: g.float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             tie_word_embeddings: store.get("output.weight").is_none(),
+            family: Family {
+                qwen2,
+                rope_scaling: g.rope_freqs()?,
+                sliding_window: None,
+            },
         };
         c.check().map_err(|m| g.corrupt(m))?;
         Ok(c)

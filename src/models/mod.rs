@@ -24,6 +24,7 @@ pub use transformer::Transformer;
 use crate::format::gguf::{self, Value};
 use crate::lora::QLinear;
 use crate::nn::{self, fused};
+use crate::quant::QType;
 use crate::store::{SourceFormat, StoredTensor, WeightStore};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -94,6 +95,11 @@ impl<C> std::ops::DerefMut for Model<C> {
 
 /// A GGUF's `<arch>.*` hyper-parameters as llama.cpp writes them (keys given without the prefix);
 /// every error names the file.
+/// A GGUF's `general.architecture`.
+pub(crate) fn gguf_arch(store: &WeightStore) -> Option<&str> {
+    gguf::find(&store.gguf_metadata, "general.architecture").and_then(Value::as_str)
+}
+
 pub(crate) struct GgufHparams<'a> {
     store: &'a WeightStore,
     arch: &'static str,
@@ -111,6 +117,40 @@ impl<'a> GgufHparams<'a> {
             )));
         }
         Ok(h)
+    }
+
+    /// llama.cpp's `rope_freqs.weight` (`(D/2,)` frequency divisors of Llama 3.1), if present.
+    pub(crate) fn rope_freqs(&self) -> Result<arch::RopeScaling> {
+        let Some(t) = self.store.get("rope_freqs.weight") else {
+            return Ok(arch::RopeScaling::None);
+        };
+        let half = self.int("rope.dimension_count").map_or_else(
+            |_| {
+                Ok::<_, Error>(
+                    self.int("embedding_length")? / self.int("attention.head_count")?.max(1),
+                )
+            },
+            Ok,
+        )? / 2;
+        if t.shape != [half] || !matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16) {
+            return Err(Error::Shape {
+                path: self.store.path.clone(),
+                tensor: t.name.clone(),
+                msg: format!(
+                    "must be a float vector of head_dim/2 = {half}, found {} {:?}",
+                    t.qtype.name(),
+                    t.shape
+                ),
+            });
+        }
+        let mut f = vec![0f32; half];
+        t.matrix().dequant_tile(0, 1, 0, half, &mut f);
+        if f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+            return Err(self.corrupt(
+                "rope_freqs.weight holds a factor that is not positive and finite".into(),
+            ));
+        }
+        Ok(arch::RopeScaling::Factors(f))
     }
 
     /// An error about the file's content.
@@ -316,14 +356,13 @@ pub(crate) fn rope_and_bias(
     b: usize,
     t: usize,
     mask: Option<&Tensor>,
-    head_dim: usize,
-    theta: f64,
+    inv_freq: &[f32],
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     // The rotary tables stay on the host: the fused rope op reads them as host constants on any
     // device (its CUDA launcher uploads them), so a device copy would cost a download per call.
-    let (cos, sin) = nn::rope_tables(t, head_dim, theta, dtype).map_err(cerr("rotary tables"))?;
+    let (cos, sin) = nn::rope_tables_of(t, inv_freq, dtype).map_err(cerr("rotary tables"))?;
     let bias = nn::attention_bias(mask, b, t)
         .and_then(|x| x.to_device(device))
         .map_err(cerr("attention mask"))?;

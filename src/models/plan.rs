@@ -79,6 +79,8 @@ impl MemoryPlan {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
+        // A sequence past a sliding window is refused before anything is loaded or planned.
+        spec.check_window(seq)?;
         let mut weights = 0;
         for t in &store.tensors {
             let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);

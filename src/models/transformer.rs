@@ -189,7 +189,7 @@ impl Transformer {
                 }
                 let rows = if spec.gguf { spec.gguf_rows(pi) } else { None };
                 let w = load_linear(store, stored, rows.as_deref(), opts.quant)?;
-                let bias = if spec.bias {
+                let bias = if spec.has_bias(pi) {
                     let b = name.strip_suffix(".weight").unwrap_or(&name);
                     Some(vec_of(&format!("{b}.bias"), out_f, &opts.device)?)
                 } else {
@@ -328,12 +328,17 @@ impl Transformer {
     /// angles of positions `pos..pos+t`, and a `(1, 1, t, pos+t)` causal bias over all keys).
     pub fn decode_ctx(&self, pos: usize, t: usize) -> Result<Ctx> {
         let (n, s) = (self.prefix_len(), pos + t);
-        let (hd, theta) = (self.spec.head_dim, self.spec.rope_theta);
-        let (cos, sin) = nn::rope_tables(n + s, hd, theta, self.opts.dtype)
+        let (cos, sin) = nn::rope_tables_of(n + s, &self.spec.inv_freq(), self.opts.dtype)
             .and_then(|(cos, sin)| Ok((cos.narrow(0, n + pos, t)?, sin.narrow(0, n + pos, t)?)))
             .map_err(self.cerr("rotary tables"))?;
+        // A sliding window (Mistral) hides keys `window` or more positions back, as transformers'
+        // mask does (`j <= i - window`); the cache keeps them.
+        let w = self.spec.sliding_window.unwrap_or(usize::MAX);
+        let seen = move |i: usize, j: usize| j <= i && i - j < w;
         let bias: Vec<f32> = (0..t)
-            .flat_map(|i| (0..n + s).map(move |j| if j <= n + pos + i { 0.0 } else { f32::MIN }))
+            .flat_map(|i| {
+                (0..n + s).map(move |j| if seen(n + pos + i, j) { 0.0 } else { f32::MIN })
+            })
             .collect();
         let bias =
             Tensor::from_vec(bias, (1, 1, t, n + s), &Device::Cpu).map_err(self.cerr("mask"))?;
@@ -606,10 +611,10 @@ impl super::Decoder for Transformer {
     }
     fn ctx(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Ctx> {
         let (np, nk) = (self.prompt_rows(), self.prefix_len());
-        let (hd, theta, dt) = (self.spec.head_dim, self.spec.rope_theta, self.opts.dtype);
+        let (inv, dt) = (self.spec.inv_freq(), self.opts.dtype);
+        self.spec.check_window(nk + np + t)?;
         if np == 0 && nk == 0 {
-            let (cos, sin, bias) =
-                super::rope_and_bias(b, t, mask, hd, theta, dt, &self.opts.device)?;
+            let (cos, sin, bias) = super::rope_and_bias(b, t, mask, &inv, dt, &self.opts.device)?;
             return Ok(Ctx { cos, sin, bias });
         }
         // Prompt rows are real positions (unmasked); a KV prefix shifts rotary by its length and
@@ -623,7 +628,7 @@ impl super::Decoder for Transformer {
                 }
                 m => m.cloned(),
             };
-            let (cos, sin) = nn::rope_tables(nk + t2, hd, theta, dt)?;
+            let (cos, sin) = nn::rope_tables_of(nk + t2, &inv, dt)?;
             let (cos, sin) = (cos.narrow(0, nk, t2)?, sin.narrow(0, nk, t2)?);
             let mut bias = nn::attention_bias(mask.as_ref(), b, t2)?;
             if nk > 0 {

@@ -222,6 +222,12 @@ pub fn rope_tables(
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();
+    rope_tables_of(t, &inv, dtype)
+}
+
+/// [`rope_tables`] from given inverse frequencies `(D/2,)` (scaled rotary: Llama 3.1).
+pub fn rope_tables_of(t: usize, inv: &[f32], dtype: DType) -> Result<(Tensor, Tensor)> {
+    let half = inv.len();
     let ang: Vec<f32> = (0..t)
         .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
         .collect();

@@ -104,5 +104,6 @@ pub(super) fn shape_dims(config: &serde_json::Value, path: &Path) -> Result<Llam
         rope_theta: f.rope_theta,
         rms_norm_eps: f.layer_norm_eps,
         tie_word_embeddings: true,
+        family: Default::default(),
     })
 }
