@@ -281,7 +281,10 @@ pub fn quant_q4_0(src: &[f32], dst: &mut [u8]) {
         let d = max / -8.0;
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let q = |v: f32| ((v as f64 * id as f64 + 8.5).trunc() as f32 as u8).min(15);
+        // gguf-py's rounding: the product and the offset in f64, then to f32 BEFORE truncating
+        // (`np.trunc(.., dtype=np.float32)`): a value just under a code boundary in f64 that
+        // rounds up to it in f32 takes the upper code (seen on f16-stored Falcon weights).
+        let q = |v: f32| (((v as f64 * id as f64 + 8.5) as f32).trunc() as u8).min(15);
         for j in 0..16 {
             b[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
         }
