@@ -143,7 +143,12 @@ pub fn run(mut a: Args) -> Result<()> {
     a.model = qtune::store::hub::resolve_model(&a.model, a.gguf_file.as_deref())?;
     let store = WeightStore::open(&a.model)?;
     let cfg = BaseConfig::from_store(&store)?;
+    let prompt_dir = a.adapter.as_ref().filter(|p| {
+        qtune::lora::prompt::peft_type_of(p)
+            .is_some_and(|t| qtune::lora::prompt::is_prompt_type(&t))
+    });
     let adapter = match &a.adapter {
+        Some(_) if prompt_dir.is_some() => None,
         Some(p) => Some(
             Adapter::load(p, &cfg).with_context(|| format!("reading adapter {}", p.display()))?,
         ),
@@ -173,14 +178,15 @@ pub fn run(mut a: Args) -> Result<()> {
                 .ok_or_else(|| anyhow!("--quant {q}: use q4_0, q8_0, q4_k, q6_k or nf4"))?,
         ),
     };
-    let mut g = Generator::with_options(
-        &store,
-        adapter.as_ref(),
-        qtune::models::LlamaOptions {
-            quant,
-            ..Default::default()
-        },
-    )?;
+    let lopts = qtune::models::LlamaOptions {
+        quant,
+        ..Default::default()
+    };
+    let mut g = match prompt_dir {
+        Some(dir) => Generator::with_prompt(&store, dir, lopts)
+            .with_context(|| format!("reading adapter {}", dir.display()))?,
+        None => Generator::with_options(&store, adapter.as_ref(), lopts)?,
+    };
     g.set_int8_activations(!a.exact);
     let eos = if a.ignore_eos {
         vec![]

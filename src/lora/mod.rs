@@ -4,6 +4,7 @@
 pub mod adapter;
 #[allow(clippy::module_inception)]
 pub mod lora;
+pub mod prompt;
 pub mod qlinear;
 
 pub mod seam;

@@ -218,7 +218,8 @@ pub trait Decoder {
     /// Gradient checkpointing per layer in training.
     fn checkpoint(&self) -> bool;
     /// Rows a sequence-level adapter puts before the tokens (prompt tuning; 0: none): the
-    /// embedding and every layer see `N + T` positions, the head the last `T`.
+    /// embedding and every layer see `N + T` positions, the loss the last `T + 1` (the last
+    /// virtual row predicts the first token), the logits of `forward` the last `T`.
     fn prompt_len(&self) -> usize {
         0
     }
@@ -328,7 +329,39 @@ fn targets(labels: &Tensor, b: usize, t: usize) -> Result<Vec<i64>> {
         .collect())
 }
 
-/// Final hidden states `(B, T, C)` before the last norm, with the graph.
+/// With prompt rows (N > 0) the head reads positions N-1..N+T-1: the last virtual row predicts
+/// the first token (PEFT prepends N labels of -100 and shifts), so row `b*(T+1) + j` predicts
+/// `labels[b, j]` (j < T) and the last row nothing. Without: [`targets`] over `T` rows.
+fn head_targets<M: Decoder>(
+    m: &M,
+    labels: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<(Vec<i64>, usize)> {
+    if m.prompt_len() == 0 {
+        return Ok((targets(labels, b, t)?, t));
+    }
+    targets(labels, b, t)?; // the shape check
+    let l = labels
+        .to_dtype(DType::I64)
+        .and_then(|x| x.flatten_all()?.to_vec1::<i64>())
+        .map_err(cerr("labels"))?;
+    let tg = (0..b * (t + 1))
+        .map(|n| (n / (t + 1), n % (t + 1)))
+        .map(|(r, j)| if j < t { l[r * t + j] } else { -100 })
+        .collect();
+    Ok((tg, t + 1))
+}
+
+/// The rows of `x (B, N + T, C)` the head reads for the loss (see [`head_targets`]).
+fn head_rows<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
+    match m.prompt_len() {
+        0 => Ok(x),
+        n => x.narrow(1, n - 1, t + 1).map_err(cerr("prompt rows")),
+    }
+}
+
+/// Final hidden states `(B, N + T, C)` before the last norm (N prompt rows), with the graph.
 fn hidden<M: Decoder>(
     m: &M,
     ids: &Tensor,
@@ -355,7 +388,7 @@ fn hidden_with<M: Decoder>(
             x = x.detach();
         }
     }
-    drop_prompt(m, x, t)
+    Ok(x)
 }
 
 /// [`CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
@@ -366,9 +399,9 @@ pub fn eval_loss<M: Decoder>(
     labels: &Tensor,
 ) -> Result<f32> {
     let (b, t, _) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
-    let x = hidden_with(m, ids, mask, None, true)?;
-    loss_of(m, &x, &tg, b, t)?
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden_with(m, ids, mask, None, true)?, t)?;
+    loss_of(m, &x, &tg, b, th)?
         .to_dtype(DType::F32)
         .and_then(|l| l.to_scalar::<f32>())
         .map_err(cerr("loss"))
@@ -384,7 +417,8 @@ fn drop_prompt<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
 
 /// [`CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
 pub fn forward<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let x = hidden(m, ids, mask, None)?;
+    let (_, t, _) = check_batch(ids)?;
+    let x = drop_prompt(m, hidden(m, ids, mask, None)?, t)?;
     m.final_norm(&x)
         .and_then(|x| m.lm_head().forward(&x))
         .and_then(|l| l.to_dtype(DType::F32))
@@ -414,9 +448,9 @@ pub fn loss<M: Decoder>(
     labels: &Tensor,
 ) -> Result<Tensor> {
     let (b, t, _) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
-    let x = hidden(m, ids, mask, None)?;
-    loss_of(m, &x, &tg, b, t)
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden(m, ids, mask, None)?, t)?;
+    loss_of(m, &x, &tg, b, th)
 }
 
 /// Adds the gradients in `grads` of the adapter tensors of `layer` (None: all) and of the
@@ -460,10 +494,10 @@ pub fn train_grads<M: Decoder>(
 ) -> Result<(f32, HashMap<String, Tensor>)> {
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
+    let (tg, th) = head_targets(m, labels, b, t)?;
     if !m.checkpoint() {
-        let x = hidden(m, ids, mask, key)?;
-        let loss = loss_of(m, &x, &tg, b, t)?;
+        let x = head_rows(m, hidden(m, ids, mask, key)?, t)?;
+        let loss = loss_of(m, &x, &tg, b, th)?;
         let grads = loss.backward().map_err(cerr("backward"))?;
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
@@ -495,8 +529,8 @@ pub fn train_grads<M: Decoder>(
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
-    let xl = Var::from_tensor(&drop_prompt(m, x.clone(), t)?).map_err(cerr("head"))?;
-    let loss_t = loss_of(m, xl.as_tensor(), &tg, b, t)?;
+    let xl = Var::from_tensor(&head_rows(m, x.clone(), t)?).map_err(cerr("head"))?;
+    let loss_t = loss_of(m, xl.as_tensor(), &tg, b, th)?;
     let loss = loss_t.to_scalar::<f32>().map_err(cerr("loss"))?;
     let mut g = loss_t
         .backward()
@@ -505,10 +539,10 @@ pub fn train_grads<M: Decoder>(
         .map(|g| g.detach())
         .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
     drop(loss_t);
-    if m.prompt_len() > 0 {
-        // The prompt rows get no gradient from the head: zeros before the tokens' rows.
+    if m.prompt_len() > 1 {
+        // The head reads the last prompt row and the tokens': zeros before them.
         let z = x
-            .narrow(1, 0, m.prompt_len())
+            .narrow(1, 0, m.prompt_len() - 1)
             .and_then(|p| p.zeros_like())
             .and_then(|z| Tensor::cat(&[&z, &g], 1))
             .map_err(cerr("prompt rows"))?;

@@ -245,6 +245,15 @@ impl Transformer {
         &self.lm_head
     }
 
+    /// Installs a fresh prompt-learning adapter `p` (prompt tuning, P-tuning, prefix tuning) as the
+    /// sequence-level hooks, in the load options' dtype and device; refused where PEFT cannot run
+    /// it (prefix tuning on Falcon).
+    pub fn install_prompt(&mut self, p: &crate::lora::prompt::PromptSpec) -> Result<()> {
+        let a = prompt_adapter(p, &self.spec, &self.embed, &self.opts, &self.path)?;
+        self.hooks = Some(a);
+        Ok(())
+    }
+
     /// Installs the sequence-level adapter hooks (prompt rows, KV prefix).
     pub fn set_sequence_adapter(&mut self, hooks: Option<Box<dyn SequenceAdapter>>) {
         self.hooks = hooks;
@@ -316,8 +325,7 @@ impl Transformer {
     }
 
     fn prompt_rows(&self) -> usize {
-        let rows = self.hooks.as_ref().and_then(|h| h.prompt_rows());
-        rows.map_or(0, |r| r.dims().first().copied().unwrap_or(0))
+        self.hooks.as_ref().map_or(0, |h| h.prompt_len())
     }
 
     fn prefix_len(&self) -> usize {
@@ -326,6 +334,7 @@ impl Transformer {
 
     /// The per-call constants of a decode step: `t` new positions after `pos` cached ones (rotary
     /// angles of positions `pos..pos+t`, and a `(1, 1, t, pos+t)` causal bias over all keys).
+    /// With prompt rows, `pos` counts cache slots, rows included (see [`Self::decode_step`]).
     pub fn decode_ctx(&self, pos: usize, t: usize) -> Result<Ctx> {
         let (n, s) = (self.prefix_len(), pos + t);
         let (hd, theta) = (self.spec.head_dim, self.spec.rope_theta);
@@ -362,16 +371,31 @@ impl Transformer {
         cache: &mut Vec<Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let t = tokens.len();
-        let mut x = super::Decoder::embed(self, tokens, 1, t)?;
-        let ctx = self.decode_ctx(pos, t)?;
+        // Prompt rows (N) run before the first tokens and stay in the cache: the tokens sit at
+        // cache slots N + pos.. after them.
+        let np = self.prompt_rows();
+        let (mut x, ctx) = if np > 0 && pos == 0 {
+            (
+                super::Decoder::embed(self, tokens, 1, t)?,
+                self.decode_ctx(0, np + t)?,
+            )
+        } else {
+            let (dt, dev) = (self.opts.dtype, &self.opts.device);
+            let x = super::embed_rows(&self.embed, tokens, (1, t), dt, dev, &self.path)?;
+            (x, self.decode_ctx(np + pos, t)?)
+        };
         let n = self.layers.len();
         if cache.len() != n {
             *cache = vec![None; n];
         }
-        let mut run = || -> candle_core::Result<Tensor> {
+        let run = || -> candle_core::Result<Tensor> {
             for (li, slot) in cache.iter_mut().enumerate() {
                 x = self.layer_cached(li, &x, &ctx, slot)?;
             }
+            let x = match x.dim(1)? {
+                n if n > t => x.narrow(1, n - t, t)?,
+                _ => x,
+            };
             let x = super::Decoder::final_norm(self, &x)?;
             self.base_fwd(&self.lm_head, &x)?
                 .squeeze(0)?
@@ -514,6 +538,48 @@ impl Transformer {
             }
         }
     }
+}
+
+/// The prompt-learning adapter `p` on a model of `spec` (its TEXT init reads rows of `embed`);
+/// prefix tuning is refused on Falcon as PEFT 0.13.2 cannot run it.
+fn prompt_adapter(
+    p: &crate::lora::prompt::PromptSpec,
+    spec: &Spec,
+    embed: &StoredTensor,
+    opts: &LlamaOptions,
+    path: &std::path::Path,
+) -> Result<Box<dyn SequenceAdapter>> {
+    use crate::lora::prompt::{PromptAdapter, PromptDims, PromptMethod};
+    if matches!(p.method, PromptMethod::PrefixTuning(_)) && spec.arch == "falcon" {
+        return Err(Error::Invalid(format!(
+            "prefix tuning on Falcon ({}): PEFT 0.13.2 cannot run it (FalconConfig names its KV \
+             head count num_kv_heads, so PEFT sizes the prefix for {} heads while the model's \
+             cache holds {}, and transformers fails in DynamicCache.update), so no PEFT adapter \
+             could load what qtune trained; use --method prompt-tuning, p-tuning or lora on Falcon",
+            path.display(),
+            spec.heads,
+            spec.kv_heads
+        )));
+    }
+    let dims = PromptDims {
+        layers: spec.layers,
+        hidden: spec.hidden,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+    };
+    let rows = |ids: &[u32]| {
+        let x = super::embed_rows(embed, ids, (1, ids.len()), DType::F32, &Device::Cpu, path)?;
+        x.squeeze(0)
+            .map_err(|e| Error::Invalid(format!("prompt init rows: {e}")))
+    };
+    Ok(Box::new(PromptAdapter::new(
+        p,
+        dims,
+        rows,
+        opts.dtype,
+        &opts.device,
+    )?))
 }
 
 /// q `(B, H, T, D)`, k and v `(B, KVH, T, D)` from a fused projection `(B, T, (H+2KVH)·D)`.
@@ -752,12 +818,12 @@ mod tests {
         assert_eq!(m.prompt_len(), 3);
         let got = m.forward(&row(&ids), None).unwrap();
         assert!(rel(&got, &want) < 1e-5, "prompt rows: {}", rel(&got, &want));
-        // Labels: the ids' own shifted targets; on the full sequence, the prompt predicts nothing
-        // and the first id is not predicted.
+        // Labels: the ids' own; on the full sequence the prompt tokens are -100.
         let lab = |v: &[i64]| Tensor::new(v, &dev).unwrap().unsqueeze(0).unwrap();
         let ids_lab: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let mut full_lab = vec![-100i64; p.len() + 1];
-        full_lab.extend(&ids_lab[1..]);
+        // PEFT's convention: the last prompt row predicts the first id.
+        let mut full_lab = vec![-100i64; p.len()];
+        full_lab.extend(&ids_lab);
         let (l_rows, _) = m.train_grads(&row(&ids), None, &lab(&ids_lab)).unwrap();
         same_grads_with_and_without_checkpointing(&mut m, &row(&ids), &lab(&ids_lab));
         m.set_sequence_adapter(None);
