@@ -435,3 +435,68 @@ fn generate_with_prompt_adapters_matches_the_forward() {
         assert!(r < 1e-5, "{m}: {r}");
     }
 }
+
+fn spec(
+    method: qtune::lora::prompt::PromptMethod,
+    n: usize,
+    h: usize,
+) -> qtune::lora::prompt::PromptSpec {
+    qtune::lora::prompt::PromptSpec {
+        method,
+        num_virtual_tokens: n,
+        encoder_hidden_size: h,
+        init_ids: None,
+        init_text: None,
+        seed: 0,
+    }
+}
+
+/// The plan of a prompt-tuning run is the frozen model's at N more positions plus the rows; a KV
+/// prefix adds attention terms and its parameters.
+#[test]
+fn memory_plan_counts_the_virtual_tokens_and_the_prefix() {
+    use qtune::lora::prompt::PromptMethod as M;
+    use qtune::models::MemoryPlan;
+    let store = qtune::store::WeightStore::open(&model("llama")).unwrap();
+    let opts = qtune::models::LlamaOptions::default();
+    let none = MemoryPlan::for_store(&store, &opts, 2, 32).unwrap();
+    let longer = MemoryPlan::for_store(&store, &opts, 2, 36).unwrap();
+    let pt = spec(M::PromptTuning, 4, 0);
+    let p = MemoryPlan::for_store_prompt(&store, &opts, Some(&pt), 2, 32).unwrap();
+    assert_eq!(p.recompute, longer.recompute);
+    assert_eq!(p.checkpoints, longer.checkpoints);
+    assert_eq!(p.adapters, 4 * 64 * 4);
+    let px = spec(M::PrefixTuning(false), 4, 0);
+    let q = MemoryPlan::for_store_prompt(&store, &opts, Some(&px), 2, 32).unwrap();
+    assert!(q.recompute > none.recompute);
+    assert_eq!(q.checkpoints, none.checkpoints);
+    assert_eq!(q.adapters, 4 * (2 * 2 * 32) * 4);
+}
+
+/// The plan's figures at the Llama-2-7B shape (NF4, seq 512, batch 1) for the README; run with
+/// `--ignored --nocapture` (generates the 7B synthetic weights, ~4 GB).
+#[test]
+#[ignore]
+fn plan_figures_at_7b() {
+    use qtune::lora::prompt::PromptMethod as M;
+    use qtune::models::MemoryPlan;
+    let cfg = qtune::train::bench::shape_config("llama-2-7b").unwrap();
+    let store = qtune::train::bench::synthetic_store(&cfg, qtune::quant::QType::NF4, 0).unwrap();
+    let opts = qtune::models::LlamaOptions {
+        dtype: candle_core::DType::BF16,
+        ..Default::default()
+    };
+    let mib = |b: usize| b as f64 / 1048576.0;
+    for (name, s) in [
+        ("prompt-tuning N=20", spec(M::PromptTuning, 20, 0)),
+        ("p-tuning N=20 H=4096", spec(M::PTuning, 20, 4096)),
+        ("prefix-tuning N=20", spec(M::PrefixTuning(false), 20, 0)),
+        (
+            "prefix-tuning N=20 projection H=512",
+            spec(M::PrefixTuning(true), 20, 512),
+        ),
+    ] {
+        let p = MemoryPlan::for_store_prompt(&store, &opts, Some(&s), 1, 512).unwrap();
+        println!("{name}: total {:.1} MiB\n{p}", mib(p.total()));
+    }
+}
