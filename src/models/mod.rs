@@ -277,6 +277,72 @@ pub(crate) fn embed_rows(
         .map_err(cerr("embedding"))
 }
 
+/// LayerNorm as torch's `nn.LayerNorm` over the last dim: `(x - mean) / sqrt(var + eps) * w + b`
+/// with the biased variance; statistics in f32, result in x's dtype. `w` and `b` are constants.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    // mu, var: (.., 1)
+    let mu = xf.mean_keepdim(candle_core::D::Minus1)?;
+    let xc = xf.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let y = nn::add_const(&nn::mul_const(&y, w)?, b)?;
+    y.to_dtype(dt)
+}
+
+/// The dimensions a prompt-learning adapter on a model of `spec` is shaped by.
+pub fn prompt_dims(spec: &arch::Spec) -> crate::lora::prompt::PromptDims {
+    crate::lora::prompt::PromptDims {
+        layers: spec.layers,
+        hidden: spec.hidden,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+    }
+}
+
+/// The prompt-learning adapter `p` on a model of `spec` (its TEXT init reads rows of `embed`);
+/// prefix tuning is refused on Falcon as PEFT 0.13.2 cannot run it.
+pub(crate) fn prompt_adapter(
+    p: &crate::lora::prompt::PromptSpec,
+    spec: &arch::Spec,
+    embed: &crate::store::StoredTensor,
+    opts: &LlamaOptions,
+    path: &std::path::Path,
+) -> Result<Box<dyn crate::lora::seam::SequenceAdapter>> {
+    use crate::lora::prompt::{PromptAdapter, PromptMethod};
+    if matches!(p.method, PromptMethod::PrefixTuning(_)) && spec.arch == "falcon" {
+        return Err(Error::Invalid(format!(
+            "prefix tuning on Falcon ({}): PEFT 0.13.2 cannot run it (FalconConfig names its KV \
+             head count num_kv_heads, so PEFT sizes the prefix for {} heads while the model's \
+             cache holds {}, and transformers fails in DynamicCache.update), so no PEFT adapter \
+             could load what qtune trained; use --method prompt-tuning, p-tuning or lora on Falcon",
+            path.display(),
+            spec.heads,
+            spec.kv_heads
+        )));
+    }
+    let dims = prompt_dims(spec);
+    let rows = |ids: &[u32]| {
+        let x = embed_rows(embed, ids, (1, ids.len()), DType::F32, &Device::Cpu, path)?;
+        x.squeeze(0)
+            .map_err(|e| Error::Invalid(format!("prompt init rows: {e}")))
+    };
+    Ok(Box::new(PromptAdapter::new(
+        p,
+        dims,
+        rows,
+        opts.dtype,
+        &opts.device,
+    )?))
+}
+
 /// Rotary tables `(T, D/2)` (host) and the attention bias `(B, 1, T, T)` (on `device`) of one call:
 /// the per-call constants of both architectures.
 pub(crate) fn rope_and_bias(

@@ -302,17 +302,11 @@ fn prompt_terms(
     prompt: Option<&crate::lora::prompt::PromptSpec>,
     spec: &Spec,
 ) -> (usize, usize, Vec<usize>) {
-    use crate::lora::prompt::{PromptDims, PromptMethod};
+    use crate::lora::prompt::PromptMethod;
     let Some(p) = prompt else {
         return (0, 0, Vec::new());
     };
-    let d = PromptDims {
-        layers: spec.layers,
-        hidden: spec.hidden,
-        heads: spec.heads,
-        kv_heads: spec.kv_heads,
-        head_dim: spec.head_dim,
-    };
+    let d = super::prompt_dims(spec);
     let numels = p
         .shapes(&d)
         .iter()

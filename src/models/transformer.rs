@@ -18,7 +18,7 @@ use crate::nn::{self, fused};
 use crate::quant::{dispatch, QType};
 use crate::store::{StoredTensor, WeightStore};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -245,11 +245,10 @@ impl Transformer {
         &self.lm_head
     }
 
-    /// Installs a fresh prompt-learning adapter `p` (prompt tuning, P-tuning, prefix tuning) as the
-    /// sequence-level hooks, in the load options' dtype and device; refused where PEFT cannot run
-    /// it (prefix tuning on Falcon).
+    /// Installs a fresh prompt-learning adapter `p` as the sequence-level hooks (load dtype and
+    /// device); refused where PEFT cannot run it (prefix tuning on Falcon).
     pub fn install_prompt(&mut self, p: &crate::lora::prompt::PromptSpec) -> Result<()> {
-        let a = prompt_adapter(p, &self.spec, &self.embed, &self.opts, &self.path)?;
+        let a = super::prompt_adapter(p, &self.spec, &self.embed, &self.opts, &self.path)?;
         self.hooks = Some(a);
         Ok(())
     }
@@ -430,7 +429,7 @@ impl Transformer {
     fn norm(&self, x: &Tensor, n: &Norm) -> candle_core::Result<Tensor> {
         match &n.b {
             None => fused::rms_norm(x, &n.w, self.spec.eps),
-            Some(b) => layer_norm(x, &n.w, b, self.spec.eps),
+            Some(b) => super::layer_norm(x, &n.w, b, self.spec.eps),
         }
     }
 
@@ -540,48 +539,6 @@ impl Transformer {
     }
 }
 
-/// The prompt-learning adapter `p` on a model of `spec` (its TEXT init reads rows of `embed`);
-/// prefix tuning is refused on Falcon as PEFT 0.13.2 cannot run it.
-fn prompt_adapter(
-    p: &crate::lora::prompt::PromptSpec,
-    spec: &Spec,
-    embed: &StoredTensor,
-    opts: &LlamaOptions,
-    path: &std::path::Path,
-) -> Result<Box<dyn SequenceAdapter>> {
-    use crate::lora::prompt::{PromptAdapter, PromptDims, PromptMethod};
-    if matches!(p.method, PromptMethod::PrefixTuning(_)) && spec.arch == "falcon" {
-        return Err(Error::Invalid(format!(
-            "prefix tuning on Falcon ({}): PEFT 0.13.2 cannot run it (FalconConfig names its KV \
-             head count num_kv_heads, so PEFT sizes the prefix for {} heads while the model's \
-             cache holds {}, and transformers fails in DynamicCache.update), so no PEFT adapter \
-             could load what qtune trained; use --method prompt-tuning, p-tuning or lora on Falcon",
-            path.display(),
-            spec.heads,
-            spec.kv_heads
-        )));
-    }
-    let dims = PromptDims {
-        layers: spec.layers,
-        hidden: spec.hidden,
-        heads: spec.heads,
-        kv_heads: spec.kv_heads,
-        head_dim: spec.head_dim,
-    };
-    let rows = |ids: &[u32]| {
-        let x = super::embed_rows(embed, ids, (1, ids.len()), DType::F32, &Device::Cpu, path)?;
-        x.squeeze(0)
-            .map_err(|e| Error::Invalid(format!("prompt init rows: {e}")))
-    };
-    Ok(Box::new(PromptAdapter::new(
-        p,
-        dims,
-        rows,
-        opts.dtype,
-        &opts.device,
-    )?))
-}
-
 /// q `(B, H, T, D)`, k and v `(B, KVH, T, D)` from a fused projection `(B, T, (H+2KVH)·D)`.
 fn split_qkv(
     y: &Tensor,
@@ -618,20 +575,6 @@ fn split_qkv(
     // (B, T, n, D) -> (B, n, T, D)
     let heads = |x: Tensor| x.transpose(1, 2)?.contiguous();
     Ok((heads(q)?, heads(k)?, heads(v)?))
-}
-
-/// LayerNorm as torch's `nn.LayerNorm` over the last dim: `(x - mean) / sqrt(var + eps) * w + b`
-/// with the biased variance; statistics in f32, result in x's dtype. `w` and `b` are constants.
-fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    // mu, var: (.., 1)
-    let mu = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mu)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let y = nn::add_const(&nn::mul_const(&y, w)?, b)?;
-    y.to_dtype(dt)
 }
 
 /// The shared blocks behind the checkpointed step, forward and loss in `models`.

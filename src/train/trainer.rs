@@ -291,7 +291,7 @@ impl<'a, O: Objective> Run<'a, O> {
         if let Some(p) = &pspec {
             model.install_prompt(p)?;
         }
-        let dims = prompt_dims(model.spec());
+        let dims = crate::models::prompt_dims(model.spec());
         let model: Box<dyn CausalLm> = Box::new(model);
         let params = model.lora_params();
         if let Some((dir, acfg, tensors)) = &init {
@@ -761,23 +761,6 @@ fn accumulate_metrics(acc: &mut Metrics, m: &Metrics, w: f64) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_metrics_are_weighted_means() {
-        let mut acc = Vec::new();
-        accumulate_metrics(&mut acc, &vec![("acc", 1.0)], 0.25);
-        accumulate_metrics(&mut acc, &vec![("acc", 0.0), ("x", 2.0)], 0.75);
-        assert_eq!(acc, vec![("acc", 0.25), ("x", 1.5)]);
-        assert_eq!(
-            super::super::objective::describe(&acc),
-            "acc 0.2500, x 1.5000"
-        );
-    }
-}
-
 /// A prompt-learning adapter's settings (method, virtual tokens, encoder width) over `cfg`'s.
 fn adopt_prompt_settings(cfg: &mut TrainConfig, l: &prompt::Loaded) {
     use super::config::Method;
@@ -796,13 +779,19 @@ fn adopt_prompt_settings(cfg: &mut TrainConfig, l: &prompt::Loaded) {
     cfg.prompt_init_text = None;
 }
 
-/// The dimensions a prompt-learning adapter of `spec` is shaped by.
-pub(crate) fn prompt_dims(spec: &crate::models::arch::Spec) -> PromptDims {
-    PromptDims {
-        layers: spec.layers,
-        hidden: spec.hidden,
-        heads: spec.heads,
-        kv_heads: spec.kv_heads,
-        head_dim: spec.head_dim,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_metrics_are_weighted_means() {
+        let mut acc = Vec::new();
+        accumulate_metrics(&mut acc, &vec![("acc", 1.0)], 0.25);
+        accumulate_metrics(&mut acc, &vec![("acc", 0.0), ("x", 2.0)], 0.75);
+        assert_eq!(acc, vec![("acc", 0.25), ("x", 1.5)]);
+        assert_eq!(
+            super::super::objective::describe(&acc),
+            "acc 0.2500, x 1.5000"
+        );
     }
 }
