@@ -18,7 +18,8 @@ pub struct Args {
     /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
     #[arg(long)]
     pub gguf_file: Option<String>,
-    /// A LoRA adapter applied unmerged (PEFT directory or GGUF LoRA file).
+    /// An adapter applied unmerged: a LoRA (PEFT directory or GGUF LoRA file) or a PEFT
+    /// prompt-learning directory (its virtual tokens or prefix in the KV cache).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt text (encoded with the tokenizer's special tokens, as `qtune train` does).

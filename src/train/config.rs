@@ -206,6 +206,12 @@ impl TrainConfig {
                 merged.insert(k, v);
             }
         }
+        if let Some(m) = merged.get("method").and_then(|v| v.as_str()) {
+            const METHODS: [&str; 4] = ["lora", "prompt-tuning", "p-tuning", "prefix-tuning"];
+            if !METHODS.contains(&m) {
+                return Err(bad("method", format!("'{m}': use {}", METHODS.join(", "))));
+            }
+        }
         let cfg: TrainConfig =
             toml::Value::Table(merged)
                 .try_into()
