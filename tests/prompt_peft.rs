@@ -281,6 +281,31 @@ fn prefix_tuning_matches_peft_on_llama() {
     }
 }
 
+/// One row per micro-batch, accumulated: a row's first label counts as a target in its
+/// micro-batch's weight (the last virtual token predicts it), so the step's loss is still PEFT's
+/// mean over both rows' targets (row 1 has one more target than its shifted labels).
+#[test]
+fn accumulated_rows_weigh_their_first_label() {
+    for (method, tag) in [("prompt", "f32"), ("ptuning", "q8_0")] {
+        let fx = fixture("llama", method, tag);
+        let e = expected(&fx);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg("llama", method, tag, &tmp.path().join("run"), &e);
+        c.adapter_init = Some(init_dir(&fx, tmp.path()));
+        (c.batch_size, c.grad_accum) = (1, 2);
+        let rep = train(&c, samples(&e), Vec::new(), &quiet()).unwrap();
+        let want: Vec<f64> = serde_json::from_value(e["losses"].clone()).unwrap();
+        for (i, (g, w)) in rep.losses.iter().zip(&want).enumerate() {
+            let g = *g as f64;
+            assert!(
+                (g - w).abs() < 1e-4 * w,
+                "{method} step {}: {g} vs PEFT {w}",
+                i + 1
+            );
+        }
+    }
+}
+
 /// The training data of tests/fixtures/train (token ids and labels).
 fn train_samples() -> Vec<Sample> {
     let p = root().join("tests/fixtures/train/expected.json");

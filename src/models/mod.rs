@@ -164,6 +164,11 @@ pub trait CausalLm {
     ) -> Result<(f32, HashMap<String, Tensor>)>;
     /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
     fn lora_params(&self) -> Vec<(String, Var)>;
+    /// Whether rows come before the tokens (prompt tuning, P-tuning), so that the first label is
+    /// a target too (predicted by the last virtual row).
+    fn first_label_is_target(&self) -> bool {
+        false
+    }
 }
 
 impl<C> AsRef<Transformer> for Model<C> {
@@ -199,6 +204,9 @@ impl<M: AsRef<Transformer>> CausalLm for M {
     }
     fn lora_params(&self) -> Vec<(String, Var)> {
         self.as_ref().lora_params()
+    }
+    fn first_label_is_target(&self) -> bool {
+        Decoder::prompt_len(self.as_ref()) > 0
     }
 }
 

@@ -8,7 +8,7 @@
 //! SFT) across its micro-batches, so each micro-batch's mean loss (and gradient) is weighted by its
 //! share of the step.
 use super::checkpoint::{self, write_file, State};
-use super::config::{TrainConfig, CONFIG_FILE};
+use super::config::{Method, TrainConfig, CONFIG_FILE};
 use super::data::{DataOrder, Fnv};
 use super::objective::{add_weighted, Metrics, Objective, Sft};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
@@ -69,7 +69,8 @@ pub fn train(
     eval_data: Vec<Sample>,
     opts: &RunOptions,
 ) -> Result<TrainReport> {
-    train_with(&Sft, cfg, train_data, eval_data, opts)
+    let first_label = matches!(cfg.method, Method::PromptTuning | Method::PTuning);
+    train_with(&Sft { first_label }, cfg, train_data, eval_data, opts)
 }
 
 /// Trains per `cfg` with objective `obj`: the named steps of the module doc, in order.
@@ -763,7 +764,6 @@ fn accumulate_metrics(acc: &mut Metrics, m: &Metrics, w: f64) {
 
 /// A prompt-learning adapter's settings (method, virtual tokens, encoder width) over `cfg`'s.
 fn adopt_prompt_settings(cfg: &mut TrainConfig, l: &prompt::Loaded) {
-    use super::config::Method;
     use prompt::PromptMethod;
     cfg.method = match l.method {
         PromptMethod::PromptTuning => Method::PromptTuning,
