@@ -354,34 +354,33 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn resume_after_a_stop_is_bit_identical() {
-    for (m, proj) in [
-        (Method::PromptTuning, false),
-        (Method::PTuning, false),
-        (Method::PrefixTuning, false),
-        (Method::PrefixTuning, true),
+    // (method, projection, 8-bit moments): P-tuning's 16x16.. tensors are under 4096 elements, so
+    // its 8-bit run uses a 64-wide encoder (mlp_head.2 is 64x64: blockwise 8-bit moments).
+    for (m, proj, eight) in [
+        (Method::PromptTuning, false, false),
+        (Method::PTuning, false, false),
+        (Method::PrefixTuning, false, false),
+        (Method::PrefixTuning, true, false),
+        (Method::PTuning, false, true),
     ] {
+        let c8 = |dir: &Path| {
+            let mut c = small_cfg(dir, m, proj);
+            c.optim_8bit = eight;
+            if eight {
+                c.encoder_hidden_size = Some(64);
+            }
+            c
+        };
         let full = tempfile::tempdir().unwrap();
-        let r = train(
-            &small_cfg(full.path(), m, proj),
-            train_samples(),
-            Vec::new(),
-            &quiet(),
-        )
-        .unwrap();
+        let r = train(&c8(full.path()), train_samples(), Vec::new(), &quiet()).unwrap();
         assert_eq!(r.losses.len(), 6);
         let part = tempfile::tempdir().unwrap();
         let stop = RunOptions {
             quiet: true,
             stop_after: Some(3),
         };
-        train(
-            &small_cfg(part.path(), m, proj),
-            train_samples(),
-            Vec::new(),
-            &stop,
-        )
-        .unwrap();
-        let mut c = small_cfg(part.path(), m, proj);
+        train(&c8(part.path()), train_samples(), Vec::new(), &stop).unwrap();
+        let mut c = c8(part.path());
         c.resume = Some(part.path().to_path_buf());
         let r2 = train(&c, train_samples(), Vec::new(), &quiet()).unwrap();
         assert_eq!(r2.losses, r.losses[3..].to_vec(), "{m:?} {proj}");
