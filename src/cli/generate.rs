@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArg,
-    /// A LoRA adapter applied unmerged (PEFT directory or GGUF LoRA file).
+    /// An adapter applied unmerged: a LoRA (PEFT directory or GGUF LoRA file) or a PEFT
+    /// prompt-learning directory (its virtual tokens or prefix in the KV cache).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt text (encoded with the tokenizer's special tokens, as `qtune train` does).
@@ -140,7 +141,12 @@ pub fn run(mut a: Args) -> Result<()> {
     a.model.resolve()?;
     let store = WeightStore::open(&a.model.path)?;
     let cfg = BaseConfig::from_store(&store)?;
+    let prompt_dir = a.adapter.as_ref().filter(|p| {
+        qtune::lora::prompt::peft_type_of(p)
+            .is_some_and(|t| qtune::lora::prompt::is_prompt_type(&t))
+    });
     let adapter = match &a.adapter {
+        Some(_) if prompt_dir.is_some() => None,
         Some(p) => Some(
             Adapter::load(p, &cfg).with_context(|| format!("reading adapter {}", p.display()))?,
         ),
@@ -170,14 +176,15 @@ pub fn run(mut a: Args) -> Result<()> {
                 .ok_or_else(|| anyhow!("--quant {q}: use q4_0, q8_0, q4_k, q6_k or nf4"))?,
         ),
     };
-    let mut g = Generator::with_options(
-        &store,
-        adapter.as_ref(),
-        qtune::models::LlamaOptions {
-            quant,
-            ..Default::default()
-        },
-    )?;
+    let lopts = qtune::models::LlamaOptions {
+        quant,
+        ..Default::default()
+    };
+    let mut g = match prompt_dir {
+        Some(dir) => Generator::with_prompt(&store, dir, lopts)
+            .with_context(|| format!("reading adapter {}", dir.display()))?,
+        None => Generator::with_options(&store, adapter.as_ref(), lopts)?,
+    };
     g.set_int8_activations(!a.exact);
     let eos = if a.ignore_eos {
         vec![]

@@ -47,11 +47,29 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quant: Option<String>,
-    /// The adapter: lora, or dora (LoRA plus a trained magnitude per output row, PEFT's
-    /// use_dora; takes the LoRA flags) [default: lora].
+    /// What trains: lora; dora (LoRA plus a trained magnitude per output row, PEFT's use_dora;
+    /// takes the LoRA flags); prompt-tuning, p-tuning or prefix-tuning (PEFT's prompt-learning
+    /// methods, saving PEFT's prompt_embeddings) [default: lora].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<qtune::train::config::Method>,
+    /// Virtual tokens of prompt-tuning, p-tuning and prefix-tuning [default: 20].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_virtual_tokens: Option<usize>,
+    /// Width of P-tuning's MLP encoder, and of prefix tuning's projection.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_hidden_size: Option<usize>,
+    /// Prefix tuning: the prefix is the output of an MLP (PEFT's prefix_projection).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub prefix_projection: bool,
+    /// Prompt tuning: start the virtual tokens from this text's token embeddings (PEFT's TEXT
+    /// init) instead of N(0, 1).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_init_text: Option<String>,
     /// LoRA rank [default: 8].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -354,6 +372,12 @@ pub fn run(args: Args) -> Result<()> {
              without --export and fold the adapter into the base with `qtune merge` instead"
         );
     }
+    if args.export.is_some() && cfg.method.is_prompt() {
+        bail!(
+            "{}",
+            qtune::export::prompt_refusal("--export gguf-lora", cfg.method_name())
+        );
+    }
     let model = cfg.model.clone().context("--model: no base model given")?;
     let data = cfg
         .data
@@ -387,6 +411,14 @@ pub fn run(args: Args) -> Result<()> {
             "final train loss {l:.4}; adapter in {}",
             rep.adapter_dir.display()
         );
+        if cfg.method.is_prompt() {
+            println!(
+                "try it: qtune generate --model {} --adapter {} --prompt \"...\"",
+                model.display(),
+                rep.adapter_dir.display()
+            );
+            return Ok(());
+        }
         let store = qtune::store::WeightStore::open(&model)?;
         let base = qtune::export::BaseConfig::from_store(&store)?;
         if args.export.is_some() {

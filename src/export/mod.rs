@@ -300,6 +300,8 @@ pub fn base_architecture(store: &WeightStore) -> String {
     }
 }
 
+pub use crate::lora::prompt::refusal as prompt_refusal;
+
 impl Adapter {
     /// Reads a PEFT directory or a llama.cpp GGUF LoRA file and checks it fits the base `cfg` (a
     /// [`LlamaConfig`], [`FalconConfig`] or [`BaseConfig`]): every target a projection of this
@@ -308,6 +310,14 @@ impl Adapter {
         let cfg = cfg.into();
         if path.is_file() {
             return Self::load_gguf(path, cfg);
+        }
+        if let Some(t) = crate::lora::prompt::peft_type_of(path) {
+            if crate::lora::prompt::is_prompt_type(&t) {
+                return Err(Error::Invalid(prompt_refusal(
+                    &path.display().to_string(),
+                    &t,
+                )));
+            }
         }
         let (acfg, tensors) = adapter::load_peft(path)?;
         Self::from_tensors(path, acfg, &tensors, cfg)

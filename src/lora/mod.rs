@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod dora;
 #[allow(clippy::module_inception)]
 pub mod lora;
+pub mod prompt;
 pub mod qlinear;
 
 pub mod seam;

@@ -5,8 +5,8 @@
 //!   base and its output).
 //! - [`AdapterMethod`]: where a method puts its linear adapters, how it builds one, and what they
 //!   cost in the memory plan (before anything is loaded).
-//! - [`SequenceAdapter`]: the two other entry points, empty today: rows prepended to the token
-//!   embeddings (prompt tuning / P-tuning) and a per-layer key/value prefix (prefix tuning).
+//! - [`SequenceAdapter`]: the two other entry points: rows prepended to the token embeddings
+//!   (prompt tuning / P-tuning) and a per-layer key/value prefix (prefix tuning).
 use super::QLinear;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -57,13 +57,18 @@ pub trait AdapterMethod {
     }
 }
 
-/// Sequence-level adapter entry points of the shared model. Both are empty today (no method
-/// implements them yet); the model calls them where their methods need it.
+/// Sequence-level adapter entry points of the shared model (prompt learning,
+/// [`super::prompt::PromptAdapter`]); the model calls them where their methods need it.
 pub trait SequenceAdapter: Send + Sync {
     /// Rows `(N, C)` prepended to every sequence's token embeddings (prompt tuning / P-tuning);
     /// their outputs are dropped before the head.
     fn prompt_rows(&self) -> Option<Tensor> {
         None
+    }
+    /// Rows [`SequenceAdapter::prompt_rows`] gives (0: none), without computing them.
+    fn prompt_len(&self) -> usize {
+        self.prompt_rows()
+            .map_or(0, |r| r.dims().first().copied().unwrap_or(0))
     }
     /// Keys and values `(KVH, N, D)` prepended in layer `layer`'s attention (prefix tuning), with
     /// no rotary on them; the tokens then sit at rotary positions N.. as in transformers.

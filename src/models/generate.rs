@@ -76,6 +76,26 @@ impl Generator {
         Ok(Generator { model })
     }
 
+    /// [`Self::with_options`] with the prompt-learning adapter in `dir` (PEFT's or ours), run as
+    /// PEFT runs a loaded one: its virtual tokens before the prompt, or its prefix in every
+    /// layer's KV cache.
+    pub fn with_prompt(
+        store: &WeightStore,
+        dir: &std::path::Path,
+        opts: LlamaOptions,
+    ) -> Result<Generator> {
+        let l = crate::lora::prompt::load(dir)?;
+        let opts = LlamaOptions {
+            lora: None,
+            dtype: DType::F32,
+            ..opts
+        };
+        let mut model = crate::models::open(store, opts)?;
+        model.install_prompt(&l.inference_spec())?;
+        crate::lora::prompt::set_vars(&model.lora_params(), dir, &l)?;
+        Ok(Generator { model })
+    }
+
     /// Computes Q4_0/Q8_0/Q4_K base products with activations rounded to 8 bits (Q8_0 blocks), as
     /// llama.cpp does: several times faster at one token a step, logits within about 1e-2 of the
     /// exact f32 product. Off by default (tests compare exact logits); Llama bases only for now

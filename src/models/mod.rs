@@ -221,6 +221,11 @@ pub trait CausalLm {
     ) -> Result<(RowLosses, HashMap<String, Tensor>)>;
     /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
     fn lora_params(&self) -> Vec<(String, Var)>;
+    /// Whether rows come before the tokens (prompt tuning, P-tuning), so that the first label is
+    /// a target too (predicted by the last virtual row).
+    fn first_label_is_target(&self) -> bool {
+        false
+    }
 }
 
 impl<C> AsRef<Transformer> for Model<C> {
@@ -274,6 +279,9 @@ impl<M: AsRef<Transformer>> CausalLm for M {
     fn lora_params(&self) -> Vec<(String, Var)> {
         self.as_ref().lora_params()
     }
+    fn first_label_is_target(&self) -> bool {
+        Decoder::prompt_len(self.as_ref()) > 0
+    }
 }
 
 /// The blocks of a decoder-only architecture; [`CausalLm`] follows from them through
@@ -292,7 +300,8 @@ pub trait Decoder {
     /// Gradient checkpointing per layer in training.
     fn checkpoint(&self) -> bool;
     /// Rows a sequence-level adapter puts before the tokens (prompt tuning; 0: none): the
-    /// embedding and every layer see `N + T` positions, the head the last `T`.
+    /// embedding and every layer see `N + T` positions, the loss the last `T + 1` (the last
+    /// virtual row predicts the first token), the logits of `forward` the last `T`.
     fn prompt_len(&self) -> usize {
         0
     }
@@ -350,6 +359,72 @@ pub(crate) fn embed_rows(
         .map_err(cerr("embedding"))
 }
 
+/// LayerNorm as torch's `nn.LayerNorm` over the last dim: `(x - mean) / sqrt(var + eps) * w + b`
+/// with the biased variance; statistics in f32, result in x's dtype. `w` and `b` are constants.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    // mu, var: (.., 1)
+    let mu = xf.mean_keepdim(candle_core::D::Minus1)?;
+    let xc = xf.broadcast_sub(&mu)?;
+    let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let y = nn::add_const(&nn::mul_const(&y, w)?, b)?;
+    y.to_dtype(dt)
+}
+
+/// The dimensions a prompt-learning adapter on a model of `spec` is shaped by.
+pub fn prompt_dims(spec: &arch::Spec) -> crate::lora::prompt::PromptDims {
+    crate::lora::prompt::PromptDims {
+        layers: spec.layers,
+        hidden: spec.hidden,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+    }
+}
+
+/// The prompt-learning adapter `p` on a model of `spec` (its TEXT init reads rows of `embed`);
+/// prefix tuning is refused on Falcon as PEFT 0.13.2 cannot run it.
+pub(crate) fn prompt_adapter(
+    p: &crate::lora::prompt::PromptSpec,
+    spec: &arch::Spec,
+    embed: &crate::store::StoredTensor,
+    opts: &LlamaOptions,
+    path: &std::path::Path,
+) -> Result<Box<dyn crate::lora::seam::SequenceAdapter>> {
+    use crate::lora::prompt::{PromptAdapter, PromptMethod};
+    if matches!(p.method, PromptMethod::PrefixTuning(_)) && spec.arch == "falcon" {
+        return Err(Error::Invalid(format!(
+            "prefix tuning on Falcon ({}): PEFT 0.13.2 cannot run it (FalconConfig names its KV \
+             head count num_kv_heads, so PEFT sizes the prefix for {} heads while the model's \
+             cache holds {}, and transformers fails in DynamicCache.update), so no PEFT adapter \
+             could load what qtune trained; use --method prompt-tuning, p-tuning or lora on Falcon",
+            path.display(),
+            spec.heads,
+            spec.kv_heads
+        )));
+    }
+    let dims = prompt_dims(spec);
+    let rows = |ids: &[u32]| {
+        let x = embed_rows(embed, ids, (1, ids.len()), DType::F32, &Device::Cpu, path)?;
+        x.squeeze(0)
+            .map_err(|e| Error::Invalid(format!("prompt init rows: {e}")))
+    };
+    Ok(Box::new(PromptAdapter::new(
+        p,
+        dims,
+        rows,
+        opts.dtype,
+        &opts.device,
+    )?))
+}
+
 /// Rotary tables `(T, D/2)` (host) and the attention bias `(B, 1, T, T)` (on `device`) of one call:
 /// the per-call constants of both architectures.
 pub(crate) fn rope_and_bias(
@@ -401,7 +476,39 @@ fn targets(labels: &Tensor, b: usize, t: usize) -> Result<Vec<i64>> {
         .collect())
 }
 
-/// Final hidden states `(B, T, C)` before the last norm, with the graph.
+/// With prompt rows (N > 0) the head reads positions N-1..N+T-1: the last virtual row predicts
+/// the first token (PEFT prepends N labels of -100 and shifts), so row `b*(T+1) + j` predicts
+/// `labels[b, j]` (j < T) and the last row nothing. Without: [`targets`] over `T` rows.
+fn head_targets<M: Decoder>(
+    m: &M,
+    labels: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<(Vec<i64>, usize)> {
+    if m.prompt_len() == 0 {
+        return Ok((targets(labels, b, t)?, t));
+    }
+    targets(labels, b, t)?; // the shape check
+    let l = labels
+        .to_dtype(DType::I64)
+        .and_then(|x| x.flatten_all()?.to_vec1::<i64>())
+        .map_err(cerr("labels"))?;
+    let tg = (0..b * (t + 1))
+        .map(|n| (n / (t + 1), n % (t + 1)))
+        .map(|(r, j)| if j < t { l[r * t + j] } else { -100 })
+        .collect();
+    Ok((tg, t + 1))
+}
+
+/// The rows of `x (B, N + T, C)` the head reads for the loss (see [`head_targets`]).
+fn head_rows<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
+    match m.prompt_len() {
+        0 => Ok(x),
+        n => x.narrow(1, n - 1, t + 1).map_err(cerr("prompt rows")),
+    }
+}
+
+/// Final hidden states `(B, N + T, C)` before the last norm (N prompt rows), with the graph.
 fn hidden<M: Decoder>(
     m: &M,
     ids: &Tensor,
@@ -428,7 +535,7 @@ fn hidden_with<M: Decoder>(
             x = x.detach();
         }
     }
-    drop_prompt(m, x, t)
+    Ok(x)
 }
 
 /// [`CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
@@ -439,9 +546,9 @@ pub fn eval_loss<M: Decoder>(
     labels: &Tensor,
 ) -> Result<f32> {
     let (b, t, _) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
-    let x = hidden_with(m, ids, mask, None, true)?;
-    loss_of(m, &x, &tg, b, t)?
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden_with(m, ids, mask, None, true)?, t)?;
+    loss_of(m, &x, &tg, b, th)?
         .to_dtype(DType::F32)
         .and_then(|l| l.to_scalar::<f32>())
         .map_err(cerr("loss"))
@@ -457,7 +564,8 @@ fn drop_prompt<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
 
 /// [`CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
 pub fn forward<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let x = hidden(m, ids, mask, None)?;
+    let (_, t, _) = check_batch(ids)?;
+    let x = drop_prompt(m, hidden(m, ids, mask, None)?, t)?;
     m.final_norm(&x)
         .and_then(|x| m.lm_head().forward(&x))
         .and_then(|l| l.to_dtype(DType::F32))
@@ -487,9 +595,9 @@ pub fn loss<M: Decoder>(
     labels: &Tensor,
 ) -> Result<Tensor> {
     let (b, t, _) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
-    let x = hidden(m, ids, mask, None)?;
-    loss_of(m, &x, &tg, b, t)
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden(m, ids, mask, None)?, t)?;
+    loss_of(m, &x, &tg, b, th)
 }
 
 /// Adds the gradients in `grads` of the adapter tensors of `layer` (None: all) and of the
@@ -579,9 +687,9 @@ pub fn eval_row_losses<M: Decoder>(
     labels: &Tensor,
 ) -> Result<RowLosses> {
     let (b, t, _) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
-    let x = hidden_with(m, ids, mask, None, true)?;
-    row_values(&row_heads(m, &x, &tg, b, t)?)
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden_with(m, ids, mask, None, true)?, t)?;
+    row_values(&row_heads(m, &x, &tg, b, th)?)
 }
 
 /// How a training step turns the final hidden states `(B, T, C)` (with their graph) and the
@@ -643,10 +751,10 @@ fn train_with<M: Decoder, R>(
 ) -> Result<(R, HashMap<String, Tensor>)> {
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
-    let tg = targets(labels, b, t)?;
+    let (tg, th) = head_targets(m, labels, b, t)?;
     if !m.checkpoint() {
-        let x = hidden(m, ids, mask, key)?;
-        let (r, loss) = head(m, &x, &tg, b, t)?;
+        let x = head_rows(m, hidden(m, ids, mask, key)?, t)?;
+        let (r, loss) = head(m, &x, &tg, b, th)?;
         let grads = loss.backward().map_err(cerr("backward"))?;
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
@@ -677,8 +785,8 @@ fn train_with<M: Decoder, R>(
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
-    let xl = Var::from_tensor(&drop_prompt(m, x.clone(), t)?).map_err(cerr("head"))?;
-    let (loss, loss_t) = head(m, xl.as_tensor(), &tg, b, t)?;
+    let xl = Var::from_tensor(&head_rows(m, x.clone(), t)?).map_err(cerr("head"))?;
+    let (loss, loss_t) = head(m, xl.as_tensor(), &tg, b, th)?;
     let mut g = loss_t
         .backward()
         .map_err(cerr("head backward"))?
@@ -686,10 +794,10 @@ fn train_with<M: Decoder, R>(
         .map(|g| g.detach())
         .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
     drop(loss_t);
-    if m.prompt_len() > 0 {
-        // The prompt rows get no gradient from the head: zeros before the tokens' rows.
+    if m.prompt_len() > 1 {
+        // The head reads the last prompt row and the tokens': zeros before them.
         let z = x
-            .narrow(1, 0, m.prompt_len())
+            .narrow(1, 0, m.prompt_len() - 1)
             .and_then(|p| p.zeros_like())
             .and_then(|z| Tensor::cat(&[&z, &g], 1))
             .map_err(cerr("prompt rows"))?;

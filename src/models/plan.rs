@@ -79,6 +79,20 @@ impl MemoryPlan {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
+        Self::of_spec_prompt(store, spec, opts, None, batch, seq)
+    }
+
+    /// [`Self::of_spec`] with a prompt-learning adapter `prompt` installed on the model: its rows
+    /// lengthen every sequence by N (each layer sees N + T positions), its KV prefix adds N keys
+    /// to every layer's attention (the generic attention op), and its tensors train.
+    pub fn of_spec_prompt(
+        store: &WeightStore,
+        spec: &Spec,
+        opts: &LlamaOptions,
+        prompt: Option<&crate::lora::prompt::PromptSpec>,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
         // A sequence past a sliding window is refused before anything is loaded or planned.
         spec.check_window(seq)?;
         let mut weights = 0;
@@ -92,13 +106,18 @@ impl MemoryPlan {
         let s = opts.dtype.size_in_bytes();
         let (l, c, i) = (spec.layers, spec.hidden, spec.ffn);
         let (h, k, d, v) = (spec.heads, spec.kv_heads, spec.head_dim, spec.vocab);
+        // Prompt learning: N rows before every sequence (every layer sees N + T positions), or an
+        // N-slot KV prefix per layer; and its trainable tensors.
+        let (rows, prefix, prompt_numels) = prompt_terms(prompt, spec);
+        let seq = seq + rows;
         let (n, b, t) = (batch * seq, batch, seq);
         let half = s < 4;
         // (out, in) per linear, in the spec's order.
         let dims: Vec<(usize, usize)> =
             (0..spec.projections.len()).map(|p| spec.shape(p)).collect();
         let method: Option<&dyn AdapterMethod> = opts.lora.as_ref().map(|x| x as _);
-        let (lora_params, per_layer_lora, lora_numels) = adapter_layout(method, spec, &dims)?;
+        let (mut lora_params, per_layer_lora, mut lora_numels) =
+            adapter_layout(method, spec, &dims)?;
         // Adapters' constant state (DoRA's ‖W‖² rows).
         let frozen: usize = method.map_or(0, |m| {
             let per = |row: &Vec<bool>| -> usize {
@@ -109,6 +128,8 @@ impl MemoryPlan {
             };
             per_layer_lora.iter().map(per).sum()
         });
+        lora_params += prompt_numels.iter().sum::<usize>();
+        lora_numels.extend(prompt_numels);
         // Bytes a norm keeps per hidden element.
         let norm_elem = match spec.norm {
             // Fused RMSNorm (nn::fused): its output only (statistics are recomputed in backward).
@@ -136,6 +157,14 @@ impl MemoryPlan {
                 Attention::Split => 0,
             };
             let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
+            // A KV prefix: the broadcast prefix and the keys/values joined with it (B, KVH, N+T,
+            // D) twice each, the f32 bias over N + T keys, and the generic attention's f32
+            // statistics (max, sum) per query row.
+            let scores = scores
+                + match prefix {
+                    0 => 0,
+                    p => 2 * b * k * (2 * p + t) * d * s + b * t * (p + t) * 4 + b * h * t * 8,
+                };
             // SwiGLU: silu, gate*up; GELU: its output; then the two residual sums.
             let mlp = match spec.mlp {
                 Mlp::SwiGlu => 2 * n * i * s,
@@ -272,6 +301,17 @@ impl MemoryPlan {
         Self::of_spec(store, &super::spec_of(store)?, opts, batch, seq)
     }
 
+    /// [`Self::for_store`] with a prompt-learning adapter (see [`Self::of_spec_prompt`]).
+    pub fn for_store_prompt(
+        store: &WeightStore,
+        opts: &LlamaOptions,
+        prompt: Option<&crate::lora::prompt::PromptSpec>,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        Self::of_spec_prompt(store, &super::spec_of(store)?, opts, prompt, batch, seq)
+    }
+
     /// The plan for a step of the Falcon in `store` (same parts as [`MemoryPlan::new`]).
     pub fn falcon(
         store: &WeightStore,
@@ -281,6 +321,28 @@ impl MemoryPlan {
     ) -> Result<Self> {
         let spec = FalconConfig::read(store)?.spec(store.format == SourceFormat::Gguf);
         Self::of_spec(store, &spec, opts, batch, seq)
+    }
+}
+
+/// A prompt-learning adapter's rows before the tokens, its KV prefix length, and its trainable
+/// tensors' element counts (none without one).
+fn prompt_terms(
+    prompt: Option<&crate::lora::prompt::PromptSpec>,
+    spec: &Spec,
+) -> (usize, usize, Vec<usize>) {
+    use crate::lora::prompt::PromptMethod;
+    let Some(p) = prompt else {
+        return (0, 0, Vec::new());
+    };
+    let d = super::prompt_dims(spec);
+    let numels = p
+        .shapes(&d)
+        .iter()
+        .map(|(_, s)| s.iter().product())
+        .collect();
+    match p.method {
+        PromptMethod::PrefixTuning(_) => (0, p.num_virtual_tokens, numels),
+        _ => (p.num_virtual_tokens, 0, numels),
     }
 }
 

@@ -18,7 +18,7 @@ use crate::nn::{self, fused};
 use crate::quant::{dispatch, QType};
 use crate::store::{StoredTensor, WeightStore};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -245,6 +245,14 @@ impl Transformer {
         &self.lm_head
     }
 
+    /// Installs a fresh prompt-learning adapter `p` as the sequence-level hooks (load dtype and
+    /// device); refused where PEFT cannot run it (prefix tuning on Falcon).
+    pub fn install_prompt(&mut self, p: &crate::lora::prompt::PromptSpec) -> Result<()> {
+        let a = super::prompt_adapter(p, &self.spec, &self.embed, &self.opts, &self.path)?;
+        self.hooks = Some(a);
+        Ok(())
+    }
+
     /// Installs the sequence-level adapter hooks (prompt rows, KV prefix).
     pub fn set_sequence_adapter(&mut self, hooks: Option<Box<dyn SequenceAdapter>>) {
         self.hooks = hooks;
@@ -316,8 +324,7 @@ impl Transformer {
     }
 
     fn prompt_rows(&self) -> usize {
-        let rows = self.hooks.as_ref().and_then(|h| h.prompt_rows());
-        rows.map_or(0, |r| r.dims().first().copied().unwrap_or(0))
+        self.hooks.as_ref().map_or(0, |h| h.prompt_len())
     }
 
     fn prefix_len(&self) -> usize {
@@ -326,6 +333,7 @@ impl Transformer {
 
     /// The per-call constants of a decode step: `t` new positions after `pos` cached ones (rotary
     /// angles of positions `pos..pos+t`, and a `(1, 1, t, pos+t)` causal bias over all keys).
+    /// With prompt rows, `pos` counts cache slots, rows included (see [`Self::decode_step`]).
     pub fn decode_ctx(&self, pos: usize, t: usize) -> Result<Ctx> {
         let (n, s) = (self.prefix_len(), pos + t);
         let (cos, sin) = nn::rope_tables_of(n + s, &self.spec.inv_freq(), self.opts.dtype)
@@ -367,16 +375,31 @@ impl Transformer {
         cache: &mut Vec<Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let t = tokens.len();
-        let mut x = super::Decoder::embed(self, tokens, 1, t)?;
-        let ctx = self.decode_ctx(pos, t)?;
+        // Prompt rows (N) run before the first tokens and stay in the cache: the tokens sit at
+        // cache slots N + pos.. after them.
+        let np = self.prompt_rows();
+        let (mut x, ctx) = if np > 0 && pos == 0 {
+            (
+                super::Decoder::embed(self, tokens, 1, t)?,
+                self.decode_ctx(0, np + t)?,
+            )
+        } else {
+            let (dt, dev) = (self.opts.dtype, &self.opts.device);
+            let x = super::embed_rows(&self.embed, tokens, (1, t), dt, dev, &self.path)?;
+            (x, self.decode_ctx(np + pos, t)?)
+        };
         let n = self.layers.len();
         if cache.len() != n {
             *cache = vec![None; n];
         }
-        let mut run = || -> candle_core::Result<Tensor> {
+        let run = || -> candle_core::Result<Tensor> {
             for (li, slot) in cache.iter_mut().enumerate() {
                 x = self.layer_cached(li, &x, &ctx, slot)?;
             }
+            let x = match x.dim(1)? {
+                n if n > t => x.narrow(1, n - t, t)?,
+                _ => x,
+            };
             let x = super::Decoder::final_norm(self, &x)?;
             self.base_fwd(&self.lm_head, &x)?
                 .squeeze(0)?
@@ -411,7 +434,7 @@ impl Transformer {
     fn norm(&self, x: &Tensor, n: &Norm) -> candle_core::Result<Tensor> {
         match &n.b {
             None => fused::rms_norm(x, &n.w, self.spec.eps),
-            Some(b) => layer_norm(x, &n.w, b, self.spec.eps),
+            Some(b) => super::layer_norm(x, &n.w, b, self.spec.eps),
         }
     }
 
@@ -557,20 +580,6 @@ fn split_qkv(
     // (B, T, n, D) -> (B, n, T, D)
     let heads = |x: Tensor| x.transpose(1, 2)?.contiguous();
     Ok((heads(q)?, heads(k)?, heads(v)?))
-}
-
-/// LayerNorm as torch's `nn.LayerNorm` over the last dim: `(x - mean) / sqrt(var + eps) * w + b`
-/// with the biased variance; statistics in f32, result in x's dtype. `w` and `b` are constants.
-fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    // mu, var: (.., 1)
-    let mu = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mu)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let y = nn::add_const(&nn::mul_const(&y, w)?, b)?;
-    y.to_dtype(dt)
 }
 
 /// The shared blocks behind the checkpointed step, forward and loss in `models`.
@@ -757,12 +766,12 @@ mod tests {
         assert_eq!(m.prompt_len(), 3);
         let got = m.forward(&row(&ids), None).unwrap();
         assert!(rel(&got, &want) < 1e-5, "prompt rows: {}", rel(&got, &want));
-        // Labels: the ids' own shifted targets; on the full sequence, the prompt predicts nothing
-        // and the first id is not predicted.
+        // Labels: the ids' own; on the full sequence the prompt tokens are -100.
         let lab = |v: &[i64]| Tensor::new(v, &dev).unwrap().unsqueeze(0).unwrap();
         let ids_lab: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let mut full_lab = vec![-100i64; p.len() + 1];
-        full_lab.extend(&ids_lab[1..]);
+        // PEFT's convention: the last prompt row predicts the first id.
+        let mut full_lab = vec![-100i64; p.len()];
+        full_lab.extend(&ids_lab);
         let (l_rows, _) = m.train_grads(&row(&ids), None, &lab(&ids_lab)).unwrap();
         same_grads_with_and_without_checkpointing(&mut m, &row(&ids), &lab(&ids_lab));
         m.set_sequence_adapter(None);

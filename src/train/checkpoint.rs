@@ -25,9 +25,15 @@ pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_js
         "adam-beta1": cfg.adam_beta1, "adam-beta2": cfg.adam_beta2, "adam-eps": cfg.adam_eps,
         "dtype": cfg.dtype,
     });
-    // Only a DoRA run has this key (a LoRA checkpoint's keys stay as they were).
+    // Only a DoRA or prompt-learning run has these (a LoRA checkpoint's keys stay as they were).
     if cfg.method != super::config::Method::Lora {
         k["method"] = serde_json::json!(cfg.method);
+    }
+    if cfg.method.is_prompt() {
+        k["num-virtual-tokens"] = serde_json::json!(cfg.num_virtual_tokens);
+        k["encoder-hidden-size"] = serde_json::json!(cfg.encoder_hidden_size);
+        k["prefix-projection"] = serde_json::json!(cfg.prefix_projection);
+        k["prompt-init-text"] = serde_json::json!(cfg.prompt_init_text);
     }
     // Only a run of another objective has these (an SFT checkpoint's keys stay as they were).
     if cfg.objective != "sft" {

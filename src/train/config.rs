@@ -21,7 +21,16 @@ pub enum Method {
     Lora,
     /// DoRA: LoRA plus a trained magnitude per output row, `(m / ‖W + s·B·A‖) ⊙ (W + s·B·A)`.
     Dora,
+    /// PEFT's prompt tuning: N trainable rows before every sequence.
+    PromptTuning,
+    /// PEFT's P-tuning: the rows are an MLP encoder's output.
+    PTuning,
+    /// PEFT's prefix tuning: a trainable key/value prefix in every layer.
+    PrefixTuning,
 }
+
+/// Every `--method` value.
+pub const METHODS: [&str; 5] = ["lora", "dora", "prompt-tuning", "p-tuning", "prefix-tuning"];
 
 impl Method {
     /// The name the flag and the TOML key take.
@@ -29,7 +38,18 @@ impl Method {
         match self {
             Method::Lora => "lora",
             Method::Dora => "dora",
+            Method::PromptTuning => "prompt-tuning",
+            Method::PTuning => "p-tuning",
+            Method::PrefixTuning => "prefix-tuning",
         }
+    }
+
+    /// The prompt-learning methods (no linear adapters).
+    pub fn is_prompt(self) -> bool {
+        matches!(
+            self,
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning
+        )
     }
 }
 
@@ -47,8 +67,17 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k, or none (keep as stored).
     pub quant: String,
-    /// The adapter method: lora or dora (which takes the LoRA settings below).
+    /// What trains: lora, dora, prompt-tuning, p-tuning or prefix-tuning (dora takes the LoRA
+    /// settings below).
     pub method: Method,
+    /// Virtual tokens of the prompt-learning methods.
+    pub num_virtual_tokens: usize,
+    /// P-tuning's MLP width, prefix tuning's projection width (with `prefix-projection`).
+    pub encoder_hidden_size: Option<usize>,
+    /// Prefix tuning: the prefix is an MLP's output (PEFT's `prefix_projection`).
+    pub prefix_projection: bool,
+    /// Prompt tuning: initialise the rows from this text's token embeddings (PEFT's TEXT init).
+    pub prompt_init_text: Option<String>,
     /// LoRA rank.
     pub rank: usize,
     /// LoRA alpha (scale = alpha / rank).
@@ -132,6 +161,10 @@ impl Default for TrainConfig {
             out: PathBuf::from("qtune-out"),
             quant: "none".into(),
             method: Method::Lora,
+            num_virtual_tokens: 20,
+            encoder_hidden_size: None,
+            prefix_projection: false,
+            prompt_init_text: None,
             rank: 8,
             alpha: 16.0,
             dropout: 0.0,
@@ -198,6 +231,11 @@ impl TrainConfig {
                 merged.insert(k, v);
             }
         }
+        if let Some(m) = merged.get("method").and_then(|v| v.as_str()) {
+            if !METHODS.contains(&m) {
+                return Err(bad("method", format!("'{m}': use {}", METHODS.join(", "))));
+            }
+        }
         let cfg: TrainConfig =
             toml::Value::Table(merged)
                 .try_into()
@@ -242,6 +280,7 @@ impl TrainConfig {
             }
             o => return Err(bad("objective", format!("'{o}': use sft or dpo"))),
         }
+        self.check_method()?;
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(bad("alpha", format!("{} must be > 0", self.alpha)));
         }
@@ -303,6 +342,84 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+
+    /// `method` as its flag value.
+    pub fn method_name(&self) -> &'static str {
+        self.method.name()
+    }
+
+    /// The prompt-learning settings and their relations to the method and objective.
+    fn check_method(&self) -> Result<()> {
+        let m = self.method;
+        if !m.is_prompt() {
+            return match (self.prompt_init_text.is_some(), self.prefix_projection) {
+                (true, _) => Err(bad(
+                    "prompt-init-text",
+                    "belongs to --method prompt-tuning".into(),
+                )),
+                (_, true) => Err(bad(
+                    "prefix-projection",
+                    "belongs to --method prefix-tuning".into(),
+                )),
+                _ => Ok(()),
+            };
+        }
+        if self.objective != "sft" {
+            return Err(bad(
+                "method",
+                "prompt-tuning, p-tuning and prefix-tuning train with --objective sft; DPO trains \
+                 LoRA (--method lora)"
+                    .into(),
+            ));
+        }
+        if self.num_virtual_tokens == 0 {
+            return Err(bad("num-virtual-tokens", "must be at least 1".into()));
+        }
+        if self.prompt_init_text.is_some() && m != Method::PromptTuning {
+            return Err(bad(
+                "prompt-init-text",
+                "belongs to --method prompt-tuning".into(),
+            ));
+        }
+        if self.prefix_projection && m != Method::PrefixTuning {
+            return Err(bad(
+                "prefix-projection",
+                "belongs to --method prefix-tuning".into(),
+            ));
+        }
+        let needs_encoder = m == Method::PTuning || self.prefix_projection;
+        match self.encoder_hidden_size {
+            None | Some(0) if needs_encoder => Err(bad(
+                "encoder-hidden-size",
+                "P-tuning's MLP and prefix tuning's projection need a width (e.g. the hidden size)"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The prompt-learning adapter these settings describe (`None` for LoRA); `init_ids`: the
+    /// tokenised `prompt-init-text`.
+    pub fn prompt_spec(
+        &self,
+        init_ids: Option<Vec<u32>>,
+    ) -> Option<crate::lora::prompt::PromptSpec> {
+        use crate::lora::prompt::{PromptMethod, PromptSpec};
+        let method = match self.method {
+            Method::Lora | Method::Dora => return None,
+            Method::PromptTuning => PromptMethod::PromptTuning,
+            Method::PTuning => PromptMethod::PTuning,
+            Method::PrefixTuning => PromptMethod::PrefixTuning(self.prefix_projection),
+        };
+        Some(PromptSpec {
+            method,
+            num_virtual_tokens: self.num_virtual_tokens,
+            encoder_hidden_size: self.encoder_hidden_size.unwrap_or(0),
+            init_ids,
+            init_text: self.prompt_init_text.clone(),
+            seed: self.seed,
+        })
     }
 
     /// `quant` as a type (`None`: keep the stored types).

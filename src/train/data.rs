@@ -31,6 +31,9 @@ pub struct Batch {
     pub labels: Tensor,
     /// Target tokens (shifted labels that are not -100).
     pub targets: usize,
+    /// Rows whose first label is not -100: targets too where virtual tokens come first (prompt
+    /// tuning, P-tuning: the last virtual row predicts the first token).
+    pub first_targets: usize,
     /// Real (unpadded) tokens.
     pub tokens: usize,
 }
@@ -46,12 +49,13 @@ pub fn make_batch(samples: &[&Sample]) -> Result<Batch> {
     let b = samples.len();
     let (mut ids, mut mask, mut labels) =
         (vec![0u32; b * t], vec![0u32; b * t], vec![-100i64; b * t]);
-    let (mut targets, mut tokens) = (0, 0);
+    let (mut targets, mut tokens, mut first_targets) = (0, 0, 0);
     for (r, s) in samples.iter().enumerate() {
         ids[r * t..r * t + s.ids.len()].copy_from_slice(&s.ids);
         mask[r * t..r * t + s.ids.len()].fill(1);
         labels[r * t..r * t + s.labels.len()].copy_from_slice(&s.labels);
         targets += s.targets();
+        first_targets += usize::from(s.labels.first().is_some_and(|&l| l >= 0));
         tokens += s.ids.len();
     }
     let e = |e: candle_core::Error| Error::Invalid(format!("batch: {e}"));
@@ -60,6 +64,7 @@ pub fn make_batch(samples: &[&Sample]) -> Result<Batch> {
         mask: Tensor::from_vec(mask, (b, t), &Device::Cpu).map_err(e)?,
         labels: Tensor::from_vec(labels, (b, t), &Device::Cpu).map_err(e)?,
         targets,
+        first_targets,
         tokens,
     })
 }

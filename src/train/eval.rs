@@ -54,6 +54,12 @@ pub fn load_for_eval(
     adapter_dir: Option<&Path>,
     dtype: DType,
 ) -> Result<Box<dyn CausalLm>> {
+    if let Some(dir) = adapter_dir.filter(|d| {
+        crate::lora::prompt::peft_type_of(d)
+            .is_some_and(|t| crate::lora::prompt::is_prompt_type(&t))
+    }) {
+        return load_prompt_for_eval(model_path, dir, dtype);
+    }
     let loaded = adapter_dir.map(adapter::load_peft).transpose()?;
     let lora = loaded.as_ref().map(|(acfg, _)| LoraSpec {
         targets: acfg.target_modules.as_targets(),
@@ -84,6 +90,21 @@ pub fn load_for_eval(
         set_adapter(&model.lora_params(), dir, acfg, tensors)?;
     }
     Ok(model)
+}
+
+/// [`load_for_eval`] with a prompt-learning directory: its saved rows or prefix, fixed.
+fn load_prompt_for_eval(model_path: &Path, dir: &Path, dtype: DType) -> Result<Box<dyn CausalLm>> {
+    let l = crate::lora::prompt::load(dir)?;
+    let opts = LlamaOptions {
+        dtype,
+        checkpoint: false,
+        ..LlamaOptions::default()
+    };
+    let store = WeightStore::open(model_path)?;
+    let mut model = crate::models::open(&store, opts)?;
+    model.install_prompt(&l.inference_spec())?;
+    crate::lora::prompt::set_vars(&model.lora_params(), dir, &l)?;
+    Ok(Box::new(model))
 }
 
 /// Loads the model at `model_path`, applies the PEFT adapter in `adapter_dir` if given, and

@@ -108,7 +108,10 @@ pub trait Objective {
 /// Supervised fine-tuning: the mean next-token cross-entropy over every target token of a step
 /// (transformers' shifted causal-LM loss, -100 ignored).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Sft;
+pub struct Sft {
+    /// Virtual tokens come first (prompt tuning, P-tuning): a row's first label is a target too.
+    pub first_label: bool,
+}
 
 impl Objective for Sft {
     type Example = Sample;
@@ -134,6 +137,11 @@ impl Objective for Sft {
     }
     fn weight(&self, batch: &Batch) -> usize {
         batch.targets
+            + if self.first_label {
+                batch.first_targets
+            } else {
+                0
+            }
     }
     fn tokens(&self, batch: &Batch) -> usize {
         batch.tokens
@@ -195,12 +203,13 @@ pub fn mean_loss(model: &dyn CausalLm, samples: &[Sample], micro: usize) -> Resu
     for chunk in samples.chunks(micro.max(1)) {
         let refs: Vec<&Sample> = chunk.iter().collect();
         let b = make_batch(&refs)?;
-        if b.targets == 0 {
+        let n = b.targets + usize::from(model.first_label_is_target()) * b.first_targets;
+        if n == 0 {
             continue;
         }
         let l = model.eval_loss(&b.ids, Some(&b.mask), &b.labels)?;
-        sum += l as f64 * b.targets as f64;
-        cnt += b.targets;
+        sum += l as f64 * n as f64;
+        cnt += n;
     }
     Ok((sum / cnt.max(1) as f64, cnt))
 }

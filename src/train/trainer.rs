@@ -13,6 +13,7 @@ use super::data::{DataOrder, Fnv};
 use super::objective::{add_weighted, Metrics, Objective, Sft};
 use super::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::lora::adapter::{self, AdapterConfig};
+use crate::lora::prompt::{self, PromptDims, PromptSpec};
 use crate::lora::LoraConfig;
 use crate::models::plan::GpuTerms;
 use crate::models::{CausalLm, LlamaOptions, LoraSpec, MemoryPlan};
@@ -68,7 +69,8 @@ pub fn train(
     eval_data: Vec<Sample>,
     opts: &RunOptions,
 ) -> Result<TrainReport> {
-    train_with(&Sft, cfg, train_data, eval_data, opts)
+    let first_label = matches!(cfg.method, Method::PromptTuning | Method::PTuning);
+    train_with(&Sft { first_label }, cfg, train_data, eval_data, opts)
 }
 
 /// Trains per `cfg` with objective `obj`: the named steps of the module doc, in order.
@@ -140,6 +142,8 @@ struct Run<'a, O: Objective> {
     opt: AdamW,
     sched: LrSchedule,
     acfg: AdapterConfig,
+    /// A prompt-learning run's adapter (saved in PEFT's prompt-learning layout instead of LoRA's).
+    prompt: Option<(PromptSpec, PromptDims)>,
     traj: serde_json::Value,
     data_fp: String,
     mpath: PathBuf,
@@ -209,7 +213,27 @@ impl<'a, O: Objective> Run<'a, O> {
             .ok_or_else(|| Error::Invalid("--model: no base model given".into()))?;
         // Adapter shape: from --adapter-init when given (its rank, alpha, targets and DoRA win).
         let mut cfg = cfg.clone();
+        // A prompt-learning --adapter-init: its method and sizes win.
+        let prompt_init = match cfg.adapter_init.clone() {
+            Some(dir) if prompt::peft_type_of(&dir).is_some_and(|t| prompt::is_prompt_type(&t)) => {
+                let l = prompt::load(&dir)?;
+                adopt_prompt_settings(&mut cfg, &l);
+                cfg.check()?;
+                Some((dir, l))
+            }
+            Some(dir) if cfg.method.is_prompt() => {
+                return Err(Error::Invalid(format!(
+                    "--adapter-init {}: not a prompt-learning adapter (its adapter_config.json's \
+                     peft_type is not PROMPT_TUNING, P_TUNING or PREFIX_TUNING), so it cannot \
+                     start a --method {} run",
+                    dir.display(),
+                    cfg.method_name()
+                )))
+            }
+            _ => None,
+        };
         let init = match &cfg.adapter_init {
+            Some(_) if prompt_init.is_some() => None,
             Some(dir) => {
                 let (acfg, tensors) = adapter::load_peft(dir)?;
                 if acfg.use_dora != (cfg.method == Method::Dora) {
@@ -255,10 +279,18 @@ impl<'a, O: Objective> Run<'a, O> {
         let device = crate::nn::device::open(&cfg.device)?;
         let gpu_baseline = crate::nn::device::used_bytes(&device)?;
         crate::nn::device::reset_peak(&device)?;
+        // Prompt tuning's TEXT init: the text's ids with the tokenizer's special tokens (as PEFT).
+        let init_ids = match (&cfg.prompt_init_text, &prompt_init) {
+            (Some(text), None) => {
+                Some(crate::data::Tokenizer::for_model(&model_path)?.encode(text, true)?)
+            }
+            _ => None,
+        };
+        let pspec = cfg.prompt_spec(init_ids);
         let lopts = LlamaOptions {
             quant: cfg.quant_type()?,
             dtype,
-            lora: Some(spec.clone()),
+            lora: pspec.is_none().then(|| spec.clone()),
             checkpoint: true,
             device: device.clone(),
             ..LlamaOptions::default()
@@ -272,14 +304,31 @@ impl<'a, O: Objective> Run<'a, O> {
             obj.sequences_per_call(cfg.batch_size),
             obj.reference_forward(),
         );
-        let (plan, gpu_predicted) = plan_memory(&cfg, &store, &lopts, shape, gpu_baseline, opts)?;
+        let (plan, gpu_predicted) = plan_memory(
+            &cfg,
+            &store,
+            &lopts,
+            pspec.as_ref(),
+            shape,
+            gpu_baseline,
+            opts,
+        )?;
         check_max_memory(&cfg, &store, plan.total() + baseline)?;
         // Llama and Falcon differ only in their decoder blocks; the loop drives either.
-        let model = crate::models::load(&store, lopts)?;
+        let mut model = crate::models::open(&store, lopts)?;
+        if let Some(p) = &pspec {
+            model.install_prompt(p)?;
+        }
+        let dims = crate::models::prompt_dims(model.spec());
+        let model: Box<dyn CausalLm> = Box::new(model);
         let params = model.lora_params();
         if let Some((dir, acfg, tensors)) = &init {
             super::eval::set_adapter(&params, dir, acfg, tensors)?;
         }
+        if let Some((dir, l)) = &prompt_init {
+            prompt::set_vars(&params, dir, l)?;
+        }
+        let prompt = pspec.map(|p| (p, dims));
         let opt = new_optimizer(&cfg, &params, opts)?;
         let sched = LrSchedule {
             kind: cfg.schedule_kind()?,
@@ -342,6 +391,7 @@ impl<'a, O: Objective> Run<'a, O> {
             opt,
             sched,
             acfg,
+            prompt,
             data_fp: fp.hex(),
             mpath,
             metrics,
@@ -363,13 +413,18 @@ impl<'a, O: Objective> Run<'a, O> {
         super::manifest::verify_manifest(&ck)?;
         self.step = checkpoint::check_resume(&ck, &self.traj, &self.data_fp)?;
         let adir = ck.join("adapter");
-        let (_, tensors) = adapter::load_peft(&adir)?;
-        let expected: Vec<(String, Vec<usize>)> = self
-            .params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-            .collect();
-        adapter::check_compatible(&adir, &self.acfg, &tensors, &expected)?;
+        if self.prompt.is_some() {
+            // The encoder's state (or the rows) with every name and shape checked.
+            prompt::set_vars(&self.params, &adir, &prompt::load(&adir)?)?;
+        } else {
+            let (_, tensors) = adapter::load_peft(&adir)?;
+            let expected: Vec<(String, Vec<usize>)> = self
+                .params
+                .iter()
+                .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+                .collect();
+            adapter::check_compatible(&adir, &self.acfg, &tensors, &expected)?;
+        }
         self.opt.load_state(&ck.join("optimizer"))?;
         self.truncate_log()?;
         // The model's dropout keys count train_grads calls; a call whose labels are all ignored
@@ -502,9 +557,21 @@ impl<'a, O: Objective> Run<'a, O> {
             run: &self.traj,
         };
         checkpoint::save(&self.cfg.out, &st, &self.resolved(), |tmp| {
-            adapter::save_peft_vars(&tmp.join("adapter"), &self.acfg, &self.params)?;
+            self.save_adapter(&tmp.join("adapter"))?;
             self.opt.save_state(&tmp.join("optimizer"))
         })
+    }
+
+    /// The adapter in PEFT's layout: LoRA factors, or a prompt-learning directory (with the
+    /// encoder's state beside it, for resume and `--adapter-init`).
+    fn save_adapter(&self, dir: &std::path::Path) -> Result<()> {
+        match &self.prompt {
+            Some((p, d)) => {
+                let base = self.acfg.base_model_name_or_path.as_deref();
+                prompt::save(dir, p, d, base, &self.params)
+            }
+            None => adapter::save_peft_vars(dir, &self.acfg, &self.params),
+        }
     }
 
     /// The settings as a fresh run would give them to reproduce this one.
@@ -520,7 +587,7 @@ impl<'a, O: Objective> Run<'a, O> {
         self.pb.finish();
         self.evaluate()?;
         let adir = self.report.adapter_dir.clone();
-        adapter::save_peft_vars(&adir, &self.acfg, &self.params)?;
+        self.save_adapter(&adir)?;
         write_file(
             &adir.join(CONFIG_FILE),
             self.resolved().to_toml().as_bytes(),
@@ -618,12 +685,13 @@ fn plan_memory(
     cfg: &TrainConfig,
     store: &WeightStore,
     lopts: &LlamaOptions,
+    prompt: Option<&PromptSpec>,
     (micro, reference): (usize, bool),
     gpu_baseline: Option<u64>,
     opts: &RunOptions,
 ) -> Result<(MemoryPlan, Option<u64>)> {
     let seq = cfg.seq_len;
-    let plan = MemoryPlan::for_store(store, lopts, micro, seq)?
+    let plan = MemoryPlan::for_store_prompt(store, lopts, prompt, micro, seq)?
         .with_optimizer(cfg.moment_storage())
         .with_reference_forward(reference);
     say(
@@ -723,6 +791,23 @@ fn accumulate_metrics(acc: &mut Metrics, m: &Metrics, w: f64) {
             None => acc.push((k, v * w)),
         }
     }
+}
+
+/// A prompt-learning adapter's settings (method, virtual tokens, encoder width) over `cfg`'s.
+fn adopt_prompt_settings(cfg: &mut TrainConfig, l: &prompt::Loaded) {
+    use prompt::PromptMethod;
+    cfg.method = match l.method {
+        PromptMethod::PromptTuning => Method::PromptTuning,
+        PromptMethod::PTuning => Method::PTuning,
+        PromptMethod::PrefixTuning(_) => Method::PrefixTuning,
+    };
+    cfg.prefix_projection = l.method == PromptMethod::PrefixTuning(true);
+    cfg.num_virtual_tokens = l.num_virtual_tokens;
+    if l.encoder_hidden_size > 0 {
+        cfg.encoder_hidden_size = Some(l.encoder_hidden_size);
+    }
+    // The rows come from the file, not from a text.
+    cfg.prompt_init_text = None;
 }
 
 #[cfg(test)]
