@@ -37,6 +37,8 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source` (Jinja text); `bos_token`/`eos_token` are the strings the template sees.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        // Refuse what minijinja would crash on (a stack overflow is no error): see template_check.
+        super::template_check::check(source).map_err(Error::Invalid)?;
         let mut env = minijinja::Environment::new();
         // transformers compiles chat templates with these two jinja2 options.
         env.set_trim_blocks(true);
