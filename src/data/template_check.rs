@@ -32,15 +32,16 @@ pub(crate) fn whitespace() -> WhitespaceConfig {
 /// `Err(message)` names the line and the construct; `Ok` when the template is safe to hand to
 /// minijinja (a syntax error is left to minijinja's compiler, which reports it with its line).
 pub(crate) fn check(source: &str) -> Result<(), String> {
-    let mut in_tag = 0usize;
+    // Tokens so far in the open tag (None: outside a tag).
+    let mut in_tag: Option<usize> = None;
     for tok in tokenize(source, false, SyntaxConfig::default(), whitespace()) {
         let Ok((tok, span)) = tok else { break };
-        match tok {
-            Token::VariableStart | Token::BlockStart => in_tag = 1,
-            Token::VariableEnd | Token::BlockEnd => in_tag = 0,
-            _ if in_tag > 0 => {
-                in_tag += 1;
-                if in_tag > MAX_TAG_TOKENS {
+        match (tok, &mut in_tag) {
+            (Token::VariableStart | Token::BlockStart, _) => in_tag = Some(0),
+            (Token::VariableEnd | Token::BlockEnd, _) => in_tag = None,
+            (_, Some(n)) => {
+                *n += 1;
+                if *n > MAX_TAG_TOKENS {
                     return Err(format!(
                         "chat template line {}: a tag of more than {MAX_TAG_TOKENS} tokens; \
                          minijinja recurses once per operator and could overflow the stack \
@@ -380,7 +381,12 @@ mod tests {
         for src in [
             format!("{{{{ {}1 }}}}", rep("-", k)),
             format!("{{{{ {}1 }}}}", rep("not ", k)),
-            format!("{{{{ {}{}1{} }}}}", rep("(", 140), rep("-", k - 290), rep(")", 140)),
+            format!(
+                "{{{{ {}{}1{} }}}}",
+                rep("(", 140),
+                rep("-", k - 290),
+                rep(")", 140)
+            ),
             format!("{{{{ x{} }}}}", rep("()", k / 2)),
             format!(
                 "{}{{{{ {}1 }}}}{}",
@@ -396,9 +402,13 @@ mod tests {
             // Ok or minijinja's own error; what matters is that the thread returns.
             let _ = on_2_mib(src);
         }
-        // Just under the limit is not refused by the check.
-        let r = on_2_mib(format!("{{{{ 1{} }}}}", rep(" + 1", (MAX_TAG_TOKENS - 2) / 2)));
-        assert_eq!(r.unwrap(), format!("{}", MAX_TAG_TOKENS / 2));
+        // A tag of exactly the limit is accepted (`-`, `1`, then `+ 1` pairs), one more token
+        // is refused.
+        let n = (MAX_TAG_TOKENS - 2) / 2;
+        let ok = on_2_mib(format!("{{{{ -1{} }}}}", rep(" + 1", n)));
+        assert_eq!(ok.unwrap(), format!("{}", n as i64 - 1));
+        let e = on_2_mib(format!("{{{{ --1{} }}}}", rep(" + 1", n))).unwrap_err();
+        assert!(e.contains("more than 500 tokens"), "{e}");
     }
 
     #[test]
@@ -406,16 +416,40 @@ mod tests {
         // The first overflowed the stack when printed (the cycle ns -> ns); the others are the
         // other ways to build a cycle or to reach a namespace without naming it.
         for (src, what) in [
-            ("{% set ns = namespace(a=1) %}{% set ns.a = ns %}{{ ns }}", "`ns` is used"),
-            ("{% set ns = namespace() %}{% set ns.a = [ns] %}", "`ns` is used"),
-            ("{% set ns = namespace() %}{% set ns.a = {'k': ns} %}", "`ns` is used"),
-            ("{% set a = namespace() %}{% set b = namespace(x=a) %}", "`a` is used"),
+            (
+                "{% set ns = namespace(a=1) %}{% set ns.a = ns %}{{ ns }}",
+                "`ns` is used",
+            ),
+            (
+                "{% set ns = namespace() %}{% set ns.a = [ns] %}",
+                "`ns` is used",
+            ),
+            (
+                "{% set ns = namespace() %}{% set ns.a = {'k': ns} %}",
+                "`ns` is used",
+            ),
+            (
+                "{% set a = namespace() %}{% set b = namespace(x=a) %}",
+                "`a` is used",
+            ),
             ("{% set ns = namespace() %}{% set x = ns %}", "`ns` is used"),
             ("{% set ns = namespace() %}{{ ns|tojson }}", "`ns` is used"),
-            ("{% set ns = namespace() %}{% macro m(x) %}{% endmacro %}{{ m(ns) }}", "`ns`"),
-            ("{% with ns = namespace() %}{% set ns.a = ns %}{% endwith %}", "`ns`"),
-            ("{% set ns = namespace() %}{% set ns.a = namespace() %}", "must be assigned"),
-            ("{% set f = namespace %}{% set n = f() %}", "`namespace` used as a value"),
+            (
+                "{% set ns = namespace() %}{% macro m(x) %}{% endmacro %}{{ m(ns) }}",
+                "`ns`",
+            ),
+            (
+                "{% with ns = namespace() %}{% set ns.a = ns %}{% endwith %}",
+                "`ns`",
+            ),
+            (
+                "{% set ns = namespace() %}{% set ns.a = namespace() %}",
+                "must be assigned",
+            ),
+            (
+                "{% set f = namespace %}{% set n = f() %}",
+                "`namespace` used as a value",
+            ),
             ("{% import 'chat' as m %}", "{% import %}"),
             ("{% from 'chat' import ns %}", "import %}"),
         ] {

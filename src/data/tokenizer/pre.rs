@@ -275,7 +275,11 @@ impl PreTokenizer {
         // Unicode classes costs milliseconds per tokenizer (most of a fuzz input's time).
         static COMPILED: OnceLock<Mutex<HashMap<PreType, Vec<Regex>>>> = OnceLock::new();
         let cache = COMPILED.get_or_init(Default::default);
-        let cached = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&kind).cloned();
+        let cached = cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&kind)
+            .cloned();
         let regexes = match cached {
             Some(r) => r,
             None => {
