@@ -44,6 +44,11 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_fuel(Some(TEMPLATE_FUEL));
+        // minijinja turns debug info on in debug builds; its rendering of a span can subtract
+        // with overflow (a fuzzed template, fuzz/regressions/chat_template/debug-info-span-*)
+        // and it dumps the template and the variables (the conversation) into the error. The
+        // error keeps its line either way: off in every build.
+        env.set_debug(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers' templates call raise_exception(msg) on conversations they refuse.
         env.add_function(
