@@ -8,7 +8,7 @@
 //!   covers only brackets and nested blocks. We refuse a tag of more than [`MAX_TAG_TOKENS`]
 //!   tokens before the parser sees it.
 //! - **A namespace inside itself.** `{% set ns.me = ns %}` (or `[ns]`, an alias, `namespace(a=ns)`)
-//!   makes a cycle that printing, `~`, `tojson` or `==` follow until the stack overflows. We
+//!   makes a cycle that printing, `~` or `tojson` follow until the stack overflows. We
 //!   accept a namespace only where it cannot be stored: bound by `{% set name = namespace(…) %}`
 //!   (or `with`), then used as `name.attr`, `name[key]` and `{% set name.attr = … %}`, which is
 //!   how chat templates use it. `import` (a module's attributes could be namespaces) is refused.
@@ -16,8 +16,9 @@ use minijinja::machinery::{ast, parse, tokenize, Span, Token, WhitespaceConfig};
 use minijinja::syntax::SyntaxConfig;
 use std::collections::HashSet;
 
-/// Most tokens in one `{{ … }}` or `{% … %}` tag. Real chat templates stay under ~100; the
-/// worst chain this allows uses well under a tenth of a 2 MiB stack (test `limits_fit_in_2_mib`).
+/// Most tokens in one `{{ … }}` or `{% … %}` tag. The templates we know have tags of tens of
+/// tokens; the worst chain this allows fits easily in a 2 MiB stack (test
+/// `the_worst_allowed_tag_fits_in_2_mib`).
 pub const MAX_TAG_TOKENS: usize = 500;
 
 /// How transformers compiles chat templates (`trim_blocks`, `lstrip_blocks`).
