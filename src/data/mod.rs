@@ -16,6 +16,7 @@ pub(crate) mod guard;
 pub mod jsonl;
 pub mod pairs;
 pub mod template;
+mod template_check;
 pub mod tokenizer;
 
 pub use batch::{batches, pack, shuffle, shuffled_indices, Batch};

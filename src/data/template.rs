@@ -37,11 +37,18 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source` (Jinja text); `bos_token`/`eos_token` are the strings the template sees.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        // Refuse what minijinja would crash on (a stack overflow is no error): see template_check.
+        super::template_check::check(source).map_err(Error::Invalid)?;
         let mut env = minijinja::Environment::new();
         // transformers compiles chat templates with these two jinja2 options.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_fuel(Some(TEMPLATE_FUEL));
+        // minijinja turns debug info on in debug builds; its rendering of a span can subtract
+        // with overflow (a fuzzed template, fuzz/regressions/chat_template/debug-info-span-*)
+        // and it dumps the template and the variables (the conversation) into the error. The
+        // error keeps its line either way: off in every build.
+        env.set_debug(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers' templates call raise_exception(msg) on conversations they refuse.
         env.add_function(

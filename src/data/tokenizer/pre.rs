@@ -11,9 +11,10 @@
 //! whitespace character by U+000B before matching, a literal class never matches one (`&&[^\s]`).
 use fancy_regex::Regex;
 use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 /// The pre-tokenizer types of llama.cpp (`llama_vocab_pre_type`), one regex set each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum PreType {
     Default,
     Llama3,
@@ -270,10 +271,27 @@ pub(crate) struct PreTokenizer {
 impl PreTokenizer {
     /// Compiles the regex set of `kind` (every set compiles; a failure is a bug, hence the message).
     pub fn new(kind: PreType) -> Result<PreTokenizer, String> {
-        let regexes = regex_set(kind)
-            .into_iter()
-            .map(|r| Regex::new(r).map_err(|e| format!("pre-tokenizer regex {r:?}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Compiled once per type and process: the sets are constants, and compiling their
+        // Unicode classes costs milliseconds per tokenizer (most of a fuzz input's time).
+        static COMPILED: OnceLock<Mutex<HashMap<PreType, Vec<Regex>>>> = OnceLock::new();
+        let cache = COMPILED.get_or_init(Default::default);
+        let cached = cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&kind)
+            .cloned();
+        let regexes = match cached {
+            Some(r) => r,
+            None => {
+                let r = regex_set(kind)
+                    .into_iter()
+                    .map(|r| Regex::new(r).map_err(|e| format!("pre-tokenizer regex {r:?}: {e}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+                c.insert(kind, r.clone());
+                r
+            }
+        };
         Ok(PreTokenizer {
             regexes,
             byte_char: byte_to_char(),
