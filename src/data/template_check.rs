@@ -35,7 +35,7 @@ pub(crate) fn whitespace() -> WhitespaceConfig {
 pub(crate) fn check(source: &str) -> Result<(), String> {
     // Tokens so far in the open tag (None: outside a tag).
     let mut in_tag: Option<usize> = None;
-    for tok in tokenize(source, false, SyntaxConfig::default(), whitespace()) {
+    for tok in tokenize(source, false, SyntaxConfig, whitespace()) {
         let Ok((tok, span)) = tok else { break };
         match (tok, &mut in_tag) {
             (Token::VariableStart | Token::BlockStart, _) => in_tag = Some(0),
@@ -54,7 +54,7 @@ pub(crate) fn check(source: &str) -> Result<(), String> {
             _ => {}
         }
     }
-    let Ok(root) = parse(source, "chat", SyntaxConfig::default(), whitespace()) else {
+    let Ok(root) = parse(source, "chat", SyntaxConfig, whitespace()) else {
         return Ok(());
     };
     let mut names = HashSet::new();
