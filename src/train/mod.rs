@@ -14,6 +14,7 @@ pub mod objective;
 pub mod optim;
 pub mod optim8;
 pub mod schedule;
+mod setup;
 pub mod trainer;
 
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, MomentStorage};

@@ -1,0 +1,412 @@
+//! The model's steps over any [`Decoder`]: the forward, the loss, evaluation without a graph, and
+//! the checkpointed training step (with its per-row variant for objectives over whole sequences),
+//! each with the head's targets (shifted labels; the prompt rows' predictions where there are).
+use super::{cerr, Decoder};
+use crate::nn::{self, fused};
+use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
+use std::collections::HashMap;
+
+fn check_batch(ids: &Tensor) -> Result<(usize, usize, Vec<u32>)> {
+    let (b, t) = ids
+        .dims2()
+        .map_err(|_| Error::Invalid(format!("input ids must be (B, T), got {:?}", ids.dims())))?;
+    let v = ids
+        .to_dtype(DType::U32)
+        .and_then(|x| x.flatten_all()?.to_vec1::<u32>())
+        .map_err(cerr("input ids"))?;
+    Ok((b, t, v))
+}
+
+/// Shifted targets: row `b*T + t` predicts `labels[b, t+1]`; -100 where ignored or past the end.
+fn targets(labels: &Tensor, b: usize, t: usize) -> Result<Vec<i64>> {
+    if labels.dims() != [b, t] {
+        return Err(Error::Invalid(format!(
+            "labels have shape {:?}, expected ({b}, {t}) like the input ids",
+            labels.dims()
+        )));
+    }
+    let l = labels
+        .to_dtype(DType::I64)
+        .and_then(|x| x.flatten_all()?.to_vec1::<i64>())
+        .map_err(cerr("labels"))?;
+    Ok((0..b * t)
+        .map(|n| if n % t + 1 < t { l[n + 1] } else { -100 })
+        .collect())
+}
+
+/// With prompt rows (N > 0) the head reads positions N-1..N+T-1: the last virtual row predicts
+/// the first token (PEFT prepends N labels of -100 and shifts), so row `b*(T+1) + j` predicts
+/// `labels[b, j]` (j < T) and the last row nothing. Without: [`targets`] over `T` rows.
+fn head_targets<M: Decoder>(
+    m: &M,
+    labels: &Tensor,
+    b: usize,
+    t: usize,
+) -> Result<(Vec<i64>, usize)> {
+    if m.prompt_len() == 0 {
+        return Ok((targets(labels, b, t)?, t));
+    }
+    targets(labels, b, t)?; // the shape check
+    let l = labels
+        .to_dtype(DType::I64)
+        .and_then(|x| x.flatten_all()?.to_vec1::<i64>())
+        .map_err(cerr("labels"))?;
+    let tg = (0..b * (t + 1))
+        .map(|n| (n / (t + 1), n % (t + 1)))
+        .map(|(r, j)| if j < t { l[r * t + j] } else { -100 })
+        .collect();
+    Ok((tg, t + 1))
+}
+
+/// The rows of `x (B, N + T, C)` the head reads for the loss (see [`head_targets`]).
+fn head_rows<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
+    match m.prompt_len() {
+        0 => Ok(x),
+        n => x.narrow(1, n - 1, t + 1).map_err(cerr("prompt rows")),
+    }
+}
+
+/// Final hidden states `(B, N + T, C)` before the last norm (N prompt rows), with the graph.
+fn hidden<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    key: Option<u64>,
+) -> Result<Tensor> {
+    hidden_with(m, ids, mask, key, false)
+}
+
+/// [`hidden`], or with every layer's output `detach`ed (no graph survives a layer).
+fn hidden_with<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    key: Option<u64>,
+    detach: bool,
+) -> Result<Tensor> {
+    let (b, t, v) = check_batch(ids)?;
+    let ctx = m.ctx(b, t, mask)?;
+    let mut x = m.embed(&v, b, t)?;
+    for li in 0..m.num_layers() {
+        x = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
+        if detach {
+            x = x.detach();
+        }
+    }
+    Ok(x)
+}
+
+/// The head's input of an evaluation without a graph (each layer's output detached): the hidden
+/// rows the head reads, their targets, B and the head rows per sequence.
+fn eval_head_input<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<(Tensor, Vec<i64>, usize, usize)> {
+    let (b, t, _) = check_batch(ids)?;
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden_with(m, ids, mask, None, true)?, t)?;
+    Ok((x, tg, b, th))
+}
+
+/// [`super::CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
+pub fn eval_loss<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<f32> {
+    let (x, tg, b, th) = eval_head_input(m, ids, mask, labels)?;
+    loss_of(m, &x, &tg, b, th)?
+        .to_dtype(DType::F32)
+        .and_then(|l| l.to_scalar::<f32>())
+        .map_err(cerr("loss"))
+}
+
+/// The last `t` positions of `x (B, N + T, C)`: the tokens' hidden states after any prompt rows.
+fn drop_prompt<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
+    match m.prompt_len() {
+        0 => Ok(x),
+        n => x.narrow(1, n, t).map_err(cerr("prompt rows")),
+    }
+}
+
+/// [`super::CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
+pub fn forward<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (_, t, _) = check_batch(ids)?;
+    let x = drop_prompt(m, hidden(m, ids, mask, None)?, t)?;
+    m.final_norm(&x)
+        .and_then(|x| m.lm_head().forward(&x))
+        .and_then(|l| l.to_dtype(DType::F32))
+        .map_err(cerr("lm_head"))
+}
+
+fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Result<Tensor> {
+    let x = x
+        .reshape((b * t, m.hidden_size()))
+        .and_then(|x| m.final_norm(&x))
+        .map_err(cerr("final norm"))?;
+    let (sum, n) =
+        fused::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))?;
+    if n == 0 {
+        return Err(Error::Invalid(
+            "no target tokens: every label is -100".into(),
+        ));
+    }
+    (sum / n as f64).map_err(cerr("loss"))
+}
+
+/// [`super::CausalLm::loss`] of a [`Decoder`]: mean shifted cross-entropy, eval mode, with the graph.
+pub fn loss<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<Tensor> {
+    let (b, t, _) = check_batch(ids)?;
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    let x = head_rows(m, hidden(m, ids, mask, None)?, t)?;
+    loss_of(m, &x, &tg, b, th)
+}
+
+/// Adds the gradients in `grads` of the adapter tensors of `layer` (None: all) and of the
+/// sequence-level tensors (shared by the layers: their parts are summed) to `out`.
+fn collect<M: Decoder>(
+    m: &M,
+    grads: &GradStore,
+    layer: Option<usize>,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    let vars = match layer {
+        Some(usize::MAX) => m.sequence_vars(),
+        l => m
+            .lora_vars(l)
+            .into_iter()
+            .chain(m.sequence_vars())
+            .collect(),
+    };
+    for (name, var) in vars {
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.zeros_like().map_err(cerr("grads"))?,
+        };
+        let g = match out.remove(&name) {
+            Some(prev) => (prev + g).map_err(cerr("grads"))?,
+            None => g,
+        };
+        out.insert(name, g);
+    }
+    Ok(())
+}
+
+/// Each row's summed cross-entropy and target count (`(Σ CE, n)`): a sequence's log-probability is
+/// `-Σ CE`.
+pub type RowLosses = Vec<(f64, usize)>;
+
+/// The row weights of a training step, from its forward's per-row `(Σ CE, targets)`.
+pub type RowWeights<'a> = &'a mut dyn FnMut(&[(f64, usize)]) -> Result<Vec<f64>>;
+
+/// The head of one row per sequence: `(Σ CE of row r with its graph, its targets)` for
+/// `x (B, T, C)` before the final norm; rows without a target give `None`.
+fn row_heads<M: Decoder>(
+    m: &M,
+    x: &Tensor,
+    tg: &[i64],
+    b: usize,
+    t: usize,
+) -> Result<Vec<Option<(Tensor, usize)>>> {
+    (0..b)
+        .map(|r| {
+            let labels = &tg[r * t..(r + 1) * t];
+            if labels.iter().all(|&l| l < 0) {
+                return Ok(None);
+            }
+            let xr = x
+                .narrow(0, r, 1)
+                .and_then(|x| x.reshape((t, m.hidden_size())))
+                .and_then(|x| m.final_norm(&x))
+                .map_err(cerr("final norm"))?;
+            let (sum, n) = fused::cross_entropy_chunked(&xr, m.lm_head(), labels, m.ce_chunk())
+                .map_err(cerr("loss"))?;
+            Ok(Some((sum, n)))
+        })
+        .collect()
+}
+
+/// The values of [`row_heads`].
+fn row_values(heads: &[Option<(Tensor, usize)>]) -> Result<RowLosses> {
+    heads
+        .iter()
+        .map(|h| match h {
+            None => Ok((0.0, 0)),
+            Some((s, n)) => s
+                .to_dtype(DType::F32)
+                .and_then(|s| s.to_scalar::<f32>())
+                .map(|v| (v as f64, *n))
+                .map_err(cerr("loss")),
+        })
+        .collect()
+}
+
+/// [`super::CausalLm::eval_row_losses`] of a [`Decoder`]: per-row sums without keeping a graph.
+pub fn eval_row_losses<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<RowLosses> {
+    let (x, tg, b, th) = eval_head_input(m, ids, mask, labels)?;
+    row_values(&row_heads(m, &x, &tg, b, th)?)
+}
+
+/// How a training step turns the final hidden states `(B, T, C)` (with their graph) and the
+/// shifted targets into the scalar to differentiate, and what it reports.
+type Head<'a, M, R> = &'a mut dyn FnMut(&M, &Tensor, &[i64], usize, usize) -> Result<(R, Tensor)>;
+
+/// [`super::CausalLm::train_grads`] of a [`Decoder`]: the mean cross-entropy over every target.
+pub fn train_grads<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<(f32, HashMap<String, Tensor>)> {
+    train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
+        let loss = loss_of(m, x, tg, b, t)?;
+        Ok((loss.to_scalar::<f32>().map_err(cerr("loss"))?, loss))
+    })
+}
+
+/// [`super::CausalLm::train_grads_rows`] of a [`Decoder`]: the loss `Σ_r w_r·CE_r` over the rows, with
+/// the weights `weigh` gives for this forward's row values. Each row's cross-entropy runs as its
+/// own head op (the same chunked kernel; a row's gradient depends on that row alone), so no
+/// kernel needs per-row weights.
+pub fn train_grads_rows<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+    weigh: RowWeights<'_>,
+) -> Result<(RowLosses, HashMap<String, Tensor>)> {
+    train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
+        let heads = row_heads(m, x, tg, b, t)?;
+        let values = row_values(&heads)?;
+        let w = weigh(&values)?;
+        let mut total: Option<Tensor> = None;
+        for (h, &w) in heads.iter().zip(&w) {
+            let Some((s, _)) = h else { continue };
+            let term = s.affine(w, 0.0).map_err(cerr("loss"))?;
+            total = Some(match total {
+                None => term,
+                Some(t) => (t + term).map_err(cerr("loss"))?,
+            });
+        }
+        let total =
+            total.ok_or_else(|| Error::Invalid("no target tokens: every label is -100".into()))?;
+        Ok((values, total))
+    })
+}
+
+/// The training step under any [`Head`]: with checkpointing, only each layer's input is kept
+/// through the forward; the backward recomputes one layer at a time (same dropout masks) and the
+/// logits are made and freed chunk by chunk.
+fn train_with<M: Decoder, R>(
+    m: &M,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    labels: &Tensor,
+    head: Head<'_, M, R>,
+) -> Result<(R, HashMap<String, Tensor>)> {
+    let key = Some(m.next_step_key());
+    let (b, t, v) = check_batch(ids)?;
+    let (tg, th) = head_targets(m, labels, b, t)?;
+    if !m.checkpoint() {
+        let x = head_rows(m, hidden(m, ids, mask, key)?, t)?;
+        let (r, loss) = head(m, &x, &tg, b, th)?;
+        let grads = loss.backward().map_err(cerr("backward"))?;
+        let mut out = HashMap::new();
+        collect(m, &grads, None, &mut out)?;
+        return Ok((r, out));
+    }
+    if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
+        return Err(Error::Invalid(format!(
+            "label {l} is outside the vocabulary of {}",
+            m.vocab_size()
+        )));
+    }
+    let ctx = m.ctx(b, t, mask)?;
+    // Forward without keeping any graph: only each layer's input survives (detached). On a GPU
+    // those inputs wait in host memory (as Unsloth offloads its checkpoints): B·T·C values per
+    // layer cross the bus twice, against a layer's worth of GEMMs, and device memory keeps only
+    // the one being recomputed.
+    let mut saved = Vec::with_capacity(m.num_layers());
+    let mut x = m.embed(&v, b, t)?;
+    let dev = x.device().clone();
+    for li in 0..m.num_layers() {
+        let y = m
+            .layer(li, &x, &ctx, key)
+            .map_err(cerr("forward"))?
+            .detach();
+        saved.push(x.to_device(&Device::Cpu).map_err(cerr("checkpoint"))?);
+        x = y;
+    }
+    // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
+    // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
+    // both modes give the same gradient bit for bit.
+    let xl = Var::from_tensor(&head_rows(m, x.clone(), t)?).map_err(cerr("head"))?;
+    let (loss, loss_t) = head(m, xl.as_tensor(), &tg, b, th)?;
+    let mut g = loss_t
+        .backward()
+        .map_err(cerr("head backward"))?
+        .get(xl.as_tensor())
+        .map(|g| g.detach())
+        .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
+    drop(loss_t);
+    if m.prompt_len() > 1 {
+        // The head reads the last prompt row and the tokens': zeros before them.
+        let z = x
+            .narrow(1, 0, m.prompt_len() - 1)
+            .and_then(|p| p.zeros_like())
+            .and_then(|z| Tensor::cat(&[&z, &g], 1))
+            .map_err(cerr("prompt rows"))?;
+        g = z;
+    }
+    drop(x);
+    let mut out = HashMap::new();
+    // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
+    for li in (0..m.num_layers()).rev() {
+        let xin = saved
+            .pop()
+            .expect("one saved input per layer")
+            .to_device(&dev)
+            .map_err(cerr("checkpoint"))?;
+        let (gs, xv) = (|| -> candle_core::Result<_> {
+            let xv = Var::from_tensor(&xin)?;
+            let y = m.layer(li, xv.as_tensor(), &ctx, key)?;
+            let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
+            Ok((s.backward()?, xv))
+        })()
+        .map_err(cerr("recompute"))?;
+        collect(m, &gs, Some(li), &mut out)?;
+        if li > 0 || m.prompt_len() > 0 {
+            g = match gs.get(xv.as_tensor()) {
+                Some(gx) => gx.detach(),
+                None => xin.zeros_like().map_err(cerr("grads"))?,
+            };
+        }
+    }
+    if m.prompt_len() > 0 {
+        // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
+        // gradient into the sequence-level tensors.
+        let x0 = m.embed(&v, b, t)?;
+        let gs = (|| {
+            let s = nn::mul_const(&x0.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?;
+            s.sum_all()?.backward()
+        })()
+        .map_err(cerr("prompt rows"))?;
+        collect(m, &gs, Some(usize::MAX), &mut out)?;
+    }
+    Ok((loss, out))
+}
