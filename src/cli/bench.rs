@@ -112,12 +112,7 @@ pub fn run(a: Args) -> Result<()> {
             "{} {} | {}seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",
             a.shape,
             quant.name(),
-            match (dpo_beta.is_some(), dora) {
-                (true, true) => "DPO, 2 rows a pair | DoRA | ",
-                (true, false) => "DPO, 2 rows a pair | ",
-                (false, true) => "DoRA | ",
-                (false, false) => "",
-            },
+            cfg.variant(),
             a.seq_len,
             a.batch_size,
             a.rank,

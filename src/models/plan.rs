@@ -181,20 +181,13 @@ impl MemoryPlan {
             // gradient, summed over its two consumers.
             (graph, left + 3 * n * c * s)
         };
-        let graph = per_layer_lora
-            .iter()
-            .map(|x| layer(x))
-            .map(|(g, lo)| g + lo)
-            .max()
-            .unwrap_or_else(|| {
-                let (g, lo) = layer(&vec![false; dims.len()]);
-                g + lo
-            });
-        let graph_only = per_layer_lora
-            .iter()
-            .map(|x| layer(x).0)
-            .max()
-            .unwrap_or_else(|| layer(&vec![false; dims.len()]).0);
+        // (graph, leftovers) of every adapter layout among the layers (none: no adapter).
+        let layouts: Vec<(usize, usize)> = match per_layer_lora.is_empty() {
+            true => vec![layer(&vec![false; dims.len()])],
+            false => per_layer_lora.iter().map(|x| layer(x)).collect(),
+        };
+        let graph = layouts.iter().map(|(g, lo)| g + lo).max().unwrap_or(0);
+        let graph_only = layouts.iter().map(|(g, _)| *g).max().unwrap_or(0);
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
         // backward holds the incoming gradient, the product for each operand and a zero-initialised
         // accumulator: about four of the largest activation gradients coexist.

@@ -144,13 +144,24 @@ pub fn forward<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result
         .map_err(cerr("lm_head"))
 }
 
-fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Result<Tensor> {
+/// `(Σ CE, targets)` of the hidden rows `x (B, T, C)` (before the final norm) through the fused
+/// head, with the graph.
+fn head_sum<M: Decoder>(
+    m: &M,
+    x: &Tensor,
+    tg: &[i64],
+    b: usize,
+    t: usize,
+) -> Result<(Tensor, usize)> {
     let x = x
         .reshape((b * t, m.hidden_size()))
         .and_then(|x| m.final_norm(&x))
         .map_err(cerr("final norm"))?;
-    let (sum, n) =
-        fused::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))?;
+    fused::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))
+}
+
+fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Result<Tensor> {
+    let (sum, n) = head_sum(m, x, tg, b, t)?;
     if n == 0 {
         return Err(Error::Invalid(
             "no target tokens: every label is -100".into(),
@@ -224,14 +235,8 @@ fn row_heads<M: Decoder>(
             if labels.iter().all(|&l| l < 0) {
                 return Ok(None);
             }
-            let xr = x
-                .narrow(0, r, 1)
-                .and_then(|x| x.reshape((t, m.hidden_size())))
-                .and_then(|x| m.final_norm(&x))
-                .map_err(cerr("final norm"))?;
-            let (sum, n) = fused::cross_entropy_chunked(&xr, m.lm_head(), labels, m.ce_chunk())
-                .map_err(cerr("loss"))?;
-            Ok(Some((sum, n)))
+            let xr = x.narrow(0, r, 1).map_err(cerr("head rows"))?;
+            head_sum(m, &xr, labels, 1, t).map(Some)
         })
         .collect()
 }

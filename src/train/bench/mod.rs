@@ -79,6 +79,18 @@ impl BenchConfig {
     pub fn rows(&self) -> usize {
         self.batch_size * if self.dpo_beta.is_some() { 2 } else { 1 }
     }
+
+    /// What the step is beyond SFT with LoRA, for report headers (`DPO β 0.1, 2 rows a pair | `).
+    pub fn variant(&self) -> String {
+        let mut v = String::new();
+        if let Some(b) = self.dpo_beta {
+            v += &format!("DPO β {b}, 2 rows a pair | ");
+        }
+        if self.dora {
+            v += "DoRA | ";
+        }
+        v
+    }
 }
 
 /// `b` preference pairs from `b` random rows of `t` tokens: each row's first half is the prompt,
@@ -227,6 +239,11 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         .collect();
     let cerr = |e: candle_core::Error| Error::Invalid(format!("bench batch: {e}"));
     let pairs = dpo_pairs(&ids, b, t);
+    let dpo = Dpo {
+        beta: cfg.dpo_beta.unwrap_or(0.0),
+        reference_adapter: None,
+        precompute: false,
+    };
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).map_err(cerr)?;
     let labels = ids.to_dtype(DType::I64).map_err(cerr)?;
     let mut step = || -> Result<(f32, f64, f64)> {
@@ -234,12 +251,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         let (loss, grads) = match cfg.dpo_beta {
             None => model.train_grads(&ids, None, &labels)?,
             // The trainer's DPO micro-step itself: reference forward, then the policy's rows.
-            Some(beta) => {
-                let dpo = Dpo {
-                    beta,
-                    reference_adapter: None,
-                    precompute: false,
-                };
+            Some(_) => {
                 let m = dpo.micro_step(model.as_ref(), &pairs)?;
                 (m.loss as f32, m.grads)
             }

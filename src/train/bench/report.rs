@@ -186,10 +186,7 @@ impl std::fmt::Display for BenchReport {
             "{} {} | {}seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads | {} AdamW moments",
             c.shape,
             c.quant.name(),
-            match c.dpo_beta {
-                Some(b) => format!("DPO β {b}, 2 rows a pair | "),
-                None => String::new(),
-            } + if c.dora { "DoRA | " } else { "" },
+            c.variant(),
             c.seq_len,
             c.batch_size,
             c.rank,
