@@ -1,5 +1,5 @@
 //! Kernel benchmarks: memory bandwidth, dequantisation GB/s per type, fused quantised matmul
-//! GFLOP/s (forward and input-gradient), and candle's `QMatMul::forward` on the same weights.
+//! GFLOP/s (forward and input-gradient, f32 and the bf16 kernels), and candle's `QMatMul::forward` on the same weights.
 //! Results and the exact commands are in docs/BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench kernels` (filter with a trailing pattern, e.g. `-- matmul/`).
@@ -12,8 +12,12 @@ use candle_core::{Device, Module, Tensor};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
+use half::bf16;
 use qrand::{random_weights, Rng, BENCH_TYPES, MATMUL_TYPES};
 use qtune::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+use qtune::quant::matmul_bf16::{
+    dp_chains_all, has_avx512_bf16, qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, DP_FLOPS_PER_ITER,
+};
 use qtune::quant::{dequantize_f32, kernel_name, QData, QMatrix, QType};
 use rayon::prelude::*;
 use std::hint::black_box;
@@ -133,6 +137,13 @@ fn fma_peak(c: &mut Criterion) {
                 })
             })
         });
+        if let Some(iters) = dp_chains_all(1).map(|_| 1usize << 21) {
+            // The bf16 kernels' instruction ceiling (AVX-512 BF16).
+            g.throughput(Throughput::Elements(
+                (threads * iters * DP_FLOPS_PER_ITER) as u64,
+            ));
+            g.bench_function("avx512_dpbf16", |b| b.iter(|| dp_chains_all(iters)));
+        }
         g.finish();
     }
 }
@@ -226,6 +237,19 @@ fn matmul(c: &mut Criterion) {
                     g.bench_function(BenchmarkId::new("qtune_bwd_input", &label), |b| {
                         b.iter(|| qmatmul_bwd_input(black_box(&dy), m, &w, &mut dx, false))
                     });
+                    if has_avx512_bf16() {
+                        // The --dtype bf16 kernels (bf16 products, f32 sums), bf16 activations.
+                        let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+                        let dyb: Vec<bf16> = dy.iter().map(|v| bf16::from_f32(*v)).collect();
+                        g.bench_function(BenchmarkId::new("qtune_fwd_bf16", &label), |b| {
+                            b.iter(|| qmatmul_fwd_bf16(black_box(&xb), m, &w, &mut y))
+                        });
+                        g.bench_function(BenchmarkId::new("qtune_bwd_input_bf16", &label), |b| {
+                            b.iter(|| {
+                                qmatmul_bwd_input_bf16(black_box(&dyb), m, &w, &mut dx, false)
+                            })
+                        });
+                    }
                 }
                 if let Some(wd) = &dense {
                     // Ceiling: the same product on a dense f32 W with gemm's own 2-thread parallelism.

@@ -7,10 +7,12 @@
 //! tile by tile; nothing W-sized is ever allocated, and nothing is kept from the forward but x
 //! (candle's graph holds the op's argument and result anyway).
 //!
-//! bf16/f16 activations are converted to f32 inside the op and the result back, so the graph never
-//! holds an f32 copy of x.
+//! bf16 activations run the bf16 kernels (`quant::matmul_bf16`: bf16 products, f32 sums; the f32
+//! kernels where the CPU lacks AVX-512 BF16); f16 ones are converted to f32 inside the op and the
+//! result back. Either way the graph never holds an f32 copy of x.
 use crate::quant::dequantize_f32;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
 use crate::store::{StoredTensor, WeightStore};
@@ -294,6 +296,20 @@ impl QMatMulOp {
         out
     }
 
+    /// Runs the bf16 kernel on a bf16 argument of `m` rows; the f32 result rounded back to bf16.
+    fn run_bf16(&self, arg: &[bf16], m: usize) -> Vec<bf16> {
+        let w = self.w.matrix();
+        let (_, out_w) = self.widths();
+        let mut out = vec![0f32; m * out_w];
+        match self.dir {
+            Dir::Forward => qmatmul_fwd_bf16(arg, m, &w, &mut out),
+            Dir::InputGrad => qmatmul_bwd_input_bf16(arg, m, &w, &mut out, false),
+        }
+        let mut res = vec![bf16::ZERO; out.len()];
+        crate::quant::simd::f32_to_bf16_fn(crate::quant::dispatch::active_level())(&out, &mut res);
+        res
+    }
+
     /// Converts a half-precision argument to f32, runs, converts the result back.
     fn run_half<T: WithDType>(
         &self,
@@ -343,9 +359,7 @@ impl CustomOp1 for QMatMulOp {
         *out_dims.last_mut().expect("checked non-empty above") = out_w;
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], m)),
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(self.run_half(&v[start..end], m, bf16::from_f32, f32::from))
-            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.run_bf16(&v[start..end], m)),
             CpuStorage::F16(v) => {
                 CpuStorage::F16(self.run_half(&v[start..end], m, f16::from_f32, f32::from))
             }

@@ -12,6 +12,7 @@ pub mod blocks;
 pub mod dispatch;
 pub mod dot8;
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod nf4;
 pub mod scalar;
 pub mod simd;

@@ -182,12 +182,17 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let model_cfg = shape_dims(&config, Path::new(&cfg.shape))?;
     let device = crate::nn::device::open(&cfg.device)?;
     tune_allocator();
-    let peak_gflops = if device.is_cpu() {
-        progress("measuring this machine's f32 GEMM peak");
-        measure_f32_peak()
+    let (peak_gflops, peak_kind) = if device.is_cpu() {
+        progress("measuring this machine's f32 GEMM and bf16 instruction peaks");
+        let f32_peak = measure_f32_peak();
+        match crate::quant::matmul_bf16::measure_bf16_peak() {
+            Some(bf) if bf > f32_peak => (bf, "vdpbf16ps (bf16)".to_string()),
+            _ => (f32_peak, "f32 GEMM".to_string()),
+        }
     } else {
         progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
-        measure_device_peak(&device, cfg.dtype)?
+        let peak = measure_device_peak(&device, cfg.dtype)?;
+        (peak, format!("GPU {:?} GEMM", cfg.dtype).to_lowercase())
     };
     let gpu_baseline = crate::nn::device::used_bytes(&device)?;
     crate::nn::device::reset_peak(&device)?;
@@ -317,6 +322,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         linear_params,
         flops_per_step,
         peak_gflops,
+        peak_kind,
         setup_s,
         gpu,
     })

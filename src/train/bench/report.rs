@@ -49,8 +49,11 @@ pub struct BenchReport {
     pub linear_params: usize,
     /// FLOPs per step as counted (see [`step_flops`](super::step_flops)).
     pub flops_per_step: f64,
-    /// This machine's measured f32 GEMM rate (GFLOP/s), MFU's denominator.
+    /// MFU's denominator (GFLOP/s): on a CPU the larger of the measured f32 GEMM rate and the bf16
+    /// instruction ceiling (`vdpbf16ps`, where the CPU has it); on a GPU its GEMM rate.
     pub peak_gflops: f64,
+    /// What `peak_gflops` measured ("f32 GEMM", "vdpbf16ps", "GPU bf16 GEMM", ...).
+    pub peak_kind: String,
     /// Seconds spent generating the weights and loading the model.
     pub setup_s: f64,
     /// Device memory figures (`--device cuda`).
@@ -168,6 +171,7 @@ impl BenchReport {
             },
         });
         // Beside the rest: one json! of every key passes the macro's recursion limit.
+        v["peak_kind"] = serde_json::json!(self.peak_kind);
         v["objective"] = serde_json::json!(if c.dpo_beta.is_some() { "dpo" } else { "sft" });
         v["rows"] = serde_json::json!(c.rows());
         v["method"] = serde_json::json!(if c.dora { "dora" } else { "lora" });
@@ -229,14 +233,10 @@ impl std::fmt::Display for BenchReport {
                 mib((g.baseline_used + me) as usize)
             )?;
         }
-        let peak_kind = if self.gpu.is_some() {
-            format!("GPU {:?}", c.dtype).to_lowercase()
-        } else {
-            "f32".into()
-        };
+        let peak_kind = &self.peak_kind;
         write!(
             f,
-            "{:.2} tokens/s, {:.1} GFLOP/s, MFU {:.1} % of the measured {peak_kind} GEMM peak {:.1} \
+            "{:.2} tokens/s, {:.1} GFLOP/s, MFU {:.1} % of the measured {peak_kind} peak {:.1} \
              GFLOP/s",
             self.tokens_per_s(),
             self.gflops(),

@@ -1,0 +1,674 @@
+//! Quantised matmul in bf16 with f32 accumulation: forward `y = x·Wᵀ` and input gradient
+//! `dx = dy·W`, for the `--dtype bf16` step on CPUs with AVX-512 BF16 (`vdpbf16ps`).
+//!
+//! `vdpbf16ps acc, a, b` adds, in each of 16 f32 lanes, the two products of a pair of bf16 values
+//! (`acc[i] += a[2i]·b[2i] + a[2i+1]·b[2i+1]`), twice the multiply rate of an f32 FMA on the same
+//! vector width. Both operands must hold *pairs along the contraction axis* (ggml and oneDNN call
+//! this the VNNI layout). Each kernel picks its lanes so that one operand is a broadcast pair read
+//! straight from a row-major buffer and only the other is repacked:
+//!
+//! - Forward (contraction over K): lanes run over 16 rows of x. x is packed once per call into
+//!   blocks of [`MB`] rows, `xp[block][K/2][MB]` (pairs `x[m, 2p], x[m, 2p+1]`); each task owns
+//!   [`fwd_rows`] rows of W, dequantises them (f32 in an L1 chunk, then rounded to bf16) into a
+//!   row-major bf16 tile whose pairs `W[n, 2p], W[n, 2p+1]` are broadcast. Accumulators hold a
+//!   column of y for 48 rows of x and up to 8 rows of W (24 zmm), written out transposed.
+//! - Input gradient (contraction over N): lanes run over 16 columns of dx. dy is converted once to
+//!   row-major bf16, whose pairs `dy[m, 2q], dy[m, 2q+1]` are broadcast; each task owns a span of
+//!   K columns and walks W in chunks of [`BWD_ROWS`] rows, interleaving rows 2q and 2q+1 of the
+//!   dequantised chunk into pairs. Accumulators hold 6 rows × 64 columns of dx (24 zmm).
+//!
+//! Rounding: x, dy and W are rounded to bf16 (nearest even) and every product is exact in f32;
+//! sums are f32. [`qmatmul_fwd_bf16_ref`] / [`qmatmul_bwd_input_bf16_ref`] compute the same
+//! rounded operands' products in f64: the SIMD kernels agree with them to f32 summation error.
+//! Where the CPU lacks AVX-512 BF16 (or the shape does not fit: K not a multiple of 16, M ≤
+//! [`GEMV_MAX_M`]) the f32 kernels of `matmul` run instead; [`bf16_kernel_name`] says which.
+use super::matmul::{qmatmul_bwd_input, qmatmul_fwd, GEMV_MAX_M};
+use super::QMatrix;
+use half::bf16;
+
+/// Rows of x per packed forward block: 3 vectors of 16 lanes.
+pub const MB: usize = 48;
+/// Rows of W per forward micro-tile (accumulators: 8 × 3 zmm).
+const FWD_MR: usize = 8;
+/// Rows of W dequantised per input-gradient chunk (an even number: pairs of rows).
+pub const BWD_ROWS: usize = 128;
+/// Rows of dy per input-gradient micro-tile (accumulators: 6 × 4 zmm).
+const BWD_MR: usize = 6;
+/// K elements dequantised into f32 at a time before rounding to bf16 (a multiple of every block
+/// size we read: 32, 64, 256), so the f32 staging chunk stays in L1.
+const STAGE_K: usize = 1024;
+
+/// Whether this CPU runs the AVX-512 BF16 kernels (checked once; what makes the `unsafe` calls
+/// sound).
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+                && std::env::var_os("QTUNE_NO_BF16_KERNELS").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The kernel the bf16 step's quantised matmuls use on this CPU (for reports).
+pub fn bf16_kernel_name() -> &'static str {
+    if has_avx512_bf16() {
+        "avx512-bf16 (vdpbf16ps)"
+    } else {
+        "f32 (no AVX-512 BF16 on this CPU)"
+    }
+}
+
+/// `vdpbf16ps` flops one [`dp_chains_all`] call does per iteration and thread.
+pub const DP_FLOPS_PER_ITER: usize = 12 * 64;
+
+/// `iters` rounds of 12 independent `vdpbf16ps` on each rayon thread at once (plain OS threads,
+/// so all really run together); `None` without AVX-512 BF16. The work is
+/// `threads × iters × DP_FLOPS_PER_ITER` flops.
+pub fn dp_chains_all(iters: usize) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        let threads = rayon::current_num_threads().max(1);
+        return Some(std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..threads)
+                // SAFETY: AVX-512 BF16 checked by has_avx512_bf16 above.
+                .map(|t| sc.spawn(move || unsafe { avx512::dp_chains(iters, t as f32) }))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        }));
+    }
+    let _ = iters;
+    None
+}
+
+/// The instruction ceiling of the bf16 kernels in GFLOP/s ([`dp_chains_all`], best of 4), or
+/// `None` without AVX-512 BF16. `qtune bench` divides by the larger of this and the f32 GEMM
+/// peak, so MFU counts against the best this CPU offers.
+pub fn measure_bf16_peak() -> Option<f64> {
+    let iters = 1usize << 21;
+    let threads = rayon::current_num_threads().max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t0 = std::time::Instant::now();
+        std::hint::black_box(dp_chains_all(iters)?);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Some((threads * iters * DP_FLOPS_PER_ITER) as f64 / best / 1e9)
+}
+
+/// Whether the bf16 kernels take this shape (else the f32 ones run).
+fn fits(w: &QMatrix, m: usize) -> bool {
+    m > GEMV_MAX_M && w.cols.is_multiple_of(16) && w.cols >= 16 && w.rows > 0
+}
+
+/// Pairs of bf16 in one u32 (the low half is the even element), as `vdpbf16ps` reads them.
+#[inline]
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
+}
+
+/// Activation rows as the kernels read them: f32 (rounded to bf16 here) or bf16 (copied).
+pub trait Activation: Copy + Send + Sync {
+    /// This value rounded to bf16 (nearest even).
+    fn to_bf16(self) -> bf16;
+    /// Converts a row into bf16 (SIMD where there is one).
+    fn row_to_bf16(src: &[Self], dst: &mut [bf16]);
+    /// The slice itself when it is f32 (the f32 fallback keeps its exact values).
+    fn as_f32(v: &[Self]) -> Option<&[f32]>;
+}
+
+impl Activation for f32 {
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+    fn row_to_bf16(src: &[f32], dst: &mut [bf16]) {
+        super::simd::f32_to_bf16_fn(super::dispatch::active_level())(src, dst)
+    }
+    fn as_f32(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
+}
+
+impl Activation for bf16 {
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+    fn row_to_bf16(src: &[bf16], dst: &mut [bf16]) {
+        dst.copy_from_slice(src)
+    }
+    fn as_f32(_: &[bf16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// `y (M×N) = x (M×K) · Wᵀ` with bf16 products and f32 sums (see the module docs); the f32 kernel
+/// where the bf16 one does not apply. x is f32 or bf16; y is f32.
+pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "qmatmul_fwd_bf16: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "qmatmul_fwd_bf16: y is not {m}×{n}");
+    if !(has_avx512_bf16() && fits(w, m)) {
+        return with_f32(x, |x| qmatmul_fwd(x, m, w, y));
+    }
+    #[cfg(target_arch = "x86_64")]
+    avx512::fwd(x, m, w, y);
+}
+
+/// `dx (M×K) = dy (M×N) · W` (or `+=` when `accumulate`) with bf16 products and f32 sums; the f32
+/// kernel where the bf16 one does not apply. dy is f32 or bf16; dx is f32.
+pub fn qmatmul_bwd_input_bf16<A: Activation>(
+    dy: &[A],
+    m: usize,
+    w: &QMatrix,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_bf16: dy is not {m}×{n}");
+    assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_bf16: dx is not {m}×{k}");
+    if !(has_avx512_bf16() && fits(w, m)) {
+        return with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate));
+    }
+    #[cfg(target_arch = "x86_64")]
+    avx512::bwd_input(dy, m, w, dx, accumulate);
+}
+
+/// Runs `f` on `v` as f32: f32 activations as they are, bf16 ones widened (exactly).
+fn with_f32<A: Activation, R>(v: &[A], f: impl FnOnce(&[f32]) -> R) -> R {
+    match A::as_f32(v) {
+        Some(v32) => f(v32),
+        None => f(&v.iter().map(|a| a.to_bf16().to_f32()).collect::<Vec<_>>()),
+    }
+}
+
+/// W's rows `r0..r0+nr`, columns `c0..c0+kc`, rounded to bf16 into `dst` (row-major), staged
+/// through `stage` (f32, at least `min(kc, STAGE_K)` long).
+fn dequant_bf16_rows(
+    w: &QMatrix,
+    (r0, nr): (usize, usize),
+    (c0, kc): (usize, usize),
+    stage: &mut [f32],
+    dst: &mut [bf16],
+) {
+    let to_bf16 = super::simd::f32_to_bf16_fn(super::dispatch::active_level());
+    for r in 0..nr {
+        let mut k0 = 0;
+        while k0 < kc {
+            let len = STAGE_K.min(kc - k0);
+            w.dequant_tile(r0 + r, 1, c0 + k0, len, &mut stage[..len]);
+            to_bf16(&stage[..len], &mut dst[r * kc + k0..][..len]);
+            k0 += len;
+        }
+    }
+}
+
+/// Scalar reference for [`qmatmul_fwd_bf16`]: the same bf16-rounded operands, products summed in
+/// f64 (what the SIMD kernel computes, up to f32 summation error).
+pub fn qmatmul_fwd_bf16_ref<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k);
+    assert_eq!(y.len(), m * n);
+    let mut row = vec![0f32; k];
+    for r in 0..n {
+        w.dequant_tile(r, 1, 0, k, &mut row);
+        for i in 0..m {
+            let s: f64 = x[i * k..(i + 1) * k]
+                .iter()
+                .zip(&row)
+                .map(|(a, b)| a.to_bf16().to_f64() * bf16::from_f32(*b).to_f64())
+                .sum();
+            y[i * n + r] = s as f32;
+        }
+    }
+}
+
+/// Scalar reference for [`qmatmul_bwd_input_bf16`] (bf16-rounded operands, f64 sums).
+pub fn qmatmul_bwd_input_bf16_ref<A: Activation>(
+    dy: &[A],
+    m: usize,
+    w: &QMatrix,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(dy.len(), m * n);
+    assert_eq!(dx.len(), m * k);
+    let mut acc = vec![0f64; m * k];
+    let mut row = vec![0f32; k];
+    for r in 0..n {
+        w.dequant_tile(r, 1, 0, k, &mut row);
+        for i in 0..m {
+            let g = dy[i * n + r].to_bf16().to_f64();
+            for (a, v) in acc[i * k..(i + 1) * k].iter_mut().zip(&row) {
+                *a += g * bf16::from_f32(*v).to_f64();
+            }
+        }
+    }
+    for (d, a) in dx.iter_mut().zip(&acc) {
+        *d = if accumulate {
+            (*d as f64 + a) as f32
+        } else {
+            *a as f32
+        };
+    }
+}
+
+/// Rows of W one forward task owns: its bf16 tile (rows × K) fits in half of L2, at least one
+/// micro-tile, and enough tasks for every thread.
+pub fn fwd_rows(n: usize, k: usize) -> usize {
+    let fit = (256 * 1024 / (2 * k.max(1))).max(FWD_MR) / FWD_MR * FWD_MR;
+    let balance = n
+        .div_ceil(rayon::current_num_threads() * 4)
+        .div_ceil(FWD_MR)
+        * FWD_MR;
+    fit.min(balance.max(FWD_MR))
+}
+
+/// Columns of dx one input-gradient task owns: a multiple of the block size and of 16.
+fn bwd_cols(w: &QMatrix) -> usize {
+    let k = w.cols;
+    let step = lcm(w.block_size().max(1), 16);
+    let want = k.div_ceil(rayon::current_num_threads() * 4).clamp(64, 256);
+    (want.div_ceil(step) * step).min(k)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    a / gcd(a, b) * b
+}
+
+thread_local! {
+    // Reused across calls: a fresh tile per task would fault in fresh pages every time.
+    static SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's scratch: at least `words` u32 (bf16 pairs) and `floats` f32.
+fn with_scratch<R>(words: usize, floats: usize, f: impl FnOnce(&mut [u32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => {
+            let (u, v) = &mut *s;
+            if u.len() < words {
+                u.resize(words, 0);
+            }
+            if v.len() < floats {
+                v.resize(floats, 0.0);
+            }
+            f(&mut u[..words], &mut v[..floats])
+        }
+        // Re-entered on this thread: private buffers.
+        Err(_) => f(&mut vec![0; words], &mut vec![0.0; floats]),
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 BF16 micro-kernels and the tiling around them.
+    use super::*;
+    use half::bf16;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// A raw pointer tasks share to write disjoint parts of one output.
+    #[derive(Clone, Copy)]
+    struct SendPtr(*mut f32);
+    // SAFETY: every task writes a disjoint set of elements (documented at each use).
+    unsafe impl Send for SendPtr {}
+    // SAFETY: as for Send.
+    unsafe impl Sync for SendPtr {}
+    impl SendPtr {
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// `iters` rounds of 12 independent `vdpbf16ps` (the instruction's throughput).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn dp_chains(iters: usize, seed: f32) -> f32 {
+        let a: __m512bh = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5), _mm512_set1_ps(0.25));
+        let b: __m512bh = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(2e-3));
+        let x = _mm512_set1_ps(seed);
+        // Named accumulators: an array may be kept on the stack.
+        let (mut c0, mut c1, mut c2, mut c3, mut c4, mut c5) = (x, x, x, x, x, x);
+        let (mut c6, mut c7, mut c8, mut c9, mut c10, mut c11) = (x, x, x, x, x, x);
+        for _ in 0..iters {
+            c0 = _mm512_dpbf16_ps(c0, a, b);
+            c1 = _mm512_dpbf16_ps(c1, a, b);
+            c2 = _mm512_dpbf16_ps(c2, a, b);
+            c3 = _mm512_dpbf16_ps(c3, a, b);
+            c4 = _mm512_dpbf16_ps(c4, a, b);
+            c5 = _mm512_dpbf16_ps(c5, a, b);
+            c6 = _mm512_dpbf16_ps(c6, a, b);
+            c7 = _mm512_dpbf16_ps(c7, a, b);
+            c8 = _mm512_dpbf16_ps(c8, a, b);
+            c9 = _mm512_dpbf16_ps(c9, a, b);
+            c10 = _mm512_dpbf16_ps(c10, a, b);
+            c11 = _mm512_dpbf16_ps(c11, a, b);
+        }
+        let s = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
+            _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7)),
+        );
+        let s = _mm512_add_ps(
+            s,
+            _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)),
+        );
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// Packs x (M×K) into `xp[block][K/2][MB]` pairs, rows past M zero.
+    fn pack_x<A: Activation>(x: &[A], m: usize, k: usize) -> Vec<u32> {
+        let blocks = m.div_ceil(MB);
+        let half = k / 2;
+        let mut xp = vec![0u32; blocks * half * MB];
+        xp.par_chunks_mut(half * MB)
+            .enumerate()
+            .for_each(|(b, dst)| {
+                let mut row = vec![bf16::ZERO; k];
+                for l in 0..MB.min(m - b * MB) {
+                    let i = b * MB + l;
+                    A::row_to_bf16(&x[i * k..(i + 1) * k], &mut row);
+                    for p in 0..half {
+                        dst[p * MB + l] = pair(row[2 * p], row[2 * p + 1]);
+                    }
+                }
+            });
+        xp
+    }
+
+    /// Forward micro-kernel: `out[r][l] = Σ_p wt[r][p] · xb[p][l]` over `pairs` pairs, for
+    /// `R` rows of the bf16 W tile (row stride `ws` pairs) and the `MB` rows of one x block.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16; `wt` addresses `R` rows of `pairs` u32 at stride `ws`;
+    /// `xb` addresses `pairs × MB` u32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn fwd_tile<const R: usize>(
+        pairs: usize,
+        wt: *const u32,
+        ws: usize,
+        xb: *const u32,
+        out: &mut [[f32; MB]; FWD_MR],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        for p in 0..pairs {
+            let xq = xb.add(p * MB);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(xq as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(xq.add(16) as *const _));
+            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(xq.add(32) as *const _));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let s: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*wt.add(r * ws + p) as i32));
+                a[0] = _mm512_dpbf16_ps(a[0], s, b0);
+                a[1] = _mm512_dpbf16_ps(a[1], s, b1);
+                a[2] = _mm512_dpbf16_ps(a[2], s, b2);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, av) in a.iter().enumerate() {
+                _mm512_storeu_ps(out[r].as_mut_ptr().add(16 * v), *av);
+            }
+        }
+    }
+
+    /// Calls [`fwd_tile`] for `rows` (1..=8) rows.
+    ///
+    /// # Safety
+    /// As [`fwd_tile`].
+    unsafe fn fwd_tile_n(
+        rows: usize,
+        pairs: usize,
+        wt: *const u32,
+        ws: usize,
+        xb: *const u32,
+        out: &mut [[f32; MB]; FWD_MR],
+    ) {
+        match rows {
+            8 => fwd_tile::<8>(pairs, wt, ws, xb, out),
+            7 => fwd_tile::<7>(pairs, wt, ws, xb, out),
+            6 => fwd_tile::<6>(pairs, wt, ws, xb, out),
+            5 => fwd_tile::<5>(pairs, wt, ws, xb, out),
+            4 => fwd_tile::<4>(pairs, wt, ws, xb, out),
+            3 => fwd_tile::<3>(pairs, wt, ws, xb, out),
+            2 => fwd_tile::<2>(pairs, wt, ws, xb, out),
+            _ => fwd_tile::<1>(pairs, wt, ws, xb, out),
+        }
+    }
+
+    pub(super) fn fwd<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
+        let (n, k) = (w.rows, w.cols);
+        let half = k / 2;
+        let xp = pack_x(x, m, k);
+        let rows = fwd_rows(n, k);
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
+            let r0 = task * rows;
+            let nr = rows.min(n - r0);
+            with_scratch(nr * half, STAGE_K.min(k), |tile, stage| {
+                // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
+                dequant_bf16_rows(w, (r0, nr), (0, k), stage, bytemuck::cast_slice_mut(tile));
+                let wt = tile.as_ptr();
+                let mut out = [[0f32; MB]; FWD_MR];
+                for b in 0..m.div_ceil(MB) {
+                    let rows_x = MB.min(m - b * MB);
+                    let xb = xp[b * half * MB..].as_ptr();
+                    let mut g = 0;
+                    while g < nr {
+                        let gr = FWD_MR.min(nr - g);
+                        // SAFETY: the CPU has AVX-512 BF16 (checked by the caller through
+                        // has_avx512_bf16); wt + g*half addresses gr rows of `half` pairs inside
+                        // `tile`, xb addresses half×MB pairs inside xp.
+                        unsafe { fwd_tile_n(gr, half, wt.add(g * half), half, xb, &mut out) };
+                        for (r, o) in out[..gr].iter().enumerate() {
+                            for (l, v) in o[..rows_x].iter().enumerate() {
+                                // SAFETY: this task alone owns columns r0..r0+nr of y; the row
+                                // b*MB+l < m and column r0+g+r < n.
+                                unsafe { *yp.get().add((b * MB + l) * n + r0 + g + r) = *v };
+                            }
+                        }
+                        g += gr;
+                    }
+                }
+            });
+        });
+    }
+
+    /// Input-gradient micro-kernel: `dx[r][c] (+)= Σ_q dyp[r][q] · wp[q][c]` for `R` rows of dy
+    /// (pairs, row stride `ds` u32) and `V` vectors of 16 columns of the interleaved W chunk (row
+    /// stride `wsp` u32), `pairs` pairs; dx rows at stride `xs` f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16; every pointer addresses the elements these shapes and
+    /// strides name; no other thread touches them in dx.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn bwd_tile<const R: usize, const V: usize>(
+        pairs: usize,
+        dyp: *const u32,
+        ds: usize,
+        wp: *const u32,
+        wsp: usize,
+        dx: *mut f32,
+        xs: usize,
+        load: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if load {
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = _mm512_loadu_ps(dx.add(r * xs + 16 * v));
+                }
+            }
+        }
+        for q in 0..pairs {
+            let mut b = [_mm512_setzero_ps(); V];
+            for (v, bv) in b.iter_mut().enumerate() {
+                *bv = _mm512_loadu_ps(wp.add(q * wsp + 16 * v) as *const f32);
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let s: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*dyp.add(r * ds + q) as i32));
+                for (av, bv) in a.iter_mut().zip(&b) {
+                    *av = _mm512_dpbf16_ps(*av, s, std::mem::transmute::<__m512, __m512bh>(*bv));
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, av) in a.iter().enumerate() {
+                _mm512_storeu_ps(dx.add(r * xs + 16 * v), *av);
+            }
+        }
+    }
+
+    macro_rules! bwd_dispatch {
+        ($r:expr, $v:expr, $($args:expr),*) => {
+            match ($r, $v) {
+                (6, 4) => bwd_tile::<6, 4>($($args),*),
+                (6, 3) => bwd_tile::<6, 3>($($args),*),
+                (6, 2) => bwd_tile::<6, 2>($($args),*),
+                (6, _) => bwd_tile::<6, 1>($($args),*),
+                (5, 4) => bwd_tile::<5, 4>($($args),*),
+                (5, 3) => bwd_tile::<5, 3>($($args),*),
+                (5, 2) => bwd_tile::<5, 2>($($args),*),
+                (5, _) => bwd_tile::<5, 1>($($args),*),
+                (4, 4) => bwd_tile::<4, 4>($($args),*),
+                (4, 3) => bwd_tile::<4, 3>($($args),*),
+                (4, 2) => bwd_tile::<4, 2>($($args),*),
+                (4, _) => bwd_tile::<4, 1>($($args),*),
+                (3, 4) => bwd_tile::<3, 4>($($args),*),
+                (3, 3) => bwd_tile::<3, 3>($($args),*),
+                (3, 2) => bwd_tile::<3, 2>($($args),*),
+                (3, _) => bwd_tile::<3, 1>($($args),*),
+                (2, 4) => bwd_tile::<2, 4>($($args),*),
+                (2, 3) => bwd_tile::<2, 3>($($args),*),
+                (2, 2) => bwd_tile::<2, 2>($($args),*),
+                (2, _) => bwd_tile::<2, 1>($($args),*),
+                (_, 4) => bwd_tile::<1, 4>($($args),*),
+                (_, 3) => bwd_tile::<1, 3>($($args),*),
+                (_, 2) => bwd_tile::<1, 2>($($args),*),
+                (_, _) => bwd_tile::<1, 1>($($args),*),
+            }
+        };
+    }
+
+    /// Interleaves rows 2q and 2q+1 of the f32 chunk `src` (`nr` rows × `kc`, kc a multiple
+    /// of 16) into bf16 pairs `dst[q][c]` (an odd last row is paired with zero).
+    fn interleave_rows(src: &[f32], nr: usize, kc: usize, dst: &mut [u32]) {
+        let zeros = [0f32; 16];
+        for q in 0..nr.div_ceil(2) {
+            let a = &src[2 * q * kc..][..kc];
+            let b = (2 * q + 1 < nr).then(|| &src[(2 * q + 1) * kc..][..kc]);
+            let out = &mut dst[q * kc..][..kc];
+            for c in (0..kc).step_by(16) {
+                let hi = b.map_or(&zeros[..], |b| &b[c..c + 16]);
+                // SAFETY: AVX-512 BF16 checked by the caller (has_avx512_bf16); each slice
+                // holds the 16 elements read or written.
+                unsafe { pair16(&a[c..c + 16], hi, &mut out[c..c + 16]) };
+            }
+        }
+    }
+
+    /// `out[i] = pair(bf16(lo[i]), bf16(hi[i]))` for 16 lanes (nearest even rounding).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 BW and BF16; every slice has 16 elements.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pair16(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        // Word j of the result takes word IDX[j] of [lo0..lo15, hi0..hi15]: lo_i, hi_i, ...
+        const IDX: [u16; 32] = {
+            let mut t = [0u16; 32];
+            let mut i = 0;
+            while i < 16 {
+                t[2 * i] = i as u16;
+                t[2 * i + 1] = 16 + i as u16;
+                i += 1;
+            }
+            t
+        };
+        let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
+        let idx = _mm512_loadu_si512(IDX.as_ptr() as *const _);
+        let v = _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(both));
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, v);
+    }
+
+    pub(super) fn bwd_input<A: Activation>(
+        dy: &[A],
+        m: usize,
+        w: &QMatrix,
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (n, k) = (w.rows, w.cols);
+        // dy in bf16, rows padded to an even length: pairs along N.
+        let n2 = n + n % 2;
+        let mut dyb = vec![bf16::ZERO; m * n2];
+        dyb.par_chunks_mut(n2).enumerate().for_each(|(i, row)| {
+            A::row_to_bf16(&dy[i * n..(i + 1) * n], &mut row[..n]);
+        });
+        let dyp = dyb.as_ptr() as *const u32;
+        let ds = n2 / 2;
+        let cols = bwd_cols(w);
+        let dxp = SendPtr(dx.as_mut_ptr());
+        let dyp_addr = dyp as usize;
+        (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
+            let dyp = dyp_addr as *const u32;
+            let c0 = task * cols;
+            let kc = cols.min(k - c0);
+            with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
+                let mut r0 = 0;
+                while r0 < n {
+                    let nr = BWD_ROWS.min(n - r0);
+                    w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
+                    interleave_rows(stage, nr, kc, wp);
+                    let pairs = nr.div_ceil(2);
+                    let load = accumulate || r0 > 0;
+                    let mut i = 0;
+                    while i < m {
+                        let rr = BWD_MR.min(m - i);
+                        let mut c = 0;
+                        while c < kc {
+                            let v = (kc - c).min(64) / 16;
+                            // SAFETY: AVX-512 BF16 checked by the caller; dy pairs rows i..i+rr,
+                            // pairs r0/2..r0/2+pairs (< n2/2) lie in dyb; wp has pairs×kc u32 and
+                            // c + 16v <= kc (kc is a multiple of 16); this task alone writes dx
+                            // columns c0..c0+kc, rows i..i+rr < m.
+                            unsafe {
+                                bwd_dispatch!(
+                                    rr,
+                                    v,
+                                    pairs,
+                                    dyp.add(i * ds + r0 / 2),
+                                    ds,
+                                    wp.as_ptr().add(c),
+                                    kc,
+                                    dxp.get().add(i * k + c0 + c),
+                                    k,
+                                    load
+                                )
+                            };
+                            c += 16 * v;
+                        }
+                        i += rr;
+                    }
+                    r0 += nr;
+                }
+            });
+        });
+    }
+}

@@ -1,0 +1,195 @@
+//! The bf16 quantised matmul (`qtune::quant::matmul_bf16`): the AVX-512 BF16 kernels against
+//! their f64 references on the same bf16-rounded operands (f32 summation tolerance), and against
+//! the exact f32 kernels at bf16 tolerance, for every type in `MATMUL_TYPES` and NF4, over shapes
+//! with every tail (M not a multiple of 48 or 6, N odd and not a multiple of 8, K tiles).
+#[path = "../benches/util/qrand.rs"]
+mod qrand;
+
+use half::bf16;
+use qrand::{random_weights, Rng, MATMUL_TYPES};
+use qtune::quant::matmul::{qmatmul_bwd_input_ref, qmatmul_fwd_ref};
+use qtune::quant::matmul_bf16::{
+    has_avx512_bf16, qmatmul_bwd_input_bf16, qmatmul_bwd_input_bf16_ref, qmatmul_fwd_bf16,
+    qmatmul_fwd_bf16_ref,
+};
+use qtune::quant::nf4::{quantize_nf4, Nf4Owned};
+use qtune::quant::{QData, QMatrix, QType};
+
+// (N, K): odd N (pairs padded), N past one 128-row input-gradient chunk, K of 256 and 1280
+// (several 256-column tasks, a 1024-element staging chunk and its tail).
+const SHAPES: [(usize, usize); 3] = [(75, 768), (301, 1280), (13, 256)];
+// M: one GEMV-sized (falls back to f32), partial 48-row blocks and 6-row micro-tiles.
+const MS: [usize; 4] = [3, 5, 50, 131];
+
+enum Owned {
+    Ggml(Vec<u8>),
+    Nf4(Nf4Owned),
+}
+
+/// Max over outputs of |got - want| / scale (the per-output Σ|a||b|).
+fn worst(got: &[f32], want: &[f32], scale: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .zip(scale)
+        .map(|((g, w), s)| (*g as f64 - *w as f64).abs() / s.max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn bf16_kernels_match_their_references() {
+    if !has_avx512_bf16() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16 (the f32 kernels run; tests/matmul.rs)");
+        return;
+    }
+    let mut rng = Rng(11);
+    let (mut worst_ref, mut worst_f32) = (0f64, 0f64);
+    for &t in MATMUL_TYPES.iter().chain(&[QType::NF4]) {
+        for &(n, k) in &SHAPES {
+            if k % t.block_size() != 0 {
+                continue;
+            }
+            let owned = if t == QType::NF4 {
+                Owned::Nf4(quantize_nf4(&rng.vec(n * k)).unwrap())
+            } else {
+                Owned::Ggml(random_weights(t, n, k, &mut rng))
+            };
+            let w = match &owned {
+                Owned::Ggml(bytes) => QMatrix {
+                    rows: n,
+                    cols: k,
+                    data: QData::Ggml { qtype: t, bytes },
+                },
+                Owned::Nf4(q) => QMatrix {
+                    rows: n,
+                    cols: k,
+                    data: QData::Nf4(q.as_ref()),
+                },
+            };
+            let mut wf = vec![0f32; n * k];
+            w.dequant_tile(0, n, 0, k, &mut wf);
+            for &m in &MS {
+                // forward, f32 and bf16 activations
+                let x = rng.vec(m * k);
+                let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+                let scale: Vec<f64> = (0..m * n)
+                    .map(|o| {
+                        let (i, r) = (o / n, o % n);
+                        (0..k)
+                            .map(|c| (x[i * k + c] * wf[r * k + c]).abs() as f64)
+                            .sum()
+                    })
+                    .collect();
+                let (mut got, mut want, mut exact) =
+                    (vec![f32::NAN; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+                qmatmul_fwd_bf16(&x, m, &w, &mut got);
+                qmatmul_fwd_bf16_ref(&x, m, &w, &mut want);
+                qmatmul_fwd_ref(&x, m, &w, &mut exact);
+                let (e_ref, e_f32) = (worst(&got, &want, &scale), worst(&got, &exact, &scale));
+                let mut got_b = vec![f32::NAN; m * n];
+                qmatmul_fwd_bf16(&xb, m, &w, &mut got_b);
+                let e_b = worst(&got_b, &want, &scale);
+                let label = format!("{} fwd m={m} n={n} k={k}", t.name());
+                if m > 4 {
+                    assert!(
+                        e_ref < 1e-5 && e_b < 1e-5,
+                        "{label}: {e_ref:e} / {e_b:e} from the bf16 reference"
+                    );
+                    worst_ref = worst_ref.max(e_ref).max(e_b);
+                } else {
+                    // GEMV sizes run the exact f32 kernel.
+                    assert!(worst(&got, &exact, &scale) < 1e-5, "{label}: f32 fallback");
+                }
+                assert!(e_f32 < 1e-2, "{label}: {e_f32:e} from the f32 product");
+                worst_f32 = worst_f32.max(e_f32);
+
+                // input gradient, accumulating onto a non-zero dx
+                let dy = rng.vec(m * n);
+                let base = rng.vec(m * k);
+                let scale: Vec<f64> = (0..m * k)
+                    .map(|o| {
+                        let (i, c) = (o / k, o % k);
+                        base[o].abs() as f64
+                            + (0..n)
+                                .map(|r| (dy[i * n + r] * wf[r * k + c]).abs() as f64)
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let (mut got, mut want, mut exact) = (base.clone(), base.clone(), base.clone());
+                qmatmul_bwd_input_bf16(&dy, m, &w, &mut got, true);
+                qmatmul_bwd_input_bf16_ref(&dy, m, &w, &mut want, true);
+                qmatmul_bwd_input_ref(&dy, m, &w, &mut exact, true);
+                let (e_ref, e_f32) = (worst(&got, &want, &scale), worst(&got, &exact, &scale));
+                let label = format!("{} bwd m={m} n={n} k={k}", t.name());
+                if m > 4 {
+                    assert!(e_ref < 1e-5, "{label}: {e_ref:e} from the bf16 reference");
+                    worst_ref = worst_ref.max(e_ref);
+                }
+                assert!(e_f32 < 1e-2, "{label}: {e_f32:e} from the f32 product");
+                // and overwriting
+                let mut got2 = vec![f32::NAN; m * k];
+                let mut want2 = vec![0f32; m * k];
+                qmatmul_bwd_input_bf16(&dy, m, &w, &mut got2, false);
+                qmatmul_bwd_input_bf16_ref(&dy, m, &w, &mut want2, false);
+                if m > 4 {
+                    assert!(worst(&got2, &want2, &scale) < 1e-5, "{label}: overwrite");
+                }
+            }
+        }
+    }
+    eprintln!(
+        "worst error: {worst_ref:e} of Σ|terms| from the bf16 reference, {worst_f32:e} from f32"
+    );
+}
+
+/// Alternating timings of the f32 and bf16 kernels at a 7B shape (not a benchmark: run it by hand,
+/// `cargo test --release --test matmul_bf16 -- --ignored --nocapture`, on a quiet machine).
+#[test]
+#[ignore]
+fn probe_timings() {
+    use qtune::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+    use std::time::Instant;
+    let mut rng = Rng(3);
+    eprintln!(
+        "vdpbf16ps peak {:.0} GFLOP/s on {} threads",
+        qtune::quant::matmul_bf16::measure_bf16_peak().unwrap_or(0.0),
+        rayon::current_num_threads()
+    );
+    for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
+        let bytes = random_weights(QType::Q4_0, n, k, &mut rng);
+        let w = QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Ggml {
+                qtype: QType::Q4_0,
+                bytes: &bytes,
+            },
+        };
+        let m = 512;
+        let x = rng.vec(m * k);
+        let dy = rng.vec(m * n);
+        let (mut y, mut dx) = (vec![0f32; m * n], vec![0f32; m * k]);
+        let gf = 2.0 * (m * n * k) as f64 / 1e9;
+        let mut best = [f64::MAX; 4];
+        for _ in 0..3 {
+            let t = Instant::now();
+            qmatmul_fwd(&x, m, &w, &mut y);
+            best[0] = best[0].min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            qmatmul_fwd_bf16(&x, m, &w, &mut y);
+            best[1] = best[1].min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            qmatmul_bwd_input(&dy, m, &w, &mut dx, false);
+            best[2] = best[2].min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            qmatmul_bwd_input_bf16(&dy, m, &w, &mut dx, false);
+            best[3] = best[3].min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "Q4_0 {n}x{k} M{m}: fwd f32 {:.0} bf16 {:.0} GFLOP/s; bwd f32 {:.0} bf16 {:.0} GFLOP/s",
+            gf / best[0],
+            gf / best[1],
+            gf / best[2],
+            gf / best[3]
+        );
+    }
+}
