@@ -1,6 +1,5 @@
 //! `qtune bench`: memory and speed of a LoRA training step on a real model shape (random weights).
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use qtune::quant::QType;
 use qtune::train::bench::{run_bench, BenchConfig};
 use std::path::PathBuf;
@@ -35,7 +34,8 @@ pub struct Args {
     /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Compute dtype of activations and adapters: f32 or bf16.
+    /// Compute dtype of activations and adapters: f32, bf16 or auto (bf16 on a GPU or a CPU with
+    /// AVX-512 BF16, else f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Rows per cross-entropy chunk.
@@ -72,11 +72,7 @@ pub fn run(a: Args) -> Result<()> {
     let quant = QType::parse(&a.quant)
         .filter(|q| qtune::train::bench::BENCH_QUANTS.contains(q))
         .with_context(|| format!("--quant {}: use nf4, q4_0, q8_0, q4_k or bf16", a.quant))?;
-    let dtype = match a.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        d => bail!("--dtype {d}: use f32 or bf16"),
-    };
+    let dtype = qtune::nn::device::compute_dtype(&a.dtype, &a.device)?;
     let dpo_beta = match a.objective.as_str() {
         "sft" => None,
         "dpo" => Some(a.beta),

@@ -24,7 +24,7 @@ pub struct Args {
     /// Sequences per forward pass (does not change the result).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Compute dtype: f32 or bf16.
+    /// Compute dtype: f32, bf16 or auto (bf16 on a CPU with AVX-512 BF16, else f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Put the loss on prompt tokens too (as `qtune train --train-on-prompt`).
@@ -51,11 +51,7 @@ pub struct Args {
 /// Runs `qtune eval`.
 pub fn run(mut a: Args) -> Result<()> {
     a.model.resolve()?;
-    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
-        "f32" => candle_core::DType::F32,
-        "bf16" => candle_core::DType::BF16,
-        d => bail!("--dtype {d}: use f32 or bf16"),
-    };
+    let dtype = qtune::nn::device::compute_dtype(&a.dtype, "cpu")?;
     let tok = tokenizer(&a.model.path)?;
     match a.objective.as_str() {
         "sft" => {}

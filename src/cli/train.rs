@@ -162,7 +162,8 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_eps: Option<f64>,
-    /// Compute and adapter dtype: bf16 or f32 (parity checks) [default: bf16].
+    /// Compute and adapter dtype: auto (bf16 on a GPU or a CPU with AVX-512 BF16, else f32), bf16
+    /// or f32 [default: auto].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,

@@ -3,7 +3,23 @@
 //! On a GPU the frozen weights are copied to the device once, still quantised; activations,
 //! adapters and gradients live there; AdamW keeps its f32 state on the host (see `train::optim`).
 use crate::{Error, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
+
+/// The compute dtype `--dtype` names on the device `--device` names: `f32`, `bf16`, or `auto` —
+/// bf16 on a GPU and on a CPU with AVX-512 BF16 (its bf16 kernels are the fast path there), f32 on
+/// other CPUs (their bf16 mode only converts around the f32 kernels).
+pub fn compute_dtype(dtype: &str, device: &str) -> Result<DType> {
+    match dtype.to_ascii_lowercase().as_str() {
+        "bf16" => Ok(DType::BF16),
+        "f32" => Ok(DType::F32),
+        "auto" if device.starts_with("cuda") => Ok(DType::BF16),
+        "auto" if crate::quant::matmul_bf16::has_avx512_bf16() => Ok(DType::BF16),
+        "auto" => Ok(DType::F32),
+        d => Err(Error::Invalid(format!(
+            "--dtype {d}: use auto, bf16 or f32"
+        ))),
+    }
+}
 
 /// The device called `name`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA name needs a build with
 /// `--features cuda` and a GPU of compute capability 8.0 or newer.
@@ -110,6 +126,21 @@ fn proc_status_kib(key: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_dtype_follows_the_hardware() {
+        assert_eq!(compute_dtype("auto", "cuda:1").unwrap(), DType::BF16);
+        let cpu = if crate::quant::matmul_bf16::has_avx512_bf16() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        assert_eq!(compute_dtype("AUTO", "cpu").unwrap(), cpu);
+        assert_eq!(compute_dtype("f32", "cuda").unwrap(), DType::F32);
+        assert_eq!(compute_dtype("bf16", "cpu").unwrap(), DType::BF16);
+        let e = compute_dtype("f16", "cpu").unwrap_err().to_string();
+        assert!(e.contains("--dtype f16: use auto, bf16 or f32"), "{e}");
+    }
 
     #[test]
     fn names_are_checked() {

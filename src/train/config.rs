@@ -127,7 +127,8 @@ pub struct TrainConfig {
     /// Keep AdamW's moments as bitsandbytes' blockwise 8-bit state (parameters of 4096 elements or
     /// more; smaller ones stay f32).
     pub optim_8bit: bool,
-    /// Compute and adapter dtype: bf16 or f32.
+    /// Compute and adapter dtype: auto (bf16 on a GPU or a CPU with AVX-512 BF16, else f32), bf16
+    /// or f32.
     pub dtype: String,
     /// Compute device: cpu, cuda or cuda:N (a build with `--features cuda`).
     pub device: String,
@@ -189,7 +190,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             optim_8bit: false,
-            dtype: "bf16".into(),
+            dtype: "auto".into(),
             device: "cpu".into(),
             adapter_init: None,
             resume: None,
@@ -461,13 +462,14 @@ impl TrainConfig {
         }
     }
 
-    /// `dtype` parsed.
+    /// `dtype` parsed on `device` (`auto`: see [`crate::nn::device::compute_dtype`]).
     pub fn compute_dtype(&self) -> Result<DType> {
-        match self.dtype.to_ascii_lowercase().as_str() {
-            "bf16" => Ok(DType::BF16),
-            "f32" => Ok(DType::F32),
-            _ => Err(bad("dtype", format!("'{}' is not bf16 or f32", self.dtype))),
-        }
+        crate::nn::device::compute_dtype(&self.dtype, &self.device).map_err(|_| {
+            bad(
+                "dtype",
+                format!("'{}' is not auto, bf16 or f32", self.dtype),
+            )
+        })
     }
 
     /// `max-memory` in bytes.
