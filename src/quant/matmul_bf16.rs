@@ -465,6 +465,8 @@ mod avx512 {
                 dequant_bf16_rows(w, (r0, nr), (0, k), stage, bytemuck::cast_slice_mut(tile));
                 let wt = tile.as_ptr();
                 let mut out = [[0f32; MB]; FWD_MR];
+                // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.
+                let mut yt = vec![0f32; nr * MB];
                 for b in 0..m.div_ceil(MB) {
                     let rows_x = MB.min(m - b * MB);
                     let xb = xp[b * half * MB..].as_ptr();
@@ -476,13 +478,19 @@ mod avx512 {
                         // `tile`, xb addresses half×MB pairs inside xp.
                         unsafe { fwd_tile_n(gr, half, wt.add(g * half), half, xb, &mut out) };
                         for (r, o) in out[..gr].iter().enumerate() {
-                            for (l, v) in o[..rows_x].iter().enumerate() {
-                                // SAFETY: this task alone owns columns r0..r0+nr of y; the row
-                                // b*MB+l < m and column r0+g+r < n.
-                                unsafe { *yp.get().add((b * MB + l) * n + r0 + g + r) = *v };
-                            }
+                            yt[(g + r) * MB..][..MB].copy_from_slice(o);
                         }
                         g += gr;
+                    }
+                    for l in 0..rows_x {
+                        // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
+                        // the nr elements from (b*MB+l)*n + r0 lie inside y.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(yp.get().add((b * MB + l) * n + r0), nr)
+                        };
+                        for (r, d) in dst.iter_mut().enumerate() {
+                            *d = yt[r * MB + l];
+                        }
                     }
                 }
             });
