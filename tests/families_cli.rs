@@ -1,7 +1,6 @@
 //! The Llama family through the binary: a SmolLM2-style tied model (no `lm_head.weight`) and a
 //! Qwen2 (q/k/v biases, tied) train (with `--export gguf-lora`), evaluate and generate; Mistral's
-//! sliding window refuses a
-//! longer `--seq-len` before anything is trained. Numerics are in tests/families_parity.rs.
+//! sliding window refuses a longer `--seq-len` before anything is trained. Numerics are in tests/families_parity.rs.
 mod common;
 use common::qtune;
 use std::path::{Path, PathBuf};

@@ -125,9 +125,9 @@ pub(super) fn hf_llama<'a>(
         .and_then(|v| v.as_str())
         .unwrap_or("");
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    if !LLAMA_ARCHS.contains(&arch)
-        && !(arch.is_empty() && matches!(model_type, "llama" | "mistral" | "qwen2"))
-    {
+    let known = LLAMA_ARCHS.contains(&arch)
+        || (arch.is_empty() && matches!(model_type, "llama" | "mistral" | "qwen2"));
+    if !known {
         return Err(Error::Invalid(format!(
             "{}: architecture '{}' is not supported by `qtune quantize` from Hugging Face ({} and \
              Falcon); convert it with llama.cpp's convert_hf_to_gguf.py and quantise the GGUF",
