@@ -44,7 +44,8 @@ enum Cmd {
         /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
         #[arg(long)]
         gguf_file: Option<String>,
-        /// Target type: q4_0, q8_0, q4_k, q6_k or nf4.
+        /// Target type: q4_0, q8_0, q4_k, q6_k or nf4; or f32, f16, bf16 (a plain conversion of a
+        /// Hugging Face model to GGUF, as llama.cpp's convert_hf_to_gguf.py).
         #[arg(long = "type")]
         qtype: String,
         /// Output: a .gguf file for ggml types, a directory for nf4.
@@ -111,10 +112,15 @@ fn run(cli: Cli) -> Result<()> {
             gguf_file,
         } => {
             let model = resolve_model(&model, gguf_file.as_deref())?;
-            let t = QType::parse(&qtype)
-                .filter(|t| *t == QType::NF4 || qtune::quant::dispatch::QUANTIZABLE.contains(t));
+            let t = QType::parse(&qtype).filter(|t| {
+                matches!(t, QType::NF4 | QType::F32 | QType::F16 | QType::BF16)
+                    || qtune::quant::dispatch::QUANTIZABLE.contains(t)
+            });
             let Some(t) = t else {
-                bail!("--type {qtype}: qtune quantises to q4_0, q8_0, q4_k, q6_k or nf4");
+                bail!(
+                    "--type {qtype}: qtune quantises to q4_0, q8_0, q4_k, q6_k or nf4, or \
+                     converts to f32, f16 or bf16"
+                );
             };
             let store = WeightStore::open(&model)?;
             let t0 = std::time::Instant::now();

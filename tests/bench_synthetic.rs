@@ -20,6 +20,8 @@ fn named_shapes_have_the_published_parameter_counts() {
         ("llama-2-13b", 13_015_864_320),
         ("tinyllama-1.1b", 1_100_048_384),
         ("mistral-7b", 7_241_732_096),
+        ("llama-3-8b", 8_030_261_248),
+        ("qwen2.5-7b", 7_615_616_512),
     ] {
         assert_eq!(param_count(&cfg_of(shape)), n, "{shape}");
     }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Arguments of `qtune bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// llama-2-7b, llama-2-13b, tinyllama-1.1b, mistral-7b, falcon-7b, or a config.json path.
+    /// llama-2-7b, llama-2-13b, tinyllama-1.1b, llama-3-8b, mistral-7b, qwen2.5-7b, falcon-7b, or
+    /// a config.json path.
     #[arg(long)]
     shape: String,
     /// Weight type of the decoder linears: nf4, q4_0, q8_0, q4_k or bf16.

@@ -166,6 +166,12 @@ impl BaseConfig {
         }
     }
 
+    /// llama.cpp's `general.architecture` of this base (`llama` for Llama 1-3, Mistral, SmolLM2;
+    /// `qwen2`; `falcon`), which its GGUF LoRA files must carry.
+    pub fn gguf_arch(&self) -> &'static str {
+        self.spec().arch
+    }
+
     /// Its description, with Hugging Face tensor names.
     pub fn spec(&self) -> Spec {
         match self {
@@ -439,11 +445,11 @@ impl Adapter {
             ));
         }
         let arch = cfg.arch();
-        if s("general.architecture") != Some(arch.name()) {
+        if s("general.architecture") != Some(cfg.gguf_arch()) {
             return Err(bad(format!(
                 "general.architecture is {:?}; this base is a {}: the adapter was made for another model",
                 s("general.architecture"),
-                arch.name()
+                cfg.gguf_arch()
             )));
         }
         let alpha = gguf::find(meta, "adapter.lora.alpha")
@@ -651,9 +657,12 @@ pub fn encode_float(dtype: QType, v: &[f32]) -> Result<Vec<u8>> {
 
 /// Writes `adapter` as llama.cpp's GGUF LoRA at `out` (via `<out>.tmp`), factors in `dtype`
 /// (F32, F16 or BF16), for the base `cfg` (the adapter's own architecture). `arch` is the base's
-/// `general.architecture` (or config.json model_type): a Llama-family base must be llama.cpp's
-/// `llama`; any Falcon spelling (falcon, RefinedWeb, RefinedWebModel) is written as `falcon`.
-/// rsLoRA is folded into alpha (llama.cpp scales by alpha/r).
+/// `general.architecture` (or config.json model_type): a Llama-family base is `llama`, `mistral`
+/// or `qwen2`; any Falcon spelling (falcon, RefinedWeb, RefinedWebModel) is written as `falcon`.
+/// The file carries llama.cpp's architecture of the base ([`BaseConfig::gguf_arch`]: `llama` for
+/// Llama 1-3, Mistral and SmolLM2, as its converter writes them; `qwen2`; `falcon`) and B rows in
+/// the order its converter gives that base ([`BaseConfig::gguf_rows`]: q/k permuted for `llama`,
+/// not for `qwen2`). rsLoRA is folded into alpha (llama.cpp scales by alpha/r).
 pub fn write_gguf_lora(
     adapter: &Adapter,
     cfg: impl Into<BaseConfig>,
@@ -683,9 +692,10 @@ pub fn write_gguf_lora(
             cfg.arch().name()
         )));
     }
-    if cfg.arch() == Arch::Llama && arch != "llama" {
+    if cfg.arch() == Arch::Llama && !matches!(arch, "llama" | "mistral" | "qwen2") {
         return Err(Error::Invalid(format!(
-            "{}: base architecture '{arch}' has no GGUF LoRA export yet (llama and falcon only)",
+            "{}: base architecture '{arch}' has no GGUF LoRA export yet (llama, mistral, qwen2 \
+             and falcon)",
             adapter.path.display()
         )));
     }
@@ -693,7 +703,7 @@ pub fn write_gguf_lora(
     let meta = vec![
         (
             "general.architecture".to_string(),
-            Value::String(cfg.arch().name().into()),
+            Value::String(cfg.gguf_arch().into()),
         ),
         ("general.type".to_string(), Value::String("adapter".into())),
         (

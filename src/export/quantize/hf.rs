@@ -1,9 +1,11 @@
-//! Metadata and tensor jobs for a Hugging Face `LlamaForCausalLM` or `FalconForCausalLM` store:
+//! Metadata and tensor jobs for a Hugging Face Llama-family (Llama, Mistral, Qwen2) or Falcon store:
 //! llama.cpp's names, keys and row orders, as its `convert_hf_to_gguf.py` writes them.
 use super::tokenizer::bpe_tokenizer;
-use super::{choose_type, Job, Metadata};
+use super::{choose_type, Extra, Job, Metadata};
 use crate::error::{Error, Result};
 use crate::format::gguf::Value;
+use crate::models::arch::{Architecture, RopeScaling};
+use crate::models::LlamaConfig;
 use crate::quant::QType;
 use crate::store::{StoredTensor, WeightStore};
 use std::path::{Path, PathBuf};
@@ -58,12 +60,57 @@ pub(super) fn llama_name(hf: &str) -> Option<Option<String>> {
     Some(Some(format!("blk.{layer}.{g}.{suffix}")))
 }
 
-/// Metadata and tensor jobs for a Hugging Face `LlamaForCausalLM` store.
+/// The Hugging Face architectures llama.cpp's converter writes with the `llama` graph (Mistral v0.1
+/// and SmolLM2/TinyLlama are Llamas to it) and with `qwen2`.
+const LLAMA_ARCHS: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// llama.cpp's `rope_freqs.weight` for Llama 3.1's `rope_scaling` (`llama3`), as its converter
+/// computes it (`LlamaModel.generate_extra_tensors`, torch f32): per frequency, 1 above the high
+/// frequency band, `factor` below the low one, and `1 / ((1 - s) / factor + s)` between. `None`
+/// for plain rotary. (The converter reads `original_max_position_embeddings` from the top level of
+/// config.json, defaulting to Llama 3.1's 8192; transformers, and this, read it from
+/// `rope_scaling`: they agree for the published Llama 3.x configs.)
+pub(super) fn llama3_rope_factors(
+    scaling: &RopeScaling,
+    theta: f64,
+    head_dim: usize,
+) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: lo,
+        high_freq_factor: hi,
+        original_max: old,
+    } = *scaling
+    else {
+        return None;
+    };
+    let (low_wl, high_wl) = (old / lo, old / hi);
+    let factors = (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+            let wl = 2.0 * std::f32::consts::PI / freq;
+            if wl < high_wl {
+                1.0
+            } else if wl > low_wl {
+                factor
+            } else {
+                let smooth = (old / wl - lo) / (hi - lo);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    Some(factors)
+}
+
+/// Metadata, tensor jobs and computed tensors (`rope_freqs.weight`) for a Hugging Face
+/// `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM` store, as llama.cpp's converter
+/// writes them: `llama` with q/k rows permuted for its rotary, or `qwen2` (rows as stored, q/k/v
+/// biases, no `vocab_size` / `rope.dimension_count` keys). A tied head is left out, as in the file.
 pub(super) fn hf_llama<'a>(
     src: &'a WeightStore,
     qtype: QType,
     fallbacks: &mut Vec<String>,
-) -> Result<(Metadata, Vec<Job<'a>>)> {
+) -> Result<(Metadata, Vec<Job<'a>>, Extra)> {
     let dir = model_dir(src);
     let cfg_path = dir.join("config.json");
     let Some(cfg) = src.config.as_ref() else {
@@ -78,60 +125,59 @@ pub(super) fn hf_llama<'a>(
         .and_then(|v| v.as_str())
         .unwrap_or("");
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    if arch != "LlamaForCausalLM" && !(arch.is_empty() && model_type == "llama") {
+    let known = LLAMA_ARCHS.contains(&arch)
+        || (arch.is_empty() && matches!(model_type, "llama" | "mistral" | "qwen2"));
+    if !known {
         return Err(Error::Invalid(format!(
-            "{}: architecture '{}' is not supported by `qtune quantize` from Hugging Face (LlamaForCausalLM only); \
-             convert it with llama.cpp's convert_hf_to_gguf.py and quantise the GGUF",
+            "{}: architecture '{}' is not supported by `qtune quantize` from Hugging Face ({} and \
+             Falcon); convert it with llama.cpp's convert_hf_to_gguf.py and quantise the GGUF",
             cfg_path.display(),
-            if arch.is_empty() { model_type } else { arch }
+            if arch.is_empty() { model_type } else { arch },
+            LLAMA_ARCHS.join(", ")
         )));
     }
-    let need = |k: &str| {
-        cfg_u64(cfg, k).ok_or_else(|| Error::Json {
-            path: cfg_path.clone(),
-            msg: format!("config.json lacks integer '{k}'"),
-        })
-    };
-    let hidden = need("hidden_size")?;
-    let n_layer = need("num_hidden_layers")?;
-    let n_head = need("num_attention_heads")?;
-    let n_kv = cfg_u64(cfg, "num_key_value_heads").unwrap_or(n_head);
-    let ffn = need("intermediate_size")?;
-    let vocab = need("vocab_size")?;
-    let ctx = cfg_u64(cfg, "max_position_embeddings").unwrap_or(2048);
-    let head_dim = cfg_u64(cfg, "head_dim").unwrap_or(hidden / n_head.max(1));
-    let eps = cfg
-        .get("rms_norm_eps")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(1e-6);
-    let theta = cfg
-        .get("rope_theta")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(10000.0);
-    if n_head == 0 || n_kv == 0 || n_head % n_kv != 0 {
-        return Err(Error::Json {
-            path: cfg_path,
-            msg: format!("bad head counts: {n_head} heads, {n_kv} KV heads"),
-        });
-    }
-    let u32v = |v: u64| Value::U32(v as u32);
-    let mut meta = arch_metadata(
-        "llama",
-        &dir,
-        vec![
-            ("vocab_size", u32v(vocab)),
-            ("context_length", u32v(ctx)),
-            ("embedding_length", u32v(hidden)),
-            ("block_count", u32v(n_layer)),
-            ("feed_forward_length", u32v(ffn)),
-            ("rope.dimension_count", u32v(head_dim)),
-            ("attention.head_count", u32v(n_head)),
-            ("attention.head_count_kv", u32v(n_kv)),
-            ("attention.layer_norm_rms_epsilon", Value::F32(eps as f32)),
-            ("rope.freq_base", Value::F32(theta as f32)),
-        ],
+    // The family's reading of config.json (rope_scaling, biases, refusals), as training reads it.
+    let c = LlamaConfig::from_hf(cfg, &cfg_path)?;
+    let spec = c.spec(false);
+    let gguf_arch = spec.arch;
+    let (hidden, n_layer, n_head, n_kv, ffn, vocab, head_dim) = (
+        c.hidden_size as u64,
+        c.num_layers as u64,
+        c.num_heads as u64,
+        c.num_kv_heads as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+        c.head_dim as u64,
     );
+    let ctx = cfg_u64(cfg, "max_position_embeddings").unwrap_or(2048);
+    let (eps, theta) = (c.rms_norm_eps, c.rope_theta);
+    let u32v = |v: u64| Value::U32(v as u32);
+    let mut keys = vec![
+        ("context_length", u32v(ctx)),
+        ("embedding_length", u32v(hidden)),
+        ("block_count", u32v(n_layer)),
+        ("feed_forward_length", u32v(ffn)),
+        ("attention.head_count", u32v(n_head)),
+        ("attention.head_count_kv", u32v(n_kv)),
+        ("attention.layer_norm_rms_epsilon", Value::F32(eps as f32)),
+        ("rope.freq_base", Value::F32(theta as f32)),
+    ];
+    if spec.gguf_qk_permuted {
+        // llama's converter adds these two (qwen2's does not; llama.cpp derives them).
+        keys.insert(0, ("vocab_size", u32v(vocab)));
+        keys.insert(5, ("rope.dimension_count", u32v(head_dim)));
+    }
+    let mut meta = arch_metadata(gguf_arch, &dir, keys);
     meta.extend(bpe_tokenizer(&dir, cfg, vocab as usize)?);
+    let extra: Extra = llama3_rope_factors(&spec.rope_scaling, theta, c.head_dim)
+        .map(|f| ("rope_freqs.weight".to_string(), f))
+        .into_iter()
+        .collect();
+    let (n_head, n_kv) = match spec.gguf_qk_permuted {
+        true => (n_head, n_kv),
+        // qwen2: llama.cpp runs NeoX rotary on the rows as stored.
+        false => (0, 0),
+    };
 
     let mut jobs = Vec::with_capacity(src.tensors.len());
     for t in &src.tensors {
@@ -150,7 +196,8 @@ pub(super) fn hf_llama<'a>(
             Some(n_kv as usize)
         } else {
             None
-        };
+        }
+        .filter(|h| *h > 0);
         if let Some(h) = heads {
             if t.shape.is_empty() || t.shape.len() > 2 || t.shape[0] % (2 * h) != 0 {
                 return Err(Error::Shape {
@@ -165,7 +212,7 @@ pub(super) fn hf_llama<'a>(
         }
         jobs.push(job(t, gname, qtype, fallbacks, heads, None));
     }
-    Ok((meta, jobs))
+    Ok((meta, jobs, extra))
 }
 
 /// The Hugging Face row that row `r` of llama.cpp's Falcon qkv (`[all q, all k, all v]`) comes
@@ -219,7 +266,7 @@ pub(super) fn hf_falcon<'a>(
     src: &'a WeightStore,
     qtype: QType,
     fallbacks: &mut Vec<String>,
-) -> Result<(Metadata, Vec<Job<'a>>)> {
+) -> Result<(Metadata, Vec<Job<'a>>, Extra)> {
     let dir = model_dir(src);
     let c = crate::models::FalconConfig::from_store(src)?;
     if !c.parallel_attn {
@@ -270,7 +317,7 @@ pub(super) fn hf_falcon<'a>(
         }
         jobs.push(job(t, gname, qtype, fallbacks, None, groups));
     }
-    Ok((meta, jobs))
+    Ok((meta, jobs, Vec::new()))
 }
 
 /// `general.architecture` and `general.name` (the model directory's name, else "model"), then

@@ -6,9 +6,11 @@
 //! whose rows are not a multiple of 256 fall back to Q8_0 (llama.cpp would pick Q5_0, which we do not
 //! write); any row length that is not a multiple of 32 stays F32. Each fallback is reported.
 //!
-//! From a Hugging Face `LlamaForCausalLM`, names and metadata follow llama.cpp's
-//! `convert_hf_to_gguf.py`, including its row permutation of `q_proj` / `k_proj` (rotary pairs
-//! interleaved per head), and a byte-level BPE `tokenizer.json` becomes `tokenizer.ggml.*`. From a
+//! From a Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` (llama.cpp's `llama`), names and
+//! metadata follow llama.cpp's `convert_hf_to_gguf.py`, including its row permutation of `q_proj` /
+//! `k_proj` (rotary pairs interleaved per head) and, for Llama 3.1's `rope_scaling`, its
+//! `rope_freqs.weight`; a byte-level BPE `tokenizer.json` becomes `tokenizer.ggml.*`. From a
+//! `Qwen2ForCausalLM` (`qwen2`): rows as stored, q/k/v biases. From a
 //! Hugging Face `FalconForCausalLM` likewise, with its fused qkv rows regrouped as llama.cpp does.
 use crate::error::{Error, Result};
 use crate::format::gguf::{self, GgufWriter, TensorPlan, Value};
@@ -101,6 +103,10 @@ impl std::fmt::Display for QuantizeReport {
 /// GGUF metadata in file order.
 type Metadata = Vec<(String, Value)>;
 
+/// Tensors computed from the config rather than read (llama.cpp's `rope_freqs.weight`): name and
+/// f32 values of a 1-D tensor, written F32 before the others, as llama.cpp's converter does.
+type Extra = Vec<(String, Vec<f32>)>;
+
 /// How one source tensor becomes one output tensor.
 struct Job<'a> {
     src: &'a StoredTensor,
@@ -123,10 +129,11 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
         )));
     };
     let mut fallbacks = Vec::new();
-    let (mut metadata, jobs) = match src.format {
+    let (mut metadata, jobs, extra) = match src.format {
         SourceFormat::Gguf => (
             src.gguf_metadata.clone(),
             gguf_jobs(src, qtype, &mut fallbacks),
+            Vec::new(),
         ),
         _ if crate::models::plan::is_falcon(src) => hf_falcon(src, qtype, &mut fallbacks)?,
         _ => hf_llama(src, qtype, &mut fallbacks)?,
@@ -134,16 +141,34 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
     set_key(&mut metadata, "general.file_type", Value::U32(ftype));
     set_key(&mut metadata, "general.quantization_version", Value::U32(2));
 
-    let plan: Vec<TensorPlan> = jobs
+    let plan: Vec<TensorPlan> = extra
         .iter()
-        .map(|j| TensorPlan {
+        .map(|(name, v)| TensorPlan {
+            name: name.clone(),
+            qtype: QType::F32,
+            shape: vec![v.len()],
+        })
+        .chain(jobs.iter().map(|j| TensorPlan {
             name: j.name.clone(),
             qtype: j.to,
             shape: j.src.shape.clone(),
-        })
+        }))
         .collect();
     let mut w = GgufWriter::create(out, &metadata, plan)?;
-    let mut tensors = Vec::with_capacity(jobs.len());
+    let mut tensors = Vec::with_capacity(extra.len() + jobs.len());
+    for (name, v) in &extra {
+        let mut b = vec![0u8; 4 * v.len()];
+        encode(QType::F32, v, &mut b)?;
+        w.write_tensor(&b)?;
+        tensors.push(TensorReport {
+            name: name.clone(),
+            source_name: "config.json rope_scaling".into(),
+            from: QType::F32,
+            to: QType::F32,
+            shape: vec![v.len()],
+            bytes: b.len() as u64,
+        });
+    }
     for j in &jobs {
         let bytes = write_tensor(&mut w, j, out)?;
         // Done with this source tensor: its mapped pages leave our RSS (streaming, one at a time).
@@ -159,7 +184,8 @@ pub fn quantize_to_gguf(src: &WeightStore, qtype: QType, out: &Path) -> Result<Q
     }
     w.finish()?;
     let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    let params = jobs.iter().map(|j| j.src.numel() as u64).sum();
+    let params = jobs.iter().map(|j| j.src.numel() as u64).sum::<u64>()
+        + extra.iter().map(|(_, v)| v.len() as u64).sum::<u64>();
     Ok(QuantizeReport {
         out: out.to_path_buf(),
         qtype,

@@ -134,7 +134,8 @@ pub fn random_tensor(name: &str, shape: Vec<usize>, q: QType, seed: u64) -> Resu
     })
 }
 
-/// A Llama of the shape in `config` (transformers names) with random weights: decoder linears in
+/// A Llama-family model (Llama, Mistral, Qwen2 with its zero q/k/v biases) of the shape in
+/// `config` (transformers names) with random weights: decoder linears in
 /// `quant`; the embedding and lm_head in `quant` too, or BF16 for NF4 (as bitsandbytes leaves
 /// them); norms f32 ones. Generated tensor by tensor, never through full precision.
 pub fn synthetic_store(config: &serde_json::Value, quant: QType, seed: u64) -> Result<WeightStore> {
@@ -176,8 +177,13 @@ pub fn synthetic_store(config: &serde_json::Value, quant: QType, seed: u64) -> R
                 "gate_proj" | "up_proj" => vec![i, c],
                 _ => vec![c, i],
             };
+            let rows = shape[0];
             let n = format!("{pre}.{group}.{name}.weight");
             tensors.push(random_tensor(&n, shape, quant, next())?);
+            // Qwen2's q/k/v biases (f32, as in its checkpoints after our load).
+            if cfg.family.qwen2 && matches!(name, "q_proj" | "k_proj" | "v_proj") {
+                tensors.push(filled(format!("{pre}.{group}.{name}.bias"), rows, 0.0));
+            }
         }
     }
     tensors.push(ones("model.norm.weight".into()));
