@@ -9,10 +9,7 @@ use std::path::PathBuf;
 #[command(mut_args(super::model_help("The base model the adapter was trained on (Hugging Face directory or GGUF; or a Hub id: org/name[@rev], org/name:QUANT)")))]
 pub struct Args {
     #[command(flatten)]
-    pub model: super::ModelArg,
-    /// The adapter: a PEFT directory, or a GGUF LoRA file (for `--format peft`).
-    #[arg(long)]
-    pub adapter: PathBuf,
+    pub base: super::BaseAndAdapter,
     /// gguf-lora (llama.cpp) or peft.
     #[arg(long)]
     pub format: String,
@@ -26,7 +23,6 @@ pub struct Args {
 
 /// Runs `qtune export`.
 pub fn run(mut a: Args) -> Result<()> {
-    a.model.resolve()?;
     let dtype = match QType::parse(&a.dtype) {
         Some(t @ (QType::F32 | QType::F16 | QType::BF16)) => t,
         _ => bail!("--dtype {}: use f32, f16 or bf16", a.dtype),
@@ -34,7 +30,7 @@ pub fn run(mut a: Args) -> Result<()> {
     if !matches!(a.format.as_str(), "gguf-lora" | "peft") {
         bail!("--format {}: use gguf-lora or peft", a.format);
     }
-    let (store, cfg, adapter) = super::base_and_adapter(&a.model.path, &a.adapter)?;
+    let (store, cfg, adapter) = a.base.open()?;
     super::create_parent(&a.out)?;
     match a.format.as_str() {
         "gguf-lora" => write_gguf_lora(&adapter, &cfg, &base_architecture(&store), dtype, &a.out)?,

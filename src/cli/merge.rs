@@ -10,10 +10,7 @@ use std::path::PathBuf;
 )))]
 pub struct Args {
     #[command(flatten)]
-    pub model: super::ModelArg,
-    /// The adapter (PEFT directory or GGUF LoRA file).
-    #[arg(long)]
-    pub adapter: PathBuf,
+    pub base: super::BaseAndAdapter,
     /// Output: a .gguf file, or a directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -24,7 +21,6 @@ pub struct Args {
 
 /// Runs `qtune merge`.
 pub fn run(mut a: Args) -> Result<()> {
-    a.model.resolve()?;
     let qtype = match &a.qtype {
         None => None,
         Some(s) => match QType::parse(s) {
@@ -32,7 +28,7 @@ pub fn run(mut a: Args) -> Result<()> {
             None => bail!("--type {s}: use f32, f16, bf16, q8_0, q4_0, q4_k, q6_k or nf4"),
         },
     };
-    let (store, cfg, adapter) = super::base_and_adapter(&a.model.path, &a.adapter)?;
+    let (store, cfg, adapter) = a.base.open()?;
     super::create_parent(&a.out)?;
     let t0 = std::time::Instant::now();
     let r = qtune::export::merge::merge(&store, &cfg, &adapter, &a.out, qtype)?;

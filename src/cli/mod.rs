@@ -30,9 +30,32 @@ impl ModelArg {
     }
 }
 
-/// The base model at `model`, its configuration, and the adapter at `adapter` read for it
-/// (`qtune export` and `qtune merge`).
-pub fn base_and_adapter(
+/// A base model and an adapter trained on it (`qtune export`, `qtune merge`).
+#[derive(clap::Args)]
+pub struct BaseAndAdapter {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The adapter: a PEFT directory or a GGUF LoRA file.
+    #[arg(long)]
+    pub adapter: PathBuf,
+}
+
+impl BaseAndAdapter {
+    /// The base (a Hub id resolved first), its configuration, and the adapter read for it.
+    pub fn open(
+        &mut self,
+    ) -> anyhow::Result<(
+        qtune::store::WeightStore,
+        qtune::export::BaseConfig,
+        qtune::export::Adapter,
+    )> {
+        self.model.resolve()?;
+        base_and_adapter(&self.model.path, &self.adapter)
+    }
+}
+
+/// The base model at `model`, its configuration, and the adapter at `adapter` read for it.
+fn base_and_adapter(
     model: &Path,
     adapter: &Path,
 ) -> anyhow::Result<(

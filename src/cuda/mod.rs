@@ -138,40 +138,35 @@ fn default_pool(
 /// `max_memory_allocated`. The CUDA context and cuBLAS workspace are not in it (see
 /// [`device_used_bytes`] before loading for those).
 pub fn pool_peak_bytes(dev: &CudaDevice) -> Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let pool = default_pool(dev)?;
-    dev.cuda_stream().synchronize().w()?;
     let mut v: u64 = 0;
-    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute; `v` outlives the call.
-    let r = unsafe {
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut v as *mut u64 as *mut std::ffi::c_void,
-        )
-    };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        bail!("cuMemPoolGetAttribute(USED_MEM_HIGH): {r:?}");
-    }
+    used_mem_high(dev, false, &mut v)?;
     Ok(v)
 }
 
 /// Starts a new peak for [`pool_peak_bytes`] at what is allocated now.
 pub fn reset_pool_peak(dev: &CudaDevice) -> Result<()> {
+    // the driver accepts only 0 for this attribute (reset to current)
+    used_mem_high(dev, true, &mut 0)
+}
+
+/// Reads (or, with `set`, writes) the USED_MEM_HIGH attribute of the device's pool through `v`,
+/// after the work queued so far.
+fn used_mem_high(dev: &CudaDevice, set: bool, v: &mut u64) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let pool = default_pool(dev)?;
     dev.cuda_stream().synchronize().w()?;
-    let mut zero: u64 = 0;
-    // SAFETY: as above; the driver accepts only 0 for this attribute (reset to current).
-    let r = unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut zero as *mut u64 as *mut std::ffi::c_void,
-        )
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let p = v as *mut u64 as *mut std::ffi::c_void;
+    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute; `v` outlives the call.
+    let (r, op) = unsafe {
+        if set {
+            (sys::cuMemPoolSetAttribute(pool, attr, p), "Set")
+        } else {
+            (sys::cuMemPoolGetAttribute(pool, attr, p), "Get")
+        }
     };
     if r != sys::CUresult::CUDA_SUCCESS {
-        bail!("cuMemPoolSetAttribute(USED_MEM_HIGH): {r:?}");
+        bail!("cuMemPool{op}Attribute(USED_MEM_HIGH): {r:?}");
     }
     Ok(())
 }
@@ -507,25 +502,26 @@ pub fn qmatmul(
     );
     let blas = dev.cublas_handle();
     let numel = n * k;
-    match storage.dtype() {
-        DType::BF16 => {
-            let x = storage.as_cuda_slice::<bf16>()?.slice(start..end);
+    // W dequantised to the activations' type `$t` in the scratch, then y = op(W)·x in `$t`.
+    macro_rules! dequant_gemm {
+        ($t:ty, $out:expr, $one:expr, $zero:expr) => {{
+            let x = storage.as_cuda_slice::<$t>()?.slice(start..end);
             // every element is written by the GEMM (beta = 0)
-            let mut y = output::<bf16>(dev, m * out_w)?;
-            with_scratch(dev, numel * 2, |s| {
-                dequant_into(dev, &g, Out::Bf16, s)?;
-                // SAFETY: the scratch holds numel bf16 values just written.
-                let wv = unsafe { s.transmute::<bf16>(numel) }.expect("scratch sized");
+            let mut y = output::<$t>(dev, m * out_w)?;
+            with_scratch(dev, numel * std::mem::size_of::<$t>(), |s| {
+                dequant_into(dev, &g, $out, s)?;
+                // SAFETY: the scratch holds numel values of this type, just written.
+                let wv = unsafe { s.transmute::<$t>(numel) }.expect("scratch sized");
                 let cfg = GemmConfig {
                     transa,
                     transb: cublasOperation_t::CUBLAS_OP_N,
                     m: mm,
                     n: nn,
                     k: kk,
-                    alpha: bf16::ONE,
+                    alpha: $one,
                     lda,
                     ldb,
-                    beta: bf16::ZERO,
+                    beta: $zero,
                     ldc,
                 };
                 // SAFETY: the sizes above describe the three buffers exactly.
@@ -535,35 +531,11 @@ pub fn qmatmul(
                 CudaStorage::wrap_cuda_slice(y, dev.clone()),
                 Shape::from(out_dims),
             ))
-        }
-        DType::F32 => {
-            let x = storage.as_cuda_slice::<f32>()?.slice(start..end);
-            // every element is written by the GEMM (beta = 0)
-            let mut y = output::<f32>(dev, m * out_w)?;
-            with_scratch(dev, numel * 4, |s| {
-                dequant_into(dev, &g, Out::F32, s)?;
-                // SAFETY: the scratch holds numel f32 values just written.
-                let wv = unsafe { s.transmute::<f32>(numel) }.expect("scratch sized");
-                let cfg = GemmConfig {
-                    transa,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: mm,
-                    n: nn,
-                    k: kk,
-                    alpha: 1.0f32,
-                    lda,
-                    ldb,
-                    beta: 0.0f32,
-                    ldc,
-                };
-                // SAFETY: as above.
-                unsafe { blas.gemm(cfg, &wv, &x, &mut y) }.w()
-            })?;
-            Ok((
-                CudaStorage::wrap_cuda_slice(y, dev.clone()),
-                Shape::from(out_dims),
-            ))
-        }
+        }};
+    }
+    match storage.dtype() {
+        DType::BF16 => dequant_gemm!(bf16, Out::Bf16, bf16::ONE, bf16::ZERO),
+        DType::F32 => dequant_gemm!(f32, Out::F32, 1.0f32, 0.0f32),
         d => bail!(
             "'{}' on CUDA: activations must be bf16 or f32, not {d:?}",
             w.name

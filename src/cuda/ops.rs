@@ -281,36 +281,62 @@ pub struct CeHead<'a> {
     pub chunk: usize,
 }
 
+/// What both passes of the chunked cross-entropy start from: shapes, hidden's offset, the bias
+/// on the device.
+struct CeRun<'a> {
+    dev: &'a candle_core::cuda_backend::CudaDevice,
+    /// Vocabulary, hidden width, tokens, tokens per chunk.
+    v: usize,
+    c: usize,
+    n: usize,
+    chunk: usize,
+    /// Hidden's first element in its storage.
+    start: usize,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl CeHead<'_> {
+    fn run<'h>(&self, h: Arg<'h>) -> Result<CeRun<'h>> {
+        let dev = &h.0.device;
+        let Some((start, _)) = h.1.contiguous_offsets() else {
+            bail!("cross-entropy on CUDA: hidden must be contiguous");
+        };
+        Ok(CeRun {
+            dev,
+            v: self.w.shape[0],
+            c: self.w.shape[1],
+            n: self.labels.len(),
+            chunk: self.chunk.max(1),
+            start,
+            bias: self.bias.map(|b| dev.clone_htod(b)).transpose()?,
+        })
+    }
+
+    /// The logits `(rows, V)` of the `rows` tokens from `r0`: dequantise + GEMM, bias.
+    fn logits(&self, run: &CeRun, h: Arg, r0: usize, rows: usize) -> Result<CudaStorage> {
+        let sub = Layout::contiguous_with_offset((rows, run.c), run.start + r0 * run.c);
+        let (mut lg, _) = super::qmatmul(self.cache, self.w, super::Product::Forward, h.0, &sub)?;
+        if let Some(b) = &run.bias {
+            add_bias_in_place(&mut lg, b, run.v)?;
+        }
+        Ok(lg)
+    }
+}
+
 /// The chunked cross-entropy through a frozen lm_head `w (V, C)` on the GPU, forward: the summed
 /// loss over tokens with a label >= 0 and each token's logsumexp (kept for the backward). Logits
 /// exist `chunk` rows at a time: dequantise + GEMM, bias, row kernel; nothing V-sized per token
 /// survives a chunk.
 pub fn cross_entropy_fwd(head: &CeHead, h: Arg) -> Result<(f64, CudaSlice<f32>)> {
-    let CeHead {
-        cache,
-        w,
-        bias,
-        labels,
-        chunk,
-    } = *head;
-    let dev = &h.0.device;
-    let (v, c) = (w.shape[0], w.shape[1]);
-    let n = labels.len();
-    let Some((start, _)) = h.1.contiguous_offsets() else {
-        bail!("cross-entropy on CUDA: hidden must be contiguous");
-    };
-    let bias = bias.map(|b| dev.clone_htod(b)).transpose()?;
+    let run = head.run(h)?;
+    let (dev, v, n) = (run.dev, run.v, run.n);
     let mut lse = output::<f32>(dev, n)?;
     let mut loss = 0f64;
-    for r0 in (0..n).step_by(chunk.max(1)) {
-        let rows = chunk.max(1).min(n - r0);
-        let sub = Layout::contiguous_with_offset((rows, c), start + r0 * c);
-        let (mut lg, _) = super::qmatmul(cache, w, super::Product::Forward, h.0, &sub)?;
-        if let Some(b) = &bias {
-            add_bias_in_place(&mut lg, b, v)?;
-        }
+    for r0 in (0..n).step_by(run.chunk) {
+        let rows = run.chunk.min(n - r0);
+        let lg = head.logits(&run, h, r0, rows)?;
         let ll = Layout::contiguous((rows, v));
-        let (lse_c, loss_c) = ce_fwd((&lg, &ll), &labels[r0..r0 + rows], v)?;
+        let (lse_c, loss_c) = ce_fwd((&lg, &ll), &head.labels[r0..r0 + rows], v)?;
         dev.memcpy_dtod(&lse_c, &mut lse.slice_mut(r0..r0 + rows))?;
         loss += dev
             .clone_dtoh(&loss_c)?
@@ -329,38 +355,17 @@ pub fn cross_entropy_bwd(
     g: f32,
     h: Arg,
 ) -> Result<CudaStorage> {
-    let CeHead {
-        cache,
-        w,
-        bias,
-        labels,
-        chunk,
-    } = *head;
-    let dev = &h.0.device;
-    let (v, c) = (w.shape[0], w.shape[1]);
-    let n = labels.len();
-    let Some((start, _)) = h.1.contiguous_offsets() else {
-        bail!("cross-entropy on CUDA: hidden must be contiguous");
-    };
-    let bias = bias.map(|b| dev.clone_htod(b)).transpose()?;
+    let run = head.run(h)?;
+    let (dev, v, c, n) = (run.dev, run.v, run.c, run.n);
     with_t!(h.0.dtype(), T, {
         let mut dh = output::<T>(dev, n * c)?;
-        for r0 in (0..n).step_by(chunk.max(1)) {
-            let rows = chunk.max(1).min(n - r0);
-            let sub = Layout::contiguous_with_offset((rows, c), start + r0 * c);
-            let (mut lg, _) = super::qmatmul(cache, w, super::Product::Forward, h.0, &sub)?;
-            if let Some(b) = &bias {
-                add_bias_in_place(&mut lg, b, v)?;
-            }
-            ce_grad_in_place(
-                &mut lg,
-                &labels[r0..r0 + rows],
-                &lse.slice(r0..r0 + rows),
-                g,
-                v,
-            )?;
+        for r0 in (0..n).step_by(run.chunk) {
+            let rows = run.chunk.min(n - r0);
+            let mut lg = head.logits(&run, h, r0, rows)?;
+            let (labels, lse) = (&head.labels[r0..r0 + rows], &lse.slice(r0..r0 + rows));
+            ce_grad_in_place(&mut lg, labels, lse, g, v)?;
             let ll = Layout::contiguous((rows, v));
-            let (dhc, _) = super::qmatmul(cache, w, super::Product::InputGrad, &lg, &ll)?;
+            let (dhc, _) = super::qmatmul(head.cache, head.w, super::Product::InputGrad, &lg, &ll)?;
             let src = dhc.as_cuda_slice::<T>()?;
             dev.memcpy_dtod(src, &mut dh.slice_mut(r0 * c..(r0 + rows) * c))?;
         }

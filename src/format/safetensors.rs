@@ -10,7 +10,6 @@ use crate::{Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 const FMT: &str = "safetensors";
 
@@ -96,19 +95,7 @@ pub(crate) fn float_qtype(t: &RawTensor) -> Result<QType> {
 
 /// Maps one file and lists its tensors in file (offset) order.
 pub fn read_file(path: &Path) -> Result<Vec<RawTensor>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len < 8 {
-        return Err(Error::Truncated {
-            path: path.into(),
-            what: "the 8-byte header length".into(),
-            len,
-        });
-    }
-    // SAFETY: read-only map of a file we do not modify; a concurrent truncation by another process
-    // is outside what any mmap-based reader can defend against.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let map: Arc<memmap2::Mmap> = Arc::new(map);
+    let map = super::map_file(path, 8, "the 8-byte header length")?;
     let buf: &[u8] = &map[..];
     let (n, meta) = match SafeTensors::read_metadata(buf) {
         Ok(v) => v,

@@ -135,19 +135,9 @@ impl<'a> GgufHparams<'a> {
             },
             Ok,
         )? / 2;
-        if t.shape != [half] || !matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16) {
-            return Err(Error::Shape {
-                path: self.store.path.clone(),
-                tensor: t.name.clone(),
-                msg: format!(
-                    "must be a float vector of head_dim/2 = {half}, found {} {:?}",
-                    t.qtype.name(),
-                    t.shape
-                ),
-            });
-        }
-        let mut f = vec![0f32; half];
-        t.matrix().dequant_tile(0, 1, 0, half, &mut f);
+        let must = format!("must be a float vector of head_dim/2 = {half}");
+        let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
+        let f = transformer::float_vector(self.store, t, half, float, &must)?;
         if f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
             return Err(self.corrupt(
                 "rope_freqs.weight holds a factor that is not positive and finite".into(),
@@ -188,23 +178,34 @@ impl<'a> GgufHparams<'a> {
     }
 }
 
-/// A causal language model with LoRA adapters, as the trainer drives it.
+/// A causal language model with LoRA adapters, as the trainer drives it: every model is its
+/// shared decoder to the trainer.
 pub trait CausalLm {
+    /// The shared decoder behind the model.
+    fn decoder(&self) -> &Transformer;
     /// Logits `(B, T, V)` f32 for `ids (B, T)` with optional padding `mask (B, T)` (eval mode).
-    fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor>;
+    fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.decoder().forward(ids, mask)
+    }
     /// Mean cross-entropy (transformers' shifted causal-LM loss, -100 ignored), eval mode.
-    fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor>;
+    fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
+        self.decoder().loss(ids, mask, labels)
+    }
     /// The same mean cross-entropy as [`CausalLm::loss`] as a number, keeping no graph: each
     /// layer's output is detached, so only one layer's intermediates exist at a time (evaluation,
     /// DPO's reference).
-    fn eval_loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<f32>;
+    fn eval_loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<f32> {
+        eval_loss(self.decoder(), ids, mask, labels)
+    }
     /// One training step's loss and every LoRA gradient by PEFT name (dropout on).
     fn train_grads(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
         labels: &Tensor,
-    ) -> Result<(f32, HashMap<String, Tensor>)>;
+    ) -> Result<(f32, HashMap<String, Tensor>)> {
+        self.decoder().train_grads(ids, mask, labels)
+    }
     /// Each row's summed cross-entropy and target count, eval mode, keeping no graph (DPO's
     /// log-probabilities of whole sequences).
     fn eval_row_losses(
@@ -212,7 +213,9 @@ pub trait CausalLm {
         ids: &Tensor,
         mask: Option<&Tensor>,
         labels: &Tensor,
-    ) -> Result<RowLosses>;
+    ) -> Result<RowLosses> {
+        eval_row_losses(self.decoder(), ids, mask, labels)
+    }
     /// One training step (dropout on) whose loss is `Σ_r w_r·CE_r`, with the row weights that
     /// `weigh` returns for this forward's row values; gives those values and every gradient.
     fn train_grads_rows(
@@ -221,13 +224,17 @@ pub trait CausalLm {
         mask: Option<&Tensor>,
         labels: &Tensor,
         weigh: RowWeights<'_>,
-    ) -> Result<(RowLosses, HashMap<String, Tensor>)>;
+    ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
+        train_grads_rows(self.decoder(), ids, mask, labels, weigh)
+    }
     /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
-    fn lora_params(&self) -> Vec<(String, Var)>;
+    fn lora_params(&self) -> Vec<(String, Var)> {
+        self.decoder().lora_params()
+    }
     /// Whether rows come before the tokens (prompt tuning, P-tuning), so that the first label is
     /// a target too (predicted by the last virtual row).
     fn first_label_is_target(&self) -> bool {
-        false
+        Decoder::prompt_len(self.decoder()) > 0
     }
 }
 
@@ -243,47 +250,9 @@ impl AsRef<Transformer> for Transformer {
     }
 }
 
-/// Every model is its shared decoder to the trainer.
 impl<M: AsRef<Transformer>> CausalLm for M {
-    fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.as_ref().forward(ids, mask)
-    }
-    fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
-        self.as_ref().loss(ids, mask, labels)
-    }
-    fn eval_loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<f32> {
-        eval_loss(self.as_ref(), ids, mask, labels)
-    }
-    fn train_grads(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        labels: &Tensor,
-    ) -> Result<(f32, HashMap<String, Tensor>)> {
-        self.as_ref().train_grads(ids, mask, labels)
-    }
-    fn eval_row_losses(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        labels: &Tensor,
-    ) -> Result<RowLosses> {
-        eval_row_losses(self.as_ref(), ids, mask, labels)
-    }
-    fn train_grads_rows(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        labels: &Tensor,
-        weigh: RowWeights<'_>,
-    ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
-        train_grads_rows(self.as_ref(), ids, mask, labels, weigh)
-    }
-    fn lora_params(&self) -> Vec<(String, Var)> {
-        self.as_ref().lora_params()
-    }
-    fn first_label_is_target(&self) -> bool {
-        Decoder::prompt_len(self.as_ref()) > 0
+    fn decoder(&self) -> &Transformer {
+        self.as_ref()
     }
 }
 

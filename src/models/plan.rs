@@ -57,6 +57,19 @@ fn optimizer_bytes(numels: &[usize], moments: MomentStorage) -> usize {
     numels.iter().map(|&n| moments.state_bytes(n)).sum()
 }
 
+/// The loaded weights: as stored, but for the float linears `opts.quant` quantises at load.
+fn weight_bytes(store: &WeightStore, spec: &Spec, opts: &LlamaOptions) -> usize {
+    let mut weights = 0;
+    for t in &store.tensors {
+        let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
+        weights += match opts.quant {
+            Some(q) if float && spec.is_linear(&t.name) => quantised_bytes(q, t.numel()),
+            _ => t.nbytes(),
+        };
+    }
+    weights
+}
+
 impl MemoryPlan {
     /// The plan for a step on `batch` sequences of `seq` tokens of the Llama in `store`, loaded
     /// with `opts` (adapter parameters count as zero without a LoRA spec).
@@ -95,14 +108,7 @@ impl MemoryPlan {
     ) -> Result<Self> {
         // A sequence past a sliding window is refused before anything is loaded or planned.
         spec.check_window(seq)?;
-        let mut weights = 0;
-        for t in &store.tensors {
-            let float = matches!(t.qtype, QType::F32 | QType::F16 | QType::BF16);
-            weights += match opts.quant {
-                Some(q) if float && spec.is_linear(&t.name) => quantised_bytes(q, t.numel()),
-                _ => t.nbytes(),
-            };
-        }
+        let weights = weight_bytes(store, spec, opts);
         let s = opts.dtype.size_in_bytes();
         let (l, c, i) = (spec.layers, spec.hidden, spec.ffn);
         let (h, k, d, v) = (spec.heads, spec.kv_heads, spec.head_dim, spec.vocab);

@@ -64,23 +64,93 @@ pub struct Transformer {
     hooks: Option<Box<dyn SequenceAdapter>>,
 }
 
+/// The load options the decoder supports: f32 or bf16 compute, quantisation at load to a type
+/// we write.
+fn check_options(opts: &LlamaOptions) -> Result<()> {
+    if !matches!(opts.dtype, DType::F32 | DType::BF16) {
+        return Err(Error::Invalid(format!(
+            "compute dtype {:?} is not supported; use f32 or bf16",
+            opts.dtype
+        )));
+    }
+    if let Some(q) = opts.quant {
+        if q != QType::NF4 && !dispatch::QUANTIZABLE.contains(&q) {
+            return Err(Error::Invalid(format!(
+                "cannot quantise at load to {}; use Q4_0, Q8_0, Q4_K, Q6_K or NF4",
+                q.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Float vector `t` of `n` elements as f32 (norm weights, biases, rotary factors): an error saying
+/// what it `must` be when its shape is not `[n]` or its type is not `type_ok`.
+pub(crate) fn float_vector(
+    store: &WeightStore,
+    t: &StoredTensor,
+    n: usize,
+    type_ok: bool,
+    must: &str,
+) -> Result<Vec<f32>> {
+    if t.shape != [n] || !type_ok {
+        return Err(Error::Shape {
+            path: store.path.clone(),
+            tensor: t.name.clone(),
+            msg: format!("{must}, found {} {:?}", t.qtype.name(), t.shape),
+        });
+    }
+    let mut w = vec![0f32; n];
+    t.matrix().dequant_tile(0, 1, 0, n, &mut w);
+    Ok(w)
+}
+
+/// The token embedding `embed` checked against the config, and the lm_head (stored, or the
+/// embedding itself when `spec.tied_head` and none is stored).
+fn embedding_and_head(
+    store: &WeightStore,
+    spec: &Spec,
+    embed: &StoredTensor,
+) -> Result<(Arc<StoredTensor>, QLinear)> {
+    let (names, c, v) = (&spec.names, spec.hidden, spec.vocab);
+    if embed.shape != [v, c] {
+        return Err(Error::Shape {
+            path: store.path.clone(),
+            tensor: names.embed.into(),
+            msg: format!(
+                "shape {:?}, expected [{v}, {c}] from the config",
+                embed.shape
+            ),
+        });
+    }
+    if embed.qtype == QType::NF4 {
+        return Err(Error::UnsupportedType {
+            path: store.path.clone(),
+            tensor: names.embed.into(),
+            type_name: "NF4".into(),
+            supported: "any ggml type or float for the embedding".into(),
+        });
+    }
+    let embed = Arc::new(embed.clone());
+    let lm_head = match store.get(names.head) {
+        Some(t) => QLinear::new(Arc::new(t.clone()), None)?,
+        None if spec.tied_head => QLinear::new(embed.clone(), None)?,
+        None => {
+            return Err(Error::MissingTensor {
+                path: store.path.clone(),
+                tensor: names.head.into(),
+                hint: " (config.json says the embedding is not tied, so lm_head must be stored)"
+                    .into(),
+            })
+        }
+    };
+    Ok((embed, lm_head))
+}
+
 impl Transformer {
     /// Loads the model `spec` describes from `store`.
     pub fn load(store: &WeightStore, spec: Spec, opts: LlamaOptions) -> Result<Self> {
-        if !matches!(opts.dtype, DType::F32 | DType::BF16) {
-            return Err(Error::Invalid(format!(
-                "compute dtype {:?} is not supported; use f32 or bf16",
-                opts.dtype
-            )));
-        }
-        if let Some(q) = opts.quant {
-            if q != QType::NF4 && !dispatch::QUANTIZABLE.contains(&q) {
-                return Err(Error::Invalid(format!(
-                    "cannot quantise at load to {}; use Q4_0, Q8_0, Q4_K, Q6_K or NF4",
-                    q.name()
-                )));
-            }
-        }
+        check_options(&opts)?;
         let get = |name: &str| -> Result<&StoredTensor> {
             store.get(name).ok_or_else(|| Error::MissingTensor {
                 path: store.path.clone(),
@@ -95,22 +165,11 @@ impl Transformer {
         // A float vector of n: norms and biases.
         let vec_of = |name: &str, n: usize, dev: &Device| -> Result<Tensor> {
             let t = get(name)?;
-            if t.shape != [n] || t.qtype == QType::NF4 {
-                return Err(Error::Shape {
-                    path: store.path.clone(),
-                    tensor: name.into(),
-                    msg: format!(
-                        "a norm weight or bias must be a float vector of {n}, found {} {:?}",
-                        t.qtype.name(),
-                        t.shape
-                    ),
-                });
-            }
-            let mut w = vec![0f32; n];
-            t.matrix().dequant_tile(0, 1, 0, n, &mut w);
+            let must = format!("a norm weight or bias must be a float vector of {n}");
+            let w = float_vector(store, t, n, t.qtype != QType::NF4, &must)?;
             Tensor::from_vec(w, n, dev).map_err(cerr("norm"))
         };
-        let (c, v) = (spec.hidden, spec.vocab);
+        let c = spec.hidden;
         // The fused RMSNorm reads its weight on the host (its CUDA launcher uploads it), so a device
         // copy would cost a download per call; LayerNorm's constants live on the device.
         let norm_dev = match spec.norm {
@@ -127,38 +186,7 @@ impl Transformer {
             })
         };
         let names = &spec.names;
-        let embed = get(names.embed)?;
-        if embed.shape != [v, c] {
-            return Err(Error::Shape {
-                path: store.path.clone(),
-                tensor: names.embed.into(),
-                msg: format!(
-                    "shape {:?}, expected [{v}, {c}] from the config",
-                    embed.shape
-                ),
-            });
-        }
-        if embed.qtype == QType::NF4 {
-            return Err(Error::UnsupportedType {
-                path: store.path.clone(),
-                tensor: names.embed.into(),
-                type_name: "NF4".into(),
-                supported: "any ggml type or float for the embedding".into(),
-            });
-        }
-        let embed = Arc::new(embed.clone());
-        let lm_head =
-            match store.get(names.head) {
-                Some(t) => QLinear::new(Arc::new(t.clone()), None)?,
-                None if spec.tied_head => QLinear::new(embed.clone(), None)?,
-                None => return Err(Error::MissingTensor {
-                    path: store.path.clone(),
-                    tensor: names.head.into(),
-                    hint:
-                        " (config.json says the embedding is not tied, so lm_head must be stored)"
-                            .into(),
-                }),
-            };
+        let (embed, lm_head) = embedding_and_head(store, &spec, get(names.embed)?)?;
         let final_norm = norm(names.final_norm)?;
         let method: Option<&dyn AdapterMethod> = opts.lora.as_ref().map(|s| s as _);
         let pnames: Vec<&'static str> = spec.projections.iter().map(|p| p.0).collect();

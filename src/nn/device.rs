@@ -64,36 +64,38 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
     )))
 }
 
+/// `$gpu` with `$d` bound to `$dev`'s CUDA device (returned from the calling function); `$cpu`
+/// on the CPU and in a build without CUDA.
+macro_rules! per_device {
+    ($dev:expr, |$d:ident| $gpu:expr, $cpu:expr) => {{
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda($d) = $dev {
+            return $gpu.map_err(gpu_err);
+        }
+        let _ = $dev;
+        $cpu
+    }};
+}
+
 /// Bytes in use on `dev`'s GPU now (context, modules, cuBLAS and whatever else runs there);
 /// `None` on the CPU.
 pub fn used_bytes(dev: &Device) -> Result<Option<u64>> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = dev {
-        return crate::cuda::device_used_bytes(d).map(Some).map_err(gpu_err);
-    }
-    let _ = dev;
-    Ok(None)
+    per_device!(
+        dev,
+        |d| crate::cuda::device_used_bytes(d).map(Some),
+        Ok(None)
+    )
 }
 
 /// Starts a new allocation peak on `dev` (no-op on the CPU).
 pub fn reset_peak(dev: &Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = dev {
-        return crate::cuda::reset_pool_peak(d).map_err(gpu_err);
-    }
-    let _ = dev;
-    Ok(())
+    per_device!(dev, |d| crate::cuda::reset_pool_peak(d), Ok(()))
 }
 
 /// Peak bytes allocated on `dev` since [`reset_peak`] (tensors, quantised weights, scratch);
 /// `None` on the CPU.
 pub fn peak_allocated(dev: &Device) -> Result<Option<u64>> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = dev {
-        return crate::cuda::pool_peak_bytes(d).map(Some).map_err(gpu_err);
-    }
-    let _ = dev;
-    Ok(None)
+    per_device!(dev, |d| crate::cuda::pool_peak_bytes(d).map(Some), Ok(None))
 }
 
 #[cfg(feature = "cuda")]

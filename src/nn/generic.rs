@@ -10,6 +10,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use std::sync::Mutex;
 
+#[cfg(feature = "cuda")]
+use super::CudaOut;
+use super::{CpuOut, Grads3};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
 /// f32 elements of one (heads × T × T) score block: 8 Mi elements = 32 MiB, which keeps the four
 /// live blocks of the backward near 128 MiB at any T (T = 2048: 2 query heads per block).
 const SCORE_BUDGET: usize = 8 << 20;
@@ -143,6 +149,19 @@ impl AttentionOp {
             None => bail!("causal_attention: the op was applied twice"),
         }
     }
+
+    /// The output's storage on the device `on` picks out (`None`: another device).
+    fn output_storage<S: BackendStorage>(
+        &self,
+        on: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let o = self.take_output()?;
+        let (storage, layout) = o.storage_and_layout();
+        let Some(s) = on(&storage) else {
+            bail!("causal_attention: output computed on another device than its inputs");
+        };
+        Ok((s.try_clone(layout)?, o.shape().clone()))
+    }
 }
 
 impl CustomOp3 for AttentionOp {
@@ -158,43 +177,32 @@ impl CustomOp3 for AttentionOp {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let o = self.take_output()?;
-        let (storage, layout) = o.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            bail!("causal_attention: output computed on another device than its inputs");
-        };
-        Ok((s.try_clone(layout)?, o.shape().clone()))
+    ) -> CpuOut {
+        self.output_storage(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _: &candle_core::CudaStorage,
+        _: &CudaStorage,
         _: &Layout,
-        _: &candle_core::CudaStorage,
+        _: &CudaStorage,
         _: &Layout,
-        _: &candle_core::CudaStorage,
+        _: &CudaStorage,
         _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let o = self.take_output()?;
-        let (storage, layout) = o.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            bail!("causal_attention: output computed on another device than its inputs");
-        };
-        Ok((s.try_clone(layout)?, o.shape().clone()))
+    ) -> CudaOut {
+        self.output_storage(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// Per score block: p = exp(s - max)/sum, dv = pᵀ·dO, dp = dO·vᵀ, ds = p∘(dp - rowsum(dO∘O))/√D,
     /// dq = ds·k, dk = dsᵀ·q; the kv gradients of a GQA group are summed with `index_add`.
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        d_o: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor) -> Grads3 {
         let (b, _, t, d) = q.dims4()?;
         let scale = 1.0 / (self.d as f64).sqrt();
         let (q, k, v) = (q.detach(), k.detach(), v.detach());

@@ -8,8 +8,18 @@ pub mod fused;
 pub mod generic;
 
 use crate::lora::QLinear;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
 use half::{bf16, f16};
+
+/// What a custom op's `cpu_fwd` returns.
+pub(crate) type CpuOut = Result<(CpuStorage, Shape)>;
+/// What a custom op's `cuda_fwd` returns.
+#[cfg(feature = "cuda")]
+pub(crate) type CudaOut = Result<(candle_core::CudaStorage, Shape)>;
+/// The input gradients a three-operand custom op's `bwd` returns.
+pub(crate) type Grads3 = Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
 
 /// `x * c` where `c` is a constant (no gradient is wanted for it) broadcastable to x's shape;
 /// same dtype. Unlike `broadcast_mul`, whose backward also computes (and then keeps, unconsumed, in
@@ -35,6 +45,19 @@ enum ConstOp {
 }
 
 impl ConstOp {
+    /// Both operands must have one shape (no broadcasting here).
+    fn check_shapes(&self, l1: &Layout, l2: &Layout) -> Result<()> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "{}: shapes {:?} and {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        Ok(())
+    }
+
     fn f32(self, x: f32, c: f32) -> f32 {
         match self {
             ConstOp::Mul => x * c,
@@ -101,21 +124,8 @@ impl CustomOp2 for ConstOp {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "{}: shapes {:?} and {:?} differ",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CpuOut {
+        self.check_shapes(l1, l2)?;
         let op = *self;
         let out = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(c)) => {
@@ -142,22 +152,9 @@ impl CustomOp2 for ConstOp {
 
     /// candle's own element-wise kernels (same rounding as its CPU ones).
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> CudaOut {
         use candle_core::backend::BackendStorage;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "{}: shapes {:?} and {:?} differ",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
+        self.check_shapes(l1, l2)?;
         let out = match self {
             ConstOp::Mul => s1.binary_impl::<candle_core::op::Mul>(s2, l1, l2)?,
             ConstOp::Add => s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?,
@@ -431,25 +428,10 @@ mod tests {
             .unwrap()
             .reshape((2, 4, 3, 3))
             .unwrap();
-        let ga = mul_const(&add_const(&xs, &c).unwrap(), &c)
-            .unwrap()
-            .mul(&w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = xs
-            .broadcast_add(&c)
-            .unwrap()
-            .broadcast_mul(&c)
-            .unwrap()
-            .mul(&w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        // the gradients of sum(y * w)
+        let grads = |y: Tensor| y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let ga = grads(mul_const(&add_const(&xs, &c).unwrap(), &c).unwrap());
+        let gb = grads(xs.broadcast_add(&c).unwrap().broadcast_mul(&c).unwrap());
         let (ga_x, gb_x) = (
             ga.get(x.as_tensor()).unwrap(),
             gb.get(x.as_tensor()).unwrap(),

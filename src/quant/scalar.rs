@@ -76,6 +76,15 @@ pub fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Q5_0/Q5_1's codes `j` and `j + 16`: the low and high nibbles of `qs[j]`, with bits `j` and
+/// `j + 16` of `qh` as their fifth bits.
+#[inline(always)]
+fn q5_codes(qs: &[u8; 16], qh: u32, j: usize) -> (u8, u8) {
+    let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+    let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    (lo, hi)
+}
+
 /// Q5_0: `w[j] = d * (q[j] - 16)`, bit 4 of `q[j]` is bit j of `qh`.
 #[inline(always)]
 pub fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
@@ -84,8 +93,7 @@ pub fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
         let qh = u32::from_le_bytes(*arr(b, 2));
         let qs: &[u8; 16] = arr(b, 6);
         for j in 0..16 {
-            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            let (lo, hi) = q5_codes(qs, qh, j);
             o[j] = (lo as i32 - 16) as f32 * d;
             o[j + 16] = (hi as i32 - 16) as f32 * d;
         }
@@ -101,8 +109,7 @@ pub fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
         let qh = u32::from_le_bytes(*arr(b, 4));
         let qs: &[u8; 16] = arr(b, 8);
         for j in 0..16 {
-            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            let (lo, hi) = q5_codes(qs, qh, j);
             o[j] = d * lo as f32 + m;
             o[j + 16] = d * hi as f32 + m;
         }
@@ -174,49 +181,46 @@ pub fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Q4_K: `w = (d * sc) * q - (dmin * m)` per sub-block of 32.
+/// A Q4_K or Q5_K super-block `b` (the two share their first 16 bytes) into `o`: eight
+/// sub-blocks of 32, sub-block `j = 2c + h` at `o[c * 64 + h * 32..]`, `o = (d * sc) * q - (dmin *
+/// m)` with `q = code(c, h, l)` for its element `l`.
 #[inline(always)]
-pub fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
-    for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(QK_K)) {
-        let d = f16_at(b, 0);
-        let dmin = f16_at(b, 2);
-        let scales: &[u8; 12] = arr(b, 4);
-        let qs: &[u8; 128] = arr(b, 16);
-        for c in 0..4 {
-            for h in 0..2 {
-                let (sc, m) = scale_min_k4(2 * c + h, scales);
-                let d1 = d * sc as f32;
-                let m1 = dmin * m as f32;
-                for l in 0..32 {
-                    let q = (qs[c * 32 + l] >> (4 * h)) & 0x0f;
-                    o[c * 64 + h * 32 + l] = d1 * q as f32 - m1;
-                }
+fn dequant_k4_like(b: &[u8], o: &mut [f32], code: impl Fn(usize, usize, usize) -> u8) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales: &[u8; 12] = arr(b, 4);
+    for c in 0..4 {
+        for h in 0..2 {
+            let (sc, m) = scale_min_k4(2 * c + h, scales);
+            let d1 = d * sc as f32;
+            let m1 = dmin * m as f32;
+            for l in 0..32 {
+                o[c * 64 + h * 32 + l] = d1 * code(c, h, l) as f32 - m1;
             }
         }
     }
 }
 
-/// Q5_K: `w = (d * sc) * q - (dmin * m)` per sub-block of 32, q 5 bits.
+/// Q4_K: `w = (d * sc) * q - (dmin * m)` per sub-block of 32; q is the low (even sub-blocks) or
+/// high nibble of `qs`.
+#[inline(always)]
+pub fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
+    for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(QK_K)) {
+        let qs: &[u8; 128] = arr(b, 16);
+        dequant_k4_like(b, o, |c, h, l| (qs[c * 32 + l] >> (4 * h)) & 0x0f);
+    }
+}
+
+/// Q5_K: as Q4_K with 5-bit q, whose fifth bit for sub-block `j` is bit `j` of `qh[l]`.
 #[inline(always)]
 pub fn dequant_q5_k(src: &[u8], dst: &mut [f32]) {
     for (b, o) in src.chunks_exact(176).zip(dst.chunks_exact_mut(QK_K)) {
-        let d = f16_at(b, 0);
-        let dmin = f16_at(b, 2);
-        let scales: &[u8; 12] = arr(b, 4);
         let qh: &[u8; 32] = arr(b, 16);
         let qs: &[u8; 128] = arr(b, 48);
-        for c in 0..4 {
-            for h in 0..2 {
-                let j = 2 * c + h;
-                let (sc, m) = scale_min_k4(j, scales);
-                let d1 = d * sc as f32;
-                let m1 = dmin * m as f32;
-                for l in 0..32 {
-                    let q = ((qs[c * 32 + l] >> (4 * h)) & 0x0f) | (((qh[l] >> j) & 1) << 4);
-                    o[c * 64 + h * 32 + l] = d1 * q as f32 - m1;
-                }
-            }
-        }
+        dequant_k4_like(b, o, |c, h, l| {
+            let j = 2 * c + h;
+            ((qs[c * 32 + l] >> (4 * h)) & 0x0f) | (((qh[l] >> j) & 1) << 4)
+        });
     }
 }
 

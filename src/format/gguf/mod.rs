@@ -306,19 +306,7 @@ fn align_up(x: u64, a: u64) -> u64 {
 /// Opens a GGUF file: maps it, parses and validates the header; tensors are views into the map
 /// (nothing of the data section is read).
 pub fn load(path: &Path) -> Result<WeightStore> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len < 4 {
-        return Err(Error::Truncated {
-            path: path.to_path_buf(),
-            what: "magic".into(),
-            len,
-        });
-    }
-    // SAFETY: the map is read-only; a file truncated or rewritten by another process while mapped
-    // is outside what any mmap-based loader can guard against (llama.cpp and safetensors share this).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let map = Arc::new(map);
+    let map = super::map_file(path, 4, "magic")?;
     build(path, map.clone(), Some(map))
 }
 

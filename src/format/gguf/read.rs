@@ -15,11 +15,12 @@ impl<'a> Cursor<'a> {
         self.b.len() - self.pos
     }
 
-    /// Refuses `n` items of at least `min` bytes each when the bytes left cannot hold them:
-    /// checked before allocating, so a hostile count cannot make us reserve memory.
-    fn check_count(&self, n: u64, min: u64, what: impl FnOnce() -> String) -> Result<()> {
+    /// An empty vector with room for `n` items of at least `min` bytes each, refused when the
+    /// bytes left cannot hold them: checked before allocating, so a hostile count cannot make us
+    /// reserve memory.
+    fn vec_for<T>(&self, n: u64, min: u64, what: impl FnOnce() -> String) -> Result<Vec<T>> {
         match n.checked_mul(min) {
-            Some(b) if b <= self.remaining() as u64 => Ok(()),
+            Some(b) if b <= self.remaining() as u64 => Ok(Vec::with_capacity(n as usize)),
             _ => Err(self.truncated(&what())),
         }
     }
@@ -116,14 +117,13 @@ impl<'a> Cursor<'a> {
                         ))
                     }
                 };
-                self.check_count(n, min, || {
+                let mut v = self.vec_for(n, min, || {
                     format!(
                         "{} (array of {n} {} values)",
                         what(),
                         Value::type_name_of_id(et)
                     )
                 })?;
-                let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(et, depth + 1, what)?);
                 }
@@ -212,10 +212,9 @@ fn read_preamble(c: &mut Cursor) -> Result<u32> {
 /// `n_kv` key-value pairs, the count checked against the bytes left first.
 fn read_metadata(c: &mut Cursor, n_kv: u64) -> Result<Vec<(String, Value)>> {
     // A key-value takes at least 13 bytes.
-    c.check_count(n_kv, 13, || {
+    let mut metadata = c.vec_for(n_kv, 13, || {
         format!("metadata ({n_kv} key-value pairs announced)")
     })?;
-    let mut metadata = Vec::with_capacity(n_kv as usize);
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
         let what = || format!("metadata '{key}'");
@@ -254,10 +253,9 @@ struct RawInfo {
 /// `n_tensors` tensor infos, the count checked against the bytes left first.
 fn read_tensor_infos(c: &mut Cursor, n_tensors: u64) -> Result<Vec<RawInfo>> {
     // A tensor info takes at least 24 bytes.
-    c.check_count(n_tensors, 24, || {
+    let mut raw = c.vec_for(n_tensors, 24, || {
         format!("tensor infos ({n_tensors} tensors announced)")
     })?;
-    let mut raw = Vec::with_capacity(n_tensors as usize);
     for i in 0..n_tensors {
         let name = c.string(&|| format!("name of tensor info {i}"))?;
         let what = || format!("tensor info of '{name}'");

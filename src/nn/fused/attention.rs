@@ -179,6 +179,16 @@ impl MaskView<'_> {
     }
 }
 
+/// Products of a block of `rows` query rows with the first `kend` key (or value) rows, row-major
+/// with D columns: `out (rows × D) = a (rows × kend) · b (kend × D)`, or with `grad` a key or value
+/// gradient, `out (kend × D) += aᵀ (kend × rows) · b (rows × D)`.
+fn block_product(out: &mut [f32], a: &[f32], b: &[f32], dims: (usize, usize, usize), grad: bool) {
+    let (rows, kend, d) = dims;
+    let (m, k) = if grad { (kend, rows) } else { (rows, kend) };
+    let (out, b) = (&mut out[..m * d], &b[..k * d]);
+    gemm_f32((m, d, k), out, d, grad, (a, kend, grad), (b, d, false), 1.0);
+}
+
 /// `c (m×n, row stride ldc) = [c +] beta·op(a)·op(b)` for row-major `a` (m×k, or k×m when `ta`)
 /// and `b` (k×n, or n×k when `tb`) with row strides `lda`, `ldb`.
 #[allow(clippy::too_many_arguments)]
@@ -334,7 +344,7 @@ impl CustomOp3 for AttentionOp {
         kl: &Layout,
         vs: &CpuStorage,
         vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> CpuOut {
         let AttnDims { hq, hkv, t, d, .. } = self.dims;
         let (q, k, v) = (
             f32_of(qs, ql, self.name())?,
@@ -366,14 +376,12 @@ impl CustomOp3 for AttentionOp {
                         let kend =
                             self.probs(mask, bi, i0, rows, q, k, &mut p, &mut add, None, lse);
                         // o[i0..] (rows × D) = p (rows × kend) · v[..kend]
-                        gemm_f32(
-                            (rows, d, kend),
+                        block_product(
                             &mut o[i0 * d..(i0 + rows) * d],
-                            d,
+                            &p,
+                            v,
+                            (rows, kend, d),
                             false,
-                            (&p, kend, false),
-                            (&v[..kend * d], d, false),
-                            1.0,
                         );
                     }
                 });
@@ -385,14 +393,7 @@ impl CustomOp3 for AttentionOp {
     /// Flash-attention backward per query block: p = exp(s - lse), dp = dO·vᵀ,
     /// ds = p·(dp - rowsum(dO·O))·scale, dq = ds·k, dk += dsᵀ·q, dv += pᵀ·dO
     /// (GQA: kv grads summed over the query heads of the group).
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        d_o: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor) -> Grads3 {
         let AttnDims { b, hq, hkv, t, d } = self.dims;
         let Some(lse) = self.lse.lock().expect("lse lock poisoned").clone() else {
             bail!("causal_attention: backward before forward");
@@ -466,15 +467,7 @@ impl CustomOp3 for AttentionOp {
                                 &d_o[i0 * d..(i0 + rows) * d],
                             );
                             // dv[..kend] += pᵀ (kend × rows) · dO (rows × D)
-                            gemm_f32(
-                                (kend, d, rows),
-                                &mut dv[..kend * d],
-                                d,
-                                true,
-                                (&p, kend, true),
-                                (dob, d, false),
-                                1.0,
-                            );
+                            block_product(dv, &p, dob, (rows, kend, d), true);
                             // dp (rows × kend) = dO · v[..kend]ᵀ
                             dp.clear();
                             dp.resize(rows * kend, 0.0);
@@ -499,25 +492,10 @@ impl CustomOp3 for AttentionOp {
                                 }
                             }
                             // dq[i0..] (rows × D) = ds · k[..kend]
-                            gemm_f32(
-                                (rows, d, kend),
-                                &mut dq[i0 * d..(i0 + rows) * d],
-                                d,
-                                false,
-                                (&dp, kend, false),
-                                (&k[..kend * d], d, false),
-                                1.0,
-                            );
+                            let dqi = &mut dq[i0 * d..(i0 + rows) * d];
+                            block_product(dqi, &dp, k, (rows, kend, d), false);
                             // dk[..kend] += dsᵀ (kend × rows) · q (rows × D)
-                            gemm_f32(
-                                (kend, d, rows),
-                                &mut dk[..kend * d],
-                                d,
-                                true,
-                                (&dp, kend, true),
-                                (qb, d, false),
-                                1.0,
-                            );
+                            block_product(dk, &dp, qb, (rows, kend, d), true);
                         }
                     }
                 });

@@ -84,7 +84,7 @@ impl CustomOp1 for CrossEntropyOp {
         "qtune-cross-entropy-chunked"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CpuOut {
         let h = f32_of(s, l, self.name())?;
         let (vocab, c) = (self.w.shape[0], self.w.shape[1]);
         let n = self.labels.len();
@@ -120,18 +120,8 @@ impl CustomOp1 for CrossEntropyOp {
     /// The same on the GPU (src/cuda/ops.rs `cross_entropy_fwd`); the loss is summed in f64 on the
     /// host from per-row values.
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let head = crate::cuda::ops::CeHead {
-            cache: &self.gpu,
-            w: &self.w,
-            bias: self.bias.as_ref().map(|b| b.as_slice()),
-            labels: &self.labels,
-            chunk: self.chunk,
-        };
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CudaOut {
+        let head = ce_head(&self.gpu, &self.w, &self.bias, &self.labels, self.chunk);
         let (loss, lse) = crate::cuda::ops::cross_entropy_fwd(&head, (s, l))?;
         *self.lse_gpu.lock().expect("lse lock poisoned") = Some(Arc::new(lse));
         let out = s.device.clone_htod(&[loss as f32])?;
@@ -213,23 +203,32 @@ impl CustomOp1 for CrossEntropyBwdCuda {
         "qtune-cross-entropy-bwd"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CpuOut {
         bail!("qtune-cross-entropy-bwd: the CPU backward is CrossEntropyOp::bwd")
     }
 
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let head = crate::cuda::ops::CeHead {
-            cache: &self.gpu,
-            w: &self.w,
-            bias: self.bias.as_ref().map(|b| b.as_slice()),
-            labels: &self.labels,
-            chunk: self.chunk,
-        };
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CudaOut {
+        let head = ce_head(&self.gpu, &self.w, &self.bias, &self.labels, self.chunk);
         let dh = crate::cuda::ops::cross_entropy_bwd(&head, &self.lse, self.g, (s, l))?;
         Ok((dh, l.shape().clone()))
+    }
+}
+
+/// lm_head as the CUDA cross-entropy kernels take it (forward and backward ops alike).
+#[cfg(feature = "cuda")]
+fn ce_head<'a>(
+    gpu: &'a crate::cuda::GpuWeightCache,
+    w: &'a StoredTensor,
+    bias: &'a Option<Arc<Vec<f32>>>,
+    labels: &'a [i64],
+    chunk: usize,
+) -> crate::cuda::ops::CeHead<'a> {
+    let bias = bias.as_ref().map(|b| b.as_slice());
+    crate::cuda::ops::CeHead {
+        cache: gpu,
+        w,
+        bias,
+        labels,
+        chunk,
     }
 }

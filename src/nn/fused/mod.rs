@@ -22,6 +22,12 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "cuda")]
+use super::CudaOut;
+use super::{CpuOut, Grads3};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
 // ---------------------------------------------------------------------------------------------
 // Boundary helpers: f32 views of CPU storage, f32 results back in the activation dtype.
 

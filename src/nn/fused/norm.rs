@@ -39,7 +39,7 @@ impl CustomOp1 for RmsNormOp {
         "qtune-rms-norm"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CpuOut {
         let x = f32_of(s, l, self.name())?;
         let c = self.w.len();
         // transformers rounds x·rstd to the activation dtype, multiplies by the weight in that
@@ -70,11 +70,7 @@ impl CustomOp1 for RmsNormOp {
 
     /// kernels/ops.cu `qt_rmsnorm_fwd` (one thread block per row).
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CudaOut {
         let y = crate::cuda::ops::rms_norm_fwd((s, l), &self.w, self.eps)?;
         Ok((y, l.shape().clone()))
     }
@@ -132,23 +128,11 @@ impl candle_core::CustomOp2 for RmsNormBwdCuda {
         "qtune-rms-norm-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CpuOut {
         bail!("qtune-rms-norm-bwd: the CPU backward is RmsNormOp::bwd")
     }
 
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        dy: &candle_core::CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, dy: &CudaStorage, dyl: &Layout) -> CudaOut {
         let dx = crate::cuda::ops::rms_norm_bwd((x, xl), (dy, dyl), &self.w, self.eps)?;
         Ok((dx, xl.shape().clone()))
     }

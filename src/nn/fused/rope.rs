@@ -82,7 +82,7 @@ impl CustomOp1 for RopeOp {
         "qtune-rope"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CpuOut {
         let x = f32_of(s, l, self.name())?;
         let (t, half) = (self.t, self.half);
         let d = 2 * half;
@@ -115,11 +115,7 @@ impl CustomOp1 for RopeOp {
 
     /// kernels/ops.cu `qt_rope` (one thread per rotated pair; the backward is this op inverted).
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CudaOut {
         let y = crate::cuda::ops::rope(
             (s, l),
             &self.cos,

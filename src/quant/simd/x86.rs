@@ -22,7 +22,15 @@ pub fn has_avx512() -> bool {
 }
 
 macro_rules! x86_kernels {
-    ($features:literal, $emit16:item, $f16:item, $bf16:item, $to_bf16:item) => {
+    (
+        $features:literal,
+        $emit16:item,
+        lanes: $lanes:literal of $f32x:ty,
+        f16_lanes($fp:ident) = $f16:expr,
+        bf16_lanes($bp:ident) = $bf16:expr,
+        store_lanes($sp:ident, $sv:ident) = $store:expr,
+        round_bf16_lanes($rs:ident, $rd:ident) = $round:expr $(,)?
+    ) => {
         use crate::quant::blocks::{scale_min_k4, scales_q3_k};
         use crate::quant::dispatch::DequantFn;
         use crate::quant::QType;
@@ -265,10 +273,78 @@ macro_rules! x86_kernels {
             }
         }
 
-        // F16 -> f32 (`f16(src, dst)`), BF16 -> f32 (`bf16(src, dst)`), f32 -> bf16 (`to_bf16_impl`).
-        $f16
-        $bf16
-        $to_bf16
+        // The conversions, `LANES` elements a register: F16 -> f32 (`f16(src, dst)`), BF16 -> f32
+        // (`bf16(src, dst)`), f32 -> bf16 (`to_bf16_impl`); the tails go through the scalar code.
+
+        /// f32 lanes a register.
+        const LANES: usize = $lanes;
+
+        /// `LANES` f16 at `p` as f32 lanes.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn f16_lanes($fp: *const u8) -> $f32x {
+            $f16
+        }
+
+        /// `LANES` bf16 at `p` as f32 lanes (the bits become the top half).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn bf16_lanes($bp: *const u8) -> $f32x {
+            $bf16
+        }
+
+        /// f32 lanes `v` stored at `p`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn store_lanes($sp: *mut f32, $sv: $f32x) {
+            $store
+        }
+
+        /// `LANES` f32 at `src` rounded to bf16 at `dst` (`bf16_round_body!`).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn round_bf16_lanes($rs: *const f32, $rd: *mut bf16) {
+            $round
+        }
+
+        /// BF16 (`BF`) or F16 to f32, `LANES` at a time; the tail through the scalar code.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn widen16<const BF: bool>(src: &[u8], dst: &mut [f32]) {
+            let n = dst.len() / LANES * LANES;
+            for i in (0..n).step_by(LANES) {
+                let p = src.as_ptr().add(2 * i);
+                let v = if BF { bf16_lanes(p) } else { f16_lanes(p) };
+                store_lanes(dst.as_mut_ptr().add(i), v);
+            }
+            let (src, dst) = (&src[2 * n..], &mut dst[n..]);
+            if BF {
+                crate::quant::scalar::dequant_bf16(src, dst)
+            } else {
+                crate::quant::scalar::dequant_f16(src, dst)
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
+            widen16::<false>(src, dst)
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
+            widen16::<true>(src, dst)
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
+            let n = src.len().min(dst.len()) / LANES * LANES;
+            for i in (0..n).step_by(LANES) {
+                round_bf16_lanes(src.as_ptr().add(i), dst.as_mut_ptr().add(i));
+            }
+            for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
+                *o = bf16_of(*v);
+            }
+        }
 
         macro_rules! safe {
             ($name:ident) => {{
@@ -363,48 +439,21 @@ pub mod avx2 {
                 _mm256_storeu_ps(out.add(8 * i), r);
             }
         },
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
-            let n = dst.len() / 8 * 8;
-            for i in (0..n).step_by(8) {
-                let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            }
-            crate::quant::scalar::dequant_f16(&src[2 * n..], &mut dst[n..]);
+        lanes: 8 of __m256,
+        f16_lanes(p) = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        bf16_lanes(p) = {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
         },
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
-            let n = dst.len() / 8 * 8;
-            for i in (0..n).step_by(8) {
-                let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
-                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
-            }
-            crate::quant::scalar::dequant_bf16(&src[2 * n..], &mut dst[n..]);
+        store_lanes(p, v) = _mm256_storeu_ps(p, v),
+        round_bf16_lanes(src, dst) = {
+            let x = _mm256_castps_si256(_mm256_loadu_ps(src));
+            let r = bf16_round_body!(x, _mm256_and_si256, _mm256_add_epi32, _mm256_srli_epi32,
+                _mm256_or_si256, _mm256_set1_epi32, _mm256_cmpgt_epi32, _mm256_blendv_epi8);
+            let packed =
+                _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+            _mm_storeu_si128(dst as *mut __m128i, packed)
         },
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
-            let n = src.len().min(dst.len()) / 8 * 8;
-            for i in (0..n).step_by(8) {
-                let x = _mm256_castps_si256(_mm256_loadu_ps(src.as_ptr().add(i)));
-                let r = bf16_round_body!(
-                    x,
-                    _mm256_and_si256,
-                    _mm256_add_epi32,
-                    _mm256_srli_epi32,
-                    _mm256_or_si256,
-                    _mm256_set1_epi32,
-                    _mm256_cmpgt_epi32,
-                    _mm256_blendv_epi8
-                );
-                let packed =
-                    _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
-                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, packed);
-            }
-            for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
-                *o = bf16_of(*v);
-            }
-        }
     );
 }
 
@@ -447,48 +496,18 @@ pub mod avx512 {
             }
             _mm512_storeu_ps(out, r);
         },
-        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
-            let n = dst.len() / 16 * 16;
-            for i in (0..n).step_by(16) {
-                let h = _mm256_loadu_si256(src.as_ptr().add(2 * i) as *const __m256i);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-            }
-            crate::quant::scalar::dequant_f16(&src[2 * n..], &mut dst[n..]);
+        lanes: 16 of __m512,
+        f16_lanes(p) = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        bf16_lanes(p) = {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
         },
-        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
-            let n = dst.len() / 16 * 16;
-            for i in (0..n).step_by(16) {
-                let h = _mm256_loadu_si256(src.as_ptr().add(2 * i) as *const __m256i);
-                let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(w));
-            }
-            crate::quant::scalar::dequant_bf16(&src[2 * n..], &mut dst[n..]);
+        store_lanes(p, v) = _mm512_storeu_ps(p, v),
+        round_bf16_lanes(src, dst) = {
+            let x = _mm512_castps_si512(_mm512_loadu_ps(src));
+            let r = bf16_round_body!(x, _mm512_and_si512, _mm512_add_epi32, _mm512_srli_epi32,
+                _mm512_or_si512, _mm512_set1_epi32, cmpgt512, blend512);
+            _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtepi32_epi16(r))
         },
-        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-        unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
-            let n = src.len().min(dst.len()) / 16 * 16;
-            for i in (0..n).step_by(16) {
-                let x = _mm512_castps_si512(_mm512_loadu_ps(src.as_ptr().add(i)));
-                let r = bf16_round_body!(
-                    x,
-                    _mm512_and_si512,
-                    _mm512_add_epi32,
-                    _mm512_srli_epi32,
-                    _mm512_or_si512,
-                    _mm512_set1_epi32,
-                    cmpgt512,
-                    blend512
-                );
-                _mm256_storeu_si256(
-                    dst.as_mut_ptr().add(i) as *mut __m256i,
-                    _mm512_cvtepi32_epi16(r),
-                );
-            }
-            for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
-                *o = bf16_of(*v);
-            }
-        }
     );
 }
