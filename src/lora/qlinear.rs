@@ -474,7 +474,7 @@ impl CustomOp1 for JoinedRowsOp {
         let Some((start, end)) = layout.contiguous_offsets() else {
             bail!("{}: argument must be contiguous", self.name());
         };
-        if dims.last() != Some(&in_w) || self.rows.len() % in_w.max(1) != 0 {
+        if dims.last() != Some(&in_w) || !self.rows.len().is_multiple_of(in_w.max(1)) {
             bail!(
                 "{}: argument of shape {dims:?} does not end in {in_w}",
                 self.name()
