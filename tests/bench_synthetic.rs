@@ -158,6 +158,7 @@ fn a_bench_run_reports_every_key() {
         device: "cpu".into(),
         dpo_beta: None,
         dora: false,
+        prompt: None,
     };
     let r = run_bench(&cfg, &mut |_| {}).unwrap();
     assert!(r.gpu.is_none(), "no GPU figures on the CPU");
@@ -213,6 +214,7 @@ fn a_dpo_bench_runs_the_trainers_dpo_step_on_pairs() {
         device: "cpu".into(),
         dpo_beta: Some(0.1),
         dora: false,
+        prompt: None,
     };
     let r = run_bench(&cfg, &mut |_| {}).unwrap();
     // B starts at zero: the policy is the reference, every pair's loss ln 2; the step moves it.

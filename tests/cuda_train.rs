@@ -273,6 +273,7 @@ fn bench_on_the_gpu_reports_device_memory() {
         device: "cuda".into(),
         dpo_beta: None,
         dora: false,
+        prompt: None,
     };
     let r = qtune::bench::run_bench(&cfg, &mut |s| println!("{s}")).unwrap();
     println!("{r}");

@@ -695,3 +695,114 @@ fn dpo_with_dora_is_refused() {
         );
     }
 }
+
+/// A random Q4_0 linear of `(out, in)` (the bench's synthetic blocks).
+fn q4_linear(out: usize, inp: usize, seed: u64) -> qtune::lora::QLinear {
+    let w = qtune::train::bench::random_tensor("w", vec![out, inp], QType::Q4_0, seed).unwrap();
+    qtune::lora::QLinear::new(std::sync::Arc::new(w), None).unwrap()
+}
+
+/// DoRA's joined call (`[x; A]·Wᵀ` in one kernel pass) gives what the two separate calls give: the
+/// layer's output and its input gradient for x, and `A·Wᵀ` for the rows, bit for bit; in f32 and
+/// bf16.
+#[test]
+fn joined_rows_equal_two_calls() {
+    use candle_core::Module;
+    let lin = q4_linear(96, 128, 7);
+    let dev = Device::Cpu;
+    // 5 rows join x's 14 in one call; 3 (the kernels' dot-product path alone) go separately
+    for (r, dtype) in [(5, DType::F32), (5, DType::BF16), (3, DType::F32)] {
+        let rows = Tensor::randn(0f32, 1.0, (r, 128), &dev).unwrap();
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (2, 7, 128), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let (y, side) = lin.forward_with_rows(x.as_tensor(), &rows).unwrap();
+        let y0 = lin.forward(x.as_tensor()).unwrap();
+        let side0 = lin.matmul_t(&rows).unwrap();
+        assert_eq!(y.dims(), [2, 7, 96]);
+        assert_eq!(y.dtype(), dtype);
+        assert_eq!(side.dims(), [r, 96]);
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        // bit-identical: the joined rows change no summation order
+        let bits = |t: &Tensor| f(t).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(bits(&y) == bits(&y0), "{dtype:?} y");
+        if dtype == DType::BF16 && qtune::quant::matmul_bf16::has_avx512_bf16() {
+            // bf16 compute: the side rows get bf16 products (W and A rounded to bf16).
+            assert!(rel_t(&side, &side0) < tol, "{dtype:?} side");
+        } else {
+            assert!(bits(&side) == bits(&side0), "{dtype:?} side");
+        }
+        // the gradient reaches x through the joined op exactly as through the plain one
+        let w = Tensor::randn(0f32, 1.0, (2, 7, 96), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let g = |y: &Tensor| {
+            let l = y
+                .mul(&w)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            l.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+        };
+        assert!(rel_t(&f(&g(&y)), &f(&g(&y0))) < tol, "{dtype:?} dx");
+    }
+}
+
+/// The counted saving at the Llama-2-7B shapes (Q4_0, 128 tokens, r 16): a layer's product of M
+/// rows, DoRA's separate r-row product, and the joined M + r rows. Not a test: prints times
+/// (`cargo test --release --test dora joined_rows_timing -- --ignored --nocapture`), meaningful
+/// only on a quiet machine.
+#[test]
+#[ignore]
+fn joined_rows_timing() {
+    use candle_core::Module;
+    let (m, r, reps) = (128, 16, 5);
+    let dev = Device::Cpu;
+    let (mut plain, mut sep, mut joined) = (0.0, 0.0, 0.0);
+    // one layer's linears: q, k, v, o (4096²), gate, up (11008 × 4096), down (4096 × 11008)
+    let shapes = [(4096, 4096), (11008, 4096), (4096, 11008)];
+    let counts = [4.0, 2.0, 1.0];
+    for (&(out, inp), &count) in shapes.iter().zip(&counts) {
+        let lin = q4_linear(out, inp, 1);
+        let x = Tensor::randn(0f32, 1.0, (1, m, inp), &dev).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (r, inp), &dev).unwrap();
+        let time = |f: &dyn Fn()| {
+            f();
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t0.elapsed().as_secs_f64() / reps as f64
+        };
+        let tp = time(&|| drop(lin.forward(&x).unwrap()));
+        let ts = time(&|| drop(lin.matmul_t(&a).unwrap()));
+        let tj = time(&|| drop(lin.forward_with_rows(&x, &a).unwrap()));
+
+        println!(
+            "({out}, {inp}): M={m} {:.1} ms, r={r} alone {:.1} ms, joined M+r {:.1} ms",
+            tp * 1e3,
+            ts * 1e3,
+            tj * 1e3
+        );
+        plain += count * tp;
+        sep += count * ts;
+        joined += count * tj;
+    }
+    // a step per linear: forward, recompute, input gradient (each about one M-row pass)
+    println!(
+        "per layer: 3 passes {:.1} ms; DoRA before +{:.1} ms ({:.1} %), joined +{:.1} ms ({:.1} %)",
+        3.0 * plain * 1e3,
+        sep * 1e3,
+        100.0 * sep / (3.0 * plain),
+        (joined - plain) * 1e3,
+        100.0 * (joined - plain) / (3.0 * plain)
+    );
+}

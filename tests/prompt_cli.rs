@@ -152,3 +152,90 @@ fn train_generate_eval_and_refusals() {
         text(&o)
     );
 }
+
+/// `qtune bench --method prompt-tuning|p-tuning|prefix-tuning` runs the trainer's own step with
+/// the adapter on a synthetic model of the tiny Llama's shape (trainable counts as PEFT shapes
+/// them, a finite loss, the plan beside the measured peak); `--plan-only --device cuda` prints the
+/// GPU terms with the method; Falcon prefix tuning is refused before anything runs, as PEFT would.
+#[test]
+fn bench_runs_the_prompt_methods() {
+    let shape = fx("tests/fixtures/llama/model");
+    // tiny Llama: hidden 64, 2 layers, 2 KV heads of 16
+    let (c, l, kvh, d, n, h) = (64, 2, 2, 16, 6, 16);
+    for (method, extra, params) in [
+        ("prompt-tuning", vec![], n * c),
+        (
+            "p-tuning",
+            vec!["--encoder-hidden-size", "16"],
+            n * c + (h * c + h) + (h * h + h) + (c * h + c),
+        ),
+        ("prefix-tuning", vec![], n * l * 2 * kvh * d),
+    ] {
+        let mut args = vec![
+            "bench",
+            "--shape",
+            &shape,
+            "--quant",
+            "q8_0",
+            "--method",
+            method,
+            "--num-virtual-tokens",
+            "6",
+            "--seq-len",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        args.extend(extra.iter().copied());
+        let o = qtune(&args);
+        assert!(o.status.success(), "{method}: {}", text(&o));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["method"], method, "{method}");
+        assert_eq!(j["config"]["num_virtual_tokens"], 6, "{method}");
+        assert_eq!(j["config"]["lora_params"], params, "{method}");
+        assert!(j["losses"][0].as_f64().unwrap().is_finite(), "{method}");
+        assert!(j["plan"]["total"].as_u64().unwrap() > 0, "{method}");
+        let mut plan = vec![
+            "bench",
+            "--shape",
+            &shape,
+            "--method",
+            method,
+            "--plan-only",
+        ];
+        plan.extend(["--device", "cuda", "--num-virtual-tokens", "6"]);
+        plan.extend(extra.iter().copied());
+        let o = qtune(&plan);
+        let t = text(&o);
+        assert!(o.status.success(), "{method}: {t}");
+        assert!(
+            t.contains("N 6") && t.contains("attention score blocks"),
+            "{t}"
+        );
+    }
+    let falcon = fx("tests/fixtures/falcon/mq/model");
+    for plan_only in [true, false] {
+        let mut args = vec!["bench", "--shape", &falcon, "--method", "prefix-tuning"];
+        args.extend(["--quant", "q8_0", "--seq-len", "8", "--steps", "1"]);
+        if plan_only {
+            args.push("--plan-only");
+        }
+        let o = qtune(&args);
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(t.contains("PEFT 0.13.2 cannot run it"), "{t}");
+    }
+    // P-tuning without a width is refused, as `train` refuses it
+    let o = qtune(&[
+        "bench",
+        "--shape",
+        &shape,
+        "--method",
+        "p-tuning",
+        "--plan-only",
+    ]);
+    assert!(!o.status.success() && text(&o).contains("--encoder-hidden-size"));
+}

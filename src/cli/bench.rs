@@ -1,5 +1,6 @@
 //! `qtune bench`: memory and speed of a LoRA training step on a real model shape (random weights).
 use anyhow::{bail, Context, Result};
+use qtune::lora::prompt::{PromptMethod, PromptSpec};
 use qtune::quant::QType;
 use qtune::train::bench::{run_bench, BenchConfig};
 use std::path::PathBuf;
@@ -52,9 +53,20 @@ pub struct Args {
     /// call over both completions, as `qtune train --objective dpo`).
     #[arg(long, default_value = "sft")]
     objective: String,
-    /// lora, or dora (LoRA with a trained magnitude per output row, as `qtune train --method dora`).
+    /// lora, dora (LoRA with a trained magnitude per output row), prompt-tuning, p-tuning or
+    /// prefix-tuning: the adapter `qtune train --method` trains (prompt learning ignores --rank and
+    /// --targets).
     #[arg(long, default_value = "lora")]
     method: String,
+    /// Prompt learning: virtual tokens N.
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// P-tuning's MLP width (and prefix tuning's projection with --prefix-projection).
+    #[arg(long)]
+    encoder_hidden_size: Option<usize>,
+    /// Prefix tuning: the prefix is the output of an MLP (PEFT's prefix_projection).
+    #[arg(long)]
+    prefix_projection: bool,
     /// DPO's β (with --objective dpo).
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
@@ -79,10 +91,40 @@ pub fn run(a: Args) -> Result<()> {
         "dpo" => Some(a.beta),
         o => bail!("--objective {o}: use sft or dpo"),
     };
-    let dora = match a.method.as_str() {
-        "lora" => false,
-        "dora" => true,
-        m => bail!("--method {m}: bench times lora or dora"),
+    let (dora, prompt) = match a.method.as_str() {
+        "lora" => (false, None),
+        "dora" => (true, None),
+        "prompt-tuning" => (false, Some(PromptMethod::PromptTuning)),
+        "p-tuning" => (false, Some(PromptMethod::PTuning)),
+        "prefix-tuning" => (false, Some(PromptMethod::PrefixTuning(a.prefix_projection))),
+        m => bail!("--method {m}: use lora, dora, prompt-tuning, p-tuning or prefix-tuning"),
+    };
+    if a.prefix_projection && !matches!(prompt, Some(PromptMethod::PrefixTuning(_))) {
+        bail!("--prefix-projection is prefix tuning's: use it with --method prefix-tuning");
+    }
+    let prompt = match prompt {
+        None => None,
+        Some(method) => {
+            if a.num_virtual_tokens == 0 {
+                bail!("--num-virtual-tokens must be at least 1");
+            }
+            let spec = PromptSpec {
+                method,
+                num_virtual_tokens: a.num_virtual_tokens,
+                encoder_hidden_size: a.encoder_hidden_size.unwrap_or(0),
+                init_ids: None,
+                init_text: None,
+                seed: a.seed,
+            };
+            if spec.has_encoder() && spec.encoder_hidden_size == 0 {
+                bail!(
+                    "--method {} needs --encoder-hidden-size (P-tuning's MLP and prefix tuning's \
+                     projection need a width, e.g. the hidden size)",
+                    a.method
+                );
+            }
+            Some(spec)
+        }
     };
     let cfg = BenchConfig {
         shape: a.shape.clone(),
@@ -100,20 +142,20 @@ pub fn run(a: Args) -> Result<()> {
         device: a.device.clone(),
         dpo_beta,
         dora,
+        prompt,
     };
     if a.plan_only {
         let (plan, gpu) =
             qtune::train::bench::plan_bench(&cfg).with_context(|| format!("bench {}", a.shape))?;
         let mib = |b: usize| b as f64 / 1048576.0;
         println!(
-            "{} {} | {}seq {} x batch {} | LoRA r{} on {}\nmemory plan (host):\n{plan}",
+            "{} {} | {}seq {} x batch {} | {}\nmemory plan (host):\n{plan}",
             a.shape,
             quant.name(),
             cfg.variant(),
             a.seq_len,
             a.batch_size,
-            a.rank,
-            a.targets.join(",")
+            cfg.adapter_label()
         );
         if let Some(g) = gpu {
             let alloc = g.allocated_total(&plan);

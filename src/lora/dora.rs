@@ -16,8 +16,12 @@
 //! n² = ‖W‖² + 2s·rowsum((W·Aᵀ) ⊙ B) + s²·rowsum((B·(A·Aᵀ)) ⊙ B)
 //! ```
 //!
-//! where `W·Aᵀ = (A·Wᵀ)ᵀ` is the frozen [`QLinear`] applied to A's r rows: one quantised product of
-//! r rows per forward, beside the base's N.
+//! where `W·Aᵀ = (A·Wᵀ)ᵀ` is the frozen [`QLinear`] applied to A's r rows. Those r rows ride in
+//! the layer's own kernel call (`[x; A]·Wᵀ`, [`QLinear::forward_with_rows`]) once per change of A
+//! and B: a separate call of r rows would cost a whole dequantisation pass over W (the kernels'
+//! cost at a few rows), about a third of LoRA's per-step work on that linear (forward, checkpointed
+//! recompute, input gradient: three passes). n is cached with a hash of A and B, so the
+//! recompute, evaluation and decoding reuse it.
 //!
 //! Dropout: PEFT (training, dropout > 0) runs the base term on `drop(x)` too, at the price of a
 //! second base product; we keep the base on x and drop only the adapter's input (the same
@@ -144,15 +148,25 @@ impl Dora {
             return self.compute_norm(base);
         }
         let key = self.factors_hash()?;
-        let mut cache = self.norm_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, n)) = cache.as_ref() {
-            if *k == key {
-                return Ok(n.clone());
-            }
+        if let Some(n) = self.cached_norm(key) {
+            return Ok(n);
         }
         let n = self.compute_norm(base)?;
-        *cache = Some((key, n.clone()));
+        self.store_norm(key, &n);
         Ok(n)
+    }
+
+    /// The cached n if it was computed from factors hashing to `key`.
+    fn cached_norm(&self, key: u64) -> Option<Tensor> {
+        let cache = self.norm_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, n)| n.clone())
+    }
+
+    fn store_norm(&self, key: u64, n: &Tensor) {
+        *self.norm_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, n.clone()));
     }
 
     /// A 64-bit hash of the bits of A and B (r·(in + out) elements: small beside W).
@@ -180,12 +194,17 @@ impl Dora {
     }
 
     fn compute_norm(&self, base: &QLinear) -> candle_core::Result<Tensor> {
+        // a: (r, in) f32, no graph; aw: (r, out) = A·Wᵀ, the frozen product on A's r rows
+        let a = self.lora.a().as_tensor().detach().to_dtype(DType::F32)?;
+        self.norm_from(&base.matmul_t(&a)?)
+    }
+
+    /// n from `aw = A·Wᵀ (r, out)` (f32) and the current A and B.
+    fn norm_from(&self, aw: &Tensor) -> candle_core::Result<Tensor> {
         let s = self.lora.scale();
         // a: (r, in), b: (out, r), f32, no graph
         let a = self.lora.a().as_tensor().detach().to_dtype(DType::F32)?;
         let b = self.lora.b().as_tensor().detach().to_dtype(DType::F32)?;
-        // aw: (r, out) = A·Wᵀ, the frozen product on A's r rows
-        let aw = base.matmul_t(&a)?;
         // cross: (out,) = rowsum((W·Aᵀ) ⊙ B)
         let cross = aw.t()?.mul(&b)?.sum(1)?;
         // ba2: (out,) = rowsum((B·(A·Aᵀ)) ⊙ B) = ‖B·A‖² per row
@@ -194,6 +213,35 @@ impl Dora {
         let n2 = (self.w_norm2.add(&cross.affine(2.0 * s, 0.0)?)? + ba2.affine(s * s, 0.0)?)?;
         // Rounding can take an exactly-zero row a hair below 0.
         n2.clamp(0f32, f32::INFINITY)?.sqrt()
+    }
+
+    /// `(m / n) ⊙ (y - b + s·B·A·drop(x)) + b` for the base output `y = W·x + b` and the norm n.
+    fn scale_output(
+        &self,
+        x: &Tensor,
+        base: &QLinear,
+        y: Tensor,
+        n: &Tensor,
+        dropout_key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        // u: (.., out) = W·x + b + s·B·A·drop(x)
+        let u = self.lora.add_to(x, base.in_features(), y, dropout_key)?;
+        // v: (.., out) = u without the bias (PEFT does not scale the bias)
+        let v = match base.bias() {
+            Some(b) => u.broadcast_sub(&b.to_device(u.device())?.to_dtype(u.dtype())?)?,
+            None => u.clone(),
+        };
+        // g: (out,) = m / n - 1, in f32 then u's dtype: near 0, so a half-precision copy keeps
+        // its relative precision (m / n itself near 1 would not).
+        let g = self
+            .m
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .div(n)?
+            .affine(1.0, -1.0)?
+            .to_dtype(u.dtype())?;
+        // y': (.., out) = u + v ⊙ g = (m / n) ⊙ v + b
+        u.add(&v.broadcast_mul(&g)?)
     }
 }
 
@@ -206,25 +254,32 @@ impl super::LinearAdapter for Dora {
         y: Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
-        // u: (.., out) = W·x + b + s·B·A·drop(x)
-        let u = self.lora.add_to(x, base.in_features(), y, dropout_key)?;
-        // v: (.., out) = u without the bias (PEFT does not scale the bias)
-        let v = match base.bias() {
-            Some(b) => u.broadcast_sub(&b.to_device(u.device())?.to_dtype(u.dtype())?)?,
-            None => u.clone(),
-        };
-        // g: (out,) = m / n - 1, in f32 then u's dtype: near 0, so a half-precision copy keeps
-        // its relative precision (m / n itself near 1 would not).
         let n = self.weight_norm(base)?;
-        let g = self
-            .m
-            .as_tensor()
-            .to_dtype(DType::F32)?
-            .div(&n)?
-            .affine(1.0, -1.0)?
-            .to_dtype(u.dtype())?;
-        // y': (.., out) = u + v ⊙ g = (m / n) ⊙ v + b
-        u.add(&v.broadcast_mul(&g)?)
+        self.scale_output(x, base, y, &n, dropout_key)
+    }
+
+    /// On the CPU, a stale n (the factors changed since it was computed: the first forward of a
+    /// step) comes from the layer's own kernel call: A's r rows join x's, so one dequantisation
+    /// of W gives both `W·x` and `A·Wᵀ` (a separate r-row call would cost a whole pass over W).
+    /// The checkpointed recompute then finds n cached and runs the plain product.
+    fn forward_from_input(
+        &self,
+        x: &Tensor,
+        base: &QLinear,
+        base_fwd: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+        dropout_key: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        if !self.m.device().is_cpu() {
+            return self.forward(x, base, base_fwd(x)?, dropout_key);
+        }
+        let key = self.factors_hash()?;
+        if let Some(n) = self.cached_norm(key) {
+            return self.scale_output(x, base, base_fwd(x)?, &n, dropout_key);
+        }
+        let (y, aw) = base.forward_with_rows(x, self.lora.a().as_tensor())?;
+        let n = self.norm_from(&aw)?;
+        self.store_norm(key, &n);
+        self.scale_output(x, base, y, &n, dropout_key)
     }
 
     fn params(&self) -> Vec<(&'static str, Var)> {

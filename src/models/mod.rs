@@ -370,7 +370,30 @@ pub(crate) fn prompt_adapter(
     opts: &LlamaOptions,
     path: &std::path::Path,
 ) -> Result<Box<dyn crate::lora::seam::SequenceAdapter>> {
-    use crate::lora::prompt::{PromptAdapter, PromptMethod};
+    check_prompt(p, spec, path)?;
+    let dims = prompt_dims(spec);
+    let rows = |ids: &[u32]| {
+        let x = embed_rows(embed, ids, (1, ids.len()), DType::F32, &Device::Cpu, path)?;
+        x.squeeze(0)
+            .map_err(|e| Error::Invalid(format!("prompt init rows: {e}")))
+    };
+    Ok(Box::new(crate::lora::prompt::PromptAdapter::new(
+        p,
+        dims,
+        rows,
+        opts.dtype,
+        &opts.device,
+    )?))
+}
+
+/// Refuses a prompt-learning method PEFT 0.13.2 cannot run on a model of `spec` (prefix tuning
+/// on Falcon); the plan and the loader both ask.
+pub(crate) fn check_prompt(
+    p: &crate::lora::prompt::PromptSpec,
+    spec: &arch::Spec,
+    path: &std::path::Path,
+) -> Result<()> {
+    use crate::lora::prompt::PromptMethod;
     if matches!(p.method, PromptMethod::PrefixTuning(_)) && spec.arch == "falcon" {
         return Err(Error::Invalid(format!(
             "prefix tuning on Falcon ({}): PEFT 0.13.2 cannot run it (FalconConfig names its KV \
@@ -382,19 +405,7 @@ pub(crate) fn prompt_adapter(
             spec.kv_heads
         )));
     }
-    let dims = prompt_dims(spec);
-    let rows = |ids: &[u32]| {
-        let x = embed_rows(embed, ids, (1, ids.len()), DType::F32, &Device::Cpu, path)?;
-        x.squeeze(0)
-            .map_err(|e| Error::Invalid(format!("prompt init rows: {e}")))
-    };
-    Ok(Box::new(PromptAdapter::new(
-        p,
-        dims,
-        rows,
-        opts.dtype,
-        &opts.device,
-    )?))
+    Ok(())
 }
 
 /// Rotary tables `(T, D/2)` (host) and the attention bias `(B, 1, T, T)` (on `device`) of one call:

@@ -50,6 +50,11 @@ pub struct MemoryPlan {
     /// Elements of each LoRA tensor (every adapter's A and B): the optimizer term depends on them
     /// one by one, since small tensors keep f32 moments.
     lora_numels: Vec<usize>,
+    /// Virtual rows before every sequence (prompt tuning / P-tuning): each layer sees them as
+    /// positions, so every sequence-sized term above is for `seq + prompt_rows`.
+    pub prompt_rows: usize,
+    /// Key/value slots a prefix adds to every layer's attention (prefix tuning).
+    pub kv_prefix: usize,
 }
 
 /// Optimizer-state bytes of LoRA tensors of these sizes.
@@ -106,16 +111,20 @@ impl MemoryPlan {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        // A sequence past a sliding window is refused before anything is loaded or planned.
+        // A sequence past a sliding window, or a prompt method PEFT cannot run on this model, is
+        // refused before anything is loaded or planned.
         spec.check_window(seq)?;
+        if let Some(p) = prompt {
+            super::check_prompt(p, spec, &store.path)?;
+        }
         let weights = weight_bytes(store, spec, opts);
         let s = opts.dtype.size_in_bytes();
         let (l, c, i) = (spec.layers, spec.hidden, spec.ffn);
         let (h, k, d, v) = (spec.heads, spec.kv_heads, spec.head_dim, spec.vocab);
         // Prompt learning: N rows before every sequence (every layer sees N + T positions), or an
         // N-slot KV prefix per layer; and its trainable tensors.
-        let (rows, prefix, prompt_numels) = prompt_terms(prompt, spec);
-        let seq = seq + rows;
+        let (prompt_rows, prefix, prompt_numels) = prompt_terms(prompt, spec);
+        let seq = seq + prompt_rows;
         let (n, b, t) = (batch * seq, batch, seq);
         let half = s < 4;
         // (out, in) per linear, in the spec's order.
@@ -164,12 +173,16 @@ impl MemoryPlan {
             };
             let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
             // A KV prefix: the broadcast prefix and the keys/values joined with it (B, KVH, N+T,
-            // D) twice each, the f32 bias over N + T keys, and the generic attention's f32
-            // statistics (max, sum) per query row.
+            // D) twice each, the f32 bias over N + T keys, and the composite attention
+            // (`nn::causal_attention`, the only one taking more keys than queries) in the graph.
             let scores = scores
                 + match prefix {
                     0 => 0,
-                    p => 2 * b * k * (2 * p + t) * d * s + b * t * (p + t) * 4 + b * h * t * 8,
+                    p => {
+                        2 * b * k * (2 * p + t) * d * s
+                            + b * t * (p + t) * 4
+                            + composite_attention_graph(b, t, p + t, h, k, d, s)
+                    }
                 };
             // SwiGLU: silu, gate*up; GELU: its output; then the two residual sums.
             let mlp = match spec.mlp {
@@ -197,7 +210,13 @@ impl MemoryPlan {
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
         // backward holds the incoming gradient, the product for each operand and a zero-initialised
         // accumulator: about four of the largest activation gradients coexist.
-        let in_flight = 4 * (n * i * s).max(n * c * 4) + fused_attention_terms(b, t, h, k, d, s)[3];
+        // With a prefix the composite attention's (B, H, T, N+T) f32 score gradients join them.
+        let score_grad = match prefix {
+            0 => 0,
+            p => b * h * t * (p + t) * 4,
+        };
+        let in_flight = 4 * (n * i * s).max(n * c * 4).max(score_grad)
+            + fused_attention_terms(b, t, h, k, d, s)[3];
         // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
         // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
         // once beside the incoming gradient and accumulator already in `in_flight`.
@@ -234,6 +253,8 @@ impl MemoryPlan {
             // runs, its input and output, the kernels' scratch, and a cross-entropy chunk's forward.
             reference_bytes: graph_only + 2 * n * c * s + fused_ce_chunk(rows, v, n, c, norm_elem),
             lora_numels,
+            prompt_rows,
+            kv_prefix: prefix,
         })
     }
 
@@ -395,6 +416,26 @@ fn fused_attention_terms(b: usize, t: usize, h: usize, k: usize, d: usize, s: us
     ]
 }
 
+/// Bytes the composite attention's graph keeps for `b` rows of `t` queries over `sk` keys (`h`
+/// query heads, `k` KV heads, head size `d`, `s` bytes an element): the transposed keys' copy (and
+/// the repeated keys and values with GQA), the scores in the compute dtype, their f32 copy in half
+/// precision, the scaled, masked, shifted, exponentiated and normalised f32 scores, the
+/// probabilities cast back in half precision, and the output.
+fn composite_attention_graph(
+    b: usize,
+    t: usize,
+    sk: usize,
+    h: usize,
+    k: usize,
+    d: usize,
+    s: usize,
+) -> usize {
+    let e = b * h * t * sk;
+    let rep = if k != h { 2 * b * h * sk * d * s } else { 0 };
+    let half = if s < 4 { 4 + s } else { 0 };
+    b * h * sk * d * s + rep + e * (s + 5 * 4 + half) + b * h * t * d * s
+}
+
 /// The head's working set (bytes): the fused cross-entropy's one buffer of `rows` f32 logits
 /// (reused in place for their gradient), the f32 copy of the `n` normalised hidden rows it reads
 /// and their f32 gradient, plus `norm_graph` bytes per hidden element that the final norm's graph
@@ -457,7 +498,8 @@ pub struct GpuTerms {
     /// compute dtype.
     pub dequant_scratch: usize,
     /// Score blocks of the device-generic attention (`nn::generic`): four live f32 (heads × T × T)
-    /// blocks in its backward.
+    /// blocks in its backward, T counting prompt rows (none with a KV prefix: the composite
+    /// attention runs, counted in the plan).
     pub attention_scores: usize,
     /// Stream-ordered allocator slack: freed blocks not yet reused, taken as 1/8 of the step's
     /// activation terms.
@@ -509,7 +551,19 @@ impl GpuTerms {
                 } else {
                     2
                 },
-            attention_scores: 4 * 4 * crate::nn::generic::score_block_elems(batch, seq, heads),
+            // The blocked attention sees the prompt rows as positions; with a prefix the composite
+            // attention runs instead, its scores already in the plan's recompute graph.
+            attention_scores: match plan.kv_prefix {
+                0 => {
+                    4 * 4
+                        * crate::nn::generic::score_block_elems(
+                            batch,
+                            seq + plan.prompt_rows,
+                            heads,
+                        )
+                }
+                _ => 0,
+            },
             allocator: activations / 8,
             host_only: embed_host + plan.optimizer + offloaded,
         })
@@ -592,6 +646,58 @@ mod tests {
                 .max()
                 .unwrap();
             assert_eq!(g.dequant_scratch, size * largest);
+        }
+    }
+
+    /// The prompt-learning methods' rows reach both plans: the host plan and the GPU terms grow
+    /// with N for each method; prompt/P-tuning rows lengthen the sequence the blocked attention's
+    /// score blocks are sized by; a prefix swaps them for the composite attention's scores over
+    /// N + T keys, counted in the recompute graph.
+    #[test]
+    fn cpu_and_gpu_plans_grow_with_virtual_tokens() {
+        use crate::lora::prompt::{PromptMethod, PromptSpec};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        let store = WeightStore::open(&dir.join("model")).unwrap();
+        let opts = LlamaOptions::default();
+        let (b, t, heads) = (2, 8, 4);
+        let dt = candle_core::DType::BF16;
+        for method in [
+            PromptMethod::PromptTuning,
+            PromptMethod::PTuning,
+            PromptMethod::PrefixTuning(false),
+            PromptMethod::PrefixTuning(true),
+        ] {
+            let mut last: Option<(usize, usize)> = None;
+            for n in [1, 4, 16, 64] {
+                let spec = PromptSpec {
+                    method,
+                    num_virtual_tokens: n,
+                    encoder_hidden_size: 32,
+                    init_ids: None,
+                    init_text: None,
+                    seed: 0,
+                };
+                let plan = MemoryPlan::for_store_prompt(&store, &opts, Some(&spec), b, t).unwrap();
+                let g = GpuTerms::new(&store, &plan, b, t, dt).unwrap();
+                let prefix = matches!(method, PromptMethod::PrefixTuning(_));
+                assert_eq!(
+                    (plan.prompt_rows, plan.kv_prefix),
+                    if prefix { (0, n) } else { (n, 0) }
+                );
+                let want = match prefix {
+                    true => 0,
+                    false => 16 * crate::nn::generic::score_block_elems(b, t + n, heads),
+                };
+                assert_eq!(g.attention_scores, want, "{method:?} N {n}");
+                let now = (plan.total(), g.device_total(&plan));
+                if let Some(prev) = last {
+                    assert!(
+                        now.0 > prev.0 && now.1 > prev.1,
+                        "{method:?} N {n}: {prev:?} -> {now:?}"
+                    );
+                }
+                last = Some(now);
+            }
         }
     }
 

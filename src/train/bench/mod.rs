@@ -23,6 +23,7 @@ pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};
 pub use synthetic::{random_tensor, synthetic_store};
 
 use crate::data::pairs::Pair;
+use crate::lora::prompt::{PromptMethod, PromptSpec};
 use crate::models::plan::GpuTerms;
 use crate::models::{LlamaOptions, LoraSpec, MemoryPlan};
 use crate::quant::QType;
@@ -72,6 +73,9 @@ pub struct BenchConfig {
     pub dpo_beta: Option<f64>,
     /// DoRA instead of LoRA on the same targets (`qtune train --method dora`).
     pub dora: bool,
+    /// A prompt-learning method instead of LoRA (`qtune train --method prompt-tuning|p-tuning|
+    /// prefix-tuning`): no linear adapters; `rank` and `targets` are then unused.
+    pub prompt: Option<PromptSpec>,
 }
 
 impl BenchConfig {
@@ -90,6 +94,34 @@ impl BenchConfig {
             v += "DoRA | ";
         }
         v
+    }
+
+    /// The trained adapter, for report headers: `LoRA r16 on all-linear`, or the prompt-learning
+    /// method with its virtual tokens (`PREFIX_TUNING N 20`).
+    pub fn adapter_label(&self) -> String {
+        match &self.prompt {
+            None => format!("LoRA r{} on {}", self.rank, self.targets.join(",")),
+            Some(p) if p.has_encoder() => format!(
+                "{} N {} (encoder {})",
+                p.method.peft_type(),
+                p.num_virtual_tokens,
+                p.encoder_hidden_size
+            ),
+            Some(p) => format!("{} N {}", p.method.peft_type(), p.num_virtual_tokens),
+        }
+    }
+
+    /// `--method`'s name: lora, dora, prompt-tuning, p-tuning or prefix-tuning.
+    pub fn method_name(&self) -> &'static str {
+        match (&self.prompt, self.dora) {
+            (Some(p), _) => match p.method {
+                PromptMethod::PromptTuning => "prompt-tuning",
+                PromptMethod::PTuning => "p-tuning",
+                PromptMethod::PrefixTuning(_) => "prefix-tuning",
+            },
+            (None, true) => "dora",
+            (None, false) => "lora",
+        }
     }
 }
 
@@ -132,7 +164,7 @@ fn plan_of(
     gpu: bool,
 ) -> Result<(MemoryPlan, Option<GpuTerms>)> {
     let (b, t) = (cfg.rows(), cfg.seq_len);
-    let plan = MemoryPlan::for_store(store, opts, b, t)?
+    let plan = MemoryPlan::for_store_prompt(store, opts, cfg.prompt.as_ref(), b, t)?
         .with_optimizer(moment_storage(cfg))
         .with_reference_forward(cfg.dpo_beta.is_some());
     let terms = match gpu {
@@ -154,7 +186,7 @@ fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
     LlamaOptions {
         quant: None,
         dtype: cfg.dtype,
-        lora: Some(LoraSpec {
+        lora: cfg.prompt.is_none().then(|| LoraSpec {
             targets: cfg.targets.clone(),
             r: cfg.rank,
             alpha: 2.0 * cfg.rank as f64,
@@ -219,8 +251,16 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         } else {
             0
         };
-    progress("loading the model with LoRA");
-    let model = crate::models::load(&store, opts)?;
+    progress(&format!("loading the model with {}", cfg.adapter_label()));
+    // As the trainer: the prompt-learning adapter installed on the shared decoder.
+    let model: Box<dyn crate::models::CausalLm> = match &cfg.prompt {
+        None => crate::models::load(&store, opts)?,
+        Some(p) => {
+            let mut m = crate::models::open(&store, opts)?;
+            m.install_prompt(p)?;
+            Box::new(m)
+        }
+    };
     drop(store);
     let params = model.lora_params();
     let lora_params = params.iter().map(|(_, v)| v.elem_count()).sum();
@@ -305,9 +345,14 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     };
     // DPO: the policy's 2·batch rows, and the reference forward over them (a third of a
     // checkpointed step's 6 FLOPs per weight and token: its forward only).
+    // Prompt rows lengthen every sequence (a prefix only adds keys: not counted).
+    let t_eff = t + match &cfg.prompt {
+        Some(p) if !matches!(p.method, PromptMethod::PrefixTuning(_)) => p.num_virtual_tokens,
+        _ => 0,
+    };
     let flops_per_step = match cfg.dpo_beta {
-        None => step_flops(&model_cfg, linear_params, b * t, t),
-        Some(_) => step_flops(&model_cfg, linear_params, 2 * b * t, t) * 4.0 / 3.0,
+        None => step_flops(&model_cfg, linear_params, b * t_eff, t_eff),
+        Some(_) => step_flops(&model_cfg, linear_params, 2 * b * t_eff, t_eff) * 4.0 / 3.0,
     };
     Ok(BenchReport {
         config: cfg.clone(),

@@ -174,7 +174,13 @@ impl BenchReport {
         v["peak_kind"] = serde_json::json!(self.peak_kind);
         v["objective"] = serde_json::json!(if c.dpo_beta.is_some() { "dpo" } else { "sft" });
         v["rows"] = serde_json::json!(c.rows());
-        v["method"] = serde_json::json!(if c.dora { "dora" } else { "lora" });
+        v["method"] = serde_json::json!(c.method_name());
+        if let Some(pr) = &c.prompt {
+            v["config"]["num_virtual_tokens"] = serde_json::json!(pr.num_virtual_tokens);
+            if pr.has_encoder() {
+                v["config"]["encoder_hidden_size"] = serde_json::json!(pr.encoder_hidden_size);
+            }
+        }
         v["plan"]["reference_forward"] = serde_json::json!(p.reference);
         v
     }
@@ -187,14 +193,13 @@ impl std::fmt::Display for BenchReport {
         let (med, min, max) = self.step_stats();
         writeln!(
             f,
-            "{} {} | {}seq {} x batch {} | LoRA r{} on {} ({} params) | {} threads | {} AdamW moments",
+            "{} {} | {}seq {} x batch {} | {} ({} params) | {} threads | {} AdamW moments",
             c.shape,
             c.quant.name(),
             c.variant(),
             c.seq_len,
             c.batch_size,
-            c.rank,
-            c.targets.join(","),
+            c.adapter_label(),
             self.lora_params,
             rayon::current_num_threads(),
             if c.optim_8bit { "8-bit" } else { "f32" }
