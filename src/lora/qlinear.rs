@@ -221,10 +221,9 @@ impl QLinear {
     /// a few rows is a dequantisation pass over W, which the layer's own product then pays once
     /// for both. The first result is differentiable in x as [`Module::forward`] (its backward is
     /// the usual one over x's rows only); the second is f32 and detached. Both are bit-identical
-    /// to the two separate calls (with bf16 activations on a CPU with AVX-512 BF16, the side rows
-    /// get the bf16 kernels' products, as x's do): where either part has at most [`GEMV_MAX_M`] rows
-    /// (the kernels' dot-product path, another summation order) and on other devices, it makes
-    /// those two calls.
+    /// to the two separate calls: where either part has at most [`GEMV_MAX_M`] rows (the kernels'
+    /// dot-product path, another summation order), with bf16 activations on a CPU with AVX-512
+    /// BF16 (the plain forward's bf16 kernels) and on other devices, it makes those two calls.
     pub fn forward_with_rows(
         &self,
         x: &Tensor,
@@ -233,7 +232,10 @@ impl QLinear {
         let rows = rows.detach().to_dtype(DType::F32)?.contiguous()?;
         let (r, k) = rows.dims2()?;
         let m = x.elem_count() / self.in_features.max(1);
-        if !x.device().is_cpu() || m <= GEMV_MAX_M || r <= GEMV_MAX_M {
+        // bf16 activations on a CPU with AVX-512 BF16 take the bf16 kernels in the plain forward,
+        // whose products differ from the f32 ones the side rows need: two calls there.
+        let bf16_kernels = x.dtype() == DType::BF16 && crate::quant::matmul_bf16::has_avx512_bf16();
+        if !x.device().is_cpu() || m <= GEMV_MAX_M || r <= GEMV_MAX_M || bf16_kernels {
             return Ok((self.forward(x)?, self.matmul_t(&rows)?));
         }
         if k != self.in_features || x.dims().last() != Some(&k) {
@@ -511,17 +513,8 @@ impl CustomOp1 for JoinedRowsOp {
             ),
         }
         joined.extend_from_slice(&self.rows);
-        // out: (m + r, out) = joined · Wᵀ; its last r rows are the side product. bf16 activations
-        // take the bf16 kernels as the plain forward does (x's rows come out bit-identical to it;
-        // the side rows get bf16 products too).
-        let mut out = match storage {
-            CpuStorage::BF16(_) => {
-                let mut out = vec![0f32; (m + r) * out_w];
-                qmatmul_fwd_bf16(&joined, m + r, &self.op.w.matrix(), &mut out);
-                out
-            }
-            _ => self.op.run(&joined, m + r),
-        };
+        // out: (m + r, out) = joined · Wᵀ; its last r rows are the side product
+        let mut out = self.op.run(&joined, m + r);
         let side = out[m * out_w..].to_vec();
         // The result keeps no room for the side rows (it may live in a graph until backward).
         out.truncate(m * out_w);
