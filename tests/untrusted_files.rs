@@ -236,3 +236,154 @@ fn a_damaged_checkpoint_or_adapter_is_refused() {
         "{e}"
     );
 }
+
+/// Chat templates that build values without bound inside the fuel (docs/SECURITY.md): each once
+/// allocated gigabytes to terabytes, or aborted the process, in a few hundred instructions.
+const HOSTILE_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "`~` doubling in a loop",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    ),
+    (
+        "`+` doubling in a loop",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+    ),
+    (
+        "a macro recursing with s ~ s",
+        "{% macro m(s, n) %}{% if n > 0 %}{{ m(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ m('ab', 40) }}",
+    ),
+    (
+        "a macro doubling its own output",
+        "{% macro m(n) %}{% if n > 0 %}{% set x = m(n - 1) %}{{ x }}{{ x }}{% else %}xx{% endif %}{% endmacro %}{{ m(40) }}",
+    ),
+    (
+        "str.replace with itself",
+        "{% set s = 'a' * 46 %}{% set s = s.replace('a', s) %}{% set s = s.replace('a', s) %}{% set s = s.replace('a', s) %}{{ s|length }}",
+    ),
+    (
+        "|replace with itself",
+        "{% set s = 'a' * 46 %}{% set s = s|replace('a', s) %}{% set s = s|replace('a', s) %}{% set s = s|replace('a', s) %}{{ s|length }}",
+    ),
+    (
+        "a list doubled with + then |list",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|list|length }}",
+    ),
+    (
+        "a list doubled with + then |join",
+        "{% set ns = namespace(l=['ab']) %}{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join|length }}",
+    ),
+    (
+        "a list doubled with + then |string",
+        "{% set ns = namespace(l=['ab']) %}{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|string|length }}",
+    ),
+    (
+        "a list doubled with + then |tojson",
+        "{% set ns = namespace(l=['ab']) %}{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|tojson|length }}",
+    ),
+    ("a list repeated with *", "{{ ([1, 2] * 1000000000)|length }}"),
+    ("a string repeated with * (within minijinja's 100 MB)", "{% set s = 'ab' * 49000000 %}{{ s|length }}"),
+    ("|indent with a huge width", "{{ ('a\\n' * 100000)|indent(100000000) }}"),
+    ("|format with a huge width", "{{ '%999999999999s'|format('x') }}"),
+    ("str.format with a huge width", "{{ '{:>999999999999}'.format('x') }}"),
+    ("|tojson with a huge indent", "{{ messages|tojson(indent=1000000000) }}"),
+    (
+        "a captured block doubling",
+        "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(30) %}{% set c %}{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = c %}{% endfor %}{{ ns.s|length }}",
+    ),
+    (
+        "template text repeated into a capture",
+        "{% set c %}{% for i in range(100000) %}{% for j in range(10) %}{RAW}{% endfor %}{% endfor %}{% endset %}{{ c|length }}",
+    ),
+    (
+        "distinct 10 MB strings kept in a list",
+        "{% set ns = namespace(b='x' * 10000000, l=[]) %}{% for i in range(1000) %}{% set ns.l = ns.l + [ns.b ~ i] %}{% endfor %}{{ ns.l|length }}",
+    ),
+    (
+        "10 MB slices kept in a list",
+        "{% set ns = namespace(b='x' * 10000000, l=[]) %}{% for i in range(1000) %}{% set ns.l = ns.l + [ns.b[i:]] %}{% endfor %}{{ ns.l|length }}",
+    ),
+    ("a string split into 16 M pieces", "{{ ('a' * 16000000).split('a')|length }}"),
+    (
+        "upper-cased copies kept in a list",
+        "{% set ns = namespace(b='x' * 10000000, l=[]) %}{% for i in range(1000) %}{% set ns.l = ns.l + [ns.b.upper()] %}{% endfor %}{{ ns.l|length }}",
+    ),
+];
+
+/// Run by `hostile_chat_templates_stop_with_a_named_error_in_bounded_memory` in a child process
+/// (one template each, under a 4 GiB address-space limit so a regression cannot take the
+/// machine's memory): renders template `QTUNE_HOSTILE_TEMPLATE` and prints the result, the
+/// time and the peak RSS growth. Does nothing when run as an ordinary test.
+#[test]
+fn hostile_template_child() {
+    let Ok(i) = std::env::var("QTUNE_HOSTILE_TEMPLATE") else {
+        return;
+    };
+    let (_, src) = HOSTILE_TEMPLATES[i.parse::<usize>().unwrap()];
+    // 4 kB of template text (the test's table stays readable).
+    let src = &src.replace("{RAW}", &"x".repeat(4000));
+    let limit = libc::rlimit {
+        rlim_cur: 4 << 30,
+        rlim_max: 4 << 30,
+    };
+    // SAFETY: setrlimit reads the struct we pass; it only lowers this process's own limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) };
+    let hwm = || {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let l = s
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .unwrap()
+            .to_string();
+        l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let before = hwm();
+    let t0 = std::time::Instant::now();
+    let msg = qtune::data::Message {
+        role: "user".into(),
+        content: "hi".into(),
+    };
+    // A constant expression too large is refused when the template is compiled.
+    let r = qtune::data::template::ChatTemplate::new(src, "<s>", "</s>").and_then(|t| {
+        t.with_origin("the chat template of hostile/tokenizer_config.json")
+            .render(&[msg], true)
+    });
+    let ms = t0.elapsed().as_millis();
+    let grown_kb = hwm() - before;
+    println!("HOSTILE-RESULT {ms} {grown_kb} {r:?}");
+}
+
+#[test]
+fn hostile_chat_templates_stop_with_a_named_error_in_bounded_memory() {
+    for (i, (what, _)) in HOSTILE_TEMPLATES.iter().enumerate() {
+        let o = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "hostile_template_child", "--nocapture"])
+            .env("QTUNE_HOSTILE_TEMPLATE", i.to_string())
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("HOSTILE-RESULT "))
+            .unwrap_or_else(|| panic!("{what}: the child died: {:?} {out}", o.status));
+        let mut f = line.splitn(3, ' ');
+        let ms: u64 = f.next().unwrap().parse().unwrap();
+        let grown_mib = f.next().unwrap().parse::<u64>().unwrap() >> 10;
+        let r = f.next().unwrap();
+        let named = r.contains("hostile/tokenizer_config.json")
+            && r.contains("builds values without bound");
+        let constant = r.contains("a constant expression of over 16 MiB");
+        assert!(
+            (named || constant) && r.contains("--chat-template chatml"),
+            "{what}: {r}"
+        );
+        // Each limit stops the template at tens of MiB built; a value's one copy in a wrapper
+        // is at most 16 MiB x 6 (|tojson's escapes). Without the checks these took GiB to TiB.
+        assert!(
+            grown_mib < 400,
+            "{what}: peak RSS grew {grown_mib} MiB: {r}"
+        );
+        // Generous on a loaded machine: without the checks these ran for minutes or aborted.
+        assert!(ms < 30_000, "{what}: {ms} ms");
+        eprintln!("{what}: {ms} ms, +{grown_mib} MiB peak RSS: {r}");
+    }
+}

@@ -423,14 +423,15 @@ pub(crate) fn compile_template(
     template: Option<&str>,
     err: &dyn Fn(String) -> Error,
 ) -> Result<ChatTemplate> {
-    let source = match template {
+    let (source, origin) = match template {
         Some(t) => {
             if let Some(b) = ChatTemplate::builtin(t) {
-                b.to_string()
+                (b.to_string(), format!("the built-in chat template {t}"))
             } else if Path::new(t).is_file() {
-                std::fs::read_to_string(t).map_err(|e| Error::io(t, e))?
+                let s = std::fs::read_to_string(t).map_err(|e| Error::io(t, e))?;
+                (s, format!("chat template file {t}"))
             } else if t.contains("{%") || t.contains("{{") {
-                t.to_string()
+                (t.to_string(), "the --chat-template text".to_string())
             } else {
                 let names: Vec<&str> = super::BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
                 return Err(Error::Invalid(format!(
@@ -440,7 +441,10 @@ pub(crate) fn compile_template(
             }
         }
         None => match tok.chat_template() {
-            Some(t) => t.to_string(),
+            Some(t) => (
+                t.to_string(),
+                format!("the chat template of {}", tok.source().display()),
+            ),
             None => {
                 return Err(err(format!(
                     "\"messages\" need a chat template and the model ({}) has none; pick a \
@@ -451,7 +455,9 @@ pub(crate) fn compile_template(
         },
     };
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-    ChatTemplate::new(&source, &name(tok.bos_id()), &name(tok.eos_id()))
+    let t = ChatTemplate::new(&source, &name(tok.bos_id()), &name(tok.eos_id()))
+        .map_err(|e| Error::Invalid(format!("{origin}: {e}")))?;
+    Ok(t.with_origin(origin))
 }
 
 /// Stanford Alpaca's prompt (with and without an input).

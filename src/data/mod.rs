@@ -17,6 +17,7 @@ pub mod jsonl;
 pub mod pairs;
 pub mod template;
 mod template_check;
+mod template_limits;
 pub mod tokenizer;
 
 pub use batch::{batches, pack, shuffle, shuffled_indices, Batch};

@@ -1,5 +1,6 @@
 //! Chat templates: the Jinja `chat_template` a model ships (rendered by minijinja with Python's
 //! string methods, as transformers renders it with jinja2) or a named built-in one.
+use super::template_limits as limits;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -27,9 +28,14 @@ pub const TEMPLATE_FUEL: u64 = 2_000_000;
 /// without end stops here instead of filling memory).
 pub const TEMPLATE_MAX_OUTPUT: usize = 16 << 20;
 
-/// A compiled chat template with the special-token strings it may refer to.
+/// A checked chat template with the special-token strings it may refer to. Each rendering
+/// compiles it into minijinja instructions whose value-building operations are size-checked
+/// (`template_limits`): a template from a model file can neither loop for ever (fuel) nor build
+/// values without bound.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    source: String,
+    origin: String,
     bos_token: String,
     eos_token: String,
 }
@@ -38,7 +44,18 @@ impl ChatTemplate {
     /// Compiles `source` (Jinja text); `bos_token`/`eos_token` are the strings the template sees.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
         // Refuse what minijinja would crash on (a stack overflow is no error): see template_check.
-        super::template_check::check(source).map_err(Error::Invalid)?;
+        super::template_check::check(source).map_err(|e| {
+            Error::Invalid(format!(
+                "{e}; a chat template is code from the model's files: use --chat-template \
+                 chatml or a template file you trust"
+            ))
+        })?;
+        if source.contains(limits::PREFIX) {
+            return Err(Error::Invalid(format!(
+                "chat template: names starting with `{}` are reserved for qtune's checks",
+                limits::PREFIX
+            )));
+        }
         let mut env = minijinja::Environment::new();
         // transformers compiles chat templates with these two jinja2 options.
         env.set_trim_blocks(true);
@@ -60,13 +77,25 @@ impl ChatTemplate {
                 ))
             },
         );
-        env.add_template_owned("chat", source.to_string())
+        limits::install(&mut env);
+        // Compiled here for its errors (minijinja's messages, with the line); each rendering
+        // compiles the checked instructions again (the template's text outlives no borrow).
+        limits::compile(source)
             .map_err(|e| Error::Invalid(format!("chat template does not compile: {e:#}")))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
+            origin: "the chat template".to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// Names where the template came from in its errors ("the chat template of
+    /// …/tokenizer_config.json", "chat template file t.jinja").
+    pub fn with_origin(mut self, origin: impl Into<String>) -> ChatTemplate {
+        self.origin = origin.into();
+        self
     }
 
     /// The built-in template called `name`, if there is one.
@@ -79,34 +108,46 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` appends the opening of an assistant turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template("chat")
+        let (instrs, blocks) = limits::compile(&self.source)
             .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
-        let mut out = Capped(Vec::new());
-        let ctx = minijinja::context! {
+        let root = minijinja::Value::from_serialize(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-        };
-        tmpl.render_captured_to(ctx, &mut out).map_err(|e| {
-            if out.0.len() >= TEMPLATE_MAX_OUTPUT {
+        });
+        let mut out = String::new();
+        let budget = limits::Budget::start();
+        let rv = minijinja::machinery::Vm::new(&self.env).eval(
+            &instrs,
+            root,
+            &blocks,
+            &mut minijinja::machinery::make_string_output(&mut out),
+            minijinja::AutoEscape::None,
+        );
+        let origin = &self.origin;
+        match rv {
+            Err(e) => Err(if let Some(why) = budget.hit() {
+                let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
                 Error::Invalid(format!(
-                    "chat template output exceeds {} MiB; the template does not end",
-                    TEMPLATE_MAX_OUTPUT >> 20
+                    "{origin}: {why}{line}; a chat template is code from the model's files and \
+                     this one builds values without bound (its memory would run out): use \
+                     --chat-template chatml or a template file you trust"
                 ))
             } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
                 Error::Invalid(format!(
-                    "chat template ran over {TEMPLATE_FUEL} instructions; the template does not \
-                     end (or the conversation is far too long)"
+                    "{origin} ran over {TEMPLATE_FUEL} instructions; the template does not end \
+                     (or the conversation is far too long)"
                 ))
             } else {
-                Error::Invalid(format!("chat template failed to render: {e:#}"))
-            }
-        })?;
-        String::from_utf8(out.0)
-            .map_err(|_| Error::Invalid("chat template output is not UTF-8".into()))
+                Error::Invalid(format!("{origin} failed to render: {e:#}"))
+            }),
+            Ok(_) if out.len() > TEMPLATE_MAX_OUTPUT => Err(Error::Invalid(format!(
+                "{origin}: output exceeds {} MiB; the template does not end",
+                TEMPLATE_MAX_OUTPUT >> 20
+            ))),
+            Ok(_) => Ok(out),
+        }
     }
 
     /// The conversation as text segments with whether each carries loss: each assistant turn is
@@ -139,24 +180,6 @@ impl ChatTemplate {
         }
         take(self.render(messages, false)?, false, &mut done)?;
         Ok(out)
-    }
-}
-
-/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
-struct Capped(Vec<u8>);
-
-impl std::io::Write for Capped {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + b.len() > TEMPLATE_MAX_OUTPUT {
-            self.0.resize(TEMPLATE_MAX_OUTPUT, 0);
-            return Err(std::io::Error::other("chat template output too large"));
-        }
-        self.0.extend_from_slice(b);
-        Ok(b.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -220,9 +243,19 @@ mod tests {
         .unwrap();
         let e = t.render(&conv(), true).unwrap_err().to_string();
         assert!(e.contains("instructions"), "{e}");
-        // Endless output: 10 MB per iteration, past the output cap.
+        // Endless output: 10 MB per iteration, stopped by what one rendering may build (every
+        // value printed counts) before the output cap.
         let t = ChatTemplate::new(
             "{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let e = t.render(&conv(), true).unwrap_err().to_string();
+        assert!(e.contains("has built over 256 MiB"), "{e}");
+        // Output over the cap within the build limit: 17 x 1 MB.
+        let t = ChatTemplate::new(
+            "{% for i in range(17) %}{{ 'x' * 1048576 }}{% endfor %}",
             "<s>",
             "</s>",
         )

@@ -12,6 +12,7 @@
 //!   accept a namespace only where it cannot be stored: bound by `{% set name = namespace(…) %}`
 //!   (or `with`), then used as `name.attr`, `name[key]` and `{% set name.attr = … %}`, which is
 //!   how chat templates use it. `import` (a module's attributes could be namespaces) is refused.
+use super::template_limits::MAX_VALUE;
 use minijinja::machinery::{ast, parse, tokenize, Span, Token, WhitespaceConfig};
 use minijinja::syntax::SyntaxConfig;
 use std::collections::HashSet;
@@ -284,6 +285,16 @@ impl<'a> Walk<'a> {
             }
             E::UnaryOp(u) => self.expr(&u.expr, false),
             E::BinOp(b) => {
+                if const_size(e).is_some_and(|(n, _)| n > MAX_VALUE) {
+                    return refuse(
+                        b.span(),
+                        format!(
+                            "a constant expression of over {} MiB (minijinja would compute it \
+                             while compiling the template)",
+                            MAX_VALUE >> 20
+                        ),
+                    );
+                }
                 self.expr(&b.left, false)?;
                 self.expr(&b.right, false)
             }
@@ -321,6 +332,58 @@ impl<'a> Walk<'a> {
                 .chain(&m.values)
                 .try_for_each(|x| self.expr(x, false)),
         }
+    }
+}
+
+/// Bytes of the value minijinja's compiler computes for a constant expression (it folds `'ab' * n`,
+/// `c ~ c`, `[…] + […]` whose operands are constants before any size check of ours can run),
+/// and whether it is a string or a list (what `*` repeats); `None` when `e` is not constant.
+/// Measured without evaluating anything large: only an operand of a few bytes (a number) is
+/// evaluated, for the count of a `*`.
+fn const_size(e: &ast::Expr) -> Option<(usize, bool)> {
+    use ast::Expr as E;
+    const SMALL: usize = 16;
+    fn sum<'x, 'a: 'x>(mut items: impl Iterator<Item = &'x ast::Expr<'a>>) -> Option<usize> {
+        items.try_fold(0usize, |acc, x| {
+            Some(acc.saturating_add(const_size(x)?.0).saturating_add(SMALL))
+        })
+    }
+    match e {
+        E::Const(c) => Some(match c.value.as_str() {
+            Some(s) => (s.len(), true),
+            None => (SMALL, false),
+        }),
+        E::List(l) => Some((sum(l.items.iter())?, true)),
+        E::Map(m) => Some((sum(m.keys.iter().chain(&m.values))?, false)),
+        E::UnaryOp(u) => const_size(&u.expr).map(|_| (SMALL, false)),
+        E::BinOp(b) => {
+            let (l, r) = (const_size(&b.left)?, const_size(&b.right)?);
+            let count = |x: &ast::Expr, size: (usize, bool)| {
+                (!size.1 && size.0 <= SMALL)
+                    .then(|| x.as_const().and_then(|v| i64::try_from(v).ok()))
+                    .flatten()
+                    .map(|n| usize::try_from(n).unwrap_or(0))
+            };
+            Some(match b.op {
+                ast::BinOpKind::Mul => match (count(&b.left, l), count(&b.right, r)) {
+                    (_, Some(n)) if l.1 => (l.0.saturating_mul(n), true),
+                    (Some(n), _) if r.1 => (r.0.saturating_mul(n), true),
+                    _ => (l.0.saturating_add(r.0), l.1 || r.1),
+                },
+                ast::BinOpKind::Concat | ast::BinOpKind::Add => {
+                    (l.0.saturating_add(r.0), l.1 || r.1)
+                }
+                _ => (SMALL, false),
+            })
+        }
+        E::Compare(c) => {
+            const_size(&c.expr)?;
+            for op in &c.ops {
+                const_size(&op.expr)?;
+            }
+            Some((SMALL, false))
+        }
+        _ => None,
     }
 }
 
