@@ -358,13 +358,32 @@ impl QMatMulOp {
     fn run_bf16(&self, arg: &[bf16], m: usize) -> Vec<bf16> {
         let w = self.w.matrix();
         let (_, out_w) = self.widths();
-        let mut out = vec![0f32; m * out_w];
-        match self.dir {
-            Dir::Forward => qmatmul_fwd_bf16(arg, m, &w, &mut out),
-            Dir::InputGrad => qmatmul_bwd_input_bf16(arg, m, &w, &mut out, false),
+        let mut res = vec![bf16::ZERO; m * out_w];
+        // The f32 result lives in a buffer this thread reuses (a fresh activation-sized one per
+        // call faulted in fresh pages every time), then is rounded into the bf16 result.
+        thread_local! {
+            static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let mut res = vec![bf16::ZERO; out.len()];
-        crate::quant::simd::f32_to_bf16_fn(crate::quant::dispatch::active_level())(&out, &mut res);
+        let mut run = |out: &mut [f32]| {
+            match self.dir {
+                Dir::Forward => qmatmul_fwd_bf16(arg, m, &w, out),
+                Dir::InputGrad => qmatmul_bwd_input_bf16(arg, m, &w, out, false),
+            }
+            crate::quant::simd::f32_to_bf16_fn(crate::quant::dispatch::active_level())(
+                out, &mut res,
+            );
+        };
+        // Up to 16 MiB are kept (a decoder layer's outputs); a head's logits chunk is not.
+        let keep = m * out_w <= 4 << 20;
+        OUT.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut v) if keep => {
+                if v.len() < m * out_w {
+                    v.resize(m * out_w, 0.0);
+                }
+                run(&mut v[..m * out_w])
+            }
+            _ => run(&mut vec![0.0; m * out_w]),
+        });
         res
     }
 

@@ -314,6 +314,26 @@ fn with_scratch<R>(words: usize, floats: usize, f: impl FnOnce(&mut [u32], &mut 
     })
 }
 
+thread_local! {
+    // The calling thread's packed activations (x in pairs, or dy in bf16), reused across calls:
+    // an activation-sized buffer allocated per call faulted in fresh pages every time.
+    static PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's pack buffer of at least `words` u32 (contents unspecified); up to
+/// 16 MiB are kept between calls (a decoder layer's activations), larger ones are allocated.
+fn with_pack<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    PACK.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) if words <= 4 << 20 => {
+            if v.len() < words {
+                v.resize(words, 0);
+            }
+            f(&mut v[..words])
+        }
+        _ => f(&mut vec![0; words]),
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! The AVX-512 BF16 micro-kernels and the tiling around them.
@@ -372,11 +392,10 @@ mod avx512 {
         _mm512_reduce_add_ps(s)
     }
 
-    /// Packs x (M×K) into `xp[block][K/2][MB]` pairs, rows past M zero.
-    fn pack_x<A: Activation>(x: &[A], m: usize, k: usize) -> Vec<u32> {
-        let blocks = m.div_ceil(MB);
+    /// Packs x (M×K) into `xp[block][K/2][MB]` pairs (`xp` holds whole blocks; the lanes of rows
+    /// past M are left as they are: each lane's sums are its own, and those are never written).
+    fn pack_x<A: Activation>(x: &[A], m: usize, k: usize, xp: &mut [u32]) {
         let half = k / 2;
-        let mut xp = vec![0u32; blocks * half * MB];
         xp.par_chunks_mut(half * MB)
             .enumerate()
             .for_each(|(b, dst)| {
@@ -389,7 +408,6 @@ mod avx512 {
                     }
                 }
             });
-        xp
     }
 
     /// Forward micro-kernel: `out[r][l] = Σ_p wt[r][p] · xb[p][l]` over `pairs` pairs, for
@@ -454,45 +472,51 @@ mod avx512 {
     pub(super) fn fwd<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
         let (n, k) = (w.rows, w.cols);
         let half = k / 2;
-        let xp = pack_x(x, m, k);
-        let rows = fwd_rows(n, k);
-        let yp = SendPtr(y.as_mut_ptr());
-        (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
-            let r0 = task * rows;
-            let nr = rows.min(n - r0);
-            with_scratch(nr * half, STAGE_K.min(k), |tile, stage| {
-                // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
-                dequant_bf16_rows(w, (r0, nr), (0, k), stage, bytemuck::cast_slice_mut(tile));
-                let wt = tile.as_ptr();
-                let mut out = [[0f32; MB]; FWD_MR];
-                // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.
-                let mut yt = vec![0f32; nr * MB];
-                for b in 0..m.div_ceil(MB) {
-                    let rows_x = MB.min(m - b * MB);
-                    let xb = xp[b * half * MB..].as_ptr();
-                    let mut g = 0;
-                    while g < nr {
-                        let gr = FWD_MR.min(nr - g);
-                        // SAFETY: the CPU has AVX-512 BF16 (checked by the caller through
-                        // has_avx512_bf16); wt + g*half addresses gr rows of `half` pairs inside
-                        // `tile`, xb addresses half×MB pairs inside xp.
-                        unsafe { fwd_tile_n(gr, half, wt.add(g * half), half, xb, &mut out) };
-                        for (r, o) in out[..gr].iter().enumerate() {
-                            yt[(g + r) * MB..][..MB].copy_from_slice(o);
+        with_pack(m.div_ceil(MB) * half * MB, |xp| {
+            pack_x(x, m, k, xp);
+            let xp = &*xp;
+            let rows = fwd_rows(n, k);
+            let yp = SendPtr(y.as_mut_ptr());
+            (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
+                let r0 = task * rows;
+                let nr = rows.min(n - r0);
+                with_scratch(nr * half, STAGE_K.min(k), |tile, stage| {
+                    // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
+                    dequant_bf16_rows(w, (r0, nr), (0, k), stage, bytemuck::cast_slice_mut(tile));
+                    let wt = tile.as_ptr();
+                    let mut out = [[0f32; MB]; FWD_MR];
+                    // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.
+                    let mut yt = vec![0f32; nr * MB];
+                    for b in 0..m.div_ceil(MB) {
+                        let rows_x = MB.min(m - b * MB);
+                        let xb = xp[b * half * MB..].as_ptr();
+                        let mut g = 0;
+                        while g < nr {
+                            let gr = FWD_MR.min(nr - g);
+                            // SAFETY: the CPU has AVX-512 BF16 (checked by the caller through
+                            // has_avx512_bf16); wt + g*half addresses gr rows of `half` pairs inside
+                            // `tile`, xb addresses half×MB pairs inside xp.
+                            unsafe { fwd_tile_n(gr, half, wt.add(g * half), half, xb, &mut out) };
+                            for (r, o) in out[..gr].iter().enumerate() {
+                                yt[(g + r) * MB..][..MB].copy_from_slice(o);
+                            }
+                            g += gr;
                         }
-                        g += gr;
-                    }
-                    for l in 0..rows_x {
-                        // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
-                        // the nr elements from (b*MB+l)*n + r0 lie inside y.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(yp.get().add((b * MB + l) * n + r0), nr)
-                        };
-                        for (r, d) in dst.iter_mut().enumerate() {
-                            *d = yt[r * MB + l];
+                        for l in 0..rows_x {
+                            // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
+                            // the nr elements from (b*MB+l)*n + r0 lie inside y.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    yp.get().add((b * MB + l) * n + r0),
+                                    nr,
+                                )
+                            };
+                            for (r, d) in dst.iter_mut().enumerate() {
+                                *d = yt[r * MB + l];
+                            }
                         }
                     }
-                }
+                });
             });
         });
     }
@@ -625,57 +649,61 @@ mod avx512 {
         let (n, k) = (w.rows, w.cols);
         // dy in bf16, rows padded to an even length: pairs along N.
         let n2 = n + n % 2;
-        let mut dyb = vec![bf16::ZERO; m * n2];
-        dyb.par_chunks_mut(n2).enumerate().for_each(|(i, row)| {
-            A::row_to_bf16(&dy[i * n..(i + 1) * n], &mut row[..n]);
-        });
-        let dyp = dyb.as_ptr() as *const u32;
-        let ds = n2 / 2;
-        let cols = bwd_cols(w);
-        let dxp = SendPtr(dx.as_mut_ptr());
-        let dyp_addr = dyp as usize;
-        (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
-            let dyp = dyp_addr as *const u32;
-            let c0 = task * cols;
-            let kc = cols.min(k - c0);
-            with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
-                let mut r0 = 0;
-                while r0 < n {
-                    let nr = BWD_ROWS.min(n - r0);
-                    w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
-                    interleave_rows(stage, nr, kc, wp);
-                    let pairs = nr.div_ceil(2);
-                    let load = accumulate || r0 > 0;
-                    let mut i = 0;
-                    while i < m {
-                        let rr = BWD_MR.min(m - i);
-                        let mut c = 0;
-                        while c < kc {
-                            let v = (kc - c).min(64) / 16;
-                            // SAFETY: AVX-512 BF16 checked by the caller; dy pairs rows i..i+rr,
-                            // pairs r0/2..r0/2+pairs (< n2/2) lie in dyb; wp has pairs×kc u32 and
-                            // c + 16v <= kc (kc is a multiple of 16); this task alone writes dx
-                            // columns c0..c0+kc, rows i..i+rr < m.
-                            unsafe {
-                                bwd_dispatch!(
-                                    rr,
-                                    v,
-                                    pairs,
-                                    dyp.add(i * ds + r0 / 2),
-                                    ds,
-                                    wp.as_ptr().add(c),
-                                    kc,
-                                    dxp.get().add(i * k + c0 + c),
-                                    k,
-                                    load
-                                )
-                            };
-                            c += 16 * v;
+        with_pack(m * n2 / 2, |dyw| {
+            let dyb: &mut [bf16] = bytemuck::cast_slice_mut(dyw);
+            dyb.par_chunks_mut(n2).enumerate().for_each(|(i, row)| {
+                A::row_to_bf16(&dy[i * n..(i + 1) * n], &mut row[..n]);
+                // The pad of an odd row pairs with W's zero row; it must be a number.
+                row[n..].fill(bf16::ZERO);
+            });
+            let dyp = dyb.as_ptr() as *const u32;
+            let ds = n2 / 2;
+            let cols = bwd_cols(w);
+            let dxp = SendPtr(dx.as_mut_ptr());
+            let dyp_addr = dyp as usize;
+            (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
+                let dyp = dyp_addr as *const u32;
+                let c0 = task * cols;
+                let kc = cols.min(k - c0);
+                with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
+                    let mut r0 = 0;
+                    while r0 < n {
+                        let nr = BWD_ROWS.min(n - r0);
+                        w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
+                        interleave_rows(stage, nr, kc, wp);
+                        let pairs = nr.div_ceil(2);
+                        let load = accumulate || r0 > 0;
+                        let mut i = 0;
+                        while i < m {
+                            let rr = BWD_MR.min(m - i);
+                            let mut c = 0;
+                            while c < kc {
+                                let v = (kc - c).min(64) / 16;
+                                // SAFETY: AVX-512 BF16 checked by the caller; dy pairs rows i..i+rr,
+                                // pairs r0/2..r0/2+pairs (< n2/2) lie in dyb; wp has pairs×kc u32 and
+                                // c + 16v <= kc (kc is a multiple of 16); this task alone writes dx
+                                // columns c0..c0+kc, rows i..i+rr < m.
+                                unsafe {
+                                    bwd_dispatch!(
+                                        rr,
+                                        v,
+                                        pairs,
+                                        dyp.add(i * ds + r0 / 2),
+                                        ds,
+                                        wp.as_ptr().add(c),
+                                        kc,
+                                        dxp.get().add(i * k + c0 + c),
+                                        k,
+                                        load
+                                    )
+                                };
+                                c += 16 * v;
+                            }
+                            i += rr;
                         }
-                        i += rr;
+                        r0 += nr;
                     }
-                    r0 += nr;
-                }
+                });
             });
         });
     }
