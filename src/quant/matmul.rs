@@ -135,7 +135,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// A raw pointer tasks share to write disjoint parts of one output.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: every task writes a disjoint set of elements (documented at each use).
 unsafe impl Send for SendPtr {}
 // SAFETY: as for Send: shared only to write disjoint elements, never read across tasks.
@@ -143,7 +143,7 @@ unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     // A method (not `.0`) so closures capture the whole Send wrapper, not the raw pointer field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

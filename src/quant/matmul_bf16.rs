@@ -342,18 +342,7 @@ mod avx512 {
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    /// A raw pointer tasks share to write disjoint parts of one output.
-    #[derive(Clone, Copy)]
-    struct SendPtr(*mut f32);
-    // SAFETY: every task writes a disjoint set of elements (documented at each use).
-    unsafe impl Send for SendPtr {}
-    // SAFETY: as for Send.
-    unsafe impl Sync for SendPtr {}
-    impl SendPtr {
-        fn get(self) -> *mut f32 {
-            self.0
-        }
-    }
+    use crate::quant::matmul::SendPtr;
 
     /// `iters` rounds of 12 independent `vdpbf16ps` (the instruction's throughput).
     ///
