@@ -8,6 +8,8 @@
 //! - `simd`: AVX2+FMA, AVX-512 and NEON versions, chosen at run time by `dispatch`.
 //! - `nf4`: bitsandbytes NF4 with double quantisation (its statistics live beside the blocks).
 //! - `matmul`: fused quantised matmul `y = x·Wᵀ` and input-gradient `dx = dy·W`, tile by tile.
+//! - `matmul_bf16`: the same products in bf16 with f32 sums (`vdpbf16ps` on AVX-512 BF16), for
+//!   `--dtype bf16`; the f32 kernels where the CPU lacks it.
 pub mod blocks;
 pub mod dispatch;
 pub mod dot8;
