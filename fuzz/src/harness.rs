@@ -312,7 +312,7 @@ pub fn config_toml(data: &[u8]) {
         if let Ok(c) = &cfg {
             named(c.quant_type());
             named(c.schedule_kind());
-            named(c.compute_dtype());
+            named(c.compute_dtype(None));
             named(c.max_memory_bytes());
             let _ = c.moment_storage();
             let _ = c.to_toml();

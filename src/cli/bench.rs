@@ -85,7 +85,8 @@ pub fn run(a: Args) -> Result<()> {
     let quant = QType::parse(&a.quant)
         .filter(|q| qtune::train::bench::BENCH_QUANTS.contains(q))
         .with_context(|| format!("--quant {}: use nf4, q4_0, q8_0, q4_k or bf16", a.quant))?;
-    let dtype = qtune::nn::device::compute_dtype(&a.dtype, &a.device)?;
+    // `auto` by CPU alone here (bench's default is f32; the shape's width is not read yet).
+    let dtype = qtune::nn::device::compute_dtype(&a.dtype, &a.device, None)?;
     let dpo_beta = match a.objective.as_str() {
         "sft" => None,
         "dpo" => Some(a.beta),

@@ -51,7 +51,7 @@ pub struct Args {
 /// Runs `qtune eval`.
 pub fn run(mut a: Args) -> Result<()> {
     a.model.resolve()?;
-    let dtype = qtune::nn::device::compute_dtype(&a.dtype, "cpu")?;
+    let dtype = qtune::nn::device::compute_dtype(&a.dtype, "cpu", None)?;
     let tok = tokenizer(&a.model.path)?;
     match a.objective.as_str() {
         "sft" => {}

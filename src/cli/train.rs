@@ -162,8 +162,8 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_eps: Option<f64>,
-    /// Compute and adapter dtype: auto (bf16 on a GPU or a CPU with AVX-512 BF16, else f32), bf16
-    /// or f32 [default: auto].
+    /// Compute and adapter dtype: auto (bf16 on a GPU, and on a CPU with AVX-512 BF16 for models
+    /// of hidden size 1024 or more; else f32), bf16 or f32 [default: auto].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,

@@ -127,8 +127,8 @@ pub struct TrainConfig {
     /// Keep AdamW's moments as bitsandbytes' blockwise 8-bit state (parameters of 4096 elements or
     /// more; smaller ones stay f32).
     pub optim_8bit: bool,
-    /// Compute and adapter dtype: auto (bf16 on a GPU or a CPU with AVX-512 BF16, else f32), bf16
-    /// or f32.
+    /// Compute and adapter dtype: auto (bf16 on a GPU, and on a CPU with AVX-512 BF16 for models of
+    /// hidden size 1024 or more; else f32), bf16 or f32.
     pub dtype: String,
     /// Compute device: cpu, cuda or cuda:N (a build with `--features cuda`).
     pub device: String,
@@ -257,7 +257,7 @@ impl TrainConfig {
     pub fn check(&self) -> Result<()> {
         self.quant_type()?;
         self.schedule_kind()?;
-        self.compute_dtype()?;
+        self.compute_dtype(None)?;
         self.max_memory_bytes()?;
         if self.rank == 0 {
             return Err(bad("rank", "must be at least 1".into()));
@@ -462,9 +462,10 @@ impl TrainConfig {
         }
     }
 
-    /// `dtype` parsed on `device` (`auto`: see [`crate::nn::device::compute_dtype`]).
-    pub fn compute_dtype(&self) -> Result<DType> {
-        crate::nn::device::compute_dtype(&self.dtype, &self.device).map_err(|_| {
+    /// `dtype` parsed on `device`, for a model of `hidden` size when known (`auto`: see
+    /// [`crate::nn::device::compute_dtype`]).
+    pub fn compute_dtype(&self, hidden: Option<usize>) -> Result<DType> {
+        crate::nn::device::compute_dtype(&self.dtype, &self.device, hidden).map_err(|_| {
             bad(
                 "dtype",
                 format!("'{}' is not auto, bf16 or f32", self.dtype),

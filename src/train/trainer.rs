@@ -216,7 +216,13 @@ impl<'a, O: Objective> Run<'a, O> {
         // Adapter shape: from --adapter-init when given (its rank, alpha, targets and DoRA win).
         let mut cfg = cfg.clone();
         let (prompt_init, init) = adapter_inits(&mut cfg, opts)?;
-        let dtype = cfg.compute_dtype()?;
+        // `auto` needs the model's width (bf16 pays off on wide models only): read its spec.
+        let hidden = if cfg.dtype.eq_ignore_ascii_case("auto") {
+            Some(crate::models::spec_of(&WeightStore::open(&model_path)?)?.hidden)
+        } else {
+            None
+        };
+        let dtype = cfg.compute_dtype(hidden)?;
         let spec = LoraSpec {
             targets: cfg.targets.clone(),
             r: cfg.rank,
