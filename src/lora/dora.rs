@@ -18,9 +18,8 @@
 //!
 //! where `W·Aᵀ = (A·Wᵀ)ᵀ` is the frozen [`QLinear`] applied to A's r rows, once per change of A
 //! and B: a separate call of r rows, which costs a whole dequantisation pass over W (the kernels'
-//! cost at a few rows). Joining them into the layer's own call ([`QLinear::forward_with_rows`])
-//! would save that pass, but broke `--resume`'s bit identity in f32 (see `forward_from_input`
-//! below). n is cached with a hash of A and B, so the recompute, evaluation and decoding reuse it.
+//! cost at a few rows). Joining them into the layer's own call would save that pass; it was
+//! tried (session 6) and taken out because `--resume` stopped being bit-identical in f32. n is cached with a hash of A and B, so the recompute, evaluation and decoding reuse it.
 //!
 //! Dropout: PEFT (training, dropout > 0) runs the base term on `drop(x)` too, at the price of a
 //! second base product; we keep the base on x and drop only the adapter's input (the same
@@ -256,12 +255,6 @@ impl super::LinearAdapter for Dora {
         let n = self.weight_norm(base)?;
         self.scale_output(x, base, y, &n, dropout_key)
     }
-
-    // No `forward_from_input` override: DoRA's A·Wᵀ rows joined into the layer's own kernel call
-    // (`QLinear::forward_with_rows`, one dequantisation of W for both) made `--resume` differ
-    // from an uninterrupted run with f32 activations (tests/dora.rs
-    // cli_train_resume_eval_generate_merge, found when `auto` made that test f32); the cause is
-    // not found yet, so the separate calls run until it is.
 
     fn params(&self) -> Vec<(&'static str, Var)> {
         vec![

@@ -11,7 +11,7 @@
 //! kernels where the CPU lacks AVX-512 BF16); f16 ones are converted to f32 inside the op and the
 //! result back. Either way the graph never holds an f32 copy of x.
 use crate::quant::dequantize_f32;
-use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, GEMV_MAX_M};
+use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
@@ -214,64 +214,6 @@ impl QLinear {
     /// `x (.., in) · Wᵀ` without the bias, differentiable in x only (DoRA's `A·Wᵀ`).
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1_arc(self.fwd.clone())
-    }
-
-    /// `(x·Wᵀ + b, rows·Wᵀ)` for `x (.., in)` and `rows (r, in)`, on the CPU from ONE kernel call
-    /// over the joined `[x; rows]` (DoRA's `A·Wᵀ` beside the layer's input): the kernel's cost at
-    /// a few rows is a dequantisation pass over W, which the layer's own product then pays once
-    /// for both. The first result is differentiable in x as [`Module::forward`] (its backward is
-    /// the usual one over x's rows only); the second is f32 and detached. Both are bit-identical
-    /// to the two separate calls: where either part has at most [`GEMV_MAX_M`] rows (the kernels'
-    /// dot-product path, another summation order), with bf16 activations on a CPU with AVX-512
-    /// BF16 (the plain forward's bf16 kernels) and on other devices, it makes those two calls.
-    pub fn forward_with_rows(
-        &self,
-        x: &Tensor,
-        rows: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let rows = rows.detach().to_dtype(DType::F32)?.contiguous()?;
-        let (r, k) = rows.dims2()?;
-        let m = x.elem_count() / self.in_features.max(1);
-        // bf16 activations on a CPU with AVX-512 BF16 take the bf16 kernels in the plain forward,
-        // whose products differ from the f32 ones the side rows need: two calls there.
-        let bf16_kernels = x.dtype() == DType::BF16 && crate::quant::matmul_bf16::has_avx512_bf16();
-        if !x.device().is_cpu() || m <= GEMV_MAX_M || r <= GEMV_MAX_M || bf16_kernels {
-            return Ok((self.forward(x)?, self.matmul_t(&rows)?));
-        }
-        if k != self.in_features || x.dims().last() != Some(&k) {
-            bail!(
-                "QLinear '{}': joined rows {:?} and input {:?} do not both end in {}",
-                self.weight.name,
-                rows.dims(),
-                x.dims(),
-                self.in_features
-            );
-        }
-        let side = Arc::new(std::sync::Mutex::new(None));
-        let op: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(JoinedRowsOp {
-            op: QMatMulOp {
-                w: self.weight.clone(),
-                dir: Dir::Forward,
-                #[cfg(feature = "cuda")]
-                gpu: self.gpu.clone(),
-            },
-            rows: rows.flatten_all()?.to_vec1::<f32>()?,
-            side: side.clone(),
-        }));
-        let y = x.contiguous()?.apply_op1_arc(op)?;
-        let side = side.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(side) = side else {
-            bail!(
-                "QLinear '{}': the joined product left no rows",
-                self.weight.name
-            )
-        };
-        let side = Tensor::from_vec(side, (r, self.out_features), x.device())?;
-        let y = match &self.bias {
-            None => y,
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-        };
-        Ok((y, side))
     }
 
     /// The weight's device copies (made on first use on a GPU).
@@ -484,84 +426,5 @@ impl CustomOp1 for QMatMulOp {
             gpu: self.gpu.clone(),
         };
         Ok(Some(grad_res.contiguous()?.apply_op1(other)?))
-    }
-}
-
-/// The forward product over x's rows with extra constant rows joined below them in the same
-/// kernel call ([`QLinear::forward_with_rows`]); the extra rows' products are left in `side`.
-struct JoinedRowsOp {
-    op: QMatMulOp,
-    /// `(r, in)` f32, row-major.
-    rows: Vec<f32>,
-    side: Arc<std::sync::Mutex<Option<Vec<f32>>>>,
-}
-
-impl CustomOp1 for JoinedRowsOp {
-    fn name(&self) -> &'static str {
-        "qtune-qlinear-fwd-joined"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (in_w, out_w) = self.op.widths();
-        let dims = layout.shape().dims();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("{}: argument must be contiguous", self.name());
-        };
-        if dims.last() != Some(&in_w) || !self.rows.len().is_multiple_of(in_w.max(1)) {
-            bail!(
-                "{}: argument of shape {dims:?} does not end in {in_w}",
-                self.name()
-            );
-        }
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        let r = self.rows.len() / in_w.max(1);
-        // joined: (m + r, in) f32 = [x; rows]
-        let mut joined = Vec::with_capacity((m + r) * in_w);
-        match storage {
-            CpuStorage::F32(v) => joined.extend_from_slice(&v[start..end]),
-            CpuStorage::BF16(v) => joined.extend(v[start..end].iter().map(|&a| f32::from(a))),
-            CpuStorage::F16(v) => joined.extend(v[start..end].iter().map(|&a| f32::from(a))),
-            s => bail!(
-                "{}: unsupported activation dtype {:?}",
-                self.name(),
-                s.dtype()
-            ),
-        }
-        joined.extend_from_slice(&self.rows);
-        // out: (m + r, out) = joined · Wᵀ; its last r rows are the side product
-        let mut out = self.op.run(&joined, m + r);
-        let side = out[m * out_w..].to_vec();
-        // The result keeps no room for the side rows (it may live in a graph until backward).
-        out.truncate(m * out_w);
-        out.shrink_to_fit();
-        *self.side.lock().unwrap_or_else(|e| e.into_inner()) = Some(side);
-        let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(out),
-            CpuStorage::BF16(_) => {
-                let mut res = vec![bf16::ZERO; out.len()];
-                crate::quant::simd::f32_to_bf16_fn(crate::quant::dispatch::active_level())(
-                    &out, &mut res,
-                );
-                CpuStorage::BF16(res)
-            }
-            _ => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
-        };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked non-empty above") = out_w;
-        Ok((out, Shape::from(out_dims)))
-    }
-
-    /// The plain forward's backward: `dx = dy·W` over x's rows (the joined rows are constants).
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        self.op.bwd(arg, res, grad_res)
     }
 }

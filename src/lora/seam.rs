@@ -23,19 +23,6 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
         y: Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor>;
-    /// The adapted output for input `x`, computing the base product itself with `base_fwd`
-    /// (the block's `x·Wᵀ + b`). By default `forward(x, base, base_fwd(x))`; an adapter that needs
-    /// products of its own with the frozen W (DoRA's `A·Wᵀ`) overrides it to fold them into the
-    /// same kernel call ([`QLinear::forward_with_rows`]).
-    fn forward_from_input(
-        &self,
-        x: &Tensor,
-        base: &QLinear,
-        base_fwd: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
-        dropout_key: Option<u64>,
-    ) -> candle_core::Result<Tensor> {
-        self.forward(x, base, base_fwd(x)?, dropout_key)
-    }
     /// The trainable tensors with their PEFT names below the module (`lora_A.weight`).
     fn params(&self) -> Vec<(&'static str, Var)>;
     /// PEFT's `peft_type` of the method (`LORA`).

@@ -452,9 +452,10 @@ impl Transformer {
     }
 
     fn linear(&self, l: &Linear, x: &Tensor, key: Option<u64>) -> candle_core::Result<Tensor> {
+        let y = self.base_fwd(&l.base, x)?;
         match &l.adapter {
-            None => self.base_fwd(&l.base, x),
-            Some(a) => a.forward_from_input(x, &l.base, &|x| self.base_fwd(&l.base, x), key),
+            None => Ok(y),
+            Some(a) => a.forward(x, &l.base, y, key),
         }
     }
 
