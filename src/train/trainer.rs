@@ -216,13 +216,9 @@ impl<'a, O: Objective> Run<'a, O> {
         // Adapter shape: from --adapter-init when given (its rank, alpha, targets and DoRA win).
         let mut cfg = cfg.clone();
         let (prompt_init, init) = adapter_inits(&mut cfg, opts)?;
-        // `auto` needs the model's width (bf16 pays off on wide models only): read its spec.
-        let hidden = if cfg.dtype.eq_ignore_ascii_case("auto") {
-            Some(crate::models::spec_of(&WeightStore::open(&model_path)?)?.hidden)
-        } else {
-            None
-        };
-        let dtype = cfg.compute_dtype(hidden)?;
+        // The store (headers parsed, tensors mapped, nothing read): `auto` needs the model's width.
+        let store = WeightStore::open(&model_path)?;
+        let dtype = cfg.compute_dtype(Some(crate::models::spec_of(&store)?.hidden))?;
         let spec = LoraSpec {
             targets: cfg.targets.clone(),
             r: cfg.rank,
@@ -256,7 +252,6 @@ impl<'a, O: Objective> Run<'a, O> {
         // the baseline the plan's parts add to.
         crate::train::bench::tune_allocator();
         let baseline = current_rss_bytes() as usize;
-        let store = WeightStore::open(&model_path)?;
         let shape = (
             obj.sequences_per_call(cfg.batch_size),
             obj.reference_forward(),
