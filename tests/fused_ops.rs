@@ -554,3 +554,59 @@ fn bf16_activations_round_once_at_the_boundary() {
     assert_eq!(l16.dtype(), DType::F32);
     assert_close("cross-entropy bf16 hidden: loss", &l16, &want, 1e-6);
 }
+
+/// u, g, bias and dy of one scale_residual case: u `(rows, c)` in `dtype`, g small (DoRA's m/n - 1).
+fn scale_case(rows: usize, c: usize, dtype: DType) -> (Var, Var, Tensor, Tensor) {
+    let dev = &Device::Cpu;
+    let u = Tensor::randn(0f32, 1.0, (rows, c), dev).unwrap();
+    let g = (Tensor::randn(0f32, 1.0, c, dev).unwrap() * 0.05).unwrap();
+    let b = Tensor::randn(0f32, 1.0, c, dev).unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (rows, c), dev).unwrap();
+    (
+        Var::from_tensor(&u.to_dtype(dtype).unwrap()).unwrap(),
+        Var::from_tensor(&g).unwrap(),
+        b,
+        dy.to_dtype(dtype).unwrap(),
+    )
+}
+
+/// DoRA's `u + (u - b) ⊙ g` in one op against the composite candle ops it replaces (the end-to-end
+/// check against PEFT is tests/dora.rs): f32 forward bit for bit, gradients within f32 rounding;
+/// bf16 within one rounding (the composite rounds g and the product to bf16 as well).
+#[test]
+fn scale_residual_matches_composite() {
+    use qtune::lora::dora::scale_residual_composite;
+    use qtune::nn::fused::scale_residual;
+    for (dtype, out_tol, grad_tol) in [(DType::F32, 0.0, 1e-6), (DType::BF16, 1e-2, 1e-2)] {
+        // 300 columns: two column blocks of the backward, the second partial
+        for (rows, c, with_bias) in [(7, 300, true), (33, 64, false), (1, 5, true)] {
+            let (u, g, b, dy) = scale_case(rows, c, dtype);
+            let bias = with_bias.then_some(&b);
+            let run = |f: &dyn Fn() -> Tensor| {
+                let y = f();
+                let grads = (y.to_dtype(DType::F32).unwrap() * dy.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gu = grads.get(u.as_tensor()).unwrap().clone();
+                let gg = grads.get(g.as_tensor()).unwrap().clone();
+                (y, gu, gg)
+            };
+            let fused = run(&|| scale_residual(u.as_tensor(), g.as_tensor(), bias).unwrap());
+            let comp =
+                run(&|| scale_residual_composite(u.as_tensor(), g.as_tensor(), bias).unwrap());
+            let what = format!("{dtype:?} rows {rows} c {c} bias {with_bias}");
+            assert_eq!(fused.0.dtype(), dtype, "{what}: output dtype");
+            let e = rel_err(&fused.0, &comp.0);
+            assert!(e <= out_tol, "{what}: output differs by {e:.2e}");
+            assert_close(&format!("{what} du"), &fused.1, &comp.1, grad_tol);
+            assert_close(&format!("{what} dg"), &fused.2, &comp.2, grad_tol);
+        }
+    }
+    // shapes are checked
+    let (u, _, _, _) = scale_case(2, 8, DType::F32);
+    let short = Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap();
+    assert!(scale_residual(u.as_tensor(), &short, None).is_err());
+}

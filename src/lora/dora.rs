@@ -21,6 +21,10 @@
 //! cost at a few rows). Joining them into the layer's own call would save that pass; it was
 //! tried (session 6) and taken out because `--resume` stopped being bit-identical in f32. n is cached with a hash of A and B, so the recompute, evaluation and decoding reuse it.
 //!
+//! The output scaling `y' = u + (u − b) ⊙ (m/n − 1)` (u the LoRA output) is one fused op on the
+//! CPU ([`crate::nn::fused::scale_residual`]): one pass forward and one backward, where candle's
+//! composite ops took six activation-sized passes per linear and step.
+//!
 //! Dropout: PEFT (training, dropout > 0) runs the base term on `drop(x)` too, at the price of a
 //! second base product; we keep the base on x and drop only the adapter's input (the same
 //! expectation, no extra product). With dropout 0 (and in evaluation) the two are identical.
@@ -224,23 +228,35 @@ impl Dora {
     ) -> candle_core::Result<Tensor> {
         // u: (.., out) = W·x + b + s·B·A·drop(x)
         let u = self.lora.add_to(x, base.in_features(), y, dropout_key)?;
-        // v: (.., out) = u without the bias (PEFT does not scale the bias)
-        let v = match base.bias() {
-            Some(b) => u.broadcast_sub(&b.to_device(u.device())?.to_dtype(u.dtype())?)?,
-            None => u.clone(),
-        };
-        // g: (out,) = m / n - 1, in f32 then u's dtype: near 0, so a half-precision copy keeps
-        // its relative precision (m / n itself near 1 would not).
+        // g: (out,) = m / n - 1, f32: near 0, so the scaled term keeps its relative precision in
+        // a half-precision u (m / n itself near 1 would not).
         let g = self
             .m
             .as_tensor()
             .to_dtype(DType::F32)?
             .div(n)?
-            .affine(1.0, -1.0)?
-            .to_dtype(u.dtype())?;
-        // y': (.., out) = u + v ⊙ g = (m / n) ⊙ v + b
-        u.add(&v.broadcast_mul(&g)?)
+            .affine(1.0, -1.0)?;
+        if u.device().is_cpu() {
+            // y' = u + (u - b) ⊙ g in one pass each way (the composite below takes six)
+            return crate::nn::fused::scale_residual(&u, &g, base.bias());
+        }
+        scale_residual_composite(&u, &g, base.bias())
     }
+}
+
+/// `u + (u - b) ⊙ g` with candle's ops (any device; the reference the fused op is tested against):
+/// `(m / n) ⊙ v + b` for `v = u - b`, PEFT not scaling the bias.
+pub fn scale_residual_composite(
+    u: &Tensor,
+    g: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    // v: (.., out) = u without the bias
+    let v = match bias {
+        Some(b) => u.broadcast_sub(&b.to_device(u.device())?.to_dtype(u.dtype())?)?,
+        None => u.clone(),
+    };
+    u.add(&v.broadcast_mul(&g.to_dtype(u.dtype())?)?)
 }
 
 /// DoRA behind the adapter seam: PEFT's tensor names (`lora_magnitude_vector`, no `.weight`).

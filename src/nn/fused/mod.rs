@@ -153,9 +153,11 @@ mod attention;
 mod cross_entropy;
 mod norm;
 mod rope;
+mod scale;
 
 pub use attention::*;
 pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
 pub use cross_entropy::*;
 pub use norm::*;
 pub use rope::*;
+pub use scale::*;

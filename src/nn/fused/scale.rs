@@ -1,0 +1,207 @@
+//! A per-column scale with a residual, `y = u + (u − b) ⊙ g`, in one pass forward and one pass
+//! backward: DoRA's `(m / n) ⊙ (W·x + s·B·A·x) + b` written with `g = m / n − 1` (near 0, so a
+//! half-precision u keeps its precision), where composite candle ops take six activation-sized
+//! passes (and as many bf16 ↔ f32 conversions) per linear and step.
+use super::*;
+use candle_core::CustomOp2;
+
+/// `y (.., C) = u + (u − b) ⊙ g` for `u (.., C)` (f32, bf16 or f16), `g (C,)` f32 with gradient,
+/// and a frozen bias `b (C,)` (none: 0). Sums in f32, one rounding to u's dtype. Backward:
+/// `du = dy + dy ⊙ g`, `dg = Σ_rows dy ⊙ (u − b)` (f32, summed over rows in order: deterministic).
+pub fn scale_residual(u: &Tensor, g: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    check_cpu("scale_residual", &[u, g])?;
+    let c = u.dims().last().copied().unwrap_or(0);
+    if g.dims() != [c] || g.dtype() != DType::F32 {
+        bail!(
+            "scale_residual: g must be f32 of shape [{c}] (the last dim of u {:?}), got {:?} {:?}",
+            u.dims(),
+            g.dtype(),
+            g.dims()
+        );
+    }
+    let bias = match bias {
+        Some(b) if b.dims() != [c] => bail!(
+            "scale_residual: bias of shape {:?}, expected [{c}]",
+            b.dims()
+        ),
+        Some(b) => Some(Arc::new(const_f32(b, "scale_residual")?)),
+        None => None,
+    };
+    u.contiguous()?
+        .apply_op2(&g.contiguous()?, ScaleResidualOp { bias })
+}
+
+struct ScaleResidualOp {
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+/// The element types the op reads and writes, through f32.
+trait Elem: candle_core::WithDType {
+    fn f(self) -> f32;
+    fn of(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    fn f(self) -> f32 {
+        self
+    }
+    fn of(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    fn of(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    fn of(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Columns a backward task owns (all rows of them): its gradient sums stay in one thread, in row
+/// order, so the result does not depend on the thread count.
+const COL_BLOCK: usize = 256;
+
+impl ScaleResidualOp {
+    fn bias(&self, j: usize) -> f32 {
+        self.bias.as_ref().map_or(0.0, |b| b[j])
+    }
+
+    /// y rows: (u − b)·g first, then u + it (the composite ops' order, so f32 agrees bit for bit).
+    fn apply<T: Elem>(&self, u: &[T], g: &[f32]) -> Vec<T> {
+        let c = g.len();
+        let mut y = vec![T::of(0.0); u.len()];
+        if c == 0 {
+            return y;
+        }
+        y.par_chunks_mut(c).zip(u.par_chunks(c)).for_each(|(y, u)| {
+            for (j, (y, &u)) in y.iter_mut().zip(u).enumerate() {
+                let u = u.f();
+                *y = T::of(u + (u - self.bias(j)) * g[j]);
+            }
+        });
+        y
+    }
+
+    /// (du, dg) for upstream `dy`.
+    fn grads<T: Elem>(&self, u: &[T], dy: &[T], g: &[f32]) -> (Vec<T>, Vec<f32>) {
+        let c = g.len();
+        let rows = u.len().checked_div(c).unwrap_or(0);
+        let mut du = vec![T::of(0.0); u.len()];
+        let mut dg = vec![0f32; c];
+        // Each task: columns [j0, j0 + w) of every row; du is written through a raw pointer
+        // because the tasks' column ranges interleave row by row.
+        let du_ptr = SendPtr(du.as_mut_ptr());
+        dg.par_chunks_mut(COL_BLOCK)
+            .enumerate()
+            .for_each(|(blk, dg)| {
+                let j0 = blk * COL_BLOCK;
+                for i in 0..rows {
+                    let at = i * c + j0;
+                    for (k, dg) in dg.iter_mut().enumerate() {
+                        let (j, d) = (j0 + k, dy[at + k].f());
+                        *dg += d * (u[at + k].f() - self.bias(j));
+                        // SAFETY: `at + k < rows·c = du.len()`, and the element (i, j) is written
+                        // by this task only (columns are split between tasks without overlap);
+                        // `du` outlives the parallel loop.
+                        unsafe { du_ptr.get().add(at + k).write(T::of(d + d * g[j])) };
+                    }
+                }
+            });
+        (du, dg)
+    }
+}
+
+/// A raw pointer the column tasks share (each writes disjoint elements).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: the tasks write disjoint elements (see `grads`), and T is Send.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above: shared only to write disjoint elements.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the Sync wrapper, not the raw field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The contiguous slice of a storage, or an error naming the op.
+fn slice_of<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: argument must be contiguous (call .contiguous() first)");
+    };
+    Ok(&v[start..end])
+}
+
+impl CustomOp2 for ScaleResidualOp {
+    fn name(&self) -> &'static str {
+        "qtune-scale-residual"
+    }
+
+    fn cpu_fwd(&self, su: &CpuStorage, lu: &Layout, sg: &CpuStorage, lg: &Layout) -> CpuOut {
+        let CpuStorage::F32(g) = sg else {
+            bail!("{}: g must be f32", self.name());
+        };
+        let g = slice_of(g, lg, self.name())?;
+        let y = match su {
+            CpuStorage::F32(u) => CpuStorage::F32(self.apply(slice_of(u, lu, self.name())?, g)),
+            CpuStorage::BF16(u) => CpuStorage::BF16(self.apply(slice_of(u, lu, self.name())?, g)),
+            CpuStorage::F16(u) => CpuStorage::F16(self.apply(slice_of(u, lu, self.name())?, g)),
+            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
+        };
+        Ok((y, lu.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        g: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(u.dtype())?.contiguous()?;
+        let gv = g.to_vec1::<f32>()?;
+        let (su, lu) = u.storage_and_layout();
+        let (sd, ld) = dy.storage_and_layout();
+        let (Storage::Cpu(su), Storage::Cpu(sd)) = (&*su, &*sd) else {
+            bail!("{}: only the CPU kernels exist", self.name());
+        };
+        let name = self.name();
+        let (du, dg) = match (su, sd) {
+            (CpuStorage::F32(u), CpuStorage::F32(d)) => self.bwd_tensor(u, d, lu, ld, &gv)?,
+            (CpuStorage::BF16(u), CpuStorage::BF16(d)) => self.bwd_tensor(u, d, lu, ld, &gv)?,
+            (CpuStorage::F16(u), CpuStorage::F16(d)) => self.bwd_tensor(u, d, lu, ld, &gv)?,
+            _ => bail!("{name}: u and its gradient must share one float dtype"),
+        };
+        let dg = Tensor::from_vec(dg, g.dims(), &Device::Cpu)?;
+        Ok((Some(du), Some(dg)))
+    }
+}
+
+impl ScaleResidualOp {
+    /// [`ScaleResidualOp::grads`] on storage slices, du as a tensor of u's shape.
+    fn bwd_tensor<T: Elem>(
+        &self,
+        u: &[T],
+        dy: &[T],
+        lu: &Layout,
+        ld: &Layout,
+        g: &[f32],
+    ) -> Result<(Tensor, Vec<f32>)> {
+        let name = self.name();
+        let (du, dg) = self.grads(slice_of(u, lu, name)?, slice_of(dy, ld, name)?, g);
+        Ok((Tensor::from_vec(du, lu.dims(), &Device::Cpu)?, dg))
+    }
+}
