@@ -610,3 +610,90 @@ fn scale_residual_matches_composite() {
     let short = Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap();
     assert!(scale_residual(u.as_tensor(), &short, None).is_err());
 }
+
+/// LoRA's branch `y + s·(drop(x)·Aᵀ)·Bᵀ` through the two fused ops against candle's composite ops
+/// (the end-to-end checks against PEFT are the parity tests): output and the gradients of x, y, A
+/// and B, in f32 (summation order only) and bf16 (the composite rounds h and the product to bf16
+/// too), with and without dropout (the mask the composite multiplies by is the fused op's own draw).
+#[test]
+fn lora_ops_match_composite() {
+    use qtune::nn::fused::{lora_down, lora_up_add, DropoutMask};
+    let dev = &Device::Cpu;
+    for (dtype, out_tol, grad_tol) in [(DType::F32, 1e-6, 1e-5), (DType::BF16, 1e-2, 2e-2)] {
+        // 300 in / 270 out: two column blocks of the gradient sums, the second partial
+        for (m, i, o, r, p) in [
+            (9, 300, 270, 4, 0.0),
+            (5, 64, 40, 16, 0.3),
+            (1, 7, 3, 2, 0.0),
+        ] {
+            let var = |dims: (usize, usize), sd: f32| {
+                let t = (Tensor::randn(0f32, 1.0, dims, dev).unwrap() * sd as f64).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (x, y, a, b) = (
+                var((m, i), 1.0),
+                var((m, o), 1.0),
+                var((r, i), 0.3),
+                var((o, r), 0.3),
+            );
+            let dy = Tensor::randn(0f32, 1.0, (m, o), dev).unwrap();
+            let s = 2.0;
+            let mask = (p > 0.0).then_some(DropoutMask {
+                key: 0x1234_5678,
+                p,
+            });
+            let run = |f: &dyn Fn() -> Tensor| {
+                let out = f();
+                let g = (out.to_dtype(DType::F32).unwrap() * &dy)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = g.backward().unwrap();
+                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                (out, [get(&x), get(&y), get(&a), get(&b)])
+            };
+            let fused = run(&|| {
+                let h = lora_down(x.as_tensor(), a.as_tensor(), s, mask).unwrap();
+                lora_up_add(y.as_tensor(), &h, b.as_tensor()).unwrap()
+            });
+            let composite = run(&|| {
+                let xd = match mask {
+                    Some(mk) => {
+                        let f: Vec<f32> = (0..(m * i) as u64).map(|k| mk.factor(k)).collect();
+                        let f = Tensor::from_vec(f, (m, i), dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        x.as_tensor().mul(&f).unwrap()
+                    }
+                    None => x.as_tensor().clone(),
+                };
+                let h = xd
+                    .matmul(&a.as_tensor().t().unwrap())
+                    .unwrap()
+                    .affine(s, 0.0)
+                    .unwrap();
+                let z = h.matmul(&b.as_tensor().t().unwrap()).unwrap();
+                y.as_tensor().add(&z).unwrap()
+            });
+            let what = format!("{dtype:?} M {m} I {i} O {o} r {r} p {p}");
+            assert_eq!(fused.0.dtype(), dtype, "{what}: output dtype");
+            assert_close(&format!("{what} out"), &fused.0, &composite.0, out_tol);
+            for (name, (g, c)) in ["dx", "dy", "dA", "dB"]
+                .iter()
+                .zip(fused.1.iter().zip(&composite.1))
+            {
+                assert_eq!(g.dtype(), dtype, "{what} {name}: dtype");
+                assert_close(&format!("{what} {name}"), g, c, grad_tol);
+            }
+        }
+    }
+    // shapes are checked
+    let x = Tensor::zeros((2, 8), DType::F32, dev).unwrap();
+    let a = Tensor::zeros((3, 7), DType::F32, dev).unwrap();
+    assert!(lora_down(&x, &a, 1.0, None).is_err());
+    let y = Tensor::zeros((2, 5), DType::F32, dev).unwrap();
+    let h = Tensor::zeros((2, 3), DType::BF16, dev).unwrap();
+    let b = Tensor::zeros((5, 3), DType::F32, dev).unwrap();
+    assert!(lora_up_add(&y, &h, &b).is_err(), "h must be f32");
+}

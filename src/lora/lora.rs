@@ -7,6 +7,7 @@
 //! and the dropout on the adapter's input only. (PEFT scales after B; we scale the rank-r product,
 //! which differs only by f32 rounding and saves memory.)
 use super::qlinear::QLinear;
+use crate::nn::fused::DropoutMask;
 use crate::{Error, Result};
 use candle_core::{DType, Module, ModuleT, Tensor, Var};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -184,11 +185,28 @@ impl Lora {
         y: Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
-        let xd = match dropout_key {
-            Some(k) if self.dropout > 0.0 => x.mul(&self.dropout_mask(x, k)?)?,
-            _ => x.clone(),
-        };
+        let mask = dropout_key
+            .filter(|_| self.dropout > 0.0)
+            .map(|k| self.mask(k));
         let m = x.elem_count() / in_f.max(1);
+        let out = self.b.dims()[0];
+        if x.device().is_cpu() && self.a.device().is_cpu() {
+            // The fused ops (one pass a product, f32 sums, the mask redrawn in backward).
+            // h: (M, r) f32 = s·drop(x)·Aᵀ
+            let h = crate::nn::fused::lora_down(
+                &x.reshape((m, in_f))?,
+                self.a.as_tensor(),
+                self.scale,
+                mask,
+            )?;
+            // y + h·Bᵀ: (.., out)
+            let z = crate::nn::fused::lora_up_add(&y.reshape((m, out))?, &h, self.b.as_tensor())?;
+            return z.reshape(y.shape());
+        }
+        let xd = match mask {
+            Some(mask) => x.mul(&Self::mask_tensor(x, mask)?)?,
+            None => x.clone(),
+        };
         // xl: (M, in) in the adapter's dtype
         let xl = xd.to_dtype(self.a.dtype())?.reshape((m, in_f))?;
         // h: (M, r) = (xl · Aᵀ) · scale; scaling the rank-r tensor rather than z keeps one (M, out)
@@ -200,26 +218,24 @@ impl Lora {
         y.add(&z.to_dtype(y.dtype())?.reshape(y.shape())?)
     }
 
+    /// The dropout mask of the call with dropout key `key` (counter-based: element i's draw
+    /// depends on (seed, key, i) only).
+    fn mask(&self, key: u64) -> DropoutMask {
+        DropoutMask {
+            key: DropoutMask::mix(self.seed ^ 0x6472_6f70).wrapping_add(DropoutMask::mix(key)),
+            p: self.dropout as f64,
+        }
+    }
+
     /// The inverted-dropout mask for `key`: each element 0 with probability p, else 1/(1-p), in
     /// x's shape and dtype.
     pub fn dropout_mask(&self, x: &Tensor, key: u64) -> candle_core::Result<Tensor> {
-        let p = self.dropout as f64;
-        let keep = (1.0 / (1.0 - p)) as f32;
-        // Counter-based: element i's draw depends on (seed, key, i) only.
-        let base = SplitMix64::mix(self.seed ^ 0x6472_6f70).wrapping_add(SplitMix64::mix(key));
-        let mask: Vec<f32> = (0..x.elem_count() as u64)
-            .map(|i| {
-                let u = SplitMix64::unit(SplitMix64::mix(
-                    base.wrapping_add(i.wrapping_mul(SplitMix64::GOLDEN)),
-                ));
-                if u < p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
+        Self::mask_tensor(x, self.mask(key))
+    }
+
+    fn mask_tensor(x: &Tensor, mask: DropoutMask) -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = (0..x.elem_count() as u64).map(|i| mask.factor(i)).collect();
+        Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())
     }
 }
 

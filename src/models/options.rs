@@ -137,23 +137,19 @@ impl AdapterMethod for LoraSpec {
         v
     }
 
-    fn graph_bytes(&self, n: usize, out: usize, inp: usize, s: usize) -> (usize, usize) {
-        // x·Aᵀ, its scaling, the (N, out) product and the sum with the base output; with dropout
-        // the mask and the masked input. The mask is a plain `mul` operand: its unconsumed
-        // gradient, accumulator and incoming gradient stay until the layer's backward ends.
-        let mut graph = 2 * n * self.r * s + 2 * n * out * s;
-        let mut left = 0;
-        if self.dropout > 0.0 {
-            graph += 2 * n * inp * s;
-            left = 3 * n * inp * s;
-        }
+    fn graph_bytes(&self, n: usize, out: usize, _inp: usize, s: usize) -> (usize, usize) {
+        // On the CPU (nn::fused::lora_down / lora_up_add): h (N, r) in f32 and the sum with the
+        // base output; the dropout mask is drawn again in backward, never stored, and no operand
+        // is left with an unconsumed gradient. (A GPU runs candle's composite ops, which also keep
+        // the (N, out) product and, with dropout, the mask and masked input: not counted here.)
+        let mut graph = n * self.r * 4 + n * out * s;
         if self.use_dora {
             // u + (u - b) ⊙ (m/n - 1), one fused op's output on the CPU (the GPU's composite ops
             // keep a second (N, out) tensor: < 0.5 % of a 7B plan); n's terms are (out, r)-sized
             // and detached.
             graph += n * out * s;
         }
-        (graph, left)
+        (graph, 0)
     }
 
     fn frozen_bytes(&self, out: usize, _inp: usize) -> usize {

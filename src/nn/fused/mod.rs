@@ -109,6 +109,47 @@ fn check_cpu(op: &str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// The activation element types the fused ops read and write, through f32.
+pub(crate) trait Elem: candle_core::WithDType {
+    /// The value as f32 (exact).
+    fn f(self) -> f32;
+    /// `v` rounded to this type (nearest even).
+    fn of(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
 /// Σ a·b·c with eight independent accumulators.
 #[inline]
 fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
@@ -151,6 +192,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 mod attention;
 mod cross_entropy;
+mod lora;
 mod norm;
 mod rope;
 mod scale;
@@ -158,6 +200,7 @@ mod scale;
 pub use attention::*;
 pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
 pub use cross_entropy::*;
+pub use lora::*;
 pub use norm::*;
 pub use rope::*;
 pub use scale::*;

@@ -35,39 +35,6 @@ struct ScaleResidualOp {
     bias: Option<Arc<Vec<f32>>>,
 }
 
-/// The element types the op reads and writes, through f32.
-trait Elem: candle_core::WithDType {
-    fn f(self) -> f32;
-    fn of(v: f32) -> Self;
-}
-
-impl Elem for f32 {
-    fn f(self) -> f32 {
-        self
-    }
-    fn of(v: f32) -> Self {
-        v
-    }
-}
-
-impl Elem for bf16 {
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    fn of(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-impl Elem for f16 {
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    fn of(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-
 /// Columns a backward task owns (all rows of them): its gradient sums stay in one thread, in row
 /// order, so the result does not depend on the thread count.
 const COL_BLOCK: usize = 256;

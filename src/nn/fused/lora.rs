@@ -1,0 +1,483 @@
+//! LoRA's branch `y + s·(drop(x)·Aᵀ)·Bᵀ` as two ops with hand-written backward passes (CPU):
+//! [`lora_down`] `h = s·drop(x)·Aᵀ` and [`lora_up_add`] `y + h·Bᵀ`.
+//!
+//! Why: candle runs the branch as two bf16 matmuls (each widening both operands to f32), a scale,
+//! a cast and an add, and its backward as four more widening matmuls; with dropout it also stores
+//! the mask and the masked input. Here every product reads its bf16 rows once, sums in f32 with
+//! FMA (rank r is small: the products are r dot products or r axpys a row), h stays f32, and the
+//! dropout mask is drawn again from its counter-based key in the backward instead of being stored.
+//! Gradient sums over rows run in row order inside one task per column block, so the result does
+//! not depend on the thread count (`--resume` stays bit-identical).
+//!
+//! Shapes: M rows (tokens), I in-features, O out-features, R rank.
+use super::*;
+use candle_core::{CustomOp2, CustomOp3};
+
+/// The inverted-dropout factor of element `i` of a mask: 0 with probability p, else 1/(1-p),
+/// drawn from `(key, i)` alone (counter-based, so a backward or a recompute redraws it).
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutMask {
+    /// The mask's key (from the adapter's seed and the call's dropout key).
+    pub key: u64,
+    /// The drop probability p in (0, 1).
+    pub p: f64,
+}
+
+impl DropoutMask {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    /// SplitMix64's output function.
+    pub fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Element `i`'s factor.
+    #[inline]
+    pub fn factor(&self, i: u64) -> f32 {
+        let z = Self::mix(self.key.wrapping_add(i.wrapping_mul(Self::GOLDEN)));
+        // uniform in [0, 1) from the top 53 bits
+        let u = (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        if u < self.p {
+            0.0
+        } else {
+            (1.0 / (1.0 - self.p)) as f32
+        }
+    }
+
+    /// Multiplies `row` (elements `first..` of the mask) by its factors.
+    fn apply(&self, first: u64, row: &mut [f32]) {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v *= self.factor(first + j as u64);
+        }
+    }
+}
+
+/// `h (M, R) = s·drop(x)·Aᵀ` in f32, for `x (M, I)` (f32, bf16 or f16) and `a (R, I)`.
+/// Backward: `dx = drop'(s·dh·A)` in x's dtype, `dA = s·dhᵀ·drop(x)` in a's dtype.
+pub fn lora_down(
+    x: &Tensor,
+    a: &Tensor,
+    scale: f64,
+    dropout: Option<DropoutMask>,
+) -> Result<Tensor> {
+    check_cpu("lora_down", &[x, a])?;
+    let (_m, i) = x.dims2()?;
+    let (_r, ia) = a.dims2()?;
+    if i != ia {
+        bail!(
+            "lora_down: x {:?} and A {:?} differ in I",
+            x.dims(),
+            a.dims()
+        );
+    }
+    let op = DownOp {
+        scale: scale as f32,
+        dropout,
+    };
+    x.contiguous()?.apply_op2(&a.contiguous()?, op)
+}
+
+/// `y (M, O) + h·Bᵀ` in y's dtype (f32 sums, one rounding), for `h (M, R)` f32 and `b (O, R)`.
+/// Backward: `dy = d`, `dh = d·B` (f32), `dB = dᵀ·h` in b's dtype.
+pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_cpu("lora_up_add", &[y, h, b])?;
+    let ((m, o), (mh, r), (ob, rb)) = (y.dims2()?, h.dims2()?, b.dims2()?);
+    if m != mh || o != ob || r != rb || h.dtype() != DType::F32 {
+        bail!(
+            "lora_up_add: y {:?}, h {:?} ({:?}, must be f32) and B {:?} do not fit (M, O), (M, R), (O, R)",
+            y.dims(),
+            h.dims(),
+            h.dtype(),
+            b.dims()
+        );
+    }
+    y.contiguous()?
+        .apply_op3(&h.contiguous()?, &b.contiguous()?, UpOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row primitives, compiled for AVX2+FMA and portably; the callers pick one set per call.
+
+/// `a·b` of one pair of rows.
+#[inline(always)]
+fn dot_rows<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `out[k] = s·(x·rows_k)` for the `out.len()` rows of `rows` (each `x.len()` long).
+#[inline(always)]
+fn dots<const FMA: bool>(x: &[f32], rows: &[f32], s: f32, out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(x.len().max(1))) {
+        *o = s * dot_rows::<FMA>(x, row);
+    }
+}
+
+/// `acc += Σ_k coef[k]·rows_k` (rows of `acc.len()`).
+#[inline(always)]
+fn axpys<const FMA: bool>(acc: &mut [f32], coef: &[f32], rows: &[f32]) {
+    let n = acc.len();
+    for (&c, row) in coef.iter().zip(rows.chunks_exact(n.max(1))) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a = madd::<FMA>(c, v, *a);
+        }
+    }
+}
+
+/// The row primitives of one instruction set.
+#[derive(Clone, Copy)]
+struct Prims {
+    dots: fn(&[f32], &[f32], f32, &mut [f32]),
+    axpys: fn(&mut [f32], &[f32], &[f32]),
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots(x: &[f32], rows: &[f32], s: f32, out: &mut [f32]) {
+        super::dots::<true>(x, rows, s, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpys(acc: &mut [f32], coef: &[f32], rows: &[f32]) {
+        super::axpys::<true>(acc, coef, rows)
+    }
+
+    pub(super) fn dots_safe(x: &[f32], rows: &[f32], s: f32, out: &mut [f32]) {
+        // SAFETY: chosen by `prims` only where the CPU has AVX2 and FMA.
+        unsafe { dots(x, rows, s, out) }
+    }
+
+    pub(super) fn axpys_safe(acc: &mut [f32], coef: &[f32], rows: &[f32]) {
+        // SAFETY: as above.
+        unsafe { axpys(acc, coef, rows) }
+    }
+}
+
+/// The best primitives this CPU runs.
+fn prims() -> Prims {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return Prims {
+            dots: avx2::dots_safe,
+            axpys: avx2::axpys_safe,
+        };
+    }
+    Prims {
+        dots: dots::<false>,
+        axpys: axpys::<false>,
+    }
+}
+
+/// Columns a gradient task owns (of every row): its row sums stay in one thread, in order.
+const COL_BLOCK: usize = 256;
+
+/// Row `i` of `x (·, n)` in f32, with its dropout factors applied.
+#[inline]
+fn load_row<T: Elem>(
+    x: &[T],
+    i: usize,
+    cols: std::ops::Range<usize>,
+    n: usize,
+    drop: Option<DropoutMask>,
+    dst: &mut [f32],
+) {
+    let src = &x[i * n + cols.start..i * n + cols.end];
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v.f();
+    }
+    if let Some(m) = drop {
+        m.apply((i * n + cols.start) as u64, dst);
+    }
+}
+
+/// `Σ_i coef_iᵀ·rows_i` over all rows: `out (R, n)` with `out_k = Σ_i coef[i, k]·row_i`, for
+/// `coef (M, R)` f32 and rows `(M, n)` of `x` (dropout applied); parallel over column blocks.
+fn outer_sum<T: Elem>(
+    p: Prims,
+    coef: &[f32],
+    r: usize,
+    x: &[T],
+    n: usize,
+    drop: Option<DropoutMask>,
+) -> Vec<f32> {
+    let m = coef.len() / r.max(1);
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(COL_BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let cols = blk * COL_BLOCK..((blk + 1) * COL_BLOCK).min(n);
+            let w = cols.len();
+            // acc: (R, w), row k the block of out_k
+            let mut acc = vec![0f32; r * w];
+            let mut row = vec![0f32; w];
+            for i in 0..m {
+                load_row(x, i, cols.clone(), n, drop, &mut row);
+                for (k, acc_k) in acc.chunks_exact_mut(w).enumerate() {
+                    (p.axpys)(acc_k, &coef[i * r + k..i * r + k + 1], &row);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; r * n];
+    for (blk, acc) in blocks.iter().enumerate() {
+        let (c0, w) = (blk * COL_BLOCK, acc.len() / r.max(1));
+        for k in 0..r {
+            out[k * n + c0..k * n + c0 + w].copy_from_slice(&acc[k * w..(k + 1) * w]);
+        }
+    }
+    out
+}
+
+/// `(R, n)` → `(n, R)`.
+fn transpose(v: &[f32], r: usize, n: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for k in 0..r {
+        for j in 0..n {
+            t[j * r + k] = v[k * n + j];
+        }
+    }
+    t
+}
+
+/// An f32 result as a tensor of `dtype` (CPU).
+fn cast(v: Vec<f32>, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    tensor_of(v, dims, dtype)
+}
+
+/// The typed contiguous slice of a CPU tensor.
+macro_rules! with_elem {
+    ($t:expr, $name:expr, |$s:ident| $body:expr) => {{
+        let t = $t.contiguous()?;
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else {
+            bail!("{}: only the CPU kernels exist", $name);
+        };
+        let Some((o0, o1)) = l.contiguous_offsets() else {
+            bail!("{}: argument must be contiguous", $name);
+        };
+        match cpu {
+            CpuStorage::F32(v) => {
+                let $s = &v[o0..o1];
+                $body
+            }
+            CpuStorage::BF16(v) => {
+                let $s = &v[o0..o1];
+                $body
+            }
+            CpuStorage::F16(v) => {
+                let $s = &v[o0..o1];
+                $body
+            }
+            s => bail!("{}: unsupported dtype {:?}", $name, s.dtype()),
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct DownOp {
+    scale: f32,
+    dropout: Option<DropoutMask>,
+}
+
+impl DownOp {
+    /// h (M, R) for x (M, I) and A (R, I) f32.
+    fn forward<T: Elem>(&self, x: &[T], a: &[f32], i: usize) -> Vec<f32> {
+        let p = prims();
+        let r = a.len() / i.max(1);
+        let m = x.len() / i.max(1);
+        let mut h = vec![0f32; m * r];
+        h.par_chunks_mut(r.max(1)).enumerate().for_each_init(
+            || vec![0f32; i],
+            |row, (t, h)| {
+                load_row(x, t, 0..i, i, self.dropout, row);
+                (p.dots)(row, a, self.scale, h);
+            },
+        );
+        h
+    }
+
+    /// dx (M, I) in x's element type T: `drop'(s·dh·A)`.
+    fn input_grad<T: Elem>(&self, _x: &[T], dh: &[f32], a: &[f32], i: usize) -> Vec<T> {
+        let p = prims();
+        let r = a.len() / i.max(1);
+        let m = dh.len() / r.max(1);
+        let mut dx = vec![T::of(0.0); m * i];
+        dx.par_chunks_mut(i.max(1)).enumerate().for_each_init(
+            || (vec![0f32; i], vec![0f32; r]),
+            |(acc, c), (t, dx)| {
+                acc.fill(0.0);
+                for (c, &d) in c.iter_mut().zip(&dh[t * r..(t + 1) * r]) {
+                    *c = self.scale * d;
+                }
+                (p.axpys)(acc, c, a);
+                if let Some(mask) = self.dropout {
+                    mask.apply((t * i) as u64, acc);
+                }
+                for (d, &v) in dx.iter_mut().zip(acc.iter()) {
+                    *d = T::of(v);
+                }
+            },
+        );
+        dx
+    }
+}
+
+impl CustomOp2 for DownOp {
+    fn name(&self) -> &'static str {
+        "qtune-lora-down"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout) -> CpuOut {
+        let (m, i) = lx.shape().dims2()?;
+        let (r, _) = la.shape().dims2()?;
+        let a = f32_of(sa, la, self.name())?;
+        let Some((o0, o1)) = lx.contiguous_offsets() else {
+            bail!("{}: x must be contiguous", self.name());
+        };
+        let h = match sx {
+            CpuStorage::F32(x) => self.forward(&x[o0..o1], &a, i),
+            CpuStorage::BF16(x) => self.forward(&x[o0..o1], &a, i),
+            CpuStorage::F16(x) => self.forward(&x[o0..o1], &a, i),
+            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
+        };
+        Ok((CpuStorage::F32(h), Shape::from((m, r))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _h: &Tensor,
+        dh: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, i) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let dh = dh
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let a32 = const_f32(a, self.name())?;
+        let dx = with_elem!(x, self.name(), |xs| {
+            let dx = self.input_grad(xs, &dh, &a32, i);
+            let da = outer_sum(prims(), &dh, r, xs, i, self.dropout);
+            (Tensor::from_vec(dx, x.dims(), &Device::Cpu)?, da)
+        });
+        let (dx, mut da) = dx;
+        for v in da.iter_mut() {
+            *v *= self.scale;
+        }
+        Ok((Some(dx), Some(cast(da, a.dims(), a.dtype())?)))
+    }
+}
+
+struct UpOp;
+
+impl UpOp {
+    /// y + h·Bᵀ with Bᵀ `bt (R, O)` f32.
+    fn forward<T: Elem>(y: &[T], h: &[f32], bt: &[f32], o: usize) -> Vec<T> {
+        let p = prims();
+        let r = bt.len() / o.max(1);
+        let mut out = vec![T::of(0.0); y.len()];
+        out.par_chunks_mut(o.max(1)).enumerate().for_each_init(
+            || vec![0f32; o],
+            |z, (t, out)| {
+                z.fill(0.0);
+                (p.axpys)(z, &h[t * r..(t + 1) * r], bt);
+                for ((d, &yv), &zv) in out.iter_mut().zip(&y[t * o..(t + 1) * o]).zip(z.iter()) {
+                    *d = T::of(yv.f() + zv);
+                }
+            },
+        );
+        out
+    }
+
+    /// dh (M, R) = d·B, with Bᵀ `bt (R, O)`.
+    fn h_grad<T: Elem>(d: &[T], bt: &[f32], o: usize) -> Vec<f32> {
+        let p = prims();
+        let r = bt.len() / o.max(1);
+        let m = d.len() / o.max(1);
+        let mut dh = vec![0f32; m * r];
+        dh.par_chunks_mut(r.max(1)).enumerate().for_each_init(
+            || vec![0f32; o],
+            |row, (t, dh)| {
+                load_row(d, t, 0..o, o, None, row);
+                (p.dots)(row, bt, 1.0, dh);
+            },
+        );
+        dh
+    }
+}
+
+impl CustomOp3 for UpOp {
+    fn name(&self) -> &'static str {
+        "qtune-lora-up-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sh: &CpuStorage,
+        lh: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CpuOut {
+        let (_, o) = ly.shape().dims2()?;
+        let (_, r) = lb.shape().dims2()?;
+        let h = f32_of(sh, lh, self.name())?;
+        let bt = transpose(&f32_of(sb, lb, self.name())?, o, r);
+        let Some((o0, o1)) = ly.contiguous_offsets() else {
+            bail!("{}: y must be contiguous", self.name());
+        };
+        let out = match sy {
+            CpuStorage::F32(y) => CpuStorage::F32(Self::forward(&y[o0..o1], &h, &bt, o)),
+            CpuStorage::BF16(y) => CpuStorage::BF16(Self::forward(&y[o0..o1], &h, &bt, o)),
+            CpuStorage::F16(y) => CpuStorage::F16(Self::forward(&y[o0..o1], &h, &bt, o)),
+            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
+        };
+        Ok((out, ly.shape().clone()))
+    }
+
+    fn bwd(&self, y: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
+        let (_, o) = y.dims2()?;
+        let (_, r) = b.dims2()?;
+        let d = d.to_dtype(y.dtype())?.contiguous()?;
+        let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let bt = transpose(&const_f32(b, self.name())?, o, r);
+        let (dh, db) = with_elem!(d, self.name(), |ds| {
+            let dh = Self::h_grad(ds, &bt, o);
+            // dBᵀ (R, O) = hᵀ·d, then (O, R)
+            let dbt = outer_sum(prims(), &h32, r, ds, o, None);
+            (dh, transpose(&dbt, r, o))
+        });
+        let dh = Tensor::from_vec(dh, h.dims(), &Device::Cpu)?;
+        Ok((Some(d), Some(dh), Some(cast(db, b.dims(), b.dtype())?)))
+    }
+}
