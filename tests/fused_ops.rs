@@ -555,24 +555,44 @@ fn bf16_activations_round_once_at_the_boundary() {
     assert_close("cross-entropy bf16 hidden: loss", &l16, &want, 1e-6);
 }
 
+/// Deterministic values of a test case: `n` numbers in [-1, 1) from a seed (no global RNG, so a
+/// failure repeats).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let z = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let z = (z ^ (z >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A tensor of [`values`] times `sd`, rounded to `dtype`.
+fn det(dims: &[usize], sd: f32, seed: u64, dtype: DType) -> Tensor {
+    let v: Vec<f32> = values(dims.iter().product(), seed)
+        .iter()
+        .map(|x| x * sd)
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 /// u, g, bias and dy of one scale_residual case: u `(rows, c)` in `dtype`, g small (DoRA's m/n - 1).
 fn scale_case(rows: usize, c: usize, dtype: DType) -> (Var, Var, Tensor, Tensor) {
-    let dev = &Device::Cpu;
-    let u = Tensor::randn(0f32, 1.0, (rows, c), dev).unwrap();
-    let g = (Tensor::randn(0f32, 1.0, c, dev).unwrap() * 0.05).unwrap();
-    let b = Tensor::randn(0f32, 1.0, c, dev).unwrap();
-    let dy = Tensor::randn(0f32, 1.0, (rows, c), dev).unwrap();
     (
-        Var::from_tensor(&u.to_dtype(dtype).unwrap()).unwrap(),
-        Var::from_tensor(&g).unwrap(),
-        b,
-        dy.to_dtype(dtype).unwrap(),
+        Var::from_tensor(&det(&[rows, c], 2.0, 1, dtype)).unwrap(),
+        Var::from_tensor(&det(&[c], 0.1, 2, DType::F32)).unwrap(),
+        det(&[c], 1.0, 3, DType::F32),
+        det(&[rows, c], 1.0, 4, dtype),
     )
 }
 
 /// DoRA's `u + (u - b) ⊙ g` in one op against the composite candle ops it replaces (the end-to-end
-/// check against PEFT is tests/dora.rs): f32 forward bit for bit, gradients within f32 rounding;
-/// bf16 within one rounding (the composite rounds g and the product to bf16 as well).
+/// check against PEFT is tests/dora.rs), the composite run in f32 on the same (rounded) inputs:
+/// f32 forward bit for bit and gradients within f32 rounding; bf16 within its one rounding.
 #[test]
 fn scale_residual_matches_composite() {
     use qtune::lora::dora::scale_residual_composite;
@@ -582,7 +602,8 @@ fn scale_residual_matches_composite() {
         for (rows, c, with_bias) in [(7, 300, true), (33, 64, false), (1, 5, true)] {
             let (u, g, b, dy) = scale_case(rows, c, dtype);
             let bias = with_bias.then_some(&b);
-            let run = |f: &dyn Fn() -> Tensor| {
+            let u32 = Var::from_tensor(&u.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+            let run = |u: &Var, f: &dyn Fn() -> Tensor| {
                 let y = f();
                 let grads = (y.to_dtype(DType::F32).unwrap() * dy.to_dtype(DType::F32).unwrap())
                     .unwrap()
@@ -594,9 +615,12 @@ fn scale_residual_matches_composite() {
                 let gg = grads.get(g.as_tensor()).unwrap().clone();
                 (y, gu, gg)
             };
-            let fused = run(&|| scale_residual(u.as_tensor(), g.as_tensor(), bias).unwrap());
-            let comp =
-                run(&|| scale_residual_composite(u.as_tensor(), g.as_tensor(), bias).unwrap());
+            let fused = run(&u, &|| {
+                scale_residual(u.as_tensor(), g.as_tensor(), bias).unwrap()
+            });
+            let comp = run(&u32, &|| {
+                scale_residual_composite(u32.as_tensor(), g.as_tensor(), bias).unwrap()
+            });
             let what = format!("{dtype:?} rows {rows} c {c} bias {with_bias}");
             assert_eq!(fused.0.dtype(), dtype, "{what}: output dtype");
             let e = rel_err(&fused.0, &comp.0);
@@ -613,76 +637,67 @@ fn scale_residual_matches_composite() {
 
 /// LoRA's branch `y + s·(drop(x)·Aᵀ)·Bᵀ` through the two fused ops against candle's composite ops
 /// (the end-to-end checks against PEFT are the parity tests): output and the gradients of x, y, A
-/// and B, in f32 (summation order only) and bf16 (the composite rounds h and the product to bf16
-/// too), with and without dropout (the mask the composite multiplies by is the fused op's own draw).
+/// and B, the composite run in f32 on the same (rounded) values: f32 within summation order, bf16
+/// within its one rounding, with and without dropout (the composite multiplies by the fused op's
+/// own draw of the mask).
 #[test]
 fn lora_ops_match_composite() {
     use qtune::nn::fused::{lora_down, lora_up_add, DropoutMask};
     let dev = &Device::Cpu;
-    for (dtype, out_tol, grad_tol) in [(DType::F32, 1e-6, 1e-5), (DType::BF16, 1e-2, 2e-2)] {
+    for (dtype, out_tol, grad_tol) in [(DType::F32, 1e-6, 1e-5), (DType::BF16, 1e-2, 1e-2)] {
         // 300 in / 270 out: two column blocks of the gradient sums, the second partial
         for (m, i, o, r, p) in [
             (9, 300, 270, 4, 0.0),
             (5, 64, 40, 16, 0.3),
             (1, 7, 3, 2, 0.0),
         ] {
-            let var = |dims: (usize, usize), sd: f32| {
-                let t = (Tensor::randn(0f32, 1.0, dims, dev).unwrap() * sd as f64).unwrap();
-                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            let var = |dims: &[usize], sd: f32, seed: u64| {
+                Var::from_tensor(&det(dims, sd, seed, dtype)).unwrap()
             };
-            let (x, y, a, b) = (
-                var((m, i), 1.0),
-                var((m, o), 1.0),
-                var((r, i), 0.3),
-                var((o, r), 0.3),
-            );
-            let dy = Tensor::randn(0f32, 1.0, (m, o), dev).unwrap();
+            let (x, y) = (var(&[m, i], 1.0, 11), var(&[m, o], 1.0, 12));
+            let (a, b) = (var(&[r, i], 0.3, 13), var(&[o, r], 0.3, 14));
+            let dy = det(&[m, o], 1.0, 15, DType::F32);
+            // the composite's operands: the same values in f32
+            let up =
+                |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+            let (x32, y32, a32, b32) = (up(&x), up(&y), up(&a), up(&b));
             let s = 2.0;
             let mask = (p > 0.0).then_some(DropoutMask {
                 key: 0x1234_5678,
                 p,
             });
-            let run = |f: &dyn Fn() -> Tensor| {
+            let run = |vars: [&Var; 4], f: &dyn Fn() -> Tensor| {
                 let out = f();
                 let g = (out.to_dtype(DType::F32).unwrap() * &dy)
                     .unwrap()
                     .sum_all()
                     .unwrap();
                 let g = g.backward().unwrap();
-                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                (out, [get(&x), get(&y), get(&a), get(&b)])
+                (out, vars.map(|v| g.get(v.as_tensor()).unwrap().clone()))
             };
-            let fused = run(&|| {
+            let fused = run([&x, &y, &a, &b], &|| {
                 let h = lora_down(x.as_tensor(), a.as_tensor(), s, mask).unwrap();
                 lora_up_add(y.as_tensor(), &h, b.as_tensor()).unwrap()
             });
-            let composite = run(&|| {
+            let composite = run([&x32, &y32, &a32, &b32], &|| {
                 let xd = match mask {
                     Some(mk) => {
                         let f: Vec<f32> = (0..(m * i) as u64).map(|k| mk.factor(k)).collect();
-                        let f = Tensor::from_vec(f, (m, i), dev)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap();
-                        x.as_tensor().mul(&f).unwrap()
+                        let f = Tensor::from_vec(f, (m, i), dev).unwrap();
+                        x32.as_tensor().mul(&f).unwrap()
                     }
-                    None => x.as_tensor().clone(),
+                    None => x32.as_tensor().clone(),
                 };
-                let h = xd
-                    .matmul(&a.as_tensor().t().unwrap())
-                    .unwrap()
-                    .affine(s, 0.0)
-                    .unwrap();
-                let z = h.matmul(&b.as_tensor().t().unwrap()).unwrap();
-                y.as_tensor().add(&z).unwrap()
+                let at = a32.as_tensor().t().unwrap();
+                let h = xd.matmul(&at).unwrap().affine(s, 0.0).unwrap();
+                let z = h.matmul(&b32.as_tensor().t().unwrap()).unwrap();
+                y32.as_tensor().add(&z).unwrap()
             });
             let what = format!("{dtype:?} M {m} I {i} O {o} r {r} p {p}");
             assert_eq!(fused.0.dtype(), dtype, "{what}: output dtype");
             assert_close(&format!("{what} out"), &fused.0, &composite.0, out_tol);
-            for (name, (g, c)) in ["dx", "dy", "dA", "dB"]
-                .iter()
-                .zip(fused.1.iter().zip(&composite.1))
-            {
+            let names = ["dx", "dy", "dA", "dB"];
+            for (name, (g, c)) in names.iter().zip(fused.1.iter().zip(&composite.1)) {
                 assert_eq!(g.dtype(), dtype, "{what} {name}: dtype");
                 assert_close(&format!("{what} {name}"), g, c, grad_tol);
             }

@@ -186,7 +186,7 @@ impl MemoryPlan {
                 };
             // SwiGLU: silu, gate*up; GELU: its output; then the two residual sums.
             let mlp = match spec.mlp {
-                Mlp::SwiGlu => 3 * n * i * s,
+                Mlp::SwiGlu => 2 * n * i * s,
                 Mlp::Gelu => n * i * s,
             } + 2 * n * c * s;
             // the surrogate's f32 copies (half) and product.
