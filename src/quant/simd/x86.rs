@@ -114,6 +114,20 @@ macro_rules! x86_kernels {
             _mm_and_si128(set, _mm_set1_epi8(0x10))
         }
 
+        /// The two 128-bit halves of `q` (codes 0..16 and 16..32).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn halves(q: __m256i) -> [__m128i; 2] {
+            [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)]
+        }
+
+        /// Bits `shift..` of every byte of `v`, kept where `mask` is set (`(v >> shift) & mask`).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn bits_at(v: __m256i, shift: usize, mask: __m256i) -> __m256i {
+            _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32)), mask)
+        }
+
         #[target_feature(enable = $features)]
         unsafe fn q4_0(src: &[u8], dst: &mut [f32]) {
             let m4 = _mm_set1_epi8(0x0f);
@@ -194,16 +208,9 @@ macro_rules! x86_kernels {
                 for h in 0..2 {
                     let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * h) as *const __m256i);
                     for s in 0..4 {
-                        let q = _mm256_and_si256(
-                            _mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * s as i32)),
-                            m2,
-                        );
+                        let q = bits_at(qs, 2 * s, m2);
                         let base = h * 128 + s * 32;
-                        for (half, codes) in
-                            [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)]
-                                .into_iter()
-                                .enumerate()
-                        {
+                        for (half, codes) in halves(q).into_iter().enumerate() {
                             let sc = b[base / 16 + half];
                             let dl = d * (sc & 0x0f) as f32;
                             let ml = dmin * (sc >> 4) as f32;
@@ -227,23 +234,13 @@ macro_rules! x86_kernels {
                 for h in 0..2 {
                     let qs = _mm256_loadu_si256(b.as_ptr().add(32 + 32 * h) as *const __m256i);
                     for s in 0..4 {
-                        let q2 = _mm256_and_si256(
-                            _mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * s as i32)),
-                            m2,
-                        );
-                        let hb = _mm256_and_si256(
-                            _mm256_srl_epi16(hmask, _mm_cvtsi32_si128((4 * h + s) as i32)),
-                            one,
-                        );
+                        let q2 = bits_at(qs, 2 * s, m2);
+                        let hb = bits_at(hmask, 4 * h + s, one);
                         // q = q2 - 4 + 4 * hbit: subtract 4 where the high bit is clear.
                         let hb4 = _mm256_slli_epi16::<2>(hb);
                         let q = _mm256_sub_epi8(_mm256_add_epi8(q2, hb4), four);
                         let base = h * 128 + s * 32;
-                        for (half, codes) in
-                            [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)]
-                                .into_iter()
-                                .enumerate()
-                        {
+                        for (half, codes) in halves(q).into_iter().enumerate() {
                             let dl = d * (sc[base / 16 + half] as i32 - 32) as f32;
                             emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
                         }
@@ -252,57 +249,37 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// Q4_K, and Q5_K when `QH` (the fifth bits at byte 16, the nibbles from byte 48): 8
+        /// sub-blocks of 32 with 6-bit scales and mins.
         #[target_feature(enable = $features)]
-        unsafe fn q4_k(src: &[u8], dst: &mut [f32]) {
-            let m4 = _mm256_set1_epi8(0x0f);
-            for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(256)) {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let scales: &[u8; 12] = b[4..16].try_into().expect("block");
-                let o = o.as_mut_ptr();
-                for c in 0..4 {
-                    let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                    let lo = _mm256_and_si256(qs, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
-                    for (h, codes) in [lo, hi].into_iter().enumerate() {
-                        let (sc, m) = scale_min_k4(2 * c + h, scales);
-                        emit32::<false, SUB>(
-                            codes,
-                            d * sc as f32,
-                            dmin * m as f32,
-                            o.add(64 * c + 32 * h),
-                        );
-                    }
-                }
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn q5_k(src: &[u8], dst: &mut [f32]) {
+        #[inline]
+        unsafe fn k4_like<const QH: bool>(src: &[u8], dst: &mut [f32]) {
             let m4 = _mm256_set1_epi8(0x0f);
             let one = _mm256_set1_epi8(1);
-            for (b, o) in src.chunks_exact(176).zip(dst.chunks_exact_mut(256)) {
+            let (size, qs_at) = if QH { (176, 48) } else { (144, 16) };
+            for (b, o) in src.chunks_exact(size).zip(dst.chunks_exact_mut(256)) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let scales: &[u8; 12] = b[4..16].try_into().expect("block");
-                let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                let qh = match QH {
+                    true => _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i),
+                    false => _mm256_setzero_si256(),
+                };
                 let o = o.as_mut_ptr();
                 for c in 0..4 {
-                    let qs = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i);
+                    let qs = _mm256_loadu_si256(b.as_ptr().add(qs_at + 32 * c) as *const __m256i);
                     let lo = _mm256_and_si256(qs, m4);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
                     for (h, nib) in [lo, hi].into_iter().enumerate() {
                         let j = 2 * c + h;
-                        let bit = _mm256_and_si256(
-                            _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)),
-                            one,
-                        );
-                        let codes = _mm256_or_si256(nib, _mm256_slli_epi16::<4>(bit));
+                        let codes = match QH {
+                            true => {
+                                _mm256_or_si256(nib, _mm256_slli_epi16::<4>(bits_at(qh, j, one)))
+                            }
+                            false => nib,
+                        };
                         let (sc, m) = scale_min_k4(j, scales);
-                        emit32::<false, SUB>(
-                            codes,
-                            d * sc as f32,
-                            dmin * m as f32,
-                            o.add(64 * c + 32 * h),
-                        );
+                        let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                        emit32::<false, SUB>(codes, dl, ml, o.add(64 * c + 32 * h));
                     }
                 }
             }
@@ -328,18 +305,11 @@ macro_rules! x86_kernels {
                         _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
                     ];
                     for (s, nib) in nibs.into_iter().enumerate() {
-                        let hi = _mm256_and_si256(
-                            _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s as i32)),
-                            m2,
-                        );
+                        let hi = bits_at(qh, 2 * s, m2);
                         let q =
                             _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16::<4>(hi)), bias);
                         let base = a * 128 + s * 32;
-                        for (half, codes) in
-                            [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)]
-                                .into_iter()
-                                .enumerate()
-                        {
+                        for (half, codes) in halves(q).into_iter().enumerate() {
                             let dl = d * (b[192 + base / 16 + half] as i8) as f32;
                             emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
                         }
@@ -348,8 +318,8 @@ macro_rules! x86_kernels {
             }
         }
 
-        // The conversions, `LANES` elements a register: F16 -> f32 (`f16(src, dst)`), BF16 -> f32
-        // (`bf16(src, dst)`), f32 -> bf16 (`to_bf16_impl`); the tails go through the scalar code.
+        // The conversions, `LANES` elements a register: F16 and BF16 -> f32 (`widen16`), f32 ->
+        // bf16 (`to_bf16_impl`); the tails go through the scalar code.
 
         /// f32 lanes a register.
         const LANES: usize = $lanes;
@@ -394,16 +364,6 @@ macro_rules! x86_kernels {
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
-            widen16::<false>(src, dst)
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
-            widen16::<true>(src, dst)
-        }
-
-        #[target_feature(enable = $features)]
         unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
             let n = src.len().min(dst.len()) / LANES * LANES;
             for i in (0..n).step_by(LANES) {
@@ -415,11 +375,11 @@ macro_rules! x86_kernels {
         }
 
         macro_rules! safe {
-            ($name:ident) => {{
+            ($kernel:expr) => {{
                 fn w(src: &[u8], dst: &mut [f32]) {
                     // SAFETY: only handed out by `dequant_fn` below, which `simd::dequant_fn`
                     // reaches after checking this CPU has `$features`.
-                    unsafe { $name(src, dst) }
+                    unsafe { $kernel(src, dst) }
                 }
                 w as DequantFn
             }};
@@ -428,8 +388,8 @@ macro_rules! x86_kernels {
         /// This level's kernel for `qtype` (callers must have checked the CPU features).
         pub(in crate::quant::simd) fn dequant_fn(qtype: QType) -> Option<DequantFn> {
             Some(match qtype {
-                QType::F16 => safe!(f16),
-                QType::BF16 => safe!(bf16),
+                QType::F16 => safe!(widen16::<false>),
+                QType::BF16 => safe!(widen16::<true>),
                 QType::Q4_0 => safe!(q4_0),
                 QType::Q4_1 => safe!(q4_1),
                 QType::Q5_0 => safe!(q5_0),
@@ -437,8 +397,8 @@ macro_rules! x86_kernels {
                 QType::Q8_0 => safe!(q8_0),
                 QType::Q2_K => safe!(q2_k),
                 QType::Q3_K => safe!(q3_k),
-                QType::Q4_K => safe!(q4_k),
-                QType::Q5_K => safe!(q5_k),
+                QType::Q4_K => safe!(k4_like::<false>),
+                QType::Q5_K => safe!(k4_like::<true>),
                 QType::Q6_K => safe!(q6_k),
                 // F32 is a copy; NF4 is not a ggml block type.
                 QType::F32 | QType::NF4 => return None,
