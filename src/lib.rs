@@ -17,6 +17,7 @@ pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod quant;
+pub mod rng;
 pub mod store;
 pub mod train;
 

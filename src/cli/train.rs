@@ -15,6 +15,8 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Flags of `qtune train`; each is also a key of `--config` (same name), and a flag given wins.
+/// (Serialised into a TOML table to merge over the file's: toml leaves out the `None` fields, so
+/// only the flags given are there; a `false` switch is skipped by `is_false`.)
 #[derive(clap::Args, Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Args {
@@ -25,7 +27,6 @@ pub struct Args {
     /// Base model: Hugging Face directory, .safetensors or .gguf, or a Hub id (org/name[@rev],
     /// org/name:QUANT for a GGUF repository) (default: the embedded model).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
     /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
     #[arg(long)]
@@ -33,33 +34,26 @@ pub struct Args {
     pub gguf_file: Option<String>,
     /// Training data (JSONL: text, prompt/completion, messages or alpaca lines).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
     /// Evaluation data (JSONL), for eval loss and perplexity.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_data: Option<PathBuf>,
     /// Output directory (metrics.jsonl, checkpoint-N/, adapter/).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub out: Option<PathBuf>,
     /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k or none [default: none].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub quant: Option<String>,
     /// What trains: lora; dora (LoRA plus a trained magnitude per output row, PEFT's use_dora;
     /// takes the LoRA flags); prompt-tuning, p-tuning or prefix-tuning (PEFT's prompt-learning
     /// methods, saving PEFT's prompt_embeddings) [default: lora].
     #[arg(long, value_enum)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<qtune::train::config::Method>,
     /// Virtual tokens of prompt-tuning, p-tuning and prefix-tuning [default: 20].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_virtual_tokens: Option<usize>,
     /// Width of P-tuning's MLP encoder, and of prefix tuning's projection.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder_hidden_size: Option<usize>,
     /// Prefix tuning: the prefix is the output of an MLP (PEFT's prefix_projection).
     #[arg(long)]
@@ -68,112 +62,85 @@ pub struct Args {
     /// Prompt tuning: start the virtual tokens from this text's token embeddings (PEFT's TEXT
     /// init) instead of N(0, 1).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_init_text: Option<String>,
     /// LoRA rank [default: 8].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
     /// LoRA alpha [default: 16].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// LoRA dropout [default: 0].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f32>,
     /// LoRA targets, comma-separated PEFT names (q_proj,v_proj) or all-linear [default: all-linear].
     #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<Vec<String>>,
     /// Peak learning rate [default: 2e-4].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     /// constant, linear or cosine [default: linear].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
     /// Warmup steps [default: 0].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup: Option<usize>,
     /// Optimizer steps (wins over --epochs).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
     /// Passes over the data [default: 1].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub epochs: Option<f64>,
     /// Sequences per micro-batch [default: 4].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
     /// Micro-batches per optimizer step [default: 1].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_accum: Option<usize>,
     /// Global gradient-norm clip, 0 = off [default: 1].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
     /// Tokens per sequence; longer examples are truncated [default: 512].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub seq_len: Option<usize>,
     /// Seed of LoRA init, dropout and data order [default: 42].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Shuffle examples each epoch: true or false [default: true].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub shuffle: Option<bool>,
     /// Evaluate every N steps (and at start and end) [default: 0: start and end only].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_every: Option<usize>,
     /// Checkpoint every N steps (and at the end) [default: 0: end only].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
     /// Worker threads, 0 = all cores [default: 0].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Refuse a run predicted to need more (8G, 512M, bytes).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<String>,
     /// AdamW decoupled weight decay [default: 0].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f64>,
     /// AdamW beta1 [default: 0.9].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_beta1: Option<f64>,
     /// AdamW beta2 [default: 0.999].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_beta2: Option<f64>,
     /// AdamW epsilon [default: 1e-8].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adam_eps: Option<f64>,
     /// Compute and adapter dtype: auto (bf16 on a GPU, and on a CPU with AVX-512 BF16 for models
     /// of hidden size 1024 or more; else f32), bf16 or f32 [default: auto].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
     /// Start from this PEFT adapter directory (its rank, alpha and targets are used).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter_init: Option<PathBuf>,
     /// Continue from a checkpoint directory (or an --out directory: its newest checkpoint).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<PathBuf>,
     /// Also put the loss on prompt / user tokens.
     #[arg(long)]
@@ -190,21 +157,17 @@ pub struct Args {
     pub optim_8bit: bool,
     /// Chat template for `messages` data: a built-in name, a Jinja file or Jinja text.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
     /// What to learn: sft (next-token loss on examples) or dpo (preference pairs
     /// {"prompt","chosen","rejected"}) [default: sft].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub objective: Option<String>,
     /// DPO's β: how far the policy may move from the reference [default: 0.1].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
     /// DPO's reference: the base plus this frozen PEFT adapter (e.g. the SFT adapter the DPO run
     /// starts from with --adapter-init) [default: the base alone].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ref_adapter: Option<PathBuf>,
     /// DPO: compute every pair's reference log-probs once before training (kept in the run
     /// directory, reused on resume), then run the policy only.
@@ -223,7 +186,6 @@ pub struct Args {
     /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+)
     /// [default: cpu].
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
 }
 
@@ -528,4 +490,23 @@ fn export_gguf_lora(store: &WeightStore, adapter_dir: &Path) -> Result<()> {
     qtune::export::write_gguf_lora(&adapter, &base, &arch, qtune::quant::QType::F32, &out)?;
     println!("llama.cpp LoRA written to {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+
+    /// The flags' table holds the flags given and nothing else (toml leaves out `None` fields), so
+    /// that a flag not given does not hide the --config file's value.
+    #[test]
+    fn flags_table_holds_only_the_flags_given() {
+        let args = Args {
+            model: Some("m.gguf".into()),
+            rank: Some(4),
+            ..Default::default()
+        };
+        let t = toml::Table::try_from(&args).unwrap();
+        let keys: Vec<&str> = t.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["model", "rank"]);
+    }
 }

@@ -1,6 +1,7 @@
 //! Padded batches, packing and seeded shuffling.
 use super::jsonl::{count_targets, Example};
 use super::IGNORE;
+use crate::rng::SplitMix64;
 use candle_core::{Device, Tensor};
 
 /// A right-padded batch, row-major `(batch, seq)`.
@@ -91,24 +92,6 @@ pub fn pack(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
         out.push(cur);
     }
     out
-}
-
-/// SplitMix64: a fixed, dependency-free generator, so an order depends only on the seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for our sizes).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() as u128 * n as u128) >> 64) as usize
-    }
 }
 
 /// Fisher-Yates shuffle of `items`, determined by `seed` alone.

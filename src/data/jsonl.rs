@@ -7,6 +7,7 @@ use super::tokenizer::Tokenizer;
 use super::IGNORE;
 use crate::error::{Error, Result};
 use serde_json::{Map, Value as Json};
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 /// How a file's lines are shaped (detected from its first line; every line must agree).
@@ -59,6 +60,19 @@ impl Default for DataOptions {
     }
 }
 
+impl DataOptions {
+    /// Refuses a `seq_len` under `min` tokens; `why` ends the message.
+    pub(crate) fn require_seq_len(&self, min: usize, why: &str) -> Result<()> {
+        if self.seq_len < min {
+            return Err(Error::Invalid(format!(
+                "seq_len {} is too short{why}",
+                self.seq_len
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// One training sequence; `labels[t]` is `ids[t]` where token t carries loss, else -100 (the model
 /// predicts `labels[t+1]` at position t).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,41 +119,48 @@ impl std::fmt::Display for DataStats {
     }
 }
 
+/// Calls `f(number, line)` on each non-blank line of the JSONL file `path` (numbers from 1), in
+/// order: a UTF-8 byte-order mark (Windows editors) is not part of the first line's JSON, CRLF
+/// endings are accepted, and a line that is not UTF-8 is an error naming it.
+pub(crate) fn for_each_line(
+    path: &Path,
+    mut f: impl FnMut(usize, &str) -> Result<()>,
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line).map_err(|e| {
+            let msg = format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to());
+            line_err(path, i + 1, msg)
+        })?;
+        if !line.trim().is_empty() {
+            f(i + 1, line)?;
+        }
+    }
+    Ok(())
+}
+
+/// An error on line `line` of `path`.
+pub(crate) fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.into(),
+    }
+}
+
 /// Reads `path` (JSONL), tokenises every line and returns the examples and what was found.
 pub fn load_examples(
     path: &Path,
     tok: &Tokenizer,
     opts: &DataOptions,
 ) -> Result<(Vec<Example>, DataStats)> {
-    if opts.seq_len < 2 {
-        return Err(Error::Invalid(format!(
-            "seq_len {} is too short: a sequence needs at least 2 tokens",
-            opts.seq_len
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    // A UTF-8 byte-order mark (Windows editors) is not part of the first line's JSON.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let mut loader = Loader {
-        path: path.to_path_buf(),
-        tok,
-        opts,
-        format: None,
-        template: None,
-    };
+    opts.require_seq_len(2, ": a sequence needs at least 2 tokens")?;
+    let mut loader = Loader::new(path, tok, opts);
     let mut examples = Vec::new();
     let (mut n, mut truncated, mut dropped) = (0, 0, 0);
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let lineno = i + 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let line = std::str::from_utf8(line).map_err(|e| Error::Data {
-            path: path.to_path_buf(),
-            line: lineno,
-            msg: format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()),
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for_each_line(path, |lineno, line| {
         n += 1;
         let mut ex = loader.example(line, lineno)?;
         if ex.ids.len() > opts.seq_len {
@@ -149,10 +170,11 @@ pub fn load_examples(
         }
         if count_targets(&ex.labels) == 0 {
             dropped += 1;
-            continue;
+        } else {
+            examples.push(ex);
         }
-        examples.push(ex);
-    }
+        Ok(())
+    })?;
     let Some((format, _)) = loader.format else {
         return Err(Error::Json {
             path: path.to_path_buf(),
@@ -189,30 +211,72 @@ pub fn count_targets(labels: &[i64]) -> usize {
     labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
 }
 
-struct Loader<'a> {
-    path: PathBuf,
-    tok: &'a Tokenizer,
-    opts: &'a DataOptions,
-    /// The file's format and the line that set it.
-    format: Option<(DataFormat, usize)>,
-    template: Option<ChatTemplate>,
+/// A JSONL file being read: SFT's examples (`F`: the format and the line that set it) and DPO's
+/// preference pairs (`F`: their format) both read through it.
+pub(crate) struct Loader<'a, F> {
+    pub(crate) path: PathBuf,
+    pub(crate) tok: &'a Tokenizer,
+    pub(crate) opts: &'a DataOptions,
+    /// What the first line set.
+    pub(crate) format: Option<F>,
+    /// The chat template, compiled when a line first needs it.
+    template: OnceCell<ChatTemplate>,
 }
 
-impl Loader<'_> {
-    fn err(&self, line: usize, msg: impl Into<String>) -> Error {
-        Error::Data {
-            path: self.path.clone(),
-            line,
-            msg: msg.into(),
+impl<'a, F> Loader<'a, F> {
+    pub(crate) fn new(path: &Path, tok: &'a Tokenizer, opts: &'a DataOptions) -> Self {
+        Loader {
+            path: path.to_path_buf(),
+            tok,
+            opts,
+            format: None,
+            template: OnceCell::new(),
         }
     }
 
-    fn example(&mut self, line: &str, no: usize) -> Result<Example> {
+    pub(crate) fn err(&self, line: usize, msg: impl Into<String>) -> Error {
+        line_err(&self.path, line, msg)
+    }
+
+    /// Line `no` as a JSON object.
+    pub(crate) fn object(&self, line: &str, no: usize) -> Result<Map<String, Json>> {
         let v: Json =
             serde_json::from_str(line).map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
         let Json::Object(obj) = v else {
             return Err(self.err(no, "expected a JSON object"));
         };
+        Ok(obj)
+    }
+
+    /// The tokenizer's EOS id, which every `what` (example, completion) ends with.
+    pub(crate) fn eos(&self, no: usize, what: &str) -> Result<u32> {
+        self.tok.eos_id().ok_or_else(|| {
+            self.err(
+                no,
+                format!(
+                    "the tokenizer ({}) names no EOS token, which every {what} ends with",
+                    self.tok.source().display()
+                ),
+            )
+        })
+    }
+
+    /// The chat template (`--template`, else the tokenizer's), compiled on first use; its errors
+    /// name line `no`.
+    pub(crate) fn template(&self, no: usize) -> Result<&ChatTemplate> {
+        if let Some(t) = self.template.get() {
+            return Ok(t);
+        }
+        let t = compile_template(self.tok, self.opts.template.as_deref(), &|m| {
+            self.err(no, m)
+        })?;
+        Ok(self.template.get_or_init(|| t))
+    }
+}
+
+impl Loader<'_, (DataFormat, usize)> {
+    fn example(&mut self, line: &str, no: usize) -> Result<Example> {
+        let obj = self.object(line, no)?;
         let fmt = self.detect(&obj, no)?;
         match self.format {
             None => self.format = Some((fmt, no)),
@@ -246,7 +310,7 @@ impl Loader<'_> {
                     return Err(self.err(no, "empty \"text\""));
                 }
                 let mut ids = self.tok.encode(t, true)?;
-                ids.push(self.eos(no)?);
+                ids.push(self.eos(no, "example")?);
                 let labels = ids.iter().map(|&i| i as i64).collect();
                 Ok(Example { ids, labels })
             }
@@ -272,23 +336,11 @@ impl Loader<'_> {
         }
     }
 
-    fn eos(&self, no: usize) -> Result<u32> {
-        self.tok.eos_id().ok_or_else(|| {
-            self.err(
-                no,
-                format!(
-                    "the tokenizer ({}) names no EOS token, which every example ends with",
-                    self.tok.source().display()
-                ),
-            )
-        })
-    }
-
     fn prompt_completion(&self, prompt: &str, completion: &str, no: usize) -> Result<Example> {
         let mut ids = self.tok.encode(prompt, true)?;
         let n_prompt = ids.len();
         ids.extend(self.tok.encode(completion, false)?);
-        ids.push(self.eos(no)?);
+        ids.push(self.eos(no, "example")?);
         let labels = ids
             .iter()
             .enumerate()
@@ -314,11 +366,8 @@ impl Loader<'_> {
                 "no assistant message: nothing to train on (or use --train-on-prompt)",
             ));
         }
-        if self.template.is_none() {
-            self.template = Some(self.compile_template(no)?);
-        }
-        let tmpl = self.template.as_ref().expect("compiled above");
-        let segs = tmpl
+        let segs = self
+            .template(no)?
             .segments(&msgs)
             .map_err(|e| self.err(no, e.to_string()))?;
         let (mut ids, mut labels) = (Vec::new(), Vec::new());
@@ -329,12 +378,6 @@ impl Loader<'_> {
             ids.extend(seg_ids);
         }
         Ok(Example { ids, labels })
-    }
-
-    fn compile_template(&self, no: usize) -> Result<ChatTemplate> {
-        compile_template(self.tok, self.opts.template.as_deref(), &|m| {
-            self.err(no, m)
-        })
     }
 
     fn detect(&self, obj: &Map<String, Json>, no: usize) -> Result<DataFormat> {

@@ -14,12 +14,12 @@
 //!   without them + EOS (so a completion ends with the template's end-of-turn marker and EOS).
 //! - Over-long pairs (prompt + the longer completion > `seq_len`): a prompt longer than half of
 //!   `seq_len` keeps its last tokens, then each completion is cut at its end to fit.
-use super::jsonl::{compile_template, kind, parse_messages, DataOptions};
-use super::template::{ChatTemplate, Message};
+use super::jsonl::{for_each_line, kind, parse_messages, DataOptions, Loader};
+use super::template::Message;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use serde_json::{Map, Value as Json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One tokenised preference pair; each completion ends with EOS (unless cut).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,38 +60,16 @@ pub fn load_pairs(
     tok: &Tokenizer,
     opts: &DataOptions,
 ) -> Result<(Vec<Pair>, PairStats)> {
-    if opts.seq_len < 4 {
-        return Err(Error::Invalid(format!(
-            "seq_len {} is too short for preference pairs (prompt and completion need 4 tokens)",
-            opts.seq_len
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let mut l = PairLoader {
-        path: path.to_path_buf(),
-        tok,
-        opts,
-        format: None,
-        template: None,
-    };
+    let why = " for preference pairs (prompt and completion need 4 tokens)";
+    opts.require_seq_len(4, why)?;
+    let mut l = Loader::new(path, tok, opts);
     let (mut pairs, mut truncated) = (Vec::new(), 0);
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let no = i + 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let line = std::str::from_utf8(line).map_err(|e| {
-            l.err(
-                no,
-                format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()),
-            )
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for_each_line(path, |no, line| {
         let mut p = l.pair(line, no)?;
         truncated += fit_pair(&mut p, opts.seq_len) as usize;
         pairs.push(p);
-    }
+        Ok(())
+    })?;
     let Some(format) = l.format else {
         return Err(Error::Json {
             path: path.to_path_buf(),
@@ -127,29 +105,9 @@ pub fn fit_pair(p: &mut Pair, seq_len: usize) -> bool {
     true
 }
 
-struct PairLoader<'a> {
-    path: PathBuf,
-    tok: &'a Tokenizer,
-    opts: &'a DataOptions,
-    format: Option<PairFormat>,
-    template: Option<ChatTemplate>,
-}
-
-impl PairLoader<'_> {
-    fn err(&self, line: usize, msg: impl Into<String>) -> Error {
-        Error::Data {
-            path: self.path.clone(),
-            line,
-            msg: msg.into(),
-        }
-    }
-
+impl Loader<'_, PairFormat> {
     fn pair(&mut self, line: &str, no: usize) -> Result<Pair> {
-        let v: Json =
-            serde_json::from_str(line).map_err(|e| self.err(no, format!("not valid JSON: {e}")))?;
-        let Json::Object(obj) = v else {
-            return Err(self.err(no, "expected a JSON object"));
-        };
+        let obj = self.object(line, no)?;
         self.check_keys(&obj, no)?;
         let conv = matches!(obj.get("chosen"), Some(Json::Array(_)));
         let fmt = if conv {
@@ -167,15 +125,7 @@ impl PairLoader<'_> {
             }
             Some(_) => {}
         }
-        let eos = self.tok.eos_id().ok_or_else(|| {
-            self.err(
-                no,
-                format!(
-                    "the tokenizer ({}) names no EOS token, which every completion ends with",
-                    self.tok.source().display()
-                ),
-            )
-        })?;
+        let eos = self.eos(no, "completion")?;
         let (prompt, chosen, rejected) = if conv {
             self.render(&obj, no)?
         } else {
@@ -282,11 +232,7 @@ impl PairLoader<'_> {
                 return Err(self.err(no, format!("\"{k}\" adds no message to the prompt")));
             }
         }
-        if self.template.is_none() {
-            let t = compile_template(self.tok, self.opts.template.as_deref(), &err)?;
-            self.template = Some(t);
-        }
-        let t = self.template.as_ref().expect("compiled above");
+        let t = self.template(no)?;
         let head = t
             .render(&prompt, true)
             .map_err(|e| self.err(no, e.to_string()))?;

@@ -8,6 +8,7 @@
 //! which differs only by f32 rounding and saves memory.)
 use super::qlinear::QLinear;
 use crate::nn::fused::DropoutMask;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use candle_core::{DType, Module, ModuleT, Tensor, Var};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -222,7 +223,7 @@ impl Lora {
     /// depends on (seed, key, i) only).
     fn mask(&self, key: u64) -> DropoutMask {
         DropoutMask {
-            key: DropoutMask::mix(self.seed ^ 0x6472_6f70).wrapping_add(DropoutMask::mix(key)),
+            key: SplitMix64::mix(self.seed ^ 0x6472_6f70).wrapping_add(SplitMix64::mix(key)),
             p: self.dropout as f64,
         }
     }
@@ -369,27 +370,4 @@ impl ModuleT for LoraLinear {
 
 fn candle_err(e: candle_core::Error) -> Error {
     Error::Invalid(format!("LoRA adapter: {e}"))
-}
-
-/// Small, seedable, dependency-free PRNG (SplitMix64) for initialisation and dropout masks.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) from the top 53 bits.
-    fn unit(z: u64) -> f64 {
-        (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(Self::GOLDEN);
-        Self::unit(Self::mix(self.0))
-    }
 }

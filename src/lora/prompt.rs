@@ -10,6 +10,7 @@
 //! our checkpoints add `prompt_encoder.safetensors` (the encoder's state under PEFT's names), which
 //! `--adapter-init` also reads, so a run can continue from its encoder.
 use super::seam::SequenceAdapter;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -141,23 +142,6 @@ impl PromptSpec {
     }
 }
 
-/// SplitMix64, for the seeded initialisation.
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-    /// N(0, 1) by Box-Muller.
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (1.0 - self.unit(), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-}
-
 /// A prompt-learning adapter on a loaded model.
 pub struct PromptAdapter {
     spec: PromptSpec,
@@ -191,7 +175,7 @@ impl PromptAdapter {
                 "--encoder-hidden-size must be at least 1".into(),
             ));
         }
-        let mut rng = Rng(spec.seed ^ 0x5072_6f6d_7074);
+        let mut rng = SplitMix64(spec.seed ^ 0x5072_6f6d_7074);
         let mut vars = Vec::new();
         for (name, shape) in spec.shapes(&dims) {
             let numel: usize = shape.iter().product();
@@ -218,7 +202,7 @@ impl PromptAdapter {
                 };
                 let b = 1.0 / (fan_in as f64).sqrt();
                 let v: Vec<f32> = (0..numel)
-                    .map(|_| ((2.0 * rng.unit() - 1.0) * b) as f32)
+                    .map(|_| ((2.0 * rng.next_f64() - 1.0) * b) as f32)
                     .collect();
                 Tensor::from_vec(v, shape.clone(), &Device::Cpu).map_err(cerr)?
             };

@@ -350,9 +350,31 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
 
 /// Scalar reference for [`qmatmul_fwd`]: dequantises one row of W at a time, accumulates in f64.
 pub fn qmatmul_fwd_ref(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
+    fwd_ref_with("qmatmul_fwd_ref", x, m, w, y, |a| *a as f64, |v| v as f64)
+}
+
+/// Scalar reference for [`qmatmul_bwd_input`]: dequantises one row of W at a time, accumulates in
+/// f64.
+pub fn qmatmul_bwd_input_ref(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accumulate: bool) {
+    let name = "qmatmul_bwd_input_ref";
+    bwd_input_ref_with(name, dy, m, w, dx, accumulate, |g| *g as f64, |v| v as f64)
+}
+
+/// The scalar references' forward: `y = x · Wᵀ` with W dequantised one row at a time, each
+/// activation mapped to f64 by `xa` and each weight by `wa` (exact, or rounded to bf16 first), the
+/// products summed in f64.
+pub(super) fn fwd_ref_with<A>(
+    name: &str,
+    x: &[A],
+    m: usize,
+    w: &QMatrix,
+    y: &mut [f32],
+    xa: impl Fn(&A) -> f64,
+    wa: impl Fn(f32) -> f64,
+) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "qmatmul_fwd_ref: x is not {m}×{k}");
-    assert_eq!(y.len(), m * n, "qmatmul_fwd_ref: y is not {m}×{n}");
+    assert_eq!(x.len(), m * k, "{name}: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "{name}: y is not {m}×{n}");
     let mut row = vec![0f32; k];
     for r in 0..n {
         w.dequant_tile(r, 1, 0, k, &mut row);
@@ -360,27 +382,37 @@ pub fn qmatmul_fwd_ref(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
             let s: f64 = x[i * k..(i + 1) * k]
                 .iter()
                 .zip(&row)
-                .map(|(a, b)| *a as f64 * *b as f64)
+                .map(|(a, b)| xa(a) * wa(*b))
                 .sum();
             y[i * n + r] = s as f32;
         }
     }
 }
 
-/// Scalar reference for [`qmatmul_bwd_input`]: dequantises one row of W at a time, accumulates in
-/// f64.
-pub fn qmatmul_bwd_input_ref(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accumulate: bool) {
+/// The scalar references' input gradient: `dx (+)= dy · W`, operands mapped to f64 by `ga` and
+/// `wa` as in [`fwd_ref_with`], summed in f64.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bwd_input_ref_with<A>(
+    name: &str,
+    dy: &[A],
+    m: usize,
+    w: &QMatrix,
+    dx: &mut [f32],
+    accumulate: bool,
+    ga: impl Fn(&A) -> f64,
+    wa: impl Fn(f32) -> f64,
+) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_ref: dy is not {m}×{n}");
-    assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_ref: dx is not {m}×{k}");
+    assert_eq!(dy.len(), m * n, "{name}: dy is not {m}×{n}");
+    assert_eq!(dx.len(), m * k, "{name}: dx is not {m}×{k}");
     let mut acc = vec![0f64; m * k];
     let mut row = vec![0f32; k];
     for r in 0..n {
         w.dequant_tile(r, 1, 0, k, &mut row);
         for i in 0..m {
-            let g = dy[i * n + r] as f64;
+            let g = ga(&dy[i * n + r]);
             for (a, v) in acc[i * k..(i + 1) * k].iter_mut().zip(&row) {
-                *a += g * *v as f64;
+                *a += g * wa(*v);
             }
         }
     }

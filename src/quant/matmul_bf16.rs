@@ -22,9 +22,26 @@
 //! rounded operands' products in f64: the SIMD kernels agree with them to f32 summation error.
 //! Where the CPU lacks AVX-512 BF16 (or the shape does not fit: K not a multiple of 16, M ≤
 //! [`GEMV_MAX_M`]) the f32 kernels of `matmul` run instead; [`bf16_kernel_name`] says which.
-use super::matmul::{qmatmul_bwd_input, qmatmul_fwd, GEMV_MAX_M};
+use super::matmul::{bwd_input_ref_with, fwd_ref_with, qmatmul_bwd_input, qmatmul_fwd, GEMV_MAX_M};
 use super::QMatrix;
 use half::bf16;
+
+/// `$body` with the const `$name` set to the run-time `$x` when it is one of `[$n, ...]`, else to
+/// `$last`: the const-generic micro-tiles need their sizes at compile time.
+macro_rules! const_dispatch {
+    ($x:expr, $name:ident, [$($n:literal),*], $last:literal, $body:expr) => {
+        match $x {
+            $($n => {
+                const $name: usize = $n;
+                $body
+            })*
+            _ => {
+                const $name: usize = $last;
+                $body
+            }
+        }
+    };
+}
 
 /// Rows of x per packed forward block: 3 vectors of 16 lanes.
 pub const MB: usize = 48;
@@ -211,21 +228,8 @@ fn dequant_bf16_rows(
 /// Scalar reference for [`qmatmul_fwd_bf16`]: the same bf16-rounded operands, products summed in
 /// f64 (what the SIMD kernel computes, up to f32 summation error).
 pub fn qmatmul_fwd_bf16_ref<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k);
-    assert_eq!(y.len(), m * n);
-    let mut row = vec![0f32; k];
-    for r in 0..n {
-        w.dequant_tile(r, 1, 0, k, &mut row);
-        for i in 0..m {
-            let s: f64 = x[i * k..(i + 1) * k]
-                .iter()
-                .zip(&row)
-                .map(|(a, b)| a.to_bf16().to_f64() * bf16::from_f32(*b).to_f64())
-                .sum();
-            y[i * n + r] = s as f32;
-        }
-    }
+    let xa = |a: &A| a.to_bf16().to_f64();
+    fwd_ref_with("qmatmul_fwd_bf16_ref", x, m, w, y, xa, bf16_f64)
 }
 
 /// Scalar reference for [`qmatmul_bwd_input_bf16`] (bf16-rounded operands, f64 sums).
@@ -236,27 +240,14 @@ pub fn qmatmul_bwd_input_bf16_ref<A: Activation>(
     dx: &mut [f32],
     accumulate: bool,
 ) {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(dy.len(), m * n);
-    assert_eq!(dx.len(), m * k);
-    let mut acc = vec![0f64; m * k];
-    let mut row = vec![0f32; k];
-    for r in 0..n {
-        w.dequant_tile(r, 1, 0, k, &mut row);
-        for i in 0..m {
-            let g = dy[i * n + r].to_bf16().to_f64();
-            for (a, v) in acc[i * k..(i + 1) * k].iter_mut().zip(&row) {
-                *a += g * bf16::from_f32(*v).to_f64();
-            }
-        }
-    }
-    for (d, a) in dx.iter_mut().zip(&acc) {
-        *d = if accumulate {
-            (*d as f64 + a) as f32
-        } else {
-            *a as f32
-        };
-    }
+    let name = "qmatmul_bwd_input_bf16_ref";
+    let ga = |g: &A| g.to_bf16().to_f64();
+    bwd_input_ref_with(name, dy, m, w, dx, accumulate, ga, bf16_f64)
+}
+
+/// A weight rounded to bf16, as f64.
+fn bf16_f64(v: f32) -> f64 {
+    bf16::from_f32(v).to_f64()
 }
 
 /// Rows of W one forward task owns: its bf16 tile (rows × K) fits in half of L2, at least one
@@ -446,16 +437,13 @@ mod avx512 {
         xb: *const u32,
         out: &mut [[f32; MB]; FWD_MR],
     ) {
-        match rows {
-            8 => fwd_tile::<8>(pairs, wt, ws, xb, out),
-            7 => fwd_tile::<7>(pairs, wt, ws, xb, out),
-            6 => fwd_tile::<6>(pairs, wt, ws, xb, out),
-            5 => fwd_tile::<5>(pairs, wt, ws, xb, out),
-            4 => fwd_tile::<4>(pairs, wt, ws, xb, out),
-            3 => fwd_tile::<3>(pairs, wt, ws, xb, out),
-            2 => fwd_tile::<2>(pairs, wt, ws, xb, out),
-            _ => fwd_tile::<1>(pairs, wt, ws, xb, out),
-        }
+        const_dispatch!(
+            rows,
+            R,
+            [8, 7, 6, 5, 4, 3, 2],
+            1,
+            fwd_tile::<R>(pairs, wt, ws, xb, out)
+        )
     }
 
     pub(super) fn fwd<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
@@ -557,34 +545,13 @@ mod avx512 {
         }
     }
 
+    /// `bwd_tile::<R, V>` for the run-time tile `(r, v)`: r rows in 1..=6 ([`BWD_MR`]), v
+    /// 16-lane vectors in 1..=4 (the kernels need both at compile time).
     macro_rules! bwd_dispatch {
         ($r:expr, $v:expr, $($args:expr),*) => {
-            match ($r, $v) {
-                (6, 4) => bwd_tile::<6, 4>($($args),*),
-                (6, 3) => bwd_tile::<6, 3>($($args),*),
-                (6, 2) => bwd_tile::<6, 2>($($args),*),
-                (6, _) => bwd_tile::<6, 1>($($args),*),
-                (5, 4) => bwd_tile::<5, 4>($($args),*),
-                (5, 3) => bwd_tile::<5, 3>($($args),*),
-                (5, 2) => bwd_tile::<5, 2>($($args),*),
-                (5, _) => bwd_tile::<5, 1>($($args),*),
-                (4, 4) => bwd_tile::<4, 4>($($args),*),
-                (4, 3) => bwd_tile::<4, 3>($($args),*),
-                (4, 2) => bwd_tile::<4, 2>($($args),*),
-                (4, _) => bwd_tile::<4, 1>($($args),*),
-                (3, 4) => bwd_tile::<3, 4>($($args),*),
-                (3, 3) => bwd_tile::<3, 3>($($args),*),
-                (3, 2) => bwd_tile::<3, 2>($($args),*),
-                (3, _) => bwd_tile::<3, 1>($($args),*),
-                (2, 4) => bwd_tile::<2, 4>($($args),*),
-                (2, 3) => bwd_tile::<2, 3>($($args),*),
-                (2, 2) => bwd_tile::<2, 2>($($args),*),
-                (2, _) => bwd_tile::<2, 1>($($args),*),
-                (_, 4) => bwd_tile::<1, 4>($($args),*),
-                (_, 3) => bwd_tile::<1, 3>($($args),*),
-                (_, 2) => bwd_tile::<1, 2>($($args),*),
-                (_, _) => bwd_tile::<1, 1>($($args),*),
-            }
+            const_dispatch!($r, R, [6, 5, 4, 3, 2], 1, {
+                const_dispatch!($v, V, [4, 3, 2], 1, bwd_tile::<R, V>($($args),*))
+            })
         };
     }
 

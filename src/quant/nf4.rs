@@ -210,53 +210,62 @@ mod x86 {
         (_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo))
     }
 
-    /// AVX2: 8 lanes per step; the 16-entry table is two 8-lane permutes and a blend on bit 3.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn blocks_avx2(q: &Nf4Ref<'_>, block0: usize, dst: &mut [f32]) {
-        let t_lo = _mm256_loadu_ps(q.code[..8].as_ptr());
-        let t_hi = _mm256_loadu_ps(q.code[8..].as_ptr());
+    /// Calls `emit(codes, absmax, out)` for each 16 elements of the blocks from `block0` that
+    /// `dst` holds: their 16 code indices as bytes in element order, their block's absmax and
+    /// their 16 outputs. Inlined into each kernel, so `emit` compiles with its features.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[inline(always)]
+    unsafe fn each16(
+        q: &Nf4Ref<'_>,
+        block0: usize,
+        dst: &mut [f32],
+        mut emit: impl FnMut(__m128i, f32, &mut [f32]),
+    ) {
         for (bi, out) in dst.chunks_exact_mut(NF4_BLOCK).enumerate() {
             let b = block0 + bi;
-            let am = _mm256_set1_ps(q.absmax(b));
+            let am = q.absmax(b);
             let src = &q.packed[b * 32..b * 32 + 32];
             for half in 0..2 {
                 let bytes = _mm_loadu_si128(src[half * 16..].as_ptr() as *const __m128i);
                 let (n0, n1) = nibbles(bytes);
                 for (k, n) in [n0, n1].into_iter().enumerate() {
-                    for j in 0..2 {
-                        let part = if j == 0 { n } else { _mm_srli_si128::<8>(n) };
-                        let idx = _mm256_cvtepu8_epi32(part);
-                        let lo = _mm256_permutevar8x32_ps(t_lo, idx);
-                        let hi = _mm256_permutevar8x32_ps(t_hi, idx);
-                        let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                        let v = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), am);
-                        let o = half * 32 + k * 16 + j * 8;
-                        _mm256_storeu_ps(out[o..o + 8].as_mut_ptr(), v);
-                    }
+                    let o = half * 32 + k * 16;
+                    emit(n, am, &mut out[o..o + 16]);
                 }
             }
         }
+    }
+
+    /// AVX2: 8 lanes per step; the 16-entry table is two 8-lane permutes and a blend on bit 3.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn blocks_avx2(q: &Nf4Ref<'_>, block0: usize, dst: &mut [f32]) {
+        let t_lo = _mm256_loadu_ps(q.code[..8].as_ptr());
+        let t_hi = _mm256_loadu_ps(q.code[8..].as_ptr());
+        each16(q, block0, dst, |n, am, out| {
+            let am = _mm256_set1_ps(am);
+            for (j, out) in out.chunks_exact_mut(8).enumerate() {
+                let part = if j == 0 { n } else { _mm_srli_si128::<8>(n) };
+                let idx = _mm256_cvtepu8_epi32(part);
+                let lo = _mm256_permutevar8x32_ps(t_lo, idx);
+                let hi = _mm256_permutevar8x32_ps(t_hi, idx);
+                let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+                let v = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), am);
+                _mm256_storeu_ps(out.as_mut_ptr(), v);
+            }
+        })
     }
 
     /// AVX-512: one 16-entry permute per 16 elements.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn blocks_avx512(q: &Nf4Ref<'_>, block0: usize, dst: &mut [f32]) {
         let table = _mm512_loadu_ps(q.code.as_ptr());
-        for (bi, out) in dst.chunks_exact_mut(NF4_BLOCK).enumerate() {
-            let b = block0 + bi;
-            let am = _mm512_set1_ps(q.absmax(b));
-            let src = &q.packed[b * 32..b * 32 + 32];
-            for half in 0..2 {
-                let bytes = _mm_loadu_si128(src[half * 16..].as_ptr() as *const __m128i);
-                let (n0, n1) = nibbles(bytes);
-                for (k, n) in [n0, n1].into_iter().enumerate() {
-                    let idx = _mm512_cvtepu8_epi32(n);
-                    let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), am);
-                    let o = half * 32 + k * 16;
-                    _mm512_storeu_ps(out[o..o + 16].as_mut_ptr(), v);
-                }
-            }
-        }
+        each16(q, block0, dst, |n, am, out| {
+            let idx = _mm512_cvtepu8_epi32(n);
+            let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), _mm512_set1_ps(am));
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
+        })
     }
 }
 

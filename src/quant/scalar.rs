@@ -121,9 +121,8 @@ pub fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
 pub fn dequant_q8_0(src: &[u8], dst: &mut [f32]) {
     for (b, o) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
         let d = f16_at(b, 0);
-        let qs: &[u8; 32] = arr(b, 2);
-        for j in 0..32 {
-            o[j] = (qs[j] as i8) as f32 * d;
+        for (w, q) in o.iter_mut().zip(&b[2..]) {
+            *w = (*q as i8) as f32 * d;
         }
     }
 }
@@ -270,18 +269,25 @@ pub fn quant_q8_0(src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// The value of largest magnitude with its sign (the first one on ties; 0 for none) and that
+/// magnitude.
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
 /// Q4_0 quantiser: `d = x[argmax |x|] / -8`, `q = trunc(x / d + 8.5)` clamped to 0..=15.
 pub fn quant_q4_0(src: &[f32], dst: &mut [u8]) {
     for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(18)) {
-        // The signed value of largest magnitude (first one on ties), so that it maps to code 0.
-        let mut max = 0f32;
-        let mut amax = 0f32;
-        for &v in x {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        // The signed value of largest magnitude, so that it maps to code 0.
+        let (max, _) = signed_absmax(x);
         let d = max / -8.0;
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -446,14 +452,7 @@ pub fn quant_q4_k(src: &[f32], dst: &mut [u8]) {
 /// keep the best least-squares scale (ggml's `make_qx_quants` with its `rmse_type = 1`).
 /// Returns the scale and leaves the biased codes `l + nmax` in `l_out`.
 fn fit_scale_signed(x: &[f32], l_out: &mut [u8], nmax: i32) -> f32 {
-    let mut max = 0f32;
-    let mut amax = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = signed_absmax(x);
     if amax < 1e-15 {
         l_out.iter_mut().for_each(|v| *v = 0);
         return 0.0;

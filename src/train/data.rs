@@ -2,6 +2,7 @@
 //!
 //! Conventions. A sample is token ids and labels of the same length (-100: no loss); the model
 //! predicts `labels[t + 1]` from position t. Micro-batches are right-padded and masked.
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 
@@ -103,12 +104,10 @@ pub(crate) fn fit_samples(
     Ok((out, cut))
 }
 
-/// SplitMix64: the data order's generator (stateless per epoch, so a position is a step count).
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+/// SplitMix64's first output from state `z`: the data order's generator (stateless per epoch, so
+/// a position is a step count).
+fn mix(z: u64) -> u64 {
+    SplitMix64(z).next()
 }
 
 /// The example order of `epoch`: identity without shuffling, else a Fisher-Yates permutation seeded

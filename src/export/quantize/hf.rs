@@ -182,11 +182,7 @@ pub(super) fn hf_llama<'a>(
     let mut jobs = Vec::with_capacity(src.tensors.len());
     for t in &src.tensors {
         let Some(mapped) = llama_name(&t.name) else {
-            return Err(Error::Invalid(format!(
-                "{}: tensor '{}' has no GGUF name in llama.cpp's LlamaForCausalLM mapping",
-                src.path.display(),
-                t.name
-            )));
+            return Err(unmapped(src, t, "LlamaForCausalLM"));
         };
         let Some(gname) = mapped else { continue };
         // The converter permutes weights and biases of q_proj / k_proj alike.
@@ -267,8 +263,8 @@ pub(super) fn hf_falcon<'a>(
     qtype: QType,
     fallbacks: &mut Vec<String>,
 ) -> Result<(Metadata, Vec<Job<'a>>, Extra)> {
-    let dir = model_dir(src);
     let c = crate::models::FalconConfig::from_store(src)?;
+    let dir = model_dir(src);
     if !c.parallel_attn {
         return Err(Error::Invalid(format!(
             "{}: a Falcon with parallel_attn false has no llama.cpp graph; it cannot be written as GGUF",
@@ -298,11 +294,7 @@ pub(super) fn hf_falcon<'a>(
     let mut jobs = Vec::with_capacity(src.tensors.len());
     for t in &src.tensors {
         let Some(gname) = falcon_name(&t.name) else {
-            return Err(Error::Invalid(format!(
-                "{}: tensor '{}' has no GGUF name in llama.cpp's Falcon mapping",
-                src.path.display(),
-                t.name
-            )));
+            return Err(unmapped(src, t, "Falcon"));
         };
         let groups =
             gname
@@ -318,6 +310,16 @@ pub(super) fn hf_falcon<'a>(
         jobs.push(job(t, gname, qtype, fallbacks, None, groups));
     }
     Ok((meta, jobs, Vec::new()))
+}
+
+/// The error for a tensor of `src` that llama.cpp's `mapping` (of Hugging Face names to GGUF
+/// names) does not name.
+fn unmapped(src: &WeightStore, t: &StoredTensor, mapping: &str) -> Error {
+    Error::Invalid(format!(
+        "{}: tensor '{}' has no GGUF name in llama.cpp's {mapping} mapping",
+        src.path.display(),
+        t.name
+    ))
 }
 
 /// `general.architecture` and `general.name` (the model directory's name, else "model"), then

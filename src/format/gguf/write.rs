@@ -16,6 +16,15 @@ pub struct TensorPlan {
 }
 
 impl TensorPlan {
+    /// The plan of a tensor `name` of `qtype` and `shape` (outermost first).
+    pub fn new(name: &str, qtype: QType, shape: &[usize]) -> Self {
+        TensorPlan {
+            name: name.to_string(),
+            qtype,
+            shape: shape.to_vec(),
+        }
+    }
+
     /// Bytes of the tensor's data, or `None` if the row length is not a whole number of blocks.
     pub fn nbytes(&self) -> Option<usize> {
         let row = *self.shape.last().unwrap_or(&1);
@@ -240,11 +249,7 @@ pub fn rewrite(store: &WeightStore, out: &Path) -> Result<()> {
     let plan = store
         .tensors
         .iter()
-        .map(|t| TensorPlan {
-            name: t.name.clone(),
-            qtype: t.qtype,
-            shape: t.shape.clone(),
-        })
+        .map(|t| TensorPlan::new(&t.name, t.qtype, &t.shape))
         .collect();
     let mut w = GgufWriter::create(out, &store.gguf_metadata, plan)?;
     for t in &store.tensors {

@@ -11,6 +11,7 @@
 //!
 //! Shapes: M rows (tokens), I in-features, O out-features, R rank.
 use super::*;
+use crate::rng::SplitMix64;
 use candle_core::{CustomOp2, CustomOp3};
 
 /// The inverted-dropout factor of element `i` of a mask: 0 with probability p, else 1/(1-p),
@@ -24,22 +25,11 @@ pub struct DropoutMask {
 }
 
 impl DropoutMask {
-    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-    /// SplitMix64's output function.
-    pub fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// Element `i`'s factor.
     #[inline]
     pub fn factor(&self, i: u64) -> f32 {
-        let z = Self::mix(self.key.wrapping_add(i.wrapping_mul(Self::GOLDEN)));
-        // uniform in [0, 1) from the top 53 bits
-        let u = (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-        if u < self.p {
+        let z = SplitMix64::mix(self.key.wrapping_add(i.wrapping_mul(SplitMix64::GOLDEN)));
+        if SplitMix64::unit(z) < self.p {
             0.0
         } else {
             (1.0 / (1.0 - self.p)) as f32

@@ -24,11 +24,11 @@ pub fn has_avx512() -> bool {
 macro_rules! x86_kernels {
     (
         $features:literal,
-        $emit16:item,
-        lanes: $lanes:literal of $f32x:ty,
+        lanes: $lanes:literal of $f32x:ty, $i32x:ty,
+        f32 ops: $set1:ident, $mul:ident, $add:ident, $sub:ident, $cvt:ident, $store:ident,
+        widen_i8::<$signed:ident>($wc:ident) = $widen:expr,
         f16_lanes($fp:ident) = $f16:expr,
         bf16_lanes($bp:ident) = $bf16:expr,
-        store_lanes($sp:ident, $sv:ident) = $store:expr,
         round_bf16_lanes($rs:ident, $rd:ident) = $round:expr $(,)?
     ) => {
         use crate::quant::blocks::{scale_min_k4, scales_q3_k};
@@ -44,13 +44,44 @@ macro_rules! x86_kernels {
         /// Multiply only.
         const MUL: u8 = 0;
 
-        // `emit16::<SIGNED, OP>(codes, d, m, out)`: out[0..16] = f32(codes[i]) * d (op m).
-        $emit16
+        /// `out[0..16] = f32(codes[i]) * d (op m)`: the 16 codes widened to i32 lanes
+        /// (sign-extended when `SIGNED`), converted, multiplied, then `m` added or subtracted.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn emit16<const SIGNED: bool, const OP: u8>(
+            codes: __m128i,
+            d: f32,
+            m: f32,
+            out: *mut f32,
+        ) {
+            let (dv, mv) = ($set1(d), $set1(m));
+            for (i, v) in widen_i8::<SIGNED>(codes).into_iter().enumerate() {
+                let mut r = $mul($cvt(v), dv);
+                if OP == ADD {
+                    r = $add(r, mv);
+                } else if OP == SUB {
+                    r = $sub(r, mv);
+                }
+                $store(out.add(LANES * i), r);
+            }
+        }
+
+        /// 16 codes as i32 lanes, `LANES` a register (sign-extended when `SIGNED`).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn widen_i8<const $signed: bool>($wc: __m128i) -> [$i32x; 16 / LANES] {
+            $widen
+        }
 
         /// 32 codes from a 256-bit register, one scale.
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn emit32<const SIGNED: bool, const OP: u8>(codes: __m256i, d: f32, m: f32, out: *mut f32) {
+        unsafe fn emit32<const SIGNED: bool, const OP: u8>(
+            codes: __m256i,
+            d: f32,
+            m: f32,
+            out: *mut f32,
+        ) {
             emit16::<SIGNED, OP>(_mm256_castsi256_si128(codes), d, m, out);
             emit16::<SIGNED, OP>(_mm256_extracti128_si256::<1>(codes), d, m, out.add(16));
         }
@@ -81,6 +112,20 @@ macro_rules! x86_kernels {
             let bit = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
             let set = _mm_cmpeq_epi8(_mm_and_si128(bytes, bit), bit);
             _mm_and_si128(set, _mm_set1_epi8(0x10))
+        }
+
+        /// The two 128-bit halves of `q` (codes 0..16 and 16..32).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn halves(q: __m256i) -> [__m128i; 2] {
+            [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)]
+        }
+
+        /// Bits `shift..` of every byte of `v`, kept where `mask` is set (`(v >> shift) & mask`).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn bits_at(v: __m256i, shift: usize, mask: __m256i) -> __m256i {
+            _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32)), mask)
         }
 
         #[target_feature(enable = $features)]
@@ -119,7 +164,10 @@ macro_rules! x86_kernels {
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
                 let lo = _mm_or_si128(_mm_and_si128(qs, m4), q5_high_bits::<false>(qh));
-                let hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), q5_high_bits::<true>(qh));
+                let hi = _mm_or_si128(
+                    _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
+                    q5_high_bits::<true>(qh),
+                );
                 emit16::<true, MUL>(_mm_sub_epi8(lo, sixteen), d, 0.0, o.as_mut_ptr());
                 emit16::<true, MUL>(_mm_sub_epi8(hi, sixteen), d, 0.0, o.as_mut_ptr().add(16));
             }
@@ -133,7 +181,10 @@ macro_rules! x86_kernels {
                 let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                 let qs = _mm_loadu_si128(b.as_ptr().add(8) as *const __m128i);
                 let lo = _mm_or_si128(_mm_and_si128(qs, m4), q5_high_bits::<false>(qh));
-                let hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), q5_high_bits::<true>(qh));
+                let hi = _mm_or_si128(
+                    _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
+                    q5_high_bits::<true>(qh),
+                );
                 emit16::<false, ADD>(lo, d, m, o.as_mut_ptr());
                 emit16::<false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
             }
@@ -157,9 +208,9 @@ macro_rules! x86_kernels {
                 for h in 0..2 {
                     let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * h) as *const __m256i);
                     for s in 0..4 {
-                        let q = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                        let q = bits_at(qs, 2 * s, m2);
                         let base = h * 128 + s * 32;
-                        for (half, codes) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)].into_iter().enumerate() {
+                        for (half, codes) in halves(q).into_iter().enumerate() {
                             let sc = b[base / 16 + half];
                             let dl = d * (sc & 0x0f) as f32;
                             let ml = dmin * (sc >> 4) as f32;
@@ -183,13 +234,13 @@ macro_rules! x86_kernels {
                 for h in 0..2 {
                     let qs = _mm256_loadu_si256(b.as_ptr().add(32 + 32 * h) as *const __m256i);
                     for s in 0..4 {
-                        let q2 = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * s as i32)), m2);
-                        let hb = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128((4 * h + s) as i32)), one);
+                        let q2 = bits_at(qs, 2 * s, m2);
+                        let hb = bits_at(hmask, 4 * h + s, one);
                         // q = q2 - 4 + 4 * hbit: subtract 4 where the high bit is clear.
                         let hb4 = _mm256_slli_epi16::<2>(hb);
                         let q = _mm256_sub_epi8(_mm256_add_epi8(q2, hb4), four);
                         let base = h * 128 + s * 32;
-                        for (half, codes) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)].into_iter().enumerate() {
+                        for (half, codes) in halves(q).into_iter().enumerate() {
                             let dl = d * (sc[base / 16 + half] as i32 - 32) as f32;
                             emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
                         }
@@ -198,44 +249,37 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// Q4_K, and Q5_K when `QH` (the fifth bits at byte 16, the nibbles from byte 48): 8
+        /// sub-blocks of 32 with 6-bit scales and mins.
         #[target_feature(enable = $features)]
-        unsafe fn q4_k(src: &[u8], dst: &mut [f32]) {
-            let m4 = _mm256_set1_epi8(0x0f);
-            for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(256)) {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let scales: &[u8; 12] = b[4..16].try_into().expect("block");
-                let o = o.as_mut_ptr();
-                for c in 0..4 {
-                    let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
-                    let lo = _mm256_and_si256(qs, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
-                    for (h, codes) in [lo, hi].into_iter().enumerate() {
-                        let (sc, m) = scale_min_k4(2 * c + h, scales);
-                        emit32::<false, SUB>(codes, d * sc as f32, dmin * m as f32, o.add(64 * c + 32 * h));
-                    }
-                }
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn q5_k(src: &[u8], dst: &mut [f32]) {
+        #[inline]
+        unsafe fn k4_like<const QH: bool>(src: &[u8], dst: &mut [f32]) {
             let m4 = _mm256_set1_epi8(0x0f);
             let one = _mm256_set1_epi8(1);
-            for (b, o) in src.chunks_exact(176).zip(dst.chunks_exact_mut(256)) {
+            let (size, qs_at) = if QH { (176, 48) } else { (144, 16) };
+            for (b, o) in src.chunks_exact(size).zip(dst.chunks_exact_mut(256)) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let scales: &[u8; 12] = b[4..16].try_into().expect("block");
-                let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                let qh = match QH {
+                    true => _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i),
+                    false => _mm256_setzero_si256(),
+                };
                 let o = o.as_mut_ptr();
                 for c in 0..4 {
-                    let qs = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c) as *const __m256i);
+                    let qs = _mm256_loadu_si256(b.as_ptr().add(qs_at + 32 * c) as *const __m256i);
                     let lo = _mm256_and_si256(qs, m4);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
                     for (h, nib) in [lo, hi].into_iter().enumerate() {
                         let j = 2 * c + h;
-                        let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)), one);
-                        let codes = _mm256_or_si256(nib, _mm256_slli_epi16::<4>(bit));
+                        let codes = match QH {
+                            true => {
+                                _mm256_or_si256(nib, _mm256_slli_epi16::<4>(bits_at(qh, j, one)))
+                            }
+                            false => nib,
+                        };
                         let (sc, m) = scale_min_k4(j, scales);
-                        emit32::<false, SUB>(codes, d * sc as f32, dmin * m as f32, o.add(64 * c + 32 * h));
+                        let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                        emit32::<false, SUB>(codes, dl, ml, o.add(64 * c + 32 * h));
                     }
                 }
             }
@@ -261,10 +305,11 @@ macro_rules! x86_kernels {
                         _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
                     ];
                     for (s, nib) in nibs.into_iter().enumerate() {
-                        let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s as i32)), m2);
-                        let q = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16::<4>(hi)), bias);
+                        let hi = bits_at(qh, 2 * s, m2);
+                        let q =
+                            _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16::<4>(hi)), bias);
                         let base = a * 128 + s * 32;
-                        for (half, codes) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)].into_iter().enumerate() {
+                        for (half, codes) in halves(q).into_iter().enumerate() {
                             let dl = d * (b[192 + base / 16 + half] as i8) as f32;
                             emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
                         }
@@ -273,8 +318,8 @@ macro_rules! x86_kernels {
             }
         }
 
-        // The conversions, `LANES` elements a register: F16 -> f32 (`f16(src, dst)`), BF16 -> f32
-        // (`bf16(src, dst)`), f32 -> bf16 (`to_bf16_impl`); the tails go through the scalar code.
+        // The conversions, `LANES` elements a register: F16 and BF16 -> f32 (`widen16`), f32 ->
+        // bf16 (`to_bf16_impl`); the tails go through the scalar code.
 
         /// f32 lanes a register.
         const LANES: usize = $lanes;
@@ -293,13 +338,6 @@ macro_rules! x86_kernels {
             $bf16
         }
 
-        /// f32 lanes `v` stored at `p`.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn store_lanes($sp: *mut f32, $sv: $f32x) {
-            $store
-        }
-
         /// `LANES` f32 at `src` rounded to bf16 at `dst` (`bf16_round_body!`).
         #[target_feature(enable = $features)]
         #[inline]
@@ -315,7 +353,7 @@ macro_rules! x86_kernels {
             for i in (0..n).step_by(LANES) {
                 let p = src.as_ptr().add(2 * i);
                 let v = if BF { bf16_lanes(p) } else { f16_lanes(p) };
-                store_lanes(dst.as_mut_ptr().add(i), v);
+                $store(dst.as_mut_ptr().add(i), v);
             }
             let (src, dst) = (&src[2 * n..], &mut dst[n..]);
             if BF {
@@ -323,16 +361,6 @@ macro_rules! x86_kernels {
             } else {
                 crate::quant::scalar::dequant_f16(src, dst)
             }
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn f16(src: &[u8], dst: &mut [f32]) {
-            widen16::<false>(src, dst)
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
-            widen16::<true>(src, dst)
         }
 
         #[target_feature(enable = $features)]
@@ -347,11 +375,11 @@ macro_rules! x86_kernels {
         }
 
         macro_rules! safe {
-            ($name:ident) => {{
+            ($kernel:expr) => {{
                 fn w(src: &[u8], dst: &mut [f32]) {
                     // SAFETY: only handed out by `dequant_fn` below, which `simd::dequant_fn`
                     // reaches after checking this CPU has `$features`.
-                    unsafe { $name(src, dst) }
+                    unsafe { $kernel(src, dst) }
                 }
                 w as DequantFn
             }};
@@ -360,8 +388,8 @@ macro_rules! x86_kernels {
         /// This level's kernel for `qtype` (callers must have checked the CPU features).
         pub(in crate::quant::simd) fn dequant_fn(qtype: QType) -> Option<DequantFn> {
             Some(match qtype {
-                QType::F16 => safe!(f16),
-                QType::BF16 => safe!(bf16),
+                QType::F16 => safe!(widen16::<false>),
+                QType::BF16 => safe!(widen16::<true>),
                 QType::Q4_0 => safe!(q4_0),
                 QType::Q4_1 => safe!(q4_1),
                 QType::Q5_0 => safe!(q5_0),
@@ -369,8 +397,8 @@ macro_rules! x86_kernels {
                 QType::Q8_0 => safe!(q8_0),
                 QType::Q2_K => safe!(q2_k),
                 QType::Q3_K => safe!(q3_k),
-                QType::Q4_K => safe!(q4_k),
-                QType::Q5_K => safe!(q5_k),
+                QType::Q4_K => safe!(k4_like::<false>),
+                QType::Q5_K => safe!(k4_like::<true>),
                 QType::Q6_K => safe!(q6_k),
                 // F32 is a copy; NF4 is not a ggml block type.
                 QType::F32 | QType::NF4 => return None,
@@ -408,44 +436,19 @@ macro_rules! bf16_round_body {
 pub mod avx2 {
     x86_kernels!(
         "avx2,fma,f16c",
-        #[target_feature(enable = "avx2,fma,f16c")]
-        #[inline]
-        unsafe fn emit16<const SIGNED: bool, const OP: u8>(
-            codes: __m128i,
-            d: f32,
-            m: f32,
-            out: *mut f32,
-        ) {
-            let (lo, hi) = if SIGNED {
-                (
-                    _mm256_cvtepi8_epi32(codes),
-                    _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)),
-                )
-            } else {
-                (
-                    _mm256_cvtepu8_epi32(codes),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)),
-                )
-            };
-            let dv = _mm256_set1_ps(d);
-            let mv = _mm256_set1_ps(m);
-            for (i, v) in [lo, hi].into_iter().enumerate() {
-                let mut r = _mm256_mul_ps(_mm256_cvtepi32_ps(v), dv);
-                if OP == ADD {
-                    r = _mm256_add_ps(r, mv);
-                } else if OP == SUB {
-                    r = _mm256_sub_ps(r, mv);
-                }
-                _mm256_storeu_ps(out.add(8 * i), r);
-            }
+        lanes: 8 of __m256, __m256i,
+        f32 ops: _mm256_set1_ps, _mm256_mul_ps, _mm256_add_ps, _mm256_sub_ps, _mm256_cvtepi32_ps,
+            _mm256_storeu_ps,
+        widen_i8::<SIGNED>(c) = if SIGNED {
+            [_mm256_cvtepi8_epi32(c), _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(c))]
+        } else {
+            [_mm256_cvtepu8_epi32(c), _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(c))]
         },
-        lanes: 8 of __m256,
         f16_lanes(p) = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
         bf16_lanes(p) = {
             let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
         },
-        store_lanes(p, v) = _mm256_storeu_ps(p, v),
         round_bf16_lanes(src, dst) = {
             let x = _mm256_castps_si256(_mm256_loadu_ps(src));
             let r = bf16_round_body!(x, _mm256_and_si256, _mm256_add_epi32, _mm256_srli_epi32,
@@ -475,34 +478,19 @@ pub mod avx512 {
     }
     x86_kernels!(
         "avx512f,avx512bw,avx2,fma,f16c",
-        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-        #[inline]
-        unsafe fn emit16<const SIGNED: bool, const OP: u8>(
-            codes: __m128i,
-            d: f32,
-            m: f32,
-            out: *mut f32,
-        ) {
-            let v = if SIGNED {
-                _mm512_cvtepi8_epi32(codes)
-            } else {
-                _mm512_cvtepu8_epi32(codes)
-            };
-            let mut r = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(d));
-            if OP == ADD {
-                r = _mm512_add_ps(r, _mm512_set1_ps(m));
-            } else if OP == SUB {
-                r = _mm512_sub_ps(r, _mm512_set1_ps(m));
-            }
-            _mm512_storeu_ps(out, r);
+        lanes: 16 of __m512, __m512i,
+        f32 ops: _mm512_set1_ps, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_cvtepi32_ps,
+            _mm512_storeu_ps,
+        widen_i8::<SIGNED>(c) = if SIGNED {
+            [_mm512_cvtepi8_epi32(c)]
+        } else {
+            [_mm512_cvtepu8_epi32(c)]
         },
-        lanes: 16 of __m512,
         f16_lanes(p) = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
         bf16_lanes(p) = {
             let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
         },
-        store_lanes(p, v) = _mm512_storeu_ps(p, v),
         round_bf16_lanes(src, dst) = {
             let x = _mm512_castps_si512(_mm512_loadu_ps(src));
             let r = bf16_round_body!(x, _mm512_and_si512, _mm512_add_epi32, _mm512_srli_epi32,

@@ -25,7 +25,7 @@ pub use synthetic::{random_tensor, synthetic_store};
 use crate::data::pairs::Pair;
 use crate::lora::prompt::{PromptMethod, PromptSpec};
 use crate::models::plan::GpuTerms;
-use crate::models::{LlamaOptions, LoraSpec, MemoryPlan};
+use crate::models::{LlamaConfig, LlamaOptions, LoraSpec, MemoryPlan};
 use crate::quant::QType;
 use crate::store::WeightStore;
 use crate::train::dpo::{Dpo, PairExample};
@@ -201,6 +201,60 @@ fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
     }
 }
 
+/// The machine's peak (GFLOP/s) the MFU is taken against, and its kind: on a CPU the larger of
+/// the measured f32 GEMM rate and the bf16 instruction ceiling; on a GPU its GEMM rate.
+fn machine_peak(
+    cfg: &BenchConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(f64, String)> {
+    if device.is_cpu() {
+        progress("measuring this machine's f32 GEMM and bf16 instruction peaks");
+        let f32_peak = measure_f32_peak();
+        return Ok(match crate::quant::matmul_bf16::measure_bf16_peak() {
+            Some(bf) if bf > f32_peak => (bf, "vdpbf16ps (bf16)".to_string()),
+            _ => (f32_peak, "f32 GEMM".to_string()),
+        });
+    }
+    progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
+    let peak = measure_device_peak(device, cfg.dtype)?;
+    Ok((peak, format!("GPU {:?} GEMM", cfg.dtype).to_lowercase()))
+}
+
+/// Weights of all linears: the decoder's matrices and the head (the embedding's when tied).
+fn linear_weights(store: &WeightStore, model_cfg: &LlamaConfig) -> usize {
+    let matrices: usize = store
+        .tensors
+        .iter()
+        .filter(|t| {
+            t.shape.len() == 2
+                && t.name != "model.embed_tokens.weight"
+                && t.name != "transformer.word_embeddings.weight"
+        })
+        .map(|t| t.numel())
+        .sum();
+    let tied_head = match model_cfg.tie_word_embeddings {
+        true => model_cfg.vocab_size * model_cfg.hidden_size,
+        false => 0,
+    };
+    matrices + tied_head
+}
+
+/// FLOPs of one step as counted. DPO: the policy's 2·batch rows, and the reference forward over
+/// them (a third of a checkpointed step's 6 FLOPs per weight and token: its forward only).
+/// Prompt rows lengthen every sequence (a prefix only adds keys: not counted).
+fn bench_flops(cfg: &BenchConfig, model_cfg: &LlamaConfig, linear_params: usize) -> f64 {
+    let (b, t) = (cfg.batch_size, cfg.seq_len);
+    let t_eff = t + match &cfg.prompt {
+        Some(p) if !matches!(p.method, PromptMethod::PrefixTuning(_)) => p.num_virtual_tokens,
+        _ => 0,
+    };
+    match cfg.dpo_beta {
+        None => step_flops(model_cfg, linear_params, b * t_eff, t_eff),
+        Some(_) => step_flops(model_cfg, linear_params, 2 * b * t_eff, t_eff) * 4.0 / 3.0,
+    }
+}
+
 /// Generates the model, loads it with LoRA, runs `warmup` then `steps` timed training steps
 /// (forward, checkpointed backward, AdamW) and measures time and peak RSS. `progress` gets a line
 /// per phase.
@@ -214,18 +268,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let model_cfg = shape_dims(&config, Path::new(&cfg.shape))?;
     let device = crate::nn::device::open(&cfg.device)?;
     tune_allocator();
-    let (peak_gflops, peak_kind) = if device.is_cpu() {
-        progress("measuring this machine's f32 GEMM and bf16 instruction peaks");
-        let f32_peak = measure_f32_peak();
-        match crate::quant::matmul_bf16::measure_bf16_peak() {
-            Some(bf) if bf > f32_peak => (bf, "vdpbf16ps (bf16)".to_string()),
-            _ => (f32_peak, "f32 GEMM".to_string()),
-        }
-    } else {
-        progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
-        let peak = measure_device_peak(&device, cfg.dtype)?;
-        (peak, format!("GPU {:?} GEMM", cfg.dtype).to_lowercase())
-    };
+    let (peak_gflops, peak_kind) = machine_peak(cfg, &device, progress)?;
     let gpu_baseline = crate::nn::device::used_bytes(&device)?;
     crate::nn::device::reset_peak(&device)?;
     let baseline_rss = status_bytes("VmRSS:");
@@ -236,21 +279,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let opts = bench_options(cfg, device.clone());
     let moments = moment_storage(cfg);
     let (plan, gpu_terms) = plan_of(&store, &opts, cfg, gpu_baseline.is_some())?;
-    let linear_params: usize = store
-        .tensors
-        .iter()
-        .filter(|t| {
-            t.shape.len() == 2
-                && t.name != "model.embed_tokens.weight"
-                && t.name != "transformer.word_embeddings.weight"
-        })
-        .map(|t| t.numel())
-        .sum::<usize>()
-        + if model_cfg.tie_word_embeddings {
-            model_cfg.vocab_size * model_cfg.hidden_size
-        } else {
-            0
-        };
+    let linear_params = linear_weights(&store, &model_cfg);
     progress(&format!("loading the model with {}", cfg.adapter_label()));
     // As the trainer: the prompt-learning adapter installed on the shared decoder.
     let model: Box<dyn crate::models::CausalLm> = match &cfg.prompt {
@@ -343,17 +372,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         }),
         _ => None,
     };
-    // DPO: the policy's 2·batch rows, and the reference forward over them (a third of a
-    // checkpointed step's 6 FLOPs per weight and token: its forward only).
-    // Prompt rows lengthen every sequence (a prefix only adds keys: not counted).
-    let t_eff = t + match &cfg.prompt {
-        Some(p) if !matches!(p.method, PromptMethod::PrefixTuning(_)) => p.num_virtual_tokens,
-        _ => 0,
-    };
-    let flops_per_step = match cfg.dpo_beta {
-        None => step_flops(&model_cfg, linear_params, b * t_eff, t_eff),
-        Some(_) => step_flops(&model_cfg, linear_params, 2 * b * t_eff, t_eff) * 4.0 / 3.0,
-    };
+    let flops_per_step = bench_flops(cfg, &model_cfg, linear_params);
     Ok(BenchReport {
         config: cfg.clone(),
         model: model_cfg,
