@@ -3,10 +3,11 @@
 //! a tiny random Falcon in Falcon-7B's layout (multi-query, parallel attention, tied head, hidden
 //! 32) whose `tokenizer.json` was rebuilt from llama.cpp's `ggml-vocab-falcon.gguf` with
 //! falcon-7b's pre-tokenizer; the unmodified converter named it `falcon` by its own hash. Here:
-//! qtune's tokenizer on it gives llama.cpp's ids, the model with a PEFT adapter gives transformers
-//! + PEFT's logits and greedy tokens, `export --format gguf-lora` from it writes what llama.cpp's
-//! converter writes, and `train`, `generate` and `export` run on it from the command line (the
-//! reference script also had llama.cpp apply the exported LoRA: its figures are in expected.json).
+//! qtune's tokenizer on it gives llama.cpp's ids, the model with a PEFT adapter gives the logits
+//! and greedy tokens of transformers with PEFT, `export --format gguf-lora` from it writes what
+//! llama.cpp's converter writes, and `train`, `generate` and `export` run on it from the command
+//! line (the reference script also had llama.cpp apply the exported LoRA: its figures are in
+//! expected.json).
 use candle_core::{Device, Tensor};
 use qtune::data::Tokenizer;
 use qtune::export::{base_architecture, write_gguf_lora, Adapter, BaseConfig};
