@@ -32,14 +32,15 @@
 //! follows each with a call of [`check_nesting`]) and every result of a filter, method or
 //! `dict()` is measured, and one nested deeper than [`MAX_NESTING`] is refused. The measure is
 //! cheap: the depth of each list and map already measured in this rendering is remembered by
-//! address (with a clone that keeps the address from being reused), so a new list costs a look-up
-//! per item, not a walk of everything under it.
+//! address (with a `Weak` that keeps the address from being reused), so a new list costs a
+//! look-up per item, not a walk of everything under it.
 use minijinja::machinery::{CodeGenerator, Instruction, Instructions};
 use minijinja::value::{Rest, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Expression, State};
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Weak};
 
 /// Largest value (string bytes, or an estimate of a container's printed size) one operation may
 /// build: 16 MiB, the output cap (a training example is kilobytes).
@@ -62,9 +63,8 @@ thread_local! {
     static LEFT: Cell<usize> = const { Cell::new(usize::MAX) };
     /// Why the last check failed (the rendering's error is mapped to a named one from it).
     static HIT: RefCell<Option<String>> = const { RefCell::new(None) };
-    /// Nesting depth of the lists and maps this rendering has measured, by the address of their
-    /// items; the clone keeps the address from being reused while it is remembered.
-    static DEPTHS: RefCell<HashMap<usize, (Value, usize)>> = RefCell::new(HashMap::new());
+    /// Nesting depth of the lists and maps this rendering has measured, by address.
+    static DEPTHS: RefCell<Depths> = RefCell::new(Depths::default());
 }
 
 /// Starts a rendering's budget on this thread; [`Budget::hit`] says which limit stopped it.
@@ -91,10 +91,39 @@ impl Drop for Budget {
     }
 }
 
-/// Empties [`DEPTHS`] (the clones are dropped outside the borrow).
+/// Depths by the address of a list's or map's shared allocation. The `Weak` keeps the address
+/// from being reused while the entry exists (it holds the allocation, not the items); an entry
+/// whose value is gone (strong count 0) is stale. Stale entries are dropped whenever the map has
+/// doubled, so it holds about what the template holds.
+#[derive(Default)]
+struct Depths {
+    by_addr: HashMap<usize, (Weak<dyn Any>, usize)>,
+    prune_at: usize,
+}
+
+/// Empties [`DEPTHS`].
 fn forget_depths() {
     let old = DEPTHS.with(|d| std::mem::take(&mut *d.borrow_mut()));
     drop(old);
+}
+
+fn remembered(addr: usize) -> Option<usize> {
+    DEPTHS.with(|d| {
+        let d = d.borrow();
+        let (seen, depth) = d.by_addr.get(&addr)?;
+        (seen.strong_count() > 0).then_some(*depth)
+    })
+}
+
+fn remember(addr: usize, seen: Weak<dyn Any>, depth: usize) {
+    DEPTHS.with(|d| {
+        let d = &mut *d.borrow_mut();
+        if d.by_addr.len() >= d.prune_at.max(4096) {
+            d.by_addr.retain(|_, (seen, _)| seen.strong_count() > 0);
+            d.prune_at = 2 * d.by_addr.len();
+        }
+        d.by_addr.insert(addr, (seen, depth));
+    });
 }
 
 /// Nesting depth of `v` (0 for a scalar, 1 for a flat list or map) if it is at most `room`, else
@@ -106,22 +135,23 @@ fn nesting(v: &Value, room: usize) -> Option<usize> {
     }
     // minijinja's lists are `Vec<Value>` and its maps `BTreeMap<Value, Value>` (2.24 without
     // `preserve_order`); other containers (lazy lists, objects) are walked each time.
-    let list = v.downcast_object_ref::<Vec<Value>>();
-    let map = v.downcast_object_ref::<BTreeMap<Value, Value>>();
+    let list = v.downcast_object::<Vec<Value>>();
+    let map = v.downcast_object::<BTreeMap<Value, Value>>();
     let addr = list
-        .map(|l| l as *const Vec<Value> as usize)
-        .or(map.map(|m| m as *const BTreeMap<Value, Value> as usize));
-    if let Some(d) = addr.and_then(|a| DEPTHS.with(|m| m.borrow().get(&a).map(|e| e.1))) {
+        .as_ref()
+        .map(|l| Arc::as_ptr(l) as usize)
+        .or(map.as_ref().map(|m| Arc::as_ptr(m) as usize));
+    if let Some(d) = addr.and_then(remembered) {
         return (d <= room).then_some(d);
     }
     let below = room.checked_sub(1)?;
     let mut deepest = 0;
-    if let Some(list) = list {
-        for item in list {
+    if let Some(list) = &list {
+        for item in list.iter() {
             deepest = deepest.max(nesting(item, below)?);
         }
-    } else if let Some(map) = map {
-        for (k, item) in map {
+    } else if let Some(map) = &map {
+        for (k, item) in map.iter() {
             deepest = deepest.max(nesting(k, below)?).max(nesting(item, below)?);
         }
     } else if let Ok(items) = v.try_iter() {
@@ -132,8 +162,13 @@ fn nesting(v: &Value, room: usize) -> Option<usize> {
             deepest = deepest.max(nesting(&item, below)?);
         }
     }
-    if let Some(a) = addr {
-        DEPTHS.with(|m| m.borrow_mut().insert(a, (v.clone(), deepest + 1)));
+    let seen: Option<Weak<dyn Any>> = match (&list, &map) {
+        (Some(l), _) => Some(Arc::downgrade(l) as Weak<dyn Any>),
+        (_, Some(m)) => Some(Arc::downgrade(m) as Weak<dyn Any>),
+        _ => None,
+    };
+    if let (Some(a), Some(seen)) = (addr, seen) {
+        remember(a, seen, deepest + 1);
     }
     Some(deepest + 1)
 }
