@@ -1,5 +1,6 @@
 //! Chat templates: the Jinja `chat_template` a model ships (rendered by minijinja with Python's
 //! string methods, as transformers renders it with jinja2) or a named built-in one.
+use super::guard;
 use super::template_limits as limits;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -118,14 +119,27 @@ impl ChatTemplate {
         });
         let mut out = String::new();
         let budget = limits::Budget::start();
-        let rv = minijinja::machinery::Vm::new(&self.env).eval(
-            &instrs,
-            root,
-            &blocks,
-            &mut minijinja::machinery::make_string_output(&mut out),
-            minijinja::AutoEscape::None,
-        );
+        // minijinja can panic on a template (2.24: `'%9{\u{fffd}…}'.format(x)` slices a format
+        // spec inside a character, format_utils.rs:811): the panic becomes a named error.
+        let rv = guard::catch(|| {
+            minijinja::machinery::Vm::new(&self.env).eval(
+                &instrs,
+                root,
+                &blocks,
+                &mut minijinja::machinery::make_string_output(&mut out),
+                minijinja::AutoEscape::None,
+            )
+        });
         let origin = &self.origin;
+        let rv = match rv {
+            Ok(rv) => rv,
+            Err(panic) => {
+                return Err(Error::Invalid(format!(
+                    "{origin} failed to render (minijinja panicked: {panic}); use \
+                     --chat-template chatml or a template file you trust"
+                )))
+            }
+        };
         match rv {
             Err(e) => Err(if let Some(why) = budget.hit() {
                 let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
