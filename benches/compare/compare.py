@@ -63,7 +63,8 @@ def torch_child(a):
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(a.seed)
     cuda = a.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    # the base's dtype; PEFT makes the LoRA matrices in f32 either way (the default dtype below)
+    dtype = torch.bfloat16 if a.torch_dtype == "bf16" else torch.float32
     dev = torch.device(a.device)
     if cuda:
         torch.cuda.init()
@@ -144,7 +145,7 @@ def torch_child(a):
         "lora_params": sum(p.numel() for p in params),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__},
-        "dtype": "bf16" if cuda else "f32",
+        "dtype": a.torch_dtype,
         "threads": torch.get_num_threads(),
     }))
 
@@ -169,6 +170,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both tools on the GPU in bf16")
+    ap.add_argument("--torch-dtype", choices=["f32", "bf16"],
+                    help="PyTorch's base weights (default: f32 on the CPU, bf16 on a GPU); the "
+                         "LoRA matrices stay f32 as PEFT makes them")
+    ap.add_argument("--qtune-dtype", help="qtune bench's --dtype (default: qtune's own, `auto`; "
+                                          "bf16 on a GPU)")
     ap.add_argument("--pin-mmap", action="store_true",
                     help="run both tools with MALLOC_MMAP_THRESHOLD_=65536 (RSS = live bytes, slower)")
     ap.add_argument("--qtune", default="target/release/qtune", help="the qtune binary")
@@ -176,6 +182,8 @@ def main():
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.targets = a.targets.split(",")
+    if a.torch_dtype is None:
+        a.torch_dtype = "bf16" if a.device.startswith("cuda") else "f32"
     if a.torch_child:
         return torch_child(a)
     os.makedirs(a.out, exist_ok=True)
@@ -186,11 +194,13 @@ def main():
               str(a.rank), "--targets", ",".join(a.targets), "--steps", str(a.steps),
               "--warmup", str(a.warmup), "--seed", str(a.seed)]
     cuda = a.device.startswith("cuda")
-    extra = ["--device", a.device, "--dtype", "bf16"] if cuda else []
+    extra = ["--device", a.device] if cuda else []
+    if a.qtune_dtype or cuda:
+        extra += ["--dtype", a.qtune_dtype or "bf16"]
     q = run([a.qtune, "bench", "--shape", a.shape, "--quant", a.quant, "--json"] + common + extra,
             env)
     t = run([sys.executable, os.path.abspath(__file__), "--torch-child", "--shape", a.shape,
-             "--device", a.device] + common, env)
+             "--device", a.device, "--torch-dtype", a.torch_dtype] + common, env)
     gib = 1 << 30
     mem_rows = [("peak RSS (GiB)", q["measured_peak_bytes"] / gib, t["measured_peak_bytes"] / gib)]
     if cuda:
@@ -210,9 +220,9 @@ def main():
     where = t["gpu"]["name"] if cuda else f"{q['config']['threads']} threads"
     title = (f"{name}, seq {a.seq_len} x batch {a.batch_size}, LoRA r{a.rank} on "
              f"{','.join(a.targets)}, {where}")
-    dt = "bf16" if cuda else "f32"
+    dt, tdt = q["config"].get("dtype", "f32"), t["dtype"]
     md = [f"**{title}**: qtune {a.quant.upper()} weights, {dt} compute; PyTorch {t['versions']['torch']} "
-          f"+ PEFT {t['versions']['peft']} on a {dt} base; both with gradient checkpointing and AdamW, "
+          f"+ PEFT {t['versions']['peft']} on a {tdt} base (LoRA f32); both with gradient checkpointing and AdamW, "
           f"{a.warmup} warm-up + {a.steps} timed steps.", "",
           "| | qtune | PyTorch + PEFT | qtune / PyTorch |", "|---|---:|---:|---:|"]
     for label, x, y in rows:
@@ -225,7 +235,7 @@ def main():
     else:
         md.append(f"| qtune predicted peak (GiB) | {q['predicted_peak_bytes'] / gib:.3f} | | "
                   f"measured/predicted {q['measured_peak_bytes'] / q['predicted_peak_bytes']:.3f} |")
-    md.append(f"| qtune MFU (of {q['peak_gflops']:.0f} GFLOP/s {dt} GEMM) | {100 * q['mfu']:.1f} % | | |")
+    md.append(f"| qtune MFU (of {q['peak_gflops']:.0f} GFLOP/s {q.get('peak_kind', dt)}) | {100 * q['mfu']:.1f} % | | |")
     text = "\n".join(md) + "\n"
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(text)
@@ -240,7 +250,7 @@ def main():
     colors = ["#2a7ab0", "#d9822b"]
     picked = [rows[0], rows[len(mem_rows) + 1], rows[len(mem_rows) + 2]]
     for ax, (label, x, y) in zip(axes, picked):
-        bars = ax.bar(["qtune " + a.quant.upper(), f"PyTorch+PEFT {dt}"], [x, y], color=colors)
+        bars = ax.bar(["qtune " + a.quant.upper(), f"PyTorch+PEFT {tdt}"], [x, y], color=colors)
         ax.bar_label(bars, fmt="%.2f")
         lower = "RSS" in label or "GiB" in label
         ax.set_title(label + (" (lower is better)" if lower else " (higher is better)"))
