@@ -68,10 +68,18 @@ struct CrossEntropyOp {
 }
 
 impl CrossEntropyOp {
-    /// logits (rows, V) = h (rows, C) · Wᵀ + bias.
-    fn logits(&self, h: &[f32], rows: usize, out: &mut [f32]) {
+    /// logits (rows, V) = h (rows, C) · Wᵀ + bias. With bf16 activations (`half`) through the
+    /// bf16 kernels, as every other linear of a bf16 step (h is exactly bf16 then; the logits stay
+    /// f32): the head is 22 % of a ~100M model's linear FLOPs. The backward recomputes the logits
+    /// the same way, so its softmax matches the forward's logsumexp; its dlogits stay f32 and
+    /// map back through the f32 input-gradient kernel.
+    fn logits(&self, h: &[f32], rows: usize, out: &mut [f32], half: bool) {
         let w = self.w.matrix();
-        qmatmul_fwd(h, rows, &w, out);
+        if half {
+            qmatmul_fwd_bf16(h, rows, &w, out);
+        } else {
+            qmatmul_fwd(h, rows, &w, out);
+        }
         if let Some(b) = &self.bias {
             out.par_chunks_mut(w.rows)
                 .for_each(|row| row.iter_mut().zip(b.iter()).for_each(|(x, b)| *x += b));
@@ -86,6 +94,7 @@ impl CustomOp1 for CrossEntropyOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CpuOut {
         let h = f32_of(s, l, self.name())?;
+        let half = s.dtype() == DType::BF16;
         let (vocab, c) = (self.w.shape[0], self.w.shape[1]);
         let n = self.labels.len();
         let mut lse = vec![0f32; n];
@@ -95,7 +104,7 @@ impl CustomOp1 for CrossEntropyOp {
         for (ci, lse) in lse.chunks_mut(self.chunk).enumerate() {
             let (r0, rows) = (ci * self.chunk, lse.len());
             let lg = &mut logits[..rows * vocab];
-            self.logits(&h[r0 * c..(r0 + rows) * c], rows, lg);
+            self.logits(&h[r0 * c..(r0 + rows) * c], rows, lg, half);
             loss += lg
                 .par_chunks(vocab)
                 .zip(lse.par_iter_mut())
@@ -156,6 +165,7 @@ impl CustomOp1 for CrossEntropyOp {
         let g: f32 = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
         let (vocab, c) = (self.w.shape[0], self.w.shape[1]);
         let n = self.labels.len();
+        let half = h.dtype() == DType::BF16;
         let dh = with_f32(h, self.name(), |h| {
             let mut dh = vec![0f32; n * c];
             let mut logits = vec![0f32; self.chunk.min(n) * vocab];
@@ -163,7 +173,7 @@ impl CustomOp1 for CrossEntropyOp {
             for (ci, dh) in dh.chunks_mut(self.chunk * c).enumerate() {
                 let (r0, rows) = (ci * self.chunk, dh.len() / c);
                 let lg = &mut logits[..rows * vocab];
-                self.logits(&h[r0 * c..(r0 + rows) * c], rows, lg);
+                self.logits(&h[r0 * c..(r0 + rows) * c], rows, lg, half);
                 // lg becomes dlogits in place: (rows, V)
                 lg.par_chunks_mut(vocab)
                     .zip(self.labels[r0..r0 + rows].par_iter())
