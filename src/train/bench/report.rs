@@ -184,6 +184,9 @@ impl BenchReport {
         v["objective"] = serde_json::json!(if c.dpo_beta.is_some() { "dpo" } else { "sft" });
         v["rows"] = serde_json::json!(c.rows());
         v["method"] = serde_json::json!(c.method_name());
+        // candle's element-wise workers' spin budget (`qtune` sets 0; candle's own is 25,000)
+        v["config"]["candle_spin_limit"] =
+            serde_json::json!(std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").ok());
         if let Some(pr) = &c.prompt {
             v["config"]["num_virtual_tokens"] = serde_json::json!(pr.num_virtual_tokens);
             if pr.has_encoder() {
