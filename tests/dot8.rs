@@ -162,3 +162,68 @@ fn decoding_with_8_bit_activations_stays_near_the_exact_logits() {
     assert!(fast.iter().all(|v| v.is_finite()));
     assert!(err > 0.0 && err < 2e-2, "{err:e}");
 }
+
+#[test]
+fn packed_groups_equal_the_row_dot_products() {
+    use qtune::quant::dot8_pack::{gemv_packed, group_impls, Packed};
+    // 21 rows: two whole groups of eight and a padded one; 1, 3 and 6 activation rows (the
+    // kernels take at most four at a time).
+    let n = 21;
+    for q in [QType::Q4_0, QType::Q4_K] {
+        let k = if q == QType::Q4_K { 1024 } else { 1024 + 96 };
+        let wb = quantized(q, &rand_vec(n * k, 11));
+        let w = QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Ggml {
+                qtype: q,
+                bytes: &wb,
+            },
+        };
+        let p = Packed::new(&w).expect("packs");
+        let row_ref = dot8::dot_impls(q)[0].1;
+        let rb = wb.len() / n;
+        for m in [1usize, 3, 6] {
+            let mut x = rand_vec(m * k, 12 + m as u64);
+            x[..32].iter_mut().for_each(|v| *v *= 100.0);
+            x[64..96].iter_mut().for_each(|v| *v = 0.0);
+            let (mut worst, mut names) = (0f64, vec![]);
+            for (name, f) in group_impls() {
+                let mut y = vec![f32::NAN; m * n];
+                gemv_packed(&x, m, &p, &mut y, Some(f));
+                for i in 0..m {
+                    let xq = dot8::quantize_activations(&x[i * k..(i + 1) * k]);
+                    let (mut wd, mut xd) = (vec![0f32; k], vec![0f32; k]);
+                    dispatch::dequantize_f32(QType::Q8_0, &xq.bytes, &mut xd);
+                    for r in 0..n {
+                        dispatch::dequantize_f32(q, &wb[r * rb..(r + 1) * rb], &mut wd);
+                        let abs_sum: f64 = wd
+                            .iter()
+                            .zip(&xd)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        let want = row_ref(&wb[r * rb..(r + 1) * rb], &xq);
+                        worst = worst.max(rel(y[i * n + r], want as f64, abs_sum));
+                    }
+                }
+                names.push(name);
+            }
+            eprintln!(
+                "{} packed {names:?}, {m} rows: vs ggml's row reference {worst:.1e}",
+                q.name()
+            );
+            assert!(worst < 1e-5, "{} m={m}: {worst:e}", q.name());
+        }
+    }
+    // Other types are not packed.
+    let f = vec![0u8; 8 * 32 * 34 / 32];
+    let w = QMatrix {
+        rows: 8,
+        cols: 32,
+        data: QData::Ggml {
+            qtype: QType::Q8_0,
+            bytes: &f,
+        },
+    };
+    assert!(Packed::new(&w).is_none());
+}
