@@ -1,7 +1,9 @@
 //! Decode products with 8-bit activations (`quant::dot8`): the AVX2 dot products equal the scalar
 //! reference up to f32 summation order; the reference equals Σ dequant(w)·dequant(x_q) computed
 //! with the dequantisers that are bit-exact with gguf-py (so the block layouts are ggml's); and the
-//! whole product stays within the activation rounding of the exact f32 product.
+//! whole product stays within the activation rounding of the exact f32 product. The decode layout
+//! (`quant::dot8_pack`: eight rows interleaved) gives the same sums as the row reference, and
+//! decoding through it stays near the exact logits (Q4_0 and Q4_K models).
 use qtune::quant::dot8;
 use qtune::quant::{dispatch, QData, QMatrix, QType};
 
