@@ -1,5 +1,6 @@
 //! Kernel benchmarks: memory bandwidth, dequantisation GB/s per type, fused quantised matmul
-//! GFLOP/s (forward and input-gradient, f32 and the bf16 kernels), and candle's `QMatMul::forward` on the same weights.
+//! GFLOP/s (forward and input-gradient, f32 and the bf16 kernels), candle's `QMatMul::forward` on the same weights,
+//! and the 8-bit-activation decode products (row by row and in the packed decode layout).
 //! Results and the exact commands are in docs/BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench kernels` (filter with a trailing pattern, e.g. `-- matmul/`).
@@ -322,9 +323,54 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// Decode products with 8-bit activations on one matrix: row by row (`dot8`) and in
+/// the decode layout (`dot8_pack`), one token and an 8-token prompt. Throughput: weight bytes.
+fn decode(c: &mut Criterion) {
+    use qtune::quant::{dot8::gemv_q8, dot8_pack};
+    let mut g = c.benchmark_group("decode");
+    g.sampling_mode(SamplingMode::Flat);
+    let mut rng = Rng(13);
+    // 11008×4096 streams from memory; 512×4096 stays in the two cores' L2 (the kernel's own
+    // ceiling, without DRAM).
+    for (t, n, k) in [
+        (QType::Q4_0, 11008, 4096),
+        (QType::Q4_K, 11008, 4096),
+        (QType::Q4_0, 512, 4096),
+        (QType::Q4_K, 512, 4096),
+    ] {
+        let wb = random_weights(t, n, k, &mut rng);
+        let w = QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Ggml {
+                qtype: t,
+                bytes: &wb,
+            },
+        };
+        let packed = dot8_pack::worth_packing()
+            .then(|| dot8_pack::Packed::new(&w))
+            .flatten();
+        g.throughput(Throughput::Bytes(wb.len() as u64));
+        for m in [1usize, 8] {
+            let x = rng.vec(m * k);
+            let mut y = vec![0f32; m * n];
+            let label = format!("{}_{n}x{k}_m{m}", t.name());
+            g.bench_function(BenchmarkId::new("rows", &label), |b| {
+                b.iter(|| gemv_q8(black_box(&x), m, &w, &mut y))
+            });
+            if let Some(p) = &packed {
+                g.bench_function(BenchmarkId::new("packed", &label), |b| {
+                    b.iter(|| dot8_pack::gemv_packed(black_box(&x), m, p, &mut y, None))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bandwidth, fma_peak, dequant, matmul
+    targets = bandwidth, fma_peak, dequant, matmul, decode
 }
 criterion_main!(benches);

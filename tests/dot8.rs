@@ -1,7 +1,9 @@
 //! Decode products with 8-bit activations (`quant::dot8`): the AVX2 dot products equal the scalar
 //! reference up to f32 summation order; the reference equals Σ dequant(w)·dequant(x_q) computed
 //! with the dequantisers that are bit-exact with gguf-py (so the block layouts are ggml's); and the
-//! whole product stays within the activation rounding of the exact f32 product.
+//! whole product stays within the activation rounding of the exact f32 product. The decode layout
+//! (`quant::dot8_pack`: eight rows interleaved) gives the same sums as the row reference, and
+//! decoding through it stays near the exact logits (Q4_0 and Q4_K models).
 use qtune::quant::dot8;
 use qtune::quant::{dispatch, QData, QMatrix, QType};
 
@@ -159,6 +161,175 @@ fn decoding_with_8_bit_activations_stays_near_the_exact_logits() {
         .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
         / scale;
     eprintln!("Q4_0 decode, 8-bit vs f32 activations: logits max rel {err:.2e}");
+    assert!(fast.iter().all(|v| v.is_finite()));
+    assert!(err > 0.0 && err < 2e-2, "{err:e}");
+}
+
+#[test]
+fn packed_groups_equal_the_row_dot_products() {
+    use qtune::quant::dot8_pack::{gemv_packed, group_impls, Packed};
+    // 21 rows: two whole groups of eight and a padded one; 1, 3 and 6 activation rows (the
+    // kernels take at most four at a time).
+    let n = 21;
+    for q in [QType::Q4_0, QType::Q4_K] {
+        let k = if q == QType::Q4_K { 1024 } else { 1024 + 96 };
+        let wb = quantized(q, &rand_vec(n * k, 11));
+        let w = QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Ggml {
+                qtype: q,
+                bytes: &wb,
+            },
+        };
+        let p = Packed::new(&w).expect("packs");
+        let row_ref = dot8::dot_impls(q)[0].1;
+        let rb = wb.len() / n;
+        for m in [1usize, 3, 6] {
+            let mut x = rand_vec(m * k, 12 + m as u64);
+            x[..32].iter_mut().for_each(|v| *v *= 100.0);
+            x[64..96].iter_mut().for_each(|v| *v = 0.0);
+            let (mut worst, mut names) = (0f64, vec![]);
+            for (name, f) in group_impls() {
+                let mut y = vec![f32::NAN; m * n];
+                gemv_packed(&x, m, &p, &mut y, Some(f));
+                for i in 0..m {
+                    let xq = dot8::quantize_activations(&x[i * k..(i + 1) * k]);
+                    let (mut wd, mut xd) = (vec![0f32; k], vec![0f32; k]);
+                    dispatch::dequantize_f32(QType::Q8_0, &xq.bytes, &mut xd);
+                    for r in 0..n {
+                        dispatch::dequantize_f32(q, &wb[r * rb..(r + 1) * rb], &mut wd);
+                        let abs_sum: f64 = wd
+                            .iter()
+                            .zip(&xd)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        let want = row_ref(&wb[r * rb..(r + 1) * rb], &xq);
+                        worst = worst.max(rel(y[i * n + r], want as f64, abs_sum));
+                    }
+                }
+                names.push(name);
+            }
+            eprintln!(
+                "{} packed {names:?}, {m} rows: vs ggml's row reference {worst:.1e}",
+                q.name()
+            );
+            assert!(worst < 1e-5, "{} m={m}: {worst:e}", q.name());
+        }
+    }
+    // Other types are not packed.
+    let f = vec![0u8; 8 * 32 * 34 / 32];
+    let w = QMatrix {
+        rows: 8,
+        cols: 32,
+        data: QData::Ggml {
+            qtype: QType::Q8_0,
+            bytes: &f,
+        },
+    };
+    assert!(Packed::new(&w).is_none());
+}
+
+/// A one-layer Llama GGUF whose every linear (and the embedding and head) is Q4_K: hidden 256, so
+/// K-quant blocks fit (the tiny fixture's 64 does not).
+fn write_q4_k_llama(p: &std::path::Path) {
+    use qtune::format::gguf::{GgufWriter, TensorPlan, Value};
+    let (v, c, f) = (300usize, 256usize, 512usize);
+    let s = |x: &str| Value::String(x.into());
+    let u = Value::U32;
+    let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
+    tokens.extend((3..v).map(|i| s(&format!("t{i}"))));
+    let meta = vec![
+        ("general.architecture".to_string(), s("llama")),
+        ("llama.context_length".to_string(), u(128)),
+        ("llama.embedding_length".to_string(), u(c as u32)),
+        ("llama.block_count".to_string(), u(1)),
+        ("llama.feed_forward_length".to_string(), u(f as u32)),
+        ("llama.rope.dimension_count".to_string(), u(64)),
+        ("llama.attention.head_count".to_string(), u(4)),
+        ("llama.attention.head_count_kv".to_string(), u(2)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".to_string(),
+            Value::F32(1e-5),
+        ),
+        ("tokenizer.ggml.model".to_string(), s("llama")),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(8, tokens)),
+    ];
+    let mut plan: Vec<(String, QType, Vec<usize>)> =
+        vec![("token_embd.weight".into(), QType::Q4_K, vec![v, c])];
+    plan.push(("blk.0.attn_norm.weight".into(), QType::F32, vec![c]));
+    for (n, o, k) in [
+        ("attn_q", c, c),
+        ("attn_k", c / 2, c),
+        ("attn_v", c / 2, c),
+        ("attn_output", c, c),
+        ("ffn_gate", f, c),
+        ("ffn_up", f, c),
+        ("ffn_down", c, f),
+    ] {
+        plan.push((format!("blk.0.{n}.weight"), QType::Q4_K, vec![o, k]));
+    }
+    plan.push(("blk.0.ffn_norm.weight".into(), QType::F32, vec![c]));
+    plan.push(("output_norm.weight".into(), QType::F32, vec![c]));
+    plan.push(("output.weight".into(), QType::Q4_K, vec![v, c]));
+    let tp = plan
+        .iter()
+        .map(|(n, q, sh)| TensorPlan {
+            name: n.clone(),
+            qtype: *q,
+            shape: sh.clone(),
+        })
+        .collect();
+    let mut w = GgufWriter::create(p, &meta, tp).unwrap();
+    for (i, (_, q, sh)) in plan.iter().enumerate() {
+        let n: usize = sh.iter().product();
+        if *q == QType::F32 {
+            let b: Vec<u8> = (0..n).flat_map(|_| 1f32.to_le_bytes()).collect();
+            w.write_tensor(&b).unwrap();
+        } else {
+            let vals: Vec<f32> = rand_vec(n, 40 + i as u64).iter().map(|x| x * 0.1).collect();
+            w.write_tensor(&quantized(*q, &vals)).unwrap();
+        }
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn q4_k_decoding_in_the_packed_layout_stays_near_the_exact_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q4_k.gguf");
+    write_q4_k_llama(&p);
+    let store = qtune::store::WeightStore::open(&p).unwrap();
+    let mut g = qtune::generate::Generator::new(&store, None).unwrap();
+    let ids: Vec<u32> = (10..22).collect();
+    let mut run = |int8: bool| -> Vec<f32> {
+        // With 8-bit activations every matrix is packed here (on a CPU with the packed kernels).
+        g.set_int8_activations(int8);
+        let mut c = qtune::generate::KvCache::default();
+        let mut out: Vec<f32> = Vec::new();
+        let l = g.step(&ids[..6], &mut c).unwrap();
+        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for &t in &ids[6..] {
+            let l = g.step(&[t], &mut c).unwrap();
+            out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    let (fast, exact) = (run(true), run(false));
+    let scale = exact.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let err = fast
+        .iter()
+        .zip(&exact)
+        .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+        / scale;
+    eprintln!(
+        "Q4_K decode ({}), 8-bit vs f32 activations: logits max rel {err:.2e}",
+        if qtune::quant::dot8_pack::worth_packing() {
+            "packed"
+        } else {
+            "rows"
+        }
+    );
     assert!(fast.iter().all(|v| v.is_finite()));
     assert!(err > 0.0 && err < 2e-2, "{err:e}");
 }

@@ -135,6 +135,17 @@ fn write_random_7b(p: &Path, q: QType) {
     w.finish().unwrap();
 }
 
+/// This process's resident set now and at its peak, from `/proc/self/status`.
+fn rss() -> String {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .map_or("?".to_string(), |l| l[k.len()..].trim().to_string())
+    };
+    format!("RSS {} (peak {})", get("VmRSS:"), get("VmHWM:"))
+}
+
 #[test]
 #[ignore]
 fn decode_speed_7b_q4_0() {
@@ -158,23 +169,31 @@ fn decode_speed_7b_q4_0() {
     let store = WeightStore::open(&p).unwrap();
     let t = std::time::Instant::now();
     let mut g = Generator::new(&store, None).unwrap();
-    eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("loaded in {:.1} s; {}", t.elapsed().as_secs_f64(), rss());
     let prompt: Vec<u32> = (300..308).collect();
     let n: usize = std::env::var("QTUNE_BENCH_TOKENS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(16);
-    // `qtune generate`'s default (8-bit activations, as llama.cpp), then `--exact` (f32).
-    for (mode, int8) in [("int8 activations", true), ("exact f32", false)] {
+    // `qtune generate`'s default (8-bit activations, as llama.cpp), then `--exact` (f32) unless
+    // QTUNE_BENCH_EXACT=0.
+    let exact = std::env::var("QTUNE_BENCH_EXACT").as_deref() != Ok("0");
+    let modes = [("int8 activations", true), ("exact f32", false)];
+    for (mode, int8) in modes.into_iter().filter(|m| m.1 || exact) {
+        let t = std::time::Instant::now();
+        // With 8-bit activations this repacks Q4_0/Q4_K into the decode layout.
         g.set_int8_activations(int8);
+        let set_s = t.elapsed().as_secs_f64();
         let r = generate(&g, &prompt, n, &Sampling::default(), &[], |_| {}).unwrap();
         eprintln!(
-            "qtune decode ({mode}): {} tokens, {:.3} tokens/s (prompt of {} in {:.2} s), threads {}",
+            "qtune decode ({mode}): {} tokens, {:.3} tokens/s (prompt of {} in {:.2} s), threads {}; \
+             setup {set_s:.1} s; {}",
             r.tokens.len(),
             r.tokens_per_s,
             prompt.len(),
             r.prompt_s,
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            rss()
         );
     }
 }

@@ -61,6 +61,9 @@ pub struct Transformer {
     lm_head: QLinear,
     step: AtomicU64,
     int8: bool,
+    /// Decode-layout copies of the base weights (keyed by their `StoredTensor`'s address), built
+    /// while 8-bit activations are on; their file pages are released.
+    packed: HashMap<usize, crate::quant::dot8_pack::Packed>,
     hooks: Option<Box<dyn SequenceAdapter>>,
 }
 
@@ -248,6 +251,7 @@ impl Transformer {
             lm_head,
             step: AtomicU64::new(0),
             int8: false,
+            packed: HashMap::new(),
             hooks: None,
         })
     }
@@ -287,9 +291,30 @@ impl Transformer {
     }
 
     /// Base products of Q4_0/Q8_0/Q4_K weights with activations rounded to 8 bits, as llama.cpp
-    /// does (decoding; off by default).
+    /// does (decoding; off by default). On a CPU with the packed kernels, Q4_0/Q4_K weights are
+    /// repacked into the decode layout here (`quant::dot8_pack`) and their file pages released.
     pub fn set_int8_activations(&mut self, on: bool) {
+        use crate::quant::dot8_pack::{worth_packing, Packed};
         self.int8 = on;
+        self.packed.clear();
+        if !on || !worth_packing() {
+            return;
+        }
+        let lins = self
+            .layers
+            .iter()
+            .flat_map(|l| l.linears.iter().map(|l| &l.base));
+        for lin in lins.chain([&self.lm_head]) {
+            let w = lin.weight();
+            let key = Arc::as_ptr(w) as usize;
+            if lin.bias().is_some() || self.packed.contains_key(&key) {
+                continue;
+            }
+            if let Some(p) = Packed::new(&w.matrix()) {
+                w.data.release_pages();
+                self.packed.insert(key, p);
+            }
+        }
     }
 
     /// Every adapter tensor with its PEFT name
@@ -446,7 +471,12 @@ impl Transformer {
         let (b, t, k) = x.dims3()?;
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; b * t * w.rows];
-        crate::quant::dot8::gemv_q8(&xs, b * t, &w, &mut y);
+        match self.packed.get(&(Arc::as_ptr(lin.weight()) as usize)) {
+            Some(p) => crate::quant::dot8_pack::gemv_packed(&xs, b * t, p, &mut y, None),
+            None => {
+                crate::quant::dot8::gemv_q8(&xs, b * t, &w, &mut y);
+            }
+        }
         debug_assert_eq!(k, w.cols);
         Tensor::from_vec(y, (b, t, w.rows), x.device())
     }

@@ -6,6 +6,8 @@
 //! - `scalar`: the reference dequantisers and quantisers, one per type; every SIMD path is tested
 //!   equal to these, and these are tested bit-exact against gguf-py / bitsandbytes fixtures.
 //! - `simd`: AVX2+FMA, AVX-512 and NEON versions, chosen at run time by `dispatch`.
+//! - `dot8`, `dot8_pack`: decode products with 8-bit activations, row by row and on Q4_0/Q4_K
+//!   repacked eight rows at a time (the decode layout).
 //! - `nf4`: bitsandbytes NF4 with double quantisation (its statistics live beside the blocks).
 //! - `matmul`: fused quantised matmul `y = x·Wᵀ` and input-gradient `dx = dy·W`, tile by tile.
 //! - `matmul_bf16`: the same products in bf16 with f32 sums (`vdpbf16ps` on AVX-512 BF16), for
@@ -13,6 +15,7 @@
 pub mod blocks;
 pub mod dispatch;
 pub mod dot8;
+pub mod dot8_pack;
 pub mod matmul;
 pub mod matmul_bf16;
 pub mod nf4;

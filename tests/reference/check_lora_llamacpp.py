@@ -27,7 +27,9 @@ import tempfile
 import types
 
 import numpy as np
-import torch
+
+# Imported in main() when needed: `--bench` runs where only llama-cpp-python and numpy are installed.
+torch = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "fixtures")
@@ -126,8 +128,11 @@ def bench(path, n):
 
 
 def main():
+    global torch
     if sys.argv[1] == "--bench":
         return bench(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 16)
+    import torch as _torch
+    torch = _torch
     qtune, src = sys.argv[1], sys.argv[2]
     os.makedirs(OUT, exist_ok=True)
     exp = json.load(open(os.path.join(FIX, "llama", "f32", "expected.json")))
