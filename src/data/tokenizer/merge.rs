@@ -35,10 +35,10 @@ impl<P: Ord> Ord for Candidate<P> {
 /// The pieces `text`'s characters merge into. `priority(a, b, ab)` ranks merging the adjacent
 /// pieces `a` and `b` (`ab` is their concatenation, a slice of `text`), or refuses it with `None`;
 /// the greatest priority merges first.
-pub(crate) fn merge_pieces<'t, P: Ord>(
-    text: &'t str,
+pub(crate) fn merge_pieces<P: Ord>(
+    text: &str,
     mut priority: impl FnMut(&str, &str, &str) -> Option<P>,
-) -> Vec<&'t str> {
+) -> Vec<&str> {
     // Symbols: [start, start+len) in `text`, linked left/right; a merged-away symbol has len 0.
     let start: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
     let n = start.len();
