@@ -38,7 +38,7 @@ pub struct Flags {
 pub struct Args {
     /// Every flag, given or default.
     pub flags: Flags,
-    /// The settings' keys (kebab-case) given on the command line.
+    /// The ids (kebab-case) of the flags given on the command line: for a setting, its key.
     pub given: Vec<String>,
 }
 
