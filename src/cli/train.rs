@@ -1,192 +1,102 @@
 //! `qtune train`: JSONL data and a base model to a PEFT LoRA adapter. With no arguments it trains
 //! the embedded default (assets/) for about a minute.
 use anyhow::{bail, Context, Result};
+use clap::parser::ValueSource;
 use qtune::data::{load_examples, DataOptions, Tokenizer};
 use qtune::store::WeightStore;
 use qtune::train::checkpoint;
 use qtune::train::config::TrainConfig;
 use qtune::train::dpo::{Dpo, PairExample};
 use qtune::train::trainer::{train, train_with, RunOptions, Sample};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-/// Flags of `qtune train`; each is also a key of `--config` (same name), and a flag given wins.
-/// (Serialised into a TOML table to merge over the file's: toml leaves out the `None` fields, so
-/// only the flags given are there; a `false` switch is skipped by `is_false`.)
-#[derive(clap::Args, Debug, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Args {
+/// The flags of `qtune train`: every setting of [`TrainConfig`] (each also a key of `--config`;
+/// a flag given wins) and those that only the command takes.
+#[derive(clap::Args, Debug)]
+pub struct Flags {
     /// TOML file with any of these settings as keys (`batch-size = 4`); flags win over it.
     #[arg(long)]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Base model: Hugging Face directory, .safetensors or .gguf, or a Hub id (org/name[@rev],
-    /// org/name:QUANT for a GGUF repository) (default: the embedded model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    // The settings.
+    #[command(flatten)]
+    pub settings: TrainConfig,
     /// With a Hub id: the file to take from a GGUF repository (instead of `org/name:QUANT`).
     #[arg(long)]
-    #[serde(skip)]
     pub gguf_file: Option<String>,
-    /// Training data (JSONL: text, prompt/completion, messages or alpaca lines).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Evaluation data (JSONL), for eval loss and perplexity.
-    #[arg(long)]
-    pub eval_data: Option<PathBuf>,
-    /// Output directory (metrics.jsonl, checkpoint-N/, adapter/).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k or none [default: none].
-    #[arg(long)]
-    pub quant: Option<String>,
-    /// What trains: lora; dora (LoRA plus a trained magnitude per output row, PEFT's use_dora;
-    /// takes the LoRA flags); prompt-tuning, p-tuning or prefix-tuning (PEFT's prompt-learning
-    /// methods, saving PEFT's prompt_embeddings) [default: lora].
-    #[arg(long, value_enum)]
-    pub method: Option<qtune::train::config::Method>,
-    /// Virtual tokens of prompt-tuning, p-tuning and prefix-tuning [default: 20].
-    #[arg(long)]
-    pub num_virtual_tokens: Option<usize>,
-    /// Width of P-tuning's MLP encoder, and of prefix tuning's projection.
-    #[arg(long)]
-    pub encoder_hidden_size: Option<usize>,
-    /// Prefix tuning: the prefix is the output of an MLP (PEFT's prefix_projection).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    pub prefix_projection: bool,
-    /// Prompt tuning: start the virtual tokens from this text's token embeddings (PEFT's TEXT
-    /// init) instead of N(0, 1).
-    #[arg(long)]
-    pub prompt_init_text: Option<String>,
-    /// LoRA rank [default: 8].
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// LoRA alpha [default: 16].
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// LoRA dropout [default: 0].
-    #[arg(long)]
-    pub dropout: Option<f32>,
-    /// LoRA targets, comma-separated PEFT names (q_proj,v_proj) or all-linear [default: all-linear].
-    #[arg(long, value_delimiter = ',')]
-    pub targets: Option<Vec<String>>,
-    /// Peak learning rate [default: 2e-4].
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// constant, linear or cosine [default: linear].
-    #[arg(long)]
-    pub schedule: Option<String>,
-    /// Warmup steps [default: 0].
-    #[arg(long)]
-    pub warmup: Option<usize>,
-    /// Optimizer steps (wins over --epochs).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Passes over the data [default: 1].
-    #[arg(long)]
-    pub epochs: Option<f64>,
-    /// Sequences per micro-batch [default: 4].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Global gradient-norm clip, 0 = off [default: 1].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// Tokens per sequence; longer examples are truncated [default: 512].
-    #[arg(long)]
-    pub seq_len: Option<usize>,
-    /// Seed of LoRA init, dropout and data order [default: 42].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Shuffle examples each epoch: true or false [default: true].
-    #[arg(long)]
-    pub shuffle: Option<bool>,
-    /// Evaluate every N steps (and at start and end) [default: 0: start and end only].
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// Checkpoint every N steps (and at the end) [default: 0: end only].
-    #[arg(long)]
-    pub save_every: Option<usize>,
-    /// Worker threads, 0 = all cores [default: 0].
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Refuse a run predicted to need more (8G, 512M, bytes).
-    #[arg(long)]
-    pub max_memory: Option<String>,
-    /// AdamW decoupled weight decay [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// AdamW beta1 [default: 0.9].
-    #[arg(long)]
-    pub adam_beta1: Option<f64>,
-    /// AdamW beta2 [default: 0.999].
-    #[arg(long)]
-    pub adam_beta2: Option<f64>,
-    /// AdamW epsilon [default: 1e-8].
-    #[arg(long)]
-    pub adam_eps: Option<f64>,
-    /// Compute and adapter dtype: auto (bf16 on a GPU, and on a CPU with AVX-512 BF16 for models
-    /// of hidden size 1024 or more; else f32), bf16 or f32 [default: auto].
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Start from this PEFT adapter directory (its rank, alpha and targets are used).
-    #[arg(long)]
-    pub adapter_init: Option<PathBuf>,
-    /// Continue from a checkpoint directory (or an --out directory: its newest checkpoint).
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    /// Also put the loss on prompt / user tokens.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    pub train_on_prompt: bool,
-    /// Pack short examples together into --seq-len sequences.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    pub packing: bool,
-    /// Keep AdamW's moments 8-bit, blockwise as bitsandbytes' AdamW8bit (~2 bytes per LoRA
-    /// parameter instead of 8; tensors under 4096 elements stay 32-bit).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    pub optim_8bit: bool,
-    /// Chat template for `messages` data: a built-in name, a Jinja file or Jinja text.
-    #[arg(long)]
-    pub chat_template: Option<String>,
-    /// What to learn: sft (next-token loss on examples) or dpo (preference pairs
-    /// {"prompt","chosen","rejected"}) [default: sft].
-    #[arg(long)]
-    pub objective: Option<String>,
-    /// DPO's β: how far the policy may move from the reference [default: 0.1].
-    #[arg(long)]
-    pub beta: Option<f64>,
-    /// DPO's reference: the base plus this frozen PEFT adapter (e.g. the SFT adapter the DPO run
-    /// starts from with --adapter-init) [default: the base alone].
-    #[arg(long)]
-    pub ref_adapter: Option<PathBuf>,
-    /// DPO: compute every pair's reference log-probs once before training (kept in the run
-    /// directory, reused on resume), then run the policy only.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "is_false")]
-    pub precompute_ref: bool,
     /// Also write the final adapter in another format beside the PEFT one: `gguf-lora` writes
     /// `<out>/adapter.gguf`, llama.cpp's LoRA file (f32 factors; Llama bases).
     #[arg(long)]
-    #[serde(skip)]
     pub export: Option<String>,
     /// Stop right after this step, without the final save (simulates a kill; for resume tests).
     #[arg(long, hide = true)]
-    #[serde(skip)]
     pub stop_after: Option<usize>,
-    /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+)
-    /// [default: cpu].
-    #[arg(long)]
-    pub device: Option<String>,
+}
+
+/// `qtune train`'s command line: the flags, and which of them were given (only those override
+/// the `--config` file and a resumed run's settings; the others hold their defaults).
+#[derive(Debug)]
+pub struct Args {
+    /// Every flag, given or default.
+    pub flags: Flags,
+    /// The ids (kebab-case) of the flags given on the command line: for a setting, its key.
+    pub given: Vec<String>,
+}
+
+impl clap::FromArgMatches for Args {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let given = m
+            .ids()
+            .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| id.as_str().replace('_', "-"))
+            .collect();
+        Ok(Args {
+            flags: Flags::from_arg_matches(m)?,
+            given,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for Args {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        help_order(Flags::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        help_order(Flags::augment_args_for_update(cmd))
+    }
+}
+
+/// `--help` lists the flags in [`TrainConfig`]'s order (that of the saved `qtune.toml`) but for
+/// three, kept where they stood before the settings and the flags were one struct: `--gguf-file`
+/// after `--model`, `--optim-8bit` after `--packing`, `--device` last.
+fn help_order(cmd: clap::Command) -> clap::Command {
+    // Every flag at twice its place, so that a moved one fits in after another.
+    let cmd = cmd.mut_args(|a| {
+        let o = a.get_display_order();
+        a.display_order(2 * o)
+    });
+    let after = |id: &str| {
+        let a = cmd.get_arguments().find(|a| a.get_id() == id);
+        a.map_or(0, |a| a.get_display_order() + 1)
+    };
+    let (model, packing, last) = (after("model"), after("packing"), after("stop_after"));
+    cmd.mut_arg("gguf_file", |a| a.display_order(model))
+        .mut_arg("optim_8bit", |a| a.display_order(packing))
+        .mut_arg("device", |a| a.display_order(last))
+}
+
+impl Args {
+    /// The settings given as flags, as a TOML table to merge over the `--config` file's.
+    fn flags_table(&self) -> Result<toml::Table> {
+        let mut t = toml::Table::try_from(&self.flags.settings).context("collecting flags")?;
+        t.retain(|k, _| self.given.iter().any(|g| g == k));
+        Ok(t)
+    }
 }
 
 /// The embedded default: model, data and settings shipped in assets/.
@@ -197,11 +107,11 @@ fn assets() -> PathBuf {
 /// Resolves the config: defaults < embedded default (when no model and no data are named anywhere)
 /// < --config file < flags.
 pub fn resolve(args: &Args) -> Result<TrainConfig> {
-    let file = match &args.config {
+    let file = match &args.flags.config {
         Some(p) => TrainConfig::table_from_file(p)?,
         None => toml::Table::new(),
     };
-    let flags = toml::Table::try_from(args).context("collecting flags")?;
+    let flags = args.flags_table()?;
     let named = |k: &str| file.contains_key(k) || flags.contains_key(k);
     // `--resume DIR`: the run's own settings, saved in its checkpoint; flags may change only what
     // does not move the trajectory, and the run goes on in its own directory.
@@ -210,7 +120,7 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
         .find_map(|t| t.get("resume").and_then(|v| v.as_str()).map(PathBuf::from));
     if let Some(r) = &resume {
         let given = [file.clone(), flags.clone()];
-        if let Some(cfg) = checkpoint::resume_config(r, &given, args.config.as_deref())? {
+        if let Some(cfg) = checkpoint::resume_config(r, &given, args.flags.config.as_deref())? {
             return Ok(cfg);
         }
     }
@@ -232,7 +142,7 @@ pub fn resolve(args: &Args) -> Result<TrainConfig> {
     let out_named = named("out");
     layers.push(file);
     layers.push(flags);
-    let mut cfg = TrainConfig::resolve(&layers, args.config.as_deref())?;
+    let mut cfg = TrainConfig::resolve(&layers, args.flags.config.as_deref())?;
     if let Some(r) = &resume {
         // A checkpoint from before settings were saved in it: every setting was given again.
         let given_out = out_named.then_some(cfg.out.as_path());
@@ -311,7 +221,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(m) = &cfg.model {
         cfg.model = Some(qtune::store::hub::resolve_model(
             m,
-            args.gguf_file.as_deref(),
+            args.flags.gguf_file.as_deref(),
         )?);
     }
     // a bad --device fails before the data are tokenised
@@ -324,18 +234,18 @@ pub fn run(args: Args) -> Result<()> {
             .build_global()
             .context("setting --threads")?;
     }
-    if let Some(f) = args.export.as_deref().filter(|f| *f != "gguf-lora") {
+    if let Some(f) = args.flags.export.as_deref().filter(|f| *f != "gguf-lora") {
         bail!(
             "--export {f}: the only extra format is gguf-lora (the PEFT adapter is always written)"
         );
     }
-    if args.export.is_some() && cfg.method == qtune::train::config::Method::Dora {
+    if args.flags.export.is_some() && cfg.method == qtune::train::config::Method::Dora {
         bail!(
             "--export gguf-lora with --method dora: llama.cpp has no DoRA, only plain LoRA; train \
              without --export and fold the adapter into the base with `qtune merge` instead"
         );
     }
-    if args.export.is_some() && cfg.method.is_prompt() {
+    if args.flags.export.is_some() && cfg.method.is_prompt() {
         bail!(
             "{}",
             qtune::export::prompt_refusal("--export gguf-lora", cfg.method_name())
@@ -357,7 +267,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let opts = RunOptions {
         quiet: false,
-        stop_after: args.stop_after,
+        stop_after: args.flags.stop_after,
     };
     // prompts for the before/after demo: the eval data's (held out), else the training data's
     let held_out = !eval_data.is_empty();
@@ -384,7 +294,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         let store = qtune::store::WeightStore::open(&model)?;
         let base = qtune::export::BaseConfig::from_store(&store)?;
-        if args.export.is_some() {
+        if args.flags.export.is_some() {
             export_gguf_lora(&store, &rep.adapter_dir)?;
         }
         // Greedy answers without and with the adapter (the same code as `qtune generate`).
@@ -453,7 +363,7 @@ fn run_dpo(cfg: &TrainConfig, args: &Args, data: &Path, tok: &Tokenizer) -> Resu
     };
     let opts = RunOptions {
         quiet: false,
-        stop_after: args.stop_after,
+        stop_after: args.flags.stop_after,
     };
     let rep = train_with(&dpo, cfg, train_data, eval_data, &opts)?;
     if let (Some(first), Some(last)) = (rep.evals.first(), rep.evals.last()) {
@@ -467,7 +377,7 @@ fn run_dpo(cfg: &TrainConfig, args: &Args, data: &Path, tok: &Tokenizer) -> Resu
             "final DPO loss {l:.4}; adapter in {}",
             rep.adapter_dir.display()
         );
-        if args.export.is_some() {
+        if args.flags.export.is_some() {
             let model = cfg
                 .model
                 .as_deref()
@@ -495,17 +405,16 @@ fn export_gguf_lora(store: &WeightStore, adapter_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::Args;
+    use clap::{Args as _, FromArgMatches};
 
-    /// The flags' table holds the flags given and nothing else (toml leaves out `None` fields), so
+    /// The flags' table holds the flags given and nothing else (the others hold defaults), so
     /// that a flag not given does not hide the --config file's value.
     #[test]
     fn flags_table_holds_only_the_flags_given() {
-        let args = Args {
-            model: Some("m.gguf".into()),
-            rank: Some(4),
-            ..Default::default()
-        };
-        let t = toml::Table::try_from(&args).unwrap();
+        let cmd = Args::augment_args(clap::Command::new("train"));
+        let m = cmd.get_matches_from(["train", "--model", "m.gguf", "--rank", "4"]);
+        let args = Args::from_arg_matches(&m).unwrap();
+        let t = args.flags_table().unwrap();
         let keys: Vec<&str> = t.keys().map(String::as_str).collect();
         assert_eq!(keys, ["model", "rank"]);
     }

@@ -3,6 +3,7 @@
 //! byte-level BPE ("gpt2") with every pre-tokenizer llama.cpp knows, SentencePiece ("llama") and
 //! WordPiece ("bert").
 mod bpe;
+mod merge;
 mod pre;
 mod spm;
 mod vocab;

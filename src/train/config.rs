@@ -53,155 +53,172 @@ impl Method {
     }
 }
 
-/// Every setting of a training run. Field names are the config keys (kebab-case in TOML).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Every setting of a training run: the flags of `qtune train` (each field's doc is its `--help`
+/// text), the keys of a `--config` file and of the [`CONFIG_FILE`] saved with a run (kebab-case).
+/// A field's `default_value` is its [`Default`]; a field without one is unset unless given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Base model: a Hugging Face directory, a .safetensors or a .gguf file.
+    /// Base model: Hugging Face directory, .safetensors or .gguf, or a Hub id (org/name[@rev],
+    /// org/name:QUANT for a GGUF repository) (default: the embedded model).
+    #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training JSONL.
+    /// Training data (JSONL: text, prompt/completion, messages or alpaca lines).
+    #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Evaluation JSONL (none: no eval loss).
+    /// Evaluation data (JSONL), for eval loss and perplexity.
+    #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// Output directory: metrics, checkpoints, and the final adapter in `<out>/adapter`.
+    /// Output directory (metrics.jsonl, checkpoint-N/, adapter/).
+    #[arg(long, default_value = "qtune-out", hide_default_value = true)]
     pub out: PathBuf,
-    /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k, or none (keep as stored).
+    /// Quantise a float base at load: nf4, q4_0, q8_0, q4_k, q6_k or none [default: none].
+    #[arg(long, default_value = "none", hide_default_value = true)]
     pub quant: String,
-    /// What trains: lora, dora, prompt-tuning, p-tuning or prefix-tuning (dora takes the LoRA
-    /// settings below).
+    /// What trains: lora; dora (LoRA plus a trained magnitude per output row, PEFT's use_dora;
+    /// takes the LoRA flags); prompt-tuning, p-tuning or prefix-tuning (PEFT's prompt-learning
+    /// methods, saving PEFT's prompt_embeddings) [default: lora].
+    #[arg(long, value_enum, default_value = "lora", hide_default_value = true)]
     pub method: Method,
-    /// Virtual tokens of the prompt-learning methods.
+    /// Virtual tokens of prompt-tuning, p-tuning and prefix-tuning [default: 20].
+    #[arg(long, default_value = "20", hide_default_value = true)]
     pub num_virtual_tokens: usize,
-    /// P-tuning's MLP width, prefix tuning's projection width (with `prefix-projection`).
+    /// Width of P-tuning's MLP encoder, and of prefix tuning's projection.
+    #[arg(long)]
     pub encoder_hidden_size: Option<usize>,
-    /// Prefix tuning: the prefix is an MLP's output (PEFT's `prefix_projection`).
+    /// Prefix tuning: the prefix is the output of an MLP (PEFT's prefix_projection).
+    #[arg(long)]
     pub prefix_projection: bool,
-    /// Prompt tuning: initialise the rows from this text's token embeddings (PEFT's TEXT init).
+    /// Prompt tuning: start the virtual tokens from this text's token embeddings (PEFT's TEXT
+    /// init) instead of N(0, 1).
+    #[arg(long)]
     pub prompt_init_text: Option<String>,
-    /// LoRA rank.
+    /// LoRA rank [default: 8].
+    #[arg(long, default_value = "8", hide_default_value = true)]
     pub rank: usize,
-    /// LoRA alpha (scale = alpha / rank).
+    /// LoRA alpha [default: 16].
+    #[arg(long, default_value = "16", hide_default_value = true)]
     pub alpha: f64,
-    /// LoRA dropout on the adapter input.
+    /// LoRA dropout [default: 0].
+    #[arg(long, default_value = "0", hide_default_value = true)]
     pub dropout: f32,
-    /// LoRA target projections (PEFT names) or `all-linear`.
+    /// LoRA targets, comma-separated PEFT names (q_proj,v_proj) or all-linear [default: all-linear].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "all-linear",
+        hide_default_value = true
+    )]
     pub targets: Vec<String>,
-    /// Peak learning rate.
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long, default_value = "2e-4", hide_default_value = true)]
     pub lr: f64,
-    /// constant, linear or cosine.
+    /// constant, linear or cosine [default: linear].
+    #[arg(long, default_value = "linear", hide_default_value = true)]
     pub schedule: String,
-    /// Linear warmup steps.
+    /// Warmup steps [default: 0].
+    #[arg(long, default_value = "0", hide_default_value = true)]
     pub warmup: usize,
-    /// Optimizer steps (wins over `epochs`).
+    /// Optimizer steps (wins over --epochs).
+    #[arg(long)]
     pub steps: Option<usize>,
-    /// Passes over the training data (used when `steps` is unset; default 1).
+    /// Passes over the data [default: 1].
+    #[arg(long)]
     pub epochs: Option<f64>,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch [default: 4].
+    #[arg(long, default_value = "4", hide_default_value = true)]
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long, default_value = "1", hide_default_value = true)]
     pub grad_accum: usize,
-    /// Global gradient-norm clip (0: off).
+    /// Global gradient-norm clip, 0 = off [default: 1].
+    #[arg(long, default_value = "1", hide_default_value = true)]
     pub max_grad_norm: f64,
-    /// Tokens per sequence; longer examples are truncated.
+    /// Tokens per sequence; longer examples are truncated [default: 512].
+    #[arg(long, default_value = "512", hide_default_value = true)]
     pub seq_len: usize,
-    /// Seed of the LoRA init, dropout and data order.
+    /// Seed of LoRA init, dropout and data order [default: 42].
+    #[arg(long, default_value = "42", hide_default_value = true)]
     pub seed: u64,
-    /// Shuffle the training examples each epoch.
+    /// Shuffle examples each epoch: true or false [default: true].
+    #[arg(long, action = clap::ArgAction::Set, default_value = "true", hide_default_value = true)]
     pub shuffle: bool,
-    /// Evaluate every N steps (0: only at the start and end).
+    /// Evaluate every N steps (and at start and end) [default: 0: start and end only].
+    #[arg(long, default_value = "0", hide_default_value = true)]
     pub eval_every: usize,
-    /// Checkpoint every N steps (0: only at the end).
+    /// Checkpoint every N steps (and at the end) [default: 0: end only].
+    #[arg(long, default_value = "0", hide_default_value = true)]
     pub save_every: usize,
-    /// Worker threads (0: all cores).
+    /// Worker threads, 0 = all cores [default: 0].
+    #[arg(long, default_value = "0", hide_default_value = true)]
     pub threads: usize,
-    /// Refuse a run whose predicted peak exceeds this (e.g. `8G`, `512M`, bytes).
+    /// Refuse a run predicted to need more (8G, 512M, bytes).
+    #[arg(long)]
     pub max_memory: Option<String>,
-    /// Decoupled AdamW weight decay.
+    /// AdamW decoupled weight decay [default: 0].
+    #[arg(long, default_value = "0", hide_default_value = true)]
     pub weight_decay: f64,
-    /// AdamW beta1.
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long, default_value = "0.9", hide_default_value = true)]
     pub adam_beta1: f64,
-    /// AdamW beta2.
+    /// AdamW beta2 [default: 0.999].
+    #[arg(long, default_value = "0.999", hide_default_value = true)]
     pub adam_beta2: f64,
-    /// AdamW epsilon.
+    /// AdamW epsilon [default: 1e-8].
+    #[arg(long, default_value = "1e-8", hide_default_value = true)]
     pub adam_eps: f64,
-    /// Keep AdamW's moments as bitsandbytes' blockwise 8-bit state (parameters of 4096 elements or
-    /// more; smaller ones stay f32).
+    /// Keep AdamW's moments 8-bit, blockwise as bitsandbytes' AdamW8bit (~2 bytes per LoRA
+    /// parameter instead of 8; tensors under 4096 elements stay 32-bit).
+    #[arg(long)]
     pub optim_8bit: bool,
-    /// Compute and adapter dtype: auto (bf16 on a GPU, and on a CPU with AVX-512 BF16 for models of
-    /// hidden size 1024 or more; else f32), bf16 or f32.
+    /// Compute and adapter dtype: auto (bf16 on a GPU, and on a CPU with AVX-512 BF16 for models
+    /// of hidden size 1024 or more; else f32), bf16 or f32 [default: auto].
+    #[arg(long, default_value = "auto", hide_default_value = true)]
     pub dtype: String,
-    /// Compute device: cpu, cuda or cuda:N (a build with `--features cuda`).
+    /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+)
+    /// [default: cpu].
+    #[arg(long, default_value = "cpu", hide_default_value = true)]
     pub device: String,
-    /// Start from this PEFT adapter (its rank, alpha and targets win).
+    /// Start from this PEFT adapter directory (its rank, alpha and targets are used).
+    #[arg(long)]
     pub adapter_init: Option<PathBuf>,
-    /// Continue from this checkpoint (or output) directory.
+    /// Continue from a checkpoint directory (or an --out directory: its newest checkpoint).
+    #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Also train on prompt / user tokens.
+    /// Also put the loss on prompt / user tokens.
+    #[arg(long)]
     pub train_on_prompt: bool,
-    /// Pack short examples into full sequences.
+    /// Pack short examples together into --seq-len sequences.
+    #[arg(long)]
     pub packing: bool,
-    /// Built-in chat template name for `messages` data (none: the model's).
+    /// Chat template for `messages` data: a built-in name, a Jinja file or Jinja text.
+    #[arg(long)]
     pub chat_template: Option<String>,
-    /// What is learned: `sft` (next-token loss on examples) or `dpo` (preference pairs).
+    /// What to learn: sft (next-token loss on examples) or dpo (preference pairs
+    /// {"prompt","chosen","rejected"}) [default: sft].
+    #[arg(long, default_value = "sft", hide_default_value = true)]
     pub objective: String,
-    /// DPO's β: how far the policy may move from the reference.
+    /// DPO's β: how far the policy may move from the reference [default: 0.1].
+    #[arg(long, default_value = "0.1", hide_default_value = true)]
     pub beta: f64,
-    /// DPO's reference: the base plus this frozen PEFT adapter (default: the base alone).
+    /// DPO's reference: the base plus this frozen PEFT adapter (e.g. the SFT adapter the DPO run
+    /// starts from with --adapter-init) [default: the base alone].
+    #[arg(long)]
     pub ref_adapter: Option<PathBuf>,
     /// DPO: compute every pair's reference log-probs once before training (kept in the run
-    /// directory), then run the policy only.
+    /// directory, reused on resume), then run the policy only.
+    #[arg(long)]
     pub precompute_ref: bool,
 }
 
 impl Default for TrainConfig {
+    /// The flags' `default_value`s: the settings of a run given nothing.
     fn default() -> Self {
-        TrainConfig {
-            model: None,
-            data: None,
-            eval_data: None,
-            out: PathBuf::from("qtune-out"),
-            quant: "none".into(),
-            method: Method::Lora,
-            num_virtual_tokens: 20,
-            encoder_hidden_size: None,
-            prefix_projection: false,
-            prompt_init_text: None,
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets: vec!["all-linear".into()],
-            lr: 2e-4,
-            schedule: "linear".into(),
-            warmup: 0,
-            steps: None,
-            epochs: None,
-            batch_size: 4,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            seq_len: 512,
-            seed: 42,
-            shuffle: true,
-            eval_every: 0,
-            save_every: 0,
-            threads: 0,
-            max_memory: None,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_eps: 1e-8,
-            optim_8bit: false,
-            dtype: "auto".into(),
-            device: "cpu".into(),
-            adapter_init: None,
-            resume: None,
-            train_on_prompt: false,
-            packing: false,
-            chat_template: None,
-            objective: "sft".into(),
-            beta: 0.1,
-            ref_adapter: None,
-            precompute_ref: false,
-        }
+        use clap::{Args, FromArgMatches};
+        let cmd = Self::augment_args(clap::Command::new("defaults"));
+        cmd.try_get_matches_from(["defaults"])
+            .and_then(|m| Self::from_arg_matches(&m))
+            .expect("every setting's default parses")
     }
 }
 

@@ -1,8 +1,9 @@
 //! Byte-level BPE as llama.cpp runs it on a GGUF vocabulary: each pre-tokenized word is split into
 //! characters, the adjacent pair with the lowest merge rank (leftmost on ties) merges until none is
 //! left, and a final symbol that is not a token falls back to its single-byte tokens.
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use super::merge::merge_pieces;
+use std::cmp::Reverse;
+use std::collections::HashMap;
 
 /// Merge ranks keyed by "left\u{1}right".
 pub(crate) struct Merges {
@@ -37,32 +38,6 @@ impl Merges {
     }
 }
 
-/// A candidate merge; the heap pops the lowest rank, then the leftmost.
-struct Pair {
-    rank: u32,
-    left: usize,
-    right: usize,
-    /// Byte length of the merged text when the pair was queued (stale entries are skipped).
-    len: usize,
-}
-
-impl PartialEq for Pair {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Pair {}
-impl PartialOrd for Pair {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Pair {
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.rank.cmp(&self.rank).then_with(|| o.left.cmp(&self.left))
-    }
-}
-
 /// Appends the ids of one byte-level word. `lookup` maps a token text to its id.
 pub(crate) fn encode_word(
     word: &str,
@@ -80,55 +55,10 @@ pub(crate) fn encode_word(
             return;
         }
     }
-    // Symbols: [start, start+len) in `word`; a merged-away symbol has len 0.
-    let start: Vec<usize> = word.char_indices().map(|(i, _)| i).collect();
-    let n = start.len();
-    let mut len: Vec<usize> = (0..n)
-        .map(|i| start.get(i + 1).copied().unwrap_or(word.len()) - start[i])
-        .collect();
-    let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
-    let mut next: Vec<Option<usize>> = (0..n).map(|i| (i + 1 < n).then_some(i + 1)).collect();
-    let mut heap = BinaryHeap::new();
     let mut key = String::new();
-    let mut push = |heap: &mut BinaryHeap<Pair>, l: usize, r: usize, len: &[usize]| {
-        let a = &word[start[l]..start[l] + len[l]];
-        let b = &word[start[r]..start[r] + len[r]];
-        if let Some(rank) = merges.rank(&mut key, a, b) {
-            heap.push(Pair {
-                rank,
-                left: l,
-                right: r,
-                len: len[l] + len[r],
-            });
-        }
-    };
-    for i in 1..n {
-        push(&mut heap, i - 1, i, &len);
-    }
-    while let Some(p) = heap.pop() {
-        // Stale: a side merged since, or the two are no longer neighbours.
-        if len[p.left] == 0 || len[p.right] == 0 || len[p.left] + len[p.right] != p.len {
-            continue;
-        }
-        if start[p.left] + len[p.left] != start[p.right] {
-            continue;
-        }
-        len[p.left] += len[p.right];
-        len[p.right] = 0;
-        next[p.left] = next[p.right];
-        if let Some(r) = next[p.left] {
-            prev[r] = Some(p.left);
-        }
-        if let Some(l) = prev[p.left] {
-            push(&mut heap, l, p.left, &len);
-        }
-        if let Some(r) = next[p.left] {
-            push(&mut heap, p.left, r, &len);
-        }
-    }
-    let mut i = Some(0);
-    while let Some(s) = i {
-        let piece = &word[start[s]..start[s] + len[s]];
+    // The lowest rank merges first.
+    let pieces = merge_pieces(word, |a, b, _| merges.rank(&mut key, a, b).map(Reverse));
+    for piece in pieces {
         match lookup(piece) {
             Some(id) => out.push(id),
             // llama.cpp then looks each byte up as a one-byte token; only ASCII can be one.
@@ -141,7 +71,6 @@ pub(crate) fn encode_word(
                 }
             }
         }
-        i = next[s];
     }
 }
 
