@@ -184,9 +184,9 @@ impl MemoryPlan {
                             + composite_attention_graph(b, t, p + t, h, k, d, s)
                     }
                 };
-            // SwiGLU: silu, gate*up; GELU: its output; then the two residual sums.
+            // SwiGLU: the fused gate's output; GELU: its output; then the two residual sums.
             let mlp = match spec.mlp {
-                Mlp::SwiGlu => 2 * n * i * s,
+                Mlp::SwiGlu => n * i * s,
                 Mlp::Gelu => n * i * s,
             } + 2 * n * c * s;
             // the surrogate's f32 copies (half) and product.
@@ -220,13 +220,12 @@ impl MemoryPlan {
         // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
         // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
         // once beside the incoming gradient and accumulator already in `in_flight`.
-        // candle's SiLU backward likewise: sigmoid(x) (through -x, exp, +1), 1 - y and their
-        // product alive at once, beside the incoming gradient and the zero accumulator already in
-        // `in_flight` (tests/llama_rss.rs at dropout 0 was 5.9 MiB over the plan without them;
-        // the LoRA dropout terms had hidden it).
+        // (SwiGLU's gate is one fused op with its own backward on the CPU: nothing here. A GPU
+        // runs candle's silu and mul, whose backward keeps sigmoid(x), 1 - y and their product
+        // alive at once: 3·N·I more, not counted in this CPU plan.)
         let gelu_bwd = match spec.mlp {
             Mlp::Gelu => 6 * n * i * s,
-            Mlp::SwiGlu => 3 * n * i * s,
+            Mlp::SwiGlu => 0,
         };
         let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
         let threads = rayon::current_num_threads();

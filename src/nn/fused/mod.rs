@@ -196,6 +196,7 @@ mod lora;
 mod norm;
 mod rope;
 mod scale;
+mod swiglu;
 
 pub use attention::*;
 pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
@@ -204,3 +205,4 @@ pub use lora::*;
 pub use norm::*;
 pub use rope::*;
 pub use scale::*;
+pub use swiglu::*;
