@@ -44,6 +44,13 @@ pub struct MemoryPlan {
     /// Transient: it ends before the step's activations exist, so the total counts the larger
     /// of the two.
     pub reference: usize,
+    /// Checkpoints and adapter gradients alive together at the worst layer of the backward
+    /// (at most `checkpoints + adapter_grads`: early layers' checkpoints are consumed as later
+    /// layers' gradients arrive).
+    layer_phase: usize,
+    /// Bytes of `kernel_scratch` (the half-precision conversions) that coincide with the
+    /// gradients in flight in `recompute` rather than adding to them.
+    convert_overlap: usize,
     /// What [`MemoryPlan::reference`] would be: one layer's forward graph, its input and output,
     /// and one cross-entropy chunk, over the step's rows.
     reference_bytes: usize,
@@ -143,6 +150,18 @@ impl MemoryPlan {
             };
             per_layer_lora.iter().map(per).sum()
         });
+        // Gradient bytes of each layer's adapters, and of the prompt tensors (every layer's
+        // backward adds to those, so they exist from the first one on).
+        let layer_grads: Vec<usize> = (per_layer_lora.iter())
+            .map(|row| {
+                (row.iter().zip(&dims))
+                    .filter(|(on, _)| **on)
+                    .map(|(_, &(o, i))| method.map_or(0, |m| m.numels(o, i).iter().sum::<usize>()))
+                    .sum::<usize>()
+                    * s
+            })
+            .collect();
+        let prompt_grads = prompt_numels.iter().sum::<usize>() * s;
         lora_params += prompt_numels.iter().sum::<usize>();
         lora_numels.extend(prompt_numels);
         // Bytes a norm keeps per hidden element.
@@ -218,24 +237,24 @@ impl MemoryPlan {
         let in_flight = 4 * (n * i * s).max(n * c * 4).max(score_grad)
             + fused_attention_terms(b, t, h, k, d, s)[3];
         // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
-        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
-        // once beside the incoming gradient and accumulator already in `in_flight`.
+        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it, and the
+        // unnamed ones between). Measured alone (f32, N·I = 256 x 4352, glibc mmap threshold
+        // pinned, tests/falcon_rss.rs's shape): its backward peaks 15 N·I tensors allocated (14
+        // resident: the zero accumulator is never written) above its graph; `in_flight` has 4 of
+        // them. The six counted before left Falcon's step 17 MiB (4 N·I) under the plan once the
+        // phases below stopped overlapping.
         // (SwiGLU's gate is one fused op with its own backward on the CPU: nothing here. A GPU
         // runs candle's silu and mul, whose backward keeps sigmoid(x), 1 - y and their product
         // alive at once: 3·N·I more, not counted in this CPU plan.)
         let gelu_bwd = match spec.mlp {
-            Mlp::Gelu => 6 * n * i * s,
+            Mlp::Gelu => 10 * n * i * s,
             Mlp::SwiGlu => 0,
         };
         let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
         let threads = rayon::current_num_threads();
-        let kernel_scratch = threads * 2 * TILE_BYTES
-            + if half {
-                // QLinear converts a half-precision input and output to f32 around the kernel.
-                n * (widest + c.max(i)) * 4
-            } else {
-                0
-            };
+        // QLinear converts a half-precision input and output to f32 around the kernel.
+        let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
+        let kernel_scratch = threads * 2 * TILE_BYTES + convert;
         let rows = opts.ce_chunk.max(1).min(n);
         Ok(MemoryPlan {
             weights,
@@ -246,7 +265,29 @@ impl MemoryPlan {
             optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
+            // While layer li is recomputed (the backward runs L-1 down to 0) the checkpoints
+            // still saved are li + 1 (its own input included) and the variable copy of that input
+            // the recompute differentiates, plus the final hidden state (the head's input
+            // variable) and the gradient g coming in; the adapter gradients are
+            // those of layers li..L (and the prompt tensors'). Both ends of that trade matter:
+            // the last layer has every checkpoint and one layer's gradients, the first every
+            // gradient and three checkpoints. Counting both terms whole overstated a step by
+            // 7.9 MiB (of 55) in tests/llama_rss.rs (f32), where a probe of the step measured
+            // 55 MiB = 3 checkpoint-sized tensors + 7 layers' gradients + one layer's backward
+            // (43.8 MiB, the layer's input copy and gradients included).
+            layer_phase: (0..l)
+                .map(|li| {
+                    (li + 4) * n * c * s + prompt_grads + layer_grads[li..].iter().sum::<usize>()
+                })
+                .max()
+                .unwrap_or(0),
             recompute: graph + in_flight + gelu_bwd,
+            // The f32 conversions run inside one product at a time, while the backward's
+            // gradients are in flight: measured (bf16, tests/llama_rss.rs's shape), one layer's
+            // backward, conversions included, peaked 7.5 MiB above its graph, less than
+            // `in_flight` and the leftovers alone (8.5); with both counted whole the step's plan
+            // was 10.7 MiB (37 %) above the measured 29.1 MiB.
+            convert_overlap: convert.min(in_flight),
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
@@ -276,9 +317,15 @@ impl MemoryPlan {
             + self.step_activations().max(self.reference)
     }
 
-    /// What exists only during the training step: gradients, checkpoints, recompute, logits.
+    /// What exists only during the training step, at its larger phase: the head (every
+    /// checkpoint, the final hidden state and its gradient, one cross-entropy chunk: nothing of
+    /// the layers' backward exists yet) or the layers' backward (one layer's recompute graph and
+    /// gradients in flight, over the checkpoints and adapter gradients alive at its worst layer).
+    /// The adapter gradients a step returns outlive both (the step ends holding all of them).
     fn step_activations(&self) -> usize {
-        self.adapter_grads + self.checkpoints + self.recompute + self.logits_chunk
+        let head = self.checkpoints + self.logits_chunk;
+        let layers = self.layer_phase + self.recompute - self.convert_overlap;
+        head.max(layers).max(self.adapter_grads)
     }
 }
 
@@ -469,6 +516,9 @@ impl std::fmt::Display for MemoryPlan {
             ("kernel scratch", self.kernel_scratch),
             ("logits chunk", self.logits_chunk),
         ];
+        // The parts above that are never alive together (see `step_activations`).
+        let parts = self.adapter_grads + self.checkpoints + self.recompute + self.logits_chunk;
+        rows.push(("less: not alive at once", parts - self.step_activations()));
         if self.reference > 0 {
             rows.push(("reference fwd (transient)", self.reference));
         }
