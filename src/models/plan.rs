@@ -6,7 +6,8 @@
 //! checkpointed layer inputs, the candle graph of the one layer being recomputed (every
 //! intermediate tensor of the shared layer forward is held by the graph until its backward ends)
 //! plus the gradients in flight during that backward, and the logits of one cross-entropy chunk
-//! with their graph.
+//! with their graph. The parts are not all alive at once: the total takes the larger of the
+//! step's two phases (the head, then the layers' backward; see `MemoryPlan::step_activations`).
 use super::arch::{Architecture, Attention, Mlp, NormKind, Spec};
 use super::falcon::FalconConfig;
 use super::llama::{LlamaConfig, LlamaOptions};
@@ -95,8 +96,9 @@ impl MemoryPlan {
     /// ([`Transformer`](super::transformer::Transformer)) keeps for each block variant: the norms
     /// (fused RMSNorm keeps its output; LayerNorm in f32 keeps five f32 intermediates and, in half
     /// precision, its casts), the linears and their adapters, a fused qkv's per-head copies,
-    /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama;
-    /// Falcon's LayerNorm and GELU terms are counted from the code.
+    /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama
+    /// (tests/llama_rss.rs) and Falcon (tests/falcon_rss.rs; its GELU backward measured alone,
+    /// its LayerNorm terms counted from the code).
     pub fn of_spec(
         store: &WeightStore,
         spec: &Spec,
@@ -150,18 +152,9 @@ impl MemoryPlan {
             };
             per_layer_lora.iter().map(per).sum()
         });
-        // Gradient bytes of each layer's adapters, and of the prompt tensors (every layer's
-        // backward adds to those, so they exist from the first one on).
-        let layer_grads: Vec<usize> = (per_layer_lora.iter())
-            .map(|row| {
-                (row.iter().zip(&dims))
-                    .filter(|(on, _)| **on)
-                    .map(|(_, &(o, i))| method.map_or(0, |m| m.numels(o, i).iter().sum::<usize>()))
-                    .sum::<usize>()
-                    * s
-            })
-            .collect();
         let prompt_grads = prompt_numels.iter().sum::<usize>() * s;
+        let layer_phase =
+            backward_carry(method, &per_layer_lora, &dims, prompt_grads, n * c * s, s);
         lora_params += prompt_numels.iter().sum::<usize>();
         lora_numels.extend(prompt_numels);
         // Bytes a norm keeps per hidden element.
@@ -265,22 +258,7 @@ impl MemoryPlan {
             optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
-            // While layer li is recomputed (the backward runs L-1 down to 0) the checkpoints
-            // still saved are li + 1 (its own input included) and the variable copy of that input
-            // the recompute differentiates, plus the final hidden state (the head's input
-            // variable) and the gradient g coming in; the adapter gradients are
-            // those of layers li..L (and the prompt tensors'). Both ends of that trade matter:
-            // the last layer has every checkpoint and one layer's gradients, the first every
-            // gradient and three checkpoints. Counting both terms whole overstated a step by
-            // 7.9 MiB (of 55) in tests/llama_rss.rs (f32), where a probe of the step measured
-            // 55 MiB = 3 checkpoint-sized tensors + 7 layers' gradients + one layer's backward
-            // (43.8 MiB, the layer's input copy and gradients included).
-            layer_phase: (0..l)
-                .map(|li| {
-                    (li + 4) * n * c * s + prompt_grads + layer_grads[li..].iter().sum::<usize>()
-                })
-                .max()
-                .unwrap_or(0),
+            layer_phase,
             recompute: graph + in_flight + gelu_bwd,
             // The f32 conversions run inside one product at a time, while the backward's
             // gradients are in flight: measured (bf16, tests/llama_rss.rs's shape), one layer's
@@ -322,6 +300,8 @@ impl MemoryPlan {
     /// the layers' backward exists yet) or the layers' backward (one layer's recompute graph and
     /// gradients in flight, over the checkpoints and adapter gradients alive at its worst layer).
     /// The adapter gradients a step returns outlive both (the step ends holding all of them).
+    /// Adding the phases (the logits chunk to the backward) overstated tests/llama_rss.rs's f32
+    /// step by 4.0 MiB; its head phase is 15 MiB, its backward 59 MiB.
     fn step_activations(&self) -> usize {
         let head = self.checkpoints + self.logits_chunk;
         let layers = self.layer_phase + self.recompute - self.convert_overlap;
@@ -447,6 +427,42 @@ fn adapter_layout(
         }
     }
     Ok((params, rows, numels))
+}
+
+/// Checkpoints and adapter gradients alive together at the worst layer of the backward (bytes),
+/// for `hidden` bytes a checkpoint (B·T·C·s) and `prompt_grads` bytes of prompt-tensor gradients
+/// (every layer's backward adds to those, so they exist from the first one on).
+///
+/// While layer li is recomputed (the backward runs L-1 down to 0) the checkpoints
+/// still saved are li + 1 (its own input included) and the variable copy of that input
+/// the recompute differentiates, plus the final hidden state (the head's input
+/// variable) and the gradient g coming in; the adapter gradients are
+/// those of layers li..L (and the prompt tensors'). Both ends of that trade matter:
+/// the last layer has every checkpoint and one layer's gradients, the first every
+/// gradient and four checkpoint-sized tensors. Counting both terms whole overstated a step by
+/// 7.0 MiB (of 55) in tests/llama_rss.rs (f32), where a probe of the step measured
+/// 55 MiB = 3 checkpoint-sized tensors + 7 layers' gradients + one layer's backward
+/// (43.8 MiB, the layer's input copy and gradients included).
+fn backward_carry(
+    method: Option<&dyn AdapterMethod>,
+    per_layer_lora: &[Vec<bool>],
+    dims: &[(usize, usize)],
+    prompt_grads: usize,
+    hidden: usize,
+    s: usize,
+) -> usize {
+    let grads = |row: &Vec<bool>| -> usize {
+        (row.iter().zip(dims))
+            .filter(|(on, _)| **on)
+            .map(|(_, &(o, i))| method.map_or(0, |m| m.numels(o, i).iter().sum::<usize>()))
+            .sum::<usize>()
+            * s
+    };
+    let layer_grads: Vec<usize> = per_layer_lora.iter().map(grads).collect();
+    (0..layer_grads.len())
+        .map(|li| (li + 4) * hidden + prompt_grads + layer_grads[li..].iter().sum::<usize>())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for
@@ -752,6 +768,29 @@ mod tests {
                 last = Some(now);
             }
         }
+    }
+
+    /// The backward trades checkpoints for adapter gradients: the worst layer is the last one
+    /// recomputed when gradients dominate, the first when checkpoints do.
+    #[test]
+    fn backward_carry_takes_the_worst_layer() {
+        let lora = crate::models::LoraSpec {
+            r: 2,
+            ..Default::default()
+        };
+        let m: Option<&dyn AdapterMethod> = Some(&lora);
+        // 3 layers, one (4, 4) linear adapted in the first two: (2·4 + 4·2)·4 = 64 bytes each.
+        let rows = vec![vec![true], vec![true], vec![false]];
+        let dims = [(4, 4)];
+        // big checkpoints: layer 2 (first recomputed) holds 2 + 4 of them and no gradient
+        assert_eq!(backward_carry(m, &rows, &dims, 0, 100, 4), 6 * 100);
+        // small checkpoints: layer 0 holds 4 of them and both layers' gradients (+ prompt's 7)
+        assert_eq!(
+            backward_carry(m, &rows, &dims, 7, 10, 4),
+            4 * 10 + 2 * 64 + 7
+        );
+        // never more than the two terms whole
+        assert!(backward_carry(m, &rows, &dims, 0, 10, 4) <= (3 + 3) * 10 + 2 * 64);
     }
 
     #[test]
