@@ -191,6 +191,13 @@ fn a_bench_run_reports_every_key() {
     assert!(j["measured_peak_bytes"].as_u64().unwrap() > 0);
     assert!(j["mfu"].as_f64().unwrap() > 0.0 && j["mfu"].as_f64().unwrap() < 1.0);
     assert_eq!(j["config"]["quant"], "Q4_0");
+    // A warm-up step before the timed ones: the measured peak includes AdamW's written moments.
+    assert_eq!(j["first_step_only"], false);
+    assert!(!r.to_string().contains("one step only"));
+    let mut one = r;
+    (one.config.warmup, one.config.steps) = (0, 1);
+    assert_eq!(one.to_json()["first_step_only"], true);
+    assert!(one.to_string().contains("one step only"));
 }
 
 #[test]

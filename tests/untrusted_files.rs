@@ -307,6 +307,28 @@ const HOSTILE_TEMPLATES: &[(&str, &str)] = &[
         "upper-cased copies kept in a list",
         "{% set ns = namespace(b='x' * 10000000, l=[]) %}{% for i in range(1000) %}{% set ns.l = ns.l + [ns.b.upper()] %}{% endfor %}{{ ns.l|length }}",
     ),
+    // Nesting: minijinja drops (and prints) lists and maps recursively; 200,000 levels overflowed
+    // the stack and aborted the process when the value was dropped.
+    (
+        "a list nested 200,000 deep",
+        "{% set ns = namespace(l=[]) %}{% for i in range(1000) %}{% for j in range(200) %}{% set ns.l = [ns.l] %}{% endfor %}{% endfor %}{{ ns.l|length }}",
+    ),
+    (
+        "a map nested 200,000 deep",
+        "{% set ns = namespace(m={}) %}{% for i in range(1000) %}{% for j in range(200) %}{% set ns.m = {'k': ns.m} %}{% endfor %}{% endfor %}{{ ns.m|length }}",
+    ),
+    (
+        "dict() nested 200,000 deep",
+        "{% set ns = namespace(m={}) %}{% for i in range(1000) %}{% for j in range(200) %}{% set ns.m = dict(k=ns.m) %}{% endfor %}{% endfor %}{{ ns.m|length }}",
+    ),
+    (
+        "|batch nested 200,000 deep",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(1000) %}{% for j in range(200) %}{% set ns.l = ns.l|batch(1)|list %}{% endfor %}{% endfor %}{{ ns.l|length }}",
+    ),
+    (
+        "a list nested as a map key",
+        "{% set ns = namespace(l=[]) %}{% for i in range(1000) %}{% for j in range(200) %}{% set ns.l = {ns.l: 1} %}{% endfor %}{% endfor %}{{ ns.l|length }}",
+    ),
 ];
 
 /// Run by `hostile_chat_templates_stop_with_a_named_error_in_bounded_memory` in a child process
@@ -371,6 +393,10 @@ fn hostile_chat_templates_stop_with_a_named_error_in_bounded_memory() {
         let r = f.next().unwrap();
         let named = r.contains("hostile/tokenizer_config.json")
             && r.contains("builds values without bound");
+        assert!(
+            !what.contains("nested") || r.contains("over 100 levels deep"),
+            "{what}: {r}"
+        );
         let constant = r.contains("a constant expression of over 16 MiB");
         assert!(
             (named || constant) && r.contains("--chat-template chatml"),

@@ -230,7 +230,9 @@ pub fn tokenizer_json(data: &[u8]) {
     if !s[1].is_empty() {
         std::fs::write(d.join("tokenizer_config.json"), s[1]).expect("write");
     }
-    let tok = Tokenizer::from_model_dir(&d);
+    // Without the BPE word cache: tokenizers 0.23 never frees a dropped model's cache entries
+    // (Tokenizer::without_word_cache), which grew this process ~2-5 kB per input.
+    let tok = Tokenizer::from_model_dir(&d).map(Tokenizer::without_word_cache);
     if let Ok(tok) = &tok {
         encode_decode(tok, s[2], s[3]);
     }

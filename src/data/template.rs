@@ -1,5 +1,6 @@
 //! Chat templates: the Jinja `chat_template` a model ships (rendered by minijinja with Python's
 //! string methods, as transformers renders it with jinja2) or a named built-in one.
+use super::guard;
 use super::template_limits as limits;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -118,20 +119,33 @@ impl ChatTemplate {
         });
         let mut out = String::new();
         let budget = limits::Budget::start();
-        let rv = minijinja::machinery::Vm::new(&self.env).eval(
-            &instrs,
-            root,
-            &blocks,
-            &mut minijinja::machinery::make_string_output(&mut out),
-            minijinja::AutoEscape::None,
-        );
+        // minijinja can panic on a template (2.24: `'%9{\u{fffd}…}'.format(x)` slices a format
+        // spec inside a character, format_utils.rs:811): the panic becomes a named error.
+        let rv = guard::catch(|| {
+            minijinja::machinery::Vm::new(&self.env).eval(
+                &instrs,
+                root,
+                &blocks,
+                &mut minijinja::machinery::make_string_output(&mut out),
+                minijinja::AutoEscape::None,
+            )
+        });
         let origin = &self.origin;
+        let rv = match rv {
+            Ok(rv) => rv,
+            Err(panic) => {
+                return Err(Error::Invalid(format!(
+                    "{origin} failed to render (minijinja panicked: {panic}); use \
+                     --chat-template chatml or a template file you trust"
+                )))
+            }
+        };
         match rv {
             Err(e) => Err(if let Some(why) = budget.hit() {
                 let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
                 Error::Invalid(format!(
                     "{origin}: {why}{line}; a chat template is code from the model's files and \
-                     this one builds values without bound (its memory would run out): use \
+                     this one builds values without bound (its memory or stack would run out): use \
                      --chat-template chatml or a template file you trust"
                 ))
             } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
@@ -268,5 +282,40 @@ mod tests {
             t.render(&conv(), true).unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn nesting_is_bounded_where_values_are_built() {
+        let render = |src: &str| ChatTemplate::new(src, "", "")?.render(&conv(), false);
+        // 100 levels (the limit) build and print; the 101st is refused by name.
+        let ok = "{% set ns = namespace(l=1) %}{% for i in range(100) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l|length }}";
+        assert_eq!(render(ok).unwrap(), "1");
+        let deep = ok.replace("100", "101");
+        let e = render(&deep).unwrap_err().to_string();
+        assert!(
+            e.contains("a list or map literal would nest lists or maps over 100 levels deep")
+                && e.contains("--chat-template chatml"),
+            "{e}"
+        );
+        // Shared items are measured once: 99 levels of [l, l] are 2^99 paths (not printed: the
+        // print estimate counts paths), and 2,000 new lists hold the same 1,000-item list.
+        let dag = "{% set ns = namespace(l=1) %}{% for i in range(99) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}done";
+        assert_eq!(render(dag).unwrap(), "done");
+        let wide = "{% set ns = namespace(l=range(1000)|list, n=0) %}{% for i in range(2000) %}{% set ns.n = [ns.l, ns.l]|length %}{% endfor %}{{ ns.n }}";
+        assert_eq!(render(wide).unwrap(), "2");
+        // Filters, methods and dict() that wrap their input.
+        for step in [
+            "{'k': ns.l}",
+            "dict(k=ns.l)",
+            "ns.l|batch(1)|list",
+            "[ns.l]|slice(1)|list",
+            "{'k': ns.l}.items()|list",
+            "{'k': ns.l}|items|list",
+            "{'k': ns.l}|dictsort",
+        ] {
+            let src = format!("{{% set ns = namespace(l=[1]) %}}{{% for i in range(200) %}}{{% set ns.l = {step} %}}{{% endfor %}}{{{{ ns.l|length }}}}");
+            let e = render(&src).unwrap_err().to_string();
+            assert!(e.contains("over 100 levels deep"), "{step}: {e}");
+        }
     }
 }

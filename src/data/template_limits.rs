@@ -25,12 +25,22 @@
 //!
 //! What is not counted: values of constant size (numbers, loop objects, a list literal's slots),
 //! which fuel bounds (a few hundred bytes per instruction at most).
+//!
+//! Nesting is bounded too: minijinja drops, prints and compares a list or map recursively, so
+//! `{% set ns.l = [ns.l] %}` in a loop (a few hundred KB, 100,000 levels) overflowed the stack
+//! when the value was dropped. Every list or map literal (`BuildList`, `BuildMap`: [`rewrite`]
+//! follows each with a call of [`check_nesting`]) and every result of a filter, method or
+//! `dict()` is measured, and one nested deeper than [`MAX_NESTING`] is refused. The measure is
+//! cheap: the depth of each list and map already measured in this rendering is remembered by
+//! address (with a `Weak` that keeps the address from being reused), so a new list costs a
+//! look-up per item, not a walk of everything under it.
 use minijinja::machinery::{CodeGenerator, Instruction, Instructions};
 use minijinja::value::{Rest, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Expression, State};
+use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
-use std::sync::LazyLock;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock, Weak};
 
 /// Largest value (string bytes, or an estimate of a container's printed size) one operation may
 /// build: 16 MiB, the output cap (a training example is kilobytes).
@@ -43,15 +53,18 @@ pub const MAX_BUILT: usize = 256 << 20;
 /// Bytes charged per item of a list or map that an operation builds (a `Value` and its slot).
 const ITEM: usize = 32;
 
-/// Deepest nesting of lists and maps that may be printed or serialised (minijinja recurses per
-/// level); real templates nest tools' JSON schemas a few levels.
-const MAX_NESTING: usize = 100;
+/// Deepest nesting of lists and maps that a template may build, print or serialise (minijinja
+/// recurses per level when it drops, prints or compares one); real templates nest tools' JSON
+/// schemas a few levels.
+pub const MAX_NESTING: usize = 100;
 
 thread_local! {
     /// Bytes this thread's rendering may still build.
     static LEFT: Cell<usize> = const { Cell::new(usize::MAX) };
     /// Why the last check failed (the rendering's error is mapped to a named one from it).
     static HIT: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Nesting depth of the lists and maps this rendering has measured, by address.
+    static DEPTHS: RefCell<Depths> = RefCell::new(Depths::default());
 }
 
 /// Starts a rendering's budget on this thread; [`Budget::hit`] says which limit stopped it.
@@ -61,6 +74,7 @@ impl Budget {
     pub(crate) fn start() -> Budget {
         LEFT.with(|l| l.set(MAX_BUILT));
         HIT.with(|h| h.borrow_mut().take());
+        forget_depths();
         Budget(())
     }
 
@@ -73,6 +87,99 @@ impl Budget {
 impl Drop for Budget {
     fn drop(&mut self) {
         LEFT.with(|l| l.set(usize::MAX));
+        forget_depths();
+    }
+}
+
+/// Depths by the address of a list's or map's shared allocation. The `Weak` keeps the address
+/// from being reused while the entry exists (it holds the allocation, not the items); an entry
+/// whose value is gone (strong count 0) is stale. Stale entries are dropped whenever the map has
+/// doubled, so it holds about what the template holds.
+#[derive(Default)]
+struct Depths {
+    by_addr: HashMap<usize, (Weak<dyn Any>, usize)>,
+    prune_at: usize,
+}
+
+/// Empties [`DEPTHS`].
+fn forget_depths() {
+    let old = DEPTHS.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    drop(old);
+}
+
+fn remembered(addr: usize) -> Option<usize> {
+    DEPTHS.with(|d| {
+        let d = d.borrow();
+        let (seen, depth) = d.by_addr.get(&addr)?;
+        (seen.strong_count() > 0).then_some(*depth)
+    })
+}
+
+fn remember(addr: usize, seen: Weak<dyn Any>, depth: usize) {
+    DEPTHS.with(|d| {
+        let d = &mut *d.borrow_mut();
+        if d.by_addr.len() >= d.prune_at.max(4096) {
+            d.by_addr.retain(|_, (seen, _)| seen.strong_count() > 0);
+            d.prune_at = 2 * d.by_addr.len();
+        }
+        d.by_addr.insert(addr, (seen, depth));
+    });
+}
+
+/// Nesting depth of `v` (0 for a scalar, 1 for a flat list or map) if it is at most `room`, else
+/// `None`. Recursion is at most `room` + 1 calls deep; a list or map measured before is looked up.
+fn nesting(v: &Value, room: usize) -> Option<usize> {
+    let kind = v.kind();
+    if !matches!(kind, ValueKind::Seq | ValueKind::Map | ValueKind::Iterable) {
+        return Some(0);
+    }
+    // minijinja's lists are `Vec<Value>` and its maps `BTreeMap<Value, Value>` (2.24 without
+    // `preserve_order`); other containers (lazy lists, objects) are walked each time.
+    let list = v.downcast_object::<Vec<Value>>();
+    let map = v.downcast_object::<BTreeMap<Value, Value>>();
+    let addr = list
+        .as_ref()
+        .map(|l| Arc::as_ptr(l) as usize)
+        .or(map.as_ref().map(|m| Arc::as_ptr(m) as usize));
+    if let Some(d) = addr.and_then(remembered) {
+        return (d <= room).then_some(d);
+    }
+    let below = room.checked_sub(1)?;
+    let mut deepest = 0;
+    if let Some(list) = &list {
+        for item in list.iter() {
+            deepest = deepest.max(nesting(item, below)?);
+        }
+    } else if let Some(map) = &map {
+        for (k, item) in map.iter() {
+            deepest = deepest.max(nesting(k, below)?).max(nesting(item, below)?);
+        }
+    } else if let Ok(items) = v.try_iter() {
+        for item in items {
+            if kind == ValueKind::Map {
+                deepest = deepest.max(nesting(&v.get_item(&item).unwrap_or_default(), below)?);
+            }
+            deepest = deepest.max(nesting(&item, below)?);
+        }
+    }
+    let seen: Option<Weak<dyn Any>> = match (&list, &map) {
+        (Some(l), _) => Some(Arc::downgrade(l) as Weak<dyn Any>),
+        (_, Some(m)) => Some(Arc::downgrade(m) as Weak<dyn Any>),
+        _ => None,
+    };
+    if let (Some(a), Some(seen)) = (addr, seen) {
+        remember(a, seen, deepest + 1);
+    }
+    Some(deepest + 1)
+}
+
+/// Refuses a value `op` built that nests lists or maps deeper than [`MAX_NESTING`].
+fn check_nesting(op: &str, v: &Value) -> Result<(), Error> {
+    match nesting(v, MAX_NESTING) {
+        Some(_) => Ok(()),
+        None => Err(refuse(format!(
+            "{op} would nest lists or maps over {MAX_NESTING} levels deep"
+        ))),
     }
 }
 
@@ -450,6 +557,7 @@ pub(crate) fn install(env: &mut Environment<'static>) {
             charge(&format!("|{name}"), filter_estimate(name, &args))?;
             let rv = f.call(state, &args)?;
             charge(&format!("|{name}"), own_len(&rv))?;
+            check_nesting(&format!("|{name}"), &rv)?;
             Ok(rv)
         });
     }
@@ -460,6 +568,7 @@ pub(crate) fn install(env: &mut Environment<'static>) {
         )?;
         let rv = minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)?;
         charge(&format!(".{method}()"), own_len(&rv))?;
+        check_nesting(&format!(".{method}()"), &rv)?;
         Ok(rv)
     });
     let range = Value::from_function(minijinja::functions::range);
@@ -474,7 +583,13 @@ pub(crate) fn install(env: &mut Environment<'static>) {
             "dict()",
             args.iter().map(own_len).fold(0, usize::saturating_add),
         )?;
-        dict.call(state, &args)
+        let rv = dict.call(state, &args)?;
+        check_nesting("dict()", &rv)?;
+        Ok(rv)
+    });
+    env.add_function("__qtune_nest", |v: Value| {
+        check_nesting("a list or map literal", &v)?;
+        Ok(v)
     });
     env.add_function("debug", || -> Result<Value, Error> {
         Err(Error::new(
@@ -509,20 +624,23 @@ pub(crate) fn compile(
     Ok((rewrite(&root, source), blocks))
 }
 
-/// `instrs` with `StringConcat`/`Add`/`Mul`/`Slice` turned into calls of the checked functions
-/// and `EmitRaw(text)` into `LoadConst(text)` + `Emit`; jump targets follow the moved
+/// `instrs` with `StringConcat`/`Add`/`Mul`/`Slice` turned into calls of the checked functions,
+/// `EmitRaw(text)` into `LoadConst(text)` + `Emit`, and `BuildList`/`BuildMap` followed by the
+/// nesting check (a call that returns its argument); jump targets follow the moved
 /// instructions, and every instruction keeps its line.
 fn rewrite<'s>(instrs: &Instructions<'s>, source: &'s str) -> Instructions<'s> {
-    // Old index -> new index (EmitRaw takes two slots).
+    // Old index -> new index (EmitRaw, BuildList and BuildMap take two slots).
+    let two = |i: &Instruction| {
+        matches!(
+            i,
+            Instruction::EmitRaw(_) | Instruction::BuildList(_) | Instruction::BuildMap(_)
+        )
+    };
     let mut at = Vec::new();
     let mut n = 0u32;
     while let Some(i) = instrs.get(at.len() as u32) {
         at.push(n);
-        n += if matches!(i, Instruction::EmitRaw(_)) {
-            2
-        } else {
-            1
-        };
+        n += if two(i) { 2 } else { 1 };
     }
     at.push(n);
     let to = |t: &u32| at[*t as usize];
@@ -539,6 +657,10 @@ fn rewrite<'s>(instrs: &Instructions<'s>, source: &'s str) -> Instructions<'s> {
                 out.add_with_line(Instruction::LoadConst(Value::from(*text)), line);
                 Instruction::Emit
             }
+            Instruction::BuildList(_) | Instruction::BuildMap(_) => {
+                out.add_with_line(i.clone(), line);
+                Instruction::CallFunction("__qtune_nest", Some(1))
+            }
             Instruction::Jump(t) => Instruction::Jump(to(t)),
             Instruction::JumpIfFalse(t) => Instruction::JumpIfFalse(to(t)),
             Instruction::JumpIfFalseOrPop(t) => Instruction::JumpIfFalseOrPop(to(t)),
@@ -553,10 +675,8 @@ fn rewrite<'s>(instrs: &Instructions<'s>, source: &'s str) -> Instructions<'s> {
             | Instruction::SetAttr(_)
             | Instruction::GetItem
             | Instruction::LoadConst(_)
-            | Instruction::BuildMap(_)
             | Instruction::BuildKwargs(_)
             | Instruction::MergeKwargs(_)
-            | Instruction::BuildList(_)
             | Instruction::UnpackList(_)
             | Instruction::UnpackLists(_)
             | Instruction::Sub

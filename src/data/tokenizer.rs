@@ -191,6 +191,27 @@ impl Tokenizer {
         }
     }
 
+    /// The same tokenizer without the BPE model's per-word cache (tokenizer.json BPE models only;
+    /// the tokens are the same). tokenizers 0.23 keeps that cache in a thread-local map keyed per
+    /// model and never frees a model's entries when the model is dropped (up to 10,000 words per
+    /// model and thread, never reused): a process that builds many tokenizers grows by each one's
+    /// words. qtune builds one per run and keeps the cache; the fuzzer (one per input) drops it.
+    pub fn without_word_cache(mut self) -> Tokenizer {
+        if let Inner::Hf(tk) = &mut self.inner {
+            // A clone has a fresh cache id; capacity 0 stores no word (an empty map per model
+            // and thread is still left behind, ~100 bytes).
+            let bpe = match tk.get_model() {
+                tokenizers::ModelWrapper::BPE(bpe) => Some(bpe.clone()),
+                _ => None,
+            };
+            if let Some(mut bpe) = bpe {
+                bpe.resize_cache(0);
+                tk.with_model(bpe);
+            }
+        }
+        self
+    }
+
     /// Token ids of `text`. Special-token strings in the text (`<s>`, `<|im_end|>`) become their ids;
     /// `add_special` adds what the tokenizer adds around a sequence (usually BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {

@@ -254,11 +254,6 @@ fn transpose(v: &[f32], r: usize, n: usize) -> Vec<f32> {
     t
 }
 
-/// An f32 result as a tensor of `dtype` (CPU).
-fn cast(v: Vec<f32>, dims: &[usize], dtype: DType) -> Result<Tensor> {
-    tensor_of(v, dims, dtype)
-}
-
 /// The typed contiguous slice of a CPU tensor.
 macro_rules! with_elem {
     ($t:expr, $name:expr, |$s:ident| $body:expr) => {{
@@ -267,20 +262,17 @@ macro_rules! with_elem {
         let Storage::Cpu(cpu) = &*st else {
             bail!("{}: only the CPU kernels exist", $name);
         };
-        let Some((o0, o1)) = l.contiguous_offsets() else {
-            bail!("{}: argument must be contiguous", $name);
-        };
         match cpu {
             CpuStorage::F32(v) => {
-                let $s = &v[o0..o1];
+                let $s = slice_of(v, l, $name)?;
                 $body
             }
             CpuStorage::BF16(v) => {
-                let $s = &v[o0..o1];
+                let $s = slice_of(v, l, $name)?;
                 $body
             }
             CpuStorage::F16(v) => {
-                let $s = &v[o0..o1];
+                let $s = slice_of(v, l, $name)?;
                 $body
             }
             s => bail!("{}: unsupported dtype {:?}", $name, s.dtype()),
@@ -347,13 +339,11 @@ impl CustomOp2 for DownOp {
         let (m, i) = lx.shape().dims2()?;
         let (r, _) = la.shape().dims2()?;
         let a = f32_of(sa, la, self.name())?;
-        let Some((o0, o1)) = lx.contiguous_offsets() else {
-            bail!("{}: x must be contiguous", self.name());
-        };
+        let name = self.name();
         let h = match sx {
-            CpuStorage::F32(x) => self.forward(&x[o0..o1], &a, i),
-            CpuStorage::BF16(x) => self.forward(&x[o0..o1], &a, i),
-            CpuStorage::F16(x) => self.forward(&x[o0..o1], &a, i),
+            CpuStorage::F32(x) => self.forward(slice_of(x, lx, name)?, &a, i),
+            CpuStorage::BF16(x) => self.forward(slice_of(x, lx, name)?, &a, i),
+            CpuStorage::F16(x) => self.forward(slice_of(x, lx, name)?, &a, i),
             s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
         };
         Ok((CpuStorage::F32(h), Shape::from((m, r))))
@@ -383,7 +373,7 @@ impl CustomOp2 for DownOp {
         for v in da.iter_mut() {
             *v *= self.scale;
         }
-        Ok((Some(dx), Some(cast(da, a.dims(), a.dtype())?)))
+        Ok((Some(dx), Some(tensor_of(da, a.dims(), a.dtype())?)))
     }
 }
 
@@ -443,13 +433,17 @@ impl CustomOp3 for UpOp {
         let (_, r) = lb.shape().dims2()?;
         let h = f32_of(sh, lh, self.name())?;
         let bt = transpose(&f32_of(sb, lb, self.name())?, o, r);
-        let Some((o0, o1)) = ly.contiguous_offsets() else {
-            bail!("{}: y must be contiguous", self.name());
-        };
+        let name = self.name();
         let out = match sy {
-            CpuStorage::F32(y) => CpuStorage::F32(Self::forward(&y[o0..o1], &h, &bt, o)),
-            CpuStorage::BF16(y) => CpuStorage::BF16(Self::forward(&y[o0..o1], &h, &bt, o)),
-            CpuStorage::F16(y) => CpuStorage::F16(Self::forward(&y[o0..o1], &h, &bt, o)),
+            CpuStorage::F32(y) => {
+                CpuStorage::F32(Self::forward(slice_of(y, ly, name)?, &h, &bt, o))
+            }
+            CpuStorage::BF16(y) => {
+                CpuStorage::BF16(Self::forward(slice_of(y, ly, name)?, &h, &bt, o))
+            }
+            CpuStorage::F16(y) => {
+                CpuStorage::F16(Self::forward(slice_of(y, ly, name)?, &h, &bt, o))
+            }
             s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
         };
         Ok((out, ly.shape().clone()))
@@ -468,6 +462,6 @@ impl CustomOp3 for UpOp {
             (dh, transpose(&dbt, r, o))
         });
         let dh = Tensor::from_vec(dh, h.dims(), &Device::Cpu)?;
-        Ok((Some(d), Some(dh), Some(cast(db, b.dims(), b.dtype())?)))
+        Ok((Some(d), Some(dh), Some(tensor_of(db, b.dims(), b.dtype())?)))
     }
 }

@@ -109,6 +109,14 @@ fn check_cpu(op: &str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// The contiguous part of a storage's data a layout views, or an error naming the op.
+fn slice_of<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: argument must be contiguous (call .contiguous() first)");
+    };
+    Ok(&v[start..end])
+}
+
 /// The activation element types the fused ops read and write, through f32.
 pub(crate) trait Elem: candle_core::WithDType {
     /// The value as f32 (exact).

@@ -60,15 +60,24 @@ impl ScaleResidualOp {
         y
     }
 
-    /// (du, dg) for upstream `dy`.
+    /// (du, dg) for upstream `dy`: du row by row, dg in column blocks (each block's row sums in
+    /// one task, in row order).
     fn grads<T: Elem>(&self, u: &[T], dy: &[T], g: &[f32]) -> (Vec<T>, Vec<f32>) {
         let c = g.len();
         let rows = u.len().checked_div(c).unwrap_or(0);
         let mut du = vec![T::of(0.0); u.len()];
         let mut dg = vec![0f32; c];
-        // Each task: columns [j0, j0 + w) of every row; du is written through a raw pointer
-        // because the tasks' column ranges interleave row by row.
-        let du_ptr = SendPtr(du.as_mut_ptr());
+        if c == 0 {
+            return (du, dg);
+        }
+        du.par_chunks_mut(c)
+            .zip(dy.par_chunks(c))
+            .for_each(|(du, dy)| {
+                for ((du, &d), &g) in du.iter_mut().zip(dy).zip(g) {
+                    let d = d.f();
+                    *du = T::of(d + d * g);
+                }
+            });
         dg.par_chunks_mut(COL_BLOCK)
             .enumerate()
             .for_each(|(blk, dg)| {
@@ -76,40 +85,12 @@ impl ScaleResidualOp {
                 for i in 0..rows {
                     let at = i * c + j0;
                     for (k, dg) in dg.iter_mut().enumerate() {
-                        let (j, d) = (j0 + k, dy[at + k].f());
-                        *dg += d * (u[at + k].f() - self.bias(j));
-                        // SAFETY: `at + k < rows·c = du.len()`, and the element (i, j) is written
-                        // by this task only (columns are split between tasks without overlap);
-                        // `du` outlives the parallel loop.
-                        unsafe { du_ptr.get().add(at + k).write(T::of(d + d * g[j])) };
+                        *dg += dy[at + k].f() * (u[at + k].f() - self.bias(j0 + k));
                     }
                 }
             });
         (du, dg)
     }
-}
-
-/// A raw pointer the column tasks share (each writes disjoint elements).
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: the tasks write disjoint elements (see `grads`), and T is Send.
-unsafe impl<T: Send> Send for SendPtr<T> {}
-// SAFETY: as above: shared only to write disjoint elements.
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so that closures capture the Sync wrapper, not the raw field).
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
-/// The contiguous slice of a storage, or an error naming the op.
-fn slice_of<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{op}: argument must be contiguous (call .contiguous() first)");
-    };
-    Ok(&v[start..end])
 }
 
 impl CustomOp2 for ScaleResidualOp {
