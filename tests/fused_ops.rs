@@ -771,3 +771,41 @@ fn lora_ops_match_composite() {
     let b = Tensor::zeros((5, 3), DType::F32, dev).unwrap();
     assert!(lora_up_add(&y, &h, &b).is_err(), "h must be f32");
 }
+
+/// SwiGLU's gate `silu(g)·u` against torch 2.5.1 autograd (tests/reference/gen_swiglu_fixture.py):
+/// f32 at the f32 tolerances, bf16 (torch's bf16 kernels, its two roundings) within 1e-2.
+#[test]
+fn swiglu_matches_torch() {
+    use qtune::nn::fused::swiglu;
+    let f = Fixture::load("swiglu");
+    for (tag, out_tol, grad_tol) in [("f32", OUT_TOL, GRAD_TOL), ("bf16", 1e-2, 1e-2)] {
+        let g = Var::from_tensor(&f.get(&format!("{tag}.g"))).unwrap();
+        let u = Var::from_tensor(&f.get(&format!("{tag}.u"))).unwrap();
+        let dy = f.get(&format!("{tag}.dy"));
+        let y = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        assert_eq!(y.dtype(), dy.dtype(), "{tag}: output dtype");
+        assert_close(
+            &format!("swiglu {tag} y"),
+            &y,
+            &f.get(&format!("{tag}.y")),
+            out_tol,
+        );
+        let loss = (y.to_dtype(DType::F32).unwrap() * dy.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in [("dg", &g), ("du", &u)] {
+            let got = grads.get(v.as_tensor()).unwrap();
+            assert_close(
+                &format!("swiglu {tag} {name}"),
+                got,
+                &f.get(&format!("{tag}.{name}")),
+                grad_tol,
+            );
+        }
+    }
+    let a = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(swiglu(&a, &b).is_err(), "shapes must match");
+}

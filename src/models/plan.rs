@@ -6,7 +6,8 @@
 //! checkpointed layer inputs, the candle graph of the one layer being recomputed (every
 //! intermediate tensor of the shared layer forward is held by the graph until its backward ends)
 //! plus the gradients in flight during that backward, and the logits of one cross-entropy chunk
-//! with their graph.
+//! with their graph. The parts are not all alive at once: the total takes the larger of the
+//! step's two phases (the head, then the layers' backward; see `MemoryPlan::step_activations`).
 use super::arch::{Architecture, Attention, Mlp, NormKind, Spec};
 use super::falcon::FalconConfig;
 use super::llama::{LlamaConfig, LlamaOptions};
@@ -44,6 +45,13 @@ pub struct MemoryPlan {
     /// Transient: it ends before the step's activations exist, so the total counts the larger
     /// of the two.
     pub reference: usize,
+    /// Checkpoints and adapter gradients alive together at the worst layer of the backward
+    /// (at most `checkpoints + adapter_grads`: early layers' checkpoints are consumed as later
+    /// layers' gradients arrive).
+    layer_phase: usize,
+    /// Bytes of `kernel_scratch` (the half-precision conversions) that coincide with the
+    /// gradients in flight in `recompute` rather than adding to them.
+    convert_overlap: usize,
     /// What [`MemoryPlan::reference`] would be: one layer's forward graph, its input and output,
     /// and one cross-entropy chunk, over the step's rows.
     reference_bytes: usize,
@@ -88,8 +96,9 @@ impl MemoryPlan {
     /// ([`Transformer`](super::transformer::Transformer)) keeps for each block variant: the norms
     /// (fused RMSNorm keeps its output; LayerNorm in f32 keeps five f32 intermediates and, in half
     /// precision, its casts), the linears and their adapters, a fused qkv's per-head copies,
-    /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama;
-    /// Falcon's LayerNorm and GELU terms are counted from the code.
+    /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama
+    /// (tests/llama_rss.rs) and Falcon (tests/falcon_rss.rs; its GELU backward measured alone,
+    /// its LayerNorm terms counted from the code).
     pub fn of_spec(
         store: &WeightStore,
         spec: &Spec,
@@ -143,6 +152,9 @@ impl MemoryPlan {
             };
             per_layer_lora.iter().map(per).sum()
         });
+        let prompt_grads = prompt_numels.iter().sum::<usize>() * s;
+        let layer_phase =
+            backward_carry(method, &per_layer_lora, &dims, prompt_grads, n * c * s, s);
         lora_params += prompt_numels.iter().sum::<usize>();
         lora_numels.extend(prompt_numels);
         // Bytes a norm keeps per hidden element.
@@ -184,9 +196,9 @@ impl MemoryPlan {
                             + composite_attention_graph(b, t, p + t, h, k, d, s)
                     }
                 };
-            // SwiGLU: silu, gate*up; GELU: its output; then the two residual sums.
+            // SwiGLU: the fused gate's output; GELU: its output; then the two residual sums.
             let mlp = match spec.mlp {
-                Mlp::SwiGlu => 2 * n * i * s,
+                Mlp::SwiGlu => n * i * s,
                 Mlp::Gelu => n * i * s,
             } + 2 * n * c * s;
             // the surrogate's f32 copies (half) and product.
@@ -218,25 +230,24 @@ impl MemoryPlan {
         let in_flight = 4 * (n * i * s).max(n * c * 4).max(score_grad)
             + fused_attention_terms(b, t, h, k, d, s)[3];
         // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
-        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it): six alive at
-        // once beside the incoming gradient and accumulator already in `in_flight`.
-        // candle's SiLU backward likewise: sigmoid(x) (through -x, exp, +1), 1 - y and their
-        // product alive at once, beside the incoming gradient and the zero accumulator already in
-        // `in_flight` (tests/llama_rss.rs at dropout 0 was 5.9 MiB over the plan without them;
-        // the LoRA dropout terms had hidden it).
+        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it, and the
+        // unnamed ones between). Measured alone (f32, N·I = 256 x 4352, glibc mmap threshold
+        // pinned, tests/falcon_rss.rs's shape): its backward peaks 15 N·I tensors allocated (14
+        // resident: the zero accumulator is never written) above its graph; `in_flight` has 4 of
+        // them. The six counted before left Falcon's step 17 MiB (4 N·I) under the plan once the
+        // phases below stopped overlapping.
+        // (SwiGLU's gate is one fused op with its own backward on the CPU: nothing here. A GPU
+        // runs candle's silu and mul, whose backward keeps sigmoid(x), 1 - y and their product
+        // alive at once: 3·N·I more, not counted in this CPU plan.)
         let gelu_bwd = match spec.mlp {
-            Mlp::Gelu => 6 * n * i * s,
-            Mlp::SwiGlu => 3 * n * i * s,
+            Mlp::Gelu => 10 * n * i * s,
+            Mlp::SwiGlu => 0,
         };
         let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
         let threads = rayon::current_num_threads();
-        let kernel_scratch = threads * 2 * TILE_BYTES
-            + if half {
-                // QLinear converts a half-precision input and output to f32 around the kernel.
-                n * (widest + c.max(i)) * 4
-            } else {
-                0
-            };
+        // QLinear converts a half-precision input and output to f32 around the kernel.
+        let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
+        let kernel_scratch = threads * 2 * TILE_BYTES + convert;
         let rows = opts.ce_chunk.max(1).min(n);
         Ok(MemoryPlan {
             weights,
@@ -247,7 +258,14 @@ impl MemoryPlan {
             optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
+            layer_phase,
             recompute: graph + in_flight + gelu_bwd,
+            // The f32 conversions run inside one product at a time, while the backward's
+            // gradients are in flight: measured (bf16, tests/llama_rss.rs's shape), one layer's
+            // backward, conversions included, peaked 7.5 MiB above its graph, less than
+            // `in_flight` and the leftovers alone (8.5); with both counted whole the step's plan
+            // was 10.7 MiB (37 %) above the measured 29.1 MiB.
+            convert_overlap: convert.min(in_flight),
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
@@ -277,9 +295,17 @@ impl MemoryPlan {
             + self.step_activations().max(self.reference)
     }
 
-    /// What exists only during the training step: gradients, checkpoints, recompute, logits.
+    /// What exists only during the training step, at its larger phase: the head (every
+    /// checkpoint, the final hidden state and its gradient, one cross-entropy chunk: nothing of
+    /// the layers' backward exists yet) or the layers' backward (one layer's recompute graph and
+    /// gradients in flight, over the checkpoints and adapter gradients alive at its worst layer).
+    /// The adapter gradients a step returns outlive both (the step ends holding all of them).
+    /// Adding the phases (the logits chunk to the backward) overstated tests/llama_rss.rs's f32
+    /// step by 4.0 MiB; its head phase is 15 MiB, its backward 59 MiB.
     fn step_activations(&self) -> usize {
-        self.adapter_grads + self.checkpoints + self.recompute + self.logits_chunk
+        let head = self.checkpoints + self.logits_chunk;
+        let layers = self.layer_phase + self.recompute - self.convert_overlap;
+        head.max(layers).max(self.adapter_grads)
     }
 }
 
@@ -403,6 +429,42 @@ fn adapter_layout(
     Ok((params, rows, numels))
 }
 
+/// Checkpoints and adapter gradients alive together at the worst layer of the backward (bytes),
+/// for `hidden` bytes a checkpoint (B·T·C·s) and `prompt_grads` bytes of prompt-tensor gradients
+/// (every layer's backward adds to those, so they exist from the first one on).
+///
+/// While layer li is recomputed (the backward runs L-1 down to 0) the checkpoints
+/// still saved are li + 1 (its own input included) and the variable copy of that input
+/// the recompute differentiates, plus the final hidden state (the head's input
+/// variable) and the gradient g coming in; the adapter gradients are
+/// those of layers li..L (and the prompt tensors'). Both ends of that trade matter:
+/// the last layer has every checkpoint and one layer's gradients, the first every
+/// gradient and four checkpoint-sized tensors. Counting both terms whole overstated a step by
+/// 7.0 MiB (of 55) in tests/llama_rss.rs (f32), where a probe of the step measured
+/// 55 MiB = 3 checkpoint-sized tensors + 7 layers' gradients + one layer's backward
+/// (43.8 MiB, the layer's input copy and gradients included).
+fn backward_carry(
+    method: Option<&dyn AdapterMethod>,
+    per_layer_lora: &[Vec<bool>],
+    dims: &[(usize, usize)],
+    prompt_grads: usize,
+    hidden: usize,
+    s: usize,
+) -> usize {
+    let grads = |row: &Vec<bool>| -> usize {
+        (row.iter().zip(dims))
+            .filter(|(on, _)| **on)
+            .map(|(_, &(o, i))| method.map_or(0, |m| m.numels(o, i).iter().sum::<usize>()))
+            .sum::<usize>()
+            * s
+    };
+    let layer_grads: Vec<usize> = per_layer_lora.iter().map(grads).collect();
+    (0..layer_grads.len())
+        .map(|li| (li + 4) * hidden + prompt_grads + layer_grads[li..].iter().sum::<usize>())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Rotary, attention and attention-backward terms (bytes) with the fused ops of `nn::fused`, for
 /// `n = b·t` tokens, `h` query and `k` kv heads of `d` (`s` bytes an element).
 /// Rotary keeps its output and the contiguous copy of its input (a transposed head view);
@@ -470,6 +532,9 @@ impl std::fmt::Display for MemoryPlan {
             ("kernel scratch", self.kernel_scratch),
             ("logits chunk", self.logits_chunk),
         ];
+        // The parts above that are never alive together (see `step_activations`).
+        let parts = self.adapter_grads + self.checkpoints + self.recompute + self.logits_chunk;
+        rows.push(("less: not alive at once", parts - self.step_activations()));
         if self.reference > 0 {
             rows.push(("reference fwd (transient)", self.reference));
         }
@@ -703,6 +768,29 @@ mod tests {
                 last = Some(now);
             }
         }
+    }
+
+    /// The backward trades checkpoints for adapter gradients: the worst layer is the last one
+    /// recomputed when gradients dominate, the first when checkpoints do.
+    #[test]
+    fn backward_carry_takes_the_worst_layer() {
+        let lora = crate::models::LoraSpec {
+            r: 2,
+            ..Default::default()
+        };
+        let m: Option<&dyn AdapterMethod> = Some(&lora);
+        // 3 layers, one (4, 4) linear adapted in the first two: (2·4 + 4·2)·4 = 64 bytes each.
+        let rows = vec![vec![true], vec![true], vec![false]];
+        let dims = [(4, 4)];
+        // big checkpoints: layer 2 (first recomputed) holds 2 + 4 of them and no gradient
+        assert_eq!(backward_carry(m, &rows, &dims, 0, 100, 4), 6 * 100);
+        // small checkpoints: layer 0 holds 4 of them and both layers' gradients (+ prompt's 7)
+        assert_eq!(
+            backward_carry(m, &rows, &dims, 7, 10, 4),
+            4 * 10 + 2 * 64 + 7
+        );
+        // never more than the two terms whole
+        assert!(backward_carry(m, &rows, &dims, 0, 10, 4) <= (3 + 3) * 10 + 2 * 64);
     }
 
     #[test]

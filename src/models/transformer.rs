@@ -577,9 +577,14 @@ impl Transformer {
         let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
             match s.mlp {
                 Mlp::SwiGlu => {
-                    let g = nn::silu(&proj(o + 1, xn)?)?;
-                    let u = proj(o + 2, xn)?;
-                    proj(o + 3, &(g * u)?)
+                    // gate, up: (B, T, I)
+                    let (g, u) = (proj(o + 1, xn)?, proj(o + 2, xn)?);
+                    let h = if !g.device().is_cpu() {
+                        (nn::silu(&g)? * u)?
+                    } else {
+                        fused::swiglu(&g, &u)?
+                    };
+                    proj(o + 3, &h)
                 }
                 Mlp::Gelu => proj(o + 2, &proj(o + 1, xn)?.gelu_erf()?),
             }

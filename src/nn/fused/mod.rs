@@ -205,6 +205,7 @@ mod lora;
 mod norm;
 mod rope;
 mod scale;
+mod swiglu;
 
 pub use attention::*;
 pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
@@ -213,3 +214,4 @@ pub use lora::*;
 pub use norm::*;
 pub use rope::*;
 pub use scale::*;
+pub use swiglu::*;
