@@ -79,6 +79,10 @@ fn dispatch_picks_the_expected_kernel() {
     let name = bf16_kernel_name();
     eprintln!("bf16 kernels on this CPU: {name}");
     assert_eq!(has_bf16_kernels(), !name.starts_with("f32"), "{name}");
+    // The instruction-peak probe (`qtune bench`'s MFU) runs exactly where the kernels do.
+    let chains = qtune::quant::matmul_bf16::dp_chains_all(4);
+    assert_eq!(chains.is_some(), has_bf16_kernels(), "{name}");
+    assert!(chains.is_none_or(f32::is_finite), "{chains:?}");
     if let Ok(want) = std::env::var("QTUNE_EXPECT_BF16_KERNEL") {
         assert!(name.starts_with(&want), "kernel {name}, expected {want}");
     }
