@@ -17,7 +17,7 @@ use half::bf16;
 use qrand::{random_weights, Rng, BENCH_TYPES, MATMUL_TYPES};
 use qtune::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use qtune::quant::matmul_bf16::{
-    dp_chains_all, has_avx512_bf16, qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, DP_FLOPS_PER_ITER,
+    dp_chains_all, has_bf16_kernels, qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, DP_FLOPS_PER_ITER,
 };
 use qtune::quant::{dequantize_f32, kernel_name, QData, QMatrix, QType};
 use rayon::prelude::*;
@@ -147,6 +147,18 @@ fn fma_peak(c: &mut Criterion) {
         }
         g.finish();
     }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(iters) = dp_chains_all(1).map(|_| 1usize << 22) {
+        // The BFDOT kernels' instruction ceiling (FEAT_BF16; Arm hardware only, not qemu).
+        let threads = rayon::current_num_threads();
+        let mut g = c.benchmark_group("peak");
+        g.sampling_mode(SamplingMode::Flat);
+        g.throughput(Throughput::Elements(
+            (threads * iters * DP_FLOPS_PER_ITER) as u64,
+        ));
+        g.bench_function("neon_bfdot", |b| b.iter(|| dp_chains_all(iters)));
+        g.finish();
+    }
 }
 
 fn dequant(c: &mut Criterion) {
@@ -238,8 +250,10 @@ fn matmul(c: &mut Criterion) {
                     g.bench_function(BenchmarkId::new("qtune_bwd_input", &label), |b| {
                         b.iter(|| qmatmul_bwd_input(black_box(&dy), m, &w, &mut dx, false))
                     });
-                    if has_avx512_bf16() {
-                        // The --dtype bf16 kernels (bf16 products, f32 sums), bf16 activations.
+                    if has_bf16_kernels() {
+                        // The --dtype bf16 kernels (bf16 products, f32 sums), bf16 activations:
+                        // AVX-512 BF16 on x86, BFDOT on aarch64 with FEAT_BF16 (the same case
+                        // names; time these on Arm hardware, never under qemu).
                         let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
                         let dyb: Vec<bf16> = dy.iter().map(|v| bf16::from_f32(*v)).collect();
                         g.bench_function(BenchmarkId::new("qtune_fwd_bf16", &label), |b| {

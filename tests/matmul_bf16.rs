@@ -1,5 +1,5 @@
-//! The bf16 quantised matmul (`qtune::quant::matmul_bf16`): the AVX-512 BF16 kernels against
-//! their f64 references on the same bf16-rounded operands (f32 summation tolerance), and against
+//! The bf16 quantised matmul (`qtune::quant::matmul_bf16`): the AVX-512 BF16 and aarch64 FEAT_BF16
+//! (BFDOT, run under qemu: `.ci/aarch64.sh`) kernels against their f64 references on the same bf16-rounded operands (f32 summation tolerance), and against
 //! the exact f32 kernels at bf16 tolerance, for every type in `MATMUL_TYPES` and NF4, over shapes
 //! with every tail (M not a multiple of 48 or 6, N odd and not a multiple of 8, K tiles).
 #[path = "../benches/util/qrand.rs"]
@@ -7,10 +7,12 @@ mod qrand;
 
 use half::bf16;
 use qrand::{random_weights, Rng, MATMUL_TYPES};
-use qtune::quant::matmul::{qmatmul_bwd_input_ref, qmatmul_fwd_ref};
+use qtune::quant::matmul::{
+    qmatmul_bwd_input, qmatmul_bwd_input_ref, qmatmul_fwd, qmatmul_fwd_ref,
+};
 use qtune::quant::matmul_bf16::{
-    has_avx512_bf16, qmatmul_bwd_input_bf16, qmatmul_bwd_input_bf16_ref, qmatmul_fwd_bf16,
-    qmatmul_fwd_bf16_ref,
+    bf16_kernel_name, has_bf16_kernels, qmatmul_bwd_input_bf16, qmatmul_bwd_input_bf16_ref,
+    qmatmul_fwd_bf16, qmatmul_fwd_bf16_ref,
 };
 use qtune::quant::nf4::{quantize_nf4, Nf4Owned};
 use qtune::quant::{QData, QMatrix, QType};
@@ -21,8 +23,18 @@ const SHAPES: [(usize, usize); 3] = [(75, 768), (301, 1280), (13, 256)];
 // M: one GEMV-sized (falls back to f32), partial 48-row blocks and 6-row micro-tiles.
 const MS: [usize; 4] = [3, 5, 50, 131];
 
+/// The M values to run: under qemu (`QTUNE_QEMU` set, as `.ci/aarch64.sh` does) all but 131, whose
+/// f64 references take minutes emulated; 50 still has partial 16- and 48-row blocks and tiles.
+fn ms() -> &'static [usize] {
+    if std::env::var_os("QTUNE_QEMU").is_some() {
+        &MS[..3]
+    } else {
+        &MS
+    }
+}
+
 enum Owned {
-    Ggml(Vec<u8>),
+    Ggml(QType, Vec<u8>),
     Nf4(Nf4Owned),
 }
 
@@ -35,12 +47,91 @@ fn worst(got: &[f32], want: &[f32], scale: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Random weights of type `t`, `n`×`k` (NF4 through our quantiser, the rest as `qrand` makes them).
+fn weights(t: QType, n: usize, k: usize, rng: &mut Rng) -> Owned {
+    if t == QType::NF4 {
+        Owned::Nf4(quantize_nf4(&rng.vec(n * k)).unwrap())
+    } else {
+        Owned::Ggml(t, random_weights(t, n, k, rng))
+    }
+}
+
+/// The `QMatrix` view of `owned` (`n`×`k`).
+fn matrix(owned: &Owned, n: usize, k: usize) -> QMatrix<'_> {
+    match owned {
+        Owned::Ggml(t, bytes) => QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Ggml { qtype: *t, bytes },
+        },
+        Owned::Nf4(q) => QMatrix {
+            rows: n,
+            cols: k,
+            data: QData::Nf4(q.as_ref()),
+        },
+    }
+}
+
+/// `QTUNE_EXPECT_BF16_KERNEL` (set by `.ci/aarch64.sh`: `neon-bf16` under `qemu -cpu max`, `f32`
+/// under `-cpu cortex-a72`) names the kernel this CPU must pick: the run-time dispatch, checked.
+#[test]
+fn dispatch_picks_the_expected_kernel() {
+    let name = bf16_kernel_name();
+    eprintln!("bf16 kernels on this CPU: {name}");
+    assert_eq!(has_bf16_kernels(), !name.starts_with("f32"), "{name}");
+    // The instruction-peak probe (`qtune bench`'s MFU) runs exactly where the kernels do.
+    let chains = qtune::quant::matmul_bf16::dp_chains_all(4);
+    assert_eq!(chains.is_some(), has_bf16_kernels(), "{name}");
+    assert!(chains.is_none_or(f32::is_finite), "{chains:?}");
+    if let Ok(want) = std::env::var("QTUNE_EXPECT_BF16_KERNEL") {
+        assert!(name.starts_with(&want), "kernel {name}, expected {want}");
+    }
+}
+
+/// Without bf16 kernels (or where the shape does not fit) the bf16 entry points run the exact f32
+/// kernels: bit for bit what `qmatmul_fwd` / `qmatmul_bwd_input` give on the same (f32) input.
+#[test]
+fn fallback_is_the_f32_kernel() {
+    let mut rng = Rng(5);
+    let (n, k) = (75, 768);
+    let owned = weights(QType::Q4_0, n, k, &mut rng);
+    let w = matrix(&owned, n, k);
+    // m = 3 never fits (GEMV); m = 50 fits only where there are bf16 kernels.
+    let ms: &[usize] = if has_bf16_kernels() { &[3] } else { &[3, 50] };
+    for &m in ms {
+        let x = rng.vec(m * k);
+        let (mut got, mut want) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+        qmatmul_fwd_bf16(&x, m, &w, &mut got);
+        qmatmul_fwd(&x, m, &w, &mut want);
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits()),
+            "fwd m={m}"
+        );
+        let dy = rng.vec(m * n);
+        let (mut got, mut want) = (vec![f32::NAN; m * k], vec![0f32; m * k]);
+        qmatmul_bwd_input_bf16(&dy, m, &w, &mut got, false);
+        qmatmul_bwd_input(&dy, m, &w, &mut want, false);
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits()),
+            "bwd m={m}"
+        );
+    }
+}
+
 #[test]
 fn bf16_kernels_match_their_references() {
-    if !has_avx512_bf16() {
-        eprintln!("skipped: this CPU has no AVX-512 BF16 (the f32 kernels run; tests/matmul.rs)");
+    if !has_bf16_kernels() {
+        eprintln!(
+            "skipped: {} (the f32 kernels run: fallback_is_the_f32_kernel)",
+            bf16_kernel_name()
+        );
         return;
     }
+    eprintln!("bf16 kernels: {}", bf16_kernel_name());
     let mut rng = Rng(11);
     let (mut worst_ref, mut worst_f32) = (0f64, 0f64);
     for &t in MATMUL_TYPES.iter().chain(&[QType::NF4]) {
@@ -48,26 +139,11 @@ fn bf16_kernels_match_their_references() {
             if k % t.block_size() != 0 {
                 continue;
             }
-            let owned = if t == QType::NF4 {
-                Owned::Nf4(quantize_nf4(&rng.vec(n * k)).unwrap())
-            } else {
-                Owned::Ggml(random_weights(t, n, k, &mut rng))
-            };
-            let w = match &owned {
-                Owned::Ggml(bytes) => QMatrix {
-                    rows: n,
-                    cols: k,
-                    data: QData::Ggml { qtype: t, bytes },
-                },
-                Owned::Nf4(q) => QMatrix {
-                    rows: n,
-                    cols: k,
-                    data: QData::Nf4(q.as_ref()),
-                },
-            };
+            let owned = weights(t, n, k, &mut rng);
+            let w = matrix(&owned, n, k);
             let mut wf = vec![0f32; n * k];
             w.dequant_tile(0, n, 0, k, &mut wf);
-            for &m in &MS {
+            for &m in ms() {
                 // forward, f32 and bf16 activations
                 let x = rng.vec(m * k);
                 let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();

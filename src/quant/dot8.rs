@@ -330,6 +330,8 @@ pub type DotFn = fn(&[u8], &Q8Act) -> f32;
 /// Every implementation of the row dot product for `qtype` this CPU runs, scalar reference first
 /// and the fastest last (tests compare them all).
 pub fn dot_impls(qtype: QType) -> Vec<(&'static str, DotFn)> {
+    // Only x86 adds SIMD implementations so far.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut v: Vec<(&'static str, DotFn)> = match qtype {
         QType::Q4_0 => vec![("scalar", dot_q4_0_q8_0_ref)],
         QType::Q8_0 => vec![("scalar", dot_q8_0_q8_0_ref)],

@@ -9,7 +9,9 @@
 //! - Input gradient: tasks own tiles of K columns (columns of dx), and loop over all rows of W.
 //! - Small M (decode, GEMV): a row chunk of W is dequantised into L1 and dotted with each x row
 //!   (forward) or added, scaled by dy, into a per-split partial dx (input gradient).
-use super::dispatch::{active_level, SimdLevel};
+use super::dispatch::active_level;
+#[cfg(target_arch = "x86_64")]
+use super::dispatch::SimdLevel;
 use super::QMatrix;
 use rayon::prelude::*;
 use std::cell::RefCell;

@@ -1,5 +1,7 @@
 //! Quantised matmul in bf16 with f32 accumulation: forward `y = x·Wᵀ` and input gradient
-//! `dx = dy·W`, for the `--dtype bf16` step on CPUs with AVX-512 BF16 (`vdpbf16ps`).
+//! `dx = dy·W`, for the `--dtype bf16` step on CPUs with AVX-512 BF16 (`vdpbf16ps`) and on aarch64
+//! with FEAT_BF16 (`BFDOT` by element, in `matmul_bf16/neon.rs`: the same layouts in 4-lane
+//! vectors).
 //!
 //! `vdpbf16ps acc, a, b` adds, in each of 16 f32 lanes, the two products of a pair of bf16 values
 //! (`acc[i] += a[2i]·b[2i] + a[2i+1]·b[2i+1]`), twice the multiply rate of an f32 FMA on the same
@@ -20,11 +22,13 @@
 //! Rounding: x, dy and W are rounded to bf16 (nearest even) and every product is exact in f32;
 //! sums are f32. [`qmatmul_fwd_bf16_ref`] / [`qmatmul_bwd_input_bf16_ref`] compute the same
 //! rounded operands' products in f64: the SIMD kernels agree with them to f32 summation error.
-//! Where the CPU lacks AVX-512 BF16 (or the shape does not fit: K not a multiple of 16, M ≤
-//! [`GEMV_MAX_M`]) the f32 kernels of `matmul` run instead; [`bf16_kernel_name`] says which.
+//! Where the CPU lacks AVX-512 BF16 and FEAT_BF16 (or the shape does not fit: K not a multiple of
+//! 16, M ≤ [`GEMV_MAX_M`]) the f32 kernels of `matmul` run instead (AVX2, NEON);
+//! [`bf16_kernel_name`] says which.
 use super::matmul::{bwd_input_ref_with, fwd_ref_with, qmatmul_bwd_input, qmatmul_fwd, GEMV_MAX_M};
 use super::QMatrix;
 use half::bf16;
+use rayon::prelude::*;
 
 /// `$body` with the const `$name` set to the run-time `$x` when it is one of `[$n, ...]`, else to
 /// `$last`: the const-generic micro-tiles need their sizes at compile time.
@@ -50,6 +54,7 @@ const FWD_MR: usize = 8;
 /// Rows of W dequantised per input-gradient chunk (an even number: pairs of rows).
 pub const BWD_ROWS: usize = 128;
 /// Rows of dy per input-gradient micro-tile (accumulators: 6 × 4 zmm).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const BWD_MR: usize = 6;
 /// K elements dequantised into f32 at a time before rounding to bf16 (a multiple of every block
 /// size we read: 32, 64, 256), so the f32 staging chunk stays in L1.
@@ -73,39 +78,84 @@ pub fn has_avx512_bf16() -> bool {
     false
 }
 
+/// Whether this aarch64 CPU runs the FEAT_BF16 kernels (`BFDOT`; checked once, what makes their
+/// `unsafe` calls sound). `QTUNE_NO_BF16_KERNELS` turns them off, as on x86.
+pub fn has_neon_bf16() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_aarch64_feature_detected!("neon")
+                && std::arch::is_aarch64_feature_detected!("bf16")
+                && std::env::var_os("QTUNE_NO_BF16_KERNELS").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    false
+}
+
+/// Whether [`qmatmul_fwd_bf16`] / [`qmatmul_bwd_input_bf16`] have bf16 products on this CPU
+/// (AVX-512 BF16 or FEAT_BF16) for the shapes that fit; else they run the f32 kernels.
+pub fn has_bf16_kernels() -> bool {
+    has_avx512_bf16() || has_neon_bf16()
+}
+
 /// The kernel the bf16 step's quantised matmuls use on this CPU (for reports).
 pub fn bf16_kernel_name() -> &'static str {
     if has_avx512_bf16() {
         "avx512-bf16 (vdpbf16ps)"
+    } else if has_neon_bf16() {
+        "neon-bf16 (bfdot)"
+    } else if cfg!(target_arch = "aarch64") {
+        "f32 (no FEAT_BF16 on this CPU)"
     } else {
         "f32 (no AVX-512 BF16 on this CPU)"
     }
 }
 
-/// `vdpbf16ps` flops one [`dp_chains_all`] call does per iteration and thread.
-pub const DP_FLOPS_PER_ITER: usize = 12 * 64;
+/// Flops one [`dp_chains_all`] call does per iteration and thread: 12 `vdpbf16ps` of 16 lanes, or
+/// on aarch64 12 `BFDOT` of 4 lanes (2 products and 2 adds a lane).
+pub const DP_FLOPS_PER_ITER: usize = if cfg!(target_arch = "aarch64") {
+    12 * 16
+} else {
+    12 * 64
+};
 
-/// `iters` rounds of 12 independent `vdpbf16ps` on each rayon thread at once (plain OS threads,
-/// so all really run together); `None` without AVX-512 BF16. The work is
+/// The bf16 instruction [`dp_chains_all`] and [`measure_bf16_peak`] time (for reports).
+pub const DP_INSTRUCTION: &str = if cfg!(target_arch = "aarch64") {
+    "bfdot"
+} else {
+    "vdpbf16ps"
+};
+
+/// `iters` rounds of 12 independent `vdpbf16ps` (or `BFDOT` on aarch64) on each rayon thread at
+/// once (plain OS threads, so all really run together); `None` without bf16 kernels. The work is
 /// `threads × iters × DP_FLOPS_PER_ITER` flops.
 pub fn dp_chains_all(iters: usize) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512_bf16() {
-        let threads = rayon::current_num_threads().max(1);
-        return Some(std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..threads)
-                // SAFETY: AVX-512 BF16 checked by has_avx512_bf16 above.
-                .map(|t| sc.spawn(move || unsafe { avx512::dp_chains(iters, t as f32) }))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-        }));
-    }
-    let _ = iters;
-    None
+    // SAFETY: AVX-512 BF16 checked by has_avx512_bf16 first.
+    let chains = has_avx512_bf16().then_some(|t| unsafe { avx512::dp_chains(iters, t) });
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON and BF16 checked by has_neon_bf16 first.
+    let chains = has_neon_bf16().then_some(|t| unsafe { neon::dp_chains(iters, t) });
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let chains: Option<fn(f32) -> f32> = {
+        let _ = iters;
+        None
+    };
+    let chains = chains?;
+    let threads = rayon::current_num_threads().max(1);
+    Some(std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| sc.spawn(move || chains(t as f32)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    }))
 }
 
 /// The instruction ceiling of the bf16 kernels in GFLOP/s ([`dp_chains_all`], best of 4), or
-/// `None` without AVX-512 BF16. `qtune bench` divides by the larger of this and the f32 GEMM
+/// `None` without bf16 kernels. `qtune bench` divides by the larger of this and the f32 GEMM
 /// peak, so MFU counts against the best this CPU offers.
 pub fn measure_bf16_peak() -> Option<f64> {
     let iters = 1usize << 21;
@@ -170,11 +220,17 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "qmatmul_fwd_bf16: x is not {m}×{k}");
     assert_eq!(y.len(), m * n, "qmatmul_fwd_bf16: y is not {m}×{n}");
-    if !(has_avx512_bf16() && fits(w, m)) {
-        return with_f32(x, |x| qmatmul_fwd(x, m, w, y));
+    if fits(w, m) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            return avx512::fwd(x, m, w, y);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if has_neon_bf16() {
+            return neon::fwd(x, m, w, y);
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    avx512::fwd(x, m, w, y);
+    with_f32(x, |x| qmatmul_fwd(x, m, w, y))
 }
 
 /// `dx (M×K) = dy (M×N) · W` (or `+=` when `accumulate`) with bf16 products and f32 sums; the f32
@@ -189,11 +245,17 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     let (n, k) = (w.rows, w.cols);
     assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_bf16: dy is not {m}×{n}");
     assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_bf16: dx is not {m}×{k}");
-    if !(has_avx512_bf16() && fits(w, m)) {
-        return with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate));
+    if fits(w, m) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            return avx512::bwd_input(dy, m, w, dx, accumulate);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if has_neon_bf16() {
+            return neon::bwd_input(dy, m, w, dx, accumulate);
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    avx512::bwd_input(dy, m, w, dx, accumulate);
+    with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate))
 }
 
 /// Runs `f` on `v` as f32: f32 activations as they are, bf16 ones widened (exactly).
@@ -325,12 +387,33 @@ fn with_pack<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
     })
 }
 
+/// Packs x (M×K) into `xp[block][K/2][B]` pairs, blocks of `B` rows (`xp` holds whole blocks;
+/// the lanes of rows past M are left as they are: each lane's sums are its own, and those are
+/// never written).
+fn pack_x<A: Activation, const B: usize>(x: &[A], m: usize, k: usize, xp: &mut [u32]) {
+    let half = k / 2;
+    xp.par_chunks_mut(half * B)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            let mut row = vec![bf16::ZERO; k];
+            for l in 0..B.min(m - b * B) {
+                let i = b * B + l;
+                A::row_to_bf16(&x[i * k..(i + 1) * k], &mut row);
+                for p in 0..half {
+                    dst[p * B + l] = pair(row[2 * p], row[2 * p + 1]);
+                }
+            }
+        });
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! The AVX-512 BF16 micro-kernels and the tiling around them.
     use super::*;
     use half::bf16;
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     use crate::quant::matmul::SendPtr;
@@ -370,24 +453,6 @@ mod avx512 {
             _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)),
         );
         _mm512_reduce_add_ps(s)
-    }
-
-    /// Packs x (M×K) into `xp[block][K/2][MB]` pairs (`xp` holds whole blocks; the lanes of rows
-    /// past M are left as they are: each lane's sums are its own, and those are never written).
-    fn pack_x<A: Activation>(x: &[A], m: usize, k: usize, xp: &mut [u32]) {
-        let half = k / 2;
-        xp.par_chunks_mut(half * MB)
-            .enumerate()
-            .for_each(|(b, dst)| {
-                let mut row = vec![bf16::ZERO; k];
-                for l in 0..MB.min(m - b * MB) {
-                    let i = b * MB + l;
-                    A::row_to_bf16(&x[i * k..(i + 1) * k], &mut row);
-                    for p in 0..half {
-                        dst[p * MB + l] = pair(row[2 * p], row[2 * p + 1]);
-                    }
-                }
-            });
     }
 
     /// Forward micro-kernel: `out[r][l] = Σ_p wt[r][p] · xb[p][l]` over `pairs` pairs, for
@@ -450,7 +515,7 @@ mod avx512 {
         let (n, k) = (w.rows, w.cols);
         let half = k / 2;
         with_pack(m.div_ceil(MB) * half * MB, |xp| {
-            pack_x(x, m, k, xp);
+            pack_x::<A, MB>(x, m, k, xp);
             let xp = &*xp;
             let rows = fwd_rows(n, k);
             let yp = SendPtr(y.as_mut_ptr());

@@ -10,7 +10,7 @@ use half::bf16;
 mod x86;
 
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
 
 /// The SIMD kernel for `qtype` at `level`, or `None` where there is none (or the CPU lacks the
 /// level's features: this check is what makes the `unsafe` kernels sound to call).
@@ -40,6 +40,8 @@ pub fn f32_to_bf16_fn(level: SimdLevel) -> ToBf16Fn {
         SimdLevel::Avx2 if x86::has_avx2() => x86::avx2::to_bf16,
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if x86::has_avx512() => x86::avx512::to_bf16,
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => neon::to_bf16,
         _ => to_bf16_scalar,
     }
 }

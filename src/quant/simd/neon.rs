@@ -5,7 +5,7 @@
 use crate::quant::blocks::scale_min_k4;
 use crate::quant::dispatch::DequantFn;
 use crate::quant::QType;
-use half::f16;
+use half::{bf16, f16};
 use std::arch::aarch64::*;
 
 #[inline(always)]
@@ -164,6 +164,42 @@ unsafe fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
         );
     }
     crate::quant::scalar::dequant_bf16(&src[2 * n..], &mut dst[n..]);
+}
+
+/// Four f32 rounded to bf16 (nearest even; a NaN stays a NaN, quietened), as `half::bf16::from_f32`:
+/// integer arithmetic on the bits, so FPCR's flush-to-zero and rounding mode play no part.
+#[target_feature(enable = "neon")]
+#[inline]
+pub(crate) unsafe fn bf16x4(v: float32x4_t) -> uint16x4_t {
+    let bits = vreinterpretq_u32_f32(v);
+    // bits + 0x7fff + (bit 16): carries into the upper half exactly when RNE rounds up.
+    let lsb = vandq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(1));
+    let rounded = vaddq_u32(vaddq_u32(bits, vdupq_n_u32(0x7fff)), lsb);
+    let nan = vcgtq_u32(
+        vandq_u32(bits, vdupq_n_u32(0x7fff_ffff)),
+        vdupq_n_u32(0x7f80_0000),
+    );
+    let quiet = vorrq_u32(bits, vdupq_n_u32(0x0040_0000));
+    vshrn_n_u32::<16>(vbslq_u32(nan, quiet, rounded))
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn to_bf16_neon(src: &[f32], dst: &mut [bf16]) {
+    let len = src.len().min(dst.len());
+    let n = len / 8 * 8;
+    for i in (0..n).step_by(8) {
+        let lo = bf16x4(vld1q_f32(src.as_ptr().add(i)));
+        let hi = bf16x4(vld1q_f32(src.as_ptr().add(i + 4)));
+        vst1q_u16(dst.as_mut_ptr().add(i) as *mut u16, vcombine_u16(lo, hi));
+    }
+    super::to_bf16_scalar(&src[n..len], &mut dst[n..len]);
+}
+
+/// f32 -> bf16 for `simd::f32_to_bf16_fn` (callers must have detected NEON).
+pub(super) fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: only handed out by `f32_to_bf16_fn` after detecting NEON; loads and stores stay
+    // inside the first `min(len)` elements of both slices.
+    unsafe { to_bf16_neon(src, dst) }
 }
 
 macro_rules! safe {

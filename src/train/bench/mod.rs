@@ -212,7 +212,10 @@ fn machine_peak(
         progress("measuring this machine's f32 GEMM and bf16 instruction peaks");
         let f32_peak = measure_f32_peak();
         return Ok(match crate::quant::matmul_bf16::measure_bf16_peak() {
-            Some(bf) if bf > f32_peak => (bf, "vdpbf16ps (bf16)".to_string()),
+            Some(bf) if bf > f32_peak => (
+                bf,
+                format!("{} (bf16)", crate::quant::matmul_bf16::DP_INSTRUCTION),
+            ),
             _ => (f32_peak, "f32 GEMM".to_string()),
         });
     }
