@@ -73,8 +73,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // before any thread exists: candle's element-wise workers park instead of spinning
-    qtune::train::bench::tune_threads();
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_)) {
         // before any thread allocates: one malloc arena (measured for training steps only)

@@ -67,21 +67,6 @@ pub fn tune_allocator() {
     }
 }
 
-/// Candle's spin budget, unless the user set `CANDLE_BARRIER_POOL_SPIN_LIMIT` themselves.
-pub const CANDLE_SPIN_LIMIT: &str = "0";
-
-/// Makes candle's worker threads park at once after each of its element-wise ops. candle 0.11
-/// runs those ops on its own barrier pool, whose workers spin 25,000 times before parking; our
-/// kernels run next on rayon's pool, and on a machine with few cores the spinning worker takes a
-/// core from them (the ~100M-shape bf16 step used 27 % less CPU time with the spin off, measured
-/// on 2 cores; see docs/BENCHMARKS.md). Call first in `main`, before any thread exists
-/// (it sets an environment variable that candle reads when it makes its pool).
-pub fn tune_threads() {
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
-    }
-}
-
 /// Best rate (GFLOP/s) of a few 1536³ f32 GEMMs on all threads: the dense ceiling MFU refers to.
 pub fn measure_f32_peak() -> f64 {
     let n = 1536;

@@ -16,7 +16,7 @@ mod synthetic;
 
 pub use measure::{
     measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes, step_flops,
-    tune_allocator, tune_threads, CANDLE_SPIN_LIMIT,
+    tune_allocator,
 };
 pub use report::{BenchReport, GpuReport};
 pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};

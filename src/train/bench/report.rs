@@ -184,7 +184,8 @@ impl BenchReport {
         v["objective"] = serde_json::json!(if c.dpo_beta.is_some() { "dpo" } else { "sft" });
         v["rows"] = serde_json::json!(c.rows());
         v["method"] = serde_json::json!(c.method_name());
-        // candle's element-wise workers' spin budget (`qtune` sets 0; candle's own is 25,000)
+        // candle's element-wise workers' spin budget when the user set one (candle's own: 25,000;
+        // 0 helps on a loaded machine, costs on a quiet one: docs/BENCHMARKS.md, session 8)
         v["config"]["candle_spin_limit"] =
             serde_json::json!(std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").ok());
         if let Some(pr) = &c.prompt {
