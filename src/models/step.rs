@@ -371,6 +371,10 @@ fn train_with<M: Decoder, R>(
         .map(|g| g.detach())
         .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
     drop(loss_t);
+    // The head's phase ends here: its logits chunk (rows × vocab in f32, 31 MiB at a 32,000
+    // vocabulary) is free but glibc keeps its pages, and the plan counts the layers' backward
+    // without it (`MemoryPlan::step_activations` takes the larger phase, not the sum).
+    release_free_heap();
     if m.prompt_len() > 1 {
         // The head reads the last prompt row and the tokens': zeros before them.
         let z = x
