@@ -49,9 +49,6 @@ pub struct MemoryPlan {
     /// (at most `checkpoints + adapter_grads`: early layers' checkpoints are consumed as later
     /// layers' gradients arrive).
     layer_phase: usize,
-    /// Bytes of `kernel_scratch` (the half-precision conversions) that coincide with the
-    /// gradients in flight in `recompute` rather than adding to them.
-    convert_overlap: usize,
     /// What [`MemoryPlan::reference`] would be: one layer's forward graph, its input and output,
     /// and one cross-entropy chunk, over the step's rows.
     reference_bytes: usize,
@@ -260,12 +257,13 @@ impl MemoryPlan {
             checkpoints: (l + 3) * n * c * s,
             layer_phase,
             recompute: graph + in_flight + gelu_bwd,
-            // The f32 conversions run inside one product at a time, while the backward's
-            // gradients are in flight: measured (bf16, tests/llama_rss.rs's shape), one layer's
-            // backward, conversions included, peaked 7.5 MiB above its graph, less than
-            // `in_flight` and the leftovers alone (8.5); with both counted whole the step's plan
-            // was 10.7 MiB (37 %) above the measured 29.1 MiB.
-            convert_overlap: convert.min(in_flight),
+            // The f32 conversions of half-precision products count whole, beside the gradients
+            // in flight: their buffers are thread-local and kept between calls (QLinear's f32
+            // output, the bf16 kernels' packed activations), resident from the first product
+            // on. Subtracting them from the in-flight gradients (as a measured overlap within a
+            // step, where kept buffers never show as growth) left the ~100M shape's bf16 step
+            // over the plan by 16 KiB a token with glibc's mmap threshold pinned (seq 128 / 256
+            // / 512: +6.3 / +8.6 / +12.1 MiB; f32 within 0.3 %) (session 8).
             kernel_scratch,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
@@ -304,7 +302,7 @@ impl MemoryPlan {
     /// step by 4.0 MiB; its head phase is 15 MiB, its backward 59 MiB.
     fn step_activations(&self) -> usize {
         let head = self.checkpoints + self.logits_chunk;
-        let layers = self.layer_phase + self.recompute - self.convert_overlap;
+        let layers = self.layer_phase + self.recompute;
         head.max(layers).max(self.adapter_grads)
     }
 }
