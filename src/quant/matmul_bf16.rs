@@ -248,11 +248,11 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     if fits(w, m) {
         #[cfg(target_arch = "x86_64")]
         if has_avx512_bf16() {
-            return avx512::bwd_input(dy, m, w, dx, accumulate);
+            return bwd_input_tiled::<avx512::Avx512, A>(dy, m, w, dx, accumulate);
         }
         #[cfg(target_arch = "aarch64")]
         if has_neon_bf16() {
-            return neon::bwd_input(dy, m, w, dx, accumulate);
+            return bwd_input_tiled::<neon::Neon, A>(dy, m, w, dx, accumulate);
         }
     }
     with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate))
@@ -406,6 +406,127 @@ fn pack_x<A: Activation, const B: usize>(x: &[A], m: usize, k: usize, xp: &mut [
         });
 }
 
+/// One ISA's input-gradient micro-kernels, as the shared tiling [`bwd_input_tiled`] calls them.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+trait BwdKernels {
+    /// Rows of dy per micro-tile.
+    const MR: usize;
+    /// f32 lanes [`BwdKernels::pair_lanes`] converts at once (a divisor of 16).
+    const LANES: usize;
+
+    /// `out[i] = pair(bf16(lo[i]), bf16(hi[i]))` for `LANES` lanes (nearest even).
+    ///
+    /// # Safety
+    /// The CPU has this ISA's bf16 features (the caller checked); every slice has `LANES` elements.
+    unsafe fn pair_lanes(lo: &[f32], hi: &[f32], out: &mut [u32]);
+
+    /// `dx[r][c] (+)= Σ_q dyp[r][q] · wp[q][c]` for `rr` (1..=`MR`) rows of dy (pairs, row stride
+    /// `ds` u32) and all `kc` columns of the interleaved W chunk `wp` (row stride `kc` u32, `kc` a
+    /// multiple of 16), `pairs` pairs; dx rows at stride `xs` f32; `load` adds to dx.
+    ///
+    /// # Safety
+    /// The CPU has this ISA's bf16 features; every pointer addresses the elements these shapes and
+    /// strides name; no other thread touches them in dx.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows(
+        rr: usize,
+        pairs: usize,
+        dyp: *const u32,
+        ds: usize,
+        wp: *const u32,
+        kc: usize,
+        dx: *mut f32,
+        xs: usize,
+        load: bool,
+    );
+}
+
+/// Interleaves rows 2q and 2q+1 of the f32 chunk `src` (`nr` rows × `kc`, kc a multiple of 16)
+/// into bf16 pairs `dst[q][c]` (an odd last row is paired with zero).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn interleave_rows<K: BwdKernels>(src: &[f32], nr: usize, kc: usize, dst: &mut [u32]) {
+    let zeros = [0f32; 16];
+    let l = K::LANES;
+    for q in 0..nr.div_ceil(2) {
+        let a = &src[2 * q * kc..][..kc];
+        let b = (2 * q + 1 < nr).then(|| &src[(2 * q + 1) * kc..][..kc]);
+        let out = &mut dst[q * kc..][..kc];
+        for c in (0..kc).step_by(l) {
+            let hi = b.map_or(&zeros[..l], |b| &b[c..c + l]);
+            // SAFETY: the ISA's features were checked by the caller of the kernels
+            // (has_avx512_bf16 / has_neon_bf16); each slice holds the LANES elements read or written.
+            unsafe { K::pair_lanes(&a[c..c + l], hi, &mut out[c..c + l]) };
+        }
+    }
+}
+
+/// `dx = dy·W` (or `+=`) through one ISA's kernels (the caller checked its features and
+/// [`fits`]): dy rounded to bf16 once (rows padded to an even length: pairs along N), then per
+/// task a span of [`bwd_cols`] columns of dx, W walked in chunks of [`BWD_ROWS`] rows
+/// dequantised and interleaved into row pairs.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn bwd_input_tiled<K: BwdKernels, A: Activation>(
+    dy: &[A],
+    m: usize,
+    w: &QMatrix,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    use crate::quant::matmul::SendPtr;
+    let (n, k) = (w.rows, w.cols);
+    let n2 = n + n % 2;
+    with_pack(m * n2 / 2, |dyw| {
+        let dyb: &mut [bf16] = bytemuck::cast_slice_mut(dyw);
+        dyb.par_chunks_mut(n2).enumerate().for_each(|(i, row)| {
+            A::row_to_bf16(&dy[i * n..(i + 1) * n], &mut row[..n]);
+            // The pad of an odd row pairs with W's zero row; it must be a number.
+            row[n..].fill(bf16::ZERO);
+        });
+        let dyp_addr = dyb.as_ptr() as usize;
+        let ds = n2 / 2;
+        let cols = bwd_cols(w);
+        let dxp = SendPtr(dx.as_mut_ptr());
+        (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
+            let dyp = dyp_addr as *const u32;
+            let c0 = task * cols;
+            let kc = cols.min(k - c0);
+            with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
+                let mut r0 = 0;
+                while r0 < n {
+                    let nr = BWD_ROWS.min(n - r0);
+                    w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
+                    interleave_rows::<K>(stage, nr, kc, wp);
+                    let pairs = nr.div_ceil(2);
+                    let load = accumulate || r0 > 0;
+                    let mut i = 0;
+                    while i < m {
+                        let rr = K::MR.min(m - i);
+                        // SAFETY: the ISA's features were checked by the caller; dy pairs of rows
+                        // i..i+rr, pairs r0/2..r0/2+pairs (<= n2/2) lie in dyb; wp has pairs×kc
+                        // u32 (kc a multiple of 16); this task alone writes dx columns c0..c0+kc,
+                        // rows i..i+rr < m.
+                        unsafe {
+                            K::rows(
+                                rr,
+                                pairs,
+                                dyp.add(i * ds + r0 / 2),
+                                ds,
+                                wp.as_ptr(),
+                                kc,
+                                dxp.get().add(i * k + c0),
+                                k,
+                                load,
+                            )
+                        };
+                        i += rr;
+                    }
+                    r0 += nr;
+                }
+            });
+        });
+    });
+}
+
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -413,7 +534,6 @@ mod neon;
 mod avx512 {
     //! The AVX-512 BF16 micro-kernels and the tiling around them.
     use super::*;
-    use half::bf16;
     use std::arch::x86_64::*;
 
     use crate::quant::matmul::SendPtr;
@@ -620,23 +740,6 @@ mod avx512 {
         };
     }
 
-    /// Interleaves rows 2q and 2q+1 of the f32 chunk `src` (`nr` rows × `kc`, kc a multiple
-    /// of 16) into bf16 pairs `dst[q][c]` (an odd last row is paired with zero).
-    fn interleave_rows(src: &[f32], nr: usize, kc: usize, dst: &mut [u32]) {
-        let zeros = [0f32; 16];
-        for q in 0..nr.div_ceil(2) {
-            let a = &src[2 * q * kc..][..kc];
-            let b = (2 * q + 1 < nr).then(|| &src[(2 * q + 1) * kc..][..kc]);
-            let out = &mut dst[q * kc..][..kc];
-            for c in (0..kc).step_by(16) {
-                let hi = b.map_or(&zeros[..], |b| &b[c..c + 16]);
-                // SAFETY: AVX-512 BF16 checked by the caller (has_avx512_bf16); each slice
-                // holds the 16 elements read or written.
-                unsafe { pair16(&a[c..c + 16], hi, &mut out[c..c + 16]) };
-            }
-        }
-    }
-
     /// `out[i] = pair(bf16(lo[i]), bf16(hi[i]))` for 16 lanes (nearest even rounding).
     ///
     /// # Safety
@@ -660,72 +763,35 @@ mod avx512 {
         _mm512_storeu_si512(out.as_mut_ptr() as *mut _, v);
     }
 
-    pub(super) fn bwd_input<A: Activation>(
-        dy: &[A],
-        m: usize,
-        w: &QMatrix,
-        dx: &mut [f32],
-        accumulate: bool,
-    ) {
-        let (n, k) = (w.rows, w.cols);
-        // dy in bf16, rows padded to an even length: pairs along N.
-        let n2 = n + n % 2;
-        with_pack(m * n2 / 2, |dyw| {
-            let dyb: &mut [bf16] = bytemuck::cast_slice_mut(dyw);
-            dyb.par_chunks_mut(n2).enumerate().for_each(|(i, row)| {
-                A::row_to_bf16(&dy[i * n..(i + 1) * n], &mut row[..n]);
-                // The pad of an odd row pairs with W's zero row; it must be a number.
-                row[n..].fill(bf16::ZERO);
-            });
-            let dyp = dyb.as_ptr() as *const u32;
-            let ds = n2 / 2;
-            let cols = bwd_cols(w);
-            let dxp = SendPtr(dx.as_mut_ptr());
-            let dyp_addr = dyp as usize;
-            (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
-                let dyp = dyp_addr as *const u32;
-                let c0 = task * cols;
-                let kc = cols.min(k - c0);
-                with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
-                    let mut r0 = 0;
-                    while r0 < n {
-                        let nr = BWD_ROWS.min(n - r0);
-                        w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
-                        interleave_rows(stage, nr, kc, wp);
-                        let pairs = nr.div_ceil(2);
-                        let load = accumulate || r0 > 0;
-                        let mut i = 0;
-                        while i < m {
-                            let rr = BWD_MR.min(m - i);
-                            let mut c = 0;
-                            while c < kc {
-                                let v = (kc - c).min(64) / 16;
-                                // SAFETY: AVX-512 BF16 checked by the caller; dy pairs rows i..i+rr,
-                                // pairs r0/2..r0/2+pairs (< n2/2) lie in dyb; wp has pairs×kc u32 and
-                                // c + 16v <= kc (kc is a multiple of 16); this task alone writes dx
-                                // columns c0..c0+kc, rows i..i+rr < m.
-                                unsafe {
-                                    bwd_dispatch!(
-                                        rr,
-                                        v,
-                                        pairs,
-                                        dyp.add(i * ds + r0 / 2),
-                                        ds,
-                                        wp.as_ptr().add(c),
-                                        kc,
-                                        dxp.get().add(i * k + c0 + c),
-                                        k,
-                                        load
-                                    )
-                                };
-                                c += 16 * v;
-                            }
-                            i += rr;
-                        }
-                        r0 += nr;
-                    }
-                });
-            });
-        });
+    /// The AVX-512 BF16 input-gradient kernels.
+    pub(super) struct Avx512;
+
+    impl BwdKernels for Avx512 {
+        const MR: usize = BWD_MR;
+        const LANES: usize = 16;
+
+        unsafe fn pair_lanes(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+            pair16(lo, hi, out)
+        }
+
+        /// Micro-tiles of `rr` rows and up to 4 vectors (64 columns) across the chunk.
+        unsafe fn rows(
+            rr: usize,
+            pairs: usize,
+            dyp: *const u32,
+            ds: usize,
+            wp: *const u32,
+            kc: usize,
+            dx: *mut f32,
+            xs: usize,
+            load: bool,
+        ) {
+            let mut c = 0;
+            while c < kc {
+                let v = (kc - c).min(64) / 16;
+                bwd_dispatch!(rr, v, pairs, dyp, ds, wp.add(c), kc, dx.add(c), xs, load);
+                c += 16 * v;
+            }
+        }
     }
 }

@@ -259,23 +259,6 @@ unsafe fn bwd_tile<const R: usize>(
     }
 }
 
-/// Interleaves rows 2q and 2q+1 of the f32 chunk `src` (`nr` rows × `kc`, kc a multiple of 16)
-/// into bf16 pairs `dst[q][c]` (an odd last row is paired with zero).
-fn interleave_rows(src: &[f32], nr: usize, kc: usize, dst: &mut [u32]) {
-    let zeros = [0f32; 4];
-    for q in 0..nr.div_ceil(2) {
-        let a = &src[2 * q * kc..][..kc];
-        let b = (2 * q + 1 < nr).then(|| &src[(2 * q + 1) * kc..][..kc]);
-        let out = &mut dst[q * kc..][..kc];
-        for c in (0..kc).step_by(4) {
-            let hi = b.map_or(&zeros[..], |b| &b[c..c + 4]);
-            // SAFETY: NEON checked by the caller (has_neon_bf16); each slice holds the 4
-            // elements read or written.
-            unsafe { pair4(&a[c..c + 4], hi, &mut out[c..c + 4]) };
-        }
-    }
-}
-
 /// `out[i] = pair(bf16(lo[i]), bf16(hi[i]))` for 4 lanes (nearest even, as `half`).
 ///
 /// # Safety
@@ -289,68 +272,33 @@ unsafe fn pair4(lo: &[f32], hi: &[f32], out: &mut [u32]) {
     vst1q_u32(out.as_mut_ptr(), vreinterpretq_u32_u16(v));
 }
 
-/// `dx = dy·W` (or `+=`) on FEAT_BF16 (the caller checked [`has_neon_bf16`] and [`fits`]).
-pub(super) fn bwd_input<A: Activation>(
-    dy: &[A],
-    m: usize,
-    w: &QMatrix,
-    dx: &mut [f32],
-    accumulate: bool,
-) {
-    let (n, k) = (w.rows, w.cols);
-    // dy in bf16, rows padded to an even length: pairs along N.
-    let n2 = n + n % 2;
-    with_pack(m * n2 / 2, |dyw| {
-        let dyb: &mut [bf16] = bytemuck::cast_slice_mut(dyw);
-        dyb.par_chunks_mut(n2).enumerate().for_each(|(i, row)| {
-            A::row_to_bf16(&dy[i * n..(i + 1) * n], &mut row[..n]);
-            // The pad of an odd row pairs with W's zero row; it must be a number.
-            row[n..].fill(bf16::ZERO);
-        });
-        let dyp_addr = dyb.as_ptr() as usize;
-        let ds = n2 / 2;
-        let cols = bwd_cols(w);
-        let dxp = SendPtr(dx.as_mut_ptr());
-        (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
-            let dyp = dyp_addr as *const u32;
-            let c0 = task * cols;
-            let kc = cols.min(k - c0);
-            with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
-                let mut r0 = 0;
-                while r0 < n {
-                    let nr = BWD_ROWS.min(n - r0);
-                    w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
-                    interleave_rows(stage, nr, kc, wp);
-                    let pairs = nr.div_ceil(2);
-                    let load = accumulate || r0 > 0;
-                    let mut i = 0;
-                    while i < m {
-                        let rr = BWD_MR.min(m - i);
-                        for c in (0..kc).step_by(BWD_COLS) {
-                            // SAFETY: NEON and BF16 checked by the caller; dy pairs of rows
-                            // i..i+rr, pairs r0/2..r0/2+pairs (<= n2/2) lie in dyb; wp has
-                            // pairs×kc u32 and c + 16 <= kc (kc is a multiple of 16); this task
-                            // alone writes dx columns c0..c0+kc, rows i..i+rr < m.
-                            unsafe {
-                                const_dispatch!(rr, R, [4, 3, 2], 1, {
-                                    bwd_tile::<R>(
-                                        pairs,
-                                        dyp.add(i * ds + r0 / 2),
-                                        ds,
-                                        wp.as_ptr().add(c),
-                                        kc,
-                                        dxp.get().add(i * k + c0 + c),
-                                        k,
-                                        load,
-                                    )
-                                })
-                            };
-                        }
-                        i += rr;
-                    }
-                    r0 += nr;
-                }
-            });
-        });
-    });
+/// The FEAT_BF16 input-gradient kernels.
+pub(super) struct Neon;
+
+impl BwdKernels for Neon {
+    const MR: usize = BWD_MR;
+    const LANES: usize = 4;
+
+    unsafe fn pair_lanes(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        pair4(lo, hi, out)
+    }
+
+    /// Micro-tiles of `rr` rows and [`BWD_COLS`] columns across the chunk.
+    unsafe fn rows(
+        rr: usize,
+        pairs: usize,
+        dyp: *const u32,
+        ds: usize,
+        wp: *const u32,
+        kc: usize,
+        dx: *mut f32,
+        xs: usize,
+        load: bool,
+    ) {
+        for c in (0..kc).step_by(BWD_COLS) {
+            const_dispatch!(rr, R, [4, 3, 2], 1, {
+                bwd_tile::<R>(pairs, dyp, ds, wp.add(c), kc, dx.add(c), xs, load)
+            })
+        }
+    }
 }
