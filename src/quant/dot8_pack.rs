@@ -352,6 +352,8 @@ fn group_vnni(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
 /// Every implementation of the group product this CPU runs, the scalar reference first and the
 /// fastest last (tests compare them all).
 pub fn group_impls() -> Vec<(&'static str, GroupFn)> {
+    // mutable only where a SIMD path exists
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut v: Vec<(&'static str, GroupFn)> = vec![("scalar", group_ref)];
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512vnni")
