@@ -19,7 +19,7 @@ use qtune::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use qtune::quant::matmul_bf16::{
     dp_chains_all, has_bf16_kernels, qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, DP_FLOPS_PER_ITER,
 };
-use qtune::quant::{dequantize_f32, kernel_name, QData, QMatrix, QType};
+use qtune::quant::{dequantize_bf16, dequantize_f32, kernel_name, QData, QMatrix, QType};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Duration;
@@ -191,6 +191,18 @@ fn dequant(c: &mut Criterion) {
                     dequantize_f32(t, s, &mut out);
                     black_box(out[0]);
                 }
+            })
+        });
+        // The same into bf16 (the bf16 kernels' tiles): throughput still in stored bytes.
+        g.bench_function(BenchmarkId::new("2threads_in_bf16", t.name()), |b| {
+            b.iter(|| {
+                src.par_chunks(chunk_bytes).for_each_init(
+                    || vec![bf16::ZERO; chunk_elems],
+                    |out, s| {
+                        dequantize_bf16(t, s, out);
+                        black_box(out[0]);
+                    },
+                )
             })
         });
     }

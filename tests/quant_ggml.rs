@@ -325,6 +325,53 @@ fn quantize_rejects_what_it_cannot_write() {
     }
 }
 
+/// The bf16-output kernels: every type, level and rounding variant equals the same level's f32
+/// kernel rounded by `half` bit for bit, including blocks whose scales are f16 subnormals, zero,
+/// the largest f16, infinities and NaN (the f32 values then hold NaN and infinities).
+#[test]
+fn bf16_kernels_equal_f32_kernels_rounded() {
+    let mut rng = Rng(23);
+    let specials: [u16; 6] = [0x0001, 0x0000, 0x7bff, 0x7c00, 0xfc00, 0x7e00];
+    let mut direct = 0;
+    for t in TYPES {
+        let nblocks = 48;
+        let mut raw = random_blocks(t, nblocks, &mut rng);
+        let ts = t.type_size();
+        for (i, &bits) in specials.iter().enumerate() {
+            if let Some(&off) = f16_fields(t).first() {
+                raw[i * 7 * ts + off..][..2].copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        let n = nblocks * t.block_size();
+        for level in SimdLevel::available() {
+            let mut f = vec![0f32; n];
+            dequant_fn(t, level)(&raw, &mut f);
+            let want: Vec<u16> = f.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+            for integer_rounding in [false, true] {
+                if qtune::quant::simd::dequant_bf16_fn(t, level, integer_rounding).is_some() {
+                    direct += 1;
+                }
+                let mut got = vec![bf16::ZERO; n];
+                dequantize_bf16_at(t, level, integer_rounding, &raw, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        *w,
+                        "{t:?} {} (integer rounding {integer_rounding}): element {i}, f32 {:e}",
+                        level.name(),
+                        f[i]
+                    );
+                }
+            }
+        }
+    }
+    // The direct kernels exist where this CPU has a SIMD level (otherwise the test only checks
+    // the staged path against itself).
+    if SimdLevel::available().len() > 1 && cfg!(target_arch = "x86_64") {
+        assert!(direct > 0, "no bf16-output kernel was exercised");
+    }
+}
+
 #[test]
 fn bf16_output_matches_half() {
     let mut rng = Rng(7);
@@ -356,7 +403,7 @@ fn bf16_output_matches_half() {
     let want: Vec<u16> = vals.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
     for level in SimdLevel::available() {
         let mut got = vec![bf16::ZERO; vals.len()];
-        dequantize_bf16_at(QType::F32, level, &bytes, &mut got);
+        dequantize_bf16_at(QType::F32, level, false, &bytes, &mut got);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(
                 g.to_bits(),
@@ -374,7 +421,7 @@ fn bf16_output_matches_half() {
     dequant_fn(QType::Q4_K, SimdLevel::Scalar)(&raw, &mut f);
     for level in SimdLevel::available() {
         let mut got = vec![bf16::ZERO; f.len()];
-        dequantize_bf16_at(QType::Q4_K, level, &raw, &mut got);
+        dequantize_bf16_at(QType::Q4_K, level, false, &raw, &mut got);
         assert!(
             got.iter()
                 .zip(&f)
@@ -431,6 +478,7 @@ fn throughput() {
                 dequantize_bf16_at(
                     QType::Q4_K,
                     level,
+                    false,
                     std::hint::black_box(&raw),
                     std::hint::black_box(&mut out),
                 );

@@ -155,22 +155,65 @@ pub fn dequantize_f32(qtype: QType, src: &[u8], dst: &mut [f32]) {
     table[qtype as usize](src, dst)
 }
 
-/// Dequantises whole blocks into bf16 (round to nearest even, NaN stays NaN), through an f32
-/// stack buffer that stays in L1.
+/// A dequantiser into bf16: `src` holds exactly `dst.len() / block_size` blocks.
+pub type DequantBf16Fn = fn(&[u8], &mut [bf16]);
+
+/// Dequantises whole blocks into bf16 (round to nearest even, NaN stays NaN): the f32 kernel's
+/// values rounded once. Types with a bf16-output kernel at the active level round in the register;
+/// the others go through an f32 stack buffer that stays in L1.
 pub fn dequantize_bf16(qtype: QType, src: &[u8], dst: &mut [bf16]) {
-    dequantize_bf16_at(qtype, active_level(), src, dst)
+    // Called once per row of every weight tile: the kernels are looked up once, as in
+    // `dequantize_f32`.
+    static TABLE: OnceLock<Vec<Option<DequantBf16Fn>>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = vec![None; QType::ALL.len()];
+        for q in QType::ALL {
+            t[q as usize] = super::simd::dequant_bf16_fn(q, active_level(), false);
+        }
+        t
+    });
+    match table[qtype as usize] {
+        Some(f) => {
+            check_bf16_sizes(qtype, src, dst);
+            f(src, dst)
+        }
+        None => dequantize_bf16_staged(qtype, active_level(), src, dst),
+    }
 }
 
-/// [`dequantize_bf16`] with an explicit SIMD level (tests and benches compare levels).
-pub fn dequantize_bf16_at(qtype: QType, level: SimdLevel, src: &[u8], dst: &mut [bf16]) {
-    let bs = qtype.block_size();
-    let ts = qtype.type_size();
+/// [`dequantize_bf16`] with an explicit SIMD level (tests and benches compare levels); at the
+/// AVX-512 level `integer_rounding` picks the kernels that round without AVX-512 BF16.
+pub fn dequantize_bf16_at(
+    qtype: QType,
+    level: SimdLevel,
+    integer_rounding: bool,
+    src: &[u8],
+    dst: &mut [bf16],
+) {
+    match super::simd::dequant_bf16_fn(qtype, level, integer_rounding) {
+        Some(f) => {
+            check_bf16_sizes(qtype, src, dst);
+            f(src, dst)
+        }
+        None => dequantize_bf16_staged(qtype, level, src, dst),
+    }
+}
+
+fn check_bf16_sizes(qtype: QType, src: &[u8], dst: &[bf16]) {
     assert_eq!(
         Some(src.len()),
         qtype.bytes_for(dst.len()),
         "dequantize_bf16({}): src/dst sizes disagree",
         qtype.name()
     );
+}
+
+/// The f32 kernel into an L1 stack buffer, then rounded: the reference the bf16-output kernels
+/// equal bit for bit, and the path of types without one.
+pub fn dequantize_bf16_staged(qtype: QType, level: SimdLevel, src: &[u8], dst: &mut [bf16]) {
+    let bs = qtype.block_size();
+    let ts = qtype.type_size();
+    check_bf16_sizes(qtype, src, dst);
     // 1024 elements per pass: a multiple of every block size, and small enough to stay in L1.
     const CHUNK: usize = 1024;
     let mut buf = [0f32; CHUNK];

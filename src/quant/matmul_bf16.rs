@@ -11,7 +11,7 @@
 //!
 //! - Forward (contraction over K): lanes run over 16 rows of x. x is packed once per call into
 //!   blocks of [`MB`] rows, `xp[block][K/2][MB]` (pairs `x[m, 2p], x[m, 2p+1]`); each task owns
-//!   [`fwd_rows`] rows of W, dequantises them (f32 in an L1 chunk, then rounded to bf16) into a
+//!   [`fwd_rows`] rows of W, dequantises them (rounded to bf16 in the register) into a
 //!   row-major bf16 tile whose pairs `W[n, 2p], W[n, 2p+1]` are broadcast. Accumulators hold a
 //!   column of y for 48 rows of x and up to 8 rows of W (24 zmm), written out transposed.
 //! - Input gradient (contraction over N): lanes run over 16 columns of dx. dy is converted once to
@@ -56,9 +56,6 @@ pub const BWD_ROWS: usize = 128;
 /// Rows of dy per input-gradient micro-tile (accumulators: 6 × 4 zmm).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const BWD_MR: usize = 6;
-/// K elements dequantised into f32 at a time before rounding to bf16 (a multiple of every block
-/// size we read: 32, 64, 256), so the f32 staging chunk stays in L1.
-const STAGE_K: usize = 1024;
 
 /// Whether this CPU runs the AVX-512 BF16 kernels (checked once; what makes the `unsafe` calls
 /// sound).
@@ -263,27 +260,6 @@ fn with_f32<A: Activation, R>(v: &[A], f: impl FnOnce(&[f32]) -> R) -> R {
     match A::as_f32(v) {
         Some(v32) => f(v32),
         None => f(&v.iter().map(|a| a.to_bf16().to_f32()).collect::<Vec<_>>()),
-    }
-}
-
-/// W's rows `r0..r0+nr`, columns `c0..c0+kc`, rounded to bf16 into `dst` (row-major), staged
-/// through `stage` (f32, at least `min(kc, STAGE_K)` long).
-fn dequant_bf16_rows(
-    w: &QMatrix,
-    (r0, nr): (usize, usize),
-    (c0, kc): (usize, usize),
-    stage: &mut [f32],
-    dst: &mut [bf16],
-) {
-    let to_bf16 = super::simd::f32_to_bf16_fn(super::dispatch::active_level());
-    for r in 0..nr {
-        let mut k0 = 0;
-        while k0 < kc {
-            let len = STAGE_K.min(kc - k0);
-            w.dequant_tile(r0 + r, 1, c0 + k0, len, &mut stage[..len]);
-            to_bf16(&stage[..len], &mut dst[r * kc + k0..][..len]);
-            k0 += len;
-        }
     }
 }
 
@@ -642,9 +618,9 @@ mod avx512 {
             (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
                 let r0 = task * rows;
                 let nr = rows.min(n - r0);
-                with_scratch(nr * half, STAGE_K.min(k), |tile, stage| {
+                with_scratch(nr * half, 0, |tile, _| {
                     // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
-                    dequant_bf16_rows(w, (r0, nr), (0, k), stage, bytemuck::cast_slice_mut(tile));
+                    w.dequant_tile_bf16(r0, nr, 0, k, bytemuck::cast_slice_mut(tile));
                     let wt = tile.as_ptr();
                     let mut out = [[0f32; MB]; FWD_MR];
                     // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.

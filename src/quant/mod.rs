@@ -104,4 +104,33 @@ impl<'a> QMatrix<'a> {
             }
         }
     }
+
+    /// [`Self::dequant_tile`] into bf16: the same values rounded once (a ggml type through its
+    /// bf16-output kernel where it has one).
+    pub fn dequant_tile_bf16(
+        &self,
+        row0: usize,
+        nrows: usize,
+        col0: usize,
+        ncols: usize,
+        dst: &mut [half::bf16],
+    ) {
+        let bs = self.block_size();
+        debug_assert!(row0 + nrows <= self.rows && col0 + ncols <= self.cols);
+        debug_assert!(
+            col0.is_multiple_of(bs) && (ncols.is_multiple_of(bs) || col0 + ncols == self.cols)
+        );
+        debug_assert!(dst.len() >= nrows * ncols);
+        for (r, out) in dst[..nrows * ncols].chunks_exact_mut(ncols).enumerate() {
+            match &self.data {
+                QData::Ggml { qtype, bytes } => {
+                    let ts = qtype.type_size();
+                    let start = ((row0 + r) * (self.cols / bs) + col0 / bs) * ts;
+                    let len = ncols.div_ceil(bs) * ts;
+                    dequantize_bf16(*qtype, &bytes[start..start + len], out);
+                }
+                QData::Nf4(q) => q.dequantize_bf16((row0 + r) * self.cols + col0, out),
+            }
+        }
+    }
 }

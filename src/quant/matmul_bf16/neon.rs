@@ -146,9 +146,9 @@ pub(super) fn fwd<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) 
         (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
             let r0 = task * rows;
             let nr = rows.min(n - r0);
-            with_scratch(nr * half, STAGE_K.min(k), |tile, stage| {
+            with_scratch(nr * half, 0, |tile, _| {
                 // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
-                dequant_bf16_rows(w, (r0, nr), (0, k), stage, bytemuck::cast_slice_mut(tile));
+                w.dequant_tile_bf16(r0, nr, 0, k, bytemuck::cast_slice_mut(tile));
                 let wt = tile.as_ptr();
                 let mut out = [[0f32; MBN]; FWD_MR];
                 for b in 0..m.div_ceil(MBN) {

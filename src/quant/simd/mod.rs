@@ -2,7 +2,7 @@
 //! results, bit for bit, as its `scalar` reference: the same products and sums in the same order,
 //! never a fused multiply-add. They are only reached through [`dequant_fn`], which hands one out
 //! after checking at run time that this CPU has the features it was compiled for.
-use super::dispatch::{DequantFn, SimdLevel};
+use super::dispatch::{DequantBf16Fn, DequantFn, SimdLevel};
 use super::QType;
 use half::bf16;
 
@@ -25,6 +25,46 @@ pub fn dequant_fn(qtype: QType, level: SimdLevel) -> Option<DequantFn> {
         SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => {
             neon::dequant_fn(qtype)
         }
+        _ => None,
+    }
+}
+
+/// What a dequantiser writes: f32, or bf16 rounded in the register (sealed: these two).
+pub trait Out: Copy + private::Sealed {
+    /// True for bf16.
+    const BF16: bool;
+}
+impl Out for f32 {
+    const BF16: bool = false;
+}
+impl Out for bf16 {
+    const BF16: bool = true;
+}
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// The SIMD kernel for `qtype` at `level` that writes bf16 directly (each value rounded once, as
+/// the f32 kernel's output through `half::bf16::from_f32`), or `None` where there is none: the
+/// caller then stages through f32. At the AVX-512 level on a CPU with AVX-512 BF16 this is the
+/// `vcvtneps2bf16` variant unless `integer_rounding` asks for the other (tests compare both).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub fn dequant_bf16_fn(
+    qtype: QType,
+    level: SimdLevel,
+    integer_rounding: bool,
+) -> Option<DequantBf16Fn> {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if x86::has_avx2() => x86::avx2::dequant_bf16_fn(qtype),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if x86::has_avx512_bf16() && !integer_rounding => {
+            x86::avx512bf16::dequant_bf16_fn(qtype)
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if x86::has_avx512() => x86::avx512::dequant_bf16_fn(qtype),
         _ => None,
     }
 }

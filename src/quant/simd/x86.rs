@@ -16,6 +16,11 @@ pub fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// AVX-512 BF16 on top of the AVX-512 level (`vcvtneps2bf16` for the bf16-output kernels).
+pub fn has_avx512_bf16() -> bool {
+    has_avx512() && is_x86_feature_detected!("avx512bf16")
+}
+
 /// AVX-512 F+BW plus the AVX2 level (the 512-bit kernels reuse its 256-bit unpacking).
 pub fn has_avx512() -> bool {
     has_avx2() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
@@ -25,14 +30,16 @@ macro_rules! x86_kernels {
     (
         $features:literal,
         lanes: $lanes:literal of $f32x:ty, $i32x:ty,
-        f32 ops: $set1:ident, $mul:ident, $add:ident, $sub:ident, $cvt:ident, $store:ident,
+        f32 ops: $set1:ident, $mul:ident, $add:ident, $sub:ident, $cvt:ident, $load:ident,
+            $store:ident,
         widen_i8::<$signed:ident>($wc:ident) = $widen:expr,
         f16_lanes($fp:ident) = $f16:expr,
         bf16_lanes($bp:ident) = $bf16:expr,
-        round_bf16_lanes($rs:ident, $rd:ident) = $round:expr $(,)?
+        store_bf16_lanes($rv:ident, $rd:ident) = $round:expr $(,)?
     ) => {
         use crate::quant::blocks::{scale_min_k4, scales_q3_k};
-        use crate::quant::dispatch::DequantFn;
+        use crate::quant::dispatch::{DequantBf16Fn, DequantFn};
+        use crate::quant::simd::Out;
         use crate::quant::QType;
         use half::bf16;
         use std::arch::x86_64::*;
@@ -48,11 +55,11 @@ macro_rules! x86_kernels {
         /// (sign-extended when `SIGNED`), converted, multiplied, then `m` added or subtracted.
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn emit16<const SIGNED: bool, const OP: u8>(
+        unsafe fn emit16<O: Out, const SIGNED: bool, const OP: u8>(
             codes: __m128i,
             d: f32,
             m: f32,
-            out: *mut f32,
+            out: *mut O,
         ) {
             let (dv, mv) = ($set1(d), $set1(m));
             for (i, v) in widen_i8::<SIGNED>(codes).into_iter().enumerate() {
@@ -62,7 +69,19 @@ macro_rules! x86_kernels {
                 } else if OP == SUB {
                     r = $sub(r, mv);
                 }
-                $store(out.add(LANES * i), r);
+                put(out.add(LANES * i), r);
+            }
+        }
+
+        /// `LANES` f32 lanes stored as `O`: as they are, or rounded to bf16 in the register (the
+        /// kernels' bf16 output: no f32 round trip through memory).
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn put<O: Out>(out: *mut O, r: $f32x) {
+            if O::BF16 {
+                store_bf16_lanes(r, out as *mut bf16)
+            } else {
+                $store(out as *mut f32, r)
             }
         }
 
@@ -76,14 +95,14 @@ macro_rules! x86_kernels {
         /// 32 codes from a 256-bit register, one scale.
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn emit32<const SIGNED: bool, const OP: u8>(
+        unsafe fn emit32<O: Out, const SIGNED: bool, const OP: u8>(
             codes: __m256i,
             d: f32,
             m: f32,
-            out: *mut f32,
+            out: *mut O,
         ) {
-            emit16::<SIGNED, OP>(_mm256_castsi256_si128(codes), d, m, out);
-            emit16::<SIGNED, OP>(_mm256_extracti128_si256::<1>(codes), d, m, out.add(16));
+            emit16::<O, SIGNED, OP>(_mm256_castsi256_si128(codes), d, m, out);
+            emit16::<O, SIGNED, OP>(_mm256_extracti128_si256::<1>(codes), d, m, out.add(16));
         }
 
         /// The f16 at byte `i`. (`half` converts with F16C behind a cached feature check. Inlining
@@ -129,7 +148,7 @@ macro_rules! x86_kernels {
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q4_0(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q4_0<O: Out>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm_set1_epi8(0x0f);
             let eight = _mm_set1_epi8(8);
             for (b, o) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
@@ -137,26 +156,26 @@ macro_rules! x86_kernels {
                 let qs = _mm_loadu_si128(b.as_ptr().add(2) as *const __m128i);
                 let lo = _mm_sub_epi8(_mm_and_si128(qs, m4), eight);
                 let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), eight);
-                emit16::<true, MUL>(lo, d, 0.0, o.as_mut_ptr());
-                emit16::<true, MUL>(hi, d, 0.0, o.as_mut_ptr().add(16));
+                emit16::<O, true, MUL>(lo, d, 0.0, o.as_mut_ptr());
+                emit16::<O, true, MUL>(hi, d, 0.0, o.as_mut_ptr().add(16));
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q4_1(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q4_1<O: Out>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm_set1_epi8(0x0f);
             for (b, o) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
                 let (d, m) = (f16_at(b, 0), f16_at(b, 2));
                 let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
                 let lo = _mm_and_si128(qs, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m4);
-                emit16::<false, ADD>(lo, d, m, o.as_mut_ptr());
-                emit16::<false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
+                emit16::<O, false, ADD>(lo, d, m, o.as_mut_ptr());
+                emit16::<O, false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q5_0(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q5_0<O: Out>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm_set1_epi8(0x0f);
             let sixteen = _mm_set1_epi8(16);
             for (b, o) in src.chunks_exact(22).zip(dst.chunks_exact_mut(32)) {
@@ -168,13 +187,13 @@ macro_rules! x86_kernels {
                     _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
                     q5_high_bits::<true>(qh),
                 );
-                emit16::<true, MUL>(_mm_sub_epi8(lo, sixteen), d, 0.0, o.as_mut_ptr());
-                emit16::<true, MUL>(_mm_sub_epi8(hi, sixteen), d, 0.0, o.as_mut_ptr().add(16));
+                emit16::<O, true, MUL>(_mm_sub_epi8(lo, sixteen), d, 0.0, o.as_mut_ptr());
+                emit16::<O, true, MUL>(_mm_sub_epi8(hi, sixteen), d, 0.0, o.as_mut_ptr().add(16));
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q5_1(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q5_1<O: Out>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm_set1_epi8(0x0f);
             for (b, o) in src.chunks_exact(24).zip(dst.chunks_exact_mut(32)) {
                 let (d, m) = (f16_at(b, 0), f16_at(b, 2));
@@ -185,22 +204,22 @@ macro_rules! x86_kernels {
                     _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
                     q5_high_bits::<true>(qh),
                 );
-                emit16::<false, ADD>(lo, d, m, o.as_mut_ptr());
-                emit16::<false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
+                emit16::<O, false, ADD>(lo, d, m, o.as_mut_ptr());
+                emit16::<O, false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q8_0(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q8_0<O: Out>(src: &[u8], dst: &mut [O]) {
             for (b, o) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
                 let d = f16_at(b, 0);
                 let qs = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
-                emit32::<true, MUL>(qs, d, 0.0, o.as_mut_ptr());
+                emit32::<O, true, MUL>(qs, d, 0.0, o.as_mut_ptr());
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q2_k(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q2_k<O: Out>(src: &[u8], dst: &mut [O]) {
             let m2 = _mm256_set1_epi8(3);
             for (b, o) in src.chunks_exact(84).zip(dst.chunks_exact_mut(256)) {
                 let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
@@ -214,7 +233,7 @@ macro_rules! x86_kernels {
                             let sc = b[base / 16 + half];
                             let dl = d * (sc & 0x0f) as f32;
                             let ml = dmin * (sc >> 4) as f32;
-                            emit16::<false, SUB>(codes, dl, ml, o.add(base + 16 * half));
+                            emit16::<O, false, SUB>(codes, dl, ml, o.add(base + 16 * half));
                         }
                     }
                 }
@@ -222,7 +241,7 @@ macro_rules! x86_kernels {
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q3_k(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q3_k<O: Out>(src: &[u8], dst: &mut [O]) {
             let m2 = _mm256_set1_epi8(3);
             let one = _mm256_set1_epi8(1);
             let four = _mm256_set1_epi8(4);
@@ -242,7 +261,7 @@ macro_rules! x86_kernels {
                         let base = h * 128 + s * 32;
                         for (half, codes) in halves(q).into_iter().enumerate() {
                             let dl = d * (sc[base / 16 + half] as i32 - 32) as f32;
-                            emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
+                            emit16::<O, true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
                         }
                     }
                 }
@@ -253,7 +272,7 @@ macro_rules! x86_kernels {
         /// sub-blocks of 32 with 6-bit scales and mins.
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn k4_like<const QH: bool>(src: &[u8], dst: &mut [f32]) {
+        unsafe fn k4_like<O: Out, const QH: bool>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm256_set1_epi8(0x0f);
             let one = _mm256_set1_epi8(1);
             let (size, qs_at) = if QH { (176, 48) } else { (144, 16) };
@@ -279,14 +298,14 @@ macro_rules! x86_kernels {
                         };
                         let (sc, m) = scale_min_k4(j, scales);
                         let (dl, ml) = (d * sc as f32, dmin * m as f32);
-                        emit32::<false, SUB>(codes, dl, ml, o.add(64 * c + 32 * h));
+                        emit32::<O, false, SUB>(codes, dl, ml, o.add(64 * c + 32 * h));
                     }
                 }
             }
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn q6_k(src: &[u8], dst: &mut [f32]) {
+        unsafe fn q6_k<O: Out>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm256_set1_epi8(0x0f);
             let m2 = _mm256_set1_epi8(3);
             let bias = _mm256_set1_epi8(32);
@@ -311,7 +330,7 @@ macro_rules! x86_kernels {
                         let base = a * 128 + s * 32;
                         for (half, codes) in halves(q).into_iter().enumerate() {
                             let dl = d * (b[192 + base / 16 + half] as i8) as f32;
-                            emit16::<true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
+                            emit16::<O, true, MUL>(codes, dl, 0.0, o.add(base + 16 * half));
                         }
                     }
                 }
@@ -338,10 +357,10 @@ macro_rules! x86_kernels {
             $bf16
         }
 
-        /// `LANES` f32 at `src` rounded to bf16 at `dst` (`bf16_round_body!`).
+        /// `LANES` f32 lanes rounded to bf16 at `dst` (as `half::bf16::from_f32`).
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn round_bf16_lanes($rs: *const f32, $rd: *mut bf16) {
+        unsafe fn store_bf16_lanes($rv: $f32x, $rd: *mut bf16) {
             $round
         }
 
@@ -367,7 +386,7 @@ macro_rules! x86_kernels {
         unsafe fn to_bf16_impl(src: &[f32], dst: &mut [bf16]) {
             let n = src.len().min(dst.len()) / LANES * LANES;
             for i in (0..n).step_by(LANES) {
-                round_bf16_lanes(src.as_ptr().add(i), dst.as_mut_ptr().add(i));
+                store_bf16_lanes($load(src.as_ptr().add(i)), dst.as_mut_ptr().add(i));
             }
             for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
                 *o = bf16_of(*v);
@@ -385,23 +404,52 @@ macro_rules! x86_kernels {
             }};
         }
 
+        macro_rules! safe_bf16 {
+            ($kernel:expr) => {{
+                fn w(src: &[u8], dst: &mut [bf16]) {
+                    // SAFETY: as `safe!`: only handed out by `dequant_bf16_fn` below, reached
+                    // through `simd::dequant_bf16_fn` after the feature check.
+                    unsafe { $kernel(src, dst) }
+                }
+                w as DequantBf16Fn
+            }};
+        }
+
         /// This level's kernel for `qtype` (callers must have checked the CPU features).
         pub(in crate::quant::simd) fn dequant_fn(qtype: QType) -> Option<DequantFn> {
             Some(match qtype {
                 QType::F16 => safe!(widen16::<false>),
                 QType::BF16 => safe!(widen16::<true>),
-                QType::Q4_0 => safe!(q4_0),
-                QType::Q4_1 => safe!(q4_1),
-                QType::Q5_0 => safe!(q5_0),
-                QType::Q5_1 => safe!(q5_1),
-                QType::Q8_0 => safe!(q8_0),
-                QType::Q2_K => safe!(q2_k),
-                QType::Q3_K => safe!(q3_k),
-                QType::Q4_K => safe!(k4_like::<false>),
-                QType::Q5_K => safe!(k4_like::<true>),
-                QType::Q6_K => safe!(q6_k),
+                QType::Q4_0 => safe!(q4_0::<f32>),
+                QType::Q4_1 => safe!(q4_1::<f32>),
+                QType::Q5_0 => safe!(q5_0::<f32>),
+                QType::Q5_1 => safe!(q5_1::<f32>),
+                QType::Q8_0 => safe!(q8_0::<f32>),
+                QType::Q2_K => safe!(q2_k::<f32>),
+                QType::Q3_K => safe!(q3_k::<f32>),
+                QType::Q4_K => safe!(k4_like::<f32, false>),
+                QType::Q5_K => safe!(k4_like::<f32, true>),
+                QType::Q6_K => safe!(q6_k::<f32>),
                 // F32 is a copy; NF4 is not a ggml block type.
                 QType::F32 | QType::NF4 => return None,
+            })
+        }
+
+        /// This level's kernel for `qtype` writing bf16 (each value rounded once, in the register).
+        pub(in crate::quant::simd) fn dequant_bf16_fn(qtype: QType) -> Option<DequantBf16Fn> {
+            Some(match qtype {
+                QType::Q4_0 => safe_bf16!(q4_0::<bf16>),
+                QType::Q4_1 => safe_bf16!(q4_1::<bf16>),
+                QType::Q5_0 => safe_bf16!(q5_0::<bf16>),
+                QType::Q5_1 => safe_bf16!(q5_1::<bf16>),
+                QType::Q8_0 => safe_bf16!(q8_0::<bf16>),
+                QType::Q2_K => safe_bf16!(q2_k::<bf16>),
+                QType::Q3_K => safe_bf16!(q3_k::<bf16>),
+                QType::Q4_K => safe_bf16!(k4_like::<bf16, false>),
+                QType::Q5_K => safe_bf16!(k4_like::<bf16, true>),
+                QType::Q6_K => safe_bf16!(q6_k::<bf16>),
+                // F16/BF16/F32 take the staged path; NF4 is not a ggml block type.
+                QType::F16 | QType::BF16 | QType::F32 | QType::NF4 => return None,
             })
         }
 
@@ -438,7 +486,7 @@ pub mod avx2 {
         "avx2,fma,f16c",
         lanes: 8 of __m256, __m256i,
         f32 ops: _mm256_set1_ps, _mm256_mul_ps, _mm256_add_ps, _mm256_sub_ps, _mm256_cvtepi32_ps,
-            _mm256_storeu_ps,
+            _mm256_loadu_ps, _mm256_storeu_ps,
         widen_i8::<SIGNED>(c) = if SIGNED {
             [_mm256_cvtepi8_epi32(c), _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(c))]
         } else {
@@ -449,8 +497,8 @@ pub mod avx2 {
             let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
         },
-        round_bf16_lanes(src, dst) = {
-            let x = _mm256_castps_si256(_mm256_loadu_ps(src));
+        store_bf16_lanes(v, dst) = {
+            let x = _mm256_castps_si256(v);
             let r = bf16_round_body!(x, _mm256_and_si256, _mm256_add_epi32, _mm256_srli_epi32,
                 _mm256_or_si256, _mm256_set1_epi32, _mm256_cmpgt_epi32, _mm256_blendv_epi8);
             let packed =
@@ -480,7 +528,7 @@ pub mod avx512 {
         "avx512f,avx512bw,avx2,fma,f16c",
         lanes: 16 of __m512, __m512i,
         f32 ops: _mm512_set1_ps, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_cvtepi32_ps,
-            _mm512_storeu_ps,
+            _mm512_loadu_ps, _mm512_storeu_ps,
         widen_i8::<SIGNED>(c) = if SIGNED {
             [_mm512_cvtepi8_epi32(c)]
         } else {
@@ -491,11 +539,41 @@ pub mod avx512 {
             let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
         },
-        round_bf16_lanes(src, dst) = {
-            let x = _mm512_castps_si512(_mm512_loadu_ps(src));
+        store_bf16_lanes(v, dst) = {
+            let x = _mm512_castps_si512(v);
             let r = bf16_round_body!(x, _mm512_and_si512, _mm512_add_epi32, _mm512_srli_epi32,
                 _mm512_or_si512, _mm512_set1_epi32, cmpgt512, blend512);
             _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtepi32_epi16(r))
+        },
+    );
+}
+
+/// The AVX-512 kernels again with AVX-512 BF16's `vcvtneps2bf16` for the bf16 output: one
+/// instruction for the ten of the integer rounding. It rounds to nearest even and quietens NaN as
+/// `half` does, but reads f32 subnormals as zero: no dequantised value is one (every f16 scale is a
+/// multiple of 2^-24, so each product and difference is 0 or at least 2^-24 in magnitude), and
+/// `to_bf16` (which takes any f32) stays on the integer rounding of `avx512`: only this module's
+/// `dequant_bf16_fn` is handed out.
+#[allow(dead_code)]
+pub mod avx512bf16 {
+    x86_kernels!(
+        "avx512f,avx512bw,avx512bf16,avx2,fma,f16c",
+        lanes: 16 of __m512, __m512i,
+        f32 ops: _mm512_set1_ps, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_cvtepi32_ps,
+            _mm512_loadu_ps, _mm512_storeu_ps,
+        widen_i8::<SIGNED>(c) = if SIGNED {
+            [_mm512_cvtepi8_epi32(c)]
+        } else {
+            [_mm512_cvtepu8_epi32(c)]
+        },
+        f16_lanes(p) = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        bf16_lanes(p) = {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        },
+        store_bf16_lanes(v, dst) = {
+            let h: __m256bh = _mm512_cvtneps_pbh(v);
+            _mm256_storeu_si256(dst as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(h))
         },
     );
 }
