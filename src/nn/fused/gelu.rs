@@ -1,11 +1,12 @@
 //! The exact (erf) GELU of Falcon's MLP in one op with a hand-written backward (CPU).
 //!
-//! Why: candle's `gelu_erf` forward is one pass, but its backward composes the derivative from
-//! MLP-sized tensors (x², its negation and halving, exp, the 0.398942 scaling and the product with
-//! x, x/√2, erf, its halving, two sums, the product with the gradient, the accumulator): about ten
-//! passes and as many (B, T, 4·C) temporaries, 10 N·I of them alive at once (measured in
-//! tests/falcon_rss.rs's shape, see `models::plan`). Here forward and backward are one pass each
-//! and the graph keeps only x (the up projection's output, which it holds anyway).
+//! Why: candle's `gelu_erf` forward is one pass, but its backward (candle-core 0.11
+//! `backprop.rs`) composes the derivative from thirteen MLP-sized passes: x², its negation and
+//! halving, exp, the 0.398942 scaling, the product with x, x/√2, erf, its halving, + 0.5, their
+//! sum, the product with the gradient and the accumulation; 17 tensor reads and 13 writes, with
+//! up to 10 N·I temporaries alive above the graph (measured in tests/falcon_rss.rs's shape). Here
+//! the backward is one pass (x and dy read, dx written) before candle's accumulation, the forward
+//! one pass, and the graph keeps only x (the up projection's output, which it holds anyway).
 use super::*;
 use candle_core::cpu::erf::erf_f32;
 use std::f32::consts::FRAC_1_SQRT_2;
