@@ -67,8 +67,18 @@ fn gpu_terms_count_one_scratch_of_the_largest_linear() {
     assert_eq!(g.cublas_workspace, CUBLAS_WORKSPACE_BYTES);
     assert_eq!(
         g.total(),
-        g.context + g.cublas_workspace + g.dequant_scratch + g.attention_scores + g.allocator
+        g.context
+            + g.cublas_workspace
+            + g.dequant_scratch
+            + g.attention_scores
+            + g.mlp_backward
+            + g.allocator
     );
+    // a GPU runs candle's composite GELU backward: 10 (B·T, I) bf16 temporaries
+    let ffn = qtune::models::FalconConfig::from_store(&store)
+        .unwrap()
+        .ffn_hidden_size;
+    assert_eq!(g.mlp_backward, 10 * 2 * 12 * ffn * 2);
     // four live f32 blocks of every query head (2 x 12 x 12 scores each: far under the budget)
     let heads = qtune::models::FalconConfig::from_store(&store)
         .unwrap()

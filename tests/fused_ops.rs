@@ -15,6 +15,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+// The exact GELU's cases (its fixture, rule and checks) in their own file.
+#[path = "fused_ops/gelu.rs"]
+mod gelu;
+
 const OUT_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
 
@@ -34,7 +38,7 @@ impl Fixture {
         (t.dtype(), t.shape().to_vec(), t.data().to_vec())
     }
 
-    /// A tensor in its stored dtype (f32, bf16 or i64).
+    /// A tensor in its stored dtype (f32, f64, bf16 or i64).
     fn get(&self, name: &str) -> Tensor {
         let (dt, shape, data) = self.raw(name);
         let dev = &Device::Cpu;
@@ -46,6 +50,9 @@ impl Fixture {
                 let v: Vec<u16> = bytemuck::pod_collect_to_vec(&data);
                 let v: Vec<half::bf16> = v.into_iter().map(half::bf16::from_bits).collect();
                 Tensor::from_vec(v, shape, dev)
+            }
+            Dtype::F64 => {
+                Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f64>(&data), shape, dev)
             }
             Dtype::I64 => {
                 Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, i64>(&data), shape, dev)

@@ -94,8 +94,8 @@ impl MemoryPlan {
     /// (fused RMSNorm keeps its output; LayerNorm in f32 keeps five f32 intermediates and, in half
     /// precision, its casts), the linears and their adapters, a fused qkv's per-head copies,
     /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama
-    /// (tests/llama_rss.rs) and Falcon (tests/falcon_rss.rs; its GELU backward measured alone,
-    /// its LayerNorm terms counted from the code).
+    /// (tests/llama_rss.rs) and Falcon (tests/falcon_rss.rs; its LayerNorm terms counted from
+    /// the code).
     pub fn of_spec(
         store: &WeightStore,
         spec: &Spec,
@@ -226,20 +226,12 @@ impl MemoryPlan {
         };
         let in_flight = 4 * (n * i * s).max(n * c * 4).max(score_grad)
             + fused_attention_terms(b, t, h, k, d, s)[3];
-        // candle's GeluErf backward builds its derivative from named MLP-sized temporaries
-        // (-x²/2, the scaled exp times x, x/√2, erf of it, their sum, grad times it, and the
-        // unnamed ones between). Measured alone (f32, N·I = 256 x 4352, glibc mmap threshold
-        // pinned, tests/falcon_rss.rs's shape): its backward peaks 15 N·I tensors allocated (14
-        // resident: the zero accumulator is never written) above its graph; `in_flight` has 4 of
-        // them. The six counted before left Falcon's step 17 MiB (4 N·I) under the plan once the
-        // phases below stopped overlapping.
-        // (SwiGLU's gate is one fused op with its own backward on the CPU: nothing here. A GPU
-        // runs candle's silu and mul, whose backward keeps sigmoid(x), 1 - y and their product
-        // alive at once: 3·N·I more, not counted in this CPU plan.)
-        let gelu_bwd = match spec.mlp {
-            Mlp::Gelu => 10 * n * i * s,
-            Mlp::SwiGlu => 0,
-        };
+        // The MLP activation's backward adds nothing here: on the CPU both are fused ops with
+        // their own one-pass backward (`nn::fused::swiglu`, `nn::fused::gelu_erf`) that keep
+        // only their inputs, and whose gradient is one of the `in_flight` tensors. (Until session
+        // 9 Falcon ran candle's `gelu_erf`, whose composite backward peaked at 10 N·I more than
+        // its graph, measured alone in tests/falcon_rss.rs's shape; a GPU still runs candle's
+        // ops: `GpuTerms::mlp_backward` counts them there.)
         let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
         let threads = rayon::current_num_threads();
         // QLinear converts a half-precision input and output to f32 around the kernel.
@@ -256,7 +248,7 @@ impl MemoryPlan {
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (l + 3) * n * c * s,
             layer_phase,
-            recompute: graph + in_flight + gelu_bwd,
+            recompute: graph + in_flight,
             // The f32 conversions of half-precision products count whole, beside the gradients
             // in flight: their buffers are thread-local and kept between calls (QLinear's f32
             // output, the bf16 kernels' packed activations), resident from the first product
@@ -568,6 +560,12 @@ pub struct GpuTerms {
     /// blocks in its backward, T counting prompt rows (none with a KV prefix: the composite
     /// attention runs, counted in the plan).
     pub attention_scores: usize,
+    /// The MLP activation's backward, which a GPU runs as candle's composite ops (the CPU plan
+    /// counts the fused ones, nothing beyond their gradient): SwiGLU's `silu` and `mul` keep
+    /// sigmoid(x), 1 - y and their product alive at once (3 N·I); exact GELU's `gelu_erf`
+    /// builds its derivative from MLP-sized temporaries (10 N·I, measured on the CPU before
+    /// the fused op replaced it there).
+    pub mlp_backward: usize,
     /// Stream-ordered allocator slack: freed blocks not yet reused, taken as 1/8 of the step's
     /// activation terms.
     pub allocator: usize,
@@ -631,6 +629,14 @@ impl GpuTerms {
                 }
                 _ => 0,
             },
+            mlp_backward: batch
+                * (seq + plan.prompt_rows)
+                * spec.ffn
+                * dtype.size_in_bytes()
+                * match spec.mlp {
+                    Mlp::SwiGlu => 3,
+                    Mlp::Gelu => 10,
+                },
             allocator: activations / 8,
             host_only: embed_host + plan.optimizer + offloaded,
         })
@@ -642,6 +648,7 @@ impl GpuTerms {
             + self.cublas_workspace
             + self.dequant_scratch
             + self.attention_scores
+            + self.mlp_backward
             + self.allocator
     }
 
@@ -667,6 +674,7 @@ impl std::fmt::Display for GpuTerms {
                 ("cuBLAS workspace", self.cublas_workspace),
                 ("dequantisation scratch", self.dequant_scratch),
                 ("attention score blocks", self.attention_scores),
+                ("MLP activation backward", self.mlp_backward),
                 ("allocator slack", self.allocator),
                 ("(stays on the host)", self.host_only),
             ],

@@ -586,7 +586,16 @@ impl Transformer {
                     };
                     proj(o + 3, &h)
                 }
-                Mlp::Gelu => proj(o + 2, &proj(o + 1, xn)?.gelu_erf()?),
+                Mlp::Gelu => {
+                    // up: (B, T, I); exact GELU, fused (one pass each way) on the CPU
+                    let u = proj(o + 1, xn)?;
+                    let h = if !u.device().is_cpu() {
+                        u.gelu_erf()?
+                    } else {
+                        fused::gelu_erf(&u)?
+                    };
+                    proj(o + 2, &h)
+                }
             }
         };
         match (s.residual, &l.mlp_norm) {

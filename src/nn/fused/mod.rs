@@ -1,5 +1,6 @@
 //! Fused training ops with hand-written backward passes (CPU): RMSNorm, rotary embeddings, causal
-//! GQA attention and a chunked cross-entropy through a frozen lm_head.
+//! GQA attention, a chunked cross-entropy through a frozen lm_head, and the MLP activations (SwiGLU's
+//! gate, exact GELU).
 //!
 //! Why: candle's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward, and the
 //! composite versions keep every intermediate alive and store an activation-sized gradient for each
@@ -201,6 +202,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 mod attention;
 mod cross_entropy;
+mod gelu;
 mod lora;
 mod norm;
 mod rope;
@@ -210,6 +212,7 @@ mod swiglu;
 pub use attention::*;
 pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
 pub use cross_entropy::*;
+pub use gelu::*;
 pub use lora::*;
 pub use norm::*;
 pub use rope::*;

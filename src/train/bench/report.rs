@@ -118,6 +118,7 @@ impl BenchReport {
                 "device_peak_bytes": g.baseline_used + g.peak_allocated,
                 "dequant_scratch": g.terms.dequant_scratch,
                 "attention_scores": g.terms.attention_scores,
+                "mlp_backward": g.terms.mlp_backward,
                 "allocator": g.terms.allocator,
                 "host_only": g.terms.host_only,
             })
