@@ -15,6 +15,7 @@ use criterion::{
 };
 use half::bf16;
 use qrand::{random_weights, Rng, BENCH_TYPES, MATMUL_TYPES};
+use qtune::quant::dispatch::dequantize_bf16_staged;
 use qtune::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
 use qtune::quant::matmul_bf16::{
     dp_chains_all, has_bf16_kernels, qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, DP_FLOPS_PER_ITER,
@@ -193,18 +194,30 @@ fn dequant(c: &mut Criterion) {
                 }
             })
         });
-        // The same into bf16 (the bf16 kernels' tiles): throughput still in stored bytes.
-        g.bench_function(BenchmarkId::new("2threads_in_bf16", t.name()), |b| {
-            b.iter(|| {
-                src.par_chunks(chunk_bytes).for_each_init(
-                    || vec![bf16::ZERO; chunk_elems],
-                    |out, s| {
-                        dequantize_bf16(t, s, out);
-                        black_box(out[0]);
-                    },
-                )
-            })
-        });
+        // The same into bf16 (the bf16 kernels' tiles), throughput still in stored bytes: the
+        // kernels that round in the register, and the f32 kernel staged in L1 then rounded (the
+        // path before them, and still NF4's and F16's).
+        let level = qtune::quant::dispatch::active_level();
+        for (name, staged) in [
+            ("2threads_in_bf16", false),
+            ("2threads_in_bf16_staged", true),
+        ] {
+            g.bench_function(BenchmarkId::new(name, t.name()), |b| {
+                b.iter(|| {
+                    src.par_chunks(chunk_bytes).for_each_init(
+                        || vec![bf16::ZERO; chunk_elems],
+                        |out, s| {
+                            if staged {
+                                dequantize_bf16_staged(t, level, s, out);
+                            } else {
+                                dequantize_bf16(t, s, out);
+                            }
+                            black_box(out[0]);
+                        },
+                    )
+                })
+            });
+        }
     }
     g.finish();
 }
