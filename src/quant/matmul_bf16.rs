@@ -220,11 +220,11 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     if fits(w, m) {
         #[cfg(target_arch = "x86_64")]
         if has_avx512_bf16() {
-            return avx512::fwd(x, m, w, y);
+            return fwd_tiled::<avx512::Avx512, A>(x, m, w, y);
         }
         #[cfg(target_arch = "aarch64")]
         if has_neon_bf16() {
-            return neon::fwd(x, m, w, y);
+            return fwd_tiled::<neon::Neon, A>(x, m, w, y);
         }
     }
     with_f32(x, |x| qmatmul_fwd(x, m, w, y))
@@ -321,25 +321,20 @@ fn lcm(a: usize, b: usize) -> usize {
 
 thread_local! {
     // Reused across calls: a fresh tile per task would fault in fresh pages every time.
-    static SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's scratch: at least `words` u32 (bf16 pairs) and `floats` f32.
-fn with_scratch<R>(words: usize, floats: usize, f: impl FnOnce(&mut [u32], &mut [f32]) -> R) -> R {
+/// Runs `f` with this thread's scratch of at least `words` u32 (bf16 pairs).
+fn with_scratch<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut s) => {
-            let (u, v) = &mut *s;
+        Ok(mut u) => {
             if u.len() < words {
                 u.resize(words, 0);
             }
-            if v.len() < floats {
-                v.resize(floats, 0.0);
-            }
-            f(&mut u[..words], &mut v[..floats])
+            f(&mut u[..words])
         }
-        // Re-entered on this thread: private buffers.
-        Err(_) => f(&mut vec![0; words], &mut vec![0.0; floats]),
+        // Re-entered on this thread: a private buffer.
+        Err(_) => f(&mut vec![0; words]),
     })
 }
 
@@ -363,75 +358,112 @@ fn with_pack<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
     })
 }
 
-/// Packs x (M×K) into `xp[block][K/2][B]` pairs, blocks of `B` rows (`xp` holds whole blocks;
+/// Packs x (M×K) into `xp[block][K/2][mb]` pairs, blocks of `mb` rows (`xp` holds whole blocks;
 /// the lanes of rows past M are left as they are: each lane's sums are its own, and those are
 /// never written).
-fn pack_x<A: Activation, const B: usize>(x: &[A], m: usize, k: usize, xp: &mut [u32]) {
+fn pack_x<A: Activation>(x: &[A], m: usize, k: usize, mb: usize, xp: &mut [u32]) {
     let half = k / 2;
-    xp.par_chunks_mut(half * B)
+    xp.par_chunks_mut(half * mb)
         .enumerate()
         .for_each(|(b, dst)| {
             let mut row = vec![bf16::ZERO; k];
-            for l in 0..B.min(m - b * B) {
-                let i = b * B + l;
+            for l in 0..mb.min(m - b * mb) {
+                let i = b * mb + l;
                 A::row_to_bf16(&x[i * k..(i + 1) * k], &mut row);
                 for p in 0..half {
-                    dst[p * B + l] = pair(row[2 * p], row[2 * p + 1]);
+                    dst[p * mb + l] = pair(row[2 * p], row[2 * p + 1]);
                 }
             }
         });
 }
 
-/// One ISA's input-gradient micro-kernels, as the shared tiling [`bwd_input_tiled`] calls them.
+/// One sweep of an ISA's micro-kernels: `out[r][c] (+)= Σ_q a[r][q] · b[q][c]` for `rows` rows
+/// of `a` (bf16 pairs along the contraction axis, broadcast; row stride `a_stride` u32) and all
+/// `cols` columns of `b` (pairs along the same axis, row stride `cols` u32, a multiple of 16),
+/// over `pairs` pairs; `out` rows at stride `out_stride` f32, added to when `load`. Both products
+/// are this one shape: the forward's a is W's bf16 tile and b one packed block of x (`cols` =
+/// [`Bf16Kernels::MB`], out a transposed tile of y); the input gradient's a is dy in bf16 and b
+/// the interleaved W chunk (out: dx).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-trait BwdKernels {
-    /// Rows of dy per micro-tile.
-    const MR: usize;
-    /// f32 lanes [`BwdKernels::pair_lanes`] converts at once (a divisor of 16).
-    const LANES: usize;
-
-    /// `out[i] = pair(bf16(lo[i]), bf16(hi[i]))` for `LANES` lanes (nearest even).
-    ///
-    /// # Safety
-    /// The CPU has this ISA's bf16 features (the caller checked); every slice has `LANES` elements.
-    unsafe fn pair_lanes(lo: &[f32], hi: &[f32], out: &mut [u32]);
-
-    /// `dx[r][c] (+)= Σ_q dyp[r][q] · wp[q][c]` for `rr` (1..=`MR`) rows of dy (pairs, row stride
-    /// `ds` u32) and all `kc` columns of the interleaved W chunk `wp` (row stride `kc` u32, `kc` a
-    /// multiple of 16), `pairs` pairs; dx rows at stride `xs` f32; `load` adds to dx.
-    ///
-    /// # Safety
-    /// The CPU has this ISA's bf16 features; every pointer addresses the elements these shapes and
-    /// strides name; no other thread touches them in dx.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows(
-        rr: usize,
-        pairs: usize,
-        dyp: *const u32,
-        ds: usize,
-        wp: *const u32,
-        kc: usize,
-        dx: *mut f32,
-        xs: usize,
-        load: bool,
-    );
+#[derive(Clone, Copy)]
+struct Sweep {
+    rows: usize,
+    pairs: usize,
+    a: *const u32,
+    a_stride: usize,
+    b: *const u32,
+    cols: usize,
+    out: *mut f32,
+    out_stride: usize,
+    load: bool,
 }
 
-/// Interleaves rows 2q and 2q+1 of the f32 chunk `src` (`nr` rows × `kc`, kc a multiple of 16)
-/// into bf16 pairs `dst[q][c]` (an odd last row is paired with zero).
+/// One ISA's bf16 micro-kernels, as the shared tilings [`fwd_tiled`] and [`bwd_input_tiled`]
+/// call them.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn interleave_rows<K: BwdKernels>(src: &[f32], nr: usize, kc: usize, dst: &mut [u32]) {
-    let zeros = [0f32; 16];
-    let l = K::LANES;
+trait Bf16Kernels {
+    /// Rows of x per packed forward block (a multiple of 16: the lanes of its accumulators).
+    const MB: usize;
+    /// Rows of W per forward micro-tile (a divisor of the module's `FWD_MR`, which
+    /// [`fwd_rows`] rounds to).
+    const FWD_MR: usize;
+    /// Rows of dy per input-gradient micro-tile.
+    const BWD_MR: usize;
+    /// Columns of the widest micro-tile (a multiple of 16).
+    const NR: usize;
+
+    /// One micro-tile of a sweep: `t.rows` rows (1..=max(`FWD_MR`, `BWD_MR`)) and the first
+    /// `width` columns of `t.b` (16..=`NR`, a multiple of 16; `t.cols` stays b's row stride).
+    ///
+    /// # Safety
+    /// The CPU has this ISA's bf16 features; every pointer addresses the elements the tile's
+    /// shapes and strides name; no other thread touches them in `t.out`.
+    unsafe fn tile(t: &Sweep, width: usize);
+}
+
+/// Runs the sweep `s` as micro-tiles of up to `mr` rows and `K::NR` columns, rows outer.
+///
+/// # Safety
+/// As [`Bf16Kernels::tile`], for all of `s`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn sweep<K: Bf16Kernels>(s: Sweep, mr: usize) {
+    let mut i = 0;
+    while i < s.rows {
+        let rr = mr.min(s.rows - i);
+        let mut c = 0;
+        while c < s.cols {
+            let width = K::NR.min(s.cols - c);
+            let t = Sweep {
+                rows: rr,
+                a: s.a.add(i * s.a_stride),
+                b: s.b.add(c),
+                out: s.out.add(i * s.out_stride + c),
+                ..s
+            };
+            K::tile(&t, width);
+            c += width;
+        }
+        i += rr;
+    }
+}
+
+/// Interleaves rows 2q and 2q+1 of the bf16 chunk `src` (`nr` rows × `kc`) into pairs
+/// `dst[q][c]` (an odd last row is paired with zero): a shift and an or, which the compiler
+/// vectorises.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn interleave_rows(src: &[bf16], nr: usize, kc: usize, dst: &mut [u32]) {
     for q in 0..nr.div_ceil(2) {
-        let a = &src[2 * q * kc..][..kc];
-        let b = (2 * q + 1 < nr).then(|| &src[(2 * q + 1) * kc..][..kc]);
+        let lo = &src[2 * q * kc..][..kc];
         let out = &mut dst[q * kc..][..kc];
-        for c in (0..kc).step_by(l) {
-            let hi = b.map_or(&zeros[..l], |b| &b[c..c + l]);
-            // SAFETY: the ISA's features were checked by the caller of the kernels
-            // (has_avx512_bf16 / has_neon_bf16); each slice holds the LANES elements read or written.
-            unsafe { K::pair_lanes(&a[c..c + l], hi, &mut out[c..c + l]) };
+        if 2 * q + 1 < nr {
+            let hi = &src[(2 * q + 1) * kc..][..kc];
+            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                *o = pair(l, h);
+            }
+        } else {
+            for (o, &l) in out.iter_mut().zip(lo) {
+                *o = pair(l, bf16::ZERO);
+            }
         }
     }
 }
@@ -441,7 +473,7 @@ fn interleave_rows<K: BwdKernels>(src: &[f32], nr: usize, kc: usize, dst: &mut [
 /// task a span of [`bwd_cols`] columns of dx, W walked in chunks of [`BWD_ROWS`] rows
 /// dequantised and interleaved into row pairs.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn bwd_input_tiled<K: BwdKernels, A: Activation>(
+fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
     dy: &[A],
     m: usize,
     w: &QMatrix,
@@ -466,37 +498,93 @@ fn bwd_input_tiled<K: BwdKernels, A: Activation>(
             let dyp = dyp_addr as *const u32;
             let c0 = task * cols;
             let kc = cols.min(k - c0);
-            with_scratch(BWD_ROWS / 2 * kc, BWD_ROWS * kc, |wp, stage| {
+            // The pairs, then the chunk in bf16 (BWD_ROWS × kc, as u32 words).
+            with_scratch(BWD_ROWS * kc, |buf| {
+                let (wp, stage) = buf.split_at_mut(BWD_ROWS / 2 * kc);
+                let stage: &mut [bf16] = bytemuck::cast_slice_mut(stage);
                 let mut r0 = 0;
                 while r0 < n {
                     let nr = BWD_ROWS.min(n - r0);
-                    w.dequant_tile(r0, nr, c0, kc, &mut stage[..nr * kc]);
-                    interleave_rows::<K>(stage, nr, kc, wp);
-                    let pairs = nr.div_ceil(2);
-                    let load = accumulate || r0 > 0;
-                    let mut i = 0;
-                    while i < m {
-                        let rr = K::MR.min(m - i);
-                        // SAFETY: the ISA's features were checked by the caller; dy pairs of rows
-                        // i..i+rr, pairs r0/2..r0/2+pairs (<= n2/2) lie in dyb; wp has pairs×kc
-                        // u32 (kc a multiple of 16); this task alone writes dx columns c0..c0+kc,
-                        // rows i..i+rr < m.
-                        unsafe {
-                            K::rows(
-                                rr,
-                                pairs,
-                                dyp.add(i * ds + r0 / 2),
-                                ds,
-                                wp.as_ptr(),
-                                kc,
-                                dxp.get().add(i * k + c0),
-                                k,
-                                load,
-                            )
+                    w.dequant_tile_bf16(r0, nr, c0, kc, &mut stage[..nr * kc]);
+                    interleave_rows(stage, nr, kc, wp);
+                    // SAFETY: the ISA's features were checked by the caller; dy pairs of rows
+                    // 0..m, pairs r0/2..(r0+nr)/2 rounded up (<= n2/2) lie in dyb; wp has
+                    // ceil(nr/2)×kc u32 (kc a multiple of 16); this task alone writes dx columns
+                    // c0..c0+kc.
+                    unsafe {
+                        let s = Sweep {
+                            rows: m,
+                            pairs: nr.div_ceil(2),
+                            a: dyp.add(r0 / 2),
+                            a_stride: ds,
+                            b: wp.as_ptr(),
+                            cols: kc,
+                            out: dxp.get().add(c0),
+                            out_stride: k,
+                            load: accumulate || r0 > 0,
                         };
-                        i += rr;
-                    }
+                        sweep::<K>(s, K::BWD_MR)
+                    };
                     r0 += nr;
+                }
+            });
+        });
+    });
+}
+
+/// `y = x·Wᵀ` through one ISA's kernels (the caller checked its features and [`fits`]): x packed
+/// once into blocks of `K::MB` rows, then per task [`fwd_rows`] rows of W dequantised into a bf16
+/// tile; for each x block the micro-tiles fill a transposed tile of y (`nr × MB`), written out
+/// row by row of y.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
+    use crate::quant::matmul::SendPtr;
+    let (n, k) = (w.rows, w.cols);
+    let (half, mb) = (k / 2, K::MB);
+    with_pack(m.div_ceil(mb) * half * mb, |xp| {
+        pack_x(x, m, k, mb, xp);
+        let xp = &*xp;
+        let rows = fwd_rows(n, k);
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
+            let r0 = task * rows;
+            let nr = rows.min(n - r0);
+            with_scratch(nr * half, |tile| {
+                // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
+                w.dequant_tile_bf16(r0, nr, 0, k, bytemuck::cast_slice_mut(tile));
+                let wt = tile.as_ptr();
+                // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.
+                let mut yt = vec![0f32; nr * mb];
+                for b in 0..m.div_ceil(mb) {
+                    let rows_x = mb.min(m - b * mb);
+                    let xb = xp[b * half * mb..].as_ptr();
+                    // SAFETY: the ISA's features were checked by the caller; wt addresses nr
+                    // rows of `half` pairs (`tile`; half a multiple of 8), xb half×MB pairs inside
+                    // xp, yt nr rows of MB f32.
+                    unsafe {
+                        let s = Sweep {
+                            rows: nr,
+                            pairs: half,
+                            a: wt,
+                            a_stride: half,
+                            b: xb,
+                            cols: mb,
+                            out: yt.as_mut_ptr(),
+                            out_stride: mb,
+                            load: false,
+                        };
+                        sweep::<K>(s, K::FWD_MR)
+                    };
+                    for l in 0..rows_x {
+                        // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
+                        // the nr elements from (b*MB+l)*n + r0 lie inside y.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(yp.get().add((b * mb + l) * n + r0), nr)
+                        };
+                        for (r, d) in dst.iter_mut().enumerate() {
+                            *d = yt[r * mb + l];
+                        }
+                    }
                 }
             });
         });
@@ -508,11 +596,9 @@ mod neon;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! The AVX-512 BF16 micro-kernels and the tiling around them.
+    //! The AVX-512 BF16 micro-kernels.
     use super::*;
     use std::arch::x86_64::*;
-
-    use crate::quant::matmul::SendPtr;
 
     /// `iters` rounds of 12 independent `vdpbf16ps` (the instruction's throughput).
     ///
@@ -551,223 +637,56 @@ mod avx512 {
         _mm512_reduce_add_ps(s)
     }
 
-    /// Forward micro-kernel: `out[r][l] = Σ_p wt[r][p] · xb[p][l]` over `pairs` pairs, for
-    /// `R` rows of the bf16 W tile (row stride `ws` pairs) and the `MB` rows of one x block.
+    /// The micro-kernel of both products: `out[r][c] (+)= Σ_q a[r][q] · b[q][c]` for `R` rows of
+    /// `s.a` and `V` vectors of 16 columns of `s.b` (the first 16·V of the sweep's columns).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and BF16; `wt` addresses `R` rows of `pairs` u32 at stride `ws`;
-    /// `xb` addresses `pairs × MB` u32.
+    /// The CPU has AVX-512 F and BF16; as [`Bf16Kernels::sweep`], with `s.rows == R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn fwd_tile<const R: usize>(
-        pairs: usize,
-        wt: *const u32,
-        ws: usize,
-        xb: *const u32,
-        out: &mut [[f32; MB]; FWD_MR],
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        for p in 0..pairs {
-            let xq = xb.add(p * MB);
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(xq as *const _));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(xq.add(16) as *const _));
-            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(xq.add(32) as *const _));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let s: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*wt.add(r * ws + p) as i32));
-                a[0] = _mm512_dpbf16_ps(a[0], s, b0);
-                a[1] = _mm512_dpbf16_ps(a[1], s, b1);
-                a[2] = _mm512_dpbf16_ps(a[2], s, b2);
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (v, av) in a.iter().enumerate() {
-                _mm512_storeu_ps(out[r].as_mut_ptr().add(16 * v), *av);
-            }
-        }
-    }
-
-    /// Calls [`fwd_tile`] for `rows` (1..=8) rows.
-    ///
-    /// # Safety
-    /// As [`fwd_tile`].
-    unsafe fn fwd_tile_n(
-        rows: usize,
-        pairs: usize,
-        wt: *const u32,
-        ws: usize,
-        xb: *const u32,
-        out: &mut [[f32; MB]; FWD_MR],
-    ) {
-        const_dispatch!(
-            rows,
-            R,
-            [8, 7, 6, 5, 4, 3, 2],
-            1,
-            fwd_tile::<R>(pairs, wt, ws, xb, out)
-        )
-    }
-
-    pub(super) fn fwd<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
-        let (n, k) = (w.rows, w.cols);
-        let half = k / 2;
-        with_pack(m.div_ceil(MB) * half * MB, |xp| {
-            pack_x::<A, MB>(x, m, k, xp);
-            let xp = &*xp;
-            let rows = fwd_rows(n, k);
-            let yp = SendPtr(y.as_mut_ptr());
-            (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
-                let r0 = task * rows;
-                let nr = rows.min(n - r0);
-                with_scratch(nr * half, 0, |tile, _| {
-                    // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
-                    w.dequant_tile_bf16(r0, nr, 0, k, bytemuck::cast_slice_mut(tile));
-                    let wt = tile.as_ptr();
-                    let mut out = [[0f32; MB]; FWD_MR];
-                    // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.
-                    let mut yt = vec![0f32; nr * MB];
-                    for b in 0..m.div_ceil(MB) {
-                        let rows_x = MB.min(m - b * MB);
-                        let xb = xp[b * half * MB..].as_ptr();
-                        let mut g = 0;
-                        while g < nr {
-                            let gr = FWD_MR.min(nr - g);
-                            // SAFETY: the CPU has AVX-512 BF16 (checked by the caller through
-                            // has_avx512_bf16); wt + g*half addresses gr rows of `half` pairs inside
-                            // `tile`, xb addresses half×MB pairs inside xp.
-                            unsafe { fwd_tile_n(gr, half, wt.add(g * half), half, xb, &mut out) };
-                            for (r, o) in out[..gr].iter().enumerate() {
-                                yt[(g + r) * MB..][..MB].copy_from_slice(o);
-                            }
-                            g += gr;
-                        }
-                        for l in 0..rows_x {
-                            // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
-                            // the nr elements from (b*MB+l)*n + r0 lie inside y.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    yp.get().add((b * MB + l) * n + r0),
-                                    nr,
-                                )
-                            };
-                            for (r, d) in dst.iter_mut().enumerate() {
-                                *d = yt[r * MB + l];
-                            }
-                        }
-                    }
-                });
-            });
-        });
-    }
-
-    /// Input-gradient micro-kernel: `dx[r][c] (+)= Σ_q dyp[r][q] · wp[q][c]` for `R` rows of dy
-    /// (pairs, row stride `ds` u32) and `V` vectors of 16 columns of the interleaved W chunk (row
-    /// stride `wsp` u32), `pairs` pairs; dx rows at stride `xs` f32.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F and BF16; every pointer addresses the elements these shapes and
-    /// strides name; no other thread touches them in dx.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn bwd_tile<const R: usize, const V: usize>(
-        pairs: usize,
-        dyp: *const u32,
-        ds: usize,
-        wp: *const u32,
-        wsp: usize,
-        dx: *mut f32,
-        xs: usize,
-        load: bool,
-    ) {
+    unsafe fn tile<const R: usize, const V: usize>(s: &Sweep) {
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        if load {
+        if s.load {
             for (r, a) in acc.iter_mut().enumerate() {
                 for (v, av) in a.iter_mut().enumerate() {
-                    *av = _mm512_loadu_ps(dx.add(r * xs + 16 * v));
+                    *av = _mm512_loadu_ps(s.out.add(r * s.out_stride + 16 * v));
                 }
             }
         }
-        for q in 0..pairs {
+        for q in 0..s.pairs {
             let mut b = [_mm512_setzero_ps(); V];
             for (v, bv) in b.iter_mut().enumerate() {
-                *bv = _mm512_loadu_ps(wp.add(q * wsp + 16 * v) as *const f32);
+                *bv = _mm512_loadu_ps(s.b.add(q * s.cols + 16 * v) as *const f32);
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let s: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*dyp.add(r * ds + q) as i32));
+                let p: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*s.a.add(r * s.a_stride + q) as i32));
                 for (av, bv) in a.iter_mut().zip(&b) {
-                    *av = _mm512_dpbf16_ps(*av, s, std::mem::transmute::<__m512, __m512bh>(*bv));
+                    *av = _mm512_dpbf16_ps(*av, p, std::mem::transmute::<__m512, __m512bh>(*bv));
                 }
             }
         }
         for (r, a) in acc.iter().enumerate() {
             for (v, av) in a.iter().enumerate() {
-                _mm512_storeu_ps(dx.add(r * xs + 16 * v), *av);
+                _mm512_storeu_ps(s.out.add(r * s.out_stride + 16 * v), *av);
             }
         }
     }
 
-    /// `bwd_tile::<R, V>` for the run-time tile `(r, v)`: r rows in 1..=6 ([`BWD_MR`]), v
-    /// 16-lane vectors in 1..=4 (the kernels need both at compile time).
-    macro_rules! bwd_dispatch {
-        ($r:expr, $v:expr, $($args:expr),*) => {
-            const_dispatch!($r, R, [6, 5, 4, 3, 2], 1, {
-                const_dispatch!($v, V, [4, 3, 2], 1, bwd_tile::<R, V>($($args),*))
-            })
-        };
-    }
-
-    /// `out[i] = pair(bf16(lo[i]), bf16(hi[i]))` for 16 lanes (nearest even rounding).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 BW and BF16; every slice has 16 elements.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pair16(lo: &[f32], hi: &[f32], out: &mut [u32]) {
-        // Word j of the result takes word IDX[j] of [lo0..lo15, hi0..hi15]: lo_i, hi_i, ...
-        const IDX: [u16; 32] = {
-            let mut t = [0u16; 32];
-            let mut i = 0;
-            while i < 16 {
-                t[2 * i] = i as u16;
-                t[2 * i + 1] = 16 + i as u16;
-                i += 1;
-            }
-            t
-        };
-        let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
-        let idx = _mm512_loadu_si512(IDX.as_ptr() as *const _);
-        let v = _mm512_permutexvar_epi16(idx, std::mem::transmute::<__m512bh, __m512i>(both));
-        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, v);
-    }
-
-    /// The AVX-512 BF16 input-gradient kernels.
+    /// The AVX-512 BF16 kernels.
     pub(super) struct Avx512;
 
-    impl BwdKernels for Avx512 {
-        const MR: usize = BWD_MR;
-        const LANES: usize = 16;
+    impl Bf16Kernels for Avx512 {
+        const MB: usize = MB;
+        const FWD_MR: usize = FWD_MR;
+        const BWD_MR: usize = BWD_MR;
+        const NR: usize = 64;
 
-        unsafe fn pair_lanes(lo: &[f32], hi: &[f32], out: &mut [u32]) {
-            pair16(lo, hi, out)
-        }
-
-        /// Micro-tiles of `rr` rows and up to 4 vectors (64 columns) across the chunk.
-        unsafe fn rows(
-            rr: usize,
-            pairs: usize,
-            dyp: *const u32,
-            ds: usize,
-            wp: *const u32,
-            kc: usize,
-            dx: *mut f32,
-            xs: usize,
-            load: bool,
-        ) {
-            let mut c = 0;
-            while c < kc {
-                let v = (kc - c).min(64) / 16;
-                bwd_dispatch!(rr, v, pairs, dyp, ds, wp.add(c), kc, dx.add(c), xs, load);
-                c += 16 * v;
-            }
+        /// `tile::<R, V>` for the run-time `(t.rows, width / 16)`: 8 × 3 accumulators for the
+        /// forward's 48 columns, 6 × 4 for the input gradient.
+        unsafe fn tile(t: &Sweep, width: usize) {
+            const_dispatch!(t.rows, R, [8, 7, 6, 5, 4, 3, 2], 1, {
+                const_dispatch!(width / 16, V, [4, 3, 2], 1, tile::<R, V>(t))
+            })
         }
     }
 }

@@ -15,14 +15,24 @@ impl<'a> Cursor<'a> {
         self.b.len() - self.pos
     }
 
-    /// An empty vector with room for `n` items of at least `min` bytes each, refused when the
-    /// bytes left cannot hold them: checked before allocating, so a hostile count cannot make us
-    /// reserve memory.
-    fn vec_for<T>(&self, n: u64, min: u64, what: impl FnOnce() -> String) -> Result<Vec<T>> {
-        match n.checked_mul(min) {
-            Some(b) if b <= self.remaining() as u64 => Ok(Vec::with_capacity(n as usize)),
-            _ => Err(self.truncated(&what())),
+    /// `n` items read in order by `each` (given this cursor and the item's index), the count
+    /// refused first when the bytes left cannot hold `n` items of at least `min` bytes each: the
+    /// vector is sized only then, so a hostile count cannot make us reserve memory.
+    fn list<T>(
+        &mut self,
+        n: u64,
+        min: u64,
+        what: impl FnOnce() -> String,
+        mut each: impl FnMut(&mut Self, u64) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut v = match n.checked_mul(min) {
+            Some(b) if b <= self.remaining() as u64 => Vec::with_capacity(n as usize),
+            _ => return Err(self.truncated(&what())),
+        };
+        for i in 0..n {
+            v.push(each(self, i)?);
         }
+        Ok(v)
     }
 
     fn truncated(&self, what: &str) -> Error {
@@ -117,17 +127,14 @@ impl<'a> Cursor<'a> {
                         ))
                     }
                 };
-                let mut v = self.vec_for(n, min, || {
-                    format!(
-                        "{} (array of {n} {} values)",
-                        what(),
-                        Value::type_name_of_id(et)
-                    )
-                })?;
-                for _ in 0..n {
-                    v.push(self.value(et, depth + 1, what)?);
-                }
-                Value::Array(et, v)
+                let of = || {
+                    let name = Value::type_name_of_id(et);
+                    format!("{} (array of {n} {name} values)", what())
+                };
+                Value::Array(
+                    et,
+                    self.list(n, min, of, |c, _| c.value(et, depth + 1, what))?,
+                )
             }
             _ => {
                 return Err(Error::corrupt(
@@ -212,17 +219,14 @@ fn read_preamble(c: &mut Cursor) -> Result<u32> {
 /// `n_kv` key-value pairs, the count checked against the bytes left first.
 fn read_metadata(c: &mut Cursor, n_kv: u64) -> Result<Vec<(String, Value)>> {
     // A key-value takes at least 13 bytes.
-    let mut metadata = c.vec_for(n_kv, 13, || {
-        format!("metadata ({n_kv} key-value pairs announced)")
-    })?;
-    for i in 0..n_kv {
+    let announced = || format!("metadata ({n_kv} key-value pairs announced)");
+    c.list(n_kv, 13, announced, |c, i| {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
         let what = || format!("metadata '{key}'");
         let t = c.u32(&what)?;
         let v = c.value(t, 0, &what)?;
-        metadata.push((key, v));
-    }
-    Ok(metadata)
+        Ok((key, v))
+    })
 }
 
 /// `general.alignment`, else 32; a power of two up to 1 GiB.
@@ -253,10 +257,8 @@ struct RawInfo {
 /// `n_tensors` tensor infos, the count checked against the bytes left first.
 fn read_tensor_infos(c: &mut Cursor, n_tensors: u64) -> Result<Vec<RawInfo>> {
     // A tensor info takes at least 24 bytes.
-    let mut raw = c.vec_for(n_tensors, 24, || {
-        format!("tensor infos ({n_tensors} tensors announced)")
-    })?;
-    for i in 0..n_tensors {
+    let announced = || format!("tensor infos ({n_tensors} tensors announced)");
+    c.list(n_tensors, 24, announced, |c, i| {
         let name = c.string(&|| format!("name of tensor info {i}"))?;
         let what = || format!("tensor info of '{name}'");
         let n_dims = c.u32(&what)? as usize;
@@ -273,14 +275,13 @@ fn read_tensor_infos(c: &mut Cursor, n_tensors: u64) -> Result<Vec<RawInfo>> {
         }
         let type_id = c.u32(&what)?;
         let offset = c.u64(&what)?;
-        raw.push(RawInfo {
+        Ok(RawInfo {
             name,
             ne,
             type_id,
             offset,
-        });
-    }
-    Ok(raw)
+        })
+    })
 }
 
 /// One tensor checked: a known type, no zero or overflowing dimension, whole blocks per row, an

@@ -205,6 +205,30 @@ fn load_row<T: Elem>(
     }
 }
 
+/// `s · drop(x) · matᵀ` (M, R) for `x (M, n)` in its element type and `mat (R, n)` f32, one row
+/// of x per task: the down projection `h = s·drop(x)·Aᵀ`, and the up projection's `dh = d·B`
+/// (`mat` = Bᵀ).
+fn rows_dot<T: Elem>(
+    x: &[T],
+    mat: &[f32],
+    n: usize,
+    drop: Option<DropoutMask>,
+    s: f32,
+) -> Vec<f32> {
+    let p = prims();
+    let r = mat.len() / n.max(1);
+    let m = x.len() / n.max(1);
+    let mut out = vec![0f32; m * r];
+    out.par_chunks_mut(r.max(1)).enumerate().for_each_init(
+        || vec![0f32; n],
+        |row, (t, out)| {
+            load_row(x, t, 0..n, n, drop, row);
+            (p.dots)(row, mat, s, out);
+        },
+    );
+    out
+}
+
 /// `Σ_i coef_iᵀ·rows_i` over all rows: `out (R, n)` with `out_k = Σ_i coef[i, k]·row_i`, for
 /// `coef (M, R)` f32 and rows `(M, n)` of `x` (dropout applied); parallel over column blocks.
 fn outer_sum<T: Elem>(
@@ -288,22 +312,6 @@ struct DownOp {
 }
 
 impl DownOp {
-    /// h (M, R) for x (M, I) and A (R, I) f32.
-    fn forward<T: Elem>(&self, x: &[T], a: &[f32], i: usize) -> Vec<f32> {
-        let p = prims();
-        let r = a.len() / i.max(1);
-        let m = x.len() / i.max(1);
-        let mut h = vec![0f32; m * r];
-        h.par_chunks_mut(r.max(1)).enumerate().for_each_init(
-            || vec![0f32; i],
-            |row, (t, h)| {
-                load_row(x, t, 0..i, i, self.dropout, row);
-                (p.dots)(row, a, self.scale, h);
-            },
-        );
-        h
-    }
-
     /// dx (M, I) in x's element type T: `drop'(s·dh·A)`.
     fn input_grad<T: Elem>(&self, _x: &[T], dh: &[f32], a: &[f32], i: usize) -> Vec<T> {
         let p = prims();
@@ -341,9 +349,11 @@ impl CustomOp2 for DownOp {
         let a = f32_of(sa, la, self.name())?;
         let name = self.name();
         let h = match sx {
-            CpuStorage::F32(x) => self.forward(slice_of(x, lx, name)?, &a, i),
-            CpuStorage::BF16(x) => self.forward(slice_of(x, lx, name)?, &a, i),
-            CpuStorage::F16(x) => self.forward(slice_of(x, lx, name)?, &a, i),
+            CpuStorage::F32(x) => rows_dot(slice_of(x, lx, name)?, &a, i, self.dropout, self.scale),
+            CpuStorage::BF16(x) => {
+                rows_dot(slice_of(x, lx, name)?, &a, i, self.dropout, self.scale)
+            }
+            CpuStorage::F16(x) => rows_dot(slice_of(x, lx, name)?, &a, i, self.dropout, self.scale),
             s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
         };
         Ok((CpuStorage::F32(h), Shape::from((m, r))))
@@ -397,22 +407,6 @@ impl UpOp {
         );
         out
     }
-
-    /// dh (M, R) = d·B, with Bᵀ `bt (R, O)`.
-    fn h_grad<T: Elem>(d: &[T], bt: &[f32], o: usize) -> Vec<f32> {
-        let p = prims();
-        let r = bt.len() / o.max(1);
-        let m = d.len() / o.max(1);
-        let mut dh = vec![0f32; m * r];
-        dh.par_chunks_mut(r.max(1)).enumerate().for_each_init(
-            || vec![0f32; o],
-            |row, (t, dh)| {
-                load_row(d, t, 0..o, o, None, row);
-                (p.dots)(row, bt, 1.0, dh);
-            },
-        );
-        dh
-    }
 }
 
 impl CustomOp3 for UpOp {
@@ -456,7 +450,8 @@ impl CustomOp3 for UpOp {
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let bt = transpose(&const_f32(b, self.name())?, o, r);
         let (dh, db) = with_elem!(d, self.name(), |ds| {
-            let dh = Self::h_grad(ds, &bt, o);
+            // dh (M, R) = d·B, with Bᵀ `bt (R, O)`.
+            let dh = rows_dot(ds, &bt, o, None, 1.0);
             // dBᵀ (R, O) = hᵀ·d, then (O, R)
             let dbt = outer_sum(prims(), &h32, r, ds, o, None);
             (dh, transpose(&dbt, r, o))

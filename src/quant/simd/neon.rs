@@ -13,37 +13,36 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// 16 codes as f32 (exact), from their two halves widened to 16 bits.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn f32x16(lo: int16x8_t, hi: int16x8_t) -> [float32x4_t; 4] {
+    [
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))),
+        vcvtq_f32_s32(vmovl_high_s16(lo)),
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))),
+        vcvtq_f32_s32(vmovl_high_s16(hi)),
+    ]
+}
+
 /// out[0..16] = f32(codes[i]) * d, signed codes.
 #[target_feature(enable = "neon")]
 #[inline]
 unsafe fn emit16_s(codes: int8x16_t, d: f32, out: *mut f32) {
-    let lo = vmovl_s8(vget_low_s8(codes));
-    let hi = vmovl_s8(vget_high_s8(codes));
-    let parts = [
-        vmovl_s16(vget_low_s16(lo)),
-        vmovl_high_s16(lo),
-        vmovl_s16(vget_low_s16(hi)),
-        vmovl_high_s16(hi),
-    ];
-    for (k, v) in parts.into_iter().enumerate() {
-        vst1q_f32(out.add(4 * k), vmulq_f32(vcvtq_f32_s32(v), vdupq_n_f32(d)));
+    let v = f32x16(vmovl_s8(vget_low_s8(codes)), vmovl_s8(vget_high_s8(codes)));
+    for (k, v) in v.into_iter().enumerate() {
+        vst1q_f32(out.add(4 * k), vmulq_f32(v, vdupq_n_f32(d)));
     }
 }
 
-/// out[0..16] = f32(codes[i]) * d - m, unsigned codes.
+/// out[0..16] = f32(codes[i]) * d - m, unsigned codes (0..=255: exact as 16-bit signed).
 #[target_feature(enable = "neon")]
 #[inline]
 unsafe fn emit16_u_sub(codes: uint8x16_t, d: f32, m: f32, out: *mut f32) {
-    let lo = vmovl_u8(vget_low_u8(codes));
-    let hi = vmovl_u8(vget_high_u8(codes));
-    let parts = [
-        vmovl_u16(vget_low_u16(lo)),
-        vmovl_high_u16(lo),
-        vmovl_u16(vget_low_u16(hi)),
-        vmovl_high_u16(hi),
-    ];
-    for (k, v) in parts.into_iter().enumerate() {
-        let r = vmulq_f32(vcvtq_f32_u32(v), vdupq_n_f32(d));
+    let lo = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(codes)));
+    let hi = vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(codes)));
+    for (k, v) in f32x16(lo, hi).into_iter().enumerate() {
+        let r = vmulq_f32(v, vdupq_n_f32(d));
         vst1q_f32(out.add(4 * k), vsubq_f32(r, vdupq_n_f32(m)));
     }
 }
