@@ -15,8 +15,8 @@ mod shapes;
 mod synthetic;
 
 pub use measure::{
-    measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes, step_flops,
-    tune_allocator,
+    heap_probe, measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes,
+    step_flops, trim_heap, tune_allocator,
 };
 pub use report::{BenchReport, GpuReport};
 pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};
@@ -274,6 +274,12 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let (peak_gflops, peak_kind) = machine_peak(cfg, &device, progress)?;
     let gpu_baseline = crate::nn::device::used_bytes(&device)?;
     crate::nn::device::reset_peak(&device)?;
+    // The GEMM peak's buffers (3 × 9 MiB at 1536²) are freed; with an explicit mmap threshold
+    // (MALLOC_MMAP_THRESHOLD_ or M_MMAP_THRESHOLD set: no dynamic one) they were heap chunks,
+    // and glibc keeps their pages below the thread pool's: 7.6 MiB baseline became 35 MiB, which
+    // the step then reuses, counting it twice. Hand them back first in every setting.
+    trim_heap();
+    heap_probe("bench", "baseline");
     let baseline_rss = status_bytes("VmRSS:");
     reset_peak_rss();
     let t0 = Instant::now();
@@ -333,7 +339,9 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
                 (m.loss as f32, m.grads)
             }
         };
+        heap_probe("bench", "grads");
         opt.step(&grads, 1e-4)?;
+        heap_probe("bench", "adamw");
         drop(grads);
         // a GPU step has ended when its last upload has
         device
