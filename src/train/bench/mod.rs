@@ -274,10 +274,11 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let (peak_gflops, peak_kind) = machine_peak(cfg, &device, progress)?;
     let gpu_baseline = crate::nn::device::used_bytes(&device)?;
     crate::nn::device::reset_peak(&device)?;
-    // The GEMM peak's buffers (3 × 9 MiB at 1536²) are freed; with an explicit mmap threshold
-    // (MALLOC_MMAP_THRESHOLD_ or M_MMAP_THRESHOLD set: no dynamic one) they were heap chunks,
-    // and glibc keeps their pages below the thread pool's: 7.6 MiB baseline became 35 MiB, which
-    // the step then reuses, counting it twice. Hand them back first in every setting.
+    // The GEMM peak's buffers (3 × 9 MiB at 1536²) are freed now. Under glibc's dynamic mmap
+    // threshold they were mappings, gone; with a threshold set above them
+    // (MALLOC_MMAP_THRESHOLD_=33554432) they were heap chunks below live ones, whose pages glibc
+    // keeps: the baseline read 36.4 MiB instead of 7.6-9.6, memory the step then reuses, so the
+    // prediction counted it twice. Handing free pages back first makes it sound in every setting.
     trim_heap();
     heap_probe("bench", "baseline");
     let baseline_rss = status_bytes("VmRSS:");
