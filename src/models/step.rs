@@ -334,7 +334,7 @@ fn train_with<M: Decoder, R>(
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
         drop((grads, loss, x));
-        release_free_heap();
+        release_free_heap("step");
         return Ok((r, out));
     }
     if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
@@ -359,6 +359,12 @@ fn train_with<M: Decoder, R>(
         saved.push(x.to_device(&Device::Cpu).map_err(cerr("checkpoint"))?);
         x = y;
     }
+    // The forward's transients (each layer's graph, freed as the next runs) are free heap now,
+    // but resident: glibc reuses them for small tensors only, and the head's logits chunk (rows
+    // × vocab f32, 31 MiB at the 100M shape) goes on top of them. Handing them back here took
+    // that shape's peak from +13 % over the plan to +3.4 % (bf16; f32 +13.6 % to +4.5 %, where
+    // the layers' backward is the peak now): one more `malloc_trim` a step.
+    release_free_heap("forward");
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
@@ -374,7 +380,7 @@ fn train_with<M: Decoder, R>(
     // The head's phase ends here: its logits chunk (rows × vocab in f32, 31 MiB at a 32,000
     // vocabulary) is free but glibc keeps its pages, and the plan counts the layers' backward
     // without it (`MemoryPlan::step_activations` takes the larger phase, not the sum).
-    release_free_heap();
+    release_free_heap("head");
     if m.prompt_len() > 1 {
         // The head reads the last prompt row and the tokens': zeros before them.
         let z = x
@@ -420,7 +426,7 @@ fn train_with<M: Decoder, R>(
         collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
     drop((g, ctx));
-    release_free_heap();
+    release_free_heap("step");
     Ok((loss, out))
 }
 
@@ -433,10 +439,8 @@ fn train_with<M: Decoder, R>(
 /// (+172.9 MiB against a 165.8 MiB plan) rather than inside it; with the mmap threshold pinned,
 /// where freed tensors go back at once, the same point was 25 MiB lower. The next step faults
 /// those pages in again: one zeroed page per 4 KiB of activations, against the GEMMs of a step.
-fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; no live block moves.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+fn release_free_heap(phase: &str) {
+    crate::train::bench::heap_probe(phase, "before trim");
+    crate::train::bench::trim_heap();
+    crate::train::bench::heap_probe(phase, "after trim");
 }

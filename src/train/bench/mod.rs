@@ -15,8 +15,8 @@ mod shapes;
 mod synthetic;
 
 pub use measure::{
-    measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes, step_flops,
-    tune_allocator,
+    heap_probe, measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes,
+    step_flops, trim_heap, tune_allocator,
 };
 pub use report::{BenchReport, GpuReport};
 pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};
@@ -274,6 +274,13 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
     let (peak_gflops, peak_kind) = machine_peak(cfg, &device, progress)?;
     let gpu_baseline = crate::nn::device::used_bytes(&device)?;
     crate::nn::device::reset_peak(&device)?;
+    // The GEMM peak's buffers (3 × 9 MiB at 1536²) are freed now. Under glibc's dynamic mmap
+    // threshold they were mappings, gone; with a threshold set above them
+    // (MALLOC_MMAP_THRESHOLD_=33554432) they were heap chunks below live ones, whose pages glibc
+    // keeps: the baseline read 36.4 MiB instead of 7.6-9.6, memory the step then reuses, so the
+    // prediction counted it twice. Handing free pages back first makes it sound in every setting.
+    trim_heap();
+    heap_probe("bench", "baseline");
     let baseline_rss = status_bytes("VmRSS:");
     reset_peak_rss();
     let t0 = Instant::now();
@@ -333,7 +340,9 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
                 (m.loss as f32, m.grads)
             }
         };
+        heap_probe("bench", "grads");
         opt.step(&grads, 1e-4)?;
+        heap_probe("bench", "adamw");
         drop(grads);
         // a GPU step has ended when its last upload has
         device
