@@ -440,7 +440,8 @@ fn train_with<M: Decoder, R>(
 /// where freed tensors go back at once, the same point was 25 MiB lower. The next step faults
 /// those pages in again: one zeroed page per 4 KiB of activations, against the GEMMs of a step.
 fn release_free_heap(phase: &str) {
-    crate::train::bench::heap_probe(phase, "before trim");
-    crate::train::bench::trim_heap();
-    crate::train::bench::heap_probe(phase, "after trim");
+    use crate::nn::device::{heap_probe, trim_heap};
+    heap_probe(phase, "before trim");
+    trim_heap();
+    heap_probe(phase, "after trim");
 }

@@ -136,6 +136,54 @@ fn proc_status_kib(key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Gives the pages of freed heap memory back to the system (glibc `malloc_trim(0)`: the top of
+/// the heap, and `madvise` on the whole pages inside every free chunk); a no-op elsewhere.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; no live block moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// With `QTUNE_HEAP_TRACE` set, one line on stderr of RSS, its peak and glibc's `mallinfo2`
+/// (heap size, mmapped bytes and count, bytes in use, free, and the free top `keepcost`), MiB,
+/// at `point` of `phase`: where the step's retained heap shows (docs/BENCHMARKS.md). Costs one
+/// environment check the first time, nothing after when unset.
+pub fn heap_probe(phase: &str, point: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("QTUNE_HEAP_TRACE").is_some()) {
+        return;
+    }
+    let (rss, peak) = (
+        current_rss_bytes() as f64 / 1048576.0,
+        peak_rss_bytes() as f64 / 1048576.0,
+    );
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let mi = unsafe { libc::mallinfo2() };
+        let m = |b: usize| b as f64 / 1048576.0;
+        eprintln!(
+            "heap {phase:>8} {point:<12} rss {:7.1} peak {:7.1} | arena {:7.1} mmap {:6.1} ({}) \
+             in use {:7.1} free {:7.1} top {:6.1}",
+            rss,
+            peak,
+            m(mi.arena),
+            m(mi.hblkhd),
+            mi.hblks,
+            m(mi.uordblks),
+            m(mi.fordblks),
+            m(mi.keepcost)
+        );
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    eprintln!(
+        "heap {phase:>8} {point:<12} rss {:7.1} peak {:7.1}",
+        rss, peak
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

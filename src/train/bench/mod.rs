@@ -14,9 +14,10 @@ mod report;
 mod shapes;
 mod synthetic;
 
+use crate::nn::device::{heap_probe, trim_heap};
 pub use measure::{
-    heap_probe, measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes,
-    step_flops, trim_heap, tune_allocator,
+    measure_device_peak, measure_f32_peak, process_cpu_s, reset_peak_rss, status_bytes, step_flops,
+    tune_allocator,
 };
 pub use report::{BenchReport, GpuReport};
 pub use shapes::{param_count, shape_config, BENCH_QUANTS, SHAPES};
