@@ -108,7 +108,9 @@ macro_rules! x86_kernels {
         /// The f16 at byte `i`. (`half` converts with F16C behind a cached feature check. Inlining
         /// `vcvtph2ps` here was slower: LLVM folds the load into a `vpinsrw` that merges into a
         /// live register, a false dependency that chained every block to the previous one and
-        /// halved Q8_0's throughput.)
+        /// halved Q8_0's throughput. Session 10 tried `vcvtph2ps` on a zero-extending `vmovd`
+        /// here again: Q8_0 into bf16 ran at 0.4× again. The table kernels below take their
+        /// Q4_0 scales by `vpbroadcastw` + `vcvtph2ps` instead, which does not slow them.)
         #[inline(always)]
         fn f16_at(b: &[u8], i: usize) -> f32 {
             half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -579,9 +581,10 @@ pub mod avx512bf16 {
 
 /// Q4_0 and Q4_K into bf16 through a 16-entry table per scale: a block's (or sub-block's) sixteen
 /// possible values are computed once as the f32 kernels compute each (`f32(q) · d`, or
-/// `f32(q) · dl − ml`) and rounded by `vcvtneps2bf16`, then `vpermw` looks the 32 codes of a
-/// (sub-)block up in them: the same bits as the kernels above, in a third of the instructions.
-/// AVX-512 BW and BF16 (the caller checked: `simd::dequant_bf16_fn`).
+/// `f32(q) · dl − ml`) and rounded, two (sub-)blocks' tables in one register by one
+/// `vcvtne2ps2bf16`, then `vpermw` looks the 32 codes of a (sub-)block up in them (the second
+/// block's codes or'ed with 16): the same bits as the kernels above, in a third of the
+/// instructions. AVX-512 BW and BF16 (the caller checked: `simd::dequant_bf16_fn`).
 pub mod avx512bf16_lut {
     use crate::quant::blocks::scale_min_k4;
     use half::bf16;
@@ -593,50 +596,84 @@ pub mod avx512bf16_lut {
         half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
     }
 
-    /// `vpermw` of 32 u8 codes (0..16) into the table `f32(c) · d − m` for c = `first`..`first`+16,
-    /// stored as 32 bf16 at `out`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2")]
+    /// Two 16-entry tables in one register: `f32(c) · d0 − m0` in words 0..16 and
+    /// `f32(c) · d1 − m1` in words 16..32 (c = `first`..`first`+16, the lanes of `table_codes`),
+    /// each rounded by `vcvtne2ps2bf16`. One conversion serves two (sub-)blocks: that halves the
+    /// instruction that bounded the one-table loop.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
     #[inline]
-    unsafe fn lookup32(codes: __m256i, table_codes: __m512, d: f32, m: f32, out: *mut bf16) {
-        let v = _mm512_sub_ps(
-            _mm512_mul_ps(table_codes, _mm512_set1_ps(d)),
-            _mm512_set1_ps(m),
-        );
-        let table: __m256bh = _mm512_cvtneps_pbh(v);
-        let table = _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(table));
-        let idx = _mm512_cvtepu8_epi16(codes);
-        _mm512_storeu_si512(out as *mut _, _mm512_permutexvar_epi16(idx, table));
+    unsafe fn tables2(table_codes: __m512, d: [__m512; 2], m: [__m512; 2]) -> __m512i {
+        let t0 = _mm512_sub_ps(_mm512_mul_ps(table_codes, d[0]), m[0]);
+        let t1 = _mm512_sub_ps(_mm512_mul_ps(table_codes, d[1]), m[1]);
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(t1, t0))
     }
 
-    /// Q4_0: `(q − 8) · d`. (The table's `− 0` leaves every value as the f32 kernel's product:
-    /// x − 0 = x for every x, −0 included.)
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2")]
+    /// 32 codes (bytes 0..32, already or'ed with 16 to read the second table) looked up in
+    /// `tables` (`vpermw` reads an index's low five bits), stored as 32 bf16 at `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
+    #[inline]
+    unsafe fn lookup32(codes: __m256i, tables: __m512i, out: *mut bf16) {
+        let idx = _mm512_cvtepu8_epi16(codes);
+        _mm512_storeu_si512(out as *mut _, _mm512_permutexvar_epi16(idx, tables));
+    }
+
+    /// The f16 at `p` in all sixteen lanes (`vpbroadcastw` + `vcvtph2ps`: no scalar round trip,
+    /// and no merge into a live register).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
+    #[inline]
+    unsafe fn f16_lanes(p: *const u8) -> __m512 {
+        let h = (p as *const u16).read_unaligned();
+        _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    /// A Q4_0 block's 32 codes (low nibbles then high), or'ed with `or` (0 or 16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
+    #[inline]
+    unsafe fn q4_0_codes(b: *const u8, or: __m256i) -> __m256i {
+        let qs = _mm_loadu_si128(b.add(2) as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs);
+        _mm256_or_si256(_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), or)
+    }
+
+    /// Q4_0: `(q − 8) · d`, two blocks a step (the table's `− 0` leaves every value as the f32
+    /// kernel's product: x − 0 = x for every x, −0 included).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
     unsafe fn q4_0(src: &[u8], dst: &mut [bf16]) {
         let codes = _mm512_setr_ps(
             -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
         );
-        let m4 = _mm_set1_epi8(0x0f);
-        for (b, o) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
-            let qs = _mm_loadu_si128(b.as_ptr().add(2) as *const __m128i);
-            let lo = _mm_and_si128(qs, m4);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m4);
+        let (zero, sixteen) = (_mm512_setzero_ps(), _mm256_set1_epi8(16));
+        let pairs = src.chunks_exact(36).zip(dst.chunks_exact_mut(64));
+        for (b, o) in pairs {
+            let (b, o) = (b.as_ptr(), o.as_mut_ptr());
+            let t = tables2(codes, [f16_lanes(b), f16_lanes(b.add(18))], [zero; 2]);
+            lookup32(q4_0_codes(b, _mm256_setzero_si256()), t, o);
+            lookup32(q4_0_codes(b.add(18), sixteen), t, o.add(32));
+        }
+        // An odd last block: its table twice over.
+        let done = src.len() / 36;
+        if let (Some(b), Some(o)) = (
+            src.get(36 * done..36 * done + 18),
+            dst.get_mut(64 * done..64 * done + 32),
+        ) {
+            let d = f16_lanes(b.as_ptr());
+            let t = tables2(codes, [d; 2], [zero; 2]);
             lookup32(
-                _mm256_set_m128i(hi, lo),
-                codes,
-                f16_at(b, 0),
-                0.0,
+                q4_0_codes(b.as_ptr(), _mm256_setzero_si256()),
+                t,
                 o.as_mut_ptr(),
             );
         }
     }
 
-    /// Q4_K: sub-block j's `q · (d·sc_j) − dmin·m_j`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2")]
+    /// Q4_K: sub-block j's `q · (d·sc_j) − dmin·m_j`; a 32-byte chunk's low nibbles (sub-block
+    /// 2c) and high nibbles (2c+1) share one table register.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
     unsafe fn q4_k(src: &[u8], dst: &mut [bf16]) {
         let codes = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
-        let m4 = _mm256_set1_epi8(0x0f);
+        let (m4, sixteen) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(16));
         for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(256)) {
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let scales: &[u8; 12] = b[4..16].try_into().expect("block");
@@ -644,12 +681,14 @@ pub mod avx512bf16_lut {
             for c in 0..4 {
                 let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
                 let lo = _mm256_and_si256(qs, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4);
-                for (h, nib) in [lo, hi].into_iter().enumerate() {
-                    let (sc, m) = scale_min_k4(2 * c + h, scales);
-                    let (dl, ml) = (d * sc as f32, dmin * m as f32);
-                    lookup32(nib, codes, dl, ml, o.add(64 * c + 32 * h));
-                }
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4), sixteen);
+                let (sc0, m0) = scale_min_k4(2 * c, scales);
+                let (sc1, m1) = scale_min_k4(2 * c + 1, scales);
+                let dl = [d * sc0 as f32, d * sc1 as f32].map(|v| _mm512_set1_ps(v));
+                let ml = [dmin * m0 as f32, dmin * m1 as f32].map(|v| _mm512_set1_ps(v));
+                let t = tables2(codes, dl, ml);
+                lookup32(lo, t, o.add(64 * c));
+                lookup32(hi, t, o.add(64 * c + 32));
             }
         }
     }
