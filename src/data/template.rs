@@ -248,34 +248,28 @@ mod tests {
 
     #[test]
     fn a_template_that_does_not_end_is_stopped() {
-        // Endless work: a loop far beyond the fuel.
-        let t = ChatTemplate::new(
-            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-            "<s>",
-            "</s>",
-        )
-        .unwrap();
-        let e = t.render(&conv(), true).unwrap_err().to_string();
-        assert!(e.contains("instructions"), "{e}");
-        // Endless output: 10 MB per iteration, stopped by what one rendering may build (every
-        // value printed counts) before the output cap.
-        let t = ChatTemplate::new(
-            "{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}",
-            "<s>",
-            "</s>",
-        )
-        .unwrap();
-        let e = t.render(&conv(), true).unwrap_err().to_string();
-        assert!(e.contains("has built over 256 MiB"), "{e}");
-        // Output over the cap within the build limit: 17 x 1 MB.
-        let t = ChatTemplate::new(
-            "{% for i in range(17) %}{{ 'x' * 1048576 }}{% endfor %}",
-            "<s>",
-            "</s>",
-        )
-        .unwrap();
-        let e = t.render(&conv(), true).unwrap_err().to_string();
-        assert!(e.contains("output exceeds"), "{e}");
+        for (src, want) in [
+            // Endless work: a loop far beyond the fuel.
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                "instructions",
+            ),
+            // Endless output: 10 MB per iteration, stopped by what one rendering may build (every
+            // value printed counts) before the output cap.
+            (
+                "{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}",
+                "has built over 256 MiB",
+            ),
+            // Output over the cap within the build limit: 17 x 1 MB.
+            (
+                "{% for i in range(17) %}{{ 'x' * 1048576 }}{% endfor %}",
+                "output exceeds",
+            ),
+        ] {
+            let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+            let e = t.render(&conv(), true).unwrap_err().to_string();
+            assert!(e.contains(want), "{src}: {e}");
+        }
         // An ordinary template still renders.
         let t = ChatTemplate::new(super::CHATML, "<s>", "</s>").unwrap();
         assert_eq!(

@@ -306,7 +306,7 @@ impl QMatMulOp {
         thread_local! {
             static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let mut run = |out: &mut [f32]| {
+        let run = |out: &mut [f32]| {
             match self.dir {
                 Dir::Forward => qmatmul_fwd_bf16(arg, m, &w, out),
                 Dir::InputGrad => qmatmul_bwd_input_bf16(arg, m, &w, out, false),
@@ -316,16 +316,7 @@ impl QMatMulOp {
             );
         };
         // Up to 16 MiB are kept (a decoder layer's outputs); a head's logits chunk is not.
-        let keep = m * out_w <= 4 << 20;
-        OUT.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut v) if keep => {
-                if v.len() < m * out_w {
-                    v.resize(m * out_w, 0.0);
-                }
-                run(&mut v[..m * out_w])
-            }
-            _ => run(&mut vec![0.0; m * out_w]),
-        });
+        crate::quant::matmul::with_thread_buffer(&OUT, m * out_w, 4 << 20, run);
         res
     }
 

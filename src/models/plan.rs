@@ -125,119 +125,41 @@ impl MemoryPlan {
         }
         let weights = weight_bytes(store, spec, opts);
         let s = opts.dtype.size_in_bytes();
-        let (l, c, i) = (spec.layers, spec.hidden, spec.ffn);
-        let (h, k, d, v) = (spec.heads, spec.kv_heads, spec.head_dim, spec.vocab);
         // Prompt learning: N rows before every sequence (every layer sees N + T positions), or an
         // N-slot KV prefix per layer; and its trainable tensors.
         let (prompt_rows, prefix, prompt_numels) = prompt_terms(prompt, spec);
         let seq = seq + prompt_rows;
-        let (n, b, t) = (batch * seq, batch, seq);
-        let half = s < 4;
+        let n = batch * seq;
+        let hidden = n * spec.hidden * s;
         // (out, in) per linear, in the spec's order.
         let dims: Vec<(usize, usize)> =
             (0..spec.projections.len()).map(|p| spec.shape(p)).collect();
         let method: Option<&dyn AdapterMethod> = opts.lora.as_ref().map(|x| x as _);
         let (mut lora_params, per_layer_lora, mut lora_numels) =
             adapter_layout(method, spec, &dims)?;
-        // Adapters' constant state (DoRA's ‖W‖² rows).
-        let frozen: usize = method.map_or(0, |m| {
-            let per = |row: &Vec<bool>| -> usize {
-                (row.iter().zip(&dims))
-                    .filter(|(on, _)| **on)
-                    .map(|(_, &(o, i))| m.frozen_bytes(o, i))
-                    .sum()
-            };
-            per_layer_lora.iter().map(per).sum()
-        });
+        let frozen = frozen_bytes(method, &per_layer_lora, &dims);
         let prompt_grads = prompt_numels.iter().sum::<usize>() * s;
-        let layer_phase =
-            backward_carry(method, &per_layer_lora, &dims, prompt_grads, n * c * s, s);
+        let layer_phase = backward_carry(method, &per_layer_lora, &dims, prompt_grads, hidden, s);
         lora_params += prompt_numels.iter().sum::<usize>();
         lora_numels.extend(prompt_numels);
-        // Bytes a norm keeps per hidden element.
-        let norm_elem = match spec.norm {
-            // Fused RMSNorm (nn::fused): its output only (statistics are recomputed in backward).
-            NormKind::Rms => s,
-            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
-            // (with its broadcast views' products), (half: the cast back).
-            NormKind::LayerNorm => 20 + if half { 4 + s } else { 0 },
-        };
-        let norms = 1 + usize::from(spec.names.mlp_norm.is_some());
-        // (graph, leftovers) of the layer with these adapters (bytes).
-        let layer = |lora: &[bool]| -> (usize, usize) {
-            let (mut proj, mut left) = (0, 0);
-            for (pi, &(o, inp)) in dims.iter().enumerate() {
-                proj += n * o * s; // base output
-                if let (true, Some(m)) = (lora[pi], method) {
-                    let (g, lo) = m.graph_bytes(n, o, inp, s);
-                    proj += g;
-                    left += lo;
-                }
-            }
-            let (qs, ks) = (n * h * d * s, n * k * d * s);
-            // A fused qkv: the reshape of a narrowed view copies, the per-head transpose again.
-            let split = match spec.attention {
-                Attention::Fused(_) => 2 * (qs + 2 * ks),
-                Attention::Split => 0,
-            };
-            let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
-            // A KV prefix: the broadcast prefix and the keys/values joined with it (B, KVH, N+T,
-            // D) twice each, the f32 bias over N + T keys, and the composite attention
-            // (`nn::causal_attention`, the only one taking more keys than queries) in the graph.
-            let scores = scores
-                + match prefix {
-                    0 => 0,
-                    p => {
-                        2 * b * k * (2 * p + t) * d * s
-                            + b * t * (p + t) * 4
-                            + composite_attention_graph(b, t, p + t, h, k, d, s)
-                    }
-                };
-            // SwiGLU: the fused gate's output; GELU: its output; then the two residual sums.
-            let mlp = match spec.mlp {
-                Mlp::SwiGlu => n * i * s,
-                Mlp::Gelu => n * i * s,
-            } + 2 * n * c * s;
-            // the surrogate's f32 copies (half) and product.
-            let surrogate = n * c * 4 * if half { 3 } else { 1 };
-            let graph =
-                norms * n * c * norm_elem + proj + split + rope + heads + scores + mlp + surrogate;
-            // candle's backward gives every operand of its own binary ops a gradient, wanted or
-            // not; one nothing consumes stays in the gradient store until the layer's backward
-            // ends. Our nn ops pass constants through `mul_const` / `add_const` (no such
-            // gradient); what remains is the adapters' (`left`) and the layer input's own
-            // gradient, summed over its two consumers.
-            (graph, left + 3 * n * c * s)
+        let shape = StepShape {
+            spec,
+            dims: &dims,
+            method,
+            batch,
+            seq,
+            s,
+            prefix,
         };
         // (graph, leftovers) of every adapter layout among the layers (none: no adapter).
         let layouts: Vec<(usize, usize)> = match per_layer_lora.is_empty() {
-            true => vec![layer(&vec![false; dims.len()])],
-            false => per_layer_lora.iter().map(|x| layer(x)).collect(),
+            true => vec![shape.layer(&vec![false; dims.len()])],
+            false => per_layer_lora.iter().map(|x| shape.layer(x)).collect(),
         };
         let graph = layouts.iter().map(|(g, lo)| g + lo).max().unwrap_or(0);
         let graph_only = layouts.iter().map(|(g, _)| *g).max().unwrap_or(0);
-        // Backward in flight: candle frees a node's gradient once it is passed on, but a binary op's
-        // backward holds the incoming gradient, the product for each operand and a zero-initialised
-        // accumulator: about four of the largest activation gradients coexist.
-        // With a prefix the composite attention's (B, H, T, N+T) f32 score gradients join them.
-        let score_grad = match prefix {
-            0 => 0,
-            p => b * h * t * (p + t) * 4,
-        };
-        let in_flight = 4 * (n * i * s).max(n * c * 4).max(score_grad)
-            + fused_attention_terms(b, t, h, k, d, s)[3];
-        // The MLP activation's backward adds nothing here: on the CPU both are fused ops with
-        // their own one-pass backward (`nn::fused::swiglu`, `nn::fused::gelu_erf`) that keep
-        // only their inputs, and whose gradient is one of the `in_flight` tensors. (Until session
-        // 9 Falcon ran candle's `gelu_erf`, whose composite backward peaked at 10 N·I more than
-        // its graph, measured alone in tests/falcon_rss.rs's shape; a GPU still runs candle's
-        // ops: `GpuTerms::mlp_backward` counts them there.)
-        let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
-        let threads = rayon::current_num_threads();
-        // QLinear converts a half-precision input and output to f32 around the kernel.
-        let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
-        let kernel_scratch = threads * 2 * TILE_BYTES + convert;
         let rows = opts.ce_chunk.max(1).min(n);
+        let ce_chunk = fused_ce_chunk(rows, spec.vocab, n, spec.hidden, shape.norm_elem());
         Ok(MemoryPlan {
             weights,
             adapters: lora_params * s + frozen,
@@ -246,9 +168,9 @@ impl MemoryPlan {
             // `qtune bench`: without it the plan missed the peak by 3 % on a 110M shape).
             optimizer: optimizer_bytes(&lora_numels, MomentStorage::F32),
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
-            checkpoints: (l + 3) * n * c * s,
+            checkpoints: (spec.layers + 3) * hidden,
             layer_phase,
-            recompute: graph + in_flight,
+            recompute: graph + shape.in_flight(),
             // The f32 conversions of half-precision products count whole, beside the gradients
             // in flight: their buffers are thread-local and kept between calls (QLinear's f32
             // output, the bf16 kernels' packed activations), resident from the first product
@@ -256,14 +178,14 @@ impl MemoryPlan {
             // step, where kept buffers never show as growth) left the ~100M shape's bf16 step
             // over the plan by 16 KiB a token with glibc's mmap threshold pinned (seq 128 / 256
             // / 512: +6.3 / +8.6 / +12.1 MiB; f32 within 0.3 %) (session 8).
-            kernel_scratch,
+            kernel_scratch: shape.kernel_scratch(),
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
-            logits_chunk: fused_ce_chunk(rows, v, n, c, norm_elem),
+            logits_chunk: ce_chunk,
             reference: 0,
             // A no-graph forward (each layer's output detached) holds one layer's graph while it
             // runs, its input and output, the kernels' scratch, and a cross-entropy chunk's forward.
-            reference_bytes: graph_only + 2 * n * c * s + fused_ce_chunk(rows, v, n, c, norm_elem),
+            reference_bytes: graph_only + 2 * hidden + ce_chunk,
             lora_numels,
             prompt_rows,
             kv_prefix: prefix,
@@ -362,6 +284,139 @@ impl MemoryPlan {
         let spec = FalconConfig::read(store)?.spec(store.format == SourceFormat::Gguf);
         Self::of_spec(store, &spec, opts, batch, seq)
     }
+}
+
+/// The shape of one training step as the activation terms read it: the model, its linears and
+/// their adapter method, `batch` sequences of `seq` positions (prompt rows included), `s` bytes
+/// an element, and a KV prefix of `prefix` slots (0: none).
+struct StepShape<'a> {
+    spec: &'a Spec,
+    /// (out, in) per linear, in the spec's order.
+    dims: &'a [(usize, usize)],
+    method: Option<&'a dyn AdapterMethod>,
+    batch: usize,
+    seq: usize,
+    s: usize,
+    prefix: usize,
+}
+
+impl StepShape<'_> {
+    /// Whether activations are in half precision (the f32 kernels and norms convert them).
+    fn half(&self) -> bool {
+        self.s < 4
+    }
+
+    /// Bytes a norm keeps per hidden element.
+    fn norm_elem(&self) -> usize {
+        match self.spec.norm {
+            // Fused RMSNorm (nn::fused): its output only (statistics are recomputed in backward).
+            NormKind::Rms => self.s,
+            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
+            // (with its broadcast views' products), (half: the cast back).
+            NormKind::LayerNorm => 20 + if self.half() { 4 + self.s } else { 0 },
+        }
+    }
+
+    /// (graph, leftovers) of one layer whose linears carry an adapter where `lora` is set (bytes).
+    fn layer(&self, lora: &[bool]) -> (usize, usize) {
+        let (spec, s, half) = (self.spec, self.s, self.half());
+        let (b, t) = (self.batch, self.seq);
+        let (n, c, i) = (b * t, spec.hidden, spec.ffn);
+        let (h, k, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let (mut proj, mut left) = (0, 0);
+        for (pi, &(o, inp)) in self.dims.iter().enumerate() {
+            proj += n * o * s; // base output
+            if let (true, Some(m)) = (lora[pi], self.method) {
+                let (g, lo) = m.graph_bytes(n, o, inp, s);
+                proj += g;
+                left += lo;
+            }
+        }
+        let (qs, ks) = (n * h * d * s, n * k * d * s);
+        // A fused qkv: the reshape of a narrowed view copies, the per-head transpose again.
+        let split = match spec.attention {
+            Attention::Fused(_) => 2 * (qs + 2 * ks),
+            Attention::Split => 0,
+        };
+        let [rope, heads, scores, _] = fused_attention_terms(b, t, h, k, d, s);
+        // A KV prefix: the broadcast prefix and the keys/values joined with it (B, KVH, N+T,
+        // D) twice each, the f32 bias over N + T keys, and the composite attention
+        // (`nn::causal_attention`, the only one taking more keys than queries) in the graph.
+        let scores = scores
+            + match self.prefix {
+                0 => 0,
+                p => {
+                    2 * b * k * (2 * p + t) * d * s
+                        + b * t * (p + t) * 4
+                        + composite_attention_graph(b, t, p + t, h, k, d, s)
+                }
+            };
+        // SwiGLU: the fused gate's output; GELU: its output; then the two residual sums.
+        let mlp = match spec.mlp {
+            Mlp::SwiGlu => n * i * s,
+            Mlp::Gelu => n * i * s,
+        } + 2 * n * c * s;
+        // the surrogate's f32 copies (half) and product.
+        let surrogate = n * c * 4 * if half { 3 } else { 1 };
+        let norms = (1 + usize::from(spec.names.mlp_norm.is_some())) * n * c * self.norm_elem();
+        let graph = norms + proj + split + rope + heads + scores + mlp + surrogate;
+        // candle's backward gives every operand of its own binary ops a gradient, wanted or
+        // not; one nothing consumes stays in the gradient store until the layer's backward
+        // ends. Our nn ops pass constants through `mul_const` / `add_const` (no such
+        // gradient); what remains is the adapters' (`left`) and the layer input's own
+        // gradient, summed over its two consumers.
+        (graph, left + 3 * n * c * s)
+    }
+
+    /// Gradients in flight during one layer's backward (bytes).
+    fn in_flight(&self) -> usize {
+        let spec = self.spec;
+        let (b, t, s) = (self.batch, self.seq, self.s);
+        let (n, c, i) = (b * t, spec.hidden, spec.ffn);
+        let (h, k, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+        // Backward in flight: candle frees a node's gradient once it is passed on, but a binary
+        // op's backward holds the incoming gradient, the product for each operand and a
+        // zero-initialised accumulator: about four of the largest activation gradients coexist.
+        // With a prefix the composite attention's (B, H, T, N+T) f32 score gradients join them.
+        let score_grad = match self.prefix {
+            0 => 0,
+            p => b * h * t * (p + t) * 4,
+        };
+        // The MLP activation's backward adds nothing here: on the CPU both are fused ops with
+        // their own one-pass backward (`nn::fused::swiglu`, `nn::fused::gelu_erf`) that keep
+        // only their inputs, and whose gradient is one of these tensors. (Until session 9
+        // Falcon ran candle's `gelu_erf`, whose composite backward peaked at 10 N·I more than
+        // its graph, measured alone in tests/falcon_rss.rs's shape; a GPU still runs candle's
+        // ops: `GpuTerms::mlp_backward` counts them there.)
+        4 * (n * i * s).max(n * c * 4).max(score_grad) + fused_attention_terms(b, t, h, k, d, s)[3]
+    }
+
+    /// Quantised-matmul tiles per thread, and the f32 copies of a half-precision input and output
+    /// QLinear converts around the kernel (bytes).
+    fn kernel_scratch(&self) -> usize {
+        let (dims, c, i) = (self.dims, self.spec.hidden, self.spec.ffn);
+        let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
+        let (n, half) = (self.batch * self.seq, self.half());
+        let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
+        rayon::current_num_threads() * 2 * TILE_BYTES + convert
+    }
+}
+
+/// The adapters' constant state (DoRA's ‖W‖² rows) over every layer (bytes).
+fn frozen_bytes(
+    method: Option<&dyn AdapterMethod>,
+    per_layer_lora: &[Vec<bool>],
+    dims: &[(usize, usize)],
+) -> usize {
+    method.map_or(0, |m| {
+        let per = |row: &Vec<bool>| -> usize {
+            (row.iter().zip(dims))
+                .filter(|(on, _)| **on)
+                .map(|(_, &(o, i))| m.frozen_bytes(o, i))
+                .sum()
+        };
+        per_layer_lora.iter().map(per).sum()
+    })
 }
 
 /// A prompt-learning adapter's rows before the tokens, its KV prefix length, and its trainable

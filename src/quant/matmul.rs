@@ -123,15 +123,27 @@ pub fn peak_scratch_bytes() -> usize {
 /// Runs `f` with this thread's scratch buffer of at least `len` f32.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     PEAK_SCRATCH.fetch_max(len * std::mem::size_of::<f32>(), Ordering::Relaxed);
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
+    with_thread_buffer(&SCRATCH, len, usize::MAX, f)
+}
+
+/// Runs `f` with the first `len` elements of the thread-local buffer `key` (grown as needed, kept
+/// between calls, contents unspecified), or with a private zeroed buffer where that one is taken
+/// (re-entered on this thread: a task calling a kernel) or `len` is over `keep`, the most this
+/// thread should hold on to between calls.
+pub(crate) fn with_thread_buffer<T: Copy + Default + 'static, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    keep: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) if len <= keep => {
             if buf.len() < len {
-                buf.resize(len, 0.0);
+                buf.resize(len, T::default());
             }
             f(&mut buf[..len])
         }
-        // Re-entered on this thread (a task calling a kernel): use a private buffer.
-        Err(_) => f(&mut vec![0.0; len]),
+        _ => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -235,30 +247,45 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
         return;
     }
     (0..tasks).into_par_iter().for_each(|task| {
-        let r0 = task * t.rows;
-        let nr = t.rows.min(n - r0);
-        with_scratch(t.rows * t.cols, |tile| {
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = t.cols.min(k - k0);
-                // tile: (nr, kc) row-major = W[r0.., k0..].
-                w.dequant_tile(r0, nr, k0, kc, &mut tile[..nr * kc]);
-                // y[:, r0..r0+nr] (+)= x[:, k0..k0+kc] · tileᵀ
-                // SAFETY: this task alone writes columns r0..r0+nr of y (rows stride n); x and
-                // tile are read within their bounds: x rows stride k, tile (kc, nr) seen
-                // transposed with row stride 1 and column stride kc.
-                unsafe {
-                    gemm_rows(
-                        (m, nr, kc),
-                        (yp.get().add(r0), n, k0 > 0),
-                        (x.as_ptr().add(k0), k),
-                        (tile.as_ptr(), kc as isize, 1),
-                    );
-                }
-                k0 += kc;
+        let rows = task * t.rows..((task + 1) * t.rows).min(n);
+        for_each_tile(w, rows, 0..k, (t.rows, t.cols), |r0, nr, k0, kc, tile| {
+            // y[:, r0..r0+nr] (+)= x[:, k0..k0+kc] · tileᵀ
+            // SAFETY: this task alone writes columns r0..r0+nr of y (rows stride n); x and
+            // tile are read within their bounds: x rows stride k, tile (kc, nr) seen
+            // transposed with row stride 1 and column stride kc.
+            unsafe {
+                gemm_rows(
+                    (m, nr, kc),
+                    (yp.get().add(r0), n, k0 > 0),
+                    (x.as_ptr().add(k0), k),
+                    (tile.as_ptr(), kc as isize, 1),
+                );
             }
         });
     });
+}
+
+/// Dequantises `W[rows, cols]` tile by tile into this thread's scratch, tiles of at most `tr`
+/// rows by `tc` columns walked row band by row band, and calls `f(r0, nr, c0, kc, tile)` for
+/// each: `tile` (nr, kc) row-major is `W[r0..r0+nr, c0..c0+kc]`.
+fn for_each_tile(
+    w: &QMatrix,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    (tr, tc): (usize, usize),
+    mut f: impl FnMut(usize, usize, usize, usize, &[f32]),
+) {
+    with_scratch(tr * tc, |tile| {
+        for r0 in rows.clone().step_by(tr) {
+            let nr = tr.min(rows.end - r0);
+            for c0 in cols.clone().step_by(tc) {
+                let kc = tc.min(cols.end - c0);
+                let tile = &mut tile[..nr * kc];
+                w.dequant_tile(r0, nr, c0, kc, tile);
+                f(r0, nr, c0, kc, tile);
+            }
+        }
+    })
 }
 
 /// `dx (M×K) = dy (M×N) · W` (or `+=` when `accumulate`), the input gradient of a frozen linear
@@ -295,18 +322,10 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
             .fold(
                 || vec![0f32; m * k],
                 |mut acc, task| {
-                    let r0 = task * rows;
-                    with_scratch(kc, |row| {
-                        for r in r0..(r0 + rows).min(n) {
-                            let mut k0 = 0;
-                            while k0 < k {
-                                let c = kc.min(k - k0);
-                                w.dequant_tile(r, 1, k0, c, &mut row[..c]);
-                                for i in 0..m {
-                                    axpy(dy[i * n + r], &row[..c], &mut acc[i * k + k0..][..c]);
-                                }
-                                k0 += c;
-                            }
+                    let band = task * rows..((task + 1) * rows).min(n);
+                    for_each_tile(w, band, 0..k, (1, kc), |r, _, k0, c, row| {
+                        for i in 0..m {
+                            axpy(dy[i * n + r], row, &mut acc[i * k + k0..][..c]);
                         }
                     });
                     acc
@@ -325,26 +344,18 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
         return;
     }
     (0..tasks).into_par_iter().for_each(|task| {
-        let c0 = task * t.cols;
-        let kc = t.cols.min(k - c0);
-        with_scratch(t.rows * kc, |tile| {
-            let mut r0 = 0;
-            while r0 < n {
-                let nr = t.rows.min(n - r0);
-                // tile: (nr, kc) row-major = W[r0.., c0..].
-                w.dequant_tile(r0, nr, c0, kc, &mut tile[..nr * kc]);
-                // dx[:, c0..c0+kc] (+)= dy[:, r0..r0+nr] · tile
-                // SAFETY: this task alone writes columns c0..c0+kc of dx (row stride k); dy rows
-                // stride n, tile rows stride kc, all within bounds.
-                unsafe {
-                    gemm_rows(
-                        (m, kc, nr),
-                        (dxp.get().add(c0), k, accumulate || r0 > 0),
-                        (dy.as_ptr().add(r0), n),
-                        (tile.as_ptr(), 1, kc as isize),
-                    );
-                }
-                r0 += nr;
+        let cols = task * t.cols..((task + 1) * t.cols).min(k);
+        for_each_tile(w, 0..n, cols, (t.rows, t.cols), |r0, nr, c0, kc, tile| {
+            // dx[:, c0..c0+kc] (+)= dy[:, r0..r0+nr] · tile
+            // SAFETY: this task alone writes columns c0..c0+kc of dx (row stride k); dy rows
+            // stride n, tile rows stride kc, all within bounds.
+            unsafe {
+                gemm_rows(
+                    (m, kc, nr),
+                    (dxp.get().add(c0), k, accumulate || r0 > 0),
+                    (dy.as_ptr().add(r0), n),
+                    (tile.as_ptr(), 1, kc as isize),
+                );
             }
         });
     });

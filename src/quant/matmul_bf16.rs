@@ -25,7 +25,10 @@
 //! Where the CPU lacks AVX-512 BF16 and FEAT_BF16 (or the shape does not fit: K not a multiple of
 //! 16, M ≤ [`GEMV_MAX_M`]) the f32 kernels of `matmul` run instead (AVX2, NEON);
 //! [`bf16_kernel_name`] says which.
-use super::matmul::{bwd_input_ref_with, fwd_ref_with, qmatmul_bwd_input, qmatmul_fwd, GEMV_MAX_M};
+use super::matmul::{
+    bwd_input_ref_with, fwd_ref_with, qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer,
+    GEMV_MAX_M,
+};
 use super::QMatrix;
 use half::bf16;
 use rayon::prelude::*;
@@ -326,16 +329,7 @@ thread_local! {
 
 /// Runs `f` with this thread's scratch of at least `words` u32 (bf16 pairs).
 fn with_scratch<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut u) => {
-            if u.len() < words {
-                u.resize(words, 0);
-            }
-            f(&mut u[..words])
-        }
-        // Re-entered on this thread: a private buffer.
-        Err(_) => f(&mut vec![0; words]),
-    })
+    with_thread_buffer(&SCRATCH, words, usize::MAX, f)
 }
 
 thread_local! {
@@ -347,15 +341,7 @@ thread_local! {
 /// Runs `f` with this thread's pack buffer of at least `words` u32 (contents unspecified); up to
 /// 16 MiB are kept between calls (a decoder layer's activations), larger ones are allocated.
 fn with_pack<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
-    PACK.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) if words <= 4 << 20 => {
-            if v.len() < words {
-                v.resize(words, 0);
-            }
-            f(&mut v[..words])
-        }
-        _ => f(&mut vec![0; words]),
-    })
+    with_thread_buffer(&PACK, words, 4 << 20, f)
 }
 
 /// Packs x (M×K) into `xp[block][K/2][mb]` pairs, blocks of `mb` rows (`xp` holds whole blocks;

@@ -23,9 +23,6 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct GeluErfOp;
 
-/// Elements a parallel task takes.
-const CHUNK: usize = 4096;
-
 /// 1 / √(2π), the normal pdf's factor.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
@@ -61,15 +58,7 @@ impl GeluErfOp {
     }
 
     fn backward<T: Elem>(x: &[T], dy: &[T]) -> Vec<T> {
-        let mut dx = vec![T::of(0.0); x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, dy))| {
-                for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = T::of(d.f() * gelu_grad(x.f()));
-                }
-            });
-        dx
+        zip_map(x, dy, |x, d| T::of(d.f() * gelu_grad(x.f())))
     }
 }
 

@@ -138,26 +138,37 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for bf16 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn of(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
+/// The half-precision types: `half`'s conversions (exact widening, nearest-even rounding).
+macro_rules! half_elem {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            #[inline(always)]
+            fn f(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn of(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+        }
+    )*};
 }
+half_elem!(bf16, f16);
 
-impl Elem for f16 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn of(v: f32) -> Self {
-        f16::from_f32(v)
-    }
+/// Elements a parallel task of the element-wise ops takes.
+const CHUNK: usize = 4096;
+
+/// `f(a[j], b[j])` for every j (`a` and `b` of one length), in parallel tasks of [`CHUNK`].
+fn zip_map<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::of(0.0); a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                *y = f(a, b);
+            }
+        });
+    y
 }
 
 /// Σ a·b·c with eight independent accumulators.

@@ -27,9 +27,6 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 struct SwiGluOp;
 
-/// Elements a parallel task takes.
-const CHUNK: usize = 4096;
-
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -37,17 +34,11 @@ fn sigmoid(x: f32) -> f32 {
 
 impl SwiGluOp {
     fn forward<T: Elem>(g: &[T], u: &[T]) -> Vec<T> {
-        let mut y = vec![T::of(0.0); g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    let gf = g.f();
-                    let silu = T::of(gf * sigmoid(gf)).f();
-                    *y = T::of(silu * u.f());
-                }
-            });
-        y
+        zip_map(g, u, |g, u| {
+            let gf = g.f();
+            let silu = T::of(gf * sigmoid(gf)).f();
+            T::of(silu * u.f())
+        })
     }
 
     /// (dg, du) for upstream `dy`, with torch's roundings in half precision (`dy·u` and
