@@ -196,7 +196,7 @@ fn dequant(c: &mut Criterion) {
         });
         // The same into bf16 (the bf16 kernels' tiles), throughput still in stored bytes: the
         // kernels that round in the register, and the f32 kernel staged in L1 then rounded (the
-        // path before them, and still NF4's and F16's).
+        // path before them, and still F16's).
         let level = qtune::quant::dispatch::active_level();
         for (name, staged) in [
             ("2threads_in_bf16", false),
@@ -218,6 +218,57 @@ fn dequant(c: &mut Criterion) {
                 })
             });
         }
+    }
+    g.finish();
+}
+
+/// NF4 (bitsandbytes' layout, double quant): f32 out, and bf16 out by the table kernel and
+/// staged through f32; throughput in stored bytes (codes and 8-bit absmax).
+fn dequant_nf4(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dequant");
+    g.sampling_mode(SamplingMode::Flat);
+    // 64M weights: 32 MiB of codes (more than L3), as the ggml cases above.
+    let n = 64 << 20;
+    let x: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| ((i * 2654435761usize) % 1000003) as f32 / 1000003.0 - 0.5)
+        .collect();
+    let q = qtune::quant::nf4::quantize_nf4(&x).expect("NF4");
+    drop(x);
+    let r = q.as_ref();
+    let chunk = 16384usize;
+    g.throughput(Throughput::Bytes((n / 2 + n / 64) as u64));
+    let level = qtune::quant::dispatch::active_level();
+    g.bench_function(BenchmarkId::new("2threads_in", "nf4"), |b| {
+        b.iter(|| {
+            (0..n / chunk).into_par_iter().for_each_init(
+                || vec![0f32; chunk],
+                |out, i| {
+                    r.dequantize(i * chunk, out);
+                    black_box(out[0]);
+                },
+            )
+        })
+    });
+    for (name, staged) in [
+        ("2threads_in_bf16", false),
+        ("2threads_in_bf16_staged", true),
+    ] {
+        g.bench_function(BenchmarkId::new(name, "nf4"), |b| {
+            b.iter(|| {
+                (0..n / chunk).into_par_iter().for_each_init(
+                    || vec![bf16::ZERO; chunk],
+                    |out, i| {
+                        if staged {
+                            r.dequantize_bf16_staged(level, i * chunk, out);
+                        } else {
+                            r.dequantize_bf16(i * chunk, out);
+                        }
+                        black_box(out[0]);
+                    },
+                )
+            })
+        });
     }
     g.finish();
 }
@@ -410,6 +461,6 @@ fn decode(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bandwidth, fma_peak, dequant, matmul, decode
+    targets = bandwidth, fma_peak, dequant, dequant_nf4, matmul, decode
 }
 criterion_main!(benches);

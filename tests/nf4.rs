@@ -256,3 +256,57 @@ fn dequantize_bf16_is_f32_rounded_once() {
         }
     }
 }
+
+/// The bf16 table kernel (AVX-512 BF16) against the f32 kernel rounded once, on statistics no
+/// quantiser writes but a file can hold: absmax zero, ±inf, NaN, the largest f32, tiny absmax
+/// whose products are f32 subnormals (which `vcvtneps2bf16` would flush), and ordinary values.
+#[test]
+fn dequantize_bf16_special_absmax() {
+    let nested_code = qtune::quant::nf4::dynamic_map();
+    // One nested block per absmax case: absmax = nested_code[q] · nested_absmax + offset, with
+    // q = 255 (nested_code 1.0) and offset 0, so absmax = nested_absmax exactly.
+    let cases = [
+        1.0f32,
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        1e-37,
+        -3e-38,
+        1e-39,
+        f32::MIN_POSITIVE,
+        2.0f32.powi(-122),
+        2.0f32.powi(-123),
+        0.0123,
+    ];
+    let blocks = cases.len() * 256;
+    let packed: Vec<u8> = (0..blocks * 32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    let absmax_q = vec![255u8; blocks];
+    let r = qtune::quant::nf4::Nf4Ref {
+        packed: &packed,
+        absmax_q: &absmax_q,
+        nested_absmax: &cases,
+        nested_code: &nested_code,
+        code: &qtune::quant::nf4::NF4_CODE,
+        offset: 0.0,
+    };
+    let n = r.numel();
+    let mut f = vec![0f32; n];
+    r.dequantize(0, &mut f);
+    let mut b = vec![half::bf16::ZERO; n];
+    r.dequantize_bf16(0, &mut b);
+    for (i, (bv, fv)) in b.iter().zip(&f).enumerate() {
+        let want = half::bf16::from_f32(*fv);
+        assert!(
+            bv.to_bits() == want.to_bits(),
+            "element {i} (absmax {}): {:#06x} against {:#06x}",
+            cases[i / 64 / 256],
+            bv.to_bits(),
+            want.to_bits()
+        );
+    }
+}
