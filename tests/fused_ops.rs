@@ -769,6 +769,52 @@ fn lora_ops_match_composite() {
             }
         }
     }
+    // (B, T, ..) operands are rows too (the model passes them unreshaped): the same bits as the
+    // (B·T, ..) call, output and gradients in the operands' shapes
+    for dtype in [DType::F32, DType::BF16] {
+        let (x, y) = (
+            det(&[2, 3, 40], 1.0, 21, dtype),
+            det(&[2, 3, 24], 1.0, 22, dtype),
+        );
+        let (a, b) = (det(&[4, 40], 0.3, 23, dtype), det(&[24, 4], 0.3, 24, dtype));
+        let mask = Some(DropoutMask { key: 7, p: 0.2 });
+        let run = |x: &Tensor, y: &Tensor| {
+            let (xv, yv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(y).unwrap());
+            let h = lora_down(xv.as_tensor(), &a, 2.0, mask).unwrap();
+            let out = lora_up_add(yv.as_tensor(), &h, &b).unwrap();
+            let g = out
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = g.backward().unwrap();
+            let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            (out, grad(&xv), grad(&yv))
+        };
+        let n = run(&x, &y);
+        let flat = run(&x.reshape((6, 40)).unwrap(), &y.reshape((6, 24)).unwrap());
+        assert_eq!(n.0.dims(), &[2, 3, 24]);
+        assert_eq!(n.1.dims(), &[2, 3, 40]);
+        for (got, want) in [(&n.0, &flat.0), (&n.1, &flat.1), (&n.2, &flat.2)] {
+            let bits = |t: &Tensor| {
+                let v: Vec<f32> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                v.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            assert_eq!(
+                bits(got),
+                bits(want),
+                "{dtype:?}: (B, T, ..) against (B·T, ..)"
+            );
+        }
+    }
     // shapes are checked
     let x = Tensor::zeros((2, 8), DType::F32, dev).unwrap();
     let a = Tensor::zeros((3, 7), DType::F32, dev).unwrap();
@@ -815,4 +861,69 @@ fn swiglu_matches_torch() {
     let a = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
     let b = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
     assert!(swiglu(&a, &b).is_err(), "shapes must match");
+}
+
+/// Attention's head layout ops against candle's reshape / transpose / copy: the same values and
+/// the same gradients, bit for bit (a permutation), in f32 and bf16, through both directions.
+#[test]
+fn head_layout_ops_match_candle() {
+    use qtune::nn::fused::{merge_heads, split_heads};
+    for dtype in [DType::F32, DType::BF16] {
+        let (b, t, h, d) = (2, 5, 3, 4);
+        let y = Var::from_tensor(&det(&[b, t, h * d], 1.0, 31, dtype)).unwrap();
+        let w = det(&[b, t, h * d], 1.0, 32, DType::F32);
+        let wh = det(&[b, h, t, d], 1.0, 33, DType::F32);
+        // loss reads both the split heads and the merged-back tensor, so both backward paths run
+        let loss = |heads: &Tensor, back: &Tensor| {
+            let l1 = (heads.to_dtype(DType::F32).unwrap() * &wh)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let l2 = (back.to_dtype(DType::F32).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            (l1 + l2).unwrap()
+        };
+        let s = split_heads(y.as_tensor(), h).unwrap();
+        let m = merge_heads(&s.affine(3.0, 0.0).unwrap()).unwrap();
+        let gf = loss(&s, &m).backward().unwrap();
+        let sc = y
+            .as_tensor()
+            .reshape((b, t, h, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let mc = sc
+            .affine(3.0, 0.0)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let mc = mc.reshape((b, t, h * d)).unwrap();
+        let gc = loss(&sc, &mc).backward().unwrap();
+        let bits = |t: &Tensor| {
+            let v: Vec<f32> = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            v.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+        };
+        assert_eq!(s.dims(), &[b, h, t, d]);
+        assert_eq!(m.dims(), &[b, t, h * d]);
+        assert_eq!(bits(&s), bits(&sc.contiguous().unwrap()), "{dtype:?} split");
+        assert_eq!(bits(&m), bits(&mc), "{dtype:?} merge");
+        let (g1, g2) = (
+            gf.get(y.as_tensor()).unwrap(),
+            gc.get(y.as_tensor()).unwrap(),
+        );
+        assert_eq!(g1.dims(), y.as_tensor().dims());
+        assert_eq!(bits(g1), bits(g2), "{dtype:?} gradient");
+    }
+    let y = Tensor::zeros((1, 2, 10), DType::F32, &Device::Cpu).unwrap();
+    assert!(split_heads(&y, 3).is_err(), "10 features in 3 heads");
 }

@@ -189,26 +189,21 @@ impl Lora {
         let mask = dropout_key
             .filter(|_| self.dropout > 0.0)
             .map(|k| self.mask(k));
-        let m = x.elem_count() / in_f.max(1);
-        let out = self.b.dims()[0];
         if x.device().is_cpu() && self.a.device().is_cpu() {
             // The fused ops (one pass a product, f32 sums, the mask redrawn in backward).
+            // Both take the leading dims as rows: no reshape nodes, whose backward would be a
+            // zero-filled gradient plus a whole-tensor add each.
             // h: (M, r) f32 = s·drop(x)·Aᵀ
-            let h = crate::nn::fused::lora_down(
-                &x.reshape((m, in_f))?,
-                self.a.as_tensor(),
-                self.scale,
-                mask,
-            )?;
+            let h = crate::nn::fused::lora_down(x, self.a.as_tensor(), self.scale, mask)?;
             // y + h·Bᵀ: (.., out)
-            let z = crate::nn::fused::lora_up_add(&y.reshape((m, out))?, &h, self.b.as_tensor())?;
-            return z.reshape(y.shape());
+            return crate::nn::fused::lora_up_add(&y, &h, self.b.as_tensor());
         }
         let xd = match mask {
             Some(mask) => x.mul(&Self::mask_tensor(x, mask)?)?,
             None => x.clone(),
         };
         // xl: (M, in) in the adapter's dtype
+        let m = x.elem_count() / in_f.max(1);
         let xl = xd.to_dtype(self.a.dtype())?.reshape((m, in_f))?;
         // h: (M, r) = (xl · Aᵀ) · scale; scaling the rank-r tensor rather than z keeps one (M, out)
         // tensor fewer alive in the graph until backward.

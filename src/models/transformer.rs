@@ -519,7 +519,15 @@ impl Transformer {
         // q: (B, H, T, D); k, v: (B, KVH, T, D)
         let (q, k, v, o) = match s.attention {
             Attention::Split => {
-                let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+                // On the CPU one op each way (nn::fused::split_heads: no reshape, transpose and
+                // copy nodes, each a zero-filled gradient plus an add in candle's backward).
+                let heads = |y: Tensor, n: usize| {
+                    if y.device().is_cpu() {
+                        fused::split_heads(&y, n)
+                    } else {
+                        y.reshape((b, t, n, hd))?.transpose(1, 2)
+                    }
+                };
                 let q = heads(proj(0, &xa)?, h)?;
                 let k = heads(proj(1, &xa)?, kvh)?;
                 (q, k, heads(proj(2, &xa)?, kvh)?, 3)
@@ -572,7 +580,11 @@ impl Transformer {
         } else {
             fused::causal_attention(&q, &k, &v, &ctx.bias)?
         };
-        let a = a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?;
+        let a = if a.device().is_cpu() {
+            fused::merge_heads(&a)?
+        } else {
+            a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?
+        };
         let a = proj(o, &a)?;
         let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
             match s.mlp {

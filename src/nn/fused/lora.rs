@@ -44,7 +44,17 @@ impl DropoutMask {
     }
 }
 
-/// `h (M, R) = s·drop(x)·Aᵀ` in f32, for `x (M, I)` (f32, bf16 or f16) and `a (R, I)`.
+/// `(M, last)` of a tensor `(.., last)`: every leading dim flattened into rows, as the ops take
+/// them (no reshape node in the graph: in candle's backward each one is a zero-filled tensor
+/// plus an add of the whole gradient).
+fn rows_of(dims: &[usize]) -> Result<(usize, usize)> {
+    match dims.last() {
+        Some(&c) => Ok((dims.iter().product::<usize>() / c.max(1), c)),
+        None => bail!("a LoRA product's operand is a scalar"),
+    }
+}
+
+/// `h (M, R) = s·drop(x)·Aᵀ` in f32, for `x (.., I)` (M rows; f32, bf16 or f16) and `a (R, I)`.
 /// Backward: `dx = drop'(s·dh·A)` in x's dtype, `dA = s·dhᵀ·drop(x)` in a's dtype.
 pub fn lora_down(
     x: &Tensor,
@@ -53,7 +63,7 @@ pub fn lora_down(
     dropout: Option<DropoutMask>,
 ) -> Result<Tensor> {
     check_cpu("lora_down", &[x, a])?;
-    let (_m, i) = x.dims2()?;
+    let (_m, i) = rows_of(x.dims())?;
     let (_r, ia) = a.dims2()?;
     if i != ia {
         bail!(
@@ -69,14 +79,15 @@ pub fn lora_down(
     x.contiguous()?.apply_op2(&a.contiguous()?, op)
 }
 
-/// `y (M, O) + h·Bᵀ` in y's dtype (f32 sums, one rounding), for `h (M, R)` f32 and `b (O, R)`.
+/// `y (.., O) + h·Bᵀ` in y's dtype and shape (f32 sums, one rounding), for y's M rows, `h (M, R)`
+/// f32 and `b (O, R)`.
 /// Backward: `dy = d`, `dh = d·B` (f32), `dB = dᵀ·h` in b's dtype.
 pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_cpu("lora_up_add", &[y, h, b])?;
-    let ((m, o), (mh, r), (ob, rb)) = (y.dims2()?, h.dims2()?, b.dims2()?);
+    let ((m, o), (mh, r), (ob, rb)) = (rows_of(y.dims())?, h.dims2()?, b.dims2()?);
     if m != mh || o != ob || r != rb || h.dtype() != DType::F32 {
         bail!(
-            "lora_up_add: y {:?}, h {:?} ({:?}, must be f32) and B {:?} do not fit (M, O), (M, R), (O, R)",
+            "lora_up_add: y {:?}, h {:?} ({:?}, must be f32) and B {:?} do not fit (.., O), (M, R), (O, R)",
             y.dims(),
             h.dims(),
             h.dtype(),
@@ -344,7 +355,7 @@ impl CustomOp2 for DownOp {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout) -> CpuOut {
-        let (m, i) = lx.shape().dims2()?;
+        let (m, i) = rows_of(lx.dims())?;
         let (r, _) = la.shape().dims2()?;
         let a = f32_of(sa, la, self.name())?;
         let name = self.name();
@@ -366,7 +377,7 @@ impl CustomOp2 for DownOp {
         _h: &Tensor,
         dh: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, i) = x.dims2()?;
+        let (_, i) = rows_of(x.dims())?;
         let (r, _) = a.dims2()?;
         let dh = dh
             .to_dtype(DType::F32)?
@@ -423,7 +434,7 @@ impl CustomOp3 for UpOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> CpuOut {
-        let (_, o) = ly.shape().dims2()?;
+        let (_, o) = rows_of(ly.dims())?;
         let (_, r) = lb.shape().dims2()?;
         let h = f32_of(sh, lh, self.name())?;
         let bt = transpose(&f32_of(sb, lb, self.name())?, o, r);
@@ -444,7 +455,7 @@ impl CustomOp3 for UpOp {
     }
 
     fn bwd(&self, y: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
-        let (_, o) = y.dims2()?;
+        let (_, o) = rows_of(y.dims())?;
         let (_, r) = b.dims2()?;
         let d = d.to_dtype(y.dtype())?.contiguous()?;
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;

@@ -1,6 +1,6 @@
 //! Fused training ops with hand-written backward passes (CPU): RMSNorm, rotary embeddings, causal
-//! GQA attention, a chunked cross-entropy through a frozen lm_head, and the MLP activations (SwiGLU's
-//! gate, exact GELU).
+//! GQA attention and its head layout (split and merged as one op each way), a chunked
+//! cross-entropy through a frozen lm_head, and the MLP activations (SwiGLU's gate, exact GELU).
 //!
 //! Why: candle's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward, and the
 //! composite versions keep every intermediate alive and store an activation-sized gradient for each
@@ -214,6 +214,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod attention;
 mod cross_entropy;
 mod gelu;
+mod heads;
 mod lora;
 mod norm;
 mod rope;
@@ -224,6 +225,7 @@ pub use attention::*;
 pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
 pub use cross_entropy::*;
 pub use gelu::*;
+pub use heads::*;
 pub use lora::*;
 pub use norm::*;
 pub use rope::*;
