@@ -1,6 +1,6 @@
 //! Fused training ops with hand-written backward passes (CPU): RMSNorm, rotary embeddings, causal
 //! GQA attention, a chunked cross-entropy through a frozen lm_head, and the MLP activations (SwiGLU's
-//! gate, exact GELU).
+//! gate, exact GELU), LayerNorm, and the residual adds fused into the norms.
 //!
 //! Why: candle's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward, and the
 //! composite versions keep every intermediate alive and store an activation-sized gradient for each
@@ -205,6 +205,7 @@ mod cross_entropy;
 mod gelu;
 mod lora;
 mod norm;
+mod residual;
 mod rope;
 mod scale;
 mod swiglu;
@@ -215,6 +216,7 @@ pub use cross_entropy::*;
 pub use gelu::*;
 pub use lora::*;
 pub use norm::*;
+pub use residual::*;
 pub use rope::*;
 pub use scale::*;
 pub use swiglu::*;
