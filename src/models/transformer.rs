@@ -637,7 +637,7 @@ impl Transformer {
                 let n = n.as_ref().expect("sequential blocks have a second norm");
                 if cpu {
                     let (y, residual) = self.add_norm(x, &a, n)?;
-                    return residual.add(&mlp(&y)?);
+                    return residual.output(&mlp(&y)?);
                 }
                 let x = (x + a)?;
                 let m = mlp(&self.norm(&x, n)?)?;

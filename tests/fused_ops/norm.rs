@@ -92,7 +92,7 @@ fn layer_norm_matches_torch() {
 }
 
 /// A sequential block's `h = x + a; y = norm(h); out = h + r` as `add_*_norm(x, a)` and
-/// `Residual::add(r)`: y, out, and the gradients of x, a and r.
+/// `Residual::output(r)`: y, out, and the gradients of x, a and r.
 #[test]
 fn residual_norms_match_torch() {
     let f = Fixture::load("norm_residual");
@@ -123,7 +123,7 @@ fn residual_norms_match_torch() {
                     true => (r.as_tensor() + y.affine(0.0, 0.0).unwrap()).unwrap(),
                     false => r.as_tensor().clone(),
                 };
-                let out = residual.add(&m).unwrap();
+                let out = residual.output(&m).unwrap();
                 assert_eq!(out.dtype(), x.dtype());
                 let name = |what: &str| name(&format!("{what} (output through y: {through_y})"));
                 assert!(passes(&name("out"), &out, &want("out"), bf16, None));
@@ -171,10 +171,11 @@ fn parallel_residual_matches_torch() {
             assert_eq!(to_vec(&out), to_vec(&want), "{name}: not torch's roundings");
         }
         let dout = get("dout");
-        for (v, g) in [&x, &a, &m]
-            .iter()
-            .zip(grads_of(&[&out], &[dout.clone()], &[&x, &a, &m]))
-        {
+        for (v, g) in [&x, &a, &m].iter().zip(grads_of(
+            &[&out],
+            std::slice::from_ref(&dout),
+            &[&x, &a, &m],
+        )) {
             assert_eq!(
                 to_vec(&g),
                 to_vec(&dout),
@@ -203,7 +204,10 @@ fn norm_ops_check_their_operands() {
         "a's shape"
     );
     let (_, residual) = add_rms_norm(&x, &x, &w, EPS).unwrap();
-    assert!(residual.add(&z(&[2, 9], DType::F32)).is_err(), "m's shape");
+    assert!(
+        residual.output(&z(&[2, 9], DType::F32)).is_err(),
+        "m's shape"
+    );
     assert!(
         add_rms_norm(&x, &z(&[2, 8], DType::BF16), &w, EPS).is_err(),
         "a's dtype"

@@ -7,7 +7,7 @@
 //! item of a step's profile outside the matmuls (docs/BENCHMARKS.md, session 10). A sequential
 //! block (`h = x + a; y = norm(h); out = h + mlp(y)`) is here two ops: [`add_rms_norm`] /
 //! [`add_layer_norm`] read x and a and write y (h lives only in a row buffer), and
-//! [`Residual::add`] writes `out = (x + a) + m` from x, a and m. The graph keeps no h at all (one
+//! [`Residual::output`] writes `out = (x + a) + m` from x, a and m. The graph keeps no h at all (one
 //! activation-sized tensor less per layer). In backward, as llm.c's fused residual + LayerNorm
 //! does, the norm's op adds its input gradient into the residual path's gradient in the same pass:
 //! the output op hands its incoming gradient to the norm op through a shared slot instead of to
@@ -59,7 +59,7 @@ enum Slot {
 }
 
 /// A sequential block's residual `h = x + a` after its norm ([`add_rms_norm`],
-/// [`add_layer_norm`]): [`Residual::add`] gives the block's output `h + m`.
+/// [`add_layer_norm`]): [`Residual::output`] gives the block's output `h + m`.
 pub struct Residual {
     x: Tensor,
     a: Tensor,
@@ -70,7 +70,7 @@ impl Residual {
     /// `(x + a) + m`, each sum rounded to the dtype as torch's two adds round, in one pass. Its
     /// backward gives m the incoming gradient, and x and a the same added to the norm's input
     /// gradient (in the norm op's backward pass). CPU only.
-    pub fn add(self, m: &Tensor) -> Result<Tensor> {
+    pub fn output(self, m: &Tensor) -> Result<Tensor> {
         add3(&self.x, &self.a, m, Some(self.link))
     }
 }
@@ -90,7 +90,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// `y = rms_norm(x + a)` (see [`rms_norm`]) with the sum `h = x + a` rounded to the activation
-/// dtype first, as torch's `residual + hidden_states`, and h's other use: [`Residual::add`] gives
+/// dtype first, as torch's `residual + hidden_states`, and h's other use: [`Residual::output`] gives
 /// the block's output `h + m` (h itself is never stored). Backward: `dx = da = dh`, the norm's
 /// input gradient rounded to the dtype, plus the output's gradient (rounded again: torch's
 /// accumulation of h's two gradients in the dtype).
