@@ -206,14 +206,18 @@ impl NormOp {
     /// eight accumulators, the variance two-pass (around the mean).
     fn stats(&self, h: &[f32]) -> (f32, f32) {
         let c = h.len() as f64;
-        let (mean, ms) = match self.kind {
-            Kind::Rms => (0.0, dot(h, h) as f64 / c),
+        match self.kind {
+            Kind::Rms => {
+                let ms = dot(h, h) as f64 / c;
+                (0.0, (1.0 / (ms + self.eps).sqrt()) as f32)
+            }
+            // torch's float kernel: variance, + eps, sqrt and reciprocal in f32
             Kind::Layer(_) => {
                 let mean = (sum(h) as f64 / c) as f32;
-                (mean, sum_sq_dev(h, mean) as f64 / c)
+                let var = (sum_sq_dev(h, mean) as f64 / c) as f32;
+                (mean, 1.0 / (var + self.eps as f32).sqrt())
             }
-        };
-        (mean, (1.0 / (ms + self.eps).sqrt()) as f32)
+        }
     }
 
     /// y of one row of h (f32 values already in the activation dtype) with torch's roundings.
