@@ -7,9 +7,10 @@
 //! item of a step's profile outside the matmuls (docs/BENCHMARKS.md, session 10). A sequential
 //! block (`h = x + a; y = norm(h); out = h + mlp(y)`) is here two ops: [`add_rms_norm`] /
 //! [`add_layer_norm`] read x and a and write y (h lives only in a row buffer), and
-//! [`Residual::output`] writes `out = (x + a) + m` from x, a and m. The graph keeps no h at all (one
-//! activation-sized tensor less per layer). In backward, as llm.c's fused residual + LayerNorm
-//! does, the norm's op adds its input gradient into the residual path's gradient in the same pass:
+//! [`Residual::output`] writes `out = (x + a) + m` from x, a and m. The graph keeps no h at all
+//! (one activation-sized tensor less per layer). In backward, as llm.c's fused residual +
+//! LayerNorm does, the norm's op adds its input gradient into the residual path's gradient in the
+//! same pass:
 //! the output op hands its incoming gradient to the norm op through a shared slot instead of to
 //! x and a (candle runs a consumer's backward before its producers', and the output depends on y
 //! through the MLP), so x and a each receive one gradient, `dout + norm'(h)·dy`, where the
@@ -76,9 +77,10 @@ impl Residual {
 }
 
 /// `y = layer_norm(x) · w + b` over the last dim, as torch's `nn.LayerNorm` computes it on the CPU:
-/// mean and biased variance in f32, `y = (x · rstd − mean · rstd) · w + b` in f32 rounded once to
-/// x's dtype (f32, bf16 or f16), with `w` and `b` (frozen constants: no gradient, not graph nodes)
-/// rounded to x's dtype first, as a model in that dtype holds them. Backward (torch's): with
+/// mean, biased variance and `rstd = 1 / sqrt(var + eps)` in f32, `y = (x · rstd − mean · rstd)
+/// · w + b` in f32 rounded once to x's dtype (f32, bf16 or f16), with `w` and `b` (frozen
+/// constants: no gradient, not graph nodes) rounded to x's dtype first, as a model in that dtype
+/// holds them. Backward (torch's): with
 /// `g = dy · w`, `dx = rstd · g + k1 · x + k2`, `k1 = (mean · Σg − Σg·x) · rstd³ / C`,
 /// `k2 = −k1 · mean − Σg · rstd / C`, where for half-precision x the mean and rstd are rounded
 /// to x's dtype first (torch 2.5's CPU `native_layer_norm` returns them in x's dtype and its
@@ -90,8 +92,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// `y = rms_norm(x + a)` (see [`rms_norm`]) with the sum `h = x + a` rounded to the activation
-/// dtype first, as torch's `residual + hidden_states`, and h's other use: [`Residual::output`] gives
-/// the block's output `h + m` (h itself is never stored). Backward: `dx = da = dh`, the norm's
+/// dtype first, as torch's `residual + hidden_states`, and h's other use: [`Residual::output`]
+/// gives the block's output `h + m` (h itself is never stored). Backward: `dx = da = dh`, the norm's
 /// input gradient rounded to the dtype, plus the output's gradient (rounded again: torch's
 /// accumulation of h's two gradients in the dtype).
 pub fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Residual)> {
