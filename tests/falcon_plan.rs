@@ -72,7 +72,21 @@ fn gpu_terms_count_one_scratch_of_the_largest_linear() {
             + g.dequant_scratch
             + g.attention_scores
             + g.mlp_backward
+            + g.composite_norms
             + g.allocator
+    );
+    // a GPU runs the composite LayerNorm (bf16: its input's f32 copy, five f32 intermediates and
+    // the cast back, 26 bytes an element, less the 2 of the fused one's output the plan counts)
+    // for each of a layer's norms, and candle's adds keep one residual sum more than the fused one
+    let cfg = qtune::models::FalconConfig::from_store(&store).unwrap();
+    let norms = if cfg.two_norms || !cfg.parallel_attn {
+        2
+    } else {
+        1
+    };
+    assert_eq!(
+        g.composite_norms,
+        2 * 12 * cfg.hidden_size * (norms * 24 + 2)
     );
     // a GPU runs candle's composite GELU backward: 10 (B·T, I) bf16 temporaries
     let ffn = qtune::models::FalconConfig::from_store(&store)

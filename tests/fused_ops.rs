@@ -19,6 +19,10 @@ use std::time::Instant;
 #[path = "fused_ops/gelu.rs"]
 mod gelu;
 
+// LayerNorm and the residual adds fused into the norms, against torch.
+#[path = "fused_ops/norm.rs"]
+mod norm;
+
 const OUT_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
 

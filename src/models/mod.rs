@@ -333,6 +333,7 @@ pub(crate) fn embed_rows(
 
 /// LayerNorm as torch's `nn.LayerNorm` over the last dim: `(x - mean) / sqrt(var + eps) * w + b`
 /// with the biased variance; statistics in f32, result in x's dtype. `w` and `b` are constants.
+/// Composite candle ops, for a GPU (the CPU runs `nn::fused::layer_norm`).
 pub(crate) fn layer_norm(
     x: &Tensor,
     w: &Tensor,

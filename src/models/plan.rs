@@ -90,12 +90,11 @@ impl MemoryPlan {
 
     /// The plan for a step of the model `spec` describes in `store`. Weights are exact; the
     /// recompute graph counts the tensors the shared layer
-    /// ([`Transformer`](super::transformer::Transformer)) keeps for each block variant: the norms
-    /// (fused RMSNorm keeps its output; LayerNorm in f32 keeps five f32 intermediates and, in half
-    /// precision, its casts), the linears and their adapters, a fused qkv's per-head copies,
-    /// rotary, attention, the MLP and the residual sums. Calibrated on measured peaks for Llama
-    /// (tests/llama_rss.rs) and Falcon (tests/falcon_rss.rs; its LayerNorm terms counted from
-    /// the code).
+    /// ([`Transformer`](super::transformer::Transformer)) keeps for each block variant on the
+    /// CPU: the norms (the fused RMSNorm and LayerNorm keep their output), the linears and their
+    /// adapters, a fused qkv's per-head copies, rotary, attention, the MLP and the block's
+    /// residual sum (the fused ops store no other). Calibrated on measured peaks for Llama
+    /// (tests/llama_rss.rs) and Falcon (tests/falcon_rss.rs).
     pub fn of_spec(
         store: &WeightStore,
         spec: &Spec,
@@ -309,11 +308,9 @@ impl StepShape<'_> {
     /// Bytes a norm keeps per hidden element.
     fn norm_elem(&self) -> usize {
         match self.spec.norm {
-            // Fused RMSNorm (nn::fused): its output only (statistics are recomputed in backward).
-            NormKind::Rms => self.s,
-            // LayerNorm in f32: (half: x copy), centred x, its square, normalised, times w, plus b
-            // (with its broadcast views' products), (half: the cast back).
-            NormKind::LayerNorm => 20 + if self.half() { 4 + self.s } else { 0 },
+            // The fused RMSNorm's and LayerNorm's output only (nn::fused; statistics are
+            // recomputed in backward; a GPU's composite LayerNorm is in `GpuTerms`).
+            NormKind::Rms | NormKind::LayerNorm => self.s,
         }
     }
 
@@ -351,11 +348,13 @@ impl StepShape<'_> {
                         + composite_attention_graph(b, t, p + t, h, k, d, s)
                 }
             };
-        // SwiGLU: the fused gate's output; GELU: its output; then the two residual sums.
+        // SwiGLU: the fused gate's output; GELU: its output; then the block's output, one
+        // fused residual sum (a sequential block's `x + a` is never stored; a GPU's two candle
+        // sums are in `GpuTerms`).
         let mlp = match spec.mlp {
             Mlp::SwiGlu => n * i * s,
             Mlp::Gelu => n * i * s,
-        } + 2 * n * c * s;
+        } + n * c * s;
         // the surrogate's f32 copies (half) and product.
         let surrogate = n * c * 4 * if half { 3 } else { 1 };
         let norms = (1 + usize::from(spec.names.mlp_norm.is_some())) * n * c * self.norm_elem();
@@ -621,6 +620,11 @@ pub struct GpuTerms {
     /// builds its derivative from MLP-sized temporaries (10 N·I, measured on the CPU before
     /// the fused op replaced it there).
     pub mlp_backward: usize,
+    /// What a GPU's composite ops keep beyond the CPU's fused ones (the plan counts those): a
+    /// LayerNorm's f32 intermediates (five f32 values per element; in half precision its input's
+    /// f32 copy and the cast back too) for each of a layer's norms, and the residual sum the
+    /// fused ops do not store (a sequential block's `x + a`, a parallel one's `m + a`).
+    pub composite_norms: usize,
     /// Stream-ordered allocator slack: freed blocks not yet reused, taken as 1/8 of the step's
     /// activation terms.
     pub allocator: usize,
@@ -692,6 +696,16 @@ impl GpuTerms {
                     Mlp::SwiGlu => 3,
                     Mlp::Gelu => 10,
                 },
+            composite_norms: {
+                let (n, s) = (batch * (seq + plan.prompt_rows), dtype.size_in_bytes());
+                let norms = 1 + usize::from(spec.names.mlp_norm.is_some());
+                let ln = match spec.norm {
+                    NormKind::Rms => 0,
+                    // the composite's bytes per element less the fused one's output
+                    NormKind::LayerNorm => norms * (20 + if s < 4 { 4 + s } else { 0 } - s),
+                };
+                n * spec.hidden * (ln + s)
+            },
             allocator: activations / 8,
             host_only: embed_host + plan.optimizer + offloaded,
         })
@@ -704,6 +718,7 @@ impl GpuTerms {
             + self.dequant_scratch
             + self.attention_scores
             + self.mlp_backward
+            + self.composite_norms
             + self.allocator
     }
 
@@ -730,6 +745,7 @@ impl std::fmt::Display for GpuTerms {
                 ("dequantisation scratch", self.dequant_scratch),
                 ("attention score blocks", self.attention_scores),
                 ("MLP activation backward", self.mlp_backward),
+                ("composite norms and residual sums", self.composite_norms),
                 ("allocator slack", self.allocator),
                 ("(stays on the host)", self.host_only),
             ],

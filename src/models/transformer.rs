@@ -492,7 +492,24 @@ impl Transformer {
     fn norm(&self, x: &Tensor, n: &Norm) -> candle_core::Result<Tensor> {
         match &n.b {
             None => fused::rms_norm(x, &n.w, self.spec.eps),
-            Some(b) => super::layer_norm(x, &n.w, b, self.spec.eps),
+            // the fused LayerNorm is CPU-only: a GPU runs the composite one
+            Some(b) if !x.device().is_cpu() => super::layer_norm(x, &n.w, b, self.spec.eps),
+            Some(b) => fused::layer_norm(x, &n.w, b, self.spec.eps),
+        }
+    }
+
+    /// `norm(x + a)` of a sequential block's second norm, the sum rounded to the dtype, in one
+    /// op that keeps no sum, and the residual that gives the block's output (CPU only: the
+    /// caller adds on a GPU).
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        n: &Norm,
+    ) -> candle_core::Result<(Tensor, fused::Residual)> {
+        match &n.b {
+            None => fused::add_rms_norm(x, a, &n.w, self.spec.eps),
+            Some(b) => fused::add_layer_norm(x, a, &n.w, b, self.spec.eps),
         }
     }
 
@@ -610,17 +627,31 @@ impl Transformer {
                 }
             }
         };
+        // On the CPU the residual adds are fused ops (nn::fused::residual): the sequential
+        // block's sum h = x + a is never stored (its norm and the block's output each add x and
+        // a again; in backward the norm's op adds h's two gradients in its own pass), and either
+        // block's output is one pass over its three terms, rounded as torch's two adds. A GPU
+        // runs candle's adds.
+        let cpu = x.device().is_cpu();
         match (s.residual, &l.mlp_norm) {
             (Residual::Parallel, n) => {
                 let xm = match n {
                     Some(n) => self.norm(x, n)?,
                     None => xa,
                 };
-                x + (mlp(&xm)? + a)?
+                let m = mlp(&xm)?;
+                match cpu {
+                    true => fused::residual_add3(&m, &a, x),
+                    false => x + (m + a)?,
+                }
             }
             (Residual::Sequential, n) => {
-                let x = (x + a)?;
                 let n = n.as_ref().expect("sequential blocks have a second norm");
+                if cpu {
+                    let (y, residual) = self.add_norm(x, &a, n)?;
+                    return residual.output(&mlp(&y)?);
+                }
+                let x = (x + a)?;
                 let m = mlp(&self.norm(&x, n)?)?;
                 x + m
             }

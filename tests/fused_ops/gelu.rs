@@ -22,7 +22,7 @@ const TAIL_OURS: f64 = 1.5e-7;
 const TAIL_TORCH: f64 = TAIL_OURS + 3.5e-7;
 
 /// The spacing of bf16 values at `v` (its ulp; the subnormal spacing at and below 2^-126).
-fn bf16_ulp(v: f32) -> f64 {
+pub(super) fn bf16_ulp(v: f32) -> f64 {
     let e = ((v.to_bits() >> 23) & 0xff) as i32;
     2f64.powi(e.max(1) - 127 - 7)
 }

@@ -1,6 +1,7 @@
 //! Fused training ops with hand-written backward passes (CPU): RMSNorm, rotary embeddings, causal
 //! GQA attention and its head layout (split and merged as one op each way), a chunked
-//! cross-entropy through a frozen lm_head, and the MLP activations (SwiGLU's gate, exact GELU).
+//! cross-entropy through a frozen lm_head, the MLP activations (SwiGLU's gate, exact GELU),
+//! LayerNorm, and the residual adds fused into the norms.
 //!
 //! Why: candle's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward, and the
 //! composite versions keep every intermediate alive and store an activation-sized gradient for each
@@ -217,6 +218,7 @@ mod gelu;
 mod heads;
 mod lora;
 mod norm;
+mod residual;
 mod rope;
 mod scale;
 mod swiglu;
@@ -228,6 +230,7 @@ pub use gelu::*;
 pub use heads::*;
 pub use lora::*;
 pub use norm::*;
+pub use residual::*;
 pub use rope::*;
 pub use scale::*;
 pub use swiglu::*;

@@ -119,6 +119,7 @@ impl BenchReport {
                 "dequant_scratch": g.terms.dequant_scratch,
                 "attention_scores": g.terms.attention_scores,
                 "mlp_backward": g.terms.mlp_backward,
+                "composite_norms": g.terms.composite_norms,
                 "allocator": g.terms.allocator,
                 "host_only": g.terms.host_only,
             })
