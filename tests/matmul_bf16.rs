@@ -18,8 +18,9 @@ use qtune::quant::nf4::{quantize_nf4, Nf4Owned};
 use qtune::quant::{QData, QMatrix, QType};
 
 // (N, K): odd N (pairs padded), N past one 128-row input-gradient chunk, K of 256 and 1280
-// (several 256-column tasks, a 1024-element staging chunk and its tail).
-const SHAPES: [(usize, usize); 3] = [(75, 768), (301, 1280), (13, 256)];
+// (several 256-column tasks, a 1024-element staging chunk and its tail), and K = 208: 104 pairs,
+// whose last 8 are past AMX's 16-pair tiles (the AVX-512 micro-tiles add them).
+const SHAPES: [(usize, usize); 4] = [(75, 768), (301, 1280), (13, 256), (37, 208)];
 // M: one GEMV-sized (falls back to f32), partial 48-row blocks and 6-row micro-tiles.
 const MS: [usize; 4] = [3, 5, 50, 131];
 
@@ -268,4 +269,29 @@ fn probe_timings() {
             gf / best[3]
         );
     }
+}
+
+/// On a CPU with AMX the tests above run the AMX kernels; this runs the references test again in
+/// a child process with `QTUNE_NO_AMX=1`, so the AVX-512 BF16 micro-kernels are checked too.
+#[test]
+fn avx512_kernels_without_amx() {
+    if !qtune::quant::matmul_bf16::has_amx() {
+        eprintln!("no AMX here: the tests above ran the kernels this CPU has");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "bf16_kernels_match_their_references",
+            "--nocapture",
+        ])
+        .env("QTUNE_NO_AMX", "1")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    assert!(text.contains("bf16 kernels: avx512-bf16"), "{text}");
 }

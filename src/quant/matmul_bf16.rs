@@ -103,6 +103,10 @@ pub fn has_bf16_kernels() -> bool {
 
 /// The kernel the bf16 step's quantised matmuls use on this CPU (for reports).
 pub fn bf16_kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if has_amx() {
+        return "amx-bf16 (tdpbf16ps; avx512-bf16 at the edges)";
+    }
     if has_avx512_bf16() {
         "avx512-bf16 (vdpbf16ps)"
     } else if has_neon_bf16() {
@@ -222,6 +226,10 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     assert_eq!(y.len(), m * n, "qmatmul_fwd_bf16: y is not {m}×{n}");
     if fits(w, m) {
         #[cfg(target_arch = "x86_64")]
+        if has_amx() {
+            return fwd_tiled::<amx::Amx, A>(x, m, w, y);
+        }
+        #[cfg(target_arch = "x86_64")]
         if has_avx512_bf16() {
             return fwd_tiled::<avx512::Avx512, A>(x, m, w, y);
         }
@@ -246,6 +254,10 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_bf16: dy is not {m}×{n}");
     assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_bf16: dx is not {m}×{k}");
     if fits(w, m) {
+        #[cfg(target_arch = "x86_64")]
+        if has_amx() {
+            return bwd_input_tiled::<amx::Amx, A>(dy, m, w, dx, accumulate);
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx512_bf16() {
             return bwd_input_tiled::<avx512::Avx512, A>(dy, m, w, dx, accumulate);
@@ -291,15 +303,13 @@ fn bf16_f64(v: f32) -> f64 {
     bf16::from_f32(v).to_f64()
 }
 
-/// Rows of W one forward task owns: its bf16 tile (rows × K) fits in half of L2, at least one
-/// micro-tile, and enough tasks for every thread.
-pub fn fwd_rows(n: usize, k: usize) -> usize {
-    let fit = (256 * 1024 / (2 * k.max(1))).max(FWD_MR) / FWD_MR * FWD_MR;
-    let balance = n
-        .div_ceil(rayon::current_num_threads() * 4)
-        .div_ceil(FWD_MR)
-        * FWD_MR;
-    fit.min(balance.max(FWD_MR))
+/// Rows of W one forward task owns, a multiple of `unit` (the kernels' row block: [`FWD_MR`],
+/// or AMX's 16): its bf16 tile (rows × K) fits in half of L2 where one unit does, and there are
+/// enough tasks for every thread.
+pub fn fwd_rows(n: usize, k: usize, unit: usize) -> usize {
+    let fit = (256 * 1024 / (2 * k.max(1))).max(unit) / unit * unit;
+    let balance = n.div_ceil(rayon::current_num_threads() * 4).div_ceil(unit) * unit;
+    fit.min(balance.max(unit))
 }
 
 /// Columns of dx one input-gradient task owns: a multiple of the block size and of 16.
@@ -397,6 +407,8 @@ trait Bf16Kernels {
     const BWD_MR: usize;
     /// Columns of the widest micro-tile (a multiple of 16).
     const NR: usize;
+    /// Rows of W a forward task's count is a multiple of (AMX: a tile's 16).
+    const ROW_UNIT: usize = Self::FWD_MR;
 
     /// One micro-tile of a sweep: `t.rows` rows (1..=max(`FWD_MR`, `BWD_MR`)) and the first
     /// `width` columns of `t.b` (16..=`NR`, a multiple of 16; `t.cols` stays b's row stride).
@@ -405,6 +417,18 @@ trait Bf16Kernels {
     /// The CPU has this ISA's bf16 features; every pointer addresses the elements the tile's
     /// shapes and strides name; no other thread touches them in `t.out`.
     unsafe fn tile(t: &Sweep, width: usize);
+
+    /// A whole sweep: by default micro-tiles of up to `mr` rows ([`sweep`]); AMX overrides it
+    /// (tiles over the bulk, AVX-512 micro-tiles over the edges).
+    ///
+    /// # Safety
+    /// As [`Bf16Kernels::tile`], for all of `s`.
+    unsafe fn sweep(s: Sweep, mr: usize)
+    where
+        Self: Sized,
+    {
+        sweep::<Self>(s, mr)
+    }
 }
 
 /// Runs the sweep `s` as micro-tiles of up to `mr` rows and `K::NR` columns, rows outer.
@@ -509,7 +533,7 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
                             out_stride: k,
                             load: accumulate || r0 > 0,
                         };
-                        sweep::<K>(s, K::BWD_MR)
+                        K::sweep(s, K::BWD_MR)
                     };
                     r0 += nr;
                 }
@@ -530,7 +554,7 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
     with_pack(m.div_ceil(mb) * half * mb, |xp| {
         pack_x(x, m, k, mb, xp);
         let xp = &*xp;
-        let rows = fwd_rows(n, k);
+        let rows = fwd_rows(n, k, K::ROW_UNIT);
         let yp = SendPtr(y.as_mut_ptr());
         (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
             let r0 = task * rows;
@@ -559,7 +583,7 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
                             out_stride: mb,
                             load: false,
                         };
-                        sweep::<K>(s, K::FWD_MR)
+                        K::sweep(s, K::FWD_MR)
                     };
                     for l in 0..rows_x {
                         // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
@@ -579,6 +603,11 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+pub use amx::has_amx;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {

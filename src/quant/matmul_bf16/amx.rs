@@ -1,0 +1,186 @@
+//! Intel AMX (`tdpbf16ps`) for the bulk of both bf16 products; the AVX-512 BF16 micro-tiles take
+//! the edges (rows or pairs past the last multiple of 16).
+//!
+//! `tdpbf16ps c, a, b` multiplies a 16 × 32 bf16 tile by a 32 × 16 one held as 16 rows of pairs
+//! along the contraction axis, into a 16 × 16 f32 tile: `c[r][j] += Σ_q a[r][q] · b[q][j]` over
+//! 16 pairs `q`, each a product of bf16 pairs. Those are the operands a [`Sweep`] already holds:
+//! `a` row-major pairs (W's bf16 tile in the forward, dy in the input gradient), `b` rows of
+//! pairs (x packed in blocks, or W's interleaved row pairs), so a tile is a strided load of
+//! either, and `out` a strided store. Per 16 rows: up to three 16-column accumulators (tmm0-2),
+//! the `a` tile (tmm3) loaded once per 16 pairs and three `b` tiles (tmm4-6).
+//!
+//! Linux hands a process the tile data state only when it asks (`arch_prctl`
+//! `ARCH_REQ_XCOMP_PERM`, once, in [`has_amx`]); each sweep loads its tile configuration
+//! (`ldtilecfg`: per thread) and releases the tiles at its end. Stable Rust has no AMX
+//! intrinsics: the instructions are `asm!`.
+use super::avx512::Avx512;
+use super::{Bf16Kernels, Sweep};
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// `arch_prctl` code asking for an extended state component (Linux `ARCH_REQ_XCOMP_PERM`).
+const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+/// The AMX tile data state component (`XFEATURE_XTILEDATA`).
+const XFEATURE_XTILEDATA: libc::c_long = 18;
+
+/// Whether AMX-BF16 runs here: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7), AVX-512 BF16
+/// for the edges, Linux granted the tile state, and `QTUNE_NO_AMX` is unset (checked once; what
+/// makes the tile instructions sound to run).
+pub fn has_amx() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        if !super::has_avx512_bf16() || std::env::var_os("QTUNE_NO_AMX").is_some() {
+            return false;
+        }
+        let id = std::arch::x86_64::__cpuid_count(7, 0);
+        let (tile, bf16) = ((id.edx >> 24) & 1 == 1, (id.edx >> 22) & 1 == 1);
+        // SAFETY: arch_prctl with these two integer arguments only changes this process's
+        // permission to use the tile state; it reads and writes no memory of ours.
+        let granted = || unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        };
+        tile && bf16 && granted()
+    })
+}
+
+/// `ldtilecfg`'s 64-byte operand: palette 1, every tile used 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    /// Tiles 0..7 at 16 × 64 bytes, the rest unused.
+    fn tiles_16x64() -> TileConfig {
+        let mut c = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..7 {
+            (c.colsb[t], c.rows[t]) = (64, 16);
+        }
+        c
+    }
+}
+
+/// The same tile instruction on accumulator `j` (0..3) and, where named, its `b` tile: the
+/// register numbers are part of the instruction, so a run-time index picks one of three.
+macro_rules! on_tile {
+    ($j:expr, [$t0:literal, $t1:literal, $t2:literal], $($args:tt)*) => {
+        match $j {
+            0 => asm!($t0, $($args)*),
+            1 => asm!($t1, $($args)*),
+            _ => asm!($t2, $($args)*),
+        }
+    };
+}
+
+/// `out[r][c] (+)= Σ_q a[r][q] · b[q][c]` over rows `0..rows` and pairs `0..pairs` (both
+/// multiples of 16) and all of `s.cols` (a multiple of 16), in tiles.
+///
+/// # Safety
+/// [`has_amx`] is true; the pointers address what `s` names for those rows and pairs.
+unsafe fn bulk(s: &Sweep, rows: usize, pairs: usize) {
+    let cfg = TileConfig::tiles_16x64();
+    asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+    let (sa, sb, so) = (s.a_stride * 4, s.cols * 4, s.out_stride * 4);
+    for r in (0..rows).step_by(16) {
+        let mut c = 0;
+        while c < s.cols {
+            let tiles = ((s.cols - c) / 16).min(3);
+            let out = s.out.add(r * s.out_stride + c);
+            for j in 0..tiles {
+                let o = out.add(16 * j);
+                if s.load {
+                    on_tile!(j, ["tileloadd tmm0, [{o} + {s}*1]", "tileloadd tmm1, [{o} + {s}*1]",
+                        "tileloadd tmm2, [{o} + {s}*1]"], o = in(reg) o, s = in(reg) so,
+                        options(nostack, readonly));
+                } else {
+                    on_tile!(
+                        j,
+                        ["tilezero tmm0", "tilezero tmm1", "tilezero tmm2"],
+                        options(nostack, nomem)
+                    );
+                }
+            }
+            for p in (0..pairs).step_by(16) {
+                let a = s.a.add(r * s.a_stride + p);
+                asm!("tileloadd tmm3, [{a} + {s}*1]", a = in(reg) a, s = in(reg) sa,
+                    options(nostack, readonly));
+                for j in 0..tiles {
+                    let b = s.b.add(p * s.cols + c + 16 * j);
+                    on_tile!(j, [
+                        "tileloadd tmm4, [{b} + {s}*1]\n tdpbf16ps tmm0, tmm3, tmm4",
+                        "tileloadd tmm5, [{b} + {s}*1]\n tdpbf16ps tmm1, tmm3, tmm5",
+                        "tileloadd tmm6, [{b} + {s}*1]\n tdpbf16ps tmm2, tmm3, tmm6"],
+                        b = in(reg) b, s = in(reg) sb, options(nostack, readonly));
+                }
+            }
+            for j in 0..tiles {
+                let o = out.add(16 * j);
+                on_tile!(j, ["tilestored [{o} + {s}*1], tmm0", "tilestored [{o} + {s}*1], tmm1",
+                    "tilestored [{o} + {s}*1], tmm2"], o = in(reg) o, s = in(reg) so,
+                    options(nostack));
+            }
+            c += 16 * tiles;
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// AMX over the bulk of a sweep, AVX-512 BF16's micro-tiles over its edges.
+pub(super) struct Amx;
+
+impl Bf16Kernels for Amx {
+    const MB: usize = Avx512::MB;
+    const FWD_MR: usize = Avx512::FWD_MR;
+    const BWD_MR: usize = Avx512::BWD_MR;
+    const NR: usize = Avx512::NR;
+    const ROW_UNIT: usize = 16;
+
+    unsafe fn tile(t: &Sweep, width: usize) {
+        Avx512::tile(t, width)
+    }
+
+    /// Rows and pairs up to their last multiple of 16 in tiles; then the pairs past it added by
+    /// the AVX-512 micro-tiles, and the rows past it over every pair.
+    unsafe fn sweep(s: Sweep, mr: usize) {
+        let (mut rows, pairs) = (s.rows / 16 * 16, s.pairs / 16 * 16);
+        if rows > 0 && pairs > 0 && s.cols.is_multiple_of(16) {
+            bulk(&s, rows, pairs);
+            if pairs < s.pairs {
+                let rest = Sweep {
+                    rows,
+                    pairs: s.pairs - pairs,
+                    a: s.a.add(pairs),
+                    b: s.b.add(pairs * s.cols),
+                    load: true,
+                    ..s
+                };
+                super::sweep::<Avx512>(rest, mr);
+            }
+        } else {
+            rows = 0;
+        }
+        if rows < s.rows {
+            let rest = Sweep {
+                rows: s.rows - rows,
+                a: s.a.add(rows * s.a_stride),
+                out: s.out.add(rows * s.out_stride),
+                ..s
+            };
+            super::sweep::<Avx512>(rest, mr);
+        }
+    }
+}
