@@ -84,6 +84,13 @@ fn dispatch_picks_the_expected_kernel() {
     let chains = qtune::quant::matmul_bf16::dp_chains_all(4);
     assert_eq!(chains.is_some(), has_bf16_kernels(), "{name}");
     assert!(chains.is_none_or(f32::is_finite), "{chains:?}");
+    // AMX's tile-instruction peak exists exactly where the AMX kernels run.
+    #[cfg(target_arch = "x86_64")]
+    {
+        let amx = qtune::quant::matmul_bf16::measure_amx_peak();
+        assert_eq!(amx.is_some(), name.starts_with("amx"), "{name}: {amx:?}");
+        assert!(amx.is_none_or(|p| p.is_finite() && p > 0.0), "{amx:?}");
+    }
     if let Ok(want) = std::env::var("QTUNE_EXPECT_BF16_KERNEL") {
         assert!(name.starts_with(&want), "kernel {name}, expected {want}");
     }
@@ -230,6 +237,11 @@ fn probe_timings() {
         "vdpbf16ps peak {:.0} GFLOP/s on {} threads",
         qtune::quant::matmul_bf16::measure_bf16_peak().unwrap_or(0.0),
         rayon::current_num_threads()
+    );
+    #[cfg(target_arch = "x86_64")]
+    eprintln!(
+        "AMX tdpbf16ps peak {:?} GFLOP/s",
+        qtune::quant::matmul_bf16::measure_amx_peak()
     );
     for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
         let bytes = random_weights(QType::Q4_0, n, k, &mut rng);

@@ -607,7 +607,7 @@ mod neon;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
-pub use amx::has_amx;
+pub use amx::{has_amx, measure_amx_peak};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {

@@ -184,3 +184,58 @@ impl Bf16Kernels for Amx {
         }
     }
 }
+
+/// Flops of one [`tile_chains`] iteration: four `tdpbf16ps` of 16 × 16 × 32 products and sums.
+const TILE_FLOPS_PER_ITER: usize = 4 * 2 * 16 * 16 * 32;
+
+/// `iters` rounds of four independent `tdpbf16ps` on tiles loaded once (the instruction's
+/// throughput, nothing else); returns one accumulator element so the work is kept.
+///
+/// # Safety
+/// [`has_amx`] is true.
+unsafe fn tile_chains(iters: usize) -> f32 {
+    let cfg = TileConfig::tiles_16x64();
+    let a = [0x3f80_3f80u32; 256]; // bf16 pairs (1, 1)
+    let mut c = [0f32; 256];
+    asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+        "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
+        a = in(reg) a.as_ptr(), s = in(reg) 64usize, options(nostack, readonly));
+    for _ in 0..iters {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm5",
+            "tdpbf16ps tmm1, tmm4, tmm5",
+            "tdpbf16ps tmm2, tmm4, tmm5",
+            "tdpbf16ps tmm3, tmm4, tmm5",
+            options(nostack, nomem)
+        );
+    }
+    asm!("tilestored [{c} + {s}*1], tmm3", "tilerelease",
+        c = in(reg) c.as_mut_ptr(), s = in(reg) 64usize, options(nostack));
+    c[0]
+}
+
+/// The AMX instruction ceiling in GFLOP/s: [`tile_chains`] on every rayon thread at once (plain
+/// OS threads), best of 4; `None` without AMX. `qtune bench` takes the MFU against it where it is
+/// the largest peak.
+pub fn measure_amx_peak() -> Option<f64> {
+    if !has_amx() {
+        return None;
+    }
+    let iters = 1usize << 16;
+    let threads = rayon::current_num_threads().max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t0 = std::time::Instant::now();
+        let sum: f32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..threads)
+                // SAFETY: has_amx checked above (the permission is the process's, every thread's).
+                .map(|_| sc.spawn(move || unsafe { tile_chains(iters) }))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Some((threads * iters * TILE_FLOPS_PER_ITER) as f64 / best / 1e9)
+}

@@ -202,8 +202,9 @@ fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
     }
 }
 
-/// The machine's peak (GFLOP/s) the MFU is taken against, and its kind: on a CPU the larger of
-/// the measured f32 GEMM rate and the bf16 instruction ceiling; on a GPU its GEMM rate.
+/// The machine's peak (GFLOP/s) the MFU is taken against, and its kind: on a CPU the largest of
+/// the measured f32 GEMM rate and the bf16 instruction ceilings (`vdpbf16ps`, AMX's
+/// `tdpbf16ps`); on a GPU its GEMM rate.
 fn machine_peak(
     cfg: &BenchConfig,
     device: &Device,
@@ -211,14 +212,17 @@ fn machine_peak(
 ) -> Result<(f64, String)> {
     if device.is_cpu() {
         progress("measuring this machine's f32 GEMM and bf16 instruction peaks");
-        let f32_peak = measure_f32_peak();
-        return Ok(match crate::quant::matmul_bf16::measure_bf16_peak() {
-            Some(bf) if bf > f32_peak => (
-                bf,
-                format!("{} (bf16)", crate::quant::matmul_bf16::DP_INSTRUCTION),
-            ),
-            _ => (f32_peak, "f32 GEMM".to_string()),
-        });
+        let mut best = (measure_f32_peak(), "f32 GEMM".to_string());
+        if let Some(bf) = crate::quant::matmul_bf16::measure_bf16_peak() {
+            let name = format!("{} (bf16)", crate::quant::matmul_bf16::DP_INSTRUCTION);
+            best = std::cmp::max_by(best, (bf, name), |a, b| a.0.total_cmp(&b.0));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(amx) = crate::quant::matmul_bf16::measure_amx_peak() {
+            let name = "tdpbf16ps (AMX bf16)".to_string();
+            best = std::cmp::max_by(best, (amx, name), |a, b| a.0.total_cmp(&b.0));
+        }
+        return Ok(best);
     }
     progress(&format!("measuring the GPU's {:?} GEMM peak", cfg.dtype));
     let peak = measure_device_peak(device, cfg.dtype)?;
