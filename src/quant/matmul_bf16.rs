@@ -1,7 +1,7 @@
 //! Quantised matmul in bf16 with f32 accumulation: forward `y = x·Wᵀ` and input gradient
-//! `dx = dy·W`, for the `--dtype bf16` step on CPUs with AVX-512 BF16 (`vdpbf16ps`) and on aarch64
-//! with FEAT_BF16 (`BFDOT` by element, in `matmul_bf16/neon.rs`: the same layouts in 4-lane
-//! vectors).
+//! `dx = dy·W`, for the `--dtype bf16` step on CPUs with AVX-512 BF16 (`vdpbf16ps`), on Intel
+//! AMX (`tdpbf16ps` tiles over the same operands, in `matmul_bf16/amx.rs`) and on aarch64 with
+//! FEAT_BF16 (`BFDOT` by element, in `matmul_bf16/neon.rs`: the same layouts in 4-lane vectors).
 //!
 //! `vdpbf16ps acc, a, b` adds, in each of 16 f32 lanes, the two products of a pair of bf16 values
 //! (`acc[i] += a[2i]·b[2i] + a[2i+1]·b[2i+1]`), twice the multiply rate of an f32 FMA on the same
