@@ -53,6 +53,7 @@ macro_rules! const_dispatch {
 /// Rows of x per packed forward block: 3 vectors of 16 lanes.
 pub const MB: usize = 48;
 /// Rows of W per forward micro-tile (accumulators: 8 × 3 zmm).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const FWD_MR: usize = 8;
 /// Rows of W dequantised per input-gradient chunk (an even number: pairs of rows).
 pub const BWD_ROWS: usize = 128;
@@ -608,6 +609,18 @@ mod neon;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 pub use amx::{has_amx, measure_amx_peak};
+
+/// Whether the AMX kernels run here: never off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_amx() -> bool {
+    false
+}
+
+/// The AMX instruction ceiling: none off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn measure_amx_peak() -> Option<f64> {
+    None
+}
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {

@@ -217,7 +217,6 @@ fn machine_peak(
             let name = format!("{} (bf16)", crate::quant::matmul_bf16::DP_INSTRUCTION);
             best = std::cmp::max_by(best, (bf, name), |a, b| a.0.total_cmp(&b.0));
         }
-        #[cfg(target_arch = "x86_64")]
         if let Some(amx) = crate::quant::matmul_bf16::measure_amx_peak() {
             let name = "tdpbf16ps (AMX bf16)".to_string();
             best = std::cmp::max_by(best, (amx, name), |a, b| a.0.total_cmp(&b.0));
