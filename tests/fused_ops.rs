@@ -76,6 +76,11 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// The values' f32 bit patterns (bit-for-bit comparisons).
+fn bits(t: &Tensor) -> Vec<u32> {
+    to_vec(t).into_iter().map(f32::to_bits).collect()
+}
+
 /// max |got - want| / max |want|.
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
@@ -802,16 +807,6 @@ fn lora_ops_match_composite() {
         assert_eq!(n.0.dims(), &[2, 3, 24]);
         assert_eq!(n.1.dims(), &[2, 3, 40]);
         for (got, want) in [(&n.0, &flat.0), (&n.1, &flat.1), (&n.2, &flat.2)] {
-            let bits = |t: &Tensor| {
-                let v: Vec<f32> = t
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                v.into_iter().map(f32::to_bits).collect::<Vec<_>>()
-            };
             assert_eq!(
                 bits(got),
                 bits(want),
@@ -907,16 +902,6 @@ fn head_layout_ops_match_candle() {
             .unwrap();
         let mc = mc.reshape((b, t, h * d)).unwrap();
         let gc = loss(&sc, &mc).backward().unwrap();
-        let bits = |t: &Tensor| {
-            let v: Vec<f32> = t
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            v.into_iter().map(f32::to_bits).collect::<Vec<_>>()
-        };
         assert_eq!(s.dims(), &[b, h, t, d]);
         assert_eq!(m.dims(), &[b, t, h * d]);
         assert_eq!(bits(&s), bits(&sc.contiguous().unwrap()), "{dtype:?} split");

@@ -131,21 +131,14 @@ impl Nf4Ref<'_> {
             && super::matmul_bf16::has_avx512_bf16()
             && is_x86_feature_detected!("avx2")
         {
-            assert!(
-                first + dst.len() <= self.numel(),
-                "NF4 dequantize past the end of the tensor"
+            return self.by_blocks(
+                first,
+                dst,
+                |first, edge| self.dequantize_bf16_staged(level, first, edge),
+                // SAFETY: AVX-512 F/BW/BF16 and AVX2 checked above; the kernel indexes its
+                // blocks with bounds checks.
+                |block0, body| unsafe { x86::blocks_bf16(self, block0, body) },
             );
-            let head = ((NF4_BLOCK - first % NF4_BLOCK) % NF4_BLOCK).min(dst.len());
-            let (h, rest) = dst.split_at_mut(head);
-            self.dequantize_bf16_staged(level, first, h);
-            let first = first + head;
-            let nfull = rest.len() / NF4_BLOCK * NF4_BLOCK;
-            let (body, tail) = rest.split_at_mut(nfull);
-            // SAFETY: AVX-512 F/BW/BF16 and AVX2 checked above; the kernel indexes its blocks
-            // with bounds checks.
-            unsafe { x86::blocks_bf16(self, first / NF4_BLOCK, body) };
-            self.dequantize_bf16_staged(level, first + nfull, tail);
-            return;
         }
         self.dequantize_bf16_staged(level, first, dst)
     }
@@ -168,19 +161,36 @@ impl Nf4Ref<'_> {
 
     /// [`Self::dequantize`] with an explicit SIMD level (a level the CPU lacks falls back to scalar).
     pub fn dequantize_at(&self, level: super::SimdLevel, first: usize, dst: &mut [f32]) {
+        // Scalar head up to the first block boundary, SIMD over whole blocks, scalar tail.
+        self.by_blocks(
+            first,
+            dst,
+            |first, edge| self.dequantize_scalar(first, edge),
+            |block0, body| self.dequant_blocks(level, block0, body),
+        )
+    }
+
+    /// `dst` (elements from flat element `first`) cut at block boundaries: `edge(first, part)`
+    /// for the partial block at either end, `blocks(block0, part)` for the whole blocks between.
+    fn by_blocks<T>(
+        &self,
+        first: usize,
+        dst: &mut [T],
+        mut edge: impl FnMut(usize, &mut [T]),
+        blocks: impl FnOnce(usize, &mut [T]),
+    ) {
         assert!(
             first + dst.len() <= self.numel(),
             "NF4 dequantize past the end of the tensor"
         );
-        // Scalar head up to the first block boundary, SIMD over whole blocks, scalar tail.
         let head = ((NF4_BLOCK - first % NF4_BLOCK) % NF4_BLOCK).min(dst.len());
         let (h, rest) = dst.split_at_mut(head);
-        self.dequantize_scalar(first, h);
+        edge(first, h);
         let first = first + head;
         let nfull = rest.len() / NF4_BLOCK * NF4_BLOCK;
         let (body, tail) = rest.split_at_mut(nfull);
-        self.dequant_blocks(level, first / NF4_BLOCK, body);
-        self.dequantize_scalar(first + nfull, tail);
+        blocks(first / NF4_BLOCK, body);
+        edge(first + nfull, tail);
     }
 
     /// Scalar reference: `dst[i] = code[nibble(first + i)] * absmax(block(first + i))`.
