@@ -267,6 +267,7 @@ fn bench_on_the_gpu_reports_device_memory() {
         steps: 2,
         warmup: 1,
         dtype: DType::BF16,
+        recompute: None,
         ce_chunk: 64,
         seed: 1,
         optim_8bit: false,

@@ -389,10 +389,19 @@ fn peft_adapter_dir_round_trip() {
 }
 
 /// bf16 compute (what training uses) runs every layout end to end: the loss and logits stay within
-/// bf16's precision of the f32 reference, checkpointed gradients equal the non-checkpointed ones.
+/// bf16's precision of the f32 reference, and so do the gradients (against PEFT's f32 ones) with
+/// the layers recomputed in f32 (the CPU's default) or in bf16; with a bf16 recompute the
+/// checkpointed gradients equal the non-checkpointed ones bit for bit.
 #[test]
 fn bf16_compute_runs_every_layout() {
-    for kind in ["mq", "gqa", "seq"] {
+    for (kind, recompute) in [
+        ("mq", None),
+        ("gqa", None),
+        ("seq", None),
+        ("mq", Some(DType::BF16)),
+        ("gqa", Some(DType::BF16)),
+        ("seq", Some(DType::BF16)),
+    ] {
         let store = WeightStore::open(&fixtures(kind).join("model")).unwrap();
         let dir = fixtures(kind).join("f32");
         let b = batch(&dir);
@@ -409,6 +418,7 @@ fn bf16_compute_runs_every_layout() {
                     }),
                     checkpoint,
                     ce_chunk: 7,
+                    recompute,
                     ..FalconOptions::default()
                 },
             )
@@ -430,6 +440,20 @@ fn bf16_compute_runs_every_layout() {
             r < 3e-2 && lr < 1e-2,
             "{kind} bf16: logits {r:e}, loss {lr:e}"
         );
+        let grads_ref = load_st(&dir.join("grads.safetensors"));
+        let mut worst = 0f64;
+        for (name, want) in &grads_ref {
+            let r = rel(&g1[name].to_dtype(DType::F32).unwrap(), want);
+            worst = worst.max(r);
+        }
+        eprintln!("{kind} bf16, recompute {recompute:?}: worst gradient rel {worst:.2e}");
+        assert!(
+            worst < 3e-2,
+            "{kind} bf16 ({recompute:?}): gradient rel {worst:e}"
+        );
+        if recompute.is_none() {
+            continue;
+        }
         let (_, g2) = load(false)
             .train_grads(&b.ids, Some(&b.mask), &b.labels)
             .unwrap();

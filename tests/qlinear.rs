@@ -334,6 +334,56 @@ fn bf16_activations_and_adapters() {
     }
 }
 
+/// `with_bf16_products` (a bf16 step's f32 recompute): f32 activations multiply as bf16 ones, in
+/// both directions, on the bf16 kernels: equal to the scalar bf16 reference (bf16-rounded operands,
+/// f64 sums) within f32 summation error, a bf16 rounding away from the exact product (within bf16
+/// precision of the fixture's dequantised W in f64); `matmul_t` (DoRA's norm) stays exact.
+#[test]
+fn bf16_products_for_f32_activations() {
+    use qtune::quant::matmul_bf16::{qmatmul_bwd_input_bf16_ref, qmatmul_fwd_bf16_ref};
+    for case in ["q8_0", "nf4"] {
+        let exact = QLinear::new(base_weight(case), None).unwrap();
+        let base = exact.clone().with_bf16_products();
+        let (w, m) = (base_weight(case), 10);
+        let x = Var::from_tensor(&tensor("x", &X)).unwrap();
+        let y = base.forward(x.as_tensor()).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        let g = tensor("g", &[2, 5, OUT]);
+        let dx = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = to_vec(dx.get(&x).unwrap());
+        let (xs, gs) = (to_vec(x.as_tensor()), to_vec(&g));
+        let (mut want_y, mut want_dx) = (vec![0f32; m * OUT], vec![0f32; m * IN]);
+        qmatmul_fwd_bf16_ref(&xs, m, &w.matrix(), &mut want_y);
+        qmatmul_bwd_input_bf16_ref(&gs, m, &w.matrix(), &mut want_dx, false);
+        assert_close(
+            &format!("{case} bf16 products: y"),
+            &to_vec(&y),
+            &want_y,
+            1e-5,
+        );
+        assert_close(&format!("{case} bf16 products: dx"), &dx, &want_dx, 1e-5);
+        let y_exact = to_vec(&exact.forward(x.as_tensor()).unwrap());
+        let off = rel_err(&to_vec(&y), &y_exact);
+        assert!(
+            off > 1e-4,
+            "{case}: bf16 products equal the f32 ones ({off:e})"
+        );
+        // Against the f64 product with the fixture's dequantised W (PyTorch's side).
+        let wd = f32s(&format!("{case}.w_deq"));
+        let want: Vec<f32> = (0..m * OUT)
+            .map(|i| {
+                let (r, o) = (i / OUT, i % OUT);
+                let dot = (0..IN).map(|k| xs[r * IN + k] as f64 * wd[o * IN + k] as f64);
+                dot.sum::<f64>() as f32
+            })
+            .collect();
+        let what = format!("{case} bf16 products: y vs f64");
+        assert_close(&what, &to_vec(&y), &want, 2e-2);
+        let t = base.matmul_t(x.as_tensor()).unwrap();
+        assert_eq!(to_vec(&t), y_exact, "{case}: matmul_t must stay exact");
+    }
+}
+
 #[test]
 fn peft_initialisation() {
     let base = QLinear::new(base_weight("nf4"), None).unwrap();

@@ -40,6 +40,10 @@ pub struct Args {
     /// AVX-512 BF16, else f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Activation dtype of the one-layer recompute: auto (f32 for a bf16 step on the CPU), f32
+    /// or the compute dtype, as `qtune train --recompute-dtype`.
+    #[arg(long, default_value = "auto")]
+    recompute_dtype: String,
     /// Rows per cross-entropy chunk.
     #[arg(long, default_value_t = 256)]
     ce_chunk: usize,
@@ -137,6 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         dtype,
+        recompute: qtune::nn::device::recompute_dtype(&a.recompute_dtype)?,
         ce_chunk: a.ce_chunk,
         seed: a.seed,
         optim_8bit: a.optim_8bit,

@@ -32,6 +32,8 @@ pub struct QLinear {
     out_features: usize,
     in_features: usize,
     fwd: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+    /// f32 activations take bf16 products too (see [`QLinear::with_bf16_products`]).
+    bf16_products: bool,
     /// The weight's device copies (`--features cuda`), shared by forward, backward and the
     /// cross-entropy through this layer.
     #[cfg(feature = "cuda")]
@@ -133,6 +135,7 @@ impl QLinear {
         let fwd: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(QMatMulOp {
             w: weight.clone(),
             dir: Dir::Forward,
+            bf16_products: false,
             #[cfg(feature = "cuda")]
             gpu: gpu.clone(),
         }));
@@ -142,9 +145,31 @@ impl QLinear {
             out_features,
             in_features,
             fwd,
+            bf16_products: false,
             #[cfg(feature = "cuda")]
             gpu,
         })
+    }
+
+    /// This linear with f32 activations (CPU) multiplied as bf16 has them: operands rounded to
+    /// bf16, f32 sums, on the bf16 kernels (AMX / AVX-512 BF16), forward and input gradient. A
+    /// bf16 step recomputes its layers in f32 activations (`LlamaOptions::recompute_dtype`) and
+    /// keeps its products bf16 this way. [`QLinear::matmul_t`] stays exact.
+    pub fn with_bf16_products(mut self) -> Self {
+        self.bf16_products = true;
+        self.fwd = Arc::new(Box::new(self.op(Dir::Forward, true)));
+        self
+    }
+
+    /// The op computing `dir` with this weight.
+    fn op(&self, dir: Dir, bf16_products: bool) -> QMatMulOp {
+        QMatMulOp {
+            w: self.weight.clone(),
+            dir,
+            bf16_products,
+            #[cfg(feature = "cuda")]
+            gpu: self.gpu.clone(),
+        }
     }
 
     /// The linear named `weight` in `store` (e.g. `model.layers.0.self_attn.q_proj.weight`), with
@@ -213,7 +238,10 @@ impl QLinear {
 
     /// `x (.., in) · Wᵀ` without the bias, differentiable in x only (DoRA's `A·Wᵀ`).
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_arc(self.fwd.clone())
+        match self.bf16_products {
+            false => x.contiguous()?.apply_op1_arc(self.fwd.clone()),
+            true => x.contiguous()?.apply_op1(self.op(Dir::Forward, false)),
+        }
     }
 
     /// The weight's device copies (made on first use on a GPU).
@@ -270,6 +298,8 @@ enum Dir {
 struct QMatMulOp {
     w: Arc<StoredTensor>,
     dir: Dir,
+    /// f32 arguments run the bf16 kernels (bf16 operands, f32 sums).
+    bf16_products: bool,
     #[cfg(feature = "cuda")]
     gpu: Arc<crate::cuda::GpuWeightCache>,
 }
@@ -289,9 +319,11 @@ impl QMatMulOp {
         let w = self.w.matrix();
         let (_, out_w) = self.widths();
         let mut out = vec![0f32; m * out_w];
-        match self.dir {
-            Dir::Forward => qmatmul_fwd(arg, m, &w, &mut out),
-            Dir::InputGrad => qmatmul_bwd_input(arg, m, &w, &mut out, false),
+        match (self.dir, self.bf16_products) {
+            (Dir::Forward, false) => qmatmul_fwd(arg, m, &w, &mut out),
+            (Dir::InputGrad, false) => qmatmul_bwd_input(arg, m, &w, &mut out, false),
+            (Dir::Forward, true) => qmatmul_fwd_bf16(arg, m, &w, &mut out),
+            (Dir::InputGrad, true) => qmatmul_bwd_input_bf16(arg, m, &w, &mut out, false),
         }
         out
     }
@@ -413,6 +445,7 @@ impl CustomOp1 for QMatMulOp {
                 Dir::Forward => Dir::InputGrad,
                 Dir::InputGrad => Dir::Forward,
             },
+            bf16_products: self.bf16_products,
             #[cfg(feature = "cuda")]
             gpu: self.gpu.clone(),
         };

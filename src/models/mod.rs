@@ -271,6 +271,8 @@ pub trait Decoder {
     fn ce_chunk(&self) -> usize;
     /// Gradient checkpointing per layer in training.
     fn checkpoint(&self) -> bool;
+    /// Activation dtype of the checkpointed backward's one-layer recompute.
+    fn recompute_dtype(&self) -> DType;
     /// Rows a sequence-level adapter puts before the tokens (prompt tuning; 0: none): the
     /// embedding and every layer see `N + T` positions, the loss the last `T + 1` (the last
     /// virtual row predicts the first token), the logits of `forward` the last `T`.

@@ -61,6 +61,9 @@ pub struct LlamaOptions {
     /// Where activations, adapters and norms live: the CPU, or a GPU (`--features cuda`; frozen
     /// weights stay memory-mapped on the host and are copied to it once, still quantised).
     pub device: Device,
+    /// Activation dtype of the checkpointed backward's one-layer recompute: `None` is auto (see
+    /// [`LlamaOptions::recompute_dtype`]), else f32 or the compute dtype.
+    pub recompute: Option<DType>,
 }
 
 impl Default for LlamaOptions {
@@ -72,7 +75,32 @@ impl Default for LlamaOptions {
             checkpoint: true,
             ce_chunk: 256,
             device: Device::Cpu,
+            recompute: None,
         }
+    }
+}
+
+impl LlamaOptions {
+    /// The activation dtype each layer is recomputed and differentiated in: `recompute` when set;
+    /// auto is f32 for a bf16 step on the CPU, the compute dtype elsewhere. Why f32 there: candle's
+    /// backward gives every node's gradient a zero tensor and an add in the activation dtype, and
+    /// its CPU bf16 add converts element by element through out-of-line calls (42 % of a 7B
+    /// step's samples on an AMX CPU, session 10); in f32 those adds vectorise. The products stay
+    /// bf16 (the layer linears take bf16 products for f32 activations, see
+    /// [`QLinear::with_bf16_products`]), the checkpoints and the forward stay bf16, and the
+    /// one recomputed layer's activations take twice the bytes (the plan counts them).
+    pub fn recompute_dtype(&self) -> DType {
+        match self.recompute {
+            Some(d) => d,
+            None if self.dtype == DType::BF16 && self.device.is_cpu() => DType::F32,
+            None => self.dtype,
+        }
+    }
+
+    /// Whether the layer linears take bf16 products for f32 activations: a bf16 model whose
+    /// layers are recomputed in f32.
+    pub fn bf16_products(&self) -> bool {
+        self.dtype == DType::BF16 && self.recompute_dtype() == DType::F32
     }
 }
 

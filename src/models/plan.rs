@@ -124,6 +124,8 @@ impl MemoryPlan {
         }
         let weights = weight_bytes(store, spec, opts);
         let s = opts.dtype.size_in_bytes();
+        // The recomputed layer's activations (f32 for a bf16 step on the CPU).
+        let rs = opts.recompute_dtype().size_in_bytes();
         // Prompt learning: N rows before every sequence (every layer sees N + T positions), or an
         // N-slot KV prefix per layer; and its trainable tensors.
         let (prompt_rows, prefix, prompt_numels) = prompt_terms(prompt, spec);
@@ -148,17 +150,30 @@ impl MemoryPlan {
             batch,
             seq,
             s,
+            rs,
             prefix,
         };
-        // (graph, leftovers) of every adapter layout among the layers (none: no adapter).
-        let layouts: Vec<(usize, usize)> = match per_layer_lora.is_empty() {
-            true => vec![shape.layer(&vec![false; dims.len()])],
-            false => per_layer_lora.iter().map(|x| shape.layer(x)).collect(),
+        // (graph, leftovers) of every adapter layout among the layers (none: no adapter), for a
+        // layer recomputed in `rs` bytes an element, and run forward in `s` (the reference).
+        let layouts = |shape: &StepShape| -> Vec<(usize, usize)> {
+            match per_layer_lora.is_empty() {
+                true => vec![shape.layer(&vec![false; dims.len()])],
+                false => per_layer_lora.iter().map(|x| shape.layer(x)).collect(),
+            }
         };
-        let graph = layouts.iter().map(|(g, lo)| g + lo).max().unwrap_or(0);
-        let graph_only = layouts.iter().map(|(g, _)| *g).max().unwrap_or(0);
+        let graph = layouts(&shape)
+            .iter()
+            .map(|(g, lo)| g + lo)
+            .max()
+            .unwrap_or(0);
+        let forward_shape = StepShape { rs: s, ..shape };
+        let graph_only = layouts(&forward_shape)
+            .iter()
+            .map(|(g, _)| *g)
+            .max()
+            .unwrap_or(0);
         let rows = opts.ce_chunk.max(1).min(n);
-        let ce_chunk = fused_ce_chunk(rows, spec.vocab, n, spec.hidden, shape.norm_elem());
+        let ce_chunk = fused_ce_chunk(rows, spec.vocab, n, spec.hidden, shape.norm_elem(s));
         Ok(MemoryPlan {
             weights,
             adapters: lora_params * s + frozen,
@@ -169,7 +184,9 @@ impl MemoryPlan {
             // l layer inputs, the final hidden state, its head gradient and the gradient passed on.
             checkpoints: (spec.layers + 3) * hidden,
             layer_phase,
-            recompute: graph + shape.in_flight(),
+            // A wider recompute also widens the layer's input, its variable copy and the
+            // gradient coming in (the checkpoints above count them in the forward's dtype).
+            recompute: graph + shape.in_flight() + 3 * batch * seq * spec.hidden * (rs - s),
             // The f32 conversions of half-precision products count whole, beside the gradients
             // in flight: their buffers are thread-local and kept between calls (QLinear's f32
             // output, the bf16 kernels' packed activations), resident from the first product
@@ -296,27 +313,31 @@ struct StepShape<'a> {
     batch: usize,
     seq: usize,
     s: usize,
+    /// Bytes an element of the recomputed layer (`LlamaOptions::recompute_dtype`).
+    rs: usize,
     prefix: usize,
 }
 
 impl StepShape<'_> {
-    /// Whether activations are in half precision (the f32 kernels and norms convert them).
+    /// Whether the forward's activations are in half precision (the f32 kernels convert them).
     fn half(&self) -> bool {
         self.s < 4
     }
 
-    /// Bytes a norm keeps per hidden element.
-    fn norm_elem(&self) -> usize {
+    /// Bytes a norm keeps per hidden element of `s` bytes.
+    fn norm_elem(&self, s: usize) -> usize {
         match self.spec.norm {
             // The fused RMSNorm's and LayerNorm's output only (nn::fused; statistics are
             // recomputed in backward; a GPU's composite LayerNorm is in `GpuTerms`).
-            NormKind::Rms | NormKind::LayerNorm => self.s,
+            NormKind::Rms | NormKind::LayerNorm => s,
         }
     }
 
-    /// (graph, leftovers) of one layer whose linears carry an adapter where `lora` is set (bytes).
+    /// (graph, leftovers) of one layer whose linears carry an adapter where `lora` is set (bytes),
+    /// recomputed in `rs` bytes an element.
     fn layer(&self, lora: &[bool]) -> (usize, usize) {
-        let (spec, s, half) = (self.spec, self.s, self.half());
+        let (spec, s) = (self.spec, self.rs);
+        let half = s < 4;
         let (b, t) = (self.batch, self.seq);
         let (n, c, i) = (b * t, spec.hidden, spec.ffn);
         let (h, k, d) = (spec.heads, spec.kv_heads, spec.head_dim);
@@ -357,7 +378,7 @@ impl StepShape<'_> {
         } + n * c * s;
         // the surrogate's f32 copies (half) and product.
         let surrogate = n * c * 4 * if half { 3 } else { 1 };
-        let norms = (1 + usize::from(spec.names.mlp_norm.is_some())) * n * c * self.norm_elem();
+        let norms = (1 + usize::from(spec.names.mlp_norm.is_some())) * n * c * self.norm_elem(s);
         let graph = norms + proj + split + rope + heads + scores + mlp + surrogate;
         // candle's backward gives every operand of its own binary ops a gradient, wanted or
         // not; one nothing consumes stays in the gradient store until the layer's backward
@@ -370,7 +391,7 @@ impl StepShape<'_> {
     /// Gradients in flight during one layer's backward (bytes).
     fn in_flight(&self) -> usize {
         let spec = self.spec;
-        let (b, t, s) = (self.batch, self.seq, self.s);
+        let (b, t, s) = (self.batch, self.seq, self.rs);
         let (n, c, i) = (b * t, spec.hidden, spec.ffn);
         let (h, k, d) = (spec.heads, spec.kv_heads, spec.head_dim);
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary

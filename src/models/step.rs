@@ -392,12 +392,16 @@ fn train_with<M: Decoder, R>(
     }
     drop(x);
     let mut out = HashMap::new();
+    // The recompute's activation dtype (`LlamaOptions::recompute_dtype`): a bf16 step's layers
+    // are recomputed and differentiated in f32 on the CPU, their products still bf16.
+    let rdt = m.recompute_dtype();
     // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
     for li in (0..m.num_layers()).rev() {
         let xin = saved
             .pop()
             .expect("one saved input per layer")
             .to_device(&dev)
+            .and_then(|x| x.to_dtype(rdt))
             .map_err(cerr("checkpoint"))?;
         let (gs, xv) = (|| -> candle_core::Result<_> {
             let xv = Var::from_tensor(&xin)?;

@@ -76,6 +76,24 @@ fn check_options(opts: &LlamaOptions) -> Result<()> {
             opts.dtype
         )));
     }
+    match opts.recompute {
+        None => {}
+        Some(d) if d == opts.dtype => {}
+        Some(DType::F32) if opts.device.is_cpu() => {}
+        Some(DType::F32) => {
+            return Err(Error::Invalid(
+                "an f32 recompute of a bf16 step runs on the CPU only; use --recompute-dtype \
+                 auto or bf16 on a GPU"
+                    .into(),
+            ))
+        }
+        Some(d) => {
+            return Err(Error::Invalid(format!(
+                "recompute dtype {d:?}: use f32 or the compute dtype {:?}",
+                opts.dtype
+            )))
+        }
+    }
     if let Some(q) = opts.quant {
         if q != QType::NF4 && !dispatch::QUANTIZABLE.contains(&q) {
             return Err(Error::Invalid(format!(
@@ -226,7 +244,10 @@ impl Transformer {
                 } else {
                     None
                 };
-                let base = QLinear::new(Arc::new(w), bias)?;
+                let mut base = QLinear::new(Arc::new(w), bias)?;
+                if opts.bf16_products() {
+                    base = base.with_bf16_products();
+                }
                 let adapter = match method {
                     Some(m) if targets.contains(&pname) && m.adapts_layer(i) => {
                         Some(m.build(&base, i * np + pi, opts.dtype, &opts.device)?)
@@ -715,6 +736,9 @@ impl super::Decoder for Transformer {
     }
     fn checkpoint(&self) -> bool {
         self.opts.checkpoint
+    }
+    fn recompute_dtype(&self) -> DType {
+        self.opts.recompute_dtype()
     }
     fn prompt_len(&self) -> usize {
         self.prompt_rows()

@@ -32,6 +32,19 @@ pub fn compute_dtype(dtype: &str, device: &str, hidden: Option<usize>) -> Result
     }
 }
 
+/// The recompute dtype `--recompute-dtype` names: `auto` (None: see
+/// [`crate::models::LlamaOptions::recompute_dtype`]), `f32` or `bf16`.
+pub fn recompute_dtype(name: &str) -> Result<Option<DType>> {
+    match name.to_ascii_lowercase().as_str() {
+        "auto" => Ok(None),
+        "f32" => Ok(Some(DType::F32)),
+        "bf16" => Ok(Some(DType::BF16)),
+        d => Err(Error::Invalid(format!(
+            "--recompute-dtype {d}: use auto, f32 or bf16"
+        ))),
+    }
+}
+
 /// The device called `name`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA name needs a build with
 /// `--features cuda` and a GPU of compute capability 8.0 or newer.
 pub fn open(name: &str) -> Result<Device> {

@@ -25,6 +25,11 @@ pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_js
         "adam-beta1": cfg.adam_beta1, "adam-beta2": cfg.adam_beta2, "adam-eps": cfg.adam_eps,
         "dtype": cfg.dtype,
     });
+    // The recompute's dtype changes a bf16 step's gradients; auto (the default) adds no key, so
+    // checkpoints of earlier runs resume as they were.
+    if cfg.recompute_dtype != "auto" {
+        k["recompute-dtype"] = serde_json::json!(cfg.recompute_dtype);
+    }
     // Only a DoRA or prompt-learning run has these (a LoRA checkpoint's keys stay as they were).
     if cfg.method != super::config::Method::Lora {
         k["method"] = serde_json::json!(cfg.method);

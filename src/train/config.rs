@@ -175,6 +175,11 @@ pub struct TrainConfig {
     /// of hidden size 1024 or more; else f32), bf16 or f32 [default: auto].
     #[arg(long, default_value = "auto", hide_default_value = true)]
     pub dtype: String,
+    /// Activation dtype of the checkpointed backward's one-layer recompute: auto (f32 when a bf16
+    /// step runs on the CPU, where candle's element-wise bf16 backward is slow; products stay
+    /// bf16), f32 or the compute dtype [default: auto].
+    #[arg(long, default_value = "auto", hide_default_value = true)]
+    pub recompute_dtype: String,
     /// cpu, cuda or cuda:N (a build with `--features cuda`; compute capability 8.0+)
     /// [default: cpu].
     #[arg(long, default_value = "cpu", hide_default_value = true)]
@@ -275,6 +280,7 @@ impl TrainConfig {
         self.quant_type()?;
         self.schedule_kind()?;
         self.compute_dtype(None)?;
+        self.recompute()?;
         self.max_memory_bytes()?;
         if self.rank == 0 {
             return Err(bad("rank", "must be at least 1".into()));
@@ -479,6 +485,16 @@ impl TrainConfig {
         }
     }
 
+    /// `recompute-dtype` parsed (`None`: auto).
+    pub fn recompute(&self) -> Result<Option<DType>> {
+        crate::nn::device::recompute_dtype(&self.recompute_dtype).map_err(|_| {
+            bad(
+                "recompute-dtype",
+                format!("'{}' is not auto, f32 or bf16", self.recompute_dtype),
+            )
+        })
+    }
+
     /// `dtype` parsed on `device`, for a model of `hidden` size when known (`auto`: see
     /// [`crate::nn::device::compute_dtype`]).
     pub fn compute_dtype(&self, hidden: Option<usize>) -> Result<DType> {
@@ -555,6 +571,7 @@ mod tests {
         for (text, key) in [
             ("schedule = \"step\"", "--schedule"),
             ("dtype = \"f16\"", "--dtype"),
+            ("recompute-dtype = \"f16\"", "--recompute-dtype"),
             ("quant = \"q3_k\"", "--quant"),
             ("max-memory = \"lots\"", "--max-memory"),
             ("rank = 0", "--rank"),

@@ -246,6 +246,7 @@ impl<'a, O: Objective> Run<'a, O> {
             lora: pspec.is_none().then(|| spec.clone()),
             checkpoint: true,
             device: device.clone(),
+            recompute: cfg.recompute()?,
             ..LlamaOptions::default()
         };
         // Memory plan before anything is loaded; the process so far (binary, tokenizer, data) is

@@ -60,6 +60,8 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Compute dtype (f32 or bf16).
     pub dtype: DType,
+    /// The one-layer recompute's dtype (`None`: auto, see [`LlamaOptions::recompute_dtype`]).
+    pub recompute: Option<DType>,
     /// Rows per cross-entropy chunk.
     pub ce_chunk: usize,
     /// Seed of weights and tokens.
@@ -198,6 +200,7 @@ fn bench_options(cfg: &BenchConfig, device: Device) -> LlamaOptions {
         }),
         checkpoint: true,
         ce_chunk: cfg.ce_chunk,
+        recompute: cfg.recompute,
         device,
     }
 }
