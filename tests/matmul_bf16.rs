@@ -19,8 +19,9 @@ use qtune::quant::{QData, QMatrix, QType};
 
 // (N, K): odd N (pairs padded), N past one 128-row input-gradient chunk, K of 256 and 1280
 // (several 256-column tasks, a 1024-element staging chunk and its tail), and K = 208: 104 pairs,
-// whose last 8 are past AMX's 16-pair tiles (the AVX-512 micro-tiles add them).
-const SHAPES: [(usize, usize); 4] = [(75, 768), (301, 1280), (13, 256), (37, 208)];
+// whose last 8 are past AMX's 16-pair tiles (the AVX-512 micro-tiles add them); N = 517 past
+// one 512-row AMX input-gradient chunk and eight 64-row AMX forward tasks.
+const SHAPES: [(usize, usize); 5] = [(75, 768), (301, 1280), (13, 256), (37, 208), (517, 256)];
 // M: one GEMV-sized (falls back to f32), partial 48-row blocks and 6-row micro-tiles.
 const MS: [usize; 4] = [3, 5, 50, 131];
 

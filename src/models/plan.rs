@@ -418,7 +418,14 @@ impl StepShape<'_> {
         let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
         let (n, half) = (self.batch * self.seq, self.half());
         let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
-        rayon::current_num_threads() * 2 * TILE_BYTES + convert
+        // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.
+        let k = dims.iter().map(|&(_, inp)| inp).max().unwrap_or(c);
+        let amx = if half {
+            crate::quant::matmul_bf16::amx_scratch_bytes(k)
+        } else {
+            0
+        };
+        rayon::current_num_threads() * (2 * TILE_BYTES).max(amx) + convert
     }
 }
 

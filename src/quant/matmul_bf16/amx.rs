@@ -147,7 +147,8 @@ impl Bf16Kernels for Amx {
     const FWD_MR: usize = Avx512::FWD_MR;
     const BWD_MR: usize = Avx512::BWD_MR;
     const NR: usize = Avx512::NR;
-    const ROW_UNIT: usize = 16;
+    const ROW_UNIT: usize = super::AMX_ROW_UNIT;
+    const BWD_CHUNK: usize = super::AMX_BWD_CHUNK;
 
     unsafe fn tile(t: &Sweep, width: usize) {
         Avx512::tile(t, width)
