@@ -222,6 +222,34 @@ fn dequant(c: &mut Criterion) {
     g.finish();
 }
 
+/// Dequantisation into bf16 from a 1 GiB source (the bf16 kernels' tiles, 2 threads): larger than
+/// any L3 here (an AMX Xeon VM has 300 MiB, where `dequant`'s 64 MB sources stay in L3), so the
+/// blocks come from DRAM as `bandwidth/read_sum_1GiB`'s do. Throughput in stored bytes.
+fn dequant_dram(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dequant_dram");
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(10);
+    let mut rng = Rng(12);
+    for t in [QType::Q4_0, QType::Q8_0, QType::Q4_K, QType::Q6_K] {
+        let chunk_elems = 16384usize;
+        let chunk_bytes = t.bytes_for(chunk_elems).unwrap();
+        let src = random_weights(t, (1 << 30) / chunk_bytes, chunk_elems, &mut rng);
+        g.throughput(Throughput::Bytes(src.len() as u64));
+        g.bench_function(BenchmarkId::new("2threads_in_bf16_1GiB", t.name()), |b| {
+            b.iter(|| {
+                src.par_chunks(chunk_bytes).for_each_init(
+                    || vec![bf16::ZERO; chunk_elems],
+                    |out, s| {
+                        dequantize_bf16(t, s, out);
+                        black_box(out[0]);
+                    },
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 /// NF4 (bitsandbytes' layout, double quant): f32 out, and bf16 out by the table kernel and
 /// staged through f32; throughput in stored bytes (codes and 8-bit absmax).
 fn dequant_nf4(c: &mut Criterion) {
@@ -461,6 +489,6 @@ fn decode(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bandwidth, fma_peak, dequant, dequant_nf4, matmul, decode
+    targets = bandwidth, fma_peak, dequant, dequant_nf4, dequant_dram, matmul, decode
 }
 criterion_main!(benches);
