@@ -97,6 +97,26 @@ impl LlamaOptions {
         }
     }
 
+    /// An error unless `recompute` is auto, the compute dtype, or f32 on the CPU (checked before
+    /// the plan and the load).
+    pub fn check_recompute(&self) -> Result<()> {
+        match self.recompute {
+            None => Ok(()),
+            Some(d) if d == self.dtype => Ok(()),
+            Some(DType::F32) if self.device.is_cpu() => Ok(()),
+            Some(DType::F32) => Err(Error::Invalid(
+                "an f32 recompute of a bf16 step runs on the CPU only; use --recompute-dtype \
+                 auto or bf16 on a GPU"
+                    .into(),
+            )),
+            Some(d) => Err(Error::Invalid(format!(
+                "--recompute-dtype {}: use f32 or the compute dtype ({})",
+                d.as_str(),
+                self.dtype.as_str()
+            ))),
+        }
+    }
+
     /// Whether the layer linears take bf16 products for f32 activations: a bf16 model whose
     /// layers are recomputed in f32.
     pub fn bf16_products(&self) -> bool {

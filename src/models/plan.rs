@@ -119,6 +119,7 @@ impl MemoryPlan {
         // A sequence past a sliding window, or a prompt method PEFT cannot run on this model, is
         // refused before anything is loaded or planned.
         spec.check_window(seq)?;
+        opts.check_recompute()?;
         if let Some(p) = prompt {
             super::check_prompt(p, spec, &store.path)?;
         }

@@ -133,3 +133,33 @@ fn optimizer_term_follows_the_moment_storage() {
         12 * 4095 + 6 * 4097 + 8 * 17
     );
 }
+
+/// The recompute's dtype: auto widens a bf16 CPU step's layer to f32 (the plan's recompute term
+/// grows, nothing else), an explicit bf16 recompute plans as before, and a recompute narrower than
+/// the compute dtype is an error before anything is planned.
+#[test]
+fn recompute_dtype_widens_only_the_recompute_term() {
+    use candle_core::DType;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+    let store = WeightStore::open(&dir.join("model")).unwrap();
+    let plan = |dtype, recompute| {
+        let opts = LlamaOptions {
+            dtype,
+            recompute,
+            lora: Some(crate::models::LoraSpec::default()),
+            ..LlamaOptions::default()
+        };
+        MemoryPlan::for_store(&store, &opts, 2, 32)
+    };
+    let auto = plan(DType::BF16, None).unwrap();
+    let wide = plan(DType::BF16, Some(DType::F32)).unwrap();
+    let narrow = plan(DType::BF16, Some(DType::BF16)).unwrap();
+    assert_eq!(auto, wide);
+    assert!(wide.recompute > narrow.recompute, "{wide:?} / {narrow:?}");
+    let rest = |p: &MemoryPlan| (p.weights, p.adapters, p.checkpoints, p.kernel_scratch);
+    assert_eq!(rest(&wide), rest(&narrow));
+    let f32_plan = plan(DType::F32, None).unwrap();
+    assert_eq!(plan(DType::F32, Some(DType::F32)).unwrap(), f32_plan);
+    let e = plan(DType::F32, Some(DType::BF16)).unwrap_err().to_string();
+    assert!(e.contains("--recompute-dtype bf16"), "{e}");
+}

@@ -76,24 +76,7 @@ fn check_options(opts: &LlamaOptions) -> Result<()> {
             opts.dtype
         )));
     }
-    match opts.recompute {
-        None => {}
-        Some(d) if d == opts.dtype => {}
-        Some(DType::F32) if opts.device.is_cpu() => {}
-        Some(DType::F32) => {
-            return Err(Error::Invalid(
-                "an f32 recompute of a bf16 step runs on the CPU only; use --recompute-dtype \
-                 auto or bf16 on a GPU"
-                    .into(),
-            ))
-        }
-        Some(d) => {
-            return Err(Error::Invalid(format!(
-                "recompute dtype {d:?}: use f32 or the compute dtype {:?}",
-                opts.dtype
-            )))
-        }
-    }
+    opts.check_recompute()?;
     if let Some(q) = opts.quant {
         if q != QType::NF4 && !dispatch::QUANTIZABLE.contains(&q) {
             return Err(Error::Invalid(format!(
