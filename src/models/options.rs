@@ -97,6 +97,27 @@ impl LlamaOptions {
         }
     }
 
+    /// The load options the decoder supports: f32 or bf16 compute, quantisation at load to a type
+    /// we write, a recompute dtype [`LlamaOptions::check_recompute`] takes.
+    pub fn check(&self) -> Result<()> {
+        if !matches!(self.dtype, DType::F32 | DType::BF16) {
+            return Err(Error::Invalid(format!(
+                "compute dtype {:?} is not supported; use f32 or bf16",
+                self.dtype
+            )));
+        }
+        self.check_recompute()?;
+        if let Some(q) = self.quant {
+            if q != QType::NF4 && !crate::quant::dispatch::QUANTIZABLE.contains(&q) {
+                return Err(Error::Invalid(format!(
+                    "cannot quantise at load to {}; use Q4_0, Q8_0, Q4_K, Q6_K or NF4",
+                    q.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// An error unless `recompute` is auto, the compute dtype, or f32 on the CPU (checked before
     /// the plan and the load).
     pub fn check_recompute(&self) -> Result<()> {

@@ -15,7 +15,7 @@ use super::weights::load_linear;
 use crate::lora::seam::{AdapterMethod, LinearAdapter, SequenceAdapter};
 use crate::lora::QLinear;
 use crate::nn::{self, fused};
-use crate::quant::{dispatch, QType};
+use crate::quant::QType;
 use crate::store::{StoredTensor, WeightStore};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -65,27 +65,6 @@ pub struct Transformer {
     /// while 8-bit activations are on; their file pages are released.
     packed: HashMap<usize, crate::quant::dot8_pack::Packed>,
     hooks: Option<Box<dyn SequenceAdapter>>,
-}
-
-/// The load options the decoder supports: f32 or bf16 compute, quantisation at load to a type
-/// we write.
-fn check_options(opts: &LlamaOptions) -> Result<()> {
-    if !matches!(opts.dtype, DType::F32 | DType::BF16) {
-        return Err(Error::Invalid(format!(
-            "compute dtype {:?} is not supported; use f32 or bf16",
-            opts.dtype
-        )));
-    }
-    opts.check_recompute()?;
-    if let Some(q) = opts.quant {
-        if q != QType::NF4 && !dispatch::QUANTIZABLE.contains(&q) {
-            return Err(Error::Invalid(format!(
-                "cannot quantise at load to {}; use Q4_0, Q8_0, Q4_K, Q6_K or NF4",
-                q.name()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Float vector `t` of `n` elements as f32 (norm weights, biases, rotary factors): an error saying
@@ -154,7 +133,7 @@ fn embedding_and_head(
 impl Transformer {
     /// Loads the model `spec` describes from `store`.
     pub fn load(store: &WeightStore, spec: Spec, opts: LlamaOptions) -> Result<Self> {
-        check_options(&opts)?;
+        opts.check()?;
         let get = |name: &str| -> Result<&StoredTensor> {
             store.get(name).ok_or_else(|| Error::MissingTensor {
                 path: store.path.clone(),
