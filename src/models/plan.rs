@@ -187,7 +187,7 @@ impl MemoryPlan {
             layer_phase,
             // A wider recompute also widens the layer's input, its variable copy and the
             // gradient coming in (the checkpoints above count them in the forward's dtype).
-            recompute: graph + shape.in_flight() + 3 * batch * seq * spec.hidden * (rs - s),
+            recompute: graph + shape.in_flight() + 3 * n * spec.hidden * (rs - s),
             // The f32 conversions of half-precision products count whole, beside the gradients
             // in flight: their buffers are thread-local and kept between calls (QLinear's f32
             // output, the bf16 kernels' packed activations), resident from the first product

@@ -179,7 +179,7 @@ pub fn measure_bf16_peak() -> Option<f64> {
 /// can pass the f32 kernels' `TILE_BYTES` budget; 0 elsewhere (within that budget).
 pub fn amx_scratch_bytes(k: usize) -> usize {
     match has_amx() {
-        true => (AMX_ROW_UNIT * k * 2).max(AMX_BWD_CHUNK * 256 * 4),
+        true => (AMX_ROW_UNIT * k * 2).max(AMX_BWD_CHUNK * BWD_MAX_COLS * 4),
         false => 0,
     }
 }
@@ -333,11 +333,17 @@ pub fn fwd_rows(n: usize, k: usize, unit: usize) -> usize {
     fit.min(balance.max(unit))
 }
 
+/// The most columns of dx [`bwd_cols`] gives a task (before rounding to the block size), which
+/// [`amx_scratch_bytes`] sizes an input-gradient chunk by.
+const BWD_MAX_COLS: usize = 256;
+
 /// Columns of dx one input-gradient task owns: a multiple of the block size and of 16.
 fn bwd_cols(w: &QMatrix) -> usize {
     let k = w.cols;
     let step = lcm(w.block_size().max(1), 16);
-    let want = k.div_ceil(rayon::current_num_threads() * 4).clamp(64, 256);
+    let want = k
+        .div_ceil(rayon::current_num_threads() * 4)
+        .clamp(64, BWD_MAX_COLS);
     (want.div_ceil(step) * step).min(k)
 }
 
