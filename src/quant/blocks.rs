@@ -82,6 +82,26 @@ pub fn scale_min_k4(j: usize, s: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// All eight scales then all eight mins of [`scale_min_k4`], unpacked a 32-bit word at a time
+/// (four bytes per operation, for the SIMD kernels that take them as one vector).
+#[inline(always)]
+pub fn scales_mins_k4(s: &[u8; 12]) -> [u8; 16] {
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (a, b, c) = (w(0), w(1), w(2));
+    let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let words = [
+        a & low6,
+        (c & low4) | (((a >> 6) & top2) << 4),
+        b & low6,
+        ((c >> 4) & low4) | (((b >> 6) & top2) << 4),
+    ];
+    let mut out = [0u8; 16];
+    for (o, v) in out.chunks_exact_mut(4).zip(words) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
 /// Unpacks the 16 6-bit Q3_K scales (still biased by 32).
 #[inline(always)]
 pub fn scales_q3_k(s: &[u8; 12]) -> [u8; 16] {
@@ -98,6 +118,24 @@ pub fn scales_q3_k(s: &[u8; 12]) -> [u8; 16] {
 mod tests {
     use super::*;
     use crate::quant::QType;
+
+    #[test]
+    fn scales_mins_k4_unpacks_as_scale_min_k4() {
+        // Each pattern puts every byte value in every position over v in 0..256 (v + c and
+        // 151·v + c are bijections mod 256), with two different relations between positions.
+        let patterns = |v: u32| -> [[u8; 12]; 2] {
+            [
+                std::array::from_fn(|i| (v + 37 * i as u32) as u8),
+                std::array::from_fn(|i| (151 * v + 97 * i as u32) as u8),
+            ]
+        };
+        for s in (0..256u32).flat_map(patterns) {
+            let all = scales_mins_k4(&s);
+            for j in 0..8 {
+                assert_eq!((all[j], all[8 + j]), scale_min_k4(j, &s), "{s:?} j={j}");
+            }
+        }
+    }
 
     #[test]
     fn sizes_match_qtype() {

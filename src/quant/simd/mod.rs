@@ -61,7 +61,7 @@ pub fn dequant_bf16_fn(
         SimdLevel::Avx2 if x86::has_avx2() => x86::avx2::dequant_bf16_fn(qtype),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if x86::has_avx512_bf16() && !integer_rounding => {
-            x86::avx512bf16_lut::dequant_bf16_fn(qtype)
+            x86::avx512bf16_blocks::dequant_bf16_fn(qtype)
                 .or_else(|| x86::avx512bf16::dequant_bf16_fn(qtype))
         }
         #[cfg(target_arch = "x86_64")]

@@ -584,17 +584,13 @@ pub mod avx512bf16 {
 /// `f32(q) · dl − ml`) and rounded, two (sub-)blocks' tables in one register by one
 /// `vcvtne2ps2bf16`, then `vpermw` looks the 32 codes of a (sub-)block up in them (the second
 /// block's codes or'ed with 16): the same bits as the kernels above, in a third of the
-/// instructions. AVX-512 BW and BF16 (the caller checked: `simd::dequant_bf16_fn`).
-pub mod avx512bf16_lut {
-    use crate::quant::blocks::scale_min_k4;
+/// instructions. Q6_K (sixteen values a scale: a table would cost what it saves) gets a kernel
+/// that takes its scales as one vector. AVX-512 BW and BF16 (the caller checked:
+/// `simd::dequant_bf16_fn`).
+pub mod avx512bf16_blocks {
+    use crate::quant::blocks::scales_mins_k4;
     use half::bf16;
     use std::arch::x86_64::*;
-
-    /// The f16 at byte `i` (as the kernels above read it).
-    #[inline(always)]
-    fn f16_at(b: &[u8], i: usize) -> f32 {
-        half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-    }
 
     /// Two 16-entry tables in one register: `f32(c) · d0 − m0` in words 0..16 and
     /// `f32(c) · d1 − m1` in words 16..32 (c = `first`..`first`+16, the lanes of `table_codes`),
@@ -667,28 +663,91 @@ pub mod avx512bf16_lut {
     }
 
     /// Q4_K: sub-block j's `q · (d·sc_j) − dmin·m_j`; a 32-byte chunk's low nibbles (sub-block
-    /// 2c) and high nibbles (2c+1) share one table register.
+    /// 2c) and high nibbles (2c+1) share one table register. The eight `d·sc_j` and `dmin·m_j`
+    /// are one vector (each the same single f32 product as the f32 kernel's), and each chunk's
+    /// four are broadcast from it by `vpermps`: no scalar scale work per sub-block.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
     unsafe fn q4_k(src: &[u8], dst: &mut [bf16]) {
         let codes = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
         let (m4, sixteen) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(16));
+        // Lanes 0..8 take d, 8..16 dmin (of the block's [d, dmin] pair).
+        let d_or_dmin = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let lane = |i: i32| _mm512_set1_epi32(i);
         for (b, o) in src.chunks_exact(144).zip(dst.chunks_exact_mut(256)) {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let scales: &[u8; 12] = b[4..16].try_into().expect("block");
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (b.as_ptr() as *const i32).read_unaligned(),
+            ));
+            let dm = _mm512_permutexvar_ps(d_or_dmin, _mm512_castps128_ps512(dm));
+            let sm = scales_mins_k4(b[4..16].try_into().expect("block"));
+            let sm = _mm512_cvtepu8_epi32(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
+            // Lane j: d·sc_j, lane 8 + j: dmin·m_j.
+            let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sm), dm);
             let o = o.as_mut_ptr();
             for c in 0..4 {
                 let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c) as *const __m256i);
                 let lo = _mm256_and_si256(qs, m4);
                 let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(qs), m4), sixteen);
-                let (sc0, m0) = scale_min_k4(2 * c, scales);
-                let (sc1, m1) = scale_min_k4(2 * c + 1, scales);
-                let dl = [d * sc0 as f32, d * sc1 as f32].map(|v| _mm512_set1_ps(v));
-                let ml = [dmin * m0 as f32, dmin * m1 as f32].map(|v| _mm512_set1_ps(v));
-                let t = tables2(codes, dl, ml);
+                let j = 2 * c as i32;
+                let at = |i: i32| _mm512_permutexvar_ps(lane(i), scaled);
+                let t = tables2(codes, [at(j), at(j + 1)], [at(8 + j), at(9 + j)]);
                 lookup32(lo, t, o.add(64 * c));
                 lookup32(hi, t, o.add(64 * c + 32));
+            }
+        }
+    }
+
+    /// Q6_K: the f32 kernel's `f32(q) · (d·sc)` for 32 codes a step, rounded by one
+    /// `vcvtne2ps2bf16`; the sixteen `d·sc` are one vector and each 16-code group's is broadcast
+    /// from it by `vpermps` (the macro's kernel converts and broadcasts a scalar per group).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,f16c")]
+    unsafe fn q6_k(src: &[u8], dst: &mut [bf16]) {
+        let (m4, m2, bias) = (
+            _mm256_set1_epi8(0x0f),
+            _mm256_set1_epi8(3),
+            _mm256_set1_epi8(32),
+        );
+        for (b, o) in src.chunks_exact(210).zip(dst.chunks_exact_mut(256)) {
+            let (b, o) = (b.as_ptr(), o.as_mut_ptr());
+            let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                b.add(192) as *const __m128i
+            )));
+            // Lane k: d·sc_k, the same single product as the f32 kernel's.
+            let dl = _mm512_mul_ps(f16_lanes(b.add(208)), sc);
+            for a in 0..2 {
+                let ql0 = _mm256_loadu_si256(b.add(64 * a) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(b.add(64 * a + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * a) as *const __m256i);
+                // Plane s: nibble s/2 of ql[(s%2)*32 + l], bits 2s..2s+2 of qh[l].
+                let planes = [
+                    (_mm256_and_si256(ql0, m4), _mm256_and_si256(qh, m2)),
+                    (
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                    ),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2),
+                    ),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2),
+                    ),
+                ];
+                for (s, (nib, hi)) in planes.into_iter().enumerate() {
+                    let q = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16::<4>(hi)), bias);
+                    let base = a * 128 + s * 32;
+                    let k = (base / 16) as i32;
+                    let f = |codes: __m128i, k: i32| {
+                        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+                        _mm512_mul_ps(v, _mm512_permutexvar_ps(_mm512_set1_epi32(k), dl))
+                    };
+                    let r0 = f(_mm256_castsi256_si128(q), k);
+                    let r1 = f(_mm256_extracti128_si256::<1>(q), k + 1);
+                    let r = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(r1, r0));
+                    _mm512_storeu_si512(o.add(base) as *mut _, r);
+                }
             }
         }
     }
@@ -705,9 +764,14 @@ pub mod avx512bf16_lut {
             // SAFETY: as `q4_0_safe`.
             unsafe { q4_k(src, dst) }
         }
+        fn q6_k_safe(src: &[u8], dst: &mut [bf16]) {
+            // SAFETY: as `q4_0_safe`.
+            unsafe { q6_k(src, dst) }
+        }
         match qtype {
             crate::quant::QType::Q4_0 => Some(q4_0_safe),
             crate::quant::QType::Q4_K => Some(q4_k_safe),
+            crate::quant::QType::Q6_K => Some(q6_k_safe),
             _ => None,
         }
     }
