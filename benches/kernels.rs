@@ -476,9 +476,14 @@ fn decode(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("rows", &label), |b| {
                 b.iter(|| gemv_q8(black_box(&x), m, &w, &mut y))
             });
-            if let Some(p) = &packed {
-                g.bench_function(BenchmarkId::new("packed", &label), |b| {
-                    b.iter(|| dot8_pack::gemv_packed(black_box(&x), m, p, &mut y, None))
+            // Every SIMD group kernel (the scalar reference is far slower and not a contender).
+            for (name, f) in packed
+                .iter()
+                .flat_map(|_| dot8_pack::group_impls().into_iter().skip(1))
+            {
+                let p = packed.as_ref().expect("packed");
+                g.bench_function(BenchmarkId::new(format!("packed-{name}"), &label), |b| {
+                    b.iter(|| dot8_pack::gemv_packed(black_box(&x), m, p, &mut y, Some(f)))
                 });
             }
         }

@@ -5,7 +5,9 @@
 //! Why: the row-at-a-time product of [`super::dot8`] spends ~14 instructions per 32-weight block
 //! (a scalar f16 scale, a lane insert, a horizontal sum per row) and streamed the weights at about
 //! 60 % of what llama.cpp reaches on the same file, which repacks the same way at load. Here a
-//! block of eight rows costs about 40 instructions: five per row-block.
+//! block of eight rows costs about 40 instructions: five per row-block; where AVX-512 is whole,
+//! two adjacent groups share each 512-bit instruction (`vnni::pair_q4_0`). The kernels prefetch
+//! their stream 2 KiB ahead.
 //!
 //! Layouts, per group of [`ROWS`] rows (a last, partial group is padded with zero rows):
 //! - Q4_0, per 32-column block `i` (144 bytes, as eight 18-byte blocks): 8 f16 scales (row r at
@@ -32,6 +34,7 @@ const Q4K_BYTES: usize = 144;
 const Q4_0X8: usize = ROWS * Q4_BYTES;
 const Q4KX8: usize = ROWS * Q4K_BYTES + 32;
 /// Activation rows one kernel call takes (the prompt's rows share each unpacked weight block).
+#[cfg(target_arch = "x86_64")]
 const MAX_ACT: usize = 4;
 
 /// A weight matrix in the decode layout.
@@ -145,10 +148,18 @@ fn pack_q4_k(src: &[u8], row_bytes: usize, n: usize, out: &mut [u8]) {
     }
 }
 
-/// One group's eight dot products with each activation row: `out[a][r] = Σ w_r · x_a` (scalar
-/// reference, the same sums as ggml's `ggml_vec_dot_q4_0_q8_0` and our
+/// The groups' eight dot products with each activation row: `out[j·m + a][r] = Σ w_r · x_a` for
+/// group `j` of `g` (scalar reference, the same sums as ggml's `ggml_vec_dot_q4_0_q8_0` and our
 /// [`super::dot8::dot_q4_k_q8_0_ref`], read from the packed layout).
 pub fn group_ref(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
+    let gb = g.len() / (out.len() / xs.len());
+    for (g, out) in g.chunks_exact(gb).zip(out.chunks_exact_mut(xs.len())) {
+        group_ref1(qtype, g, xs, out);
+    }
+}
+
+/// One group's products (see [`group_ref`]).
+fn group_ref1(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
     for (x, o) in xs.iter().zip(out.iter_mut()) {
         *o = [0.0; ROWS];
         let xb = |xi: usize, e: usize| x.bytes[xi * 34 + 2 + e] as i8 as i32;
@@ -199,6 +210,22 @@ mod vnni {
     use super::{Q8Act, Q4KX8, Q4_0X8, ROWS};
     use std::arch::x86_64::*;
 
+    /// How far ahead of the block being multiplied its stream is prefetched. Decoding streams
+    /// every weight once per token from DRAM, and with the hardware prefetcher alone the kernel
+    /// waited on memory (83 % of a 7B Q4_0 decode's samples in it); 2 KiB ahead, that decode ran
+    /// 1.1-1.9× faster in alternating runs on a VM whose memory bandwidth neighbours were
+    /// sharing (docs/BENCHMARKS.md, session 12; 1 and 4 KiB were slower).
+    const PREFETCH: usize = 2048;
+
+    /// Prefetches the cache lines of the `len` bytes `PREFETCH` past `b` (a hint: addresses past
+    /// the buffer's end do not fault).
+    #[inline(always)]
+    unsafe fn prefetch(b: *const u8, len: usize) {
+        for o in (0..len).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + o) as *const i8);
+        }
+    }
+
     /// The activation bytes `at..at+4` of a Q8_0 block as one dword in every lane.
     #[inline(always)]
     unsafe fn bcast(xp: *const u8, at: usize) -> __m256i {
@@ -226,6 +253,7 @@ mod vnni {
         let mut acc = [_mm256_setzero_ps(); A];
         for i in 0..nb {
             let b = g.as_ptr().add(i * Q4_0X8);
+            prefetch(b, Q4_0X8);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(b as *const __m128i));
             let mut s0 = [_mm256_setzero_si256(); A];
             let mut s1 = [_mm256_setzero_si256(); A];
@@ -255,6 +283,67 @@ mod vnni {
         out
     }
 
+    /// Two adjacent Q4_0 groups (`gb` bytes apart) · `A` activation rows in 512-bit registers:
+    /// lanes 0..8 are the first group's rows, 8..16 the second's, so one broadcast activation
+    /// dword and one `vpdpbusd` serve sixteen rows (half the instructions of two
+    /// [`group_q4_0`] calls where 512-bit operations run at full rate).
+    ///
+    /// # Safety
+    /// AVX-512 F+BW+VNNI, AVX2, F16C; `g` holds two groups of `gb` bytes, each
+    /// `xs[a].scales.len()` blocks of 144 bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn pair_q4_0<const A: usize>(
+        g: &[u8],
+        gb: usize,
+        xs: &[&Q8Act; A],
+    ) -> [[f32; 2 * ROWS]; A] {
+        let nb = gb / Q4_0X8;
+        let m4 = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); A];
+        for i in 0..nb {
+            let b0 = g.as_ptr().add(i * Q4_0X8);
+            let b1 = b0.add(gb);
+            prefetch(b0, Q4_0X8);
+            prefetch(b1, Q4_0X8);
+            let d = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(b0 as *const __m128i)),
+                _mm_loadu_si128(b1 as *const __m128i),
+            ));
+            let mut s0 = [_mm512_setzero_si512(); A];
+            let mut s1 = [_mm512_setzero_si512(); A];
+            for a in 0..A {
+                s0[a] = _mm512_set1_epi32(*xs[a].neg8sum.get_unchecked(i));
+            }
+            for c in 0..4 {
+                let q = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(
+                        b0.add(16 + 32 * c) as *const __m256i
+                    )),
+                    _mm256_loadu_si256(b1.add(16 + 32 * c) as *const __m256i),
+                );
+                let lo = _mm512_and_si512(q, m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                for a in 0..A {
+                    let xp = xs[a].bytes.as_ptr().add(i * 34 + 2);
+                    let x0 = (xp.add(4 * c) as *const i32).read_unaligned();
+                    let x1 = (xp.add(16 + 4 * c) as *const i32).read_unaligned();
+                    s0[a] = _mm512_dpbusd_epi32(s0[a], lo, _mm512_set1_epi32(x0));
+                    s1[a] = _mm512_dpbusd_epi32(s1[a], hi, _mm512_set1_epi32(x1));
+                }
+            }
+            for a in 0..A {
+                let f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[a], s1[a]));
+                let sc = _mm512_mul_ps(d, _mm512_set1_ps(*xs[a].scales.get_unchecked(i)));
+                acc[a] = _mm512_fmadd_ps(f, sc, acc[a]);
+            }
+        }
+        let mut out = [[0f32; 2 * ROWS]; A];
+        for a in 0..A {
+            _mm512_storeu_ps(out[a].as_mut_ptr(), acc[a]);
+        }
+        out
+    }
+
     /// Q4_K group · `A` activation rows: per chunk, eight 32-byte loads give two sub-blocks of
     /// all eight rows (low and high nibbles); the decoded scales and mins are eight bytes a
     /// sub-block; `d` and `dmin` apply once a super-block.
@@ -268,6 +357,7 @@ mod vnni {
         let mut acc = [_mm256_setzero_ps(); A];
         for sb in 0..nsb {
             let b = g.as_ptr().add(sb * Q4KX8);
+            prefetch(b, Q4KX8);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(b as *const __m128i));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(b.add(16) as *const __m128i));
             let mut accd = [_mm256_setzero_ps(); A];
@@ -313,39 +403,92 @@ mod vnni {
     }
 }
 
-/// One group's products with up to [`MAX_ACT`] activation rows (`out[a][r]`).
+/// The products of whole groups with activation rows: `g` holds `out.len() / xs.len()` groups,
+/// `out[j·m + a]` is group `j`'s eight sums with row `a` (`m = xs.len()`).
 pub type GroupFn = fn(QType, &[u8], &[&Q8Act], &mut [[f32; ROWS]]);
 
+/// Blocks each activation row must have for groups of `gb` bytes (the kernels index by them).
 #[cfg(target_arch = "x86_64")]
-fn group_vnni(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
-    // Every activation row must cover the group's columns (the kernels index by its blocks).
+fn check_acts(qtype: QType, gb: usize, xs: &[&Q8Act]) {
     let blocks = match qtype {
-        QType::Q4_0 => g.len() / Q4_0X8,
-        _ => g.len() / Q4KX8 * 8,
+        QType::Q4_0 => gb / Q4_0X8,
+        _ => gb / Q4KX8 * 8,
     };
     assert!(xs
         .iter()
         .all(|x| x.scales.len() == blocks && x.bytes.len() == blocks * 34));
+}
+
+/// [`GroupFn`] over `vnni::group_q4_0` / `group_q4_k`: a group at a time, up to [`MAX_ACT`]
+/// activation rows a call.
+#[cfg(target_arch = "x86_64")]
+fn group_vnni(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
+    let m = xs.len();
+    let gb = g.len() / (out.len() / m);
+    check_acts(qtype, gb, xs);
     macro_rules! run {
-        ($a:literal) => {{
-            let xa: &[&Q8Act; $a] = xs.try_into().expect("A rows");
+        ($g:expr, $xs:expr, $out:expr, $a:literal) => {{
+            let xa: &[&Q8Act; $a] = $xs.try_into().expect("A rows");
             // SAFETY: `group_impls` lists this only where AVX-512 VNNI+VL, AVX2, FMA and F16C were
             // detected; the sizes were checked above.
             let r = unsafe {
                 match qtype {
-                    QType::Q4_0 => vnni::group_q4_0::<$a>(g, xa),
-                    _ => vnni::group_q4_k::<$a>(g, xa),
+                    QType::Q4_0 => vnni::group_q4_0::<$a>($g, xa),
+                    _ => vnni::group_q4_k::<$a>($g, xa),
                 }
             };
-            out[..$a].copy_from_slice(&r);
+            $out[..$a].copy_from_slice(&r);
         }};
     }
-    match xs.len() {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
-        n => panic!("group_vnni: {n} activation rows (at most {MAX_ACT})"),
+    for (g, out) in g.chunks_exact(gb).zip(out.chunks_exact_mut(m)) {
+        for (xa, oa) in xs.chunks(MAX_ACT).zip(out.chunks_mut(MAX_ACT)) {
+            match xa.len() {
+                1 => run!(g, xa, oa, 1),
+                2 => run!(g, xa, oa, 2),
+                3 => run!(g, xa, oa, 3),
+                _ => run!(g, xa, oa, 4),
+            }
+        }
+    }
+}
+
+/// [`GroupFn`] with Q4_0's groups taken in pairs by `vnni::pair_q4_0` (a last odd group, and
+/// Q4_K, as [`group_vnni`]).
+#[cfg(target_arch = "x86_64")]
+fn group_zmm(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
+    let m = xs.len();
+    let gb = g.len() / (out.len() / m);
+    if qtype != QType::Q4_0 {
+        return group_vnni(qtype, g, xs, out);
+    }
+    check_acts(qtype, gb, xs);
+    let pairs = g.len() / (2 * gb);
+    macro_rules! run {
+        ($g:expr, $xs:expr, $o0:expr, $o1:expr, $a:literal) => {{
+            let xa: &[&Q8Act; $a] = $xs.try_into().expect("A rows");
+            // SAFETY: `group_impls` lists this only where AVX-512 F+BW+VNNI, AVX2, FMA and F16C
+            // were detected; the sizes were checked above and `$g` holds two groups.
+            let r = unsafe { vnni::pair_q4_0::<$a>($g, gb, xa) };
+            for (a, v) in r.iter().enumerate() {
+                $o0[a].copy_from_slice(&v[..ROWS]);
+                $o1[a].copy_from_slice(&v[ROWS..]);
+            }
+        }};
+    }
+    for (j, gp) in g.chunks_exact(2 * gb).enumerate() {
+        let (o0, o1) = out[2 * j * m..(2 * j + 2) * m].split_at_mut(m);
+        for (c, xa) in xs.chunks(MAX_ACT).enumerate() {
+            let (o0, o1) = (&mut o0[c * MAX_ACT..], &mut o1[c * MAX_ACT..]);
+            match xa.len() {
+                1 => run!(gp, xa, o0, o1, 1),
+                2 => run!(gp, xa, o0, o1, 2),
+                3 => run!(gp, xa, o0, o1, 3),
+                _ => run!(gp, xa, o0, o1, 4),
+            }
+        }
+    }
+    if g.len() > 2 * pairs * gb {
+        group_vnni(qtype, &g[2 * pairs * gb..], xs, &mut out[2 * pairs * m..]);
     }
 }
 
@@ -363,6 +506,9 @@ pub fn group_impls() -> Vec<(&'static str, GroupFn)> {
         && is_x86_feature_detected!("f16c")
     {
         v.push(("avx512vnni", group_vnni));
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            v.push(("avx512vnni-zmm", group_zmm));
+        }
     }
     v
 }
@@ -394,13 +540,13 @@ pub fn gemv_packed(x: &[f32], m: usize, p: &Packed, y: &mut [f32], f: Option<Gro
     yt.par_chunks_mut(PER_TASK * m)
         .enumerate()
         .for_each(|(t, ys)| {
-            for (j, out) in ys.chunks_mut(m).enumerate() {
-                let gi = t * PER_TASK + j;
-                let g = &p.bytes[gi * gb..(gi + 1) * gb];
-                for (xa, oa) in xr.chunks(MAX_ACT).zip(out.chunks_mut(MAX_ACT)) {
-                    f(p.qtype, g, xa, oa);
-                }
-            }
+            let g0 = t * PER_TASK;
+            f(
+                p.qtype,
+                &p.bytes[g0 * gb..(g0 + ys.len() / m) * gb],
+                &xr,
+                ys,
+            );
         });
     for (gi, rows) in yt.chunks(m).enumerate() {
         let (r0, nr) = (gi * ROWS, ROWS.min(n - gi * ROWS));
