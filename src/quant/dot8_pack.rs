@@ -401,6 +401,88 @@ mod vnni {
         }
         out
     }
+    /// Two adjacent Q4_K groups (`gb` bytes apart) · `A` activation rows in 512-bit registers,
+    /// lanes 0..8 the first group's rows and 8..16 the second's, as [`pair_q4_0`].
+    ///
+    /// # Safety
+    /// AVX-512 F+BW+VNNI, AVX2, F16C; `g` holds two groups of `gb` bytes, each
+    /// `xs[a].scales.len() / 8` super-blocks of 1,184 bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn pair_q4_k<const A: usize>(
+        g: &[u8],
+        gb: usize,
+        xs: &[&Q8Act; A],
+    ) -> [[f32; 2 * ROWS]; A] {
+        let nsb = gb / Q4KX8;
+        let m4 = _mm512_set1_epi8(0x0F);
+        // Eight f16 of each group (at the same offset) as sixteen f32 lanes.
+        let f16x16 = |p0: *const u8, p1: *const u8| {
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(p0 as *const __m128i)),
+                _mm_loadu_si128(p1 as *const __m128i),
+            ))
+        };
+        // Eight bytes of each group as sixteen f32 lanes.
+        let bytes16 = |p0: *const u8, p1: *const u8| {
+            let lo = _mm_loadl_epi64(p0 as *const __m128i);
+            let both = _mm_unpacklo_epi64(lo, _mm_loadl_epi64(p1 as *const __m128i));
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(both))
+        };
+        let mut acc = [_mm512_setzero_ps(); A];
+        for sb in 0..nsb {
+            let b0 = g.as_ptr().add(sb * Q4KX8);
+            let b1 = b0.add(gb);
+            prefetch(b0, Q4KX8);
+            prefetch(b1, Q4KX8);
+            let d = f16x16(b0, b1);
+            let dmin = f16x16(b0.add(16), b1.add(16));
+            let mut accd = [_mm512_setzero_ps(); A];
+            let mut accm = [_mm512_setzero_ps(); A];
+            for c in 0..4 {
+                let (j0, j1) = (2 * c, 2 * c + 1);
+                let mut s0 = [_mm512_setzero_si512(); A];
+                let mut s1 = [_mm512_setzero_si512(); A];
+                for gg in 0..8 {
+                    let at = 160 + 256 * c + 32 * gg;
+                    let q = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(at) as *const __m256i)),
+                        _mm256_loadu_si256(b1.add(at) as *const __m256i),
+                    );
+                    let lo = _mm512_and_si512(q, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                    for a in 0..A {
+                        let xp = xs[a].bytes.as_ptr();
+                        let (x0, x1) = ((sb * 8 + j0) * 34 + 2, (sb * 8 + j1) * 34 + 2);
+                        let w0 = (xp.add(x0 + 4 * gg) as *const i32).read_unaligned();
+                        let w1 = (xp.add(x1 + 4 * gg) as *const i32).read_unaligned();
+                        s0[a] = _mm512_dpbusd_epi32(s0[a], lo, _mm512_set1_epi32(w0));
+                        s1[a] = _mm512_dpbusd_epi32(s1[a], hi, _mm512_set1_epi32(w1));
+                    }
+                }
+                for (j, s) in [(j0, &s0), (j1, &s1)] {
+                    let sc = bytes16(b0.add(32 + 8 * j), b1.add(32 + 8 * j));
+                    let mn = bytes16(b0.add(96 + 8 * j), b1.add(96 + 8 * j));
+                    for a in 0..A {
+                        let xi = sb * 8 + j;
+                        let dx = *xs[a].scales.get_unchecked(xi);
+                        let xsum = (-*xs[a].neg8sum.get_unchecked(xi) / 8) as f32;
+                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(s[a]), sc);
+                        accd[a] = _mm512_fmadd_ps(t, _mm512_set1_ps(dx), accd[a]);
+                        accm[a] = _mm512_fmadd_ps(mn, _mm512_set1_ps(dx * xsum), accm[a]);
+                    }
+                }
+            }
+            for a in 0..A {
+                acc[a] = _mm512_fmadd_ps(accd[a], d, acc[a]);
+                acc[a] = _mm512_fnmadd_ps(accm[a], dmin, acc[a]);
+            }
+        }
+        let mut out = [[0f32; 2 * ROWS]; A];
+        for a in 0..A {
+            _mm512_storeu_ps(out[a].as_mut_ptr(), acc[a]);
+        }
+        out
+    }
 }
 
 /// The products of whole groups with activation rows: `g` holds `out.len() / xs.len()` groups,
@@ -452,15 +534,12 @@ fn group_vnni(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
     }
 }
 
-/// [`GroupFn`] with Q4_0's groups taken in pairs by `vnni::pair_q4_0` (a last odd group, and
-/// Q4_K, as [`group_vnni`]).
+/// [`GroupFn`] with the groups taken in pairs by `vnni::pair_q4_0` / `pair_q4_k` (a last odd
+/// group as [`group_vnni`]).
 #[cfg(target_arch = "x86_64")]
 fn group_zmm(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
     let m = xs.len();
     let gb = g.len() / (out.len() / m);
-    if qtype != QType::Q4_0 {
-        return group_vnni(qtype, g, xs, out);
-    }
     check_acts(qtype, gb, xs);
     let pairs = g.len() / (2 * gb);
     macro_rules! run {
@@ -468,7 +547,12 @@ fn group_zmm(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
             let xa: &[&Q8Act; $a] = $xs.try_into().expect("A rows");
             // SAFETY: `group_impls` lists this only where AVX-512 F+BW+VNNI, AVX2, FMA and F16C
             // were detected; the sizes were checked above and `$g` holds two groups.
-            let r = unsafe { vnni::pair_q4_0::<$a>($g, gb, xa) };
+            let r = unsafe {
+                match qtype {
+                    QType::Q4_0 => vnni::pair_q4_0::<$a>($g, gb, xa),
+                    _ => vnni::pair_q4_k::<$a>($g, gb, xa),
+                }
+            };
             for (a, v) in r.iter().enumerate() {
                 $o0[a].copy_from_slice(&v[..ROWS]);
                 $o1[a].copy_from_slice(&v[ROWS..]);
