@@ -62,24 +62,16 @@ fn bandwidth(c: &mut Criterion) {
             black_box(s)
         })
     });
-    // The same sum with software prefetch 2 KiB ahead, as the decode and dequantisation kernels
-    // stream: on a VM whose memory neighbours share, the hardware prefetcher alone understates
-    // what the cores can read, and the kernels' "% of read bandwidth" is taken against the
-    // faster of the two.
+    // The same sum with the streaming kernels' software prefetch (`simd::prefetch_ahead`): on a
+    // VM whose memory neighbours share, the hardware prefetcher alone understates what the
+    // cores can read, and the kernels' "% of read bandwidth" is taken against the faster sum.
     g.bench_function("read_sum_prefetch_1GiB", |b| {
         b.iter(|| {
             let s: u64 = buf
                 .par_chunks(1 << 16)
                 .map(|c| {
                     c.chunks(8).fold(0u64, |a, line| {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: a prefetch is a hint; an address past the buffer does not fault.
-                        unsafe {
-                            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                            _mm_prefetch::<_MM_HINT_T0>(
-                                line.as_ptr().wrapping_add(256) as *const i8
-                            );
-                        }
+                        qtune::quant::simd::prefetch_ahead(line.as_ptr() as *const u8, 1);
                         line.iter().fold(a, |a, v| a.wrapping_add(*v))
                     })
                 })
@@ -502,14 +494,12 @@ fn decode(c: &mut Criterion) {
                 b.iter(|| gemv_q8(black_box(&x), m, &w, &mut y))
             });
             // Every SIMD group kernel (the scalar reference is far slower and not a contender).
-            for (name, f) in packed
-                .iter()
-                .flat_map(|_| dot8_pack::group_impls().into_iter().skip(1))
-            {
-                let p = packed.as_ref().expect("packed");
-                g.bench_function(BenchmarkId::new(format!("packed-{name}"), &label), |b| {
-                    b.iter(|| dot8_pack::gemv_packed(black_box(&x), m, p, &mut y, Some(f)))
-                });
+            if let Some(p) = &packed {
+                for (name, f) in dot8_pack::group_impls().into_iter().skip(1) {
+                    g.bench_function(BenchmarkId::new(format!("packed-{name}"), &label), |b| {
+                        b.iter(|| dot8_pack::gemv_packed(black_box(&x), m, p, &mut y, Some(f)))
+                    });
+                }
             }
         }
     }

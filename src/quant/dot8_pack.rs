@@ -7,7 +7,7 @@
 //! 60 % of what llama.cpp reaches on the same file, which repacks the same way at load. Here a
 //! block of eight rows costs about 40 instructions: five per row-block; where AVX-512 is whole,
 //! two adjacent groups share each 512-bit instruction (`vnni::pair_q4_0`). The kernels prefetch
-//! their stream 2 KiB ahead.
+//! their stream ([`super::simd::PREFETCH_AHEAD`]).
 //!
 //! Layouts, per group of [`ROWS`] rows (a last, partial group is padded with zero rows):
 //! - Q4_0, per 32-column block `i` (144 bytes, as eight 18-byte blocks): 8 f16 scales (row r at
@@ -208,28 +208,23 @@ fn group_ref1(qtype: QType, g: &[u8], xs: &[&Q8Act], out: &mut [[f32; ROWS]]) {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{Q8Act, Q4KX8, Q4_0X8, ROWS};
+    use crate::quant::simd::prefetch_ahead as prefetch;
     use std::arch::x86_64::*;
-
-    /// How far ahead of the block being multiplied its stream is prefetched. Decoding streams
-    /// every weight once per token from DRAM, and with the hardware prefetcher alone the kernel
-    /// waited on memory (83 % of a 7B Q4_0 decode's samples in it); 2 KiB ahead, that decode ran
-    /// 1.1-1.9× faster in alternating runs on a VM whose memory bandwidth neighbours were
-    /// sharing (docs/BENCHMARKS.md, session 12; 1 and 4 KiB were slower).
-    const PREFETCH: usize = 2048;
-
-    /// Prefetches the cache lines of the `len` bytes `PREFETCH` past `b` (a hint: addresses past
-    /// the buffer's end do not fault).
-    #[inline(always)]
-    unsafe fn prefetch(b: *const u8, len: usize) {
-        for o in (0..len).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + o) as *const i8);
-        }
-    }
 
     /// The activation bytes `at..at+4` of a Q8_0 block as one dword in every lane.
     #[inline(always)]
     unsafe fn bcast(xp: *const u8, at: usize) -> __m256i {
         _mm256_set1_epi32((xp.add(at) as *const i32).read_unaligned())
+    }
+
+    /// Eight f16 at `p0` and eight at `p1` (two groups' scales) as sixteen f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    unsafe fn f16x16(p0: *const u8, p1: *const u8) -> __m512 {
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p0 as *const __m128i)),
+            _mm_loadu_si128(p1 as *const __m128i),
+        ))
     }
 
     /// Eight bytes at `p` as f32 lanes.
@@ -305,10 +300,7 @@ mod vnni {
             let b1 = b0.add(gb);
             prefetch(b0, Q4_0X8);
             prefetch(b1, Q4_0X8);
-            let d = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
-                _mm256_castsi128_si256(_mm_loadu_si128(b0 as *const __m128i)),
-                _mm_loadu_si128(b1 as *const __m128i),
-            ));
+            let d = f16x16(b0, b1);
             let mut s0 = [_mm512_setzero_si512(); A];
             let mut s1 = [_mm512_setzero_si512(); A];
             for a in 0..A {
@@ -415,13 +407,6 @@ mod vnni {
     ) -> [[f32; 2 * ROWS]; A] {
         let nsb = gb / Q4KX8;
         let m4 = _mm512_set1_epi8(0x0F);
-        // Eight f16 of each group (at the same offset) as sixteen f32 lanes.
-        let f16x16 = |p0: *const u8, p1: *const u8| {
-            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
-                _mm256_castsi128_si256(_mm_loadu_si128(p0 as *const __m128i)),
-                _mm_loadu_si128(p1 as *const __m128i),
-            ))
-        };
         // Eight bytes of each group as sixteen f32 lanes.
         let bytes16 = |p0: *const u8, p1: *const u8| {
             let lo = _mm_loadl_epi64(p0 as *const __m128i);

@@ -214,9 +214,8 @@ macro_rules! x86_kernels {
         #[target_feature(enable = $features)]
         unsafe fn q8_0<O: Out>(src: &[u8], dst: &mut [O]) {
             for (b, o) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
-                // 2 KiB ahead, as the AVX-512 BF16 block kernels: a line a block covers every
-                // line of the stream (blocks are 34 bytes).
-                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(2048) as *const i8);
+                // A line a block covers every line of the stream (blocks are 34 bytes).
+                crate::quant::simd::prefetch_ahead(b.as_ptr(), 1);
                 let d = f16_at(b, 0);
                 let qs = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
                 emit32::<O, true, MUL>(qs, d, 0.0, o.as_mut_ptr());
@@ -592,18 +591,9 @@ pub mod avx512bf16 {
 /// `simd::dequant_bf16_fn`).
 pub mod avx512bf16_blocks {
     use crate::quant::blocks::scales_mins_k4;
+    use crate::quant::simd::prefetch_ahead as prefetch;
     use half::bf16;
     use std::arch::x86_64::*;
-
-    /// Prefetches the cache lines of the `len` bytes 2 KiB past `b`: these kernels stream W's
-    /// rows from DRAM, and as in the decode kernels (`dot8_pack`) the hardware prefetcher alone
-    /// left them short of the read bandwidth (a hint: addresses past the end do not fault).
-    #[inline(always)]
-    unsafe fn prefetch(b: *const u8, len: usize) {
-        for o in (0..len).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2048 + o) as *const i8);
-        }
-    }
 
     /// Two 16-entry tables in one register: `f32(c) · d0 − m0` in words 0..16 and
     /// `f32(c) · d1 − m1` in words 16..32 (c = `first`..`first`+16, the lanes of `table_codes`),
