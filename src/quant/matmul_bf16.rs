@@ -175,11 +175,12 @@ pub fn measure_bf16_peak() -> Option<f64> {
 }
 
 /// Bytes of bf16 scratch one thread keeps for products whose widest input is `k` (the W tile
-/// of [`fwd_rows`] rows, or an input-gradient chunk and its pairs) where AMX's larger tiles
-/// can pass the f32 kernels' `TILE_BYTES` budget; 0 elsewhere (within that budget).
+/// of [`fwd_rows`] rows and its tile of y, or an input-gradient chunk and its pairs) where AMX's
+/// larger tiles can pass the f32 kernels' `TILE_BYTES` budget; 0 elsewhere (within that budget).
 pub fn amx_scratch_bytes(k: usize) -> usize {
+    let fwd = AMX_ROW_UNIT * (k * 2 + MB * 4);
     match has_amx() {
-        true => (AMX_ROW_UNIT * k * 2).max(AMX_BWD_CHUNK * BWD_MAX_COLS * 4),
+        true => fwd.max(AMX_BWD_CHUNK * BWD_MAX_COLS * 4),
         false => 0,
     }
 }
@@ -588,12 +589,21 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
         (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
             let r0 = task * rows;
             let nr = rows.min(n - r0);
-            with_scratch(nr * half, |tile| {
+            // The tile, then yt from the next cache line (both start on one: see with_thread_buffer).
+            let tile_words = (nr * half).next_multiple_of(16);
+            with_scratch(tile_words + nr * mb, |buf| {
+                let (tile, yt) = buf.split_at_mut(tile_words);
                 // tile: W[r0..r0+nr, :] in bf16, row-major; as u32 it is pairs along K.
-                w.dequant_tile_bf16(r0, nr, 0, k, bytemuck::cast_slice_mut(tile));
+                w.dequant_tile_bf16(
+                    r0,
+                    nr,
+                    0,
+                    k,
+                    bytemuck::cast_slice_mut(&mut tile[..nr * half]),
+                );
                 let wt = tile.as_ptr();
                 // yt: this task's columns of y for one x block, (nr, MB), written out row by row of y.
-                let mut yt = vec![0f32; nr * mb];
+                let yt: &mut [f32] = bytemuck::cast_slice_mut(yt);
                 for b in 0..m.div_ceil(mb) {
                     let rows_x = mb.min(m - b * mb);
                     let xb = xp[b * half * mb..].as_ptr();
