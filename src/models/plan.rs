@@ -175,6 +175,7 @@ impl MemoryPlan {
             .unwrap_or(0);
         let rows = opts.ce_chunk.max(1).min(n);
         let ce_chunk = fused_ce_chunk(rows, spec.vocab, n, spec.hidden, shape.norm_elem(s));
+        let (head_kept, head_transient) = shape.head_pack(rows);
         Ok(MemoryPlan {
             weights,
             adapters: lora_params * s + frozen,
@@ -195,10 +196,10 @@ impl MemoryPlan {
             // step, where kept buffers never show as growth) left the ~100M shape's bf16 step
             // over the plan by 16 KiB a token with glibc's mmap threshold pinned (seq 128 / 256
             // / 512: +6.3 / +8.6 / +12.1 MiB; f32 within 0.3 %) (session 8).
-            kernel_scratch: shape.kernel_scratch(),
+            kernel_scratch: shape.kernel_scratch() + head_kept,
             // logits, shifted, exp (graph) and the gradient of the logits with one temporary; the
             // final norm's graph as one decoder norm per element.
-            logits_chunk: ce_chunk,
+            logits_chunk: ce_chunk + head_transient,
             reference: 0,
             // A no-graph forward (each layer's output detached) holds one layer's graph while it
             // runs, its input and output, the kernels' scratch, and a cross-entropy chunk's forward.
@@ -410,6 +411,24 @@ impl StepShape<'_> {
         // its graph, measured alone in tests/falcon_rss.rs's shape; a GPU still runs candle's
         // ops: `GpuTerms::mlp_backward` counts them there.)
         4 * (n * i * s).max(n * c * 4).max(score_grad) + fused_attention_terms(b, t, h, k, d, s)[3]
+    }
+
+    /// The head's dlogits packed in bf16 by the bf16 input-gradient kernel (a bf16 step on a CPU
+    /// with bf16 kernels), as (kept, transient) bytes: a pack within the kept size stays in the
+    /// calling thread's pack buffer, which the layers' packs (`n × widest × 2` bytes, in
+    /// `kernel_scratch`) already hold part of; a larger one exists during the head's backward.
+    fn head_pack(&self, rows: usize) -> (usize, usize) {
+        use crate::quant::matmul_bf16::{bwd_pack_bytes, has_bf16_kernels, PACK_KEEP_WORDS};
+        if !self.half() || !has_bf16_kernels() {
+            return (0, 0);
+        }
+        let pack = bwd_pack_bytes(rows, self.spec.vocab);
+        if pack > PACK_KEEP_WORDS * 4 {
+            return (0, pack);
+        }
+        let widest = self.dims.iter().map(|&(o, inp)| o.max(inp)).max();
+        let layers = self.batch * self.seq * widest.unwrap_or(self.spec.hidden) * 2;
+        (pack.saturating_sub(layers), 0)
     }
 
     /// Quantised-matmul tiles per thread, and the f32 copies of a half-precision input and output

@@ -376,10 +376,20 @@ thread_local! {
     static PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// u32 words of packed activations a thread keeps between calls (16 MiB: a decoder layer's
+/// activations, or a cross-entropy chunk's dlogits); larger packs are allocated per call.
+pub const PACK_KEEP_WORDS: usize = 4 << 20;
+
+/// Bytes [`qmatmul_bwd_input_bf16`] packs for `m` rows of an `n`-wide dy where the bf16 kernels
+/// run (rows padded to an even length, in bf16).
+pub fn bwd_pack_bytes(m: usize, n: usize) -> usize {
+    m * (n + n % 2) * 2
+}
+
 /// Runs `f` with this thread's pack buffer of at least `words` u32 (contents unspecified); up to
-/// 16 MiB are kept between calls (a decoder layer's activations), larger ones are allocated.
+/// [`PACK_KEEP_WORDS`] are kept between calls, larger ones are allocated.
 fn with_pack<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
-    with_thread_buffer(&PACK, words, 4 << 20, f)
+    with_thread_buffer(&PACK, words, PACK_KEEP_WORDS, f)
 }
 
 /// Packs x (M×K) into `xp[block][K/2][mb]` pairs, blocks of `mb` rows (`xp` holds whole blocks;

@@ -71,8 +71,10 @@ impl CrossEntropyOp {
     /// logits (rows, V) = h (rows, C) · Wᵀ + bias. With bf16 activations (`half`) through the
     /// bf16 kernels, as every other linear of a bf16 step (h is exactly bf16 then; the logits stay
     /// f32): the head is 22 % of a ~100M model's linear FLOPs. The backward recomputes the logits
-    /// the same way, so its softmax matches the forward's logsumexp; its dlogits stay f32 and
-    /// map back through the f32 input-gradient kernel.
+    /// the same way, so its softmax matches the forward's logsumexp; its f32 dlogits map back
+    /// through the bf16 input-gradient kernel too (rounded to bf16 there, as every other linear's
+    /// incoming gradient in a bf16 step; through the f32 kernel they were 15-18 % of the ~100M
+    /// bf16 step in a profile, session 13).
     fn logits(&self, h: &[f32], rows: usize, out: &mut [f32], half: bool) {
         let w = self.w.matrix();
         if half {
@@ -186,7 +188,11 @@ impl CustomOp1 for CrossEntropyOp {
                         row.iter_mut().for_each(|x| *x = g * (*x - z).exp());
                         row[label as usize] -= g;
                     });
-                qmatmul_bwd_input(lg, rows, &w, dh, false);
+                if half {
+                    qmatmul_bwd_input_bf16(lg, rows, &w, dh, false);
+                } else {
+                    qmatmul_bwd_input(lg, rows, &w, dh, false);
+                }
             }
             dh
         })?;

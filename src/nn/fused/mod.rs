@@ -14,7 +14,7 @@
 //! (once: the gradients they return are plain tensors, except rope's, which is rope again).
 use crate::lora::QLinear;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
-use crate::quant::matmul_bf16::qmatmul_fwd_bf16;
+use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
 use crate::store::StoredTensor;
 use candle_core::backend::BackendStorage;
 use candle_core::{
