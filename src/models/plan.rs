@@ -175,7 +175,10 @@ impl MemoryPlan {
             .unwrap_or(0);
         let rows = opts.ce_chunk.max(1).min(n);
         let ce_chunk = fused_ce_chunk(rows, spec.vocab, n, spec.hidden, shape.norm_elem(s));
-        let (head_kept, head_transient) = shape.head_pack(rows);
+        let (head_kept, head_transient) = match opts.device.is_cpu() {
+            true => shape.head_pack(rows),
+            false => (0, 0),
+        };
         Ok(MemoryPlan {
             weights,
             adapters: lora_params * s + frozen,
@@ -414,7 +417,7 @@ impl StepShape<'_> {
     }
 
     /// The head's dlogits packed in bf16 by the bf16 input-gradient kernel (a bf16 step on a CPU
-    /// with bf16 kernels), as (kept, transient) bytes: a pack within the kept size stays in the
+    /// with bf16 kernels; the caller asks on the CPU only), as (kept, transient) bytes: a pack within the kept size stays in the
     /// calling thread's pack buffer, which the layers' packs (`n × widest × 2` bytes, in
     /// `kernel_scratch`) already hold part of; a larger one exists during the head's backward.
     fn head_pack(&self, rows: usize) -> (usize, usize) {
