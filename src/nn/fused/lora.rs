@@ -286,10 +286,12 @@ macro_rules! isa_prims {
                     "fma" => std::arch::is_x86_feature_detected!("fma"),
                     _ => false,
                 });
-                // SAFETY (each closure): chosen only where `has` saw every feature enabled above.
                 has.then_some(super::Prims {
+                    // SAFETY: returned only where `has` saw every feature these are compiled for.
                     dots: |xs, n, rows, s, out| unsafe { dots(xs, n, rows, s, out) },
+                    // SAFETY: as for `dots`.
                     axpys: |acc, coef, rows| unsafe { axpys(acc, coef, rows) },
+                    // SAFETY: as for `dots`.
                     rank_update: |acc, w, coef, r, p| unsafe { rank_update(acc, w, coef, r, p) },
                     xb: $xb,
                 })
