@@ -572,9 +572,10 @@ fn bf16_activations_round_once_at_the_boundary() {
 }
 
 /// A bf16 hidden state of more than 4 rows a chunk takes the bf16 kernels for the head's logits
-/// where the CPU has them (W rounded to bf16, f32 sums); dlogits stay f32 and map back through
-/// W itself. Checked against candle's f32 ops written out: logits = h·round(W)ᵀ, softmax,
-/// dh = 0.7·(softmax - onehot)·W. Without AVX-512 BF16, W is not rounded.
+/// where the CPU has them (W rounded to bf16, f32 sums), and for dh (dlogits and W rounded to
+/// bf16, f32 sums; session 13: before, the f32 dlogits mapped back through W itself). Checked
+/// against candle's f32 ops written out: logits = h·round(W)ᵀ, softmax, dh = round(0.7·(softmax -
+/// onehot))·round(W). Without bf16 kernels nothing is rounded.
 #[test]
 fn cross_entropy_bf16_hidden_takes_bf16_products() {
     let f = Fixture::load("cross_entropy");
@@ -587,14 +588,16 @@ fn cross_entropy_bf16_hidden_takes_bf16_products() {
     // the reference, in f32
     let h = h16.as_tensor().to_dtype(DType::F32).unwrap();
     let w = f.get("w");
-    let wr = match qtune::quant::matmul_bf16::has_avx512_bf16() {
-        true => w
+    let bf16_kernels = qtune::quant::matmul_bf16::has_bf16_kernels();
+    let round = |t: &Tensor| match bf16_kernels {
+        true => t
             .to_dtype(DType::BF16)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap(),
-        false => w.clone(),
+        false => t.clone(),
     };
+    let wr = round(&w);
     let logits: Vec<Vec<f32>> = h.matmul(&wr.t().unwrap()).unwrap().to_vec2().unwrap();
     // loss = Σ over labelled rows of lse - logit[label]; dlogits = 0.7·(softmax - onehot)
     let (mut want, mut dlogits) = (0f64, vec![0f32; labels.len() * 300]);
@@ -613,7 +616,7 @@ fn cross_entropy_bf16_hidden_takes_bf16_products() {
     assert_eq!(n, 9);
     let want = Tensor::new(want as f32, &Device::Cpu).unwrap();
     assert_close("cross-entropy bf16 products: loss", &loss, &want, OUT_TOL);
-    if qtune::quant::matmul_bf16::has_avx512_bf16() {
+    if bf16_kernels {
         // the check can fail: W's rounding moves the loss by more than the tolerance
         let (exact, _) = cross_entropy_chunked(&h, &head, &labels, 13).unwrap();
         let moved = rel_err(&exact, &want);
@@ -621,7 +624,7 @@ fn cross_entropy_bf16_hidden_takes_bf16_products() {
         assert!(moved > OUT_TOL);
     }
     let dlogits = Tensor::from_vec(dlogits, (labels.len(), 300), &Device::Cpu).unwrap();
-    let want_dh = dlogits.matmul(&w).unwrap();
+    let want_dh = round(&dlogits).matmul(&wr).unwrap();
     assert_close(
         "cross-entropy bf16 products: dh",
         &dh,
