@@ -429,16 +429,21 @@ impl StepShape<'_> {
         if pack > PACK_KEEP_WORDS * 4 {
             return (0, pack);
         }
-        let widest = self.dims.iter().map(|&(o, inp)| o.max(inp)).max();
-        let layers = self.batch * self.seq * widest.unwrap_or(self.spec.hidden) * 2;
+        let layers = self.batch * self.seq * self.widest() * 2;
         (pack.saturating_sub(layers), 0)
+    }
+
+    /// The widest side of any layer linear (the hidden size without linears).
+    fn widest(&self) -> usize {
+        let sides = self.dims.iter().map(|&(o, inp)| o.max(inp));
+        sides.max().unwrap_or(self.spec.hidden)
     }
 
     /// Quantised-matmul tiles per thread, and the f32 copies of a half-precision input and output
     /// QLinear converts around the kernel (bytes).
     fn kernel_scratch(&self) -> usize {
         let (dims, c, i) = (self.dims, self.spec.hidden, self.spec.ffn);
-        let widest = dims.iter().map(|&(o, inp)| o.max(inp)).max().unwrap_or(c);
+        let widest = self.widest();
         let (n, half) = (self.batch * self.seq, self.half());
         let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.

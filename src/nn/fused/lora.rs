@@ -105,7 +105,7 @@ pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
 // every sum takes its FMAs in the plain loop's order, so the results are bit for bit the same on
 // every instruction set (tested below against the plain loops).
 
-/// Lanes of a dot product's partial sums (`dot_rows`' order: lane l sums elements l, l+32, ...).
+/// Lanes of a dot product's partial sums: lane l sums elements l, l+32, ... of the full chunks.
 const DOT_LANES: usize = 32;
 
 #[inline(always)]
@@ -117,61 +117,39 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `out[t·R + k] = s·(x_t·rows_k)` for the `XB` rows `xs` (each `n` long) and the R rows of
-/// `rows`: each chunk of row k is loaded once for all `XB` dot products.
+/// A dot product from its lanes and the elements past the last full chunk: the lanes summed in
+/// order, plus the tail's products (the one summation order every `dots` keeps).
 #[inline(always)]
-fn dots_block<const FMA: bool, const XB: usize>(
-    xs: [&[f32]; XB],
-    rows: &[f32],
-    s: f32,
-    out: &mut [f32],
-) {
-    let n = xs[0].len();
-    let r = out.len() / XB;
-    for (k, row) in rows.chunks_exact(n.max(1)).take(r).enumerate() {
-        let mut acc = [[0f32; DOT_LANES]; XB];
-        let full = n / DOT_LANES * DOT_LANES;
-        for c in (0..full).step_by(DOT_LANES) {
-            let b: &[f32; DOT_LANES] = row[c..c + DOT_LANES].try_into().expect("chunk");
-            for (acc_t, x) in acc.iter_mut().zip(xs) {
-                let a: &[f32; DOT_LANES] = x[c..c + DOT_LANES].try_into().expect("chunk");
-                for l in 0..DOT_LANES {
-                    acc_t[l] = madd::<FMA>(a[l], b[l], acc_t[l]);
-                }
-            }
-        }
-        for (t, (acc_t, x)) in acc.iter().zip(xs).enumerate() {
-            let tail: f32 = x[full..].iter().zip(&row[full..]).map(|(a, b)| a * b).sum();
-            out[t * r + k] = s * (acc_t.iter().sum::<f32>() + tail);
-        }
-    }
+fn lane_sum(lanes: &[f32; DOT_LANES], a_tail: &[f32], b_tail: &[f32]) -> f32 {
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
-/// `out[t·R + k] = s·(x_t·rows_k)` for the rows of `xs` (`out.len() / R` rows of `n`), `XB` at
-/// a time.
+/// `a·b` of one pair of rows.
 #[inline(always)]
-fn dots<const FMA: bool, const XB: usize>(
-    xs: &[f32],
-    n: usize,
-    rows: &[f32],
-    s: f32,
-    out: &mut [f32],
-) {
-    let r = rows.len() / n.max(1);
-    let nx = out.len() / r.max(1);
-    let mut t = 0;
-    while t + XB <= nx {
-        let x: [&[f32]; XB] = std::array::from_fn(|j| &xs[(t + j) * n..(t + j + 1) * n]);
-        dots_block::<FMA, XB>(x, rows, s, &mut out[t * r..(t + XB) * r]);
-        t += XB;
+fn dot_rows<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; DOT_LANES];
+    let full = a.len() / DOT_LANES * DOT_LANES;
+    for c in (0..full).step_by(DOT_LANES) {
+        for l in 0..DOT_LANES {
+            acc[l] = madd::<FMA>(a[c + l], b[c + l], acc[l]);
+        }
     }
-    for t in t..nx {
-        dots_block::<FMA, 1>(
-            [&xs[t * n..(t + 1) * n]],
-            rows,
-            s,
-            &mut out[t * r..(t + 1) * r],
-        );
+    lane_sum(&acc, &a[full..], &b[full..])
+}
+
+/// `out[t·R + k] = s·(x_t·rows_k)` for the rows of `xs` (`out.len() / R` rows of `n`) and the R
+/// rows of `rows`, one row of x at a time.
+#[inline(always)]
+fn dots<const FMA: bool>(xs: &[f32], n: usize, rows: &[f32], s: f32, out: &mut [f32]) {
+    let r = rows.len() / n.max(1);
+    for (x, out) in xs
+        .chunks_exact(n.max(1))
+        .zip(out.chunks_exact_mut(r.max(1)))
+    {
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(n.max(1))) {
+            *o = s * dot_rows::<FMA>(x, row);
+        }
     }
 }
 
@@ -308,17 +286,11 @@ isa_prims!(
     xb = 4,
     cw = 16
 );
-isa_prims!(
-    avx2,
-    "avx2,fma",
-    dots = super::dots::<true, 1>,
-    xb = 1,
-    cw = 8
-);
+isa_prims!(avx2, "avx2,fma", dots = super::dots::<true>, xb = 1, cw = 8);
 
 /// [`dots`] on AVX-512, four rows of x at a time (each chunk of row k loaded once for the four),
-/// each dot's 32 lanes in two zmm, summed as `dots_block` sums them. (The generic block loop
-/// stayed scalar here: LLVM kept its 4 × 32 sums on the stack.)
+/// each dot's 32 lanes in two zmm, finished by [`lane_sum`]. (A generic four-row block loop
+/// stayed scalar: LLVM kept its 4 × 32 sums on the stack.)
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
@@ -353,17 +325,13 @@ unsafe fn dots_avx512(xs: &[f32], n: usize, rows: &[f32], s: f32, out: &mut [f32
                 _mm512_storeu_ps(lanes.as_mut_ptr(), a[0]);
                 _mm512_storeu_ps(lanes.as_mut_ptr().add(16), a[1]);
                 let xt = &xs[(t0 + t) * n + full..(t0 + t + 1) * n];
-                let tail: f32 = xt
-                    .iter()
-                    .zip(&rows[k * n + full..(k + 1) * n])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                out[(t0 + t) * r + k] = s * (lanes.iter().sum::<f32>() + tail);
+                let dot = lane_sum(&lanes, xt, &rows[k * n + full..(k + 1) * n]);
+                out[(t0 + t) * r + k] = s * dot;
             }
         }
         t0 += XB;
     }
-    dots::<true, 1>(&xs[t0 * n..nx * n], n, rows, s, &mut out[t0 * r..nx * r]);
+    dots::<true>(&xs[t0 * n..nx * n], n, rows, s, &mut out[t0 * r..nx * r]);
 }
 
 /// The best primitives this CPU runs.
@@ -373,7 +341,7 @@ fn prims() -> Prims {
         return p;
     }
     Prims {
-        dots: dots::<false, 1>,
+        dots: dots::<false>,
         axpys: axpys::<false>,
         rank_update: rank_update::<false, 8>,
         xb: 1,
@@ -744,7 +712,7 @@ mod tests {
     fn blocked_primitives_equal_the_plain_loops_bit_for_bit() {
         check::<false>(
             Prims {
-                dots: dots::<false, 1>,
+                dots: dots::<false>,
                 axpys: axpys::<false>,
                 rank_update: rank_update::<false, 8>,
                 xb: 1,
