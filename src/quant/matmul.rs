@@ -137,20 +137,17 @@ pub(crate) fn with_thread_buffer<T: Copy + Default + 'static, R>(
     f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) if len <= keep => line_aligned(&mut buf, len, f),
-        _ => line_aligned(&mut Vec::new(), len, f),
+        Ok(mut buf) if len <= keep => f(aligned_slice(&mut buf, len)),
+        _ => f(aligned_slice(&mut Vec::new(), len)),
     })
 }
 
-/// Runs `f` on `len` elements of `buf` (grown as needed) from its first 64-byte boundary: glibc
-/// hands large blocks out 16 bytes past a page, and an AMX tile row that straddles two cache lines
-/// loads at a third of the speed (measured with `tileloadd` alone on the Intel Xeon, session 13);
-/// the AVX-512 kernels' 64-byte loads split the same way.
-fn line_aligned<T: Copy + Default, R>(
-    buf: &mut Vec<T>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
+/// `len` elements of `buf` (grown as needed) from its first 64-byte boundary: glibc hands large
+/// blocks out 16 bytes past a page, and an AMX tile row that straddles two cache lines loads at a
+/// third of the speed (measured with `tileloadd` alone on the Intel Xeon, session 13); the
+/// AVX-512 kernels' 64-byte loads split the same way. The same `len` gives the same slice while
+/// the buffer is not grown.
+pub(crate) fn aligned_slice<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
     let pad = LINE / std::mem::size_of::<T>().max(1);
     if buf.len() < len + pad {
         buf.resize(len + pad, T::default());
@@ -158,7 +155,7 @@ fn line_aligned<T: Copy + Default, R>(
     // align_offset may decline (usize::MAX); then the buffer's own alignment serves.
     let off = Some(buf.as_ptr().align_offset(LINE)).filter(|&o| o <= pad);
     let off = off.unwrap_or(0);
-    f(&mut buf[off..off + len])
+    &mut buf[off..off + len]
 }
 
 /// A cache line's bytes.

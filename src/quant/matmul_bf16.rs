@@ -413,7 +413,8 @@ fn pack_x<A: Activation>(x: &[A], m: usize, k: usize, mb: usize, xp: &mut [u32])
 
 /// One sweep of an ISA's micro-kernels: `out[r][c] (+)= Σ_q a[r][q] · b[q][c]` for `rows` rows
 /// of `a` (bf16 pairs along the contraction axis, broadcast; row stride `a_stride` u32) and all
-/// `cols` columns of `b` (pairs along the same axis, row stride `cols` u32, a multiple of 16),
+/// `cols` columns of `b` (pairs along the same axis, row stride `b_stride` u32; `cols` a multiple
+/// of 16),
 /// over `pairs` pairs; `out` rows at stride `out_stride` f32, added to when `load`. Both products
 /// are this one shape: the forward's a is W's bf16 tile and b one packed block of x (`cols` =
 /// [`Bf16Kernels::MB`], out a transposed tile of y); the input gradient's a is dy in bf16 and b
@@ -426,6 +427,7 @@ struct Sweep {
     a: *const u32,
     a_stride: usize,
     b: *const u32,
+    b_stride: usize,
     cols: usize,
     out: *mut f32,
     out_stride: usize,
@@ -451,7 +453,7 @@ trait Bf16Kernels {
     const BWD_CHUNK: usize = BWD_ROWS;
 
     /// One micro-tile of a sweep: `t.rows` rows (1..=max(`FWD_MR`, `BWD_MR`)) and the first
-    /// `width` columns of `t.b` (16..=`NR`, a multiple of 16; `t.cols` stays b's row stride).
+    /// `width` columns of `t.b` (16..=`NR`, a multiple of 16; `t.b_stride` is b's row stride).
     ///
     /// # Safety
     /// The CPU has this ISA's bf16 features; every pointer addresses the elements the tile's
@@ -568,6 +570,7 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
                             a: dyp.add(r0 / 2),
                             a_stride: ds,
                             b: wp.as_ptr(),
+                            b_stride: kc,
                             cols: kc,
                             out: dxp.get().add(c0),
                             out_stride: k,
@@ -627,6 +630,7 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
                             a: wt,
                             a_stride: half,
                             b: xb,
+                            b_stride: mb,
                             cols: mb,
                             out: yt.as_mut_ptr(),
                             out_stride: mb,
@@ -649,6 +653,11 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
         });
     });
 }
+
+mod dense;
+pub use dense::{
+    dense_bf16, dense_bf16_ref, pack_col_pairs, pack_pairs_t, pack_row_pairs, pack_rows, Pairs,
+};
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -731,7 +740,7 @@ mod avx512 {
         for q in 0..s.pairs {
             let mut b = [_mm512_setzero_ps(); V];
             for (v, bv) in b.iter_mut().enumerate() {
-                *bv = _mm512_loadu_ps(s.b.add(q * s.cols + 16 * v) as *const f32);
+                *bv = _mm512_loadu_ps(s.b.add(q * s.b_stride + 16 * v) as *const f32);
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 let p: __m512bh =

@@ -94,7 +94,7 @@ macro_rules! on_tile {
 unsafe fn bulk(s: &Sweep, rows: usize, pairs: usize) {
     let cfg = TileConfig::tiles_16x64();
     asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
-    let (sa, sb, so) = (s.a_stride * 4, s.cols * 4, s.out_stride * 4);
+    let (sa, sb, so) = (s.a_stride * 4, s.b_stride * 4, s.out_stride * 4);
     for r in (0..rows).step_by(16) {
         let mut c = 0;
         while c < s.cols {
@@ -119,7 +119,7 @@ unsafe fn bulk(s: &Sweep, rows: usize, pairs: usize) {
                 asm!("tileloadd tmm3, [{a} + {s}*1]", a = in(reg) a, s = in(reg) sa,
                     options(nostack, readonly));
                 for j in 0..tiles {
-                    let b = s.b.add(p * s.cols + c + 16 * j);
+                    let b = s.b.add(p * s.b_stride + c + 16 * j);
                     on_tile!(j, [
                         "tileloadd tmm4, [{b} + {s}*1]\n tdpbf16ps tmm0, tmm3, tmm4",
                         "tileloadd tmm5, [{b} + {s}*1]\n tdpbf16ps tmm1, tmm3, tmm5",
@@ -165,7 +165,7 @@ impl Bf16Kernels for Amx {
                     rows,
                     pairs: s.pairs - pairs,
                     a: s.a.add(pairs),
-                    b: s.b.add(pairs * s.cols),
+                    b: s.b.add(pairs * s.b_stride),
                     load: true,
                     ..s
                 };

@@ -83,7 +83,7 @@ unsafe fn tile<const R: usize>(s: &Sweep) {
         }
     }
     let wrow = |q: usize| {
-        let p = bp.add(q * s.cols);
+        let p = bp.add(q * s.b_stride);
         [
             vld1q_u32(p),
             vld1q_u32(p.add(4)),

@@ -1,0 +1,307 @@
+//! Dense bf16 products on the quantised products' micro-kernels (AMX tiles, AVX-512 BF16,
+//! FEAT_BF16): `out (+)= a · b` for operands already in bf16 pairs, single-threaded (the caller
+//! parallelises). The bf16 step's attention runs its block products here.
+//!
+//! Layouts, as [`super::Sweep`] reads them: `a` holds rows of pairs along the contraction
+//! (`a[r][q]` = elements 2q, 2q+1 of row r: a row-major bf16 matrix seen as u32), `b` holds pairs
+//! of contraction rows per column (`b[q][c]` = rows 2q, 2q+1 of column c: the VNNI layout).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use super::{Bf16Kernels, Sweep};
+use crate::quant::matmul::with_thread_buffer;
+use half::bf16;
+
+/// A matrix of bf16 pairs (u32) at row stride `stride`.
+#[derive(Clone, Copy)]
+pub struct Pairs<'a> {
+    /// The elements, row after row.
+    pub data: &'a [u32],
+    /// u32 from one row to the next.
+    pub stride: usize,
+}
+
+/// `out (rows × cols at row stride out_stride) (+)= a (rows × pairs) · b (pairs × cols)` with
+/// bf16 products and f32 sums, adding to `out` when `accumulate`; `cols` a multiple of 16. Returns
+/// false, `out` untouched, where this CPU has no bf16 kernels ([`super::has_bf16_kernels`]).
+pub fn dense_bf16(
+    a: Pairs,
+    b: Pairs,
+    out: &mut [f32],
+    out_stride: usize,
+    (rows, pairs, cols): (usize, usize, usize),
+    accumulate: bool,
+) -> bool {
+    if !super::has_bf16_kernels() {
+        return false;
+    }
+    assert!(
+        cols.is_multiple_of(16),
+        "dense_bf16: {cols} columns, not a multiple of 16"
+    );
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    if pairs == 0 {
+        if !accumulate {
+            (0..rows).for_each(|r| out[r * out_stride..][..cols].fill(0.0));
+        }
+        return true;
+    }
+    let fits =
+        |m: Pairs, r: usize, c: usize| c <= m.stride && m.data.len() >= (r - 1) * m.stride + c;
+    assert!(fits(a, rows, pairs), "dense_bf16: a out of bounds");
+    assert!(fits(b, pairs, cols), "dense_bf16: b out of bounds");
+    assert!(
+        cols <= out_stride && out.len() >= (rows - 1) * out_stride + cols,
+        "dense_bf16: out out of bounds"
+    );
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        let s = Sweep {
+            rows,
+            pairs,
+            a: a.data.as_ptr(),
+            a_stride: a.stride,
+            b: b.data.as_ptr(),
+            b_stride: b.stride,
+            cols,
+            out: out.as_mut_ptr(),
+            out_stride,
+            load: accumulate,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if super::has_amx() {
+            // SAFETY: AMX (and AVX-512 BF16) checked; the asserts above keep every element the
+            // sweep names inside a, b and out, and out is borrowed mutably.
+            unsafe { super::amx::Amx::sweep(s, super::amx::Amx::BWD_MR) };
+            return true;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 BF16 is present (has_bf16_kernels on x86-64); bounds as above.
+        unsafe {
+            super::avx512::Avx512::sweep(s, super::avx512::Avx512::BWD_MR)
+        };
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: FEAT_BF16 is present (has_bf16_kernels on aarch64); bounds as above.
+        unsafe {
+            super::neon::Neon::sweep(s, super::neon::Neon::BWD_MR)
+        };
+        true
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (a, b, out, out_stride, accumulate);
+        unreachable!("has_bf16_kernels is false off x86-64 and aarch64")
+    }
+}
+
+/// Scalar reference of [`dense_bf16`] (f64 sums of the same bf16 products), for tests.
+pub fn dense_bf16_ref(
+    a: Pairs,
+    b: Pairs,
+    out: &mut [f32],
+    out_stride: usize,
+    (rows, pairs, cols): (usize, usize, usize),
+    accumulate: bool,
+) {
+    let half = |p: u32, hi: bool| bf16::from_bits(if hi { (p >> 16) as u16 } else { p as u16 });
+    for r in 0..rows {
+        for c in 0..cols {
+            let mut s = if accumulate {
+                out[r * out_stride + c] as f64
+            } else {
+                0.0
+            };
+            for q in 0..pairs {
+                let (x, y) = (a.data[r * a.stride + q], b.data[q * b.stride + c]);
+                for hi in [false, true] {
+                    s += half(x, hi).to_f64() * half(y, hi).to_f64();
+                }
+            }
+            out[r * out_stride + c] = s as f32;
+        }
+    }
+}
+
+/// Rounds `src` to bf16 (nearest even) into `dst`, SIMD where this CPU has it.
+fn round_row(src: &[f32], dst: &mut [bf16]) {
+    use super::Activation;
+    f32::row_to_bf16(src, dst)
+}
+
+std::thread_local! {
+    /// Staging rows and transposes of the packers below.
+    static STAGE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `a` operand of a row-major f32 matrix `src` (`rows × cols` at row stride `stride`):
+/// `dst[r][q] = (src[r][2q], src[r][2q+1])` rounded to bf16 for `q < cols.div_ceil(2)` (an odd
+/// last column paired with 0), rows at `dst_stride`.
+pub fn pack_rows(
+    src: &[f32],
+    stride: usize,
+    (rows, cols): (usize, usize),
+    dst: &mut [u32],
+    dst_stride: usize,
+) {
+    let half = cols.div_ceil(2);
+    for r in 0..rows {
+        let d: &mut [bf16] = bytemuck::cast_slice_mut(&mut dst[r * dst_stride..][..half]);
+        round_row(&src[r * stride..][..cols], &mut d[..cols]);
+        if cols % 2 == 1 {
+            d[cols] = bf16::ZERO;
+        }
+    }
+}
+
+/// `b` operand of `src` (`rows × cols`): `dst[q][c] = (src[2q][c], src[2q+1][c])` for
+/// `q < rows.div_ceil(2)` (an odd last row paired with 0), rows of `dst` at `dst_stride`.
+pub fn pack_row_pairs(
+    src: &[f32],
+    stride: usize,
+    (rows, cols): (usize, usize),
+    dst: &mut [u32],
+    dst_stride: usize,
+) {
+    with_thread_buffer(&STAGE, cols, usize::MAX, |stage| {
+        // both rows of a pair rounded into one staging row (lo in the first half of its bytes)
+        let stage: &mut [bf16] = bytemuck::cast_slice_mut(stage);
+        let (lo, hi) = stage.split_at_mut(cols);
+        for q in 0..rows.div_ceil(2) {
+            round_row(&src[2 * q * stride..][..cols], lo);
+            if 2 * q + 1 < rows {
+                round_row(&src[(2 * q + 1) * stride..][..cols], hi);
+            } else {
+                hi.fill(bf16::ZERO);
+            }
+            let d = &mut dst[q * dst_stride..][..cols];
+            for ((o, &l), &h) in d.iter_mut().zip(&*lo).zip(&*hi) {
+                *o = super::pair(l, h);
+            }
+        }
+    })
+}
+
+/// `dst[c][r] = src[r][c]` for a `rows × cols` u32 matrix (strides `ss`, `ds`), in 8 × 8 blocks.
+fn transpose(src: &[u32], ss: usize, (rows, cols): (usize, usize), dst: &mut [u32], ds: usize) {
+    for r0 in (0..rows).step_by(8) {
+        for c0 in (0..cols).step_by(8) {
+            for r in r0..(r0 + 8).min(rows) {
+                for c in c0..(c0 + 8).min(cols) {
+                    dst[c * ds + r] = src[r * ss + c];
+                }
+            }
+        }
+    }
+}
+
+/// `a` operand of `srcᵀ` (`src` is `rows × cols`): `dst[c][q] = (src[2q][c], src[2q+1][c])` for
+/// `c < cols`, `q < rows.div_ceil(2)` (an odd last row paired with 0).
+pub fn pack_col_pairs(
+    src: &[f32],
+    stride: usize,
+    (rows, cols): (usize, usize),
+    dst: &mut [u32],
+    dst_stride: usize,
+) {
+    let half = rows.div_ceil(2);
+    let mut staged = vec![0u32; half * cols];
+    pack_row_pairs(src, stride, (rows, cols), &mut staged, cols);
+    transpose(&staged, cols, (half, cols), dst, dst_stride);
+}
+
+/// `b` operand of `srcᵀ` (`src` is `rows × cols`): `dst[q][r] = (src[r][2q], src[r][2q+1])` for
+/// `q < cols.div_ceil(2)`, `r < rows` (an odd last column paired with 0).
+pub fn pack_pairs_t(
+    src: &[f32],
+    stride: usize,
+    (rows, cols): (usize, usize),
+    dst: &mut [u32],
+    dst_stride: usize,
+) {
+    let half = cols.div_ceil(2);
+    let mut staged = vec![0u32; rows * half];
+    pack_rows(src, stride, (rows, cols), &mut staged, half);
+    transpose(&staged, half, (rows, half), dst, dst_stride);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in (-2, 2) with full bf16 mantissas.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The kernels against the f64 reference over shapes with whole AMX tiles and with edges
+    /// (rows and pairs past a multiple of 16, strides wider than the operands), both writing and
+    /// accumulating; packed through the four packers from row-major f32.
+    #[test]
+    fn dense_products_equal_the_reference() {
+        let shapes: [(usize, usize, usize); 4] =
+            [(64, 64, 64), (37, 70, 48), (16, 32, 16), (5, 9, 32)];
+        for &(rows, inner, cols) in &shapes {
+            let pairs = inner.div_ceil(2);
+            // a (rows × inner) row-major; b given as bᵀ (cols × inner) to use the transposed packers too
+            let (x, y) = (values(rows * inner, 1), values(cols * inner, 2));
+            let (mut a, mut b) = (
+                vec![0u32; rows * (pairs + 3)],
+                vec![0u32; pairs * (cols + 16)],
+            );
+            pack_rows(&x, inner, (rows, inner), &mut a, pairs + 3);
+            pack_pairs_t(&y, inner, (cols, inner), &mut b, cols + 16);
+            // the same operands through the other two packers: xᵀ's column pairs are x's rows,
+            // yᵀ's row pairs are pack_pairs_t's
+            let mut a2 = vec![0u32; rows * pairs];
+            let xt: Vec<f32> = (0..inner * rows)
+                .map(|i| x[(i % rows) * inner + i / rows])
+                .collect();
+            pack_col_pairs(&xt, rows, (inner, rows), &mut a2, pairs);
+            let mut b2 = vec![0u32; pairs * cols];
+            let yt: Vec<f32> = (0..inner * cols)
+                .map(|i| y[(i % cols) * inner + i / cols])
+                .collect();
+            pack_row_pairs(&yt, cols, (inner, cols), &mut b2, cols);
+            for r in 0..rows {
+                assert_eq!(a[r * (pairs + 3)..][..pairs], a2[r * pairs..][..pairs]);
+            }
+            for q in 0..pairs {
+                assert_eq!(b[q * (cols + 16)..][..cols], b2[q * cols..][..cols]);
+            }
+            for accumulate in [false, true] {
+                let init = values(rows * (cols + 8), 3);
+                let (mut got, mut want) = (init.clone(), init);
+                let (pa, pb) = (
+                    Pairs {
+                        data: &a,
+                        stride: pairs + 3,
+                    },
+                    Pairs {
+                        data: &b,
+                        stride: cols + 16,
+                    },
+                );
+                let dims = (rows, pairs, cols);
+                if !dense_bf16(pa, pb, &mut got, cols + 8, dims, accumulate) {
+                    return; // no bf16 kernels on this CPU: nothing to check
+                }
+                dense_bf16_ref(pa, pb, &mut want, cols + 8, dims, accumulate);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * scale,
+                        "{rows}×{inner}×{cols} acc {accumulate}: [{i}] {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
