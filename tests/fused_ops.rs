@@ -5,8 +5,8 @@
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use qtune::lora::QLinear;
 use qtune::nn::fused::{
-    causal_attention, causal_attention_masked, cross_entropy_chunked, rms_norm, rope,
-    rope_interleaved, rope_tables,
+    causal_attention, causal_attention_masked, causal_attention_with, cross_entropy_chunked,
+    rms_norm, rope, rope_interleaved, rope_tables,
 };
 use qtune::quant::QType;
 use qtune::store::{Bytes, StoredTensor};
@@ -294,6 +294,58 @@ fn attention_right_padding_matches_transformers() {
 fn attention_left_padding_fully_masked_rows_match_transformers() {
     attention_case("left", false);
     attention_case("left", true);
+}
+
+/// The attention at the shapes its bf16 block products tile (D 32, T 100: a full and a partial
+/// query block; GQA; a left-padded row with query rows that see no key, a right-padded row),
+/// against torch's float64 eager attention on the same bf16 inputs: f32 products to f32 error;
+/// bf16 products (bf16 activations, or f32 ones with `bf16_products` as a bf16 step's f32
+/// recompute asks: bf16 kernels where the CPU has them, P and dS rounded to bf16 as flash
+/// attention does in half precision) to bf16 error.
+#[test]
+fn attention_bf16_products_match_torch() {
+    let f = Fixture::load("attention_bf16");
+    let bf16_tol = 1e-2;
+    for (dtype, bf16_products, out_tol, grad_tol) in [
+        (DType::F32, false, OUT_TOL, GRAD_TOL),
+        (DType::F32, true, bf16_tol, bf16_tol),
+        (DType::BF16, false, bf16_tol, bf16_tol),
+    ] {
+        for as_bias in [true, false] {
+            if bf16_products && !as_bias {
+                continue; // the key-mask form has no products switch
+            }
+            let g = |n: &str| f.get(n).to_dtype(dtype).unwrap();
+            let (q, k, v) = (
+                Var::from_tensor(&g("q")).unwrap(),
+                Var::from_tensor(&g("k")).unwrap(),
+                Var::from_tensor(&g("v")).unwrap(),
+            );
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let o = if as_bias {
+                causal_attention_with(qt, kt, vt, &f.get("bias"), bf16_products).unwrap()
+            } else {
+                causal_attention_masked(qt, kt, vt, Some(&f.get("mask"))).unwrap()
+            };
+            assert_eq!(o.dtype(), dtype);
+            let case = format!(
+                "{dtype:?}{}{}",
+                if bf16_products { " bf16 products" } else { "" },
+                if as_bias { " (bias)" } else { " (mask)" }
+            );
+            assert_close(&format!("{case}: o"), &o, &f.get("o"), out_tol);
+            let grads = (o * g("do"))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (var, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                let got = grads.get(var).unwrap();
+                assert_close(&format!("{case}: {name}"), got, &f.get(name), grad_tol);
+            }
+        }
+    }
 }
 
 fn lm_head(f: &Fixture, case: &str) -> QLinear {

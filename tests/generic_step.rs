@@ -2,12 +2,17 @@
 //! equals the step with the fused CPU kernel, for Llama (GQA-free fixture, with padding and
 //! dropout) and Falcon (multi-query and grouped layouts): the model-level check, on the CPU, of
 //! the one piece of the GPU step that is our own math and not a kernel. One test in its own
-//! binary: it flips a process-wide switch.
+//! binary: it flips process-wide switches. In bf16 the fused attention's block products are held
+//! at f32 here (`F32_ATTENTION_PRODUCTS`), as the generic attention computes them in the step's
+//! f32 recompute: this compares the two implementations of one math at the dtype's tolerance. The
+//! bf16 products themselves are checked against torch in `fused_ops.rs`
+//! (`attention_bf16_products_match_torch`) and, in a whole bf16 step against the f32 step, in
+//! `llama_train.rs` (`bf16_compute_tracks_f32`).
 mod common;
 
 use candle_core::DType;
 use qtune::models::{CausalLm, Falcon, FalconConfig, Llama, LlamaOptions, LoraSpec};
-use qtune::nn::fused::GENERIC_ATTENTION;
+use qtune::nn::fused::{F32_ATTENTION_PRODUCTS, GENERIC_ATTENTION};
 use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::Path;
@@ -57,6 +62,7 @@ fn both(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str, tol: f32) 
 fn generic_attention_gives_the_fused_step() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let llama = WeightStore::open(&root.join("llama/model")).unwrap();
+    F32_ATTENTION_PRODUCTS.store(true, Ordering::Relaxed);
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
         let load =
             || -> Box<dyn CausalLm> { Box::new(Llama::load(&llama, opts(dtype, 0.1)).unwrap()) };

@@ -453,7 +453,9 @@ impl StepShape<'_> {
         } else {
             0
         };
-        rayon::current_num_threads() * (2 * TILE_BYTES).max(amx) + convert
+        // One fused-attention task a thread: its score blocks and, in a half step, bf16 packs.
+        let attn = crate::nn::fused::attention_task_bytes(self.seq, self.spec.head_dim, half);
+        rayon::current_num_threads() * ((2 * TILE_BYTES).max(amx) + attn) + convert
     }
 }
 

@@ -578,7 +578,7 @@ impl Transformer {
         let a = if composite {
             nn::causal_attention(&q, &k, &v, &ctx.bias)?
         } else {
-            fused::causal_attention(&q, &k, &v, &ctx.bias)?
+            fused::causal_attention_with(&q, &k, &v, &ctx.bias, self.opts.bf16_products())?
         };
         let a = if a.device().is_cpu() {
             fused::merge_heads(&a)?
@@ -594,7 +594,7 @@ impl Transformer {
                     let h = if !g.device().is_cpu() {
                         (nn::silu(&g)? * u)?
                     } else {
-                        fused::swiglu(&g, &u)?
+                        fused::swiglu_with(&g, &u, self.opts.bf16_products())?
                     };
                     proj(o + 3, &h)
                 }

@@ -1,5 +1,8 @@
 //! Causal GQA attention with a key padding mask; probabilities recomputed block by block in backward.
+use super::attention_products::{bf16_products_bytes, products, BlockProducts, HeadMats, Mat};
+use super::exp::exp_shift_sum;
 use super::*;
+use crate::quant::matmul::aligned_slice;
 
 /// Keys whose additive bias is at or below this are masked (transformers uses `f32::MIN`).
 const MASKED: f32 = f32::MIN / 2.0;
@@ -35,7 +38,7 @@ pub fn causal_attention_masked(
             AttnMask::Causal(Some(m.iter().map(|&v| v != 0.0).collect()))
         }
     };
-    attention_impl(q, k, v, mask)
+    attention_impl(q, k, v, mask, false)
 }
 
 /// [`causal_attention_masked`] with the mask given as transformers' additive bias
@@ -44,6 +47,19 @@ pub fn causal_attention_masked(
 /// skipped; others are added to the scaled scores. The bias is a constant (no gradient).
 /// On the GPU (`--features cuda`) this is [`crate::nn::generic::causal_attention`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    causal_attention_with(q, k, v, bias, false)
+}
+
+/// [`causal_attention`] whose block products are bf16 (f32 sums) for f32 activations too when
+/// `bf16_products` (a bf16 step's f32 recompute, as its linears take them); bf16 activations take
+/// them where the CPU has bf16 kernels either way.
+pub fn causal_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    bf16_products: bool,
+) -> Result<Tensor> {
     let generic = GENERIC_ATTENTION.load(std::sync::atomic::Ordering::Relaxed);
     if generic || (cfg!(feature = "cuda") && q.device().is_cuda()) {
         return crate::nn::generic::causal_attention(q, k, v, bias);
@@ -62,12 +78,18 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Re
             t: t_bias,
             batched: bb == b && b > 1,
         },
+        bf16_products,
     )
 }
 
 /// When set (tests), [`causal_attention`] takes the device-generic path on the CPU too, so that a
 /// whole training step can be checked with the attention the GPU runs.
 pub static GENERIC_ATTENTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// When set (tests), the fused attention's block products stay f32 in a bf16 step too: for
+/// comparing attention implementations on the same math (`tests/generic_step.rs`).
+pub static F32_ATTENTION_PRODUCTS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 /// Batch rows (B or 1) of an additive attention bias `(B or 1, 1, T, T)`, checked.
@@ -95,13 +117,36 @@ pub(crate) fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnD
     Ok(AttnDims { b, hq, hkv, t, d })
 }
 
-fn attention_impl(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttnMask) -> Result<Tensor> {
+/// Bytes one attention task holds at once beside its inputs and outputs (one a thread), for `t`
+/// rows of head size `d`: the probability and score-gradient blocks at their widest, and with
+/// bf16 products (`bf16`, where this CPU has the kernels) the packs those read.
+pub(crate) fn attention_task_bytes(t: usize, d: usize, bf16: bool) -> usize {
+    use crate::quant::matmul_bf16::has_bf16_kernels;
+    let bf16 = bf16 && has_bf16_kernels() && d.is_multiple_of(16) && d > 0;
+    let stride = if bf16 { t.next_multiple_of(32) } else { t };
+    let blocks = 2 * (BQ * stride + 16) * 4 + BQ * 4;
+    blocks
+        + if bf16 {
+            bf16_products_bytes(t, d, BQ)
+        } else {
+            0
+        }
+}
+
+fn attention_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    bf16_products: bool,
+) -> Result<Tensor> {
     check_cpu("causal_attention", &[q, k, v])?;
     let AttnDims { b, hq, hkv, t, d } = attention_dims(q, k, v)?;
     let op = AttentionOp {
         dims: AttnDims { b, hq, hkv, t, d },
         mask,
         lse: Mutex::new(None),
+        bf16_products,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -145,113 +190,68 @@ impl AttnMask {
 /// [`AttnMask`] borrowed for one forward or backward pass.
 enum MaskView<'a> {
     Causal(Option<&'a [bool]>),
+    /// The bias rows, and whether they are per batch row.
     Bias(&'a [f32], bool),
 }
 
 impl MaskView<'_> {
-    /// For query row i of batch b: clears `add` to length `t`, sets it to the additive term of each
-    /// visible key and -inf elsewhere; returns 1 + the last visible key, or 0 when none is visible.
-    fn row(&self, b: usize, i: usize, t: usize, add: &mut [f32]) -> usize {
-        let mut end = 0;
+    /// 1 + the last key query row i of batch b sees, or 0 when it sees none (O(T): [`Ends`] keeps
+    /// them for a whole pass).
+    fn end(&self, b: usize, i: usize, t: usize) -> usize {
+        match self {
+            MaskView::Causal(None) => i + 1,
+            MaskView::Causal(Some(m)) => (0..=i).rev().find(|&j| m[b * t + j]).map_or(0, |j| j + 1),
+            MaskView::Bias(v, batched) => {
+                let row = &v[((if *batched { b } else { 0 }) * t + i) * t..][..t];
+                row.iter().rposition(|&x| x > MASKED).map_or(0, |j| j + 1)
+            }
+        }
+    }
+
+    /// Scales the scores `s` (keys `0..s.len()`) of query row i of batch b by `scale` and masks
+    /// them: invisible keys to -inf, the bias added to visible ones. Branch-free, so it vectorises.
+    fn apply(&self, b: usize, i: usize, t: usize, scale: f32, s: &mut [f32]) {
         match self {
             MaskView::Causal(m) => {
-                for (j, a) in add.iter_mut().enumerate() {
+                for (j, x) in s.iter_mut().enumerate() {
                     let on = j <= i && m.is_none_or(|m| m[b * t + j]);
-                    *a = if on { 0.0 } else { f32::NEG_INFINITY };
-                    if on {
-                        end = j + 1;
-                    }
+                    *x = if on { *x * scale } else { f32::NEG_INFINITY };
                 }
             }
             MaskView::Bias(v, batched) => {
-                let bi = if *batched { b } else { 0 };
-                let row = &v[(bi * t + i) * t..][..t];
-                for (j, (a, &x)) in add.iter_mut().zip(row).enumerate() {
-                    let on = x > MASKED;
-                    *a = if on { x } else { f32::NEG_INFINITY };
-                    if on {
-                        end = j + 1;
-                    }
+                let row = &v[((if *batched { b } else { 0 }) * t + i) * t..][..s.len()];
+                for (x, &a) in s.iter_mut().zip(row) {
+                    *x = if a > MASKED {
+                        *x * scale + a
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                 }
             }
         }
-        end
     }
 }
 
-/// Products of a block of `rows` query rows with the first `kend` key (or value) rows, row-major
-/// with D columns: `out (rows × D) = a (rows × kend) · b (kend × D)`, or with `grad` a key or value
-/// gradient, `out (kend × D) += aᵀ (kend × rows) · b (rows × D)`.
-fn block_product(out: &mut [f32], a: &[f32], b: &[f32], dims: (usize, usize, usize), grad: bool) {
-    let (rows, kend, d) = dims;
-    let (m, k) = if grad { (kend, rows) } else { (rows, kend) };
-    let (out, b) = (&mut out[..m * d], &b[..k * d]);
-    gemm_f32((m, d, k), out, d, grad, (a, kend, grad), (b, d, false), 1.0);
+/// Every query row's [`MaskView::end`] for one pass, computed once rather than per head.
+struct Ends {
+    /// (mask batch rows × T), each 1 + the last visible key or 0.
+    ends: Vec<usize>,
+    /// Whether `ends` has a row per batch row (else one row serves all).
+    batched: bool,
+    t: usize,
 }
 
-/// `c (m×n, row stride ldc) = [c +] beta·op(a)·op(b)` for row-major `a` (m×k, or k×m when `ta`)
-/// and `b` (k×n, or n×k when `tb`) with row strides `lda`, `ldb`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    c: &mut [f32],
-    ldc: usize,
-    acc: bool,
-    (a, lda, ta): (&[f32], usize, bool),
-    (b, ldb, tb): (&[f32], usize, bool),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
+impl Ends {
+    fn new(mask: &MaskView, b: usize, t: usize) -> Ends {
+        let batched = !matches!(mask, MaskView::Causal(None) | MaskView::Bias(_, false));
+        let rows = if batched { b } else { 1 };
+        let t1 = t.max(1);
+        let ends = (0..rows * t).map(|r| mask.end(r / t1, r % t1, t)).collect();
+        Ends { ends, batched, t }
     }
-    if k == 0 {
-        if !acc {
-            for r in 0..m {
-                c[r * ldc..r * ldc + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    let (ar, ac) = if ta { (k, m) } else { (m, k) };
-    let (br, bc) = if tb { (n, k) } else { (k, n) };
-    assert!(
-        ac <= lda && a.len() >= (ar - 1) * lda + ac,
-        "gemm_f32: a out of bounds"
-    );
-    assert!(
-        bc <= ldb && b.len() >= (br - 1) * ldb + bc,
-        "gemm_f32: b out of bounds"
-    );
-    assert!(
-        n <= ldc && c.len() >= (m - 1) * ldc + n,
-        "gemm_f32: c out of bounds"
-    );
-    let (a_rs, a_cs) = if ta { (1, lda) } else { (lda, 1) };
-    let (b_rs, b_cs) = if tb { (1, ldb) } else { (ldb, 1) };
-    // SAFETY: the asserts above keep every index of op(a) (m×k), op(b) (k×n) and c (m×n) with the
-    // strides below inside its slice; c is borrowed mutably, so nothing aliases it.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            acc,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+
+    fn get(&self, b: usize, i: usize) -> usize {
+        self.ends[(if self.batched { b } else { 0 }) * self.t + i]
     }
 }
 
@@ -261,73 +261,80 @@ struct AttentionOp {
     /// (B, Hq, T) logsumexp of each row's scaled scores, written by the forward for the backward.
     /// Each call makes its own op, so this belongs to one graph node.
     lse: Mutex<Option<Arc<Vec<f32>>>>,
+    /// bf16 block products for f32 activations too (see [`causal_attention_with`]).
+    bf16_products: bool,
+}
+
+/// What [`AttentionOp::probs`] reads for one query block besides the products.
+struct Block<'a> {
+    mask: &'a MaskView<'a>,
+    ends: &'a Ends,
+    /// Batch row.
+    bi: usize,
+    /// First query row and the block's row count.
+    i0: usize,
+    rows: usize,
+    /// The SIMD exp of a bf16 step (else libm's; see `exp::exp_shift_sum`).
+    simd_exp: bool,
 }
 
 impl AttentionOp {
-    /// Probabilities of query rows `i0..i0+rows` of (batch b, query head slab `q`) against keys
-    /// `0..kend` into `p (rows × kend)`. With `lse` None (forward) it normalises and writes each
-    /// row's logsumexp into `lse_out`; with Some (backward) it uses those. `add` is (T) scratch.
-    /// Returns kend: 1 + the last key any of these rows sees (T if a row sees none).
-    #[allow(clippy::too_many_arguments)]
+    /// Probabilities of the block's query rows against keys `0..kend` into `p` (rows × ks, the
+    /// products' stride; columns past kend 0). With `lse_in` None (forward) it normalises and writes
+    /// each row's logsumexp into `lse_out`; with Some (backward) it uses those. Returns
+    /// `(kend, ks)`: kend is 1 + the last key any of these rows sees (T if a row sees none).
     fn probs(
         &self,
-        mask: &MaskView,
-        bi: usize,
-        i0: usize,
-        rows: usize,
-        q: &[f32],
-        k: &[f32],
-        p: &mut Vec<f32>,
-        add: &mut [f32],
+        blk: &Block,
+        prods: &mut dyn BlockProducts,
+        p: &mut [f32],
         lse_in: Option<&[f32]>,
         lse_out: &mut [f32],
-    ) -> usize {
+    ) -> (usize, usize) {
         let AttnDims { t, d, .. } = self.dims;
+        let Block {
+            mask,
+            ends,
+            bi,
+            i0,
+            rows,
+            simd_exp,
+        } = *blk;
         let scale = 1.0 / (d as f32).sqrt();
         // key extent of the block first, so that S is only as wide as needed
-        let mut kend = 0;
-        for i in i0..i0 + rows {
-            let e = mask.row(bi, i, t, add);
-            kend = kend.max(if e == 0 { t } else { e });
-        }
-        p.clear();
-        p.resize(rows * kend, 0.0);
-        // s (rows × kend) = scale · q[i0..] · k[..kend]ᵀ
-        gemm_f32(
-            (rows, kend, d),
-            p,
-            kend,
-            false,
-            (&q[i0 * d..(i0 + rows) * d], d, false),
-            (&k[..kend * d], d, true),
-            scale,
-        );
+        let kend = (i0..i0 + rows)
+            .map(|i| match ends.get(bi, i) {
+                0 => t,
+                e => e,
+            })
+            .max()
+            .unwrap_or(0);
+        let ks = prods.stride(kend);
+        let p = &mut p[..rows * ks];
+        // s (rows × ks) = q[i0..] · k[..kend]ᵀ, scaled below
+        prods.scores(Mat::Q, Mat::K, (i0, rows, kend), p);
         for r in 0..rows {
-            let s = &mut p[r * kend..(r + 1) * kend];
-            if mask.row(bi, i0 + r, t, add) == 0 {
+            let s = &mut p[r * ks..r * ks + kend];
+            if ends.get(bi, i0 + r) == 0 {
                 // no visible key: transformers' finfo.min bias makes every score equal
                 s.fill(1.0 / t as f32);
                 lse_out[r] = (t as f32).ln();
                 continue;
             }
-            for (s, a) in s.iter_mut().zip(add.iter()) {
-                *s += a;
-            }
+            mask.apply(bi, i0 + r, t, scale, s);
             match lse_in {
-                Some(lse) => s.iter_mut().for_each(|x| *x = (*x - lse[r]).exp()),
+                Some(lse) => {
+                    exp_shift_sum(s, lse[r], simd_exp);
+                }
                 None => {
                     let m = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut l = 0f32;
-                    for x in s.iter_mut() {
-                        *x = (*x - m).exp();
-                        l += *x;
-                    }
+                    let l = exp_shift_sum(s, m, simd_exp);
                     s.iter_mut().for_each(|x| *x /= l);
                     lse_out[r] = m + l.ln();
                 }
             }
         }
-        kend
+        (kend, ks)
     }
 }
 
@@ -345,12 +352,13 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> CpuOut {
-        let AttnDims { hq, hkv, t, d, .. } = self.dims;
+        let AttnDims { b, hq, hkv, t, d } = self.dims;
         let (q, k, v) = (
             f32_of(qs, ql, self.name())?,
             f32_of(ks, kl, self.name())?,
             f32_of(vs, vl, self.name())?,
         );
+        let bf16 = self.bf16_products || qs.dtype() == DType::BF16;
         let rep = hq / hkv;
         // o: (B, Hq, T, D); lse: (B, Hq, T); one task per (b, query head)
         let mut o = vec![0f32; q.len()];
@@ -360,29 +368,40 @@ impl CustomOp3 for AttentionOp {
             if t * d == 0 {
                 return;
             }
+            let ends = Ends::new(mask, b, t);
             o_ref
                 .par_chunks_mut(t * d)
                 .zip(lse_ref.par_chunks_mut(t))
                 .enumerate()
                 .for_each(|(bh, (o, lse))| {
                     let (bi, h) = (bh / hq, bh % hq);
-                    let q = &q[bh * t * d..(bh + 1) * t * d];
                     let kv0 = (bi * hkv + h / rep) * t * d;
-                    let (k, v) = (&k[kv0..kv0 + t * d], &v[kv0..kv0 + t * d]);
-                    let (mut p, mut add) = (Vec::new(), vec![0f32; t]);
+                    let mats = HeadMats {
+                        q: &q[bh * t * d..(bh + 1) * t * d],
+                        k: &k[kv0..kv0 + t * d],
+                        v: &v[kv0..kv0 + t * d],
+                        d_o: &[],
+                        t,
+                        d,
+                    };
+                    let mut prods = products(mats, bf16);
+                    let mut p_buf = Vec::new();
+                    let p = aligned_slice(&mut p_buf, BQ * prods.stride(t));
                     for i0 in (0..t).step_by(BQ) {
                         let rows = BQ.min(t - i0);
+                        let blk = Block {
+                            mask,
+                            ends: &ends,
+                            bi,
+                            i0,
+                            rows,
+                            simd_exp: bf16,
+                        };
                         let lse = &mut lse[i0..i0 + rows];
-                        let kend =
-                            self.probs(mask, bi, i0, rows, q, k, &mut p, &mut add, None, lse);
+                        let (kend, _) = self.probs(&blk, &mut *prods, p, None, lse);
                         // o[i0..] (rows × D) = p (rows × kend) · v[..kend]
-                        block_product(
-                            &mut o[i0 * d..(i0 + rows) * d],
-                            &p,
-                            v,
-                            (rows, kend, d),
-                            false,
-                        );
+                        let o = &mut o[i0 * d..(i0 + rows) * d];
+                        prods.mix(p, Mat::V, (rows, kend), o);
                     }
                 });
         })?;
@@ -402,6 +421,7 @@ impl CustomOp3 for AttentionOp {
         let scale = 1.0 / (d as f32).sqrt();
         let name = self.name();
         let (q_dims, dtypes) = (q.dims().to_vec(), [q.dtype(), k.dtype(), v.dtype()]);
+        let bf16 = self.bf16_products || q.dtype() == DType::BF16;
         let mut dq = vec![0f32; b * hq * t * d];
         let mut dk = vec![0f32; b * hkv * t * d];
         let mut dv = vec![0f32; b * hkv * t * d];
@@ -426,6 +446,7 @@ impl CustomOp3 for AttentionOp {
             if t * d == 0 {
                 return;
             }
+            let ends = Ends::new(mask, b, t);
             // one task per (b, kv head): it owns that head's dk, dv and the dq of its `rep` query
             // heads, so no two tasks write the same memory
             dq_ref
@@ -439,63 +460,52 @@ impl CustomOp3 for AttentionOp {
                 .for_each(|(bg, (dq, (dk, dv)))| {
                     let bi = bg / hkv;
                     let (k, v) = (&k[bg * t * d..][..t * d], &v[bg * t * d..][..t * d]);
-                    let (mut p, mut dp, mut add) = (Vec::new(), Vec::new(), vec![0f32; t]);
+                    let (mut p_buf, mut dp_buf) = (Vec::new(), Vec::new());
                     let mut unused = vec![0f32; BQ];
                     for r in 0..rep {
                         let bh = bg * rep + r; // = bi·Hq + h
                         let slab = bh * t * d..(bh + 1) * t * d;
                         let (q, o, d_o) = (&q[slab.clone()], &o[slab.clone()], &d_o[slab]);
+                        let mats = HeadMats { q, k, v, d_o, t, d };
+                        // (the key-side packs are rebuilt per query head of a group: they are
+                        // O(T·D), the products O(T²·D))
+                        let mut prods = products(mats, bf16);
+                        let p = aligned_slice(&mut p_buf, BQ * prods.stride(t));
+                        let dp = aligned_slice(&mut dp_buf, BQ * prods.stride(t));
                         let dq = &mut dq[r * t * d..(r + 1) * t * d];
                         for i0 in (0..t).step_by(BQ) {
                             let rows = BQ.min(t - i0);
                             let lse = &lse[bh * t + i0..][..rows];
-                            let kend = self.probs(
+                            let blk = Block {
                                 mask,
+                                ends: &ends,
                                 bi,
                                 i0,
                                 rows,
-                                q,
-                                k,
-                                &mut p,
-                                &mut add,
-                                Some(lse),
-                                &mut unused,
-                            );
-                            let (qb, ob, dob) = (
-                                &q[i0 * d..(i0 + rows) * d],
-                                &o[i0 * d..(i0 + rows) * d],
-                                &d_o[i0 * d..(i0 + rows) * d],
-                            );
+                                simd_exp: bf16,
+                            };
+                            let (kend, ks) =
+                                self.probs(&blk, &mut *prods, p, Some(lse), &mut unused);
+                            let (p, dp) = (&p[..rows * ks], &mut dp[..rows * ks]);
+                            let blk = (i0, rows, kend);
                             // dv[..kend] += pᵀ (kend × rows) · dO (rows × D)
-                            block_product(dv, &p, dob, (rows, kend, d), true);
-                            // dp (rows × kend) = dO · v[..kend]ᵀ
-                            dp.clear();
-                            dp.resize(rows * kend, 0.0);
-                            gemm_f32(
-                                (rows, kend, d),
-                                &mut dp,
-                                kend,
-                                false,
-                                (dob, d, false),
-                                (&v[..kend * d], d, true),
-                                1.0,
-                            );
+                            prods.mix_t(p, Mat::DO, blk, dv);
+                            // dp (rows × ks) = dO · v[..kend]ᵀ
+                            prods.scores(Mat::DO, Mat::V, blk, dp);
                             // ds = p·(dp - dO·O)·scale, in place of dp
+                            let (ob, dob) = (&o[i0 * d..(i0 + rows) * d], &d_o[i0 * d..]);
                             for r in 0..rows {
                                 let dd = dot(&dob[r * d..(r + 1) * d], &ob[r * d..(r + 1) * d]);
-                                let (pr, dpr) = (
-                                    &p[r * kend..(r + 1) * kend],
-                                    &mut dp[r * kend..(r + 1) * kend],
-                                );
+                                let (pr, dpr) =
+                                    (&p[r * ks..r * ks + kend], &mut dp[r * ks..r * ks + kend]);
                                 for (x, &pv) in dpr.iter_mut().zip(pr) {
                                     *x = pv * (*x - dd) * scale;
                                 }
                             }
                             // dq[i0..] (rows × D) = ds · k[..kend]
-                            let dqi = &mut dq[i0 * d..(i0 + rows) * d];
-                            block_product(dqi, &dp, k, (rows, kend, d), false);
+                            prods.mix(dp, Mat::K, (rows, kend), &mut dq[i0 * d..(i0 + rows) * d]);
                             // dk[..kend] += dsᵀ (kend × rows) · q (rows × D)
-                            block_product(dk, &dp, qb, (rows, kend, d), true);
+                            prods.mix_t(dp, Mat::Q, blk, dk);
                         }
                     }
                 });

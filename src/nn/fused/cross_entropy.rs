@@ -1,4 +1,5 @@
 //! Cross-entropy through the frozen lm_head, chunk by chunk: logits never exist for all tokens.
+use super::exp::exp_shift_sum;
 use super::*;
 
 /// `(Σ over tokens with label >= 0 of -log softmax(hidden·Wᵀ + bias)[label], that token count)`
@@ -108,18 +109,28 @@ impl CustomOp1 for CrossEntropyOp {
             let lg = &mut logits[..rows * vocab];
             self.logits(&h[r0 * c..(r0 + rows) * c], rows, lg, half);
             loss += lg
-                .par_chunks(vocab)
+                .par_chunks_mut(vocab)
                 .zip(lse.par_iter_mut())
                 .zip(self.labels[r0..r0 + rows].par_iter())
                 .map(|((row, lse), &label)| {
                     let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let sum: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
+                    let picked = if label < 0 {
+                        0.0
+                    } else {
+                        row[label as usize] as f64
+                    };
+                    // the row is not needed after (the backward recomputes the logits); an f32
+                    // step keeps its f64 sum of libm's exps
+                    let sum = match half {
+                        true => exp_shift_sum(row, m, true) as f64,
+                        false => row.iter().map(|&x| ((x - m) as f64).exp()).sum(),
+                    };
                     let z = m as f64 + sum.ln();
                     *lse = z as f32;
                     if label < 0 {
                         0.0
                     } else {
-                        z - row[label as usize] as f64
+                        z - picked
                     }
                 })
                 .sum::<f64>();
@@ -185,7 +196,8 @@ impl CustomOp1 for CrossEntropyOp {
                             row.fill(0.0);
                             return;
                         }
-                        row.iter_mut().for_each(|x| *x = g * (*x - z).exp());
+                        exp_shift_sum(row, z, half);
+                        row.iter_mut().for_each(|x| *x *= g);
                         row[label as usize] -= g;
                     });
                 if half {

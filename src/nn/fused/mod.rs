@@ -213,7 +213,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 mod attention;
+mod attention_products;
 mod cross_entropy;
+mod exp;
 mod gelu;
 mod heads;
 mod lora;
@@ -224,7 +226,7 @@ mod scale;
 mod swiglu;
 
 pub use attention::*;
-pub(crate) use attention::{attention_dims, bias_rows, AttnDims};
+pub(crate) use attention::{attention_dims, attention_task_bytes, bias_rows, AttnDims};
 pub use cross_entropy::*;
 pub use gelu::*;
 pub use heads::*;

@@ -4,6 +4,7 @@
 //! temporaries (-g, exp, +1, recip) and then `1 - y`, a product and a sum: seven MLP-sized passes
 //! and up to three extra tensors alive. Here forward and backward are one pass each and the graph
 //! keeps only g and u (which it holds anyway as the projections' outputs).
+use super::exp::exp_shift_sum;
 use super::*;
 use candle_core::CustomOp2;
 
@@ -12,6 +13,12 @@ use candle_core::CustomOp2;
 /// two roundings); for f32 both are exact f32 operations.
 /// Backward: `du = dy · silu(g)`, `dg = (dy · u) · sigmoid(g) · (1 + g · (1 - sigmoid(g)))`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    swiglu_with(g, u, false)
+}
+
+/// [`swiglu`] with the SIMD exp for f32 activations too when `simd_exp` (a bf16 step's f32
+/// recompute); half-precision activations take it either way.
+pub fn swiglu_with(g: &Tensor, u: &Tensor, simd_exp: bool) -> Result<Tensor> {
     check_cpu("swiglu", &[g, u])?;
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
         bail!(
@@ -22,28 +29,45 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             u.dtype()
         );
     }
-    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)
+    let simd = simd_exp || g.dtype() != DType::F32;
+    g.contiguous()?
+        .apply_op2(&u.contiguous()?, SwiGluOp { simd })
 }
 
-struct SwiGluOp;
+/// The op; `simd`: the SIMD exp (see `exp::exp_shift_sum`).
+struct SwiGluOp {
+    simd: bool,
+}
 
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// σ(g) for a chunk of gates into `s`: exp(−g) ([`exp_shift_sum`]: SIMD lanes when `simd`), then
+/// 1 / (1 + e) (σ is 0 where exp(−g) overflows, 1 where it underflows).
+fn sigmoids<T: Elem>(g: &[T], s: &mut [f32], simd: bool) {
+    for (s, g) in s.iter_mut().zip(g) {
+        *s = -g.f();
+    }
+    exp_shift_sum(s, 0.0, simd);
+    s.iter_mut().for_each(|s| *s = 1.0 / (1.0 + *s));
 }
 
 impl SwiGluOp {
-    fn forward<T: Elem>(g: &[T], u: &[T]) -> Vec<T> {
-        zip_map(g, u, |g, u| {
-            let gf = g.f();
-            let silu = T::of(gf * sigmoid(gf)).f();
-            T::of(silu * u.f())
-        })
+    fn forward<T: Elem>(&self, g: &[T], u: &[T]) -> Vec<T> {
+        let mut y = vec![T::of(0.0); g.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (g, u))| {
+                let mut s = [0f32; CHUNK];
+                let s = &mut s[..g.len()];
+                sigmoids(g, s, self.simd);
+                for (((y, g), u), &s) in y.iter_mut().zip(g).zip(u).zip(&*s) {
+                    let gf = g.f();
+                    let silu = T::of(gf * s).f();
+                    *y = T::of(silu * u.f());
+                }
+            });
+        y
     }
 
-    /// (dg, du) for upstream `dy`, with torch's roundings in half precision (`dy·u` and
-    /// `dy·silu(g)` rounded, as the product's backward gives them, then SiLU's backward).
-    fn backward<T: Elem>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    fn backward<T: Elem>(&self, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
         let mut dg = vec![T::of(0.0); g.len()];
         let mut du = vec![T::of(0.0); g.len()];
         dg.par_chunks_mut(CHUNK)
@@ -54,9 +78,11 @@ impl SwiGluOp {
                     .zip(dy.par_chunks(CHUNK)),
             )
             .for_each(|((dg, du), ((g, u), dy))| {
+                let mut sig = [0f32; CHUNK];
+                sigmoids(g, &mut sig[..g.len()], self.simd);
                 for i in 0..g.len() {
                     let (gf, d) = (g[i].f(), dy[i].f());
-                    let s = sigmoid(gf);
+                    let s = sig[i];
                     let silu = T::of(gf * s).f();
                     du[i] = T::of(d * silu);
                     let ds = T::of(d * u[i].f()).f();
@@ -83,13 +109,13 @@ impl CustomOp2 for SwiGluOp {
     fn cpu_fwd(&self, sg: &CpuStorage, lg: &Layout, su: &CpuStorage, lu: &Layout) -> CpuOut {
         let y = match (sg, su) {
             (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(Self::forward(typed(g, lg)?, typed(u, lu)?))
+                CpuStorage::F32(self.forward(typed(g, lg)?, typed(u, lu)?))
             }
             (CpuStorage::BF16(g), CpuStorage::BF16(u)) => {
-                CpuStorage::BF16(Self::forward(typed(g, lg)?, typed(u, lu)?))
+                CpuStorage::BF16(self.forward(typed(g, lg)?, typed(u, lu)?))
             }
             (CpuStorage::F16(g), CpuStorage::F16(u)) => {
-                CpuStorage::F16(Self::forward(typed(g, lg)?, typed(u, lu)?))
+                CpuStorage::F16(self.forward(typed(g, lg)?, typed(u, lu)?))
             }
             _ => bail!("swiglu: gate and up must share one float dtype (f32, bf16 or f16)"),
         };
@@ -113,7 +139,7 @@ impl CustomOp2 for SwiGluOp {
         let dims = lg.dims();
         macro_rules! grads {
             ($g:expr, $u:expr, $d:expr) => {{
-                let (dg, du) = Self::backward(typed($g, lg)?, typed($u, lu)?, typed($d, ld)?);
+                let (dg, du) = self.backward(typed($g, lg)?, typed($u, lu)?, typed($d, ld)?);
                 (
                     Tensor::from_vec(dg, dims, &Device::Cpu)?,
                     Tensor::from_vec(du, dims, &Device::Cpu)?,

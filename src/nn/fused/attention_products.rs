@@ -1,0 +1,350 @@
+//! The attention's block products for one head, in f32 (`gemm`) or, in a bf16 step on a CPU with
+//! bf16 kernels, with bf16 products on the AMX / AVX-512 BF16 / FEAT_BF16 micro-kernels
+//! ([`crate::quant::matmul_bf16::dense_bf16`]); sums are f32 either way.
+//!
+//! Notation: `X[i0..i0+rows]` a block of query-side rows (Q or dO), `Y[..kend]` the first `kend`
+//! key-side rows (K or V), `M` (rows × ks) a block of probabilities or score gradients whose
+//! columns past `kend` are zero. The bf16 products round what the step already holds in bf16 (Q,
+//! K, V, dO: exact) and the f32 blocks M (P and dS, as flash attention does in half precision).
+use crate::quant::matmul::aligned_slice;
+use crate::quant::matmul_bf16::{
+    dense_bf16, pack_col_pairs, pack_pairs_t, pack_row_pairs, pack_rows, Pairs,
+};
+
+/// Which of a head's matrices an operand is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Mat {
+    Q,
+    K,
+    V,
+    /// The output's gradient (backward only).
+    DO,
+}
+
+/// One head's row-major (T × D) f32 matrices; `d_o` in backward only.
+#[derive(Clone, Copy)]
+pub(super) struct HeadMats<'a> {
+    pub(super) q: &'a [f32],
+    pub(super) k: &'a [f32],
+    pub(super) v: &'a [f32],
+    pub(super) d_o: &'a [f32],
+    pub(super) t: usize,
+    pub(super) d: usize,
+}
+
+impl<'a> HeadMats<'a> {
+    fn get(&self, m: Mat) -> &'a [f32] {
+        match m {
+            Mat::Q => self.q,
+            Mat::K => self.k,
+            Mat::V => self.v,
+            Mat::DO => self.d_o,
+        }
+    }
+
+    /// Rows `i0..i0+rows` of `m`.
+    fn block(&self, m: Mat, i0: usize, rows: usize) -> &'a [f32] {
+        &self.get(m)[i0 * self.d..(i0 + rows) * self.d]
+    }
+}
+
+/// A head's block products (see the module docs for the names).
+pub(super) trait BlockProducts {
+    /// The row stride of a score block whose rows see keys `0..kend` (≥ kend).
+    fn stride(&self, kend: usize) -> usize;
+    /// `s (rows × ks) = X[i0..i0+rows] · Y[..kend]ᵀ` for `blk = (i0, rows, kend)`, unscaled;
+    /// columns `kend..ks` are 0.
+    fn scores(&mut self, x: Mat, y: Mat, blk: (usize, usize, usize), s: &mut [f32]);
+    /// `out (rows × D) = M · Y[..kend]` for `dims = (rows, kend)`.
+    fn mix(&mut self, m: &[f32], y: Mat, dims: (usize, usize), out: &mut [f32]);
+    /// `out[..kend] (kend × D) += Mᵀ · X[i0..i0+rows]`.
+    fn mix_t(&mut self, m: &[f32], x: Mat, blk: (usize, usize, usize), out: &mut [f32]);
+}
+
+/// The products for `mats`: bf16 when `bf16` (a bf16 step), this CPU has the kernels and D is a
+/// multiple of 16 (the kernels' column unit); f32 otherwise.
+pub(super) fn products<'a>(mats: HeadMats<'a>, bf16: bool) -> Box<dyn BlockProducts + 'a> {
+    use crate::quant::matmul_bf16::has_bf16_kernels;
+    let f32_only = super::F32_ATTENTION_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed);
+    if bf16 && !f32_only && has_bf16_kernels() && mats.d.is_multiple_of(16) && mats.d > 0 {
+        Box::new(Bf16Products::new(mats))
+    } else {
+        Box::new(F32Products(mats))
+    }
+}
+
+/// Bytes [`products`] holds for a head of `t` rows of `d` with bf16 products, beside the caller's
+/// blocks of `bq` query rows: the key-side packs (K and V, two layouts each), a block's or M's
+/// pack, and [`crate::quant::matmul_bf16::pack_col_pairs`]' staging (an upper bound).
+pub(super) fn bf16_products_bytes(t: usize, d: usize, bq: usize) -> usize {
+    let tp = t.next_multiple_of(KEY_UNIT);
+    let packs = 4 * (tp * d / 2 + 16);
+    let a = (bq * d / 2).max(bq * tp / 2).max(tp * bq.div_ceil(2)) + 16;
+    let b = bq.div_ceil(2) * d + 16;
+    let stage = bq.div_ceil(2) * tp + tp;
+    (packs + a + b + stage) * 4
+}
+
+/// f32 products through `gemm`.
+struct F32Products<'a>(HeadMats<'a>);
+
+impl BlockProducts for F32Products<'_> {
+    fn stride(&self, kend: usize) -> usize {
+        kend
+    }
+
+    fn scores(&mut self, x: Mat, y: Mat, (i0, rows, kend): (usize, usize, usize), s: &mut [f32]) {
+        let (h, d) = (&self.0, self.0.d);
+        let (x, y) = (h.block(x, i0, rows), h.block(y, 0, kend));
+        gemm_f32((rows, kend, d), s, kend, false, (x, d, false), (y, d, true));
+    }
+
+    fn mix(&mut self, m: &[f32], y: Mat, (rows, kend): (usize, usize), out: &mut [f32]) {
+        let d = self.0.d;
+        let y = self.0.block(y, 0, kend);
+        gemm_f32(
+            (rows, d, kend),
+            out,
+            d,
+            false,
+            (m, kend, false),
+            (y, d, false),
+        );
+    }
+
+    fn mix_t(
+        &mut self,
+        m: &[f32],
+        x: Mat,
+        (i0, rows, kend): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let d = self.0.d;
+        let x = self.0.block(x, i0, rows);
+        gemm_f32(
+            (kend, d, rows),
+            out,
+            d,
+            true,
+            (m, kend, true),
+            (x, d, false),
+        );
+    }
+}
+
+/// `c (m×n, row stride ldc) = [c +] op(a)·op(b)` for row-major `a` (m×k, or k×m when `ta`)
+/// and `b` (k×n, or n×k when `tb`) with row strides `lda`, `ldb`.
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+    (a, lda, ta): (&[f32], usize, bool),
+    (b, ldb, tb): (&[f32], usize, bool),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+    let (br, bc) = if tb { (n, k) } else { (k, n) };
+    assert!(
+        ac <= lda && a.len() >= (ar - 1) * lda + ac,
+        "gemm_f32: a out of bounds"
+    );
+    assert!(
+        bc <= ldb && b.len() >= (br - 1) * ldb + bc,
+        "gemm_f32: b out of bounds"
+    );
+    assert!(
+        n <= ldc && c.len() >= (m - 1) * ldc + n,
+        "gemm_f32: c out of bounds"
+    );
+    let (a_rs, a_cs) = if ta { (1, lda) } else { (lda, 1) };
+    let (b_rs, b_cs) = if tb { (1, ldb) } else { (ldb, 1) };
+    // SAFETY: the asserts above keep every index of op(a) (m×k), op(b) (k×n) and c (m×n) with the
+    // strides below inside its slice; c is borrowed mutably, so nothing aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Key blocks are widened to this many columns so that M's pairs fill whole AMX tiles (16 pairs).
+const KEY_UNIT: usize = 32;
+
+/// bf16 products: each key-side matrix packed once per head in the two layouts its products read
+/// (pairs along D, transposed, for `scores`; pairs of rows for `mix`), blocks and M packed per call.
+struct Bf16Products<'a> {
+    mats: HeadMats<'a>,
+    /// T rounded up to [`KEY_UNIT`]: the packs' key extent (rows past T are zero).
+    tp: usize,
+    /// `Yᵀ` pairs (D/2 × tp) for K and V, built on first use.
+    t_pairs: [Option<(Vec<u32>, usize)>; 2],
+    /// `Y` row pairs (tp/2 × D) for K and V, built on first use.
+    row_pairs: [Option<(Vec<u32>, usize)>; 2],
+    /// Per-call packs of a block or of M (kept between calls).
+    a_buf: Vec<u32>,
+    b_buf: Vec<u32>,
+}
+
+impl<'a> Bf16Products<'a> {
+    fn new(mats: HeadMats<'a>) -> Self {
+        Bf16Products {
+            tp: mats.t.next_multiple_of(KEY_UNIT),
+            mats,
+            t_pairs: [None, None],
+            row_pairs: [None, None],
+            a_buf: Vec::new(),
+            b_buf: Vec::new(),
+        }
+    }
+
+    /// The slot of a key-side matrix in the pack arrays.
+    fn slot(y: Mat) -> usize {
+        match y {
+            Mat::K => 0,
+            Mat::V => 1,
+            m => unreachable!("{m:?} is not a key-side matrix"),
+        }
+    }
+
+    /// `Yᵀ` as pairs along D: `[q][j] = (Y[j][2q], Y[j][2q+1])`, (D/2 × tp).
+    fn t_pairs(&mut self, y: Mat) -> &[u32] {
+        let (t, d, tp, src) = (self.mats.t, self.mats.d, self.tp, self.mats.get(y));
+        pack_once(&mut self.t_pairs[Self::slot(y)], d / 2 * tp, |dst| {
+            pack_pairs_t(src, d, (t, d), dst, tp)
+        })
+    }
+
+    /// `Y` as pairs of rows: `[p][c] = (Y[2p][c], Y[2p+1][c])`, (tp/2 × D).
+    fn row_pairs(&mut self, y: Mat) -> &[u32] {
+        let (t, d, tp, src) = (self.mats.t, self.mats.d, self.tp, self.mats.get(y));
+        pack_once(&mut self.row_pairs[Self::slot(y)], tp / 2 * d, |dst| {
+            pack_row_pairs(src, d, (t, d), dst, d)
+        })
+    }
+}
+
+/// The `len` packed u32 of `slot`, built by `fill` into a zeroed, line-aligned buffer on first use.
+fn pack_once(
+    slot: &mut Option<(Vec<u32>, usize)>,
+    len: usize,
+    fill: impl FnOnce(&mut [u32]),
+) -> &[u32] {
+    let (buf, off) = slot.get_or_insert_with(|| {
+        let mut buf = Vec::new();
+        let at = aligned_slice(&mut buf, len).as_ptr() as usize;
+        let off = (at - buf.as_ptr() as usize) / std::mem::size_of::<u32>();
+        fill(&mut buf[off..off + len]);
+        (buf, off)
+    });
+    &buf[*off..*off + len]
+}
+
+impl BlockProducts for Bf16Products<'_> {
+    fn stride(&self, kend: usize) -> usize {
+        kend.next_multiple_of(KEY_UNIT).min(self.tp)
+    }
+
+    fn scores(&mut self, x: Mat, y: Mat, (i0, rows, kend): (usize, usize, usize), s: &mut [f32]) {
+        let (d, tp, ks) = (self.mats.d, self.tp, self.stride(kend));
+        let xb = self.mats.block(x, i0, rows);
+        let mut a_buf = std::mem::take(&mut self.a_buf);
+        let a = aligned_slice(&mut a_buf, rows * d / 2);
+        pack_rows(xb, d, (rows, d), a, d / 2);
+        let b = self.t_pairs(y);
+        let done = dense_bf16(
+            Pairs {
+                data: a,
+                stride: d / 2,
+            },
+            Pairs {
+                data: b,
+                stride: tp,
+            },
+            s,
+            ks,
+            (rows, d / 2, ks),
+            false,
+        );
+        assert!(done, "attention: bf16 kernels vanished");
+        // keys kend..ks exist in the packs (or are zero past T); the block must not see them
+        (0..rows).for_each(|r| s[r * ks + kend..(r + 1) * ks].fill(0.0));
+        self.a_buf = a_buf;
+    }
+
+    fn mix(&mut self, m: &[f32], y: Mat, (rows, kend): (usize, usize), out: &mut [f32]) {
+        let (d, ks) = (self.mats.d, self.stride(kend));
+        let mut a_buf = std::mem::take(&mut self.a_buf);
+        let a = aligned_slice(&mut a_buf, rows * ks / 2);
+        pack_rows(m, ks, (rows, ks), a, ks / 2);
+        let b = self.row_pairs(y);
+        let done = dense_bf16(
+            Pairs {
+                data: a,
+                stride: ks / 2,
+            },
+            Pairs { data: b, stride: d },
+            out,
+            d,
+            (rows, ks / 2, d),
+            false,
+        );
+        assert!(done, "attention: bf16 kernels vanished");
+        self.a_buf = a_buf;
+    }
+
+    fn mix_t(
+        &mut self,
+        m: &[f32],
+        x: Mat,
+        (i0, rows, kend): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let (d, ks, half) = (self.mats.d, self.stride(kend), rows.div_ceil(2));
+        let xb = self.mats.block(x, i0, rows);
+        let a = aligned_slice(&mut self.a_buf, kend * half);
+        pack_col_pairs(m, ks, (rows, kend), a, half);
+        let b = aligned_slice(&mut self.b_buf, half * d);
+        pack_row_pairs(xb, d, (rows, d), b, d);
+        let done = dense_bf16(
+            Pairs {
+                data: a,
+                stride: half,
+            },
+            Pairs { data: b, stride: d },
+            out,
+            d,
+            (kend, half, d),
+            true,
+        );
+        assert!(done, "attention: bf16 kernels vanished");
+    }
+}
