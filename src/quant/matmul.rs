@@ -176,17 +176,17 @@ impl SendPtr {
     }
 }
 
-/// One-thread f32 GEMM of row-major operands, `(m, n, k)`: `dst` (m×n, row stride `dst_rs`)
-/// `= lhs · rhs`, or `+=` when `accumulate`; `lhs` (m×k, row stride `lhs_rs`); `rhs` (k×n) with
-/// column stride `rhs_cs` and row stride `rhs_rs` (a transposed tile swaps the two).
+/// One-thread f32 GEMM, `(m, n, k)`: `dst` (m×n, row stride `dst_rs`) `= lhs · rhs`, or `+=`
+/// when `accumulate`; `lhs` (m×k) and `rhs` (k×n) each with its column and row stride (a
+/// transposed operand swaps the two).
 ///
 /// # Safety
 /// Every element those shapes and strides address lies inside its buffer, and no other thread
 /// touches the part of `dst` addressed.
-unsafe fn gemm_rows(
+pub(crate) unsafe fn gemm_rows(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs, accumulate): (*mut f32, usize, bool),
-    (lhs, lhs_rs): (*const f32, usize),
+    (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
     (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
 ) {
     gemm::gemm(
@@ -198,8 +198,8 @@ unsafe fn gemm_rows(
         dst_rs as isize,
         accumulate,
         lhs,
-        1,
-        lhs_rs as isize,
+        lhs_cs,
+        lhs_rs,
         rhs,
         rhs_cs,
         rhs_rs,
@@ -271,7 +271,7 @@ pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
                 gemm_rows(
                     (m, nr, kc),
                     (yp.get().add(r0), n, k0 > 0),
-                    (x.as_ptr().add(k0), k),
+                    (x.as_ptr().add(k0), 1, k as isize),
                     (tile.as_ptr(), kc as isize, 1),
                 );
             }
@@ -367,7 +367,7 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
                 gemm_rows(
                     (m, kc, nr),
                     (dxp.get().add(c0), k, accumulate || r0 > 0),
-                    (dy.as_ptr().add(r0), n),
+                    (dy.as_ptr().add(r0), 1, n as isize),
                     (tile.as_ptr(), 1, kc as isize),
                 );
             }

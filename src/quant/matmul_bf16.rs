@@ -655,9 +655,7 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
 }
 
 mod dense;
-pub use dense::{
-    dense_bf16, dense_bf16_ref, pack_col_pairs, pack_pairs_t, pack_row_pairs, pack_rows, Pairs,
-};
+pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, Pairs};
 
 #[cfg(target_arch = "aarch64")]
 mod neon;

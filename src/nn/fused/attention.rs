@@ -265,27 +265,36 @@ struct AttentionOp {
     bf16_products: bool,
 }
 
-/// What [`AttentionOp::probs`] reads for one query block besides the products.
+/// What [`AttentionOp::probs`] reads for one head's query blocks besides the products.
 struct Block<'a> {
     mask: &'a MaskView<'a>,
     ends: &'a Ends,
     /// Batch row.
     bi: usize,
-    /// First query row and the block's row count.
-    i0: usize,
-    rows: usize,
     /// The SIMD exp of a bf16 step (else libm's; see `exp::exp_shift_sum`).
     simd_exp: bool,
 }
 
+impl<'a> Block<'a> {
+    fn new(mask: &'a MaskView<'a>, ends: &'a Ends, bi: usize, simd_exp: bool) -> Self {
+        Block {
+            mask,
+            ends,
+            bi,
+            simd_exp,
+        }
+    }
+}
+
 impl AttentionOp {
-    /// Probabilities of the block's query rows against keys `0..kend` into `p` (rows × ks, the
+    /// Probabilities of query rows `i0..i0+rows` against keys `0..kend` into `p` (rows × ks, the
     /// products' stride; columns past kend 0). With `lse_in` None (forward) it normalises and writes
     /// each row's logsumexp into `lse_out`; with Some (backward) it uses those. Returns
     /// `(kend, ks)`: kend is 1 + the last key any of these rows sees (T if a row sees none).
     fn probs(
         &self,
         blk: &Block,
+        (i0, rows): (usize, usize),
         prods: &mut dyn BlockProducts,
         p: &mut [f32],
         lse_in: Option<&[f32]>,
@@ -296,8 +305,6 @@ impl AttentionOp {
             mask,
             ends,
             bi,
-            i0,
-            rows,
             simd_exp,
         } = *blk;
         let scale = 1.0 / (d as f32).sqrt();
@@ -385,20 +392,13 @@ impl CustomOp3 for AttentionOp {
                         d,
                     };
                     let mut prods = products(mats, bf16);
+                    let blk = Block::new(mask, &ends, bi, bf16);
                     let mut p_buf = Vec::new();
                     let p = aligned_slice(&mut p_buf, BQ * prods.stride(t));
                     for i0 in (0..t).step_by(BQ) {
                         let rows = BQ.min(t - i0);
-                        let blk = Block {
-                            mask,
-                            ends: &ends,
-                            bi,
-                            i0,
-                            rows,
-                            simd_exp: bf16,
-                        };
                         let lse = &mut lse[i0..i0 + rows];
-                        let (kend, _) = self.probs(&blk, &mut *prods, p, None, lse);
+                        let (kend, _) = self.probs(&blk, (i0, rows), &mut *prods, p, None, lse);
                         // o[i0..] (rows × D) = p (rows × kend) · v[..kend]
                         let o = &mut o[i0 * d..(i0 + rows) * d];
                         prods.mix(p, Mat::V, (rows, kend), o);
@@ -462,6 +462,7 @@ impl CustomOp3 for AttentionOp {
                     let (k, v) = (&k[bg * t * d..][..t * d], &v[bg * t * d..][..t * d]);
                     let (mut p_buf, mut dp_buf) = (Vec::new(), Vec::new());
                     let mut unused = vec![0f32; BQ];
+                    let blk = Block::new(mask, &ends, bi, bf16);
                     for r in 0..rep {
                         let bh = bg * rep + r; // = bi·Hq + h
                         let slab = bh * t * d..(bh + 1) * t * d;
@@ -476,22 +477,15 @@ impl CustomOp3 for AttentionOp {
                         for i0 in (0..t).step_by(BQ) {
                             let rows = BQ.min(t - i0);
                             let lse = &lse[bh * t + i0..][..rows];
-                            let blk = Block {
-                                mask,
-                                ends: &ends,
-                                bi,
-                                i0,
-                                rows,
-                                simd_exp: bf16,
-                            };
+                            let rb = (i0, rows);
                             let (kend, ks) =
-                                self.probs(&blk, &mut *prods, p, Some(lse), &mut unused);
+                                self.probs(&blk, rb, &mut *prods, p, Some(lse), &mut unused);
                             let (p, dp) = (&p[..rows * ks], &mut dp[..rows * ks]);
-                            let blk = (i0, rows, kend);
+                            let kb = (i0, rows, kend);
                             // dv[..kend] += pᵀ (kend × rows) · dO (rows × D)
-                            prods.mix_t(p, Mat::DO, blk, dv);
+                            prods.mix_t(p, Mat::DO, kb, dv);
                             // dp (rows × ks) = dO · v[..kend]ᵀ
-                            prods.scores(Mat::DO, Mat::V, blk, dp);
+                            prods.scores(Mat::DO, Mat::V, kb, dp);
                             // ds = p·(dp - dO·O)·scale, in place of dp
                             let (ob, dob) = (&o[i0 * d..(i0 + rows) * d], &d_o[i0 * d..]);
                             for r in 0..rows {
@@ -505,7 +499,7 @@ impl CustomOp3 for AttentionOp {
                             // dq[i0..] (rows × D) = ds · k[..kend]
                             prods.mix(dp, Mat::K, (rows, kend), &mut dq[i0 * d..(i0 + rows) * d]);
                             // dk[..kend] += dsᵀ (kend × rows) · q (rows × D)
-                            prods.mix_t(dp, Mat::Q, blk, dk);
+                            prods.mix_t(dp, Mat::Q, kb, dk);
                         }
                     }
                 });

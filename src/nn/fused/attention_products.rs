@@ -7,9 +7,7 @@
 //! columns past `kend` are zero. The bf16 products round what the step already holds in bf16 (Q,
 //! K, V, dO: exact) and the f32 blocks M (P and dS, as flash attention does in half precision).
 use crate::quant::matmul::aligned_slice;
-use crate::quant::matmul_bf16::{
-    dense_bf16, pack_col_pairs, pack_pairs_t, pack_row_pairs, pack_rows, Pairs,
-};
+use crate::quant::matmul_bf16::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, Pairs};
 
 /// Which of a head's matrices an operand is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -75,7 +73,7 @@ pub(super) fn products<'a>(mats: HeadMats<'a>, bf16: bool) -> Box<dyn BlockProdu
 
 /// Bytes [`products`] holds for a head of `t` rows of `d` with bf16 products, beside the caller's
 /// blocks of `bq` query rows: the key-side packs (K and V, two layouts each), a block's or M's
-/// pack, and [`crate::quant::matmul_bf16::pack_col_pairs`]' staging (an upper bound).
+/// pack, and [`crate::quant::matmul_bf16::pack_transposed`]'s staging (an upper bound).
 pub(super) fn bf16_products_bytes(t: usize, d: usize, bq: usize) -> usize {
     let tp = t.next_multiple_of(KEY_UNIT);
     let packs = 4 * (tp * d / 2 + 16);
@@ -95,40 +93,23 @@ impl BlockProducts for F32Products<'_> {
 
     fn scores(&mut self, x: Mat, y: Mat, (i0, rows, kend): (usize, usize, usize), s: &mut [f32]) {
         let (h, d) = (&self.0, self.0.d);
-        let (x, y) = (h.block(x, i0, rows), h.block(y, 0, kend));
-        gemm_f32((rows, kend, d), s, kend, false, (x, d, false), (y, d, true));
+        let (x, y) = (
+            (h.block(x, i0, rows), d, false),
+            (h.block(y, 0, kend), d, true),
+        );
+        gemm_f32((rows, kend, d), (s, kend, false), x, y);
     }
 
     fn mix(&mut self, m: &[f32], y: Mat, (rows, kend): (usize, usize), out: &mut [f32]) {
         let d = self.0.d;
-        let y = self.0.block(y, 0, kend);
-        gemm_f32(
-            (rows, d, kend),
-            out,
-            d,
-            false,
-            (m, kend, false),
-            (y, d, false),
-        );
+        let (m, y) = ((m, kend, false), (self.0.block(y, 0, kend), d, false));
+        gemm_f32((rows, d, kend), (out, d, false), m, y);
     }
 
-    fn mix_t(
-        &mut self,
-        m: &[f32],
-        x: Mat,
-        (i0, rows, kend): (usize, usize, usize),
-        out: &mut [f32],
-    ) {
-        let d = self.0.d;
-        let x = self.0.block(x, i0, rows);
-        gemm_f32(
-            (kend, d, rows),
-            out,
-            d,
-            true,
-            (m, kend, true),
-            (x, d, false),
-        );
+    fn mix_t(&mut self, m: &[f32], x: Mat, blk: (usize, usize, usize), out: &mut [f32]) {
+        let ((i0, rows, kend), d) = (blk, self.0.d);
+        let (mt, x) = ((m, kend, true), (self.0.block(x, i0, rows), d, false));
+        gemm_f32((kend, d, rows), (out, d, true), mt, x);
     }
 }
 
@@ -136,9 +117,7 @@ impl BlockProducts for F32Products<'_> {
 /// and `b` (k×n, or n×k when `tb`) with row strides `lda`, `ldb`.
 fn gemm_f32(
     (m, n, k): (usize, usize, usize),
-    c: &mut [f32],
-    ldc: usize,
-    acc: bool,
+    (c, ldc, acc): (&mut [f32], usize, bool),
     (a, lda, ta): (&[f32], usize, bool),
     (b, ldb, tb): (&[f32], usize, bool),
 ) {
@@ -172,26 +151,11 @@ fn gemm_f32(
     // SAFETY: the asserts above keep every index of op(a) (m×k), op(b) (k×n) and c (m×n) with the
     // strides below inside its slice; c is borrowed mutably, so nothing aliases it.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            acc,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+        crate::quant::matmul::gemm_rows(
+            (m, n, k),
+            (c.as_mut_ptr(), ldc, acc),
+            (a.as_ptr(), a_cs as isize, a_rs as isize),
+            (b.as_ptr(), b_cs as isize, b_rs as isize),
         );
     }
 }
@@ -239,7 +203,7 @@ impl<'a> Bf16Products<'a> {
     fn t_pairs(&mut self, y: Mat) -> &[u32] {
         let (t, d, tp, src) = (self.mats.t, self.mats.d, self.tp, self.mats.get(y));
         pack_once(&mut self.t_pairs[Self::slot(y)], d / 2 * tp, |dst| {
-            pack_pairs_t(src, d, (t, d), dst, tp)
+            pack_transposed(src, d, (t, d), (dst, tp), false)
         })
     }
 
@@ -331,7 +295,7 @@ impl BlockProducts for Bf16Products<'_> {
         let (d, ks, half) = (self.mats.d, self.stride(kend), rows.div_ceil(2));
         let xb = self.mats.block(x, i0, rows);
         let a = aligned_slice(&mut self.a_buf, kend * half);
-        pack_col_pairs(m, ks, (rows, kend), a, half);
+        pack_transposed(m, ks, (rows, kend), (a, half), true);
         let b = aligned_slice(&mut self.b_buf, half * d);
         pack_row_pairs(xb, d, (rows, d), b, d);
         let done = dense_bf16(

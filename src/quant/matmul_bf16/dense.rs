@@ -94,34 +94,6 @@ pub fn dense_bf16(
     }
 }
 
-/// Scalar reference of [`dense_bf16`] (f64 sums of the same bf16 products), for tests.
-pub fn dense_bf16_ref(
-    a: Pairs,
-    b: Pairs,
-    out: &mut [f32],
-    out_stride: usize,
-    (rows, pairs, cols): (usize, usize, usize),
-    accumulate: bool,
-) {
-    let half = |p: u32, hi: bool| bf16::from_bits(if hi { (p >> 16) as u16 } else { p as u16 });
-    for r in 0..rows {
-        for c in 0..cols {
-            let mut s = if accumulate {
-                out[r * out_stride + c] as f64
-            } else {
-                0.0
-            };
-            for q in 0..pairs {
-                let (x, y) = (a.data[r * a.stride + q], b.data[q * b.stride + c]);
-                for hi in [false, true] {
-                    s += half(x, hi).to_f64() * half(y, hi).to_f64();
-                }
-            }
-            out[r * out_stride + c] = s as f32;
-        }
-    }
-}
-
 /// Rounds `src` to bf16 (nearest even) into `dst`, SIMD where this CPU has it.
 fn round_row(src: &[f32], dst: &mut [bf16]) {
     use super::Activation;
@@ -194,39 +166,58 @@ fn transpose(src: &[u32], ss: usize, (rows, cols): (usize, usize), dst: &mut [u3
     }
 }
 
-/// `a` operand of `srcᵀ` (`src` is `rows × cols`): `dst[c][q] = (src[2q][c], src[2q+1][c])` for
-/// `c < cols`, `q < rows.div_ceil(2)` (an odd last row paired with 0).
-pub fn pack_col_pairs(
+/// An operand of `srcᵀ` (`src` is `rows × cols`), by the packers above and a transpose: with
+/// `rows_paired` the `a` operand `dst[c][q] = (src[2q][c], src[2q+1][c])` (`c < cols`,
+/// `q < rows.div_ceil(2)`), else the `b` operand `dst[q][r] = (src[r][2q], src[r][2q+1])`
+/// (`q < cols.div_ceil(2)`, `r < rows`); an odd count paired with 0.
+pub fn pack_transposed(
     src: &[f32],
     stride: usize,
     (rows, cols): (usize, usize),
-    dst: &mut [u32],
-    dst_stride: usize,
+    (dst, dst_stride): (&mut [u32], usize),
+    rows_paired: bool,
 ) {
-    let half = rows.div_ceil(2);
-    let mut staged = vec![0u32; half * cols];
-    pack_row_pairs(src, stride, (rows, cols), &mut staged, cols);
-    transpose(&staged, cols, (half, cols), dst, dst_stride);
-}
-
-/// `b` operand of `srcᵀ` (`src` is `rows × cols`): `dst[q][r] = (src[r][2q], src[r][2q+1])` for
-/// `q < cols.div_ceil(2)`, `r < rows` (an odd last column paired with 0).
-pub fn pack_pairs_t(
-    src: &[f32],
-    stride: usize,
-    (rows, cols): (usize, usize),
-    dst: &mut [u32],
-    dst_stride: usize,
-) {
-    let half = cols.div_ceil(2);
-    let mut staged = vec![0u32; rows * half];
-    pack_rows(src, stride, (rows, cols), &mut staged, half);
-    transpose(&staged, half, (rows, half), dst, dst_stride);
+    type Packer = fn(&[f32], usize, (usize, usize), &mut [u32], usize);
+    let (r, c, pack): (usize, usize, Packer) = match rows_paired {
+        true => (rows.div_ceil(2), cols, pack_row_pairs),
+        false => (rows, cols.div_ceil(2), pack_rows),
+    };
+    let mut staged = vec![0u32; r * c];
+    pack(src, stride, (rows, cols), &mut staged, c);
+    transpose(&staged, c, (r, c), dst, dst_stride);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scalar reference of [`dense_bf16`] (f64 sums of the same bf16 products), for tests.
+    fn dense_bf16_ref(
+        a: Pairs,
+        b: Pairs,
+        out: &mut [f32],
+        out_stride: usize,
+        (rows, pairs, cols): (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        let half = |p: u32, hi: bool| bf16::from_bits(if hi { (p >> 16) as u16 } else { p as u16 });
+        for r in 0..rows {
+            for c in 0..cols {
+                let mut s = if accumulate {
+                    out[r * out_stride + c] as f64
+                } else {
+                    0.0
+                };
+                for q in 0..pairs {
+                    let (x, y) = (a.data[r * a.stride + q], b.data[q * b.stride + c]);
+                    for hi in [false, true] {
+                        s += half(x, hi).to_f64() * half(y, hi).to_f64();
+                    }
+                }
+                out[r * out_stride + c] = s as f32;
+            }
+        }
+    }
 
     /// Deterministic values in (-2, 2) with full bf16 mantissas.
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -257,14 +248,14 @@ mod tests {
                 vec![0u32; pairs * (cols + 16)],
             );
             pack_rows(&x, inner, (rows, inner), &mut a, pairs + 3);
-            pack_pairs_t(&y, inner, (cols, inner), &mut b, cols + 16);
+            pack_transposed(&y, inner, (cols, inner), (&mut b, cols + 16), false);
             // the same operands through the other two packers: xᵀ's column pairs are x's rows,
             // yᵀ's row pairs are pack_pairs_t's
             let mut a2 = vec![0u32; rows * pairs];
             let xt: Vec<f32> = (0..inner * rows)
                 .map(|i| x[(i % rows) * inner + i / rows])
                 .collect();
-            pack_col_pairs(&xt, rows, (inner, rows), &mut a2, pairs);
+            pack_transposed(&xt, rows, (inner, rows), (&mut a2, pairs), true);
             let mut b2 = vec![0u32; pairs * cols];
             let yt: Vec<f32> = (0..inner * cols)
                 .map(|i| y[(i % cols) * inner + i / cols])
