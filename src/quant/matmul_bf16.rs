@@ -638,15 +638,13 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
                         };
                         K::sweep(s, K::FWD_MR)
                     };
-                    for l in 0..rows_x {
-                        // SAFETY: this task alone owns columns r0..r0+nr of y; row b*MB+l < m, so
-                        // the nr elements from (b*MB+l)*n + r0 lie inside y.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(yp.get().add((b * mb + l) * n + r0), nr)
-                        };
-                        for (r, d) in dst.iter_mut().enumerate() {
-                            *d = yt[r * mb + l];
-                        }
+                    // y[b*MB + l][r0 + r] = yt[r][l]
+                    // SAFETY: this task alone owns columns r0..r0+nr of y; rows b*MB..b*MB+rows_x
+                    // are < m, so every element written lies inside y; yt holds nr rows of MB.
+                    unsafe {
+                        let dst = yp.get().add(b * mb * n + r0) as *mut u32;
+                        let src = yt.as_ptr() as *const u32;
+                        crate::quant::transpose::transpose32(src, mb, (nr, rows_x), dst, n);
                     }
                 }
             });

@@ -21,6 +21,7 @@ pub mod matmul_bf16;
 pub mod nf4;
 pub mod scalar;
 pub mod simd;
+pub(crate) mod transpose;
 pub mod types;
 
 pub use dispatch::{dequantize_bf16, dequantize_f32, kernel_name, SimdLevel};

@@ -153,16 +153,22 @@ pub fn pack_row_pairs(
     })
 }
 
-/// `dst[c][r] = src[r][c]` for a `rows × cols` u32 matrix (strides `ss`, `ds`), in 8 × 8 blocks.
+/// `dst[c][r] = src[r][c]` for a `rows × cols` u32 matrix (strides `ss`, `ds`).
 fn transpose(src: &[u32], ss: usize, (rows, cols): (usize, usize), dst: &mut [u32], ds: usize) {
-    for r0 in (0..rows).step_by(8) {
-        for c0 in (0..cols).step_by(8) {
-            for r in r0..(r0 + 8).min(rows) {
-                for c in c0..(c0 + 8).min(cols) {
-                    dst[c * ds + r] = src[r * ss + c];
-                }
-            }
-        }
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        cols <= ss && src.len() >= (rows - 1) * ss + cols,
+        "transpose: src out of bounds"
+    );
+    assert!(
+        rows <= ds && dst.len() >= (cols - 1) * ds + rows,
+        "transpose: dst out of bounds"
+    );
+    // SAFETY: the asserts keep both matrices inside their slices; dst is borrowed mutably.
+    unsafe {
+        crate::quant::transpose::transpose32(src.as_ptr(), ss, (rows, cols), dst.as_mut_ptr(), ds)
     }
 }
 
