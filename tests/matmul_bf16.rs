@@ -308,3 +308,65 @@ fn avx512_kernels_without_amx() {
     assert!(text.contains("1 passed"), "{text}");
     assert!(text.contains("bf16 kernels: avx512-bf16"), "{text}");
 }
+
+/// The dense products (`dense_bf16`, the bf16 step's attention) against an f64 reference on the
+/// same bf16-rounded operands, packed from row-major f32 by `pack_rows` and `pack_transposed`
+/// (which transposes through `quant::transpose`), over shapes with whole AMX tiles and with every
+/// edge, writing and accumulating. Under `qemu -cpu max` (`.ci/aarch64.sh`) this runs the BFDOT
+/// sweep; where the CPU has no bf16 kernels `dense_bf16` declines and the test says so.
+#[test]
+fn dense_products_match_f64() {
+    use qtune::quant::matmul_bf16::{dense_bf16, pack_rows, pack_transposed, Pairs};
+    let mut rng = Rng(7);
+    for &(rows, inner, cols) in &[(64usize, 64usize, 64usize), (37, 70, 48), (5, 9, 16)] {
+        let pairs = inner.div_ceil(2);
+        // out (rows × cols) = x (rows × inner) · yᵀ, y (cols × inner)
+        let x = rng.vec(rows * inner);
+        let y = rng.vec(cols * inner);
+        let (mut a, mut b) = (vec![0u32; rows * pairs], vec![0u32; pairs * (cols + 16)]);
+        pack_rows(&x, inner, (rows, inner), &mut a, pairs);
+        pack_transposed(&y, inner, (cols, inner), (&mut b, cols + 16), false);
+        let r = |v: f32| bf16::from_f32(v).to_f64();
+        for accumulate in [false, true] {
+            let init = rng.vec(rows * cols);
+            let mut got = init.clone();
+            let (pa, pb) = (
+                Pairs {
+                    data: &a,
+                    stride: pairs,
+                },
+                Pairs {
+                    data: &b,
+                    stride: cols + 16,
+                },
+            );
+            if !dense_bf16(pa, pb, &mut got, cols, (rows, pairs, cols), accumulate) {
+                assert!(!has_bf16_kernels());
+                eprintln!(
+                    "skipped: no bf16 kernels on this CPU ({})",
+                    bf16_kernel_name()
+                );
+                return;
+            }
+            let mut scale = 0f64;
+            let want: Vec<f64> = (0..rows * cols)
+                .map(|i| {
+                    let (i0, c) = (i / cols, i % cols);
+                    let dot: f64 = (0..inner)
+                        .map(|k| r(x[i0 * inner + k]) * r(y[c * inner + k]))
+                        .sum();
+                    scale = scale.max(dot.abs());
+                    dot + if accumulate { init[i] as f64 } else { 0.0 }
+                })
+                .collect();
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "{rows}×{inner}×{cols} acc {accumulate}: {err:e}"
+            );
+        }
+    }
+}
