@@ -1,5 +1,7 @@
 //! Causal GQA attention with a key padding mask; probabilities recomputed block by block in backward.
-use super::attention_products::{bf16_products_bytes, products, BlockProducts, HeadMats, Mat};
+use super::attention_products::{
+    bf16_products_bytes, key_stride, products, takes_bf16, BlockProducts, HeadMats, Mat,
+};
 use super::exp::exp_shift_sum;
 use super::*;
 use crate::quant::matmul::aligned_slice;
@@ -121,10 +123,8 @@ pub(crate) fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnD
 /// rows of head size `d`: the probability and score-gradient blocks at their widest, and with
 /// bf16 products (`bf16`, where this CPU has the kernels) the packs those read.
 pub(crate) fn attention_task_bytes(t: usize, d: usize, bf16: bool) -> usize {
-    use crate::quant::matmul_bf16::has_bf16_kernels;
-    let bf16 = bf16 && has_bf16_kernels() && d.is_multiple_of(16) && d > 0;
-    let stride = if bf16 { t.next_multiple_of(32) } else { t };
-    let blocks = 2 * (BQ * stride + 16) * 4 + BQ * 4;
+    let bf16 = takes_bf16(d, bf16);
+    let blocks = 2 * (BQ * key_stride(t, bf16) + 16) * 4 + BQ * 4;
     blocks
         + if bf16 {
             bf16_products_bytes(t, d, BQ)
@@ -195,6 +195,11 @@ enum MaskView<'a> {
 }
 
 impl MaskView<'_> {
+    /// The bias row of query row i of batch b (`Bias` views only).
+    fn bias_row(v: &[f32], batched: bool, b: usize, i: usize, t: usize) -> &[f32] {
+        &v[((if batched { b } else { 0 }) * t + i) * t..][..t]
+    }
+
     /// 1 + the last key query row i of batch b sees, or 0 when it sees none (O(T): [`Ends`] keeps
     /// them for a whole pass).
     fn end(&self, b: usize, i: usize, t: usize) -> usize {
@@ -202,7 +207,7 @@ impl MaskView<'_> {
             MaskView::Causal(None) => i + 1,
             MaskView::Causal(Some(m)) => (0..=i).rev().find(|&j| m[b * t + j]).map_or(0, |j| j + 1),
             MaskView::Bias(v, batched) => {
-                let row = &v[((if *batched { b } else { 0 }) * t + i) * t..][..t];
+                let row = Self::bias_row(v, *batched, b, i, t);
                 row.iter().rposition(|&x| x > MASKED).map_or(0, |j| j + 1)
             }
         }
@@ -219,7 +224,7 @@ impl MaskView<'_> {
                 }
             }
             MaskView::Bias(v, batched) => {
-                let row = &v[((if *batched { b } else { 0 }) * t + i) * t..][..s.len()];
+                let row = &Self::bias_row(v, *batched, b, i, t)[..s.len()];
                 for (x, &a) in s.iter_mut().zip(row) {
                     *x = if a > MASKED {
                         *x * scale + a
@@ -295,7 +300,7 @@ impl AttentionOp {
         &self,
         blk: &Block,
         (i0, rows): (usize, usize),
-        prods: &mut dyn BlockProducts,
+        prods: &mut dyn BlockProducts<'_>,
         p: &mut [f32],
         lse_in: Option<&[f32]>,
         lse_out: &mut [f32],
@@ -463,16 +468,26 @@ impl CustomOp3 for AttentionOp {
                     let (mut p_buf, mut dp_buf) = (Vec::new(), Vec::new());
                     let mut unused = vec![0f32; BQ];
                     let blk = Block::new(mask, &ends, bi, bf16);
+                    // one set of products (and key-side packs) for the group's query heads
+                    let (q0, d_o0) = (&q[..0], &d_o[..0]);
+                    let mut prods = products(
+                        HeadMats {
+                            q: q0,
+                            k,
+                            v,
+                            d_o: d_o0,
+                            t,
+                            d,
+                        },
+                        bf16,
+                    );
+                    let p = aligned_slice(&mut p_buf, BQ * prods.stride(t));
+                    let dp = aligned_slice(&mut dp_buf, BQ * prods.stride(t));
                     for r in 0..rep {
                         let bh = bg * rep + r; // = bi·Hq + h
                         let slab = bh * t * d..(bh + 1) * t * d;
                         let (q, o, d_o) = (&q[slab.clone()], &o[slab.clone()], &d_o[slab]);
-                        let mats = HeadMats { q, k, v, d_o, t, d };
-                        // (the key-side packs are rebuilt per query head of a group: they are
-                        // O(T·D), the products O(T²·D))
-                        let mut prods = products(mats, bf16);
-                        let p = aligned_slice(&mut p_buf, BQ * prods.stride(t));
-                        let dp = aligned_slice(&mut dp_buf, BQ * prods.stride(t));
+                        prods.set_query(q, d_o);
                         let dq = &mut dq[r * t * d..(r + 1) * t * d];
                         for i0 in (0..t).step_by(BQ) {
                             let rows = BQ.min(t - i0);

@@ -47,7 +47,10 @@ impl<'a> HeadMats<'a> {
 }
 
 /// A head's block products (see the module docs for the names).
-pub(super) trait BlockProducts {
+pub(super) trait BlockProducts<'a> {
+    /// The same key-side matrices (and their packs) with another query head's Q and dO: the query
+    /// heads of a GQA group share K and V.
+    fn set_query(&mut self, q: &'a [f32], d_o: &'a [f32]);
     /// The row stride of a score block whose rows see keys `0..kend` (≥ kend).
     fn stride(&self, kend: usize) -> usize;
     /// `s (rows × ks) = X[i0..i0+rows] · Y[..kend]ᵀ` for `blk = (i0, rows, kend)`, unscaled;
@@ -61,13 +64,30 @@ pub(super) trait BlockProducts {
 
 /// The products for `mats`: bf16 when `bf16` (a bf16 step), this CPU has the kernels and D is a
 /// multiple of 16 (the kernels' column unit); f32 otherwise.
-pub(super) fn products<'a>(mats: HeadMats<'a>, bf16: bool) -> Box<dyn BlockProducts + 'a> {
-    use crate::quant::matmul_bf16::has_bf16_kernels;
-    let f32_only = super::F32_ATTENTION_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed);
-    if bf16 && !f32_only && has_bf16_kernels() && mats.d.is_multiple_of(16) && mats.d > 0 {
+pub(super) fn products<'a>(mats: HeadMats<'a>, bf16: bool) -> Box<dyn BlockProducts<'a> + 'a> {
+    if takes_bf16(mats.d, bf16) {
         Box::new(Bf16Products::new(mats))
     } else {
         Box::new(F32Products(mats))
+    }
+}
+
+/// Whether [`products`] gives bf16 products for head size `d` in a step that asks for them
+/// (`bf16`): this CPU has the kernels, D is a multiple of 16 (their column unit), and the test
+/// switch `F32_ATTENTION_PRODUCTS` is off.
+pub(super) fn takes_bf16(d: usize, bf16: bool) -> bool {
+    use crate::quant::matmul_bf16::has_bf16_kernels;
+    let f32_only = super::F32_ATTENTION_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed);
+    bf16 && !f32_only && has_bf16_kernels() && d.is_multiple_of(16) && d > 0
+}
+
+/// The row stride of a score block over keys `0..kend`: kend, widened to [`KEY_UNIT`] for bf16
+/// products.
+pub(super) fn key_stride(kend: usize, bf16: bool) -> usize {
+    if bf16 {
+        kend.next_multiple_of(KEY_UNIT)
+    } else {
+        kend
     }
 }
 
@@ -86,9 +106,13 @@ pub(super) fn bf16_products_bytes(t: usize, d: usize, bq: usize) -> usize {
 /// f32 products through `gemm`.
 struct F32Products<'a>(HeadMats<'a>);
 
-impl BlockProducts for F32Products<'_> {
+impl<'a> BlockProducts<'a> for F32Products<'a> {
+    fn set_query(&mut self, q: &'a [f32], d_o: &'a [f32]) {
+        (self.0.q, self.0.d_o) = (q, d_o);
+    }
+
     fn stride(&self, kend: usize) -> usize {
-        kend
+        key_stride(kend, false)
     }
 
     fn scores(&mut self, x: Mat, y: Mat, (i0, rows, kend): (usize, usize, usize), s: &mut [f32]) {
@@ -232,9 +256,13 @@ fn pack_once(
     &buf[*off..*off + len]
 }
 
-impl BlockProducts for Bf16Products<'_> {
+impl<'a> BlockProducts<'a> for Bf16Products<'a> {
+    fn set_query(&mut self, q: &'a [f32], d_o: &'a [f32]) {
+        (self.mats.q, self.mats.d_o) = (q, d_o);
+    }
+
     fn stride(&self, kend: usize) -> usize {
-        kend.next_multiple_of(KEY_UNIT).min(self.tp)
+        key_stride(kend, true)
     }
 
     fn scores(&mut self, x: Mat, y: Mat, (i0, rows, kend): (usize, usize, usize), s: &mut [f32]) {
