@@ -50,18 +50,12 @@ pub(crate) fn exp_shift_sum(x: &mut [f32], shift: f32, simd: bool) -> f32 {
 pub(crate) fn exp_shift_sum_at(level: SimdLevel, x: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        let has = |f: &str| match f {
-            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-            _ => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-        };
-        if level == SimdLevel::Avx512 && has("avx512f") {
+        use std::arch::is_x86_feature_detected as has;
+        if level == SimdLevel::Avx512 && has!("avx512f") {
             // SAFETY: AVX-512 F checked just above.
             return unsafe { x86::exp_shift_sum_avx512(x, shift) };
         }
-        if level >= SimdLevel::Avx2 && has("avx2") {
+        if level >= SimdLevel::Avx2 && has!("avx2") && has!("fma") {
             // SAFETY: AVX2 and FMA checked just above.
             return unsafe { x86::exp_shift_sum_avx2(x, shift) };
         }
