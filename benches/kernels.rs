@@ -506,9 +506,53 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// LoRA's branch `y + s·(x·Aᵀ)·Bᵀ`, forward and backward (`lora_down`, `lora_up_add` and candle's
+/// backward over them, as the step runs them), r 16, 256 tokens, f32 activations as a bf16 step's
+/// recompute has them: f32 products against bf16 ones. Throughput: flop (6·M·r·(I + O)).
+fn lora(c: &mut Criterion) {
+    use candle_core::{DType, Var};
+    use qtune::nn::fused::{backward_collecting, lora_down, lora_up_add};
+    let mut g = c.benchmark_group("lora");
+    g.sampling_mode(SamplingMode::Flat);
+    let (m, r) = (256usize, 16usize);
+    let mut rng = Rng(17);
+    // ~100M MLP up (768 → 2048) and Llama-2-7B MLP up (4096 → 11008)
+    for (i, o) in [(768usize, 2048usize), (4096, 11008)] {
+        let t = |rows: usize, cols: usize, rng: &mut Rng| {
+            Tensor::from_vec(rng.vec(rows * cols), (rows, cols), &Device::Cpu).unwrap()
+        };
+        let (x, y) = (
+            Var::from_tensor(&t(m, i, &mut rng)).unwrap(),
+            Var::from_tensor(&t(m, o, &mut rng)).unwrap(),
+        );
+        let bf = |v: Tensor| Var::from_tensor(&v.to_dtype(DType::BF16).unwrap()).unwrap();
+        let (a, b) = (bf(t(r, i, &mut rng)), bf(t(o, r, &mut rng)));
+        g.throughput(Throughput::Elements((6 * m * r * (i + o)) as u64));
+        for bf16 in [false, true] {
+            if bf16 && !has_bf16_kernels() {
+                continue;
+            }
+            let label = format!("{i}x{o}_r{r}_m{m}");
+            let name = if bf16 {
+                "bf16_products"
+            } else {
+                "f32_products"
+            };
+            g.bench_function(BenchmarkId::new(name, &label), |bch| {
+                bch.iter(|| {
+                    let h = lora_down(x.as_tensor(), a.as_tensor(), 2.0, None, bf16).unwrap();
+                    let z = lora_up_add(y.as_tensor(), &h, b.as_tensor(), bf16).unwrap();
+                    backward_collecting(&z.sum_all().unwrap()).unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bandwidth, fma_peak, dequant, dequant_nf4, dequant_dram, matmul, decode
+    targets = bandwidth, fma_peak, dequant, dequant_nf4, dequant_dram, matmul, decode, lora
 }
 criterion_main!(benches);

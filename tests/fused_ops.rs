@@ -769,15 +769,23 @@ fn scale_residual_matches_composite() {
 /// (the end-to-end checks against PEFT are the parity tests): output and the gradients of x, y, A
 /// and B, the composite run in f32 on the same (rounded) values: f32 within summation order, bf16
 /// within its one rounding, with and without dropout (the composite multiplies by the fused op's
-/// own draw of the mask).
+/// own draw of the mask). bf16 operands, and f32 ones with `bf16_products` (a bf16 step's f32
+/// recompute), take bf16 products where the CPU has the kernels: within bf16's tolerance of the
+/// f32 composite on the unrounded values.
 #[test]
 fn lora_ops_match_composite() {
     use qtune::nn::fused::{lora_down, lora_up_add, DropoutMask};
     let dev = &Device::Cpu;
-    for (dtype, out_tol, grad_tol) in [(DType::F32, 1e-6, 1e-5), (DType::BF16, 1e-2, 1e-2)] {
-        // 300 in / 270 out: two column blocks of the gradient sums, the second partial
+    for (dtype, bf16p, out_tol, grad_tol) in [
+        (DType::F32, false, 1e-6, 1e-5),
+        (DType::BF16, false, 1e-2, 1e-2),
+        (DType::F32, true, 1e-2, 1e-2),
+    ] {
+        // 300 in / 270 out: two column blocks of the gradient sums, the second partial; 151
+        // tokens: several row blocks and token slabs of the bf16 products, an odd last pair
         for (m, i, o, r, p) in [
             (9, 300, 270, 4, 0.0),
+            (151, 300, 270, 16, 0.1),
             (5, 64, 40, 16, 0.3),
             (1, 7, 3, 2, 0.0),
         ] {
@@ -806,8 +814,8 @@ fn lora_ops_match_composite() {
                 (out, vars.map(|v| g.get(v.as_tensor()).unwrap().clone()))
             };
             let fused = run([&x, &y, &a, &b], &|| {
-                let h = lora_down(x.as_tensor(), a.as_tensor(), s, mask).unwrap();
-                lora_up_add(y.as_tensor(), &h, b.as_tensor()).unwrap()
+                let h = lora_down(x.as_tensor(), a.as_tensor(), s, mask, bf16p).unwrap();
+                lora_up_add(y.as_tensor(), &h, b.as_tensor(), bf16p).unwrap()
             });
             let composite = run([&x32, &y32, &a32, &b32], &|| {
                 let xd = match mask {
@@ -823,7 +831,7 @@ fn lora_ops_match_composite() {
                 let z = h.matmul(&b32.as_tensor().t().unwrap()).unwrap();
                 y32.as_tensor().add(&z).unwrap()
             });
-            let what = format!("{dtype:?} M {m} I {i} O {o} r {r} p {p}");
+            let what = format!("{dtype:?} (bf16 products {bf16p}) M {m} I {i} O {o} r {r} p {p}");
             assert_eq!(fused.0.dtype(), dtype, "{what}: output dtype");
             assert_close(&format!("{what} out"), &fused.0, &composite.0, out_tol);
             let names = ["dx", "dy", "dA", "dB"];
@@ -835,7 +843,11 @@ fn lora_ops_match_composite() {
     }
     // (B, T, ..) operands are rows too (the model passes them unreshaped): the same bits as the
     // (B·T, ..) call, output and gradients in the operands' shapes
-    for dtype in [DType::F32, DType::BF16] {
+    for (dtype, bf16p) in [
+        (DType::F32, false),
+        (DType::BF16, false),
+        (DType::F32, true),
+    ] {
         let (x, y) = (
             det(&[2, 3, 40], 1.0, 21, dtype),
             det(&[2, 3, 24], 1.0, 22, dtype),
@@ -844,8 +856,8 @@ fn lora_ops_match_composite() {
         let mask = Some(DropoutMask { key: 7, p: 0.2 });
         let run = |x: &Tensor, y: &Tensor| {
             let (xv, yv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(y).unwrap());
-            let h = lora_down(xv.as_tensor(), &a, 2.0, mask).unwrap();
-            let out = lora_up_add(yv.as_tensor(), &h, &b).unwrap();
+            let h = lora_down(xv.as_tensor(), &a, 2.0, mask, bf16p).unwrap();
+            let out = lora_up_add(yv.as_tensor(), &h, &b, bf16p).unwrap();
             let g = out
                 .to_dtype(DType::F32)
                 .unwrap()
@@ -865,18 +877,18 @@ fn lora_ops_match_composite() {
             assert_eq!(
                 bits(got),
                 bits(want),
-                "{dtype:?}: (B, T, ..) against (B·T, ..)"
+                "{dtype:?} (bf16 products {bf16p}): (B, T, ..) against (B·T, ..)"
             );
         }
     }
     // shapes are checked
     let x = Tensor::zeros((2, 8), DType::F32, dev).unwrap();
     let a = Tensor::zeros((3, 7), DType::F32, dev).unwrap();
-    assert!(lora_down(&x, &a, 1.0, None).is_err());
+    assert!(lora_down(&x, &a, 1.0, None, false).is_err());
     let y = Tensor::zeros((2, 5), DType::F32, dev).unwrap();
     let h = Tensor::zeros((2, 3), DType::BF16, dev).unwrap();
     let b = Tensor::zeros((5, 3), DType::F32, dev).unwrap();
-    assert!(lora_up_add(&y, &h, &b).is_err(), "h must be f32");
+    assert!(lora_up_add(&y, &h, &b, false).is_err(), "h must be f32");
 }
 
 /// SwiGLU's gate `silu(g)·u` against torch 2.5.1 autograd (tests/reference/gen_swiglu_fixture.py):

@@ -227,7 +227,7 @@ impl Dora {
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
         // u: (.., out) = W·x + b + s·B·A·drop(x)
-        let u = self.lora.add_to(x, base.in_features(), y, dropout_key)?;
+        let u = self.lora.add_to(x, base, y, dropout_key)?;
         // g: (out,) = m / n - 1, f32: near 0, so the scaled term keeps its relative precision in
         // a half-precision u (m / n itself near 1 would not).
         let g = self

@@ -177,15 +177,16 @@ impl Lora {
         self.scale
     }
 
-    /// `y + z` for the base output `y = base(x)` and this adapter's `z`; `dropout_key` as in
+    /// `y + z` for `base`'s output `y = base(x)` and this adapter's `z`; `dropout_key` as in
     /// [`LoraLinear::forward_with`].
     pub fn add_to(
         &self,
         x: &Tensor,
-        in_f: usize,
+        base: &QLinear,
         y: Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
+        let in_f = base.in_features();
         let mask = dropout_key
             .filter(|_| self.dropout > 0.0)
             .map(|k| self.mask(k));
@@ -194,9 +195,11 @@ impl Lora {
             // Both take the leading dims as rows: no reshape nodes, whose backward would be a
             // zero-filled gradient plus a whole-tensor add each.
             // h: (M, r) f32 = s·drop(x)·Aᵀ
-            let h = crate::nn::fused::lora_down(x, self.a.as_tensor(), self.scale, mask)?;
+            // (bf16 products where the base takes them: a bf16 step, also in its f32 recompute)
+            let bf16 = base.takes_bf16_products();
+            let h = crate::nn::fused::lora_down(x, self.a.as_tensor(), self.scale, mask, bf16)?;
             // y + h·Bᵀ: (.., out)
-            return crate::nn::fused::lora_up_add(&y, &h, self.b.as_tensor());
+            return crate::nn::fused::lora_up_add(&y, &h, self.b.as_tensor(), bf16);
         }
         let xd = match mask {
             Some(mask) => x.mul(&Self::mask_tensor(x, mask)?)?,
@@ -244,7 +247,7 @@ impl super::LinearAdapter for Lora {
         y: Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
-        self.add_to(x, base.in_features(), y, dropout_key)
+        self.add_to(x, base, y, dropout_key)
     }
 
     fn params(&self) -> Vec<(&'static str, Var)> {
@@ -345,7 +348,7 @@ impl LoraLinear {
     ) -> candle_core::Result<Tensor> {
         // y: (.., out) = base(x)
         let y = self.base.forward(x)?;
-        self.lora.add_to(x, self.base.in_features(), y, dropout_key)
+        self.lora.add_to(x, &self.base, y, dropout_key)
     }
 
     /// The inverted-dropout mask [`Self::forward_with`] multiplies x by for `key`: each element 0

@@ -161,6 +161,12 @@ impl QLinear {
         self
     }
 
+    /// Whether this linear multiplies as bf16 ([`QLinear::with_bf16_products`]); an adapter beside
+    /// it takes its products the same way.
+    pub fn takes_bf16_products(&self) -> bool {
+        self.bf16_products
+    }
+
     /// The op computing `dir` with this weight.
     fn op(&self, dir: Dir, bf16_products: bool) -> QMatMulOp {
         QMatMulOp {

@@ -330,7 +330,7 @@ fn train_with<M: Decoder, R>(
     if !m.checkpoint() {
         let x = head_rows(m, hidden(m, ids, mask, key)?, t)?;
         let (r, loss) = head(m, &x, &tg, b, th)?;
-        let grads = loss.backward().map_err(cerr("backward"))?;
+        let grads = fused::backward_collecting(&loss).map_err(cerr("backward"))?;
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
         drop((grads, loss, x));
@@ -407,7 +407,7 @@ fn train_with<M: Decoder, R>(
             let xv = Var::from_tensor(&xin)?;
             let y = m.layer(li, xv.as_tensor(), &ctx, key)?;
             let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
-            Ok((s.backward()?, xv))
+            Ok((fused::backward_collecting(&s)?, xv))
         })()
         .map_err(cerr("recompute"))?;
         collect(m, &gs, Some(li), &mut out)?;

@@ -3,6 +3,30 @@
 //! forward kernel writes each y tile out transposed (one scalar move an element was 5.7 % of a
 //! ~100M bf16 step, session 14), and the dense products' packers transpose their operands.
 
+/// `dst[c][r] = src[r][c]` for a `rows × cols` matrix of 32-bit values (strides `ss`, `ds`), the
+/// safe form of [`transpose32`].
+pub(crate) fn transpose(
+    src: &[u32],
+    ss: usize,
+    (rows, cols): (usize, usize),
+    dst: &mut [u32],
+    ds: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        cols <= ss && src.len() >= (rows - 1) * ss + cols,
+        "transpose: src out of bounds"
+    );
+    assert!(
+        rows <= ds && dst.len() >= (cols - 1) * ds + rows,
+        "transpose: dst out of bounds"
+    );
+    // SAFETY: the asserts keep both matrices inside their slices; dst is borrowed mutably.
+    unsafe { transpose32(src.as_ptr(), ss, (rows, cols), dst.as_mut_ptr(), ds) }
+}
+
 /// `dst[c·ds + r] = src[r·ss + c]` for `r < rows`, `c < cols`.
 ///
 /// # Safety

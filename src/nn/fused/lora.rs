@@ -14,6 +14,10 @@ use super::*;
 use crate::rng::SplitMix64;
 use candle_core::{CustomOp2, CustomOp3};
 
+mod bf16;
+mod sink;
+pub use sink::backward_collecting;
+
 /// The inverted-dropout factor of element `i` of a mask: 0 with probability p, else 1/(1-p),
 /// drawn from `(key, i)` alone (counter-based, so a backward or a recompute redraws it).
 #[derive(Clone, Copy, Debug)]
@@ -56,11 +60,14 @@ fn rows_of(dims: &[usize]) -> Result<(usize, usize)> {
 
 /// `h (M, R) = s·drop(x)·Aᵀ` in f32, for `x (.., I)` (M rows; f32, bf16 or f16) and `a (R, I)`.
 /// Backward: `dx = drop'(s·dh·A)` in x's dtype, `dA = s·dhᵀ·drop(x)` in a's dtype.
+/// `bf16_products`: forward and backward multiply bf16-rounded operands on the bf16 kernels (a
+/// bf16 step, also in its f32 recompute), where this CPU has them; bf16 x always does.
 pub fn lora_down(
     x: &Tensor,
     a: &Tensor,
     scale: f64,
     dropout: Option<DropoutMask>,
+    bf16_products: bool,
 ) -> Result<Tensor> {
     check_cpu("lora_down", &[x, a])?;
     let (_m, i) = rows_of(x.dims())?;
@@ -75,14 +82,16 @@ pub fn lora_down(
     let op = DownOp {
         scale: scale as f32,
         dropout,
+        bf16: bf16::takes_bf16(bf16_products || x.dtype() == DType::BF16),
     };
     x.contiguous()?.apply_op2(&a.contiguous()?, op)
 }
 
 /// `y (.., O) + h·Bᵀ` in y's dtype and shape (f32 sums, one rounding), for y's M rows, `h (M, R)`
 /// f32 and `b (O, R)`.
-/// Backward: `dy = d`, `dh = d·B` (f32), `dB = dᵀ·h` in b's dtype.
-pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// Backward: `dy = d`, `dh = d·B` (f32), `dB = dᵀ·h` in b's dtype. `bf16_products` as for
+/// [`lora_down`] (h rounded to bf16 as an operand).
+pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor, bf16_products: bool) -> Result<Tensor> {
     check_cpu("lora_up_add", &[y, h, b])?;
     let ((m, o), (mh, r), (ob, rb)) = (rows_of(y.dims())?, h.dims2()?, b.dims2()?);
     if m != mh || o != ob || r != rb || h.dtype() != DType::F32 {
@@ -94,8 +103,11 @@ pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.dims()
         );
     }
+    let op = UpOp {
+        bf16: bf16::takes_bf16(bf16_products || y.dtype() == DType::BF16),
+    };
     y.contiguous()?
-        .apply_op3(&h.contiguous()?, &b.contiguous()?, UpOp)
+        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,11 +456,8 @@ fn outer_sum<T: Elem>(
 /// `(R, n)` → `(n, R)`.
 fn transpose(v: &[f32], r: usize, n: usize) -> Vec<f32> {
     let mut t = vec![0f32; v.len()];
-    for k in 0..r {
-        for j in 0..n {
-            t[j * r + k] = v[k * n + j];
-        }
-    }
+    let (src, dst) = (bytemuck::cast_slice(v), bytemuck::cast_slice_mut(&mut t));
+    crate::quant::transpose::transpose(src, n, (r, n), dst, r);
     t
 }
 
@@ -483,15 +492,50 @@ macro_rules! with_elem {
 struct DownOp {
     scale: f32,
     dropout: Option<DropoutMask>,
+    /// bf16 products ([`bf16`]).
+    bf16: bool,
 }
 
 impl DownOp {
+    /// h (M, R) = s·drop(x)·Aᵀ.
+    fn forward<T: Elem>(&self, x: &[T], a: &[f32], i: usize) -> Vec<f32> {
+        if self.bf16 {
+            let r = a.len() / i.max(1);
+            let w = bf16::Operand::for_dot(a, r, i, false);
+            return bf16::rows_dot(x, i, &w, r, self.dropout, self.scale);
+        }
+        rows_dot(x, a, i, self.dropout, self.scale)
+    }
+
+    /// dA (R, I) = s·dhᵀ·drop(x).
+    fn weight_grad<T: Elem>(&self, dh: &[f32], r: usize, x: &[T], i: usize) -> Vec<f32> {
+        let mut da = match self.bf16 {
+            true => bf16::outer_sum(dh, r, x, i, self.dropout),
+            false => outer_sum(prims(), dh, r, x, i, self.dropout),
+        };
+        for v in da.iter_mut() {
+            *v *= self.scale;
+        }
+        da
+    }
+
     /// dx (M, I) in x's element type T: `drop'(s·dh·A)`.
     fn input_grad<T: Elem>(&self, _x: &[T], dh: &[f32], a: &[f32], i: usize) -> Vec<T> {
-        let p = prims();
         let r = a.len() / i.max(1);
         let m = dh.len() / r.max(1);
         let mut dx = vec![T::of(0.0); m * i];
+        if self.bf16 {
+            let w = bf16::Operand::for_expand(a, r, i, false);
+            bf16::expand(dh, r, &w, i, &mut dx, |t, acc, dx| {
+                acc.iter_mut().for_each(|v| *v *= self.scale);
+                if let Some(mask) = self.dropout {
+                    mask.apply((t * i) as u64, acc);
+                }
+                T::row_of(acc, dx);
+            });
+            return dx;
+        }
+        let p = prims();
         dx.par_chunks_mut(i.max(1)).enumerate().for_each_init(
             || (vec![0f32; i], vec![0f32; r]),
             |(acc, c), (t, dx)| {
@@ -523,11 +567,9 @@ impl CustomOp2 for DownOp {
         let a = f32_of(sa, la, self.name())?;
         let name = self.name();
         let h = match sx {
-            CpuStorage::F32(x) => rows_dot(slice_of(x, lx, name)?, &a, i, self.dropout, self.scale),
-            CpuStorage::BF16(x) => {
-                rows_dot(slice_of(x, lx, name)?, &a, i, self.dropout, self.scale)
-            }
-            CpuStorage::F16(x) => rows_dot(slice_of(x, lx, name)?, &a, i, self.dropout, self.scale),
+            CpuStorage::F32(x) => self.forward(slice_of(x, lx, name)?, &a, i),
+            CpuStorage::BF16(x) => self.forward(slice_of(x, lx, name)?, &a, i),
+            CpuStorage::F16(x) => self.forward(slice_of(x, lx, name)?, &a, i),
             s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
         };
         Ok((CpuStorage::F32(h), Shape::from((m, r))))
@@ -550,30 +592,42 @@ impl CustomOp2 for DownOp {
         let a32 = const_f32(a, self.name())?;
         let dx = with_elem!(x, self.name(), |xs| {
             let dx = self.input_grad(xs, &dh, &a32, i);
-            let da = outer_sum(prims(), &dh, r, xs, i, self.dropout);
+            let da = self.weight_grad(&dh, r, xs, i);
             (Tensor::from_vec(dx, x.dims(), &Device::Cpu)?, da)
         });
-        let (dx, mut da) = dx;
-        for v in da.iter_mut() {
-            *v *= self.scale;
-        }
-        Ok((Some(dx), Some(tensor_of(da, a.dims(), a.dtype())?)))
+        let (dx, da) = dx;
+        let da = sink::weight_grad(a, tensor_of(da, a.dims(), a.dtype())?);
+        Ok((Some(dx), da))
     }
 }
 
-struct UpOp;
+struct UpOp {
+    /// bf16 products ([`bf16`]).
+    bf16: bool,
+}
 
 impl UpOp {
-    /// y + h·Bᵀ with Bᵀ `bt (R, O)` f32.
-    fn forward<T: Elem>(y: &[T], h: &[f32], bt: &[f32], o: usize) -> Vec<T> {
-        let p = prims();
-        let r = bt.len() / o.max(1);
+    /// y + h·Bᵀ with `b (O, R)` f32.
+    fn forward<T: Elem>(&self, y: &[T], h: &[f32], b: &[f32], o: usize) -> Vec<T> {
+        let r = b.len() / o.max(1);
         let mut out = vec![T::of(0.0); y.len()];
+        if self.bf16 {
+            let w = bf16::Operand::for_expand(b, r, o, true);
+            bf16::expand(h, r, &w, o, &mut out, |t, z, out| {
+                for (zv, &yv) in z.iter_mut().zip(&y[t * o..(t + 1) * o]) {
+                    *zv += yv.f();
+                }
+                T::row_of(z, out);
+            });
+            return out;
+        }
+        let bt = transpose(b, o, r);
+        let p = prims();
         out.par_chunks_mut(o.max(1)).enumerate().for_each_init(
             || vec![0f32; o],
             |z, (t, out)| {
                 z.fill(0.0);
-                (p.axpys)(z, &h[t * r..(t + 1) * r], bt);
+                (p.axpys)(z, &h[t * r..(t + 1) * r], &bt);
                 for ((d, &yv), &zv) in out.iter_mut().zip(&y[t * o..(t + 1) * o]).zip(z.iter()) {
                     *d = T::of(yv.f() + zv);
                 }
@@ -598,20 +652,15 @@ impl CustomOp3 for UpOp {
         lb: &Layout,
     ) -> CpuOut {
         let (_, o) = rows_of(ly.dims())?;
-        let (_, r) = lb.shape().dims2()?;
         let h = f32_of(sh, lh, self.name())?;
-        let bt = transpose(&f32_of(sb, lb, self.name())?, o, r);
+        let b = f32_of(sb, lb, self.name())?;
         let name = self.name();
         let out = match sy {
-            CpuStorage::F32(y) => {
-                CpuStorage::F32(Self::forward(slice_of(y, ly, name)?, &h, &bt, o))
-            }
+            CpuStorage::F32(y) => CpuStorage::F32(self.forward(slice_of(y, ly, name)?, &h, &b, o)),
             CpuStorage::BF16(y) => {
-                CpuStorage::BF16(Self::forward(slice_of(y, ly, name)?, &h, &bt, o))
+                CpuStorage::BF16(self.forward(slice_of(y, ly, name)?, &h, &b, o))
             }
-            CpuStorage::F16(y) => {
-                CpuStorage::F16(Self::forward(slice_of(y, ly, name)?, &h, &bt, o))
-            }
+            CpuStorage::F16(y) => CpuStorage::F16(self.forward(slice_of(y, ly, name)?, &h, &b, o)),
             s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
         };
         Ok((out, ly.shape().clone()))
@@ -622,16 +671,31 @@ impl CustomOp3 for UpOp {
         let (_, r) = b.dims2()?;
         let d = d.to_dtype(y.dtype())?.contiguous()?;
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let bt = transpose(&const_f32(b, self.name())?, o, r);
+        let b32 = const_f32(b, self.name())?;
         let (dh, db) = with_elem!(d, self.name(), |ds| {
-            // dh (M, R) = d·B, with Bᵀ `bt (R, O)`.
-            let dh = rows_dot(ds, &bt, o, None, 1.0);
-            // dBᵀ (R, O) = hᵀ·d, then (O, R)
-            let dbt = outer_sum(prims(), &h32, r, ds, o, None);
+            // dh (M, R) = d·B; dBᵀ (R, O) = hᵀ·d, then (O, R)
+            let (dh, dbt) = match self.bf16 {
+                true => (
+                    bf16::rows_dot(
+                        ds,
+                        o,
+                        &bf16::Operand::for_dot(&b32, r, o, true),
+                        r,
+                        None,
+                        1.0,
+                    ),
+                    bf16::outer_sum(&h32, r, ds, o, None),
+                ),
+                false => (
+                    rows_dot(ds, &transpose(&b32, o, r), o, None, 1.0),
+                    outer_sum(prims(), &h32, r, ds, o, None),
+                ),
+            };
             (dh, transpose(&dbt, r, o))
         });
         let dh = Tensor::from_vec(dh, h.dims(), &Device::Cpu)?;
-        Ok((Some(d), Some(dh), Some(tensor_of(db, b.dims(), b.dtype())?)))
+        let db = sink::weight_grad(b, tensor_of(db, b.dims(), b.dtype())?);
+        Ok((Some(d), Some(dh), db))
     }
 }
 

@@ -126,6 +126,16 @@ pub(crate) trait Elem: candle_core::WithDType {
     fn f(self) -> f32;
     /// `v` rounded to this type (nearest even).
     fn of(v: f32) -> Self;
+    /// `src` rounded into `dst` as [`Elem::of`] rounds (SIMD for bf16).
+    fn row_of(src: &[f32], dst: &mut [Self]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = Self::of(v);
+        }
+    }
+    /// The slice itself when the type is f32 (read in place, no conversion).
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -137,24 +147,38 @@ impl Elem for f32 {
     fn of(v: f32) -> Self {
         v
     }
+    fn as_f32(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
 }
 
-/// The half-precision types: `half`'s conversions (exact widening, nearest-even rounding).
-macro_rules! half_elem {
-    ($($t:ty),*) => {$(
-        impl Elem for $t {
-            #[inline(always)]
-            fn f(self) -> f32 {
-                self.to_f32()
-            }
-            #[inline(always)]
-            fn of(v: f32) -> Self {
-                <$t>::from_f32(v)
-            }
-        }
-    )*};
+/// `half`'s conversions (exact widening, nearest-even rounding).
+impl Elem for f16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        f16::from_f32(v)
+    }
 }
-half_elem!(bf16, f16);
+
+/// `half`'s conversions, and the SIMD rounding of the bf16 kernels for rows (the same bits).
+impl Elem for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn row_of(src: &[f32], dst: &mut [bf16]) {
+        use crate::quant::matmul_bf16::Activation;
+        f32::row_to_bf16(src, dst)
+    }
+}
 
 /// Elements a parallel task of the element-wise ops takes.
 const CHUNK: usize = 4096;

@@ -153,25 +153,6 @@ pub fn pack_row_pairs(
     })
 }
 
-/// `dst[c][r] = src[r][c]` for a `rows × cols` u32 matrix (strides `ss`, `ds`).
-fn transpose(src: &[u32], ss: usize, (rows, cols): (usize, usize), dst: &mut [u32], ds: usize) {
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    assert!(
-        cols <= ss && src.len() >= (rows - 1) * ss + cols,
-        "transpose: src out of bounds"
-    );
-    assert!(
-        rows <= ds && dst.len() >= (cols - 1) * ds + rows,
-        "transpose: dst out of bounds"
-    );
-    // SAFETY: the asserts keep both matrices inside their slices; dst is borrowed mutably.
-    unsafe {
-        crate::quant::transpose::transpose32(src.as_ptr(), ss, (rows, cols), dst.as_mut_ptr(), ds)
-    }
-}
-
 /// An operand of `srcᵀ` (`src` is `rows × cols`), by the packers above and a transpose: with
 /// `rows_paired` the `a` operand `dst[c][q] = (src[2q][c], src[2q+1][c])` (`c < cols`,
 /// `q < rows.div_ceil(2)`), else the `b` operand `dst[q][r] = (src[r][2q], src[r][2q+1])`
@@ -190,7 +171,7 @@ pub fn pack_transposed(
     };
     let mut staged = vec![0u32; r * c];
     pack(src, stride, (rows, cols), &mut staged, c);
-    transpose(&staged, c, (r, c), dst, dst_stride);
+    crate::quant::transpose::transpose(&staged, c, (r, c), dst, dst_stride);
 }
 
 #[cfg(test)]
