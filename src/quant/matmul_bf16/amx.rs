@@ -6,8 +6,10 @@
 //! 16 pairs `q`, each a product of bf16 pairs. Those are the operands a [`Sweep`] already holds:
 //! `a` row-major pairs (W's bf16 tile in the forward, dy in the input gradient), `b` rows of
 //! pairs (x packed in blocks, or W's interleaved row pairs), so a tile is a strided load of
-//! either, and `out` a strided store. Per 16 rows: up to three 16-column accumulators (tmm0-2),
-//! the `a` tile (tmm3) loaded once per 16 pairs and three `b` tiles (tmm4-6).
+//! either, and `out` a strided store. Per 32 rows × 32 columns ([`quad`]): four accumulators
+//! (tmm0-3), two `a` tiles (tmm4-5) and two `b` tiles (tmm6-7) a round of 16 pairs, each tile
+//! loaded feeding two `tdpbf16ps`; a strip of 16 rows or 16 to 48 columns left over
+//! ([`strip`]): one `a` tile (tmm3) and up to three `b` tiles and accumulators.
 //!
 //! Linux hands a process the tile data state only when it asks (`arch_prctl`
 //! `ARCH_REQ_XCOMP_PERM`, once, in [`has_amx`]); each sweep loads its tile configuration
@@ -58,7 +60,7 @@ struct TileConfig {
 }
 
 impl TileConfig {
-    /// Tiles 0..7 at 16 × 64 bytes, the rest unused.
+    /// Tiles 0..=7 at 16 × 64 bytes, the rest unused.
     fn tiles_16x64() -> TileConfig {
         let mut c = TileConfig {
             palette: 1,
@@ -67,7 +69,7 @@ impl TileConfig {
             colsb: [0; 16],
             rows: [0; 16],
         };
-        for t in 0..7 {
+        for t in 0..8 {
             (c.colsb[t], c.rows[t]) = (64, 16);
         }
         c
@@ -87,13 +89,97 @@ macro_rules! on_tile {
 }
 
 /// `out[r][c] (+)= Σ_q a[r][q] · b[q][c]` over rows `0..rows` and pairs `0..pairs` (both
-/// multiples of 16) and all of `s.cols` (a multiple of 16), in tiles.
+/// multiples of 16) and all of `s.cols` (a multiple of 16), in tiles: [`quad`] over the 32-row,
+/// 32-column blocks, [`strip`] over the rest. Every output element takes its pairs in order, 16
+/// a `tdpbf16ps`, in either: the same sums whichever covers it.
 ///
 /// # Safety
 /// [`has_amx`] is true; the pointers address what `s` names for those rows and pairs.
 unsafe fn bulk(s: &Sweep, rows: usize, pairs: usize) {
     let cfg = TileConfig::tiles_16x64();
     asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+    let (r2, c2) = (rows / 32 * 32, s.cols / 32 * 32);
+    if r2 > 0 && c2 > 0 {
+        quad(s, r2, c2, pairs);
+    }
+    if c2 < s.cols && r2 > 0 {
+        // columns c2.. of rows 0..r2
+        let right = Sweep {
+            b: s.b.add(c2),
+            out: s.out.add(c2),
+            cols: s.cols - c2,
+            ..*s
+        };
+        strip(&right, r2, pairs);
+    }
+    if r2 < rows {
+        // rows r2..rows, every column
+        let below = Sweep {
+            a: s.a.add(r2 * s.a_stride),
+            out: s.out.add(r2 * s.out_stride),
+            ..*s
+        };
+        strip(&below, rows - r2, pairs);
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// [`bulk`] over rows `0..rows` and columns `0..cols` (multiples of 32), 2 × 2 tiles a block.
+///
+/// # Safety
+/// As for [`bulk`], with the tile configuration loaded.
+unsafe fn quad(s: &Sweep, rows: usize, cols: usize, pairs: usize) {
+    let (sa, sb, so) = (s.a_stride * 4, s.b_stride * 4, s.out_stride * 4);
+    for r in (0..rows).step_by(32) {
+        for c in (0..cols).step_by(32) {
+            // accumulators: tmm0 (r, c), tmm1 (r, c+16), tmm2 (r+16, c), tmm3 (r+16, c+16)
+            let o = s.out.add(r * s.out_stride + c);
+            let o2 = o.add(16 * s.out_stride);
+            if s.load {
+                asm!("tileloadd tmm0, [{o} + {s}*1]", "tileloadd tmm1, [{o1} + {s}*1]",
+                    "tileloadd tmm2, [{o2} + {s}*1]", "tileloadd tmm3, [{o3} + {s}*1]",
+                    o = in(reg) o, o1 = in(reg) o.add(16), o2 = in(reg) o2,
+                    o3 = in(reg) o2.add(16), s = in(reg) so, options(nostack, readonly));
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            for p in (0..pairs).step_by(16) {
+                let a = s.a.add(r * s.a_stride + p);
+                let b = s.b.add(p * s.b_stride + c);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a, a1 = in(reg) a.add(16 * s.a_stride), sa = in(reg) sa,
+                    b0 = in(reg) b, b1 = in(reg) b.add(16), sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+            asm!("tilestored [{o} + {s}*1], tmm0", "tilestored [{o1} + {s}*1], tmm1",
+                "tilestored [{o2} + {s}*1], tmm2", "tilestored [{o3} + {s}*1], tmm3",
+                o = in(reg) o, o1 = in(reg) o.add(16), o2 = in(reg) o2,
+                o3 = in(reg) o2.add(16), s = in(reg) so, options(nostack));
+        }
+    }
+}
+
+/// [`bulk`] over rows `0..rows` (a multiple of 16) and all of `s.cols` (a multiple of 16), 16
+/// rows by up to 48 columns a block.
+///
+/// # Safety
+/// As for [`bulk`], with the tile configuration loaded.
+unsafe fn strip(s: &Sweep, rows: usize, pairs: usize) {
     let (sa, sb, so) = (s.a_stride * 4, s.b_stride * 4, s.out_stride * 4);
     for r in (0..rows).step_by(16) {
         let mut c = 0;
@@ -136,7 +222,6 @@ unsafe fn bulk(s: &Sweep, rows: usize, pairs: usize) {
             c += 16 * tiles;
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
 }
 
 /// AMX over the bulk of a sweep, AVX-512 BF16's micro-tiles over its edges.
