@@ -178,13 +178,16 @@ pub fn measure_bf16_peak() -> Option<f64> {
 /// of [`fwd_rows`] rows and its tile of y, or an input-gradient chunk and its pairs) where AMX's
 /// larger tiles can pass the f32 kernels' `TILE_BYTES` budget; 0 elsewhere (within that budget).
 pub fn amx_scratch_bytes(k: usize) -> usize {
-    let fwd = AMX_ROW_UNIT * (k * 2 + MB * 4);
+    let fwd = AMX_ROW_UNIT * (k * 2 + AMX_MB * 4);
     match has_amx() {
         true => fwd.max(AMX_BWD_CHUNK * BWD_MAX_COLS * 4),
         false => 0,
     }
 }
 
+/// Rows of x per packed forward block on AMX (a multiple of 32: whole 2 × 2 tile blocks).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const AMX_MB: usize = 64;
 /// Rows of W an AMX forward task owns (a multiple of): each packed x block then streams from
 /// L3 once per 64 rows of W rather than per 16 or 32 (measured at M = 512, 4096 × 4096 and 11008
 /// × 4096: +15–40 % forward, session 11).

@@ -228,7 +228,9 @@ unsafe fn strip(s: &Sweep, rows: usize, pairs: usize) {
 pub(super) struct Amx;
 
 impl Bf16Kernels for Amx {
-    const MB: usize = Avx512::MB;
+    /// 64 rows of x a block: [`quad`] covers it whole (48 left a 16-column [`strip`] a tile row,
+    /// and a 256-row batch padded its last block from 16 rows to 48).
+    const MB: usize = super::AMX_MB;
     const FWD_MR: usize = Avx512::FWD_MR;
     const BWD_MR: usize = Avx512::BWD_MR;
     const NR: usize = Avx512::NR;
