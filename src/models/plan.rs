@@ -153,6 +153,7 @@ impl MemoryPlan {
             s,
             rs,
             prefix,
+            rank: opts.lora.as_ref().map_or(0, |l| l.r),
         };
         // (graph, leftovers) of every adapter layout among the layers (none: no adapter), for a
         // layer recomputed in `rs` bytes an element, and run forward in `s` (the reference).
@@ -321,6 +322,8 @@ struct StepShape<'a> {
     /// Bytes an element of the recomputed layer (`LlamaOptions::recompute_dtype`).
     rs: usize,
     prefix: usize,
+    /// LoRA's rank (0: no LoRA).
+    rank: usize,
 }
 
 impl StepShape<'_> {
@@ -455,7 +458,12 @@ impl StepShape<'_> {
         };
         // One fused-attention task a thread: its score blocks and, in a half step, bf16 packs.
         let attn = crate::nn::fused::attention_task_bytes(self.seq, self.spec.head_dim, half);
-        rayon::current_num_threads() * ((2 * TILE_BYTES).max(amx) + attn) + convert
+        // LoRA's bf16 products (a half step): a weight operand and a task's packs a thread.
+        let lora = match half && self.rank > 0 {
+            true => crate::nn::fused::lora_bf16_scratch_bytes(widest, self.rank),
+            false => 0,
+        };
+        rayon::current_num_threads() * ((2 * TILE_BYTES).max(amx) + attn) + convert + lora
     }
 }
 

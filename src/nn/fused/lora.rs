@@ -16,6 +16,7 @@ use candle_core::{CustomOp2, CustomOp3};
 
 mod bf16;
 mod sink;
+pub(crate) use bf16::scratch_bytes as lora_bf16_scratch_bytes;
 pub use sink::backward_collecting;
 
 /// The inverted-dropout factor of element `i` of a mask: 0 with probability p, else 1/(1-p),

@@ -254,6 +254,7 @@ pub(crate) use attention::{attention_dims, attention_task_bytes, bias_rows, Attn
 pub use cross_entropy::*;
 pub use gelu::*;
 pub use heads::*;
+pub(crate) use lora::lora_bf16_scratch_bytes;
 pub use lora::*;
 pub use norm::*;
 pub use residual::*;

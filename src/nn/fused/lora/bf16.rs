@@ -39,6 +39,25 @@ pub(crate) fn takes_bf16(asked: bool) -> bool {
     asked && has_bf16_kernels()
 }
 
+/// Bytes the bf16 products hold at once for rows of up to `n` and rank `r` (0 where this CPU has
+/// no bf16 kernels): one call's weight operand and each thread's task buffers, the largest of the
+/// three forms (the memory plan's kernel scratch counts them in a bf16 step).
+pub(crate) fn scratch_bytes(n: usize, r: usize) -> usize {
+    if !has_bf16_kernels() {
+        return 0;
+    }
+    let (np, rp, half) = (
+        n.next_multiple_of(UNIT),
+        r.next_multiple_of(UNIT),
+        n.div_ceil(2),
+    );
+    let operand = (half * rp).max(r.div_ceil(2).next_multiple_of(16) * np);
+    let dot = n + ROWS * half + ROWS * rp;
+    let outer = SLAB * COLS + SLAB / 2 * COLS + r * COLS;
+    let expand = ROWS * np + ROWS * r.div_ceil(2).next_multiple_of(16);
+    4 * (operand + rayon::current_num_threads() * dot.max(outer).max(expand))
+}
+
 /// The kernel call every product makes (bounds are checked inside).
 fn product(
     a: Pairs,
