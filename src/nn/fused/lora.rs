@@ -7,7 +7,9 @@
 //! FMA (rank r is small: the products are r dot products or r axpys a row), h stays f32, and the
 //! dropout mask is drawn again from its counter-based key in the backward instead of being stored.
 //! Gradient sums over rows run in row order inside one task per column block, so the result does
-//! not depend on the thread count (`--resume` stays bit-identical).
+//! not depend on the thread count (`--resume` stays bit-identical). The f32 row products are in
+//! `lora/rows.rs`; a bf16 step's products run on the bf16 kernels instead (`lora/bf16.rs`), and
+//! inside the step's backward the weight gradients skip candle's `zeros + g` (`lora/sink.rs`).
 //!
 //! Shapes: M rows (tokens), I in-features, O out-features, R rank.
 use super::*;
