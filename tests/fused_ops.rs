@@ -782,10 +782,12 @@ fn lora_ops_match_composite() {
         (DType::F32, true, 1e-2, 1e-2),
     ] {
         // 300 in / 270 out: two column blocks of the gradient sums, the second partial; 151
-        // tokens: several row blocks and token slabs of the bf16 products, an odd last pair
+        // tokens: several row blocks and token slabs of the bf16 products, an odd last pair; rank
+        // 40: more than one AMX tile of pairs, padded
         for (m, i, o, r, p) in [
             (9, 300, 270, 4, 0.0),
             (151, 300, 270, 16, 0.1),
+            (40, 96, 80, 40, 0.0),
             (5, 64, 40, 16, 0.3),
             (1, 7, 3, 2, 0.0),
         ] {
