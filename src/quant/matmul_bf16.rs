@@ -656,7 +656,7 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
 }
 
 mod dense;
-pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, Pairs};
+pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs};
 
 #[cfg(target_arch = "aarch64")]
 mod neon;

@@ -198,11 +198,18 @@ fn outer_sum<T: Elem>(
             acc
         })
         .collect();
+    gather_column_blocks(&blocks, r, n, COL_BLOCK)
+}
+
+/// `out (R, n)` from its column blocks of `block` columns (the last partial), block j holding R
+/// rows of its columns at the stride its length gives (`len / R`, at least its width).
+fn gather_column_blocks(blocks: &[Vec<f32>], r: usize, n: usize, block: usize) -> Vec<f32> {
     let mut out = vec![0f32; r * n];
     for (blk, acc) in blocks.iter().enumerate() {
-        let (c0, w) = (blk * COL_BLOCK, acc.len() / r.max(1));
+        let (c0, stride) = (blk * block, acc.len() / r.max(1));
+        let w = block.min(n - c0);
         for k in 0..r {
-            out[k * n + c0..k * n + c0 + w].copy_from_slice(&acc[k * w..(k + 1) * w]);
+            out[k * n + c0..][..w].copy_from_slice(&acc[k * stride..][..w]);
         }
     }
     out

@@ -94,6 +94,16 @@ pub fn dense_bf16(
     }
 }
 
+/// `pairs` of contraction rounded up to what [`dense_bf16`] takes whole: 16 (an AMX tile) where
+/// this CPU has AMX, whose sweep hands a partial tile's pairs to the AVX-512 edge kernel; as given
+/// elsewhere. Operands zero-padded to it give the same products.
+pub fn padded_pairs(pairs: usize) -> usize {
+    match super::has_amx() {
+        true => pairs.next_multiple_of(16),
+        false => pairs,
+    }
+}
+
 /// Rounds `src` to bf16 (nearest even) into `dst`, SIMD where this CPU has it.
 fn round_row(src: &[f32], dst: &mut [bf16]) {
     use super::Activation;

@@ -16,9 +16,9 @@
 //! as PyTorch's bf16 LoRA holds them; products are exact in f32 and summed in f32. The blocking is
 //! fixed (rows of [`ROWS`], columns of [`COLS`], token slabs of [`SLAB`]) and every output element
 //! is summed inside one task, so the results do not depend on the thread count.
-use super::{load_row, DropoutMask, Elem};
+use super::{gather_column_blocks, load_row, DropoutMask, Elem};
 use crate::quant::matmul_bf16::{
-    dense_bf16, has_amx, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, Pairs,
+    dense_bf16, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs,
 };
 use rayon::prelude::*;
 
@@ -51,10 +51,11 @@ pub(crate) fn scratch_bytes(n: usize, r: usize) -> usize {
         r.next_multiple_of(UNIT),
         n.div_ceil(2),
     );
-    let operand = (half * rp).max(r.div_ceil(2).next_multiple_of(16) * np);
+    let rh = padded_pairs(r.div_ceil(2));
+    let operand = (half * rp).max(rh * np);
     let dot = n + ROWS * half + ROWS * rp;
     let outer = SLAB * COLS + SLAB / 2 * COLS + r * COLS;
-    let expand = ROWS * np + ROWS * r.div_ceil(2).next_multiple_of(16);
+    let expand = ROWS * np + ROWS * rh;
     4 * (operand + rayon::current_num_threads() * dot.max(outer).max(expand))
 }
 
@@ -104,13 +105,10 @@ impl Operand {
     }
 
     /// For [`expand`], contracting over R: `b[q][c] = (W[2q][c], W[2q+1][c])` (R/2 × n), from W
-    /// (`w_t` false) or from Wᵀ (n × R, `w_t` true); pairs padded with zero rows to a whole AMX
-    /// tile on AMX.
+    /// (`w_t` false) or from Wᵀ (n × R, `w_t` true); pairs padded with zero rows as the kernels
+    /// prefer ([`padded_pairs`]).
     pub(super) fn for_expand(w: &[f32], r: usize, n: usize, w_t: bool) -> Self {
-        let pairs = match has_amx() {
-            true => r.div_ceil(2).next_multiple_of(16),
-            false => r.div_ceil(2),
-        };
+        let pairs = padded_pairs(r.div_ceil(2));
         let cols = n.next_multiple_of(UNIT);
         let mut data = vec![0u32; pairs * cols];
         match w_t {
@@ -189,9 +187,8 @@ pub(super) fn outer_sum<T: Elem>(
 ) -> Vec<f32> {
     let m = coef.len() / r.max(1);
     let mh = m.div_ceil(2);
-    let mut out = vec![0f32; r * n];
     if r == 0 || n == 0 {
-        return out;
+        return vec![0f32; r * n];
     }
     // a: coefᵀ in pairs along the tokens, a[k][q] = (coef[2q][k], coef[2q+1][k]) (R × mh)
     let mut a = vec![0u32; r * mh];
@@ -237,15 +234,7 @@ pub(super) fn outer_sum<T: Elem>(
             },
         )
         .collect();
-    for (blk, acc) in blocks.iter().enumerate() {
-        let c0 = blk * COLS;
-        let w = COLS.min(n - c0);
-        let wp = acc.len() / r;
-        for k in 0..r {
-            out[k * n + c0..][..w].copy_from_slice(&acc[k * wp..][..w]);
-        }
-    }
-    out
+    gather_column_blocks(&blocks, r, n, COLS)
 }
 
 /// `z_t = coef_t·W` (a row of n) for every row t of `coef (M, R)` f32 and W packed by
