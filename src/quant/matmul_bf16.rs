@@ -33,6 +33,29 @@ use super::QMatrix;
 use half::bf16;
 use rayon::prelude::*;
 
+/// Returns `$body` from the calling function with `$K` the bf16 kernels this CPU has (AMX, else
+/// AVX-512 BF16, else FEAT_BF16); falls through where it has none. One order of preference for
+/// every entry point.
+macro_rules! return_on_bf16_kernels {
+    ($K:ident => $body:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        if $crate::quant::matmul_bf16::has_amx() {
+            type $K = $crate::quant::matmul_bf16::amx::Amx;
+            return $body;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if $crate::quant::matmul_bf16::has_avx512_bf16() {
+            type $K = $crate::quant::matmul_bf16::avx512::Avx512;
+            return $body;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if $crate::quant::matmul_bf16::has_neon_bf16() {
+            type $K = $crate::quant::matmul_bf16::neon::Neon;
+            return $body;
+        }
+    };
+}
+
 /// `$body` with the const `$name` set to the run-time `$x` when it is one of `[$n, ...]`, else to
 /// `$last`: the const-generic micro-tiles need their sizes at compile time.
 macro_rules! const_dispatch {
@@ -250,18 +273,7 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     assert_eq!(x.len(), m * k, "qmatmul_fwd_bf16: x is not {m}×{k}");
     assert_eq!(y.len(), m * n, "qmatmul_fwd_bf16: y is not {m}×{n}");
     if fits(w, m) {
-        #[cfg(target_arch = "x86_64")]
-        if has_amx() {
-            return fwd_tiled::<amx::Amx, A>(x, m, w, y);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512_bf16() {
-            return fwd_tiled::<avx512::Avx512, A>(x, m, w, y);
-        }
-        #[cfg(target_arch = "aarch64")]
-        if has_neon_bf16() {
-            return fwd_tiled::<neon::Neon, A>(x, m, w, y);
-        }
+        return_on_bf16_kernels!(K => fwd_tiled::<K, A>(x, m, w, y));
     }
     with_f32(x, |x| qmatmul_fwd(x, m, w, y))
 }
@@ -279,18 +291,7 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_bf16: dy is not {m}×{n}");
     assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_bf16: dx is not {m}×{k}");
     if fits(w, m) {
-        #[cfg(target_arch = "x86_64")]
-        if has_amx() {
-            return bwd_input_tiled::<amx::Amx, A>(dy, m, w, dx, accumulate);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512_bf16() {
-            return bwd_input_tiled::<avx512::Avx512, A>(dy, m, w, dx, accumulate);
-        }
-        #[cfg(target_arch = "aarch64")]
-        if has_neon_bf16() {
-            return bwd_input_tiled::<neon::Neon, A>(dy, m, w, dx, accumulate);
-        }
+        return_on_bf16_kernels!(K => bwd_input_tiled::<K, A>(dy, m, w, dx, accumulate));
     }
     with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate))
 }

@@ -16,15 +16,21 @@ pub(crate) fn transpose(
         return;
     }
     assert!(
-        cols <= ss && src.len() >= (rows - 1) * ss + cols,
+        holds(src.len(), ss, (rows, cols)),
         "transpose: src out of bounds"
     );
     assert!(
-        rows <= ds && dst.len() >= (cols - 1) * ds + rows,
+        holds(dst.len(), ds, (cols, rows)),
         "transpose: dst out of bounds"
     );
     // SAFETY: the asserts keep both matrices inside their slices; dst is borrowed mutably.
     unsafe { transpose32(src.as_ptr(), ss, (rows, cols), dst.as_mut_ptr(), ds) }
+}
+
+/// Whether a slice of `len` elements holds a `rows × cols` matrix whose rows lie `stride` apart
+/// (the bounds check of every strided kernel wrapper).
+pub(crate) fn holds(len: usize, stride: usize, (rows, cols): (usize, usize)) -> bool {
+    rows == 0 || cols == 0 || (cols <= stride && len >= (rows - 1) * stride + cols)
 }
 
 /// `dst[c·ds + r] = src[r·ss + c]` for `r < rows`, `c < cols`.

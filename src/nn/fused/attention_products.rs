@@ -158,18 +158,10 @@ fn gemm_f32(
     }
     let (ar, ac) = if ta { (k, m) } else { (m, k) };
     let (br, bc) = if tb { (n, k) } else { (k, n) };
-    assert!(
-        ac <= lda && a.len() >= (ar - 1) * lda + ac,
-        "gemm_f32: a out of bounds"
-    );
-    assert!(
-        bc <= ldb && b.len() >= (br - 1) * ldb + bc,
-        "gemm_f32: b out of bounds"
-    );
-    assert!(
-        n <= ldc && c.len() >= (m - 1) * ldc + n,
-        "gemm_f32: c out of bounds"
-    );
+    use crate::quant::transpose::holds;
+    assert!(holds(a.len(), lda, (ar, ac)), "gemm_f32: a out of bounds");
+    assert!(holds(b.len(), ldb, (br, bc)), "gemm_f32: b out of bounds");
+    assert!(holds(c.len(), ldc, (m, n)), "gemm_f32: c out of bounds");
     let (a_rs, a_cs) = if ta { (1, lda) } else { (lda, 1) };
     let (b_rs, b_cs) = if tb { (1, ldb) } else { (ldb, 1) };
     // SAFETY: the asserts above keep every index of op(a) (m×k), op(b) (k×n) and c (m×n) with the

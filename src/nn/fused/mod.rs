@@ -152,28 +152,28 @@ impl Elem for f32 {
     }
 }
 
-/// `half`'s conversions (exact widening, nearest-even rounding).
+/// [`Elem::f`] and [`Elem::of`] of a `half` type: its exact widening and nearest-even rounding.
+macro_rules! half_conversions {
+    ($t:ty) => {
+        #[inline(always)]
+        fn f(self) -> f32 {
+            self.to_f32()
+        }
+        #[inline(always)]
+        fn of(v: f32) -> Self {
+            <$t>::from_f32(v)
+        }
+    };
+}
+
+/// `half`'s conversions.
 impl Elem for f16 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn of(v: f32) -> Self {
-        f16::from_f32(v)
-    }
+    half_conversions!(f16);
 }
 
 /// `half`'s conversions, and the SIMD rounding of the bf16 kernels for rows (the same bits).
 impl Elem for bf16 {
-    #[inline(always)]
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn of(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
+    half_conversions!(bf16);
     fn row_of(src: &[f32], dst: &mut [bf16]) {
         use crate::quant::matmul_bf16::Activation;
         f32::row_to_bf16(src, dst)

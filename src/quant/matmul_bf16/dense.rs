@@ -46,12 +46,12 @@ pub fn dense_bf16(
         }
         return true;
     }
-    let fits =
-        |m: Pairs, r: usize, c: usize| c <= m.stride && m.data.len() >= (r - 1) * m.stride + c;
+    use crate::quant::transpose::holds;
+    let fits = |m: Pairs, r: usize, c: usize| holds(m.data.len(), m.stride, (r, c));
     assert!(fits(a, rows, pairs), "dense_bf16: a out of bounds");
     assert!(fits(b, pairs, cols), "dense_bf16: b out of bounds");
     assert!(
-        cols <= out_stride && out.len() >= (rows - 1) * out_stride + cols,
+        holds(out.len(), out_stride, (rows, cols)),
         "dense_bf16: out out of bounds"
     );
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -68,24 +68,13 @@ pub fn dense_bf16(
             out_stride,
             load: accumulate,
         };
-        #[cfg(target_arch = "x86_64")]
-        if super::has_amx() {
-            // SAFETY: AMX (and AVX-512 BF16) checked; the asserts above keep every element the
+        return_on_bf16_kernels!(K => {
+            // SAFETY: the macro checked K's features; the asserts above keep every element the
             // sweep names inside a, b and out, and out is borrowed mutably.
-            unsafe { super::amx::Amx::sweep(s, super::amx::Amx::BWD_MR) };
-            return true;
-        }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512 BF16 is present (has_bf16_kernels on x86-64); bounds as above.
-        unsafe {
-            super::avx512::Avx512::sweep(s, super::avx512::Avx512::BWD_MR)
-        };
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: FEAT_BF16 is present (has_bf16_kernels on aarch64); bounds as above.
-        unsafe {
-            super::neon::Neon::sweep(s, super::neon::Neon::BWD_MR)
-        };
-        true
+            unsafe { K::sweep(s, K::BWD_MR) };
+            true
+        });
+        unreachable!("has_bf16_kernels was true")
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
