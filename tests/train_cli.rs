@@ -385,3 +385,70 @@ fn resume_refuses_a_trajectory_change_or_another_out_by_name() {
         "2".into(),
     ]);
 }
+
+/// Rewrites the resolved compute dtype a checkpoint's trainer state records (`None` removes it,
+/// as in a checkpoint of qtune before it was recorded) and the checksums over it; returns the
+/// value it had.
+fn set_compute_dtype(ck: &Path, to: Option<&str>) -> String {
+    let p = ck.join("trainer_state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let run = st["run"].as_object_mut().unwrap();
+    let had = run["compute-dtype"].as_str().unwrap().to_string();
+    match to {
+        Some(d) => run.insert("compute-dtype".into(), d.into()),
+        None => run.remove("compute-dtype"),
+    };
+    std::fs::write(&p, serde_json::to_string_pretty(&st).unwrap()).unwrap();
+    qtune::train::manifest::write_manifest(ck).unwrap();
+    had
+}
+
+/// `--dtype auto` resolves by CPU, device and width, and so may resolve otherwise where a run is
+/// resumed: the checkpoint records what it resolved to, and the resumed run goes on in that.
+#[test]
+fn auto_dtype_resumes_in_the_dtype_its_run_started_in() {
+    let part = tempfile::tempdir().unwrap();
+    let mut a = base_args(part.path());
+    a.extend([
+        "--dtype".into(),
+        "auto".into(),
+        "--stop-after".into(),
+        "3".into(),
+    ]);
+    run_ok(&a);
+    let ck = part.path().join("checkpoint-3");
+    // As if the run had started on a machine whose `auto` picked the other dtype.
+    let here = set_compute_dtype(&ck, Some("bf16"));
+    let there = if here == "bf16" { "f32" } else { "bf16" };
+    set_compute_dtype(&ck, Some(there));
+    let run = part.path().display().to_string();
+    let o = qtune(&["--resume", &run]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stderr);
+    let name = if there == "bf16" { "BF16" } else { "F32" };
+    assert!(
+        said.contains(&format!("--dtype auto resumes in {name}")),
+        "{said}"
+    );
+    let last = part.path().join("checkpoint-6/trainer_state.json");
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last).unwrap()).unwrap();
+    assert_eq!(st["run"]["compute-dtype"], there);
+}
+
+/// A checkpoint written before the resolved dtype was recorded resumes as it always did:
+/// bit-identical to the uninterrupted run.
+#[test]
+fn a_checkpoint_without_the_resolved_dtype_still_resumes() {
+    let full = tempfile::tempdir().unwrap();
+    run_ok(&base_args(full.path()));
+    let part = tempfile::tempdir().unwrap();
+    let mut a = base_args(part.path());
+    a.extend(["--stop-after".into(), "3".into()]);
+    run_ok(&a);
+    set_compute_dtype(&part.path().join("checkpoint-3"), None);
+    run_ok(&["--resume".into(), part.path().display().to_string()]);
+    let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(f(full.path()), f(part.path()));
+}

@@ -15,7 +15,11 @@ const STATE_FORMAT: &str = "qtune-trainer-1";
 
 /// The settings a checkpoint must share with the run that resumes it: everything that shapes the
 /// trajectory.
-pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_json::Value {
+pub(crate) fn trajectory_keys(
+    cfg: &TrainConfig,
+    total_steps: usize,
+    dtype: candle_core::DType,
+) -> serde_json::Value {
     let mut k = serde_json::json!({
         "model": cfg.model, "quant": cfg.quant, "rank": cfg.rank, "alpha": cfg.alpha,
         "dropout": cfg.dropout, "targets": cfg.targets, "lr": cfg.lr, "schedule": cfg.schedule,
@@ -25,6 +29,9 @@ pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_js
         "adam-beta1": cfg.adam_beta1, "adam-beta2": cfg.adam_beta2, "adam-eps": cfg.adam_eps,
         "dtype": cfg.dtype,
     });
+    // What `dtype` resolved to: `auto` depends on the CPU, the device and the model's width, and a
+    // resumed run must go on in the dtype it started in (see [`saved_compute_dtype`]).
+    k[COMPUTE_DTYPE] = serde_json::json!(dtype_name(dtype));
     // The recompute's dtype changes a bf16 step's gradients; auto (the default) adds no key, so
     // checkpoints of earlier runs resume as they were.
     if cfg.recompute_dtype != "auto" {
@@ -48,6 +55,39 @@ pub(crate) fn trajectory_keys(cfg: &TrainConfig, total_steps: usize) -> serde_js
         k["precompute-ref"] = serde_json::json!(cfg.precompute_ref);
     }
     k
+}
+
+/// The trajectory key of the resolved compute dtype (absent in checkpoints of qtune before it).
+const COMPUTE_DTYPE: &str = "compute-dtype";
+
+fn dtype_name(d: candle_core::DType) -> &'static str {
+    match d {
+        candle_core::DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// The compute dtype checkpoint `ck`'s run resolved its `dtype` to, where the checkpoint says
+/// (`None` for one written before qtune recorded it): `auto` resumes in it, whatever this CPU,
+/// device or qtune version would pick for a new run.
+pub(crate) fn saved_compute_dtype(ck: &Path) -> Result<Option<candle_core::DType>> {
+    let spath = ck.join(STATE_FILE);
+    let text = std::fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
+    let st: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: spath.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    match st.get("run").and_then(|r| r.get(COMPUTE_DTYPE)) {
+        None => Ok(None),
+        Some(v) => match v.as_str() {
+            Some("bf16") => Ok(Some(candle_core::DType::BF16)),
+            Some("f32") => Ok(Some(candle_core::DType::F32)),
+            _ => Err(Error::Json {
+                path: spath,
+                msg: format!("run.{COMPUTE_DTYPE} is {v}, not \"f32\" or \"bf16\""),
+            }),
+        },
+    }
 }
 
 /// A checkpoint directory: `dir` itself if it holds a trainer state, else its newest
@@ -288,7 +328,9 @@ pub(crate) fn check_resume(ck: &Path, run: &serde_json::Value, data: &str) -> Re
     let mut diffs = Vec::new();
     if let (Some(a), Some(b)) = (saved.as_object(), run.as_object()) {
         for (k, v) in b {
-            if a.get(k) != Some(v) {
+            // A checkpoint from before the resolved dtype was recorded resumes as it always did.
+            let unrecorded = k == COMPUTE_DTYPE && !a.contains_key(k);
+            if a.get(k) != Some(v) && !unrecorded {
                 diffs.push(format!(
                     "{k} was {} and is now {v}",
                     a.get(k).unwrap_or(&serde_json::Value::Null)

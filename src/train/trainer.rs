@@ -218,7 +218,23 @@ impl<'a, O: Objective> Run<'a, O> {
         let (prompt_init, init) = adapter_inits(&mut cfg, opts)?;
         // The store (headers parsed, tensors mapped, nothing read): `auto` needs the model's width.
         let store = WeightStore::open(&model_path)?;
-        let dtype = cfg.compute_dtype(Some(crate::models::spec_of(&store)?.hidden))?;
+        let mut dtype = cfg.compute_dtype(Some(crate::models::spec_of(&store)?.hidden))?;
+        // `auto` resumes in the dtype its run resolved to (another CPU, device or qtune version
+        // may pick another for a new run).
+        if let (true, Some(r)) = (cfg.dtype.eq_ignore_ascii_case("auto"), &cfg.resume) {
+            if let Some(saved) = checkpoint::saved_compute_dtype(&find_checkpoint(r)?)? {
+                if saved != dtype {
+                    say(
+                        opts,
+                        format!(
+                            "note: --dtype auto resumes in {saved:?}, the dtype this run started \
+                             in ({dtype:?} would be this machine's pick for a new run)"
+                        ),
+                    );
+                }
+                dtype = saved;
+            }
+        }
         let spec = LoraSpec {
             targets: cfg.targets.clone(),
             r: cfg.rank,
@@ -306,7 +322,7 @@ impl<'a, O: Objective> Run<'a, O> {
         let (mpath, metrics, pb) = outputs(&cfg, data.total_steps, opts)?;
         Ok(Run {
             obj,
-            traj: checkpoint::trajectory_keys(&cfg, data.total_steps),
+            traj: checkpoint::trajectory_keys(&cfg, data.total_steps, dtype),
             order: DataOrder::new(data.train.len(), cfg.batch_size, cfg.seed, cfg.shuffle),
             report: TrainReport {
                 losses: Vec::new(),
