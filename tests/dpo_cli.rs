@@ -255,9 +255,9 @@ fn eval_reports_the_runs_final_dpo_loss_and_export_writes_gguf_lora() {
             "--objective",
             "dpo",
             "--json",
-            // the run's dtype: `auto` trains this toy model in f32 on every CPU
+            // the run's dtype: eval resolves `auto` as train does (by CPU and model width)
             "--dtype",
-            "f32",
+            "auto",
             "--model",
             &fx("tests/fixtures/llama/model"),
             "--adapter",

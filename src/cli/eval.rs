@@ -24,7 +24,7 @@ pub struct Args {
     /// Sequences per forward pass (does not change the result).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Compute dtype: f32, bf16 or auto (bf16 on a CPU with AVX-512 BF16, else f32).
+    /// Compute dtype: f32, bf16 or auto (as `qtune train` resolves it, by CPU and model width).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Put the loss on prompt tokens too (as `qtune train --train-on-prompt`).
@@ -51,7 +51,11 @@ pub struct Args {
 /// Runs `qtune eval`.
 pub fn run(mut a: Args) -> Result<()> {
     a.model.resolve()?;
-    let dtype = qtune::nn::device::compute_dtype(&a.dtype, "cpu", None)?;
+    // `auto` as `qtune train` resolves it: by CPU and the model's width.
+    let store = qtune::store::WeightStore::open(&a.model.path)?;
+    let hidden = qtune::models::spec_of(&store)?.hidden;
+    drop(store);
+    let dtype = qtune::nn::device::compute_dtype(&a.dtype, "cpu", Some(hidden))?;
     let tok = tokenizer(&a.model.path)?;
     match a.objective.as_str() {
         "sft" => {}

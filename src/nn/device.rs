@@ -5,24 +5,24 @@
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 
-/// Hidden sizes from which `auto` picks bf16 on a CPU with AVX-512 BF16: measured there, bf16 is
-/// 1.5× f32 at 4096 (Llama-2-7B), even at 768 (~100M) and 0.75× at 128 (the embedded default),
-/// where candle's bf16 element-wise conversions outweigh the faster quantised products.
+/// Hidden sizes from which `auto` picks bf16 on a CPU with AVX-512 BF16 but no AMX: measured
+/// there (the AMD machine, and the Intel one with its tiles switched off, session 16), bf16 is
+/// 1.5× f32 at 4096 (Llama-2-7B), about even at 768 (~100M) and 5–9 % slower at 128 (the
+/// embedded default). With AMX, bf16 is the faster mode at every width measured (128 included).
 pub const AUTO_BF16_MIN_HIDDEN: usize = 1024;
 
 /// The compute dtype `--dtype` names on the device `--device` names, for a model of `hidden` size
-/// (when known): `f32`, `bf16`, or `auto` — bf16 on a GPU, and on a CPU with AVX-512 BF16 (its
-/// bf16 kernels are the fast path there) for models of [`AUTO_BF16_MIN_HIDDEN`] or wider; f32
-/// otherwise (other CPUs' bf16 mode only converts around the f32 kernels).
+/// (when known): `f32`, `bf16`, or `auto` — bf16 on a GPU and on a CPU with AMX; on a CPU with
+/// AVX-512 BF16 alone for models of [`AUTO_BF16_MIN_HIDDEN`] or wider; f32 otherwise (other CPUs'
+/// bf16 mode only converts around the f32 kernels).
 pub fn compute_dtype(dtype: &str, device: &str, hidden: Option<usize>) -> Result<DType> {
+    use crate::quant::matmul_bf16::{has_amx, has_avx512_bf16};
     match dtype.to_ascii_lowercase().as_str() {
         "bf16" => Ok(DType::BF16),
         "f32" => Ok(DType::F32),
         "auto" if device.starts_with("cuda") => Ok(DType::BF16),
-        "auto"
-            if crate::quant::matmul_bf16::has_avx512_bf16()
-                && hidden.is_none_or(|h| h >= AUTO_BF16_MIN_HIDDEN) =>
-        {
+        "auto" if has_amx() => Ok(DType::BF16),
+        "auto" if has_avx512_bf16() && hidden.is_none_or(|h| h >= AUTO_BF16_MIN_HIDDEN) => {
             Ok(DType::BF16)
         }
         "auto" => Ok(DType::F32),
@@ -214,8 +214,13 @@ mod tests {
         };
         assert_eq!(compute_dtype("AUTO", "cpu", Some(4096)).unwrap(), cpu);
         assert_eq!(compute_dtype("auto", "cpu", None).unwrap(), cpu);
-        // A toy model stays f32 on every CPU.
-        assert_eq!(compute_dtype("auto", "cpu", Some(128)).unwrap(), DType::F32);
+        // A toy model is bf16 only where AMX tiles run the products.
+        let toy = if crate::quant::matmul_bf16::has_amx() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        assert_eq!(compute_dtype("auto", "cpu", Some(128)).unwrap(), toy);
         assert_eq!(compute_dtype("f32", "cuda", None).unwrap(), DType::F32);
         assert_eq!(
             compute_dtype("bf16", "cpu", Some(128)).unwrap(),

@@ -60,7 +60,8 @@ pub(crate) fn trajectory_keys(
 /// The trajectory key of the resolved compute dtype (absent in checkpoints of qtune before it).
 const COMPUTE_DTYPE: &str = "compute-dtype";
 
-fn dtype_name(d: candle_core::DType) -> &'static str {
+/// The name `--dtype` gives a compute dtype.
+pub(crate) fn dtype_name(d: candle_core::DType) -> &'static str {
     match d {
         candle_core::DType::BF16 => "bf16",
         _ => "f32",

@@ -123,7 +123,10 @@ pub(super) fn plan_memory(
         .with_reference_forward(reference);
     say(
         opts,
-        format!("memory plan (batch {micro} x {seq} tokens):\n{plan}"),
+        format!(
+            "memory plan (batch {micro} x {seq} tokens, compute {}):\n{plan}",
+            crate::train::checkpoint::dtype_name(lopts.dtype)
+        ),
     );
     let Some(used) = gpu_baseline else {
         return Ok((plan, None));
