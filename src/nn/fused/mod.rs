@@ -136,6 +136,10 @@ pub(crate) trait Elem: candle_core::WithDType {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// The slice itself when the type is bf16 (the bf16 kernels' operands as they are).
+    fn as_bf16(_: &[Self]) -> Option<&[bf16]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -174,6 +178,9 @@ impl Elem for f16 {
 /// `half`'s conversions, and the SIMD rounding of the bf16 kernels for rows (the same bits).
 impl Elem for bf16 {
     half_conversions!(bf16);
+    fn as_bf16(v: &[bf16]) -> Option<&[bf16]> {
+        Some(v)
+    }
     fn row_of(src: &[f32], dst: &mut [bf16]) {
         use crate::quant::matmul_bf16::Activation;
         f32::row_to_bf16(src, dst)

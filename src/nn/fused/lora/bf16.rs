@@ -17,6 +17,7 @@
 //! fixed (rows of [`ROWS`], columns of [`COLS`], token slabs of [`SLAB`]) and every output element
 //! is summed inside one task, so the results do not depend on the thread count.
 use super::{gather_column_blocks, load_row, DropoutMask, Elem};
+use half::bf16;
 use crate::quant::matmul_bf16::{
     dense_bf16, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs,
 };
@@ -120,7 +121,7 @@ impl Operand {
 }
 
 /// Rows `t0..t0+rows` of `drop(x)` (x: M × n) into `a` as pairs along n (rows × n/2 at stride
-/// `half`): straight from x's f32 where there is no dropout, else through `row`.
+/// `half`): straight from x's f32 or bf16 where there is no dropout, else through `row`.
 fn pack_x_rows<T: Elem>(
     x: &[T],
     (t0, rows, n): (usize, usize, usize),
@@ -131,6 +132,16 @@ fn pack_x_rows<T: Elem>(
     let half = n.div_ceil(2);
     if let (None, Some(xf)) = (drop, T::as_f32(x)) {
         return pack_rows(&xf[t0 * n..], n, (rows, n), a, half);
+    }
+    if let (None, Some(xb)) = (drop, T::as_bf16(x)) {
+        // bf16 rows are already the operand's elements, pair by pair (widening and rounding
+        // them again would give the same bits).
+        for j in 0..rows {
+            let d: &mut [bf16] = bytemuck::cast_slice_mut(&mut a[j * half..][..half]);
+            d[..n].copy_from_slice(&xb[(t0 + j) * n..][..n]);
+            d[n..].fill(bf16::ZERO);
+        }
+        return;
     }
     for j in 0..rows {
         load_row(x, t0 + j, 0..n, n, drop, row);
