@@ -72,12 +72,7 @@ pub(crate) fn dtype_name(d: candle_core::DType) -> &'static str {
 /// (`None` for one written before qtune recorded it): `auto` resumes in it, whatever this CPU,
 /// device or qtune version would pick for a new run.
 pub(crate) fn saved_compute_dtype(ck: &Path) -> Result<Option<candle_core::DType>> {
-    let spath = ck.join(STATE_FILE);
-    let text = std::fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
-    let st: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: spath.clone(),
-        msg: format!("not valid JSON: {e}"),
-    })?;
+    let (spath, st) = read_state(ck)?;
     match st.get("run").and_then(|r| r.get(COMPUTE_DTYPE)) {
         None => Ok(None),
         Some(v) => match v.as_str() {
@@ -310,9 +305,8 @@ pub(crate) fn save(
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
 }
 
-/// Reads checkpoint `ck`'s trainer state, checks that it belongs to this run (same trajectory
-/// settings `run`, same data fingerprint `data`), and returns the step it reached.
-pub(crate) fn check_resume(ck: &Path, run: &serde_json::Value, data: &str) -> Result<usize> {
+/// Checkpoint `ck`'s trainer state file and its JSON, whose format is checked.
+fn read_state(ck: &Path) -> Result<(PathBuf, serde_json::Value)> {
     let spath = ck.join(STATE_FILE);
     let text = std::fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
     let st: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
@@ -325,6 +319,13 @@ pub(crate) fn check_resume(ck: &Path, run: &serde_json::Value, data: &str) -> Re
             msg: format!("key 'format' is not \"{STATE_FORMAT}\""),
         });
     }
+    Ok((spath, st))
+}
+
+/// Reads checkpoint `ck`'s trainer state, checks that it belongs to this run (same trajectory
+/// settings `run`, same data fingerprint `data`), and returns the step it reached.
+pub(crate) fn check_resume(ck: &Path, run: &serde_json::Value, data: &str) -> Result<usize> {
+    let (spath, st) = read_state(ck)?;
     let saved = st.get("run").cloned().unwrap_or_default();
     let mut diffs = Vec::new();
     if let (Some(a), Some(b)) = (saved.as_object(), run.as_object()) {

@@ -77,40 +77,60 @@ struct RopeOp {
     inverse: bool,
 }
 
+impl RopeOp {
+    /// `x (B·H, T, D)` rotated in its element type, each `(b, h)` slab a task; f32 arithmetic,
+    /// one rounding an output.
+    fn rotate<T: Elem>(&self, x: &[T]) -> Vec<T> {
+        let (t, half) = (self.t, self.half);
+        let d = 2 * half;
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let mut y = vec![T::of(0.0); x.len()];
+        if t * d == 0 {
+            return y;
+        }
+        y.par_chunks_mut(t * d)
+            .zip(x.par_chunks(t * d))
+            .for_each(|(y, x)| {
+                for p in 0..t {
+                    let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                    let cos = &self.cos[p * half..(p + 1) * half];
+                    let sin = &self.sin[p * half..(p + 1) * half];
+                    // one loop per layout, so that the contiguous halves vectorise
+                    if self.interleaved {
+                        for i in 0..half {
+                            let (c, sn) = (cos[i], sign * sin[i]);
+                            let (a, b) = (xr[2 * i].f(), xr[2 * i + 1].f());
+                            yr[2 * i] = T::of(a * c - b * sn);
+                            yr[2 * i + 1] = T::of(b * c + a * sn);
+                        }
+                    } else {
+                        let ((x1, x2), (y1, y2)) = (xr.split_at(half), yr.split_at_mut(half));
+                        for i in 0..half {
+                            let (c, sn) = (cos[i], sign * sin[i]);
+                            let (a, b) = (x1[i].f(), x2[i].f());
+                            y1[i] = T::of(a * c - b * sn);
+                            y2[i] = T::of(b * c + a * sn);
+                        }
+                    }
+                }
+            });
+        y
+    }
+}
+
 impl CustomOp1 for RopeOp {
     fn name(&self) -> &'static str {
         "qtune-rope"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CpuOut {
-        let x = f32_of(s, l, self.name())?;
-        let (t, half) = (self.t, self.half);
-        let d = 2 * half;
-        let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        // x, y: (B·H, T, D); each (b, h) slab rotated position by position
-        let mut y = vec![0f32; x.len()];
-        if t * d > 0 {
-            y.par_chunks_mut(t * d)
-                .zip(x.par_chunks(t * d))
-                .for_each(|(y, x)| {
-                    for p in 0..t {
-                        let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-                        for i in 0..half {
-                            let c = self.cos[p * half + i];
-                            let sn = sign * self.sin[p * half + i];
-                            let (i1, i2) = if self.interleaved {
-                                (2 * i, 2 * i + 1)
-                            } else {
-                                (i, i + half)
-                            };
-                            let (a, b) = (xr[i1], xr[i2]);
-                            yr[i1] = a * c - b * sn;
-                            yr[i2] = b * c + a * sn;
-                        }
-                    }
-                });
-        }
-        Ok((storage_of(y, s.dtype()), l.shape().clone()))
+        let y = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.rotate(slice_of(v, l, "rope")?)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.rotate(slice_of(v, l, "rope")?)),
+            CpuStorage::F16(v) => CpuStorage::F16(self.rotate(slice_of(v, l, "rope")?)),
+            _ => bail!("rope: x must be f32, bf16 or f16"),
+        };
+        Ok((y, l.shape().clone()))
     }
 
     /// kernels/ops.cu `qt_rope` (one thread per rotated pair; the backward is this op inverted).

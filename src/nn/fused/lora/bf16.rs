@@ -17,10 +17,10 @@
 //! fixed (rows of [`ROWS`], columns of [`COLS`], token slabs of [`SLAB`]) and every output element
 //! is summed inside one task, so the results do not depend on the thread count.
 use super::{gather_column_blocks, load_row, DropoutMask, Elem};
-use half::bf16;
 use crate::quant::matmul_bf16::{
     dense_bf16, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs,
 };
+use half::bf16;
 use rayon::prelude::*;
 
 /// The kernels' column unit: outputs are computed this many columns at a time (padded with zero).
