@@ -324,7 +324,7 @@ impl QMatMulOp {
     fn run(&self, arg: &[f32], m: usize) -> Vec<f32> {
         let w = self.w.matrix();
         let (_, out_w) = self.widths();
-        let mut out = vec![0f32; m * out_w];
+        let mut out = crate::quant::matmul::zeroed(m * out_w, 0f32);
         match (self.dir, self.bf16_products) {
             (Dir::Forward, false) => qmatmul_fwd(arg, m, &w, &mut out),
             (Dir::InputGrad, false) => qmatmul_bwd_input(arg, m, &w, &mut out, false),
@@ -338,7 +338,7 @@ impl QMatMulOp {
     fn run_bf16(&self, arg: &[bf16], m: usize) -> Vec<bf16> {
         let w = self.w.matrix();
         let (_, out_w) = self.widths();
-        let mut res = vec![bf16::ZERO; m * out_w];
+        let mut res = crate::quant::matmul::zeroed(m * out_w, bf16::ZERO);
         // The f32 result lives in a buffer this thread reuses (a fresh activation-sized one per
         // call faulted in fresh pages every time), then is rounded into the bf16 result.
         thread_local! {

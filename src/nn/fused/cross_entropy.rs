@@ -180,7 +180,7 @@ impl CustomOp1 for CrossEntropyOp {
         let n = self.labels.len();
         let half = h.dtype() == DType::BF16;
         let dh = with_f32(h, self.name(), |h| {
-            let mut dh = vec![0f32; n * c];
+            let mut dh = zeroed(n * c, 0f32);
             let mut logits = vec![0f32; self.chunk.min(n) * vocab];
             let w = self.w.matrix();
             for (ci, dh) in dh.chunks_mut(self.chunk * c).enumerate() {

@@ -285,7 +285,7 @@ impl DownOp {
     fn input_grad<T: Elem>(&self, _x: &[T], dh: &[f32], a: &[f32], i: usize) -> Vec<T> {
         let r = a.len() / i.max(1);
         let m = dh.len() / r.max(1);
-        let mut dx = vec![T::of(0.0); m * i];
+        let mut dx = zeroed(m * i, T::of(0.0));
         if self.bf16 {
             let w = bf16::Operand::for_expand(a, r, i, false);
             bf16::expand(dh, r, &w, i, &mut dx, |t, acc, dx| {
@@ -372,7 +372,7 @@ impl UpOp {
     /// y + h·Bᵀ with `b (O, R)` f32.
     fn forward<T: Elem>(&self, y: &[T], h: &[f32], b: &[f32], o: usize) -> Vec<T> {
         let r = b.len() / o.max(1);
-        let mut out = vec![T::of(0.0); y.len()];
+        let mut out = zeroed(y.len(), T::of(0.0));
         if self.bf16 {
             let w = bf16::Operand::for_expand(b, r, o, true);
             bf16::expand(h, r, &w, o, &mut out, |t, z, out| {

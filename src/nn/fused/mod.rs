@@ -13,7 +13,7 @@
 //! tensor op), works on the CPU only so far, and is differentiable in its activation arguments
 //! (once: the gradients they return are plain tensors, except rope's, which is rope again).
 use crate::lora::QLinear;
-use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, zeroed};
 use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
 use crate::store::StoredTensor;
 use candle_core::backend::BackendStorage;

@@ -52,7 +52,7 @@ impl CustomOp1 for RmsNormOp {
         let w: Vec<f32> = self.w.iter().map(|&w| round(w)).collect();
         let is_f32 = s.dtype() == DType::F32;
         // x, y: (rows, C)
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len(), 0f32);
         if c > 0 {
             y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
                 let r = self.rstd(x);
@@ -91,7 +91,7 @@ impl CustomOp1 for RmsNormOp {
         let c = self.w.len();
         let dx = with_f32(x, self.name(), |x| {
             with_f32(dy, self.name(), |dy| {
-                let mut dx = vec![0f32; x.len()];
+                let mut dx = zeroed(x.len(), 0f32);
                 if c > 0 {
                     dx.par_chunks_mut(c)
                         .zip(x.par_chunks(c).zip(dy.par_chunks(c)))

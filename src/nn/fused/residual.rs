@@ -292,7 +292,7 @@ impl NormOp {
 
     fn forward<T: Elem>(&self, x: &[T], a: Option<&[T]>) -> Vec<T> {
         let c = self.w.len();
-        let mut y = vec![T::of(0.0); x.len()];
+        let mut y = zeroed(x.len(), T::of(0.0));
         if c == 0 {
             return y;
         }
@@ -315,7 +315,7 @@ impl NormOp {
     /// gradient `res` where given (rounded again, as torch accumulates h's two gradients).
     fn backward<T: Elem>(&self, x: &[T], a: Option<&[T]>, dy: &[T], res: Option<&[T]>) -> Vec<T> {
         let c = self.w.len();
-        let mut dx = vec![T::of(0.0); x.len()];
+        let mut dx = zeroed(x.len(), T::of(0.0));
         if c == 0 {
             return dx;
         }
@@ -506,7 +506,7 @@ const CHUNK: usize = 4096;
 
 impl Add3Op {
     fn forward<T: Elem>(p: &[T], q: &[T], r: &[T]) -> Vec<T> {
-        let mut y = vec![T::of(0.0); p.len()];
+        let mut y = zeroed(p.len(), T::of(0.0));
         y.par_chunks_mut(CHUNK)
             .zip(p.par_chunks(CHUNK))
             .zip(q.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)))

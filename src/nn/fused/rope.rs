@@ -84,7 +84,7 @@ impl RopeOp {
         let (t, half) = (self.t, self.half);
         let d = 2 * half;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let mut y = vec![T::of(0.0); x.len()];
+        let mut y = zeroed(x.len(), T::of(0.0));
         if t * d == 0 {
             return y;
         }

@@ -51,7 +51,7 @@ fn sigmoids<T: Elem>(g: &[T], s: &mut [f32], simd: bool) {
 
 impl SwiGluOp {
     fn forward<T: Elem>(&self, g: &[T], u: &[T]) -> Vec<T> {
-        let mut y = vec![T::of(0.0); g.len()];
+        let mut y = zeroed(g.len(), T::of(0.0));
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(y, (g, u))| {
@@ -68,8 +68,8 @@ impl SwiGluOp {
     }
 
     fn backward<T: Elem>(&self, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-        let mut dg = vec![T::of(0.0); g.len()];
-        let mut du = vec![T::of(0.0); g.len()];
+        let mut dg = zeroed(g.len(), T::of(0.0));
+        let mut du = zeroed(g.len(), T::of(0.0));
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
             .zip(
