@@ -73,6 +73,13 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // candle's element-wise ops run on its own pool, whose workers spin 25,000 pauses (about a
+    // millisecond) after every op before they park: on 2 cores that spinning took 14 % of a ~100M
+    // bf16 step's samples from the rayon workers running the step (session 16). They park at once
+    // unless the user says otherwise. Set before any thread exists (the pool starts on first use).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_)) {
         // before any thread allocates: one malloc arena (measured for training steps only)
