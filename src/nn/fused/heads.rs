@@ -52,7 +52,7 @@ impl Heads {
         let Some(&first) = src.first() else {
             return Vec::new();
         };
-        let mut out = vec![first; src.len()];
+        let mut out = zeroed(src.len(), first);
         out.par_chunks_mut(d.max(1))
             .enumerate()
             .for_each(|(r, row)| {

@@ -34,6 +34,12 @@ use candle_core::CudaStorage;
 // ---------------------------------------------------------------------------------------------
 // Boundary helpers: f32 views of CPU storage, f32 results back in the activation dtype.
 
+/// `f` of every element, in parallel tasks of [`CHUNK`] (the whole-tensor dtype conversions ran
+/// on the calling thread alone while the other cores waited).
+fn par_map<S: Copy + Sync, D: Send>(v: &[S], f: impl Fn(S) -> D + Sync + Send) -> Vec<D> {
+    v.par_iter().with_min_len(CHUNK).map(|&x| f(x)).collect()
+}
+
 /// The contiguous f32 data of a storage slice (borrowed for f32, converted for bf16/f16).
 fn f32_of<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
@@ -41,8 +47,8 @@ fn f32_of<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<Cow<
     };
     Ok(match storage {
         CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
-        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
-        CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(par_map(&v[start..end], |x| x.to_f32())),
+        CpuStorage::F16(v) => Cow::Owned(par_map(&v[start..end], |x| x.to_f32())),
         s => bail!(
             "{op}: unsupported dtype {:?}; use f32, bf16 or f16",
             s.dtype()
@@ -82,8 +88,8 @@ fn check_cpu_or_cuda(op: &str, ts: &[&Tensor]) -> Result<()> {
 /// f32 results as a storage of `dtype`.
 fn storage_of(v: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(par_map(&v, bf16::from_f32)),
+        DType::F16 => CpuStorage::F16(par_map(&v, f16::from_f32)),
         _ => CpuStorage::F32(v),
     }
 }
@@ -91,16 +97,8 @@ fn storage_of(v: Vec<f32>, dtype: DType) -> CpuStorage {
 /// f32 results as a (gradient) tensor of `dtype`.
 fn tensor_of(v: Vec<f32>, dims: &[usize], dtype: DType) -> Result<Tensor> {
     match dtype {
-        DType::BF16 => Tensor::from_vec(
-            v.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
-            dims,
-            &Device::Cpu,
-        ),
-        DType::F16 => Tensor::from_vec(
-            v.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
-            dims,
-            &Device::Cpu,
-        ),
+        DType::BF16 => Tensor::from_vec(par_map(&v, bf16::from_f32), dims, &Device::Cpu),
+        DType::F16 => Tensor::from_vec(par_map(&v, f16::from_f32), dims, &Device::Cpu),
         _ => Tensor::from_vec(v, dims, &Device::Cpu),
     }
 }
