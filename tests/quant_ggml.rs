@@ -432,6 +432,54 @@ fn bf16_output_matches_half() {
     }
 }
 
+/// The activation rounding (`simd::f32_to_bf16_fn`) of every level equals `half` bit for bit, with
+/// the specials in every lane of a vector: alone (the AVX-512 BF16 `vcvtneps2bf16` path) and beside
+/// an f32 subnormal (which that instruction would read as zero: the vector takes the integer path).
+#[test]
+fn activation_rounding_matches_half_in_every_lane() {
+    let specials = [
+        0x3f80_8000u32, // a tie, rounded to even (down)
+        0x3f81_8000,    // a tie, rounded to even (up)
+        0x3f80_8001,
+        0x7fc0_0000,
+        0xffc0_0001,
+        0x7f80_0001, // signalling NaN, quietened
+        0x7f80_0000,
+        0xff80_0000,
+        0x7f7f_ffff, // rounds to inf
+        0x8000_0000,
+        0x4049_0fdb,
+        0xc2f6_e979,
+    ];
+    let subnormals = [0x0000_0001u32, 0x8000_8000, 0x0001_8000, 0x007f_ffff];
+    let mut vals = Vec::new();
+    for shift in 0..16 {
+        // a vector of specials and normals, then the same with one subnormal in lane `shift`
+        let mut v: Vec<u32> = (0..16)
+            .map(|i| specials[(i + shift) % specials.len()])
+            .collect();
+        vals.extend(&v);
+        v[shift] = subnormals[shift % subnormals.len()];
+        vals.extend(&v);
+    }
+    vals.extend(&subnormals[..3]); // a tail
+    let vals: Vec<f32> = vals.into_iter().map(f32::from_bits).collect();
+    let want: Vec<u16> = vals.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+    for level in SimdLevel::available() {
+        let mut got = vec![bf16::ZERO; vals.len()];
+        qtune::quant::simd::f32_to_bf16_fn(level)(&vals, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                *w,
+                "{}: lane {i} ({:#010x})",
+                level.name(),
+                vals[i].to_bits()
+            );
+        }
+    }
+}
+
 /// Throughput per type and level: `cargo test --release --test quant_ggml throughput -- --ignored --nocapture`.
 #[test]
 #[ignore]

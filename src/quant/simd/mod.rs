@@ -105,6 +105,8 @@ pub fn f32_to_bf16_fn(level: SimdLevel) -> ToBf16Fn {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if x86::has_avx2() => x86::avx2::to_bf16,
         #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if x86::has_avx512_bf16() => x86::avx512::to_bf16_cvt,
+        #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if x86::has_avx512() => x86::avx512::to_bf16,
         #[cfg(target_arch = "aarch64")]
         SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => neon::to_bf16,

@@ -559,6 +559,42 @@ pub mod avx512 {
             _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtepi32_epi16(r))
         },
     );
+
+    /// f32 -> bf16 as [`to_bf16`], with AVX-512 BF16's `vcvtneps2bf16` (one instruction for the
+    /// integer rounding's ten) for every 16 lanes without an f32 subnormal, which the instruction
+    /// reads as zero; a vector with one takes the integer rounding. The same bits as
+    /// `half::bf16::from_f32` for every input. Only handed out by `simd::f32_to_bf16_fn` after it
+    /// checked AVX-512 BF16.
+    pub(in crate::quant::simd) fn to_bf16_cvt(src: &[f32], dst: &mut [bf16]) {
+        // SAFETY: the caller checked AVX-512 F, BW and BF16 (and the AVX2 level under them).
+        unsafe { to_bf16_cvt_impl(src, dst) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+    unsafe fn to_bf16_cvt_impl(src: &[f32], dst: &mut [bf16]) {
+        use std::arch::x86_64::{__m256bh, _mm512_cvtneps_pbh, _mm512_set1_epi32};
+        use std::arch::x86_64::{_mm512_test_epi32_mask, _mm512_testn_epi32_mask};
+        let n = src.len().min(dst.len()) / 16 * 16;
+        let (exponent, mantissa) = (_mm512_set1_epi32(0x7f80_0000), _mm512_set1_epi32(0x7f_ffff));
+        for i in (0..n).step_by(16) {
+            let v = _mm512_loadu_ps(src.as_ptr().add(i));
+            let d = dst.as_mut_ptr().add(i);
+            let x = _mm512_castps_si512(v);
+            // subnormal lanes: exponent bits all zero, mantissa bits not
+            if _mm512_testn_epi32_mask(x, exponent) & _mm512_test_epi32_mask(x, mantissa) != 0 {
+                store_bf16_lanes(v, d);
+            } else {
+                let h: __m256bh = _mm512_cvtneps_pbh(v);
+                _mm256_storeu_si256(
+                    d as *mut __m256i,
+                    std::mem::transmute::<__m256bh, __m256i>(h),
+                );
+            }
+        }
+        for (o, v) in dst[n..].iter_mut().zip(&src[n..]) {
+            *o = bf16::from_f32(*v);
+        }
+    }
 }
 
 /// The AVX-512 kernels again with AVX-512 BF16's `vcvtneps2bf16` for the bf16 output: one
