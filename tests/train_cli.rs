@@ -386,6 +386,16 @@ fn resume_refuses_a_trajectory_change_or_another_out_by_name() {
     ]);
 }
 
+/// A run of [`base_args`] plus `extra`, stopped after step 3 (its checkpoint-3 written).
+fn stopped_after_3(extra: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = base_args(dir.path());
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.extend(["--stop-after".into(), "3".into()]);
+    run_ok(&a);
+    dir
+}
+
 /// Rewrites the resolved compute dtype a checkpoint's trainer state records (`None` removes it,
 /// as in a checkpoint of qtune before it was recorded) and the checksums over it; returns the
 /// value it had.
@@ -408,15 +418,7 @@ fn set_compute_dtype(ck: &Path, to: Option<&str>) -> String {
 /// resumed: the checkpoint records what it resolved to, and the resumed run goes on in that.
 #[test]
 fn auto_dtype_resumes_in_the_dtype_its_run_started_in() {
-    let part = tempfile::tempdir().unwrap();
-    let mut a = base_args(part.path());
-    a.extend([
-        "--dtype".into(),
-        "auto".into(),
-        "--stop-after".into(),
-        "3".into(),
-    ]);
-    run_ok(&a);
+    let part = stopped_after_3(&["--dtype", "auto"]);
     let ck = part.path().join("checkpoint-3");
     // As if the run had started on a machine whose `auto` picked the other dtype.
     let here = set_compute_dtype(&ck, Some("bf16"));
@@ -441,12 +443,8 @@ fn auto_dtype_resumes_in_the_dtype_its_run_started_in() {
 /// bit-identical to the uninterrupted run.
 #[test]
 fn a_checkpoint_without_the_resolved_dtype_still_resumes() {
-    let full = tempfile::tempdir().unwrap();
+    let (full, part) = (tempfile::tempdir().unwrap(), stopped_after_3(&[]));
     run_ok(&base_args(full.path()));
-    let part = tempfile::tempdir().unwrap();
-    let mut a = base_args(part.path());
-    a.extend(["--stop-after".into(), "3".into()]);
-    run_ok(&a);
     set_compute_dtype(&part.path().join("checkpoint-3"), None);
     run_ok(&["--resume".into(), part.path().display().to_string()]);
     let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
