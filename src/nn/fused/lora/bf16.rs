@@ -17,6 +17,7 @@
 //! fixed (rows of [`ROWS`], columns of [`COLS`], token slabs of [`SLAB`]) and every output element
 //! is summed inside one task, so the results do not depend on the thread count.
 use super::{gather_column_blocks, load_row, DropoutMask, Elem};
+use crate::quant::matmul::with_thread_buffer;
 use crate::quant::matmul_bf16::{
     dense_bf16, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs,
 };
@@ -34,6 +35,16 @@ const EXPAND_BLOCK: usize = 1 << 16;
 const COLS: usize = 256;
 /// Tokens [`outer_sum`] packs at a time (even: the packs pair tokens).
 const SLAB: usize = 128;
+
+/// Elements a thread keeps of each task buffer between calls (a 7B MLP row block's products fit).
+const KEEP: usize = 4 << 20;
+
+std::thread_local! {
+    /// A task's x rows in pairs ([`rows_dot`]): reused, so not zero-filled per task.
+    static PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's products before scaling or finishing ([`rows_dot`], [`expand`]).
+    static PRODUCTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Whether LoRA's products run here: the step asks for bf16 products and this CPU has the kernels.
 pub(crate) fn takes_bf16(asked: bool) -> bool {
@@ -165,23 +176,26 @@ pub(super) fn rows_dot<T: Elem>(
         return out;
     }
     out.par_chunks_mut(ROWS * r).enumerate().for_each_init(
-        || (vec![0f32; n], Vec::new(), Vec::new()),
-        |(row, a, y), (c, out)| {
+        || vec![0f32; n],
+        |row, (c, out)| {
             let rows = out.len() / r;
-            // a: this task's rows of drop(x) in pairs along n (rows × half)
-            a.resize(rows * half, 0u32);
-            pack_x_rows(x, (c * ROWS, rows, n), drop, row, a);
-            y.resize(rows * rp, 0.0);
-            let a = Pairs {
-                data: a,
-                stride: half,
-            };
-            product(a, w.pairs(), y, rp, (rows, half, rp), false);
-            for (o, y) in out.chunks_exact_mut(r).zip(y.chunks_exact(rp)) {
-                for (o, &v) in o.iter_mut().zip(y) {
-                    *o = s * v;
-                }
-            }
+            // a: this task's rows of drop(x) in pairs along n (rows × half), each element written
+            with_thread_buffer(&PAIRS, rows * half, KEEP, |a| {
+                pack_x_rows(x, (c * ROWS, rows, n), drop, row, a);
+                // the products (rows × rp), each written (no accumulation)
+                with_thread_buffer(&PRODUCTS, rows * rp, KEEP, |y| {
+                    let a = Pairs {
+                        data: a,
+                        stride: half,
+                    };
+                    product(a, w.pairs(), y, rp, (rows, half, rp), false);
+                    for (o, y) in out.chunks_exact_mut(r).zip(y.chunks_exact(rp)) {
+                        for (o, &v) in o.iter_mut().zip(y) {
+                            *o = s * v;
+                        }
+                    }
+                })
+            })
         },
     );
     out
@@ -264,27 +278,28 @@ pub(super) fn expand<T: Send>(
         return;
     }
     let task_rows = if EXPAND_BLOCK / np >= ROWS { ROWS } else { 16 };
-    out.par_chunks_mut(task_rows * n).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(a, z), (c, out)| {
+    out.par_chunks_mut(task_rows * n)
+        .enumerate()
+        .for_each_init(Vec::new, |a, (c, out)| {
             let (t0, rows) = (c * task_rows, out.len() / n);
             // a: this task's rows of coef in pairs along R (rows × rh), pairs past R zero
             a.clear();
             a.resize(rows * rh, 0u32);
             pack_rows(&coef[t0 * r..], r, (rows, r), a, rh);
-            z.resize(rows * np, 0.0);
             let a = Pairs {
                 data: a,
                 stride: rh,
             };
-            product(a, w.pairs(), z, np, (rows, rh, np), false);
-            for (j, (z, out)) in z
-                .chunks_exact_mut(np)
-                .zip(out.chunks_exact_mut(n))
-                .enumerate()
-            {
-                finish(t0 + j, &mut z[..n], out);
-            }
-        },
-    );
+            // the products (rows × np), each written (no accumulation)
+            with_thread_buffer(&PRODUCTS, rows * np, KEEP, |z| {
+                product(a, w.pairs(), z, np, (rows, rh, np), false);
+                for (j, (z, out)) in z
+                    .chunks_exact_mut(np)
+                    .zip(out.chunks_exact_mut(n))
+                    .enumerate()
+                {
+                    finish(t0 + j, &mut z[..n], out);
+                }
+            })
+        });
 }
