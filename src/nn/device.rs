@@ -32,6 +32,18 @@ pub fn compute_dtype(dtype: &str, device: &str, hidden: Option<usize>) -> Result
     }
 }
 
+/// What `auto` resolved to in qtune before checkpoints recorded it (sessions 8–15): bf16 on a GPU,
+/// and on a CPU with AVX-512 BF16 for models of [`AUTO_BF16_MIN_HIDDEN`] or wider, AMX or not. A
+/// checkpoint of those versions resumes in it.
+pub fn auto_dtype_before_recorded(device: &str, hidden: Option<usize>) -> DType {
+    let cpu_bf16 = crate::quant::matmul_bf16::has_avx512_bf16()
+        && hidden.is_none_or(|h| h >= AUTO_BF16_MIN_HIDDEN);
+    match device.starts_with("cuda") || cpu_bf16 {
+        true => DType::BF16,
+        false => DType::F32,
+    }
+}
+
 /// The recompute dtype `--recompute-dtype` names: `auto` (None: see
 /// [`crate::models::LlamaOptions::recompute_dtype`]), `f32` or `bf16`.
 pub fn recompute_dtype(name: &str) -> Result<Option<DType>> {

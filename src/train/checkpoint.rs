@@ -69,7 +69,8 @@ pub(crate) fn dtype_name(d: candle_core::DType) -> &'static str {
 }
 
 /// The compute dtype checkpoint `ck`'s run resolved its `dtype` to, where the checkpoint says
-/// (`None` for one written before qtune recorded it): `auto` resumes in it, whatever this CPU,
+/// (`None` for one written before qtune recorded it: see
+/// [`crate::nn::device::auto_dtype_before_recorded`]): `auto` resumes in it, whatever this CPU,
 /// device or qtune version would pick for a new run.
 pub(crate) fn saved_compute_dtype(ck: &Path) -> Result<Option<candle_core::DType>> {
     let (spath, st) = read_state(ck)?;

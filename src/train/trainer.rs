@@ -218,22 +218,26 @@ impl<'a, O: Objective> Run<'a, O> {
         let (prompt_init, init) = adapter_inits(&mut cfg, opts)?;
         // The store (headers parsed, tensors mapped, nothing read): `auto` needs the model's width.
         let store = WeightStore::open(&model_path)?;
-        let mut dtype = cfg.compute_dtype(Some(crate::models::spec_of(&store)?.hidden))?;
+        let hidden = crate::models::spec_of(&store)?.hidden;
+        let mut dtype = cfg.compute_dtype(Some(hidden))?;
         // `auto` resumes in the dtype its run resolved to (another CPU, device or qtune version
-        // may pick another for a new run).
+        // may pick another for a new run); a checkpoint that does not record it, in what `auto`
+        // resolved to when it was written.
         if let (true, Some(r)) = (cfg.dtype.eq_ignore_ascii_case("auto"), &cfg.resume) {
-            if let Some(saved) = checkpoint::saved_compute_dtype(&find_checkpoint(r)?)? {
-                if saved != dtype {
-                    say(
-                        opts,
-                        format!(
-                            "note: --dtype auto resumes in {saved:?}, the dtype this run started \
-                             in ({dtype:?} would be this machine's pick for a new run)"
-                        ),
-                    );
-                }
-                dtype = saved;
+            let saved =
+                checkpoint::saved_compute_dtype(&find_checkpoint(r)?)?.unwrap_or_else(|| {
+                    crate::nn::device::auto_dtype_before_recorded(&cfg.device, Some(hidden))
+                });
+            if saved != dtype {
+                say(
+                    opts,
+                    format!(
+                        "note: --dtype auto resumes in {saved:?}, the dtype this run started in \
+                         ({dtype:?} would be this machine's pick for a new run)"
+                    ),
+                );
             }
+            dtype = saved;
         }
         let spec = LoraSpec {
             targets: cfg.targets.clone(),
