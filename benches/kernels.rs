@@ -550,9 +550,41 @@ fn lora(c: &mut Criterion) {
     g.finish();
 }
 
+/// A whole activation-sized f32 tensor rounded to bf16 on both threads, as the fused ops return
+/// their results (512K values: a ~100M MLP activation of 256 tokens): `half`'s scalar rounding
+/// mapped element by element, against the pool's fill then the SIMD rounding (`row_to_bf16`,
+/// `vcvtneps2bf16` where the CPU has AVX-512 BF16). Throughput: values.
+fn round_to_bf16(c: &mut Criterion) {
+    let mut g = c.benchmark_group("round_to_bf16");
+    let n = 256 * 2048;
+    let v = Rng(23).vec(n);
+    let cvt = qtune::quant::simd::f32_to_bf16_fn(qtune::quant::dispatch::active_level());
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("scalar_map", |b| {
+        b.iter(|| -> Vec<bf16> {
+            v.par_iter()
+                .with_min_len(4096)
+                .map(|&x| bf16::from_f32(x))
+                .collect()
+        })
+    });
+    g.bench_function("fill_then_simd", |b| {
+        b.iter(|| {
+            let mut o = Vec::with_capacity(n);
+            o.par_extend(rayon::iter::repeat_n(bf16::ZERO, n));
+            o.par_chunks_mut(4096)
+                .zip(v.par_chunks(4096))
+                .for_each(|(o, s)| cvt(s, o));
+            o
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bandwidth, fma_peak, dequant, dequant_nf4, dequant_dram, matmul, decode, lora
+    targets = bandwidth, fma_peak, dequant, dequant_nf4, dequant_dram, matmul, decode, lora,
+        round_to_bf16
 }
 criterion_main!(benches);

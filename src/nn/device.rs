@@ -16,16 +16,12 @@ pub const AUTO_BF16_MIN_HIDDEN: usize = 1024;
 /// AVX-512 BF16 alone for models of [`AUTO_BF16_MIN_HIDDEN`] or wider; f32 otherwise (other CPUs'
 /// bf16 mode only converts around the f32 kernels).
 pub fn compute_dtype(dtype: &str, device: &str, hidden: Option<usize>) -> Result<DType> {
-    use crate::quant::matmul_bf16::{has_amx, has_avx512_bf16};
     match dtype.to_ascii_lowercase().as_str() {
         "bf16" => Ok(DType::BF16),
         "f32" => Ok(DType::F32),
-        "auto" if device.starts_with("cuda") => Ok(DType::BF16),
-        "auto" if has_amx() => Ok(DType::BF16),
-        "auto" if has_avx512_bf16() && hidden.is_none_or(|h| h >= AUTO_BF16_MIN_HIDDEN) => {
-            Ok(DType::BF16)
-        }
-        "auto" => Ok(DType::F32),
+        "auto" if crate::quant::matmul_bf16::has_amx() => Ok(DType::BF16),
+        // without AMX, the rule qtune had before checkpoints recorded it
+        "auto" => Ok(auto_dtype_before_recorded(device, hidden)),
         d => Err(Error::Invalid(format!(
             "--dtype {d}: use auto, bf16 or f32"
         ))),

@@ -31,7 +31,7 @@ pub(crate) fn trajectory_keys(
     });
     // What `dtype` resolved to: `auto` depends on the CPU, the device and the model's width, and a
     // resumed run must go on in the dtype it started in (see [`saved_compute_dtype`]).
-    k[COMPUTE_DTYPE] = serde_json::json!(dtype_name(dtype));
+    k[COMPUTE_DTYPE] = serde_json::json!(dtype.as_str());
     // The recompute's dtype changes a bf16 step's gradients; auto (the default) adds no key, so
     // checkpoints of earlier runs resume as they were.
     if cfg.recompute_dtype != "auto" {
@@ -59,14 +59,6 @@ pub(crate) fn trajectory_keys(
 
 /// The trajectory key of the resolved compute dtype (absent in checkpoints of qtune before it).
 const COMPUTE_DTYPE: &str = "compute-dtype";
-
-/// The name `--dtype` gives a compute dtype.
-pub(crate) fn dtype_name(d: candle_core::DType) -> &'static str {
-    match d {
-        candle_core::DType::BF16 => "bf16",
-        _ => "f32",
-    }
-}
 
 /// The compute dtype checkpoint `ck`'s run resolved its `dtype` to, where the checkpoint says
 /// (`None` for one written before qtune recorded it: see

@@ -125,7 +125,7 @@ pub(super) fn plan_memory(
         opts,
         format!(
             "memory plan (batch {micro} x {seq} tokens, compute {}):\n{plan}",
-            crate::train::checkpoint::dtype_name(lopts.dtype)
+            lopts.dtype.as_str()
         ),
     );
     let Some(used) = gpu_baseline else {
