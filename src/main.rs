@@ -85,16 +85,22 @@ fn main() {
         // before any thread allocates: one malloc arena (measured for training steps only)
         qtune::train::bench::tune_allocator();
     }
-    if let Err(e) = run(cli) {
+    // `qtune train` builds the pool after reading `--threads` (from its flags or config file).
+    let res = match cli.cmd {
+        Cmd::Train(args) => cli::train::run(*args),
+        cmd => cli::on_pool(0, || run(cmd)).and_then(|r| r),
+    };
+    if let Err(e) = res {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
+/// Every command but `train` (see `main`), on a worker of rayon's pool.
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Bench(a) => cli::bench::run(a)?,
-        Cmd::Train(args) => cli::train::run(*args)?,
+        Cmd::Train(_) => unreachable!("`main` runs train itself"),
         Cmd::Export(a) => cli::export::run(a)?,
         Cmd::Eval(a) => cli::eval::run(a)?,
         Cmd::Merge(a) => cli::merge::run(a)?,

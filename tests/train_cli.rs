@@ -150,6 +150,29 @@ fn stop_and_resume_gives_identical_adapter_bytes() {
     }
 }
 
+/// `--threads` builds the pool the whole command runs on (`cli::on_pool`); results do not depend on
+/// the thread count, so one thread and three give the same adapter to the byte.
+#[test]
+fn threads_flag_sets_the_pool_and_leaves_the_adapter_unchanged() {
+    let runs: Vec<_> = ["1", "3"]
+        .iter()
+        .map(|n| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut a = base_args(dir.path());
+            a.extend(["--threads".into(), n.to_string()]);
+            let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            let o = qtune(&a);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{err}");
+            assert!(err.contains(&format!(", {n} threads):")), "{err}");
+            dir
+        })
+        .collect();
+    let f = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(f(runs[0].path()), f(runs[1].path()));
+    assert_eq!(step_losses(runs[0].path()), step_losses(runs[1].path()));
+}
+
 #[test]
 fn config_file_takes_the_same_keys_and_flags_win() {
     let dir = tempfile::tempdir().unwrap();

@@ -226,14 +226,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     // a bad --device fails before the data are tokenised
     qtune::nn::device::open(&cfg.device)?;
-    if cfg.threads > 0 {
-        // candle's CPU kernels and ours share rayon's global pool.
-        std::env::set_var("RAYON_NUM_THREADS", cfg.threads.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads)
-            .build_global()
-            .context("setting --threads")?;
-    }
+    super::on_pool(cfg.threads, || run_on_pool(cfg, args))?
+}
+
+/// The rest of `qtune train`, on a worker of the pool [`super::on_pool`] built for `--threads`.
+fn run_on_pool(cfg: TrainConfig, args: Args) -> Result<()> {
     if let Some(f) = args.flags.export.as_deref().filter(|f| *f != "gguf-lora") {
         bail!(
             "--export {f}: the only extra format is gguf-lora (the PEFT adapter is always written)"

@@ -124,8 +124,9 @@ pub(super) fn plan_memory(
     say(
         opts,
         format!(
-            "memory plan (batch {micro} x {seq} tokens, compute {}):\n{plan}",
-            lopts.dtype.as_str()
+            "memory plan (batch {micro} x {seq} tokens, compute {}, {} threads):\n{plan}",
+            lopts.dtype.as_str(),
+            rayon::current_num_threads()
         ),
     );
     let Some(used) = gpu_baseline else {
