@@ -451,8 +451,10 @@ impl StepShape<'_> {
         let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.
         let k = dims.iter().map(|&(_, inp)| inp).max().unwrap_or(c);
+        // AMX's tiles, and every bf16 kernel's staging block of x rows.
         let amx = if half {
-            crate::quant::matmul_bf16::amx_scratch_bytes(k)
+            use crate::quant::matmul_bf16::{amx_scratch_bytes, fwd_stage_bytes};
+            amx_scratch_bytes(k) + fwd_stage_bytes(k)
         } else {
             0
         };
