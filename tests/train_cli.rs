@@ -463,16 +463,17 @@ fn auto_dtype_resumes_in_the_dtype_its_run_started_in() {
 }
 
 /// A checkpoint written before the resolved dtype was recorded resumes in what `auto` resolved to
-/// then (f32 for this toy model on every CPU; today's rule picks bf16 where the CPU has AMX):
-/// bit-identical to the uninterrupted run. The runs before the resume see the CPU without AMX
-/// (`QTUNE_NO_AMX`), where the old and new rules agree, as the old version did.
+/// then (f32 for this toy model on every CPU; today's rule picks bf16 where the CPU has AVX-512
+/// BF16): bit-identical to the uninterrupted run. The runs before the resume see a CPU without
+/// bf16 kernels (`QTUNE_NO_BF16_KERNELS`), where the old and new rules agree, as the old version
+/// did.
 #[test]
 fn a_checkpoint_without_the_resolved_dtype_resumes_in_the_old_rule() {
     let old_version = |a: &[String]| {
         let o = Command::new(env!("CARGO_BIN_EXE_qtune"))
             .arg("train")
             .args(a)
-            .env("QTUNE_NO_AMX", "1")
+            .env("QTUNE_NO_BF16_KERNELS", "1")
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -5,22 +5,24 @@
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 
-/// Hidden sizes from which `auto` picks bf16 on a CPU with AVX-512 BF16 but no AMX: measured
-/// there (the AMD machine, and the Intel one with its tiles switched off, session 16), bf16 is
-/// 1.5× f32 at 4096 (Llama-2-7B), about even at 768 (~100M) and 5–9 % slower at 128 (the
-/// embedded default). With AMX, bf16 is the faster mode at every width measured (128 included).
+/// Hidden sizes from which `auto` picked bf16 on a CPU with AVX-512 BF16 (AMX or not) in sessions
+/// 8–15, and without AMX in session 16 ([`auto_dtype_before_recorded`]: the rule a checkpoint of
+/// those versions resumes in).
 pub const AUTO_BF16_MIN_HIDDEN: usize = 1024;
 
 /// The compute dtype `--dtype` names on the device `--device` names, for a model of `hidden` size
-/// (when known): `f32`, `bf16`, or `auto` — bf16 on a GPU and on a CPU with AMX; on a CPU with
-/// AVX-512 BF16 alone for models of [`AUTO_BF16_MIN_HIDDEN`] or wider; f32 otherwise (other CPUs'
-/// bf16 mode only converts around the f32 kernels).
+/// (when known): `f32`, `bf16`, or `auto` — bf16 on a GPU and on a CPU with AVX-512 BF16 (AMX or
+/// not) at every width; f32 otherwise (other CPUs' bf16 mode only converts around the f32
+/// kernels). Measured (session 17, alternating): with AMX bf16 is the faster mode at every width;
+/// with the tiles off (`QTUNE_NO_AMX`, the AVX-512 BF16 kernels) 1.08–1.10× f32 on the embedded
+/// default (hidden 128) and 1.12–1.14× at ~100M, once every command ran on the thread pool (in
+/// session 16, before, 5–9 % slower at 128: the 1024 threshold then).
 pub fn compute_dtype(dtype: &str, device: &str, hidden: Option<usize>) -> Result<DType> {
     match dtype.to_ascii_lowercase().as_str() {
         "bf16" => Ok(DType::BF16),
         "f32" => Ok(DType::F32),
-        "auto" if crate::quant::matmul_bf16::has_amx() => Ok(DType::BF16),
-        // without AMX, the rule qtune had before checkpoints recorded it
+        "auto" if crate::quant::matmul_bf16::has_avx512_bf16() => Ok(DType::BF16),
+        // no bf16 kernels: bf16 on a GPU only, as the rule qtune had before
         "auto" => Ok(auto_dtype_before_recorded(device, hidden)),
         d => Err(Error::Invalid(format!(
             "--dtype {d}: use auto, bf16 or f32"
@@ -222,13 +224,11 @@ mod tests {
         };
         assert_eq!(compute_dtype("AUTO", "cpu", Some(4096)).unwrap(), cpu);
         assert_eq!(compute_dtype("auto", "cpu", None).unwrap(), cpu);
-        // A toy model is bf16 only where AMX tiles run the products.
-        let toy = if crate::quant::matmul_bf16::has_amx() {
-            DType::BF16
-        } else {
-            DType::F32
-        };
-        assert_eq!(compute_dtype("auto", "cpu", Some(128)).unwrap(), toy);
+        // a toy model too (session 17)
+        assert_eq!(compute_dtype("auto", "cpu", Some(128)).unwrap(), cpu);
+        // what a checkpoint of sessions 8-15 resumes in: a toy model in f32 on every CPU
+        assert_eq!(auto_dtype_before_recorded("cpu", Some(128)), DType::F32);
+        assert_eq!(auto_dtype_before_recorded("cpu", Some(4096)), cpu);
         assert_eq!(compute_dtype("f32", "cuda", None).unwrap(), DType::F32);
         assert_eq!(
             compute_dtype("bf16", "cpu", Some(128)).unwrap(),

@@ -171,8 +171,8 @@ pub struct TrainConfig {
     /// parameter instead of 8; tensors under 4096 elements stay 32-bit).
     #[arg(long)]
     pub optim_8bit: bool,
-    /// Compute and adapter dtype: auto (bf16 on a GPU and on a CPU with AMX; on a CPU with AVX-512
-    /// BF16 alone for models of hidden size 1024 or more; else f32), bf16 or f32 [default: auto].
+    /// Compute and adapter dtype: auto (bf16 on a GPU and on a CPU with AVX-512 BF16, AMX or not;
+    /// else f32), bf16 or f32 [default: auto].
     #[arg(long, default_value = "auto", hide_default_value = true)]
     pub dtype: String,
     /// Activation dtype of the checkpointed backward's one-layer recompute: auto (f32 when a bf16
