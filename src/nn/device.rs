@@ -15,7 +15,7 @@ pub const AUTO_BF16_MIN_HIDDEN: usize = 1024;
 /// not) at every width; f32 otherwise (other CPUs' bf16 mode only converts around the f32
 /// kernels). Measured (session 17, alternating): with AMX bf16 is the faster mode at every width;
 /// with the tiles off (`QTUNE_NO_AMX`, the AVX-512 BF16 kernels) 1.08–1.10× f32 on the embedded
-/// default (hidden 128) and 1.12–1.14× at ~100M, once every command ran on the thread pool (in
+/// default (hidden 128) and 1.12–1.13× at ~100M, once every command ran on the thread pool (in
 /// session 16, before, 5–9 % slower at 128: the 1024 threshold then).
 pub fn compute_dtype(dtype: &str, device: &str, hidden: Option<usize>) -> Result<DType> {
     match dtype.to_ascii_lowercase().as_str() {
