@@ -189,3 +189,32 @@ fn scratch_is_bounded() {
         "peak scratch {peak} bytes per thread"
     );
 }
+
+/// The small-M input gradient sums fixed bands of W's rows in order: the same bits on one thread
+/// and on three, and from run to run (rayon's own splits, which follow its work stealing, once
+/// decided the grouping). The M > 4 tiles own their dx columns whole.
+#[test]
+fn small_m_input_gradient_does_not_depend_on_the_threads() {
+    let mut rng = Rng(11);
+    let (n, k) = (300, 768);
+    let bytes = random_weights(QType::Q4_0, n, k, &mut rng);
+    let w = mat(QType::Q4_0, n, k, &bytes);
+    for m in [1, 3] {
+        let dy: Vec<f32> = (0..m * n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+            .collect();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut dx = vec![0f32; m * k];
+            pool.install(|| qmatmul_bwd_input(&dy, m, &w, &mut dx, false));
+            dx
+        };
+        let one = on(1);
+        for _ in 0..3 {
+            assert_eq!(on(3), one, "M = {m}");
+        }
+    }
+}

@@ -30,6 +30,8 @@ pub const MAX_TILE_K: usize = 512;
 /// Up to this many activation rows, the forward and input-gradient use the dot/axpy (GEMV) path
 /// instead of `gemm` (gemm's packing does not pay off for a handful of rows).
 pub const GEMV_MAX_M: usize = 4;
+/// Bands of W's rows (each with its own partial dx) the small-M input gradient sums in order.
+const GEMV_BWD_BANDS: usize = 16;
 
 /// K elements per GEMV row chunk: one f32 row chunk (4 KiB) plus that chunk of up to
 /// [`GEMV_MAX_M`] x rows stay in the 32 KiB L1.
@@ -98,7 +100,7 @@ pub fn bwd_tiling(w: &QMatrix, m: usize) -> Tiling {
     let want = k.div_ceil(threads * 4);
     if m <= GEMV_MAX_M {
         // Row chunks of 256..1024 columns; scratch is one chunk (plus an (M, K) partial dx per
-        // rayon split, which is activation-sized).
+        // band of W's rows, `GEMV_BWD_BANDS` at most: M ≤ 4 rows each).
         let cols = k.min(floor_to(want.clamp(256, GEMV_CHUNK_K), bs));
         return Tiling { rows: 1, cols };
     }
@@ -337,31 +339,32 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
     let dxp = SendPtr(dx.as_mut_ptr());
     let tasks = k.div_ceil(t.cols);
     if m <= GEMV_MAX_M {
-        // Small M: tasks own contiguous rows of W (streamed whole, like the forward GEMV) and each
-        // rayon split sums into its own (M, K) partial dx, added up at the end; this measured 2-3×
-        // faster than K-column tiles, whose tasks each read a short strided slice of every row.
+        // Small M: tasks own contiguous bands of W's rows (streamed whole, like the forward GEMV),
+        // each summing into its own (M, K) partial dx, added up in band order at the end; this
+        // measured 2-3× faster than K-column tiles, whose tasks each read a short strided slice of
+        // every row. A fixed band count (not rayon's splits, which follow its work stealing) keeps
+        // the sums the same from run to run and thread count to thread count.
         let axpy = axpy_fn();
         let kc = t.cols;
-        let rows = n.div_ceil(rayon::current_num_threads() * 8).max(1);
-        let part = (0..n.div_ceil(rows))
+        let rows = n.div_ceil(GEMV_BWD_BANDS).max(1);
+        let parts: Vec<Vec<f32>> = (0..n.div_ceil(rows))
             .into_par_iter()
-            .fold(
-                || vec![0f32; m * k],
-                |mut acc, task| {
-                    let band = task * rows..((task + 1) * rows).min(n);
-                    for_each_tile(w, band, 0..k, (1, kc), |r, _, k0, c, row| {
-                        for i in 0..m {
-                            axpy(dy[i * n + r], row, &mut acc[i * k + k0..][..c]);
-                        }
-                    });
-                    acc
-                },
-            )
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
+            .map(|task| {
+                let mut acc = vec![0f32; m * k];
+                let band = task * rows..((task + 1) * rows).min(n);
+                for_each_tile(w, band, 0..k, (1, kc), |r, _, k0, c, row| {
+                    for i in 0..m {
+                        axpy(dy[i * n + r], row, &mut acc[i * k + k0..][..c]);
+                    }
+                });
+                acc
             })
-            .unwrap_or_else(|| vec![0f32; m * k]);
+            .collect();
+        let mut parts = parts.into_iter();
+        let mut part = parts.next().unwrap_or_else(|| vec![0f32; m * k]);
+        for p in parts {
+            part.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
+        }
         if accumulate {
             dx.iter_mut().zip(&part).for_each(|(o, v)| *o += v);
         } else {
