@@ -360,11 +360,12 @@ pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accu
                 acc
             })
             .collect();
-        let mut parts = parts.into_iter();
-        let mut part = parts.next().unwrap_or_else(|| vec![0f32; m * k]);
-        for p in parts {
-            part.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
-        }
+        let part = (parts.into_iter())
+            .reduce(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            })
+            .expect("n > 0: one band at least");
         if accumulate {
             dx.iter_mut().zip(&part).for_each(|(o, v)| *o += v);
         } else {

@@ -413,9 +413,9 @@ fn with_pack<R>(words: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
 
 /// Packs x (M×K) into `xp[block][K/2][mb]` pairs, blocks of `mb` rows (`xp` holds whole blocks;
 /// the lanes of rows past M are left as they are: each lane's sums are its own, and those are
-/// never written). Each block's rows are rounded into a staging block (a bf16 row seen as u32 is
-/// its pairs, low half first), then transposed 16 × 16 at a time: a scalar scatter of one pair
-/// at a time was 5 % of a ~100M bf16 step (session 17).
+/// never written): each block is `pack_transposed`'s `b` operand of its rows, staged in a
+/// buffer the thread keeps ([`fwd_stage_bytes`]; a scalar scatter of one pair at a time was 5 %
+/// of a ~100M bf16 step, session 17).
 fn pack_x<A: Activation>(x: &[A], m: usize, k: usize, mb: usize, xp: &mut [u32]) {
     thread_local! {
         static STAGE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -426,12 +426,8 @@ fn pack_x<A: Activation>(x: &[A], m: usize, k: usize, mb: usize, xp: &mut [u32])
         .for_each(|(b, dst)| {
             let rows = mb.min(m - b * mb);
             with_thread_buffer(&STAGE, rows * half, usize::MAX, |stage| {
-                for (l, s) in stage.chunks_exact_mut(half).enumerate() {
-                    let i = b * mb + l;
-                    let s: &mut [bf16] = bytemuck::cast_slice_mut(s);
-                    A::row_to_bf16(&x[i * k..][..2 * half], s);
-                }
-                crate::quant::transpose::transpose(stage, half, (rows, half), dst, mb);
+                let x = &x[b * mb * k..];
+                dense::pack_transposed_via(x, k, (rows, 2 * half), (dst, mb), false, stage)
             })
         });
 }

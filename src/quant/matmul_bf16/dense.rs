@@ -5,6 +5,7 @@
 //! Layouts, as [`super::Sweep`] reads them: `a` holds rows of pairs along the contraction
 //! (`a[r][q]` = elements 2q, 2q+1 of row r: a row-major bf16 matrix seen as u32), `b` holds pairs
 //! of contraction rows per column (`b[q][c]` = rows 2q, 2q+1 of column c: the VNNI layout).
+use super::Activation;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::{Bf16Kernels, Sweep};
 use crate::quant::matmul::with_thread_buffer;
@@ -93,22 +94,16 @@ pub fn padded_pairs(pairs: usize) -> usize {
     }
 }
 
-/// Rounds `src` to bf16 (nearest even) into `dst`, SIMD where this CPU has it.
-fn round_row(src: &[f32], dst: &mut [bf16]) {
-    use super::Activation;
-    f32::row_to_bf16(src, dst)
-}
-
 std::thread_local! {
     /// Staging rows and transposes of the packers below.
     static STAGE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `a` operand of a row-major f32 matrix `src` (`rows × cols` at row stride `stride`):
+/// `a` operand of a row-major matrix `src` (f32 or bf16, `rows × cols` at row stride `stride`):
 /// `dst[r][q] = (src[r][2q], src[r][2q+1])` rounded to bf16 for `q < cols.div_ceil(2)` (an odd
 /// last column paired with 0), rows at `dst_stride`.
-pub fn pack_rows(
-    src: &[f32],
+pub fn pack_rows<A: Activation>(
+    src: &[A],
     stride: usize,
     (rows, cols): (usize, usize),
     dst: &mut [u32],
@@ -117,7 +112,7 @@ pub fn pack_rows(
     let half = cols.div_ceil(2);
     for r in 0..rows {
         let d: &mut [bf16] = bytemuck::cast_slice_mut(&mut dst[r * dst_stride..][..half]);
-        round_row(&src[r * stride..][..cols], &mut d[..cols]);
+        A::row_to_bf16(&src[r * stride..][..cols], &mut d[..cols]);
         if cols % 2 == 1 {
             d[cols] = bf16::ZERO;
         }
@@ -126,8 +121,8 @@ pub fn pack_rows(
 
 /// `b` operand of `src` (`rows × cols`): `dst[q][c] = (src[2q][c], src[2q+1][c])` for
 /// `q < rows.div_ceil(2)` (an odd last row paired with 0), rows of `dst` at `dst_stride`.
-pub fn pack_row_pairs(
-    src: &[f32],
+pub fn pack_row_pairs<A: Activation>(
+    src: &[A],
     stride: usize,
     (rows, cols): (usize, usize),
     dst: &mut [u32],
@@ -138,9 +133,9 @@ pub fn pack_row_pairs(
         let stage: &mut [bf16] = bytemuck::cast_slice_mut(stage);
         let (lo, hi) = stage.split_at_mut(cols);
         for q in 0..rows.div_ceil(2) {
-            round_row(&src[2 * q * stride..][..cols], lo);
+            A::row_to_bf16(&src[2 * q * stride..][..cols], lo);
             if 2 * q + 1 < rows {
-                round_row(&src[(2 * q + 1) * stride..][..cols], hi);
+                A::row_to_bf16(&src[(2 * q + 1) * stride..][..cols], hi);
             } else {
                 hi.fill(bf16::ZERO);
             }
@@ -156,21 +151,45 @@ pub fn pack_row_pairs(
 /// `rows_paired` the `a` operand `dst[c][q] = (src[2q][c], src[2q+1][c])` (`c < cols`,
 /// `q < rows.div_ceil(2)`), else the `b` operand `dst[q][r] = (src[r][2q], src[r][2q+1])`
 /// (`q < cols.div_ceil(2)`, `r < rows`); an odd count paired with 0.
-pub fn pack_transposed(
-    src: &[f32],
+pub fn pack_transposed<A: Activation>(
+    src: &[A],
+    stride: usize,
+    (rows, cols): (usize, usize),
+    dst: (&mut [u32], usize),
+    rows_paired: bool,
+) {
+    let staged = match rows_paired {
+        true => rows.div_ceil(2) * cols,
+        false => rows * cols.div_ceil(2),
+    };
+    pack_transposed_via(
+        src,
+        stride,
+        (rows, cols),
+        dst,
+        rows_paired,
+        &mut vec![0u32; staged],
+    );
+}
+
+/// [`pack_transposed`], staged in `staged` (a buffer the caller keeps; at least the packed
+/// operand's size before its transpose).
+pub fn pack_transposed_via<A: Activation>(
+    src: &[A],
     stride: usize,
     (rows, cols): (usize, usize),
     (dst, dst_stride): (&mut [u32], usize),
     rows_paired: bool,
+    staged: &mut [u32],
 ) {
-    type Packer = fn(&[f32], usize, (usize, usize), &mut [u32], usize);
-    let (r, c, pack): (usize, usize, Packer) = match rows_paired {
+    type Packer<A> = fn(&[A], usize, (usize, usize), &mut [u32], usize);
+    let (r, c, pack): (usize, usize, Packer<A>) = match rows_paired {
         true => (rows.div_ceil(2), cols, pack_row_pairs),
         false => (rows, cols.div_ceil(2), pack_rows),
     };
-    let mut staged = vec![0u32; r * c];
-    pack(src, stride, (rows, cols), &mut staged, c);
-    crate::quant::transpose::transpose(&staged, c, (r, c), dst, dst_stride);
+    let staged = &mut staged[..r * c];
+    pack(src, stride, (rows, cols), staged, c);
+    crate::quant::transpose::transpose(staged, c, (r, c), dst, dst_stride);
 }
 
 #[cfg(test)]
