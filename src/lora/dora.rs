@@ -261,15 +261,9 @@ pub fn scale_residual_composite(
 
 /// DoRA behind the adapter seam: PEFT's tensor names (`lora_magnitude_vector`, no `.weight`).
 impl super::LinearAdapter for Dora {
-    fn forward(
-        &self,
-        x: &Tensor,
-        base: &QLinear,
-        y: Tensor,
-        dropout_key: Option<u64>,
-    ) -> candle_core::Result<Tensor> {
-        let n = self.weight_norm(base)?;
-        self.scale_output(x, base, y, &n, dropout_key)
+    fn forward(&self, c: super::BaseCall<'_>, key: Option<u64>) -> candle_core::Result<Tensor> {
+        let n = self.weight_norm(c.base)?;
+        self.scale_output(c.x, c.base, c.y, &n, key)
     }
 
     fn params(&self) -> Vec<(&'static str, Var)> {

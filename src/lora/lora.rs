@@ -240,14 +240,8 @@ impl Lora {
 
 /// LoRA behind the adapter seam: PEFT's tensor names, and its forward beside the frozen base.
 impl super::LinearAdapter for Lora {
-    fn forward(
-        &self,
-        x: &Tensor,
-        base: &QLinear,
-        y: Tensor,
-        dropout_key: Option<u64>,
-    ) -> candle_core::Result<Tensor> {
-        self.add_to(x, base, y, dropout_key)
+    fn forward(&self, c: super::BaseCall<'_>, key: Option<u64>) -> candle_core::Result<Tensor> {
+        self.add_to(c.x, c.base, c.y, key)
     }
 
     fn params(&self) -> Vec<(&'static str, Var)> {

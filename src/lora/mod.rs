@@ -12,4 +12,4 @@ pub mod seam;
 
 pub use lora::{Lora, LoraConfig, LoraLinear};
 pub use qlinear::QLinear;
-pub use seam::{AdapterMethod, LinearAdapter, SequenceAdapter};
+pub use seam::{AdapterMethod, BaseCall, BoxedAdapter, LinearAdapter, SequenceAdapter};

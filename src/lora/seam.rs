@@ -11,18 +11,24 @@ use super::QLinear;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 
+/// One call of a frozen linear, as an adapter on it sees it.
+pub struct BaseCall<'a> {
+    /// The input `(.., in)`.
+    pub x: &'a Tensor,
+    /// The frozen linear.
+    pub base: &'a QLinear,
+    /// Its output `base(x) (.., out)`, which the adapter adds to or rescales.
+    pub y: Tensor,
+}
+
+/// A boxed adapter on one linear, as an [`AdapterMethod`] builds it.
+pub type BoxedAdapter = Box<dyn LinearAdapter>;
+
 /// An adapter on one frozen linear, as the shared block calls it.
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
-    /// The adapted output for input `x (.., in)`, given the frozen `base` and its output
-    /// `y = base(x) (.., out)`; `dropout_key`: None in evaluation, else the key the masks are drawn
-    /// from (a checkpointed recompute passes the same key again).
-    fn forward(
-        &self,
-        x: &Tensor,
-        base: &QLinear,
-        y: Tensor,
-        dropout_key: Option<u64>,
-    ) -> candle_core::Result<Tensor>;
+    /// The adapted output of `call`; `key`: None in evaluation, else the key the dropout masks are
+    /// drawn from (a checkpointed recompute passes the same key again).
+    fn forward(&self, call: BaseCall<'_>, key: Option<u64>) -> candle_core::Result<Tensor>;
     /// The trainable tensors with their PEFT names below the module (`lora_A.weight`).
     fn params(&self) -> Vec<(&'static str, Var)>;
     /// PEFT's `peft_type` of the method (`LORA`).
@@ -36,15 +42,9 @@ pub trait AdapterMethod {
     fn targets(&self, projections: &[&'static str], label: &str) -> Result<Vec<&'static str>>;
     /// Whether it adapts layer `layer` at all.
     fn adapts_layer(&self, layer: usize) -> bool;
-    /// A fresh adapter on `base`; `index` is the linear's place in the model (layer ·
-    /// projections + projection), which seeds it.
-    fn build(
-        &self,
-        base: &QLinear,
-        index: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Box<dyn LinearAdapter>>;
+    /// A fresh adapter on `base` in dtype `dt` on `dev`; `i` is the linear's place in the model
+    /// (layer · projections + projection), which seeds it.
+    fn build(&self, base: &QLinear, i: usize, dt: DType, dev: &Device) -> Result<BoxedAdapter>;
     /// Elements of each trainable tensor of an adapter on an `(out, in)` linear.
     fn numels(&self, out: usize, inp: usize) -> Vec<usize>;
     /// Bytes its forward adds to a layer's recompute graph for `n` tokens on an `(out, in)` linear

@@ -1,6 +1,6 @@
 //! How a model is loaded: quantisation at load, compute dtype, device, checkpointing, and the
 //! LoRA adapters ([`LoraSpec`], the LoRA [`AdapterMethod`](crate::lora::seam::AdapterMethod)).
-use crate::lora::seam::{AdapterMethod, LinearAdapter};
+use crate::lora::seam::{AdapterMethod, BoxedAdapter};
 use crate::lora::QLinear;
 use crate::quant::QType;
 use crate::{Error, Result};
@@ -171,29 +171,23 @@ impl AdapterMethod for LoraSpec {
         self.layers.as_ref().is_none_or(|r| r.contains(&layer))
     }
 
-    fn build(
-        &self,
-        base: &QLinear,
-        index: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Box<dyn LinearAdapter>> {
+    fn build(&self, base: &QLinear, i: usize, dt: DType, dev: &Device) -> Result<BoxedAdapter> {
         let lc = crate::lora::LoraConfig {
             r: self.r,
             alpha: self.alpha,
             rslora: self.rslora,
             dropout: self.dropout,
-            dtype,
+            dtype: dt,
         };
         let seed = self
             .seed
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .wrapping_add(index as u64);
+            .wrapping_add(i as u64);
         if self.use_dora {
-            let dora = crate::lora::dora::Dora::new(base, &lc, seed)?.on_device(base, device)?;
+            let dora = crate::lora::dora::Dora::new(base, &lc, seed)?.on_device(base, dev)?;
             return Ok(Box::new(dora));
         }
-        let lora = crate::lora::lora::Lora::new(base, &lc, seed)?.on_device(base, device)?;
+        let lora = crate::lora::lora::Lora::new(base, &lc, seed)?.on_device(base, dev)?;
         Ok(Box::new(lora))
     }
 

@@ -12,7 +12,7 @@
 use super::arch::{Attention, Mlp, NormKind, QkvLayout, Residual, Spec};
 use super::options::LlamaOptions;
 use super::weights::load_linear;
-use crate::lora::seam::{AdapterMethod, LinearAdapter, SequenceAdapter};
+use crate::lora::seam::{AdapterMethod, BaseCall, LinearAdapter, SequenceAdapter};
 use crate::lora::QLinear;
 use crate::nn::{self, fused};
 use crate::quant::QType;
@@ -468,7 +468,10 @@ impl Transformer {
         let y = self.base_fwd(&l.base, x)?;
         match &l.adapter {
             None => Ok(y),
-            Some(a) => a.forward(x, &l.base, y, key),
+            Some(a) => {
+                let base = &l.base;
+                a.forward(BaseCall { x, base, y }, key)
+            }
         }
     }
 

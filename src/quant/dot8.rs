@@ -391,8 +391,7 @@ pub fn gemv_q8(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) -> bool {
         return false;
     };
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "gemv_q8: x is not {m}×{k}");
-    assert_eq!(y.len(), m * n, "gemv_q8: y is not {m}×{n}");
+    crate::quant::matmul::check_operands("gemv_q8", ("x", x.len()), ("y", y.len()), m, (n, k));
     let row_bytes = bytes.len() / n.max(1);
     let xq: Vec<Q8Act> = (0..m)
         .map(|i| quantize_activations(&x[i * k..(i + 1) * k]))

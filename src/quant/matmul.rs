@@ -60,6 +60,29 @@ fn floor_to(n: usize, bs: usize) -> usize {
     (n / bs).max(1) * bs
 }
 
+/// Panics (a caller bug) unless `m` rows of the product of an N×K weight, `(n, k)`, fit its
+/// operands: the K-wide one (`x`, or the input gradient `dx`) and the N-wide one (`y` or `dy`),
+/// each given as (name, length); `op` names the product in the message.
+pub(crate) fn check_operands(
+    op: &str,
+    (kname, klen): (&str, usize),
+    (nname, nlen): (&str, usize),
+    m: usize,
+    (n, k): (usize, usize),
+) {
+    assert_eq!(klen, m * k, "{op}: {kname} is not {m}×{k}");
+    assert_eq!(nlen, m * n, "{op}: {nname} is not {m}×{n}");
+}
+
+/// Whether a product into `out` whose sums run over `inner` terms needs no kernel: `out` is empty,
+/// or the sums are empty (then `out` is zeroed, unless the product `accumulate`s into it).
+pub(crate) fn no_work(out: &mut [f32], inner: usize, accumulate: bool) -> bool {
+    if inner == 0 && !accumulate {
+        out.fill(0.0);
+    }
+    out.is_empty() || inner == 0
+}
+
 fn check_shape(w: &QMatrix) {
     let bs = w.block_size();
     assert!(
@@ -232,14 +255,9 @@ pub(crate) unsafe fn gemm_rows(
 /// `w.cols` is not a multiple of the block size.
 pub fn qmatmul_fwd(x: &[f32], m: usize, w: &QMatrix, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "qmatmul_fwd: x is not {m}×{k}");
-    assert_eq!(y.len(), m * n, "qmatmul_fwd: y is not {m}×{n}");
+    check_operands("qmatmul_fwd", ("x", x.len()), ("y", y.len()), m, (n, k));
     check_shape(w);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        y.fill(0.0);
+    if no_work(y, k, false) {
         return;
     }
     let t = fwd_tiling(w, m);
@@ -323,16 +341,15 @@ fn for_each_tile(
 /// `w.cols` is not a multiple of the block size.
 pub fn qmatmul_bwd_input(dy: &[f32], m: usize, w: &QMatrix, dx: &mut [f32], accumulate: bool) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(dy.len(), m * n, "qmatmul_bwd_input: dy is not {m}×{n}");
-    assert_eq!(dx.len(), m * k, "qmatmul_bwd_input: dx is not {m}×{k}");
+    check_operands(
+        "qmatmul_bwd_input",
+        ("dx", dx.len()),
+        ("dy", dy.len()),
+        m,
+        (n, k),
+    );
     check_shape(w);
-    if m == 0 || k == 0 {
-        return;
-    }
-    if n == 0 {
-        if !accumulate {
-            dx.fill(0.0);
-        }
+    if no_work(dx, n, accumulate) {
         return;
     }
     let t = bwd_tiling(w, m);
@@ -416,8 +433,7 @@ pub(super) fn fwd_ref_with<A>(
     wa: impl Fn(f32) -> f64,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "{name}: x is not {m}×{k}");
-    assert_eq!(y.len(), m * n, "{name}: y is not {m}×{n}");
+    check_operands(name, ("x", x.len()), ("y", y.len()), m, (n, k));
     let mut row = vec![0f32; k];
     for r in 0..n {
         w.dequant_tile(r, 1, 0, k, &mut row);
@@ -446,8 +462,7 @@ pub(super) fn bwd_input_ref_with<A>(
     wa: impl Fn(f32) -> f64,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(dy.len(), m * n, "{name}: dy is not {m}×{n}");
-    assert_eq!(dx.len(), m * k, "{name}: dx is not {m}×{k}");
+    check_operands(name, ("dx", dx.len()), ("dy", dy.len()), m, (n, k));
     let mut acc = vec![0f64; m * k];
     let mut row = vec![0f32; k];
     for r in 0..n {

@@ -26,8 +26,8 @@
 //! 16, M ≤ [`GEMV_MAX_M`]) the f32 kernels of `matmul` run instead (AVX2, NEON);
 //! [`bf16_kernel_name`] says which.
 use super::matmul::{
-    bwd_input_ref_with, fwd_ref_with, qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer,
-    GEMV_MAX_M,
+    bwd_input_ref_with, check_operands, fwd_ref_with, qmatmul_bwd_input, qmatmul_fwd,
+    with_thread_buffer, GEMV_MAX_M,
 };
 use super::QMatrix;
 use half::bf16;
@@ -284,9 +284,8 @@ impl Activation for bf16 {
 /// `y (M×N) = x (M×K) · Wᵀ` with bf16 products and f32 sums (see the module docs); the f32 kernel
 /// where the bf16 one does not apply. x is f32 or bf16; y is f32.
 pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "qmatmul_fwd_bf16: x is not {m}×{k}");
-    assert_eq!(y.len(), m * n, "qmatmul_fwd_bf16: y is not {m}×{n}");
+    let dims = (w.rows, w.cols);
+    check_operands("qmatmul_fwd_bf16", ("x", x.len()), ("y", y.len()), m, dims);
     if fits(w, m) {
         return_on_bf16_kernels!(K => fwd_tiled::<K, A>(x, m, w, y));
     }
@@ -302,9 +301,9 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     dx: &mut [f32],
     accumulate: bool,
 ) {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(dy.len(), m * n, "qmatmul_bwd_input_bf16: dy is not {m}×{n}");
-    assert_eq!(dx.len(), m * k, "qmatmul_bwd_input_bf16: dx is not {m}×{k}");
+    let dims = (w.rows, w.cols);
+    let op = "qmatmul_bwd_input_bf16";
+    check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
     if fits(w, m) {
         return_on_bf16_kernels!(K => bwd_input_tiled::<K, A>(dy, m, w, dx, accumulate));
     }
@@ -714,19 +713,12 @@ mod avx512 {
         // Named accumulators: an array may be kept on the stack.
         let (mut c0, mut c1, mut c2, mut c3, mut c4, mut c5) = (x, x, x, x, x, x);
         let (mut c6, mut c7, mut c8, mut c9, mut c10, mut c11) = (x, x, x, x, x, x);
+        // twelve independent chains: one `vdpbf16ps` into each accumulator per iteration
+        macro_rules! chains {
+            ($($c:ident),*) => { $($c = _mm512_dpbf16_ps($c, a, b);)* };
+        }
         for _ in 0..iters {
-            c0 = _mm512_dpbf16_ps(c0, a, b);
-            c1 = _mm512_dpbf16_ps(c1, a, b);
-            c2 = _mm512_dpbf16_ps(c2, a, b);
-            c3 = _mm512_dpbf16_ps(c3, a, b);
-            c4 = _mm512_dpbf16_ps(c4, a, b);
-            c5 = _mm512_dpbf16_ps(c5, a, b);
-            c6 = _mm512_dpbf16_ps(c6, a, b);
-            c7 = _mm512_dpbf16_ps(c7, a, b);
-            c8 = _mm512_dpbf16_ps(c8, a, b);
-            c9 = _mm512_dpbf16_ps(c9, a, b);
-            c10 = _mm512_dpbf16_ps(c10, a, b);
-            c11 = _mm512_dpbf16_ps(c11, a, b);
+            chains!(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11);
         }
         let s = _mm512_add_ps(
             _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),

@@ -120,38 +120,44 @@ const COL_BLOCK: usize = 256;
 /// Rows of x a gradient task converts at a time (64 KiB of f32 at `COL_BLOCK` columns).
 const SLAB: usize = 64;
 
-/// Row `i` of `x (·, n)` in f32, with its dropout factors applied.
-#[inline]
-fn load_row<T: Elem>(
-    x: &[T],
-    i: usize,
-    cols: std::ops::Range<usize>,
+/// The adapter's input `x (M, n)` as its products read it: `drop(x)`, the dropout factors (when
+/// there is a mask) applied row by row as rows are loaded, never stored.
+#[derive(Clone, Copy)]
+struct Dropped<'a, T> {
+    /// The rows, row-major.
+    x: &'a [T],
+    /// Row length.
     n: usize,
+    /// The mask; `None` in evaluation, without dropout, and for the up projection's `d`.
     drop: Option<DropoutMask>,
-    dst: &mut [f32],
-) {
-    let src = &x[i * n + cols.start..i * n + cols.end];
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = v.f();
+}
+
+impl<T: Elem> Dropped<'_, T> {
+    /// Rows M.
+    fn rows(&self) -> usize {
+        self.x.len() / self.n.max(1)
     }
-    if let Some(m) = drop {
-        m.apply((i * n + cols.start) as u64, dst);
+
+    /// Columns `cols` of row `i` of `drop(x)` in f32 into `dst`.
+    #[inline]
+    fn load_row(&self, i: usize, cols: std::ops::Range<usize>, dst: &mut [f32]) {
+        let at = i * self.n + cols.start;
+        for (d, &v) in dst.iter_mut().zip(&self.x[at..at + cols.len()]) {
+            *d = v.f();
+        }
+        if let Some(m) = self.drop {
+            m.apply(at as u64, dst);
+        }
     }
 }
 
 /// `s · drop(x) · matᵀ` (M, R) for `x (M, n)` in its element type and `mat (R, n)` f32, one row
 /// of x per task: the down projection `h = s·drop(x)·Aᵀ`, and the up projection's `dh = d·B`
 /// (`mat` = Bᵀ).
-fn rows_dot<T: Elem>(
-    x: &[T],
-    mat: &[f32],
-    n: usize,
-    drop: Option<DropoutMask>,
-    s: f32,
-) -> Vec<f32> {
-    let p = prims();
+fn rows_dot<T: Elem>(x: Dropped<T>, mat: &[f32], s: f32) -> Vec<f32> {
+    let (p, n) = (prims(), x.n);
     let r = mat.len() / n.max(1);
-    let m = x.len() / n.max(1);
+    let m = x.rows();
     let mut out = vec![0f32; m * r];
     out.par_chunks_mut((p.xb * r).max(1))
         .enumerate()
@@ -160,7 +166,7 @@ fn rows_dot<T: Elem>(
             |rows, (c, out)| {
                 let nx = out.len() / r.max(1);
                 for (j, row) in rows.chunks_exact_mut(n.max(1)).take(nx).enumerate() {
-                    load_row(x, c * p.xb + j, 0..n, n, drop, row);
+                    x.load_row(c * p.xb + j, 0..n, row);
                 }
                 (p.dots)(&rows[..nx * n], n, mat, s, out);
             },
@@ -170,15 +176,8 @@ fn rows_dot<T: Elem>(
 
 /// `Σ_i coef_iᵀ·rows_i` over all rows: `out (R, n)` with `out_k = Σ_i coef[i, k]·row_i`, for
 /// `coef (M, R)` f32 and rows `(M, n)` of `x` (dropout applied); parallel over column blocks.
-fn outer_sum<T: Elem>(
-    p: Prims,
-    coef: &[f32],
-    r: usize,
-    x: &[T],
-    n: usize,
-    drop: Option<DropoutMask>,
-) -> Vec<f32> {
-    let m = coef.len() / r.max(1);
+fn outer_sum<T: Elem>(p: Prims, coef: &[f32], r: usize, x: Dropped<T>) -> Vec<f32> {
+    let (m, n) = (coef.len() / r.max(1), x.n);
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(COL_BLOCK))
         .into_par_iter()
         .map(|blk| {
@@ -190,7 +189,7 @@ fn outer_sum<T: Elem>(
             for i0 in (0..m).step_by(SLAB) {
                 let rows = SLAB.min(m - i0);
                 for (j, row) in panel.chunks_exact_mut(w).take(rows).enumerate() {
-                    load_row(x, i0 + j, cols.clone(), n, drop, row);
+                    x.load_row(i0 + j, cols.clone(), row);
                 }
                 let coef = &coef[i0 * r..(i0 + rows) * r];
                 (p.rank_update)(&mut acc, w, coef, r, &panel[..rows * w]);
@@ -259,21 +258,30 @@ struct DownOp {
 }
 
 impl DownOp {
+    /// `drop(x)` for x `(M, i)`.
+    fn dropped<'a, T>(&self, x: &'a [T], i: usize) -> Dropped<'a, T> {
+        Dropped {
+            x,
+            n: i,
+            drop: self.dropout,
+        }
+    }
+
     /// h (M, R) = s·drop(x)·Aᵀ.
     fn forward<T: Elem>(&self, x: &[T], a: &[f32], i: usize) -> Vec<f32> {
         if self.bf16 {
             let r = a.len() / i.max(1);
             let w = bf16::Operand::for_dot(a, r, i, false);
-            return bf16::rows_dot(x, i, &w, r, self.dropout, self.scale);
+            return bf16::rows_dot(self.dropped(x, i), &w, r, self.scale);
         }
-        rows_dot(x, a, i, self.dropout, self.scale)
+        rows_dot(self.dropped(x, i), a, self.scale)
     }
 
     /// dA (R, I) = s·dhᵀ·drop(x).
     fn weight_grad<T: Elem>(&self, dh: &[f32], r: usize, x: &[T], i: usize) -> Vec<f32> {
         let mut da = match self.bf16 {
-            true => bf16::outer_sum(dh, r, x, i, self.dropout),
-            false => outer_sum(prims(), dh, r, x, i, self.dropout),
+            true => bf16::outer_sum(dh, r, self.dropped(x, i)),
+            false => outer_sum(prims(), dh, r, self.dropped(x, i)),
         };
         for v in da.iter_mut() {
             *v *= self.scale;
@@ -435,22 +443,20 @@ impl CustomOp3 for UpOp {
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let b32 = const_f32(b, self.name())?;
         let (dh, db) = with_elem!(d, self.name(), |ds| {
+            let d = Dropped {
+                x: ds,
+                n: o,
+                drop: None,
+            };
             // dh (M, R) = d·B; dBᵀ (R, O) = hᵀ·d, then (O, R)
             let (dh, dbt) = match self.bf16 {
-                true => (
-                    bf16::rows_dot(
-                        ds,
-                        o,
-                        &bf16::Operand::for_dot(&b32, r, o, true),
-                        r,
-                        None,
-                        1.0,
-                    ),
-                    bf16::outer_sum(&h32, r, ds, o, None),
-                ),
+                true => {
+                    let bt = bf16::Operand::for_dot(&b32, r, o, true);
+                    (bf16::rows_dot(d, &bt, r, 1.0), bf16::outer_sum(&h32, r, d))
+                }
                 false => (
-                    rows_dot(ds, &transpose(&b32, o, r), o, None, 1.0),
-                    outer_sum(prims(), &h32, r, ds, o, None),
+                    rows_dot(d, &transpose(&b32, o, r), 1.0),
+                    outer_sum(prims(), &h32, r, d),
                 ),
             };
             (dh, transpose(&dbt, r, o))

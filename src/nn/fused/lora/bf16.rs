@@ -16,7 +16,7 @@
 //! as PyTorch's bf16 LoRA holds them; products are exact in f32 and summed in f32. The blocking is
 //! fixed (rows of [`ROWS`], columns of [`COLS`], token slabs of [`SLAB`]) and every output element
 //! is summed inside one task, so the results do not depend on the thread count.
-use super::{gather_column_blocks, load_row, DropoutMask, Elem};
+use super::{gather_column_blocks, Dropped, Elem};
 use crate::quant::matmul::with_thread_buffer;
 use crate::quant::matmul_bf16::{
     dense_bf16, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs,
@@ -133,18 +133,13 @@ impl Operand {
 
 /// Rows `t0..t0+rows` of `drop(x)` (x: M × n) into `a` as pairs along n (rows × n/2 at stride
 /// `half`): straight from x's f32 or bf16 where there is no dropout, else through `row`.
-fn pack_x_rows<T: Elem>(
-    x: &[T],
-    (t0, rows, n): (usize, usize, usize),
-    drop: Option<DropoutMask>,
-    row: &mut [f32],
-    a: &mut [u32],
-) {
+fn pack_x_rows<T: Elem>(x: Dropped<T>, (t0, rows): (usize, usize), row: &mut [f32], a: &mut [u32]) {
+    let (drop, n) = (x.drop, x.n);
     let half = n.div_ceil(2);
-    if let (None, Some(xf)) = (drop, T::as_f32(x)) {
+    if let (None, Some(xf)) = (drop, T::as_f32(x.x)) {
         return pack_rows(&xf[t0 * n..], n, (rows, n), a, half);
     }
-    if let (None, Some(xb)) = (drop, T::as_bf16(x)) {
+    if let (None, Some(xb)) = (drop, T::as_bf16(x.x)) {
         // bf16 rows are already the operand's elements, pair by pair (widening and rounding
         // them again would give the same bits).
         for j in 0..rows {
@@ -155,22 +150,16 @@ fn pack_x_rows<T: Elem>(
         return;
     }
     for j in 0..rows {
-        load_row(x, t0 + j, 0..n, n, drop, row);
+        x.load_row(t0 + j, 0..n, row);
         pack_rows(row, n, (1, n), &mut a[j * half..], half);
     }
 }
 
 /// `out (M, R) = s·drop(x)·Wᵀ` for `x (M, n)` in its element type and W packed by
 /// [`Operand::for_dot`].
-pub(super) fn rows_dot<T: Elem>(
-    x: &[T],
-    n: usize,
-    w: &Operand,
-    r: usize,
-    drop: Option<DropoutMask>,
-    s: f32,
-) -> Vec<f32> {
-    let (m, half, rp) = (x.len() / n.max(1), n.div_ceil(2), w.cols);
+pub(super) fn rows_dot<T: Elem>(x: Dropped<T>, w: &Operand, r: usize, s: f32) -> Vec<f32> {
+    let n = x.n;
+    let (m, half, rp) = (x.rows(), n.div_ceil(2), w.cols);
     let mut out = vec![0f32; m * r];
     if r == 0 || m == 0 {
         return out;
@@ -181,7 +170,7 @@ pub(super) fn rows_dot<T: Elem>(
             let rows = out.len() / r;
             // a: this task's rows of drop(x) in pairs along n (rows × half), each element written
             with_thread_buffer(&PAIRS, rows * half, KEEP, |a| {
-                pack_x_rows(x, (c * ROWS, rows, n), drop, row, a);
+                pack_x_rows(x, (c * ROWS, rows), row, a);
                 // the products (rows × rp), each written (no accumulation)
                 with_thread_buffer(&PRODUCTS, rows * rp, KEEP, |y| {
                     let a = Pairs {
@@ -203,13 +192,8 @@ pub(super) fn rows_dot<T: Elem>(
 
 /// `out (R, n) = coefᵀ·drop(x)`: `out_k = Σ_t coef[t, k]·drop(x)_t` for `coef (M, R)` f32 and
 /// `x (M, n)`; parallel over column blocks, each summing its tokens in order.
-pub(super) fn outer_sum<T: Elem>(
-    coef: &[f32],
-    r: usize,
-    x: &[T],
-    n: usize,
-    drop: Option<DropoutMask>,
-) -> Vec<f32> {
+pub(super) fn outer_sum<T: Elem>(coef: &[f32], r: usize, x: Dropped<T>) -> Vec<f32> {
+    let n = x.n;
     let m = coef.len() / r.max(1);
     let mh = m.div_ceil(2);
     if r == 0 || n == 0 {
@@ -218,7 +202,7 @@ pub(super) fn outer_sum<T: Elem>(
     // a: coefᵀ in pairs along the tokens, a[k][q] = (coef[2q][k], coef[2q+1][k]) (R × mh)
     let mut a = vec![0u32; r * mh];
     pack_transposed(coef, r, (m, r), (&mut a, mh), true);
-    let direct = drop.is_none().then(|| T::as_f32(x)).flatten();
+    let direct = x.drop.is_none().then(|| T::as_f32(x.x)).flatten();
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(COLS))
         .into_par_iter()
         .map_init(
@@ -240,7 +224,7 @@ pub(super) fn outer_sum<T: Elem>(
                         None => {
                             panel.resize(rows * w, 0.0);
                             for (j, row) in panel.chunks_exact_mut(w).enumerate() {
-                                load_row(x, i0 + j, c0..c0 + w, n, drop, row);
+                                x.load_row(i0 + j, c0..c0 + w, row);
                             }
                             pack_row_pairs(panel, w, (rows, w), b, wp);
                         }
