@@ -248,6 +248,38 @@ fn pack_once(
     &buf[*off..*off + len]
 }
 
+impl Bf16Products<'_> {
+    /// `out (rows × cols, row stride cols) = src (rows × k) · Y` in bf16 products with f32 sums,
+    /// for the head matrix `y` packed transposed (`Yᵀ`: k = D, the scores) or by rows (k = keys,
+    /// the mix); src is rounded into pairs along k in the kept `a_buf`.
+    fn rows_times(
+        &mut self,
+        src: &[f32],
+        (rows, k): (usize, usize),
+        (y, transposed): (Mat, bool),
+        (out, cols): (&mut [f32], usize),
+    ) {
+        let mut a_buf = std::mem::take(&mut self.a_buf);
+        let a = aligned_slice(&mut a_buf, rows * k / 2);
+        pack_rows(src, k, (rows, k), a, k / 2);
+        let a = Pairs {
+            data: a,
+            stride: k / 2,
+        };
+        let b = match transposed {
+            true => (self.tp, self.t_pairs(y)),
+            false => (self.mats.d, self.row_pairs(y)),
+        };
+        let b = Pairs {
+            data: b.1,
+            stride: b.0,
+        };
+        let done = dense_bf16(a, b, out, cols, (rows, k / 2, cols), false);
+        assert!(done, "attention: bf16 kernels vanished");
+        self.a_buf = a_buf;
+    }
+}
+
 impl<'a> BlockProducts<'a> for Bf16Products<'a> {
     fn set_query(&mut self, q: &'a [f32], d_o: &'a [f32]) {
         (self.mats.q, self.mats.d_o) = (q, d_o);
@@ -258,51 +290,16 @@ impl<'a> BlockProducts<'a> for Bf16Products<'a> {
     }
 
     fn scores(&mut self, x: Mat, y: Mat, (i0, rows, kend): (usize, usize, usize), s: &mut [f32]) {
-        let (d, tp, ks) = (self.mats.d, self.tp, self.stride(kend));
+        let (d, ks) = (self.mats.d, self.stride(kend));
         let xb = self.mats.block(x, i0, rows);
-        let mut a_buf = std::mem::take(&mut self.a_buf);
-        let a = aligned_slice(&mut a_buf, rows * d / 2);
-        pack_rows(xb, d, (rows, d), a, d / 2);
-        let b = self.t_pairs(y);
-        let done = dense_bf16(
-            Pairs {
-                data: a,
-                stride: d / 2,
-            },
-            Pairs {
-                data: b,
-                stride: tp,
-            },
-            s,
-            ks,
-            (rows, d / 2, ks),
-            false,
-        );
-        assert!(done, "attention: bf16 kernels vanished");
+        self.rows_times(xb, (rows, d), (y, true), (s, ks));
         // keys kend..ks exist in the packs (or are zero past T); the block must not see them
         (0..rows).for_each(|r| s[r * ks + kend..(r + 1) * ks].fill(0.0));
-        self.a_buf = a_buf;
     }
 
     fn mix(&mut self, m: &[f32], y: Mat, (rows, kend): (usize, usize), out: &mut [f32]) {
         let (d, ks) = (self.mats.d, self.stride(kend));
-        let mut a_buf = std::mem::take(&mut self.a_buf);
-        let a = aligned_slice(&mut a_buf, rows * ks / 2);
-        pack_rows(m, ks, (rows, ks), a, ks / 2);
-        let b = self.row_pairs(y);
-        let done = dense_bf16(
-            Pairs {
-                data: a,
-                stride: ks / 2,
-            },
-            Pairs { data: b, stride: d },
-            out,
-            d,
-            (rows, ks / 2, d),
-            false,
-        );
-        assert!(done, "attention: bf16 kernels vanished");
-        self.a_buf = a_buf;
+        self.rows_times(m, (rows, ks), (y, false), (out, d));
     }
 
     fn mix_t(

@@ -290,66 +290,63 @@ impl NormOp {
         }
     }
 
-    fn forward<T: Elem>(&self, x: &[T], a: Option<&[T]>) -> Vec<T> {
+    /// A tensor of `len` elements of T computed a row of C at a time, rows in parallel: `f(buf,
+    /// rows, out)` for the element range `rows` of row-major inputs, with a thread's scratch of
+    /// `scratch` rows of f32 (reused across its rows).
+    fn by_rows<T: Elem>(
+        &self,
+        len: usize,
+        scratch: usize,
+        f: impl Fn(&mut [f32], std::ops::Range<usize>, &mut [T]) + Sync,
+    ) -> Vec<T> {
         let c = self.w.len();
-        let mut y = zeroed(x.len(), T::of(0.0));
-        if c == 0 {
-            return y;
+        let mut out = zeroed(len, T::of(0.0));
+        if c > 0 {
+            out.par_chunks_mut(c)
+                .enumerate()
+                .with_min_len(MIN_ROWS)
+                .for_each_init(
+                    || vec![0f32; scratch * c],
+                    |buf, (i, out)| f(buf, i * c..(i + 1) * c, out),
+                );
         }
+        out
+    }
+
+    fn forward<T: Elem>(&self, x: &[T], a: Option<&[T]>) -> Vec<T> {
         let (w, b) = self.consts::<T>();
-        y.par_chunks_mut(c)
-            .enumerate()
-            .with_min_len(MIN_ROWS)
-            .for_each_init(
-                || vec![0f32; c],
-                |h, (i, y)| {
-                    let rows = i * c..(i + 1) * c;
-                    Self::h_row(&x[rows.clone()], a.map(|a| &a[rows]), h);
-                    self.fwd_row(h, &w, &b, y);
-                },
-            );
-        y
+        self.by_rows(x.len(), 1, |h, rows, y| {
+            Self::h_row(&x[rows.clone()], a.map(|a| &a[rows]), h);
+            self.fwd_row(h, &w, &b, y);
+        })
     }
 
     /// The input gradient rounded to T, for x alone or for x + a, plus the residual path's
     /// gradient `res` where given (rounded again, as torch accumulates h's two gradients).
     fn backward<T: Elem>(&self, x: &[T], a: Option<&[T]>, dy: &[T], res: Option<&[T]>) -> Vec<T> {
-        let c = self.w.len();
-        let mut dx = zeroed(x.len(), T::of(0.0));
-        if c == 0 {
-            return dx;
-        }
-        let (w, _) = self.consts::<T>();
-        dx.par_chunks_mut(c)
-            .enumerate()
-            .with_min_len(MIN_ROWS)
-            .for_each_init(
-                || vec![0f32; 4 * c],
-                |buf, (i, dx)| {
-                    let rows = i * c..(i + 1) * c;
-                    let (h, rest) = buf.split_at_mut(c);
-                    let (d, rest) = rest.split_at_mut(c);
-                    let (g, out) = rest.split_at_mut(c);
-                    Self::h_row(&x[rows.clone()], a.map(|a| &a[rows.clone()]), h);
-                    for (d, &v) in d.iter_mut().zip(&dy[rows.clone()]) {
-                        *d = v.f();
+        let (c, (w, _)) = (self.w.len(), self.consts::<T>());
+        self.by_rows(x.len(), 4, |buf, rows, dx| {
+            let (h, rest) = buf.split_at_mut(c);
+            let (d, rest) = rest.split_at_mut(c);
+            let (g, out) = rest.split_at_mut(c);
+            Self::h_row(&x[rows.clone()], a.map(|a| &a[rows.clone()]), h);
+            for (d, &v) in d.iter_mut().zip(&dy[rows.clone()]) {
+                *d = v.f();
+            }
+            self.bwd_row::<T>(h, d, &w, g, out);
+            match res {
+                Some(res) => {
+                    for ((dx, &v), &r) in dx.iter_mut().zip(out.iter()).zip(&res[rows]) {
+                        *dx = T::of(r.f() + T::of(v).f());
                     }
-                    self.bwd_row::<T>(h, d, &w, g, out);
-                    match res {
-                        Some(res) => {
-                            for ((dx, &v), &r) in dx.iter_mut().zip(out.iter()).zip(&res[rows]) {
-                                *dx = T::of(r.f() + T::of(v).f());
-                            }
-                        }
-                        None => {
-                            for (dx, &v) in dx.iter_mut().zip(out.iter()) {
-                                *dx = T::of(v);
-                            }
-                        }
+                }
+                None => {
+                    for (dx, &v) in dx.iter_mut().zip(out.iter()) {
+                        *dx = T::of(v);
                     }
-                },
-            );
-        dx
+                }
+            }
+        })
     }
 
     /// The input gradient as a tensor of x's shape and dtype (x, a, dy, res on the CPU).
