@@ -21,7 +21,8 @@ pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
 pub use step::{
-    eval_loss, eval_row_losses, forward, loss, train_grads, train_grads_rows, RowLosses, RowWeights,
+    eval_loss, eval_row_losses, forward, loss, train_grads, train_grads_rows, RowLosses,
+    RowWeights, Tokens,
 };
 pub use transformer::Transformer;
 
@@ -195,7 +196,7 @@ pub trait CausalLm {
     /// layer's output is detached, so only one layer's intermediates exist at a time (evaluation,
     /// DPO's reference).
     fn eval_loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<f32> {
-        eval_loss(self.decoder(), ids, mask, labels)
+        eval_loss(self.decoder(), Tokens::new(ids, mask, labels))
     }
     /// One training step's loss and every LoRA gradient by PEFT name (dropout on).
     fn train_grads(
@@ -214,7 +215,7 @@ pub trait CausalLm {
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<RowLosses> {
-        eval_row_losses(self.decoder(), ids, mask, labels)
+        eval_row_losses(self.decoder(), Tokens::new(ids, mask, labels))
     }
     /// One training step (dropout on) whose loss is `Σ_r w_r·CE_r`, with the row weights that
     /// `weigh` returns for this forward's row values; gives those values and every gradient.
@@ -225,7 +226,7 @@ pub trait CausalLm {
         labels: &Tensor,
         weigh: RowWeights<'_>,
     ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
-        train_grads_rows(self.decoder(), ids, mask, labels, weigh)
+        train_grads_rows(self.decoder(), Tokens::new(ids, mask, labels), weigh)
     }
     /// Every LoRA tensor with its PEFT name, layer by layer, A then B.
     fn lora_params(&self) -> Vec<(String, Var)> {

@@ -8,6 +8,25 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
 
+/// A batch as a step reads it: token ids `(B, T)`, the optional padding mask `(B, T)` (1 on
+/// real tokens) and the labels `(B, T)` (-100 ignored; shifted here).
+#[derive(Clone, Copy)]
+pub struct Tokens<'a> {
+    /// Token ids `(B, T)` u32.
+    pub ids: &'a Tensor,
+    /// Padding mask `(B, T)`, or None for none.
+    pub mask: Option<&'a Tensor>,
+    /// Labels `(B, T)` i64.
+    pub labels: &'a Tensor,
+}
+
+impl<'a> Tokens<'a> {
+    /// The batch of `ids`, `mask` and `labels`.
+    pub fn new(ids: &'a Tensor, mask: Option<&'a Tensor>, labels: &'a Tensor) -> Self {
+        Tokens { ids, mask, labels }
+    }
+}
+
 fn check_batch(ids: &Tensor) -> Result<(usize, usize, Vec<u32>)> {
     let (b, t) = ids
         .dims2()
@@ -100,26 +119,16 @@ fn hidden_with<M: Decoder>(
 
 /// The head's input of an evaluation without a graph (each layer's output detached): the hidden
 /// rows the head reads, their targets, B and the head rows per sequence.
-fn eval_head_input<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
-) -> Result<(Tensor, Vec<i64>, usize, usize)> {
-    let (b, t, _) = check_batch(ids)?;
-    let (tg, th) = head_targets(m, labels, b, t)?;
-    let x = head_rows(m, hidden_with(m, ids, mask, None, true)?, t)?;
+fn eval_head_input<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(Tensor, Vec<i64>, usize, usize)> {
+    let (b, t, _) = check_batch(s.ids)?;
+    let (tg, th) = head_targets(m, s.labels, b, t)?;
+    let x = head_rows(m, hidden_with(m, s.ids, s.mask, None, true)?, t)?;
     Ok((x, tg, b, th))
 }
 
 /// [`super::CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
-pub fn eval_loss<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
-) -> Result<f32> {
-    let (x, tg, b, th) = eval_head_input(m, ids, mask, labels)?;
+pub fn eval_loss<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<f32> {
+    let (x, tg, b, th) = eval_head_input(m, s)?;
     loss_of(m, &x, &tg, b, th)?
         .to_dtype(DType::F32)
         .and_then(|l| l.to_scalar::<f32>())
@@ -171,15 +180,10 @@ fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Res
 }
 
 /// [`super::CausalLm::loss`] of a [`Decoder`]: mean shifted cross-entropy, eval mode, with the graph.
-pub fn loss<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
-) -> Result<Tensor> {
-    let (b, t, _) = check_batch(ids)?;
-    let (tg, th) = head_targets(m, labels, b, t)?;
-    let x = head_rows(m, hidden(m, ids, mask, None)?, t)?;
+pub fn loss<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<Tensor> {
+    let (b, t, _) = check_batch(s.ids)?;
+    let (tg, th) = head_targets(m, s.labels, b, t)?;
+    let x = head_rows(m, hidden(m, s.ids, s.mask, None)?, t)?;
     loss_of(m, &x, &tg, b, th)
 }
 
@@ -257,13 +261,8 @@ fn row_values(heads: &[Option<(Tensor, usize)>]) -> Result<RowLosses> {
 }
 
 /// [`super::CausalLm::eval_row_losses`] of a [`Decoder`]: per-row sums without keeping a graph.
-pub fn eval_row_losses<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
-) -> Result<RowLosses> {
-    let (x, tg, b, th) = eval_head_input(m, ids, mask, labels)?;
+pub fn eval_row_losses<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<RowLosses> {
+    let (x, tg, b, th) = eval_head_input(m, s)?;
     row_values(&row_heads(m, &x, &tg, b, th)?)
 }
 
@@ -272,13 +271,8 @@ pub fn eval_row_losses<M: Decoder>(
 type Head<'a, M, R> = &'a mut dyn FnMut(&M, &Tensor, &[i64], usize, usize) -> Result<(R, Tensor)>;
 
 /// [`super::CausalLm::train_grads`] of a [`Decoder`]: the mean cross-entropy over every target.
-pub fn train_grads<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
-) -> Result<(f32, HashMap<String, Tensor>)> {
-    train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
+pub fn train_grads<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(f32, HashMap<String, Tensor>)> {
+    train_with(m, s, &mut |m, x, tg, b, t| {
         let loss = loss_of(m, x, tg, b, t)?;
         Ok((loss.to_scalar::<f32>().map_err(cerr("loss"))?, loss))
     })
@@ -290,12 +284,10 @@ pub fn train_grads<M: Decoder>(
 /// kernel needs per-row weights.
 pub fn train_grads_rows<M: Decoder>(
     m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
+    s: Tokens<'_>,
     weigh: RowWeights<'_>,
 ) -> Result<(RowLosses, HashMap<String, Tensor>)> {
-    train_with(m, ids, mask, labels, &mut |m, x, tg, b, t| {
+    train_with(m, s, &mut |m, x, tg, b, t| {
         let heads = row_heads(m, x, tg, b, t)?;
         let values = row_values(&heads)?;
         let w = weigh(&values)?;
@@ -319,14 +311,13 @@ pub fn train_grads_rows<M: Decoder>(
 /// logits are made and freed chunk by chunk.
 fn train_with<M: Decoder, R>(
     m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    labels: &Tensor,
+    s: Tokens<'_>,
     head: Head<'_, M, R>,
 ) -> Result<(R, HashMap<String, Tensor>)> {
+    let (ids, mask) = (s.ids, s.mask);
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
-    let (tg, th) = head_targets(m, labels, b, t)?;
+    let (tg, th) = head_targets(m, s.labels, b, t)?;
     if !m.checkpoint() {
         let x = head_rows(m, hidden(m, ids, mask, key)?, t)?;
         let (r, loss) = head(m, &x, &tg, b, th)?;

@@ -341,7 +341,7 @@ impl Transformer {
     /// Mean cross-entropy over target tokens (transformers' causal-LM loss: logits shifted by one,
     /// labels -100 ignored), as an f32 scalar with the graph (eval mode).
     pub fn loss(&self, ids: &Tensor, mask: Option<&Tensor>, labels: &Tensor) -> Result<Tensor> {
-        super::loss(self, ids, mask, labels)
+        super::loss(self, super::Tokens::new(ids, mask, labels))
     }
 
     /// One training step's loss and the gradient of every adapter tensor (PEFT names), dropout on,
@@ -352,7 +352,7 @@ impl Transformer {
         mask: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(f32, HashMap<String, Tensor>)> {
-        super::train_grads(self, ids, mask, labels)
+        super::train_grads(self, super::Tokens::new(ids, mask, labels))
     }
 
     fn cerr(&self, what: &'static str) -> impl Fn(candle_core::Error) -> Error + '_ {

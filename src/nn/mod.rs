@@ -18,6 +18,8 @@ pub(crate) type CpuOut = Result<(CpuStorage, Shape)>;
 /// What a custom op's `cuda_fwd` returns.
 #[cfg(feature = "cuda")]
 pub(crate) type CudaOut = Result<(candle_core::CudaStorage, Shape)>;
+/// The input gradients a two-operand custom op's `bwd` returns.
+pub(crate) type Grads2 = Result<(Option<Tensor>, Option<Tensor>)>;
 /// The input gradients a three-operand custom op's `bwd` returns.
 pub(crate) type Grads3 = Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
 
@@ -162,13 +164,7 @@ impl CustomOp2 for ConstOp {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        c: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, c: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
         // grad arrives detached, c is a constant: the result records no graph.
         let g = match self {
             ConstOp::Mul => grad.mul(c)?,

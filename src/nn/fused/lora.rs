@@ -345,13 +345,7 @@ impl CustomOp2 for DownOp {
         Ok((CpuStorage::F32(h), Shape::from((m, r))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        _h: &Tensor,
-        dh: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, a: &Tensor, _h: &Tensor, dh: &Tensor) -> Grads2 {
         let (_, i) = rows_of(x.dims())?;
         let (r, _) = a.dims2()?;
         let dh = dh

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 #[cfg(feature = "cuda")]
 use super::CudaOut;
-use super::{CpuOut, Grads3};
+use super::{CpuOut, Grads2, Grads3};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 

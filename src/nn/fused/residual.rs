@@ -468,13 +468,7 @@ impl CustomOp2 for NormOp {
 
     /// One input gradient, the same for both operands, with the output op's gradient added
     /// where it left it in the link.
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, a: &Tensor, _y: &Tensor, dy: &Tensor) -> Grads2 {
         let res = match &self.link {
             None => None,
             Some(link) => {

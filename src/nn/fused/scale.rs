@@ -112,13 +112,7 @@ impl CustomOp2 for ScaleResidualOp {
         Ok((y, lu.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        u: &Tensor,
-        g: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, u: &Tensor, g: &Tensor, _y: &Tensor, dy: &Tensor) -> Grads2 {
         let dy = dy.to_dtype(u.dtype())?.contiguous()?;
         let gv = g.to_vec1::<f32>()?;
         let (su, lu) = u.storage_and_layout();

@@ -122,13 +122,7 @@ impl CustomOp2 for SwiGluOp {
         Ok((y, lg.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        g: &Tensor,
-        u: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Grads2 {
         let dy = dy.to_dtype(g.dtype())?.contiguous()?;
         let (sg, lg) = g.storage_and_layout();
         let (su, lu) = u.storage_and_layout();
