@@ -11,7 +11,7 @@
 use super::arch::{Architecture, Attention, Mlp, NormKind, Spec};
 use super::falcon::FalconConfig;
 use super::llama::{LlamaConfig, LlamaOptions};
-use crate::lora::seam::AdapterMethod;
+use crate::lora::{prompt::PromptSpec, seam::AdapterMethod};
 use crate::quant::{matmul::TILE_BYTES, nf4, QType};
 use crate::store::{SourceFormat, WeightStore};
 use crate::train::MomentStorage;
@@ -102,19 +102,18 @@ impl MemoryPlan {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        Self::of_spec_prompt(store, spec, opts, None, batch, seq)
+        Self::of_spec_prompt(store, spec, opts, None, (batch, seq))
     }
 
     /// [`Self::of_spec`] with a prompt-learning adapter `prompt` installed on the model: its rows
     /// lengthen every sequence by N (each layer sees N + T positions), its KV prefix adds N keys
     /// to every layer's attention (the generic attention op), and its tensors train.
-    pub fn of_spec_prompt(
+    fn of_spec_prompt(
         store: &WeightStore,
         spec: &Spec,
         opts: &LlamaOptions,
-        prompt: Option<&crate::lora::prompt::PromptSpec>,
-        batch: usize,
-        seq: usize,
+        prompt: Option<&PromptSpec>,
+        (batch, seq): (usize, usize),
     ) -> Result<Self> {
         // A sequence past a sliding window, or a prompt method PEFT cannot run on this model, is
         // refused before anything is loaded or planned.
@@ -285,15 +284,17 @@ impl MemoryPlan {
         Self::of_spec(store, &super::spec_of(store)?, opts, batch, seq)
     }
 
-    /// [`Self::for_store`] with a prompt-learning adapter (see [`Self::of_spec_prompt`]).
+    /// [`Self::for_store`] with a prompt-learning adapter `prompt` installed on the model: its rows
+    /// lengthen every sequence by N (each layer sees N + T positions), its KV prefix adds N keys
+    /// to every layer's attention (the generic attention op), and its tensors train.
     pub fn for_store_prompt(
         store: &WeightStore,
         opts: &LlamaOptions,
-        prompt: Option<&crate::lora::prompt::PromptSpec>,
+        prompt: Option<&PromptSpec>,
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        Self::of_spec_prompt(store, &super::spec_of(store)?, opts, prompt, batch, seq)
+        Self::of_spec_prompt(store, &super::spec_of(store)?, opts, prompt, (batch, seq))
     }
 
     /// The plan for a step of the Falcon in `store` (same parts as [`MemoryPlan::new`]).

@@ -211,6 +211,20 @@ mod vnni {
     use crate::quant::simd::prefetch_ahead as prefetch;
     use std::arch::x86_64::*;
 
+    /// Each activation row's accumulator as its eight rows' sums.
+    #[inline(always)]
+    fn sums8<const A: usize>(acc: [__m256; A]) -> [[f32; ROWS]; A] {
+        // SAFETY: a __m256 is eight f32 lanes in order, as [f32; 8] (same size; any bits valid).
+        acc.map(|v| unsafe { std::mem::transmute::<__m256, [f32; ROWS]>(v) })
+    }
+
+    /// Each activation row's accumulator as the sixteen rows' sums of a group pair.
+    #[inline(always)]
+    fn sums16<const A: usize>(acc: [__m512; A]) -> [[f32; 2 * ROWS]; A] {
+        // SAFETY: a __m512 is sixteen f32 lanes in order, as [f32; 16] (same size; any bits valid).
+        acc.map(|v| unsafe { std::mem::transmute::<__m512, [f32; 2 * ROWS]>(v) })
+    }
+
     /// The activation bytes `at..at+4` of a Q8_0 block as one dword in every lane.
     #[inline(always)]
     unsafe fn bcast(xp: *const u8, at: usize) -> __m256i {
@@ -271,11 +285,7 @@ mod vnni {
                 acc[a] = _mm256_fmadd_ps(f, sc, acc[a]);
             }
         }
-        let mut out = [[0f32; ROWS]; A];
-        for a in 0..A {
-            _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]);
-        }
-        out
+        sums8(acc)
     }
 
     /// Two adjacent Q4_0 groups (`gb` bytes apart) · `A` activation rows in 512-bit registers:
@@ -329,11 +339,7 @@ mod vnni {
                 acc[a] = _mm512_fmadd_ps(f, sc, acc[a]);
             }
         }
-        let mut out = [[0f32; 2 * ROWS]; A];
-        for a in 0..A {
-            _mm512_storeu_ps(out[a].as_mut_ptr(), acc[a]);
-        }
-        out
+        sums16(acc)
     }
 
     /// Q4_K group · `A` activation rows: per chunk, eight 32-byte loads give two sub-blocks of
@@ -387,11 +393,7 @@ mod vnni {
                 acc[a] = _mm256_fnmadd_ps(accm[a], dmin, acc[a]);
             }
         }
-        let mut out = [[0f32; ROWS]; A];
-        for a in 0..A {
-            _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]);
-        }
-        out
+        sums8(acc)
     }
     /// Two adjacent Q4_K groups (`gb` bytes apart) · `A` activation rows in 512-bit registers,
     /// lanes 0..8 the first group's rows and 8..16 the second's, as [`pair_q4_0`].
@@ -462,11 +464,7 @@ mod vnni {
                 acc[a] = _mm512_fnmadd_ps(accm[a], dmin, acc[a]);
             }
         }
-        let mut out = [[0f32; 2 * ROWS]; A];
-        for a in 0..A {
-            _mm512_storeu_ps(out[a].as_mut_ptr(), acc[a]);
-        }
-        out
+        sums16(acc)
     }
 }
 
