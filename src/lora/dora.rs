@@ -96,7 +96,7 @@ impl Dora {
         seed: u64,
     ) -> Result<Self> {
         let dtype = a.dtype();
-        let lora = Lora::from_weights(base, a, b, scale, dropout, seed)?;
+        let lora = Lora::from_weights(base, (a, b), scale, dropout, seed)?;
         let m = m.to_dtype(dtype).map_err(candle_err)?;
         Self::assemble(base, lora, m, row_norms2(base))
     }

@@ -106,14 +106,13 @@ impl Lora {
         // B: (out, r)
         let b =
             Tensor::zeros((n_out, r), cfg.dtype, &candle_core::Device::Cpu).map_err(candle_err)?;
-        Self::from_weights(base, a, b, cfg.scale(), cfg.dropout, seed)
+        Self::from_weights(base, (a, b), cfg.scale(), cfg.dropout, seed)
     }
 
-    /// Factors with given weights A `(r, in)` and B `(out, r)` for `base`, trained in their dtype.
+    /// Factors with given weights `(A (r, in), B (out, r))` for `base`, trained in their dtype.
     pub fn from_weights(
         base: &QLinear,
-        a: Tensor,
-        b: Tensor,
+        (a, b): (Tensor, Tensor),
         scale: f64,
         dropout: f32,
         seed: u64,
@@ -159,7 +158,7 @@ impl Lora {
         }
         let to = |v: &Var| v.as_tensor().to_device(dev).map_err(candle_err);
         let (a, b) = (to(&self.a)?, to(&self.b)?);
-        Self::from_weights(base, a, b, self.scale, self.dropout, self.seed)
+        Self::from_weights(base, (a, b), self.scale, self.dropout, self.seed)
     }
 
     /// A `(r, in)`.
@@ -280,7 +279,7 @@ impl LoraLinear {
         dropout: f32,
         seed: u64,
     ) -> Result<Self> {
-        let lora = Lora::from_weights(&base, a, b, scale, dropout, seed)?;
+        let lora = Lora::from_weights(&base, (a, b), scale, dropout, seed)?;
         Ok(LoraLinear { base, lora })
     }
 

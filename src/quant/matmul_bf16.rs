@@ -454,6 +454,43 @@ struct Sweep {
     load: bool,
 }
 
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl Sweep {
+    /// The micro-tile's accumulators, `R` rows of `C` vectors of f32 lanes (a vector type `V` of
+    /// the kernel's ISA): read from `out` where the sweep accumulates, else `zero`.
+    ///
+    /// # Safety
+    /// `out` holds `R` rows of `C` vectors at `out_stride` (as [`Bf16Kernels::sweep`] requires).
+    #[inline(always)]
+    unsafe fn load_acc<V: Copy, const R: usize, const C: usize>(&self, zero: V) -> [[V; C]; R] {
+        let mut acc = [[zero; C]; R];
+        if self.load {
+            let lanes = std::mem::size_of::<V>() / 4;
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = (self.out.add(r * self.out_stride + lanes * v) as *const V)
+                        .read_unaligned();
+                }
+            }
+        }
+        acc
+    }
+
+    /// Writes the micro-tile's accumulators back to `out`.
+    ///
+    /// # Safety
+    /// As [`Sweep::load_acc`].
+    #[inline(always)]
+    unsafe fn store_acc<V: Copy, const R: usize, const C: usize>(&self, acc: &[[V; C]; R]) {
+        let lanes = std::mem::size_of::<V>() / 4;
+        for (r, a) in acc.iter().enumerate() {
+            for (v, av) in a.iter().enumerate() {
+                (self.out.add(r * self.out_stride + lanes * v) as *mut V).write_unaligned(*av);
+            }
+        }
+    }
+}
+
 /// One ISA's bf16 micro-kernels, as the shared tilings [`fwd_tiled`] and [`bwd_input_tiled`]
 /// call them.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -738,14 +775,8 @@ mod avx512 {
     /// The CPU has AVX-512 F and BF16; as [`Bf16Kernels::sweep`], with `s.rows == R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn tile<const R: usize, const V: usize>(s: &Sweep) {
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        if s.load {
-            for (r, a) in acc.iter_mut().enumerate() {
-                for (v, av) in a.iter_mut().enumerate() {
-                    *av = _mm512_loadu_ps(s.out.add(r * s.out_stride + 16 * v));
-                }
-            }
-        }
+        // SAFETY: the caller's contract (`s` as `sweep` requires)
+        let mut acc: [[__m512; V]; R] = unsafe { s.load_acc(_mm512_setzero_ps()) };
         for q in 0..s.pairs {
             let mut b = [_mm512_setzero_ps(); V];
             for (v, bv) in b.iter_mut().enumerate() {
@@ -759,11 +790,8 @@ mod avx512 {
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            for (v, av) in a.iter().enumerate() {
-                _mm512_storeu_ps(s.out.add(r * s.out_stride + 16 * v), *av);
-            }
-        }
+        // SAFETY: as the load above
+        unsafe { s.store_acc(&acc) };
     }
 
     /// The AVX-512 BF16 kernels.

@@ -74,14 +74,8 @@ pub(super) unsafe fn dp_chains(iters: usize, seed: f32) -> f32 {
 #[target_feature(enable = "neon,bf16")]
 unsafe fn tile<const R: usize>(s: &Sweep) {
     let (pairs, ap, ast, bp) = (s.pairs, s.a, s.a_stride, s.b);
-    let mut acc = [[vdupq_n_f32(0.0); 4]; R];
-    if s.load {
-        for (r, a) in acc.iter_mut().enumerate() {
-            for (v, av) in a.iter_mut().enumerate() {
-                *av = vld1q_f32(s.out.add(r * s.out_stride + 4 * v));
-            }
-        }
-    }
+    // SAFETY: the caller's contract (`s` as `sweep` requires)
+    let mut acc: [[float32x4_t; 4]; R] = unsafe { s.load_acc(vdupq_n_f32(0.0)) };
     let wrow = |q: usize| {
         let p = bp.add(q * s.b_stride);
         [
@@ -125,11 +119,8 @@ unsafe fn tile<const R: usize>(s: &Sweep) {
         }
         q += 1;
     }
-    for (r, a) in acc.iter().enumerate() {
-        for (v, av) in a.iter().enumerate() {
-            vst1q_f32(s.out.add(r * s.out_stride + 4 * v), *av);
-        }
-    }
+    // SAFETY: as the load above
+    unsafe { s.store_acc(&acc) };
 }
 
 /// The FEAT_BF16 kernels.
