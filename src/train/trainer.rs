@@ -164,6 +164,30 @@ pub(super) fn say(opts: &RunOptions, s: String) {
     }
 }
 
+/// The run's compute dtype for a model of width `hidden`: `--dtype`, with `auto` resolved for this
+/// machine, except that `auto` resumes in the dtype its run resolved to (another CPU, device or
+/// qtune version may pick another for a new run); a checkpoint that does not record it, in what
+/// `auto` resolved to when it was written.
+fn compute_dtype(cfg: &TrainConfig, hidden: usize, opts: &RunOptions) -> Result<DType> {
+    let dtype = cfg.compute_dtype(Some(hidden))?;
+    let (true, Some(r)) = (cfg.dtype.eq_ignore_ascii_case("auto"), &cfg.resume) else {
+        return Ok(dtype);
+    };
+    let saved = checkpoint::saved_compute_dtype(&find_checkpoint(r)?)?.unwrap_or_else(|| {
+        crate::nn::device::auto_dtype_before_recorded(&cfg.device, Some(hidden))
+    });
+    if saved != dtype {
+        say(
+            opts,
+            format!(
+                "note: --dtype auto resumes in {saved:?}, the dtype this run started in \
+                 ({dtype:?} would be this machine's pick for a new run)"
+            ),
+        );
+    }
+    Ok(saved)
+}
+
 impl<'a, O: Objective> Run<'a, O> {
     /// Step 1: the data cut to `--seq-len` (empty sets refused), and the number of steps.
     fn prepare(
@@ -218,27 +242,7 @@ impl<'a, O: Objective> Run<'a, O> {
         let (prompt_init, init) = adapter_inits(&mut cfg, opts)?;
         // The store (headers parsed, tensors mapped, nothing read): `auto` needs the model's width.
         let store = WeightStore::open(&model_path)?;
-        let hidden = crate::models::spec_of(&store)?.hidden;
-        let mut dtype = cfg.compute_dtype(Some(hidden))?;
-        // `auto` resumes in the dtype its run resolved to (another CPU, device or qtune version
-        // may pick another for a new run); a checkpoint that does not record it, in what `auto`
-        // resolved to when it was written.
-        if let (true, Some(r)) = (cfg.dtype.eq_ignore_ascii_case("auto"), &cfg.resume) {
-            let saved =
-                checkpoint::saved_compute_dtype(&find_checkpoint(r)?)?.unwrap_or_else(|| {
-                    crate::nn::device::auto_dtype_before_recorded(&cfg.device, Some(hidden))
-                });
-            if saved != dtype {
-                say(
-                    opts,
-                    format!(
-                        "note: --dtype auto resumes in {saved:?}, the dtype this run started in \
-                         ({dtype:?} would be this machine's pick for a new run)"
-                    ),
-                );
-            }
-            dtype = saved;
-        }
+        let dtype = compute_dtype(&cfg, crate::models::spec_of(&store)?.hidden, opts)?;
         let spec = LoraSpec {
             targets: cfg.targets.clone(),
             r: cfg.rank,
