@@ -149,35 +149,65 @@ macro_rules! x86_kernels {
             _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32)), mask)
         }
 
-        /// The four 32-code legacy formats in one walk: a block is `d` (f16), `m` (f16, the
-        /// `_1` formats: `x = d·q + m`), `qh` (4 bytes, the Q5 formats: each code's fifth bit) and
-        /// 16 bytes of nibbles (codes 0..16 low, 16..32 high). Without `m` the codes are signed,
-        /// offset by 8 (Q4_0) or 16 (Q5_0).
         #[target_feature(enable = $features)]
-        unsafe fn legacy<O: Out, const MIN: bool, const QH: bool>(src: &[u8], dst: &mut [O]) {
-            let qs_at = 2 + 2 * MIN as usize + 4 * QH as usize;
+        unsafe fn q4_0<O: Out>(src: &[u8], dst: &mut [O]) {
             let m4 = _mm_set1_epi8(0x0f);
-            let offset = _mm_set1_epi8(if QH { 16 } else { 8 });
-            for (b, o) in src.chunks_exact(qs_at + 16).zip(dst.chunks_exact_mut(32)) {
+            let eight = _mm_set1_epi8(8);
+            for (b, o) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
                 let d = f16_at(b, 0);
-                let qs = _mm_loadu_si128(b.as_ptr().add(qs_at) as *const __m128i);
-                let mut lo = _mm_and_si128(qs, m4);
-                let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m4);
-                if QH {
-                    let q = qs_at - 4;
-                    let qh = u32::from_le_bytes([b[q], b[q + 1], b[q + 2], b[q + 3]]);
-                    lo = _mm_or_si128(lo, q5_high_bits::<false>(qh));
-                    hi = _mm_or_si128(hi, q5_high_bits::<true>(qh));
-                }
-                let o = o.as_mut_ptr();
-                if MIN {
-                    let m = f16_at(b, 2);
-                    emit16::<O, false, ADD>(lo, d, m, o);
-                    emit16::<O, false, ADD>(hi, d, m, o.add(16));
-                } else {
-                    emit16::<O, true, MUL>(_mm_sub_epi8(lo, offset), d, 0.0, o);
-                    emit16::<O, true, MUL>(_mm_sub_epi8(hi, offset), d, 0.0, o.add(16));
-                }
+                let qs = _mm_loadu_si128(b.as_ptr().add(2) as *const __m128i);
+                let lo = _mm_sub_epi8(_mm_and_si128(qs, m4), eight);
+                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4), eight);
+                emit16::<O, true, MUL>(lo, d, 0.0, o.as_mut_ptr());
+                emit16::<O, true, MUL>(hi, d, 0.0, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_1<O: Out>(src: &[u8], dst: &mut [O]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            for (b, o) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+                let lo = _mm_and_si128(qs, m4);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m4);
+                emit16::<O, false, ADD>(lo, d, m, o.as_mut_ptr());
+                emit16::<O, false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q5_0<O: Out>(src: &[u8], dst: &mut [O]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            let sixteen = _mm_set1_epi8(16);
+            for (b, o) in src.chunks_exact(22).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
+                let lo = _mm_or_si128(_mm_and_si128(qs, m4), q5_high_bits::<false>(qh));
+                let hi = _mm_or_si128(
+                    _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
+                    q5_high_bits::<true>(qh),
+                );
+                emit16::<O, true, MUL>(_mm_sub_epi8(lo, sixteen), d, 0.0, o.as_mut_ptr());
+                emit16::<O, true, MUL>(_mm_sub_epi8(hi, sixteen), d, 0.0, o.as_mut_ptr().add(16));
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q5_1<O: Out>(src: &[u8], dst: &mut [O]) {
+            let m4 = _mm_set1_epi8(0x0f);
+            for (b, o) in src.chunks_exact(24).zip(dst.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let qs = _mm_loadu_si128(b.as_ptr().add(8) as *const __m128i);
+                let lo = _mm_or_si128(_mm_and_si128(qs, m4), q5_high_bits::<false>(qh));
+                let hi = _mm_or_si128(
+                    _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
+                    q5_high_bits::<true>(qh),
+                );
+                emit16::<O, false, ADD>(lo, d, m, o.as_mut_ptr());
+                emit16::<O, false, ADD>(hi, d, m, o.as_mut_ptr().add(16));
             }
         }
 
@@ -383,10 +413,10 @@ macro_rules! x86_kernels {
                 }};
             }
             Some(match qtype {
-                QType::Q4_0 => safe!(legacy::<O, false, false>),
-                QType::Q4_1 => safe!(legacy::<O, true, false>),
-                QType::Q5_0 => safe!(legacy::<O, false, true>),
-                QType::Q5_1 => safe!(legacy::<O, true, true>),
+                QType::Q4_0 => safe!(q4_0::<O>),
+                QType::Q4_1 => safe!(q4_1::<O>),
+                QType::Q5_0 => safe!(q5_0::<O>),
+                QType::Q5_1 => safe!(q5_1::<O>),
                 QType::Q8_0 => safe!(q8_0::<O>),
                 QType::Q2_K => safe!(q2_k::<O>),
                 QType::Q3_K => safe!(q3_k::<O>),
