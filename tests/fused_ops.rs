@@ -23,6 +23,10 @@ mod gelu;
 #[path = "fused_ops/norm.rs"]
 mod norm;
 
+// The fused base-and-up-projection LoRA linear against the two ops it replaces.
+#[path = "fused_ops/lora_linear.rs"]
+mod lora_linear;
+
 const OUT_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
 

@@ -217,12 +217,13 @@ impl Dora {
         n2.clamp(0f32, f32::INFINITY)?.sqrt()
     }
 
-    /// `(m / n) ⊙ (y - b + s·B·A·drop(x)) + b` for the base output `y = W·x + b` and the norm n.
+    /// `(m / n) ⊙ (y - b + s·B·A·drop(x)) + b` for the base output `y = W·x + b` (None: computed
+    /// with the LoRA term, as [`Lora::add_to`] does) and the norm n.
     fn scale_output(
         &self,
         x: &Tensor,
         base: &QLinear,
-        y: Tensor,
+        y: Option<Tensor>,
         n: &Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {

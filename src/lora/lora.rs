@@ -176,13 +176,14 @@ impl Lora {
         self.scale
     }
 
-    /// `y + z` for `base`'s output `y = base(x)` and this adapter's `z`; `dropout_key` as in
-    /// [`LoraLinear::forward_with`].
+    /// `y + z` for `base`'s output `y = base(x)` and this adapter's `z`: `y` as given, or (None)
+    /// computed here, on the CPU in one op with the up projection where `base` has no bias
+    /// ([`crate::nn::fused::lora_linear_up`]); `dropout_key` as in [`LoraLinear::forward_with`].
     pub fn add_to(
         &self,
         x: &Tensor,
         base: &QLinear,
-        y: Tensor,
+        y: Option<Tensor>,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
         let in_f = base.in_features();
@@ -198,8 +199,17 @@ impl Lora {
             let bf16 = base.takes_bf16_products();
             let h = crate::nn::fused::lora_down(x, self.a.as_tensor(), self.scale, mask, bf16)?;
             // y + h·Bᵀ: (.., out)
-            return crate::nn::fused::lora_up_add(&y, &h, self.b.as_tensor(), bf16);
+            let b = self.b.as_tensor();
+            return match y {
+                Some(y) => crate::nn::fused::lora_up_add(&y, &h, b, bf16),
+                None if base.bias().is_none() => crate::nn::fused::lora_linear_up(x, base, &h, b),
+                None => crate::nn::fused::lora_up_add(&base.forward(x)?, &h, b, bf16),
+            };
         }
+        let y = match y {
+            Some(y) => y,
+            None => base.forward(x)?,
+        };
         let xd = match mask {
             Some(mask) => x.mul(&Self::mask_tensor(x, mask)?)?,
             None => x.clone(),
@@ -339,9 +349,8 @@ impl LoraLinear {
         x: &Tensor,
         dropout_key: Option<u64>,
     ) -> candle_core::Result<Tensor> {
-        // y: (.., out) = base(x)
-        let y = self.base.forward(x)?;
-        self.lora.add_to(x, &self.base, y, dropout_key)
+        // base(x) + z: (.., out)
+        self.lora.add_to(x, &self.base, None, dropout_key)
     }
 
     /// The inverted-dropout mask [`Self::forward_with`] multiplies x by for `key`: each element 0

@@ -11,7 +11,7 @@
 //! kernels where the CPU lacks AVX-512 BF16); f16 ones are converted to f32 inside the op and the
 //! result back. Either way the graph never holds an f32 copy of x.
 use crate::quant::dequantize_f32;
-use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd};
+use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer};
 use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
@@ -250,6 +250,28 @@ impl QLinear {
         }
     }
 
+    /// Runs `f` on `x·Wᵀ` (`m` rows of `out_features`, f32, no bias) as this layer's forward
+    /// computes it before rounding to the activation dtype, in the thread's product buffer (the
+    /// one the bf16 forward rounds from). x: f32 or bf16 rows.
+    pub(crate) fn with_product<R>(&self, x: Rows<'_>, m: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        let w = self.weight.matrix();
+        let run = |out: &mut [f32]| {
+            match (x, self.bf16_products) {
+                (Rows::F32(x), false) => qmatmul_fwd(x, m, &w, out),
+                (Rows::F32(x), true) => qmatmul_fwd_bf16(x, m, &w, out),
+                (Rows::Bf16(x), _) => qmatmul_fwd_bf16(x, m, &w, out),
+            }
+            f(out)
+        };
+        with_thread_buffer(&PRODUCT, m * self.out_features, PRODUCT_KEEP, run)
+    }
+
+    /// `dy (.., out) · W` in dy's dtype: the forward's input gradient, as an op (no gradient for W).
+    pub(crate) fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        dy.contiguous()?
+            .apply_op1(self.op(Dir::InputGrad, self.bf16_products))
+    }
+
     /// The weight's device copies (made on first use on a GPU).
     #[cfg(feature = "cuda")]
     pub fn gpu_cache(&self) -> &Arc<crate::cuda::GpuWeightCache> {
@@ -290,6 +312,37 @@ impl Module for QLinear {
         }
     }
 }
+
+/// Activation rows as the quantised products take them.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    /// f32 rows.
+    F32(&'a [f32]),
+    /// bf16 rows.
+    Bf16(&'a [bf16]),
+}
+
+std::thread_local! {
+    /// A thread's f32 product buffer: a bf16 forward's result before rounding, and the fused
+    /// LoRA linear's base product ([`QLinear::with_product`]); reused, since a fresh
+    /// activation-sized buffer a call faulted in fresh pages every time.
+    static PRODUCT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Frees this thread's product buffer ([`QLinear::with_product`]), as a step ends: a step's
+/// products grow it again, so it counts in the step's memory rather than staying between steps
+/// (and a memory plan's step part holds it).
+pub(crate) fn release_product_buffer() {
+    PRODUCT.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            *b = Vec::new();
+        }
+    });
+}
+
+/// Elements of [`PRODUCT`] a thread keeps (16 MiB: a decoder layer's outputs; a head's logits
+/// chunk is not kept).
+const PRODUCT_KEEP: usize = 4 << 20;
 
 /// Which product the op computes with the frozen W (N×K).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,9 +394,6 @@ impl QMatMulOp {
         let mut res = crate::quant::matmul::zeroed(m * out_w, bf16::ZERO);
         // The f32 result lives in a buffer this thread reuses (a fresh activation-sized one per
         // call faulted in fresh pages every time), then is rounded into the bf16 result.
-        thread_local! {
-            static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let run = |out: &mut [f32]| {
             match self.dir {
                 Dir::Forward => qmatmul_fwd_bf16(arg, m, &w, out),
@@ -353,8 +403,7 @@ impl QMatMulOp {
                 out, &mut res,
             );
         };
-        // Up to 16 MiB are kept (a decoder layer's outputs); a head's logits chunk is not.
-        crate::quant::matmul::with_thread_buffer(&OUT, m * out_w, 4 << 20, run);
+        with_thread_buffer(&PRODUCT, m * out_w, PRODUCT_KEEP, run);
         res
     }
 

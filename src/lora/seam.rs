@@ -17,8 +17,10 @@ pub struct BaseCall<'a> {
     pub x: &'a Tensor,
     /// The frozen linear.
     pub base: &'a QLinear,
-    /// Its output `base(x) (.., out)`, which the adapter adds to or rescales.
-    pub y: Tensor,
+    /// Its output `base(x) (.., out)`, which the adapter adds to or rescales, where the caller
+    /// computed it; None: the adapter computes it (LoRA and DoRA in one op with their up
+    /// projection, on the CPU).
+    pub y: Option<Tensor>,
 }
 
 /// A boxed adapter on one linear, as an [`AdapterMethod`] builds it.

@@ -153,6 +153,7 @@ impl MemoryPlan {
             rs,
             prefix,
             rank: opts.lora.as_ref().map_or(0, |l| l.r),
+            cpu: opts.device.is_cpu(),
         };
         // (graph, leftovers) of every adapter layout among the layers (none: no adapter), for a
         // layer recomputed in `rs` bytes an element, and run forward in `s` (the reference).
@@ -325,6 +326,8 @@ struct StepShape<'a> {
     prefix: usize,
     /// LoRA's rank (0: no LoRA).
     rank: usize,
+    /// The step runs on the CPU (the fused ops; a GPU runs candle's composite ones).
+    cpu: bool,
 }
 
 impl StepShape<'_> {
@@ -352,7 +355,12 @@ impl StepShape<'_> {
         let (h, k, d) = (spec.heads, spec.kv_heads, spec.head_dim);
         let (mut proj, mut left) = (0, 0);
         for (pi, &(o, inp)) in self.dims.iter().enumerate() {
-            proj += n * o * s; // base output
+            // The base output, except where an adapter on the CPU runs a bias-free base's product
+            // inside its own op (`nn::fused::lora_linear_up`): then it is never a tensor.
+            let fused = lora[pi] && self.method.is_some() && self.cpu && !spec.has_bias(pi);
+            if !fused {
+                proj += n * o * s;
+            }
             if let (true, Some(m)) = (lora[pi], self.method) {
                 let (g, lo) = m.graph_bytes(n, o, inp, s);
                 proj += g;
@@ -449,7 +457,14 @@ impl StepShape<'_> {
         let (dims, c, i) = (self.dims, self.spec.hidden, self.spec.ffn);
         let widest = self.widest();
         let (n, half) = (self.batch * self.seq, self.half());
-        let convert = if half { n * (widest + c.max(i)) * 4 } else { 0 };
+        // The f32 product a half step's products round from, which is also the one an adapted
+        // linear's fused op adds its up projection to (`QLinear::with_product`, any dtype): one
+        // buffer of the widest output; and a half step's f32 copy of the widest input.
+        let product = match half || (self.rank > 0 && self.cpu) {
+            true => n * widest * 4,
+            false => 0,
+        };
+        let convert = product + if half { n * c.max(i) * 4 } else { 0 };
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.
         let k = dims.iter().map(|&(_, inp)| inp).max().unwrap_or(c);
         // AMX's tiles, and every bf16 kernel's staging block of x rows.

@@ -436,6 +436,9 @@ fn train_with<M: Decoder, R>(
 /// those pages in again: one zeroed page per 4 KiB of activations, against the GEMMs of a step.
 fn release_free_heap(phase: &str) {
     use crate::nn::device::{heap_probe, trim_heap};
+    if phase == "step" {
+        crate::lora::qlinear::release_product_buffer();
+    }
     heap_probe(phase, "before trim");
     trim_heap();
     heap_probe(phase, "after trim");

@@ -465,11 +465,13 @@ impl Transformer {
     }
 
     fn linear(&self, l: &Linear, x: &Tensor, key: Option<u64>) -> candle_core::Result<Tensor> {
-        let y = self.base_fwd(&l.base, x)?;
+        let base = &l.base;
         match &l.adapter {
-            None => Ok(y),
+            None => self.base_fwd(base, x),
+            // The adapter runs the base product itself (fused with its own on the CPU), unless
+            // decoding takes the 8-bit path for it.
             Some(a) => {
-                let base = &l.base;
+                let y = self.int8.then(|| self.base_fwd(base, x)).transpose()?;
                 a.forward(BaseCall { x, base, y }, key)
             }
         }

@@ -1,5 +1,7 @@
 //! LoRA's branch `y + s·(drop(x)·Aᵀ)·Bᵀ` as two ops with hand-written backward passes (CPU):
-//! [`lora_down`] `h = s·drop(x)·Aᵀ` and [`lora_up_add`] `y + h·Bᵀ`.
+//! [`lora_down`] `h = s·drop(x)·Aᵀ` and [`lora_up_add`] `y + h·Bᵀ`, or, where the adapter runs
+//! the frozen base's product itself, [`lora_linear_up`] `base(x) + h·Bᵀ` (`lora/linear.rs`: no
+//! separate `y`).
 //!
 //! Why: candle runs the branch as two bf16 matmuls (each widening both operands to f32), a scale,
 //! a cast and an add, and its backward as four more widening matmuls; with dropout it also stores
@@ -17,9 +19,11 @@ use crate::rng::SplitMix64;
 use candle_core::{CustomOp2, CustomOp3};
 
 mod bf16;
+mod linear;
 mod rows;
 mod sink;
 pub(crate) use bf16::scratch_bytes as lora_bf16_scratch_bytes;
+pub use linear::lora_linear_up;
 use rows::{prims, Prims};
 pub use sink::backward_collecting;
 
@@ -371,8 +375,8 @@ struct UpOp {
 }
 
 impl UpOp {
-    /// y + h·Bᵀ with `b (O, R)` f32.
-    fn forward<T: Elem>(&self, y: &[T], h: &[f32], b: &[f32], o: usize) -> Vec<T> {
+    /// y + h·Bᵀ with `b (O, R)` f32, rounded once to T (y: f32, or already T).
+    fn forward<Y: Elem, T: Elem>(&self, y: &[Y], h: &[f32], b: &[f32], o: usize) -> Vec<T> {
         let r = b.len() / o.max(1);
         let mut out = zeroed(y.len(), T::of(0.0));
         if self.bf16 {
@@ -401,42 +405,15 @@ impl UpOp {
     }
 }
 
-impl CustomOp3 for UpOp {
-    fn name(&self) -> &'static str {
-        "qtune-lora-up-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sy: &CpuStorage,
-        ly: &Layout,
-        sh: &CpuStorage,
-        lh: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
-    ) -> CpuOut {
-        let (_, o) = rows_of(ly.dims())?;
-        let h = f32_of(sh, lh, self.name())?;
-        let b = f32_of(sb, lb, self.name())?;
-        let name = self.name();
-        let out = match sy {
-            CpuStorage::F32(y) => CpuStorage::F32(self.forward(slice_of(y, ly, name)?, &h, &b, o)),
-            CpuStorage::BF16(y) => {
-                CpuStorage::BF16(self.forward(slice_of(y, ly, name)?, &h, &b, o))
-            }
-            CpuStorage::F16(y) => CpuStorage::F16(self.forward(slice_of(y, ly, name)?, &h, &b, o)),
-            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
-        };
-        Ok((out, ly.shape().clone()))
-    }
-
-    fn bwd(&self, y: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
-        let (_, o) = rows_of(y.dims())?;
+impl UpOp {
+    /// `(dh, dB)` of `h·Bᵀ` for the output gradient `d (.., O)`: `dh (M, R) = d·B` f32 and
+    /// `dB = dᵀ·h` in b's dtype (None where [`sink`] holds it aside).
+    fn grads(&self, h: &Tensor, b: &Tensor, d: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let (_, o) = rows_of(d.dims())?;
         let (_, r) = b.dims2()?;
-        let d = d.to_dtype(y.dtype())?.contiguous()?;
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let b32 = const_f32(b, self.name())?;
-        let (dh, db) = with_elem!(d, self.name(), |ds| {
+        let b32 = const_f32(b, "qtune-lora-up-add")?;
+        let (dh, db) = with_elem!(d, "qtune-lora-up-add", |ds| {
             let d = Dropped {
                 x: ds,
                 n: o,
@@ -456,7 +433,52 @@ impl CustomOp3 for UpOp {
             (dh, transpose(&dbt, r, o))
         });
         let dh = Tensor::from_vec(dh, h.dims(), &Device::Cpu)?;
-        let db = sink::weight_grad(b, tensor_of(db, b.dims(), b.dtype())?);
+        Ok((
+            dh,
+            sink::weight_grad(b, tensor_of(db, b.dims(), b.dtype())?),
+        ))
+    }
+}
+
+impl CustomOp3 for UpOp {
+    fn name(&self) -> &'static str {
+        "qtune-lora-up-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sh: &CpuStorage,
+        lh: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CpuOut {
+        let (_, o) = rows_of(ly.dims())?;
+        let h = f32_of(sh, lh, self.name())?;
+        let b = f32_of(sb, lb, self.name())?;
+        let name = self.name();
+        let out = match sy {
+            CpuStorage::F32(y) => {
+                CpuStorage::F32(self.forward::<f32, f32>(slice_of(y, ly, name)?, &h, &b, o))
+            }
+            CpuStorage::BF16(y) => CpuStorage::BF16(self.forward::<half::bf16, half::bf16>(
+                slice_of(y, ly, name)?,
+                &h,
+                &b,
+                o,
+            )),
+            CpuStorage::F16(y) => {
+                CpuStorage::F16(self.forward::<f16, f16>(slice_of(y, ly, name)?, &h, &b, o))
+            }
+            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
+        };
+        Ok((out, ly.shape().clone()))
+    }
+
+    fn bwd(&self, y: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
+        let d = d.to_dtype(y.dtype())?.contiguous()?;
+        let (dh, db) = self.grads(h, b, &d)?;
         Ok((Some(d), Some(dh), db))
     }
 }

@@ -1,0 +1,106 @@
+//! The frozen linear and LoRA's up projection as one op: `base(x) + h·Bᵀ`.
+//!
+//! Why: apart, the base's product is a tensor of its own (zero-filled, written, and in a bf16
+//! step rounded to bf16), [`lora_up_add`] reads it and writes the sum into another, and candle's
+//! backward accumulates that tensor's gradient onto a zero tensor before the base's input
+//! gradient reads it. Here the base's f32 product stays in the thread's product buffer
+//! ([`QLinear::with_product`]), `h·Bᵀ` is added to it in f32 and the sum is rounded once; the
+//! backward takes x's gradient straight from the output's. The sums are those of the two ops but
+//! for one rounding fewer where activations are bf16 (the base product is no longer rounded
+//! before the add); with f32 activations the result is the same to the bit.
+use super::*;
+use crate::lora::qlinear::Rows;
+
+/// `base(x) + h·Bᵀ` in x's dtype for `x (.., I)` (M rows), `h (M, R)` f32 and `b (O, R)`, where
+/// `base` has no bias: [`lora_up_add`] of the base's output without that output existing.
+/// Backward: `dx = d·W` (the base's input gradient), `dh = d·B` (f32), `dB = dᵀ·h` in b's dtype.
+/// The products take bf16 operands as the base does ([`QLinear::takes_bf16_products`]).
+pub fn lora_linear_up(x: &Tensor, base: &QLinear, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_cpu("lora_linear_up", &[x, h, b])?;
+    let ((m, i), (mh, r), (ob, rb)) = (rows_of(x.dims())?, h.dims2()?, b.dims2()?);
+    let (o, fits) = (
+        base.out_features(),
+        i == base.in_features() && base.bias().is_none(),
+    );
+    if !fits || m != mh || o != ob || r != rb || h.dtype() != DType::F32 {
+        bail!(
+            "lora_linear_up: x {:?}, h {:?} ({:?}, must be f32) and B {:?} do not fit (.., I), \
+             (M, R), (O, R) of a bias-free {o} x {} linear",
+            x.dims(),
+            h.dims(),
+            h.dtype(),
+            b.dims(),
+            base.in_features()
+        );
+    }
+    let bf16 = base.takes_bf16_products() || x.dtype() == DType::BF16;
+    let op = LinearUpOp {
+        base: base.clone(),
+        up: UpOp {
+            bf16: bf16::takes_bf16(bf16),
+        },
+    };
+    x.contiguous()?
+        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LinearUpOp {
+    base: QLinear,
+    up: UpOp,
+}
+
+impl LinearUpOp {
+    /// `x·Wᵀ + h·Bᵀ` (M, O) in T for x's `m` rows.
+    fn forward<T: Elem>(&self, x: &[T], h: &[f32], b: &[f32], m: usize) -> Vec<T> {
+        let o = self.base.out_features();
+        let add = |y: &[f32]| self.up.forward::<f32, T>(y, h, b, o);
+        match (T::as_f32(x), T::as_bf16(x)) {
+            (Some(x), _) => self.base.with_product(Rows::F32(x), m, add),
+            (_, Some(x)) => self.base.with_product(Rows::Bf16(x), m, add),
+            // f16: the base's f32 kernels take it widened, as its own forward does.
+            _ => {
+                let x: Vec<f32> = x.iter().map(|v| v.f()).collect();
+                self.base.with_product(Rows::F32(&x), m, add)
+            }
+        }
+    }
+}
+
+impl CustomOp3 for LinearUpOp {
+    fn name(&self) -> &'static str {
+        "qtune-lora-linear-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sh: &CpuStorage,
+        lh: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> CpuOut {
+        let (m, _) = rows_of(lx.dims())?;
+        let h = f32_of(sh, lh, self.name())?;
+        let b = f32_of(sb, lb, self.name())?;
+        let name = self.name();
+        let out = match sx {
+            CpuStorage::F32(x) => CpuStorage::F32(self.forward(slice_of(x, lx, name)?, &h, &b, m)),
+            CpuStorage::BF16(x) => {
+                CpuStorage::BF16(self.forward(slice_of(x, lx, name)?, &h, &b, m))
+            }
+            CpuStorage::F16(x) => CpuStorage::F16(self.forward(slice_of(x, lx, name)?, &h, &b, m)),
+            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
+        };
+        let mut dims = lx.dims().to_vec();
+        *dims.last_mut().expect("rows_of checked the rank") = self.base.out_features();
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
+        let d = d.to_dtype(x.dtype())?.contiguous()?;
+        let dx = self.base.input_grad(&d)?;
+        let (dh, db) = self.up.grads(h, b, &d)?;
+        Ok((Some(dx), Some(dh), db))
+    }
+}
