@@ -18,6 +18,28 @@ use super::*;
 use crate::rng::SplitMix64;
 use candle_core::{CustomOp2, CustomOp3};
 
+/// `$body` on the f32, bf16 or f16 slice `$x` of the CPU storage `$s` (contiguous per layout
+/// `$l`), its `Vec` the storage of the same dtype; other dtypes are an error of op `$name`.
+macro_rules! map_float_storage {
+    ($s:expr, $l:expr, $name:expr, |$x:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $x = slice_of(v, $l, $name)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::BF16(v) => {
+                let $x = slice_of(v, $l, $name)?;
+                CpuStorage::BF16($body)
+            }
+            CpuStorage::F16(v) => {
+                let $x = slice_of(v, $l, $name)?;
+                CpuStorage::F16($body)
+            }
+            s => bail!("{}: unsupported dtype {:?}", $name, s.dtype()),
+        }
+    };
+}
+
 mod bf16;
 mod linear;
 mod rows;
@@ -458,21 +480,7 @@ impl CustomOp3 for UpOp {
         let h = f32_of(sh, lh, self.name())?;
         let b = f32_of(sb, lb, self.name())?;
         let name = self.name();
-        let out = match sy {
-            CpuStorage::F32(y) => {
-                CpuStorage::F32(self.forward::<f32, f32>(slice_of(y, ly, name)?, &h, &b, o))
-            }
-            CpuStorage::BF16(y) => CpuStorage::BF16(self.forward::<half::bf16, half::bf16>(
-                slice_of(y, ly, name)?,
-                &h,
-                &b,
-                o,
-            )),
-            CpuStorage::F16(y) => {
-                CpuStorage::F16(self.forward::<f16, f16>(slice_of(y, ly, name)?, &h, &b, o))
-            }
-            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
-        };
+        let out = map_float_storage!(sy, ly, name, |y| self.forward(y, &h, &b, o));
         Ok((out, ly.shape().clone()))
     }
 

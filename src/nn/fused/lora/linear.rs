@@ -84,14 +84,7 @@ impl CustomOp3 for LinearUpOp {
         let h = f32_of(sh, lh, self.name())?;
         let b = f32_of(sb, lb, self.name())?;
         let name = self.name();
-        let out = match sx {
-            CpuStorage::F32(x) => CpuStorage::F32(self.forward(slice_of(x, lx, name)?, &h, &b, m)),
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(self.forward(slice_of(x, lx, name)?, &h, &b, m))
-            }
-            CpuStorage::F16(x) => CpuStorage::F16(self.forward(slice_of(x, lx, name)?, &h, &b, m)),
-            s => bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
-        };
+        let out = map_float_storage!(sx, lx, name, |x| self.forward(x, &h, &b, m));
         let mut dims = lx.dims().to_vec();
         *dims.last_mut().expect("rows_of checked the rank") = self.base.out_features();
         Ok((out, Shape::from(dims)))
