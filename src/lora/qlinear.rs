@@ -254,13 +254,9 @@ impl QLinear {
     /// computes it before rounding to the activation dtype, in the thread's product buffer (the
     /// one the bf16 forward rounds from). x: f32 or bf16 rows.
     pub(crate) fn with_product<R>(&self, x: Rows<'_>, m: usize, f: impl FnOnce(&[f32]) -> R) -> R {
-        let w = self.weight.matrix();
+        let op = self.op(Dir::Forward, self.bf16_products);
         let run = |out: &mut [f32]| {
-            match (x, self.bf16_products) {
-                (Rows::F32(x), false) => qmatmul_fwd(x, m, &w, out),
-                (Rows::F32(x), true) => qmatmul_fwd_bf16(x, m, &w, out),
-                (Rows::Bf16(x), _) => qmatmul_fwd_bf16(x, m, &w, out),
-            }
+            op.product_into(x, m, out);
             f(out)
         };
         with_thread_buffer(&PRODUCT, m * self.out_features, PRODUCT_KEEP, run)
@@ -373,32 +369,36 @@ impl QMatMulOp {
         }
     }
 
+    /// The product of `m` rows of `arg` into `out` (f32, every element written): the f32 kernels
+    /// for f32 rows, the bf16 ones for bf16 rows and where the op takes bf16 products.
+    fn product_into(&self, arg: Rows<'_>, m: usize, out: &mut [f32]) {
+        let w = self.w.matrix();
+        match (self.dir, arg, self.bf16_products) {
+            (Dir::Forward, Rows::F32(x), false) => qmatmul_fwd(x, m, &w, out),
+            (Dir::InputGrad, Rows::F32(x), false) => qmatmul_bwd_input(x, m, &w, out, false),
+            (Dir::Forward, Rows::F32(x), true) => qmatmul_fwd_bf16(x, m, &w, out),
+            (Dir::InputGrad, Rows::F32(x), true) => qmatmul_bwd_input_bf16(x, m, &w, out, false),
+            (Dir::Forward, Rows::Bf16(x), _) => qmatmul_fwd_bf16(x, m, &w, out),
+            (Dir::InputGrad, Rows::Bf16(x), _) => qmatmul_bwd_input_bf16(x, m, &w, out, false),
+        }
+    }
+
     /// Runs the kernel on a contiguous f32 argument of `m` rows.
     fn run(&self, arg: &[f32], m: usize) -> Vec<f32> {
-        let w = self.w.matrix();
         let (_, out_w) = self.widths();
         let mut out = crate::quant::matmul::zeroed(m * out_w, 0f32);
-        match (self.dir, self.bf16_products) {
-            (Dir::Forward, false) => qmatmul_fwd(arg, m, &w, &mut out),
-            (Dir::InputGrad, false) => qmatmul_bwd_input(arg, m, &w, &mut out, false),
-            (Dir::Forward, true) => qmatmul_fwd_bf16(arg, m, &w, &mut out),
-            (Dir::InputGrad, true) => qmatmul_bwd_input_bf16(arg, m, &w, &mut out, false),
-        }
+        self.product_into(Rows::F32(arg), m, &mut out);
         out
     }
 
     /// Runs the bf16 kernel on a bf16 argument of `m` rows; the f32 result rounded back to bf16.
     fn run_bf16(&self, arg: &[bf16], m: usize) -> Vec<bf16> {
-        let w = self.w.matrix();
         let (_, out_w) = self.widths();
         let mut res = crate::quant::matmul::zeroed(m * out_w, bf16::ZERO);
         // The f32 result lives in a buffer this thread reuses (a fresh activation-sized one per
         // call faulted in fresh pages every time), then is rounded into the bf16 result.
         let run = |out: &mut [f32]| {
-            match self.dir {
-                Dir::Forward => qmatmul_fwd_bf16(arg, m, &w, out),
-                Dir::InputGrad => qmatmul_bwd_input_bf16(arg, m, &w, out, false),
-            }
+            self.product_into(Rows::Bf16(arg), m, out);
             crate::quant::simd::f32_to_bf16_fn(crate::quant::dispatch::active_level())(
                 out, &mut res,
             );

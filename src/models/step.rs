@@ -325,7 +325,7 @@ fn train_with<M: Decoder, R>(
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
         drop((grads, loss, x));
-        release_free_heap("step");
+        end_step();
         return Ok((r, out));
     }
     if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
@@ -421,8 +421,15 @@ fn train_with<M: Decoder, R>(
         collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
     drop((g, ctx));
-    release_free_heap("step");
+    end_step();
     Ok((loss, out))
+}
+
+/// The end of a training step: the thread's product buffer freed (a step's products grow it
+/// again, so it is part of the step's memory, as the plan's step part counts it), then the heap.
+fn end_step() {
+    crate::lora::qlinear::release_product_buffer();
+    release_free_heap("step");
 }
 
 /// Gives the pages of freed heap memory back to the system (glibc `malloc_trim`; a no-op
@@ -436,9 +443,6 @@ fn train_with<M: Decoder, R>(
 /// those pages in again: one zeroed page per 4 KiB of activations, against the GEMMs of a step.
 fn release_free_heap(phase: &str) {
     use crate::nn::device::{heap_probe, trim_heap};
-    if phase == "step" {
-        crate::lora::qlinear::release_product_buffer();
-    }
     heap_probe(phase, "before trim");
     trim_heap();
     heap_probe(phase, "after trim");

@@ -591,8 +591,8 @@ pub fn worth_packing() -> bool {
 /// with the group kernel `f` (the fastest of [`group_impls`] when None).
 pub fn gemv_packed(x: &[f32], m: usize, p: &Packed, y: &mut [f32], f: Option<GroupFn>) {
     let (n, k) = (p.rows, p.cols);
-    let lengths = (("x", x.len()), ("y", y.len()));
-    crate::quant::matmul::check_operands("gemv_packed", lengths.0, lengths.1, m, (n, k));
+    let op = "gemv_packed";
+    crate::quant::matmul::check_operands(op, ("x", x.len()), ("y", y.len()), m, (n, k));
     let f = f.unwrap_or_else(|| group_impls().last().expect("the scalar reference").1);
     let xq: Vec<Q8Act> = (0..m)
         .map(|i| quantize_activations(&x[i * k..(i + 1) * k]))

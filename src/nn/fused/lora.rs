@@ -391,6 +391,9 @@ impl CustomOp2 for DownOp {
     }
 }
 
+/// `(dh, dB)` of an up projection ([`UpOp::grads`]).
+type GradsUp = Result<(Tensor, Option<Tensor>)>;
+
 struct UpOp {
     /// bf16 products ([`bf16`]).
     bf16: bool,
@@ -430,12 +433,13 @@ impl UpOp {
 impl UpOp {
     /// `(dh, dB)` of `h·Bᵀ` for the output gradient `d (.., O)`: `dh (M, R) = d·B` f32 and
     /// `dB = dᵀ·h` in b's dtype (None where [`sink`] holds it aside).
-    fn grads(&self, h: &Tensor, b: &Tensor, d: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// `op` names the op asking, for its errors.
+    fn grads(&self, op: &str, h: &Tensor, b: &Tensor, d: &Tensor) -> GradsUp {
         let (_, o) = rows_of(d.dims())?;
         let (_, r) = b.dims2()?;
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let b32 = const_f32(b, "qtune-lora-up-add")?;
-        let (dh, db) = with_elem!(d, "qtune-lora-up-add", |ds| {
+        let b32 = const_f32(b, op)?;
+        let (dh, db) = with_elem!(d, op, |ds| {
             let d = Dropped {
                 x: ds,
                 n: o,
@@ -486,7 +490,7 @@ impl CustomOp3 for UpOp {
 
     fn bwd(&self, y: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
         let d = d.to_dtype(y.dtype())?.contiguous()?;
-        let (dh, db) = self.grads(h, b, &d)?;
+        let (dh, db) = self.grads(self.name(), h, b, &d)?;
         Ok((Some(d), Some(dh), db))
     }
 }

@@ -93,7 +93,7 @@ impl CustomOp3 for LinearUpOp {
     fn bwd(&self, x: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
         let d = d.to_dtype(x.dtype())?.contiguous()?;
         let dx = self.base.input_grad(&d)?;
-        let (dh, db) = self.up.grads(h, b, &d)?;
+        let (dh, db) = self.up.grads(self.name(), h, b, &d)?;
         Ok((Some(dx), Some(dh), db))
     }
 }
