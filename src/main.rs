@@ -80,6 +80,13 @@ fn main() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
+    // Since session 19 there is no such pool unless the user asks for one: candle's element-wise
+    // ops (the backward's gradient sums) run on the calling worker. With the workers kept awake
+    // through a step (`nn::awake`) candle's thread competed with them for a core and the caller
+    // waited on it (~100M bf16 step 1.04-1.10x faster without it).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Train(_) | Cmd::Bench(_)) {
         // before any thread allocates: one malloc arena (measured for training steps only)

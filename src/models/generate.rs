@@ -224,6 +224,9 @@ pub fn generate(
             prompt_s: 0.0,
         });
     }
+    // the other workers poll for jobs until the last token (nn::awake): a decode step is many
+    // short parallel regions
+    let _awake = crate::nn::awake::Awake::start();
     let logits = g.step(prompt, &mut cache)?;
     let last = |l: &Tensor| -> Result<Vec<f32>> {
         let n = l.dim(0).map_err(cerr("logits"))?;

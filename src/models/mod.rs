@@ -22,7 +22,7 @@ pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
 pub use step::{
     eval_loss, eval_row_losses, forward, loss, train_grads, train_grads_rows, RowLosses,
-    RowWeights, Tokens,
+    RowWeights, Tokens, PIPELINED_RECOMPUTE,
 };
 pub use transformer::Transformer;
 
@@ -259,9 +259,9 @@ impl<M: AsRef<Transformer>> CausalLm for M {
 
 /// The blocks of a decoder-only architecture; [`CausalLm`] follows from them through
 /// [`forward`], [`loss`] and [`train_grads`] in this module.
-pub trait Decoder {
+pub trait Decoder: Sync {
     /// Per-call constants shared by all layers (rotary tables, attention bias).
-    type Ctx;
+    type Ctx: Sync;
     /// Decoder layers.
     fn num_layers(&self) -> usize;
     /// Hidden size C.

@@ -168,6 +168,7 @@ impl MemoryPlan {
             .map(|(g, lo)| g + lo)
             .max()
             .unwrap_or(0);
+        let graph_rs = layouts(&shape).iter().map(|(g, _)| *g).max().unwrap_or(0);
         let forward_shape = StepShape { rs: s, ..shape };
         let graph_only = layouts(&forward_shape)
             .iter()
@@ -192,7 +193,14 @@ impl MemoryPlan {
             layer_phase,
             // A wider recompute also widens the layer's input, its variable copy and the
             // gradient coming in (the checkpoints above count them in the forward's dtype).
-            recompute: graph + shape.in_flight() + 3 * n * spec.hidden * (rs - s),
+            // With the recompute pipelined (`step::pipelined`), the next layer's forward graph
+            // exists beside this one's backward, and its input twice in `rs` (the checkpoint
+            // widened and its variable copy) as that forward starts.
+            recompute: graph
+                + shape.in_flight()
+                + 3 * n * spec.hidden * (rs - s)
+                + usize::from(super::step::pipelined(shape.cpu))
+                    * (graph_rs + 2 * n * spec.hidden * rs),
             // The f32 conversions of half-precision products count whole, beside the gradients
             // in flight: their buffers are thread-local and kept between calls (QLinear's f32
             // output, the bf16 kernels' packed activations), resident from the first product
@@ -464,7 +472,10 @@ impl StepShape<'_> {
             true => n * widest * 4,
             false => 0,
         };
-        let convert = product + if half { n * c.max(i) * 4 } else { 0 };
+        // With the recompute pipelined (`step::pipelined`) a second thread runs whole forward
+        // ops beside the backward's: two sets.
+        let convert = (product + if half { n * c.max(i) * 4 } else { 0 })
+            * (1 + usize::from(super::step::pipelined(self.cpu)));
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.
         let k = dims.iter().map(|&(_, inp)| inp).max().unwrap_or(c);
         // AMX's tiles, and every bf16 kernel's staging block of x rows.

@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A batch as a step reads it: token ids `(B, T)`, the optional padding mask `(B, T)` (1 on
 /// real tokens) and the labels `(B, T)` (-100 ignored; shifted here).
@@ -128,6 +129,7 @@ fn eval_head_input<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(Tensor, Vec<i64>
 
 /// [`super::CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
 pub fn eval_loss<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<f32> {
+    let _awake = crate::nn::awake::Awake::start();
     let (x, tg, b, th) = eval_head_input(m, s)?;
     loss_of(m, &x, &tg, b, th)?
         .to_dtype(DType::F32)
@@ -262,6 +264,7 @@ fn row_values(heads: &[Option<(Tensor, usize)>]) -> Result<RowLosses> {
 
 /// [`super::CausalLm::eval_row_losses`] of a [`Decoder`]: per-row sums without keeping a graph.
 pub fn eval_row_losses<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<RowLosses> {
+    let _awake = crate::nn::awake::Awake::start();
     let (x, tg, b, th) = eval_head_input(m, s)?;
     row_values(&row_heads(m, &x, &tg, b, th)?)
 }
@@ -315,6 +318,9 @@ fn train_with<M: Decoder, R>(
     head: Head<'_, M, R>,
 ) -> Result<(R, HashMap<String, Tensor>)> {
     let (ids, mask) = (s.ids, s.mask);
+    // the other workers poll for jobs until the step returns (nn::awake: their wake-ups were a
+    // third of the second worker's time on the measuring VM)
+    let _awake = crate::nn::awake::Awake::start();
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
     let (tg, th) = head_targets(m, s.labels, b, t)?;
@@ -341,7 +347,6 @@ fn train_with<M: Decoder, R>(
     // the one being recomputed.
     let mut saved = Vec::with_capacity(m.num_layers());
     let mut x = m.embed(&v, b, t)?;
-    let dev = x.device().clone();
     for li in 0..m.num_layers() {
         let y = m
             .layer(li, &x, &ctx, key)
@@ -383,32 +388,7 @@ fn train_with<M: Decoder, R>(
     }
     drop(x);
     let mut out = HashMap::new();
-    // The recompute's activation dtype (`LlamaOptions::recompute_dtype`): a bf16 step's layers
-    // are recomputed and differentiated in f32 on the CPU, their products still bf16.
-    let rdt = m.recompute_dtype();
-    // Backward through the layers, last first: recompute, backprop sum(out * g), pass dx on.
-    for li in (0..m.num_layers()).rev() {
-        let xin = saved
-            .pop()
-            .expect("one saved input per layer")
-            .to_device(&dev)
-            .and_then(|x| x.to_dtype(rdt))
-            .map_err(cerr("checkpoint"))?;
-        let (gs, xv) = (|| -> candle_core::Result<_> {
-            let xv = Var::from_tensor(&xin)?;
-            let y = m.layer(li, xv.as_tensor(), &ctx, key)?;
-            let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
-            Ok((fused::backward_collecting(&s)?, xv))
-        })()
-        .map_err(cerr("recompute"))?;
-        collect(m, &gs, Some(li), &mut out)?;
-        if li > 0 || m.prompt_len() > 0 {
-            g = match gs.get(xv.as_tensor()) {
-                Some(gx) => gx.detach(),
-                None => xin.zeros_like().map_err(cerr("grads"))?,
-            };
-        }
-    }
+    let g = backward_layers(m, saved, g, (&ctx, key), &mut out)?;
     if m.prompt_len() > 0 {
         // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
         // gradient into the sequence-level tensors.
@@ -425,10 +405,99 @@ fn train_with<M: Decoder, R>(
     Ok((loss, out))
 }
 
+/// The checkpointed backward through the layers, last first: recompute layer li from its saved
+/// input, backpropagate `sum(out * g)`, collect its adapters' gradients into `out` and pass dx
+/// on; returns layer 0's input gradient. Layer li-1's recompute runs beside layer li's backward
+/// where [`pipelined`].
+fn backward_layers<M: Decoder>(
+    m: &M,
+    mut saved: Vec<Tensor>,
+    mut g: Tensor,
+    (ctx, key): (&M::Ctx, Option<u64>),
+    out: &mut HashMap<String, Tensor>,
+) -> Result<Tensor> {
+    let dev = g.device().clone();
+    // The recompute's activation dtype (`LlamaOptions::recompute_dtype`): a bf16 step's layers
+    // are recomputed and differentiated in f32 on the CPU, their products still bf16.
+    let rdt = m.recompute_dtype();
+    let recompute = |li: usize, xin: Tensor| -> Result<(Var, Tensor)> {
+        let xin = xin
+            .to_device(&dev)
+            .and_then(|x| x.to_dtype(rdt))
+            .map_err(cerr("checkpoint"))?;
+        (|| -> candle_core::Result<_> {
+            let xv = Var::from_tensor(&xin)?;
+            let y = m.layer(li, xv.as_tensor(), ctx, key)?;
+            Ok((xv, y))
+        })()
+        .map_err(cerr("recompute"))
+    };
+    let mut pop = || saved.pop().expect("one saved input per layer");
+    let pipelined = pipelined(dev.is_cpu());
+    let mut next = Some(recompute(m.num_layers() - 1, pop())?);
+    for li in (0..m.num_layers()).rev() {
+        let (xv, y) = match next.take() {
+            Some(r) => r,
+            None => recompute(li, pop())?,
+        };
+        let backward = || -> Result<_> {
+            (|| -> candle_core::Result<_> {
+                let s =
+                    nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
+                fused::backward_collecting(&s)
+            })()
+            .map_err(cerr("recompute"))
+        };
+        let gs = if pipelined && li > 0 {
+            let xin = pop();
+            let (gs, r) = rayon::join(backward, || recompute(li - 1, xin));
+            next = Some(r?);
+            gs?
+        } else {
+            backward()?
+        };
+        drop(y);
+        collect(m, &gs, Some(li), out)?;
+        if li > 0 || m.prompt_len() > 0 {
+            g = match gs.get(xv.as_tensor()) {
+                Some(gx) => gx.detach(),
+                None => xv.as_tensor().zeros_like().map_err(cerr("grads"))?,
+            };
+        }
+    }
+    Ok(g)
+}
+
+/// Whether the checkpointed backward recomputes layer li-1 beside layer li's backward: on the
+/// CPU with two threads or more, when asked for (`QTUNE_PIPELINE=1`, or [`PIPELINED_RECOMPUTE`]
+/// set). Why: candle's backward runs its gradient sums (a zero tensor and an add per edge) and
+/// frees on one thread, and the other worker had nothing to do through them; the recompute of the
+/// next layer is independent work (its input is a checkpoint) that fills that time: ~100M bf16
+/// step 1.08-1.17x (session 19). Why not by default: that layer's graph is alive beside the
+/// backward's (the plan counts it), and with glibc's dynamic mmap threshold the two threads'
+/// interleaved allocations made the peak vary from run to run by more than the plan can promise
+/// (tests/llama_rss.rs's shape: 190-226 MiB against 215 planned, where the one-layer backward
+/// measures within 2 MiB run to run). The same gradients bit for bit (tests/pipelined_step.rs).
+pub(crate) fn pipelined(cpu: bool) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let asked = *ON.get_or_init(|| std::env::var("QTUNE_PIPELINE").is_ok_and(|v| v != "0"));
+    cpu && rayon::current_num_threads() > 1
+        && (asked || PIPELINED_RECOMPUTE.load(Ordering::Relaxed))
+}
+
+/// Set (tests), the checkpointed backward is pipelined as `QTUNE_PIPELINE=1` asks (see
+/// [`pipelined`]).
+pub static PIPELINED_RECOMPUTE: AtomicBool = AtomicBool::new(false);
+
 /// The end of a training step: the thread's product buffer freed (a step's products grow it
 /// again, so it is part of the step's memory, as the plan's step part counts it), then the heap.
 fn end_step() {
-    crate::lora::qlinear::release_product_buffer();
+    if pipelined(true) {
+        // the other worker ran whole forward ops (the pipelined recompute) with its own buffer
+        rayon::broadcast(|_| crate::lora::qlinear::release_product_buffer());
+    } else {
+        crate::lora::qlinear::release_product_buffer();
+    }
     release_free_heap("step");
 }
 

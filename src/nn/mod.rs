@@ -3,6 +3,7 @@
 //! with the same signatures that keep less alive for backward).
 //!
 //! Shapes: B batch, T sequence, H query heads, KVH key/value heads, D head dim, C channels, V vocab.
+pub mod awake;
 pub mod device;
 pub mod fused;
 pub mod generic;

@@ -1,0 +1,76 @@
+//! The checkpointed backward with each layer's recompute beside the next one's backward
+//! (`models::step::pipelined`, `QTUNE_PIPELINE=1` on a CPU with two threads or more) gives the step of
+//! the one-layer-at-a-time backward bit for bit: Llama (padding, dropout; f32 and bf16) and
+//! Falcon (multi-query), on a two-thread pool. One test in its own binary: it flips a
+//! process-wide switch.
+mod common;
+
+use candle_core::DType;
+use qtune::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec, PIPELINED_RECOMPUTE};
+use qtune::quant::QType;
+use qtune::store::WeightStore;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+fn opts(dtype: DType, dropout: f32) -> LlamaOptions {
+    LlamaOptions {
+        quant: Some(QType::Q8_0),
+        dtype,
+        lora: Some(LoraSpec {
+            targets: vec!["all-linear".into()],
+            r: 4,
+            alpha: 8.0,
+            dropout,
+            seed: 5,
+            ..LoraSpec::default()
+        }),
+        ce_chunk: 7,
+        ..LlamaOptions::default()
+    }
+}
+
+/// One step of a freshly loaded model with and without the pipeline: the same loss and gradients.
+fn same_step(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str) {
+    let (ids, mask, labels) = common::step_batch(vocab);
+    let mut runs = Vec::new();
+    for on in [false, true] {
+        PIPELINED_RECOMPUTE.store(on, Ordering::Relaxed);
+        let m = load();
+        common::perturb_lora_b(m.as_ref());
+        runs.push(m.train_grads(&ids, Some(&mask), &labels).unwrap());
+    }
+    PIPELINED_RECOMPUTE.store(false, Ordering::Relaxed);
+    let ((l0, g0), (l1, g1)) = (&runs[0], &runs[1]);
+    assert_eq!(l0.to_bits(), l1.to_bits(), "{what}: loss {l1} vs {l0}");
+    assert_eq!(g0.len(), g1.len());
+    for (name, g) in g0 {
+        let e = common::max_rel_any(&g1[name], g);
+        assert!(e == 0.0, "{what}: {name} off by {e:e}");
+    }
+}
+
+#[test]
+fn pipelined_recompute_gives_the_same_step() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let llama = WeightStore::open(&root.join("llama/model")).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let load = || -> Box<dyn CausalLm> {
+                Box::new(Llama::load(&llama, opts(dtype, 0.1)).unwrap())
+            };
+            same_step(&load, 300, &format!("llama {dtype:?}"));
+        }
+        let store = WeightStore::open(&root.join("falcon/mq/model")).unwrap();
+        let vocab = qtune::models::FalconConfig::from_store(&store)
+            .unwrap()
+            .vocab_size as u32;
+        let load = || -> Box<dyn CausalLm> {
+            Box::new(Falcon::load(&store, opts(DType::F32, 0.0)).unwrap())
+        };
+        same_step(&load, vocab, "falcon mq");
+    });
+}
