@@ -129,7 +129,7 @@ fn eval_head_input<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(Tensor, Vec<i64>
 
 /// [`super::CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
 pub fn eval_loss<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<f32> {
-    let _awake = crate::nn::awake::Awake::start();
+    let _awake = crate::nn::awake::Awake::start(m.hidden_size());
     let (x, tg, b, th) = eval_head_input(m, s)?;
     loss_of(m, &x, &tg, b, th)?
         .to_dtype(DType::F32)
@@ -264,7 +264,7 @@ fn row_values(heads: &[Option<(Tensor, usize)>]) -> Result<RowLosses> {
 
 /// [`super::CausalLm::eval_row_losses`] of a [`Decoder`]: per-row sums without keeping a graph.
 pub fn eval_row_losses<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<RowLosses> {
-    let _awake = crate::nn::awake::Awake::start();
+    let _awake = crate::nn::awake::Awake::start(m.hidden_size());
     let (x, tg, b, th) = eval_head_input(m, s)?;
     row_values(&row_heads(m, &x, &tg, b, th)?)
 }
@@ -318,9 +318,9 @@ fn train_with<M: Decoder, R>(
     head: Head<'_, M, R>,
 ) -> Result<(R, HashMap<String, Tensor>)> {
     let (ids, mask) = (s.ids, s.mask);
-    // the other workers poll for jobs until the step returns (nn::awake: their wake-ups were a
-    // third of the second worker's time on the measuring VM)
-    let _awake = crate::nn::awake::Awake::start();
+    // the other workers poll for jobs until the step returns, at small hidden sizes (nn::awake:
+    // their wake-ups were a third of the second worker's time on the measuring VM)
+    let _awake = crate::nn::awake::Awake::start(m.hidden_size());
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
     let (tg, th) = head_targets(m, s.labels, b, t)?;

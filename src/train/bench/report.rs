@@ -191,10 +191,10 @@ impl BenchReport {
         v["config"]["candle_spin_limit"] =
             serde_json::json!(std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").ok());
         // candle's element-wise pool size (`qtune` sets 1 unless given) and whether the workers
-        // poll through a step (`nn::awake`; QTUNE_NO_SPIN)
+        // poll through a step (`nn::awake`: QTUNE_SPIN, null for the size-based default)
         v["config"]["candle_num_threads"] =
             serde_json::json!(std::env::var("CANDLE_NUM_THREADS").ok());
-        v["config"]["no_spin"] = serde_json::json!(std::env::var("QTUNE_NO_SPIN").ok());
+        v["config"]["spin"] = serde_json::json!(std::env::var("QTUNE_SPIN").ok());
         if let Some(pr) = &c.prompt {
             v["config"]["num_virtual_tokens"] = serde_json::json!(pr.num_virtual_tokens);
             if pr.has_encoder() {
