@@ -224,9 +224,6 @@ pub fn generate(
             prompt_s: 0.0,
         });
     }
-    // the other workers poll for jobs until the last token (nn::awake): a decode step is many
-    // short parallel regions
-    let _awake = crate::nn::awake::Awake::start(super::Decoder::hidden_size(&g.model));
     let logits = g.step(prompt, &mut cache)?;
     let last = |l: &Tensor| -> Result<Vec<f32>> {
         let n = l.dim(0).map_err(cerr("logits"))?;
