@@ -11,29 +11,11 @@
 mod common;
 
 use candle_core::DType;
-use qtune::models::{CausalLm, Falcon, FalconConfig, Llama, LlamaOptions, LoraSpec};
+use qtune::models::{CausalLm, Falcon, FalconConfig, Llama};
 use qtune::nn::fused::{F32_ATTENTION_PRODUCTS, GENERIC_ATTENTION};
-use qtune::quant::QType;
 use qtune::store::WeightStore;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-
-fn opts(dtype: DType, dropout: f32) -> LlamaOptions {
-    LlamaOptions {
-        quant: Some(QType::Q8_0),
-        dtype,
-        lora: Some(LoraSpec {
-            targets: vec!["all-linear".into()],
-            r: 4,
-            alpha: 8.0,
-            dropout,
-            seed: 5,
-            ..LoraSpec::default()
-        }),
-        ce_chunk: 7,
-        ..LlamaOptions::default()
-    }
-}
 
 /// One step of a freshly loaded model (same seed, same perturbation) with each attention.
 fn both(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str, tol: f32) {
@@ -64,15 +46,16 @@ fn generic_attention_gives_the_fused_step() {
     let llama = WeightStore::open(&root.join("llama/model")).unwrap();
     F32_ATTENTION_PRODUCTS.store(true, Ordering::Relaxed);
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-        let load =
-            || -> Box<dyn CausalLm> { Box::new(Llama::load(&llama, opts(dtype, 0.1)).unwrap()) };
+        let load = || -> Box<dyn CausalLm> {
+            Box::new(Llama::load(&llama, common::step_opts(dtype, 0.1)).unwrap())
+        };
         both(&load, 300, &format!("llama {dtype:?}"), tol);
     }
     for layout in ["mq", "gqa"] {
         let store = WeightStore::open(&root.join(format!("falcon/{layout}/model"))).unwrap();
         let vocab = FalconConfig::from_store(&store).unwrap().vocab_size as u32;
         let load = || -> Box<dyn CausalLm> {
-            Box::new(Falcon::load(&store, opts(DType::F32, 0.0)).unwrap())
+            Box::new(Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap())
         };
         both(&load, vocab, &format!("falcon {layout}"), 1e-5);
     }

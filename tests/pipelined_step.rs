@@ -6,28 +6,10 @@
 mod common;
 
 use candle_core::DType;
-use qtune::models::{CausalLm, Falcon, Llama, LlamaOptions, LoraSpec, PIPELINED_RECOMPUTE};
-use qtune::quant::QType;
+use qtune::models::{CausalLm, Falcon, Llama, PIPELINED_RECOMPUTE};
 use qtune::store::WeightStore;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-
-fn opts(dtype: DType, dropout: f32) -> LlamaOptions {
-    LlamaOptions {
-        quant: Some(QType::Q8_0),
-        dtype,
-        lora: Some(LoraSpec {
-            targets: vec!["all-linear".into()],
-            r: 4,
-            alpha: 8.0,
-            dropout,
-            seed: 5,
-            ..LoraSpec::default()
-        }),
-        ce_chunk: 7,
-        ..LlamaOptions::default()
-    }
-}
 
 /// One step of a freshly loaded model with and without the pipeline: the same loss and gradients.
 fn same_step(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str) {
@@ -60,7 +42,7 @@ fn pipelined_recompute_gives_the_same_step() {
         let llama = WeightStore::open(&root.join("llama/model")).unwrap();
         for dtype in [DType::F32, DType::BF16] {
             let load = || -> Box<dyn CausalLm> {
-                Box::new(Llama::load(&llama, opts(dtype, 0.1)).unwrap())
+                Box::new(Llama::load(&llama, common::step_opts(dtype, 0.1)).unwrap())
             };
             same_step(&load, 300, &format!("llama {dtype:?}"));
         }
@@ -69,7 +51,7 @@ fn pipelined_recompute_gives_the_same_step() {
             .unwrap()
             .vocab_size as u32;
         let load = || -> Box<dyn CausalLm> {
-            Box::new(Falcon::load(&store, opts(DType::F32, 0.0)).unwrap())
+            Box::new(Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap())
         };
         same_step(&load, vocab, "falcon mq");
     });

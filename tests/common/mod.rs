@@ -159,3 +159,22 @@ pub fn max_rel_any(got: &Tensor, want: &Tensor) -> f32 {
         .fold(0f32, f32::max)
         / scale
 }
+
+/// The step tests' options: Q8_0 at load, LoRA r4 alpha 8 on all linears (seed 5), `dropout`,
+/// cross-entropy chunks of 7 rows.
+pub fn step_opts(dtype: DType, dropout: f32) -> qtune::models::LlamaOptions {
+    qtune::models::LlamaOptions {
+        quant: Some(qtune::quant::QType::Q8_0),
+        dtype,
+        lora: Some(qtune::models::LoraSpec {
+            targets: vec!["all-linear".into()],
+            r: 4,
+            alpha: 8.0,
+            dropout,
+            seed: 5,
+            ..Default::default()
+        }),
+        ce_chunk: 7,
+        ..Default::default()
+    }
+}
