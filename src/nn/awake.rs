@@ -6,9 +6,10 @@
 //! goes to sleep, and waking it costs what the machine's wake-up costs: on the 2-vCPU Firecracker
 //! VM this project is measured on (`haltpoll.guest_halt_poll_ns=0`: an idle vCPU halts at once)
 //! a futex wake-up reached the other thread after 29 µs (median) when it had slept 10 µs and
-//! 57 µs after 1 ms (/work/notes/s19/wake.c). A ~100M bf16 step slept and woke ~2,700 times, and
-//! the second worker was idle a third of the step; two threads ran 1.11x one thread. OpenMP
-//! (PyTorch's threads) spins between regions for the same reason.
+//! 57 µs after 1 ms (two pinned threads, futex ping-pong; docs/BENCHMARKS.md, session 19). A
+//! ~100M bf16 step slept and woke ~2,700 times, and the second worker was idle a third of the
+//! step; two threads ran 1.11x one thread. OpenMP (PyTorch's threads) spins between regions for
+//! the same reason.
 //!
 //! [`Awake::start`] keeps small jobs circulating in the pool: each runs pending jobs
 //! (`rayon::yield_now`: the worker's own deque first, then stealing) and, once it has found none
