@@ -163,12 +163,9 @@ impl MemoryPlan {
                 false => per_layer_lora.iter().map(|x| shape.layer(x)).collect(),
             }
         };
-        let graph = layouts(&shape)
-            .iter()
-            .map(|(g, lo)| g + lo)
-            .max()
-            .unwrap_or(0);
-        let graph_rs = layouts(&shape).iter().map(|(g, _)| *g).max().unwrap_or(0);
+        let recomputed = layouts(&shape);
+        let graph = recomputed.iter().map(|(g, lo)| g + lo).max().unwrap_or(0);
+        let graph_rs = recomputed.iter().map(|(g, _)| *g).max().unwrap_or(0);
         let forward_shape = StepShape { rs: s, ..shape };
         let graph_only = layouts(&forward_shape)
             .iter()

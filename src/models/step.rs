@@ -331,7 +331,7 @@ fn train_with<M: Decoder, R>(
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
         drop((grads, loss, x));
-        end_step();
+        end_step(false);
         return Ok((r, out));
     }
     if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
@@ -388,7 +388,8 @@ fn train_with<M: Decoder, R>(
     }
     drop(x);
     let mut out = HashMap::new();
-    let g = backward_layers(m, saved, g, (&ctx, key), &mut out)?;
+    let pipelined = pipelined(g.device().is_cpu());
+    let g = backward_layers(m, saved, g, (&ctx, key, pipelined), &mut out)?;
     if m.prompt_len() > 0 {
         // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
         // gradient into the sequence-level tensors.
@@ -401,19 +402,19 @@ fn train_with<M: Decoder, R>(
         collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
     drop((g, ctx));
-    end_step();
+    end_step(pipelined);
     Ok((loss, out))
 }
 
 /// The checkpointed backward through the layers, last first: recompute layer li from its saved
 /// input, backpropagate `sum(out * g)`, collect its adapters' gradients into `out` and pass dx
 /// on; returns layer 0's input gradient. Layer li-1's recompute runs beside layer li's backward
-/// where [`pipelined`].
+/// when `pipelined` (see [`pipelined`]).
 fn backward_layers<M: Decoder>(
     m: &M,
     mut saved: Vec<Tensor>,
     mut g: Tensor,
-    (ctx, key): (&M::Ctx, Option<u64>),
+    (ctx, key, pipelined): (&M::Ctx, Option<u64>, bool),
     out: &mut HashMap<String, Tensor>,
 ) -> Result<Tensor> {
     let dev = g.device().clone();
@@ -433,7 +434,6 @@ fn backward_layers<M: Decoder>(
         .map_err(cerr("recompute"))
     };
     let mut pop = || saved.pop().expect("one saved input per layer");
-    let pipelined = pipelined(dev.is_cpu());
     let mut next = Some(recompute(m.num_layers() - 1, pop())?);
     for li in (0..m.num_layers()).rev() {
         let (xv, y) = match next.take() {
@@ -491,8 +491,9 @@ pub static PIPELINED_RECOMPUTE: AtomicBool = AtomicBool::new(false);
 
 /// The end of a training step: the thread's product buffer freed (a step's products grow it
 /// again, so it is part of the step's memory, as the plan's step part counts it), then the heap.
-fn end_step() {
-    if pipelined(true) {
+/// `pipelined`: the step recomputed layers on another worker too, whose buffer goes as well.
+fn end_step(pipelined: bool) {
+    if pipelined {
         // the other worker ran whole forward ops (the pipelined recompute) with its own buffer
         rayon::broadcast(|_| crate::lora::qlinear::release_product_buffer());
     } else {

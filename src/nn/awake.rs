@@ -35,7 +35,8 @@ use std::sync::Arc;
 /// Guards active now (nested steps, such as an evaluation inside a run, start one loop only).
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// Runs of the job on a worker that polls (for tests).
+/// Runs of the job on a worker that polls (counted in tests only: the job is a hot loop).
+#[cfg(test)]
 static POLLS: AtomicUsize = AtomicUsize::new(0);
 
 /// Tries that find no job before the job queues itself again and returns.
@@ -88,6 +89,7 @@ fn poll(stop: Arc<AtomicBool>, keep: Option<usize>) {
     if stop.load(Ordering::Acquire) || rayon::current_thread_index() == keep {
         return;
     }
+    #[cfg(test)]
     POLLS.fetch_add(1, Ordering::Relaxed);
     let mut idle = 0;
     while idle < IDLE_TRIES && !stop.load(Ordering::Acquire) {
