@@ -8,10 +8,9 @@ pub mod device;
 pub mod fused;
 pub mod generic;
 
-use crate::lora::QLinear;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use half::{bf16, f16};
 
 /// What a custom op's `cpu_fwd` returns.
@@ -303,74 +302,6 @@ fn softmax_last(s: &Tensor) -> Result<Tensor> {
 /// SiLU `x · sigmoid(x)`, any shape and float dtype.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
-}
-
-/// Summed cross-entropy of `lm_head(hidden)` against `labels`, computed `chunk` rows at a time so
-/// that the logits of all tokens never exist at once in the forward.
-///
-/// `hidden (N, C)` (any float dtype; normed final hidden states, already shifted so row n predicts
-/// `labels[n]`), `lm_head` maps C -> V, `labels` N class ids where -100 (any negative) is ignored.
-/// Returns `(sum over kept rows of -log softmax(logits)[label]` as an f32 scalar tensor, number of
-/// kept rows)`; logits and log-sum-exp are f32. With autograd, each chunk's graph still keeps its
-/// logits until backward: a caller that needs the memory bound backpropagates chunk by chunk (as
-/// `models::llama` does) or uses the fused version.
-pub fn cross_entropy_chunked(
-    hidden: &Tensor,
-    lm_head: &QLinear,
-    labels: &[i64],
-    chunk: usize,
-) -> Result<(Tensor, usize)> {
-    let (n, _c) = hidden.dims2()?;
-    if labels.len() != n {
-        candle_core::bail!("{} labels for {n} hidden rows", labels.len());
-    }
-    let vocab = lm_head.out_features() as i64;
-    let keep: Vec<(u32, u32)> = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l >= 0)
-        .map(|(i, &l)| {
-            if l >= vocab {
-                candle_core::bail!("label {l} at row {i} is outside the vocabulary of {vocab}");
-            }
-            Ok((i as u32, l as u32))
-        })
-        .collect::<Result<_>>()?;
-    let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
-    for part in keep.chunks(chunk.max(1)) {
-        let (rows, lab): (Vec<u32>, Vec<u32>) = part.iter().copied().unzip();
-        let m = rows.len();
-        let rows = Tensor::from_vec(rows, m, hidden.device())?;
-        let lab = Tensor::from_vec(lab, (m, 1), hidden.device())?;
-        // h: (m, C) -> logits (m, V) f32
-        let h = hidden.index_select(&rows, 0)?;
-        let logits = lm_head.forward(&h)?.to_dtype(DType::F32)?;
-        total = (total + chunk_nll(&logits, &lab)?)?;
-    }
-    Ok((total, keep.len()))
-}
-
-/// `sum_i logsumexp(logits_i) - logits_i[lab_i]` for `logits (m, V)` f32 and `lab (m, 1)` u32.
-fn chunk_nll(logits: &Tensor, lab: &Tensor) -> Result<Tensor> {
-    let mx = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = add_const(
-        &add_const(logits, &mx.neg()?)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?,
-        &mx,
-    )?;
-    let picked = logits.gather(lab, D::Minus1)?;
-    (lse - picked)?.sum_all()
-}
-
-/// Row-wise negative log-likelihood for one chunk, exposed for callers that backpropagate chunk by
-/// chunk: `hidden (m, C)`, `labels` m ids all in `0..V`; returns the f32 scalar sum.
-pub fn nll_sum(hidden: &Tensor, lm_head: &QLinear, labels: &[u32]) -> Result<Tensor> {
-    let m = labels.len();
-    let lab = Tensor::from_vec(labels.to_vec(), (m, 1), hidden.device())?;
-    let logits = lm_head.forward(hidden)?.to_dtype(DType::F32)?;
-    chunk_nll(&logits, &lab)
 }
 
 #[cfg(test)]
