@@ -261,7 +261,7 @@ impl<M: AsRef<Transformer>> CausalLm for M {
 /// [`forward`], [`loss`] and [`train_grads`] in this module.
 pub trait Decoder: Sync {
     /// Per-call constants shared by all layers (rotary tables, attention bias).
-    type Ctx: Sync;
+    type Ctx: Send + Sync;
     /// Decoder layers.
     fn num_layers(&self) -> usize;
     /// Hidden size C.

@@ -311,7 +311,9 @@ pub fn train_grads_rows<M: Decoder>(
 
 /// The training step under any [`Head`]: with checkpointing, only each layer's input is kept
 /// through the forward; the backward recomputes one layer at a time (same dropout masks) and the
-/// logits are made and freed chunk by chunk.
+/// logits are made and freed chunk by chunk. On the CPU a batch of two sequences or more runs as
+/// two independent streams until the head and again from the head's gradient on (see
+/// [`streams`]).
 fn train_with<M: Decoder, R>(
     m: &M,
     s: Tokens<'_>,
@@ -324,36 +326,36 @@ fn train_with<M: Decoder, R>(
     let key = Some(m.next_step_key());
     let (b, t, v) = check_batch(ids)?;
     let (tg, th) = head_targets(m, s.labels, b, t)?;
-    if !m.checkpoint() {
-        let x = head_rows(m, hidden(m, ids, mask, key)?, t)?;
-        let (r, loss) = head(m, &x, &tg, b, th)?;
-        let grads = fused::backward_collecting(&loss).map_err(cerr("backward"))?;
-        let mut out = HashMap::new();
-        collect(m, &grads, None, &mut out)?;
-        drop((grads, loss, x));
-        end_step(false);
-        return Ok((r, out));
-    }
     if let Some(&l) = tg.iter().find(|&&l| l >= m.vocab_size() as i64) {
         return Err(Error::Invalid(format!(
             "label {l} is outside the vocabulary of {}",
             m.vocab_size()
         )));
     }
-    let ctx = m.ctx(b, t, mask)?;
-    // Forward without keeping any graph: only each layer's input survives (detached). On a GPU
+    let parts = streams(b, ids.device().is_cpu());
+    let batch = StepBatch {
+        v: &v,
+        t,
+        mask,
+        key,
+    };
+    // Checkpointed: the forward keeps no graph, only each layer's input (detached). On a GPU
     // those inputs wait in host memory (as Unsloth offloads its checkpoints): B·T·C values per
     // layer cross the bus twice, against a layer's worth of GEMMs, and device memory keeps only
     // the one being recomputed.
-    let mut saved = Vec::with_capacity(m.num_layers());
-    let mut x = m.embed(&v, b, t)?;
-    for li in 0..m.num_layers() {
-        let y = m
-            .layer(li, &x, &ctx, key)
-            .map_err(cerr("forward"))?
-            .detach();
-        saved.push(x.to_device(&Device::Cpu).map_err(cerr("checkpoint"))?);
-        x = y;
+    let mut st = on_streams(parts.len(), |si| {
+        stream_forward(m, &batch, parts[si], si, m.checkpoint())
+    })?;
+    let x = cat_rows(st.iter_mut().map(|s| s.x.take()).collect())?;
+    if !m.checkpoint() {
+        let x = head_rows(m, x, t)?;
+        let (r, loss) = head(m, &x, &tg, b, th)?;
+        let grads = fused::backward_collecting(&loss).map_err(cerr("backward"))?;
+        let mut out = HashMap::new();
+        collect(m, &grads, None, &mut out)?;
+        drop((grads, loss, x, st));
+        end_step(parts.len() > 1);
+        return Ok((r, out));
     }
     // The forward's transients (each layer's graph, freed as the next runs) are free heap now,
     // but resident: glibc reuses them for small tensors only, and the head's logits chunk (rows
@@ -387,9 +389,8 @@ fn train_with<M: Decoder, R>(
         g = z;
     }
     drop(x);
-    let mut out = HashMap::new();
     let pipelined = pipelined(g.device().is_cpu());
-    let g = backward_layers(m, saved, g, (&ctx, key, pipelined), &mut out)?;
+    let (g, mut out) = backward_streams(m, st, g, pipelined)?;
     if m.prompt_len() > 0 {
         // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
         // gradient into the sequence-level tensors.
@@ -401,21 +402,200 @@ fn train_with<M: Decoder, R>(
         .map_err(cerr("prompt rows"))?;
         collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
-    drop((g, ctx));
-    end_step(pipelined);
+    drop(g);
+    end_step(pipelined || parts.len() > 1);
     Ok((loss, out))
 }
 
+/// What every stream of a step reads: the token ids (B·T), T, the padding mask and the step's
+/// dropout key.
+struct StepBatch<'a> {
+    v: &'a [u32],
+    t: usize,
+    mask: Option<&'a Tensor>,
+    key: Option<u64>,
+}
+
+/// One stream of a training step: its batch rows `(first, count)`, per-call constants and
+/// dropout key, the layers' saved inputs (checkpointed) and, after the forward, its final hidden
+/// states (with their graph when not checkpointed).
+struct Stream<C> {
+    rows: (usize, usize),
+    ctx: C,
+    key: Option<u64>,
+    saved: Vec<Tensor>,
+    x: Option<Tensor>,
+}
+
+/// The batch rows `(first, count)` of each stream of a training step. On the CPU a batch of two
+/// sequences or more runs as two halves, each through the whole forward and (from its rows of
+/// the head's gradient) the whole backward on its own, side by side on the pool. Why: at the
+/// ~100M shape one op's parallel loop over a few hundred rows left the second worker idle ~40 %
+/// of the step (session 20, perf by thread); two independent streams keep both busy, and each
+/// stream's loops still split where a worker is free. Always two, whatever the thread count, so
+/// that the sums (a LoRA weight's gradient is the two halves' added) do not depend on it; the
+/// uncheckpointed step splits the same way, so both modes agree bit for bit. `QTUNE_STREAMS=0`
+/// (or [`BATCH_STREAMS`] cleared) runs the batch as one.
+fn streams(b: usize, cpu: bool) -> Vec<(usize, usize)> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("QTUNE_STREAMS").is_ok_and(|v| v == "0"));
+    if cpu && b >= 2 && !off && BATCH_STREAMS.load(Ordering::Relaxed) {
+        let h = b.div_ceil(2);
+        vec![(0, h), (h, b - h)]
+    } else {
+        vec![(0, b)]
+    }
+}
+
+/// Cleared (tests, comparisons), a training step runs its batch as one stream (see [`streams`]).
+pub static BATCH_STREAMS: AtomicBool = AtomicBool::new(true);
+
+/// `f(0)`, ..., `f(n - 1)` for one or two streams, two side by side on the pool.
+fn on_streams<R: Send>(n: usize, f: impl Fn(usize) -> Result<R> + Sync) -> Result<Vec<R>> {
+    match n {
+        1 => Ok(vec![f(0)?]),
+        _ => {
+            let (a, b) = rayon::join(|| f(0), || f(1));
+            Ok(vec![a?, b?])
+        }
+    }
+}
+
+/// The streams' tensors `(b_i, ..)` as one batch `(Σ b_i, ..)`.
+fn cat_rows(mut xs: Vec<Option<Tensor>>) -> Result<Tensor> {
+    let missing = || Error::Invalid("a stream without its hidden states".into());
+    if xs.len() == 1 {
+        return xs.pop().flatten().ok_or_else(missing);
+    }
+    let xs = xs
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(missing)?;
+    Tensor::cat(&xs, 0).map_err(cerr("streams"))
+}
+
+/// Stream `si`'s forward over its `rows` of the batch: embedding and every layer, keeping each
+/// layer's input detached (`checkpoint`: no graph survives) or the whole graph. The dropout key
+/// of stream `si` is the step's plus `si·2²⁴`, within the step's range of 2³² keys (a layer's
+/// linears add `li·P + pi`).
+fn stream_forward<M: Decoder>(
+    m: &M,
+    s: &StepBatch<'_>,
+    rows: (usize, usize),
+    si: usize,
+    checkpoint: bool,
+) -> Result<Stream<M::Ctx>> {
+    let ((r0, n), t) = (rows, s.t);
+    let mask = s
+        .mask
+        .map(|mk| mk.narrow(0, r0, n))
+        .transpose()
+        .map_err(cerr("mask"))?;
+    let ctx = m.ctx(n, t, mask.as_ref())?;
+    let key = s.key.map(|k| k.wrapping_add((si as u64) << 24));
+    let mut saved = Vec::with_capacity(if checkpoint { m.num_layers() } else { 0 });
+    let mut x = m.embed(&s.v[r0 * t..(r0 + n) * t], n, t)?;
+    for li in 0..m.num_layers() {
+        let y = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
+        if checkpoint {
+            saved.push(x.to_device(&Device::Cpu).map_err(cerr("checkpoint"))?);
+            x = y.detach();
+        } else {
+            x = y;
+        }
+    }
+    Ok(Stream {
+        rows,
+        ctx,
+        key,
+        saved,
+        x: Some(x),
+    })
+}
+
+/// Every stream's checkpointed backward through the layers from its rows of the head's gradient
+/// `g (B, N + T, C)`, side by side: layer 0's input gradient (the streams' rows again as one
+/// batch) and the adapters' gradients. A layer's adapter gradients go into one map as each
+/// stream produces them (two terms, whose sum does not depend on which came first), so that the
+/// step holds one set of them, as the plan counts; the sequence-level tensors' (a sum over every
+/// layer) are summed per stream and added in stream order at the end.
+fn backward_streams<M: Decoder>(
+    m: &M,
+    st: Vec<Stream<M::Ctx>>,
+    g: Tensor,
+    pipelined: bool,
+) -> Result<(Tensor, HashMap<String, Tensor>)> {
+    let jobs = st
+        .into_iter()
+        .map(|s| {
+            let (r0, n) = s.rows;
+            let g = g
+                .narrow(0, r0, n)
+                .and_then(|g| g.contiguous())
+                .map_err(cerr("streams"))?;
+            Ok(std::sync::Mutex::new(Some((s, g))))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    drop(g);
+    let shared = std::sync::Mutex::new(HashMap::new());
+    let seq_names: std::collections::HashSet<String> =
+        m.sequence_vars().into_iter().map(|(n, _)| n).collect();
+    let backs = on_streams(jobs.len(), |si| {
+        let (s, g) = jobs[si]
+            .lock()
+            .ok()
+            .and_then(|mut j| j.take())
+            .expect("one job per stream, taken once");
+        let mut seq = HashMap::new();
+        let mut sink = |layer: HashMap<String, Tensor>| -> Result<()> {
+            for (name, g) in layer {
+                if seq_names.contains(&name) {
+                    add_grad(&mut seq, name, g)?;
+                } else {
+                    let mut o = shared.lock().map_err(|_| poisoned())?;
+                    add_grad(&mut o, name, g)?;
+                }
+            }
+            Ok(())
+        };
+        let g = backward_layers(m, s.saved, g, (&s.ctx, s.key, pipelined), &mut sink)?;
+        Ok((Some(g), seq))
+    })?;
+    let mut out = shared.into_inner().map_err(|_| poisoned())?;
+    let mut gx = Vec::with_capacity(backs.len());
+    for (g, seq) in backs {
+        for (name, t) in seq {
+            add_grad(&mut out, name, t)?;
+        }
+        gx.push(g);
+    }
+    Ok((cat_rows(gx)?, out))
+}
+
+/// `out[name] += g` (inserted when absent).
+fn add_grad(out: &mut HashMap<String, Tensor>, name: String, g: Tensor) -> Result<()> {
+    let g = match out.remove(&name) {
+        Some(prev) => (prev + g).map_err(cerr("grads"))?,
+        None => g,
+    };
+    out.insert(name, g);
+    Ok(())
+}
+
+fn poisoned() -> Error {
+    Error::Invalid("a stream's backward panicked while adding its gradients".into())
+}
+
 /// The checkpointed backward through the layers, last first: recompute layer li from its saved
-/// input, backpropagate `sum(out * g)`, collect its adapters' gradients into `out` and pass dx
-/// on; returns layer 0's input gradient. Layer li-1's recompute runs beside layer li's backward
+/// input, backpropagate `sum(out * g)`, hand its adapters' gradients (one map a layer) to `out`
+/// and pass dx on; returns layer 0's input gradient. Layer li-1's recompute runs beside layer li's backward
 /// when `pipelined` (see [`pipelined`]).
 fn backward_layers<M: Decoder>(
     m: &M,
     mut saved: Vec<Tensor>,
     mut g: Tensor,
     (ctx, key, pipelined): (&M::Ctx, Option<u64>, bool),
-    out: &mut HashMap<String, Tensor>,
+    out: &mut dyn FnMut(HashMap<String, Tensor>) -> Result<()>,
 ) -> Result<Tensor> {
     let dev = g.device().clone();
     // The recompute's activation dtype (`LlamaOptions::recompute_dtype`): a bf16 step's layers
@@ -457,7 +637,9 @@ fn backward_layers<M: Decoder>(
             backward()?
         };
         drop(y);
-        collect(m, &gs, Some(li), out)?;
+        let mut layer = HashMap::new();
+        collect(m, &gs, Some(li), &mut layer)?;
+        out(layer)?;
         if li > 0 || m.prompt_len() > 0 {
             g = match gs.get(xv.as_tensor()) {
                 Some(gx) => gx.detach(),
@@ -491,10 +673,11 @@ pub static PIPELINED_RECOMPUTE: AtomicBool = AtomicBool::new(false);
 
 /// The end of a training step: the thread's product buffer freed (a step's products grow it
 /// again, so it is part of the step's memory, as the plan's step part counts it), then the heap.
-/// `pipelined`: the step recomputed layers on another worker too, whose buffer goes as well.
-fn end_step(pipelined: bool) {
-    if pipelined {
-        // the other worker ran whole forward ops (the pipelined recompute) with its own buffer
+/// `others`: other workers ran whole ops too (a pipelined recompute, a second stream), whose
+/// buffers go as well.
+fn end_step(others: bool) {
+    if others {
+        // the other workers ran whole forward ops with their own buffers
         rayon::broadcast(|_| crate::lora::qlinear::release_product_buffer());
     } else {
         crate::lora::qlinear::release_product_buffer();
