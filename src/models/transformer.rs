@@ -533,11 +533,9 @@ impl Transformer {
                         y.reshape((b, t, n, hd))?.transpose(1, 2)
                     }
                 };
-                let (q, (k, v)) = both(
-                    || heads(proj(0, &xa)?, h),
-                    || both(|| heads(proj(1, &xa)?, kvh), || heads(proj(2, &xa)?, kvh)),
-                )?;
-                (q, k, v, 3)
+                let q = heads(proj(0, &xa)?, h)?;
+                let k = heads(proj(1, &xa)?, kvh)?;
+                (q, k, heads(proj(2, &xa)?, kvh)?, 3)
             }
             Attention::Fused(layout) => {
                 let (q, k, v) = split_qkv(&proj(0, &xa)?, layout, h, kvh, hd)?;
@@ -597,7 +595,7 @@ impl Transformer {
             match s.mlp {
                 Mlp::SwiGlu => {
                     // gate, up: (B, T, I)
-                    let (g, u) = both(|| proj(o + 1, xn), || proj(o + 2, xn))?;
+                    let (g, u) = (proj(o + 1, xn)?, proj(o + 2, xn)?);
                     let h = if !g.device().is_cpu() {
                         (nn::silu(&g)? * u)?
                     } else {
@@ -646,20 +644,6 @@ impl Transformer {
                 x + m
             }
         }
-    }
-}
-
-/// `(a(), b())`, the two run side by side on the pool (rayon::join) when `QTUNE_JOIN=1`.
-fn both<A: Send, B: Send>(
-    a: impl FnOnce() -> candle_core::Result<A> + Send,
-    b: impl FnOnce() -> candle_core::Result<B> + Send,
-) -> candle_core::Result<(A, B)> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ON.get_or_init(|| std::env::var("QTUNE_JOIN").is_ok_and(|v| v != "0")) {
-        let (a, b) = rayon::join(a, b);
-        Ok((a?, b?))
-    } else {
-        Ok((a()?, b()?))
     }
 }
 
