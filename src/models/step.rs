@@ -88,32 +88,14 @@ fn head_rows<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
     }
 }
 
-/// Final hidden states `(B, N + T, C)` before the last norm (N prompt rows), with the graph.
-fn hidden<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    key: Option<u64>,
-) -> Result<Tensor> {
-    hidden_with(m, ids, mask, key, false)
-}
-
-/// [`hidden`], or with every layer's output `detach`ed (no graph survives a layer).
-fn hidden_with<M: Decoder>(
-    m: &M,
-    ids: &Tensor,
-    mask: Option<&Tensor>,
-    key: Option<u64>,
-    detach: bool,
-) -> Result<Tensor> {
+/// Final hidden states `(B, N + T, C)` before the last norm (N prompt rows), with the graph, in
+/// eval mode (no dropout).
+fn hidden<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, t, v) = check_batch(ids)?;
     let ctx = m.ctx(b, t, mask)?;
     let mut x = m.embed(&v, b, t)?;
     for li in 0..m.num_layers() {
-        x = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
-        if detach {
-            x = x.detach();
-        }
+        x = m.layer(li, &x, &ctx, None).map_err(cerr("forward"))?;
     }
     Ok(x)
 }
@@ -121,10 +103,22 @@ fn hidden_with<M: Decoder>(
 /// The head's input of an evaluation without a graph (each layer's output detached): the hidden
 /// rows the head reads, their targets, B and the head rows per sequence.
 fn eval_head_input<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(Tensor, Vec<i64>, usize, usize)> {
-    let (b, t, _) = check_batch(s.ids)?;
+    let (b, t, v) = check_batch(s.ids)?;
     let (tg, th) = head_targets(m, s.labels, b, t)?;
-    let x = head_rows(m, hidden_with(m, s.ids, s.mask, None, true)?, t)?;
-    Ok((x, tg, b, th))
+    // The same streams as a training step's (see [`streams`]): each row's hidden states do not
+    // depend on the split (tests/batch_streams.rs), so this is speed alone.
+    let parts = streams(b, s.ids.device().is_cpu());
+    let batch = StepBatch {
+        v: &v,
+        t,
+        mask: s.mask,
+        key: None,
+    };
+    let mut st = on_streams(parts.len(), |si| {
+        stream_forward(m, &batch, parts[si], si, Keep::Nothing)
+    })?;
+    let x = cat_rows(st.iter_mut().map(|s| s.x.take()).collect())?;
+    Ok((head_rows(m, x, t)?, tg, b, th))
 }
 
 /// [`super::CausalLm::eval_loss`] of a [`Decoder`]: [`loss`]'s value, computed without keeping a graph.
@@ -148,7 +142,7 @@ fn drop_prompt<M: Decoder>(m: &M, x: Tensor, t: usize) -> Result<Tensor> {
 /// [`super::CausalLm::forward`] of a [`Decoder`]: all logits at once (tests, small inputs).
 pub fn forward<M: Decoder>(m: &M, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (_, t, _) = check_batch(ids)?;
-    let x = drop_prompt(m, hidden(m, ids, mask, None)?, t)?;
+    let x = drop_prompt(m, hidden(m, ids, mask)?, t)?;
     m.final_norm(&x)
         .and_then(|x| m.lm_head().forward(&x))
         .and_then(|l| l.to_dtype(DType::F32))
@@ -185,7 +179,7 @@ fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Res
 pub fn loss<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<Tensor> {
     let (b, t, _) = check_batch(s.ids)?;
     let (tg, th) = head_targets(m, s.labels, b, t)?;
-    let x = head_rows(m, hidden(m, s.ids, s.mask, None)?, t)?;
+    let x = head_rows(m, hidden(m, s.ids, s.mask)?, t)?;
     loss_of(m, &x, &tg, b, th)
 }
 
@@ -343,8 +337,12 @@ fn train_with<M: Decoder, R>(
     // those inputs wait in host memory (as Unsloth offloads its checkpoints): B·T·C values per
     // layer cross the bus twice, against a layer's worth of GEMMs, and device memory keeps only
     // the one being recomputed.
+    let keep = match m.checkpoint() {
+        true => Keep::Checkpoints,
+        false => Keep::Graph,
+    };
     let mut st = on_streams(parts.len(), |si| {
-        stream_forward(m, &batch, parts[si], si, m.checkpoint())
+        stream_forward(m, &batch, parts[si], si, keep)
     })?;
     let x = cat_rows(st.iter_mut().map(|s| s.x.take()).collect())?;
     if !m.checkpoint() {
@@ -353,6 +351,10 @@ fn train_with<M: Decoder, R>(
         let grads = fused::backward_collecting(&loss).map_err(cerr("backward"))?;
         let mut out = HashMap::new();
         collect(m, &grads, None, &mut out)?;
+        let dtypes = var_dtypes(m);
+        for (name, g) in out.iter_mut() {
+            *g = rounded(g, dtypes.get(name)).map_err(cerr("grads"))?;
+        }
         drop((grads, loss, x, st));
         end_step(parts.len() > 1);
         return Ok((r, out));
@@ -447,6 +449,12 @@ fn streams(b: usize, cpu: bool) -> Vec<(usize, usize)> {
     }
 }
 
+/// How many streams a batch of `b` sequences runs as on the CPU (`cpu`) or a GPU, now (see
+/// [`streams`]): what `qtune bench` records.
+pub fn batch_streams(b: usize, cpu: bool) -> usize {
+    streams(b, cpu).len()
+}
+
 /// Cleared (tests, comparisons), a training step runs its batch as one stream (see [`streams`]).
 pub static BATCH_STREAMS: AtomicBool = AtomicBool::new(true);
 
@@ -474,16 +482,26 @@ fn cat_rows(mut xs: Vec<Option<Tensor>>) -> Result<Tensor> {
     Tensor::cat(&xs, 0).map_err(cerr("streams"))
 }
 
-/// Stream `si`'s forward over its `rows` of the batch: embedding and every layer, keeping each
-/// layer's input detached (`checkpoint`: no graph survives) or the whole graph. The dropout key
-/// of stream `si` is the step's plus `si·2²⁴`, within the step's range of 2³² keys (a layer's
-/// linears add `li·P + pi`).
+/// What a stream's forward keeps of its layers.
+#[derive(Clone, Copy, PartialEq)]
+enum Keep {
+    /// The whole graph (an uncheckpointed step).
+    Graph,
+    /// Each layer's input, detached: no graph survives a layer (a checkpointed step).
+    Checkpoints,
+    /// Nothing but the final hidden states, without a graph (evaluation).
+    Nothing,
+}
+
+/// Stream `si`'s forward over its `rows` of the batch: embedding and every layer, keeping what
+/// `keep` says. The dropout key of stream `si` is the step's plus `si·2²⁴`, within the step's
+/// range of 2³² keys (a layer's linears add `li·P + pi`).
 fn stream_forward<M: Decoder>(
     m: &M,
     s: &StepBatch<'_>,
     rows: (usize, usize),
     si: usize,
-    checkpoint: bool,
+    keep: Keep,
 ) -> Result<Stream<M::Ctx>> {
     let ((r0, n), t) = (rows, s.t);
     let mask = s
@@ -493,16 +511,17 @@ fn stream_forward<M: Decoder>(
         .map_err(cerr("mask"))?;
     let ctx = m.ctx(n, t, mask.as_ref())?;
     let key = s.key.map(|k| k.wrapping_add((si as u64) << 24));
-    let mut saved = Vec::with_capacity(if checkpoint { m.num_layers() } else { 0 });
+    let mut saved = Vec::new();
     let mut x = m.embed(&s.v[r0 * t..(r0 + n) * t], n, t)?;
     for li in 0..m.num_layers() {
         let y = m.layer(li, &x, &ctx, key).map_err(cerr("forward"))?;
-        if checkpoint {
+        if keep == Keep::Checkpoints {
             saved.push(x.to_device(&Device::Cpu).map_err(cerr("checkpoint"))?);
-            x = y.detach();
-        } else {
-            x = y;
         }
+        x = match keep {
+            Keep::Graph => y,
+            _ => y.detach(),
+        };
     }
     Ok(Stream {
         rows,
@@ -540,6 +559,8 @@ fn backward_streams<M: Decoder>(
     let shared = std::sync::Mutex::new(HashMap::new());
     let seq_names: std::collections::HashSet<String> =
         m.sequence_vars().into_iter().map(|(n, _)| n).collect();
+    let dtypes = var_dtypes(m);
+    let two = jobs.len() > 1;
     let backs = on_streams(jobs.len(), |si| {
         let (s, g) = jobs[si]
             .lock()
@@ -549,12 +570,24 @@ fn backward_streams<M: Decoder>(
         let mut seq = HashMap::new();
         let mut sink = |layer: HashMap<String, Tensor>| -> Result<()> {
             for (name, g) in layer {
+                let dt = dtypes.get(&name);
                 if seq_names.contains(&name) {
+                    let g = rounded(&g, dt).map_err(cerr("grads"))?;
                     add_grad(&mut seq, name, g)?;
-                } else {
-                    let mut o = shared.lock().map_err(|_| poisoned())?;
-                    add_grad(&mut o, name, g)?;
+                    continue;
                 }
+                // A layer's weight: with two streams the first part waits in f32 and the sum
+                // is rounded once; with one, rounded now (the op's own rounding).
+                let mut o = shared.lock().map_err(|_| poisoned())?;
+                let g = match o.remove(&name) {
+                    Some(first) => g
+                        .to_dtype(DType::F32)
+                        .and_then(|g| first + g)
+                        .and_then(|s| rounded(&s, dt)),
+                    None if two => g.to_dtype(DType::F32),
+                    None => rounded(&g, dt),
+                };
+                o.insert(name, g.map_err(cerr("grads"))?);
             }
             Ok(())
         };
@@ -570,6 +603,21 @@ fn backward_streams<M: Decoder>(
         gx.push(g);
     }
     Ok((cat_rows(gx)?, out))
+}
+
+/// The dtype of every adapter tensor by name (linear adapters' and sequence-level).
+fn var_dtypes<M: Decoder>(m: &M) -> HashMap<String, DType> {
+    let vars = m.lora_vars(None).into_iter().chain(m.sequence_vars());
+    vars.map(|(n, v)| (n, v.dtype())).collect()
+}
+
+/// A gradient in its tensor's dtype (`dt`; unchanged when unknown): the fused LoRA ops' weight
+/// gradients leave [`fused::backward_collecting`] in f32 and are rounded here once.
+fn rounded(g: &Tensor, dt: Option<&DType>) -> candle_core::Result<Tensor> {
+    match dt {
+        Some(&dt) => fused::round_grad(g, dt),
+        None => Ok(g.clone()),
+    }
 }
 
 /// `out[name] += g` (inserted when absent).

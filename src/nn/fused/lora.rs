@@ -386,7 +386,7 @@ impl CustomOp2 for DownOp {
             (Tensor::from_vec(dx, x.dims(), &Device::Cpu)?, da)
         });
         let (dx, da) = dx;
-        let da = sink::weight_grad(a, tensor_of(da, a.dims(), a.dtype())?);
+        let da = sink::weight_grad(a, da)?;
         Ok((Some(dx), da))
     }
 }
@@ -459,10 +459,7 @@ impl UpOp {
             (dh, transpose(&dbt, r, o))
         });
         let dh = Tensor::from_vec(dh, h.dims(), &Device::Cpu)?;
-        Ok((
-            dh,
-            sink::weight_grad(b, tensor_of(db, b.dims(), b.dtype())?),
-        ))
+        Ok((dh, sink::weight_grad(b, db)?))
     }
 }
 

@@ -106,6 +106,19 @@ fn storage_of(v: Vec<f32>, dtype: DType) -> CpuStorage {
 }
 
 /// f32 results as a (gradient) tensor of `dtype`.
+/// `g` in `dtype`: an f32 gradient rounded as the fused ops round their outputs (a gradient that
+/// [`backward_collecting`] left in f32 gets the rounding the op would have given it).
+pub fn round_grad(g: &Tensor, dtype: DType) -> Result<Tensor> {
+    if g.dtype() == dtype {
+        return Ok(g.clone());
+    }
+    if g.dtype() != DType::F32 || !g.device().is_cpu() {
+        return g.to_dtype(dtype);
+    }
+    let v = g.flatten_all()?.to_vec1::<f32>()?;
+    tensor_of(v, g.dims(), dtype)
+}
+
 fn tensor_of(v: Vec<f32>, dims: &[usize], dtype: DType) -> Result<Tensor> {
     match dtype {
         DType::BF16 => Tensor::from_vec(rounded::<bf16>(&v), dims, &Device::Cpu),

@@ -195,6 +195,11 @@ impl BenchReport {
         v["config"]["candle_num_threads"] =
             serde_json::json!(std::env::var("CANDLE_NUM_THREADS").ok());
         v["config"]["spin"] = serde_json::json!(std::env::var("QTUNE_SPIN").ok());
+        // the batch's streams (`models::step::streams`: two on a CPU from two sequences) and
+        // whether the recompute was pipelined (QTUNE_PIPELINE)
+        let cpu = c.device == "cpu";
+        v["config"]["streams"] = serde_json::json!(crate::models::batch_streams(c.rows(), cpu));
+        v["config"]["pipeline"] = serde_json::json!(std::env::var("QTUNE_PIPELINE").ok());
         if let Some(pr) = &c.prompt {
             v["config"]["num_virtual_tokens"] = serde_json::json!(pr.num_virtual_tokens);
             if pr.has_encoder() {

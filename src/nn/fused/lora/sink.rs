@@ -6,19 +6,25 @@
 //! machine). A bf16 adapter's A and B took ~80 ms of the ~100M shape's ~1 s step that way. Inside
 //! [`backward_collecting`] the ops' dA and dB go aside instead and are put into the store after
 //! candle's backward, added to whatever candle accumulated for the same variable (one add, as
-//! candle's own would be); everywhere else the ops return them to candle as before.
+//! candle's own would be); everywhere else the ops return them to candle as before. Held aside,
+//! they stay f32: a weight's gradient may be the sum of two parts (a batch's two streams, see
+//! `models::step`), and rounding each part to bf16 before the sum cost up to 1.4 % of the largest
+//! value where the parts cancel; the caller rounds the sum once ([`super::round_grad`]).
+use super::super::tensor_of;
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, TensorId};
+use candle_core::{DType, Device, Result, Tensor, TensorId};
 use std::cell::RefCell;
 
 std::thread_local! {
-    /// The gradients held aside by the running [`backward_collecting`] (candle runs a backward,
-    /// and so the ops' `bwd`, on the calling thread); `None` outside one.
+    /// The gradients held aside (f32) by the running [`backward_collecting`] (candle runs a
+    /// backward, and so the ops' `bwd`, on the calling thread); `None` outside one.
     static HELD: RefCell<Option<Vec<(TensorId, Tensor)>>> = const { RefCell::new(None) };
 }
 
 /// `loss.backward()`, with the fused LoRA ops' weight gradients put into the store directly (see
-/// the module docs); the same gradients, bit for bit.
+/// the module docs), **in f32**: summed in f32 where a weight served more than one op, and with
+/// whatever candle accumulated for it; the caller rounds each to its weight's dtype once
+/// ([`super::round_grad`]), which gives the ops' own rounding bit for bit where there is one part.
 pub fn backward_collecting(loss: &Tensor) -> Result<GradStore> {
     let outer = HELD.with(|h| h.borrow_mut().replace(Vec::new()));
     let grads = loss.backward();
@@ -26,7 +32,7 @@ pub fn backward_collecting(loss: &Tensor) -> Result<GradStore> {
     let mut grads = grads?;
     for (id, g) in held.unwrap_or_default() {
         let g = match grads.get_id(id) {
-            Some(prev) => prev.add(&g)?,
+            Some(prev) => prev.to_dtype(DType::F32)?.add(&g)?,
             None => g,
         };
         grads.insert_id(id, g);
@@ -34,17 +40,19 @@ pub fn backward_collecting(loss: &Tensor) -> Result<GradStore> {
     Ok(grads)
 }
 
-/// The gradient `g` of an op's weight argument `w`, for the op to return to candle: `None` when it
-/// was held aside (`w` is a variable, inside [`backward_collecting`]).
-pub(super) fn weight_grad(w: &Tensor, g: Tensor) -> Option<Tensor> {
-    if !w.is_variable() {
-        return Some(g);
+/// The gradient `g` (f32 values) of an op's weight argument `w`, for the op to return to candle
+/// in `w`'s dtype: `None` when it was held aside in f32 (`w` is a variable, inside
+/// [`backward_collecting`]).
+pub(super) fn weight_grad(w: &Tensor, g: Vec<f32>) -> Result<Option<Tensor>> {
+    let held = w.is_variable() && HELD.with(|h| h.borrow().is_some());
+    if !held {
+        return tensor_of(g, w.dims(), w.dtype()).map(Some);
     }
-    HELD.with(|h| match h.borrow_mut().as_mut() {
-        Some(held) => {
+    let g = Tensor::from_vec(g, w.dims(), &Device::Cpu)?;
+    HELD.with(|h| {
+        if let Some(held) = h.borrow_mut().as_mut() {
             held.push((w.id(), g));
-            None
         }
-        None => Some(g),
-    })
+    });
+    Ok(None)
 }
