@@ -115,14 +115,5 @@ fn batch_streams_without_amx() {
         eprintln!("no AMX here: the test above compared the bf16 gradients");
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args(["--exact", "batch_streams_keep_the_step", "--nocapture"])
-        .env("QTUNE_NO_AMX", "1")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "{text}");
+    common::rerun_without_amx("batch_streams_keep_the_step");
 }

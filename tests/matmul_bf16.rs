@@ -2,6 +2,7 @@
 //! (BFDOT, run under qemu: `.ci/aarch64.sh`) kernels against their f64 references on the same bf16-rounded operands (f32 summation tolerance), and against
 //! the exact f32 kernels at bf16 tolerance, for every type in `MATMUL_TYPES` and NF4, over shapes
 //! with every tail (M not a multiple of 48 or 6, N odd and not a multiple of 8, K tiles).
+mod common;
 #[path = "../benches/util/qrand.rs"]
 mod qrand;
 
@@ -292,20 +293,7 @@ fn avx512_kernels_without_amx() {
         eprintln!("no AMX here: the tests above ran the kernels this CPU has");
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "bf16_kernels_match_their_references",
-            "--nocapture",
-        ])
-        .env("QTUNE_NO_AMX", "1")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "{text}");
+    let text = common::rerun_without_amx("bf16_kernels_match_their_references");
     assert!(text.contains("bf16 kernels: avx512-bf16"), "{text}");
 }
 

@@ -178,3 +178,19 @@ pub fn step_opts(dtype: DType, dropout: f32) -> qtune::models::LlamaOptions {
         ..Default::default()
     }
 }
+
+/// Runs this test binary's test `name` alone in a child process with `QTUNE_NO_AMX=1` (the
+/// AVX-512 BF16 kernels where AMX would run), asserts that it passed, and gives its output.
+pub fn rerun_without_amx(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args(["--exact", name, "--nocapture"])
+        .env("QTUNE_NO_AMX", "1")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    text
+}
