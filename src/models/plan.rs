@@ -470,7 +470,10 @@ impl StepShape<'_> {
             false => 0,
         };
         // With the recompute pipelined (`step::pipelined`) a second thread runs whole forward
-        // ops beside the backward's: two sets.
+        // ops beside the backward's: two sets. A batch's two streams (`step::streams`) need no
+        // term: each thread's buffers then hold its half's rows, one batch's between them, as
+        // the two halves' graphs are one batch's graph (tests/llama_rss.rs and falcon_rss.rs
+        // run at batch 2).
         let convert = (product + if half { n * c.max(i) * 4 } else { 0 })
             * (1 + usize::from(super::step::pipelined(self.cpu)));
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.
