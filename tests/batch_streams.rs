@@ -1,15 +1,16 @@
-//! A CPU batch of two sequences or more runs as two independent streams
-//! (`models::step::streams`): against the whole batch as one stream, the same loss and evaluation
-//! loss bit for bit (each row's forward does not depend on the split) and the same gradients to
-//! the dtype's rounding (a LoRA weight's gradient is now the two halves' sum); with two streams
-//! the step is the same bit for bit on one thread and on two (bf16); with dropout the second
-//! stream draws its own masks. In bf16 the gradients are the same bit for bit where the kernels
-//! do not depend on the number of rows (the AVX-512 BF16 ones; with AMX, in a child without it). Llama (padding) and Falcon (multi-query). One test in its own
+//! A CPU batch of two sequences or more through sequential blocks runs as two independent
+//! streams (`models::step::streams`): against the whole batch as one stream, the same loss and
+//! evaluation loss bit for bit (each row's forward does not depend on the split) and the same
+//! gradients to the dtype's rounding (a LoRA weight's gradient is now the two halves' sum); with
+//! two streams the step is the same bit for bit on one thread and on two (bf16); with dropout the
+//! second stream draws its own masks. In bf16 the gradients are the same bit for bit where the
+//! kernels do not depend on the number of rows (the AVX-512 BF16 ones; with AMX, in a child
+//! without it). Llama with padding; Falcon's parallel blocks keep one stream. One test in its own
 //! binary: it flips a process-wide switch.
 mod common;
 
 use candle_core::{DType, Tensor};
-use qtune::models::{batch_streams, CausalLm, Falcon, FalconConfig, Llama, BATCH_STREAMS};
+use qtune::models::{batch_streams, CausalLm, Falcon, Llama, BATCH_STREAMS};
 use qtune::quant::matmul_bf16::{has_amx, has_avx512_bf16};
 use qtune::store::WeightStore;
 use std::collections::HashMap;
@@ -40,7 +41,7 @@ fn run(load: &Load, vocab: u32, on: bool, threads: usize) -> Step {
 
 fn check(load: &Load, vocab: u32, dtype: DType, what: &str) {
     // the fixture batch has two sequences: two streams
-    assert_eq!(batch_streams(2, true), 2);
+    assert_eq!(batch_streams(load().decoder(), 2, true), 2);
     let (l1, g1, e1) = run(load, vocab, false, 2);
     let (l2, g2, e2) = run(load, vocab, true, 2);
     assert_eq!(l1.to_bits(), l2.to_bits(), "{what}: loss {l2} vs {l1}");
@@ -87,12 +88,10 @@ fn batch_streams_keep_the_step() {
         };
         check(&load, 300, dtype, &format!("llama {dtype:?}"));
     }
+    // Falcon's parallel blocks run a batch as one stream (`Decoder::split_batch`).
     let store = WeightStore::open(&root.join("falcon/mq/model")).unwrap();
-    let vocab = FalconConfig::from_store(&store).unwrap().vocab_size as u32;
-    let load = || -> Box<dyn CausalLm> {
-        Box::new(Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap())
-    };
-    check(&load, vocab, DType::F32, "falcon mq");
+    let falcon = Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap();
+    assert_eq!(batch_streams(falcon.decoder(), 2, true), 1);
     // With dropout the second stream's masks are its own: the loss moves.
     let load = || -> Box<dyn CausalLm> {
         Box::new(Llama::load(&llama, common::step_opts(DType::F32, 0.3)).unwrap())

@@ -272,6 +272,11 @@ pub trait Decoder: Sync {
     fn ce_chunk(&self) -> usize;
     /// Gradient checkpointing per layer in training.
     fn checkpoint(&self) -> bool;
+    /// Whether a CPU batch of two sequences or more may run as two streams (see
+    /// `step::streams`).
+    fn split_batch(&self) -> bool {
+        true
+    }
     /// Activation dtype of the checkpointed backward's one-layer recompute.
     fn recompute_dtype(&self) -> DType;
     /// Rows a sequence-level adapter puts before the tokens (prompt tuning; 0: none): the

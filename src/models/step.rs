@@ -107,7 +107,7 @@ fn eval_head_input<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(Tensor, Vec<i64>
     let (tg, th) = head_targets(m, s.labels, b, t)?;
     // The same streams as a training step's (see [`streams`]): each row's hidden states do not
     // depend on the split (tests/batch_streams.rs), so this is speed alone.
-    let parts = streams(b, s.ids.device().is_cpu());
+    let parts = streams(m, b, s.ids.device().is_cpu());
     let batch = StepBatch {
         v: &v,
         t,
@@ -326,7 +326,7 @@ fn train_with<M: Decoder, R>(
             m.vocab_size()
         )));
     }
-    let parts = streams(b, ids.device().is_cpu());
+    let parts = streams(m, b, ids.device().is_cpu());
     let batch = StepBatch {
         v: &v,
         t,
@@ -392,7 +392,7 @@ fn train_with<M: Decoder, R>(
     }
     drop(x);
     let pipelined = pipelined(g.device().is_cpu());
-    let (g, mut out) = backward_streams(m, st, g, pipelined)?;
+    let (g, mut out) = backward_streams(m, &mut st, g, pipelined)?;
     if m.prompt_len() > 0 {
         // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
         // gradient into the sequence-level tensors.
@@ -404,7 +404,7 @@ fn train_with<M: Decoder, R>(
         .map_err(cerr("prompt rows"))?;
         collect(m, &gs, Some(usize::MAX), &mut out)?;
     }
-    drop(g);
+    drop((g, st));
     end_step(pipelined || parts.len() > 1);
     Ok((loss, out))
 }
@@ -430,7 +430,8 @@ struct Stream<C> {
 }
 
 /// The batch rows `(first, count)` of each stream of a training step. On the CPU a batch of two
-/// sequences or more runs as two halves, each through the whole forward and (from its rows of
+/// sequences or more through sequential blocks (Llama's; see [`Decoder::split_batch`]) runs as
+/// two halves, each through the whole forward and (from its rows of
 /// the head's gradient) the whole backward on its own, side by side on the pool. Why: at the
 /// ~100M shape one op's parallel loop over a few hundred rows left the second worker idle ~40 %
 /// of the step (session 20, perf by thread); two independent streams keep both busy, and each
@@ -438,10 +439,10 @@ struct Stream<C> {
 /// that the sums (a LoRA weight's gradient is the two halves' added) do not depend on it; the
 /// uncheckpointed step splits the same way, so both modes agree bit for bit. `QTUNE_STREAMS=0`
 /// (or [`BATCH_STREAMS`] cleared) runs the batch as one.
-fn streams(b: usize, cpu: bool) -> Vec<(usize, usize)> {
+fn streams<M: Decoder>(m: &M, b: usize, cpu: bool) -> Vec<(usize, usize)> {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("QTUNE_STREAMS").is_ok_and(|v| v == "0"));
-    if cpu && b >= 2 && !off && BATCH_STREAMS.load(Ordering::Relaxed) {
+    if cpu && b >= 2 && m.split_batch() && !off && BATCH_STREAMS.load(Ordering::Relaxed) {
         let h = b.div_ceil(2);
         vec![(0, h), (h, b - h)]
     } else {
@@ -449,10 +450,10 @@ fn streams(b: usize, cpu: bool) -> Vec<(usize, usize)> {
     }
 }
 
-/// How many streams a batch of `b` sequences runs as on the CPU (`cpu`) or a GPU, now (see
-/// [`streams`]): what `qtune bench` records.
-pub fn batch_streams(b: usize, cpu: bool) -> usize {
-    streams(b, cpu).len()
+/// How many streams a batch of `b` sequences runs as through `m` on the CPU (`cpu`) or a GPU,
+/// now (see [`streams`]): what `qtune bench` records.
+pub fn batch_streams<M: Decoder>(m: &M, b: usize, cpu: bool) -> usize {
+    streams(m, b, cpu).len()
 }
 
 /// Cleared (tests, comparisons), a training step runs its batch as one stream (see [`streams`]).
@@ -533,76 +534,78 @@ fn stream_forward<M: Decoder>(
 }
 
 /// Every stream's checkpointed backward through the layers from its rows of the head's gradient
-/// `g (B, N + T, C)`, side by side: layer 0's input gradient (the streams' rows again as one
-/// batch) and the adapters' gradients. A layer's adapter gradients go into one map as each
-/// stream produces them (two terms, whose sum does not depend on which came first), so that the
-/// step holds one set of them, as the plan counts; the sequence-level tensors' (a sum over every
-/// layer) are summed per stream and added in stream order at the end.
+/// `g (B, N + T, C)`: layer 0's input gradient (the streams' rows again as one batch) and the
+/// adapters' gradients. The streams take each layer side by side and meet at its end, so that
+/// their recomputed graphs are alive together as one batch's would be (what the plan counts; run
+/// apart, their peaks fell together or not from run to run, and the step's peak with them), and
+/// a layer's two gradient parts are added there in f32 and rounded once.
 fn backward_streams<M: Decoder>(
     m: &M,
-    st: Vec<Stream<M::Ctx>>,
+    st: &mut [Stream<M::Ctx>],
     g: Tensor,
     pipelined: bool,
 ) -> Result<(Tensor, HashMap<String, Tensor>)> {
-    let jobs = st
-        .into_iter()
+    let mut walks = st
+        .iter_mut()
         .map(|s| {
             let (r0, n) = s.rows;
             let g = g
                 .narrow(0, r0, n)
                 .and_then(|g| g.contiguous())
                 .map_err(cerr("streams"))?;
-            Ok(std::sync::Mutex::new(Some((s, g))))
+            Ok(Walk {
+                // moved: each checkpoint is freed once its layer is recomputed
+                saved: std::mem::take(&mut s.saved),
+                g,
+                ctx: &s.ctx,
+                key: s.key,
+                next: None,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     drop(g);
-    let shared = std::sync::Mutex::new(HashMap::new());
-    let seq_names: std::collections::HashSet<String> =
-        m.sequence_vars().into_iter().map(|(n, _)| n).collect();
     let dtypes = var_dtypes(m);
-    let two = jobs.len() > 1;
-    let backs = on_streams(jobs.len(), |si| {
-        let (s, g) = jobs[si]
-            .lock()
-            .ok()
-            .and_then(|mut j| j.take())
-            .expect("one job per stream, taken once");
-        let mut seq = HashMap::new();
-        let mut sink = |layer: HashMap<String, Tensor>| -> Result<()> {
-            for (name, g) in layer {
-                let dt = dtypes.get(&name);
-                if seq_names.contains(&name) {
-                    let g = rounded(&g, dt).map_err(cerr("grads"))?;
-                    add_grad(&mut seq, name, g)?;
-                    continue;
-                }
-                // A layer's weight: with two streams the first part waits in f32 and the sum
-                // is rounded once; with one, rounded now (the op's own rounding).
-                let mut o = shared.lock().map_err(|_| poisoned())?;
-                let g = match o.remove(&name) {
-                    Some(first) => g
-                        .to_dtype(DType::F32)
-                        .and_then(|g| first + g)
-                        .and_then(|s| rounded(&s, dt)),
-                    None if two => g.to_dtype(DType::F32),
-                    None => rounded(&g, dt),
-                };
-                o.insert(name, g.map_err(cerr("grads"))?);
+    let mut out = HashMap::new();
+    for li in (0..m.num_layers()).rev() {
+        let parts = match walks.as_mut_slice() {
+            [w] => vec![backward_layer(m, w, li, pipelined)?],
+            [w0, w1] => {
+                let (a, b) = rayon::join(
+                    || backward_layer(m, w0, li, pipelined),
+                    || backward_layer(m, w1, li, pipelined),
+                );
+                vec![a?, b?]
             }
-            Ok(())
+            _ => unreachable!("one or two streams"),
         };
-        let g = backward_layers(m, s.saved, g, (&s.ctx, s.key, pipelined), &mut sink)?;
-        Ok((Some(g), seq))
-    })?;
-    let mut out = shared.into_inner().map_err(|_| poisoned())?;
-    let mut gx = Vec::with_capacity(backs.len());
-    for (g, seq) in backs {
-        for (name, t) in seq {
-            add_grad(&mut out, name, t)?;
+        let mut parts = parts.into_iter();
+        let mut first = parts.next().expect("one stream at least");
+        let second = parts.next();
+        for (name, g) in first.drain() {
+            let dt = dtypes.get(&name);
+            // One part is rounded as the op would have; two are added in f32 first.
+            let g = match second.as_ref().and_then(|s| s.get(&name)) {
+                Some(h) => g
+                    .to_dtype(DType::F32)
+                    .and_then(|g| g + h.to_dtype(DType::F32)?)
+                    .and_then(|s| rounded(&s, dt)),
+                None => rounded(&g, dt),
+            };
+            add_grad(&mut out, name, g.map_err(cerr("grads"))?)?;
         }
-        gx.push(g);
     }
+    let gx = walks.into_iter().map(|w| Some(w.g)).collect();
     Ok((cat_rows(gx)?, out))
+}
+
+/// One stream's way back through the layers: its saved layer inputs (taken last first), the
+/// gradient coming into the layer at hand, and the next layer's recompute when pipelined.
+struct Walk<'a, C> {
+    saved: Vec<Tensor>,
+    g: Tensor,
+    ctx: &'a C,
+    key: Option<u64>,
+    next: Option<(Var, Tensor)>,
 }
 
 /// The dtype of every adapter tensor by name (linear adapters' and sequence-level).
@@ -630,25 +633,22 @@ fn add_grad(out: &mut HashMap<String, Tensor>, name: String, g: Tensor) -> Resul
     Ok(())
 }
 
-fn poisoned() -> Error {
-    Error::Invalid("a stream's backward panicked while adding its gradients".into())
-}
-
-/// The checkpointed backward through the layers, last first: recompute layer li from its saved
-/// input, backpropagate `sum(out * g)`, hand its adapters' gradients (one map a layer) to `out`
-/// and pass dx on; returns layer 0's input gradient. Layer li-1's recompute runs beside layer li's backward
-/// when `pipelined` (see [`pipelined`]).
-fn backward_layers<M: Decoder>(
+/// Layer `li` of the checkpointed backward (the layers go last first): recompute it from its
+/// saved input (or take the recompute made beside the layer above), backpropagate
+/// `sum(out * g)`, and pass dx on in `w.g`; gives the layer's adapter gradients (the fused ops'
+/// weights' in f32). Layer li-1's recompute runs beside this backward when `pipelined` (see
+/// [`pipelined`]).
+fn backward_layer<M: Decoder>(
     m: &M,
-    mut saved: Vec<Tensor>,
-    mut g: Tensor,
-    (ctx, key, pipelined): (&M::Ctx, Option<u64>, bool),
-    out: &mut dyn FnMut(HashMap<String, Tensor>) -> Result<()>,
-) -> Result<Tensor> {
-    let dev = g.device().clone();
+    w: &mut Walk<'_, M::Ctx>,
+    li: usize,
+    pipelined: bool,
+) -> Result<HashMap<String, Tensor>> {
+    let dev = w.g.device().clone();
     // The recompute's activation dtype (`LlamaOptions::recompute_dtype`): a bf16 step's layers
     // are recomputed and differentiated in f32 on the CPU, their products still bf16.
     let rdt = m.recompute_dtype();
+    let (ctx, key) = (w.ctx, w.key);
     let recompute = |li: usize, xin: Tensor| -> Result<(Var, Tensor)> {
         let xin = xin
             .to_device(&dev)
@@ -661,41 +661,37 @@ fn backward_layers<M: Decoder>(
         })()
         .map_err(cerr("recompute"))
     };
-    let mut pop = || saved.pop().expect("one saved input per layer");
-    let mut next = Some(recompute(m.num_layers() - 1, pop())?);
-    for li in (0..m.num_layers()).rev() {
-        let (xv, y) = match next.take() {
-            Some(r) => r,
-            None => recompute(li, pop())?,
+    let pop = |saved: &mut Vec<Tensor>| saved.pop().expect("one saved input per layer");
+    let (xv, y) = match w.next.take() {
+        Some(r) => r,
+        None => recompute(li, pop(&mut w.saved))?,
+    };
+    let g = &w.g;
+    let backward = || -> Result<_> {
+        (|| -> candle_core::Result<_> {
+            let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
+            fused::backward_collecting(&s)
+        })()
+        .map_err(cerr("recompute"))
+    };
+    let gs = if pipelined && li > 0 {
+        let xin = pop(&mut w.saved);
+        let (gs, r) = rayon::join(backward, || recompute(li - 1, xin));
+        w.next = Some(r?);
+        gs?
+    } else {
+        backward()?
+    };
+    drop(y);
+    let mut layer = HashMap::new();
+    collect(m, &gs, Some(li), &mut layer)?;
+    if li > 0 || m.prompt_len() > 0 {
+        w.g = match gs.get(xv.as_tensor()) {
+            Some(gx) => gx.detach(),
+            None => xv.as_tensor().zeros_like().map_err(cerr("grads"))?,
         };
-        let backward = || -> Result<_> {
-            (|| -> candle_core::Result<_> {
-                let s =
-                    nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
-                fused::backward_collecting(&s)
-            })()
-            .map_err(cerr("recompute"))
-        };
-        let gs = if pipelined && li > 0 {
-            let xin = pop();
-            let (gs, r) = rayon::join(backward, || recompute(li - 1, xin));
-            next = Some(r?);
-            gs?
-        } else {
-            backward()?
-        };
-        drop(y);
-        let mut layer = HashMap::new();
-        collect(m, &gs, Some(li), &mut layer)?;
-        out(layer)?;
-        if li > 0 || m.prompt_len() > 0 {
-            g = match gs.get(xv.as_tensor()) {
-                Some(gx) => gx.detach(),
-                None => xv.as_tensor().zeros_like().map_err(cerr("grads"))?,
-            };
-        }
     }
-    Ok(g)
+    Ok(layer)
 }
 
 /// Whether the checkpointed backward recomputes layer li-1 beside layer li's backward: on the

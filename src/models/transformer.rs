@@ -704,6 +704,12 @@ impl super::Decoder for Transformer {
     fn checkpoint(&self) -> bool {
         self.opts.checkpoint
     }
+    fn split_batch(&self) -> bool {
+        // Parallel blocks (Falcon) gained nothing from the streams at Falcon-7B (0.95-1.00x,
+        // session 20), and at tests/falcon_rss.rs's shape they moved the measured step peak
+        // ~1 MiB further under the plan: one stream there.
+        self.spec.residual == Residual::Sequential
+    }
     fn recompute_dtype(&self) -> DType {
         self.opts.recompute_dtype()
     }

@@ -392,6 +392,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         _ => None,
     };
     let flops_per_step = bench_flops(cfg, &model_cfg, linear_params);
+    let streams = crate::models::batch_streams(model.decoder(), cfg.rows(), cfg.device == "cpu");
     Ok(BenchReport {
         config: cfg.clone(),
         model: model_cfg,
@@ -406,6 +407,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         flops_per_step,
         peak_gflops,
         peak_kind,
+        streams,
         setup_s,
         gpu,
     })

@@ -54,6 +54,8 @@ pub struct BenchReport {
     pub peak_gflops: f64,
     /// What `peak_gflops` measured ("f32 GEMM", "vdpbf16ps", "GPU bf16 GEMM", ...).
     pub peak_kind: String,
+    /// Streams a step's batch ran as (`models::batch_streams`).
+    pub streams: usize,
     /// Seconds spent generating the weights and loading the model.
     pub setup_s: f64,
     /// Device memory figures (`--device cuda`).
@@ -197,8 +199,7 @@ impl BenchReport {
         v["config"]["spin"] = serde_json::json!(std::env::var("QTUNE_SPIN").ok());
         // the batch's streams (`models::step::streams`: two on a CPU from two sequences) and
         // whether the recompute was pipelined (QTUNE_PIPELINE)
-        let cpu = c.device == "cpu";
-        v["config"]["streams"] = serde_json::json!(crate::models::batch_streams(c.rows(), cpu));
+        v["config"]["streams"] = serde_json::json!(self.streams);
         v["config"]["pipeline"] = serde_json::json!(std::env::var("QTUNE_PIPELINE").ok());
         if let Some(pr) = &c.prompt {
             v["config"]["num_virtual_tokens"] = serde_json::json!(pr.num_virtual_tokens);
