@@ -472,8 +472,8 @@ impl StepShape<'_> {
         // With the recompute pipelined (`step::pipelined`) a second thread runs whole forward
         // ops beside the backward's: two sets. A batch's two streams (`step::streams`) need no
         // term: each thread's buffers then hold its half's rows, one batch's between them, as
-        // the two halves' graphs are one batch's graph (tests/llama_rss.rs and falcon_rss.rs
-        // run at batch 2).
+        // the two halves' graphs, which meet at every layer of the backward, are one batch's
+        // graph (tests/llama_rss.rs runs at batch 2).
         let convert = (product + if half { n * c.max(i) * 4 } else { 0 })
             * (1 + usize::from(super::step::pipelined(self.cpu)));
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.

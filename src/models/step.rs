@@ -114,10 +114,10 @@ fn eval_head_input<M: Decoder>(m: &M, s: Tokens<'_>) -> Result<(Tensor, Vec<i64>
         mask: s.mask,
         key: None,
     };
-    let mut st = on_streams(parts.len(), |si| {
+    let ran = on_streams(parts.len(), |si| {
         stream_forward(m, &batch, parts[si], si, Keep::Nothing)
     })?;
-    let x = cat_rows(st.iter_mut().map(|s| s.x.take()).collect())?;
+    let x = cat_rows(ran.into_iter().map(|(_, x)| x).collect())?;
     Ok((head_rows(m, x, t)?, tg, b, th))
 }
 
@@ -305,9 +305,8 @@ pub fn train_grads_rows<M: Decoder>(
 
 /// The training step under any [`Head`]: with checkpointing, only each layer's input is kept
 /// through the forward; the backward recomputes one layer at a time (same dropout masks) and the
-/// logits are made and freed chunk by chunk. On the CPU a batch of two sequences or more runs as
-/// two independent streams until the head and again from the head's gradient on (see
-/// [`streams`]).
+/// logits are made and freed chunk by chunk. On the CPU a batch of two sequences or more may run
+/// as two streams, apart from the head (see [`streams`]).
 fn train_with<M: Decoder, R>(
     m: &M,
     s: Tokens<'_>,
@@ -341,10 +340,12 @@ fn train_with<M: Decoder, R>(
         true => Keep::Checkpoints,
         false => Keep::Graph,
     };
-    let mut st = on_streams(parts.len(), |si| {
+    let (mut st, xs): (Vec<_>, Vec<_>) = on_streams(parts.len(), |si| {
         stream_forward(m, &batch, parts[si], si, keep)
-    })?;
-    let x = cat_rows(st.iter_mut().map(|s| s.x.take()).collect())?;
+    })?
+    .into_iter()
+    .unzip();
+    let x = cat_rows(xs)?;
     if !m.checkpoint() {
         let x = head_rows(m, x, t)?;
         let (r, loss) = head(m, &x, &tg, b, th)?;
@@ -419,23 +420,21 @@ struct StepBatch<'a> {
 }
 
 /// One stream of a training step: its batch rows `(first, count)`, per-call constants and
-/// dropout key, the layers' saved inputs (checkpointed) and, after the forward, its final hidden
-/// states (with their graph when not checkpointed).
+/// dropout key, and the layers' saved inputs (checkpointed).
 struct Stream<C> {
     rows: (usize, usize),
     ctx: C,
     key: Option<u64>,
     saved: Vec<Tensor>,
-    x: Option<Tensor>,
 }
 
 /// The batch rows `(first, count)` of each stream of a training step. On the CPU a batch of two
 /// sequences or more through sequential blocks (Llama's; see [`Decoder::split_batch`]) runs as
-/// two halves, each through the whole forward and (from its rows of
-/// the head's gradient) the whole backward on its own, side by side on the pool. Why: at the
-/// ~100M shape one op's parallel loop over a few hundred rows left the second worker idle ~40 %
-/// of the step (session 20, perf by thread); two independent streams keep both busy, and each
-/// stream's loops still split where a worker is free. Always two, whatever the thread count, so
+/// two halves side by side on the pool: each through the whole forward on its own, and (from its
+/// rows of the head's gradient) through the backward a layer at a time, the two meeting at each
+/// layer's end ([`backward_streams`]). Why: at the ~100M shape one op's parallel loop over a
+/// few hundred rows left the second worker idle ~40 % of the step (session 20, perf by thread);
+/// two streams keep both busy, and each stream's loops still split where a worker is free. Always two, whatever the thread count, so
 /// that the sums (a LoRA weight's gradient is the two halves' added) do not depend on it; the
 /// uncheckpointed step splits the same way, so both modes agree bit for bit. `QTUNE_STREAMS=0`
 /// (or [`BATCH_STREAMS`] cleared) runs the batch as one.
@@ -471,16 +470,11 @@ fn on_streams<R: Send>(n: usize, f: impl Fn(usize) -> Result<R> + Sync) -> Resul
 }
 
 /// The streams' tensors `(b_i, ..)` as one batch `(Σ b_i, ..)`.
-fn cat_rows(mut xs: Vec<Option<Tensor>>) -> Result<Tensor> {
-    let missing = || Error::Invalid("a stream without its hidden states".into());
-    if xs.len() == 1 {
-        return xs.pop().flatten().ok_or_else(missing);
+fn cat_rows(mut xs: Vec<Tensor>) -> Result<Tensor> {
+    match xs.len() {
+        1 => Ok(xs.pop().expect("one stream")),
+        _ => Tensor::cat(&xs, 0).map_err(cerr("streams")),
     }
-    let xs = xs
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(missing)?;
-    Tensor::cat(&xs, 0).map_err(cerr("streams"))
 }
 
 /// What a stream's forward keeps of its layers.
@@ -495,7 +489,8 @@ enum Keep {
 }
 
 /// Stream `si`'s forward over its `rows` of the batch: embedding and every layer, keeping what
-/// `keep` says. The dropout key of stream `si` is the step's plus `si·2²⁴`, within the step's
+/// `keep` says; gives the stream and its final hidden states (with their graph for
+/// [`Keep::Graph`]). The dropout key of stream `si` is the step's plus `si·2²⁴`, within the step's
 /// range of 2³² keys (a layer's linears add `li·P + pi`).
 fn stream_forward<M: Decoder>(
     m: &M,
@@ -503,7 +498,7 @@ fn stream_forward<M: Decoder>(
     rows: (usize, usize),
     si: usize,
     keep: Keep,
-) -> Result<Stream<M::Ctx>> {
+) -> Result<(Stream<M::Ctx>, Tensor)> {
     let ((r0, n), t) = (rows, s.t);
     let mask = s
         .mask
@@ -524,13 +519,13 @@ fn stream_forward<M: Decoder>(
             _ => y.detach(),
         };
     }
-    Ok(Stream {
+    let st = Stream {
         rows,
         ctx,
         key,
         saved,
-        x: Some(x),
-    })
+    };
+    Ok((st, x))
 }
 
 /// Every stream's checkpointed backward through the layers from its rows of the head's gradient
@@ -594,7 +589,7 @@ fn backward_streams<M: Decoder>(
             add_grad(&mut out, name, g.map_err(cerr("grads"))?)?;
         }
     }
-    let gx = walks.into_iter().map(|w| Some(w.g)).collect();
+    let gx = walks.into_iter().map(|w| w.g).collect();
     Ok((cat_rows(gx)?, out))
 }
 

@@ -44,15 +44,11 @@ pub fn backward_collecting(loss: &Tensor) -> Result<GradStore> {
 /// in `w`'s dtype: `None` when it was held aside in f32 (`w` is a variable, inside
 /// [`backward_collecting`]).
 pub(super) fn weight_grad(w: &Tensor, g: Vec<f32>) -> Result<Option<Tensor>> {
-    let held = w.is_variable() && HELD.with(|h| h.borrow().is_some());
-    if !held {
-        return tensor_of(g, w.dims(), w.dtype()).map(Some);
-    }
-    let g = Tensor::from_vec(g, w.dims(), &Device::Cpu)?;
-    HELD.with(|h| {
-        if let Some(held) = h.borrow_mut().as_mut() {
-            held.push((w.id(), g));
+    HELD.with(|h| match h.borrow_mut().as_mut() {
+        Some(held) if w.is_variable() => {
+            held.push((w.id(), Tensor::from_vec(g, w.dims(), &Device::Cpu)?));
+            Ok(None)
         }
-    });
-    Ok(None)
+        _ => tensor_of(g, w.dims(), w.dtype()).map(Some),
+    })
 }
