@@ -513,7 +513,7 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let (s, l) = (&self.spec, &self.layers[li]);
         let (b, t, _) = x.dims3()?;
-        let (h, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
+        let (h, hd) = (s.heads, s.head_dim);
         // Dropout key of linear pi: li·P + pi (P linears a layer), as its seed.
         let np = l.linears.len();
         let proj = |pi: usize, x: &Tensor| {
@@ -522,26 +522,7 @@ impl Transformer {
         };
         let xa = self.norm(x, &l.attn_norm)?;
         // q: (B, H, T, D); k, v: (B, KVH, T, D)
-        let (q, k, v, o) = match s.attention {
-            Attention::Split => {
-                // On the CPU one op each way (nn::fused::split_heads: no reshape, transpose and
-                // copy nodes, each a zero-filled gradient plus an add in candle's backward).
-                let heads = |y: Tensor, n: usize| {
-                    if y.device().is_cpu() {
-                        fused::split_heads(&y, n)
-                    } else {
-                        y.reshape((b, t, n, hd))?.transpose(1, 2)
-                    }
-                };
-                let q = heads(proj(0, &xa)?, h)?;
-                let k = heads(proj(1, &xa)?, kvh)?;
-                (q, k, heads(proj(2, &xa)?, kvh)?, 3)
-            }
-            Attention::Fused(layout) => {
-                let (q, k, v) = split_qkv(&proj(0, &xa)?, layout, h, kvh, hd)?;
-                (q, k, v, 1)
-            }
-        };
+        let (q, k, v, o) = self.qkv(&xa, &proj)?;
         let q = fused::rope(&q, &ctx.cos, &ctx.sin)?;
         let k = fused::rope(&k, &ctx.cos, &ctx.sin)?;
         // Prefix tuning: keys and values before the sequence's, without rotary.
@@ -591,30 +572,7 @@ impl Transformer {
             a.transpose(1, 2)?.contiguous()?.reshape((b, t, h * hd))?
         };
         let a = proj(o, &a)?;
-        let mlp = |xn: &Tensor| -> candle_core::Result<Tensor> {
-            match s.mlp {
-                Mlp::SwiGlu => {
-                    // gate, up: (B, T, I)
-                    let (g, u) = (proj(o + 1, xn)?, proj(o + 2, xn)?);
-                    let h = if !g.device().is_cpu() {
-                        (nn::silu(&g)? * u)?
-                    } else {
-                        fused::swiglu_with(&g, &u, self.opts.bf16_products())?
-                    };
-                    proj(o + 3, &h)
-                }
-                Mlp::Gelu => {
-                    // up: (B, T, I); exact GELU, fused (one pass each way) on the CPU
-                    let u = proj(o + 1, xn)?;
-                    let h = if !u.device().is_cpu() {
-                        u.gelu_erf()?
-                    } else {
-                        fused::gelu_erf(&u)?
-                    };
-                    proj(o + 2, &h)
-                }
-            }
-        };
+        let mlp = |xn: &Tensor| self.mlp(xn, &|pi, x| proj(o + pi, x));
         // On the CPU the residual adds are fused ops (nn::fused::residual): the sequential
         // block's sum h = x + a is never stored (its norm and the block's output each add x and
         // a again; in backward the norm's op adds h's two gradients in its own pass), and either
@@ -642,6 +600,70 @@ impl Transformer {
                 let x = (x + a)?;
                 let m = mlp(&self.norm(&x, n)?)?;
                 x + m
+            }
+        }
+    }
+
+    /// The attention's inputs from the normed `xa (B, T, C)` through `proj` (the layer's linear
+    /// `pi`): q `(B, H, T, D)`, k and v `(B, KVH, T, D)` before rotary, and the index of the
+    /// output projection.
+    fn qkv(
+        &self,
+        xa: &Tensor,
+        proj: &dyn Fn(usize, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor, usize)> {
+        let s = &self.spec;
+        let (b, t, _) = xa.dims3()?;
+        let (h, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
+        Ok(match s.attention {
+            Attention::Split => {
+                // On the CPU one op each way (nn::fused::split_heads: no reshape, transpose and
+                // copy nodes, each a zero-filled gradient plus an add in candle's backward).
+                let heads = |y: Tensor, n: usize| {
+                    if y.device().is_cpu() {
+                        fused::split_heads(&y, n)
+                    } else {
+                        y.reshape((b, t, n, hd))?.transpose(1, 2)
+                    }
+                };
+                let q = heads(proj(0, xa)?, h)?;
+                let k = heads(proj(1, xa)?, kvh)?;
+                (q, k, heads(proj(2, xa)?, kvh)?, 3)
+            }
+            Attention::Fused(layout) => {
+                let (q, k, v) = split_qkv(&proj(0, xa)?, layout, h, kvh, hd)?;
+                (q, k, v, 1)
+            }
+        })
+    }
+
+    /// The MLP of `xn (B, T, C)` through `proj` (its linears, numbered from 1 after the
+    /// attention's output projection).
+    fn mlp(
+        &self,
+        xn: &Tensor,
+        proj: &dyn Fn(usize, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match self.spec.mlp {
+            Mlp::SwiGlu => {
+                // gate, up: (B, T, I)
+                let (g, u) = (proj(1, xn)?, proj(2, xn)?);
+                let h = if !g.device().is_cpu() {
+                    (nn::silu(&g)? * u)?
+                } else {
+                    fused::swiglu_with(&g, &u, self.opts.bf16_products())?
+                };
+                proj(3, &h)
+            }
+            Mlp::Gelu => {
+                // up: (B, T, I); exact GELU, fused (one pass each way) on the CPU
+                let u = proj(1, xn)?;
+                let h = if !u.device().is_cpu() {
+                    u.gelu_erf()?
+                } else {
+                    fused::gelu_erf(&u)?
+                };
+                proj(2, &h)
             }
         }
     }
