@@ -75,8 +75,8 @@ pub fn tune_allocator() {
         // Thresholds the user set (glibc's environment variables) win over ours.
         let env = |k: &str| std::env::var_os(k).is_some();
         let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        let own = !(env("MALLOC_MMAP_THRESHOLD_") || env("MALLOC_TRIM_THRESHOLD_"))
-            && !tunables.contains("threshold");
+        let user = env("MALLOC_MMAP_THRESHOLD_") || env("MALLOC_TRIM_THRESHOLD_");
+        let own = !(user || tunables.contains("threshold"));
         // SAFETY: glibc's mallopt only changes allocator tuning.
         unsafe {
             mallopt(M_ARENA_MAX, 1);
