@@ -6,9 +6,8 @@
 //! freed tensors go back to the system and RSS follows the bytes actually alive, which is what the
 //! plan counts (peak within the plan, and the step using most of its part); and as `qtune train`
 //! sets glibc up (`bench::tune_allocator`: one arena, blocks under 32 MiB from it, no automatic
-//! trim: the step trims between its phases), which keeps some freed
-//! tensor memory in the heap for reuse, much faster: there the peak must stay within 5 % of the
-//! plan.
+//! trim: the step trims between its phases), which keeps some freed tensor memory in the heap for
+//! reuse, much faster: there the peak must stay within 5 % of the plan.
 use candle_core::{Device, Tensor};
 use qtune::format::gguf::{GgufWriter, TensorPlan, Value};
 use qtune::models::{Llama, LlamaOptions, LoraSpec, MemoryPlan};

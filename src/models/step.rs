@@ -434,10 +434,12 @@ struct Stream<C> {
 /// rows of the head's gradient) through the backward a layer at a time, the two meeting at each
 /// layer's end ([`backward_streams`]). Why: at the ~100M shape one op's parallel loop over a
 /// few hundred rows left the second worker idle ~40 % of the step (session 20, perf by thread);
-/// two streams keep both busy, and each stream's loops still split where a worker is free. Always two, whatever the thread count, so
-/// that the sums (a LoRA weight's gradient is the two halves' added) do not depend on it; the
-/// uncheckpointed step splits the same way, so both modes agree bit for bit. `QTUNE_STREAMS=0`
-/// (or [`BATCH_STREAMS`] cleared) runs the batch as one.
+/// two streams keep both busy, and each stream's loops still split where a worker is free.
+/// Always two, whatever the thread count, so that the sums (a LoRA weight's gradient is the two
+/// halves' added) do not depend on it; the uncheckpointed step splits the same way, so both
+/// modes agree bit for bit. `QTUNE_STREAMS=0` (or [`BATCH_STREAMS`] cleared) runs the batch as
+/// one. One sequence is not split in two (session 21: its halves, a layer apart because the
+/// second reads the first's keys and values, gained nothing at the ~100M shape).
 fn streams<M: Decoder>(m: &M, b: usize, cpu: bool) -> Vec<(usize, usize)> {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("QTUNE_STREAMS").is_ok_and(|v| v == "0"));
@@ -574,9 +576,9 @@ fn backward_streams<M: Decoder>(
             _ => unreachable!("one or two streams"),
         };
         let mut parts = parts.into_iter();
-        let mut first = parts.next().expect("one stream at least");
+        let first = parts.next().expect("one stream at least");
         let second = parts.next();
-        for (name, g) in first.drain() {
+        for (name, g) in first {
             let dt = dtypes.get(&name);
             // One part is rounded as the op would have; two are added in f32 first.
             let g = match second.as_ref().and_then(|s| s.get(&name)) {
