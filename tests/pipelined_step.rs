@@ -1,26 +1,27 @@
 //! The checkpointed backward with each layer's recompute beside the next one's backward
-//! (`models::step::pipelined`: by default on a CPU with two threads or more where the step runs
-//! as one stream) gives the step of the one-layer-at-a-time backward bit for bit: Llama
-//! (padding, dropout; f32 and bf16) and Falcon (multi-query), on a two-thread pool, forced on
-//! and off. One test in its own binary: it flips a process-wide switch.
+//! (`models::step::pipelined`, `QTUNE_PIPELINE=1` on a CPU with two threads or more) gives the step of
+//! the one-layer-at-a-time backward bit for bit: Llama (padding, dropout; f32 and bf16) and
+//! Falcon (multi-query), on a two-thread pool. One test in its own binary: it flips a
+//! process-wide switch.
 mod common;
 
 use candle_core::DType;
-use qtune::models::{set_pipeline, CausalLm, Falcon, Llama, Pipeline};
+use qtune::models::{CausalLm, Falcon, Llama, PIPELINED_RECOMPUTE};
 use qtune::store::WeightStore;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 /// One step of a freshly loaded model with and without the pipeline: the same loss and gradients.
 fn same_step(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str) {
     let (ids, mask, labels) = common::step_batch(vocab);
     let mut runs = Vec::new();
-    for p in [Pipeline::Off, Pipeline::On] {
-        set_pipeline(p);
+    for on in [false, true] {
+        PIPELINED_RECOMPUTE.store(on, Ordering::Relaxed);
         let m = load();
         common::perturb_lora_b(m.as_ref());
         runs.push(m.train_grads(&ids, Some(&mask), &labels).unwrap());
     }
-    set_pipeline(Pipeline::Auto);
+    PIPELINED_RECOMPUTE.store(false, Ordering::Relaxed);
     let ((l0, g0), (l1, g1)) = (&runs[0], &runs[1]);
     assert_eq!(l0.to_bits(), l1.to_bits(), "{what}: loss {l1} vs {l0}");
     assert_eq!(g0.len(), g1.len());

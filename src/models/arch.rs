@@ -185,14 +185,6 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// Whether a CPU step may run a batch as two streams (`step::streams`): sequential blocks
-    /// only. Parallel blocks (Falcon) gained nothing from the streams at Falcon-7B (0.95-1.00x,
-    /// session 20), and at tests/falcon_rss.rs's shape they moved the measured step peak ~1 MiB
-    /// further under the plan.
-    pub fn split_batch(&self) -> bool {
-        self.residual == Residual::Sequential
-    }
-
     /// The role of each linear, in [`Spec::projections`] order.
     pub fn roles(&self) -> Vec<Role> {
         let mut r = match self.attention {

@@ -21,8 +21,8 @@ pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
 pub use step::{
-    batch_pipelined, batch_streams, eval_loss, eval_row_losses, forward, loss, set_pipeline,
-    train_grads, train_grads_rows, Pipeline, RowLosses, RowWeights, Tokens, BATCH_STREAMS,
+    batch_streams, eval_loss, eval_row_losses, forward, loss, train_grads, train_grads_rows,
+    RowLosses, RowWeights, Tokens, BATCH_STREAMS, PIPELINED_RECOMPUTE,
 };
 pub use transformer::Transformer;
 

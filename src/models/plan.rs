@@ -196,7 +196,8 @@ impl MemoryPlan {
             recompute: graph
                 + shape.in_flight()
                 + 3 * n * spec.hidden * (rs - s)
-                + usize::from(shape.pipelined()) * (graph_rs + 2 * n * spec.hidden * rs),
+                + usize::from(super::step::pipelined(shape.cpu))
+                    * (graph_rs + 2 * n * spec.hidden * rs),
             // The f32 conversions of half-precision products count whole, beside the gradients
             // in flight: their buffers are thread-local and kept between calls (QLinear's f32
             // output, the bf16 kernels' packed activations), resident from the first product
@@ -335,13 +336,6 @@ struct StepShape<'a> {
 }
 
 impl StepShape<'_> {
-    /// Whether the step's recompute runs beside the layers' backward (`step::pipelined`, for
-    /// the streams the batch runs as).
-    fn pipelined(&self) -> bool {
-        let streams = super::step::stream_count(self.batch, self.cpu, self.spec.split_batch());
-        super::step::pipelined(self.cpu, streams)
-    }
-
     /// Whether the forward's activations are in half precision (the f32 kernels convert them).
     fn half(&self) -> bool {
         self.s < 4
@@ -481,7 +475,7 @@ impl StepShape<'_> {
         // the two halves' graphs, which meet at every layer of the backward, are one batch's
         // graph (tests/llama_rss.rs runs at batch 2).
         let convert = (product + if half { n * c.max(i) * 4 } else { 0 })
-            * (1 + usize::from(self.pipelined()));
+            * (1 + usize::from(super::step::pipelined(self.cpu)));
         // AMX's bf16 tiles (64 rows of W) can be larger than the f32 kernels' budget.
         let k = dims.iter().map(|&(_, inp)| inp).max().unwrap_or(c);
         // AMX's tiles, and every bf16 kernel's staging block of x rows.

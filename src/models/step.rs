@@ -7,7 +7,7 @@ use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A batch as a step reads it: token ids `(B, T)`, the optional padding mask `(B, T)` (1 on
 /// real tokens) and the labels `(B, T)` (-100 ignored; shifted here).
@@ -392,7 +392,7 @@ fn train_with<M: Decoder, R>(
         g = z;
     }
     drop(x);
-    let pipelined = pipelined(g.device().is_cpu(), st.len());
+    let pipelined = pipelined(g.device().is_cpu());
     let (g, mut out) = backward_streams(m, &mut st, g, pipelined)?;
     if m.prompt_len() > 0 {
         // Prompt rows: the embedding step again, with its graph, backpropagating layer 0's input
@@ -441,24 +441,13 @@ struct Stream<C> {
 /// one. One sequence is not split in two (session 21: its halves, a layer apart because the
 /// second reads the first's keys and values, gained nothing at the ~100M shape).
 fn streams<M: Decoder>(m: &M, b: usize, cpu: bool) -> Vec<(usize, usize)> {
-    match stream_count(b, cpu, m.split_batch()) {
-        2 => {
-            let h = b.div_ceil(2);
-            vec![(0, h), (h, b - h)]
-        }
-        _ => vec![(0, b)],
-    }
-}
-
-/// How many streams ([`streams`]) a batch of `b` sequences runs as, on the CPU (`cpu`) or a GPU,
-/// through a model whose blocks may split the batch (`split`: [`Decoder::split_batch`]); the
-/// memory plan asks too.
-pub(crate) fn stream_count(b: usize, cpu: bool, split: bool) -> usize {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("QTUNE_STREAMS").is_ok_and(|v| v == "0"));
-    match cpu && b >= 2 && split && !off && BATCH_STREAMS.load(Ordering::Relaxed) {
-        true => 2,
-        false => 1,
+    if cpu && b >= 2 && m.split_batch() && !off && BATCH_STREAMS.load(Ordering::Relaxed) {
+        let h = b.div_ceil(2);
+        vec![(0, h), (h, b - h)]
+    } else {
+        vec![(0, b)]
     }
 }
 
@@ -466,12 +455,6 @@ pub(crate) fn stream_count(b: usize, cpu: bool, split: bool) -> usize {
 /// now (see [`streams`]): what `qtune bench` records.
 pub fn batch_streams<M: Decoder>(m: &M, b: usize, cpu: bool) -> usize {
     streams(m, b, cpu).len()
-}
-
-/// Whether a checkpointed step of `b` sequences through `m` runs each layer's recompute beside
-/// the next one's backward ([`pipelined`]): what `qtune bench` records.
-pub fn batch_pipelined<M: Decoder>(m: &M, b: usize, cpu: bool) -> bool {
-    pipelined(cpu, batch_streams(m, b, cpu))
 }
 
 /// Cleared (tests, comparisons), a training step runs its batch as one stream (see [`streams`]).
@@ -709,48 +692,25 @@ fn backward_layer<M: Decoder>(
 }
 
 /// Whether the checkpointed backward recomputes layer li-1 beside layer li's backward: on the
-/// CPU with two threads or more, for a step that runs as one stream ([`streams`]: one sequence,
-/// or blocks that do not split the batch). Why: candle's backward runs its gradient sums (a zero
-/// tensor and an add per edge) and frees on one thread, and the other worker had nothing to do
-/// through them; the recompute of the next layer is independent work (its input is a
-/// checkpoint) that fills that time: ~100M bf16 step at batch 1 1.07-1.13x, Llama-2-7B
-/// 0.98-1.03x, Falcon-7B 1.02-1.03x (session 22). Two streams keep both workers busy already:
-/// there it gained nothing (~100M, batch 4: 0.99-1.03x) and cost 25 MiB. That layer's graph is
-/// alive beside the backward's (the plan counts it). Until session 21 it was opt-in: under
-/// glibc's dynamic mmap threshold the two threads' interleaved allocations made the peak vary
-/// from run to run by more than the plan can promise; `bench::tune_allocator` (`qtune train`,
-/// `qtune bench`) pins that threshold now.
-/// `QTUNE_PIPELINE=0` never pipelines, any other value also beside two streams; [`set_pipeline`]
-/// (tests) overrides both. The same gradients bit for bit (tests/pipelined_step.rs).
-pub(crate) fn pipelined(cpu: bool, streams: usize) -> bool {
-    static ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let env = *ENV.get_or_init(|| std::env::var("QTUNE_PIPELINE").ok().map(|v| v != "0"));
-    let asked = match PIPELINE.load(Ordering::Relaxed) {
-        p if p == Pipeline::Off as u8 => Some(false),
-        p if p == Pipeline::On as u8 => Some(true),
-        _ => env,
-    };
-    cpu && rayon::current_num_threads() > 1 && asked.unwrap_or(streams == 1)
+/// CPU with two threads or more, when asked for (`QTUNE_PIPELINE=1`, or [`PIPELINED_RECOMPUTE`]
+/// set). Why: candle's backward runs its gradient sums (a zero tensor and an add per edge) and
+/// frees on one thread, and the other worker had nothing to do through them; the recompute of the
+/// next layer is independent work (its input is a checkpoint) that fills that time: ~100M bf16
+/// step 1.08-1.17x (session 19). Why not by default: that layer's graph is alive beside the
+/// backward's (the plan counts it), and with glibc's dynamic mmap threshold the two threads'
+/// interleaved allocations made the peak vary from run to run by more than the plan can promise
+/// (tests/llama_rss.rs's shape: 190-226 MiB against 215 planned, where the one-layer backward
+/// measures within 2 MiB run to run). The same gradients bit for bit (tests/pipelined_step.rs).
+pub(crate) fn pipelined(cpu: bool) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let asked = *ON.get_or_init(|| std::env::var("QTUNE_PIPELINE").is_ok_and(|v| v != "0"));
+    cpu && rayon::current_num_threads() > 1
+        && (asked || PIPELINED_RECOMPUTE.load(Ordering::Relaxed))
 }
 
-/// How the checkpointed backward pipelines its recompute (see [`pipelined`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pipeline {
-    /// The rule of [`pipelined`], unless `QTUNE_PIPELINE` says otherwise.
-    Auto,
-    /// Never pipelined.
-    Off,
-    /// Pipelined wherever the CPU pool has two threads, one stream or two.
-    On,
-}
-
-/// The process's [`Pipeline`], as its discriminant.
-static PIPELINE: AtomicU8 = AtomicU8::new(Pipeline::Auto as u8);
-
-/// Sets how every later step pipelines its recompute (tests, comparisons): see [`pipelined`].
-pub fn set_pipeline(p: Pipeline) {
-    PIPELINE.store(p as u8, Ordering::Relaxed);
-}
+/// Set (tests), the checkpointed backward is pipelined as `QTUNE_PIPELINE=1` asks (see
+/// [`pipelined`]).
+pub static PIPELINED_RECOMPUTE: AtomicBool = AtomicBool::new(false);
 
 /// The end of a training step: the thread's product buffer freed (a step's products grow it
 /// again, so it is part of the step's memory, as the plan's step part counts it), then the heap.

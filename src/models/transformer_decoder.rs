@@ -22,7 +22,10 @@ impl crate::models::Decoder for Transformer {
         self.opts.checkpoint
     }
     fn split_batch(&self) -> bool {
-        self.spec.split_batch()
+        // Parallel blocks (Falcon) gained nothing from the streams at Falcon-7B (0.95-1.00x,
+        // session 20), and at tests/falcon_rss.rs's shape they moved the measured step peak
+        // ~1 MiB further under the plan: one stream there.
+        self.spec.residual == Residual::Sequential
     }
     fn recompute_dtype(&self) -> DType {
         self.opts.recompute_dtype()

@@ -392,11 +392,7 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         _ => None,
     };
     let flops_per_step = bench_flops(cfg, &model_cfg, linear_params);
-    let (m, cpu) = (model.decoder(), cfg.device == "cpu");
-    let (streams, pipelined) = (
-        crate::models::batch_streams(m, cfg.rows(), cpu),
-        crate::models::batch_pipelined(m, cfg.rows(), cpu),
-    );
+    let streams = crate::models::batch_streams(model.decoder(), cfg.rows(), cfg.device == "cpu");
     Ok(BenchReport {
         config: cfg.clone(),
         model: model_cfg,
@@ -412,7 +408,6 @@ pub fn run_bench(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Be
         peak_gflops,
         peak_kind,
         streams,
-        pipelined,
         setup_s,
         gpu,
     })

@@ -56,8 +56,6 @@ pub struct BenchReport {
     pub peak_kind: String,
     /// Streams a step's batch ran as (`models::batch_streams`).
     pub streams: usize,
-    /// Whether a step's recompute ran beside the layers' backward (`models::batch_pipelined`).
-    pub pipelined: bool,
     /// Seconds spent generating the weights and loading the model.
     pub setup_s: f64,
     /// Device memory figures (`--device cuda`).
@@ -200,10 +198,9 @@ impl BenchReport {
             serde_json::json!(std::env::var("CANDLE_NUM_THREADS").ok());
         v["config"]["spin"] = serde_json::json!(std::env::var("QTUNE_SPIN").ok());
         // the batch's streams (`models::step::streams`: two on a CPU from two sequences) and
-        // whether the recompute was pipelined (`models::step::pipelined`: by default where
-        // there is one stream; QTUNE_PIPELINE)
+        // whether the recompute was pipelined (QTUNE_PIPELINE)
         v["config"]["streams"] = serde_json::json!(self.streams);
-        v["config"]["pipeline"] = serde_json::json!(self.pipelined);
+        v["config"]["pipeline"] = serde_json::json!(std::env::var("QTUNE_PIPELINE").ok());
         if let Some(pr) = &c.prompt {
             v["config"]["num_virtual_tokens"] = serde_json::json!(pr.num_virtual_tokens);
             if pr.has_encoder() {
