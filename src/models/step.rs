@@ -696,11 +696,17 @@ fn backward_layer<M: Decoder>(
 /// set). Why: candle's backward runs its gradient sums (a zero tensor and an add per edge) and
 /// frees on one thread, and the other worker had nothing to do through them; the recompute of the
 /// next layer is independent work (its input is a checkpoint) that fills that time: ~100M bf16
-/// step 1.08-1.17x (session 19). Why not by default: that layer's graph is alive beside the
-/// backward's (the plan counts it), and with glibc's dynamic mmap threshold the two threads'
-/// interleaved allocations made the peak vary from run to run by more than the plan can promise
-/// (tests/llama_rss.rs's shape: 190-226 MiB against 215 planned, where the one-layer backward
-/// measures within 2 MiB run to run). The same gradients bit for bit (tests/pipelined_step.rs).
+/// step 1.08-1.17x (session 19), 1.07-1.13x at batch 1 (session 22; nothing beside a batch's two
+/// streams, which keep both workers busy already). Why not by default: that layer's graph is
+/// alive beside the backward's (the plan counts it whole), but how much of it exists at the
+/// backward's peak depends on the two threads' timing, and their interleaved allocations leave
+/// holes the heap keeps: the peak varies run to run by more than the plan can promise. Session
+/// 19, glibc's dynamic mmap threshold: tests/llama_rss.rs's shape 190-226 MiB against 215
+/// planned. Session 22, the threshold pinned (`bench::tune_allocator`): that shape at batch 1
+/// 225-230 MiB against 212-215 in three runs of four (+5 % allowed), and under a pinned
+/// threshold tests/falcon_rss.rs's second step used 78-84 % of its planned part (80 % asked),
+/// where the one-layer backward measures within 2 MiB run to run. The same gradients bit for
+/// bit (tests/pipelined_step.rs).
 pub(crate) fn pipelined(cpu: bool) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let asked = *ON.get_or_init(|| std::env::var("QTUNE_PIPELINE").is_ok_and(|v| v != "0"));
