@@ -52,21 +52,17 @@ impl Heads {
         let Some(&first) = src.first() else {
             return Vec::new();
         };
-        let mut out = zeroed(src.len(), first);
-        out.par_chunks_mut(d.max(1))
-            .enumerate()
-            .for_each(|(r, row)| {
-                // r indexes the output rows: (bi, hi, ti) when splitting, (bi, ti, hi) when merging
-                let from = if self.split {
-                    let (bi, hi, ti) = (r / (h * t), r / t % h, r % t);
-                    (bi * t + ti) * h + hi
-                } else {
-                    let (bi, ti, hi) = (r / (t * h), r / h % t, r % h);
-                    (bi * h + hi) * t + ti
-                };
-                row.copy_from_slice(&src[from * d..(from + 1) * d]);
-            });
-        out
+        par_spans(src.len(), d.max(1), first, |r, row| {
+            // r indexes the output rows: (bi, hi, ti) when splitting, (bi, ti, hi) when merging
+            let from = if self.split {
+                let (bi, hi, ti) = (r / (h * t), r / t % h, r % t);
+                (bi * t + ti) * h + hi
+            } else {
+                let (bi, ti, hi) = (r / (t * h), r / h % t, r % h);
+                (bi * h + hi) * t + ti
+            };
+            row.put_slice(&src[from * d..(from + 1) * d]);
+        })
     }
 }
 

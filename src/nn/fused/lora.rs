@@ -319,22 +319,23 @@ impl DownOp {
     fn input_grad<T: Elem>(&self, _x: &[T], dh: &[f32], a: &[f32], i: usize) -> Vec<T> {
         let r = a.len() / i.max(1);
         let m = dh.len() / r.max(1);
-        let mut dx = zeroed(m * i, T::of(0.0));
         if self.bf16 {
             let w = bf16::Operand::for_expand(a, r, i, false);
-            bf16::expand(dh, r, &w, i, &mut dx, |t, acc, dx| {
+            return bf16::expand(dh, (m, r), &w, i, T::of(0.0), |t, acc, dx| {
                 acc.iter_mut().for_each(|v| *v *= self.scale);
                 if let Some(mask) = self.dropout {
                     mask.apply((t * i) as u64, acc);
                 }
-                T::row_of(acc, dx);
+                dx.put_converted(acc, T::row_of);
             });
-            return dx;
         }
         let p = prims();
-        dx.par_chunks_mut(i.max(1)).enumerate().for_each_init(
+        par_spans_init(
+            m * i,
+            (i, 1),
+            T::of(0.0),
             || (vec![0f32; i], vec![0f32; r]),
-            |(acc, c), (t, dx)| {
+            |(acc, c), t, dx| {
                 acc.fill(0.0);
                 for (c, &d) in c.iter_mut().zip(&dh[t * r..(t + 1) * r]) {
                     *c = self.scale * d;
@@ -343,12 +344,9 @@ impl DownOp {
                 if let Some(mask) = self.dropout {
                     mask.apply((t * i) as u64, acc);
                 }
-                for (d, &v) in dx.iter_mut().zip(acc.iter()) {
-                    *d = T::of(v);
-                }
+                dx.put_converted(acc, T::row_of);
             },
-        );
-        dx
+        )
     }
 }
 
@@ -403,30 +401,30 @@ impl UpOp {
     /// y + h·Bᵀ with `b (O, R)` f32, rounded once to T (y: f32, or already T).
     fn forward<Y: Elem, T: Elem>(&self, y: &[Y], h: &[f32], b: &[f32], o: usize) -> Vec<T> {
         let r = b.len() / o.max(1);
-        let mut out = zeroed(y.len(), T::of(0.0));
         if self.bf16 {
             let w = bf16::Operand::for_expand(b, r, o, true);
-            bf16::expand(h, r, &w, o, &mut out, |t, z, out| {
+            let m = y.len() / o.max(1);
+            return bf16::expand(h, (m, r), &w, o, T::of(0.0), |t, z, out| {
                 for (zv, &yv) in z.iter_mut().zip(&y[t * o..(t + 1) * o]) {
                     *zv += yv.f();
                 }
-                T::row_of(z, out);
+                out.put_converted(z, T::row_of);
             });
-            return out;
         }
         let bt = transpose(b, o, r);
         let p = prims();
-        out.par_chunks_mut(o.max(1)).enumerate().for_each_init(
+        par_spans_init(
+            y.len(),
+            (o, 1),
+            T::of(0.0),
             || vec![0f32; o],
-            |z, (t, out)| {
+            |z, t, out| {
                 z.fill(0.0);
                 (p.axpys)(z, &h[t * r..(t + 1) * r], &bt);
-                for ((d, &yv), &zv) in out.iter_mut().zip(&y[t * o..(t + 1) * o]).zip(z.iter()) {
-                    *d = T::of(yv.f() + zv);
-                }
+                let y = &y[t * o..(t + 1) * o];
+                out.put_with(o, |j| T::of(y[j].f() + z[j]));
             },
-        );
-        out
+        )
     }
 }
 

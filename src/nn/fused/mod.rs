@@ -13,7 +13,9 @@
 //! tensor op), works on the CPU only so far, and is differentiable in its activation arguments
 //! (once: the gradients they return are plain tensors, except rope's, which is rope again).
 use crate::lora::QLinear;
-use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, zeroed};
+use crate::quant::matmul::{
+    par_spans, par_spans_init, qmatmul_bwd_input, qmatmul_fwd, zeroed, Span,
+};
 use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
 use crate::store::StoredTensor;
 use candle_core::backend::BackendStorage;
@@ -89,11 +91,9 @@ fn check_cpu_or_cuda(op: &str, ts: &[&Tensor]) -> Result<()> {
 /// [`CHUNK`]: 2.3–2.5× `half`'s scalar rounding mapped element by element (512K values, 2 threads,
 /// session 16), the same bits.
 fn rounded<T: Elem>(v: &[f32]) -> Vec<T> {
-    let mut out = zeroed(v.len(), T::of(0.0));
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .for_each(|(o, v)| T::row_of(v, o));
-    out
+    par_spans(v.len(), CHUNK, T::of(0.0), |i, o| {
+        o.put_converted(&v[i * CHUNK..i * CHUNK + o.len()], T::row_of)
+    })
 }
 
 /// f32 results as a storage of `dtype`.

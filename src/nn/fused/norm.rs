@@ -52,19 +52,19 @@ impl CustomOp1 for RmsNormOp {
         let w: Vec<f32> = self.w.iter().map(|&w| round(w)).collect();
         let is_f32 = s.dtype() == DType::F32;
         // x, y: (rows, C)
-        let mut y = zeroed(x.len(), 0f32);
-        if c > 0 {
-            y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
+        let y = match c {
+            0 => Vec::new(),
+            _ => par_spans(x.len(), c, 0f32, |row, y| {
+                let x = &x[row * c..][..c];
                 let r = self.rstd(x);
-                let it = y.iter_mut().zip(x).zip(&w);
                 if is_f32 {
                     // separate loop without the rounding call, so that it vectorises
-                    it.for_each(|((y, &x), &w)| *y = w * (x * r));
+                    y.put_with(c, |j| w[j] * (x[j] * r));
                 } else {
-                    it.for_each(|((y, &x), &w)| *y = w * round(x * r));
+                    y.put_with(c, |j| w[j] * round(x[j] * r));
                 }
-            });
-        }
+            }),
+        };
         Ok((storage_of(y, s.dtype()), l.shape().clone()))
     }
 
@@ -91,23 +91,18 @@ impl CustomOp1 for RmsNormOp {
         let c = self.w.len();
         let dx = with_f32(x, self.name(), |x| {
             with_f32(dy, self.name(), |dy| {
-                let mut dx = zeroed(x.len(), 0f32);
-                if c > 0 {
-                    dx.par_chunks_mut(c)
-                        .zip(x.par_chunks(c).zip(dy.par_chunks(c)))
-                        .for_each(|(dx, (x, dy))| {
-                            let r = self.rstd(x);
-                            let gx = dot3(dy, &self.w, x) as f64;
-                            let k = (r as f64).powi(3) * gx / c as f64;
-                            let k = k as f32;
-                            for (((dx, &d), &w), &x) in
-                                dx.iter_mut().zip(dy).zip(self.w.iter()).zip(x)
-                            {
-                                *dx = r * d * w - k * x;
-                            }
-                        });
+                if c == 0 {
+                    return Vec::new();
                 }
-                dx
+                par_spans(x.len(), c, 0f32, |row, dx| {
+                    let (x, dy) = (&x[row * c..][..c], &dy[row * c..][..c]);
+                    let r = self.rstd(x);
+                    let gx = dot3(dy, &self.w, x) as f64;
+                    let k = (r as f64).powi(3) * gx / c as f64;
+                    let k = k as f32;
+                    let w = &self.w[..c];
+                    dx.put_with(c, |j| r * dy[j] * w[j] - k * x[j]);
+                })
             })
         })??;
         Ok(Some(tensor_of(dx, x.dims(), x.dtype())?))

@@ -223,21 +223,16 @@ impl NormOp {
     }
 
     /// y of one row of h (f32 values already in the activation dtype) with torch's roundings.
-    fn fwd_row<T: Elem>(&self, h: &[f32], w: &[f32], b: &[f32], y: &mut [T]) {
+    fn fwd_row<T: Elem>(&self, h: &[f32], w: &[f32], b: &[f32], y: &mut Span<'_, T>) {
         let (mean, r) = self.stats(h);
+        let (c, w) = (h.len(), &w[..h.len()]);
         match self.kind {
             // transformers rounds h·rstd to the dtype, multiplies by w in it and rounds again
-            Kind::Rms => {
-                for ((y, &h), &w) in y.iter_mut().zip(h).zip(w) {
-                    *y = T::of(w * T::of(h * r).f());
-                }
-            }
+            Kind::Rms => y.put_with(c, |j| T::of(w[j] * T::of(h[j] * r).f())),
             // torch's CPU kernel: (h·scale + bias)·w + b in f32, one rounding
             Kind::Layer(_) => {
-                let bias = -r * mean;
-                for (((y, &h), &w), &b) in y.iter_mut().zip(h).zip(w).zip(b) {
-                    *y = T::of((h * r + bias) * w + b);
-                }
+                let (bias, b) = (-r * mean, &b[..c]);
+                y.put_with(c, |j| T::of((h[j] * r + bias) * w[j] + b[j]));
             }
         }
     }
@@ -291,26 +286,25 @@ impl NormOp {
     }
 
     /// A tensor of `len` elements of T computed a row of C at a time, rows in parallel: `f(buf,
-    /// rows, out)` for the element range `rows` of row-major inputs, with a thread's scratch of
-    /// `scratch` rows of f32 (reused across its rows).
+    /// rows, out)` writes into `out` the row of the element range `rows` of row-major inputs,
+    /// with a task's scratch of `scratch` rows of f32 (reused across its rows).
     fn by_rows<T: Elem>(
         &self,
         len: usize,
         scratch: usize,
-        f: impl Fn(&mut [f32], std::ops::Range<usize>, &mut [T]) + Sync,
+        f: impl Fn(&mut [f32], std::ops::Range<usize>, &mut Span<'_, T>) + Sync + Send,
     ) -> Vec<T> {
         let c = self.w.len();
-        let mut out = zeroed(len, T::of(0.0));
-        if c > 0 {
-            out.par_chunks_mut(c)
-                .enumerate()
-                .with_min_len(MIN_ROWS)
-                .for_each_init(
-                    || vec![0f32; scratch * c],
-                    |buf, (i, out)| f(buf, i * c..(i + 1) * c, out),
-                );
+        if c == 0 {
+            return vec![T::of(0.0); len];
         }
-        out
+        par_spans_init(
+            len,
+            (c, MIN_ROWS),
+            T::of(0.0),
+            || vec![0f32; scratch * c],
+            |buf, i, out| f(buf, i * c..(i + 1) * c, out),
+        )
     }
 
     fn forward<T: Elem>(&self, x: &[T], a: Option<&[T]>) -> Vec<T> {
@@ -336,15 +330,10 @@ impl NormOp {
             self.bwd_row::<T>(h, d, &w, g, out);
             match res {
                 Some(res) => {
-                    for ((dx, &v), &r) in dx.iter_mut().zip(out.iter()).zip(&res[rows]) {
-                        *dx = T::of(r.f() + T::of(v).f());
-                    }
+                    let res = &res[rows];
+                    dx.put_with(c, |j| T::of(res[j].f() + T::of(out[j]).f()));
                 }
-                None => {
-                    for (dx, &v) in dx.iter_mut().zip(out.iter()) {
-                        *dx = T::of(v);
-                    }
-                }
+                None => dx.put_converted(out, T::row_of),
             }
         })
     }
@@ -497,16 +486,13 @@ const CHUNK: usize = 4096;
 
 impl Add3Op {
     fn forward<T: Elem>(p: &[T], q: &[T], r: &[T]) -> Vec<T> {
-        let mut y = zeroed(p.len(), T::of(0.0));
-        y.par_chunks_mut(CHUNK)
-            .zip(p.par_chunks(CHUNK))
-            .zip(q.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)))
-            .for_each(|((y, p), (q, r))| {
-                for (((y, &p), &q), &r) in y.iter_mut().zip(p).zip(q).zip(r) {
-                    *y = T::of(T::of(p.f() + q.f()).f() + r.f());
-                }
+        par_spans(p.len(), CHUNK, T::of(0.0), |i, y| {
+            let span = i * CHUNK..i * CHUNK + y.len();
+            let (p, q, r) = (&p[span.clone()], &q[span.clone()], &r[span]);
+            y.put_with(p.len(), |j| {
+                T::of(T::of(p[j].f() + q[j].f()).f() + r[j].f())
             });
-        y
+        })
     }
 }
 

@@ -84,37 +84,37 @@ impl RopeOp {
         let (t, half) = (self.t, self.half);
         let d = 2 * half;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let mut y = zeroed(x.len(), T::of(0.0));
         if t * d == 0 {
-            return y;
+            return vec![T::of(0.0); x.len()];
         }
-        y.par_chunks_mut(t * d)
-            .zip(x.par_chunks(t * d))
-            .for_each(|(y, x)| {
-                for p in 0..t {
-                    let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-                    let cos = &self.cos[p * half..(p + 1) * half];
-                    let sin = &self.sin[p * half..(p + 1) * half];
-                    // one loop per layout, so that the contiguous halves vectorise
-                    if self.interleaved {
-                        for i in 0..half {
-                            let (c, sn) = (cos[i], sign * sin[i]);
-                            let (a, b) = (xr[2 * i].f(), xr[2 * i + 1].f());
-                            yr[2 * i] = T::of(a * c - b * sn);
-                            yr[2 * i + 1] = T::of(b * c + a * sn);
-                        }
-                    } else {
-                        let ((x1, x2), (y1, y2)) = (xr.split_at(half), yr.split_at_mut(half));
-                        for i in 0..half {
-                            let (c, sn) = (cos[i], sign * sin[i]);
-                            let (a, b) = (x1[i].f(), x2[i].f());
-                            y1[i] = T::of(a * c - b * sn);
-                            y2[i] = T::of(b * c + a * sn);
-                        }
-                    }
+        par_spans(x.len(), t * d, T::of(0.0), |slab, y| {
+            let x = &x[slab * t * d..][..y.len()];
+            for p in 0..t {
+                let xr = &x[p * d..(p + 1) * d];
+                let cos = &self.cos[p * half..(p + 1) * half];
+                let sin = &self.sin[p * half..(p + 1) * half];
+                // one pass per layout, so that the contiguous halves vectorise
+                if self.interleaved {
+                    y.put_with(d, |j| {
+                        let (i, c) = (j / 2, cos[j / 2]);
+                        let (a, b, sn) = (xr[2 * i].f(), xr[2 * i + 1].f(), sign * sin[i]);
+                        T::of(if j % 2 == 0 {
+                            a * c - b * sn
+                        } else {
+                            b * c + a * sn
+                        })
+                    });
+                } else {
+                    let (x1, x2) = xr.split_at(half);
+                    y.put_with(half, |i| {
+                        T::of(x1[i].f() * cos[i] - x2[i].f() * sign * sin[i])
+                    });
+                    y.put_with(half, |i| {
+                        T::of(x2[i].f() * cos[i] + x1[i].f() * sign * sin[i])
+                    });
                 }
-            });
-        y
+            }
+        })
     }
 }
 

@@ -51,20 +51,17 @@ fn sigmoids<T: Elem>(g: &[T], s: &mut [f32], simd: bool) {
 
 impl SwiGluOp {
     fn forward<T: Elem>(&self, g: &[T], u: &[T]) -> Vec<T> {
-        let mut y = zeroed(g.len(), T::of(0.0));
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                let mut s = [0f32; CHUNK];
-                let s = &mut s[..g.len()];
-                sigmoids(g, s, self.simd);
-                for (((y, g), u), &s) in y.iter_mut().zip(g).zip(u).zip(&*s) {
-                    let gf = g.f();
-                    let silu = T::of(gf * s).f();
-                    *y = T::of(silu * u.f());
-                }
+        par_spans(g.len(), CHUNK, T::of(0.0), |i, y| {
+            let span = i * CHUNK..i * CHUNK + y.len();
+            let (g, u) = (&g[span.clone()], &u[span]);
+            let mut s = [0f32; CHUNK];
+            let s = &mut s[..g.len()];
+            sigmoids(g, s, self.simd);
+            y.put_with(g.len(), |j| {
+                let silu = T::of(g[j].f() * s[j]).f();
+                T::of(silu * u[j].f())
             });
-        y
+        })
     }
 
     fn backward<T: Elem>(&self, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {

@@ -17,7 +17,7 @@
 //! fixed (rows of [`ROWS`], columns of [`COLS`], token slabs of [`SLAB`]) and every output element
 //! is summed inside one task, so the results do not depend on the thread count.
 use super::{gather_column_blocks, Dropped, Elem};
-use crate::quant::matmul::with_thread_buffer;
+use crate::quant::matmul::{par_spans_init, with_thread_buffer, Span};
 use crate::quant::matmul_bf16::{
     dense_bf16, has_bf16_kernels, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs,
 };
@@ -247,43 +247,37 @@ pub(super) fn outer_sum<T: Elem>(coef: &[f32], r: usize, x: Dropped<T>) -> Vec<f
 }
 
 /// `z_t = coef_t·W` (a row of n) for every row t of `coef (M, R)` f32 and W packed by
-/// [`Operand::for_expand`], handed to `finish(t, z_t, out_t)` with row t of `out (M, n)`;
-/// parallel over blocks of rows.
-pub(super) fn expand<T: Send>(
+/// [`Operand::for_expand`], handed to `finish(t, z_t, out)` to write row t of the output `(M, n)`
+/// next into `out`; the output is returned. Parallel over blocks of rows.
+pub(super) fn expand<T: Copy + Send + Sync>(
     coef: &[f32],
-    r: usize,
+    (m, r): (usize, usize),
     w: &Operand,
     n: usize,
-    out: &mut [T],
-    finish: impl Fn(usize, &mut [f32], &mut [T]) + Sync,
-) {
+    zero: T,
+    finish: impl Fn(usize, &mut [f32], &mut Span<'_, T>) + Sync,
+) -> Vec<T> {
     let (np, rh) = (w.cols, w.pairs);
     if n == 0 || r == 0 {
-        return;
+        return vec![zero; m * n];
     }
     let task_rows = if EXPAND_BLOCK / np >= ROWS { ROWS } else { 16 };
-    out.par_chunks_mut(task_rows * n)
-        .enumerate()
-        .for_each_init(Vec::new, |a, (c, out)| {
-            let (t0, rows) = (c * task_rows, out.len() / n);
-            // a: this task's rows of coef in pairs along R (rows × rh), pairs past R zero
-            a.clear();
-            a.resize(rows * rh, 0u32);
-            pack_rows(&coef[t0 * r..], r, (rows, r), a, rh);
-            let a = Pairs {
-                data: a,
-                stride: rh,
-            };
-            // the products (rows × np), each written (no accumulation)
-            with_thread_buffer(&PRODUCTS, rows * np, KEEP, |z| {
-                product(a, w.pairs(), z, np, (rows, rh, np), false);
-                for (j, (z, out)) in z
-                    .chunks_exact_mut(np)
-                    .zip(out.chunks_exact_mut(n))
-                    .enumerate()
-                {
-                    finish(t0 + j, &mut z[..n], out);
-                }
-            })
-        });
+    par_spans_init(m * n, (task_rows * n, 1), zero, Vec::new, |a, c, out| {
+        let (t0, rows) = (c * task_rows, out.len() / n);
+        // a: this task's rows of coef in pairs along R (rows × rh), pairs past R zero
+        a.clear();
+        a.resize(rows * rh, 0u32);
+        pack_rows(&coef[t0 * r..], r, (rows, r), a, rh);
+        let a = Pairs {
+            data: a,
+            stride: rh,
+        };
+        // the products (rows × np), each written (no accumulation)
+        with_thread_buffer(&PRODUCTS, rows * np, KEEP, |z| {
+            product(a, w.pairs(), z, np, (rows, rh, np), false);
+            for (j, z) in z.chunks_exact_mut(np).take(rows).enumerate() {
+                finish(t0 + j, &mut z[..n], out);
+            }
+        })
+    })
 }
