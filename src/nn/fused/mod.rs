@@ -91,8 +91,8 @@ fn check_cpu_or_cuda(op: &str, ts: &[&Tensor]) -> Result<()> {
 /// [`CHUNK`]: 2.3–2.5× `half`'s scalar rounding mapped element by element (512K values, 2 threads,
 /// session 16), the same bits.
 fn rounded<T: Elem>(v: &[f32]) -> Vec<T> {
-    par_spans(v.len(), CHUNK, T::of(0.0), |i, o| {
-        o.put_converted(&v[i * CHUNK..i * CHUNK + o.len()], T::row_of)
+    par_spans(v.len(), CHUNK, T::of(0.0), |_, o| {
+        o.put_converted(&v[o.range()], T::row_of)
     })
 }
 

@@ -54,8 +54,8 @@ impl CustomOp1 for RmsNormOp {
         // x, y: (rows, C)
         let y = match c {
             0 => Vec::new(),
-            _ => par_spans(x.len(), c, 0f32, |row, y| {
-                let x = &x[row * c..][..c];
+            _ => par_spans(x.len(), c, 0f32, |_, y| {
+                let x = &x[y.range()];
                 let r = self.rstd(x);
                 if is_f32 {
                     // separate loop without the rounding call, so that it vectorises
@@ -94,8 +94,8 @@ impl CustomOp1 for RmsNormOp {
                 if c == 0 {
                     return Vec::new();
                 }
-                par_spans(x.len(), c, 0f32, |row, dx| {
-                    let (x, dy) = (&x[row * c..][..c], &dy[row * c..][..c]);
+                par_spans(x.len(), c, 0f32, |_, dx| {
+                    let (x, dy) = (&x[dx.range()], &dy[dx.range()]);
                     let r = self.rstd(x);
                     let gx = dot3(dy, &self.w, x) as f64;
                     let k = (r as f64).powi(3) * gx / c as f64;

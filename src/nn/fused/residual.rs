@@ -486,8 +486,8 @@ const CHUNK: usize = 4096;
 
 impl Add3Op {
     fn forward<T: Elem>(p: &[T], q: &[T], r: &[T]) -> Vec<T> {
-        par_spans(p.len(), CHUNK, T::of(0.0), |i, y| {
-            let span = i * CHUNK..i * CHUNK + y.len();
+        par_spans(p.len(), CHUNK, T::of(0.0), |_, y| {
+            let span = y.range();
             let (p, q, r) = (&p[span.clone()], &q[span.clone()], &r[span]);
             y.put_with(p.len(), |j| {
                 T::of(T::of(p[j].f() + q[j].f()).f() + r[j].f())

@@ -87,8 +87,8 @@ impl RopeOp {
         if t * d == 0 {
             return vec![T::of(0.0); x.len()];
         }
-        par_spans(x.len(), t * d, T::of(0.0), |slab, y| {
-            let x = &x[slab * t * d..][..y.len()];
+        par_spans(x.len(), t * d, T::of(0.0), |_, y| {
+            let x = &x[y.range()];
             for p in 0..t {
                 let xr = &x[p * d..(p + 1) * d];
                 let cos = &self.cos[p * half..(p + 1) * half];

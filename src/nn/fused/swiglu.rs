@@ -51,8 +51,8 @@ fn sigmoids<T: Elem>(g: &[T], s: &mut [f32], simd: bool) {
 
 impl SwiGluOp {
     fn forward<T: Elem>(&self, g: &[T], u: &[T]) -> Vec<T> {
-        par_spans(g.len(), CHUNK, T::of(0.0), |i, y| {
-            let span = i * CHUNK..i * CHUNK + y.len();
+        par_spans(g.len(), CHUNK, T::of(0.0), |_, y| {
+            let span = y.range();
             let (g, u) = (&g[span.clone()], &u[span]);
             let mut s = [0f32; CHUNK];
             let s = &mut s[..g.len()];

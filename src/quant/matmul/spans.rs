@@ -7,10 +7,10 @@ use std::mem::MaybeUninit;
 /// `n` values made span by span on the pool, each written once in place: span `i` (`len`
 /// values, the last one shorter) by `fill(state, i, span)`, front to back through [`Span`];
 /// `init` makes a task's state, and a task takes `min` spans at least. Why: an op that filled a
-/// [`zeroed`](super::zeroed) output wrote each value twice, and at the ~100M shape ~500 MB a step went to zero
-/// fills (10 % of the batch-4 step's samples). Written in place, that step ran 1.04-1.07x
-/// (session 22); filling a zeroed per-task buffer and copying it gained nothing, the copy being
-/// the pass the zeros had been.
+/// [`zeroed`](super::zeroed) output wrote each value twice, and at the ~100M shape ~500 MB a
+/// step went to zero fills (10 % of the batch-4 step's samples). Written in place, that step ran
+/// 1.04-1.07x (session 22); filling a zeroed per-task buffer and copying it gained nothing, the
+/// copy being the pass the zeros had been.
 pub(crate) fn par_spans_init<T, S>(
     n: usize,
     (len, min): (usize, usize),
@@ -27,7 +27,13 @@ where
         .enumerate()
         .with_min_len(min.max(1))
         .for_each_init(init, |state, (i, dst)| {
-            let mut span = Span { dst, at: 0, zero };
+            let start = i * len.max(1);
+            let mut span = Span {
+                dst,
+                start,
+                at: 0,
+                zero,
+            };
             fill(state, i, &mut span);
             assert_eq!(
                 span.at,
@@ -57,15 +63,17 @@ pub(crate) fn par_spans<T: Copy + Send + Sync>(
 /// what is not cannot be read, and the span must be full when its task ends.
 pub(crate) struct Span<'a, T> {
     dst: &'a mut [MaybeUninit<T>],
+    /// Where the span starts in the output.
+    start: usize,
     /// How many values are written.
     at: usize,
     zero: T,
 }
 
 impl<T: Copy> Span<'_, T> {
-    /// The span's length.
-    pub(crate) fn len(&self) -> usize {
-        self.dst.len()
+    /// The span's elements in the output: the same range of an element-wise op's inputs.
+    pub(crate) fn range(&self) -> std::ops::Range<usize> {
+        self.start..self.start + self.dst.len()
     }
 
     /// Writes `src` next.
@@ -108,9 +116,9 @@ mod tests {
             0u32,
             || 7u32,
             |k, i, span| {
-                let half = span.len() / 2;
+                let half = span.range().len() / 2;
                 span.put_with(half, |j| (i * 64 + j) as u32 * *k);
-                let rest: Vec<u32> = (half..span.len())
+                let rest: Vec<u32> = (half..span.range().len())
                     .map(|j| (i * 64 + j) as u32 * 7)
                     .collect();
                 span.put_slice(&rest);
@@ -118,7 +126,9 @@ mod tests {
         );
         assert!(v.iter().enumerate().all(|(j, &x)| x == j as u32 * 7));
         let f = par_spans(130, 64, 0f32, |_, span| {
-            span.put_converted(&vec![1.5f32; span.len()], |s, d| d.copy_from_slice(s))
+            span.put_converted(&vec![1.5f32; span.range().len()], |s, d| {
+                d.copy_from_slice(s)
+            })
         });
         assert_eq!(f, vec![1.5f32; 130]);
     }
@@ -126,6 +136,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "left part unwritten")]
     fn par_spans_refuses_a_span_left_short() {
-        par_spans(100, 64, 0u8, |_, span| span.put_with(span.len() - 1, |_| 1));
+        par_spans(100, 64, 0u8, |_, span| {
+            span.put_with(span.range().len() - 1, |_| 1)
+        });
     }
 }

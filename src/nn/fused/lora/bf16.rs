@@ -262,8 +262,8 @@ pub(super) fn expand<T: Copy + Send + Sync>(
         return vec![zero; m * n];
     }
     let task_rows = if EXPAND_BLOCK / np >= ROWS { ROWS } else { 16 };
-    par_spans_init(m * n, (task_rows * n, 1), zero, Vec::new, |a, c, out| {
-        let (t0, rows) = (c * task_rows, out.len() / n);
+    par_spans_init(m * n, (task_rows * n, 1), zero, Vec::new, |a, _, out| {
+        let (t0, rows) = (out.range().start / n, out.range().len() / n);
         // a: this task's rows of coef in pairs along R (rows × rh), pairs past R zero
         a.clear();
         a.resize(rows * rh, 0u32);
