@@ -10,6 +10,7 @@
 //! bf16 activations run the bf16 kernels (`quant::matmul_bf16`: bf16 products, f32 sums; the f32
 //! kernels where the CPU lacks AVX-512 BF16); f16 ones are converted to f32 inside the op and the
 //! result back. Either way the graph never holds an f32 copy of x.
+use crate::nn::fused::tape;
 use crate::quant::dequantize_f32;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer};
 use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
@@ -245,8 +246,8 @@ impl QLinear {
     /// `x (.., in) · Wᵀ` without the bias, differentiable in x only (DoRA's `A·Wᵀ`).
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.bf16_products {
-            false => x.contiguous()?.apply_op1_arc(self.fwd.clone()),
-            true => x.contiguous()?.apply_op1(self.op(Dir::Forward, false)),
+            false => tape::apply1_arc(&x.contiguous()?, self.fwd.clone()),
+            true => tape::apply1(&x.contiguous()?, self.op(Dir::Forward, false)),
         }
     }
 
@@ -301,7 +302,7 @@ impl Module for QLinear {
             ),
         }
         // y: (.., out) = x: (.., in) · Wᵀ
-        let y = x.contiguous()?.apply_op1_arc(self.fwd.clone())?;
+        let y = tape::apply1_arc(&x.contiguous()?, self.fwd.clone())?;
         match &self.bias {
             None => Ok(y),
             Some(b) => y.broadcast_add(&b.to_device(y.device())?.to_dtype(y.dtype())?),

@@ -21,8 +21,9 @@ pub use falcon::{Falcon, FalconConfig, FalconOptions};
 pub use llama::{Llama, LlamaConfig, LlamaOptions, LoraSpec};
 pub use plan::MemoryPlan;
 pub use step::{
-    batch_streams, eval_loss, eval_row_losses, forward, loss, train_grads, train_grads_rows,
-    RowLosses, RowWeights, Tokens, BATCH_STREAMS, PIPELINED_RECOMPUTE,
+    batch_streams, eval_loss, eval_row_losses, forward, loss, own_backward_walks, train_grads,
+    train_grads_rows, RowLosses, RowWeights, Tokens, BATCH_STREAMS, OWN_BACKWARD,
+    PIPELINED_RECOMPUTE,
 };
 pub use transformer::Transformer;
 

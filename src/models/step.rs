@@ -7,7 +7,7 @@ use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// A batch as a step reads it: token ids `(B, T)`, the optional padding mask `(B, T)` (1 on
 /// real tokens) and the labels `(B, T)` (-100 ignored; shifted here).
@@ -602,8 +602,12 @@ struct Walk<'a, C> {
     g: Tensor,
     ctx: &'a C,
     key: Option<u64>,
-    next: Option<(Var, Tensor)>,
+    next: Option<Recomputed>,
 }
+
+/// A layer recomputed for its backward: its input as a variable, its output, and the ops it ran
+/// when they are taped (see [`own_backward`]).
+type Recomputed = (Var, Tensor, Option<fused::tape::Tape>);
 
 /// The dtype of every adapter tensor by name (linear adapters' and sequence-level).
 fn var_dtypes<M: Decoder>(m: &M) -> HashMap<String, DType> {
@@ -646,26 +650,38 @@ fn backward_layer<M: Decoder>(
     // are recomputed and differentiated in f32 on the CPU, their products still bf16.
     let rdt = m.recompute_dtype();
     let (ctx, key) = (w.ctx, w.key);
-    let recompute = |li: usize, xin: Tensor| -> Result<(Var, Tensor)> {
+    let recompute = |li: usize, xin: Tensor| -> Result<Recomputed> {
         let xin = xin
             .to_device(&dev)
             .and_then(|x| x.to_dtype(rdt))
             .map_err(cerr("checkpoint"))?;
         (|| -> candle_core::Result<_> {
             let xv = Var::from_tensor(&xin)?;
-            let y = m.layer(li, xv.as_tensor(), ctx, key)?;
-            Ok((xv, y))
+            let layer = || m.layer(li, xv.as_tensor(), ctx, key);
+            let (y, tape) = match own_backward() {
+                true => fused::tape::record(layer).map(|(y, t)| (y, Some(t)))?,
+                false => (layer()?, None),
+            };
+            Ok((xv, y, tape))
         })()
         .map_err(cerr("recompute"))
     };
     let pop = |saved: &mut Vec<Tensor>| saved.pop().expect("one saved input per layer");
-    let (xv, y) = match w.next.take() {
+    let (xv, y, tape) = match w.next.take() {
         Some(r) => r,
         None => recompute(li, pop(&mut w.saved))?,
     };
     let g = &w.g;
     let backward = || -> Result<_> {
         (|| -> candle_core::Result<_> {
+            // Our own walk where the layer ran our ops alone: dy as candle's seed below gives it.
+            if let Some(tape) = tape {
+                let dy = g.to_dtype(DType::F32)?.to_dtype(y.dtype())?;
+                if let Some(gs) = fused::backward_tape(tape, &y, dy)? {
+                    OWN_WALKS.fetch_add(1, Ordering::Relaxed);
+                    return Ok(gs);
+                }
+            }
             let s = nn::mul_const(&y.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?)?.sum_all()?;
             fused::backward_collecting(&s)
         })()
@@ -712,6 +728,28 @@ pub(crate) fn pipelined(cpu: bool) -> bool {
     let asked = *ON.get_or_init(|| std::env::var("QTUNE_PIPELINE").is_ok_and(|v| v != "0"));
     cpu && rayon::current_num_threads() > 1
         && (asked || PIPELINED_RECOMPUTE.load(Ordering::Relaxed))
+}
+
+/// Whether the checkpointed backward walks a layer's recorded ops itself ([`fused::tape`]) rather
+/// than through candle's backward: by default (candle's walk where the layer ran other ops too);
+/// `QTUNE_OWN_BACKWARD=0` or [`OWN_BACKWARD`] cleared gives candle's walk everywhere. Why: candle
+/// gives each gradient a zero tensor and an add before anything else (13 % of a ~100M bf16 step's
+/// samples at batch 4, session 23); the sums are the same bit for bit (tests/own_backward.rs).
+fn own_backward() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("QTUNE_OWN_BACKWARD").is_ok_and(|v| v == "0"));
+    !off && OWN_BACKWARD.load(Ordering::Relaxed)
+}
+
+/// Cleared (tests, comparisons), the checkpointed backward runs candle's walk (see
+/// [`own_backward`]).
+pub static OWN_BACKWARD: AtomicBool = AtomicBool::new(true);
+
+static OWN_WALKS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many layers' backward this process walked itself so far (see [`own_backward`]).
+pub fn own_backward_walks() -> usize {
+    OWN_WALKS.load(Ordering::Relaxed)
 }
 
 /// Set (tests), the checkpointed backward is pipelined as `QTUNE_PIPELINE=1` asks (see

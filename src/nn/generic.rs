@@ -76,7 +76,7 @@ fn attention_blocked(
         blocks,
         d,
     };
-    q.apply_op3(&k, &v, op)
+    super::fused::tape::apply3(&q, &k, &v, op)
 }
 
 /// The query heads of each score block with the kv head each one reads.

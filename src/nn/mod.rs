@@ -29,14 +29,14 @@ pub(crate) type Grads3 = Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)
 /// backward returns only `dx = grad · c`.
 pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let c = c.detach().broadcast_as(x.shape())?;
-    x.apply_op2(&c, ConstOp::Mul)
+    fused::tape::apply2(x, &c, ConstOp::Mul)
 }
 
 /// `x + c` for a constant `c` broadcastable to x's shape (same dtype); backward `dx = grad`, and no
 /// gradient for `c` (see [`mul_const`]).
 pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let c = c.detach().broadcast_as(x.shape())?;
-    x.apply_op2(&c, ConstOp::Add)
+    fused::tape::apply2(x, &c, ConstOp::Add)
 }
 
 /// Elementwise op with a constant second operand (already broadcast to the first's shape).

@@ -148,8 +148,7 @@ fn attention_impl(
         lse: Mutex::new(None),
         bf16_products,
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    tape::apply3(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, op)
 }
 
 #[derive(Clone, Copy)]

@@ -48,7 +48,7 @@ pub fn cross_entropy_chunked(
         #[cfg(feature = "cuda")]
         lse_gpu: Mutex::new(None),
     };
-    let loss = hidden.contiguous()?.apply_op1(op)?;
+    let loss = tape::apply1(&hidden.contiguous()?, op)?;
     Ok((loss, n_tokens))
 }
 

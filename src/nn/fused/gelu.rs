@@ -18,7 +18,7 @@ use std::f32::consts::FRAC_1_SQRT_2;
 /// GeluBackward). CPU only: on a GPU the caller runs candle's `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     check_cpu("gelu_erf", &[x])?;
-    x.contiguous()?.apply_op1(GeluErfOp)
+    tape::apply1(&x.contiguous()?, GeluErfOp)
 }
 
 struct GeluErfOp;

@@ -14,14 +14,14 @@ pub fn split_heads(y: &Tensor, n: usize) -> Result<Tensor> {
     if n == 0 || !c.is_multiple_of(n) {
         bail!("split_heads: {c} features do not split into {n} heads");
     }
-    y.contiguous()?.apply_op1(Heads { split: true, n })
+    tape::apply1(&y.contiguous()?, Heads { split: true, n })
 }
 
 /// `a (B, H, T, D)` as `(B, T, H·D)`, contiguous (attention's output before its projection).
 pub fn merge_heads(a: &Tensor) -> Result<Tensor> {
     check_cpu("merge_heads", &[a])?;
     let (_, h, _, _) = a.dims4()?;
-    a.contiguous()?.apply_op1(Heads { split: false, n: h })
+    tape::apply1(&a.contiguous()?, Heads { split: false, n: h })
 }
 
 /// The permutation: `split` takes `(B, T, n·D)` to `(B, n, T, D)`, else the reverse.

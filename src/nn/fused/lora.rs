@@ -47,7 +47,7 @@ mod sink;
 pub(crate) use bf16::scratch_bytes as lora_bf16_scratch_bytes;
 pub use linear::lora_linear_up;
 use rows::{prims, Prims};
-pub use sink::backward_collecting;
+pub use sink::{backward_collecting, backward_tape};
 
 /// The inverted-dropout factor of element `i` of a mask: 0 with probability p, else 1/(1-p),
 /// drawn from `(key, i)` alone (counter-based, so a backward or a recompute redraws it).
@@ -115,7 +115,7 @@ pub fn lora_down(
         dropout,
         bf16: bf16::takes_bf16(bf16_products || x.dtype() == DType::BF16),
     };
-    x.contiguous()?.apply_op2(&a.contiguous()?, op)
+    tape::apply2(&x.contiguous()?, &a.contiguous()?, op)
 }
 
 /// `y (.., O) + h·Bᵀ` in y's dtype and shape (f32 sums, one rounding), for y's M rows, `h (M, R)`
@@ -137,8 +137,7 @@ pub fn lora_up_add(y: &Tensor, h: &Tensor, b: &Tensor, bf16_products: bool) -> R
     let op = UpOp {
         bf16: bf16::takes_bf16(bf16_products || y.dtype() == DType::BF16),
     };
-    y.contiguous()?
-        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)
+    tape::apply3(&y.contiguous()?, &h.contiguous()?, &b.contiguous()?, op)
 }
 
 /// Columns a gradient task owns (of every row): its row sums stay in one thread, in order.

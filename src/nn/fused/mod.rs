@@ -277,6 +277,7 @@ mod residual;
 mod rope;
 mod scale;
 mod swiglu;
+pub mod tape;
 
 pub use attention::*;
 pub(crate) use attention::{attention_dims, attention_task_bytes, bias_rows, AttnDims};

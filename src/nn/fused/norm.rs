@@ -18,7 +18,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         w: Arc::new(const_f32(w, "rms_norm")?),
         eps,
     };
-    x.contiguous()?.apply_op1(op)
+    tape::apply1(&x.contiguous()?, op)
 }
 
 struct RmsNormOp {

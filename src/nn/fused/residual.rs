@@ -88,7 +88,7 @@ impl Residual {
 /// composite `models::layer_norm`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let op = NormOp::new("layer_norm", x, w, Some(b), eps)?;
-    x.contiguous()?.apply_op1(op)
+    tape::apply1(&x.contiguous()?, op)
 }
 
 /// `y = rms_norm(x + a)` (see [`rms_norm`]) with the sum `h = x + a` rounded to the activation
@@ -133,8 +133,12 @@ fn add3(p: &Tensor, q: &Tensor, r: &Tensor, link: Option<Link>) -> Result<Tensor
             );
         }
     }
-    p.contiguous()?
-        .apply_op3(&q.contiguous()?, &r.contiguous()?, Add3Op { link })
+    tape::apply3(
+        &p.contiguous()?,
+        &q.contiguous()?,
+        &r.contiguous()?,
+        Add3Op { link },
+    )
 }
 
 /// Rows a parallel task takes at least (a row is one token's C values).
@@ -183,7 +187,7 @@ impl NormOp {
         let (x, a) = (x.contiguous()?, a.contiguous()?);
         let link = Arc::new(Mutex::new(Slot::Empty));
         self.link = Some(link.clone());
-        let y = x.apply_op2(&a, self)?;
+        let y = tape::apply2(&x, &a, self)?;
         Ok((y, Residual { x, a, link }))
     }
 

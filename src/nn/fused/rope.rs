@@ -63,7 +63,7 @@ fn rope_impl(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Resul
         interleaved,
         inverse: false,
     };
-    x.contiguous()?.apply_op1(op)
+    tape::apply1(&x.contiguous()?, op)
 }
 
 #[derive(Clone)]

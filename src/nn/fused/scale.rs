@@ -27,8 +27,7 @@ pub fn scale_residual(u: &Tensor, g: &Tensor, bias: Option<&Tensor>) -> Result<T
         Some(b) => Some(Arc::new(const_f32(b, "scale_residual")?)),
         None => None,
     };
-    u.contiguous()?
-        .apply_op2(&g.contiguous()?, ScaleResidualOp { bias })
+    tape::apply2(&u.contiguous()?, &g.contiguous()?, ScaleResidualOp { bias })
 }
 
 struct ScaleResidualOp {

@@ -30,8 +30,7 @@ pub fn swiglu_with(g: &Tensor, u: &Tensor, simd_exp: bool) -> Result<Tensor> {
         );
     }
     let simd = simd_exp || g.dtype() != DType::F32;
-    g.contiguous()?
-        .apply_op2(&u.contiguous()?, SwiGluOp { simd })
+    tape::apply2(&g.contiguous()?, &u.contiguous()?, SwiGluOp { simd })
 }
 
 /// The op; `simd`: the SIMD exp (see `exp::exp_shift_sum`).

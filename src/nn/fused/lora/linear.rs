@@ -40,8 +40,7 @@ pub fn lora_linear_up(x: &Tensor, base: &QLinear, h: &Tensor, b: &Tensor) -> Res
             bf16: bf16::takes_bf16(bf16),
         },
     };
-    x.contiguous()?
-        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)
+    tape::apply3(&x.contiguous()?, &h.contiguous()?, &b.contiguous()?, op)
 }
 
 struct LinearUpOp {

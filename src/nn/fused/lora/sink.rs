@@ -10,6 +10,7 @@
 //! they stay f32: a weight's gradient may be the sum of two parts (a batch's two streams, see
 //! `models::step`), and rounding each part to bf16 before the sum cost up to 1.4 % of the largest
 //! value where the parts cancel; the caller rounds the sum once ([`super::round_grad`]).
+use super::super::tape::{suspended, Tape};
 use super::super::tensor_of;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, TensorId};
@@ -26,10 +27,26 @@ std::thread_local! {
 /// whatever candle accumulated for it; the caller rounds each to its weight's dtype once
 /// ([`super::round_grad`]), which gives the ops' own rounding bit for bit where there is one part.
 pub fn backward_collecting(loss: &Tensor) -> Result<GradStore> {
+    let grads = collecting(|| loss.backward().map(Some))?;
+    Ok(grads.expect("candle's backward gives a store"))
+}
+
+/// [`backward_collecting`] by our own walk over a layer's recorded ops from `dy`, the gradient of
+/// its output `root` ([`Tape::backward`]): `None` when the tape is not the whole graph, and
+/// nothing ran.
+pub fn backward_tape(tape: Tape, root: &Tensor, dy: Tensor) -> Result<Option<GradStore>> {
+    collecting(|| tape.backward(root, dy))
+}
+
+/// The store of `backward()` (candle's or ours; `None`: none ran) with the weight gradients the
+/// ops held aside meanwhile added in. Nothing is recorded on a tape meanwhile.
+fn collecting(backward: impl FnOnce() -> Result<Option<GradStore>>) -> Result<Option<GradStore>> {
     let outer = HELD.with(|h| h.borrow_mut().replace(Vec::new()));
-    let grads = loss.backward();
+    let grads = suspended(backward);
     let held = HELD.with(|h| std::mem::replace(&mut *h.borrow_mut(), outer));
-    let mut grads = grads?;
+    let Some(mut grads) = grads? else {
+        return Ok(None);
+    };
     for (id, g) in held.unwrap_or_default() {
         let g = match grads.get_id(id) {
             Some(prev) => prev.to_dtype(DType::F32)?.add(&g)?,
@@ -37,7 +54,7 @@ pub fn backward_collecting(loss: &Tensor) -> Result<GradStore> {
         };
         grads.insert_id(id, g);
     }
-    Ok(grads)
+    Ok(Some(grads))
 }
 
 /// The gradient `g` (f32 values) of an op's weight argument `w`, for the op to return to candle

@@ -1,0 +1,90 @@
+//! The checkpointed backward walked by qtune over a layer's recorded ops (`nn::fused::tape`, the
+//! default) gives candle's backward bit for bit: Llama with LoRA on every linear or on q and v
+//! only (frozen linears on the tape too), padding, dropout, f32 and bf16, a batch as two streams,
+//! the pipelined recompute; DoRA and Falcon (whose layers run candle ops as well, so candle
+//! walks them) unchanged. One test in its own binary: it flips process-wide switches.
+mod common;
+
+use candle_core::DType;
+use qtune::models::{
+    own_backward_walks, CausalLm, Falcon, Llama, LlamaOptions, OWN_BACKWARD, PIPELINED_RECOMPUTE,
+};
+use qtune::store::WeightStore;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+/// One step of a freshly loaded model with candle's walk and with ours: the same loss and
+/// gradients; gives how many layers our walk took.
+fn same_step(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str) -> usize {
+    let (ids, mask, labels) = common::step_batch(vocab);
+    let mut runs = Vec::new();
+    let mut walks = 0;
+    for own in [false, true] {
+        OWN_BACKWARD.store(own, Ordering::Relaxed);
+        let m = load();
+        common::perturb_lora_b(m.as_ref());
+        let before = own_backward_walks();
+        runs.push(m.train_grads(&ids, Some(&mask), &labels).unwrap());
+        match own {
+            false => assert_eq!(own_backward_walks(), before, "{what}: walked with it off"),
+            true => walks = own_backward_walks() - before,
+        }
+    }
+    OWN_BACKWARD.store(true, Ordering::Relaxed);
+    let ((l0, g0), (l1, g1)) = (&runs[0], &runs[1]);
+    assert_eq!(l0.to_bits(), l1.to_bits(), "{what}: loss {l1} vs {l0}");
+    assert_eq!(g0.len(), g1.len());
+    for (name, g) in g0 {
+        let e = common::max_rel_any(&g1[name], g);
+        assert!(e == 0.0, "{what}: {name} off by {e:e}");
+    }
+    walks
+}
+
+#[test]
+fn own_backward_gives_candles_step() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let llama = WeightStore::open(&root.join("llama/model")).unwrap();
+        let layers = qtune::models::LlamaConfig::from_store(&llama)
+            .unwrap()
+            .num_layers;
+        let case = |opts: LlamaOptions, what: &str| {
+            let load =
+                || -> Box<dyn CausalLm> { Box::new(Llama::load(&llama, opts.clone()).unwrap()) };
+            same_step(&load, 300, what)
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            // two sequences: two streams, each walking every layer
+            let walks = case(common::step_opts(dtype, 0.1), &format!("llama {dtype:?}"));
+            assert_eq!(walks, 2 * layers, "llama {dtype:?}: layers candle walked");
+            let mut qv = common::step_opts(dtype, 0.0);
+            qv.lora.as_mut().unwrap().targets = vec!["q_proj".into(), "v_proj".into()];
+            let walks = case(qv, &format!("llama q, v {dtype:?}"));
+            assert_eq!(
+                walks,
+                2 * layers,
+                "llama q, v {dtype:?}: layers candle walked"
+            );
+        }
+        PIPELINED_RECOMPUTE.store(true, Ordering::Relaxed);
+        let walks = case(common::step_opts(DType::BF16, 0.1), "llama pipelined");
+        PIPELINED_RECOMPUTE.store(false, Ordering::Relaxed);
+        assert_eq!(walks, 2 * layers, "llama pipelined: layers candle walked");
+        let mut dora = common::step_opts(DType::F32, 0.0);
+        dora.lora.as_mut().unwrap().use_dora = true;
+        case(dora, "llama dora");
+        let store = WeightStore::open(&root.join("falcon/mq/model")).unwrap();
+        let vocab = qtune::models::FalconConfig::from_store(&store)
+            .unwrap()
+            .vocab_size as u32;
+        let load = || -> Box<dyn CausalLm> {
+            Box::new(Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap())
+        };
+        same_step(&load, vocab, "falcon mq");
+    });
+}
