@@ -1,8 +1,8 @@
 //! The checkpointed backward walked by qtune over a layer's recorded ops (`nn::fused::tape`, the
 //! default) gives candle's backward bit for bit: Llama with LoRA on every linear or on q and v
 //! only (frozen linears on the tape too), padding, dropout, f32 and bf16, a batch as two streams,
-//! the pipelined recompute; DoRA and Falcon (whose layers run candle ops as well, so candle
-//! walks them) unchanged. One test in its own binary: it flips process-wide switches.
+//! the pipelined recompute; Falcon (multi-query); DoRA (whose layers run candle ops as well, so
+//! candle walks them) unchanged. One test in its own binary: it flips process-wide switches.
 mod common;
 
 use candle_core::DType;
@@ -85,6 +85,11 @@ fn own_backward_gives_candles_step() {
         let load = || -> Box<dyn CausalLm> {
             Box::new(Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap())
         };
-        same_step(&load, vocab, "falcon mq");
+        let walks = same_step(&load, vocab, "falcon mq");
+        let layers = qtune::models::FalconConfig::from_store(&store)
+            .unwrap()
+            .num_layers;
+        // one stream (Falcon's parallel blocks keep the batch whole)
+        assert_eq!(walks, layers, "falcon mq: layers candle walked");
     });
 }

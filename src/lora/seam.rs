@@ -57,6 +57,11 @@ pub trait AdapterMethod {
     fn frozen_bytes(&self, _out: usize, _inp: usize) -> usize {
         0
     }
+    /// Whether its forward on the CPU runs our fused ops alone, so that the checkpointed step
+    /// walks an adapted layer's backward itself (`nn::fused::tape`; the plan counts that walk).
+    fn fused_only(&self) -> bool {
+        false
+    }
 }
 
 /// Sequence-level adapter entry points of the shared model (prompt learning,

@@ -200,6 +200,11 @@ impl AdapterMethod for LoraSpec {
         v
     }
 
+    fn fused_only(&self) -> bool {
+        // DoRA's weight norms are candle ops over the adapter's variables
+        !self.use_dora
+    }
+
     fn graph_bytes(&self, n: usize, out: usize, _inp: usize, s: usize) -> (usize, usize) {
         // On the CPU (nn::fused::lora_down / lora_up_add): h (N, r) in f32 and the sum with the
         // base output; the dropout mask is drawn again in backward, never stored, and no operand

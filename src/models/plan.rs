@@ -154,6 +154,13 @@ impl MemoryPlan {
             prefix,
             rank: opts.lora.as_ref().map_or(0, |l| l.r),
             cpu: opts.device.is_cpu(),
+            // what `step::backward_layer` finds: a layer of fused ops alone (a linear's bias is
+            // candle's add; so are a prefix's joins)
+            own_walk: opts.device.is_cpu()
+                && prefix == 0
+                && method.is_none_or(|m| m.fused_only())
+                && !(0..dims.len()).any(|pi| spec.has_bias(pi))
+                && super::step::own_backward(),
         };
         // (graph, leftovers) of every adapter layout among the layers (none: no adapter), for a
         // layer recomputed in `rs` bytes an element, and run forward in `s` (the reference).
@@ -333,6 +340,8 @@ struct StepShape<'a> {
     rank: usize,
     /// The step runs on the CPU (the fused ops; a GPU runs candle's composite ones).
     cpu: bool,
+    /// The layers' backward is our walk over their fused ops (`nn::fused::tape`), not candle's.
+    own_walk: bool,
 }
 
 impl StepShape<'_> {
@@ -419,6 +428,10 @@ impl StepShape<'_> {
         // Backward in flight: candle frees a node's gradient once it is passed on, but a binary
         // op's backward holds the incoming gradient, the product for each operand and a
         // zero-initialised accumulator: about four of the largest activation gradients coexist.
+        // Our walk keeps a first part as the sum (no zero tensor): three, where a second part
+        // meets the first (measured, tests/falcon_rss.rs: its peak 2.5 MiB under candle's walk,
+        // N·I f32 being 4.25 MiB there).
+        let parts = if self.own_walk { 3 } else { 4 };
         // With a prefix the composite attention's (B, H, T, N+T) f32 score gradients join them.
         let score_grad = match self.prefix {
             0 => 0,
@@ -430,7 +443,8 @@ impl StepShape<'_> {
         // Falcon ran candle's `gelu_erf`, whose composite backward peaked at 10 N·I more than
         // its graph, measured alone in tests/falcon_rss.rs's shape; a GPU still runs candle's
         // ops: `GpuTerms::mlp_backward` counts them there.)
-        4 * (n * i * s).max(n * c * 4).max(score_grad) + fused_attention_terms(b, t, h, k, d, s)[3]
+        parts * (n * i * s).max(n * c * 4).max(score_grad)
+            + fused_attention_terms(b, t, h, k, d, s)[3]
     }
 
     /// The head's dlogits packed in bf16 by the bf16 input-gradient kernel (a bf16 step on a CPU

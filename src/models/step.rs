@@ -735,7 +735,7 @@ pub(crate) fn pipelined(cpu: bool) -> bool {
 /// `QTUNE_OWN_BACKWARD=0` or [`OWN_BACKWARD`] cleared gives candle's walk everywhere. Why: candle
 /// gives each gradient a zero tensor and an add before anything else (13 % of a ~100M bf16 step's
 /// samples at batch 4, session 23); the sums are the same bit for bit (tests/own_backward.rs).
-fn own_backward() -> bool {
+pub(crate) fn own_backward() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("QTUNE_OWN_BACKWARD").is_ok_and(|v| v == "0"));
     !off && OWN_BACKWARD.load(Ordering::Relaxed)

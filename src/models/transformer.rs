@@ -677,7 +677,33 @@ fn split_qkv(
     kvh: usize,
     hd: usize,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (b, t, _) = y.dims3()?;
+    let (b, t, f) = y.dims3()?;
+    if y.device().is_cpu() {
+        // one op a part (see `fused::take_heads`): where each part's heads sit in a row
+        let at = |off: usize, group: usize, outer: usize| fused::HeadCols {
+            width: f,
+            off,
+            group,
+            outer,
+        };
+        let (q, k, v) = match layout {
+            QkvLayout::MultiQuery => (at(0, h, 0), at(h * hd, kvh, 0), at((h + kvh) * hd, kvh, 0)),
+            QkvLayout::PerHead => (at(0, 1, 3 * hd), at(hd, 1, 3 * hd), at(2 * hd, 1, 3 * hd)),
+            QkvLayout::Grouped => {
+                let (g, outer) = (h / kvh, (h / kvh + 2) * hd);
+                (
+                    at(0, g, outer),
+                    at(g * hd, 1, outer),
+                    at((g + 1) * hd, 1, outer),
+                )
+            }
+        };
+        return Ok((
+            fused::take_heads(y, h, hd, q)?,
+            fused::take_heads(y, kvh, hd, k)?,
+            fused::take_heads(y, kvh, hd, v)?,
+        ));
+    }
     let (q, k, v) = match layout {
         QkvLayout::MultiQuery => (
             y.narrow(2, 0, h * hd)?.reshape((b, t, h, hd))?,
