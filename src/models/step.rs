@@ -158,10 +158,15 @@ fn head_sum<M: Decoder>(
     b: usize,
     t: usize,
 ) -> Result<(Tensor, usize)> {
-    let x = x
-        .reshape((b * t, m.hidden_size()))
-        .and_then(|x| m.final_norm(&x))
-        .map_err(cerr("final norm"))?;
+    // On the CPU the fused norm and cross-entropy take the rows as they are (no reshape node: a
+    // head of fused ops alone is one the step walks itself, see `train_with`).
+    let x = match x.device().is_cpu() {
+        true => m.final_norm(x),
+        false => x
+            .reshape((b * t, m.hidden_size()))
+            .and_then(|x| m.final_norm(&x)),
+    }
+    .map_err(cerr("final norm"))?;
     fused::cross_entropy_chunked(&x, m.lm_head(), tg, m.ce_chunk()).map_err(cerr("loss"))
 }
 
@@ -172,7 +177,11 @@ fn loss_of<M: Decoder>(m: &M, x: &Tensor, tg: &[i64], b: usize, t: usize) -> Res
             "no target tokens: every label is -100".into(),
         ));
     }
-    (sum / n as f64).map_err(cerr("loss"))
+    // `sum / n` as candle's affine computes it (`sum · f32(1/n)`), as an op of ours
+    let inv = Tensor::new((1.0 / n as f64) as f32, sum.device())
+        .and_then(|k| k.to_dtype(sum.dtype()))
+        .map_err(cerr("loss"))?;
+    nn::mul_const(&sum, &inv).map_err(cerr("loss"))
 }
 
 /// [`super::CausalLm::loss`] of a [`Decoder`]: mean shifted cross-entropy, eval mode, with the graph.
@@ -369,11 +378,30 @@ fn train_with<M: Decoder, R>(
     // Head: the fused cross-entropy makes each chunk's logits in turn and keeps one logsumexp per
     // token, so its backward needs no logits either; the same op as the uncheckpointed loss, so
     // both modes give the same gradient bit for bit.
+    // Walked by us where the head ran fused ops alone (the mean cross-entropy on the CPU; a
+    // row objective's per-row heads and sums are candle's).
     let xl = Var::from_tensor(&head_rows(m, x.clone(), t)?).map_err(cerr("head"))?;
-    let (loss, loss_t) = head(m, xl.as_tensor(), &tg, b, th)?;
-    let mut g = loss_t
-        .backward()
-        .map_err(cerr("head backward"))?
+    let recorded = match own_backward() {
+        true => fused::tape::record(|| head(m, xl.as_tensor(), &tg, b, th))
+            .map(|(r, tape)| (r, Some(tape))),
+        false => head(m, xl.as_tensor(), &tg, b, th).map(|r| (r, None)),
+    };
+    let ((loss, loss_t), tape) = recorded?;
+    let walked = match tape {
+        Some(tape) => loss_t
+            .ones_like()
+            .and_then(|one| fused::backward_tape(tape, &loss_t, one))
+            .map_err(cerr("head backward"))?,
+        None => None,
+    };
+    let grads = match walked {
+        Some(grads) => {
+            OWN_WALKS.fetch_add(1, Ordering::Relaxed);
+            grads
+        }
+        None => loss_t.backward().map_err(cerr("head backward"))?,
+    };
+    let mut g = grads
         .get(xl.as_tensor())
         .map(|g| g.detach())
         .ok_or_else(|| Error::Invalid("head backward: no gradient for the hidden state".into()))?;
@@ -747,7 +775,8 @@ pub static OWN_BACKWARD: AtomicBool = AtomicBool::new(true);
 
 static OWN_WALKS: AtomicUsize = AtomicUsize::new(0);
 
-/// How many layers' backward this process walked itself so far (see [`own_backward`]).
+/// How many backward passes (a layer's, or the head's) this process walked itself so far (see
+/// [`own_backward`]).
 pub fn own_backward_walks() -> usize {
     OWN_WALKS.load(Ordering::Relaxed)
 }

@@ -3,7 +3,7 @@ use super::exp::exp_shift_sum;
 use super::*;
 
 /// `(Σ over tokens with label >= 0 of -log softmax(hidden·Wᵀ + bias)[label], that token count)`
-/// for `hidden (N, C)` and `labels (N)` (-100, or any negative, ignores a token), through the
+/// for `hidden (N, C)` (or `(.., C)`: N rows however shaped) and `labels (N)` (-100, or any negative, ignores a token), through the
 /// frozen `lm_head` (V, C).
 /// Logits exist `chunk` rows at a time only: the forward keeps a logsumexp per token, the
 /// backward recomputes each chunk's logits, forms `softmax - onehot` and maps it back through
@@ -16,7 +16,8 @@ pub fn cross_entropy_chunked(
     chunk: usize,
 ) -> Result<(Tensor, usize)> {
     check_cpu_or_cuda("cross_entropy_chunked", &[hidden])?;
-    let (n, c) = hidden.dims2()?;
+    let c = hidden.dims().last().copied().unwrap_or(0);
+    let n = hidden.elem_count() / c.max(1);
     let v = lm_head.out_features();
     if c != lm_head.in_features() || labels.len() != n {
         bail!(

@@ -59,7 +59,9 @@ fn with_slot<R>(tape: Option<Vec<Entry>>, f: impl FnOnce() -> R) -> (R, Option<V
 }
 
 /// `f()` (a forward) with the fused ops it runs on this thread noted on a tape.
-pub fn record<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Tape)> {
+pub fn record<R, E>(
+    f: impl FnOnce() -> std::result::Result<R, E>,
+) -> std::result::Result<(R, Tape), E> {
     let (r, entries) = with_slot(Some(Vec::new()), f);
     let entries = entries.unwrap_or_default();
     Ok((r?, Tape { entries }))
@@ -265,7 +267,7 @@ mod tests {
         let (y, tape) = record(fwd).unwrap();
         assert!(backward_tape(tape, &y, dy).unwrap().is_none());
         // and outside `record` nothing is noted
-        let (_, tape) = record(|| Ok(())).unwrap();
+        let (_, tape) = record(|| Ok::<_, candle_core::Error>(())).unwrap();
         swiglu(x.as_tensor(), x.as_tensor()).unwrap();
         assert!(tape.is_empty());
     }
