@@ -1,8 +1,9 @@
 //! The checkpointed backward walked by qtune over a layer's recorded ops (`nn::fused::tape`, the
-//! default; and the head's, the mean cross-entropy's) gives candle's backward bit for bit: Llama with LoRA on every linear or on q and v
-//! only (frozen linears on the tape too), padding, dropout, f32 and bf16, a batch as two streams,
-//! the pipelined recompute; Falcon (multi-query); DoRA (whose layers run candle ops as well, so
-//! candle walks them) unchanged. One test in its own binary: it flips process-wide switches.
+//! default; and the head's, the mean cross-entropy's) gives candle's backward bit for bit: Llama
+//! with LoRA on every linear or on q and v only (frozen linears on the tape too), padding,
+//! dropout, f32 and bf16 (with the f32 and the bf16 recompute), a batch as two streams, the
+//! pipelined recompute; Falcon (multi-query); DoRA (whose layers run candle ops as well, so candle
+//! walks them) unchanged. One test in its own binary: it flips process-wide switches.
 mod common;
 
 use candle_core::DType;
@@ -67,6 +68,11 @@ fn own_backward_gives_candles_step() {
             let walks = case(qv, &format!("llama q, v {dtype:?}"));
             assert_eq!(walks, 2 * layers + 1, "llama q, v {dtype:?}: walks of ours");
         }
+        // the all-bf16 step: the gradient sums are half precision (ours on the pool)
+        let mut all_bf16 = common::step_opts(DType::BF16, 0.1);
+        all_bf16.recompute = Some(DType::BF16);
+        let walks = case(all_bf16, "llama bf16 recompute");
+        assert_eq!(walks, 2 * layers + 1, "llama bf16 recompute: walks of ours");
         PIPELINED_RECOMPUTE.store(true, Ordering::Relaxed);
         let walks = case(common::step_opts(DType::BF16, 0.1), "llama pipelined");
         PIPELINED_RECOMPUTE.store(false, Ordering::Relaxed);
