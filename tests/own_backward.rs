@@ -32,23 +32,13 @@ fn same_step(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str) -> us
         }
     }
     OWN_BACKWARD.store(true, Ordering::Relaxed);
-    let ((l0, g0), (l1, g1)) = (&runs[0], &runs[1]);
-    assert_eq!(l0.to_bits(), l1.to_bits(), "{what}: loss {l1} vs {l0}");
-    assert_eq!(g0.len(), g1.len());
-    for (name, g) in g0 {
-        let e = common::max_rel_any(&g1[name], g);
-        assert!(e == 0.0, "{what}: {name} off by {e:e}");
-    }
+    common::assert_same_step(&runs[0], &runs[1], what);
     walks
 }
 
 #[test]
 fn own_backward_gives_candles_step() {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    pool.install(|| {
+    common::on_two_threads(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let llama = WeightStore::open(&root.join("llama/model")).unwrap();
         let layers = qtune::models::LlamaConfig::from_store(&llama)
@@ -82,17 +72,12 @@ fn own_backward_gives_candles_step() {
         // the head only
         assert_eq!(case(dora, "llama dora"), 1, "llama dora: walks of ours");
         let store = WeightStore::open(&root.join("falcon/mq/model")).unwrap();
-        let vocab = qtune::models::FalconConfig::from_store(&store)
-            .unwrap()
-            .vocab_size as u32;
-        let load = || -> Box<dyn CausalLm> {
-            Box::new(Falcon::load(&store, common::step_opts(DType::F32, 0.0)).unwrap())
-        };
-        let walks = same_step(&load, vocab, "falcon mq");
-        let layers = qtune::models::FalconConfig::from_store(&store)
-            .unwrap()
-            .num_layers;
+        let cfg = qtune::models::FalconConfig::from_store(&store).unwrap();
+        let opts = common::step_opts(DType::F32, 0.0);
+        let load =
+            || -> Box<dyn CausalLm> { Box::new(Falcon::load(&store, opts.clone()).unwrap()) };
+        let walks = same_step(&load, cfg.vocab_size as u32, "falcon mq");
         // one stream (Falcon's parallel blocks keep the batch whole)
-        assert_eq!(walks, layers + 1, "falcon mq: walks of ours");
+        assert_eq!(walks, cfg.num_layers + 1, "falcon mq: walks of ours");
     });
 }

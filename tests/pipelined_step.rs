@@ -22,22 +22,12 @@ fn same_step(load: &dyn Fn() -> Box<dyn CausalLm>, vocab: u32, what: &str) {
         runs.push(m.train_grads(&ids, Some(&mask), &labels).unwrap());
     }
     PIPELINED_RECOMPUTE.store(false, Ordering::Relaxed);
-    let ((l0, g0), (l1, g1)) = (&runs[0], &runs[1]);
-    assert_eq!(l0.to_bits(), l1.to_bits(), "{what}: loss {l1} vs {l0}");
-    assert_eq!(g0.len(), g1.len());
-    for (name, g) in g0 {
-        let e = common::max_rel_any(&g1[name], g);
-        assert!(e == 0.0, "{what}: {name} off by {e:e}");
-    }
+    common::assert_same_step(&runs[0], &runs[1], what);
 }
 
 #[test]
 fn pipelined_recompute_gives_the_same_step() {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    pool.install(|| {
+    common::on_two_threads(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let llama = WeightStore::open(&root.join("llama/model")).unwrap();
         for dtype in [DType::F32, DType::BF16] {

@@ -194,3 +194,25 @@ pub fn rerun_without_amx(name: &str) -> String {
     assert!(text.contains("1 passed"), "{text}");
     text
 }
+
+/// A training step's result: the loss and the gradients by name.
+pub type Step = (f32, std::collections::HashMap<String, Tensor>);
+
+/// Asserts that two steps gave the same loss and gradients bit for bit.
+pub fn assert_same_step((l0, g0): &Step, (l1, g1): &Step, what: &str) {
+    assert_eq!(l0.to_bits(), l1.to_bits(), "{what}: loss {l1} vs {l0}");
+    assert_eq!(g0.len(), g1.len());
+    for (name, g) in g0 {
+        let e = max_rel_any(&g1[name], g);
+        assert!(e == 0.0, "{what}: {name} off by {e:e}");
+    }
+}
+
+/// `f()` on a pool of two threads (the step's streams and pipeline need a second worker).
+pub fn on_two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(f)
+}
