@@ -1,4 +1,4 @@
-//! A layer's backward walked by us over the fused ops it ran, instead of by candle.
+//! A layer's (or the head's) backward walked by us over the fused ops it ran, instead of by candle.
 //!
 //! Why: candle's backward gives every argument of every op a fresh zero tensor on its first
 //! gradient and then adds the gradient to it (`zeros + g`, one allocation and three passes where a
