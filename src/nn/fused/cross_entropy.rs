@@ -3,8 +3,8 @@ use super::exp::exp_shift_sum;
 use super::*;
 
 /// `(Σ over tokens with label >= 0 of -log softmax(hidden·Wᵀ + bias)[label], that token count)`
-/// for `hidden (N, C)` (or `(.., C)`: N rows however shaped) and `labels (N)` (-100, or any negative, ignores a token), through the
-/// frozen `lm_head` (V, C).
+/// for `hidden (N, C)` (or `(.., C)`: N rows however shaped) and `labels (N)` (-100, or any
+/// negative, ignores a token), through the frozen `lm_head` (V, C).
 /// Logits exist `chunk` rows at a time only: the forward keeps a logsumexp per token, the
 /// backward recomputes each chunk's logits, forms `softmax - onehot` and maps it back through
 /// lm_head's input-gradient kernel. The loss is an f32 scalar whatever hidden's dtype;
