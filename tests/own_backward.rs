@@ -3,7 +3,9 @@
 //! with LoRA on every linear or on q and v only (frozen linears on the tape too), padding,
 //! dropout, f32 and bf16 (with the f32 and the bf16 recompute), a batch as two streams, the
 //! pipelined recompute; Falcon (multi-query); DoRA (whose layers run candle ops as well, so candle
-//! walks them) unchanged. One test in its own binary: it flips process-wide switches.
+//! walks them) unchanged; and the checkpointed step (our walk) equals the uncheckpointed one
+//! (candle's over the whole graph) in f32. One test in its own binary: it flips process-wide
+//! switches.
 mod common;
 
 use candle_core::DType;
@@ -79,5 +81,19 @@ fn own_backward_gives_candles_step() {
         let walks = same_step(&load, cfg.vocab_size as u32, "falcon mq");
         // one stream (Falcon's parallel blocks keep the batch whole)
         assert_eq!(walks, cfg.num_layers + 1, "falcon mq: walks of ours");
+        // and the uncheckpointed step (candle's walk over the whole graph) equals the
+        // checkpointed one (ours over each recomputed layer) in f32
+        let (ids, mask, labels) = common::step_batch(300);
+        let modes: Vec<_> = [true, false]
+            .into_iter()
+            .map(|checkpoint| {
+                let mut o = common::step_opts(DType::F32, 0.1);
+                o.checkpoint = checkpoint;
+                let m = Llama::load(&llama, o).unwrap();
+                common::perturb_lora_b(&m);
+                m.train_grads(&ids, Some(&mask), &labels).unwrap()
+            })
+            .collect();
+        common::assert_same_step(&modes[0], &modes[1], "llama checkpointed or not");
     });
 }
