@@ -58,7 +58,7 @@ impl GeluErfOp {
     }
 
     fn backward<T: Elem>(x: &[T], dy: &[T]) -> Vec<T> {
-        zip_map(x, dy, |x, d| T::of(d.f() * gelu_grad(x.f())))
+        zip_map(x, dy, |x, d| d.f() * gelu_grad(x.f()))
     }
 }
 

@@ -212,17 +212,22 @@ impl Elem for bf16 {
 /// Elements a parallel task of the element-wise ops takes.
 const CHUNK: usize = 4096;
 
-/// `f(a[j], b[j])` for every j (`a` and `b` of one length), in parallel tasks of [`CHUNK`].
-fn zip_map<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut y = vec![T::of(0.0); a.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(y, (a, b))| {
-            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                *y = f(a, b);
+/// `f(a[j], b[j])` (an f32 value) rounded to T for every j (`a` and `b` of one length), written
+/// in place in parallel tasks of [`CHUNK`], 64 values at a time through [`Elem::row_of`] (bf16:
+/// the SIMD rounding, the same bits as [`Elem::of`]).
+fn zip_map<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> f32 + Sync) -> Vec<T> {
+    par_spans(a.len(), CHUNK, T::of(0.0), |_, y| {
+        let r = y.range();
+        let (a, b) = (&a[r.clone()], &b[r]);
+        let mut tmp = [0f32; 64];
+        for (ac, bc) in a.chunks(64).zip(b.chunks(64)) {
+            let t = &mut tmp[..ac.len()];
+            for ((t, &a), &b) in t.iter_mut().zip(ac).zip(bc) {
+                *t = f(a, b);
             }
-        });
-    y
+            y.put_converted(t, T::row_of);
+        }
+    })
 }
 
 /// Σ a·b·c with eight independent accumulators.

@@ -14,7 +14,7 @@
 //! a variable or the output of an op on the tape. A forward that ran any other op on the way
 //! (candle's reshapes, a DoRA norm, a prefix's concatenation, an op on a GPU) gives no walk, and
 //! the caller runs candle's backward over the graph candle built alongside as before.
-use super::{par_spans, slice_of, Elem, CHUNK};
+use super::{slice_of, zip_map, Elem};
 use candle_core::backprop::GradStore;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Result, Storage, Tensor, TensorId,
@@ -240,36 +240,20 @@ fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
+    let (dims, cpu) = (a.dims(), &Device::Cpu);
+    // the storage guards borrow `a` and `b`: the result is bound before they go
     let v = match (&*sa, &*sb) {
-        (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) => Tensor::from_vec(
-            sum_rows(slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?),
-            a.dims(),
-            &Device::Cpu,
-        ),
-        (Storage::Cpu(CpuStorage::F16(x)), Storage::Cpu(CpuStorage::F16(y))) => Tensor::from_vec(
-            sum_rows(slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?),
-            a.dims(),
-            &Device::Cpu,
-        ),
+        (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) => {
+            let (x, y) = (slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?);
+            Tensor::from_vec(zip_map(x, y, |p, q| p.f() + q.f()), dims, cpu)
+        }
+        (Storage::Cpu(CpuStorage::F16(x)), Storage::Cpu(CpuStorage::F16(y))) => {
+            let (x, y) = (slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?);
+            Tensor::from_vec(zip_map(x, y, |p, q| p.f() + q.f()), dims, cpu)
+        }
         _ => a.add(&b),
     };
     v
-}
-
-/// `x + y` element by element, summed in f32 and rounded once to T.
-fn sum_rows<T: Elem>(x: &[T], y: &[T]) -> Vec<T> {
-    par_spans(x.len(), CHUNK, T::of(0.0), |_, span| {
-        let r = span.range();
-        let (x, y) = (&x[r.clone()], &y[r]);
-        let mut tmp = [0f32; 64];
-        for (xc, yc) in x.chunks(64).zip(y.chunks(64)) {
-            let t = &mut tmp[..xc.len()];
-            for ((t, a), b) in t.iter_mut().zip(xc).zip(yc) {
-                *t = a.f() + b.f();
-            }
-            span.put_converted(t, T::row_of);
-        }
-    })
 }
 
 #[cfg(test)]
