@@ -228,13 +228,14 @@ impl Tape {
     }
 }
 
-/// `a + b` as candle's add gives it, but a half-precision sum (each element's f32 sum rounded
-/// once) on the pool with a SIMD rounding: candle's CPU bf16 add rounds element by element behind
-/// a feature check per vector, and a bf16 recompute's gradient sums took 44 % of its ~100M step
-/// that way (session 23). f32 stays candle's (vectorised already).
+/// `a + b` as candle's add gives it (the same bits), on the pool: a half-precision sum rounds each
+/// element's f32 sum once with a SIMD rounding (candle's CPU bf16 add rounds element by element
+/// behind a feature check per vector, and a bf16 recompute's gradient sums took 44 % of its ~100M
+/// step that way, session 23); an f32 sum is the same add on both threads (candle's runs on the
+/// calling thread alone: 2 % of a ~100M bf16 step at batch 1, the other worker idle, session 24).
 fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let half = matches!(a.dtype(), DType::BF16 | DType::F16);
-    if !half || !a.device().is_cpu() || a.dtype() != b.dtype() || a.dims() != b.dims() {
+    let ours = matches!(a.dtype(), DType::BF16 | DType::F16 | DType::F32);
+    if !ours || !a.device().is_cpu() || a.dtype() != b.dtype() || a.dims() != b.dims() {
         return a.add(b);
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
@@ -246,6 +247,10 @@ fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) => {
             let (x, y) = (slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?);
             Tensor::from_vec(zip_map(x, y, |p, q| p.f() + q.f()), dims, cpu)
+        }
+        (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(y))) => {
+            let (x, y) = (slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?);
+            Tensor::from_vec(zip_map(x, y, |p, q| p + q), dims, cpu)
         }
         (Storage::Cpu(CpuStorage::F16(x)), Storage::Cpu(CpuStorage::F16(y))) => {
             let (x, y) = (slice_of(x, la, "sum")?, slice_of(y, lb, "sum")?);
