@@ -187,6 +187,9 @@ fn bf16_kernels_match_their_references() {
                 }
                 assert!(e_f32 < 1e-2, "{label}: {e_f32:e} from the f32 product");
                 worst_f32 = worst_f32.max(e_f32);
+                if matches!(t, QType::Q4_0 | QType::Q8_0 | QType::NF4) {
+                    worst_ref = worst_ref.max(low_rank_term(&w, (m, n, k), &x, &wf, &mut rng));
+                }
 
                 // input gradient, accumulating onto a non-zero dx
                 let dy = rng.vec(m * n);
@@ -225,6 +228,69 @@ fn bf16_kernels_match_their_references() {
     eprintln!(
         "worst error: {worst_ref:e} of Σ|terms| from the bf16 reference, {worst_f32:e} from f32"
     );
+}
+
+/// `qmatmul_fwd_bf16_plus` (LoRA's `h·Bᵀ` summed in the product's accumulators, each tile
+/// written straight out) against the f64 references of both terms on the same bf16-rounded
+/// operands, for ranks below, at and past one 32-wide round (odd ones padded), into f32 and into
+/// bf16: the bf16 output is the f32 one rounded, to the bit. Where the tiled kernels do not run
+/// (GEMV-sized M) it must decline and leave y alone. Returns the worst error seen.
+fn low_rank_term(
+    w: &QMatrix,
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    wf: &[f32],
+    rng: &mut Rng,
+) -> f64 {
+    use qtune::quant::matmul_bf16::{low_rank_ref, qmatmul_fwd_bf16_plus, FwdOut, LowRank};
+    use std::mem::MaybeUninit;
+    let mut worst_seen = 0f64;
+    for r in [1usize, 5, 16, 40] {
+        let (h, b) = (rng.vec(m * r), rng.vec(n * r));
+        let lr = LowRank { h: &h, b: &b, r };
+        let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+        let mut got_b = vec![MaybeUninit::new(bf16::NAN); m * n];
+        let ran = qmatmul_fwd_bf16_plus(x, m, w, lr, FwdOut::F32(&mut got));
+        let ran_b = qmatmul_fwd_bf16_plus(x, m, w, lr, FwdOut::Bf16(&mut got_b));
+        // SAFETY: every element was initialised (NaN) before the calls.
+        let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+        let got_b: Vec<bf16> = got_b.iter().map(|v| unsafe { v.assume_init() }).collect();
+        let label = format!("low rank {r} m={m} n={n} k={k}");
+        assert_eq!(ran, ran_b, "{label}");
+        if m <= 4 {
+            assert!(!ran, "{label}: GEMV sizes decline");
+            assert!(got.iter().all(|v| v.is_nan()), "{label}: y touched");
+            continue;
+        }
+        assert!(ran, "{label}: the tiled kernels declined");
+        let mut want = vec![0f32; m * n];
+        qtune::quant::matmul_bf16::qmatmul_fwd_bf16_ref(x, m, w, &mut want);
+        low_rank_ref(lr, m, n, &mut want);
+        let scale: Vec<f64> = (0..m * n)
+            .map(|o| {
+                let (i, j) = (o / n, o % n);
+                let xw: f64 = (0..k)
+                    .map(|c| (x[i * k + c] * wf[j * k + c]).abs() as f64)
+                    .sum();
+                let hb: f64 = (0..r)
+                    .map(|q| (h[i * r + q] * b[j * r + q]).abs() as f64)
+                    .sum();
+                xw + hb
+            })
+            .collect();
+        let e = worst(&got, &want, &scale);
+        assert!(e < 1e-5, "{label}: {e:e} from the references");
+        worst_seen = worst_seen.max(e);
+        let rounded = got
+            .iter()
+            .zip(&got_b)
+            .position(|(g, b)| bf16::from_f32(*g).to_bits() != b.to_bits());
+        assert_eq!(
+            rounded, None,
+            "{label}: the bf16 output is not the f32 one rounded"
+        );
+    }
+    worst_seen
 }
 
 /// Alternating timings of the f32 and bf16 kernels at a 7B shape (not a benchmark: run it by hand,

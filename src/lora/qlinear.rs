@@ -13,7 +13,9 @@
 use crate::nn::fused::tape;
 use crate::quant::dequantize_f32;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer};
-use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
+use crate::quant::matmul_bf16::{
+    qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, qmatmul_fwd_bf16_plus, FwdOut, LowRank,
+};
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
 use crate::store::{StoredTensor, WeightStore};
@@ -261,6 +263,24 @@ impl QLinear {
             f(out)
         };
         with_thread_buffer(&PRODUCT, m * self.out_features, PRODUCT_KEEP, run)
+    }
+
+    /// `x·Wᵀ + h·Bᵀ` written straight into `y` (f32 or bf16, may be uninitialised) where this
+    /// layer's forward takes the tiled bf16 kernels (bf16 rows, or f32 rows with bf16 products):
+    /// [`qmatmul_fwd_bf16_plus`]. Returns false, y untouched, where it does not.
+    pub(crate) fn forward_plus_into(
+        &self,
+        x: Rows<'_>,
+        m: usize,
+        lr: LowRank<'_>,
+        y: FwdOut<'_>,
+    ) -> bool {
+        let w = self.weight.matrix();
+        match (x, self.bf16_products) {
+            (Rows::Bf16(x), _) => qmatmul_fwd_bf16_plus(x, m, &w, lr, y),
+            (Rows::F32(x), true) => qmatmul_fwd_bf16_plus(x, m, &w, lr, y),
+            (Rows::F32(_), false) => false,
+        }
     }
 
     /// `dy (.., out) · W` in dy's dtype: the forward's input gradient, as an op (no gradient for W).

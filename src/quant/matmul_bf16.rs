@@ -287,9 +287,37 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     let dims = (w.rows, w.cols);
     check_operands("qmatmul_fwd_bf16", ("x", x.len()), ("y", y.len()), m, dims);
     if fits(w, m) {
-        return_on_bf16_kernels!(K => fwd_tiled::<K, A>(x, m, w, y));
+        return_on_bf16_kernels!(K => fwd_tiled::<K, A>(x, m, w, None, YOut::F32(y.as_mut_ptr())));
     }
     with_f32(x, |x| qmatmul_fwd(x, m, w, y))
+}
+
+/// `y = x·Wᵀ + h·Bᵀ` as [`qmatmul_fwd_bf16`] with a low-rank term summed in the same f32
+/// accumulators (`low_rank.rs`), each y tile written straight into `y` (f32, or rounded to
+/// bf16): every element once, so `y` may be uninitialised. Returns false, y untouched, where the
+/// tiled bf16 kernels do not run (no bf16 kernels, M ≤ [`GEMV_MAX_M`], K not a multiple of 16):
+/// the caller computes it otherwise.
+pub fn qmatmul_fwd_bf16_plus<A: Activation>(
+    x: &[A],
+    m: usize,
+    w: &QMatrix,
+    lr: LowRank<'_>,
+    y: FwdOut<'_>,
+) -> bool {
+    let dims = (w.rows, w.cols);
+    let (len, out) = match y {
+        FwdOut::F32(y) => (y.len(), YOut::F32(y.as_mut_ptr().cast())),
+        FwdOut::Bf16(y) => (y.len(), YOut::Bf16(y.as_mut_ptr().cast())),
+    };
+    check_operands("qmatmul_fwd_bf16_plus", ("x", x.len()), ("y", len), m, dims);
+    lr.check(m, w.rows);
+    if fits(w, m) {
+        return_on_bf16_kernels!(K => {
+            fwd_tiled::<K, A>(x, m, w, Some(lr), out);
+            true
+        });
+    }
+    false
 }
 
 /// `dx (M×K) = dy (M×N) · W` (or `+=` when `accumulate`) with bf16 products and f32 sums; the f32
@@ -647,15 +675,28 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
 /// tile; for each x block the micro-tiles fill a transposed tile of y (`nr × MB`), written out
 /// row by row of y.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [f32]) {
-    use crate::quant::matmul::SendPtr;
+fn fwd_tiled<K: Bf16Kernels, A: Activation>(
+    x: &[A],
+    m: usize,
+    w: &QMatrix,
+    lr: Option<LowRank<'_>>,
+    y: YOut,
+) {
     let (n, k) = (w.rows, w.cols);
     let (half, mb) = (k / 2, K::MB);
-    with_pack(m.div_ceil(mb) * half * mb, |xp| {
+    let x_words = m.div_ceil(mb) * half * mb;
+    let lr_words = lr.map_or(0, |l| l.words(m, n, mb));
+    with_pack(x_words + lr_words, |buf| {
+        let (xp, rest) = buf.split_at_mut(x_words);
         pack_x(x, m, k, mb, xp);
         let xp = &*xp;
+        // the low-rank term: h packed as x is, B's rows as W's tile; `lp` pairs each
+        let lp = lr.map_or(0, |l| l.pairs());
+        let (hp, bp) = match lr {
+            Some(l) => l.pack((m, n, mb), rest),
+            None => (&[][..], &[][..]),
+        };
         let rows = fwd_rows(n, k, K::ROW_UNIT);
-        let yp = SendPtr(y.as_mut_ptr());
         (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
             let r0 = task * rows;
             let nr = rows.min(n - r0);
@@ -695,19 +736,38 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &
                         };
                         K::sweep(s, K::FWD_MR)
                     };
+                    if lp > 0 {
+                        // yt += B[r0..r0+nr]·hᵀ over the term's pairs, in the same accumulators
+                        // SAFETY: as above; bp holds n rows of lp pairs, hp each block's lp×MB.
+                        unsafe {
+                            let s = Sweep {
+                                rows: nr,
+                                pairs: lp,
+                                a: bp[r0 * lp..].as_ptr(),
+                                a_stride: lp,
+                                b: hp[b * lp * mb..].as_ptr(),
+                                b_stride: mb,
+                                cols: mb,
+                                out: yt.as_mut_ptr(),
+                                out_stride: mb,
+                                load: true,
+                            };
+                            K::sweep(s, K::FWD_MR)
+                        };
+                    }
                     // y[b*MB + l][r0 + r] = yt[r][l]
                     // SAFETY: this task alone owns columns r0..r0+nr of y; rows b*MB..b*MB+rows_x
                     // are < m, so every element written lies inside y; yt holds nr rows of MB.
-                    unsafe {
-                        let dst = yp.get().add(b * mb * n + r0) as *mut u32;
-                        let src = yt.as_ptr() as *const u32;
-                        crate::quant::transpose::transpose32(src, mb, (nr, rows_x), dst, n);
-                    }
+                    unsafe { y.put_transposed(yt, mb, (nr, rows_x), b * mb * n + r0, n) };
                 }
             });
         });
     });
 }
+
+mod low_rank;
+use low_rank::YOut;
+pub use low_rank::{low_rank_ref, FwdOut, LowRank};
 
 mod dense;
 pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs};

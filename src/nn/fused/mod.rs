@@ -16,7 +16,7 @@ use crate::lora::QLinear;
 use crate::quant::matmul::{
     par_spans, par_spans_init, qmatmul_bwd_input, qmatmul_fwd, zeroed, Span,
 };
-use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16};
+use crate::quant::matmul_bf16::{qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, FwdOut};
 use crate::store::StoredTensor;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -25,6 +25,7 @@ use candle_core::{
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 #[cfg(feature = "cuda")]
@@ -162,6 +163,10 @@ pub(crate) trait Elem: candle_core::WithDType {
     fn as_bf16(_: &[Self]) -> Option<&[bf16]> {
         None
     }
+    /// The slice as an output the bf16 forward kernels write (f32 and bf16 only).
+    fn fwd_out(_: &mut [MaybeUninit<Self>]) -> Option<FwdOut<'_>> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -175,6 +180,9 @@ impl Elem for f32 {
     }
     fn as_f32(v: &[f32]) -> Option<&[f32]> {
         Some(v)
+    }
+    fn fwd_out(v: &mut [MaybeUninit<f32>]) -> Option<FwdOut<'_>> {
+        Some(FwdOut::F32(v))
     }
 }
 
@@ -202,6 +210,9 @@ impl Elem for bf16 {
     half_conversions!(bf16);
     fn as_bf16(v: &[bf16]) -> Option<&[bf16]> {
         Some(v)
+    }
+    fn fwd_out(v: &mut [MaybeUninit<bf16>]) -> Option<FwdOut<'_>> {
+        Some(FwdOut::Bf16(v))
     }
     fn row_of(src: &[f32], dst: &mut [bf16]) {
         use crate::quant::matmul_bf16::Activation;

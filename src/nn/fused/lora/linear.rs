@@ -5,11 +5,13 @@
 //! backward accumulates that tensor's gradient onto a zero tensor before the base's input
 //! gradient reads it. Here the base's f32 product stays in the thread's product buffer
 //! ([`QLinear::with_product`]), `h·Bᵀ` is added to it in f32 and the sum is rounded once; the
-//! backward takes x's gradient straight from the output's. The sums are those of the two ops but
-//! for one rounding fewer where activations are bf16 (the base product is no longer rounded
-//! before the add); with f32 activations the result is the same to the bit.
+//! backward takes x's gradient straight from the output's. With bf16 products the base's kernels
+//! sum `h·Bᵀ` in the product's own accumulators, one more round of pairs a tile (the same bf16
+//! operands as the two ops, other f32 sums); with f32 products the result is the two ops' to the
+//! bit.
 use super::*;
 use crate::lora::qlinear::Rows;
+use crate::quant::matmul_bf16::LowRank;
 
 /// `base(x) + h·Bᵀ` in x's dtype for `x (.., I)` (M rows), `h (M, R)` f32 and `b (O, R)`, where
 /// `base` has no bias: [`lora_up_add`] of the base's output without that output existing.
@@ -50,14 +52,36 @@ struct LinearUpOp {
 
 impl LinearUpOp {
     /// `x·Wᵀ + h·Bᵀ` (M, O) in T for x's `m` rows.
+    /// With bf16 products the base's kernels sum `h·Bᵀ` in the product's own accumulators and
+    /// write each tile straight into the output (`quant/matmul_bf16/low_rank.rs`); elsewhere
+    /// (f32 products, f16, shapes the tiled kernels do not take) [`UpOp::forward`] adds it to the
+    /// base's product.
     fn forward<T: Elem>(&self, x: &[T], h: &[f32], b: &[f32], m: usize) -> Vec<T> {
         let o = self.base.out_features();
+        let rows = match (T::as_f32(x), T::as_bf16(x)) {
+            (Some(x), _) => Some(Rows::F32(x)),
+            (_, Some(x)) => Some(Rows::Bf16(x)),
+            _ => None,
+        };
+        if let (Some(rows), true) = (rows, self.up.bf16) {
+            let lr = LowRank {
+                h,
+                b,
+                r: b.len() / o.max(1),
+            };
+            let mut out = Vec::with_capacity(m * o);
+            let y = T::fwd_out(&mut out.spare_capacity_mut()[..m * o]);
+            if y.is_some_and(|y| self.base.forward_plus_into(rows, m, lr, y)) {
+                // SAFETY: forward_plus_into wrote all m·o elements (it returned true).
+                unsafe { out.set_len(m * o) };
+                return out;
+            }
+        }
         let add = |y: &[f32]| self.up.forward::<f32, T>(y, h, b, o);
-        match (T::as_f32(x), T::as_bf16(x)) {
-            (Some(x), _) => self.base.with_product(Rows::F32(x), m, add),
-            (_, Some(x)) => self.base.with_product(Rows::Bf16(x), m, add),
+        match rows {
+            Some(x) => self.base.with_product(x, m, add),
             // f16: the base's f32 kernels take it widened, as its own forward does.
-            _ => {
+            None => {
                 let x: Vec<f32> = x.iter().map(|v| v.f()).collect();
                 self.base.with_product(Rows::F32(&x), m, add)
             }

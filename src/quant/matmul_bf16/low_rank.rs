@@ -1,0 +1,148 @@
+//! A rank-R term `h·Bᵀ` added inside the forward product `x·Wᵀ` (LoRA's up projection beside its
+//! frozen base): the concatenation `[x | h]·[W | B]ᵀ`, run as one more sweep of R's pairs over
+//! each y tile while the tile is still in the task's scratch. Apart, the term was a product of
+//! its own at rank 16 (pairs too few for the AMX tiles: the AVX-512 edge kernels), a row buffer
+//! written and read back, and an add: 9.5 % of a ~100M bf16 step at batch 1 (session 24).
+use super::dense::{pack_rows, pack_transposed};
+use crate::quant::transpose::transpose32;
+use half::bf16;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// `h·Bᵀ` for [`super::qmatmul_fwd_bf16_plus`]: h (M×R) and B (N×R), f32, row-major, both
+/// rounded to bf16 as operands (nearest even), as LoRA's bf16 products round them.
+#[derive(Clone, Copy, Debug)]
+pub struct LowRank<'a> {
+    /// h: M rows of R.
+    pub h: &'a [f32],
+    /// B: N rows of R.
+    pub b: &'a [f32],
+    /// The rank R.
+    pub r: usize,
+}
+
+impl LowRank<'_> {
+    /// Pairs of the term's contraction in the packed operands: R rounded up to whole rounds of
+    /// 16 pairs (an AMX tile's depth; the zero pairs past R add nothing), 0 for R = 0.
+    pub(super) fn pairs(&self) -> usize {
+        self.r.div_ceil(32) * 16
+    }
+
+    /// u32 words [`LowRank::pack`] fills for `m` rows of h in blocks of `mb` and `n` rows of B.
+    pub(super) fn words(&self, m: usize, n: usize, mb: usize) -> usize {
+        self.pairs() * (m.div_ceil(mb) * mb + n)
+    }
+
+    /// Packs h as x is packed (`hp[block][pairs][mb]`, pairs along R) and B as W's tile is read
+    /// (`bp[n][pairs]`), zeros past R; `buf` holds [`LowRank::words`]. Returns `(hp, bp)`.
+    pub(super) fn pack<'b>(
+        &self,
+        (m, n, mb): (usize, usize, usize),
+        buf: &'b mut [u32],
+    ) -> (&'b [u32], &'b [u32]) {
+        let (p, r) = (self.pairs(), self.r);
+        let (hp, bp) = buf.split_at_mut(m.div_ceil(mb) * p * mb);
+        hp.par_chunks_mut(p * mb).enumerate().for_each(|(i, dst)| {
+            let rows = mb.min(m - i * mb);
+            dst.fill(0);
+            pack_transposed(&self.h[i * mb * r..], r, (rows, r), (dst, mb), false);
+        });
+        let bp = &mut bp[..n * p];
+        bp.par_chunks_mut(64 * p).enumerate().for_each(|(i, dst)| {
+            let rows = dst.len() / p;
+            dst.fill(0);
+            pack_rows(&self.b[i * 64 * r..], r, (rows, r), dst, p);
+        });
+        (hp, bp)
+    }
+
+    /// Checks h and B against `m` and `n` rows (a caller bug otherwise).
+    pub(super) fn check(&self, m: usize, n: usize) {
+        assert!(
+            self.h.len() == m * self.r && self.b.len() == n * self.r,
+            "qmatmul_fwd_bf16_plus: h ({}) and B ({}) are not {m} and {n} rows of rank {}",
+            self.h.len(),
+            self.b.len(),
+            self.r
+        );
+    }
+}
+
+/// Scalar reference of the term: `y[i][j] += Σ_q bf16(h[i][q])·bf16(B[j][q])`, f64 sums (the
+/// tests' check of [`super::qmatmul_fwd_bf16_plus`] beside [`super::qmatmul_fwd_bf16_ref`]).
+pub fn low_rank_ref(lr: LowRank<'_>, m: usize, n: usize, y: &mut [f32]) {
+    lr.check(m, n);
+    let r = lr.r;
+    let h = |v: f32| half::bf16::from_f32(v).to_f64();
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..r)
+                .map(|q| h(lr.h[i * r + q]) * h(lr.b[j * r + q]))
+                .sum();
+            y[i * n + j] = (y[i * n + j] as f64 + s) as f32;
+        }
+    }
+}
+
+/// Where [`super::qmatmul_fwd_bf16_plus`] writes y (M×N, row-major): f32, or each value rounded
+/// to bf16 (nearest even, the SIMD rounding of activations) as it is written. Every element is
+/// written once, so the memory may be uninitialised (a fresh output, no zero fill).
+pub enum FwdOut<'a> {
+    /// f32 values.
+    F32(&'a mut [MaybeUninit<f32>]),
+    /// bf16 values.
+    Bf16(&'a mut [MaybeUninit<bf16>]),
+}
+
+/// [`FwdOut`] as the forward's tasks share it (each writes its own columns).
+#[derive(Clone, Copy)]
+pub(super) enum YOut {
+    F32(*mut f32),
+    Bf16(*mut bf16),
+}
+
+// SAFETY: tasks write disjoint elements through the pointer (see `put_transposed`).
+unsafe impl Send for YOut {}
+// SAFETY: as above.
+unsafe impl Sync for YOut {}
+
+impl YOut {
+    /// `y[at + c·ds + r] = src[r·ss + c]` for `r < rows`, `c < cols`: a transposed tile of f32
+    /// sums written out, rounded to bf16 for a bf16 y (transposed 64 rows at a time through the
+    /// stack, then rounded row by row).
+    ///
+    /// # Safety
+    /// Those elements lie inside y and no other thread writes them; `src` holds `rows` rows of
+    /// `ss` with `cols ≤ ss`.
+    pub(super) unsafe fn put_transposed(
+        self,
+        src: &[f32],
+        ss: usize,
+        (rows, cols): (usize, usize),
+        at: usize,
+        ds: usize,
+    ) {
+        let src = src.as_ptr() as *const u32;
+        match self {
+            YOut::F32(y) => transpose32(src, ss, (rows, cols), y.add(at) as *mut u32, ds),
+            YOut::Bf16(y) => {
+                const R: usize = 64;
+                let mut t = [0f32; 16 * R];
+                let mut row = [bf16::ZERO; R];
+                for c0 in (0..cols).step_by(16) {
+                    let cc = 16.min(cols - c0);
+                    for r0 in (0..rows).step_by(R) {
+                        let rr = R.min(rows - r0);
+                        let tp = t.as_mut_ptr() as *mut u32;
+                        transpose32(src.add(r0 * ss + c0), ss, (rr, cc), tp, R);
+                        for (c, tc) in t.chunks_exact(R).take(cc).enumerate() {
+                            <f32 as super::Activation>::row_to_bf16(&tc[..rr], &mut row[..rr]);
+                            let d = y.add(at + (c0 + c) * ds + r0);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), d, rr);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
