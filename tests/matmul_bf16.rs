@@ -222,6 +222,7 @@ fn bf16_kernels_match_their_references() {
                 if m > 4 {
                     assert!(worst(&got2, &want2, &scale) < 1e-5, "{label}: overwrite");
                 }
+                written_whole(&w, (m, n, k), &x, &dy);
             }
         }
     }
@@ -230,7 +231,43 @@ fn bf16_kernels_match_their_references() {
     );
 }
 
-/// `qmatmul_fwd_bf16_plus` (LoRA's `h·Bᵀ` summed in the product's accumulators, each tile
+/// The `_into` entry points (outputs written once into uninitialised memory) give the bits of
+/// `qmatmul_fwd_bf16` and of the overwriting `qmatmul_bwd_input_bf16` into memory that starts as
+/// NaN, every element written; where the tiled kernels do not run (GEMV-sized M) they decline and
+/// leave it alone.
+fn written_whole(w: &QMatrix, (m, n, k): (usize, usize, usize), x: &[f32], dy: &[f32]) {
+    use qtune::quant::matmul_bf16::{qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16_into, FwdOut};
+    use std::mem::MaybeUninit;
+    let nan = |len| vec![MaybeUninit::new(f32::NAN); len];
+    // SAFETY: every element was initialised (NaN) before the calls.
+    let init = |v: Vec<MaybeUninit<f32>>| {
+        v.iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect::<Vec<f32>>()
+    };
+    let (mut y, mut dx) = (nan(m * n), nan(m * k));
+    let ran = qmatmul_fwd_bf16_into(x, m, w, None, FwdOut::F32(&mut y));
+    let ran_b = qmatmul_bwd_input_bf16_into(dy, m, w, &mut dx);
+    let (y, dx) = (init(y), init(dx));
+    let label = format!("_into m={m} n={n} k={k}");
+    assert_eq!(
+        (ran, ran_b),
+        (m > 4, m > 4),
+        "{label}: ran where the tiled kernels run"
+    );
+    let (mut fwd, mut bwd) = (vec![0f32; m * n], vec![0f32; m * k]);
+    qmatmul_fwd_bf16(x, m, w, &mut fwd);
+    qmatmul_bwd_input_bf16(dy, m, w, &mut bwd, false);
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+    if ran {
+        assert!(same(&y, &fwd), "{label}: forward bits");
+        assert!(same(&dx, &bwd), "{label}: input gradient bits");
+    } else {
+        assert!(y.iter().chain(&dx).all(|v| v.is_nan()), "{label}: touched");
+    }
+}
+
+/// `qmatmul_fwd_bf16_into` with a low-rank term (LoRA's `h·Bᵀ` summed in the product's accumulators, each tile
 /// written straight out) against the f64 references of both terms on the same bf16-rounded
 /// operands, for ranks below, at and past one 32-wide round (odd ones padded), into f32 and into
 /// bf16: the bf16 output is the f32 one rounded, to the bit. Where the tiled kernels do not run
@@ -242,7 +279,7 @@ fn low_rank_term(
     wf: &[f32],
     rng: &mut Rng,
 ) -> f64 {
-    use qtune::quant::matmul_bf16::{low_rank_ref, qmatmul_fwd_bf16_plus, FwdOut, LowRank};
+    use qtune::quant::matmul_bf16::{low_rank_ref, qmatmul_fwd_bf16_into, FwdOut, LowRank};
     use std::mem::MaybeUninit;
     let mut worst_seen = 0f64;
     for r in [1usize, 5, 16, 40] {
@@ -250,8 +287,8 @@ fn low_rank_term(
         let lr = LowRank { h: &h, b: &b, r };
         let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
         let mut got_b = vec![MaybeUninit::new(bf16::NAN); m * n];
-        let ran = qmatmul_fwd_bf16_plus(x, m, w, lr, FwdOut::F32(&mut got));
-        let ran_b = qmatmul_fwd_bf16_plus(x, m, w, lr, FwdOut::Bf16(&mut got_b));
+        let ran = qmatmul_fwd_bf16_into(x, m, w, Some(lr), FwdOut::F32(&mut got));
+        let ran_b = qmatmul_fwd_bf16_into(x, m, w, Some(lr), FwdOut::Bf16(&mut got_b));
         // SAFETY: every element was initialised (NaN) before the calls.
         let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
         let got_b: Vec<bf16> = got_b.iter().map(|v| unsafe { v.assume_init() }).collect();

@@ -12,9 +12,11 @@
 //! result back. Either way the graph never holds an f32 copy of x.
 use crate::nn::fused::tape;
 use crate::quant::dequantize_f32;
+use crate::quant::matmul::written;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer};
 use crate::quant::matmul_bf16::{
-    qmatmul_bwd_input_bf16, qmatmul_fwd_bf16, qmatmul_fwd_bf16_plus, FwdOut, LowRank,
+    qmatmul_bwd_input_bf16, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16, qmatmul_fwd_bf16_into,
+    FwdOut, LowRank,
 };
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
@@ -267,7 +269,7 @@ impl QLinear {
 
     /// `x·Wᵀ + h·Bᵀ` written straight into `y` (f32 or bf16, may be uninitialised) where this
     /// layer's forward takes the tiled bf16 kernels (bf16 rows, or f32 rows with bf16 products):
-    /// [`qmatmul_fwd_bf16_plus`]. Returns false, y untouched, where it does not.
+    /// [`qmatmul_fwd_bf16_into`]. Returns false, y untouched, where it does not.
     pub(crate) fn forward_plus_into(
         &self,
         x: Rows<'_>,
@@ -277,8 +279,8 @@ impl QLinear {
     ) -> bool {
         let w = self.weight.matrix();
         match (x, self.bf16_products) {
-            (Rows::Bf16(x), _) => qmatmul_fwd_bf16_plus(x, m, &w, lr, y),
-            (Rows::F32(x), true) => qmatmul_fwd_bf16_plus(x, m, &w, lr, y),
+            (Rows::Bf16(x), _) => qmatmul_fwd_bf16_into(x, m, &w, Some(lr), y),
+            (Rows::F32(x), true) => qmatmul_fwd_bf16_into(x, m, &w, Some(lr), y),
             (Rows::F32(_), false) => false,
         }
     }
@@ -407,6 +409,20 @@ impl QMatMulOp {
     /// Runs the kernel on a contiguous f32 argument of `m` rows.
     fn run(&self, arg: &[f32], m: usize) -> Vec<f32> {
         let (_, out_w) = self.widths();
+        // Where the tiled bf16 kernels run, straight into a fresh output (no zero fill).
+        let w = self.w.matrix();
+        let tiled = match (self.dir, self.bf16_products) {
+            (Dir::Forward, true) => written(m * out_w, |y| {
+                qmatmul_fwd_bf16_into(arg, m, &w, None, FwdOut::F32(y))
+            }),
+            (Dir::InputGrad, true) => {
+                written(m * out_w, |dx| qmatmul_bwd_input_bf16_into(arg, m, &w, dx))
+            }
+            (_, false) => None,
+        };
+        if let Some(v) = tiled {
+            return v;
+        }
         let mut out = crate::quant::matmul::zeroed(m * out_w, 0f32);
         self.product_into(Rows::F32(arg), m, &mut out);
         out
@@ -415,6 +431,14 @@ impl QMatMulOp {
     /// Runs the bf16 kernel on a bf16 argument of `m` rows; the f32 result rounded back to bf16.
     fn run_bf16(&self, arg: &[bf16], m: usize) -> Vec<bf16> {
         let (_, out_w) = self.widths();
+        // The forward, where the tiled kernels run: rounded straight into a fresh output.
+        if self.dir == Dir::Forward {
+            let w = self.w.matrix();
+            let y = |y: &mut _| qmatmul_fwd_bf16_into(arg, m, &w, None, FwdOut::Bf16(y));
+            if let Some(v) = written(m * out_w, y) {
+                return v;
+            }
+        }
         let mut res = crate::quant::matmul::zeroed(m * out_w, bf16::ZERO);
         // The f32 result lives in a buffer this thread reuses (a fresh activation-sized one per
         // call faulted in fresh pages every time), then is rounded into the bf16 result.

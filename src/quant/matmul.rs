@@ -182,6 +182,22 @@ pub(crate) fn zeroed<T: Copy + Send + Sync>(n: usize, zero: T) -> Vec<T> {
     v
 }
 
+/// A fresh `n`-element vector that `write` fills whole (when it returns true; None when it
+/// returns false, having written nothing that is read): outputs that kernels write once, without
+/// the zero fill of [`zeroed`].
+pub(crate) fn written<T>(
+    n: usize,
+    write: impl FnOnce(&mut [std::mem::MaybeUninit<T>]) -> bool,
+) -> Option<Vec<T>> {
+    let mut v = Vec::with_capacity(n);
+    if !write(&mut v.spare_capacity_mut()[..n]) {
+        return None;
+    }
+    // SAFETY: `write` initialised all n elements (its contract, returning true).
+    unsafe { v.set_len(n) };
+    Some(v)
+}
+
 /// `len` elements of `buf` (grown as needed) from its first 64-byte boundary: glibc hands large
 /// blocks out 16 bytes past a page, and an AMX tile row that straddles two cache lines loads at a
 /// third of the speed (measured with `tileloadd` alone on the Intel Xeon, session 13); the

@@ -292,16 +292,16 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     with_f32(x, |x| qmatmul_fwd(x, m, w, y))
 }
 
-/// `y = x·Wᵀ + h·Bᵀ` as [`qmatmul_fwd_bf16`] with a low-rank term summed in the same f32
-/// accumulators (`low_rank.rs`), each y tile written straight into `y` (f32, or rounded to
-/// bf16): every element once, so `y` may be uninitialised. Returns false, y untouched, where the
-/// tiled bf16 kernels do not run (no bf16 kernels, M ≤ [`GEMV_MAX_M`], K not a multiple of 16):
-/// the caller computes it otherwise.
-pub fn qmatmul_fwd_bf16_plus<A: Activation>(
+/// `y = x·Wᵀ (+ h·Bᵀ)` as [`qmatmul_fwd_bf16`], with an optional low-rank term summed in the same
+/// f32 accumulators (`low_rank.rs`), each y tile written straight into `y` (f32, or rounded to
+/// bf16): every element once, so `y` may be uninitialised (no zero fill, no second pass).
+/// Returns false, y untouched, where the tiled bf16 kernels do not run (no bf16 kernels, M ≤
+/// [`GEMV_MAX_M`], K not a multiple of 16): the caller computes it otherwise.
+pub fn qmatmul_fwd_bf16_into<A: Activation>(
     x: &[A],
     m: usize,
     w: &QMatrix,
-    lr: LowRank<'_>,
+    lr: Option<LowRank<'_>>,
     y: FwdOut<'_>,
 ) -> bool {
     let dims = (w.rows, w.cols);
@@ -309,11 +309,37 @@ pub fn qmatmul_fwd_bf16_plus<A: Activation>(
         FwdOut::F32(y) => (y.len(), YOut::F32(y.as_mut_ptr().cast())),
         FwdOut::Bf16(y) => (y.len(), YOut::Bf16(y.as_mut_ptr().cast())),
     };
-    check_operands("qmatmul_fwd_bf16_plus", ("x", x.len()), ("y", len), m, dims);
-    lr.check(m, w.rows);
+    check_operands("qmatmul_fwd_bf16_into", ("x", x.len()), ("y", len), m, dims);
+    if let Some(lr) = lr {
+        lr.check(m, w.rows);
+    }
     if fits(w, m) {
         return_on_bf16_kernels!(K => {
-            fwd_tiled::<K, A>(x, m, w, Some(lr), out);
+            fwd_tiled::<K, A>(x, m, w, lr, out);
+            true
+        });
+    }
+    false
+}
+
+/// `dx = dy·W` as [`qmatmul_bwd_input_bf16`] (not accumulating) into `dx` that may be
+/// uninitialised: the tiled kernels write every element once. Returns false, dx untouched, where
+/// they do not run (as [`qmatmul_fwd_bf16_into`]).
+pub fn qmatmul_bwd_input_bf16_into<A: Activation>(
+    dy: &[A],
+    m: usize,
+    w: &QMatrix,
+    dx: &mut [std::mem::MaybeUninit<f32>],
+) -> bool {
+    let dims = (w.rows, w.cols);
+    let op = "qmatmul_bwd_input_bf16_into";
+    check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
+    if fits(w, m) {
+        // Not accumulating, the first chunk of W's rows (W has rows: fits) stores every element
+        // of dx without loading it, and later chunks load only what it stored.
+        let dx = dx.as_mut_ptr().cast::<f32>();
+        return_on_bf16_kernels!(K => {
+            bwd_input_tiled::<K, A>(dy, m, w, dx, false);
             true
         });
     }
@@ -333,7 +359,7 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     let op = "qmatmul_bwd_input_bf16";
     check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
     if fits(w, m) {
-        return_on_bf16_kernels!(K => bwd_input_tiled::<K, A>(dy, m, w, dx, accumulate));
+        return_on_bf16_kernels!(K => bwd_input_tiled::<K, A>(dy, m, w, dx.as_mut_ptr(), accumulate));
     }
     with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate))
 }
@@ -608,13 +634,15 @@ fn interleave_rows(src: &[bf16], nr: usize, kc: usize, dst: &mut [u32]) {
 /// `dx = dy·W` (or `+=`) through one ISA's kernels (the caller checked its features and
 /// [`fits`]): dy rounded to bf16 once (rows padded to an even length: pairs along N), then per
 /// task a span of [`bwd_cols`] columns of dx, W walked in chunks of `K::BWD_CHUNK` rows
-/// dequantised and interleaved into row pairs.
+/// dequantised and interleaved into row pairs. `dx`: M×K f32 (the callers checked its length),
+/// written only by the tasks, each its own columns; read (loaded) only where `accumulate` or
+/// after its first chunk stored it, so without `accumulate` it may start uninitialised.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
     dy: &[A],
     m: usize,
     w: &QMatrix,
-    dx: &mut [f32],
+    dx: *mut f32,
     accumulate: bool,
 ) {
     use crate::quant::matmul::SendPtr;
@@ -630,7 +658,7 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
         let dyp_addr = dyb.as_ptr() as usize;
         let ds = n2 / 2;
         let cols = bwd_cols(w);
-        let dxp = SendPtr(dx.as_mut_ptr());
+        let dxp = SendPtr(dx);
         (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
             let dyp = dyp_addr as *const u32;
             let c0 = task * cols;
@@ -717,6 +745,9 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(
                 let yt: &mut [f32] = bytemuck::cast_slice_mut(yt);
                 for b in 0..m.div_ceil(mb) {
                     let rows_x = mb.min(m - b * mb);
+                    // the tile's lines of y on their way (into L2) while the sweep runs: written
+                    // cold, the transposed store stalled on them (session 24)
+                    y.prefetch((nr, rows_x), b * mb * n + r0, n);
                     let xb = xp[b * half * mb..].as_ptr();
                     // SAFETY: the ISA's features were checked by the caller; wt addresses nr
                     // rows of `half` pairs (`tile`; half a multiple of 8), xb half×MB pairs inside

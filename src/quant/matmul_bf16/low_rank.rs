@@ -9,7 +9,7 @@ use half::bf16;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// `h·Bᵀ` for [`super::qmatmul_fwd_bf16_plus`]: h (M×R) and B (N×R), f32, row-major, both
+/// `h·Bᵀ` for [`super::qmatmul_fwd_bf16_into`]: h (M×R) and B (N×R), f32, row-major, both
 /// rounded to bf16 as operands (nearest even), as LoRA's bf16 products round them.
 #[derive(Clone, Copy, Debug)]
 pub struct LowRank<'a> {
@@ -60,7 +60,7 @@ impl LowRank<'_> {
     pub(super) fn check(&self, m: usize, n: usize) {
         assert!(
             self.h.len() == m * self.r && self.b.len() == n * self.r,
-            "qmatmul_fwd_bf16_plus: h ({}) and B ({}) are not {m} and {n} rows of rank {}",
+            "qmatmul_fwd_bf16_into: h ({}) and B ({}) are not {m} and {n} rows of rank {}",
             self.h.len(),
             self.b.len(),
             self.r
@@ -69,7 +69,7 @@ impl LowRank<'_> {
 }
 
 /// Scalar reference of the term: `y[i][j] += Σ_q bf16(h[i][q])·bf16(B[j][q])`, f64 sums (the
-/// tests' check of [`super::qmatmul_fwd_bf16_plus`] beside [`super::qmatmul_fwd_bf16_ref`]).
+/// tests' check of [`super::qmatmul_fwd_bf16_into`] beside [`super::qmatmul_fwd_bf16_ref`]).
 pub fn low_rank_ref(lr: LowRank<'_>, m: usize, n: usize, y: &mut [f32]) {
     lr.check(m, n);
     let r = lr.r;
@@ -84,7 +84,7 @@ pub fn low_rank_ref(lr: LowRank<'_>, m: usize, n: usize, y: &mut [f32]) {
     }
 }
 
-/// Where [`super::qmatmul_fwd_bf16_plus`] writes y (M×N, row-major): f32, or each value rounded
+/// Where [`super::qmatmul_fwd_bf16_into`] writes y (M×N, row-major): f32, or each value rounded
 /// to bf16 (nearest even, the SIMD rounding of activations) as it is written. Every element is
 /// written once, so the memory may be uninitialised (a fresh output, no zero fill).
 pub enum FwdOut<'a> {
@@ -107,6 +107,28 @@ unsafe impl Send for YOut {}
 unsafe impl Sync for YOut {}
 
 impl YOut {
+    /// Asks for the lines [`YOut::put_transposed`] with the same arguments will write, into L2,
+    /// before the sweep that computes them (a hint: it never faults, writes nothing).
+    pub(super) fn prefetch(self, (rows, cols): (usize, usize), at: usize, ds: usize) {
+        let (p, size) = match self {
+            YOut::F32(y) => (y as *const u8, 4),
+            YOut::Bf16(y) => (y as *const u8, 2),
+        };
+        for c in 0..cols {
+            let row = p.wrapping_add((at + c * ds) * size);
+            for o in (0..rows * size).step_by(64) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `prefetcht1` needs only SSE (every x86_64 CPU) and never faults.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                    _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(o) as *const i8)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = row;
+            }
+        }
+    }
+
     /// `y[at + c·ds + r] = src[r·ss + c]` for `r < rows`, `c < cols`: a transposed tile of f32
     /// sums written out, rounded to bf16 for a bf16 y (transposed 64 rows at a time through the
     /// stack, then rounded row by row).

@@ -11,7 +11,9 @@
 //! bit.
 use super::*;
 use crate::lora::qlinear::Rows;
+use crate::quant::matmul::written;
 use crate::quant::matmul_bf16::LowRank;
+use std::mem::MaybeUninit;
 
 /// `base(x) + h·Bᵀ` in x's dtype for `x (.., I)` (M rows), `h (M, R)` f32 and `b (O, R)`, where
 /// `base` has no bias: [`lora_up_add`] of the base's output without that output existing.
@@ -69,11 +71,10 @@ impl LinearUpOp {
                 b,
                 r: b.len() / o.max(1),
             };
-            let mut out = Vec::with_capacity(m * o);
-            let y = T::fwd_out(&mut out.spare_capacity_mut()[..m * o]);
-            if y.is_some_and(|y| self.base.forward_plus_into(rows, m, lr, y)) {
-                // SAFETY: forward_plus_into wrote all m·o elements (it returned true).
-                unsafe { out.set_len(m * o) };
+            let write = |y: &mut [MaybeUninit<T>]| {
+                T::fwd_out(y).is_some_and(|y| self.base.forward_plus_into(rows, m, lr, y))
+            };
+            if let Some(out) = written(m * o, write) {
                 return out;
             }
         }
