@@ -140,4 +140,19 @@ mod tests {
             span.put_with(span.range().len() - 1, |_| 1)
         });
     }
+
+    /// `written` (the same module's other way to write an output once): what the writer filled
+    /// is the vector; a writer that declines gives None (Miri checks the uninitialised memory).
+    #[test]
+    fn spans_of_written_outputs() {
+        use super::super::written;
+        let v = written(1000, |d: &mut [MaybeUninit<u32>]| {
+            for (i, d) in d.iter_mut().enumerate() {
+                d.write(i as u32 * 3);
+            }
+            true
+        });
+        assert_eq!(v, Some((0..1000).map(|i| i * 3).collect::<Vec<u32>>()));
+        assert_eq!(written(10, |_: &mut [MaybeUninit<u32>]| false), None);
+    }
 }
