@@ -292,60 +292,6 @@ pub fn qmatmul_fwd_bf16<A: Activation>(x: &[A], m: usize, w: &QMatrix, y: &mut [
     with_f32(x, |x| qmatmul_fwd(x, m, w, y))
 }
 
-/// `y = x·Wᵀ (+ h·Bᵀ)` as [`qmatmul_fwd_bf16`], with an optional low-rank term summed in the same
-/// f32 accumulators (`low_rank.rs`), each y tile written straight into `y` (f32, or rounded to
-/// bf16): every element once, so `y` may be uninitialised (no zero fill, no second pass).
-/// Returns false, y untouched, where the tiled bf16 kernels do not run (no bf16 kernels, M ≤
-/// [`GEMV_MAX_M`], K not a multiple of 16): the caller computes it otherwise.
-pub fn qmatmul_fwd_bf16_into<A: Activation>(
-    x: &[A],
-    m: usize,
-    w: &QMatrix,
-    lr: Option<LowRank<'_>>,
-    y: FwdOut<'_>,
-) -> bool {
-    let dims = (w.rows, w.cols);
-    let (len, out) = match y {
-        FwdOut::F32(y) => (y.len(), YOut::F32(y.as_mut_ptr().cast())),
-        FwdOut::Bf16(y) => (y.len(), YOut::Bf16(y.as_mut_ptr().cast())),
-    };
-    check_operands("qmatmul_fwd_bf16_into", ("x", x.len()), ("y", len), m, dims);
-    if let Some(lr) = lr {
-        lr.check(m, w.rows);
-    }
-    if fits(w, m) {
-        return_on_bf16_kernels!(K => {
-            fwd_tiled::<K, A>(x, m, w, lr, out);
-            true
-        });
-    }
-    false
-}
-
-/// `dx = dy·W` as [`qmatmul_bwd_input_bf16`] (not accumulating) into `dx` that may be
-/// uninitialised: the tiled kernels write every element once. Returns false, dx untouched, where
-/// they do not run (as [`qmatmul_fwd_bf16_into`]).
-pub fn qmatmul_bwd_input_bf16_into<A: Activation>(
-    dy: &[A],
-    m: usize,
-    w: &QMatrix,
-    dx: &mut [std::mem::MaybeUninit<f32>],
-) -> bool {
-    let dims = (w.rows, w.cols);
-    let op = "qmatmul_bwd_input_bf16_into";
-    check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
-    if fits(w, m) {
-        // Not accumulating, the first chunk of W's rows (W has rows: fits) stores every element
-        // of dx without loading it, and later chunks load only what it stored.
-        let dx = dx.as_mut_ptr().cast::<f32>();
-        return_on_bf16_kernels!(K => {
-            bwd_input_tiled::<K, A>(dy, m, w, dx, false);
-            true
-        });
-    }
-    false
-}
-
 /// `dx (M×K) = dy (M×N) · W` (or `+=` when `accumulate`) with bf16 products and f32 sums; the f32
 /// kernel where the bf16 one does not apply. dy is f32 or bf16; dx is f32.
 pub fn qmatmul_bwd_input_bf16<A: Activation>(
@@ -796,9 +742,11 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(
     });
 }
 
-mod low_rank;
-use low_rank::YOut;
-pub use low_rank::{low_rank_ref, FwdOut, LowRank};
+mod direct;
+use direct::YOut;
+pub use direct::{
+    low_rank_ref, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16_into, FwdOut, LowRank,
+};
 
 mod dense;
 pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs};

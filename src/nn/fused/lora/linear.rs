@@ -55,7 +55,7 @@ struct LinearUpOp {
 impl LinearUpOp {
     /// `x·Wᵀ + h·Bᵀ` (M, O) in T for x's `m` rows.
     /// With bf16 products the base's kernels sum `h·Bᵀ` in the product's own accumulators and
-    /// write each tile straight into the output (`quant/matmul_bf16/low_rank.rs`); elsewhere
+    /// write each tile straight into the output (`quant/matmul_bf16/direct.rs`); elsewhere
     /// (f32 products, f16, shapes the tiled kernels do not take) [`UpOp::forward`] adds it to the
     /// base's product.
     fn forward<T: Elem>(&self, x: &[T], h: &[f32], b: &[f32], m: usize) -> Vec<T> {

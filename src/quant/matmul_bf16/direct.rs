@@ -1,15 +1,74 @@
-//! A rank-R term `h·Bᵀ` added inside the forward product `x·Wᵀ` (LoRA's up projection beside its
-//! frozen base): the concatenation `[x | h]·[W | B]ᵀ`, run as one more sweep of R's pairs over
-//! each y tile while the tile is still in the task's scratch. Apart, the term was a product of
-//! its own at rank 16 (pairs too few for the AMX tiles: the AVX-512 edge kernels), a row buffer
-//! written and read back, and an add: 9.5 % of a ~100M bf16 step at batch 1 (session 24).
+//! The tiled bf16 products written straight into an op's output, once, so the output may be
+//! uninitialised memory: no zero fill, no product buffer to copy or round from (a fresh output's
+//! first writes are most of what such a pass costs). The forward can carry a rank-R term `h·Bᵀ`
+//! (LoRA's up projection beside its frozen base): the concatenation `[x | h]·[W | B]ᵀ`, run as one
+//! more sweep of R's pairs over each y tile while the tile is still in the task's scratch. Apart,
+//! the term was a product of its own at rank 16 (pairs too few for the AMX tiles: the AVX-512 edge
+//! kernels), a row buffer written and read back, and an add: 9.5 % of a ~100M bf16 step at batch
+//! 1 (session 24).
 use super::dense::{pack_rows, pack_transposed};
+use super::{bwd_input_tiled, check_operands, fits, fwd_tiled, Activation, QMatrix};
 use crate::quant::transpose::transpose32;
 use half::bf16;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// `h·Bᵀ` for [`super::qmatmul_fwd_bf16_into`]: h (M×R) and B (N×R), f32, row-major, both
+/// `y = x·Wᵀ (+ h·Bᵀ)` as [`super::qmatmul_fwd_bf16`], with an optional low-rank term summed in
+/// the same f32 accumulators ([`LowRank`]), each y tile written straight into `y` (f32, or
+/// rounded to bf16): every element once, so `y` may be uninitialised. Returns false, y
+/// untouched, where the tiled bf16 kernels do not run (no bf16 kernels, M ≤
+/// [`crate::quant::matmul::GEMV_MAX_M`], K not a multiple of 16): the caller computes it
+/// otherwise.
+pub fn qmatmul_fwd_bf16_into<A: Activation>(
+    x: &[A],
+    m: usize,
+    w: &QMatrix,
+    lr: Option<LowRank<'_>>,
+    y: FwdOut<'_>,
+) -> bool {
+    let dims = (w.rows, w.cols);
+    let (len, out) = match y {
+        FwdOut::F32(y) => (y.len(), YOut::F32(y.as_mut_ptr().cast())),
+        FwdOut::Bf16(y) => (y.len(), YOut::Bf16(y.as_mut_ptr().cast())),
+    };
+    check_operands("qmatmul_fwd_bf16_into", ("x", x.len()), ("y", len), m, dims);
+    if let Some(lr) = lr {
+        lr.check(m, w.rows);
+    }
+    if fits(w, m) {
+        return_on_bf16_kernels!(K => {
+            fwd_tiled::<K, A>(x, m, w, lr, out);
+            true
+        });
+    }
+    false
+}
+
+/// `dx = dy·W` as [`super::qmatmul_bwd_input_bf16`] (not accumulating) into `dx` that may be
+/// uninitialised: the tiled kernels write every element once. Returns false, dx untouched, where
+/// they do not run (as [`qmatmul_fwd_bf16_into`]).
+pub fn qmatmul_bwd_input_bf16_into<A: Activation>(
+    dy: &[A],
+    m: usize,
+    w: &QMatrix,
+    dx: &mut [std::mem::MaybeUninit<f32>],
+) -> bool {
+    let dims = (w.rows, w.cols);
+    let op = "qmatmul_bwd_input_bf16_into";
+    check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
+    if fits(w, m) {
+        // Not accumulating, the first chunk of W's rows (W has rows: fits) stores every element
+        // of dx without loading it, and later chunks load only what it stored.
+        let dx = dx.as_mut_ptr().cast::<f32>();
+        return_on_bf16_kernels!(K => {
+            bwd_input_tiled::<K, A>(dy, m, w, dx, false);
+            true
+        });
+    }
+    false
+}
+
+/// `h·Bᵀ` for [`qmatmul_fwd_bf16_into`]: h (M×R) and B (N×R), f32, row-major, both
 /// rounded to bf16 as operands (nearest even), as LoRA's bf16 products round them.
 #[derive(Clone, Copy, Debug)]
 pub struct LowRank<'a> {
@@ -69,7 +128,7 @@ impl LowRank<'_> {
 }
 
 /// Scalar reference of the term: `y[i][j] += Σ_q bf16(h[i][q])·bf16(B[j][q])`, f64 sums (the
-/// tests' check of [`super::qmatmul_fwd_bf16_into`] beside [`super::qmatmul_fwd_bf16_ref`]).
+/// tests' check of [`qmatmul_fwd_bf16_into`] beside [`super::qmatmul_fwd_bf16_ref`]).
 pub fn low_rank_ref(lr: LowRank<'_>, m: usize, n: usize, y: &mut [f32]) {
     lr.check(m, n);
     let r = lr.r;
@@ -84,7 +143,7 @@ pub fn low_rank_ref(lr: LowRank<'_>, m: usize, n: usize, y: &mut [f32]) {
     }
 }
 
-/// Where [`super::qmatmul_fwd_bf16_into`] writes y (M×N, row-major): f32, or each value rounded
+/// Where [`qmatmul_fwd_bf16_into`] writes y (M×N, row-major): f32, or each value rounded
 /// to bf16 (nearest even, the SIMD rounding of activations) as it is written. Every element is
 /// written once, so the memory may be uninitialised (a fresh output, no zero fill).
 pub enum FwdOut<'a> {
