@@ -269,7 +269,7 @@ fn written_whole(w: &QMatrix, (m, n, k): (usize, usize, usize), x: &[f32], dy: &
 
 /// `qmatmul_fwd_bf16_into` with a low-rank term (LoRA's `h·Bᵀ` summed in the product's accumulators, each tile
 /// written straight out) against the f64 references of both terms on the same bf16-rounded
-/// operands, for ranks below, at and past one 32-wide round (odd ones padded), into f32 and into
+/// operands, for ranks 0, below, at and past one 32-wide round (odd ones padded), into f32 and into
 /// bf16: the bf16 output is the f32 one rounded, to the bit. Where the tiled kernels do not run
 /// (GEMV-sized M) it must decline and leave y alone. Returns the worst error seen.
 fn low_rank_term(
@@ -282,7 +282,7 @@ fn low_rank_term(
     use qtune::quant::matmul_bf16::{low_rank_ref, qmatmul_fwd_bf16_into, FwdOut, LowRank};
     use std::mem::MaybeUninit;
     let mut worst_seen = 0f64;
-    for r in [1usize, 5, 16, 40] {
+    for r in [0usize, 1, 5, 16, 40] {
         let (h, b) = (rng.vec(m * r), rng.vec(n * r));
         let lr = LowRank { h: &h, b: &b, r };
         let mut got = vec![MaybeUninit::new(f32::NAN); m * n];

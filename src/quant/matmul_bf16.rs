@@ -667,8 +667,8 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(
         // the low-rank term: h packed as x is, B's rows as W's tile; `lp` pairs each
         let lp = lr.map_or(0, |l| l.pairs());
         let (hp, bp) = match lr {
-            Some(l) => l.pack((m, n, mb), rest),
-            None => (&[][..], &[][..]),
+            Some(l) if lp > 0 => l.pack((m, n, mb), rest),
+            _ => (&[][..], &[][..]),
         };
         let rows = fwd_rows(n, k, K::ROW_UNIT);
         (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
