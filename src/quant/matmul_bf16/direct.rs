@@ -167,25 +167,26 @@ unsafe impl Sync for YOut {}
 
 impl YOut {
     /// Asks for the lines [`YOut::put_transposed`] with the same arguments will write, into L2,
-    /// before the sweep that computes them (a hint: it never faults, writes nothing).
+    /// before the sweep that computes them (a hint: it never faults, writes nothing); a no-op off
+    /// x86.
     pub(super) fn prefetch(self, (rows, cols): (usize, usize), at: usize, ds: usize) {
         let (p, size) = match self {
             YOut::F32(y) => (y as *const u8, 4),
             YOut::Bf16(y) => (y as *const u8, 2),
         };
+        #[cfg(target_arch = "x86_64")]
         for c in 0..cols {
             let row = p.wrapping_add((at + c * ds) * size);
             for o in (0..rows * size).step_by(64) {
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: `prefetcht1` needs only SSE (every x86_64 CPU) and never faults.
                 unsafe {
                     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
                     _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(o) as *const i8)
                 };
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = row;
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (p, size, rows, cols, at, ds);
     }
 
     /// `y[at + c·ds + r] = src[r·ss + c]` for `r < rows`, `c < cols`: a transposed tile of f32
