@@ -277,12 +277,8 @@ impl QLinear {
         lr: LowRank<'_>,
         y: FwdOut<'_>,
     ) -> bool {
-        let w = self.weight.matrix();
-        match (x, self.bf16_products) {
-            (Rows::Bf16(x), _) => qmatmul_fwd_bf16_into(x, m, &w, Some(lr), y),
-            (Rows::F32(x), true) => qmatmul_fwd_bf16_into(x, m, &w, Some(lr), y),
-            (Rows::F32(_), false) => false,
-        }
+        let op = self.op(Dir::Forward, self.bf16_products);
+        op.forward_into(x, m, Some(lr), y)
     }
 
     /// `dy (.., out) · W` in dy's dtype: the forward's input gradient, as an op (no gradient for W).
@@ -406,19 +402,32 @@ impl QMatMulOp {
         }
     }
 
+    /// The forward (this op's direction must be it) written straight into `y` where the tiled bf16
+    /// kernels run it (bf16 rows, or f32 rows with bf16 products; [`qmatmul_fwd_bf16_into`], with
+    /// an optional low-rank term); false, y untouched, elsewhere. The same rule as
+    /// [`QMatMulOp::product_into`]'s.
+    fn forward_into(&self, x: Rows<'_>, m: usize, lr: Option<LowRank<'_>>, y: FwdOut<'_>) -> bool {
+        debug_assert_eq!(self.dir, Dir::Forward);
+        let w = self.w.matrix();
+        match (x, self.bf16_products) {
+            (Rows::Bf16(x), _) => qmatmul_fwd_bf16_into(x, m, &w, lr, y),
+            (Rows::F32(x), true) => qmatmul_fwd_bf16_into(x, m, &w, lr, y),
+            (Rows::F32(_), false) => false,
+        }
+    }
+
     /// Runs the kernel on a contiguous f32 argument of `m` rows.
     fn run(&self, arg: &[f32], m: usize) -> Vec<f32> {
         let (_, out_w) = self.widths();
         // Where the tiled bf16 kernels run, straight into a fresh output (no zero fill).
-        let w = self.w.matrix();
         let tiled = match (self.dir, self.bf16_products) {
-            (Dir::Forward, true) => written(m * out_w, |y| {
-                qmatmul_fwd_bf16_into(arg, m, &w, None, FwdOut::F32(y))
+            (Dir::Forward, _) => written(m * out_w, |y| {
+                self.forward_into(Rows::F32(arg), m, None, FwdOut::F32(y))
             }),
-            (Dir::InputGrad, true) => {
-                written(m * out_w, |dx| qmatmul_bwd_input_bf16_into(arg, m, &w, dx))
-            }
-            (_, false) => None,
+            (Dir::InputGrad, true) => written(m * out_w, |dx| {
+                qmatmul_bwd_input_bf16_into(arg, m, &self.w.matrix(), dx)
+            }),
+            (Dir::InputGrad, false) => None,
         };
         if let Some(v) = tiled {
             return v;
@@ -433,8 +442,7 @@ impl QMatMulOp {
         let (_, out_w) = self.widths();
         // The forward, where the tiled kernels run: rounded straight into a fresh output.
         if self.dir == Dir::Forward {
-            let w = self.w.matrix();
-            let y = |y: &mut _| qmatmul_fwd_bf16_into(arg, m, &w, None, FwdOut::Bf16(y));
+            let y = |y: &mut _| self.forward_into(Rows::Bf16(arg), m, None, FwdOut::Bf16(y));
             if let Some(v) = written(m * out_w, y) {
                 return v;
             }
