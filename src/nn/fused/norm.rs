@@ -45,23 +45,23 @@ impl CustomOp1 for RmsNormOp {
         // transformers rounds x·rstd to the activation dtype, multiplies by the weight in that
         // dtype and rounds again; `round` reproduces both roundings (identity for f32)
         let round: fn(f32) -> f32 = match s.dtype() {
-            DType::BF16 => |v| bf16::from_f32(v).to_f32(),
+            DType::BF16 => |v| bf16_f(bf16_of(v)),
             DType::F16 => |v| f16::from_f32(v).to_f32(),
             _ => |v| v,
         };
         let w: Vec<f32> = self.w.iter().map(|&w| round(w)).collect();
-        let is_f32 = s.dtype() == DType::F32;
+        let dtype = s.dtype();
         // x, y: (rows, C)
         let y = match c {
             0 => Vec::new(),
             _ => par_spans(x.len(), c, 0f32, |_, y| {
                 let x = &x[y.range()];
                 let r = self.rstd(x);
-                if is_f32 {
-                    // separate loop without the rounding call, so that it vectorises
-                    y.put_with(c, |j| w[j] * (x[j] * r));
-                } else {
-                    y.put_with(c, |j| w[j] * round(x[j] * r));
+                // a loop per dtype, each rounding inlined, so that they vectorise
+                match dtype {
+                    DType::F32 => y.put_with(c, |j| w[j] * (x[j] * r)),
+                    DType::BF16 => y.put_with(c, |j| w[j] * bf16_f(bf16_of(x[j] * r))),
+                    _ => y.put_with(c, |j| w[j] * round(x[j] * r)),
                 }
             }),
         };

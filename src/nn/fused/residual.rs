@@ -232,11 +232,22 @@ impl NormOp {
         let (c, w) = (h.len(), &w[..h.len()]);
         match self.kind {
             // transformers rounds h·rstd to the dtype, multiplies by w in it and rounds again
-            Kind::Rms => y.put_with(c, |j| T::of(w[j] * T::of(h[j] * r).f())),
+            Kind::Rms => y.put_blocks(c, T::put_row, |j0, out| {
+                let (h, w) = (&h[j0..j0 + out.len()], &w[j0..j0 + out.len()]);
+                for ((o, &h), &w) in out.iter_mut().zip(h).zip(w) {
+                    *o = w * T::of(h * r).f();
+                }
+            }),
             // torch's CPU kernel: (h·scale + bias)·w + b in f32, one rounding
             Kind::Layer(_) => {
                 let (bias, b) = (-r * mean, &b[..c]);
-                y.put_with(c, |j| T::of((h[j] * r + bias) * w[j] + b[j]));
+                y.put_blocks(c, T::put_row, |j0, out| {
+                    let n = out.len();
+                    let (h, w, b) = (&h[j0..j0 + n], &w[j0..j0 + n], &b[j0..j0 + n]);
+                    for (((o, &h), &w), &b) in out.iter_mut().zip(h).zip(w).zip(b) {
+                        *o = (h * r + bias) * w + b;
+                    }
+                });
             }
         }
     }
@@ -337,7 +348,7 @@ impl NormOp {
                     let res = &res[rows];
                     dx.put_with(c, |j| T::of(res[j].f() + T::of(out[j]).f()));
                 }
-                None => dx.put_converted(out, T::row_of),
+                None => T::put_row(dx, out),
             }
         })
     }
@@ -493,8 +504,13 @@ impl Add3Op {
         par_spans(p.len(), CHUNK, T::of(0.0), |_, y| {
             let span = y.range();
             let (p, q, r) = (&p[span.clone()], &q[span.clone()], &r[span]);
-            y.put_with(p.len(), |j| {
-                T::of(T::of(p[j].f() + q[j].f()).f() + r[j].f())
+            y.put_blocks(p.len(), T::put_row, |j0, out| {
+                let n = out.len();
+                let (p, q, r) = (&p[j0..j0 + n], &q[j0..j0 + n], &r[j0..j0 + n]);
+                for (((o, p), q), r) in out.iter_mut().zip(p).zip(q).zip(r) {
+                    // (p + q) rounded to T, as two adds in T round
+                    *o = T::of(p.f() + q.f()).f() + r.f();
+                }
             });
         })
     }

@@ -95,23 +95,33 @@ impl RopeOp {
                 let sin = &self.sin[p * half..(p + 1) * half];
                 // one pass per layout, so that the contiguous halves vectorise
                 if self.interleaved {
-                    y.put_with(d, |j| {
-                        let (i, c) = (j / 2, cos[j / 2]);
-                        let (a, b, sn) = (xr[2 * i].f(), xr[2 * i + 1].f(), sign * sin[i]);
-                        T::of(if j % 2 == 0 {
-                            a * c - b * sn
-                        } else {
-                            b * c + a * sn
-                        })
+                    y.put_blocks(d, T::put_row, |j0, out| {
+                        for (k, o) in out.iter_mut().enumerate() {
+                            let j = j0 + k;
+                            let (i, c) = (j / 2, cos[j / 2]);
+                            let (a, b, sn) = (xr[2 * i].f(), xr[2 * i + 1].f(), sign * sin[i]);
+                            *o = if j % 2 == 0 {
+                                a * c - b * sn
+                            } else {
+                                b * c + a * sn
+                            };
+                        }
                     });
                 } else {
                     let (x1, x2) = xr.split_at(half);
-                    y.put_with(half, |i| {
-                        T::of(x1[i].f() * cos[i] - x2[i].f() * sign * sin[i])
-                    });
-                    y.put_with(half, |i| {
-                        T::of(x2[i].f() * cos[i] + x1[i].f() * sign * sin[i])
-                    });
+                    // first half a·cos − b·sin, second b·cos + a·sin, for a, b the two halves
+                    for (a, b, sn) in [(x1, x2, -sign), (x2, x1, sign)] {
+                        y.put_blocks(half, T::put_row, |j0, out| {
+                            let n = out.len();
+                            let (a, b) = (&a[j0..j0 + n], &b[j0..j0 + n]);
+                            let (c, s) = (&cos[j0..j0 + n], &sin[j0..j0 + n]);
+                            for ((((o, a), b), &c), &s) in
+                                out.iter_mut().zip(a).zip(b).zip(c).zip(s)
+                            {
+                                *o = a.f() * c + b.f() * sn * s;
+                            }
+                        });
+                    }
                 }
             }
         })

@@ -56,9 +56,13 @@ impl SwiGluOp {
             let mut s = [0f32; CHUNK];
             let s = &mut s[..g.len()];
             sigmoids(g, s, self.simd);
-            y.put_with(g.len(), |j| {
-                let silu = T::of(g[j].f() * s[j]).f();
-                T::of(silu * u[j].f())
+            y.put_blocks(g.len(), T::put_row, |j0, out| {
+                let n = out.len();
+                let (g, u, s) = (&g[j0..j0 + n], &u[j0..j0 + n], &s[j0..j0 + n]);
+                for (((o, g), u), &s) in out.iter_mut().zip(g).zip(u).zip(s) {
+                    // silu(g) rounded to T, then its product with u
+                    *o = T::of(g.f() * s).f() * u.f();
+                }
             });
         })
     }

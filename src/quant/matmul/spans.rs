@@ -90,6 +90,25 @@ impl<T: Copy> Span<'_, T> {
         self.at += n;
     }
 
+    /// Writes `n` values next, computed in f32 by `f(j0, block)` (the values of elements
+    /// `j0..j0 + block.len()` of the `n`) 64 at a time on the stack and written by
+    /// `put(self, block)` (rounded to T: `Elem::put_row`). Why: an element-wise loop writing
+    /// `T::of(..)` a value at a time kept each rounding scalar; over a block of f32 the
+    /// arithmetic vectorises and the rounding is one SIMD pass.
+    pub(crate) fn put_blocks(
+        &mut self,
+        n: usize,
+        put: impl Fn(&mut Self, &[f32]),
+        mut f: impl FnMut(usize, &mut [f32]),
+    ) {
+        let mut buf = [0f32; 64];
+        for j0 in (0..n).step_by(64) {
+            let block = &mut buf[..64.min(n - j0)];
+            f(j0, block);
+            put(self, block);
+        }
+    }
+
     /// Writes `src` next as `convert` turns f32 values into T (a SIMD rounding that writes a
     /// slice), 64 values at a time through the stack.
     pub(crate) fn put_converted(&mut self, src: &[f32], convert: impl Fn(&[f32], &mut [T])) {
