@@ -223,6 +223,9 @@ fn bf16_kernels_match_their_references() {
                     assert!(worst(&got2, &want2, &scale) < 1e-5, "{label}: overwrite");
                 }
                 written_whole(&w, (m, n, k), &x, &dy);
+                if matches!(t, QType::Q4_0 | QType::Q8_0 | QType::NF4) {
+                    worst_ref = worst_ref.max(low_rank_grad(&w, (m, n, k), &dy, &mut rng));
+                }
             }
         }
     }
@@ -247,7 +250,7 @@ fn written_whole(w: &QMatrix, (m, n, k): (usize, usize, usize), x: &[f32], dy: &
     };
     let (mut y, mut dx) = (nan(m * n), nan(m * k));
     let ran = qmatmul_fwd_bf16_into(x, m, w, None, FwdOut::F32(&mut y));
-    let ran_b = qmatmul_bwd_input_bf16_into(dy, m, w, &mut dx);
+    let ran_b = qmatmul_bwd_input_bf16_into(dy, m, w, &mut dx, None);
     let (y, dx) = (init(y), init(dx));
     let label = format!("_into m={m} n={n} k={k}");
     assert_eq!(
@@ -326,6 +329,60 @@ fn low_rank_term(
             rounded, None,
             "{label}: the bf16 output is not the f32 one rounded"
         );
+    }
+    worst_seen
+}
+
+/// The input gradient's rank-R side: `dh = dy·B` from the same bf16 rows of dy
+/// (`LowRankGrad`) against its f64 reference (ranks 0, 1, 5, 16, 40: R under, at and over one
+/// 16-column unit), with dx unchanged to the bit beside it; GEMV sizes decline, dh untouched.
+fn low_rank_grad(w: &QMatrix, (m, n, k): (usize, usize, usize), dy: &[f32], rng: &mut Rng) -> f64 {
+    use qtune::quant::matmul_bf16::{low_rank_grad_ref, qmatmul_bwd_input_bf16_into, LowRankGrad};
+    use std::mem::MaybeUninit;
+    let nan = |len| vec![MaybeUninit::new(f32::NAN); len];
+    // SAFETY: every element was initialised (NaN) before the calls.
+    let init = |v: Vec<MaybeUninit<f32>>| -> Vec<f32> {
+        v.iter().map(|x| unsafe { x.assume_init() }).collect()
+    };
+    let mut alone = nan(m * k);
+    let ran_alone = qmatmul_bwd_input_bf16_into(dy, m, w, &mut alone, None);
+    let alone = init(alone);
+    let mut worst_seen = 0f64;
+    for r in [0usize, 1, 5, 16, 40] {
+        let b = rng.vec(n * r);
+        let mut dh = vec![f32::NAN; m * r];
+        let mut dx = nan(m * k);
+        let lr = LowRankGrad {
+            b: &b,
+            r,
+            dh: &mut dh,
+        };
+        let ran = qmatmul_bwd_input_bf16_into(dy, m, w, &mut dx, Some(lr));
+        let dx = init(dx);
+        let label = format!("low rank grad {r} m={m} n={n} k={k}");
+        assert_eq!(ran, ran_alone, "{label}");
+        if !ran {
+            assert!(m <= 4, "{label}: the tiled kernels declined");
+            assert!(dh.iter().chain(&dx).all(|v| v.is_nan()), "{label}: touched");
+            continue;
+        }
+        let same = dx
+            .iter()
+            .zip(&alone)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{label}: dx is not the one without the term");
+        let want = low_rank_grad_ref(dy, (m, n), &b, r);
+        let scale: Vec<f64> = (0..m * r)
+            .map(|o| {
+                let (i, q) = (o / r, o % r);
+                (0..n)
+                    .map(|j| (dy[i * n + j] * b[j * r + q]).abs() as f64)
+                    .sum()
+            })
+            .collect();
+        let e = worst(&dh, &want, &scale);
+        assert!(e < 1e-5, "{label}: {e:e} from the reference");
+        worst_seen = worst_seen.max(e);
     }
     worst_seen
 }

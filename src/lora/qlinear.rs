@@ -16,7 +16,7 @@ use crate::quant::matmul::written;
 use crate::quant::matmul::{qmatmul_bwd_input, qmatmul_fwd, with_thread_buffer};
 use crate::quant::matmul_bf16::{
     qmatmul_bwd_input_bf16, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16, qmatmul_fwd_bf16_into,
-    FwdOut, LowRank,
+    FwdOut, LowRank, LowRankGrad,
 };
 use crate::quant::nf4::{NF4_BLOCK, NF4_NESTED_BLOCK};
 use crate::quant::QType;
@@ -281,6 +281,25 @@ impl QLinear {
         op.forward_into(x, m, Some(lr), y)
     }
 
+    /// `dy·W` (`m` f32 rows of `out_features` in, f32 out) as [`QLinear::input_grad`] computes it
+    /// with bf16 products, and from the same bf16 rows of dy a low-rank term's `dh = dy·B` into
+    /// `lr.dh` ([`qmatmul_bwd_input_bf16_into`]); None, dh untouched, where this layer's input
+    /// gradient does not take the tiled bf16 kernels (the caller then runs the two apart).
+    pub(crate) fn input_grad_plus(
+        &self,
+        dy: &[f32],
+        m: usize,
+        lr: LowRankGrad<'_>,
+    ) -> Option<Vec<f32>> {
+        if !self.bf16_products {
+            return None;
+        }
+        let w = self.weight.matrix();
+        written(m * self.in_features, |dx| {
+            qmatmul_bwd_input_bf16_into(dy, m, &w, dx, Some(lr))
+        })
+    }
+
     /// `dy (.., out) · W` in dy's dtype: the forward's input gradient, as an op (no gradient for W).
     pub(crate) fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
         dy.contiguous()?
@@ -425,7 +444,7 @@ impl QMatMulOp {
                 self.forward_into(Rows::F32(arg), m, None, FwdOut::F32(y))
             }),
             (Dir::InputGrad, true) => written(m * out_w, |dx| {
-                qmatmul_bwd_input_bf16_into(arg, m, &self.w.matrix(), dx)
+                qmatmul_bwd_input_bf16_into(arg, m, &self.w.matrix(), dx, None)
             }),
             (Dir::InputGrad, false) => None,
         };

@@ -305,7 +305,7 @@ pub fn qmatmul_bwd_input_bf16<A: Activation>(
     let op = "qmatmul_bwd_input_bf16";
     check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
     if fits(w, m) {
-        return_on_bf16_kernels!(K => bwd_input_tiled::<K, A>(dy, m, w, dx.as_mut_ptr(), accumulate));
+        return_on_bf16_kernels!(K => bwd_input_tiled::<K, A>(dy, m, w, dx.as_mut_ptr(), accumulate, None));
     }
     with_f32(dy, |dy| qmatmul_bwd_input(dy, m, w, dx, accumulate))
 }
@@ -582,7 +582,9 @@ fn interleave_rows(src: &[bf16], nr: usize, kc: usize, dst: &mut [u32]) {
 /// task a span of [`bwd_cols`] columns of dx, W walked in chunks of `K::BWD_CHUNK` rows
 /// dequantised and interleaved into row pairs. `dx`: M×K f32 (the callers checked its length),
 /// written only by the tasks, each its own columns; read (loaded) only where `accumulate` or
-/// after its first chunk stored it, so without `accumulate` it may start uninitialised.
+/// after its first chunk stored it, so without `accumulate` it may start uninitialised. With
+/// `lr` one more task multiplies the same bf16 rows of dy by a low-rank term's packed B
+/// ([`LowGrad`]): the contraction over N that dx's is, with B's columns beside W's.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
     dy: &[A],
@@ -590,6 +592,7 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
     w: &QMatrix,
     dx: *mut f32,
     accumulate: bool,
+    lr: Option<LowGrad<'_>>,
 ) {
     use crate::quant::matmul::SendPtr;
     let (n, k) = (w.rows, w.cols);
@@ -605,8 +608,32 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
         let ds = n2 / 2;
         let cols = bwd_cols(w);
         let dxp = SendPtr(dx);
-        (0..k.div_ceil(cols)).into_par_iter().for_each(|task| {
+        // the low-rank task first, so that it does not run alone at the end
+        let first = usize::from(lr.is_some());
+        (0..first + k.div_ceil(cols)).into_par_iter().for_each(|t| {
             let dyp = dyp_addr as *const u32;
+            if let (Some(l), 0) = (lr, t) {
+                // SAFETY: the ISA's features were checked by the caller; dy holds m rows of ds
+                // pairs, l.b ds rows of l.cols pairs and l.out m rows of l.cols f32 that this
+                // task alone writes (LowGrad's contract).
+                unsafe {
+                    let s = Sweep {
+                        rows: m,
+                        pairs: ds,
+                        a: dyp,
+                        a_stride: ds,
+                        b: l.b.as_ptr(),
+                        b_stride: l.cols,
+                        cols: l.cols,
+                        out: l.out.get(),
+                        out_stride: l.cols,
+                        load: false,
+                    };
+                    K::sweep(s, K::BWD_MR)
+                };
+                return;
+            }
+            let task = t - first;
             let c0 = task * cols;
             let kc = cols.min(k - c0);
             // The pairs, then the chunk in bf16 (BWD_CHUNK × kc, as u32 words).
@@ -642,6 +669,16 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
             });
         });
     });
+}
+
+/// The rank-R side of [`bwd_input_tiled`]: `out (M × cols) = dy·B` for B packed by row pairs
+/// (`b[q][c] = (B[2q][c], B[2q+1][c])`, N.div_ceil(2) rows of `cols` pairs, a multiple of 16,
+/// zero past R); `out` holds M rows of `cols` f32 that nothing else touches during the call.
+#[derive(Clone, Copy)]
+struct LowGrad<'a> {
+    b: &'a [u32],
+    cols: usize,
+    out: crate::quant::matmul::SendPtr,
 }
 
 /// `y = x·Wᵀ` through one ISA's kernels (the caller checked its features and [`fits`]): x packed
@@ -745,7 +782,8 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(
 mod direct;
 use direct::YOut;
 pub use direct::{
-    low_rank_ref, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16_into, FwdOut, LowRank,
+    low_rank_grad_ref, low_rank_ref, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16_into, FwdOut,
+    LowRank, LowRankGrad,
 };
 
 mod dense;

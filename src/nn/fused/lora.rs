@@ -325,7 +325,7 @@ impl DownOp {
                 if let Some(mask) = self.dropout {
                     mask.apply((t * i) as u64, acc);
                 }
-                dx.put_converted(acc, T::row_of);
+                T::put_row(dx, acc);
             });
         }
         let p = prims();
@@ -343,7 +343,7 @@ impl DownOp {
                 if let Some(mask) = self.dropout {
                     mask.apply((t * i) as u64, acc);
                 }
-                dx.put_converted(acc, T::row_of);
+                T::put_row(dx, acc);
             },
         )
     }
@@ -407,7 +407,7 @@ impl UpOp {
                 for (zv, &yv) in z.iter_mut().zip(&y[t * o..(t + 1) * o]) {
                     *zv += yv.f();
                 }
-                out.put_converted(z, T::row_of);
+                T::put_row(out, z);
             });
         }
         let bt = transpose(b, o, r);
@@ -428,10 +428,16 @@ impl UpOp {
 }
 
 impl UpOp {
-    /// `(dh, dB)` of `h·Bᵀ` for the output gradient `d (.., O)`: `dh (M, R) = d·B` f32 and
-    /// `dB = dᵀ·h` in b's dtype (None where [`sink`] holds it aside).
-    /// `op` names the op asking, for its errors.
-    fn grads(&self, op: &str, h: &Tensor, b: &Tensor, d: &Tensor) -> GradsUp {
+    /// `(dh, dB)` of `h·Bᵀ` for the output gradient `d (.., O)`: `dh (M, R) = d·B` f32 (or
+    /// `dh_done`, computed already) and `dB = dᵀ·h` in b's dtype (None where [`sink`] holds it
+    /// aside). `op` names the op asking, for its errors.
+    fn grads(
+        &self,
+        op: &str,
+        (h, b): (&Tensor, &Tensor),
+        d: &Tensor,
+        dh_done: Option<Vec<f32>>,
+    ) -> GradsUp {
         let (_, o) = rows_of(d.dims())?;
         let (_, r) = b.dims2()?;
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -443,15 +449,16 @@ impl UpOp {
                 drop: None,
             };
             // dh (M, R) = d·B; dBᵀ (R, O) = hᵀ·d, then (O, R)
-            let (dh, dbt) = match self.bf16 {
-                true => {
-                    let bt = bf16::Operand::for_dot(&b32, r, o, true);
-                    (bf16::rows_dot(d, &bt, r, 1.0), bf16::outer_sum(&h32, r, d))
+            let dh = match (dh_done, self.bf16) {
+                (Some(dh), _) => dh,
+                (None, true) => {
+                    bf16::rows_dot(d, &bf16::Operand::for_dot(&b32, r, o, true), r, 1.0)
                 }
-                false => (
-                    rows_dot(d, &transpose(&b32, o, r), 1.0),
-                    outer_sum(prims(), &h32, r, d),
-                ),
+                (None, false) => rows_dot(d, &transpose(&b32, o, r), 1.0),
+            };
+            let dbt = match self.bf16 {
+                true => bf16::outer_sum(&h32, r, d),
+                false => outer_sum(prims(), &h32, r, d),
             };
             (dh, transpose(&dbt, r, o))
         });
@@ -484,7 +491,7 @@ impl CustomOp3 for UpOp {
 
     fn bwd(&self, y: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
         let d = d.to_dtype(y.dtype())?.contiguous()?;
-        let (dh, db) = self.grads(self.name(), h, b, &d)?;
+        let (dh, db) = self.grads(self.name(), (h, b), &d, None)?;
         Ok((Some(d), Some(dh), db))
     }
 }

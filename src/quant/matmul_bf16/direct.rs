@@ -6,8 +6,9 @@
 //! the term was a product of its own at rank 16 (pairs too few for the AMX tiles: the AVX-512 edge
 //! kernels), a row buffer written and read back, and an add: 9.5 % of a ~100M bf16 step at batch
 //! 1 (session 24).
-use super::dense::{pack_rows, pack_transposed};
-use super::{bwd_input_tiled, check_operands, fits, fwd_tiled, Activation, QMatrix};
+use super::dense::{pack_row_pairs, pack_rows, pack_transposed};
+use super::{bwd_input_tiled, check_operands, fits, fwd_tiled, Activation, LowGrad, QMatrix};
+use crate::quant::matmul::SendPtr;
 use crate::quant::transpose::transpose32;
 use half::bf16;
 use rayon::prelude::*;
@@ -45,27 +46,109 @@ pub fn qmatmul_fwd_bf16_into<A: Activation>(
 }
 
 /// `dx = dy·W` as [`super::qmatmul_bwd_input_bf16`] (not accumulating) into `dx` that may be
-/// uninitialised: the tiled kernels write every element once. Returns false, dx untouched, where
-/// they do not run (as [`qmatmul_fwd_bf16_into`]).
+/// uninitialised: the tiled kernels write every element once; with `lr`, also the rank-R term's
+/// `dh = dy·B` from the same bf16 rows of dy ([`LowRankGrad`]). Returns false, dx and dh
+/// untouched, where they do not run (as [`qmatmul_fwd_bf16_into`]).
 pub fn qmatmul_bwd_input_bf16_into<A: Activation>(
     dy: &[A],
     m: usize,
     w: &QMatrix,
-    dx: &mut [std::mem::MaybeUninit<f32>],
+    dx: &mut [MaybeUninit<f32>],
+    lr: Option<LowRankGrad<'_>>,
 ) -> bool {
     let dims = (w.rows, w.cols);
     let op = "qmatmul_bwd_input_bf16_into";
     check_operands(op, ("dx", dx.len()), ("dy", dy.len()), m, dims);
-    if fits(w, m) {
-        // Not accumulating, the first chunk of W's rows (W has rows: fits) stores every element
-        // of dx without loading it, and later chunks load only what it stored.
-        let dx = dx.as_mut_ptr().cast::<f32>();
+    if let Some(l) = &lr {
+        l.check(m, w.rows);
+    }
+    if !fits(w, m) || !super::has_bf16_kernels() {
+        return false;
+    }
+    // Not accumulating, the first chunk of W's rows (W has rows: fits) stores every element of
+    // dx without loading it, and later chunks load only what it stored.
+    let dx = dx.as_mut_ptr().cast::<f32>();
+    let Some(LowRankGrad { b, r, dh }) = lr.filter(|l| l.r > 0) else {
         return_on_bf16_kernels!(K => {
-            bwd_input_tiled::<K, A>(dy, m, w, dx, false);
+            bwd_input_tiled::<K, A>(dy, m, w, dx, false, None);
             true
         });
+        unreachable!("has_bf16_kernels was true")
+    };
+    // B by row pairs (pairs along N, as dy's rows are), R padded to whole 16-column units
+    let (n, cols) = (w.rows, r.next_multiple_of(16));
+    let mut bp = vec![0u32; n.div_ceil(2) * cols];
+    pack_row_pairs(b, r, (n, r), &mut bp, cols);
+    // dh straight into its rows where R is whole units, else through rows of `cols`
+    let mut staged = if r == cols {
+        Vec::new()
+    } else {
+        vec![0f32; m * cols]
+    };
+    let out = match r == cols {
+        true => dh.as_mut_ptr(),
+        false => staged.as_mut_ptr(),
+    };
+    let lg = Some(LowGrad {
+        b: &bp,
+        cols,
+        out: SendPtr(out),
+    });
+    let run = || -> bool {
+        return_on_bf16_kernels!(K => {
+            bwd_input_tiled::<K, A>(dy, m, w, dx, false, lg);
+            true
+        });
+        unreachable!("has_bf16_kernels was true")
+    };
+    run();
+    if r != cols {
+        for (d, s) in dh.chunks_exact_mut(r).zip(staged.chunks_exact(cols)) {
+            d.copy_from_slice(&s[..r]);
+        }
     }
-    false
+    true
+}
+
+/// The rank-R side of an input gradient for [`qmatmul_bwd_input_bf16_into`]: `dh = dy·B` (M×R,
+/// written whole) for B (N×R, f32, row-major, rounded to bf16 as an operand, nearest even), f32
+/// sums of the bf16 products as LoRA's bf16 products take them. Why: LoRA's up projection needs
+/// `dh = d·B` of the same gradient d whose `d·W` the frozen linear needs; apart, it converted d
+/// to bf16 again for a product of its own (session 25).
+pub struct LowRankGrad<'a> {
+    /// B: N rows of R.
+    pub b: &'a [f32],
+    /// The rank R.
+    pub r: usize,
+    /// dh: M rows of R.
+    pub dh: &'a mut [f32],
+}
+
+impl LowRankGrad<'_> {
+    /// Checks B and dh against `m` and `n` rows (a caller bug otherwise).
+    fn check(&self, m: usize, n: usize) {
+        assert!(
+            self.b.len() == n * self.r && self.dh.len() == m * self.r,
+            "qmatmul_bwd_input_bf16_into: B ({}) and dh ({}) are not {n} and {m} rows of rank {}",
+            self.b.len(),
+            self.dh.len(),
+            self.r
+        );
+    }
+}
+
+/// Scalar reference of [`LowRankGrad`]'s product: `dh[i][q] = Σ_j bf16(dy[i][j])·bf16(B[j][q])`,
+/// f64 sums (the tests' check of [`qmatmul_bwd_input_bf16_into`]).
+pub fn low_rank_grad_ref(dy: &[f32], (m, n): (usize, usize), b: &[f32], r: usize) -> Vec<f32> {
+    let h = |v: f32| half::bf16::from_f32(v).to_f64();
+    let mut dh = vec![0f32; m * r];
+    for i in 0..m {
+        for q in 0..r {
+            let s: f64 = (0..n).map(|j| h(dy[i * n + j]) * h(b[j * r + q])).sum();
+            dh[i * r + q] = s as f32;
+        }
+    }
+    dh
 }
 
 /// `h·Bᵀ` for [`qmatmul_fwd_bf16_into`]: h (M×R) and B (N×R), f32, row-major, both

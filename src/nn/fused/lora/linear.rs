@@ -12,7 +12,7 @@
 use super::*;
 use crate::lora::qlinear::Rows;
 use crate::quant::matmul::written;
-use crate::quant::matmul_bf16::LowRank;
+use crate::quant::matmul_bf16::{LowRank, LowRankGrad};
 use std::mem::MaybeUninit;
 
 /// `base(x) + h·Bᵀ` in x's dtype for `x (.., I)` (M rows), `h (M, R)` f32 and `b (O, R)`, where
@@ -90,6 +90,34 @@ impl LinearUpOp {
     }
 }
 
+impl LinearUpOp {
+    /// `dx = d·W` and `dh = d·B` from one rounding of d to bf16 ([`QLinear::input_grad_plus`]:
+    /// B's columns beside W's in the input gradient's product), where d is f32 (a bf16 step's f32
+    /// recompute) and the products bf16; None where they run apart.
+    fn joined_input_grads(&self, d: &Tensor, b: &Tensor) -> Result<Option<(Tensor, Vec<f32>)>> {
+        if !self.up.bf16 || d.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let ((m, _), (_, r)) = (rows_of(d.dims())?, b.dims2()?);
+        let b32 = const_f32(b, self.name())?;
+        let mut dh = vec![0f32; m * r];
+        let dx = with_f32(d, self.name(), |ds| {
+            let lr = LowRankGrad {
+                b: &b32,
+                r,
+                dh: &mut dh,
+            };
+            self.base.input_grad_plus(ds, m, lr)
+        })?;
+        let Some(dx) = dx else {
+            return Ok(None);
+        };
+        let mut dims = d.dims().to_vec();
+        *dims.last_mut().expect("rows_of checked the rank") = self.base.in_features();
+        Ok(Some((Tensor::from_vec(dx, dims, &Device::Cpu)?, dh)))
+    }
+}
+
 impl CustomOp3 for LinearUpOp {
     fn name(&self) -> &'static str {
         "qtune-lora-linear-up"
@@ -116,8 +144,11 @@ impl CustomOp3 for LinearUpOp {
 
     fn bwd(&self, x: &Tensor, h: &Tensor, b: &Tensor, _out: &Tensor, d: &Tensor) -> Grads3 {
         let d = d.to_dtype(x.dtype())?.contiguous()?;
-        let dx = self.base.input_grad(&d)?;
-        let (dh, db) = self.up.grads(self.name(), h, b, &d)?;
+        let (dx, dh) = match self.joined_input_grads(&d, b)? {
+            Some((dx, dh)) => (dx, Some(dh)),
+            None => (self.base.input_grad(&d)?, None),
+        };
+        let (dh, db) = self.up.grads(self.name(), (h, b), &d, dh)?;
         Ok((Some(dx), Some(dh), db))
     }
 }
