@@ -136,10 +136,11 @@ const CHUNK_PAIRS: usize = 128;
 /// its pairs in chunks of [`CHUNK_PAIRS`], every block's accumulators stored and loaded again
 /// between chunks (exact: f32 tiles, each element's pairs still in order). Why: over all of K
 /// at once both operands stream from L2 for every block; chunked, they are read from L1.
-/// Measured on one core (session 25, a C copy of this loop, /work/notes/s25/amx): 64 columns
-/// at K = 768, 128 rows 1,241 -> 1,581 GFLOP/s, 256 rows 1,191 -> 1,530; K = 2048, 64 rows
-/// 1,334 -> 1,375; K = 4096 1,483 -> 1,429; K = 11008 591 -> 733. Wider sweeps (the input
-/// gradient's, 128 or 256 columns) lost by it (1,379 -> 1,290 at 256), so they keep one pass.
+/// Measured on one core (session 25, benches/amx/quad.c, single runs on a noisy VM): 64 columns
+/// at K = 768, 128 rows 1,241 -> 1,581 GFLOP/s, 256 rows 1,191 -> 1,530; K = 4096 no better
+/// (1,483 -> 1,429); K = 11008 591 -> 733; in the step, alternating: the ~100M batch-4 step
+/// +1.6-3.7 %, Llama-2-7B +4.2-4.8 % (docs/BENCHMARKS.md). Wider sweeps (the input gradient's,
+/// 96 to 256 columns) lost by it (1,379 -> 1,290 at 256), so they keep one pass.
 ///
 /// # Safety
 /// As for [`bulk`], with the tile configuration loaded.
