@@ -18,34 +18,27 @@
 #include <sys/syscall.h>
 typedef struct { uint8_t palette, start; uint8_t res[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((aligned(64))) cfg_t;
 static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
-// a: rows x pairs (u32) at stride sa (bytes), tile (r,p) address given by fa; b: pairs x cols u32 stride sb
-// out rows x cols f32 stride so
+// One 32 x 32 block of out over all pairs: 2 x 2 accumulators, two a and two b tiles a round.
+static void block(const char*a, long sa, long a_tile_rstep, long a_tile_pstep, const char*b, long sb, float*out, long so, int r, int c, int pairs){
+  _tile_zero(0);_tile_zero(1);_tile_zero(2);_tile_zero(3);
+  for(int p=0;p<pairs;p+=16){
+    const char*a0=a+(r/16)*a_tile_rstep+(p/16)*a_tile_pstep; const char*a1=a0+a_tile_rstep;
+    const char*b0=b+(long)p*sb+c*4;
+    _tile_loadd(4,a0,sa); _tile_loadd(6,b0,sb); _tile_dpbf16ps(0,4,6);
+    _tile_loadd(7,b0+64,sb); _tile_dpbf16ps(1,4,7);
+    _tile_loadd(5,a1,sa); _tile_dpbf16ps(2,5,6); _tile_dpbf16ps(3,5,7);
+  }
+  float*o=out+(long)r*so/4+c;
+  _tile_stored(0,o,so);_tile_stored(1,o+16,so);_tile_stored(2,o+16*so/4,so);_tile_stored(3,o+16*so/4+16,so);
+}
+// a: rows x pairs (u32) at stride sa (bytes), tile (r,p) address given by the steps; b: pairs x cols
+// u32 at stride sb; out rows x cols f32 at stride so; order 0: row blocks outer, 1: column blocks.
 static void quad(const char*a, long sa, long a_tile_rstep, long a_tile_pstep, const char*b, long sb, float*out, long so, int rows, int cols, int pairs, int order){
-  if(order==0){
-  for(int r=0;r<rows;r+=32) for(int c=0;c<cols;c+=32){
-    _tile_zero(0);_tile_zero(1);_tile_zero(2);_tile_zero(3);
-    for(int p=0;p<pairs;p+=16){
-      const char*a0=a+(r/16)*a_tile_rstep+(p/16)*a_tile_pstep; const char*a1=a0+a_tile_rstep;
-      const char*b0=b+(long)p*sb+c*4;
-      _tile_loadd(4,a0,sa); _tile_loadd(6,b0,sb); _tile_dpbf16ps(0,4,6);
-      _tile_loadd(7,b0+64,sb); _tile_dpbf16ps(1,4,7);
-      _tile_loadd(5,a1,sa); _tile_dpbf16ps(2,5,6); _tile_dpbf16ps(3,5,7);
-    }
-    float*o=out+(long)r*so/4+c;
-    _tile_stored(0,o,so);_tile_stored(1,o+16,so);_tile_stored(2,o+16*so/4,so);_tile_stored(3,o+16*so/4+16,so);
-  }} else {
-  for(int c=0;c<cols;c+=32) for(int r=0;r<rows;r+=32){
-    _tile_zero(0);_tile_zero(1);_tile_zero(2);_tile_zero(3);
-    for(int p=0;p<pairs;p+=16){
-      const char*a0=a+(r/16)*a_tile_rstep+(p/16)*a_tile_pstep; const char*a1=a0+a_tile_rstep;
-      const char*b0=b+(long)p*sb+c*4;
-      _tile_loadd(4,a0,sa); _tile_loadd(6,b0,sb); _tile_dpbf16ps(0,4,6);
-      _tile_loadd(7,b0+64,sb); _tile_dpbf16ps(1,4,7);
-      _tile_loadd(5,a1,sa); _tile_dpbf16ps(2,5,6); _tile_dpbf16ps(3,5,7);
-    }
-    float*o=out+(long)r*so/4+c;
-    _tile_stored(0,o,so);_tile_stored(1,o+16,so);_tile_stored(2,o+16*so/4,so);_tile_stored(3,o+16*so/4+16,so);
-  }}
+  int nr=rows/32, nc=cols/32;
+  for(int i=0;i<nr*nc;i++){
+    int r=32*(order?i%nr:i/nc), c=32*(order?i/nr:i%nc);
+    block(a,sa,a_tile_rstep,a_tile_pstep,b,sb,out,so,r,c,pairs);
+  }
 }
 static void quadk(const char*a, long sa, const char*b, long sb, float*out, long so, int rows, int cols, int pairs, int kc){
   for(int p0=0;p0<pairs;p0+=kc){ int pe=p0+kc<pairs?p0+kc:pairs;

@@ -556,27 +556,6 @@ unsafe fn sweep<K: Bf16Kernels>(s: Sweep, mr: usize) {
     }
 }
 
-/// Interleaves rows 2q and 2q+1 of the bf16 chunk `src` (`nr` rows × `kc`) into pairs
-/// `dst[q][c]` (an odd last row is paired with zero): a shift and an or, which the compiler
-/// vectorises.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn interleave_rows(src: &[bf16], nr: usize, kc: usize, dst: &mut [u32]) {
-    for q in 0..nr.div_ceil(2) {
-        let lo = &src[2 * q * kc..][..kc];
-        let out = &mut dst[q * kc..][..kc];
-        if 2 * q + 1 < nr {
-            let hi = &src[(2 * q + 1) * kc..][..kc];
-            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                *o = pair(l, h);
-            }
-        } else {
-            for (o, &l) in out.iter_mut().zip(lo) {
-                *o = pair(l, bf16::ZERO);
-            }
-        }
-    }
-}
-
 /// `dx = dy·W` (or `+=`) through one ISA's kernels (the caller checked its features and
 /// [`fits`]): dy rounded to bf16 once (rows padded to an even length: pairs along N), then per
 /// task a span of [`bwd_cols`] columns of dx, W walked in chunks of `K::BWD_CHUNK` rows
@@ -669,16 +648,6 @@ fn bwd_input_tiled<K: Bf16Kernels, A: Activation>(
             });
         });
     });
-}
-
-/// The rank-R side of [`bwd_input_tiled`]: `out (M × cols) = dy·B` for B packed by row pairs
-/// (`b[q][c] = (B[2q][c], B[2q+1][c])`, N.div_ceil(2) rows of `cols` pairs, a multiple of 16,
-/// zero past R); `out` holds M rows of `cols` f32 that nothing else touches during the call.
-#[derive(Clone, Copy)]
-struct LowGrad<'a> {
-    b: &'a [u32],
-    cols: usize,
-    out: crate::quant::matmul::SendPtr,
 }
 
 /// `y = x·Wᵀ` through one ISA's kernels (the caller checked its features and [`fits`]): x packed
@@ -780,7 +749,7 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(
 }
 
 mod direct;
-use direct::YOut;
+use direct::{LowGrad, YOut};
 pub use direct::{
     low_rank_grad_ref, low_rank_ref, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16_into, FwdOut,
     LowRank, LowRankGrad,
@@ -788,6 +757,8 @@ pub use direct::{
 
 mod dense;
 pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use dense::interleave_rows;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;

@@ -147,6 +147,27 @@ pub fn pack_row_pairs<A: Activation>(
     })
 }
 
+/// Interleaves rows 2q and 2q+1 of the bf16 chunk `src` (`nr` rows × `kc`) into pairs
+/// `dst[q][c]` (an odd last row is paired with zero): a shift and an or, which the compiler
+/// vectorises.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(super) fn interleave_rows(src: &[bf16], nr: usize, kc: usize, dst: &mut [u32]) {
+    for q in 0..nr.div_ceil(2) {
+        let lo = &src[2 * q * kc..][..kc];
+        let out = &mut dst[q * kc..][..kc];
+        if 2 * q + 1 < nr {
+            let hi = &src[(2 * q + 1) * kc..][..kc];
+            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                *o = super::pair(l, h);
+            }
+        } else {
+            for (o, &l) in out.iter_mut().zip(lo) {
+                *o = super::pair(l, bf16::ZERO);
+            }
+        }
+    }
+}
+
 /// An operand of `srcᵀ` (`src` is `rows × cols`), by the packers above and a transpose: with
 /// `rows_paired` the `a` operand `dst[c][q] = (src[2q][c], src[2q+1][c])` (`c < cols`,
 /// `q < rows.div_ceil(2)`), else the `b` operand `dst[q][r] = (src[r][2q], src[r][2q+1])`

@@ -7,7 +7,7 @@
 //! kernels), a row buffer written and read back, and an add: 9.5 % of a ~100M bf16 step at batch
 //! 1 (session 24).
 use super::dense::{pack_row_pairs, pack_rows, pack_transposed};
-use super::{bwd_input_tiled, check_operands, fits, fwd_tiled, Activation, LowGrad, QMatrix};
+use super::{bwd_input_tiled, check_operands, fits, fwd_tiled, Activation, QMatrix};
 use crate::quant::matmul::SendPtr;
 use crate::quant::transpose::transpose32;
 use half::bf16;
@@ -110,6 +110,16 @@ pub fn qmatmul_bwd_input_bf16_into<A: Activation>(
     true
 }
 
+/// The rank-R side of [`super::bwd_input_tiled`]: `out (M × cols) = dy·B` for B packed by row pairs
+/// (`b[q][c] = (B[2q][c], B[2q+1][c])`, N.div_ceil(2) rows of `cols` pairs, a multiple of 16,
+/// zero past R); `out` holds M rows of `cols` f32 that nothing else touches during the call.
+#[derive(Clone, Copy)]
+pub(super) struct LowGrad<'a> {
+    pub(super) b: &'a [u32],
+    pub(super) cols: usize,
+    pub(super) out: SendPtr,
+}
+
 /// The rank-R side of an input gradient for [`qmatmul_bwd_input_bf16_into`]: `dh = dy·B` (M×R,
 /// written whole) for B (N×R, f32, row-major, rounded to bf16 as an operand, nearest even), f32
 /// sums of the bf16 products as LoRA's bf16 products take them. Why: LoRA's up projection needs
@@ -125,16 +135,25 @@ pub struct LowRankGrad<'a> {
 }
 
 impl LowRankGrad<'_> {
-    /// Checks B and dh against `m` and `n` rows (a caller bug otherwise).
+    /// Checks dh and B against `m` and `n` rows (a caller bug otherwise).
     fn check(&self, m: usize, n: usize) {
-        assert!(
-            self.b.len() == n * self.r && self.dh.len() == m * self.r,
-            "qmatmul_bwd_input_bf16_into: B ({}) and dh ({}) are not {n} and {m} rows of rank {}",
-            self.b.len(),
-            self.dh.len(),
-            self.r
-        );
+        let op = "qmatmul_bwd_input_bf16_into";
+        check_rank(op, ("dh", self.dh.len(), m), ("B", self.b.len(), n), self.r);
     }
+}
+
+/// Asserts that the two operands of a rank-`r` term, `(name, length, rows)` each, hold their
+/// rows of `r` (a caller bug otherwise), naming `op`.
+fn check_rank(
+    op: &str,
+    (a, la, ma): (&str, usize, usize),
+    (b, lb, mb): (&str, usize, usize),
+    r: usize,
+) {
+    assert!(
+        la == ma * r && lb == mb * r,
+        "{op}: {a} ({la}) and {b} ({lb}) are not {ma} and {mb} rows of rank {r}"
+    );
 }
 
 /// Scalar reference of [`LowRankGrad`]'s product: `dh[i][q] = Σ_j bf16(dy[i][j])·bf16(B[j][q])`,
@@ -200,13 +219,8 @@ impl LowRank<'_> {
 
     /// Checks h and B against `m` and `n` rows (a caller bug otherwise).
     pub(super) fn check(&self, m: usize, n: usize) {
-        assert!(
-            self.h.len() == m * self.r && self.b.len() == n * self.r,
-            "qmatmul_fwd_bf16_into: h ({}) and B ({}) are not {m} and {n} rows of rank {}",
-            self.h.len(),
-            self.b.len(),
-            self.r
-        );
+        let op = "qmatmul_fwd_bf16_into";
+        check_rank(op, ("h", self.h.len(), m), ("B", self.b.len(), n), self.r);
     }
 }
 
