@@ -749,16 +749,16 @@ fn fwd_tiled<K: Bf16Kernels, A: Activation>(
 }
 
 mod direct;
-use direct::{LowGrad, YOut};
 pub use direct::{
     low_rank_grad_ref, low_rank_ref, qmatmul_bwd_input_bf16_into, qmatmul_fwd_bf16_into, FwdOut,
     LowRank, LowRankGrad,
 };
+use direct::{LowGrad, YOut};
 
 mod dense;
-pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use dense::interleave_rows;
+pub use dense::{dense_bf16, pack_row_pairs, pack_rows, pack_transposed, padded_pairs, Pairs};
 
 #[cfg(target_arch = "aarch64")]
 mod neon;

@@ -68,46 +68,40 @@ pub fn qmatmul_bwd_input_bf16_into<A: Activation>(
     // Not accumulating, the first chunk of W's rows (W has rows: fits) stores every element of
     // dx without loading it, and later chunks load only what it stored.
     let dx = dx.as_mut_ptr().cast::<f32>();
-    let Some(LowRankGrad { b, r, dh }) = lr.filter(|l| l.r > 0) else {
-        return_on_bf16_kernels!(K => {
-            bwd_input_tiled::<K, A>(dy, m, w, dx, false, None);
-            true
-        });
-        unreachable!("has_bf16_kernels was true")
-    };
-    // B by row pairs (pairs along N, as dy's rows are), R padded to whole 16-column units
-    let (n, cols) = (w.rows, r.next_multiple_of(16));
-    let mut bp = vec![0u32; n.div_ceil(2) * cols];
-    pack_row_pairs(b, r, (n, r), &mut bp, cols);
-    // dh straight into its rows where R is whole units, else through rows of `cols`
-    let mut staged = if r == cols {
-        Vec::new()
-    } else {
-        vec![0f32; m * cols]
-    };
-    let out = match r == cols {
-        true => dh.as_mut_ptr(),
-        false => staged.as_mut_ptr(),
-    };
-    let lg = Some(LowGrad {
-        b: &bp,
-        cols,
-        out: SendPtr(out),
+    // The rank-R side: B by row pairs (pairs along N, as dy's rows are), R padded to whole
+    // 16-column units; dh written straight into its rows where R is whole units, else through
+    // `staged`'s rows of the padded width.
+    let mut lr = lr.filter(|l| l.r > 0);
+    let (mut bp, mut staged) = (Vec::new(), Vec::new());
+    let side = lr.as_mut().map(|l| {
+        let cols = l.r.next_multiple_of(16);
+        bp = vec![0u32; w.rows.div_ceil(2) * cols];
+        pack_row_pairs(l.b, l.r, (w.rows, l.r), &mut bp, cols);
+        let out = match l.r == cols {
+            true => l.dh.as_mut_ptr(),
+            false => {
+                staged = vec![0f32; m * cols];
+                staged.as_mut_ptr()
+            }
+        };
+        (cols, SendPtr(out))
     });
-    let run = || -> bool {
+    let lg = side.map(|(cols, out)| LowGrad { b: &bp, cols, out });
+    let tiled = || -> bool {
         return_on_bf16_kernels!(K => {
             bwd_input_tiled::<K, A>(dy, m, w, dx, false, lg);
             true
         });
-        unreachable!("has_bf16_kernels was true")
+        false
     };
-    run();
-    if r != cols {
-        for (d, s) in dh.chunks_exact_mut(r).zip(staged.chunks_exact(cols)) {
-            d.copy_from_slice(&s[..r]);
+    let ran = tiled();
+    if let (true, Some(l)) = (ran && !staged.is_empty(), lr) {
+        let cols = staged.len() / m;
+        for (d, s) in l.dh.chunks_exact_mut(l.r).zip(staged.chunks_exact(cols)) {
+            d.copy_from_slice(&s[..l.r]);
         }
     }
-    true
+    ran
 }
 
 /// The rank-R side of [`super::bwd_input_tiled`]: `out (M × cols) = dy·B` for B packed by row pairs
