@@ -480,6 +480,64 @@ fn activation_rounding_matches_half_in_every_lane() {
     }
 }
 
+/// The paired-row rounding (`simd::pair_rows_fn`, AVX-512 BF16) equals the scalar reference bit
+/// for bit: the specials of the test above in every lane of either row, a subnormal in one vector
+/// of either row (that vector rounded by the scalar path, the others by the instruction), and a
+/// tail.
+#[test]
+fn paired_row_rounding_matches_half_in_every_lane() {
+    let specials = [
+        0x3f80_8000u32,
+        0x3f81_8000,
+        0x7fc0_0000,
+        0x7f80_0001,
+        0xff80_0000,
+        0x7f7f_ffff,
+        0x8000_0000,
+        0xc2f6_e979,
+        0x3f80_8001,
+        0x4049_0fdb,
+    ];
+    let n = 16 * 12 + 5;
+    // subnormals that round to a non-zero bf16 (the instruction would give zero)
+    let row = |shift: usize, subnormal: (usize, u32)| -> Vec<f32> {
+        let mut r: Vec<u32> = (0..n)
+            .map(|i| specials[(i * 7 + shift) % specials.len()])
+            .collect();
+        r[subnormal.0] = subnormal.1;
+        r.into_iter().map(f32::from_bits).collect()
+    };
+    let (lo, hi) = (
+        row(0, (16 * 2 + 5, 0x0001_8000)),
+        row(3, (16 * 4 + 11, 0x807f_ffff)),
+    );
+    for level in SimdLevel::available() {
+        let Some(pair) = qtune::quant::simd::pair_rows_fn(level) else {
+            continue;
+        };
+        for (a, b) in [(&lo, &hi), (&hi, &lo)] {
+            let mut want = vec![0u32; n];
+            qtune::quant::simd::pair_rows_scalar(a, b, &mut want);
+            let mut got = vec![0u32; n];
+            pair(a, b, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{}: lane {i}", level.name());
+            }
+        }
+    }
+    // the scalar reference is half's rounding of each row, paired
+    let mut want = vec![0u32; n];
+    qtune::quant::simd::pair_rows_scalar(&lo, &hi, &mut want);
+    for (i, w) in want.iter().enumerate() {
+        let (l, h) = (bf16::from_f32(lo[i]), bf16::from_f32(hi[i]));
+        assert_eq!(
+            *w,
+            l.to_bits() as u32 | (h.to_bits() as u32) << 16,
+            "lane {i}"
+        );
+    }
+}
+
 /// Throughput per type and level: `cargo test --release --test quant_ggml throughput -- --ignored --nocapture`.
 #[test]
 #[ignore]

@@ -128,11 +128,31 @@ pub fn pack_row_pairs<A: Activation>(
     dst: &mut [u32],
     dst_stride: usize,
 ) {
+    let level = crate::quant::dispatch::active_level();
+    // f32 rows where one pass rounds and pairs them (LoRA's dA and dB: 3.7 % of a ~100M bf16
+    // step's samples went to rounding rows into a stage and pairing it, session 26): every whole
+    // pair, the stage then taking an odd last row only
+    let done = match (A::as_f32(src), crate::quant::simd::pair_rows_fn(level)) {
+        (Some(x), Some(pair)) => {
+            for q in 0..rows / 2 {
+                let (lo, hi) = (
+                    &x[2 * q * stride..][..cols],
+                    &x[(2 * q + 1) * stride..][..cols],
+                );
+                pair(lo, hi, &mut dst[q * dst_stride..][..cols]);
+            }
+            rows / 2
+        }
+        _ => 0,
+    };
+    if done == rows.div_ceil(2) {
+        return;
+    }
     with_thread_buffer(&STAGE, cols, usize::MAX, |stage| {
         // both rows of a pair rounded into one staging row (lo in the first half of its bytes)
         let stage: &mut [bf16] = bytemuck::cast_slice_mut(stage);
         let (lo, hi) = stage.split_at_mut(cols);
-        for q in 0..rows.div_ceil(2) {
+        for q in done..rows.div_ceil(2) {
             A::row_to_bf16(&src[2 * q * stride..][..cols], lo);
             if 2 * q + 1 < rows {
                 A::row_to_bf16(&src[(2 * q + 1) * stride..][..cols], hi);
@@ -319,6 +339,36 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// `pack_row_pairs` from f32 rows (the one-pass rounding where this CPU has it) and from the
+    /// same rows in bf16 equal the definition: odd and even row counts, columns off a multiple of
+    /// 16, strides wider than the rows, and a subnormal among the values (its vector is rounded
+    /// apart); the padding past `cols` is left as it was.
+    #[test]
+    fn row_pairs_equal_the_definition() {
+        for (rows, cols) in [(7, 37), (8, 64), (1, 16), (12, 5)] {
+            let (stride, dst_stride) = (cols + 3, cols + 5);
+            let mut x = values(rows * stride, 11);
+            x[(rows / 2) * stride + 2] = f32::from_bits(0x0000_8001); // a subnormal
+            let half: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let at = |r: usize, c: usize| match r < rows {
+                true => half[r * stride + c].to_bits() as u32,
+                false => 0,
+            };
+            let want: Vec<u32> = (0..rows.div_ceil(2) * dst_stride)
+                .map(|i| match (i / dst_stride, i % dst_stride) {
+                    (q, c) if c < cols => at(2 * q, c) | (at(2 * q + 1, c) << 16),
+                    _ => 7,
+                })
+                .collect();
+            let mut got = vec![7u32; want.len()];
+            pack_row_pairs(&x, stride, (rows, cols), &mut got, dst_stride);
+            assert_eq!(got, want, "f32 rows {rows}×{cols}");
+            let mut got = vec![7u32; want.len()];
+            pack_row_pairs(&half, stride, (rows, cols), &mut got, dst_stride);
+            assert_eq!(got, want, "bf16 rows {rows}×{cols}");
         }
     }
 }

@@ -120,3 +120,24 @@ pub fn to_bf16_scalar(src: &[f32], dst: &mut [bf16]) {
         *o = bf16::from_f32(*v);
     }
 }
+
+/// Two f32 rows rounded to bf16 as `half::bf16::from_f32` rounds and interleaved:
+/// `dst[c] = lo[c] | hi[c] << 16` (bits), over the shortest of the three.
+pub type PairRowsFn = fn(&[f32], &[f32], &mut [u32]);
+
+/// The paired-row rounding for `level`: one pass on AVX-512 BF16, else None (callers round each
+/// row with [`f32_to_bf16_fn`] and pair them).
+pub fn pair_rows_fn(level: SimdLevel) -> Option<PairRowsFn> {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if x86::has_avx512_bf16() => Some(x86::avx512::pair_rows_cvt),
+        _ => None,
+    }
+}
+
+/// Scalar [`PairRowsFn`] (the reference the SIMD one is tested against).
+pub fn pair_rows_scalar(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+    for ((o, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+        *o = bf16::from_f32(*l).to_bits() as u32 | (bf16::from_f32(*h).to_bits() as u32) << 16;
+    }
+}

@@ -595,6 +595,52 @@ pub mod avx512 {
             *o = bf16::from_f32(*v);
         }
     }
+
+    /// Two f32 rows rounded to bf16 and interleaved, `dst[c] = (lo[c], hi[c])` as one u32 (lo in
+    /// the low half), as [`super::super::pair_rows_scalar`] but with `vcvtne2ps2bf16` rounding 16
+    /// lanes of each row into one register and `vpermw` interleaving them: one pass, where
+    /// rounding each row and then pairing took three. A vector with an f32 subnormal in either
+    /// row (which the instruction reads as zero) takes the scalar rounding. Only handed out by
+    /// `simd::pair_rows_fn` after it checked AVX-512 BF16.
+    pub(in crate::quant::simd) fn pair_rows_cvt(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+        // SAFETY: the caller checked AVX-512 F, BW and BF16 (and the AVX2 level under them).
+        unsafe { pair_rows_cvt_impl(lo, hi, dst) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+    unsafe fn pair_rows_cvt_impl(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+        use std::arch::x86_64::{__m512bh, _mm512_cvtne2ps_pbh, _mm512_set1_epi32};
+        use std::arch::x86_64::{_mm512_test_epi32_mask, _mm512_testn_epi32_mask};
+        let n = lo.len().min(hi.len()).min(dst.len()) / 16 * 16;
+        let (exponent, mantissa) = (_mm512_set1_epi32(0x7f80_0000), _mm512_set1_epi32(0x7f_ffff));
+        let subnormal = |v: __m512| {
+            let x = _mm512_castps_si512(v);
+            _mm512_testn_epi32_mask(x, exponent) & _mm512_test_epi32_mask(x, mantissa) != 0
+        };
+        // word 2i of the result is lo's lane i (word i of the conversion), word 2i + 1 hi's
+        // (word 16 + i)
+        let mut order = [0i16; 32];
+        for (i, w) in order.iter_mut().enumerate() {
+            *w = (i / 2 + 16 * (i % 2)) as i16;
+        }
+        let order = _mm512_loadu_si512(order.as_ptr() as *const _);
+        for i in (0..n).step_by(16) {
+            let (l, h) = (
+                _mm512_loadu_ps(lo.as_ptr().add(i)),
+                _mm512_loadu_ps(hi.as_ptr().add(i)),
+            );
+            let d = dst.as_mut_ptr().add(i);
+            if subnormal(l) || subnormal(h) {
+                super::super::pair_rows_scalar(&lo[i..i + 16], &hi[i..i + 16], &mut dst[i..i + 16]);
+            } else {
+                // words 0..16: lo rounded, 16..32: hi rounded
+                let r: __m512bh = _mm512_cvtne2ps_pbh(h, l);
+                let r = std::mem::transmute::<__m512bh, __m512i>(r);
+                _mm512_storeu_si512(d as *mut _, _mm512_permutexvar_epi16(order, r));
+            }
+        }
+        super::super::pair_rows_scalar(&lo[n..], &hi[n..], &mut dst[n..]);
+    }
 }
 
 /// The AVX-512 kernels again with AVX-512 BF16's `vcvtneps2bf16` for the bf16 output: one
