@@ -441,20 +441,21 @@ impl UpOp {
         let (_, o) = rows_of(d.dims())?;
         let (_, r) = b.dims2()?;
         let h32 = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let b32 = const_f32(b, op)?;
         let (dh, db) = with_elem!(d, op, |ds| {
             let d = Dropped {
                 x: ds,
                 n: o,
                 drop: None,
             };
-            // dh (M, R) = d·B; dBᵀ (R, O) = hᵀ·d, then (O, R)
+            // dh (M, R) = d·B (B widened to f32 only here: a caller's dh needs no B); dBᵀ (R, O)
+            // = hᵀ·d, then (O, R)
             let dh = match (dh_done, self.bf16) {
                 (Some(dh), _) => dh,
                 (None, true) => {
-                    bf16::rows_dot(d, &bf16::Operand::for_dot(&b32, r, o, true), r, 1.0)
+                    let bt = bf16::Operand::for_dot(&const_f32(b, op)?, r, o, true);
+                    bf16::rows_dot(d, &bt, r, 1.0)
                 }
-                (None, false) => rows_dot(d, &transpose(&b32, o, r), 1.0),
+                (None, false) => rows_dot(d, &transpose(&const_f32(b, op)?, o, r), 1.0),
             };
             let dbt = match self.bf16 {
                 true => bf16::outer_sum(&h32, r, d),

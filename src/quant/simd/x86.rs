@@ -618,24 +618,29 @@ pub mod avx512 {
             _mm512_testn_epi32_mask(x, exponent) & _mm512_test_epi32_mask(x, mantissa) != 0
         };
         // word 2i of the result is lo's lane i (word i of the conversion), word 2i + 1 hi's
-        // (word 16 + i)
-        let mut order = [0i16; 32];
-        for (i, w) in order.iter_mut().enumerate() {
-            *w = (i / 2 + 16 * (i % 2)) as i16;
-        }
-        let order = _mm512_loadu_si512(order.as_ptr() as *const _);
+        // (word 16 + i); a constant, so a call (a row pair) costs one load for it
+        const ORDER: [i16; 32] = {
+            let mut o = [0i16; 32];
+            let mut i = 0;
+            while i < 32 {
+                o[i] = (i / 2 + 16 * (i % 2)) as i16;
+                i += 1;
+            }
+            o
+        };
+        let order = _mm512_loadu_si512(ORDER.as_ptr() as *const _);
         for i in (0..n).step_by(16) {
             let (l, h) = (
                 _mm512_loadu_ps(lo.as_ptr().add(i)),
                 _mm512_loadu_ps(hi.as_ptr().add(i)),
             );
-            let d = dst.as_mut_ptr().add(i);
             if subnormal(l) || subnormal(h) {
                 super::super::pair_rows_scalar(&lo[i..i + 16], &hi[i..i + 16], &mut dst[i..i + 16]);
             } else {
                 // words 0..16: lo rounded, 16..32: hi rounded
                 let r: __m512bh = _mm512_cvtne2ps_pbh(h, l);
                 let r = std::mem::transmute::<__m512bh, __m512i>(r);
+                let d = dst.as_mut_ptr().add(i);
                 _mm512_storeu_si512(d as *mut _, _mm512_permutexvar_epi16(order, r));
             }
         }
